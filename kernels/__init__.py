@@ -1,0 +1,43 @@
+"""Kernels and their references.
+
+`conv1d_op` and `attention_op` are the single entry points the blocks call; `backend` picks
+the implementation ("auto": Triton on CUDA, the reference elsewhere; "triton"; "torch").
+`causal_conv1d` and `attention` are the Triton implementations themselves.
+"""
+from .reference import attention_ref, band_mask, causal_conv1d_ref
+
+BACKENDS = ("auto", "triton", "torch")
+
+try:  # Triton kernels are optional: CPU-only installs run the references.
+    from .conv import causal_conv1d  # noqa: F401
+    from .attention import attention  # noqa: F401
+    HAVE_TRITON_KERNELS = True
+except ImportError:  # pragma: no cover - depends on the install
+    HAVE_TRITON_KERNELS = False
+
+    def _missing(*args, **kwargs):
+        raise RuntimeError("Triton kernels are unavailable: install triton (pip install -e '.[triton]')")
+
+    causal_conv1d = attention = _missing
+
+
+def _use_triton(backend, t):
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        return True
+    return HAVE_TRITON_KERNELS and t.is_cuda
+
+
+def conv1d_op(x, weight, bias=None, initial_state=None, return_final_state=False, backend="auto"):
+    fn = causal_conv1d if _use_triton(backend, x) else causal_conv1d_ref
+    return fn(x, weight, bias, initial_state=initial_state, return_final_state=return_final_state)
+
+
+def attention_op(q, k, v, causal=True, window=None, scale=None, backend="auto"):
+    # Decode against a cache (Tq < Tk) is tiny and memory-bound: the reference serves it.
+    if _use_triton(backend, q) and q.shape[2] == k.shape[2]:
+        return attention(q, k, v, causal=causal, window=window, scale=scale)
+    return attention_ref(q, k, v, causal=causal, window=window, scale=scale)
