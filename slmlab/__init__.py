@@ -1,0 +1,1 @@
+"""slmlab utilities: data, tokenizer, config, training loop."""
