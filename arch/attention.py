@@ -1,0 +1,66 @@
+"""GQA attention with RoPE, QK-norm and optional sliding window (Qwen3/LFM2 style).
+
+Window W: the query at position i sees keys j with i - W < j <= i (W keys including itself,
+the HF convention). The decode state is a KV cache that evicts keys no future query can see.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from kernels import attention_op
+
+from .layers import RMSNorm, Rotary
+from .registry import register
+
+
+@dataclass
+class KVCache:
+    k: torch.Tensor  # [B, Hkv, L, hd], L <= window - 1 for sliding layers
+    v: torch.Tensor
+    seen: int = 0  # absolute position of the next token
+
+
+@register("attn", "A")
+class Attention(nn.Module):
+    def __init__(self, cfg, layer_idx: int, window: Optional[int] = None):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.hd
+        self.window = window
+        self.causal = cfg.causal
+        self.backend = cfg.kernels
+        d = cfg.d_model
+        self.q_proj = nn.Linear(d, self.n_heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.hd, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.hd, bias=False)
+        self.out_proj = nn.Linear(self.n_heads * self.hd, d, bias=False)
+        self.q_norm = RMSNorm(self.hd, cfg.norm_eps)
+        self.k_norm = RMSNorm(self.hd, cfg.norm_eps)
+        self.rotary = Rotary(self.hd, cfg.rope_theta)
+
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> KVCache:
+        empty = torch.zeros(batch_size, self.n_kv_heads, 0, self.hd, device=device, dtype=dtype)
+        return KVCache(empty, empty.clone(), 0)
+
+    def forward(self, x, state: Optional[KVCache] = None):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.hd)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.hd)).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.hd).transpose(1, 2)
+        start = 0 if state is None else state.seen
+        q, k = self.rotary(q, start), self.rotary(k, start)
+        if state is not None:
+            if not self.causal:
+                raise RuntimeError("incremental decode needs a causal model")
+            k = torch.cat([state.k.to(k.dtype), k], dim=2)
+            v = torch.cat([state.v.to(v.dtype), v], dim=2)
+        y = attention_op(q, k, v, causal=self.causal, window=self.window, backend=self.backend)
+        y = self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+        if state is not None:
+            # Keys older than window-1 positions are invisible to every future query: evict them.
+            keep = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
+            state = KVCache(k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:], state.seen + T)
+        return y, state

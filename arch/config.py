@@ -1,0 +1,124 @@
+"""Model configuration: one dataclass, validated once, plus the layer/window pattern logic."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from slmlab.errors import ConfigError
+
+from .registry import LETTERS, MIXERS
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 6
+    # Token-mixer pattern: compact letters ("CCA"), comma names ("conv,conv,attn") or a list.
+    # Tiled to n_layers when shorter (its length must divide n_layers).
+    layers: Union[str, list] = "A"
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: Optional[int] = None  # default d_model // n_heads
+    ffn_dim: Optional[int] = None  # SwiGLU width; default 8/3 * d_model rounded up to 64
+    # Attention windows: `window_pattern` is tiled over the attention layers in order,
+    # S = sliding window of `window` keys (including the query itself), L = full context.
+    window: int = 256
+    window_pattern: str = "L"
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    conv_kernel: int = 3
+    conv_bias: bool = False
+    tie_embeddings: bool = True
+    causal: bool = True  # False: every mixer runs bidirectionally (masked diffusion)
+    kernels: str = "auto"  # auto | triton | torch
+    grad_checkpoint: bool = False
+    init_std: float = 0.02
+    # Free-form per-mixer options (e.g. LIF neuron settings) so new blocks need no new fields here.
+    mixer_opts: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.validate()
+
+    # ---- derived ----
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def ffn(self) -> int:
+        if self.ffn_dim:
+            return self.ffn_dim
+        return 64 * ((8 * self.d_model // 3 + 63) // 64)
+
+    def layer_types(self) -> list[str]:
+        return parse_pattern(self.layers, self.n_layers)
+
+    def layer_windows(self) -> list[Optional[int]]:
+        """Per layer: the attention window (None = full, or a non-attention layer)."""
+        types = self.layer_types()
+        n_attn = sum(t == "attn" for t in types)
+        pat = self.window_pattern.upper()
+        out, k = [], 0
+        for t in types:
+            if t == "attn":
+                out.append(self.window if pat[k % len(pat)] == "S" else None)
+                k += 1
+            else:
+                out.append(None)
+        assert k == n_attn
+        return out
+
+    def validate(self):
+        def bad(msg):
+            raise ConfigError(msg)
+
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "conv_kernel"):
+            if getattr(self, name) <= 0:
+                bad(f"model.{name} must be > 0, got {getattr(self, name)}")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            bad(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            bad(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
+        if self.hd % 2:
+            bad(f"head dim {self.hd} must be even for RoPE")
+        if self.window <= 0:
+            bad(f"model.window must be > 0, got {self.window}")
+        if not self.window_pattern or set(self.window_pattern.upper()) - {"S", "L"}:
+            bad(f"model.window_pattern {self.window_pattern!r} must be a non-empty string of S (sliding) and L (full)")
+        if self.kernels not in ("auto", "triton", "torch"):
+            bad(f"model.kernels must be auto, triton or torch, got {self.kernels!r}")
+        self.layer_types()  # raises on a bad pattern
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_pattern(layers, n_layers: int) -> list[str]:
+    """Pattern -> list of registered mixer names, tiled to n_layers."""
+    if isinstance(layers, str):
+        s = layers.strip()
+        if "," in s or s.lower() in MIXERS:
+            items = [p.strip() for p in s.split(",") if p.strip()]
+        else:
+            items = list(s)
+    else:
+        items = [str(p).strip() for p in layers]
+    if not items:
+        raise ConfigError("model.layers is empty: give a pattern like 'CCA' or [conv, conv, attn]")
+    names = []
+    for it in items:
+        if it.lower() in MIXERS:
+            names.append(it.lower())
+        elif it.upper() in LETTERS and len(it) == 1:
+            names.append(LETTERS[it.upper()])
+        else:
+            known = ", ".join(f"{n} ({l})" for l, n in sorted(LETTERS.items(), key=lambda kv: kv[1]))
+            raise ConfigError(f"unknown block {it!r} in layer pattern {layers!r}; known blocks: {known}")
+    if len(names) > n_layers or n_layers % len(names):
+        raise ConfigError(
+            f"layer pattern {layers!r} has {len(names)} layers, which does not tile model.n_layers={n_layers} "
+            f"(give {n_layers} entries or a divisor of {n_layers})"
+        )
+    return names * (n_layers // len(names))

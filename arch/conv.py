@@ -1,0 +1,67 @@
+"""LFM2 gated short convolution.
+
+in_proj: d -> 3d split as (B, C, x); y = C * conv(B * x) with a depthwise causal conv of kernel K
+and no activation; out_proj: d -> d. The decode state holds the last K-1 inputs of the conv.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from kernels import conv1d_op
+
+from .registry import register
+
+
+@dataclass
+class ConvState:
+    buf: torch.Tensor  # [B, D, K-1]: the last K-1 values of B*x
+
+
+@register("conv", "C")
+class ShortConv(nn.Module):
+    def __init__(self, cfg, layer_idx: int, window: Optional[int] = None):
+        super().__init__()
+        d, K = cfg.d_model, cfg.conv_kernel
+        self.K = K
+        self.causal = cfg.causal
+        self.backend = cfg.kernels
+        self.in_proj = nn.Linear(d, 3 * d, bias=cfg.conv_bias)
+        # nn.Conv1d only holds the depthwise weight [D, 1, K] (same layout as HF's Lfm2ShortConv);
+        # the convolution itself goes through kernels.conv1d_op.
+        self.conv = nn.Conv1d(d, d, K, groups=d, bias=cfg.conv_bias)
+        self.out_proj = nn.Linear(d, d, bias=cfg.conv_bias)
+
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> ConvState:
+        return ConvState(torch.zeros(batch_size, self.conv.in_channels, self.K - 1, device=device, dtype=dtype))
+
+    def forward(self, x, state: Optional[ConvState] = None):
+        b, c, h = self.in_proj(x).chunk(3, dim=-1)
+        bx = b * h
+        w = self.conv.weight.squeeze(1)
+        if not self.causal:
+            if state is not None:
+                raise RuntimeError("incremental decode needs a causal model")
+            y = bidirectional_conv(bx, w, self.conv.bias)
+        elif state is None:
+            y = conv1d_op(bx, w, self.conv.bias, backend=self.backend)
+        else:
+            y, buf = conv1d_op(bx, w, self.conv.bias, initial_state=state.buf.to(bx.dtype),
+                               return_final_state=True, backend=self.backend)
+            state = ConvState(buf)
+        return self.out_proj(c * y), state
+
+
+def bidirectional_conv(x, weight, bias=None):
+    """Centred depthwise conv for the bidirectional (diffusion) objective: the same K taps,
+    shifted so output t sees inputs t - (K-1)//2 ... t + K//2. Same parameters as the causal
+    form, so a checkpoint moves between objectives unchanged."""
+    import torch.nn.functional as F
+
+    K = weight.shape[1]
+    xt = x.transpose(1, 2)
+    xt = F.pad(xt, ((K - 1) // 2, K // 2))
+    return F.conv1d(xt, weight.unsqueeze(1), bias, groups=x.shape[-1]).transpose(1, 2)

@@ -1,0 +1,57 @@
+"""Shared pieces: RMSNorm, rotary embeddings, the SwiGLU channel mixer."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, normalised in fp32 (as Llama/Qwen3/LFM2 do) and cast back."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Rotary(nn.Module):
+    """RoPE in the rotate-half layout (pairs (i, i + hd/2)), the layout HF checkpoints use.
+
+    Angles are computed for the absolute positions asked for, so the same module serves
+    training at any context length and decode at any offset.
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def forward(self, x, start: int = 0):
+        """x: [B, H, T, hd] -> rotated x; positions start, ..., start + T - 1."""
+        T = x.shape[-2]
+        pos = torch.arange(start, start + T, device=x.device, dtype=torch.float32)
+        freqs = pos[:, None] * self.inv_freq.to(x.device)[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class SwiGLU(nn.Module):
+    """Channel mixer: w2(silu(w1 x) * w3 x). Names follow LFM2 (w1 gate, w3 up, w2 down)."""
+
+    def __init__(self, d_model: int, ffn_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, ffn_dim, bias=False)
+        self.w3 = nn.Linear(d_model, ffn_dim, bias=False)
+        self.w2 = nn.Linear(ffn_dim, d_model, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
