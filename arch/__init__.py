@@ -4,5 +4,10 @@ from .config import ModelConfig, parse_pattern
 from .model import LM, Block, sample_next
 from .registry import CHANNEL_MIXERS, LETTERS, MIXERS, register, register_channel_mixer
 
-__all__ = ["LM", "Block", "ModelConfig", "parse_pattern", "sample_next", "MIXERS", "LETTERS",
+__all__ = ["build_model", "LM", "Block", "ModelConfig", "parse_pattern", "sample_next", "MIXERS", "LETTERS",
            "CHANNEL_MIXERS", "register", "register_channel_mixer"]
+
+
+def build_model(cfg: ModelConfig):
+    """The model class for a config; objectives other than next-token prediction plug in here."""
+    return LM(cfg)

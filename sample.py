@@ -1,0 +1,49 @@
+"""Sample from a trained run with the cached (stateful) decode path.
+
+    python sample.py --run runs/hybrid-... --prompt "def " --max-new-tokens 200 --temperature 0.8 --top-k 50
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from slmlab.cli import run_cli
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run directory written by train.py")
+    p.add_argument("--prompt", default="def ")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (deterministic)")
+    p.add_argument("--top-k", type=int, default=50, help="0 = no top-k filter")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = p.parse_args(argv)
+
+    import torch
+
+    from slmlab.checkpoint import load_run
+    from slmlab.errors import ConfigError
+    from slmlab.trainer import resolve_device
+
+    if args.max_new_tokens < 0:
+        raise ConfigError("--max-new-tokens must be >= 0")
+    if args.temperature < 0:
+        raise ConfigError("--temperature must be >= 0")
+    device = resolve_device(args.device)
+    cfg, model, tok = load_run(args.run, device)
+    ids = tok.encode(args.prompt) or [tok.bos_id]
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    for i in range(args.num_samples):
+        idx = torch.tensor([ids], device=device)
+        out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                             generator=g)
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(tok.decode(out[0].tolist()))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,264 @@
+"""Run configuration: config.yaml -> preset -> dotted overrides -> typed, validated dataclasses.
+
+Sections are dataclasses (torchtitan style); every key a user can set is a field here, so an
+unknown key is an error that names the closest valid keys instead of being silently ignored.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from arch.config import ModelConfig
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
+
+
+@dataclass
+class DataConfig:
+    spec: str = "stdlib"  # stdlib | PATH | hf:NAME[:CONFIG][@SPLIT]
+    val_frac: float = 0.02
+    cache_dir: str = "~/.cache/slmlab/data"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    batch_size: int = 16
+    seq_len: int = 256
+    grad_accum: int = 1
+    warmup_steps: int = 30
+    schedule: str = "wsd"  # wsd | cosine
+    decay_frac: float = 0.3  # WSD: share of steps spent decaying
+    min_lr_frac: float = 0.0
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_tokens: int = 32768  # per periodic eval; the final eval covers the whole validation split
+    log_every: int = 10
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda
+    sample_tokens: int = 200
+    sample_prompt: str = "def "
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.1
+    eps: float = 1e-8
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = False
+    wandb_project: str = "slmlab"
+    progress: bool = True
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
+            "logging": LoggingConfig}
+
+
+@dataclass
+class RunConfig:
+    arch: str
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    optim: OptimConfig
+    logging: LoggingConfig
+
+    def to_dict(self) -> dict:
+        out = {"arch": self.arch}
+        for name in SECTIONS:
+            out[name] = dataclasses.asdict(getattr(self, name))
+        return out
+
+    def save(self, path):
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def coerce(key: str, value: Any, tp):
+    """Check/convert `value` to the field type `tp`; raise a one-line ConfigError otherwise."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce(key, value, a)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key} expects {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} expects true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} expects an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} expects an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} expects a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} expects a string, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, list):
+            return value
+        raise ConfigError(f"{key} expects a list, got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{key} expects a mapping, got {value!r}")
+    return value
+
+
+def _unknown(key: str, pool: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, pool, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(pool)}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set(tree: dict, key: str, value):
+    parts = key.split(".")
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise _unknown(key, all_keys())
+    section, name = parts
+    names = [f.name for f in dataclasses.fields(SECTIONS[section])]
+    if name not in names:
+        raise _unknown(key, all_keys())
+    tree.setdefault(section, {})[name] = value
+
+
+def _merge(tree: dict, overrides: dict, where: str):
+    for section, values in (overrides or {}).items():
+        if section == "arch":
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: section {section!r} must be a mapping")
+        for k, v in values.items():
+            _set(tree, f"{section}.{k}", v)
+
+
+def read_yaml(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping")
+    return data
+
+
+def presets(path=DEFAULT_CONFIG) -> dict:
+    return read_yaml(path).get("presets", {}) or {}
+
+
+def load_config(path=DEFAULT_CONFIG, arch: Optional[str] = None, overrides: list[str] = (),
+                layers: Optional[str] = None) -> RunConfig:
+    """Base config -> preset `arch` -> `--layers` -> dotted overrides, then type-check everything."""
+    raw = read_yaml(path)
+    table = raw.pop("presets", {}) or {}
+    tree: dict = {}
+    _merge(tree, raw, str(path))
+    arch = arch or raw.get("arch") or "hybrid"
+    if table:
+        if arch not in table:
+            raise ConfigError(f"unknown --arch {arch!r}; presets in {Path(path).name}: {', '.join(table)}")
+        _merge(tree, copy.deepcopy(table[arch]), f"preset {arch}")
+    if layers is not None:
+        _set(tree, "model.layers", layers)
+    for text in overrides:
+        k, v = parse_override(text)
+        _set(tree, k, v)
+    return build(arch, tree)
+
+
+def build(arch: str, tree: dict) -> RunConfig:
+    sections = {}
+    for name, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        values = {k: coerce(f"{name}.{k}", v, hints[k]) for k, v in (tree.get(name) or {}).items()}
+        try:
+            sections[name] = cls(**values)
+        except TypeError as e:
+            raise ConfigError(f"section {name}: {e}")
+    cfg = RunConfig(arch=arch, **sections)
+    validate(cfg)
+    return cfg
+
+
+def load_run_config(path) -> RunConfig:
+    """A run directory's resolved config.yaml (no presets applied)."""
+    tree = read_yaml(path)
+    arch = tree.pop("arch", "custom")
+    for section in list(tree):
+        if section not in SECTIONS:
+            raise ConfigError(f"{path}: unknown section {section!r}")
+        for k in tree[section]:
+            if k not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+                raise _unknown(f"{section}.{k}", all_keys())
+    return build(arch, tree)
+
+
+def validate(cfg: RunConfig):
+    t = cfg.train
+    for k in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "log_every"):
+        if getattr(t, k) <= 0:
+            raise ConfigError(f"train.{k} must be > 0, got {getattr(t, k)}")
+    if t.schedule not in ("wsd", "cosine"):
+        raise ConfigError(f"train.schedule must be wsd or cosine, got {t.schedule!r}")
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
+    if not 0 <= t.decay_frac <= 1:
+        raise ConfigError(f"train.decay_frac must be in [0, 1], got {t.decay_frac}")
+    if cfg.optim.name not in ("adamw",):
+        raise ConfigError(f"optim.name must be one of: adamw; got {cfg.optim.name!r}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    if not 0 < cfg.data.val_frac < 1:
+        raise ConfigError(f"data.val_frac must be in (0, 1), got {cfg.data.val_frac}")
