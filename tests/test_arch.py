@@ -1,0 +1,198 @@
+"""Block interface: decode == full forward, pattern parsing, bad configs, registry extension."""
+import pytest
+import torch
+import torch.nn as nn
+
+import arch
+from arch import LM, ModelConfig
+from slmlab.config import load_config, presets
+from slmlab.errors import ConfigError
+
+
+def tiny(**kw):
+    base = dict(vocab_size=61, d_model=32, n_layers=6, n_heads=4, n_kv_heads=2, window=4)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def preset_cfgs():
+    out = []
+    for name in presets():
+        cfg = load_config(arch=name, overrides=["model.vocab_size=61", "model.d_model=32", "model.n_heads=4",
+                                                "model.n_kv_heads=2"]).model
+        out.append(pytest.param(cfg, id=name))
+    out.append(pytest.param(tiny(layers="CCA", window_pattern="SL"), id="hybrid-sliding"))
+    out.append(pytest.param(tiny(layers="A", window_pattern="SSL", conv_kernel=4), id="transformer-sliding"))
+    out.append(pytest.param(tiny(layers="CA", conv_kernel=2, tie_embeddings=False), id="k2-untied"))
+    return out
+
+
+def _full_and_decoded(cfg, T, chunks):
+    torch.manual_seed(0)
+    m = LM(cfg).eval()
+    idx = torch.randint(0, cfg.vocab_size, (2, T))
+    with torch.no_grad():
+        full = m(idx)
+        states, outs, pos = m.init_state(2), [], 0
+        for c in chunks:
+            logits, states = m(idx[:, pos:pos + c], states=states)
+            outs.append(logits)
+            pos += c
+    assert pos == T
+    return full, torch.cat(outs, 1)
+
+
+@pytest.mark.parametrize("cfg", preset_cfgs())
+@pytest.mark.parametrize("T", [1, 7, 63])
+def test_token_by_token_decode_equals_full_forward(cfg, T):
+    if not cfg.causal:
+        pytest.skip("bidirectional presets do not decode incrementally")
+    full, dec = _full_and_decoded(cfg, T, [1] * T)
+    torch.testing.assert_close(dec, full, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("cfg", preset_cfgs())
+def test_chunked_prefill_then_decode_equals_full_forward(cfg):
+    if not cfg.causal:
+        pytest.skip("bidirectional presets do not decode incrementally")
+    full, dec = _full_and_decoded(cfg, 40, [13, 1, 9, 1, 1, 15])
+    torch.testing.assert_close(dec, full, atol=1e-4, rtol=0)
+
+
+def test_sliding_cache_is_evicted():
+    cfg = tiny(layers="A", window_pattern="S", window=4)
+    m = LM(cfg).eval()
+    states = m.init_state(1)
+    with torch.no_grad():
+        _, states = m(torch.randint(0, 61, (1, 20)), states=states)
+    assert all(s.k.shape[2] == 3 for s in states)  # window - 1 keys are all a future query needs
+    assert all(s.seen == 20 for s in states)
+
+
+def test_window_changes_output_and_full_window_does_not():
+    torch.manual_seed(0)
+    idx = torch.randint(0, 61, (1, 30))
+    outs = {}
+    for w in (3, 30, 1000):
+        torch.manual_seed(1)
+        outs[w] = LM(tiny(layers="A", window_pattern="S", window=w)).eval()(idx)
+    torch.manual_seed(1)
+    full = LM(tiny(layers="A", window_pattern="L")).eval()(idx)
+    torch.testing.assert_close(outs[30], full)
+    torch.testing.assert_close(outs[1000], full)
+    assert not torch.allclose(outs[3], full)
+
+
+def test_causality():
+    m = LM(tiny(layers="CCA")).eval()
+    a = torch.randint(0, 61, (1, 20))
+    b = a.clone()
+    b[0, 12:] = (b[0, 12:] + 1) % 61
+    with torch.no_grad():
+        torch.testing.assert_close(m(a)[:, :12], m(b)[:, :12])
+
+
+def test_loss_and_logits_shapes_and_ignore_index():
+    m = LM(tiny(layers="CCA"))
+    idx = torch.randint(0, 61, (3, 9))
+    assert m(idx).shape == (3, 9, 61)
+    tgt = idx.clone()
+    tgt[:, :4] = -1
+    loss = m(idx, tgt)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    logits = m(idx)
+    ref = nn.functional.cross_entropy(logits[:, 4:].reshape(-1, 61), idx[:, 4:].reshape(-1))
+    torch.testing.assert_close(loss, ref)
+
+
+def test_gradient_checkpointing_same_grads():
+    torch.manual_seed(0)
+    idx = torch.randint(0, 61, (2, 16))
+    grads = []
+    for gc in (False, True):
+        torch.manual_seed(3)
+        m = LM(tiny(layers="CCA", grad_checkpoint=gc))
+        m(idx, idx).backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_tied_embeddings():
+    m = LM(tiny())
+    assert m.lm_head.weight is m.embed.weight
+    m2 = LM(tiny(tie_embeddings=False))
+    assert m2.lm_head.weight is not m2.embed.weight
+    assert m2.num_params() == m.num_params() + 61 * 32
+
+
+@pytest.mark.parametrize("pattern,expect", [
+    ("CCA", ["conv", "conv", "attn"] * 2),
+    ("ccaccA", ["conv", "conv", "attn"] * 2),
+    ("conv,attn", ["conv", "attn"] * 3),
+    (["conv", "conv", "attn", "conv", "conv", "attn"], ["conv", "conv", "attn"] * 2),
+    (["C", "A"], ["conv", "attn"] * 3),
+    ("attn", ["attn"] * 6),
+])
+def test_pattern_forms(pattern, expect):
+    assert tiny(layers=pattern).layer_types() == expect
+
+
+def test_window_pattern_tiles_over_attention_layers():
+    cfg = tiny(layers="ACA", window_pattern="SL", window=9)
+    # attention layers are 0, 2, 3, 5 -> S, L, S, L
+    assert cfg.layer_windows() == [9, None, None, 9, None, None]
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(layers="CCX"), "unknown block 'X'"),
+    (dict(layers="CCAA"), "does not tile"),
+    (dict(layers="foo,attn"), "unknown block 'foo'"),
+    (dict(d_model=30, n_heads=4), "not divisible by model.n_heads"),
+    (dict(n_heads=4, n_kv_heads=3), "not divisible by model.n_kv_heads"),
+    (dict(window=0), "window must be > 0"),
+    (dict(window=-3), "window must be > 0"),
+    (dict(window_pattern="SX"), "window_pattern"),
+    (dict(kernels="cuda"), "model.kernels"),
+])
+def test_bad_model_config_is_one_line_error(kw, needle):
+    with pytest.raises(ConfigError) as e:
+        tiny(**kw)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_adding_a_mixer_is_one_module_and_one_registry_line():
+    @arch.register("identity_test", "I")
+    class Identity(nn.Module):
+        def __init__(self, cfg, layer_idx, window=None):
+            super().__init__()
+
+        def init_state(self, batch_size, device=None, dtype=torch.float32):
+            return None
+
+        def forward(self, x, state=None):
+            return torch.zeros_like(x), state
+
+    try:
+        cfg = tiny(layers="ICA")
+        assert cfg.layer_types()[0] == "identity_test"
+        full, dec = _full_and_decoded(cfg, 9, [4, 1, 4])
+        torch.testing.assert_close(dec, full, atol=1e-4, rtol=0)
+    finally:
+        arch.MIXERS.pop("identity_test")
+        arch.LETTERS.pop("I")
+
+
+def test_flops_and_params_are_sane():
+    m = LM(tiny(layers="CCA"))
+    n = m.num_params()
+    assert 6 * (n - 0) <= m.flops_per_token(64) < 6 * n * 2
+    assert m.flops_per_token(1024) > m.flops_per_token(64)
+
+
+def test_generate_greedy_is_deterministic_and_extends():
+    m = LM(tiny(layers="CCA")).eval()
+    p = torch.randint(0, 61, (1, 5))
+    a = m.generate(p, 10, temperature=0)
+    b = m.generate(p, 10, temperature=0)
+    assert a.shape == (1, 15) and torch.equal(a, b) and torch.equal(a[:, :5], p)
