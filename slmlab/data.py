@@ -1,0 +1,706 @@
+"""Corpora, tokenization into cached memory-mapped token files, and batching.
+
+Data specs (strings):
+
+* ``stdlib`` (default): the ``.py`` sources of the running interpreter's standard library
+  (``sysconfig.get_paths()["stdlib"]``) minus test suites, ``site-packages`` and ``__pycache__``. Split by file:
+  files are ranked by the SHA-256 of their relative path and taken in that order into validation until it holds
+  at least ``val_frac`` of the bytes (2% ~ 240 KB for CPython 3.11), skipping
+  files too big to fit. Nothing is downloaded; the same Python
+  version gives the same corpus and split on every machine. (A local directory literally named ``stdlib`` is
+  reached as ``./stdlib``.)
+* a local path: a file or a directory (searched recursively) of ``.txt``/``.md`` (one document per file),
+  ``.jsonl`` (one document per line, ``text`` field) or ``.parquet`` (``text`` column; needs pyarrow). A single
+  file is split by taking its last ``val_frac`` of documents; a single-document file (any ``.txt``) is cut at a
+  newline near the ``1 - val_frac`` point. A directory is split by file like ``stdlib`` (a directory with one file
+  is split like that file).
+* ``hf:NAME[:CONFIG][@SPLIT]``: ``datasets.load_dataset(NAME, CONFIG, split=SPLIT)`` (SPLIT defaults to
+  ``train``), ``text`` column; the last ``val_frac`` of documents is the validation split.
+
+Token files hold the documents' ids back to back with ``eos_id`` after every document. The tokenizer is trained
+on the train split only, on at most ``tokenizer_train_bytes`` (default 32 MiB) of it: when the train split is
+bigger, an evenly strided, deterministic sample of ~64K-character pieces is used.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import lzma
+import math
+import os
+import platform
+import re
+import shutil
+import sys
+import sysconfig
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .errors import DataError
+from .tokenizer import Tokenizer, split_exact, train_tokenizer
+
+FORMAT_VERSION = 1
+DEFAULT_SPEC = "stdlib"
+DEFAULT_VAL_FRAC = 0.02
+DEFAULT_TOKENIZER_TRAIN_BYTES = 32 * 2**20
+TEXT_SUFFIXES = (".txt", ".md")
+SUPPORTED_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
+_STDLIB_SKIP_DIRS = {"test", "tests", "testing", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+_ENCODE_BATCH_CHARS = 4 * 2**20
+
+
+# ================================================================================================================
+# Sources
+# ================================================================================================================
+
+
+def _read_text_file(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not valid UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    docs = []
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e})") from None
+            if not isinstance(obj, dict) or "text" not in obj:
+                raise DataError(f"{path}:{lineno}: expected a JSON object with a 'text' field")
+            text = obj["text"]
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{lineno}: 'text' must be a string, got {type(text).__name__}")
+            docs.append(text)
+    return docs
+
+
+def _read_parquet(path: Path) -> list[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"reading {path} needs pyarrow (pip install pyarrow)") from None
+    try:
+        schema = pq.read_schema(path)
+    except Exception as e:
+        raise DataError(f"cannot read parquet file {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+    if "text" not in schema.names:
+        raise DataError(f"{path} has no 'text' column (columns: {', '.join(schema.names)})")
+    col = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    return [t for t in col if t is not None]
+
+
+def read_documents(path: Path) -> list[str]:
+    """Documents of one supported file (empty documents dropped)."""
+    suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        docs = [_read_text_file(path)]
+    elif suffix == ".jsonl":
+        docs = _read_jsonl(path)
+    elif suffix == ".parquet":
+        docs = _read_parquet(path)
+    else:
+        raise DataError(f"unsupported data file type {suffix or '(none)'!r}: {path} "
+                        f"(supported: {', '.join(SUPPORTED_SUFFIXES)})")
+    return [d for d in docs if d]
+
+
+def _cut_text(text: str, val_frac: float) -> tuple[str, str]:
+    """Split one text into (train, val) at a newline near the (1 - val_frac) point."""
+    target = int(len(text) * (1.0 - val_frac))
+    target = min(max(target, 1), len(text) - 1) if len(text) >= 2 else len(text)
+    i = text.find("\n", target)
+    if i >= 0 and i + 1 < len(text):
+        cut = i + 1
+    else:
+        j = text.rfind("\n", 0, target)
+        cut = j + 1 if j >= 0 else target
+    return text[:cut], text[cut:]
+
+
+def split_documents(docs: list[str], val_frac: float) -> tuple[list[str], list[str]]:
+    """Last ``val_frac`` of the documents (at least one) to validation; a single document is cut in two."""
+    if not docs:
+        return [], []
+    if len(docs) == 1:
+        tr, va = _cut_text(docs[0], val_frac)
+        return [tr] if tr else [], [va] if va else []
+    n_val = min(max(1, round(len(docs) * val_frac)), len(docs) - 1)
+    return docs[: len(docs) - n_val], docs[len(docs) - n_val:]
+
+
+def split_files(rel_paths_and_sizes: list[tuple[str, int]], val_frac: float) -> tuple[list[str], list[str]]:
+    """Deterministic by-file split. Files are ranked by the SHA-256 of their relative path (posix form) and moved
+    into validation in that order until it holds at least ``val_frac`` of all bytes; a file that would push it past
+    1.5x that target is skipped (stays in train), so one huge file cannot dominate validation. At least one file
+    goes to validation and at least one stays in train. Returns (train, val) paths, each in the input order."""
+    if len(rel_paths_and_sizes) < 2:
+        return [p for p, _ in rel_paths_and_sizes], []
+    target = val_frac * sum(s for _, s in rel_paths_and_sizes)
+    ranked = sorted(rel_paths_and_sizes, key=lambda ps: hashlib.sha256(ps[0].encode("utf-8")).hexdigest())
+    val: set[str] = set()
+    got = 0
+    for p, s in ranked:
+        if got >= target or len(val) == len(ranked) - 1:
+            break
+        if got + s <= 1.5 * target:
+            val.add(p)
+            got += s
+    if not val:
+        val.add(ranked[0][0])
+    return [p for p, _ in rel_paths_and_sizes if p not in val], [p for p, _ in rel_paths_and_sizes if p in val]
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _is_stdlib_skipped_dir(name: str) -> bool:
+    return (name in _STDLIB_SKIP_DIRS or name.startswith("test_") or name.endswith("_test")
+            or name.endswith("_tests") or "_test_" in name)
+
+
+def list_stdlib_files() -> list[str]:
+    """Sorted relative (posix) paths of the standard library's ``.py`` files, test suites excluded."""
+    root = stdlib_root()
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not _is_stdlib_skipped_dir(d))
+        rel_dir = Path(dirpath).relative_to(root)
+        for fn in filenames:
+            if fn.endswith(".py") and not fn.startswith("test_"):
+                out.append((rel_dir / fn).as_posix())
+    return sorted(out)
+
+
+def stdlib_split(val_frac: float = DEFAULT_VAL_FRAC) -> tuple[list[str], list[str]]:
+    """(train, val) relative paths of the stdlib corpus."""
+    root = stdlib_root()
+    files = [(p, (root / p).stat().st_size) for p in list_stdlib_files()]
+    return split_files(files, val_frac)
+
+
+_HF_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]*$")
+_HF_PART = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_HF_SPLIT = re.compile(r"^[A-Za-z0-9_.\-\[\]:%+]+$")
+
+
+@dataclass(frozen=True)
+class HFSpec:
+    name: str
+    config: str | None
+    split: str
+
+
+def parse_hf_spec(spec: str) -> HFSpec:
+    """Parse ``hf:NAME[:CONFIG][@SPLIT]``; DataError on anything malformed."""
+    usage = "expected hf:NAME[:CONFIG][@SPLIT], e.g. hf:roneneldan/TinyStories@train"
+    if not spec.startswith("hf:"):
+        raise DataError(f"not an hf: data spec: {spec!r} ({usage})")
+    rest = spec[3:]
+    if rest.count("@") > 1:
+        raise DataError(f"malformed data spec {spec!r}: more than one '@' ({usage})")
+    rest, at, split = rest.partition("@")
+    if at and not split:
+        raise DataError(f"malformed data spec {spec!r}: empty split after '@' ({usage})")
+    split = split or "train"
+    name, colon, config = rest.partition(":")
+    if not name:
+        raise DataError(f"malformed data spec {spec!r}: missing dataset name ({usage})")
+    if colon and not config:
+        raise DataError(f"malformed data spec {spec!r}: empty config after ':' ({usage})")
+    if not _HF_NAME.match(name) or name.endswith("/") or "//" in name or name.count("/") > 1:
+        raise DataError(f"malformed data spec {spec!r}: bad dataset name {name!r} ({usage})")
+    if colon and not _HF_PART.match(config):
+        raise DataError(f"malformed data spec {spec!r}: bad config {config!r} ({usage})")
+    if not _HF_SPLIT.match(split):
+        raise DataError(f"malformed data spec {spec!r}: bad split {split!r} ({usage})")
+    return HFSpec(name, config or None, split)
+
+
+class _Source:
+    """A resolved data spec: ``fingerprint()`` is cheap where possible, ``split(val_frac)`` reads the text."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+    def split(self, val_frac: float) -> tuple[list[str], list[str]]:
+        raise NotImplementedError
+
+
+class _StdlibSource(_Source):
+    def fingerprint(self) -> str:
+        root = stdlib_root()
+        h = hashlib.sha256()
+        h.update(f"{platform.python_implementation()} {sys.version}\n".encode())
+        for p in list_stdlib_files():
+            h.update(f"{p}\t{(root / p).stat().st_size}\n".encode())
+        return "stdlib:" + h.hexdigest()
+
+    def split(self, val_frac):
+        root = stdlib_root()
+        train, val = stdlib_split(val_frac)
+        read = lambda ps: [d for d in (_read_text_file(root / p) for p in ps) if d]  # noqa: E731
+        return read(train), read(val)
+
+
+def _stat_line(path: Path, rel: str) -> str:
+    st = path.stat()
+    return f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n"
+
+
+class _FileSource(_Source):
+    def __init__(self, spec: str, path: Path):
+        super().__init__(spec)
+        self.path = path
+        if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+            raise DataError(f"unsupported data file type {path.suffix or '(none)'!r}: {path} "
+                            f"(supported: {', '.join(SUPPORTED_SUFFIXES)})")
+
+    def fingerprint(self):
+        return "file:" + hashlib.sha256(_stat_line(self.path, str(self.path.resolve())).encode()).hexdigest()
+
+    def split(self, val_frac):
+        return split_documents(read_documents(self.path), val_frac)
+
+
+class _DirSource(_Source):
+    def __init__(self, spec: str, path: Path):
+        super().__init__(spec)
+        self.path = path
+        self.files = sorted(
+            p.relative_to(path).as_posix()
+            for p in path.rglob("*")
+            if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        if not self.files:
+            raise DataError(f"empty corpus: no {'/'.join(SUPPORTED_SUFFIXES)} files under {path}")
+
+    def fingerprint(self):
+        h = hashlib.sha256(str(self.path.resolve()).encode() + b"\n")
+        for rel in self.files:
+            h.update(_stat_line(self.path / rel, rel).encode())
+        return "dir:" + h.hexdigest()
+
+    def split(self, val_frac):
+        if len(self.files) == 1:
+            return split_documents(read_documents(self.path / self.files[0]), val_frac)
+        sized = [(rel, (self.path / rel).stat().st_size) for rel in self.files]
+        train, val = split_files(sized, val_frac)
+        read = lambda rels: [d for rel in rels for d in read_documents(self.path / rel)]  # noqa: E731
+        return read(train), read(val)
+
+
+class _HFSource(_Source):
+    def __init__(self, spec: str):
+        super().__init__(spec)
+        self.hf = parse_hf_spec(spec)
+        self._ds = None
+
+    def _load(self):
+        if self._ds is None:
+            try:
+                import datasets
+            except ImportError:
+                raise DataError(f"data spec {self.spec!r} needs the `datasets` package "
+                                "(pip install datasets, or pip install 'slmlab[hf]')") from None
+            try:
+                ds = datasets.load_dataset(self.hf.name, self.hf.config, split=self.hf.split)
+            except Exception as e:
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise DataError(f"could not load {self.spec}: {msg}") from None
+            cols = list(getattr(ds, "column_names", None) or [])
+            if "text" not in cols:
+                raise DataError(f"{self.spec} has no 'text' column (columns: {', '.join(map(str, cols)) or 'none'})")
+            self._ds = ds
+        return self._ds
+
+    def fingerprint(self):
+        ds = self._load()
+        fp = getattr(ds, "_fingerprint", None)
+        if fp:
+            return f"hf:{self.spec}:{fp}"
+        h = hashlib.sha256()
+        for t in ds["text"]:
+            h.update((t or "").encode("utf-8", "surrogatepass") + b"\0")
+        return f"hf:{self.spec}:{h.hexdigest()}"
+
+    def split(self, val_frac):
+        docs = [t for t in self._load()["text"] if t]
+        bad = next((t for t in docs if not isinstance(t, str)), None)
+        if bad is not None:
+            raise DataError(f"{self.spec}: 'text' column must hold strings, got {type(bad).__name__}")
+        return split_documents(docs, val_frac)
+
+
+def resolve_spec(spec: str) -> _Source:
+    """Turn a data spec into a source; DataError for a missing path, bad type or malformed hf: spec."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataError(f"empty data spec {spec!r}: use 'stdlib', a path, or hf:NAME[:CONFIG][@SPLIT]")
+    if spec == "stdlib":
+        return _StdlibSource(spec)
+    if spec.startswith("hf:"):
+        return _HFSource(spec)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"data path not found: {spec}")
+    if path.is_dir():
+        return _DirSource(spec, path)
+    return _FileSource(spec, path)
+
+
+# ================================================================================================================
+# Preparation and cache
+# ================================================================================================================
+
+
+@dataclass
+class DataBundle:
+    tokenizer: Tokenizer
+    train: np.memmap
+    val: np.memmap
+    val_bytes: int
+    gzip_bpb: float
+    xz_bpb: float
+    manifest: dict
+    bytes_per_token: float
+    path: Path
+    cached: bool = field(default=False, compare=False)
+
+    def summary(self) -> str:
+        m = self.manifest
+        tag = "  (cached)" if self.cached else ""
+        return (f"data: {m['spec']}  vocab {m['vocab_size']}  train {_fmt_count(m['n_train_tokens'])} tokens  "
+                f"val {_fmt_count(m['n_val_tokens'])} tokens ({m['val_bytes'] / 1e6:.2f} MB, "
+                f"{self.bytes_per_token:.2f} bytes/token)  gzip -9 {self.gzip_bpb:.2f} bpb  "
+                f"xz -9 {self.xz_bpb:.2f} bpb{tag}")
+
+
+def _fmt_count(n: int) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    if n >= 1e6:
+        return f"{n / 1e6:.2f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f}k"
+    return str(n)
+
+
+def default_cache_dir() -> Path:
+    """``$SLMLAB_CACHE/data`` or ``~/.cache/slmlab/data``."""
+    base = os.environ.get("SLMLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "slmlab")
+    return Path(base) / "data"
+
+
+def compression_bpb(data: bytes) -> tuple[float, float]:
+    """(gzip -9, xz -9) bits per byte of ``data``."""
+    if not data:
+        return float("nan"), float("nan")
+    n = len(data)
+    return 8 * len(gzip.compress(data, 9, mtime=0)) / n, 8 * len(lzma.compress(data, preset=9)) / n
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+def _training_sample(docs: list[str], cap_bytes: int) -> list[str]:
+    total = sum(len(d) for d in docs)  # characters: a cheap stand-in for bytes
+    if total <= cap_bytes:
+        return docs
+    stride = math.ceil(total / cap_bytes)
+    out, i = [], 0
+    for d in docs:
+        for piece in split_exact(d, 1 << 16):
+            if i % stride == 0:
+                out.append(piece)
+            i += 1
+    return out
+
+
+def _tokenize_to_file(tok: Tokenizer, docs: list[str], path: Path, dtype: np.dtype, desc: str,
+                      progress: bool) -> int:
+    """Write the ids of ``docs`` (each followed by EOS) to ``path``; return the number of tokens."""
+    from tqdm import tqdm
+
+    eos = tok.eos_id
+    n_tokens = 0
+    total_chars = sum(len(d) for d in docs)
+    with open(path, "wb") as f, tqdm(total=total_chars, desc=desc, unit="char", unit_scale=True,
+                                     disable=not progress, leave=False, dynamic_ncols=True) as bar:
+        batch: list[str] = []
+        ends: list[bool] = []
+        size = 0
+
+        def flush():
+            nonlocal n_tokens, size
+            if not batch:
+                return
+            arrays = []
+            eos_arr = np.array([eos], dtype=dtype)
+            for ids, end in zip(tok.encode_batch(batch), ends):
+                arrays.append(np.asarray(ids, dtype=dtype))
+                if end:
+                    arrays.append(eos_arr)
+            arr = np.concatenate(arrays)
+            arr.tofile(f)
+            n_tokens += int(arr.size)
+            bar.update(size)
+            batch.clear()
+            ends.clear()
+            size = 0
+
+        for d in docs:
+            pieces = list(split_exact(d, 1 << 16))
+            for k, piece in enumerate(pieces):
+                batch.append(piece)
+                ends.append(k == len(pieces) - 1)
+                size += len(piece)
+                if size >= _ENCODE_BATCH_CHARS:
+                    flush()
+        flush()
+    return n_tokens
+
+
+def _open_tokens(path: Path, dtype: np.dtype, n: int) -> np.memmap:
+    if n == 0:  # an empty file cannot be memory-mapped
+        return np.zeros(0, dtype=dtype)
+    arr = np.memmap(path, dtype=dtype, mode="r")
+    if arr.size != n:
+        raise DataError(f"cached token file {path} has {arr.size} tokens, manifest says {n}: delete {path.parent}")
+    return arr
+
+
+def load_bundle(path: str | os.PathLike) -> DataBundle:
+    """Open a prepared cache directory (``DataBundle.path``)."""
+    path = Path(path)
+    mpath = path / "manifest.json"
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        dtype = np.dtype(manifest["dtype"])
+        n_train, n_val = int(manifest["n_train_tokens"]), int(manifest["n_val_tokens"])
+    except FileNotFoundError:
+        raise DataError(f"prepared data not found: {mpath}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"corrupt data manifest {mpath}: {e}") from None
+    tok = Tokenizer.load(path / "tokenizer.json")
+    train = _open_tokens(path / "train.bin", dtype, n_train)
+    val = _open_tokens(path / "val.bin", dtype, n_val)
+    vb = int(manifest["val_bytes"])
+    return DataBundle(tokenizer=tok, train=train, val=val, val_bytes=vb, gzip_bpb=float(manifest["gzip_bpb"]),
+                      xz_bpb=float(manifest["xz_bpb"]), manifest=manifest,
+                      bytes_per_token=vb / n_val if n_val else float("nan"), path=path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _remove_stale_tmp(cache_dir: Path, key: str) -> None:
+    for p in cache_dir.glob(f".tmp-{key}-*"):
+        try:
+            pid = int(p.name.split("-")[2])
+        except (IndexError, ValueError):
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def cache_key(spec: str, source_fingerprint: str, vocab_size: int, val_frac: float,
+              tokenizer_json: str | None, tokenizer_train_bytes: int) -> str:
+    blob = json.dumps({
+        "format": FORMAT_VERSION, "spec": spec, "source": source_fingerprint, "vocab_size": vocab_size,
+        "val_frac": val_frac, "tokenizer_train_bytes": tokenizer_train_bytes,
+        "tokenizer": hashlib.sha256(tokenizer_json.encode()).hexdigest() if tokenizer_json else None,
+    }, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def prepare_data(spec: str = DEFAULT_SPEC, vocab_size: int = 4096, cache_dir: str | os.PathLike | None = None,
+                 val_frac: float = DEFAULT_VAL_FRAC, tokenizer: Tokenizer | None = None, progress: bool = True, *,
+                 quiet: bool = False, tokenizer_train_bytes: int = DEFAULT_TOKENIZER_TRAIN_BYTES) -> DataBundle:
+    """Resolve ``spec``, train a tokenizer on its train split (unless ``tokenizer`` is given; then ``vocab_size``
+    is not used for training), tokenize both splits into memory-mapped files under ``cache_dir/<key>/`` and
+    return a :class:`DataBundle`. A second call with the same arguments and unchanged source loads the cache.
+    ``progress`` toggles tqdm bars; ``quiet`` suppresses the one-line summaries printed to stdout."""
+    say = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
+    if isinstance(val_frac, bool) or not isinstance(val_frac, (int, float)) or not 0.0 < val_frac < 1.0:
+        raise DataError(f"val_frac must be between 0 and 1 (exclusive), got {val_frac!r}")
+    val_frac = float(val_frac)
+    if tokenizer is None:
+        from .tokenizer import MIN_VOCAB_SIZE
+
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
+            raise DataError(f"vocab_size {vocab_size!r} is too small: the minimum is {MIN_VOCAB_SIZE} "
+                            "(256 byte tokens + 4 special tokens)")
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+    source = resolve_spec(spec)
+    fp = source.fingerprint()
+    tok_json = tokenizer.to_json() if tokenizer is not None else None
+    key = cache_key(spec, fp, vocab_size, val_frac, tok_json, tokenizer_train_bytes)
+    final = cache_dir / key
+    if (final / "manifest.json").is_file():
+        try:
+            bundle = load_bundle(final)
+            bundle.cached = True
+            say(bundle.summary())
+            return bundle
+        except DataError as e:
+            say(f"data: cache {final} unreadable ({e}); rebuilding")
+            shutil.rmtree(final, ignore_errors=True)
+
+    t0 = time.perf_counter()
+    train_docs, val_docs = source.split(val_frac)
+    n_train_chars, n_val_chars = sum(map(len, train_docs)), sum(map(len, val_docs))
+    if n_train_chars + n_val_chars == 0:
+        raise DataError(f"empty corpus: {spec} contains no text")
+    if n_train_chars == 0:
+        raise DataError(f"train split of {spec} is empty: use a smaller val_frac (now {val_frac}) or more data")
+    if n_val_chars == 0:
+        raise DataError(f"validation split of {spec} is empty: use a larger val_frac (now {val_frac}) or more data")
+
+    t_tok = 0.0
+    if tokenizer is None:
+        sample = _training_sample(train_docs, tokenizer_train_bytes)
+        say(f"data: training BPE tokenizer (vocab {vocab_size}) on {sum(map(len, sample)) / 1e6:.1f}M chars "
+            f"of the {spec} train split")
+        t1 = time.perf_counter()
+        tokenizer = train_tokenizer(sample, vocab_size, show_progress=progress)
+        t_tok = time.perf_counter() - t1
+    if tokenizer.eos_id is None:
+        raise DataError("tokenizer has no <|eos|> token")
+    dtype = token_dtype(tokenizer.vocab_size)
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(cache_dir, key)
+    tmp = cache_dir / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        t1 = time.perf_counter()
+        n_train = _tokenize_to_file(tokenizer, train_docs, tmp / "train.bin", dtype, "tokenize train", progress)
+        n_val = _tokenize_to_file(tokenizer, val_docs, tmp / "val.bin", dtype, "tokenize val", progress)
+        t_enc = time.perf_counter() - t1
+        val_raw = b"".join(d.encode("utf-8", "surrogatepass") for d in val_docs)
+        gz, xz = compression_bpb(val_raw)
+        tokenizer.save(tmp / "tokenizer.json")
+        manifest = {
+            "format_version": FORMAT_VERSION, "spec": spec, "fingerprint": key, "source_fingerprint": fp,
+            "vocab_size": tokenizer.vocab_size, "requested_vocab_size": vocab_size, "dtype": dtype.name,
+            "val_frac": val_frac, "n_train_docs": len(train_docs), "n_val_docs": len(val_docs),
+            "train_bytes": sum(len(d.encode("utf-8", "surrogatepass")) for d in train_docs),
+            "n_train_tokens": n_train, "n_val_tokens": n_val, "val_bytes": len(val_raw),
+            "gzip_bpb": gz, "xz_bpb": xz, "eos_id": tokenizer.eos_id,
+            "tokenizer_trained": tok_json is None, "tokenizer_train_bytes": tokenizer_train_bytes,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        for name in ("train.bin", "val.bin", "tokenizer.json", "manifest.json"):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "manifest.json").is_file():  # somebody else finished first otherwise
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    bundle = load_bundle(final)
+    bundle.manifest["timing"] = {"tokenizer_s": t_tok, "tokenize_s": t_enc, "total_s": time.perf_counter() - t0}
+    say(bundle.summary())
+    return bundle
+
+
+def check_sizes(bundle: DataBundle, seq_len: int, batch_size: int) -> None:
+    """DataError if either split cannot supply one ``seq_len + 1`` window."""
+    if seq_len < 1 or batch_size < 1:
+        raise DataError(f"seq_len and batch_size must be >= 1, got seq_len={seq_len}, batch_size={batch_size}")
+    need = seq_len + 1
+    for name, arr in (("train", bundle.train), ("validation", bundle.val)):
+        if len(arr) < need:
+            raise DataError(
+                f"{name} split of {bundle.manifest.get('spec', '?')} has {len(arr)} tokens but seq_len {seq_len} "
+                f"needs at least {need}: use a smaller seq_len"
+                + (", a larger val_frac" if name == "validation" else "") + " or more data")
+
+
+# ================================================================================================================
+# Batching
+# ================================================================================================================
+
+
+def _to_device(t: torch.Tensor, device) -> torch.Tensor:
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def get_batch(tokens: np.ndarray, batch_size: int, seq_len: int, generator: torch.Generator | None = None,
+              device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows: ``x`` and ``y`` are int64 ``[batch_size, seq_len]``, ``y`` is ``x``'s window shifted left by
+    one token (``y[:, :-1] == x[:, 1:]``). Offsets come from ``torch.randint(..., generator=generator)``
+    (a CPU generator), so a seeded generator reproduces the batches and saving its state resumes them."""
+    n = len(tokens)
+    if n < seq_len + 1:
+        raise DataError(f"split has {n} tokens, fewer than seq_len + 1 = {seq_len + 1}: use a smaller seq_len")
+    offsets = torch.randint(0, n - seq_len, (batch_size,), generator=generator).numpy()
+    idx = offsets[:, None] + np.arange(seq_len + 1)[None, :]
+    w = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
+    w = _to_device(w, device)
+    return w[:, :-1], w[:, 1:]
+
+
+def iter_eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_tokens: int | None = None,
+                      device="cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Deterministic contiguous windows from the start of ``tokens``: window ``i`` predicts tokens
+    ``i*seq_len+1 .. (i+1)*seq_len``; windows do not overlap in predicted tokens and together cover
+    ``min(len(tokens) - 1, max_tokens)`` rounded down to whole windows. The last batch may be smaller."""
+    n_pred = len(tokens) - 1
+    if max_tokens is not None:
+        n_pred = min(n_pred, int(max_tokens))
+    n_win = max(n_pred, 0) // seq_len
+    for start in range(0, n_win, batch_size):
+        b = min(batch_size, n_win - start)
+        lo = start * seq_len
+        flat = np.asarray(tokens[lo: lo + b * seq_len + 1], dtype=np.int64)
+        idx = np.arange(b)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
+        w = _to_device(torch.from_numpy(flat[idx]), device)
+        yield w[:, :-1], w[:, 1:]
+
+
+def bits_per_byte(mean_loss_nats: float, bytes_per_token: float) -> float:
+    """Convert mean per-token cross-entropy (nats) into bits per UTF-8 byte."""
+    return mean_loss_nats / (math.log(2) * bytes_per_token)

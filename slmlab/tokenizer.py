@@ -1,0 +1,197 @@
+"""Byte-level BPE tokenizer (HF `tokenizers`) with reserved special tokens.
+
+Ids 0..3 are always the special tokens ``<|bos|>``, ``<|eos|>``, ``<|pad|>``, ``<|mask|>``; ids 4..259 are the
+256 byte symbols, so any text encodes (no unknown token); merges follow. ``encode`` never adds special tokens and
+treats special-token strings that occur in the text as ordinary text, so ``decode(encode(s)) == s`` for any ``s``.
+
+The saved file is a plain HF ``tokenizer.json``: ``tokenizers.Tokenizer.from_file`` and
+``transformers.PreTrainedTokenizerFast(tokenizer_file=...)`` both load it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from .errors import DataError
+
+BOS, EOS, PAD, MASK = "<|bos|>", "<|eos|>", "<|pad|>", "<|mask|>"
+SPECIAL_TOKENS = (BOS, EOS, PAD, MASK)
+N_BYTES = 256
+MIN_VOCAB_SIZE = N_BYTES + len(SPECIAL_TOKENS)  # 260
+
+
+def split_exact(text: str, target_chars: int = 1 << 16) -> Iterator[str]:
+    r"""Split ``text`` into pieces of roughly ``target_chars`` without changing its tokenization.
+
+    Cuts are made only right after a newline that sits between two non-whitespace characters (``x\ny``). The
+    ByteLevel pre-tokenizer never joins anything across such a newline (it is its own pre-token, and the next
+    pre-token starts with a non-space character), so encoding the pieces separately and concatenating the ids gives
+    exactly ``encode(text)``. Text without such a newline (e.g. one huge line) is yielded whole.
+    """
+    n = len(text)
+    start = 0
+    while n - start > target_chars:
+        cut = -1
+        pos = start + target_chars
+        while True:
+            i = text.find("\n", pos, n - 1)
+            if i < 0:
+                break
+            if not text[i - 1].isspace() and not text[i + 1].isspace():
+                cut = i + 1
+                break
+            pos = i + 1
+        if cut < 0:
+            break
+        yield text[start:cut]
+        start = cut
+    if start < n:
+        yield text[start:]
+
+
+class Tokenizer:
+    """Thin wrapper around ``tokenizers.Tokenizer`` with the project's conventions."""
+
+    def __init__(self, hf_tokenizer):
+        self._tok = hf_tokenizer
+        # Text that happens to contain "<|eos|>" etc. is encoded as bytes, not as the special id.
+        if hasattr(self._tok, "encode_special_tokens"):
+            self._tok.encode_special_tokens = True
+        self._ids = {t: self._tok.token_to_id(t) for t in SPECIAL_TOKENS}
+
+    # ---- encoding -------------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; no special tokens added."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """``[encode(t) for t in texts]``, computed in parallel by the Rust backend."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """Text of ``ids`` (a list/array/tensor of ints). Special tokens are kept as their strings unless skipped."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    # ---- properties -----------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._ids[BOS]
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._ids[EOS]
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._ids[PAD]
+
+    @property
+    def mask_id(self) -> int | None:
+        return self._ids[MASK]
+
+    @property
+    def hf(self):
+        """The underlying ``tokenizers.Tokenizer``."""
+        return self._tok
+
+    def to_json(self) -> str:
+        """Serialized ``tokenizer.json`` content (deterministic for a given tokenizer)."""
+        return self._tok.to_str()
+
+    # ---- persistence ----------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a single HF-compatible ``tokenizer.json``. A directory path gets ``tokenizer.json`` inside it."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tokenizer.", suffix=".json", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.to_json())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Load a ``tokenizer.json`` (or a directory containing one). DataError if missing or corrupt."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise DataError(f"tokenizer file not found: {path}")
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as e:  # tokenizers raises a plain Exception on bad JSON
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(f"tokenizer file is corrupt or not a tokenizer.json: {path} ({msg})") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            return cls(HFTokenizer.from_str(text))
+        except Exception as e:
+            raise DataError(f"invalid tokenizer JSON ({str(e).splitlines()[0] if str(e) else e!r})") from None
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size})"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> Tokenizer:
+    """Train a byte-level BPE tokenizer with ``vocab_size`` entries (specials + 256 bytes + merges).
+
+    Uses every text it is given (callers cap the amount; ``slmlab.data`` does). Training is deterministic: the same
+    texts in the same order give an identical ``tokenizer.json``. If the texts are too small to learn
+    ``vocab_size - 260`` merges the vocabulary comes out smaller; use ``Tokenizer.vocab_size`` for the model.
+    Long texts are split at tokenization-neutral newlines so the trainer sees manageable pieces.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise DataError(f"vocab_size must be an integer, got {vocab_size!r}")
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise DataError(
+            f"vocab_size {vocab_size} is too small: the minimum is {MIN_VOCAB_SIZE} "
+            f"({N_BYTES} byte tokens + {len(SPECIAL_TOKENS)} special tokens)"
+        )
+    if vocab_size > 2**32 - 1:
+        raise DataError(f"vocab_size {vocab_size} is too large (max {2**32 - 1})")
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+
+    def pieces():
+        for t in texts:
+            yield from split_exact(t)
+
+    tok.train_from_iterator(pieces(), trainer=trainer)
+    out = Tokenizer(tok)
+    got = [out._ids[t] for t in SPECIAL_TOKENS]
+    assert got == list(range(len(SPECIAL_TOKENS))), f"special token ids {got}"
+    return out
+

@@ -1,0 +1,462 @@
+import json
+import math
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from slmlab import data as D
+from slmlab.data import (
+    DataBundle,
+    bits_per_byte,
+    check_sizes,
+    get_batch,
+    iter_eval_batches,
+    list_stdlib_files,
+    parse_hf_spec,
+    prepare_data,
+    stdlib_split,
+)
+from slmlab.errors import DataError
+from slmlab.tokenizer import MIN_VOCAB_SIZE, Tokenizer, split_exact, train_tokenizer
+
+SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared/data/tinyshakespeare.txt"
+
+UNICODE_SAMPLES = [
+    "Hello, world!",
+    "héllo wörld — ñandú, Ελληνικά, русский, 中文字符, 日本語のテキスト, 한국어",
+    "emoji 🌍🚀👨‍👩‍👧‍👦 🏳️‍🌈 and flags 🇫🇷",
+    "def f(x):\n\tif x:\n\t\treturn x  # tab\n    else:\n        return None\n\n\n",
+    "  leading spaces and trailing   \n",
+    "\r\n windows line\r\nendings\x00\x07\x7f",
+    "<|eos|> literal special strings <|bos|><|mask|>",
+    "",
+    "a",
+    "\U0010ffff\ufeff\u200b",
+]
+
+
+def _corpus_text() -> str:
+    if SHAKESPEARE.is_file():
+        return SHAKESPEARE.read_text(encoding="utf-8")[:200_000]
+    rng = np.random.default_rng(0)
+    words = ["the", "king", "queen", "of", "and", "to", "my", "lord", "thou", "art", "def", "return", "x", "=", "1"]
+    lines = [" ".join(rng.choice(words, size=12)) for _ in range(6000)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def corpus() -> str:
+    return _corpus_text()
+
+
+@pytest.fixture(scope="module")
+def tok(corpus) -> Tokenizer:
+    return train_tokenizer([corpus], 1024)
+
+
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory, corpus):
+    """A directory of several text-ish files."""
+    d = tmp_path_factory.mktemp("corpus_dir")
+    step = len(corpus) // 8
+    for i in range(8):
+        ext = ".txt" if i % 2 == 0 else ".md"
+        (d / f"part{i}{ext}").write_text(corpus[i * step:(i + 1) * step], encoding="utf-8")
+    (d / "ignored.bin").write_bytes(b"\x00\x01")
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", UNICODE_SAMPLES)
+def test_round_trip_unicode(tok, text):
+    ids = tok.encode(text)
+    assert all(isinstance(i, int) for i in ids)
+    assert tok.decode(ids) == text
+
+
+def test_round_trip_random_bytes(tok):
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        cps = rng.integers(0, 0x2FFFF, size=200)
+        s = "".join(chr(c) for c in cps if not 0xD800 <= c <= 0xDFFF)
+        assert tok.decode(tok.encode(s)) == s
+
+
+def test_special_ids_and_vocab(tok):
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.mask_id) == (0, 1, 2, 3)
+    assert tok.vocab_size == 1024
+    assert tok.decode([tok.eos_id]) == "<|eos|>"
+    # special strings in the text are plain text, never special ids
+    assert not set(tok.encode("<|eos|><|mask|>")) & {0, 1, 2, 3}
+    assert tok.encode_batch(["ab", "cd"]) == [tok.encode("ab"), tok.encode("cd")]
+
+
+def test_vocab_too_small():
+    with pytest.raises(DataError, match=str(MIN_VOCAB_SIZE)):
+        train_tokenizer(["hello world"], 200)
+    # the minimum itself works: bytes + specials, no merges
+    t = train_tokenizer(["hello world"], MIN_VOCAB_SIZE)
+    assert t.vocab_size == MIN_VOCAB_SIZE
+    assert t.decode(t.encode("héllo 🌍")) == "héllo 🌍"
+
+
+def test_tokenizer_deterministic(corpus):
+    a = train_tokenizer([corpus[:50_000]], 600)
+    b = train_tokenizer([corpus[:50_000]], 600)
+    assert a.to_json() == b.to_json()
+
+
+def test_split_exact_preserves_tokenization(tok, corpus):
+    text = corpus[:60_000] + "\n  indented\n\tx\n\ny\n" + corpus[60_000:90_000]
+    pieces = list(split_exact(text, 1000))
+    assert len(pieces) > 10 and "".join(pieces) == text
+    assert [i for ids in tok.encode_batch(pieces) for i in ids] == tok.encode(text)
+
+
+def test_save_load(tmp_path, tok):
+    p = tok.save(tmp_path / "tokenizer.json")
+    json.loads(p.read_text())  # one plain JSON file
+    t2 = Tokenizer.load(p)
+    assert t2.to_json() == tok.to_json()
+    assert Tokenizer.load(tmp_path).vocab_size == tok.vocab_size  # directory works too
+    s = UNICODE_SAMPLES[2]
+    assert t2.encode(s) == tok.encode(s)
+    with pytest.raises(DataError, match="not found"):
+        Tokenizer.load(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(DataError, match="bad.json"):
+        Tokenizer.load(bad)
+
+
+def test_transformers_compat(tmp_path, tok):
+    tr = pytest.importorskip("transformers")
+    p = tok.save(tmp_path / "tokenizer.json")
+    fast = tr.PreTrainedTokenizerFast(tokenizer_file=str(p))
+    assert fast.encode("hello world", add_special_tokens=False) == tok.encode("hello world")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Specs and preparation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_stdlib_listing_and_split():
+    files = list_stdlib_files()
+    assert len(files) > 100 and files == sorted(files)
+    for f in files:
+        parts = f.split("/")
+        assert f.endswith(".py")
+        assert not {"test", "tests", "idle_test", "site-packages", "__pycache__"} & set(parts[:-1]), f
+    train, val = stdlib_split()
+    assert (train, val) == stdlib_split()
+    assert val and train and not set(train) & set(val) and set(train) | set(val) == set(files)
+    root = D.stdlib_root()
+    assert sum((root / p).stat().st_size for p in val) >= 200_000
+
+
+def _prep(spec, cache, **kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("quiet", True)
+    return prepare_data(str(spec), kw.pop("vocab_size", 512), cache, **kw)
+
+
+def test_prepare_txt_and_cache(tmp_path, corpus, monkeypatch):
+    f = tmp_path / "shakes.txt"
+    f.write_text(corpus, encoding="utf-8")
+    cache = tmp_path / "cache"
+    b = _prep(f, cache, val_frac=0.1)
+    assert isinstance(b, DataBundle) and not b.cached
+    assert isinstance(b.train, np.memmap) and isinstance(b.val, np.memmap)
+    assert b.train.dtype == np.uint16 and b.manifest["dtype"] == "uint16"
+    assert b.tokenizer.vocab_size == 512
+    assert b.train.max() < 512
+    m = b.manifest
+    for k in ("spec", "vocab_size", "dtype", "n_train_tokens", "n_val_tokens", "val_bytes", "gzip_bpb", "xz_bpb",
+              "fingerprint"):
+        assert k in m
+    assert m["n_train_tokens"] == len(b.train) and m["n_val_tokens"] == len(b.val)
+    # one document each side, EOS-terminated, val is the tail of the file cut at a newline
+    assert b.train[-1] == b.tokenizer.eos_id and b.val[-1] == b.tokenizer.eos_id
+    val_text = b.tokenizer.decode(b.val[:-1])
+    assert corpus.endswith(val_text) and corpus[: len(corpus) - len(val_text)].endswith("\n")
+    assert b.val_bytes == len(val_text.encode())
+    assert abs(b.val_bytes / len(corpus.encode()) - 0.1) < 0.02
+    assert b.bytes_per_token == pytest.approx(b.val_bytes / len(b.val))
+    assert 0 < b.gzip_bpb < 8 and 0 < b.xz_bpb < 8
+    assert b.path.parent == cache and not list(cache.glob(".tmp-*"))
+
+    # second call: served from the cache, tokenizer never retrained, nothing retokenized
+    def boom(*a, **k):
+        raise AssertionError("should be cached")
+
+    monkeypatch.setattr(D, "train_tokenizer", boom)
+    monkeypatch.setattr(D, "_tokenize_to_file", boom)
+    b2 = _prep(f, cache, val_frac=0.1)
+    assert b2.cached and b2.path == b.path
+    assert np.array_equal(b2.train, b.train) and np.array_equal(b2.val, b.val)
+    monkeypatch.undo()
+
+    # a changed source invalidates the cache
+    f.write_text(corpus + "more text\n", encoding="utf-8")
+    b3 = _prep(f, cache, val_frac=0.1)
+    assert b3.path != b.path and not b3.cached
+
+
+def test_token_files_deterministic(tmp_path, small_dir, capsys):
+    a = prepare_data(str(small_dir), 700, tmp_path / "c1", val_frac=0.2, progress=False)
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1].startswith("data: ")
+    b = prepare_data(str(small_dir), 700, tmp_path / "c2", val_frac=0.2, progress=False, quiet=True)
+    for name in ("train.bin", "val.bin", "tokenizer.json"):
+        assert (a.path / name).read_bytes() == (b.path / name).read_bytes(), name
+    assert a.path.name == b.path.name  # cache key does not depend on cache location
+
+
+def test_dir_spec_splits_by_file(tmp_path, small_dir):
+    b = _prep(small_dir, tmp_path / "c", val_frac=0.2)
+    assert b.manifest["n_train_docs"] + b.manifest["n_val_docs"] == 8
+    assert 1 <= b.manifest["n_val_docs"] <= 3
+    # documents are EOS separated
+    assert int((np.asarray(b.train) == b.tokenizer.eos_id).sum()) == b.manifest["n_train_docs"]
+
+
+def test_md_and_single_file_dir(tmp_path, corpus):
+    d = tmp_path / "one"
+    d.mkdir()
+    (d / "notes.md").write_text(corpus[:80_000], encoding="utf-8")
+    b = _prep(d, tmp_path / "c", val_frac=0.1)
+    assert b.manifest["n_train_docs"] == 1 and b.manifest["n_val_docs"] == 1
+    b2 = _prep(d / "notes.md", tmp_path / "c", val_frac=0.1)
+    assert np.array_equal(b.val, b2.val)
+
+
+def test_jsonl_spec(tmp_path, corpus):
+    f = tmp_path / "docs.jsonl"
+    paras = [p for p in corpus[:100_000].split("\n\n") if p.strip()]
+    with open(f, "w", encoding="utf-8") as fh:
+        for p in paras:
+            fh.write(json.dumps({"text": p, "id": 1}) + "\n")
+        fh.write("\n")  # blank lines are ignored
+    b = _prep(f, tmp_path / "c", val_frac=0.05)
+    n_val = max(1, round(len(paras) * 0.05))
+    assert b.manifest["n_val_docs"] == n_val and b.manifest["n_train_docs"] == len(paras) - n_val
+    assert b.val_bytes == sum(len(p.encode()) for p in paras[-n_val:])
+    # decoding the val split gives the last documents back, EOS separated
+    assert b.tokenizer.decode(b.val) == "".join(p + "<|eos|>" for p in paras[-n_val:])
+
+
+def test_jsonl_bad_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"text": "ok"}\n{"txt": "no"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2"):
+        _prep(f, tmp_path / "c")
+    f.write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2"):
+        _prep(f, tmp_path / "c")
+
+
+def test_parquet_without_pyarrow(tmp_path, monkeypatch):
+    f = tmp_path / "x.parquet"
+    f.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(DataError, match="pyarrow"):
+        _prep(f, tmp_path / "c")
+
+
+def test_missing_and_unsupported_and_empty(tmp_path):
+    with pytest.raises(DataError, match="data path not found"):
+        _prep(tmp_path / "nope.txt", tmp_path / "c")
+    f = tmp_path / "x.csv"
+    f.write_text("a,b\n")
+    with pytest.raises(DataError, match="unsupported"):
+        _prep(f, tmp_path / "c")
+    e = tmp_path / "empty.txt"
+    e.write_text("")
+    with pytest.raises(DataError, match="empty corpus"):
+        _prep(e, tmp_path / "c")
+    d = tmp_path / "emptydir"
+    d.mkdir()
+    with pytest.raises(DataError, match="empty corpus"):
+        _prep(d, tmp_path / "c")
+    with pytest.raises(DataError, match="val_frac"):
+        _prep(tmp_path / "x.csv", tmp_path / "c", val_frac=0)
+    with pytest.raises(DataError, match="260"):
+        _prep(tmp_path / "x.csv", tmp_path / "c", vocab_size=100)
+
+
+def test_check_sizes(tmp_path, corpus):
+    f = tmp_path / "small.txt"
+    f.write_text(corpus[:20_000], encoding="utf-8")
+    b = _prep(f, tmp_path / "c", val_frac=0.05)
+    check_sizes(b, 64, 8)
+    with pytest.raises(DataError, match=r"validation split .* has \d+ tokens .* needs at least"):
+        check_sizes(b, len(b.val), 8)
+    with pytest.raises(DataError, match="train split"):
+        check_sizes(b, len(b.train) + 5, 8)
+
+
+def test_atomic_write_leaves_no_partial_cache(tmp_path, corpus, monkeypatch):
+    f = tmp_path / "t.txt"
+    f.write_text(corpus[:30_000], encoding="utf-8")
+    cache = tmp_path / "c"
+    real = D._tokenize_to_file
+    calls = []
+
+    def fail_on_val(tok, docs, path, *a, **k):
+        calls.append(path.name)
+        if path.name == "val.bin":
+            raise KeyboardInterrupt
+        return real(tok, docs, path, *a, **k)
+
+    monkeypatch.setattr(D, "_tokenize_to_file", fail_on_val)
+    with pytest.raises(KeyboardInterrupt):
+        _prep(f, cache)
+    assert list(cache.iterdir()) == []
+    monkeypatch.undo()
+    b = _prep(f, cache)
+    assert not b.cached and len(b.val) > 0
+
+
+def test_given_tokenizer(tmp_path, tok, corpus):
+    f = tmp_path / "t.txt"
+    f.write_text(corpus[:40_000], encoding="utf-8")
+    b = _prep(f, tmp_path / "c", tokenizer=tok)
+    assert b.tokenizer.to_json() == tok.to_json() and b.manifest["tokenizer_trained"] is False
+    val_text = corpus[:40_000][len(corpus[:40_000]) - b.val_bytes:]
+    assert val_text.encode() and len(val_text.encode()) == b.val_bytes  # ascii corpus: bytes == chars
+    assert np.asarray(b.val).tolist() == tok.encode(val_text) + [tok.eos_id]
+
+
+def test_tokenizer_train_cap(tmp_path, small_dir):
+    a = _prep(small_dir, tmp_path / "c1", vocab_size=400, tokenizer_train_bytes=20_000)
+    b = _prep(small_dir, tmp_path / "c2", vocab_size=400, tokenizer_train_bytes=20_000)
+    full = _prep(small_dir, tmp_path / "c1", vocab_size=400)
+    assert a.tokenizer.to_json() == b.tokenizer.to_json() != full.tokenizer.to_json()
+    assert a.path != full.path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hf: specs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_parse_hf_spec():
+    assert parse_hf_spec("hf:roneneldan/TinyStories") == D.HFSpec("roneneldan/TinyStories", None, "train")
+    assert parse_hf_spec("hf:wikitext:wikitext-2-raw-v1@validation") == D.HFSpec(
+        "wikitext", "wikitext-2-raw-v1", "validation")
+    assert parse_hf_spec("hf:a/b@train[:10%]").split == "train[:10%]"
+    for bad in ["hf:", "hf:@train", "hf:name@", "hf:name:", "hf:name:@x", "hf:a@b@c", "hf:a b", "hf:/x", "hf:a//b",
+                "hf:a/b/c"]:
+        with pytest.raises(DataError, match="malformed|hf:NAME"):
+            parse_hf_spec(bad)
+
+
+def test_hf_fake_datasets(tmp_path, monkeypatch):
+    seen = {}
+
+    class FakeDS:
+        column_names = ["text", "meta"]
+        _fingerprint = "abc123"
+
+        def __init__(self, texts):
+            self._texts = texts
+
+        def __getitem__(self, key):
+            assert key == "text"
+            return list(self._texts)
+
+    texts = [f"story {i}: once upon a time there was a tiny model number {i}.\n" * 3 for i in range(200)]
+    texts[5] = ""  # empty documents are dropped
+
+    def load_dataset(name, config=None, split=None):
+        seen.update(name=name, config=config, split=split)
+        if name == "missing/ds":
+            raise FileNotFoundError("Dataset 'missing/ds' doesn't exist on the Hub")
+        if name == "notext/ds":
+            ds = FakeDS([])
+            ds.column_names = ["content"]
+            return ds
+        return FakeDS(texts)
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    b = _prep("hf:fake/stories:cfg@train", tmp_path / "c", val_frac=0.1, vocab_size=300)
+    assert seen == {"name": "fake/stories", "config": "cfg", "split": "train"}
+    assert b.manifest["n_train_docs"] == 179 and b.manifest["n_val_docs"] == 20
+    assert b.tokenizer.decode(b.val).startswith(texts[180])
+    assert _prep("hf:fake/stories:cfg@train", tmp_path / "c", val_frac=0.1, vocab_size=300).cached
+    with pytest.raises(DataError, match="could not load"):
+        _prep("hf:missing/ds", tmp_path / "c")
+    with pytest.raises(DataError, match="no 'text' column"):
+        _prep("hf:notext/ds", tmp_path / "c")
+
+
+def test_hf_without_datasets(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(DataError, match="needs the `datasets` package"):
+        _prep("hf:roneneldan/TinyStories", tmp_path / "c")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batching and metrics
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_get_batch():
+    tokens = np.arange(1000, dtype=np.uint16)
+    g = torch.Generator().manual_seed(0)
+    x, y = get_batch(tokens, 4, 16, g, "cpu")
+    assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y, x + 1)
+    # reproducible from a seed, resumable from a saved generator state
+    x2, _ = get_batch(tokens, 4, 16, torch.Generator().manual_seed(0))
+    assert torch.equal(x, x2)
+    state = g.get_state()
+    xa, _ = get_batch(tokens, 4, 16, g)
+    g2 = torch.Generator()
+    g2.set_state(state)
+    xb, _ = get_batch(tokens, 4, 16, g2)
+    assert torch.equal(xa, xb) and not torch.equal(xa, x)
+    # windows can reach the end of the split but never past it
+    x, y = get_batch(np.arange(17, dtype=np.uint16), 8, 16, g)
+    assert torch.equal(x[0], torch.arange(16)) and int(y.max()) == 16
+    with pytest.raises(DataError):
+        get_batch(np.arange(16, dtype=np.uint16), 1, 16, g)
+
+
+def test_iter_eval_batches():
+    tokens = np.arange(103, dtype=np.uint32)
+    batches = list(iter_eval_batches(tokens, 3, 10))
+    assert [tuple(x.shape) for x, _ in batches] == [(3, 10), (3, 10), (3, 10), (1, 10)]
+    ys = torch.cat([y for _, y in batches]).flatten()
+    assert torch.equal(ys, torch.arange(1, 101))  # every predicted token once, in order
+    for x, y in batches:
+        assert torch.equal(y, x + 1) and x.dtype == torch.int64
+    again = list(iter_eval_batches(tokens, 3, 10))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
+    limited = list(iter_eval_batches(tokens, 3, 10, max_tokens=45))
+    assert sum(x.shape[0] for x, _ in limited) == 4
+    assert list(iter_eval_batches(np.arange(5, dtype=np.uint16), 2, 10)) == []
+
+
+def test_bits_per_byte():
+    assert bits_per_byte(math.log(2), 1.0) == pytest.approx(1.0)
+    assert bits_per_byte(2.0, 4.0) == pytest.approx(2.0 / (math.log(2) * 4.0))
+
+
+def test_compression_bpb_sane():
+    text = ("the quick brown fox jumps over the lazy dog. " * 50 + "".join(chr(33 + i % 90) for i in range(3000)))
+    gz, xz = D.compression_bpb(text.encode())
+    assert 0 < gz < 8 and 0 < xz < 8
+    rnd = np.random.default_rng(0).bytes(20_000)
+    gz, xz = D.compression_bpb(rnd)
+    assert 7.9 < gz < 8.2 and 7.9 < xz < 8.2
