@@ -99,6 +99,18 @@ class LM(nn.Module):
         logits = self.lm_head(x).float()
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
+    # ---- hooks the trainer uses, so objectives other than next-token prediction plug in ----
+    nll_is_bound = False  # True when token_nll is an upper bound (e.g. a diffusion ELBO)
+
+    def token_nll(self, idx, targets, generator=None):
+        """Per-token negative log-likelihood in nats, [B, T], for evaluation and bits-per-byte."""
+        logits = self(idx).float()
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+    def extra_metrics(self) -> dict:
+        """Model-specific numbers logged at each eval (e.g. spike rates); empty by default."""
+        return {}
+
     def init_state(self, batch_size: int, device=None, dtype=torch.float32):
         device = device or self.embed.weight.device
         return [layer.mixer.init_state(batch_size, device, dtype) for layer in self.layers]

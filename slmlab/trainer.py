@@ -58,10 +58,12 @@ def make_optimizer(model, cfg: RunConfig):
 def token_byte_lengths(tok) -> torch.Tensor:
     """UTF-8 bytes each token id stands for (special tokens: 0). With byte-level BPE every
     character of a vocabulary string is one byte, so bpb over any token subset is exact."""
-    lengths = torch.zeros(tok.vocab_size, dtype=torch.float64)
-    specials = set(tok.special_ids)
-    for s, i in tok.vocab().items():
-        if i < tok.vocab_size and i not in specials:
+    from .tokenizer import SPECIAL_TOKENS
+
+    vocab = tok.hf.get_vocab()
+    lengths = torch.zeros(max(vocab.values()) + 1, dtype=torch.float64)
+    for s, i in vocab.items():
+        if s not in SPECIAL_TOKENS:
             lengths[i] = len(s)
     return lengths
 
@@ -73,18 +75,21 @@ def evaluate(model, tokens, cfg: RunConfig, device, byte_lengths, max_tokens=Non
     was_training = model.training
     model.eval()
     nll, n_tok, n_bytes = 0.0, 0, 0.0
+    gen = torch.Generator(device=device).manual_seed(0)  # stochastic estimators (diffusion ELBO) repeat exactly
     for x, y in data_mod.iter_eval_batches(tokens, cfg.train.batch_size, cfg.train.seq_len, max_tokens):
         x, y = x.to(device), y.to(device)
         with autocast(device):
-            logits = model(x)
-        losses = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+            losses = model.token_nll(x, y, generator=gen)
         nll += losses.double().sum().item()
         n_tok += y.numel()
         n_bytes += byte_lengths[y.flatten().cpu()].sum().item()
     model.train(was_training)
     if n_tok == 0:
         return {}
-    return {"val_loss": nll / n_tok, "val_bpb": nll / math.log(2) / max(n_bytes, 1.0), "val_tokens": n_tok}
+    out = {"val_loss": nll / n_tok, "val_bpb": nll / math.log(2) / max(n_bytes, 1.0), "val_tokens": n_tok}
+    if model.nll_is_bound:
+        out["val_bpb_is_bound"] = True
+    return {**out, **model.extra_metrics()}
 
 
 def autocast(device):
@@ -151,6 +156,8 @@ def train(cfg: RunConfig, out: Path, force: bool = False) -> dict:
                                    val_frac=cfg.data.val_frac, progress=cfg.logging.progress)
     data_mod.check_sizes(bundle, t.seq_len, t.batch_size)
     tok = bundle.tokenizer
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
     byte_lengths = token_byte_lengths(tok)
     print(f"baselines on validation ({bundle.val_bytes:,} bytes): gzip -9 {bundle.gzip_bpb:.3f} bpb, "
           f"xz -9 {bundle.xz_bpb:.3f} bpb")
