@@ -27,7 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None, help="(= train.seed)")
     p.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. model.d_model=128")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # lets overrides and flags mix in any order
 
 
 def main(argv=None):

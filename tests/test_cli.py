@@ -1,0 +1,111 @@
+"""train.py / sample.py from the outside: bad input is one line on stderr, exit 2, nothing overwritten;
+a tiny run trains (loss goes down), writes its run directory and samples."""
+import json
+from pathlib import Path
+
+import pytest
+
+import sample
+import train
+from slmlab.cli import run_cli
+
+SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared/data/tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    if SHAKESPEARE.exists():
+        text = SHAKESPEARE.read_text()[:200_000]
+    else:
+        text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 17}\n" for i in range(5000))
+    p = d / "corpus.txt"
+    p.write_text(text)
+    return p
+
+
+TINY = ["model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1", "model.n_layers=3", "model.vocab_size=300",
+        "train.batch_size=4", "train.seq_len=32", "train.eval_every=10", "train.eval_tokens=1024",
+        "train.warmup_steps=2", "train.sample_tokens=8", "logging.progress=false"]
+
+
+def run_train(tmp_path, corpus, *extra, steps=4, out=None):
+    out = out or tmp_path / "run"
+    argv = ["--data", str(corpus), "--out", str(out), "--steps", str(steps), "--device", "cpu",
+            f"data.cache_dir={tmp_path / 'cache'}", *TINY, *extra]
+    return run_cli(train.main, argv), out
+
+
+def _one_line_error(capsys, needle):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: "), err
+    assert len(err.splitlines()) == 1, err
+    assert needle in err, err
+
+
+def test_tiny_run_trains_and_writes_run_dir(tmp_path, corpus, capsys):
+    rc, out = run_train(tmp_path, corpus, "--arch", "hybrid", "optim.lr=0.01", steps=40)
+    assert rc == 0
+    for name in ("config.yaml", "tokenizer.json", "model.safetensors", "metrics.jsonl", "summary.json",
+                 "sample.txt"):
+        assert (out / name).exists(), name
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if "loss" in r]
+    assert losses[-1] < losses[0] - 0.5, losses  # it learns
+    final = [r for r in recs if r.get("final")][0]
+    assert 0 < final["val_bpb"] < 8
+    # sample.py reads the run back and greedy decoding is deterministic
+    capsys.readouterr()
+    assert run_cli(sample.main, ["--run", str(out), "--prompt", "the", "--max-new-tokens", "12",
+                                 "--temperature", "0", "--device", "cpu"]) == 0
+    a = capsys.readouterr().out
+    assert run_cli(sample.main, ["--run", str(out), "--prompt", "the", "--max-new-tokens", "12",
+                                 "--temperature", "0", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == a and a.startswith("the")
+
+
+@pytest.mark.parametrize("layers", ["CCA", "conv,attn,attn", "A"])
+def test_layers_flag_forms(tmp_path, corpus, layers):
+    rc, out = run_train(tmp_path, corpus, "--arch", "transformer", "--layers", layers, steps=2)
+    assert rc == 0
+    assert "layers" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--arch", "nope"], "unknown --arch 'nope'"),
+    (["--layers", "CCZ"], "unknown block 'Z'"),
+    (["model.d_model=30", "model.n_heads=4"], "not divisible by model.n_heads"),
+    (["model.n_heads=4", "model.n_kv_heads=3"], "not divisible by model.n_kv_heads"),
+    (["model.window=0"], "model.window must be > 0"),
+    (["model.d_model=abc"], "model.d_model expects an integer, got 'abc'"),
+    (["model.d_modle=64"], "did you mean model.d_model"),
+    (["model.vocab_size=100"], "vocab"),
+    (["train.seq_len=100000"], "seq_len"),
+    (["nonsense"], "not of the form section.key=value"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, corpus, capsys, args, needle):
+    rc, out = run_train(tmp_path, corpus, *args, steps=1)
+    assert rc == 2
+    _one_line_error(capsys, needle)
+
+
+def test_missing_data_path(tmp_path, capsys):
+    rc, _ = run_train(tmp_path, tmp_path / "no_such_file.txt", steps=1)
+    assert rc == 2
+    _one_line_error(capsys, "no_such_file.txt")
+
+
+def test_existing_run_is_not_overwritten(tmp_path, corpus, capsys):
+    rc, out = run_train(tmp_path, corpus, steps=2)
+    assert rc == 0
+    before = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    rc, _ = run_train(tmp_path, corpus, steps=2, out=out)
+    assert rc == 2
+    _one_line_error(capsys, "--force")
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_sample_bad_run_dir(tmp_path, capsys):
+    assert run_cli(sample.main, ["--run", str(tmp_path / "nope")]) == 2
+    _one_line_error(capsys, "nope")
