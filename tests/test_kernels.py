@@ -1,0 +1,145 @@
+"""Triton kernels vs the pure-PyTorch references, run under the Triton interpreter on CPU.
+
+The interpreter is ~1000x slower than a GPU, so shapes are tiny; tile sizes are shrunk where a test
+needs several blocks (band skipping, state hand-off between time blocks). References run in float64
+so the tolerance measures the kernel's own fp32 rounding, not the reference's.
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import kernels  # noqa: E402
+from kernels import _common  # noqa: E402
+from kernels import conv as conv_mod  # noqa: E402
+from kernels.conv import causal_conv1d  # noqa: E402
+from kernels.reference import causal_conv1d_ref  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _nan_fill(monkeypatch):
+    # Every kernel-written buffer starts as NaN, so an element a kernel forgot to write fails loudly.
+    monkeypatch.setattr(_common, "FILL_NAN_FOR_TESTS", True)
+
+
+def _max_err(a, b):
+    if a.numel() == 0:
+        return 0.0
+    return (a.double() - b.double()).abs().max().item()
+
+
+# ----------------------------------------------------------------------------- conv
+
+def _conv_case(B, T, D, K, with_bias, with_state, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, D, generator=g)
+    w = torch.randn(D, K, generator=g)
+    b = torch.randn(D, generator=g) if with_bias else None
+    s = torch.randn(B, D, K - 1, generator=g) if with_state else None
+    return x, w, b, s
+
+
+def _conv_run(fn, x, w, b, s, dout, dstate_out, dtype):
+    ins = [t.to(dtype).requires_grad_() if t is not None else None for t in (x, w, b, s)]
+    out, final = fn(*ins, return_final_state=True)
+    live = [t for t in ins if t is not None]
+    loss = (out * dout.to(dtype)).sum() + (final * dstate_out.to(dtype)).sum()
+    grads = torch.autograd.grad(loss, live)
+    return out, final, grads
+
+
+@pytest.mark.parametrize("T", [1, 7, 63])
+@pytest.mark.parametrize("K", [2, 3, 4])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_conv_matches_reference_fp32(T, K, with_bias, with_state):
+    B, D = 2, 20  # D not a power of two: exercises the channel mask
+    x, w, b, s = _conv_case(B, T, D, K, with_bias, with_state)
+    g = torch.Generator().manual_seed(1)
+    dout = torch.randn(B, T, D, generator=g)
+    dfinal = torch.randn(B, D, K - 1, generator=g)
+
+    out, final, grads = _conv_run(causal_conv1d, x, w, b, s, dout, dfinal, torch.float32)
+    r_out, r_final, r_grads = _conv_run(causal_conv1d_ref, x, w, b, s, dout, dfinal, torch.float64)
+
+    assert out.dtype == torch.float32 and out.shape == (B, T, D)
+    assert final.shape == (B, D, K - 1)
+    assert _max_err(out, r_out) <= 1e-5
+    assert _max_err(final, r_final) <= 1e-5
+    names = [n for n, t in zip(("x", "weight", "bias", "initial_state"), (x, w, b, s)) if t is not None]
+    for name, got, ref in zip(names, grads, r_grads):
+        assert not torch.isnan(got).any(), f"d{name} has unwritten (NaN) elements"
+        assert _max_err(got, ref) <= 1e-5, f"d{name}: max err {_max_err(got, ref):.2e}"
+
+
+def test_conv_many_time_and_channel_blocks(monkeypatch):
+    # Small tiles: taps and the state must cross time-block boundaries; partial dw sums over blocks.
+    monkeypatch.setattr(conv_mod, "_blocks", lambda T, D: (8, 16))
+    B, T, D, K = 2, 29, 40, 4
+    x, w, b, s = _conv_case(B, T, D, K, True, True, seed=3)
+    dout = torch.randn(B, T, D)
+    dfinal = torch.randn(B, D, K - 1)
+    out, final, grads = _conv_run(causal_conv1d, x, w, b, s, dout, dfinal, torch.float32)
+    r_out, r_final, r_grads = _conv_run(causal_conv1d_ref, x, w, b, s, dout, dfinal, torch.float64)
+    assert _max_err(out, r_out) <= 1e-5
+    for got, ref in zip(grads, r_grads):
+        assert _max_err(got, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("split", [1, 2, 9])
+def test_conv_state_chaining(split):
+    # Running [0, split) then [split, T) through final_state must equal one call over [0, T).
+    B, T, D, K = 2, 12, 8, 4
+    x, w, b, s = _conv_case(B, T, D, K, True, True, seed=5)
+    full, full_state = causal_conv1d(x, w, b, s, return_final_state=True)
+    first, mid_state = causal_conv1d(x[:, :split], w, b, s, return_final_state=True)
+    second, end_state = causal_conv1d(x[:, split:], w, b, mid_state, return_final_state=True)
+    assert _max_err(torch.cat([first, second], 1), full) <= 1e-6
+    assert _max_err(end_state, full_state) == 0.0
+
+
+def test_conv_return_final_state_off_and_k1():
+    x, w, b, _ = _conv_case(1, 5, 4, 1, True, False)
+    out = causal_conv1d(x, w, b)
+    assert torch.is_tensor(out)
+    assert _max_err(out, causal_conv1d_ref(x, w, b)) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_conv_half_precision(dtype):
+    B, T, D, K = 2, 17, 24, 4
+    x, w, b, s = _conv_case(B, T, D, K, True, True, seed=7)
+    dout = torch.randn(B, T, D)
+    dfinal = torch.randn(B, D, K - 1)
+    out, final, grads = _conv_run(causal_conv1d, x, w, b, s, dout, dfinal, dtype)
+    r_out, r_final, r_grads = _conv_run(causal_conv1d_ref, x, w, b, s, dout, dfinal, torch.float64)
+    assert out.dtype == dtype and final.dtype == dtype
+    scale = r_out.abs().max().item()
+    assert _max_err(out, r_out) <= 2e-2 * scale
+    for got, ref in zip(grads, r_grads):
+        assert got.dtype == dtype
+        assert _max_err(got, ref) <= 3e-2 * ref.abs().max().item()
+
+
+def test_conv_bad_inputs():
+    x, w, b, s = _conv_case(2, 5, 4, 3, True, True)
+    with pytest.raises(ValueError):
+        causal_conv1d(x, w[:3], b)
+    with pytest.raises(ValueError):
+        causal_conv1d(x, w, b, s[:, :, :1])
+    with pytest.raises(ValueError):
+        causal_conv1d(x[0], w, b)
+
+
+def test_conv_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    x, w, b, s = _conv_case(1, 3, 4, 2, True, False)
+    with pytest.raises(RuntimeError, match="CUDA or TRITON_INTERPRET=1"):
+        causal_conv1d(x, w, b)
+
+
+def test_conv_dispatch_backends():
+    x, w, b, s = _conv_case(1, 6, 4, 3, True, True)
+    ref = kernels.conv1d_op(x, w, b, s, backend="torch")
+    got = kernels.conv1d_op(x, w, b, s, backend="triton")
+    assert _max_err(got, ref) <= 1e-5
