@@ -268,3 +268,38 @@ def test_attention_dispatch_backends():
     # decode (Tq < Tk) is always served by the reference, even when Triton is asked for
     dec = kernels.attention_op(q[:, :, -1:], k, v, window=2, backend="triton")
     assert _max_err(dec, ref[:, :, -1:]) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- bench
+
+def test_bench_without_gpu_exits_cleanly(capsys, monkeypatch):
+    from kernels import bench
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main([]) == 0
+    assert "no CUDA GPU: nothing to benchmark" in capsys.readouterr().out
+
+
+def test_bench_gpu_branch_smoke_on_cpu(capsys, monkeypatch):
+    # Runs the CUDA code path's Python (parity checks, tables) on CPU with a wall-clock timer.
+    import time
+    import types
+
+    from kernels import bench
+
+    def wall_ms(fn, warmup, iters):
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    monkeypatch.setattr(bench, "_DEVICE", "cpu")
+    monkeypatch.setattr(bench, "_time_ms", wall_ms)
+    monkeypatch.setattr(bench, "ATTN_SEQS_QUICK", [40])
+    monkeypatch.setattr(bench, "ATTN_WINDOWS_QUICK", [8, None])
+    monkeypatch.setattr(bench, "ATTN_HEAD_DIMS_QUICK", [16])
+    monkeypatch.setattr(bench, "CONV_SHAPES_QUICK", [(24, 16)])
+    args = types.SimpleNamespace(quick=True, batch=1, warmup=0, iters=1, no_flex=True, only=None)
+    bench.bench_attention(args)
+    bench.bench_conv(args)
+    out = capsys.readouterr().out
+    assert "PARITY FAILED" not in out and "vs ref" in out
