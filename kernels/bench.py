@@ -1,0 +1,247 @@
+"""Benchmark the Triton kernels against the references and the usual PyTorch alternatives.
+
+    python -m kernels.bench            # full sweep (CUDA only)
+    python -m kernels.bench --quick    # a few shapes
+
+bf16 throughout. Attention: our kernel, `attention_ref`, SDPA with a dense band mask, and
+flex_attention with a block mask, forward and forward+backward. Conv: ours, `causal_conv1d_ref`, and
+the `causal_conv1d` package when importable. Every row checks parity against the reference first;
+a row that fails prints PARITY FAILED instead of speedups (a fast wrong kernel is not a speedup).
+Times are CUDA-event milliseconds per call after warmup.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from . import _common
+from .reference import attention_ref, band_mask, causal_conv1d_ref
+
+# bf16 parity: max |ours - ref| relative to max |ref|. bf16 has 8 mantissa bits (~4e-3); the
+# kernels round P and dS to bf16 before the dots, so allow a few ulps of the largest value.
+PARITY_RTOL = 2e-2
+
+# Sweeps (full, quick). Module-level so a smoke test can shrink them.
+ATTN_SEQS, ATTN_SEQS_QUICK = [256, 1024, 2048, 4096], [256, 1024]
+ATTN_WINDOWS, ATTN_WINDOWS_QUICK = [128, 256, None], [128, None]  # None = full causal
+ATTN_HEAD_DIMS, ATTN_HEAD_DIMS_QUICK = [64, 128], [64]
+CONV_SHAPES, CONV_SHAPES_QUICK = [(1024, 1024), (4096, 1024), (2048, 2048), (4096, 4096)], [(1024, 1024)]
+_DEVICE = "cuda"
+
+
+def _time_ms(fn, warmup, iters):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def _measure(fn, warmup, iters):
+    """ms per call, or a short reason string when the candidate cannot run this shape."""
+    try:
+        return _time_ms(fn, warmup, iters)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return "OOM"
+    except Exception as e:  # a baseline that does not support a shape must not kill the sweep
+        print(f"    ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})", flush=True)
+        return "error"
+
+
+def _rel_err(got, ref):
+    return ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+
+
+def _fmt(x):
+    return f"{x:9.3f}" if isinstance(x, float) else f"{x:>9}"
+
+
+def _ratio(base, ours):
+    return f"{base / ours:11.2f}x" if isinstance(base, float) and isinstance(ours, float) else f"{'-':>12}"
+
+
+def _fwd_bwd(fn, inputs, dout):
+    def run():
+        out = fn(*inputs)
+        torch.autograd.grad(out, inputs, dout)
+    return run
+
+
+# ----------------------------------------------------------------------------- attention
+
+def _flex_setup():
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    return create_block_mask, torch.compile(flex_attention, dynamic=False)
+
+
+def _attention_candidates(T, W, flex):
+    from .attention import attention
+
+    dense = band_mask(T, T, causal=True, window=W, device=_DEVICE)
+    cands = {
+        "triton": lambda q, k, v: attention(q, k, v, causal=True, window=W),
+        "ref": lambda q, k, v: attention_ref(q, k, v, causal=True, window=W),
+        "sdpa_band": lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=dense, enable_gqa=True),
+    }
+    if flex is not None:
+        create_block_mask, flex_attention = flex
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            keep = kv_idx <= q_idx
+            if W is not None:
+                keep = keep & (q_idx - kv_idx < W)
+            return keep
+
+        block_mask = create_block_mask(mask_mod, None, None, T, T, device=_DEVICE)
+        cands["flex"] = lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+    return cands
+
+
+def bench_attention(args):
+    from .attention import attention
+
+    B, Hq, Hkv = args.batch, 8, 2
+    seqs = ATTN_SEQS_QUICK if args.quick else ATTN_SEQS
+    windows = ATTN_WINDOWS_QUICK if args.quick else ATTN_WINDOWS
+    head_dims = ATTN_HEAD_DIMS_QUICK if args.quick else ATTN_HEAD_DIMS
+    flex = None if args.no_flex else _flex_setup()
+    names = ["triton", "ref", "sdpa_band"] + (["flex"] if flex is not None else [])
+
+    print(f"\nattention, bf16, causal, B={B} Hq={Hq} Hkv={Hkv}; ms per call (speedup = baseline / triton)")
+    header = f"{'T':>5} {'W':>5} {'hd':>4} {'pass':>8} " + " ".join(f"{n:>9}" for n in names)
+    header += " " + " ".join(f"{'vs ' + n:>12}" for n in names[1:])
+    print(header)
+    g = torch.Generator(device=_DEVICE).manual_seed(0)
+    for hd in head_dims:
+        for T in seqs:
+            for W in windows:
+                q = torch.randn(B, Hq, T, hd, device=_DEVICE, dtype=torch.bfloat16, generator=g)
+                k = torch.randn(B, Hkv, T, hd, device=_DEVICE, dtype=torch.bfloat16, generator=g)
+                v = torch.randn(B, Hkv, T, hd, device=_DEVICE, dtype=torch.bfloat16, generator=g)
+                do = torch.randn_like(q)
+                cands = _attention_candidates(T, W, flex)
+
+                # Parity of forward and all three gradients before any timing is reported.
+                qkv = [t.clone().requires_grad_() for t in (q, k, v)]
+                ref_out = attention_ref(*qkv, causal=True, window=W)
+                ref_grads = torch.autograd.grad(ref_out, qkv, do)
+                out = attention(*qkv, causal=True, window=W)
+                grads = torch.autograd.grad(out, qkv, do)
+                errs = [_rel_err(out, ref_out)] + [_rel_err(a, b) for a, b in zip(grads, ref_grads)]
+                ok = max(errs) <= PARITY_RTOL
+
+                for mode in ("fwd", "fwd+bwd"):
+                    times = {}
+                    for name, fn in cands.items():
+                        if mode == "fwd":
+                            with torch.no_grad():
+                                times[name] = _measure(lambda fn=fn: fn(q, k, v), args.warmup, args.iters)
+                        else:
+                            times[name] = _measure(_fwd_bwd(fn, qkv, do), args.warmup, args.iters)
+                    row = f"{T:5d} {W if W else 'full':>5} {hd:4d} {mode:>8} "
+                    row += " ".join(_fmt(times.get(n, "n/a")) for n in names)
+                    if ok:
+                        row += " " + " ".join(_ratio(times.get(n), times["triton"]) for n in names[1:])
+                    else:
+                        row += f"  PARITY FAILED (max rel err out/dq/dk/dv = {', '.join(f'{e:.2e}' for e in errs)})"
+                    print(row, flush=True)
+                del q, k, v, do, qkv, cands
+                torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- conv
+
+def _conv_package():
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except ImportError:
+        return None
+
+    def fn(x, w, b):
+        # The package takes [B, D, T]; a transposed channels-last tensor is its fast layout.
+        return causal_conv1d_fn(x.transpose(1, 2), w, b, activation=None).transpose(1, 2)
+    return fn
+
+
+def bench_conv(args):
+    from .conv import causal_conv1d
+
+    B, K = args.batch, 3
+    shapes = CONV_SHAPES_QUICK if args.quick else CONV_SHAPES
+    cands = {"triton": causal_conv1d, "ref": causal_conv1d_ref}
+    pkg = _conv_package()
+    if pkg is not None:
+        cands["pkg"] = pkg
+    names = list(cands)
+    print(f"\ncausal depthwise conv1d, bf16, B={B} K={K}; ms per call (speedup = baseline / triton)"
+          + ("" if pkg else "  [causal_conv1d package not installed]"))
+    print(f"{'T':>5} {'D':>5} {'pass':>8} " + " ".join(f"{n:>9}" for n in names) + " "
+          + " ".join(f"{'vs ' + n:>12}" for n in names[1:]))
+    g = torch.Generator(device=_DEVICE).manual_seed(0)
+    for T, D in shapes:
+        x = torch.randn(B, T, D, device=_DEVICE, dtype=torch.bfloat16, generator=g)
+        w = torch.randn(D, K, device=_DEVICE, dtype=torch.bfloat16, generator=g) * 0.5
+        b = torch.randn(D, device=_DEVICE, dtype=torch.bfloat16, generator=g)
+        do = torch.randn_like(x)
+        ins = [t.clone().requires_grad_() for t in (x, w, b)]
+        ref_out = causal_conv1d_ref(*ins)
+        ref_grads = torch.autograd.grad(ref_out, ins, do)
+        out = causal_conv1d(*ins)
+        grads = torch.autograd.grad(out, ins, do)
+        # dw / db sum over B*T terms: compare them relative to their own scale like the rest.
+        errs = [_rel_err(out, ref_out)] + [_rel_err(a, r) for a, r in zip(grads, ref_grads)]
+        ok = max(errs) <= PARITY_RTOL
+        for mode in ("fwd", "fwd+bwd"):
+            times = {}
+            for name, fn in cands.items():
+                if mode == "fwd":
+                    with torch.no_grad():
+                        times[name] = _measure(lambda fn=fn: fn(x, w, b), args.warmup, args.iters)
+                else:
+                    times[name] = _measure(_fwd_bwd(fn, ins, do), args.warmup, args.iters)
+            row = f"{T:5d} {D:5d} {mode:>8} " + " ".join(_fmt(times[n]) for n in names)
+            if ok:
+                row += " " + " ".join(_ratio(times[n], times["triton"]) for n in names[1:])
+            else:
+                row += f"  PARITY FAILED (max rel err out/dx/dw/db = {', '.join(f'{e:.2e}' for e in errs)})"
+            print(row, flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a few shapes instead of the full sweep")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--no-flex", action="store_true", help="skip flex_attention (its compile is slow)")
+    p.add_argument("--only", choices=("attention", "conv"), default=None)
+    args = p.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("no CUDA GPU: nothing to benchmark")
+        return 0
+    if _common.interpreting():
+        print("TRITON_INTERPRET=1 is set: timings would measure the interpreter; unset it and rerun")
+        return 1
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    if args.only in (None, "attention"):
+        bench_attention(args)
+    if args.only in (None, "conv"):
+        bench_conv(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

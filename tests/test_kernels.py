@@ -1,0 +1,305 @@
+"""Triton kernels vs the pure-PyTorch references, run under the Triton interpreter on CPU.
+
+The interpreter is ~1000x slower than a GPU, so shapes are tiny; tile sizes are shrunk where a test
+needs several blocks (band skipping, state hand-off between time blocks). References run in float64
+so the tolerance measures the kernel's own fp32 rounding, not the reference's.
+"""
+import importlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import kernels  # noqa: E402
+from kernels import _common  # noqa: E402
+from kernels import conv as conv_mod  # noqa: E402
+from kernels.conv import causal_conv1d  # noqa: E402
+from kernels.attention import attention  # noqa: E402
+from kernels.reference import attention_ref, causal_conv1d_ref  # noqa: E402
+
+# `kernels.attention` the attribute is the function (re-exported by kernels/__init__); get the module.
+attn_mod = importlib.import_module("kernels.attention")
+
+
+@pytest.fixture(autouse=True)
+def _nan_fill(monkeypatch):
+    # Every kernel-written buffer starts as NaN, so an element a kernel forgot to write fails loudly.
+    monkeypatch.setattr(_common, "FILL_NAN_FOR_TESTS", True)
+
+
+def _max_err(a, b):
+    if a.numel() == 0:
+        return 0.0
+    return (a.double() - b.double()).abs().max().item()
+
+
+# ----------------------------------------------------------------------------- conv
+
+def _conv_case(B, T, D, K, with_bias, with_state, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, D, generator=g)
+    w = torch.randn(D, K, generator=g)
+    b = torch.randn(D, generator=g) if with_bias else None
+    s = torch.randn(B, D, K - 1, generator=g) if with_state else None
+    return x, w, b, s
+
+
+def _conv_run(fn, x, w, b, s, dout, dstate_out, dtype):
+    ins = [t.to(dtype).requires_grad_() if t is not None else None for t in (x, w, b, s)]
+    out, final = fn(*ins, return_final_state=True)
+    live = [t for t in ins if t is not None]
+    loss = (out * dout.to(dtype)).sum() + (final * dstate_out.to(dtype)).sum()
+    grads = torch.autograd.grad(loss, live)
+    return out, final, grads
+
+
+@pytest.mark.parametrize("T", [1, 7, 63])
+@pytest.mark.parametrize("K", [2, 3, 4])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_conv_matches_reference_fp32(T, K, with_bias, with_state):
+    B, D = 2, 20  # D not a power of two: exercises the channel mask
+    x, w, b, s = _conv_case(B, T, D, K, with_bias, with_state)
+    g = torch.Generator().manual_seed(1)
+    dout = torch.randn(B, T, D, generator=g)
+    dfinal = torch.randn(B, D, K - 1, generator=g)
+
+    out, final, grads = _conv_run(causal_conv1d, x, w, b, s, dout, dfinal, torch.float32)
+    r_out, r_final, r_grads = _conv_run(causal_conv1d_ref, x, w, b, s, dout, dfinal, torch.float64)
+
+    assert out.dtype == torch.float32 and out.shape == (B, T, D)
+    assert final.shape == (B, D, K - 1)
+    assert _max_err(out, r_out) <= 1e-5
+    assert _max_err(final, r_final) <= 1e-5
+    names = [n for n, t in zip(("x", "weight", "bias", "initial_state"), (x, w, b, s)) if t is not None]
+    for name, got, ref in zip(names, grads, r_grads):
+        assert not torch.isnan(got).any(), f"d{name} has unwritten (NaN) elements"
+        assert _max_err(got, ref) <= 1e-5, f"d{name}: max err {_max_err(got, ref):.2e}"
+
+
+def test_conv_many_time_and_channel_blocks(monkeypatch):
+    # Small tiles: taps and the state must cross time-block boundaries; partial dw sums over blocks.
+    monkeypatch.setattr(conv_mod, "_blocks", lambda T, D: (8, 16))
+    B, T, D, K = 2, 29, 40, 4
+    x, w, b, s = _conv_case(B, T, D, K, True, True, seed=3)
+    dout = torch.randn(B, T, D)
+    dfinal = torch.randn(B, D, K - 1)
+    out, final, grads = _conv_run(causal_conv1d, x, w, b, s, dout, dfinal, torch.float32)
+    r_out, r_final, r_grads = _conv_run(causal_conv1d_ref, x, w, b, s, dout, dfinal, torch.float64)
+    assert _max_err(out, r_out) <= 1e-5
+    for got, ref in zip(grads, r_grads):
+        assert _max_err(got, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("split", [1, 2, 9])
+def test_conv_state_chaining(split):
+    # Running [0, split) then [split, T) through final_state must equal one call over [0, T).
+    B, T, D, K = 2, 12, 8, 4
+    x, w, b, s = _conv_case(B, T, D, K, True, True, seed=5)
+    full, full_state = causal_conv1d(x, w, b, s, return_final_state=True)
+    first, mid_state = causal_conv1d(x[:, :split], w, b, s, return_final_state=True)
+    second, end_state = causal_conv1d(x[:, split:], w, b, mid_state, return_final_state=True)
+    assert _max_err(torch.cat([first, second], 1), full) <= 1e-6
+    assert _max_err(end_state, full_state) == 0.0
+
+
+def test_conv_return_final_state_off_and_k1():
+    x, w, b, _ = _conv_case(1, 5, 4, 1, True, False)
+    out = causal_conv1d(x, w, b)
+    assert torch.is_tensor(out)
+    assert _max_err(out, causal_conv1d_ref(x, w, b)) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_conv_half_precision(dtype):
+    B, T, D, K = 2, 17, 24, 4
+    x, w, b, s = _conv_case(B, T, D, K, True, True, seed=7)
+    dout = torch.randn(B, T, D)
+    dfinal = torch.randn(B, D, K - 1)
+    out, final, grads = _conv_run(causal_conv1d, x, w, b, s, dout, dfinal, dtype)
+    r_out, r_final, r_grads = _conv_run(causal_conv1d_ref, x, w, b, s, dout, dfinal, torch.float64)
+    assert out.dtype == dtype and final.dtype == dtype
+    scale = r_out.abs().max().item()
+    assert _max_err(out, r_out) <= 2e-2 * scale
+    for got, ref in zip(grads, r_grads):
+        assert got.dtype == dtype
+        assert _max_err(got, ref) <= 3e-2 * ref.abs().max().item()
+
+
+def test_conv_bad_inputs():
+    x, w, b, s = _conv_case(2, 5, 4, 3, True, True)
+    with pytest.raises(ValueError):
+        causal_conv1d(x, w[:3], b)
+    with pytest.raises(ValueError):
+        causal_conv1d(x, w, b, s[:, :, :1])
+    with pytest.raises(ValueError):
+        causal_conv1d(x[0], w, b)
+
+
+def test_conv_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    x, w, b, s = _conv_case(1, 3, 4, 2, True, False)
+    with pytest.raises(RuntimeError, match="CUDA or TRITON_INTERPRET=1"):
+        causal_conv1d(x, w, b)
+
+
+def test_conv_dispatch_backends():
+    x, w, b, s = _conv_case(1, 6, 4, 3, True, True)
+    ref = kernels.conv1d_op(x, w, b, s, backend="torch")
+    got = kernels.conv1d_op(x, w, b, s, backend="triton")
+    assert _max_err(got, ref) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- attention
+
+def _attn_case(B, Hq, Hkv, T, hd, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, T, hd, generator=g)
+    k = torch.randn(B, Hkv, T, hd, generator=g)
+    v = torch.randn(B, Hkv, T, hd, generator=g)
+    do = torch.randn(B, Hq, T, hd, generator=g)
+    return q, k, v, do
+
+
+def _attn_run(fn, q, k, v, do, dtype, **kw):
+    ins = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    out = fn(*ins, **kw)
+    grads = torch.autograd.grad((out * do.to(dtype)).sum(), ins)
+    return out, grads
+
+
+def _check_attn(q, k, v, do, tol=1e-4, **kw):
+    out, grads = _attn_run(attention, q, k, v, do, torch.float32, **kw)
+    r_out, r_grads = _attn_run(attention_ref, q, k, v, do, torch.float64, **kw)
+    assert out.shape == r_out.shape and out.dtype == torch.float32
+    for name, got, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), (r_out, *r_grads)):
+        assert not torch.isnan(got).any(), f"{name} has unwritten (NaN) elements"
+        assert _max_err(got, ref) <= tol, f"{name}: max err {_max_err(got, ref):.2e}"
+
+
+@pytest.mark.parametrize("T", [1, 7, 63])
+@pytest.mark.parametrize("window", [None, 1, 3, 64])
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("hd", [16, 12])
+def test_attention_matches_reference_fp32(T, window, group, causal, hd):
+    Hkv = 2 if group < 4 else 1
+    q, k, v, do = _attn_case(2, Hkv * group, Hkv, T, hd)
+    _check_attn(q, k, v, do, causal=causal, window=window)
+
+
+@pytest.mark.parametrize("window", [None, 1, 3, 20])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_many_tiles(monkeypatch, window, causal):
+    # 16-wide tiles on T=63: several key/query tiles per program, ragged last tile, band skipping.
+    monkeypatch.setattr(attn_mod, "_BLOCK_OVERRIDE", (16, 16))
+    q, k, v, do = _attn_case(1, 4, 2, 63, 12, seed=2)
+    _check_attn(q, k, v, do, causal=causal, window=window)
+
+
+def test_attention_skips_key_tiles_outside_band(monkeypatch):
+    # Poison V in key tile 0. Queries >= 32 with window 3 can only reach keys >= 30, so unless the
+    # kernel loads tile 0 anyway (it would: NaN * 0 = NaN in the P V dot) their output stays clean.
+    monkeypatch.setattr(attn_mod, "_BLOCK_OVERRIDE", (16, 16))
+    q, k, v, _ = _attn_case(1, 2, 1, 64, 16, seed=4)
+    v_bad = v.clone()
+    v_bad[:, :, :16] = float("nan")
+    out = attention(q, k, v_bad, causal=True, window=3)
+    ref = attention_ref(q.double(), k.double(), v.double(), causal=True, window=3)
+    assert _max_err(out[:, :, 32:], ref[:, :, 32:]) <= 1e-5
+
+
+def test_attention_custom_scale_and_strided_inputs():
+    # q/k/v as a model makes them: [B, T, H, hd] projections viewed as [B, H, T, hd].
+    B, T, Hq, Hkv, hd = 2, 9, 4, 2, 16
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(B, T, Hq, hd, generator=g).transpose(1, 2)
+    kv = torch.randn(B, T, 2, Hkv, hd, generator=g)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    do = torch.randn(B, Hq, T, hd, generator=g)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    out = attention(q, k, v, window=4, scale=0.3)
+    ref = attention_ref(q.double(), k.double(), v.double(), window=4, scale=0.3)
+    assert _max_err(out, ref) <= 1e-5
+    _check_attn(q, k, v, do, window=4, scale=0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_half_precision(dtype):
+    q, k, v, do = _attn_case(1, 4, 2, 40, 16, seed=8)
+    out, grads = _attn_run(attention, q, k, v, do, dtype, window=8)
+    r_out, r_grads = _attn_run(attention_ref, q, k, v, do, torch.float64, window=8)
+    assert out.dtype == dtype
+    for got, ref in zip((out, *grads), (r_out, *r_grads)):
+        assert got.dtype == dtype
+        assert _max_err(got, ref) <= 3e-2 * ref.abs().max().item()
+
+
+def test_attention_bad_inputs():
+    q, k, v, _ = _attn_case(1, 3, 2, 5, 16)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        attention(q, k, v)
+    q, k, v, _ = _attn_case(1, 4, 2, 5, 16)
+    with pytest.raises(ValueError, match="window"):
+        attention(q, k, v, window=0)
+    with pytest.raises(ValueError, match="window"):
+        attention(q, k, v, window=-2)
+    with pytest.raises(ValueError):
+        attention(q, k[..., :8], v[..., :8])
+    with pytest.raises(ValueError):
+        attention(q, k, v[:, :1])
+    with pytest.raises(ValueError, match="Tq == Tk"):
+        attention(q[:, :, :2], k, v)
+
+
+def test_attention_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    q, k, v, _ = _attn_case(1, 2, 1, 4, 16)
+    with pytest.raises(RuntimeError, match="CUDA or TRITON_INTERPRET=1"):
+        attention(q, k, v)
+
+
+def test_attention_dispatch_backends():
+    q, k, v, _ = _attn_case(1, 4, 2, 6, 16)
+    ref = kernels.attention_op(q, k, v, window=2, backend="torch")
+    got = kernels.attention_op(q, k, v, window=2, backend="triton")
+    assert _max_err(got, ref) <= 1e-5
+    # decode (Tq < Tk) is always served by the reference, even when Triton is asked for
+    dec = kernels.attention_op(q[:, :, -1:], k, v, window=2, backend="triton")
+    assert _max_err(dec, ref[:, :, -1:]) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- bench
+
+def test_bench_without_gpu_exits_cleanly(capsys, monkeypatch):
+    from kernels import bench
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main([]) == 0
+    assert "no CUDA GPU: nothing to benchmark" in capsys.readouterr().out
+
+
+def test_bench_gpu_branch_smoke_on_cpu(capsys, monkeypatch):
+    # Runs the CUDA code path's Python (parity checks, tables) on CPU with a wall-clock timer.
+    import time
+    import types
+
+    from kernels import bench
+
+    def wall_ms(fn, warmup, iters):
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    monkeypatch.setattr(bench, "_DEVICE", "cpu")
+    monkeypatch.setattr(bench, "_time_ms", wall_ms)
+    monkeypatch.setattr(bench, "ATTN_SEQS_QUICK", [40])
+    monkeypatch.setattr(bench, "ATTN_WINDOWS_QUICK", [8, None])
+    monkeypatch.setattr(bench, "ATTN_HEAD_DIMS_QUICK", [16])
+    monkeypatch.setattr(bench, "CONV_SHAPES_QUICK", [(24, 16)])
+    args = types.SimpleNamespace(quick=True, batch=1, warmup=0, iters=1, no_flex=True, only=None)
+    bench.bench_attention(args)
+    bench.bench_conv(args)
+    out = capsys.readouterr().out
+    assert "PARITY FAILED" not in out and "vs ref" in out
