@@ -1,0 +1,212 @@
+"""convert.py: every export format checked in its own runtime against our model's logits.
+
+Run directories are built here (tiny random models with non-trivial norms), not trained, so the
+default suite stays fast. The llama.cpp check on a trained run is `pytest -m slow tests/test_convert.py`.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from arch import LM, ModelConfig
+from slmlab.checkpoint import save_model
+from slmlab.config import build
+from slmlab.errors import SlmlabError
+from slmlab.tokenizer import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ("def main(argv):\n    for i in range(10):\n        print('hello world', i)\n    return 0\n"
+        "class Foo:\n    def __init__(self, x):\n        self.x = x + 1  # the quick brown fox\n") * 20
+
+PRESETS = {
+    "hybrid": dict(layers="CCA", window_pattern="L"),
+    "transformer": dict(layers="A", window_pattern="L"),
+    "transformer-sliding": dict(layers="A", window_pattern="SL", window=5),
+}
+
+
+def make_run(path: Path, preset: str = "hybrid", seed: int = 0, **overrides) -> Path:
+    """A run directory (config.yaml, tokenizer.json, model.safetensors) holding a tiny random model."""
+    tok = train_tokenizer([TEXT], 300)
+    model_tree = dict(vocab_size=tok.vocab_size, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=96,
+                      rope_theta=5000.0, init_std=0.08, kernels="torch", **PRESETS[preset])
+    model_tree.update(overrides)
+    cfg = build(preset.split("-")[0], {"model": model_tree})
+    torch.manual_seed(seed)
+    model = LM(cfg.model)
+    with torch.no_grad():  # non-trivial norm weights so a swapped or dropped norm cannot hide
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn_like(p))
+    path.mkdir(parents=True, exist_ok=True)
+    cfg.save(path / "config.yaml")
+    tok.save(path / "tokenizer.json")
+    save_model(model, path / "model.safetensors")
+    return path
+
+
+def ours(run):
+    from slmlab.checkpoint import load_run
+
+    _, model, tok = load_run(run)
+    return model.float().eval(), tok
+
+
+def convert(*argv):
+    """Run the CLI in-process; returns (exit code, stderr text)."""
+    import contextlib
+    import io
+
+    import convert as cli
+    from slmlab.cli import run_cli
+
+    err, outbuf = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(outbuf):
+        rc = run_cli(cli.main, [str(a) for a in argv])
+    return rc, err.getvalue(), outbuf.getvalue()
+
+
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("runs")
+    return {p: make_run(base / p, p) for p in PRESETS}
+
+
+def prompt(tok, n=12):
+    ids = tok.encode("def main(argv):\n    for i in")[:n]
+    return torch.tensor([ids])
+
+
+# ---------------------------------------------------------------- hf
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_hf_export_reloads_with_equal_logits_and_generation(runs, preset, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    rc, err, _ = convert("--run", runs[preset], "--to", "hf", "--out", out)
+    assert rc == 0, err
+    for f in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / f).is_file(), f
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    want = "Lfm2ForCausalLM" if preset == "hybrid" else "Qwen3ForCausalLM"
+    assert type(hf).__name__ == want
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    model, tok = ours(runs[preset])
+    text = "def main(argv):\n    for i in range(3):"
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    assert hf_tok.eos_token_id == tok.eos_id and hf_tok.bos_token_id == tok.bos_id
+    idx = torch.tensor([tok.encode(text)] * 2)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx), atol=1e-4, rtol=0)
+        p = prompt(tok)
+        mine = model.generate(p, 16, temperature=0)
+        theirs = hf.generate(p, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    assert mine.tolist() == theirs.tolist()
+
+
+def test_hf_export_fp16_dtype(runs, tmp_path):
+    pytest.importorskip("transformers")
+    from safetensors import safe_open
+
+    out = tmp_path / "hf16"
+    assert convert("--run", runs["hybrid"], "--to", "hf", "--out", out, "--dtype", "fp16")[0] == 0
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+
+
+@pytest.mark.parametrize("preset", ["hybrid", "transformer-sliding"])
+def test_from_hf_round_trip(runs, preset, tmp_path):
+    """An HF folder saved by transformers itself (random weights) -> our run dir -> same logits;
+    and our export of that run is that folder again."""
+    transformers = pytest.importorskip("transformers")
+    from slmlab.hf import to_hf_config
+
+    model, tok = ours(runs[preset])
+    torch.manual_seed(1)
+    hf_cfg = to_hf_config(model.cfg, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            p.normal_(1.0 if "norm" in n else 0.0, 0.1 if "norm" in n else 0.08)
+    src = tmp_path / "src"
+    hf.save_pretrained(src)
+    (src / "tokenizer.json").write_text(tok.to_json())
+    run = tmp_path / "run"
+    rc, err, _ = convert("--from-hf", src, "--out", run)
+    assert rc == 0, err
+    back, _ = ours(run)
+    idx = prompt(tok)
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx), hf(idx).logits, atol=1e-4, rtol=0)
+
+
+def test_from_hf_unsupported_and_mismatched(runs, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    gpt2 = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2)
+    src = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(gpt2).save_pretrained(src)
+    rc, err, _ = convert("--from-hf", src, "--out", tmp_path / "r1")
+    assert rc == 2 and "gpt2" in err and err.count("\n") == 1
+    assert not (tmp_path / "r1").exists()
+    # shapes that disagree with config.json
+    model, tok = ours(runs["transformer"])
+    out = tmp_path / "hf"
+    assert convert("--run", runs["transformer"], "--to", "hf", "--out", out)[0] == 0
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (out / "config.json").write_text(json.dumps(cfg))
+    rc, err, _ = convert("--from-hf", out, "--out", tmp_path / "r2")
+    assert rc == 2 and "shape mismatch" in err and err.count("\n") == 1
+    assert not (tmp_path / "r2").exists()
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_input_is_one_line_exit_2_nothing_written(runs, tmp_path):
+    out = tmp_path / "o"
+    cases = [
+        ("--run", runs["hybrid"], "--to", "tflite", "--out", out),  # unknown format
+        ("--run", tmp_path / "nope", "--to", "hf", "--out", out),  # no run dir
+        ("--run", runs["hybrid"], "--to", "hf", "--out", out, "--dtype", "int4"),
+    ]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.yaml").write_text((runs["hybrid"] / "config.yaml").read_text())
+    cases.append(("--run", empty, "--to", "hf", "--out", out))  # no checkpoint
+    trunc = tmp_path / "trunc"
+    make_run(trunc)
+    data = (trunc / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[: len(data) // 2])
+    cases.append(("--run", trunc, "--to", "hf", "--out", out))  # truncated checkpoint
+    for argv in cases:
+        rc, err, _ = convert(*argv)
+        assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
+        assert not out.exists(), argv
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]  # no temp left behind
+
+
+def test_existing_output_refused_unless_force(runs, tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    rc, err, _ = convert("--run", runs["hybrid"], "--to", "hf", "--out", out)
+    assert rc == 2 and "--force" in err
+    assert (out / "keep.txt").is_file()
+    rc, err, _ = convert("--run", runs["hybrid"], "--to", "hf", "--out", out, "--force")
+    assert rc == 0, err
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_unsupported_model_names_what(tmp_path):
+    run = make_run(tmp_path / "diff", "hybrid", causal=False)
+    rc, err, _ = convert("--run", run, "--to", "hf", "--out", tmp_path / "o")
+    assert rc == 2 and "bidirectional" in err
+    assert not (tmp_path / "o").exists()
