@@ -210,3 +210,45 @@ def test_unsupported_model_names_what(tmp_path):
     rc, err, _ = convert("--run", run, "--to", "hf", "--out", tmp_path / "o")
     assert rc == 2 and "bidirectional" in err
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- decode graph (shared by onnx/executorch/coreml)
+@pytest.mark.parametrize("preset", ["hybrid", "transformer-sliding"])
+def test_step_graph_matches_lm_decode(runs, preset):
+    """StepLM (fixed KV slots, plain-tensor states) against LM's own KVCache/ConvState decode."""
+    from slmlab.export.step import StepLM, reference_decode
+
+    model, tok = ours(runs[preset])
+    idx = prompt(tok).repeat(2, 1)
+    pre, toks, steps = reference_decode(model, idx, 10)  # 12 + 10 positions: past the window of 5
+    step = StepLM(model, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(step.prefill(idx), pre, atol=1e-5, rtol=0)
+        logits, *st = step(idx, torch.tensor([0]), *step.init_states(2))
+        torch.testing.assert_close(logits, pre, atol=1e-5, rtol=0)
+        for i in range(10):
+            logits, *st = step(toks[:, i:i + 1], torch.tensor([idx.shape[1] + i]), *st)
+            torch.testing.assert_close(logits, steps[:, i:i + 1], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- onnx
+@pytest.mark.parametrize("preset", ["hybrid", pytest.param("transformer-sliding", marks=pytest.mark.slow)])
+def test_onnx_prefill_and_decode_in_onnxruntime(runs, preset, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from slmlab.export.onnx import run_onnx
+    from slmlab.export.step import reference_decode
+
+    out = tmp_path / "onnx"
+    rc, err, _ = convert("--run", runs[preset], "--to", "onnx", "--out", out, "--max-len", 64)
+    assert rc == 0, err
+    model, tok = ours(runs[preset])
+    idx = prompt(tok).repeat(2, 1)
+    pre, toks, steps = reference_decode(model, idx, 16)
+    got_pre, got_first, got_toks, got_steps = run_onnx(out, idx, 16, feed=toks)
+    torch.testing.assert_close(got_pre, pre, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got_first, pre, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got_steps, steps, atol=1e-4, rtol=0)
+    # a different batch size and length than the export example: the axes are dynamic
+    short = idx[:1, :5]
+    torch.testing.assert_close(run_onnx(out, short, 0)[0], model(short).detach(), atol=1e-4, rtol=0)
