@@ -252,3 +252,89 @@ def test_onnx_prefill_and_decode_in_onnxruntime(runs, preset, tmp_path):
     # a different batch size and length than the export example: the axes are dynamic
     short = idx[:1, :5]
     torch.testing.assert_close(run_onnx(out, short, 0)[0], model(short).detach(), atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- gguf
+@pytest.mark.parametrize("preset,dtype,quant,tol", [("hybrid", "fp32", None, 0.0), ("transformer", "fp16", None, 2e-3),
+                                                    ("hybrid", "fp32", "q8_0", 2e-2)])
+def test_gguf_written_and_read_back(runs, preset, dtype, quant, tol, tmp_path):
+    pytest.importorskip("gguf")
+    from slmlab.export.gguf import read_gguf
+    from slmlab.hf import to_hf_state_dict
+
+    out = tmp_path / "m.gguf"
+    argv = ["--run", runs[preset], "--to", "gguf", "--out", out, "--dtype", dtype] + (["--quant", quant] if quant else [])
+    rc, err, _ = convert(*argv)
+    assert rc == 0, err
+    meta, tensors = read_gguf(out)
+    model, tok = ours(runs[preset])
+    arch = "lfm2" if preset == "hybrid" else "qwen3"
+    assert meta["general.architecture"] == arch
+    assert meta[f"{arch}.block_count"] == 3 and meta[f"{arch}.embedding_length"] == 64
+    assert meta[f"{arch}.feed_forward_length"] == 96
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
+    assert meta["tokenizer.ggml.tokens"][:4] == ["<|bos|>", "<|eos|>", "<|pad|>", "<|mask|>"]
+    assert len(meta["tokenizer.ggml.tokens"]) == tok.vocab_size
+    assert meta["tokenizer.ggml.eos_token_id"] == 1
+    if arch == "lfm2":
+        assert meta["lfm2.attention.head_count_kv"] == [0, 0, 2]
+        assert meta["lfm2.shortconv.l_cache"] == 3
+    hf_sd = to_hf_state_dict(model)
+    assert len(tensors) == len(hf_sd)
+    emb = tensors["token_embd.weight"]
+    want = model.embed.weight.detach().numpy()
+    assert emb.shape == want.shape
+    assert abs(emb - want).max() <= tol * max(1.0, abs(want).max())
+    assert (tensors["output_norm.weight" if arch == "qwen3" else "token_embd_norm.weight"]
+            == model.norm.weight.detach().numpy()).all()  # norms stay f32 in every type
+
+
+def test_gguf_refuses_sliding_window(runs, tmp_path):
+    pytest.importorskip("gguf")
+    rc, err, _ = convert("--run", runs["transformer-sliding"], "--to", "gguf", "--out", tmp_path / "x.gguf")
+    assert rc == 2 and "sliding" in err and not (tmp_path / "x.gguf").exists()
+
+
+def llama_logits(path, ids):
+    """All-position logits from llama.cpp (llama-cpp-python) with an f32 KV cache."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, n_threads=2, n_batch=256,
+                          type_k=0, type_v=0, verbose=False)  # GGML_TYPE_F32 = 0
+    llm.eval(ids)
+    return torch.tensor(llm.scores[:len(ids)].copy())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["hybrid", "transformer"])
+def test_llama_cpp_logits_match(runs, preset, tmp_path):
+    pytest.importorskip("llama_cpp")
+    out = tmp_path / "m.gguf"
+    assert convert("--run", runs[preset], "--to", "gguf", "--out", out)[0] == 0
+    model, tok = ours(runs[preset])
+    ids = tok.encode(TEXT[:200])
+    with torch.no_grad():
+        want = model(torch.tensor([ids]))[0]
+    got = llama_logits(out, ids)
+    diff = (got - want).abs().max().item()
+    print(f"llama.cpp {preset} f32 max |logit diff| = {diff:.2e}")
+    assert diff < 1e-3
+
+
+@pytest.mark.slow
+def test_llama_cpp_on_trained_hybrid(tmp_path):
+    """Train a small hybrid for 20 steps with train.py, export f32 GGUF, compare llama.cpp's logits."""
+    pytest.importorskip("llama_cpp")
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, str(ROOT / "train.py"), "--arch", "hybrid", "--out", str(run), "train.steps=20",
+                    "model.d_model=64", "train.eval_every=20", "train.sample_tokens=8", "logging.progress=false"],
+                   check=True, cwd=ROOT)
+    out = tmp_path / "hybrid.gguf"
+    assert convert("--run", run, "--to", "gguf", "--out", out)[0] == 0
+    model, tok = ours(run)
+    ids = tok.encode("def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1)")
+    with torch.no_grad():
+        want = model(torch.tensor([ids]))[0]
+    got = llama_logits(out, ids)
+    diff = (got - want).abs().max().item()
+    print(f"llama.cpp trained hybrid ({len(ids)} tokens) f32 max |logit diff| = {diff:.2e}")
+    assert diff < 1e-3
