@@ -338,3 +338,23 @@ def test_llama_cpp_on_trained_hybrid(tmp_path):
     diff = (got - want).abs().max().item()
     print(f"llama.cpp trained hybrid ({len(ids)} tokens) f32 max |logit diff| = {diff:.2e}")
     assert diff < 1e-3
+
+
+# ---------------------------------------------------------------- coreml
+def test_coreml_package_spec(runs, tmp_path):
+    pytest.importorskip("coremltools")
+    from slmlab.export.coreml import describe, predict_steps
+
+    out = tmp_path / "m.mlpackage"
+    rc, err, _ = convert("--run", runs["hybrid"], "--to", "coreml", "--out", out, "--max-len", 64)
+    assert rc == 0, err
+    info = describe(out)
+    assert info["inputs"] == {"input_ids": [1, 1], "pos": [1], "conv_0": [1, 64, 2], "conv_1": [1, 64, 2],
+                              "k_2": [1, 2, 64, 16], "v_2": [1, 2, 64, 16]}
+    assert info["outputs"] == {"logits": [1, 1, 300], "conv_0_out": [1, 64, 2], "conv_1_out": [1, 64, 2],
+                               "k_2_out": [1, 2, 64, 16], "v_2_out": [1, 2, 64, 16]}
+    if sys.platform == "darwin":  # the real runtime: same logits as ours, token by token
+        model, tok = ours(runs["hybrid"])
+        ids = tok.encode("def main(argv):")
+        with torch.no_grad():
+            torch.testing.assert_close(predict_steps(out, ids), model(torch.tensor([ids]))[0], atol=1e-3, rtol=0)
