@@ -358,3 +358,64 @@ def test_coreml_package_spec(runs, tmp_path):
         ids = tok.encode("def main(argv):")
         with torch.no_grad():
             torch.testing.assert_close(predict_steps(out, ids), model(torch.tensor([ids]))[0], atol=1e-3, rtol=0)
+
+
+# ---------------------------------------------------------------- executorch + int8
+def _executorch_parity(run, tmp_path, quant=None):
+    pytest.importorskip("executorch.runtime")
+    from slmlab.export.executorch import run_pte
+    from slmlab.export.quant import fake_quantize
+    from slmlab.export.step import reference_decode
+
+    out = tmp_path / "m.pte"
+    argv = ["--run", run, "--to", "executorch", "--out", out, "--max-len", 64] + (["--quant", quant] if quant else [])
+    rc, err, _ = convert(*argv)
+    assert rc == 0, err
+    model, tok = ours(run)
+    if quant:
+        fake_quantize(model)  # the reference for an int8 graph is the dequantized float model
+    idx = prompt(tok)
+    pre, toks, steps = reference_decode(model, idx, 8)
+    got_pre, _, got_steps = run_pte(out, idx, 8, feed=toks)
+    torch.testing.assert_close(got_pre, pre, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got_steps, steps, atol=1e-4, rtol=0)
+    return out
+
+
+def test_executorch_prefill_and_decode(runs, tmp_path):
+    _executorch_parity(runs["hybrid"], tmp_path)
+
+
+@pytest.mark.slow
+def test_executorch_int8_smaller_and_equal_to_fake_quant(runs, tmp_path):
+    fp = _executorch_parity(runs["hybrid"], tmp_path / "fp")
+    q = _executorch_parity(runs["hybrid"], tmp_path / "q", quant="int8")
+    assert q.stat().st_size < 0.5 * fp.stat().st_size
+
+
+def test_int8_weight_only_matches_fake_quant_and_shrinks(runs):
+    import copy
+
+    from slmlab.export.quant import fake_quantize, quantize_int8, weight_bytes
+
+    model, tok = ours(runs["hybrid"])
+    q = quantize_int8(copy.deepcopy(model))
+    ref = fake_quantize(copy.deepcopy(model))
+    idx = prompt(tok)
+    with torch.no_grad():
+        torch.testing.assert_close(q(idx), ref(idx), atol=1e-5, rtol=0)
+        assert (q(idx) - model(idx)).abs().max() > 0  # it did quantize
+    assert weight_bytes(q) < 0.35 * weight_bytes(model)
+
+
+def test_quant_flag_checked_per_format(runs, tmp_path):
+    rc, err, _ = convert("--run", runs["hybrid"], "--to", "hf", "--out", tmp_path / "o", "--quant", "int8")
+    assert rc == 2 and "int8" in err
+    rc, err, _ = convert("--run", runs["hybrid"], "--to", "gguf", "--out", tmp_path / "o", "--quant", "int8")
+    assert rc == 2 and "q8_0" in err
+
+
+def test_missing_extra_names_it(monkeypatch, runs, tmp_path):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` raise ImportError
+    rc, err, _ = convert("--run", runs["hybrid"], "--to", "gguf", "--out", tmp_path / "x.gguf")
+    assert rc == 2 and "pip install -e '.[gguf]'" in err and not (tmp_path / "x.gguf").exists()
