@@ -31,6 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="fp32", help="weight dtype: fp32 | fp16 | bf16 (default fp32)")
     p.add_argument("--quant", default=None, help="int8 (weight-only; executorch, onnx) | q8_0 (gguf)")
     p.add_argument("--max-len", type=int, default=1024, help="KV-cache length of decode graphs (default 1024)")
+    p.add_argument("--no-eval", action="store_true", help="with --quant int8: skip the val-bpb before/after report")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     return p.parse_args(argv)
 
@@ -52,7 +53,7 @@ def main(argv=None):
             raise ConfigError(f"--max-len must be > 0, got {args.max_len}")
         from slmlab.export import ExportOptions, convert
 
-        opts = ExportOptions(dtype=args.dtype, quant=args.quant, max_len=args.max_len)
+        opts = ExportOptions(dtype=args.dtype, quant=args.quant, max_len=args.max_len, eval_bpb=not args.no_eval)
         report = convert(args.run, args.fmt, args.out, opts, force=args.force)
     print(json.dumps(report))
 

@@ -34,6 +34,7 @@ class ExportOptions:
     dtype: str = "fp32"
     quant: str | None = None  # int8 (weight-only, torch/executorch/onnx) | q8_0 (gguf)
     max_len: int = 1024  # KV-cache slots in the decode graphs (onnx, executorch, coreml)
+    eval_bpb: bool = False  # with --quant int8: report val bpb before/after on the run's data
 
 
 def require(module: str, fmt: str, extra: str):
@@ -103,6 +104,10 @@ def convert(run_dir, fmt: str, out, opts: ExportOptions | None = None, force: bo
     mod.check_supported(cfg.model)
     with staged_output(out, force) as staged:
         report = mod.export(model, tok, cfg, staged, opts) or {}
+    if opts.quant == "int8" and opts.eval_bpb:
+        from .quant import bpb_change
+
+        report.update(bpb_change(run_dir))
     report.setdefault("format", fmt)
     report["path"] = str(out)
     report["bytes"] = path_size(out)
