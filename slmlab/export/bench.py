@@ -1,7 +1,7 @@
 """Export one run to every format, then measure file size, parity with our PyTorch model and decode
 speed in each format's own runtime. Prints a markdown table (docs/export.md quotes it).
 
-    python -m slmlab.export.bench --run runs/hybrid [--steps 64] [--threads 2]
+    python -m slmlab.export.bench --run runs/hybrid [--steps 64] [--threads 1]
 
 Parity = max |logit - ours| over a prefill of the prompt and `steps` decode steps fed the same
 tokens (fp32 unless the row says otherwise; int8/q8_0 rows are compared with the fp32 model, so
@@ -40,7 +40,7 @@ def _diff(pre, st, ref_pre, ref_st):
     return d
 
 
-def bench(run, steps=64, threads=2, formats=None, max_len=256):
+def bench(run, steps=64, threads=1, formats=None, max_len=256):
     from ..checkpoint import load_run
 
     torch.set_num_threads(threads)
@@ -50,7 +50,8 @@ def bench(run, steps=64, threads=2, formats=None, max_len=256):
     idx = torch.tensor([tok.encode(text)])
     ref_pre, toks, ref_st, tps = _ours(model, idx, steps)
     rows = [("PyTorch (ours, eager)", path_size(Path(run) / "model.safetensors"), 0.0, tps)]
-    tmp = Path(tempfile.mkdtemp(prefix="slmlab-bench-"))
+    tmpdir = tempfile.TemporaryDirectory(prefix="slmlab-bench-")
+    tmp = Path(tmpdir.name)
     want = formats or ["hf", "onnx", "executorch", "executorch-int8", "coreml", "gguf-f32", "gguf-f16", "gguf-q8_0"]
 
     def export(fmt, name, **kw):
@@ -125,6 +126,7 @@ def bench(run, steps=64, threads=2, formats=None, max_len=256):
                 rows.append((f"GGUF {kind} / llama.cpp", size, diff, speed))
         except Exception as e:  # one broken runtime should not hide the other rows
             rows.append((f"{f}: failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})", None, None, None))
+    tmpdir.cleanup()
     return rows
 
 
@@ -141,7 +143,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True)
     p.add_argument("--steps", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads for every runtime (1 default: spinning thread pools collapse on a busy machine)")
     p.add_argument("--formats", default=None, help="comma list (default: all)")
     args = p.parse_args(argv)
     rows = bench(args.run, args.steps, args.threads, args.formats.split(",") if args.formats else None)

@@ -20,9 +20,9 @@ def quantize_rows(w: torch.Tensor):
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, lin: nn.Linear):
+    def __init__(self, lin: nn.Linear, qs=None):
         super().__init__()
-        q, s = quantize_rows(lin.weight)
+        q, s = qs or quantize_rows(lin.weight)
         self.register_buffer("qweight", q)
         self.register_buffer("scale", s.to(lin.weight.dtype))
         self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone())
@@ -32,9 +32,9 @@ class Int8Linear(nn.Module):
 
 
 class Int8Embedding(nn.Module):
-    def __init__(self, emb: nn.Embedding):
+    def __init__(self, emb: nn.Embedding, qs=None):
         super().__init__()
-        q, s = quantize_rows(emb.weight)
+        q, s = qs or quantize_rows(emb.weight)
         self.register_buffer("qweight", q)
         self.register_buffer("scale", s.to(emb.weight.dtype))
 
@@ -43,13 +43,15 @@ class Int8Embedding(nn.Module):
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace every nn.Linear and nn.Embedding (in place) by its int8 weight-only form."""
+    """Replace every nn.Linear and nn.Embedding (in place) by its int8 weight-only form. A tied
+    embedding/head pair shares one int8 table."""
+    done = {}  # id(weight) -> (q, scale)
     for name, mod in list(model.named_modules()):
         for child_name, child in list(mod.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(mod, child_name, Int8Linear(child))
-            elif isinstance(child, nn.Embedding):
-                setattr(mod, child_name, Int8Embedding(child))
+            if isinstance(child, (nn.Linear, nn.Embedding)):
+                qs = done.setdefault(id(child.weight), quantize_rows(child.weight))
+                cls = Int8Linear if isinstance(child, nn.Linear) else Int8Embedding
+                setattr(mod, child_name, cls(child, qs))
     return model
 
 
