@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from arch import LM, ModelConfig
+from arch import LM
 from slmlab.checkpoint import save_model
 from slmlab.config import build
-from slmlab.errors import SlmlabError
 from slmlab.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

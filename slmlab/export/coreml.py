@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import DTYPES, require
+from . import require
 from .step import StepLM, check_supported  # noqa: F401
 
 
