@@ -6,6 +6,8 @@ reference is plain `round(w / s) * s`: `fake_quantize` gives the float model it 
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -85,7 +87,8 @@ def bpb_change(run_dir, max_tokens: int | None = 65536) -> dict:
 
     cfg, model, tok = load_run(run_dir, "cpu")
     model = model.float().eval()
-    bundle = prepare_data(cfg.data.spec, cfg.model.vocab_size, cfg.data.cache_dir, cfg.data.val_frac, tokenizer=tok,
+    bundle = prepare_data(cfg.data.spec, cfg.model.vocab_size, Path(cfg.data.cache_dir).expanduser(), cfg.data.val_frac,
+                          tokenizer=tok,
                           progress=False, quiet=True)
     lens = token_byte_lengths(tok)
     dev = torch.device("cpu")
