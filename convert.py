@@ -1,0 +1,62 @@
+"""Export a trained run to other runtimes, or import a Hugging Face checkpoint as a run.
+
+    python convert.py --run runs/hybrid --to hf --out export/hybrid-hf
+    python convert.py --run runs/hybrid --to onnx --out export/hybrid-onnx
+    python convert.py --run runs/hybrid --to executorch --out export/hybrid.pte [--quant int8]
+    python convert.py --run runs/hybrid --to coreml --out export/hybrid.mlpackage
+    python convert.py --run runs/hybrid --to gguf --out export/hybrid.gguf [--dtype fp16 | --quant q8_0]
+    python convert.py --from-hf path/to/LFM2-350M --out runs/lfm2-350m     # then fine-tune / sample it
+
+Nothing is written at --out unless the whole export succeeds; an existing --out needs --force.
+See docs/export.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from slmlab.cli import run_cli
+
+
+def parse_args(argv=None):
+    from slmlab.export import FORMATS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run directory (config.yaml, model.safetensors, tokenizer.json)")
+    src.add_argument("--from-hf", dest="from_hf", help="import a transformers Lfm2/Qwen3 folder into a run directory")
+    p.add_argument("--to", dest="fmt", help=f"export format: {', '.join(FORMATS)}")
+    p.add_argument("--out", required=True, help="output path (a folder for hf/onnx/coreml/--from-hf, a file otherwise)")
+    p.add_argument("--dtype", default="fp32", help="weight dtype: fp32 | fp16 | bf16 (default fp32)")
+    p.add_argument("--quant", default=None, help="int8 (weight-only; executorch, onnx) | q8_0 (gguf)")
+    p.add_argument("--max-len", type=int, default=1024, help="KV-cache length of decode graphs (default 1024)")
+    p.add_argument("--no-eval", action="store_true", help="with --quant int8: skip the val-bpb before/after report")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from slmlab.errors import ConfigError
+
+    if args.from_hf:
+        if args.fmt:
+            raise ConfigError("--from-hf writes a run directory; it takes no --to")
+        from slmlab.export.hf import import_hf
+
+        report = import_hf(args.from_hf, args.out, force=args.force)
+    else:
+        if not args.fmt:
+            raise ConfigError("--to FORMAT is required with --run")
+        if args.max_len <= 0:
+            raise ConfigError(f"--max-len must be > 0, got {args.max_len}")
+        from slmlab.export import ExportOptions, convert
+
+        opts = ExportOptions(dtype=args.dtype, quant=args.quant, max_len=args.max_len, eval_bpb=not args.no_eval)
+        report = convert(args.run, args.fmt, args.out, opts, force=args.force)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

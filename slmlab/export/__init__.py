@@ -1,0 +1,121 @@
+"""Export a run directory to other runtimes, and import Hugging Face checkpoints.
+
+One module per format; each has `export(model, tok, cfg, out, opts)` writing into `out` (a fresh
+temporary path that `convert()` renames into place only after the whole export succeeded), and a
+`verify`-style helper the tests use to run the artefact in its real runtime.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, ConfigError
+
+# format -> (module, pip extra that provides its runtime)
+FORMATS = {
+    "hf": ("hf", "export"),
+    "onnx": ("onnx", "onnx"),
+    "executorch": ("executorch", "executorch"),
+    "coreml": ("coreml", "coreml"),
+    "gguf": ("gguf", "gguf"),
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class ExportOptions:
+    dtype: str = "fp32"
+    quant: str | None = None  # int8 (weight-only, torch/executorch/onnx) | q8_0 (gguf)
+    max_len: int = 1024  # KV-cache slots in the decode graphs (onnx, executorch, coreml)
+    eval_bpb: bool = False  # with --quant int8: report val bpb before/after on the run's data
+
+
+def require(module: str, fmt: str, extra: str):
+    """Import an optional dependency, or a one-line error naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ConfigError(f"--to {fmt} needs the '{module}' package ({e.name or e}): "
+                          f"pip install -e '.[{extra}]'") from None
+
+
+def load_run_for_export(run_dir):
+    """(RunConfig, fp32 eval model, tokenizer) with errors that name what is missing."""
+    from ..checkpoint import load_run
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory not found: {run_dir}")
+    for name in ("config.yaml", "model.safetensors", "tokenizer.json"):
+        if not (run_dir / name).is_file():
+            raise CheckpointError(f"{run_dir} is not a finished run: {name} is missing")
+    cfg, model, tok = load_run(run_dir, "cpu")
+    return cfg, model.float().eval(), tok
+
+
+@contextmanager
+def staged_output(out, force: bool = False):
+    """Yield a temporary sibling path of `out`; rename it to `out` only when the block succeeds.
+    An existing `out` is refused unless force, and then replaced only after success."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise ConfigError(f"output {out} exists (pass --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    staged = tmp_dir / out.name
+    try:
+        yield staged
+        if not staged.exists():
+            raise RuntimeError(f"exporter wrote nothing at {staged}")
+        if out.exists():  # --force: swap in the new one, then drop the old
+            old = tmp_dir / (out.name + ".old")
+            os.replace(out, old)
+        os.replace(staged, out)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def convert(run_dir, fmt: str, out, opts: ExportOptions | None = None, force: bool = False) -> dict:
+    """Export the run in `run_dir` to `fmt` at `out`; returns a small report dict."""
+    opts = opts or ExportOptions()
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if opts.dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {opts.dtype!r}; choose one of {', '.join(DTYPES)}")
+    if opts.quant not in (None, "int8", "q8_0"):
+        raise ConfigError(f"unknown quantization {opts.quant!r}; choose int8 or q8_0")
+    if opts.quant == "q8_0" and fmt != "gguf":
+        raise ConfigError("--quant q8_0 is a GGUF type; use --quant int8 for other formats")
+    if opts.quant == "int8" and fmt not in ("executorch", "onnx"):
+        raise ConfigError(f"--quant int8 applies to executorch and onnx, not {fmt}"
+                          + (" (use --quant q8_0)" if fmt == "gguf" else ""))
+    if Path(out).exists() and not force:  # fail before the (slow) load
+        raise ConfigError(f"output {out} exists (pass --force to replace it)")
+    mod_name, _ = FORMATS[fmt]
+    mod = importlib.import_module(f"{__name__}.{mod_name}")
+    cfg, model, tok = load_run_for_export(run_dir)
+    mod.check_supported(cfg.model)
+    with staged_output(out, force) as staged:
+        report = mod.export(model, tok, cfg, staged, opts) or {}
+    if opts.quant == "int8" and opts.eval_bpb:
+        from .quant import bpb_change
+
+        report.update(bpb_change(run_dir))
+    report.setdefault("format", fmt)
+    report["path"] = str(out)
+    report["bytes"] = path_size(out)
+    return report
+
+
+def path_size(p) -> int:
+    p = Path(p)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())

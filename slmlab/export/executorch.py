@@ -1,0 +1,67 @@
+"""ExecuTorch: a .pte of StepLM (prefill and decode in one method) lowered with XNNPACK.
+
+Method `forward(input_ids [1, T] int64, pos [1] int64, *states) -> (logits [1, T, V], *states)`,
+T dynamic in 1..max_len; the state layout is StepLM's (see step.py). --quant int8 stores int8
+weights with per-row scales (quant.py). Run with `run_pte` (executorch.runtime).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import DTYPES, require
+from .step import StepLM, check_supported  # noqa: F401
+
+
+def export(model, tok, cfg, out: Path, opts):
+    require("executorch", "executorch", "executorch")
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    model = copy.deepcopy(model).eval()
+    if opts.quant == "int8":
+        from .quant import quantize_int8
+
+        quantize_int8(model)
+    dt = DTYPES[opts.dtype]
+    step = StepLM(model.to(dt), opts.max_len).eval()
+    states = step.init_states(1, dt)
+    args = (torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, dtype=torch.long), *states)
+    T = torch.export.Dim("seq", min=1, max=opts.max_len)
+    logging.getLogger("executorch").setLevel(logging.ERROR)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(step, args, dynamic_shapes=({1: T}, None, tuple(None for _ in states)))
+        prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
+    out.write_bytes(prog.buffer)
+    return {"states": step.state_names(), "max_len": opts.max_len}
+
+
+def run_pte(path, ids: torch.Tensor, n_steps: int = 0, feed=None, dtype=torch.float32):
+    """(prefill logits [1, T, V], fed tokens [1, n], step logits [1, n, V]) from executorch.runtime."""
+    require("executorch", "executorch", "executorch")
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(str(path)).load_method("forward")
+    meta = method.metadata
+    states = [torch.zeros(tuple(meta.input_tensor_meta(i).sizes()), dtype=dtype) for i in range(2, meta.num_inputs())]
+    out = method.execute([ids, torch.zeros(1, dtype=torch.long), *states])
+    pre, states = out[0], list(out[1:])
+    p = ids.shape[1]
+    toks, steps = [], []
+    nxt = pre[:, -1:].argmax(-1)
+    for i in range(n_steps):
+        if feed is not None:
+            nxt = feed[:, i:i + 1]
+        toks.append(nxt)
+        out = method.execute([nxt.contiguous(), torch.tensor([p]), *states])
+        steps.append(out[0])
+        states = list(out[1:])
+        p += 1
+        nxt = out[0][:, -1:].argmax(-1)
+    cat = lambda xs, shape: torch.cat(xs, 1) if xs else torch.zeros(shape)  # noqa: E731
+    return pre, cat(toks, (1, 0)), cat(steps, (1, 0, pre.shape[-1]))

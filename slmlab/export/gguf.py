@@ -1,0 +1,130 @@
+"""GGUF for llama.cpp: architecture `lfm2` (conv+attn hybrids) or `qwen3` (all attention).
+
+Tensor names come from slmlab/hf.py's HF mapping followed by gguf's own TensorNameMap (the table
+llama.cpp's converter uses), so no name table lives here. Tokenizer metadata: our byte-level BPE is
+GPT-2's scheme, so tokenizer.ggml.model = "gpt2" with pre-tokenizer "gpt-2" (the GPT-2 regex that
+tokenizers' ByteLevel(use_regex=True) applies), tokens, token types (specials = control), merges.
+Weight types: f32 | f16 | bf16 for matrices (--dtype), q8_0 with --quant q8_0; norms, the tiny
+conv kernels and any row length not divisible by 32 stay f32 (llama.cpp reads norms as f32).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..hf import hf_family, to_hf_state_dict
+from . import require
+
+
+def check_supported(mcfg):
+    family = hf_family(mcfg)
+    if family == "qwen3" and any(w is not None for w in mcfg.layer_windows()):
+        raise ConfigError("llama.cpp's qwen3 has no sliding-window attention: export window_pattern L models to gguf")
+    if family == "lfm2" and mcfg.conv_bias:
+        raise ConfigError("llama.cpp's lfm2 has no conv biases: export conv_bias=false models to gguf")
+
+
+def _tokenizer_metadata(w, tok):
+    from ..tokenizer import SPECIAL_TOKENS
+
+    import gguf
+
+    vocab = tok.hf.get_vocab(with_added_tokens=True)
+    tokens = [None] * (max(vocab.values()) + 1)
+    for s, i in vocab.items():
+        tokens[i] = s
+    if any(t is None for t in tokens):
+        raise ConfigError("tokenizer ids are not contiguous; GGUF needs a dense token list")
+    model = json.loads(tok.to_json())["model"]
+    if model.get("type") != "BPE":
+        raise ConfigError(f"only byte-level BPE tokenizers export to gguf (got {model.get('type')})")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    types = [gguf.TokenType.CONTROL if t in SPECIAL_TOKENS else gguf.TokenType.NORMAL for t in tokens]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for add, tid in ((w.add_bos_token_id, tok.bos_id), (w.add_eos_token_id, tok.eos_id), (w.add_pad_token_id, tok.pad_id)):
+        if tid is not None:
+            add(tid)
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+
+
+def export(model, tok, cfg, out: Path, opts):
+    gguf = require("gguf", "gguf", "gguf")
+    mcfg = cfg.model
+    family = hf_family(mcfg)
+    arch = gguf.MODEL_ARCH.LFM2 if family == "lfm2" else gguf.MODEL_ARCH.QWEN3
+    if opts.quant == "q8_0":
+        wtype, ftype = gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0
+    else:
+        wtype, ftype = {"fp32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+                        "fp16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+                        "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16)}[opts.dtype]
+
+    w = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[arch])
+    w.add_name(f"slmlab-{cfg.arch}")
+    w.add_context_length(4096)
+    w.add_embedding_length(mcfg.d_model)
+    w.add_block_count(mcfg.n_layers)
+    w.add_feed_forward_length(mcfg.ffn)
+    w.add_head_count(mcfg.n_heads)
+    if family == "lfm2":
+        w.add_head_count_kv([mcfg.n_kv_heads if t == "attn" else 0 for t in mcfg.layer_types()])
+        w.add_vocab_size(mcfg.vocab_size)
+        w.add_shortconv_l_cache(mcfg.conv_kernel)
+    else:
+        w.add_head_count_kv(mcfg.n_kv_heads)
+        w.add_key_length(mcfg.hd)
+        w.add_value_length(mcfg.hd)
+    w.add_rope_freq_base(mcfg.rope_theta)
+    w.add_layer_norm_rms_eps(mcfg.norm_eps)
+    w.add_file_type(ftype)
+    _tokenizer_metadata(w, tok)
+
+    names = gguf.TensorNameMap(arch, mcfg.n_layers)
+    for hf_name, t in to_hf_state_dict(model).items():
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ConfigError(f"no GGUF name for tensor {hf_name}")
+        data = t.detach().float().cpu().numpy()
+        if ".conv.conv." in hf_name:
+            data = data.squeeze(1)  # llama.cpp's shortconv kernel is [D, K]
+        data = np.ascontiguousarray(data)
+        qtype = wtype
+        if data.ndim != 2 or "conv.conv" in hf_name or \
+                (qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32):
+            qtype = gguf.GGMLQuantizationType.F32
+        if qtype == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, data)
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(name, data.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return {"arch": gguf.MODEL_ARCH_NAMES[arch], "weights": wtype.name}
+
+
+def read_gguf(path) -> tuple[dict, dict]:
+    """(metadata {key: value}, tensors {name: float32 array in our orientation}) via gguf.GGUFReader."""
+    gguf = require("gguf", "gguf", "gguf")
+    r = gguf.GGUFReader(str(path))
+    meta = {}
+    for f in r.fields.values():
+        try:
+            meta[f.name] = f.contents()
+        except Exception:  # pragma: no cover - exotic field types
+            pass
+    tensors = {}
+    for t in r.tensors:
+        arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        tensors[t.name] = np.asarray(arr, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+    return meta, tensors

@@ -1,0 +1,127 @@
+"""Hugging Face transformers folders: export (Lfm2ForCausalLM / Qwen3ForCausalLM) and import.
+
+The name/config mapping lives in slmlab/hf.py; this module only writes and reads folders.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+from ..errors import CheckpointError, ConfigError
+from ..hf import from_hf_config, from_hf_state_dict, hf_family, to_hf_config, to_hf_state_dict
+from . import DTYPES, require
+
+HF_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def check_supported(mcfg):
+    hf_family(mcfg)  # ConfigError naming the block/option without an exact transformers class
+
+
+def special_ids(tok) -> dict:
+    return {k: v for k, v in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id),
+                              ("pad_token_id", tok.pad_id)) if v is not None}
+
+
+def export(model, tok, cfg, out: Path, opts):
+    require("transformers", "hf", "export")
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    out.mkdir(parents=True)
+    ids = special_ids(tok)
+    hf_cfg = to_hf_config(cfg.model, max_position_embeddings=4096, **ids)
+    hf_cfg.architectures = ["Lfm2ForCausalLM" if hf_family(cfg.model) == "lfm2" else "Qwen3ForCausalLM"]
+    hf_cfg.dtype = HF_DTYPE_NAMES[opts.dtype]
+    hf_cfg.to_json_file(str(out / "config.json"))
+    sd = {k: v.detach().to(DTYPES[opts.dtype]).contiguous() for k, v in to_hf_state_dict(model).items()}
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    GenerationConfig(**ids, do_sample=False).save_pretrained(str(out))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok.hf, bos_token="<|bos|>", eos_token="<|eos|>",
+                                   pad_token="<|pad|>", mask_token="<|mask|>", clean_up_tokenization_spaces=False)
+    fast.model_max_length = 4096
+    fast.save_pretrained(str(out))
+    return {"family": hf_family(cfg.model)}
+
+
+def _read_hf_weights(path: Path) -> dict:
+    from ..checkpoint import load_tensors
+
+    single = path / "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    if single.is_file():
+        return load_tensors(single)
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index ({e})") from None
+        sd = {}
+        for f in files:
+            sd.update(load_tensors(path / f))
+        return sd
+    raise CheckpointError(f"{path} has no model.safetensors (only safetensors checkpoints are loaded)")
+
+
+def load_hf(path):
+    """An HF Lfm2/Qwen3 causal-LM folder -> (ModelConfig, our LM with its weights, Tokenizer or None)."""
+    require("transformers", "from-hf", "hf")
+    from transformers import AutoConfig
+
+    from arch import LM
+
+    from ..tokenizer import Tokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} is not a transformers model folder (no config.json)")
+    try:
+        hf_cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (ValueError, KeyError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"unsupported transformers architecture in {path}: {msg}") from None
+    if getattr(hf_cfg, "model_type", None) not in ("lfm2", "qwen3"):
+        raise ConfigError(f"unsupported transformers architecture {hf_cfg.model_type!r} in {path}: "
+                          "only lfm2 (Lfm2ForCausalLM) and qwen3 (Qwen3ForCausalLM) load into slmlab")
+    mcfg = from_hf_config(hf_cfg)
+    if mcfg.layer_types().count("attn") and hf_cfg.model_type == "lfm2" and mcfg.hd * mcfg.n_heads != mcfg.d_model:
+        raise ConfigError("Lfm2 head_dim must equal hidden_size / num_attention_heads")
+    hf_sd = _read_hf_weights(path)
+    try:
+        sd = from_hf_state_dict(hf_sd, mcfg)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: weight {e.args[0]} is missing for a {hf_cfg.model_type} model") from None
+    model = LM(mcfg)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    if missing:
+        raise CheckpointError(f"{path}: no weight for {missing[0]} ({len(missing)} missing)")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise CheckpointError(f"{path}: shape mismatch for {k}: checkpoint {tuple(v.shape)}, "
+                                  f"config implies {tuple(own[k].shape)}")
+    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    tok = Tokenizer.load(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
+    return mcfg, model.eval(), tok
+
+
+def import_hf(path, out: Path, force: bool = False) -> dict:
+    """Write a run directory (config.yaml, model.safetensors, tokenizer.json) from an HF folder,
+    so the trainer, sample.py and every exporter can use it."""
+    from ..checkpoint import save_model
+    from ..config import build
+    from . import path_size, staged_output
+
+    mcfg, model, tok = load_hf(path)
+    if tok is None:
+        raise CheckpointError(f"{path} has no tokenizer.json (a run directory needs one)")
+    with staged_output(out, force) as staged:
+        staged.mkdir(parents=True)
+        family = "hybrid" if "conv" in mcfg.layer_types() else "transformer"
+        run_cfg = build(family, {"model": mcfg.to_dict()})
+        run_cfg.save(staged / "config.yaml")
+        tok.save(staged / "tokenizer.json")
+        save_model(model, staged / "model.safetensors", metadata={"source": f"hf:{Path(path).name}"})
+    return {"format": "run", "path": str(out), "bytes": path_size(out), "params": model.num_params(),
+            "layers": "".join("A" if t == "attn" else "C" for t in mcfg.layer_types())}

@@ -1,0 +1,114 @@
+"""ONNX: model.onnx (prefill, dynamic batch and length) + decode.onnx (StepLM: states in and out).
+
+Both come from torch.onnx.export(dynamo=True). decode.onnx inputs: input_ids [B, T] int64,
+pos [1] int64, then the states named in export.json; outputs: logits, then `<state>_out` in the
+same order. Checked in onnxruntime by `run_onnx`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from . import DTYPES, require
+from .step import Prefill, StepLM, check_supported  # noqa: F401
+
+
+def prepare(model, opts):
+    model = copy.deepcopy(model).eval()
+    if opts.quant == "int8":
+        from .quant import quantize_int8
+
+        quantize_int8(model)
+    return model.to(DTYPES[opts.dtype])
+
+
+def export(model, tok, cfg, out: Path, opts):
+    require("onnx", "onnx", "onnx")
+    require("onnxscript", "onnx", "onnx")
+    out.mkdir(parents=True)
+    model = prepare(model, opts)
+    dt = DTYPES[opts.dtype]
+    B, T = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=1, max=opts.max_len)
+    idx = torch.zeros(2, 8, dtype=torch.long)
+    _export(Prefill(model, opts.max_len), (idx,), {"idx": {0: B, 1: T}}, ["input_ids"], ["logits"], out / "model.onnx")
+
+    step = StepLM(model, opts.max_len).eval()
+    names = step.state_names()
+    states = step.init_states(2, dt)
+    pos = torch.zeros(1, dtype=torch.long)
+    dyn = {"idx": {0: B, 1: T}, "pos": None, "states": [{0: B} for _ in states]}
+    _export(step, (idx, pos, *states), dyn, ["input_ids", "pos", *names],
+            ["logits", *[n + "_out" for n in names]], out / "decode.onnx")
+    meta = {"max_len": opts.max_len, "dtype": opts.dtype, "quant": opts.quant, "states": names,
+            "state_shapes": [list(s[1:]) for s in step.state_shapes(1)], "layers": cfg.model.layer_types(),
+            "bos_id": tok.bos_id, "eos_id": tok.eos_id}
+    (out / "export.json").write_text(json.dumps(meta, indent=1))
+    tok.save(out / "tokenizer.json")
+    return {"graphs": ["model.onnx", "decode.onnx"], "max_len": opts.max_len}
+
+
+def _export(module, args, dynamic, input_names, output_names, path):
+    import logging
+    import warnings
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=_dyn_for(module, dynamic),
+                                 input_names=input_names, output_names=output_names, verbose=False,
+                                 optimize=True)
+    prog.save(str(path), external_data=False)
+
+
+def _dyn_for(module, dynamic):
+    # dynamic_shapes mirrors forward's signature; StepLM takes *states as one tuple argument.
+    if isinstance(module, StepLM):
+        return (dynamic["idx"], dynamic["pos"], tuple(dynamic["states"]))
+    return (dynamic["idx"],)
+
+
+def run_onnx(folder, idx, n_steps: int, feed=None):
+    """onnxruntime: prefill logits from model.onnx, the prompt again through decode.onnx, then
+    n_steps decode steps (feeding `feed` tokens, else greedy). Returns (prefill, decode-prefill,
+    tokens, step logits) as torch tensors."""
+    ort = require("onnxruntime", "onnx", "onnx")
+    import numpy as np
+
+    folder = Path(folder)
+    meta = json.loads((folder / "export.json").read_text())
+    opt = ort.SessionOptions()
+    opt.log_severity_level = 3
+    pre = ort.InferenceSession(str(folder / "model.onnx"), opt, providers=["CPUExecutionProvider"])
+    dec = ort.InferenceSession(str(folder / "decode.onnx"), opt, providers=["CPUExecutionProvider"])
+    x = idx.numpy().astype(np.int64)
+    prefill = pre.run(["logits"], {"input_ids": x})[0]
+    np_dt = np.float16 if meta["dtype"] == "fp16" else np.float32
+    B = x.shape[0]
+    states = [np.zeros([B, *s], dtype=np_dt) for s in meta["state_shapes"]]
+
+    def step(tokens, p, states):
+        feeds = {"input_ids": tokens, "pos": np.array([p], dtype=np.int64)}
+        feeds.update(dict(zip(meta["states"], states)))
+        out = dec.run(None, feeds)
+        return out[0], out[1:]
+
+    logits, states = step(x, 0, states)
+    first = logits
+    p = x.shape[1]
+    toks, steps = [], []
+    nxt = logits[:, -1:].argmax(-1)
+    for i in range(n_steps):
+        if feed is not None:
+            nxt = feed[:, i:i + 1].numpy().astype(np.int64)
+        toks.append(nxt)
+        logits, states = step(nxt, p, states)
+        p += 1
+        steps.append(logits)
+        nxt = logits[:, -1:].argmax(-1)
+    t = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32))  # noqa: E731
+    toks = np.concatenate(toks, 1) if toks else np.zeros((B, 0), np.int64)
+    steps = np.concatenate(steps, 1) if steps else np.zeros((B, 0, prefill.shape[-1]), np.float32)
+    return t(prefill), t(first), torch.from_numpy(toks), t(steps)

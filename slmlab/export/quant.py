@@ -1,0 +1,100 @@
+"""Int8 weight-only quantization (per output channel, symmetric) for the PyTorch export paths.
+
+Weights are stored as int8 plus one fp scale per row and dequantized in the graph right before the
+matmul/gather, so the artefact holds ~1/4 of the fp32 bytes while activations stay in float. The
+reference is plain `round(w / s) * s`: `fake_quantize` gives the float model it must equal.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def quantize_rows(w: torch.Tensor):
+    """w [out, in] -> (int8 [out, in], scale [out, 1]) with w ~= q * scale, |q| <= 127."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+    q = torch.clamp(torch.round(w / scale), -127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, lin: nn.Linear, qs=None):
+        super().__init__()
+        q, s = qs or quantize_rows(lin.weight)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", s.to(lin.weight.dtype))
+        self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone())
+
+    def forward(self, x):
+        return F.linear(x, self.qweight.to(x.dtype) * self.scale.to(x.dtype), self.bias)
+
+
+class Int8Embedding(nn.Module):
+    def __init__(self, emb: nn.Embedding, qs=None):
+        super().__init__()
+        q, s = qs or quantize_rows(emb.weight)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", s.to(emb.weight.dtype))
+
+    def forward(self, idx):
+        return self.qweight[idx].to(self.scale.dtype) * self.scale[idx]
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace every nn.Linear and nn.Embedding (in place) by its int8 weight-only form. A tied
+    embedding/head pair shares one int8 table."""
+    done = {}  # id(weight) -> (q, scale)
+    for name, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, (nn.Linear, nn.Embedding)):
+                qs = done.setdefault(id(child.weight), quantize_rows(child.weight))
+                cls = Int8Linear if isinstance(child, nn.Linear) else Int8Embedding
+                setattr(mod, child_name, cls(child, qs))
+    return model
+
+
+@torch.no_grad()
+def fake_quantize(model: nn.Module) -> nn.Module:
+    """The float model whose weights are the dequantized int8 ones (reference for quantize_int8)."""
+    for mod in model.modules():
+        if isinstance(mod, (nn.Linear, nn.Embedding)):
+            q, s = quantize_rows(mod.weight)
+            mod.weight.copy_(q.float() * s)
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    seen, n = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        n += t.numel() * t.element_size()
+    return n
+
+
+def bpb_change(run_dir, max_tokens: int | None = 65536) -> dict:
+    """Validation bits-per-byte of the run before and after int8 weight-only quantization."""
+    import copy
+
+    from ..checkpoint import load_run
+    from ..data import prepare_data
+    from ..trainer import evaluate, token_byte_lengths
+
+    cfg, model, tok = load_run(run_dir, "cpu")
+    model = model.float().eval()
+    bundle = prepare_data(cfg.data.spec, cfg.model.vocab_size, Path(cfg.data.cache_dir).expanduser(), cfg.data.val_frac,
+                          tokenizer=tok,
+                          progress=False, quiet=True)
+    lens = token_byte_lengths(tok)
+    dev = torch.device("cpu")
+    base = evaluate(model, bundle.val, cfg, dev, lens, max_tokens=max_tokens)
+    q = quantize_int8(copy.deepcopy(model)).eval()
+    quant = evaluate(q, bundle.val, cfg, dev, lens, max_tokens=max_tokens)
+    return {"fp32_bpb": base["val_bpb"], "int8_bpb": quant["val_bpb"],
+            "delta_bpb": quant["val_bpb"] - base["val_bpb"],
+            "fp32_weight_bytes": weight_bytes(model), "int8_weight_bytes": weight_bytes(q)}

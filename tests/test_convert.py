@@ -1,0 +1,424 @@
+"""convert.py: every export format checked in its own runtime against our model's logits.
+
+Run directories are built here (tiny random models with non-trivial norms), not trained, so the
+default suite stays fast. The llama.cpp check on a trained run is `pytest -m slow tests/test_convert.py`.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from arch import LM
+from slmlab.checkpoint import save_model
+from slmlab.config import build
+from slmlab.tokenizer import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ("def main(argv):\n    for i in range(10):\n        print('hello world', i)\n    return 0\n"
+        "class Foo:\n    def __init__(self, x):\n        self.x = x + 1  # the quick brown fox\n") * 20
+
+PRESETS = {
+    "hybrid": dict(layers="CCA", window_pattern="L"),
+    "transformer": dict(layers="A", window_pattern="L"),
+    "transformer-sliding": dict(layers="A", window_pattern="SL", window=5),
+}
+
+
+def make_run(path: Path, preset: str = "hybrid", seed: int = 0, **overrides) -> Path:
+    """A run directory (config.yaml, tokenizer.json, model.safetensors) holding a tiny random model."""
+    tok = train_tokenizer([TEXT], 300)
+    model_tree = dict(vocab_size=tok.vocab_size, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=96,
+                      rope_theta=5000.0, init_std=0.08, kernels="torch", **PRESETS[preset])
+    model_tree.update(overrides)
+    cfg = build(preset.split("-")[0], {"model": model_tree})
+    torch.manual_seed(seed)
+    model = LM(cfg.model)
+    with torch.no_grad():  # non-trivial norm weights so a swapped or dropped norm cannot hide
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn_like(p))
+    path.mkdir(parents=True, exist_ok=True)
+    cfg.save(path / "config.yaml")
+    tok.save(path / "tokenizer.json")
+    save_model(model, path / "model.safetensors")
+    return path
+
+
+def ours(run):
+    from slmlab.checkpoint import load_run
+
+    _, model, tok = load_run(run)
+    return model.float().eval(), tok
+
+
+def convert(*argv):
+    """Run the CLI in-process; returns (exit code, stderr text)."""
+    import contextlib
+    import io
+
+    import convert as cli
+    from slmlab.cli import run_cli
+
+    err, outbuf = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(outbuf):
+        rc = run_cli(cli.main, [str(a) for a in argv])
+    return rc, err.getvalue(), outbuf.getvalue()
+
+
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("runs")
+    return {p: make_run(base / p, p) for p in PRESETS}
+
+
+def prompt(tok, n=12):
+    ids = tok.encode("def main(argv):\n    for i in")[:n]
+    return torch.tensor([ids])
+
+
+# ---------------------------------------------------------------- hf
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_hf_export_reloads_with_equal_logits_and_generation(runs, preset, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    rc, err, _ = convert("--run", runs[preset], "--to", "hf", "--out", out)
+    assert rc == 0, err
+    for f in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / f).is_file(), f
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    want = "Lfm2ForCausalLM" if preset == "hybrid" else "Qwen3ForCausalLM"
+    assert type(hf).__name__ == want
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    model, tok = ours(runs[preset])
+    text = "def main(argv):\n    for i in range(3):"
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    assert hf_tok.eos_token_id == tok.eos_id and hf_tok.bos_token_id == tok.bos_id
+    idx = torch.tensor([tok.encode(text)] * 2)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx), atol=1e-4, rtol=0)
+        p = prompt(tok)
+        mine = model.generate(p, 16, temperature=0)
+        theirs = hf.generate(p, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    assert mine.tolist() == theirs.tolist()
+
+
+def test_hf_export_fp16_dtype(runs, tmp_path):
+    pytest.importorskip("transformers")
+    from safetensors import safe_open
+
+    out = tmp_path / "hf16"
+    assert convert("--run", runs["hybrid"], "--to", "hf", "--out", out, "--dtype", "fp16")[0] == 0
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+
+
+@pytest.mark.parametrize("preset", ["hybrid", "transformer-sliding"])
+def test_from_hf_round_trip(runs, preset, tmp_path):
+    """An HF folder saved by transformers itself (random weights) -> our run dir -> same logits;
+    and our export of that run is that folder again."""
+    transformers = pytest.importorskip("transformers")
+    from slmlab.hf import to_hf_config
+
+    model, tok = ours(runs[preset])
+    torch.manual_seed(1)
+    hf_cfg = to_hf_config(model.cfg, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            p.normal_(1.0 if "norm" in n else 0.0, 0.1 if "norm" in n else 0.08)
+    src = tmp_path / "src"
+    hf.save_pretrained(src)
+    (src / "tokenizer.json").write_text(tok.to_json())
+    run = tmp_path / "run"
+    rc, err, _ = convert("--from-hf", src, "--out", run)
+    assert rc == 0, err
+    back, _ = ours(run)
+    idx = prompt(tok)
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx), hf(idx).logits, atol=1e-4, rtol=0)
+
+
+def test_from_hf_unsupported_and_mismatched(runs, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    gpt2 = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2)
+    src = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(gpt2).save_pretrained(src)
+    rc, err, _ = convert("--from-hf", src, "--out", tmp_path / "r1")
+    assert rc == 2 and "gpt2" in err and err.count("\n") == 1
+    assert not (tmp_path / "r1").exists()
+    # shapes that disagree with config.json
+    model, tok = ours(runs["transformer"])
+    out = tmp_path / "hf"
+    assert convert("--run", runs["transformer"], "--to", "hf", "--out", out)[0] == 0
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (out / "config.json").write_text(json.dumps(cfg))
+    rc, err, _ = convert("--from-hf", out, "--out", tmp_path / "r2")
+    assert rc == 2 and "shape mismatch" in err and err.count("\n") == 1
+    assert not (tmp_path / "r2").exists()
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_input_is_one_line_exit_2_nothing_written(runs, tmp_path):
+    out = tmp_path / "o"
+    cases = [
+        ("--run", runs["hybrid"], "--to", "tflite", "--out", out),  # unknown format
+        ("--run", tmp_path / "nope", "--to", "hf", "--out", out),  # no run dir
+        ("--run", runs["hybrid"], "--to", "hf", "--out", out, "--dtype", "int4"),
+    ]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.yaml").write_text((runs["hybrid"] / "config.yaml").read_text())
+    cases.append(("--run", empty, "--to", "hf", "--out", out))  # no checkpoint
+    trunc = tmp_path / "trunc"
+    make_run(trunc)
+    data = (trunc / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[: len(data) // 2])
+    cases.append(("--run", trunc, "--to", "hf", "--out", out))  # truncated checkpoint
+    for argv in cases:
+        rc, err, _ = convert(*argv)
+        assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
+        assert not out.exists(), argv
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]  # no temp left behind
+
+
+def test_existing_output_refused_unless_force(runs, tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    rc, err, _ = convert("--run", runs["hybrid"], "--to", "hf", "--out", out)
+    assert rc == 2 and "--force" in err
+    assert (out / "keep.txt").is_file()
+    rc, err, _ = convert("--run", runs["hybrid"], "--to", "hf", "--out", out, "--force")
+    assert rc == 0, err
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_unsupported_model_names_what(tmp_path):
+    run = make_run(tmp_path / "diff", "hybrid", causal=False)
+    rc, err, _ = convert("--run", run, "--to", "hf", "--out", tmp_path / "o")
+    assert rc == 2 and "bidirectional" in err
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- decode graph (shared by onnx/executorch/coreml)
+@pytest.mark.parametrize("preset", ["hybrid", "transformer-sliding"])
+def test_step_graph_matches_lm_decode(runs, preset):
+    """StepLM (fixed KV slots, plain-tensor states) against LM's own KVCache/ConvState decode."""
+    from slmlab.export.step import StepLM, reference_decode
+
+    model, tok = ours(runs[preset])
+    idx = prompt(tok).repeat(2, 1)
+    pre, toks, steps = reference_decode(model, idx, 10)  # 12 + 10 positions: past the window of 5
+    step = StepLM(model, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(step.prefill(idx), pre, atol=1e-5, rtol=0)
+        logits, *st = step(idx, torch.tensor([0]), *step.init_states(2))
+        torch.testing.assert_close(logits, pre, atol=1e-5, rtol=0)
+        for i in range(10):
+            logits, *st = step(toks[:, i:i + 1], torch.tensor([idx.shape[1] + i]), *st)
+            torch.testing.assert_close(logits, steps[:, i:i + 1], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- onnx
+@pytest.mark.parametrize("preset", ["hybrid", pytest.param("transformer-sliding", marks=pytest.mark.slow)])
+def test_onnx_prefill_and_decode_in_onnxruntime(runs, preset, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from slmlab.export.onnx import run_onnx
+    from slmlab.export.step import reference_decode
+
+    out = tmp_path / "onnx"
+    rc, err, _ = convert("--run", runs[preset], "--to", "onnx", "--out", out, "--max-len", 64)
+    assert rc == 0, err
+    model, tok = ours(runs[preset])
+    idx = prompt(tok).repeat(2, 1)
+    pre, toks, steps = reference_decode(model, idx, 16)
+    got_pre, got_first, got_toks, got_steps = run_onnx(out, idx, 16, feed=toks)
+    torch.testing.assert_close(got_pre, pre, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got_first, pre, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got_steps, steps, atol=1e-4, rtol=0)
+    # a different batch size and length than the export example: the axes are dynamic
+    short = idx[:1, :5]
+    torch.testing.assert_close(run_onnx(out, short, 0)[0], model(short).detach(), atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- gguf
+@pytest.mark.parametrize("preset,dtype,quant,tol", [("hybrid", "fp32", None, 0.0), ("transformer", "fp16", None, 2e-3),
+                                                    ("hybrid", "fp32", "q8_0", 2e-2)])
+def test_gguf_written_and_read_back(runs, preset, dtype, quant, tol, tmp_path):
+    pytest.importorskip("gguf")
+    from slmlab.export.gguf import read_gguf
+    from slmlab.hf import to_hf_state_dict
+
+    out = tmp_path / "m.gguf"
+    argv = ["--run", runs[preset], "--to", "gguf", "--out", out, "--dtype", dtype] + (["--quant", quant] if quant else [])
+    rc, err, _ = convert(*argv)
+    assert rc == 0, err
+    meta, tensors = read_gguf(out)
+    model, tok = ours(runs[preset])
+    arch = "lfm2" if preset == "hybrid" else "qwen3"
+    assert meta["general.architecture"] == arch
+    assert meta[f"{arch}.block_count"] == 3 and meta[f"{arch}.embedding_length"] == 64
+    assert meta[f"{arch}.feed_forward_length"] == 96
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
+    assert meta["tokenizer.ggml.tokens"][:4] == ["<|bos|>", "<|eos|>", "<|pad|>", "<|mask|>"]
+    assert len(meta["tokenizer.ggml.tokens"]) == tok.vocab_size
+    assert meta["tokenizer.ggml.eos_token_id"] == 1
+    if arch == "lfm2":
+        assert meta["lfm2.attention.head_count_kv"] == [0, 0, 2]
+        assert meta["lfm2.shortconv.l_cache"] == 3
+    hf_sd = to_hf_state_dict(model)
+    assert len(tensors) == len(hf_sd)
+    emb = tensors["token_embd.weight"]
+    want = model.embed.weight.detach().numpy()
+    assert emb.shape == want.shape
+    assert abs(emb - want).max() <= tol * max(1.0, abs(want).max())
+    assert (tensors["output_norm.weight" if arch == "qwen3" else "token_embd_norm.weight"]
+            == model.norm.weight.detach().numpy()).all()  # norms stay f32 in every type
+
+
+def test_gguf_refuses_sliding_window(runs, tmp_path):
+    pytest.importorskip("gguf")
+    rc, err, _ = convert("--run", runs["transformer-sliding"], "--to", "gguf", "--out", tmp_path / "x.gguf")
+    assert rc == 2 and "sliding" in err and not (tmp_path / "x.gguf").exists()
+
+
+def llama_logits(path, ids, text=None):
+    """All-position logits from llama.cpp (llama-cpp-python) with an f32 KV cache; if `text` is
+    given, also checks that llama.cpp's tokenizer (from the GGUF metadata) gives `ids` for it."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, n_threads=2, n_batch=256,
+                          type_k=0, type_v=0, verbose=False)  # GGML_TYPE_F32 = 0
+    if text is not None:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+    llm.eval(ids)
+    return torch.tensor(llm.scores[:len(ids)].copy())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["hybrid", "transformer"])
+def test_llama_cpp_logits_match(runs, preset, tmp_path):
+    pytest.importorskip("llama_cpp")
+    out = tmp_path / "m.gguf"
+    assert convert("--run", runs[preset], "--to", "gguf", "--out", out)[0] == 0
+    model, tok = ours(runs[preset])
+    ids = tok.encode(TEXT[:200])
+    with torch.no_grad():
+        want = model(torch.tensor([ids]))[0]
+    got = llama_logits(out, ids, TEXT[:200])
+    diff = (got - want).abs().max().item()
+    print(f"llama.cpp {preset} f32 max |logit diff| = {diff:.2e}")
+    assert diff < 1e-3
+
+
+@pytest.mark.slow
+def test_llama_cpp_on_trained_hybrid(tmp_path):
+    """Train a small hybrid for 20 steps with train.py, export f32 GGUF, compare llama.cpp's logits."""
+    pytest.importorskip("llama_cpp")
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, str(ROOT / "train.py"), "--arch", "hybrid", "--out", str(run), "train.steps=20",
+                    "model.d_model=64", "train.eval_every=20", "train.sample_tokens=8", "logging.progress=false"],
+                   check=True, cwd=ROOT)
+    out = tmp_path / "hybrid.gguf"
+    assert convert("--run", run, "--to", "gguf", "--out", out)[0] == 0
+    model, tok = ours(run)
+    text = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1)  # é ü 😀"
+    ids = tok.encode(text)
+    with torch.no_grad():
+        want = model(torch.tensor([ids]))[0]
+    got = llama_logits(out, ids, text)
+    diff = (got - want).abs().max().item()
+    print(f"llama.cpp trained hybrid ({len(ids)} tokens) f32 max |logit diff| = {diff:.2e}")
+    assert diff < 1e-3
+
+
+# ---------------------------------------------------------------- coreml
+def test_coreml_package_spec(runs, tmp_path):
+    pytest.importorskip("coremltools")
+    from slmlab.export.coreml import describe, predict_steps
+
+    out = tmp_path / "m.mlpackage"
+    rc, err, _ = convert("--run", runs["hybrid"], "--to", "coreml", "--out", out, "--max-len", 64)
+    assert rc == 0, err
+    info = describe(out)
+    assert info["inputs"] == {"input_ids": [1, 1], "pos": [1], "conv_0": [1, 64, 2], "conv_1": [1, 64, 2],
+                              "k_2": [1, 2, 64, 16], "v_2": [1, 2, 64, 16]}
+    assert info["outputs"] == {"logits": [1, 1, 300], "conv_0_out": [1, 64, 2], "conv_1_out": [1, 64, 2],
+                               "k_2_out": [1, 2, 64, 16], "v_2_out": [1, 2, 64, 16]}
+    if sys.platform == "darwin":  # the real runtime: same logits as ours, token by token
+        model, tok = ours(runs["hybrid"])
+        ids = tok.encode("def main(argv):")
+        with torch.no_grad():
+            torch.testing.assert_close(predict_steps(out, ids), model(torch.tensor([ids]))[0], atol=1e-3, rtol=0)
+
+
+# ---------------------------------------------------------------- executorch + int8
+def _executorch_parity(run, tmp_path, quant=None):
+    pytest.importorskip("executorch.runtime")
+    from slmlab.export.executorch import run_pte
+    from slmlab.export.quant import fake_quantize
+    from slmlab.export.step import reference_decode
+
+    out = tmp_path / "m.pte"
+    argv = ["--run", run, "--to", "executorch", "--out", out, "--max-len", 64, "--no-eval"] + (["--quant", quant] if quant else [])
+    rc, err, _ = convert(*argv)
+    assert rc == 0, err
+    model, tok = ours(run)
+    if quant:
+        fake_quantize(model)  # the reference for an int8 graph is the dequantized float model
+    idx = prompt(tok)
+    pre, toks, steps = reference_decode(model, idx, 8)
+    got_pre, _, got_steps = run_pte(out, idx, 8, feed=toks)
+    torch.testing.assert_close(got_pre, pre, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got_steps, steps, atol=1e-4, rtol=0)
+    return out
+
+
+def test_executorch_prefill_and_decode(runs, tmp_path):
+    _executorch_parity(runs["hybrid"], tmp_path)
+
+
+@pytest.mark.slow
+def test_executorch_int8_smaller_and_equal_to_fake_quant(runs, tmp_path):
+    fp = _executorch_parity(runs["hybrid"], tmp_path / "fp")
+    q = _executorch_parity(runs["hybrid"], tmp_path / "q", quant="int8")
+    assert q.stat().st_size < 0.5 * fp.stat().st_size
+
+
+def test_int8_weight_only_matches_fake_quant_and_shrinks(runs):
+    import copy
+
+    from slmlab.export.quant import fake_quantize, quantize_int8, weight_bytes
+
+    model, tok = ours(runs["hybrid"])
+    q = quantize_int8(copy.deepcopy(model))
+    ref = fake_quantize(copy.deepcopy(model))
+    idx = prompt(tok)
+    with torch.no_grad():
+        torch.testing.assert_close(q(idx), ref(idx), atol=1e-5, rtol=0)
+        assert (q(idx) - model(idx)).abs().max() > 0  # it did quantize
+    assert weight_bytes(q) < 0.35 * weight_bytes(model)
+
+
+def test_quant_flag_checked_per_format(runs, tmp_path):
+    rc, err, _ = convert("--run", runs["hybrid"], "--to", "hf", "--out", tmp_path / "o", "--quant", "int8")
+    assert rc == 2 and "int8" in err
+    rc, err, _ = convert("--run", runs["hybrid"], "--to", "gguf", "--out", tmp_path / "o", "--quant", "int8")
+    assert rc == 2 and "q8_0" in err
+
+
+def test_missing_extra_names_it(monkeypatch, runs, tmp_path):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` raise ImportError
+    rc, err, _ = convert("--run", runs["hybrid"], "--to", "gguf", "--out", tmp_path / "x.gguf")
+    assert rc == 2 and "pip install -e '.[gguf]'" in err and not (tmp_path / "x.gguf").exists()
