@@ -1,5 +1,5 @@
 """Blocks and models. Importing this package registers every built-in mixer."""
-from . import attention, conv  # noqa: F401  (registration side effects)
+from . import attention, conv, lif  # noqa: F401  (registration side effects)
 from .config import ModelConfig, parse_pattern
 from .model import LM, Block, sample_next
 from .registry import CHANNEL_MIXERS, LETTERS, MIXERS, register, register_channel_mixer
@@ -9,5 +9,14 @@ __all__ = ["build_model", "LM", "Block", "ModelConfig", "parse_pattern", "sample
 
 
 def build_model(cfg: ModelConfig):
-    """The model class for a config; objectives other than next-token prediction plug in here."""
-    return LM(cfg)
+    """The model class for a config; objectives other than next-token prediction plug in here.
+
+    model.mixer_opts.objective: ar (default, next-token) | mdlm (masked diffusion, arch/diffusion.py).
+    Models with LIF blocks log spike rates and an energy proxy at each eval (arch/lif.py)."""
+    from .diffusion import DiffusionLM, objective
+    from .lif import SpikingLM, lif_options, uses_spikes
+
+    lif_options(cfg.mixer_opts)  # bad LIF options fail here even if no LIF block is used
+    if objective(cfg) == "mdlm":
+        return DiffusionLM(cfg)
+    return SpikingLM(cfg) if uses_spikes(cfg) else LM(cfg)
