@@ -5,7 +5,16 @@ from .model import LM, Block, sample_next
 from .registry import CHANNEL_MIXERS, LETTERS, MIXERS, register, register_channel_mixer
 
 __all__ = ["build_model", "LM", "Block", "ModelConfig", "parse_pattern", "sample_next", "MIXERS", "LETTERS",
-           "CHANNEL_MIXERS", "register", "register_channel_mixer"]
+           "CHANNEL_MIXERS", "register", "register_channel_mixer", "check_mixer_opts"]
+
+
+def check_mixer_opts(cfg: ModelConfig):
+    """Validate the model.mixer_opts keys the built-in blocks read (one-line ConfigError)."""
+    from .diffusion import check_diffusion_opts
+    from .lif import lif_options
+
+    lif_options(cfg.mixer_opts)  # checked even if no LIF block is used, so typos in values fail early
+    check_diffusion_opts(cfg)
 
 
 def build_model(cfg: ModelConfig):
@@ -14,9 +23,9 @@ def build_model(cfg: ModelConfig):
     model.mixer_opts.objective: ar (default, next-token) | mdlm (masked diffusion, arch/diffusion.py).
     Models with LIF blocks log spike rates and an energy proxy at each eval (arch/lif.py)."""
     from .diffusion import DiffusionLM, objective
-    from .lif import SpikingLM, lif_options, uses_spikes
+    from .lif import SpikingLM, uses_spikes
 
-    lif_options(cfg.mixer_opts)  # bad LIF options fail here even if no LIF block is used
+    check_mixer_opts(cfg)
     if objective(cfg) == "mdlm":
         return DiffusionLM(cfg)
     return SpikingLM(cfg) if uses_spikes(cfg) else LM(cfg)

@@ -66,15 +66,24 @@ def masked_diffusion_terms(logits, x0, masked, t, mask_id: int):
     return torch.where(masked, ce / t[:, None], torch.zeros_like(ce))
 
 
+def check_diffusion_opts(cfg):
+    if objective(cfg) != "mdlm":
+        return
+    if cfg.causal:
+        raise ConfigError("model.mixer_opts.objective=mdlm needs model.causal=false (a bidirectional model)")
+    mask_id = _int_opt(cfg, "mask_id", 3, lo=0)
+    if mask_id >= cfg.vocab_size:
+        raise ConfigError(f"model.mixer_opts.mask_id={mask_id} is outside the vocabulary ({cfg.vocab_size})")
+    _int_opt(cfg, "eval_t_samples", 4)
+    _int_opt(cfg, "block_length", 32)
+
+
 class DiffusionLM(LM):
     nll_is_bound = True  # token_nll is the ELBO, an upper bound on the NLL
 
     def __init__(self, cfg):
-        if cfg.causal:
-            raise ConfigError("model.mixer_opts.objective=mdlm needs model.causal=false (a bidirectional model)")
+        check_diffusion_opts(cfg)
         self.mask_id = _int_opt(cfg, "mask_id", 3, lo=0)
-        if self.mask_id >= cfg.vocab_size:
-            raise ConfigError(f"model.mixer_opts.mask_id={self.mask_id} is outside the vocabulary ({cfg.vocab_size})")
         self.eval_t_samples = _int_opt(cfg, "eval_t_samples", 4)
         self.block_length = _int_opt(cfg, "block_length", 32)
         super().__init__(cfg)
