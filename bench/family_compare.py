@@ -22,7 +22,8 @@ def main():
     p.add_argument("--out", default="runs/family_compare")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--only", default=None, help="comma list of rows to run (others are read from --out)")
+    p.add_argument("--only", default=None, help="comma list of rows to run (others are read from --out); "
+                   "'none' just prints the table")
     p.add_argument("overrides", nargs="*", help="extra section.key=value overrides for every run")
     args = p.parse_args()
 
@@ -48,7 +49,8 @@ def main():
         if only is None or name in only:
             cfg = load_config(arch=preset, overrides=common + extra)
             train(cfg, run_dir, force=True)
-        results.append((name, obj, json.loads((run_dir / "summary.json").read_text())))
+        if (run_dir / "summary.json").exists():  # rows neither run now nor before are left out
+            results.append((name, obj, json.loads((run_dir / "summary.json").read_text())))
 
     print(f"\n{args.steps} steps x {args.batch_size * 128} tokens, d_model 128, 6 layers, vocab 1024, seq_len 128, data {args.data}\n")
     print("| model | objective | layers | params | val bpb | tokens/s | spike rate (mean) | energy vs dense |")
