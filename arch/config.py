@@ -90,6 +90,9 @@ class ModelConfig:
         if self.kernels not in ("auto", "triton", "torch"):
             bad(f"model.kernels must be auto, triton or torch, got {self.kernels!r}")
         self.layer_types()  # raises on a bad pattern
+        from . import check_mixer_opts  # LIF / diffusion options (arch/__init__.py)
+
+        check_mixer_opts(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -47,6 +47,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     sample_tokens: int = 200
     sample_prompt: str = "def "
+    init_from: str = ""  # RUN_DIR: start from that run's weights (e.g. AR -> diffusion); see slmlab/init_from.py
 
 
 @dataclass

@@ -20,6 +20,7 @@ from . import data as data_mod
 from .checkpoint import save_model
 from .config import RunConfig
 from .errors import ConfigError
+from .init_from import init_model
 
 
 def resolve_device(name: str) -> torch.device:
@@ -163,6 +164,7 @@ def train(cfg: RunConfig, out: Path, force: bool = False) -> dict:
           f"xz -9 {bundle.xz_bpb:.3f} bpb")
 
     model = build_model(cfg.model).to(device)
+    init_model(model, cfg, tok)  # mask-token check (diffusion), train.init_from weights
     n_params = model.num_params()
     fpt = model.flops_per_token(t.seq_len)
     print(f"model: {cfg.arch}  layers {''.join(l.kind[0].upper() for l in model.layers)}  "

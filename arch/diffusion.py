@@ -1,0 +1,222 @@
+"""Masked diffusion language model (MDLM / LLaDA) on the same blocks, run bidirectionally.
+
+Forward process: each token of a clean sequence x0 is replaced by the mask token independently with
+probability t (log-linear schedule: alpha_t = 1 - t), t ~ U(eps, 1). The network sees x_t and
+predicts x0 at every position (SUBS parameterisation: the mask token's logit is -inf, and
+unmasked positions are carried over, so they cost nothing). The continuous-time ELBO is
+
+    -log p(x0) <= E_t E_{x_t} [ sum over masked positions i of  -log p_theta(x0_i | x_t) / t ]
+
+which is also LLaDA's loss (CE over masked positions / p_mask). Divided by the sequence length
+it is a per-token bound in nats: training minimises it and eval reports it (bpb labelled a bound).
+t is drawn antithetically (stratified over the batch, as in MDLM) to cut its variance.
+
+Samplers: `llada_sample` (block-wise semi-autoregressive, low-confidence remasking) and
+`mdlm_sample` (ancestral: each masked token is revealed with probability (t - s) / t per step).
+
+Options (model.mixer_opts): objective: mdlm, mask_id (3, the slmlab tokenizer's <|mask|>),
+eval_t_samples (4: t draws per eval sequence), block_length (32: default sampler block).
+The model needs model.causal=false (every mixer bidirectional; see arch/conv.py for the centred
+conv and arch/lif.py for the two-way LIF).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from slmlab.errors import ConfigError
+
+from .lif import spike_metrics
+from .model import LM, sample_next
+
+OBJECTIVES = ("ar", "mdlm")
+T_EPS = 1e-3  # smallest t: keeps the 1/t weight finite
+
+
+def objective(cfg) -> str:
+    obj = cfg.mixer_opts.get("objective", "ar")
+    if obj not in OBJECTIVES:
+        raise ConfigError(f"model.mixer_opts.objective must be one of {', '.join(OBJECTIVES)}, got {obj!r}")
+    return obj
+
+
+def _int_opt(cfg, key, default, lo=1):
+    v = cfg.mixer_opts.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ConfigError(f"model.mixer_opts.{key} must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+def antithetic_t(n: int, device, generator=None, eps: float = T_EPS):
+    """n diffusion times covering [eps, 1) evenly: one uniform offset, n strata."""
+    u = torch.rand(1, device=device, generator=generator)
+    t = (u + torch.arange(n, device=device) / n) % 1.0
+    return eps + (1 - eps) * t
+
+
+def masked_diffusion_terms(logits, x0, masked, t, mask_id: int):
+    """Per-position ELBO terms [B, T]: CE(x0) / t where masked, 0 where carried over.
+    logits [B, T, V] (any values at the mask id; SUBS sets it to -inf here), t [B]."""
+    logits = logits.float().clone()
+    logits[..., mask_id] = float("-inf")
+    ce = F.cross_entropy(logits.flatten(0, 1), x0.flatten(), reduction="none").view_as(x0)
+    return torch.where(masked, ce / t[:, None], torch.zeros_like(ce))
+
+
+def check_diffusion_opts(cfg):
+    if objective(cfg) != "mdlm":
+        return
+    if cfg.causal:
+        raise ConfigError("model.mixer_opts.objective=mdlm needs model.causal=false (a bidirectional model)")
+    mask_id = _int_opt(cfg, "mask_id", 3, lo=0)
+    if mask_id >= cfg.vocab_size:
+        raise ConfigError(f"model.mixer_opts.mask_id={mask_id} is outside the vocabulary ({cfg.vocab_size})")
+    _int_opt(cfg, "eval_t_samples", 4)
+    _int_opt(cfg, "block_length", 32)
+
+
+class DiffusionLM(LM):
+    nll_is_bound = True  # token_nll is the ELBO, an upper bound on the NLL
+
+    def __init__(self, cfg):
+        check_diffusion_opts(cfg)
+        self.mask_id = _int_opt(cfg, "mask_id", 3, lo=0)
+        self.eval_t_samples = _int_opt(cfg, "eval_t_samples", 4)
+        self.block_length = _int_opt(cfg, "block_length", 32)
+        super().__init__(cfg)
+
+    # ---- the objective ----
+    def denoise_logits(self, xt):
+        """p_theta(x0 | x_t) logits [B, T, V] with the mask token excluded (SUBS)."""
+        logits = self.lm_head(self.hidden(xt)[0]).float()
+        logits[..., self.mask_id] = float("-inf")
+        return logits
+
+    def elbo_terms(self, x0, t, generator=None):
+        """Mask x0 at rate t [B] and return the per-position ELBO terms [B, T]."""
+        masked = torch.rand(x0.shape, device=x0.device, generator=generator) < t[:, None]
+        xt = torch.where(masked, torch.full_like(x0, self.mask_id), x0)
+        h = self.hidden(xt)[0]
+        # The head (often the largest matmul in a small model) only runs where there is a loss.
+        logits = self.lm_head(h[masked]).float()
+        logits[:, self.mask_id] = float("-inf")
+        ce = F.cross_entropy(logits, x0[masked], reduction="none")
+        tt = t[:, None].expand_as(x0)[masked]
+        out = torch.zeros(x0.shape, device=x0.device, dtype=ce.dtype)
+        out[masked] = ce / tt
+        return out
+
+    def forward(self, idx, targets=None, states=None):
+        """model(idx) -> denoising logits; model(idx, targets) -> the training loss, the ELBO per
+        token of the clean sequence idx (targets only signal training: the objective needs no
+        shifted targets). Masks are drawn from torch's global RNG, so runs repeat from the seed."""
+        if states is not None:
+            raise RuntimeError("a diffusion model has no incremental decode; use generate()")
+        if targets is None:
+            return self.denoise_logits(idx)
+        t = antithetic_t(idx.shape[0], idx.device)
+        return self.elbo_terms(idx, t).sum() / idx.numel()
+
+    def token_nll(self, idx, targets, generator=None):
+        """Per-token ELBO terms [B, T] of the sequence `targets` (the one whose bytes the trainer
+        counts; it is idx shifted by one), averaged over eval_t_samples antithetic draws of t."""
+        x0 = targets
+        B, K = x0.shape[0], self.eval_t_samples
+        t = antithetic_t(B * K, x0.device, generator).view(K, B)
+        return sum(self.elbo_terms(x0, t[k], generator) for k in range(K)) / K
+
+    def extra_metrics(self) -> dict:
+        return spike_metrics(self)
+
+    def init_state(self, batch_size, device=None, dtype=torch.float32):
+        raise RuntimeError("a diffusion model has no incremental decode; use generate()")
+
+    # ---- sampling ----
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None,
+                 steps: Optional[int] = None, block_length: Optional[int] = None, sampler: str = "llada"):
+        """Fill max_new_tokens masks after the prompt. steps defaults to one token per step;
+        block_length (llada) defaults to mixer_opts.block_length, shrunk to a divisor if needed."""
+        n = max_new_tokens
+        if n == 0:
+            return idx
+        steps = steps or n
+        if sampler == "mdlm":
+            return mdlm_sample(self, idx, n, steps, temperature, top_k, generator)
+        if sampler != "llada":
+            raise ConfigError(f"sampler must be llada or mdlm, got {sampler!r}")
+        if block_length is None:
+            block_length = math.gcd(n, self.block_length)
+        return llada_sample(self, idx, n, steps, block_length, temperature, top_k, generator)
+
+
+def _draw(logits, temperature, top_k, generator):
+    """Sample x0 [B, L] from logits [B, L, V]; temperature 0 is argmax."""
+    B, L, V = logits.shape
+    return sample_next(logits.reshape(B * L, V), temperature, top_k, generator).view(B, L)
+
+
+def check_sampler_args(gen_length: int, steps: int, block_length: Optional[int] = None):
+    if gen_length <= 0:
+        raise ConfigError(f"generation length must be > 0, got {gen_length}")
+    if steps <= 0:
+        raise ConfigError(f"--diffusion-steps must be > 0, got {steps}")
+    if block_length is not None:
+        if block_length <= 0:
+            raise ConfigError(f"--block-length must be > 0, got {block_length}")
+        if gen_length % block_length:
+            raise ConfigError(f"--block-length {block_length} does not divide the generation length {gen_length}")
+
+
+@torch.no_grad()
+def llada_sample(model, prompt, gen_length: int, steps: int, block_length: int, temperature: float = 0.0,
+                 top_k: Optional[int] = None, generator=None):
+    """LLaDA: generate block by block, left to right; within a block, each step predicts every
+    masked token and keeps the most confident ones (the rest stay masked). Steps are split evenly
+    over blocks (rounded up), and each block's tokens evenly over its steps, so every mask is filled
+    by the block's last step. Prompt tokens are never touched."""
+    check_sampler_args(gen_length, steps, block_length)
+    B, P = prompt.shape
+    x = torch.cat([prompt, prompt.new_full((B, gen_length), model.mask_id)], 1)
+    n_blocks = gen_length // block_length
+    per_block = min(block_length, -(-steps // n_blocks))
+    base, extra = divmod(block_length, per_block)
+    schedule = [base + (i < extra) for i in range(per_block)]
+    pos = torch.arange(x.shape[1], device=x.device)
+    for b in range(n_blocks):
+        lo, hi = P + b * block_length, P + (b + 1) * block_length
+        in_block = (pos >= lo) & (pos < hi)
+        for k in schedule:
+            logits = model.denoise_logits(x)
+            x0 = _draw(logits, temperature, top_k, generator)
+            conf = F.softmax(logits, -1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+            open_ = (x == model.mask_id) & in_block
+            conf = torch.where(open_, conf, torch.full_like(conf, -1.0))
+            pick = conf.topk(k, dim=1).indices
+            x = x.scatter(1, pick, x0.gather(1, pick))
+    return x
+
+
+@torch.no_grad()
+def mdlm_sample(model, prompt, gen_length: int, steps: int, temperature: float = 1.0,
+                top_k: Optional[int] = None, generator=None):
+    """MDLM ancestral sampling from t=1 to 0 in `steps` equal steps: a masked token is revealed
+    with probability (t - s) / t (the posterior of the log-linear schedule), with a value drawn
+    from p_theta(x0 | x_t); revealed tokens never change. The last step (s = 0) reveals all."""
+    check_sampler_args(gen_length, steps)
+    B, P = prompt.shape
+    x = torch.cat([prompt, prompt.new_full((B, gen_length), model.mask_id)], 1)
+    gen_region = torch.arange(x.shape[1], device=x.device) >= P
+    for i in range(steps):
+        t, s = 1 - i / steps, 1 - (i + 1) / steps
+        masked = (x == model.mask_id) & gen_region
+        if not masked.any():
+            break
+        x0 = _draw(model.denoise_logits(x), temperature, top_k, generator)
+        reveal = torch.rand(x.shape, device=x.device, generator=generator) < (t - s) / t
+        x = torch.where(masked & reveal, x0, x)
+    return x

@@ -1,0 +1,331 @@
+"""Leaky integrate-and-fire (LIF) blocks: a token mixer (letter L) and a spiking channel mixer.
+
+Neuron (snntorch `Leaky` semantics, reset by subtraction, reset_delay=True), per channel c:
+    r_t = s_{t-1}                                  (the previous spike, detached: a reset signal)
+    v_t = clamp(beta, 0, 1) * v_{t-1} + u_t - r_t * threshold
+    s_t = H(v_t - threshold)                       (surrogate gradient in backward: atan or fast_sigmoid)
+beta and threshold are learnable per channel.
+
+Token mixer `lif`: sequence position is time. u, g = in_proj(x); spikes s = LIF(u) over t;
+y = out_proj(s) * silu(g). out_proj sees only 0/1 spikes, so it is accumulate-only (AC) work on
+neuromorphic hardware, the basis of the energy proxy. The decode state is (membrane, last spike).
+Bidirectional models (model.causal=false, masked diffusion) run the same neurons over the reversed
+sequence too and feed out_proj the summed spike counts (same parameters, so AR checkpoints load).
+
+Channel mixer `lif` (model.mixer_opts.mlp=lif): SwiGLU with the SiLU gate replaced by a spike
+rate: each token's current c = w1(x) drives fresh LIF neurons for T_sim steps, and
+y = w2(rate * w3(x)) with rate = spike count / T_sim. No state crosses tokens.
+
+Two implementations of the scan over time: `lif_scan_ref` (a plain autograd loop, obviously
+correct) and `lif_scan` (a torch.autograd.Function with the backward written out, about 2-3x
+less Python/autograd overhead per step). tests/test_lif.py checks both against snntorch.Leaky.
+
+Options (model.mixer_opts): lif_beta (0.9), lif_threshold (1.0), surrogate (atan | fast_sigmoid),
+surrogate_scale (atan alpha, default 2; fast_sigmoid slope, default 25), T_sim (4),
+lif_scan (fused | reference).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slmlab.errors import ConfigError
+
+from .registry import register, register_channel_mixer
+
+# Energy per operation at 45 nm (Horowitz, ISSCC 2014), the figures SNN papers use for the proxy.
+E_MAC_PJ, E_AC_PJ = 4.6, 0.9
+SURROGATES = {"atan": 2.0, "fast_sigmoid": 25.0}  # name -> default scale
+
+
+# ---- options ------------------------------------------------------------------------------------
+@dataclass
+class LIFOptions:
+    beta: float = 0.9
+    threshold: float = 1.0
+    surrogate: str = "atan"
+    scale: float = 2.0
+    T_sim: int = 4
+    scan: str = "fused"
+
+
+def lif_options(opts: dict) -> LIFOptions:
+    """Validated LIF settings from model.mixer_opts (one-line ConfigError on a bad value)."""
+    def num(key, default):
+        v = opts.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"model.mixer_opts.{key} expects a number, got {v!r}")
+        return float(v)
+
+    sur = opts.get("surrogate", "atan")
+    if sur not in SURROGATES:
+        raise ConfigError(f"model.mixer_opts.surrogate must be one of {', '.join(SURROGATES)}, got {sur!r}")
+    o = LIFOptions(beta=num("lif_beta", 0.9), threshold=num("lif_threshold", 1.0), surrogate=sur,
+                   scale=num("surrogate_scale", SURROGATES[sur]), scan=opts.get("lif_scan", "fused"))
+    t_sim = opts.get("T_sim", 4)
+    if isinstance(t_sim, bool) or not isinstance(t_sim, int) or t_sim <= 0:
+        raise ConfigError(f"model.mixer_opts.T_sim must be an integer > 0, got {t_sim!r}")
+    o.T_sim = t_sim
+    if not 0.0 <= o.beta <= 1.0:
+        raise ConfigError(f"model.mixer_opts.lif_beta must be in [0, 1], got {o.beta}")
+    if o.threshold <= 0:
+        raise ConfigError(f"model.mixer_opts.lif_threshold must be > 0, got {o.threshold}")
+    if o.scale <= 0:
+        raise ConfigError(f"model.mixer_opts.surrogate_scale must be > 0, got {o.scale}")
+    if o.scan not in ("fused", "reference"):
+        raise ConfigError(f"model.mixer_opts.lif_scan must be fused or reference, got {o.scan!r}")
+    return o
+
+
+# ---- surrogate spike functions (same formulas as snntorch.surrogate) -------------------------------
+def surrogate_grad(x, name: str, scale: float):
+    """d spike / d x used in backward in place of the Heaviside's zero-almost-everywhere derivative."""
+    if name == "atan":
+        return scale / 2 / (1 + (math.pi / 2 * scale * x).pow(2))
+    return 1.0 / (scale * x.abs() + 1.0).pow(2)
+
+
+class _Spike(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, name, scale):
+        ctx.save_for_backward(x)
+        ctx.name, ctx.scale = name, scale
+        return (x > 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * surrogate_grad(x, ctx.name, ctx.scale), None, None
+
+
+def spike(x, name="atan", scale=2.0):
+    return _Spike.apply(x, name, scale)
+
+
+# ---- the scan over time ---------------------------------------------------------------------------
+def lif_scan_ref(u, beta, threshold, mem, spk, surrogate="atan", scale=2.0):
+    """Reference: u [B, T, D] input currents; beta, threshold [D]; mem, spk [B, D] initial state.
+    Returns (spikes [B, T, D], final mem, final spike)."""
+    b = beta.clamp(0, 1)
+    out = []
+    for t in range(u.shape[1]):
+        mem = b * mem + u[:, t] - spk.detach() * threshold
+        spk = spike(mem - threshold, surrogate, scale)
+        out.append(spk)
+    return torch.stack(out, 1), mem, spk
+
+
+class _LIFScan(torch.autograd.Function):
+    """The same recurrence with a hand-written backward (BPTT): one Python step per time step
+    each way, no autograd graph per step."""
+
+    @staticmethod
+    def forward(ctx, u, b, thr, mem0, spk0, surrogate, scale):
+        B, T, D = u.shape
+        mems = u.new_empty(B, T, D)
+        spikes = u.new_empty(B, T, D)
+        mem, spk = mem0, spk0
+        for t in range(T):
+            mem = b * mem + u[:, t] - spk * thr
+            spk = (mem > thr).to(u.dtype)
+            mems[:, t] = mem
+            spikes[:, t] = spk
+        ctx.save_for_backward(mems, spikes, b, thr, mem0, spk0)
+        ctx.surrogate, ctx.scale = surrogate, scale
+        return spikes, mem, spk
+
+    @staticmethod
+    def backward(ctx, g_spikes, g_mem_T, g_spk_T):
+        mems, spikes, b, thr, mem0, spk0 = ctx.saved_tensors
+        T = mems.shape[1]
+        g_spikes = g_spikes.clone() if g_spikes is not None else torch.zeros_like(mems)
+        if g_spk_T is not None:
+            g_spikes[:, -1] += g_spk_T
+        sg = surrogate_grad(mems - thr, ctx.surrogate, ctx.scale)
+        g_direct = g_spikes * sg  # d loss / d v_t through s_t
+        g_u = torch.empty_like(mems)
+        gm = g_mem_T if g_mem_T is not None else torch.zeros_like(mem0)
+        for t in range(T - 1, -1, -1):
+            gm = gm + g_direct[:, t]
+            g_u[:, t] = gm
+            gm = gm * b
+        prev_mem = torch.cat([mem0.unsqueeze(1), mems[:, :-1]], 1)
+        prev_spk = torch.cat([spk0.unsqueeze(1), spikes[:, :-1]], 1)
+        g_b = (g_u * prev_mem).sum((0, 1))
+        g_thr = -(g_direct + g_u * prev_spk).sum((0, 1))
+        return g_u, g_b, g_thr, gm, None, None, None
+
+
+def lif_scan(u, beta, threshold, mem, spk, surrogate="atan", scale=2.0):
+    """Fast path of `lif_scan_ref` (same signature and results)."""
+    b = beta.clamp(0, 1).to(u.dtype)
+    shape = u.shape[:1] + u.shape[2:]
+    mem = mem.to(u.dtype).expand(shape)
+    spk = spk.to(u.dtype).expand(shape).detach()
+    return _LIFScan.apply(u, b, threshold.to(u.dtype), mem, spk, surrogate, scale)
+
+
+# ---- blocks -------------------------------------------------------------------------------------
+@dataclass
+class LIFState:
+    mem: torch.Tensor  # [B, D] membrane potential
+    spk: torch.Tensor  # [B, D] last spike (drives the next reset)
+
+
+class _SpikeStats:
+    """Spike counts accumulated during eval forwards; read (and reset) by spike_metrics()."""
+
+    def _reset_stats(self):
+        self._stat = {"spikes": 0.0, "nonzero": 0.0, "slots": 0.0, "tokens": 0}
+
+    def _record(self, spikes, nonzero, slots, tokens):
+        if self.training:
+            return  # costs a reduction per step; rates are logged at eval
+        self._stat["spikes"] += float(spikes)
+        self._stat["nonzero"] += float(nonzero)
+        self._stat["slots"] += float(slots)
+        self._stat["tokens"] += int(tokens)
+
+
+@register("lif", "L")
+class LIFMixer(nn.Module, _SpikeStats):
+    def __init__(self, cfg, layer_idx: int, window: Optional[int] = None):
+        super().__init__()
+        o = lif_options(cfg.mixer_opts)
+        d = cfg.d_model
+        self.opts, self.causal, self.d = o, cfg.causal, d
+        self.in_proj = nn.Linear(d, 2 * d, bias=False)  # current u and gate g
+        self.out_proj = nn.Linear(d, d, bias=False)
+        self.beta = nn.Parameter(torch.full((d,), o.beta))
+        self.threshold = nn.Parameter(torch.full((d,), o.threshold))
+        self._reset_stats()
+
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> LIFState:
+        z = torch.zeros(batch_size, self.d, device=device, dtype=dtype)
+        return LIFState(z, z.clone())
+
+    def _scan(self, u, mem, spk):
+        fn = lif_scan if self.opts.scan == "fused" else lif_scan_ref
+        return fn(u, self.beta, self.threshold, mem, spk, self.opts.surrogate, self.opts.scale)
+
+    def forward(self, x, state: Optional[LIFState] = None):
+        u, g = self.in_proj(x).chunk(2, dim=-1)
+        B = x.shape[0]
+        zero = torch.zeros(B, self.d, device=x.device, dtype=u.dtype)
+        if not self.causal:
+            if state is not None:
+                raise RuntimeError("incremental decode needs a causal model")
+            s_fwd, _, _ = self._scan(u, zero, zero)
+            s_bwd, _, _ = self._scan(u.flip(1), zero, zero)
+            s = s_fwd + s_bwd.flip(1)
+        else:
+            mem, spk = (zero, zero) if state is None else (state.mem, state.spk)
+            s, mem, spk = self._scan(u, mem, spk)
+            if state is not None:
+                state = LIFState(mem, spk)
+        with torch.no_grad():
+            self._record(s.sum(), (s != 0).sum(), s.numel(), B * x.shape[1])
+        return self.out_proj(s.to(x.dtype)) * F.silu(g), state
+
+    def ops_per_token(self, rate_nonzero, spikes_per_slot):
+        """(MACs, ACs, dense-equivalent MACs) per token: in_proj is dense; out_proj accumulates a
+        weight column per spike."""
+        d = self.d
+        return 2 * d * d + d, spikes_per_slot * d * d, 3 * d * d + d
+
+
+@register_channel_mixer("lif")
+class SpikingMLP(nn.Module, _SpikeStats):
+    def __init__(self, cfg):
+        super().__init__()
+        o = lif_options(cfg.mixer_opts)
+        d, f = cfg.d_model, cfg.ffn
+        self.opts, self.d, self.f = o, d, f
+        self.w1 = nn.Linear(d, f, bias=False)  # input current of the spiking gate
+        self.w3 = nn.Linear(d, f, bias=False)  # up
+        self.w2 = nn.Linear(f, d, bias=False)  # down
+        self.beta = nn.Parameter(torch.full((f,), o.beta))
+        self.threshold = nn.Parameter(torch.full((f,), o.threshold))
+        self._reset_stats()
+
+    def forward(self, x):
+        c = self.w1(x)
+        flat = c.reshape(-1, 1, self.f).expand(-1, self.opts.T_sim, -1)
+        zero = torch.zeros(flat.shape[0], self.f, device=x.device, dtype=c.dtype)
+        fn = lif_scan if self.opts.scan == "fused" else lif_scan_ref
+        s, _, _ = fn(flat, self.beta, self.threshold, zero, zero, self.opts.surrogate, self.opts.scale)
+        rate = s.mean(1).view_as(c)
+        with torch.no_grad():
+            self._record(s.sum(), (rate != 0).sum(), rate.numel(), rate.numel() // self.f)
+        return self.w2(rate.to(x.dtype) * self.w3(x))
+
+    def ops_per_token(self, rate_nonzero, spikes_per_slot):
+        """w1, w3 dense; w2 only needs the columns whose gate spiked at least once (zero-skipping)."""
+        d, f = self.d, self.f
+        return 2 * d * f + f + rate_nonzero * f * d, 0.0, 3 * d * f + f
+
+
+def spike_metrics(model) -> dict:
+    """Per-layer spike rates and the energy proxy from the eval forwards since the last call.
+
+    spike_rate.layerI.{mixer,mlp}: spikes per neuron per simulation step. energy_proxy_pj_per_token:
+    4.6 pJ per MAC + 0.9 pJ per AC over all weight matmuls (attention scores, norms and the LIF state
+    updates are left out); energy_vs_dense: that over the same model with every matmul a dense MAC.
+    """
+    out, macs, acs, dense = {}, 0.0, 0.0, 0.0
+    spiking_params = set()
+    rates = []
+    for i, layer in enumerate(getattr(model, "layers", [])):
+        for part in ("mixer", "mlp"):
+            m = getattr(layer, part)
+            if not isinstance(m, _SpikeStats):
+                continue
+            spiking_params.update(id(p) for p in m.parameters())
+            st = m._stat
+            if st["slots"] == 0:
+                continue
+            rate = st["spikes"] / (st["slots"] * (m.opts.T_sim if isinstance(m, SpikingMLP) else 1))
+            per_token = st["spikes"] / st["tokens"] / m.d if isinstance(m, LIFMixer) else 0.0
+            a, b, c = m.ops_per_token(st["nonzero"] / st["slots"], per_token)
+            macs, acs, dense = macs + a, acs + b, dense + c
+            out[f"spike_rate.layer{i}.{part}"] = rate
+            rates.append(rate)
+            m._reset_stats()
+    if not spiking_params:
+        return {}
+    for name, mod in model.named_modules():  # every other weight matmul is dense
+        if isinstance(mod, nn.Linear) and id(mod.weight) not in spiking_params:
+            n = mod.in_features * mod.out_features
+            macs, dense = macs + n, dense + n
+    if rates:
+        out["spike_rate_mean"] = sum(rates) / len(rates)
+        e = E_MAC_PJ * macs + E_AC_PJ * acs
+        out["energy_proxy_pj_per_token"] = e
+        out["energy_vs_dense"] = e / (E_MAC_PJ * dense)
+        out["ac_ops_per_token"] = acs
+        out["mac_ops_per_token"] = macs
+    return out
+
+
+def _spiking_lm():
+    from .model import LM
+
+    class SpikingLM(LM):
+        """LM whose eval logs spike rates and the energy proxy (see spike_metrics)."""
+
+        def extra_metrics(self) -> dict:
+            return spike_metrics(self)
+
+    return SpikingLM
+
+
+SpikingLM = _spiking_lm()
+
+
+def uses_spikes(cfg) -> bool:
+    return "lif" in cfg.layer_types() or cfg.mixer_opts.get("mlp") == "lif"

@@ -1,0 +1,172 @@
+"""LIF blocks: parity with snntorch.Leaky, fused scan == reference, decode == full forward,
+spike metrics, bad options."""
+import pytest
+import torch
+
+from arch import build_model
+from arch.config import ModelConfig
+from arch.lif import LIFMixer, LIFState, SpikingLM, lif_scan, lif_scan_ref
+from slmlab.config import load_config
+from slmlab.errors import ConfigError
+
+SURR = [("atan", 2.0), ("fast_sigmoid", 25.0)]
+
+
+def tiny(**kw):
+    base = dict(vocab_size=61, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, layers="LLA",
+                mixer_opts={"mlp": "lif", "T_sim": 3})
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def _inputs(B=3, T=40, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u = (torch.randn(B, T, D, generator=g) * 0.7 + 0.35).requires_grad_()
+    beta = torch.rand(D, generator=g).requires_grad_()
+    thr = (torch.rand(D, generator=g) + 0.5).requires_grad_()
+    w = torch.randn(B, T, D, generator=g)
+    return u, beta, thr, w
+
+
+def _grads(out_spk, out_mem, w, params):
+    loss = (out_spk * w).sum() + 0.3 * out_mem.sum()
+    return torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("name,scale", SURR)
+@pytest.mark.parametrize("impl", [lif_scan_ref, lif_scan], ids=["reference", "fused"])
+def test_lif_matches_snntorch_leaky(name, scale, impl):
+    snn = pytest.importorskip("snntorch")
+    from snntorch import surrogate
+
+    u, beta, thr, w = _inputs()
+    sg = surrogate.atan(scale) if name == "atan" else surrogate.fast_sigmoid(scale)
+    leaky = snn.Leaky(beta=beta.detach().clone(), threshold=thr.detach().clone(), spike_grad=sg,
+                      learn_beta=True, learn_threshold=True, reset_mechanism="subtract")
+    mem = torch.zeros(u.shape[0], u.shape[2])
+    spikes = []
+    for t in range(u.shape[1]):  # snntorch steps over time one call at a time
+        s, mem = leaky(u[:, t], mem)
+        spikes.append(s)
+    ref_s = torch.stack(spikes, 1)
+    ref_g = _grads(ref_s, mem, w, [u, leaky.beta, leaky.threshold])
+
+    z = torch.zeros_like(mem)
+    s, m, last = impl(u, beta, thr, z, z, name, scale)
+    assert 0.05 < ref_s.mean() < 0.95  # the case exercises both spikes and silence
+    assert torch.equal(s, ref_s)
+    assert torch.equal(last, ref_s[:, -1])
+    torch.testing.assert_close(m, mem, atol=1e-6, rtol=0)
+    for a, b in zip(_grads(s, m, w, [u, beta, thr]), ref_g):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,scale", SURR)
+def test_fused_scan_equals_reference_with_initial_state(name, scale):
+    u, beta, thr, w = _inputs(seed=1)
+    g = torch.Generator().manual_seed(2)
+    mem0 = torch.randn(3, 8, generator=g).requires_grad_()
+    spk0 = (torch.rand(3, 8, generator=g) > 0.5).float()
+    outs = []
+    for fn in (lif_scan_ref, lif_scan):
+        s, m, last = fn(u, beta, thr, mem0, spk0, name, scale)
+        outs.append((s, m, last, _grads(s, m, w, [u, beta, thr, mem0])))
+    (s1, m1, l1, g1), (s2, m2, l2, g2) = outs
+    assert torch.equal(s1, s2) and torch.equal(l1, l2)
+    torch.testing.assert_close(m1, m2, atol=1e-6, rtol=0)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_lif_state_chunks_equal_one_pass():
+    torch.manual_seed(0)
+    cfg = tiny()
+    mixer = LIFMixer(cfg, 0).eval()
+    with torch.no_grad():
+        mixer.in_proj.weight.mul_(20)  # make it spike
+    x = torch.randn(2, 30, 32)
+    with torch.no_grad():
+        full, _ = mixer(x)
+        st, outs = mixer.init_state(2), []
+        for a, b in ((0, 11), (11, 12), (12, 30)):
+            y, st = mixer(x[:, a:b], st)
+            outs.append(y)
+    assert isinstance(st, LIFState) and st.mem.shape == (2, 32) and st.spk.shape == (2, 32)
+    assert 0 < st.spk.mean() < 1
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=0)
+
+
+def test_spiking_preset_decode_equals_full_forward():
+    cfg = load_config(arch="spiking", overrides=["model.vocab_size=61", "model.d_model=32", "model.n_heads=4",
+                                                 "model.n_kv_heads=2"]).model
+    torch.manual_seed(0)
+    m = build_model(cfg).eval()
+    assert isinstance(m, SpikingLM) and [l.kind for l in m.layers][:3] == ["lif", "lif", "attn"]
+    idx = torch.randint(0, 61, (2, 24))
+    with torch.no_grad():
+        full = m(idx)
+        st, outs = m.init_state(2), []
+        for t in range(24):
+            logits, st = m(idx[:, t:t + 1], states=st)
+            outs.append(logits)
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-4, rtol=0)
+
+
+def test_bidirectional_lif_sees_the_future_and_causal_does_not():
+    torch.manual_seed(0)
+    x = torch.randn(1, 20, 32) * 3
+    x2 = x.clone()
+    x2[:, 15:] += 5
+    for causal in (True, False):
+        torch.manual_seed(1)
+        mixer = LIFMixer(tiny(causal=causal), 0)
+        with torch.no_grad():
+            mixer.in_proj.weight.mul_(20)
+            same = torch.allclose(mixer(x)[0][:, :10], mixer(x2)[0][:, :10])
+        assert same == causal
+
+
+def test_spiking_model_trains_and_logs_spike_metrics():
+    torch.manual_seed(0)
+    m = build_model(tiny())
+    idx = torch.randint(0, 61, (2, 16))
+    loss = m(idx, idx)
+    loss.backward()
+    lif_mixer, lif_mlp = m.layers[0].mixer, m.layers[0].mlp
+    for p in (lif_mixer.beta, lif_mixer.threshold, lif_mlp.beta, lif_mlp.threshold, lif_mixer.in_proj.weight,
+              lif_mlp.w1.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0  # surrogate gradients reach every LIF parameter
+    assert m.extra_metrics() == {} or "spike_rate_mean" not in m.extra_metrics()  # training records nothing
+    m.eval()
+    with torch.no_grad():
+        m.token_nll(idx, idx)
+    mets = m.extra_metrics()
+    for key in ("spike_rate.layer0.mixer", "spike_rate.layer1.mixer", "spike_rate.layer0.mlp", "spike_rate.layer2.mlp"):
+        assert 0 <= mets[key] <= 1
+    assert "spike_rate.layer2.mixer" not in mets  # layer 2 is attention
+    assert 0 < mets["energy_vs_dense"] < 1 and mets["energy_proxy_pj_per_token"] > 0
+    assert m.extra_metrics() == {}  # read once per eval: the accumulators reset
+
+
+@pytest.mark.parametrize("opts,needle", [
+    ({"T_sim": 0}, "T_sim must be an integer > 0"),
+    ({"T_sim": -2}, "T_sim must be an integer > 0"),
+    ({"surrogate": "sigmoid"}, "surrogate must be one of"),
+    ({"lif_beta": 1.5}, "lif_beta must be in [0, 1]"),
+    ({"lif_threshold": 0}, "lif_threshold must be > 0"),
+    ({"lif_scan": "triton"}, "lif_scan must be"),
+])
+def test_bad_lif_options_are_one_line_errors(opts, needle):
+    with pytest.raises(ConfigError) as e:
+        build_model(tiny(mixer_opts=opts))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_tsim_zero_exits_2_from_the_cli(capsys, tmp_path):
+    import train
+    from slmlab.cli import run_cli
+
+    rc = run_cli(train.main, ["--arch", "spiking", "--out", str(tmp_path / "run"), "model.mixer_opts={mlp: lif, T_sim: 0}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "T_sim must be an integer > 0" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()  # rejected before anything is written
