@@ -217,3 +217,11 @@ def test_cli_resume_errors_leave_run_untouched(corpus, tmp_path, capsys):
     weights.write_bytes(weights.read_bytes()[:50])
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_tensors(weights)
+
+
+def test_wandb_offline(corpus, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    train(tiny_cfg(corpus, steps=2, **{"logging.wandb": True, "logging.wandb_mode": "offline"}), tmp_path / "run")
+    assert list((tmp_path / "run/wandb").glob("offline-run-*"))
