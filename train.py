@@ -2,6 +2,8 @@
 
     python train.py --arch hybrid                      # default config, embedded stdlib data
     python train.py --arch transformer --layers CCA model.d_model=128 train.steps=100
+    python train.py --resume --out runs/my-run                # continue from the latest checkpoint
+    torchrun --nproc_per_node 2 train.py --arch hybrid        # DDP (train.parallel=fsdp for FSDP2)
 
 Extra arguments of the form section.key=value override any key of config.yaml.
 """
@@ -17,7 +19,7 @@ from slmlab.cli import run_cli
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="hybrid", help="preset from config.yaml's presets (default: hybrid)")
+    p.add_argument("--arch", default=None, help="preset from config.yaml's presets (default: hybrid)")
     p.add_argument("--config", default=None, help="config file (default: config.yaml beside train.py)")
     p.add_argument("--data", default=None, help="data spec: stdlib | PATH | hf:NAME[:CONFIG][@SPLIT] (= data.spec)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<arch>-<timestamp>)")
@@ -26,6 +28,9 @@ def parse_args(argv=None):
     p.add_argument("--layers", default=None, help="layer pattern overriding the preset, e.g. CCA or conv,attn")
     p.add_argument("--seed", type=int, default=None, help="(= train.seed)")
     p.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint (its saved config.yaml plus "
+                        "any overrides given here; the model shape must not change)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. model.d_model=128")
     return p.parse_intermixed_args(argv)  # lets overrides and flags mix in any order
 
@@ -41,7 +46,22 @@ def main(argv=None):
         v = getattr(args, flag)
         if v is not None:
             overrides.append(f"{key}={v}")
-    cfg = load_config(args.config or DEFAULT_CONFIG, arch=args.arch, overrides=overrides, layers=args.layers)
+    if args.resume:
+        from slmlab.errors import ConfigError
+
+        if not args.out:
+            raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+        saved = Path(args.out) / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"--resume: {args.out} holds no run (no config.yaml)")
+        if args.arch or args.config:  # rebuild from the given config; train() checks the model is unchanged
+            cfg = load_config(args.config or DEFAULT_CONFIG, arch=args.arch, overrides=overrides, layers=args.layers)
+        else:
+            cfg = load_config(saved, overrides=overrides, layers=args.layers)
+        train(cfg, Path(args.out), resume=True)
+        return
+    cfg = load_config(args.config or DEFAULT_CONFIG, arch=args.arch or "hybrid", overrides=overrides,
+                      layers=args.layers)
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
     train(cfg, out, force=args.force)
 

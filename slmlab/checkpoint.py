@@ -99,3 +99,102 @@ def load_run(run_dir, device="cpu", weights: str = "model.safetensors"):
     load_model_weights(model, run_dir / weights)
     tok = Tokenizer.load(run_dir / "tokenizer.json")
     return cfg, model.to(device).eval(), tok
+
+
+# ---- training checkpoints: out/checkpoints/step_XXXXXX/{model.safetensors, state.pt} ----
+# A checkpoint directory is built under a temporary name, every file fsynced, then renamed into
+# place: a directory named step_* is always complete, so a kill mid-write leaves the previous one.
+
+CKPT_DIR = "checkpoints"
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_dirs(out) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(out) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit():
+            found.append((int(p.name[5:]), p))
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(out, step: int, model_sd: dict, state: dict, keep: int) -> Path:
+    """Write model weights (safetensors) + trainer state (torch.save of tensors and plain Python
+    values, loadable with weights_only=True), then drop all but the newest `keep` checkpoints."""
+    import shutil
+
+    root = Path(out) / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        save_file(model_sd, str(tmp / "model.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        for name in ("model.safetensors", "state.pt"):
+            with open(tmp / name, "rb+") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step after a resume: swap, never leave no checkpoint
+            old = root / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    for p in checkpoint_dirs(out)[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".tmp-step_*"):  # leftovers of killed writes
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def load_state(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint state not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a torn/corrupt pickle raises many types; all mean the same to the user
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({msg[:200]})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"checkpoint {path} is not a slmlab trainer state")
+    return state
+
+
+def latest_checkpoint(out) -> Path:
+    dirs = checkpoint_dirs(out)
+    if not dirs:
+        raise CheckpointError(f"--resume: no checkpoint in {Path(out) / CKPT_DIR} "
+                              "(checkpoints are written every train.ckpt_every steps)")
+    return dirs[-1]
+
+
+def average_checkpoints(dirs: list[Path], path) -> dict:
+    """Uniform average of the model weights of `dirs`, written atomically to `path`."""
+    avg, dtypes = None, {}
+    for d in dirs:
+        sd = load_tensors(d / "model.safetensors")
+        if avg is None:
+            avg = {k: v.double() for k, v in sd.items()}
+            dtypes = {k: v.dtype for k, v in sd.items()}
+        else:
+            for k, v in sd.items():
+                avg[k] += v.double()
+    out = {k: (v / len(dirs)).to(dtypes[k]) for k, v in avg.items()}
+    atomic_write(path, lambda tmp: save_file(out, tmp, metadata={"averaged": ",".join(d.name for d in dirs)}))
+    return out

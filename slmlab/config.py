@@ -47,6 +47,19 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     sample_tokens: int = 200
     sample_prompt: str = "def "
+    # Context curriculum: a list of stages (mappings with keys in PHASE_KEYS); empty = one stage
+    # from seq_len/batch_size. See docs/training.md.
+    phases: list = field(default_factory=list)
+    eval_seq_len: Optional[int] = None  # null = the last phase's seq_len
+    ckpt_every: int = 0  # 0 = checkpoint only at the end
+    keep_checkpoints: int = 3
+    avg_last: int = 0  # >1: average the last K checkpoints into model_avg.safetensors
+    quality_score: Optional[str] = None  # jsonl field name, or "fn:NAME" of a built-in scorer
+    teacher: Optional[str] = None  # run directory of a teacher model for distillation
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
+    max_bad_steps: int = 10  # consecutive non-finite steps before aborting
+    parallel: str = "ddp"  # under torchrun: ddp | fsdp
     init_from: str = ""  # RUN_DIR: start from that run's weights (e.g. AR -> diffusion); see slmlab/init_from.py
 
 
@@ -57,12 +70,19 @@ class OptimConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.1
     eps: float = 1e-8
+    muon_lr: Optional[float] = None  # null = optim.lr (right with muon_adjust_lr_fn=match_rms_adamw)
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5
+    muon_adjust_lr_fn: str = "match_rms_adamw"  # original | match_rms_adamw
+    muon_weight_decay: Optional[float] = None  # null = optim.weight_decay
 
 
 @dataclass
 class LoggingConfig:
     wandb: bool = False
     wandb_project: str = "slmlab"
+    wandb_mode: str = "offline"  # offline (no network or login needed) | online
     progress: bool = True
 
 
@@ -257,8 +277,27 @@ def validate(cfg: RunConfig):
         raise ConfigError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
     if not 0 <= t.decay_frac <= 1:
         raise ConfigError(f"train.decay_frac must be in [0, 1], got {t.decay_frac}")
-    if cfg.optim.name not in ("adamw",):
-        raise ConfigError(f"optim.name must be one of: adamw; got {cfg.optim.name!r}")
+    if cfg.optim.name not in ("adamw", "muon"):
+        raise ConfigError(f"optim.name must be one of: muon, adamw; got {cfg.optim.name!r}")
+    if cfg.optim.muon_adjust_lr_fn not in ("original", "match_rms_adamw"):
+        raise ConfigError(f"optim.muon_adjust_lr_fn must be original or match_rms_adamw, "
+                          f"got {cfg.optim.muon_adjust_lr_fn!r}")
+    if t.parallel not in ("ddp", "fsdp"):
+        raise ConfigError(f"train.parallel must be ddp or fsdp, got {t.parallel!r}")
+    if cfg.logging.wandb_mode not in ("offline", "online"):
+        raise ConfigError(f"logging.wandb_mode must be offline or online, got {cfg.logging.wandb_mode!r}")
+    for k in ("ckpt_every", "avg_last"):
+        if getattr(t, k) < 0:
+            raise ConfigError(f"train.{k} must be >= 0, got {getattr(t, k)}")
+    if t.keep_checkpoints < 1:
+        raise ConfigError(f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+    if t.avg_last > t.keep_checkpoints:
+        raise ConfigError(f"train.avg_last={t.avg_last} needs train.keep_checkpoints >= {t.avg_last}")
+    if not 0 <= t.distill_alpha <= 1 or t.distill_temperature <= 0:
+        raise ConfigError("train.distill_alpha must be in [0, 1] and train.distill_temperature > 0")
+    from .phases import resolve_phases
+
+    resolve_phases(cfg)  # raises a one-line ConfigError on a bad phase list
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     if not 0 < cfg.data.val_frac < 1:

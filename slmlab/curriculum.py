@@ -1,0 +1,98 @@
+"""Curriculum tools: per-document quality scores and an ordered (low -> high) document stream.
+
+Quality ordering: documents of a phase are concatenated in ascending score order and cut into
+consecutive windows, so the phase ends on its best text. Selective repetition: a phase with
+top_frac < 1 streams only the top fraction of documents (by score), wrapping around when it runs
+out, so late phases repeat the best data (e.g. top 50% / 30% / 10% in phases 3-5).
+
+Scores come from a jsonl field (`train.quality_score: FIELD`; the data spec must be one .jsonl
+file, whose train split is its first documents) or a built-in function (`fn:NAME`, SCORERS).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+
+
+def _unique_ratio(doc: np.ndarray) -> float:
+    """Distinct tokens / tokens: low for repetitive boilerplate, high for varied text."""
+    return len(np.unique(doc)) / max(1, len(doc))
+
+
+def _length(doc: np.ndarray) -> float:
+    return float(len(doc))
+
+
+SCORERS = {"unique_ratio": _unique_ratio, "length": _length}
+
+
+def document_spans(tokens: np.ndarray, eos_id: int) -> list[tuple[int, int]]:
+    """[start, end) of each document in a token file (eos included; a trailing partial document too)."""
+    ends = np.flatnonzero(np.asarray(tokens) == eos_id) + 1
+    starts = np.concatenate([[0], ends[:-1]]) if len(ends) else np.array([0])
+    spans = list(zip(starts.tolist(), ends.tolist()))
+    last = spans[-1][1] if spans else 0
+    if last < len(tokens):
+        spans.append((last, len(tokens)))
+    return spans
+
+
+def jsonl_scores(spec: str, field: str, n_docs: int) -> list[float]:
+    """`field` of the first n_docs non-empty documents of a .jsonl file (the train split)."""
+    path = Path(spec).expanduser()
+    if not (path.is_file() and path.suffix.lower() == ".jsonl"):
+        raise ConfigError(f"train.quality_score={field!r} reads a jsonl field, so the data spec must be one "
+                          f".jsonl file (got {spec!r}); or use a built-in scorer: "
+                          + ", ".join(f"fn:{k}" for k in SCORERS))
+    scores = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            obj = json.loads(raw)
+            if not obj.get("text"):  # the data layer drops empty documents too
+                continue
+            if field not in obj or isinstance(obj[field], bool) or not isinstance(obj[field], (int, float)):
+                raise ConfigError(f"{path}:{lineno}: quality score field {field!r} missing or not a number")
+            scores.append(float(obj[field]))
+            if len(scores) == n_docs:
+                break
+    if len(scores) < n_docs:
+        raise ConfigError(f"{path}: {len(scores)} scores for {n_docs} training documents")
+    return scores
+
+
+def score_documents(tokens: np.ndarray, spans, score: str, spec: str) -> np.ndarray:
+    if score.startswith("fn:"):
+        name = score[3:]
+        if name not in SCORERS:
+            raise ConfigError(f"unknown quality scorer {score!r}; built-in: {', '.join('fn:' + k for k in SCORERS)}")
+        return np.array([SCORERS[name](np.asarray(tokens[a:b])) for a, b in spans], dtype=np.float64)
+    return np.array(jsonl_scores(spec, score, len(spans)), dtype=np.float64)
+
+
+class OrderedStream:
+    """Documents in ascending score order (optionally only the top fraction), as one token stream
+    cut into consecutive seq_len + 1 windows; the position is one integer (the cursor)."""
+
+    def __init__(self, tokens: np.ndarray, spans, scores: np.ndarray, top_frac: float = 1.0):
+        order = np.argsort(scores, kind="stable")
+        keep = max(1, math.ceil(top_frac * len(order)))
+        order = order[len(order) - keep:]
+        self.tokens = tokens
+        self.index = np.concatenate([np.arange(*spans[i]) for i in order])
+        self.n_docs = keep
+        self.cursor = 0
+
+    def next(self, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(self.index)
+        pos = (self.cursor + np.arange(batch_size)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]) % n
+        self.cursor = (self.cursor + batch_size * seq_len) % n
+        w = torch.from_numpy(np.asarray(self.tokens[self.index[pos]], dtype=np.int64))
+        return w[:, :-1], w[:, 1:]

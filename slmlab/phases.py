@@ -1,0 +1,139 @@
+"""Training phases (a context-length curriculum as data) and the global learning-rate schedule.
+
+`train.phases` is a list of stages; each stage says how long the sequences are, which share of
+the run's optimizer steps it gets, how many tokens one optimizer step sees (the batch shrinks as
+sequences grow), a learning-rate multiplier, and optionally its own data, attention window and
+document ordering. The trainer only ever asks "which phase is step s in?": no branching code per
+stage. An empty list means one stage built from train.seq_len / train.batch_size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from .errors import ConfigError
+
+PHASE_KEYS = ("seq_len", "share", "tokens_per_step", "lr_mul", "data", "window", "order", "top_frac")
+ORDERS = ("random", "quality")
+
+
+@dataclass
+class Phase:
+    index: int
+    seq_len: int
+    share: float
+    tokens_per_step: int
+    lr_mul: float = 1.0
+    data: Optional[str] = None  # a data spec; None = the run's data.spec
+    window: Optional[int] = None  # sliding-window size for S layers in this phase
+    order: str = "random"  # random windows | quality: documents low -> high score, in order
+    top_frac: float = 1.0  # with order=quality: train only on the top fraction (repeated as needed)
+    steps: int = 0
+    start: int = 0  # first global step (0-based) of this phase
+
+    def batch_size(self, grad_accum: int, world: int = 1) -> int:
+        """Sequences per micro-batch per rank."""
+        return self.tokens_per_step // (self.seq_len * grad_accum * world)
+
+    def describe(self) -> str:
+        extra = "".join(f" {k}={getattr(self, k)}" for k in ("data", "window") if getattr(self, k) is not None)
+        if self.order != "random":
+            extra += f" order={self.order} top_frac={self.top_frac}"
+        return (f"phase {self.index + 1}: steps {self.start + 1}-{self.start + self.steps} seq_len {self.seq_len} "
+                f"tokens/step {self.tokens_per_step} lr_mul {self.lr_mul}{extra}")
+
+
+def _num(where, key, v, kind):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"{where}: {key} expects a number, got {v!r}")
+    if kind is int and not float(v).is_integer():
+        raise ConfigError(f"{where}: {key} expects an integer, got {v!r}")
+    return kind(v)
+
+
+def resolve_phases(cfg, world: int = 1) -> list[Phase]:
+    """train.phases -> Phase list with steps assigned (shares of train.steps, rounded so they sum
+    exactly). Raises a one-line ConfigError on any inconsistency."""
+    t = cfg.train
+    default_tps = t.batch_size * t.seq_len * t.grad_accum
+    raw = t.phases or [{"seq_len": t.seq_len, "share": 1.0, "tokens_per_step": default_tps}]
+    if not isinstance(raw, list):
+        raise ConfigError("train.phases must be a list of mappings")
+    phases = []
+    for i, p in enumerate(raw):
+        where = f"train.phases[{i}]"
+        if not isinstance(p, dict):
+            raise ConfigError(f"{where} must be a mapping with keys {', '.join(PHASE_KEYS)}, got {p!r}")
+        bad = [k for k in p if k not in PHASE_KEYS]
+        if bad:
+            raise ConfigError(f"{where}: unknown key {bad[0]!r}; phase keys: {', '.join(PHASE_KEYS)}")
+        if "seq_len" not in p:
+            raise ConfigError(f"{where}: seq_len is required")
+        if "share" not in p and len(raw) > 1:
+            raise ConfigError(f"{where}: share is required when there is more than one phase")
+        ph = Phase(index=i, seq_len=_num(where, "seq_len", p["seq_len"], int),
+                   share=_num(where, "share", p.get("share", 1.0), float),
+                   tokens_per_step=_num(where, "tokens_per_step", p.get("tokens_per_step", default_tps), int),
+                   lr_mul=_num(where, "lr_mul", p.get("lr_mul", 1.0), float),
+                   data=None if p.get("data") is None else str(p["data"]),
+                   window=None if p.get("window") is None else _num(where, "window", p["window"], int),
+                   order=str(p.get("order", "random")),
+                   top_frac=_num(where, "top_frac", p.get("top_frac", 1.0), float))
+        if ph.seq_len <= 0 or ph.tokens_per_step <= 0:
+            raise ConfigError(f"{where}: seq_len and tokens_per_step must be > 0")
+        if ph.share < 0 or ph.lr_mul < 0:
+            raise ConfigError(f"{where}: share and lr_mul must be >= 0")
+        if ph.window is not None and ph.window <= 0:
+            raise ConfigError(f"{where}: window must be > 0, got {ph.window}")
+        if ph.order not in ORDERS:
+            raise ConfigError(f"{where}: order must be one of {', '.join(ORDERS)}, got {ph.order!r}")
+        if not 0 < ph.top_frac <= 1:
+            raise ConfigError(f"{where}: top_frac must be in (0, 1], got {ph.top_frac}")
+        if ph.order == "quality" and not t.quality_score:
+            raise ConfigError(f"{where}: order=quality needs train.quality_score (a jsonl field or fn:NAME)")
+        unit = ph.seq_len * t.grad_accum * world
+        if ph.tokens_per_step % unit:
+            raise ConfigError(
+                f"{where}: tokens_per_step {ph.tokens_per_step} is not divisible by seq_len {ph.seq_len}"
+                f" x grad_accum {t.grad_accum}" + (f" x {world} ranks" if world > 1 else "")
+                + f" (= {unit}): the batch must be a whole number of sequences per rank")
+        phases.append(ph)
+    total_share = sum(p.share for p in phases)
+    if abs(total_share - 1.0) > 1e-6:
+        raise ConfigError(f"train.phases shares sum to {total_share:g}, not 1: "
+                          f"[{', '.join(f'{p.share:g}' for p in phases)}]")
+    # Cumulative rounding: phase ends land on round(steps * cumulative share), so --steps N scales
+    # every phase proportionally and the steps add up to N exactly.
+    acc, prev = 0.0, 0
+    for p in phases:
+        acc += p.share
+        end = min(t.steps, round(t.steps * acc)) if p is not phases[-1] else t.steps
+        p.start, p.steps = prev, end - prev
+        prev = end
+    return phases
+
+
+def phase_at(phases: list[Phase], step: int) -> Phase:
+    """The phase that global step `step` (0-based) belongs to."""
+    for p in phases:
+        if p.start <= step < p.start + p.steps:
+            return p
+    return phases[-1]
+
+
+def lr_mult(step: int, t) -> float:
+    """Global schedule multiplier in [min_lr_frac, 1] at optimizer step `step` (0-based): linear
+    warmup, then WSD (flat, then linear decay over the last decay_frac of the steps) or cosine.
+    One schedule spans all phases; the phase's lr_mul multiplies it."""
+    lo = t.min_lr_frac
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if t.schedule == "cosine":
+        p = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+    decay_start = int(t.steps * (1 - t.decay_frac))
+    if step < decay_start:
+        return 1.0
+    p = (step - decay_start + 1) / max(1, t.steps - decay_start)
+    return lo + (1 - lo) * max(0.0, 1 - p)

@@ -1,0 +1,227 @@
+"""Trainer: phases as data, the global schedule, metrics fields, NaN guard, checkpoint averaging,
+distillation, quality ordering and the one-line errors for bad input."""
+import importlib.util
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from slmlab.checkpoint import latest_checkpoint, load_tensors
+from slmlab.cli import run_cli
+from slmlab.config import load_config
+from slmlab.curriculum import OrderedStream, document_spans
+from slmlab.errors import CheckpointError, ConfigError, SlmlabError
+from slmlab.phases import lr_mult, phase_at, resolve_phases
+from slmlab.trainer import train
+from trainer_helpers import ROOT, losses, tiny_overrides, write_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    return write_corpus(d / "c.txt"), d
+
+
+def tiny_cfg(corpus, **extra):
+    path, d = corpus
+    return load_config(overrides=[f"data.spec={path}", *tiny_overrides(d, **extra)])
+
+
+def cli(argv, capsys):
+    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rc = run_cli(mod.main, argv)
+    return rc, capsys.readouterr()
+
+
+# ---- phases and schedule (pure) ----
+
+def test_default_phases_256_1024_2048_constant_tokens():
+    cfg = load_config(arch="hybrid")
+    ph = resolve_phases(cfg)
+    assert [p.seq_len for p in ph] == [256, 1024, 2048]
+    assert sum(p.steps for p in ph) == cfg.train.steps
+    assert [p.batch_size(1) * p.seq_len for p in ph] == [4096] * 3  # batch shrinks as seq grows
+    cfg = load_config(arch="hybrid", overrides=["train.steps=1000"])
+    assert [p.steps for p in resolve_phases(cfg)] == [700, 200, 100]  # --steps scales every phase
+
+
+def test_empty_phases_is_the_old_single_stage():
+    cfg = load_config(overrides=["train.phases=[]", "train.seq_len=128", "train.batch_size=8"])
+    (p,) = resolve_phases(cfg)
+    assert (p.seq_len, p.batch_size(1), p.steps) == (128, 8, cfg.train.steps)
+
+
+@pytest.mark.parametrize("phases,msg", [
+    ("[{seq_len: 64, share: 0.5}, {seq_len: 128, share: 0.4}]", "sum to 0.9"),
+    ("[{seq_len: 100, share: 1.0, tokens_per_step: 4096}]", "not divisible"),
+    ("[{seq_len: 64, share: 1.0, colour: red}]", "unknown key 'colour'"),
+    ("[{seq_len: 64}, {seq_len: 128}]", "share is required"),
+])
+def test_bad_phases_are_config_errors(phases, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load_config(overrides=[f"train.phases={phases}"])
+
+
+def test_divisibility_accounts_for_ranks():
+    cfg = load_config(overrides=["train.phases=[{seq_len: 256, share: 1.0, tokens_per_step: 256}]"])
+    resolve_phases(cfg, world=1)
+    with pytest.raises(ConfigError, match="2 ranks"):
+        resolve_phases(cfg, world=2)
+
+
+def test_wsd_and_cosine_one_schedule_across_phases():
+    cfg = load_config(overrides=["train.steps=100", "train.warmup_steps=10", "train.decay_frac=0.2"])
+    m = [lr_mult(s, cfg.train) for s in range(100)]
+    assert m[0] == pytest.approx(0.1) and m[9] == 1.0 and m[50] == 1.0 and m[79] == 1.0
+    assert m[80] < 1.0 and m[99] == pytest.approx(0.0) and all(a >= b for a, b in zip(m[10:], m[11:]))
+    cfg = load_config(overrides=["train.steps=100", "train.warmup_steps=10", "train.schedule=cosine"])
+    c = [lr_mult(s, cfg.train) for s in range(100)]
+    assert c[10] == pytest.approx(1.0) and 0.45 < c[55] < 0.55 and c[99] < 0.01
+    ph = resolve_phases(cfg)
+    assert phase_at(ph, 0).index == 0 and phase_at(ph, 69).index == 0 and phase_at(ph, 70).index == 1
+
+
+def test_rope_prefix_consistency_at_phase_lengths():
+    """A causal RoPE model's logits on a prefix don't depend on the longer context it is part of,
+    so training at 256 and evaluating/continuing at 2048 sees the same positions."""
+    from arch import build_model
+    from arch.config import ModelConfig
+
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, layers="CA")).eval()
+    x = torch.randint(0, 64, (1, 256))
+    with torch.no_grad():
+        torch.testing.assert_close(m(x[:, :32]), m(x)[:, :32], rtol=1e-4, atol=1e-5)
+
+
+# ---- runs (in process, ~seconds each) ----
+
+def test_phased_run_logs_phase_and_seq_len(corpus, tmp_path, capsys):
+    cfg = tiny_cfg(corpus, steps=6, **{"optim.name": "muon", "train.eval_every": 3,
+                                       "train.phases": "[{seq_len: 16, share: 0.5, tokens_per_step: 128}, "
+                                                       "{seq_len: 32, share: 0.5, tokens_per_step: 128, lr_mul: 0.5}]"})
+    s = train(cfg, tmp_path / "run")
+    out = capsys.readouterr().out
+    assert "entering phase 2" in out and "optimizer routing" in out and "MFU peak" in out
+    recs = [json.loads(l) for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "loss" in r]
+    assert [(r["phase"], r["seq_len"]) for r in steps] == [(1, 16)] * 3 + [(2, 32)] * 3
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in steps)
+    assert steps[3]["lr_mult"] == pytest.approx(0.5 * lr_mult(3, cfg.train))  # phase lr_mul applied
+    assert any("val_bpb" in r for r in recs) and recs[-1]["final"]
+    for name in ("config.yaml", "tokenizer.json", "model.safetensors", "summary.json", "sample.txt"):
+        assert (tmp_path / "run" / name).is_file()
+    assert s["tokens"] == 6 * 128 and math.isfinite(s["val_bpb"])
+
+
+def test_nan_guard_skips_then_aborts(corpus, tmp_path, capsys):
+    cfg = tiny_cfg(corpus, steps=20, **{"optim.lr": "1.0e+30", "train.warmup_steps": 1, "train.max_bad_steps": 3,
+                                        "optim.name": "adamw", "train.grad_clip": "1.0e+30"})
+    with pytest.raises(SlmlabError, match="3 consecutive non-finite steps"):
+        train(cfg, tmp_path / "run")
+    assert "update skipped" in capsys.readouterr().out
+
+
+def test_checkpoint_average(corpus, tmp_path):
+    cfg = tiny_cfg(corpus, steps=6, **{"train.ckpt_every": 2, "train.keep_checkpoints": 3, "train.avg_last": 2})
+    s = train(cfg, tmp_path / "run")
+    ck = sorted((tmp_path / "run/checkpoints").iterdir())
+    assert [p.name for p in ck] == ["step_000002", "step_000004", "step_000006"]  # kept the last 3
+    avg = load_tensors(tmp_path / "run/model_avg.safetensors")
+    a, b = (load_tensors(p / "model.safetensors") for p in ck[1:])
+    torch.testing.assert_close(avg["embed.weight"], (a["embed.weight"] + b["embed.weight"]) / 2)
+    assert s["avg_of"] == ["step_000004", "step_000006"] and math.isfinite(s["avg_val_loss"])
+
+
+def test_distillation_and_teacher_tokenizer_check(corpus, tmp_path):
+    teacher = tmp_path / "teacher"
+    train(tiny_cfg(corpus, steps=2), teacher)
+    s = train(tiny_cfg(corpus, steps=3, **{"train.teacher": str(teacher), "train.distill_alpha": 0.7}),
+              tmp_path / "student")
+    recs = [json.loads(l) for l in (tmp_path / "student/metrics.jsonl").read_text().splitlines()]
+    assert all("ce" in r for r in recs if "loss" in r) and math.isfinite(s["val_loss"])
+    with pytest.raises(ConfigError, match="different tokenizer"):
+        train(tiny_cfg(corpus, steps=2, **{"train.teacher": str(teacher), "model.vocab_size": 280}),
+              tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_quality_stream_orders_low_to_high_and_repeats_top():
+    eos = 0
+    docs = [[5, 5, 5, eos], [1, 2, eos], [7, 8, 9, 6, eos]]
+    tokens = np.array(sum(docs, []))
+    spans = document_spans(tokens, eos)
+    assert spans == [(0, 4), (4, 7), (7, 12)]
+    s = OrderedStream(tokens, spans, np.array([3.0, 1.0, 2.0]))
+    x, y = s.next(1, 11)
+    assert x[0].tolist() == [1, 2, eos, 7, 8, 9, 6, eos, 5, 5, 5]  # scores 1 -> 2 -> 3
+    top = OrderedStream(tokens, spans, np.array([3.0, 1.0, 2.0]), top_frac=0.3)
+    x, _ = top.next(2, 4)
+    assert x.tolist() == [[5, 5, 5, eos], [5, 5, 5, eos]]  # only the best document, repeated
+
+
+def test_quality_ordered_phase_from_jsonl_field(tmp_path):
+    rows = [{"text": f"doc {i} " + "abc " * (i + 1), "q": float(i % 5)} for i in range(200)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(overrides=[f"data.spec={path}", *tiny_overrides(tmp_path, steps=4), "train.quality_score=q",
+                                 "train.phases=[{seq_len: 16, share: 0.5, tokens_per_step: 128}, "
+                                 "{seq_len: 16, share: 0.5, tokens_per_step: 128, order: quality, top_frac: 0.3}]"])
+    s = train(cfg, tmp_path / "run")
+    assert math.isfinite(s["val_loss"])
+    with pytest.raises(ConfigError, match="needs train.quality_score"):
+        load_config(overrides=["train.phases=[{seq_len: 16, share: 1.0, order: quality}]"])
+
+
+# ---- CLI: one-line errors, exit 2, nothing overwritten ----
+
+def test_cli_bad_input_exits_2(corpus, tmp_path, capsys):
+    path, d = corpus
+    base = ["--data", str(path), "--out", str(tmp_path / "x"), *tiny_overrides(d)]
+    for extra, msg in ((["train.phases=[{seq_len: 16, share: 0.3}]"], "sum to 0.3"),
+                       (["train.phases=[{seq_len: 48, share: 1.0, tokens_per_step: 128}]"], "not divisible"),
+                       (["optim.name=sgd"], "optim.name")):
+        rc, cap = cli(base + extra, capsys)
+        assert rc == 2 and msg in cap.err and cap.err.count("\n") == 1, cap.err
+    assert not (tmp_path / "x").exists()
+    rc, cap = cli(["--resume", "--out", str(tmp_path / "nothing")], capsys)
+    assert rc == 2 and "holds no run" in cap.err
+
+
+def test_cli_resume_errors_leave_run_untouched(corpus, tmp_path, capsys):
+    path, d = corpus
+    run = tmp_path / "run"
+    rc, _ = cli(["--data", str(path), "--out", str(run), *tiny_overrides(d, steps=2)], capsys)
+    assert rc == 0
+    rc, cap = cli(["--resume", "--out", str(run)], capsys)  # ckpt_every=0: no checkpoint
+    assert rc == 2 and "no checkpoint" in cap.err
+    rc, _ = cli(["--data", str(path), "--out", str(run), "--force", *tiny_overrides(d, steps=4),
+                 "train.ckpt_every=2"], capsys)
+    assert rc == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    rc, cap = cli(["--resume", "--out", str(run), "model.d_model=64"], capsys)
+    assert rc == 2 and "model.d_model 32 -> 64" in cap.err and cap.err.count("\n") == 1
+    rc, cap = cli(["--data", str(path), "--out", str(run), *tiny_overrides(d, steps=4)], capsys)
+    assert rc == 2 and "--force" in cap.err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # A torn checkpoint: a clear error naming the file, not a stack trace.
+    state = latest_checkpoint(run) / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    rc, cap = cli(["--resume", "--out", str(run)], capsys)
+    assert rc == 2 and str(state) in cap.err and "corrupt or truncated" in cap.err
+    weights = latest_checkpoint(run) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_tensors(weights)
+
+
+def test_wandb_offline(corpus, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    train(tiny_cfg(corpus, steps=2, **{"logging.wandb": True, "logging.wandb_mode": "offline"}), tmp_path / "run")
+    assert list((tmp_path / "run/wandb").glob("offline-run-*"))

@@ -1,0 +1,44 @@
+"""Tiny runs for trainer tests: a synthetic corpus, a 2-layer d_model-32 model, seconds per run."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_corpus(path: Path, lines: int = 3000, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    words = "the of and to a in is it you that he was for on are with as his they be at one have this".split()
+    path.write_text("".join(" ".join(rng.choice(words) for _ in range(12)) + "\n" for _ in range(lines)))
+    return path
+
+
+def tiny_overrides(tmp: Path, steps: int = 8, **extra) -> list[str]:
+    ov = {"model.d_model": 32, "model.n_layers": 3, "model.n_heads": 2, "model.n_kv_heads": 1,
+          "model.vocab_size": 300, "model.layers": "CCA", "train.steps": steps, "train.eval_every": 1000,
+          "train.log_every": 1, "train.warmup_steps": 2, "train.ckpt_every": 0, "train.sample_tokens": 4, "train.eval_tokens": 256,
+          "data.cache_dir": str(tmp / "cache"), "logging.progress": False, "train.device": "cpu",
+          "train.phases": "[{seq_len: 16, share: 0.5, tokens_per_step: 128}, {seq_len: 32, share: 0.5, tokens_per_step: 128}]"}
+    ov.update(extra)
+    return [f"{k}={v}" for k, v in ov.items()]
+
+
+def run_train(args: list[str], env_extra: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            assert rec["step"] not in out, f"step {rec['step']} logged twice"
+            out[rec["step"]] = rec["loss"]
+    return out
