@@ -30,6 +30,9 @@ import torch.nn.functional as F
 from slmlab.errors import ConfigError
 
 from .lif import spike_metrics
+from .registry import register_mixer_opts
+
+register_mixer_opts("objective", "mask_id", "eval_t_samples", "block_length")
 from .model import LM, sample_next
 
 OBJECTIVES = ("ar", "mdlm")

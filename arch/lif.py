@@ -36,7 +36,9 @@ import torch.nn.functional as F
 
 from slmlab.errors import ConfigError
 
-from .registry import register, register_channel_mixer
+from .registry import register, register_channel_mixer, register_mixer_opts
+
+register_mixer_opts("lif_beta", "lif_threshold", "surrogate", "surrogate_scale", "lif_scan", "T_sim")
 
 # Energy per operation at 45 nm (Horowitz, ISSCC 2014), the figures SNN papers use for the proxy.
 E_MAC_PJ, E_AC_PJ = 4.6, 0.9

@@ -37,3 +37,11 @@ def register_channel_mixer(name: str):
         return cls
 
     return deco
+
+
+# model.mixer_opts keys a block reads; any other key is rejected so a typo is never ignored.
+MIXER_OPT_KEYS: set[str] = {"mlp"}
+
+
+def register_mixer_opts(*keys: str):
+    MIXER_OPT_KEYS.update(keys)

@@ -147,6 +147,11 @@ def coerce(key: str, value: Any, tp):
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key} expects a number, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -183,6 +188,12 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def _set(tree: dict, key: str, value):
     parts = key.split(".")
+    if len(parts) == 3 and parts[:2] == ["model", "mixer_opts"]:  # one option, not the whole dict
+        opts = tree.setdefault("model", {}).setdefault("mixer_opts", {})
+        if not isinstance(opts, dict):
+            raise ConfigError(f"model.mixer_opts must be a mapping, got {opts!r}")
+        opts[parts[2]] = value
+        return
     if len(parts) != 2 or parts[0] not in SECTIONS:
         raise _unknown(key, all_keys())
     section, name = parts

@@ -70,6 +70,8 @@ def evaluate(model, tokens, cfg: RunConfig, device, byte_lengths, max_tokens=Non
     validation split (the whole split when max_tokens is None), in windows of seq_len."""
     seq_len = seq_len or cfg.train.seq_len
     batch_size = batch_size or cfg.train.batch_size
+    if max_tokens is not None:  # a budget below one window would evaluate nothing
+        max_tokens = max(max_tokens, seq_len)
     was_training = model.training
     model.eval()
     nll, n_tok, n_bytes = 0.0, 0, 0.0

@@ -26,7 +26,8 @@ def corpus(tmp_path_factory):
 
 TINY = ["model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1", "model.n_layers=3", "model.vocab_size=300",
         "train.batch_size=4", "train.seq_len=32", "train.eval_every=10", "train.eval_tokens=1024",
-        "train.warmup_steps=2", "train.sample_tokens=8", "logging.progress=false"]
+        "train.warmup_steps=2", "train.sample_tokens=8", "logging.progress=false", "train.phases=[]",
+        "train.ckpt_every=0"]
 
 
 def run_train(tmp_path, corpus, *extra, steps=4, out=None):

@@ -174,7 +174,8 @@ def test_diffusion_without_a_mask_token_is_an_error():
 # ---- end to end: AR run -> diffusion run (init_from), sample.py on it ------------------------------
 SMALL = ["model.vocab_size=300", "model.d_model=32", "model.n_layers=3", "model.n_heads=4", "model.n_kv_heads=2",
          "train.steps=3", "train.batch_size=2", "train.seq_len=16", "train.eval_every=100", "train.eval_tokens=256",
-         "train.sample_tokens=8", "logging.progress=false", "train.warmup_steps=1"]
+         "train.sample_tokens=8", "logging.progress=false", "train.warmup_steps=1", "train.phases=[]",
+         "train.ckpt_every=0"]
 
 
 @pytest.fixture(scope="module")
