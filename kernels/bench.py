@@ -110,8 +110,6 @@ def _attention_candidates(T, W, flex):
 
 
 def bench_attention(args):
-    from .attention import attention
-
     B, Hq, Hkv = args.batch, 8, 2
     seqs = ATTN_SEQS_QUICK if args.quick else ATTN_SEQS
     windows = ATTN_WINDOWS_QUICK if args.quick else ATTN_WINDOWS
@@ -133,31 +131,9 @@ def bench_attention(args):
                 do = torch.randn_like(q)
                 cands = _attention_candidates(T, W, flex)
 
-                # Parity of forward and all three gradients before any timing is reported.
-                qkv = [t.clone().requires_grad_() for t in (q, k, v)]
-                ref_out = attention_ref(*qkv, causal=True, window=W)
-                ref_grads = torch.autograd.grad(ref_out, qkv, do)
-                out = attention(*qkv, causal=True, window=W)
-                grads = torch.autograd.grad(out, qkv, do)
-                errs = [_rel_err(out, ref_out)] + [_rel_err(a, b) for a, b in zip(grads, ref_grads)]
-                ok = max(errs) <= PARITY_RTOL
-
-                for mode in ("fwd", "fwd+bwd"):
-                    times = {}
-                    for name, fn in cands.items():
-                        if mode == "fwd":
-                            with torch.no_grad():
-                                times[name] = _measure(lambda fn=fn: fn(q, k, v), args.warmup, args.iters)
-                        else:
-                            times[name] = _measure(_fwd_bwd(fn, qkv, do), args.warmup, args.iters)
-                    row = f"{T:5d} {W if W else 'full':>5} {hd:4d} {mode:>8} "
-                    row += " ".join(_fmt(times.get(n, "n/a")) for n in names)
-                    if ok:
-                        row += " " + " ".join(_ratio(times.get(n), times["triton"]) for n in names[1:])
-                    else:
-                        row += f"  PARITY FAILED (max rel err out/dq/dk/dv = {', '.join(f'{e:.2e}' for e in errs)})"
-                    print(row, flush=True)
-                del q, k, v, do, qkv, cands
+                _parity_then_time(f"{T:5d} {W if W else 'full':>5} {hd:4d}", cands, names, (q, k, v), do,
+                                  "out/dq/dk/dv", args)
+                del q, k, v, do, cands
                 torch.cuda.empty_cache()
 
 
@@ -195,28 +171,34 @@ def bench_conv(args):
         w = torch.randn(D, K, device=_DEVICE, dtype=torch.bfloat16, generator=g) * 0.5
         b = torch.randn(D, device=_DEVICE, dtype=torch.bfloat16, generator=g)
         do = torch.randn_like(x)
-        ins = [t.clone().requires_grad_() for t in (x, w, b)]
-        ref_out = causal_conv1d_ref(*ins)
-        ref_grads = torch.autograd.grad(ref_out, ins, do)
-        out = causal_conv1d(*ins)
-        grads = torch.autograd.grad(out, ins, do)
-        # dw / db sum over B*T terms: compare them relative to their own scale like the rest.
-        errs = [_rel_err(out, ref_out)] + [_rel_err(a, r) for a, r in zip(grads, ref_grads)]
-        ok = max(errs) <= PARITY_RTOL
-        for mode in ("fwd", "fwd+bwd"):
-            times = {}
-            for name, fn in cands.items():
-                if mode == "fwd":
-                    with torch.no_grad():
-                        times[name] = _measure(lambda fn=fn: fn(x, w, b), args.warmup, args.iters)
-                else:
-                    times[name] = _measure(_fwd_bwd(fn, ins, do), args.warmup, args.iters)
-            row = f"{T:5d} {D:5d} {mode:>8} " + " ".join(_fmt(times[n]) for n in names)
-            if ok:
-                row += " " + " ".join(_ratio(times[n], times["triton"]) for n in names[1:])
+        # dw / db sum over B*T terms: compared relative to their own scale like the rest.
+        _parity_then_time(f"{T:5d} {D:5d}", cands, names, (x, w, b), do, "out/dx/dw/db", args)
+
+
+def _parity_then_time(prefix, cands, names, inputs, do, grad_label, args):
+    """Check the forward and every gradient of cands["triton"] against cands["ref"]; then time
+    every candidate forward and forward+backward, one row per pass. A failed parity prints no ratio."""
+    ins = [t.clone().requires_grad_() for t in inputs]
+    ref_out = cands["ref"](*ins)
+    ref_grads = torch.autograd.grad(ref_out, ins, do)
+    out = cands["triton"](*ins)
+    grads = torch.autograd.grad(out, ins, do)
+    errs = [_rel_err(out, ref_out)] + [_rel_err(a, r) for a, r in zip(grads, ref_grads)]
+    ok = max(errs) <= PARITY_RTOL
+    for mode in ("fwd", "fwd+bwd"):
+        times = {}
+        for name, fn in cands.items():
+            if mode == "fwd":
+                with torch.no_grad():
+                    times[name] = _measure(lambda fn=fn: fn(*inputs), args.warmup, args.iters)
             else:
-                row += f"  PARITY FAILED (max rel err out/dx/dw/db = {', '.join(f'{e:.2e}' for e in errs)})"
-            print(row, flush=True)
+                times[name] = _measure(_fwd_bwd(fn, ins, do), args.warmup, args.iters)
+        row = f"{prefix} {mode:>8} " + " ".join(_fmt(times.get(n, "n/a")) for n in names)
+        if ok:
+            row += " " + " ".join(_ratio(times.get(n), times["triton"]) for n in names[1:])
+        else:
+            row += f"  PARITY FAILED (max rel err {grad_label} = {', '.join(f'{e:.2e}' for e in errs)})"
+        print(row, flush=True)
 
 
 def main(argv=None):
