@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from arch import build_model
 
 from . import data as data_mod
-from .checkpoint import (average_checkpoints, checkpoint_dirs, latest_checkpoint, load_model_weights, load_state,
-                         load_tensors, save_checkpoint, save_model, state_dict_for_save)
+from .checkpoint import (average_checkpoints, checkpoint_dirs, latest_checkpoint, load_model_weights, load_state, save_checkpoint, state_dict_for_save)
 from .config import RunConfig
 from .errors import CheckpointError, ConfigError, SlmlabError
 from .optim import build_optimizer
@@ -226,6 +225,10 @@ def _is_sharded(model) -> bool:
 # ---- throughput accounting ----
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
              "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def _bpb_label(ev: dict) -> str:
+    return f"<= {ev['val_bpb']:.4f} (ELBO bound)" if ev.get("val_bpb_is_bound") else f"{ev['val_bpb']:.4f}"
 
 
 def peak_flops(device) -> tuple[float, str]:
@@ -522,7 +525,7 @@ def train(cfg: RunConfig, out: Path, force: bool = False, resume: bool = False) 
                 rec["ce"] = ce_sum
         if step % t.eval_every == 0 and step != t.steps:
             last_eval = evaluate(model, bundle.val, cfg, device, byte_lengths, t.eval_tokens, eval_T, eval_B)
-            prog.write(f"step {step}: val loss {last_eval['val_loss']:.4f}  val bpb {last_eval['val_bpb']:.4f}")
+            prog.write(f"step {step}: val loss {last_eval['val_loss']:.4f}  val bpb {_bpb_label(last_eval)}")
             rec = {**(rec or {"step": step, "phase": ph.index + 1, "seq_len": ph.seq_len, "tokens": tokens_seen}),
                    **last_eval}
         if rec:
@@ -536,7 +539,7 @@ def train(cfg: RunConfig, out: Path, force: bool = False, resume: bool = False) 
     set_windows(model, base_windows)
     final = evaluate(model, bundle.val, cfg, device, byte_lengths, None, eval_T, eval_B)
     prog.write(f"final (whole validation split, {final['val_tokens']:,} tokens at seq_len {eval_T}): val loss "
-               f"{final['val_loss']:.4f}  val bpb {final['val_bpb']:.4f}  (gzip -9 {bundle.gzip_bpb:.3f}, "
+               f"{final['val_loss']:.4f}  val bpb {_bpb_label(final)}  (gzip -9 {bundle.gzip_bpb:.3f}, "
                f"xz -9 {bundle.xz_bpb:.3f})")
     log({"step": t.steps, "phase": phases[-1].index + 1, "seq_len": eval_T, "tokens": tokens_seen, "final": True,
          **final})
@@ -550,7 +553,7 @@ def train(cfg: RunConfig, out: Path, force: bool = False, resume: bool = False) 
             ev = evaluate(avg_model, bundle.val, cfg, device, byte_lengths, None, eval_T, eval_B)
             avg = {"avg_of": [d.name for d in dirs], "avg_val_loss": ev["val_loss"], "avg_val_bpb": ev["val_bpb"]}
             prog.write(f"average of {len(dirs)} checkpoints ({dirs[0].name} .. {dirs[-1].name}): val loss "
-                       f"{ev['val_loss']:.4f}  val bpb {ev['val_bpb']:.4f}  (last: {final['val_loss']:.4f})")
+                       f"{ev['val_loss']:.4f}  val bpb {_bpb_label(ev)}  (last: {final['val_loss']:.4f})")
             log({"step": t.steps, "tokens": tokens_seen, "final_avg": True, **avg})
     sd = full_state_dict(model)
     sample = generate_sample(model, tok, t.sample_prompt, t.sample_tokens, device)

@@ -1,7 +1,6 @@
 """Masked diffusion: ELBO by hand, samplers (fill every mask, keep the prompt, deterministic at
 temperature 0), bad input (mask token, init_from, block length, causal), AR -> diffusion init."""
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
