@@ -85,6 +85,21 @@ def _query_range(start_n, T, W, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
 
 
 @triton.jit
+def _key_tile_scores(q, k_base, v_base, skt, svt, start_n, offs_m, offs_d, d_ok, T, W, qk_scale,
+                     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Load the key/value tile at start_n and return (k, v, band-masked scores in log2 units):
+    the step the forward and the dQ kernels share."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kv_mask = (offs_n < T)[:, None] & d_ok[None, :]
+    k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+    s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * qk_scale
+    s = tl.where(_visible(offs_m[:, None], offs_n[None, :], T, W, CAUSAL, HAS_WINDOW), s, float("-inf"))
+    return k, v, s
+
+
+@triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE,
                      sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
                      H, T, HD, W, qk_scale,
@@ -111,12 +126,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     lo, hi = _key_range(start_m, T, W, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n < T)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * qk_scale
-        s = tl.where(_visible(offs_m[:, None], offs_n[None, :], T, W, CAUSAL, HAS_WINDOW), s, float("-inf"))
+        k, v, s = _key_tile_scores(q, k_base, v_base, skt, svt, start_n, offs_m, offs_d, d_ok, T, W, qk_scale,
+                                   CAUSAL, HAS_WINDOW, BLOCK_N, DOT_PRECISION, UPCAST)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row can have seen no visible key yet (the tile's band starts later for it): keep its
         # max at 0 so exp2(-inf - 0) = 0 rather than exp2(-inf + inf) = NaN.
@@ -226,12 +237,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     lo, hi = _key_range(start_m, T, W, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n < T)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * qk_scale
-        s = tl.where(_visible(offs_m[:, None], offs_n[None, :], T, W, CAUSAL, HAS_WINDOW), s, float("-inf"))
+        k, v, s = _key_tile_scores(q, k_base, v_base, skt, svt, start_n, offs_m, offs_d, d_ok, T, W, qk_scale,
+                                   CAUSAL, HAS_WINDOW, BLOCK_N, DOT_PRECISION, UPCAST)
         p = tl.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), DOT_PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
