@@ -27,6 +27,9 @@ class DataConfig:
     spec: str = "stdlib"  # stdlib | PATH | hf:NAME[:CONFIG][@SPLIT]
     val_frac: float = 0.02
     cache_dir: str = "~/.cache/slmlab/data"
+    # An existing tokenizer.json (or a run directory holding one) instead of training a new one,
+    # e.g. to fine-tune a run (train.init_from) on other data with the tokenizer it was trained with.
+    tokenizer: Optional[str] = None
 
 
 @dataclass

@@ -31,6 +31,7 @@ from .errors import CheckpointError, ConfigError, SlmlabError
 from .optim import build_optimizer
 from .phases import lr_mult, phase_at, resolve_phases
 from .init_from import init_model
+from .tokenizer import Tokenizer
 
 
 def resolve_device(name: str) -> torch.device:
@@ -356,8 +357,9 @@ def train(cfg: RunConfig, out: Path, force: bool = False, resume: bool = False) 
     # -- data: the run's split, plus any per-phase corpora tokenized with the same tokenizer --
     quiet = not dist.main
     cache = Path(cfg.data.cache_dir).expanduser()
+    given_tok = Tokenizer.load(Path(cfg.data.tokenizer).expanduser()) if cfg.data.tokenizer else None
     bundle = data_mod.prepare_data(cfg.data.spec, cfg.model.vocab_size, cache, val_frac=cfg.data.val_frac,
-                                   progress=cfg.logging.progress and dist.main, quiet=quiet)
+                                   tokenizer=given_tok, progress=cfg.logging.progress and dist.main, quiet=quiet)
     tok = bundle.tokenizer
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")

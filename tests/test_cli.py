@@ -110,3 +110,19 @@ def test_existing_run_is_not_overwritten(tmp_path, corpus, capsys):
 def test_sample_bad_run_dir(tmp_path, capsys):
     assert run_cli(sample.main, ["--run", str(tmp_path / "nope")]) == 2
     _one_line_error(capsys, "nope")
+
+
+def test_finetune_on_other_data_with_the_runs_tokenizer(tmp_path, corpus, capsys):
+    rc, first = run_train(tmp_path, corpus, steps=2)
+    assert rc == 0
+    other = tmp_path / "other.txt"
+    other.write_text("".join(f"entirely different text number {i} with its own words\n" for i in range(3000)))
+    # A fresh tokenizer trained on other data differs from the run's: refused, one line.
+    rc, _ = run_train(tmp_path, other, f"train.init_from={first}", steps=2, out=tmp_path / "b")
+    assert rc == 2
+    _one_line_error(capsys, "different tokenizer")
+    # Reusing the run's tokenizer makes the weights transfer.
+    rc, out = run_train(tmp_path, other, f"train.init_from={first}", f"data.tokenizer={first}", steps=2,
+                        out=tmp_path / "c")
+    assert rc == 0
+    assert (out / "tokenizer.json").read_text() == (first / "tokenizer.json").read_text()
