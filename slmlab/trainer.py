@@ -42,15 +42,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def lr_at(step: int, cfg: RunConfig) -> float:
-    """Global base learning rate at optimizer step `step` (0-based), before a phase's lr_mul."""
-    return cfg.optim.lr * lr_mult(step, cfg.train)
-
-
-def make_optimizer(model, cfg: RunConfig, verbose: bool = False):
-    return build_optimizer(model, cfg.optim, verbose=verbose)
-
-
 def token_byte_lengths(tok) -> torch.Tensor:
     """UTF-8 bytes each token id stands for (special tokens: 0). With byte-level BPE every
     character of a vocabulary string is one byte, so bpb over any token subset is exact."""
