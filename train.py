@@ -27,6 +27,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="(= train.device)")
     p.add_argument("--layers", default=None, help="layer pattern overriding the preset, e.g. CCA or conv,attn")
     p.add_argument("--seed", type=int, default=None, help="(= train.seed)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE_OR_MODULE",
+                   help="load a Python file or module that registers blocks before the layer pattern is "
+                        "parsed, e.g. --import ~/blocks/shift.py --layers SSA (repeatable; = model.imports)")
     p.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint (its saved config.yaml plus "
@@ -55,13 +58,14 @@ def main(argv=None):
         if not saved.is_file():
             raise ConfigError(f"--resume: {args.out} holds no run (no config.yaml)")
         if args.arch or args.config:  # rebuild from the given config; train() checks the model is unchanged
-            cfg = load_config(args.config or DEFAULT_CONFIG, arch=args.arch, overrides=overrides, layers=args.layers)
+            cfg = load_config(args.config or DEFAULT_CONFIG, arch=args.arch, overrides=overrides, layers=args.layers,
+                              imports=args.imports)
         else:
-            cfg = load_config(saved, overrides=overrides, layers=args.layers)
+            cfg = load_config(saved, overrides=overrides, layers=args.layers, imports=args.imports)
         train(cfg, Path(args.out), resume=True)
         return
     cfg = load_config(args.config or DEFAULT_CONFIG, arch=args.arch or "hybrid", overrides=overrides,
-                      layers=args.layers)
+                      layers=args.layers, imports=args.imports)
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
     train(cfg, out, force=args.force)
 

@@ -18,6 +18,7 @@ import yaml
 from arch.config import ModelConfig
 
 from .errors import ConfigError
+from .phases import PhaseConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
 
@@ -34,7 +35,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 600
+    steps: int = 400  # optimizer steps; sized for ~10 minutes on a 2-core CPU
     batch_size: int = 16
     seq_len: int = 256
     grad_accum: int = 1
@@ -50,12 +51,14 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     sample_tokens: int = 200
     sample_prompt: str = "def "
-    # Context curriculum: a list of stages (mappings with keys in PHASE_KEYS); empty = one stage
-    # from seq_len/batch_size. See docs/training.md.
-    phases: list = field(default_factory=list)
+    # Context curriculum (docs/training.md): typed stages; [] = one stage from seq_len/batch_size.
+    phases: list[PhaseConfig] = field(default_factory=lambda: [
+        PhaseConfig(seq_len=256, share=0.7, tokens_per_step=4096),
+        PhaseConfig(seq_len=1024, share=0.2, tokens_per_step=4096),
+        PhaseConfig(seq_len=2048, share=0.1, tokens_per_step=4096)])
     eval_seq_len: Optional[int] = None  # null = the last phase's seq_len
-    ckpt_every: int = 0  # 0 = checkpoint only at the end
-    keep_checkpoints: int = 3
+    ckpt_every: int = 100  # 0 = checkpoint only at the end
+    keep_checkpoints: int = 2
     avg_last: int = 0  # >1: average the last K checkpoints into model_avg.safetensors
     quality_score: Optional[str] = None  # jsonl field name, or "fn:NAME" of a built-in scorer
     teacher: Optional[str] = None  # run directory of a teacher model for distillation
@@ -161,14 +164,39 @@ def coerce(key: str, value: Any, tp):
             return str(value)
         raise ConfigError(f"{key} expects a string, got {value!r}")
     if tp is list or origin is list:
-        if isinstance(value, list):
-            return value
-        raise ConfigError(f"{key} expects a list, got {value!r}")
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} expects a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (None,)
+        if dataclasses.is_dataclass(item):
+            return [build_item(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+        return value
     if tp is dict or origin is dict:
         if isinstance(value, dict):
             return value
         raise ConfigError(f"{key} expects a mapping, got {value!r}")
     return value
+
+
+def build_item(where: str, cls, value):
+    """A mapping -> dataclass `cls` (a list entry such as one of train.phases), every field coerced."""
+    if isinstance(value, cls):
+        return value
+    names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping with keys {', '.join(names)}, got {value!r}")
+    bad = [k for k in value if k not in names]
+    if bad:
+        raise ConfigError(f"{where}: unknown key {bad[0]!r}; keys: {', '.join(names)}")
+    hints = typing.get_type_hints(cls)
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    for k in required:
+        if k not in value:
+            raise ConfigError(f"{where}: {k} is required")
+    obj = cls(**{k: coerce(f"{where}.{k}", v, hints[k]) for k, v in value.items()})
+    if hasattr(obj, "check"):
+        obj.check(where)
+    return obj
 
 
 def _unknown(key: str, pool: list[str]) -> ConfigError:
@@ -191,11 +219,15 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def _set(tree: dict, key: str, value):
     parts = key.split(".")
-    if len(parts) == 3 and parts[:2] == ["model", "mixer_opts"]:  # one option, not the whole dict
-        opts = tree.setdefault("model", {}).setdefault("mixer_opts", {})
-        if not isinstance(opts, dict):
-            raise ConfigError(f"model.mixer_opts must be a mapping, got {opts!r}")
-        opts[parts[2]] = value
+    if len(parts) in (3, 4) and parts[:2] == ["model", "mixer_opts"]:  # one block's options, or one option
+        node = tree.setdefault("model", {}).setdefault("mixer_opts", {})
+        for i, part in enumerate(parts[2:-1], start=2):
+            if not isinstance(node, dict):
+                raise ConfigError(f"{'.'.join(parts[:i])} must be a mapping, got {node!r}")
+            node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(parts[:-1])} must be a mapping, got {node!r}")
+        node[parts[-1]] = value
         return
     if len(parts) != 2 or parts[0] not in SECTIONS:
         raise _unknown(key, all_keys())
@@ -234,8 +266,10 @@ def presets(path=DEFAULT_CONFIG) -> dict:
 
 
 def load_config(path=DEFAULT_CONFIG, arch: Optional[str] = None, overrides: list[str] = (),
-                layers: Optional[str] = None) -> RunConfig:
-    """Base config -> preset `arch` -> `--layers` -> dotted overrides, then type-check everything."""
+                layers: Optional[str] = None, imports: list[str] = ()) -> RunConfig:
+    """Base config -> preset `arch` -> `--layers` -> dotted overrides, then type-check everything.
+    `imports` (train.py --import) are appended to model.imports, so they load before the pattern
+    is parsed."""
     raw = read_yaml(path)
     table = raw.pop("presets", {}) or {}
     tree: dict = {}
@@ -250,6 +284,10 @@ def load_config(path=DEFAULT_CONFIG, arch: Optional[str] = None, overrides: list
     for text in overrides:
         k, v = parse_override(text)
         _set(tree, k, v)
+    if imports:
+        model = tree.setdefault("model", {})
+        have = model.get("imports") or []
+        model["imports"] = ([have] if isinstance(have, str) else list(have)) + list(imports)
     return build(arch, tree)
 
 

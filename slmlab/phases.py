@@ -9,26 +9,56 @@ stage. An empty list means one stage built from train.seq_len / train.batch_size
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 from .errors import ConfigError
 
-PHASE_KEYS = ("seq_len", "share", "tokens_per_step", "lr_mul", "data", "window", "order", "top_frac")
 ORDERS = ("random", "quality")
 
 
 @dataclass
+class PhaseConfig:
+    """One entry of train.phases as the user writes it (typed and range-checked at config load)."""
+
+    seq_len: int
+    share: Optional[float] = None  # required when there is more than one phase
+    tokens_per_step: Optional[int] = None  # null = train.batch_size * train.seq_len * train.grad_accum
+    lr_mul: float = 1.0
+    data: Optional[str] = None  # a data spec; null = the run's data.spec
+    window: Optional[int] = None  # sliding-window size for S layers in this phase
+    order: str = "random"  # random windows | quality: documents low -> high score, in order
+    top_frac: float = 1.0  # with order=quality: train only on the top fraction (repeated as needed)
+
+    def check(self, where: str):
+        if self.seq_len <= 0 or (self.tokens_per_step is not None and self.tokens_per_step <= 0):
+            raise ConfigError(f"{where}: seq_len and tokens_per_step must be > 0")
+        if (self.share is not None and self.share < 0) or self.lr_mul < 0:
+            raise ConfigError(f"{where}: share and lr_mul must be >= 0")
+        if self.window is not None and self.window <= 0:
+            raise ConfigError(f"{where}: window must be > 0, got {self.window}")
+        if self.order not in ORDERS:
+            raise ConfigError(f"{where}: order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        if not 0 < self.top_frac <= 1:
+            raise ConfigError(f"{where}: top_frac must be in (0, 1], got {self.top_frac}")
+
+
+PHASE_KEYS = tuple(f.name for f in fields(PhaseConfig))
+
+
+@dataclass
 class Phase:
+    """A PhaseConfig placed on the run's step axis, with its tokens per step resolved."""
+
     index: int
     seq_len: int
     share: float
     tokens_per_step: int
     lr_mul: float = 1.0
-    data: Optional[str] = None  # a data spec; None = the run's data.spec
-    window: Optional[int] = None  # sliding-window size for S layers in this phase
-    order: str = "random"  # random windows | quality: documents low -> high score, in order
-    top_frac: float = 1.0  # with order=quality: train only on the top fraction (repeated as needed)
+    data: Optional[str] = None
+    window: Optional[int] = None
+    order: str = "random"
+    top_frac: float = 1.0
     steps: int = 0
     start: int = 0  # first global step (0-based) of this phase
 
@@ -44,54 +74,22 @@ class Phase:
                 f"tokens/step {self.tokens_per_step} lr_mul {self.lr_mul}{extra}")
 
 
-def _num(where, key, v, kind):
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ConfigError(f"{where}: {key} expects a number, got {v!r}")
-    if kind is int and not float(v).is_integer():
-        raise ConfigError(f"{where}: {key} expects an integer, got {v!r}")
-    return kind(v)
-
-
 def resolve_phases(cfg, world: int = 1) -> list[Phase]:
-    """train.phases -> Phase list with steps assigned (shares of train.steps, rounded so they sum
-    exactly). Raises a one-line ConfigError on any inconsistency."""
+    """train.phases (typed PhaseConfigs) -> Phases with steps assigned (shares of train.steps,
+    rounded so they sum exactly). Raises a one-line ConfigError on any cross-field inconsistency."""
     t = cfg.train
     default_tps = t.batch_size * t.seq_len * t.grad_accum
-    raw = t.phases or [{"seq_len": t.seq_len, "share": 1.0, "tokens_per_step": default_tps}]
-    if not isinstance(raw, list):
-        raise ConfigError("train.phases must be a list of mappings")
+    raw = t.phases or [PhaseConfig(seq_len=t.seq_len, share=1.0, tokens_per_step=default_tps)]
     phases = []
     for i, p in enumerate(raw):
         where = f"train.phases[{i}]"
-        if not isinstance(p, dict):
-            raise ConfigError(f"{where} must be a mapping with keys {', '.join(PHASE_KEYS)}, got {p!r}")
-        bad = [k for k in p if k not in PHASE_KEYS]
-        if bad:
-            raise ConfigError(f"{where}: unknown key {bad[0]!r}; phase keys: {', '.join(PHASE_KEYS)}")
-        if "seq_len" not in p:
-            raise ConfigError(f"{where}: seq_len is required")
-        if "share" not in p and len(raw) > 1:
+        if p.share is None and len(raw) > 1:
             raise ConfigError(f"{where}: share is required when there is more than one phase")
-        ph = Phase(index=i, seq_len=_num(where, "seq_len", p["seq_len"], int),
-                   share=_num(where, "share", p.get("share", 1.0), float),
-                   tokens_per_step=_num(where, "tokens_per_step", p.get("tokens_per_step", default_tps), int),
-                   lr_mul=_num(where, "lr_mul", p.get("lr_mul", 1.0), float),
-                   data=None if p.get("data") is None else str(p["data"]),
-                   window=None if p.get("window") is None else _num(where, "window", p["window"], int),
-                   order=str(p.get("order", "random")),
-                   top_frac=_num(where, "top_frac", p.get("top_frac", 1.0), float))
-        if ph.seq_len <= 0 or ph.tokens_per_step <= 0:
-            raise ConfigError(f"{where}: seq_len and tokens_per_step must be > 0")
-        if ph.share < 0 or ph.lr_mul < 0:
-            raise ConfigError(f"{where}: share and lr_mul must be >= 0")
-        if ph.window is not None and ph.window <= 0:
-            raise ConfigError(f"{where}: window must be > 0, got {ph.window}")
-        if ph.order not in ORDERS:
-            raise ConfigError(f"{where}: order must be one of {', '.join(ORDERS)}, got {ph.order!r}")
-        if not 0 < ph.top_frac <= 1:
-            raise ConfigError(f"{where}: top_frac must be in (0, 1], got {ph.top_frac}")
-        if ph.order == "quality" and not t.quality_score:
+        if p.order == "quality" and not t.quality_score:
             raise ConfigError(f"{where}: order=quality needs train.quality_score (a jsonl field or fn:NAME)")
+        ph = Phase(index=i, seq_len=p.seq_len, share=1.0 if p.share is None else p.share,
+                   tokens_per_step=p.tokens_per_step or default_tps, lr_mul=p.lr_mul, data=p.data,
+                   window=p.window, order=p.order, top_frac=p.top_frac)
         unit = ph.seq_len * t.grad_accum * world
         if ph.tokens_per_step % unit:
             raise ConfigError(
