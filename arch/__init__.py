@@ -2,8 +2,14 @@
 from . import attention, conv, lif  # noqa: F401  (registration side effects)
 from .config import ModelConfig, parse_pattern
 from .model import LM, Block, sample_next
-from .registry import (CHANNEL_MIXERS, LETTERS, MIXER_OPT_KEYS, MIXERS, register, register_channel_mixer,
-                       register_mixer_opts)
+from .registry import (
+    CHANNEL_MIXERS,
+    LETTERS,
+    MIXER_OPT_KEYS,
+    MIXERS,
+    register,
+    register_channel_mixer,
+)
 
 __all__ = ["build_model", "LM", "Block", "ModelConfig", "parse_pattern", "sample_next", "MIXERS", "LETTERS",
            "CHANNEL_MIXERS", "register", "register_channel_mixer", "check_mixer_opts"]

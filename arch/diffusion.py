@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from slmlab.errors import ConfigError
 
 from .lif import spike_metrics
+from .model import LM, sample_next
 from .registry import register_mixer_opts
 
 register_mixer_opts("objective", "mask_id", "eval_t_samples", "block_length")
-from .model import LM, sample_next
 
 OBJECTIVES = ("ar", "mdlm")
 T_EPS = 1e-3  # smallest t: keeps the 1/t weight finite

@@ -300,7 +300,7 @@ def spike_metrics(model) -> dict:
             m._reset_stats()
     if not spiking_params:
         return {}
-    for name, mod in model.named_modules():  # every other weight matmul is dense
+    for mod in model.modules():  # every other weight matmul is dense
         if isinstance(mod, nn.Linear) and id(mod.weight) not in spiking_params:
             n = mod.in_features * mod.out_features
             macs, dense = macs + n, dense + n

@@ -16,9 +16,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from arch import build_model  # noqa: E402
-from arch.config import ModelConfig  # noqa: E402
-from arch.lif import lif_scan, lif_scan_ref  # noqa: E402
+from arch import build_model
+from arch.config import ModelConfig
+from arch.lif import lif_scan, lif_scan_ref
 
 
 def cpu_time(fn, n=5):
@@ -52,7 +52,7 @@ def main():
     for name, kw in [("hybrid CCA", dict(layers="CCA")), ("LLA, SwiGLU", dict(layers="LLA")),
                      ("LLA, LIF MLP (spiking preset)", dict(layers="LLA", mixer_opts={"mlp": "lif", "T_sim": 4}))]:
         m = build_model(ModelConfig(**cfg, **kw))
-        step[name] = cpu_time(lambda: m(x, x).backward(), 3)
+        step[name] = cpu_time(lambda m=m: m(x, x).backward(), 3)
     ffn = ModelConfig(**cfg).ffn
     tok_ref, tok_fused = scan_time(lif_scan_ref, (B, T, d)), scan_time(lif_scan, (B, T, d))
     mlp_ref, mlp_fused = scan_time(lif_scan_ref, (B * T, 4, ffn)), scan_time(lif_scan, (B * T, 4, ffn))

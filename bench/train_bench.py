@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from arch import build_model  # noqa: E402
-from slmlab.config import load_config  # noqa: E402
-from slmlab.optim import build_optimizer  # noqa: E402
-from slmlab.trainer import autocast, peak_flops, resolve_device  # noqa: E402
+from arch import build_model
+from slmlab.config import load_config
+from slmlab.optim import build_optimizer
+from slmlab.trainer import autocast, peak_flops, resolve_device
 
 
 def bench(arch, seq_len, args, device, peak):

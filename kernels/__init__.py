@@ -4,13 +4,13 @@
 the implementation ("auto": Triton on CUDA, the reference elsewhere; "triton"; "torch").
 `causal_conv1d` and `attention` are the Triton implementations themselves.
 """
-from .reference import attention_ref, band_mask, causal_conv1d_ref
+from .reference import attention_ref, band_mask, causal_conv1d_ref  # noqa: F401  (re-exported)
 
 BACKENDS = ("auto", "triton", "torch")
 
 try:  # Triton kernels are optional: CPU-only installs run the references.
-    from .conv import causal_conv1d  # noqa: F401
-    from .attention import attention  # noqa: F401
+    from .attention import attention
+    from .conv import causal_conv1d
     HAVE_TRITON_KERNELS = True
 except ImportError:  # pragma: no cover - depends on the install
     HAVE_TRITON_KERNELS = False

@@ -255,7 +255,7 @@ def read_yaml(path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}")
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping")
     return data
@@ -299,7 +299,7 @@ def build(arch: str, tree: dict) -> RunConfig:
         try:
             sections[name] = cls(**values)
         except TypeError as e:
-            raise ConfigError(f"section {name}: {e}")
+            raise ConfigError(f"section {name}: {e}") from None
     cfg = RunConfig(arch=arch, **sections)
     validate(cfg)
     return cfg

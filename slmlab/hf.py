@@ -5,7 +5,6 @@ Our modules were named so that this is a renaming exercise; the parity tests pin
 """
 from __future__ import annotations
 
-
 from arch import ModelConfig
 
 from .errors import ConfigError

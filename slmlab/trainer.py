@@ -25,12 +25,20 @@ import torch.nn.functional as F
 from arch import build_model
 
 from . import data as data_mod
-from .checkpoint import (average_checkpoints, checkpoint_dirs, latest_checkpoint, load_model_weights, load_state, save_checkpoint, state_dict_for_save)
+from .checkpoint import (
+    average_checkpoints,
+    checkpoint_dirs,
+    latest_checkpoint,
+    load_model_weights,
+    load_state,
+    save_checkpoint,
+    state_dict_for_save,
+)
 from .config import RunConfig
 from .errors import CheckpointError, ConfigError, SlmlabError
+from .init_from import init_model
 from .optim import build_optimizer
 from .phases import lr_mult, phase_at, resolve_phases
-from .init_from import init_model
 from .tokenizer import Tokenizer
 
 
@@ -587,7 +595,7 @@ def _wandb(cfg: RunConfig, out: Path, resume: bool = False):
     try:
         import wandb
     except ImportError:
-        raise ConfigError("logging.wandb=true needs wandb: pip install -e '.[wandb]'")
+        raise ConfigError("logging.wandb=true needs wandb: pip install -e '.[wandb]'") from None
     # Offline mode writes under out/wandb and needs no network or login (`wandb sync` uploads later).
     return wandb.init(project=cfg.logging.wandb_project, config=cfg.to_dict(), dir=str(out), name=out.name,
                       mode=cfg.logging.wandb_mode, resume="allow" if resume else None)

@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch.distributed as dist
-
 from trainer_helpers import ROOT, losses, run_train, tiny_overrides, write_corpus
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")

@@ -11,12 +11,12 @@ import torch
 
 pytest.importorskip("triton")
 
-import kernels  # noqa: E402
-from kernels import _common  # noqa: E402
-from kernels import conv as conv_mod  # noqa: E402
-from kernels.conv import causal_conv1d  # noqa: E402
-from kernels.attention import attention  # noqa: E402
-from kernels.reference import attention_ref, causal_conv1d_ref  # noqa: E402
+import kernels
+from kernels import _common
+from kernels import conv as conv_mod
+from kernels.attention import attention
+from kernels.conv import causal_conv1d
+from kernels.reference import attention_ref, causal_conv1d_ref
 
 # `kernels.attention` the attribute is the function (re-exported by kernels/__init__); get the module.
 attn_mod = importlib.import_module("kernels.attention")

@@ -23,4 +23,4 @@ def test_hybrid_forward_backward_triton_equals_torch(causal):
     (l0, g0), (l1, g1) = results
     torch.testing.assert_close(l1, l0, atol=1e-5, rtol=0)
     for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], atol=1e-4, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-4, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")

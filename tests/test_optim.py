@@ -1,6 +1,5 @@
 """Optimizer routing (Muon for hidden matrices, AdamW for the rest) and steps against torch.optim."""
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch

@@ -9,9 +9,9 @@ import sys
 import time
 
 import pytest
+from trainer_helpers import ROOT, losses, run_train, tiny_overrides, write_corpus
 
 from slmlab.checkpoint import checkpoint_dirs, latest_checkpoint, load_state
-from trainer_helpers import ROOT, losses, run_train, tiny_overrides, write_corpus
 
 
 @pytest.mark.parametrize("optim", ["muon"])

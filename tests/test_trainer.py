@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from trainer_helpers import ROOT, tiny_overrides, write_corpus
 
 from slmlab.checkpoint import latest_checkpoint, load_tensors
 from slmlab.cli import run_cli
@@ -15,7 +16,6 @@ from slmlab.curriculum import OrderedStream, document_spans
 from slmlab.errors import CheckpointError, ConfigError, SlmlabError
 from slmlab.phases import lr_mult, phase_at, resolve_phases
 from slmlab.trainer import train
-from trainer_helpers import ROOT, losses, tiny_overrides, write_corpus
 
 
 @pytest.fixture(scope="module")

@@ -28,9 +28,9 @@ def check_supported(mcfg):
 
 
 def _tokenizer_metadata(w, tok):
-    from ..tokenizer import SPECIAL_TOKENS
-
     import gguf
+
+    from ..tokenizer import SPECIAL_TOKENS
 
     vocab = tok.hf.get_vocab(with_added_tokens=True)
     tokens = [None] * (max(vocab.values()) + 1)

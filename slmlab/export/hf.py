@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 from ..errors import CheckpointError, ConfigError
 from ..hf import from_hf_config, from_hf_state_dict, hf_family, to_hf_config, to_hf_state_dict
 from . import DTYPES, require

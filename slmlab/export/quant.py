@@ -48,7 +48,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace every nn.Linear and nn.Embedding (in place) by its int8 weight-only form. A tied
     embedding/head pair shares one int8 table."""
     done = {}  # id(weight) -> (q, scale)
-    for name, mod in list(model.named_modules()):
+    for mod in list(model.modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, (nn.Linear, nn.Embedding)):
                 qs = done.setdefault(id(child.weight), quantize_rows(child.weight))
