@@ -36,7 +36,6 @@ import shutil
 import sys
 import sysconfig
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -44,6 +43,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .checkpoint import publish, remove_stale
 from .errors import DataError
 from .tokenizer import Tokenizer, split_exact, train_tokenizer
 
@@ -517,26 +517,6 @@ def load_bundle(path: str | os.PathLike) -> DataBundle:
                       bytes_per_token=vb / n_val if n_val else float("nan"), path=path)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-def _remove_stale_tmp(cache_dir: Path, key: str) -> None:
-    for p in cache_dir.glob(f".tmp-{key}-*"):
-        try:
-            pid = int(p.name.split("-")[2])
-        except (IndexError, ValueError):
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
-
-
 def cache_key(spec: str, source_fingerprint: str, vocab_size: int, val_frac: float,
               tokenizer_json: str | None, tokenizer_train_bytes: int) -> str:
     blob = json.dumps({
@@ -603,11 +583,10 @@ def prepare_data(spec: str = DEFAULT_SPEC, vocab_size: int = 4096, cache_dir: st
         raise DataError("tokenizer has no <|eos|> token")
     dtype = token_dtype(tokenizer.vocab_size)
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(cache_dir, key)
-    tmp = cache_dir / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    remove_stale(cache_dir, f"{key}-*")
+    # keep_existing: a concurrent prepare of the same key that finished first wins; same content.
+    with publish(final, keep_existing=True) as tmp:
+        tmp.mkdir()
         t1 = time.perf_counter()
         n_train = _tokenize_to_file(tokenizer, train_docs, tmp / "train.bin", dtype, "tokenize train", progress)
         n_val = _tokenize_to_file(tokenizer, val_docs, tmp / "val.bin", dtype, "tokenize val", progress)
@@ -625,18 +604,6 @@ def prepare_data(spec: str = DEFAULT_SPEC, vocab_size: int = 4096, cache_dir: st
             "tokenizer_trained": tok_json is None, "tokenizer_train_bytes": tokenizer_train_bytes,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        for name in ("train.bin", "val.bin", "tokenizer.json", "manifest.json"):
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "manifest.json").is_file():  # somebody else finished first otherwise
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     bundle = load_bundle(final)
     bundle.manifest["timing"] = {"tokenizer_s": t_tok, "tokenize_s": t_enc, "total_s": time.perf_counter() - t0}
     say(bundle.summary())

@@ -41,10 +41,10 @@ def _diff(pre, st, ref_pre, ref_st):
 
 
 def bench(run, steps=64, threads=1, formats=None, max_len=256):
-    from ..checkpoint import load_run
+    from ..rundir import RunDir
 
     torch.set_num_threads(threads)
-    _, model, tok = load_run(run)
+    _, model, tok = RunDir.open(run).load()
     model = model.float().eval()
     text = "def fibonacci(n):\n    if n < 2:\n        return n\n"
     idx = torch.tensor([tok.encode(text)])
