@@ -30,7 +30,7 @@ def model_from_config(cfg):
     """The model a RunConfig describes, untrained (the config picks the class, e.g. DiffusionLM)."""
     from arch import build_model
 
-    return build_model(cfg.model)
+    return build_model(cfg.model, cfg.objective)
 
 
 class RunDir:

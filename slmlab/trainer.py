@@ -58,11 +58,9 @@ def load_teacher(path: str, tok, device):
     return teacher
 
 
-def set_windows(model, windows):
+def phase_windows(base_windows, window):
     """Per-phase sliding windows: only layers built with a window (S layers) take the phase's."""
-    for layer, w in zip(model.layers, windows):
-        if getattr(layer.mixer, "window", None) is not None and w is not None:
-            layer.mixer.window = w
+    return [window if w is not None and window else w for w in base_windows]
 
 
 @dataclass
@@ -297,7 +295,7 @@ class Trainer:
     def enter_phase(self, step: int):
         ph = phase_at(self.phases, step - 1)
         self.progress.write(f"step {step}: entering {ph.describe()}")
-        set_windows(self.model, [ph.window or w for w in self.base_windows] if ph.window else self.base_windows)
+        self.model.set_windows(phase_windows(self.base_windows, ph.window))
         self.fpt = self.model.flops_per_token(ph.seq_len)
         self.batches.stream(ph)  # a quality-ordered phase scores its documents now, not inside a timed step
         return ph
@@ -384,7 +382,7 @@ class Trainer:
     def finalize(self) -> dict:
         """Whole-split evaluation (and of the checkpoint average), then weights, sample and summary."""
         t, train_time = self.t, self.state.train_time()
-        set_windows(self.model, self.base_windows)
+        self.model.set_windows(self.base_windows)
         final = self.evaluate(None)
         self.progress.write(f"final (whole validation split, {final['val_tokens']:,} tokens at seq_len {self.eval_T}): "
                             f"val loss {final['val_loss']:.4f}  val bpb {bpb_label(final)}  (gzip -9 "
