@@ -150,13 +150,6 @@ def load_model_weights(model: torch.nn.Module, path, strict: bool = True):
     return model
 
 
-def load_run(run_dir, device="cpu", weights: str = "model.safetensors"):
-    """(config, model in eval mode, tokenizer) from a finished run directory."""
-    from .rundir import RunDir
-
-    return RunDir.open(run_dir).load(device, weights)
-
-
 # ---- training checkpoints: out/checkpoints/step_XXXXXX/{model.safetensors, state.pt} ----
 # Each checkpoint directory is published whole (see publish): a directory named step_* is always
 # complete, so a kill mid-write leaves the previous one.

@@ -59,10 +59,10 @@ def test_ddp_two_processes_match_one(tmp_path):
 
 @pytest.mark.slow
 def test_fsdp2_two_processes_match_one(tmp_path):
-    from slmlab.checkpoint import load_run
+    from slmlab.rundir import RunDir
 
     run = _compare(tmp_path, 29532, {"optim.name": "adamw", "train.parallel": "fsdp"})
-    load_run(run)  # the gathered full weights load into a plain model
+    RunDir.open(run).load()  # the gathered full weights load into a plain model
 
 
 @pytest.mark.slow
