@@ -163,6 +163,9 @@ class BatchSource:
 
 
 class Trainer:
+    """One run: __init__ sets everything up (and restores a checkpoint with resume=True); fit()
+    trains, evaluates and checkpoints, then finalize() writes the run directory's results."""
+
     def __init__(self, cfg: RunConfig, out: Path, force: bool = False, resume: bool = False):
         self.cfg, self.t, self.t_start = cfg, cfg.train, time.time()
         self.dist = Dist(cfg.train.device)
@@ -188,8 +191,6 @@ class Trainer:
         self.open_run_dir(saved)
         self.peak, peak_desc = peak_flops(self.device)
         self.say(f"MFU peak: {self.peak / 1e12:.3f} TFLOP/s ({peak_desc})")
-        if saved is not None:
-            self.batches.load_state_dict(saved, self.phases)
 
     # ---- set-up ----
     def setup_data(self):
@@ -260,6 +261,7 @@ class Trainer:
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"{ckpt / 'state.pt'}: optimizer state does not fit (optim.name changed?): "
                                   f"{str(e).splitlines()[0]}") from None
+        self.batches.load_state_dict(saved, self.phases)  # data position and every RNG
         self.state = TrainState(step=saved["step"], tokens=saved["tokens"], bad_steps=saved["bad_steps"],
                                 train_time0=saved["train_time"])
         self.say(f"resumed from {ckpt} (step {saved['step']}, phase {saved['phase'] + 1})")

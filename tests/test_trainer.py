@@ -3,6 +3,7 @@ distillation, quality ordering and the one-line errors for bad input."""
 import importlib.util
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -254,7 +255,13 @@ def test_wandb_offline(corpus, tmp_path, monkeypatch):
     summary = train(tiny_cfg(corpus, steps=2, **{"logging.wandb": True, "logging.wandb_mode": "offline"}),
                     tmp_path / "run")
     (run_file,) = (tmp_path / "run/wandb").glob("offline-run-*/run-*.wandb")
-    history, wb_summary = read_wandb_offline(run_file)
+    # wandb's service process may still be flushing the file after finish() returns: read it
+    # until its exit record is there (a poll with a deadline, not a timing assertion).
+    deadline = time.monotonic() + 60
+    while not (found := read_wandb_offline(run_file))[2] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    history, wb_summary, complete = found
+    assert complete, f"{run_file} has no exit record"
     # every metrics.jsonl value reached wandb at its step (the final eval shares the last step's row)
     recs = [json.loads(l) for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert sorted(history) == sorted({r["step"] for r in recs}) == [1, 2]
@@ -267,7 +274,7 @@ def test_wandb_offline(corpus, tmp_path, monkeypatch):
 
 
 def read_wandb_offline(path):
-    """({_step: history row}, merged summary) from an offline run's .wandb file: wandb's
+    """({_step: history row}, merged summary, has an exit record) from an offline run's .wandb file: wandb's
     LevelDB-style log (a 7-byte header, then 32 KiB blocks of records: crc32 u32, length u16,
     type u8 (1 full, 2 first, 3 middle, 4 last), payload) of wandb_internal_pb2.Record protos."""
     import struct
@@ -280,19 +287,22 @@ def read_wandb_offline(path):
             pos += block - pos % block
             continue
         _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + n > len(data):  # a record still being written
+            break
         chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
         if kind in (1, 4):
             payloads.append(part + chunk)
             part = b""
         elif kind in (2, 3):
             part += chunk
-    history, summary = {}, {}
+    history, summary, complete = {}, {}, False
     for p in payloads:
         rec = pb.Record()
         rec.ParseFromString(p)
+        complete |= rec.WhichOneof("record_type") == "exit"
         if rec.WhichOneof("record_type") == "history":
             row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
             history[row["_step"]] = row
         elif rec.WhichOneof("record_type") == "summary":
             summary.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.summary.update})
-    return history, summary
+    return history, summary, complete
