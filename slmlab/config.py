@@ -84,6 +84,7 @@ class OptimConfig:
     muon_ns_steps: int = 5
     muon_adjust_lr_fn: str = "match_rms_adamw"  # original | match_rms_adamw
     muon_weight_decay: Optional[float] = None  # null = optim.weight_decay
+    muon_ns_dtype: str = "auto"  # auto (bf16 on CUDA; on CPU the faster of fp32/bf16, probed) | float32 | bfloat16
 
 
 @dataclass
@@ -261,6 +262,8 @@ def validate(cfg: RunConfig):
     if cfg.optim.muon_adjust_lr_fn not in ("original", "match_rms_adamw"):
         raise ConfigError(f"optim.muon_adjust_lr_fn must be original or match_rms_adamw, "
                           f"got {cfg.optim.muon_adjust_lr_fn!r}")
+    if cfg.optim.muon_ns_dtype not in ("auto", "float32", "bfloat16"):
+        raise ConfigError(f"optim.muon_ns_dtype must be auto, float32 or bfloat16, got {cfg.optim.muon_ns_dtype!r}")
     if t.parallel not in ("ddp", "fsdp"):
         raise ConfigError(f"train.parallel must be ddp or fsdp, got {t.parallel!r}")
     if cfg.logging.wandb_mode not in ("offline", "online"):
