@@ -11,7 +11,7 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -68,6 +68,7 @@ class TrainConfig:
     distill_temperature: float = 2.0
     max_bad_steps: int = 10  # consecutive non-finite steps before aborting
     parallel: str = "ddp"  # under torchrun: ddp | fsdp
+    compile: Union[bool, str] = "auto"  # torch.compile the training/eval forward: auto (CUDA only) | true | false
     init_from: str = ""  # RUN_DIR: start from that run's weights (e.g. AR -> diffusion); see slmlab/init_from.py
 
 
@@ -292,6 +293,8 @@ def validate(cfg: RunConfig):
                           f"got {cfg.optim.muon_adjust_lr_fn!r}")
     if cfg.optim.muon_ns_dtype not in ("auto", "float32", "bfloat16"):
         raise ConfigError(f"optim.muon_ns_dtype must be auto, float32 or bfloat16, got {cfg.optim.muon_ns_dtype!r}")
+    if t.compile not in (True, False, "auto"):
+        raise ConfigError(f"train.compile must be true, false or auto, got {t.compile!r}")
     if t.parallel not in ("ddp", "fsdp"):
         raise ConfigError(f"train.parallel must be ddp or fsdp, got {t.parallel!r}")
     if cfg.logging.wandb_mode not in ("offline", "online"):

@@ -24,9 +24,11 @@ def token_byte_lengths(tok) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, tokens, cfg, device, byte_lengths, max_tokens=None, seq_len=None, batch_size=None) -> dict:
+def evaluate(model, tokens, cfg, device, byte_lengths, max_tokens=None, seq_len=None, batch_size=None,
+             nll_fn=None) -> dict:
     """Mean val loss (nats/token) and bits per UTF-8 byte over a deterministic prefix of the
-    validation split (the whole split when max_tokens is None), in windows of seq_len."""
+    validation split (the whole split when max_tokens is None), in windows of seq_len. nll_fn:
+    model.token_nll by default (the trainer passes its compiled version)."""
     seq_len = seq_len or cfg.train.seq_len
     batch_size = batch_size or cfg.train.batch_size
     if max_tokens is not None:  # a budget below one window would evaluate nothing
@@ -38,7 +40,7 @@ def evaluate(model, tokens, cfg, device, byte_lengths, max_tokens=None, seq_len=
     for x, y in data_mod.iter_eval_batches(tokens, batch_size, seq_len, max_tokens):
         x, y = x.to(device), y.to(device)
         with autocast(device):
-            losses = model.token_nll(x, y, generator=gen)
+            losses = (nll_fn or model.token_nll)(x, y, generator=gen)
         nll += losses.double().sum().item()
         n_tok += y.numel()
         n_bytes += byte_lengths[y.flatten().cpu()].sum().item()

@@ -223,7 +223,9 @@ def build_optimizer(model, ocfg, verbose: bool = True) -> CombinedOptimizer:
     if "adamw_no_decay" in by:
         adam_groups.append({"params": by["adamw_no_decay"].params, "weight_decay": 0.0})
     if adam_groups:
-        opts["adamw"] = torch.optim.AdamW(adam_groups, lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps)
+        on_cuda = all(p.is_cuda for g in adam_groups for p in g["params"])  # fused: one kernel for all params
+        opts["adamw"] = torch.optim.AdamW(adam_groups, lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps,
+                                          fused=True if on_cuda else None)
     if "muon" in by:
         if ocfg.muon_adjust_lr_fn not in MUON_ADJUST:
             raise ConfigError(f"optim.muon_adjust_lr_fn must be one of {', '.join(MUON_ADJUST)}, "

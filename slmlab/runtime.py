@@ -16,10 +16,64 @@ from .errors import ConfigError
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is available")
+    if name == "cuda":  # fp32 matmuls outside autocast (eval heads, the optimizer) may use TF32 tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return torch.device(name)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch onto the device: pinned and non-blocking on CUDA, so the copy overlaps compute."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+class CompiledOrEager:
+    """`torch.compile(fn)` that falls back to `fn` with one warning line if compiling fails, so a
+    compiler problem never stops a run. Shapes are static: each phase's sequence length compiles
+    once (torch recompiles on a new shape), which is what the default 3-phase curriculum needs."""
+
+    def __init__(self, fn, what: str, say=print):
+        self.eager, self.what, self.say = fn, what, say
+        self.fn = torch.compile(fn, dynamic=False)
+
+    def __call__(self, *args, **kwargs):
+        if self.fn is self.eager:
+            return self.eager(*args, **kwargs)
+        try:
+            return self.fn(*args, **kwargs)
+        except Exception as e:  # only compiler failures fall back; anything else is the model's own error
+            if not _is_compile_error(e):
+                raise
+            self.say(f"warning: torch.compile failed for {self.what} ({type(e).__name__}: "
+                     f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); running eager")
+            self.fn = self.eager
+            return self.eager(*args, **kwargs)
+
+
+def _is_compile_error(e: Exception) -> bool:
+    import torch._dynamo.exc as dynamo_exc
+
+    kinds = [dynamo_exc.TorchDynamoException]
+    try:
+        from torch._inductor.exc import InductorError
+
+        kinds.append(InductorError)
+    except ImportError:
+        pass
+    return isinstance(e, tuple(kinds))
+
+
+def use_compile(setting, device: torch.device) -> bool:
+    """train.compile: true | false | auto (on CUDA; off on CPU, where compiling each phase's shapes
+    cost more than it saved in the 10-minute default run: see README "Speed")."""
+    if setting == "auto":
+        return device.type == "cuda"
+    return bool(setting)
 
 
 def autocast(device):

@@ -29,7 +29,18 @@ from .optim import build_optimizer
 from .phases import lr_mult, phase_at, resolve_phases
 from .progress import Progress, fmt_duration
 from .rundir import AVG_WEIGHTS, CONFIG, METRICS, SAMPLE, RunDir, model_from_config
-from .runtime import Dist, autocast, is_sharded, peak_flops, rng_state, set_rng_state, wrap_parallel
+from .runtime import (
+    CompiledOrEager,
+    Dist,
+    autocast,
+    is_sharded,
+    peak_flops,
+    rng_state,
+    set_rng_state,
+    to_device,
+    use_compile,
+    wrap_parallel,
+)
 from .tokenizer import Tokenizer
 
 
@@ -151,7 +162,7 @@ class BatchSource:
         else:
             x, y = data_mod.get_batch(self.train_sets[ph.data][0].train, n, ph.seq_len, self.gen, "cpu")
         rows = slice(self.dist.rank * batch_size, (self.dist.rank + 1) * batch_size)
-        return x[rows].to(device), y[rows].to(device)
+        return to_device(x[rows], device), to_device(y[rows], device)
 
     def state_dict(self) -> dict:
         return {"rng": rng_state(self.gen), "streams": {str(k): s.cursor for k, s in self.streams.items()}}
@@ -250,6 +261,10 @@ class Trainer:
         if resuming and self.dist.world > 1 and self.t.parallel == "fsdp":
             raise ConfigError("--resume with train.parallel=fsdp is not supported yet; resume with ddp")
         self.fwd, self.model = wrap_parallel(self.model, self.t.parallel, self.dist, self.device)
+        self.loss_fn, self.nll_fn = self.fwd, None  # what compute_loss and evaluate call
+        if use_compile(self.t.compile, self.device):
+            self.loss_fn = CompiledOrEager(self.fwd, "the training forward", self.say)
+            self.nll_fn = CompiledOrEager(self.model.token_nll, "the eval forward", self.say)
         self.opt = build_optimizer(self.model, self.cfg.optim, verbose=self.dist.main)
         if self.cfg.optim.name == "muon" and is_sharded(self.model):
             raise ConfigError("train.parallel=fsdp supports optim.name=adamw only (Muon needs whole matrices)")
@@ -310,16 +325,15 @@ class Trainer:
         self.opt.set_lr_mult(mult)
         B = ph.batch_size(t.grad_accum, dist.world)
         t0 = time.time()
-        loss_sum, ce_sum = 0.0, 0.0
+        sums = torch.zeros(2, device=self.device)  # loss, ce: accumulated on the device, read once per step
         for micro in range(t.grad_accum):
             x, y = self.batches.next(ph, B, self.device)
             sync = micro == t.grad_accum - 1 or not hasattr(self.fwd, "no_sync")
             with (torch.enable_grad() if sync else self.fwd.no_sync()), autocast(self.device):
                 loss, ce = self.compute_loss(x, y)
             (loss / t.grad_accum).backward()
-            loss_sum += loss.item() / t.grad_accum
-            ce_sum += ce.item() / t.grad_accum
-        loss_sum, ce_sum = dist.mean(loss_sum), dist.mean(ce_sum)
+            sums += torch.stack([loss.detach(), ce.detach()]).float() / t.grad_accum
+        loss_sum, ce_sum = (dist.mean(v) for v in sums.tolist())
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
         if math.isfinite(loss_sum) and math.isfinite(gnorm):
@@ -336,11 +350,11 @@ class Trainer:
         """(loss to minimise, cross-entropy to report) for one micro-batch. The one place a new
         objective goes: SFT masking, distillation (below), an auxiliary loss."""
         if self.teacher is None:
-            loss = self.fwd(x, y)  # the model's own objective (next-token CE, or the MDLM ELBO)
+            loss = self.loss_fn(x, y)  # the model's own objective (next-token CE, or the MDLM ELBO)
             return loss, loss
         with torch.no_grad():
             teacher_logits = self.teacher(x).float()
-        return distill_loss(self.fwd(x).float(), y, teacher_logits, self.t.distill_alpha, self.t.distill_temperature)
+        return distill_loss(self.loss_fn(x).float(), y, teacher_logits, self.t.distill_alpha, self.t.distill_temperature)
 
     def skip_bad_step(self, step: int, loss: float, gnorm: float):
         self.state.bad_steps += 1
@@ -368,7 +382,7 @@ class Trainer:
     def evaluate(self, max_tokens: int | None, model=None) -> dict:
         """Validation loss and bpb at the eval shape; max_tokens None is the whole split."""
         return evaluate(model or self.model, self.bundle.val, self.cfg, self.device, self.byte_lengths, max_tokens,
-                        self.eval_T, self.eval_B)
+                        self.eval_T, self.eval_B, nll_fn=None if model is not None else self.nll_fn)
 
     def checkpoint(self, step: int, ph):
         sd = weights_for_save(self.model)  # collective under FSDP: every rank calls it
