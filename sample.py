@@ -8,9 +8,11 @@ Diffusion runs (--arch diffusion) fill the new tokens by iterative unmasking ins
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from slmlab.cli import run_cli
+from slmlab.errors import ConfigError
 
 
 def main(argv=None):
@@ -23,6 +25,8 @@ def main(argv=None):
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the one-token decode step (costs seconds up front; pays off on long samples)")
     d = p.add_argument_group("diffusion runs")
     d.add_argument("--diffusion-steps", type=int, default=None, help="denoising steps (default: one per new token)")
     d.add_argument("--block-length", type=int, default=None,
@@ -33,17 +37,15 @@ def main(argv=None):
 
     import torch
 
-    from slmlab.errors import ConfigError
     from slmlab.rundir import RunDir
     from slmlab.runtime import resolve_device
 
-    if args.max_new_tokens < 0:
-        raise ConfigError("--max-new-tokens must be >= 0")
-    if args.temperature < 0:
-        raise ConfigError("--temperature must be >= 0")
+    check_args(args)
     device = resolve_device(args.device)
     cfg, model, tok = RunDir.open(args.run).load(device)
-    extra = {}
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"{args.run}: the tokenizer has {tok.vocab_size} ids but the model only "
+                          f"{cfg.model.vocab_size} (tokenizer.json replaced?)")
     if getattr(model, "mask_id", None) is not None:  # a masked-diffusion run
         from arch.diffusion import check_sampler_args
 
@@ -51,15 +53,59 @@ def main(argv=None):
         extra = dict(steps=args.diffusion_steps, block_length=args.block_length, sampler=args.sampler)
     elif args.diffusion_steps is not None or args.block_length is not None:
         raise ConfigError(f"--diffusion-steps/--block-length apply to diffusion runs; {args.run} is autoregressive")
-    ids = tok.encode(args.prompt) or [tok.bos_id]
+    else:
+        extra = dict(compile=args.compile, on_token=None)
+    # A prompt with bytes that are not UTF-8 (argv keeps them as surrogates) is read with U+FFFD for them.
+    prompt = args.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    ids = tok.encode(prompt) or [tok.bos_id]
     g = torch.Generator(device=device).manual_seed(args.seed)
     for i in range(args.num_samples):
-        idx = torch.tensor([ids], device=device)
-        out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                             generator=g, **extra)
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
-        print(tok.decode(out[0].tolist()))
+        idx = torch.tensor([ids], device=device)
+        printer = StreamPrinter(tok, ids)
+        if "on_token" in extra:  # autoregressive: print each token as it comes (Ctrl-C stops cleanly)
+            extra["on_token"] = printer.add
+        try:
+            out = model.generate(idx, args.max_new_tokens, temperature=args.temperature,
+                                 top_k=args.top_k or None, generator=g, **extra)
+        except KeyboardInterrupt:
+            print(flush=True)
+            return 130
+        printer.finish(out[0].tolist())
+
+
+class StreamPrinter:
+    """Prints the decoded text as tokens arrive, holding back a tail that is not yet valid UTF-8."""
+
+    def __init__(self, tok, prompt_ids):
+        self.tok, self.ids, self.shown = tok, list(prompt_ids), ""
+
+    def add(self, token: int):
+        self.ids.append(int(token))
+        text = self.tok.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+    def finish(self, ids):
+        text = self.tok.decode(ids)
+        print(text[len(self.shown):] if text.startswith(self.shown) else text, flush=True)
+
+
+def check_args(args):
+    from slmlab.coerce import Range
+
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise ConfigError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    # A static decode state holds the whole context; 100k new tokens keep it well under a GB at these sizes.
+    Range(0, 100_000).check("--max-new-tokens", args.max_new_tokens)
+    Range(0, None).check("--top-k", args.top_k)
+    Range(1, 10_000).check("--num-samples", args.num_samples)
+    Range(0, 2 ** 63 - 1).check("--seed", args.seed)
+    for flag, v in (("--diffusion-steps", args.diffusion_steps), ("--block-length", args.block_length)):
+        if v is not None and v <= 0:
+            raise ConfigError(f"{flag} must be > 0, got {v}")
 
 
 if __name__ == "__main__":

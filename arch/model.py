@@ -109,14 +109,15 @@ class LM(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
                  generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None,
-                 compile: bool = False):
+                 compile: bool = False, on_token=None):
         """Prefill the prompt once, then decode token by token. Models whose mixers all have a
         static state (attention, conv) decode through preallocated states updated in place;
         compile=True compiles that one-token step (worth it for long generations: compiling
-        takes seconds). Other models decode through forward(x, states)."""
+        takes seconds). Other models decode through forward(x, states). on_token(id) is called with
+        each new token of batch row 0 (sample.py streams with it)."""
         B, T0 = idx.shape
         if not self.supports_static():
-            return self._generate_dynamic(idx, max_new_tokens, temperature, top_k, generator, eos_id)
+            return self._generate_dynamic(idx, max_new_tokens, temperature, top_k, generator, eos_id, on_token)
         states = self.static_state(B, T0 + max_new_tokens, idx.device, self.embed.weight.dtype)
         pos = torch.zeros(1, dtype=torch.long, device=idx.device)
         logits, _ = self.forward_static(idx, pos, states)
@@ -125,19 +126,23 @@ class LM(nn.Module):
         for i in range(max_new_tokens):
             nxt = sample_next(logits[:, -1, :], temperature, top_k, generator)
             out.append(nxt)
+            if on_token is not None:
+                on_token(nxt[0, 0].item())
             if (eos_id is not None and bool((nxt == eos_id).all())) or i == max_new_tokens - 1:
                 break
             pos.fill_(T0 + i)
             logits, _ = step(nxt, pos, states)
         return torch.cat(out, dim=1)
 
-    def _generate_dynamic(self, idx, max_new_tokens, temperature, top_k, generator, eos_id):
+    def _generate_dynamic(self, idx, max_new_tokens, temperature, top_k, generator, eos_id, on_token=None):
         states = self.init_state(idx.shape[0], idx.device)
         logits, states = self(idx, states=states)
         out = [idx]
         for _ in range(max_new_tokens):
             nxt = sample_next(logits[:, -1, :], temperature, top_k, generator)
             out.append(nxt)
+            if on_token is not None:
+                on_token(nxt[0, 0].item())
             if eos_id is not None and bool((nxt == eos_id).all()):
                 break
             logits, states = self(nxt, states=states)
@@ -168,8 +173,9 @@ class LM(nn.Module):
 
 
 def sample_next(logits, temperature: float, top_k: Optional[int], generator=None):
-    """logits [B, V] -> next token [B, 1]; temperature 0 is greedy."""
-    if temperature <= 0:
+    """logits [B, V] -> next token [B, 1]; temperature 0 is greedy (and so is one so small that
+    logits / temperature would overflow: below 1e-5 the softmax is a one-hot anyway)."""
+    if temperature < 1e-5:
         return logits.argmax(-1, keepdim=True)
     logits = logits.float() / temperature
     if top_k:

@@ -126,3 +126,56 @@ def test_finetune_on_other_data_with_the_runs_tokenizer(tmp_path, corpus, capsys
                         out=tmp_path / "c")
     assert rc == 0
     assert (out / "tokenizer.json").read_text() == (first / "tokenizer.json").read_text()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("samplerun")
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 17}\n" for i in range(5000)))
+    rc, out = run_train(tmp, corpus, steps=2)
+    assert rc == 0
+    return out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--num-samples", "-1"], "--num-samples must be in [1, 10000], got -1"),
+    (["--top-k", "-1"], "--top-k must be >= 0, got -1"),
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0, got nan"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    (["--seed", "99999999999999999999999"], "--seed must be in [0, 9.22337e+18]"),
+    (["--max-new-tokens", "1000000000"], "--max-new-tokens must be in [0, 100000]"),
+    (["--block-length", "0"], "--block-length must be > 0"),
+])
+def test_sample_bad_flags_are_one_line_errors(tiny_run, capsys, argv, needle):
+    assert run_cli(sample.main, ["--run", str(tiny_run), "--device", "cpu", *argv]) == 2
+    _one_line_error(capsys, needle)
+
+
+def test_sample_odd_but_usable_inputs_work(tiny_run, capsys):
+    """Bytes that are not UTF-8 in the prompt read as U+FFFD; a temperature of 1e-45 is greedy."""
+    import torch
+
+    from slmlab.rundir import RunDir
+
+    capsys.readouterr()
+    bad_utf8 = b"the \xff fox".decode("utf-8", "surrogateescape")  # what argv holds for non-UTF-8 bytes
+    assert run_cli(sample.main, ["--run", str(tiny_run), "--device", "cpu", "--prompt", bad_utf8,
+                                 "--max-new-tokens", "5", "--temperature", "1e-45"]) == 0
+    out = capsys.readouterr().out
+    _, model, tok = RunDir.open(tiny_run).load(torch.device("cpu"))
+    greedy = model.generate(torch.tensor([tok.encode("the \ufffd fox")]), 5, temperature=0)
+    assert out == tok.decode(greedy[0].tolist()) + "\n"
+
+
+def test_sample_refuses_a_tokenizer_larger_than_the_model(tiny_run, tmp_path, capsys):
+    import shutil
+
+    from slmlab.tokenizer import train_tokenizer
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    texts = ["".join(chr(0x4E00 + (i * 7 + j) % 3000) for j in range(200)) for i in range(300)]
+    (run / "tokenizer.json").write_text(train_tokenizer(texts, vocab_size=600).to_json())
+    assert run_cli(sample.main, ["--run", str(run), "--device", "cpu"]) == 2
+    _one_line_error(capsys, "ids but the model only 300")
