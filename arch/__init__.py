@@ -1,47 +1,27 @@
 """Blocks and models. Importing this package registers every built-in mixer."""
+from typing import Optional
+
 from . import attention, conv, lif  # noqa: F401  (registration side effects)
-from .config import ModelConfig, parse_pattern
-from .model import LM, Block, sample_next
-from .registry import (
-    CHANNEL_MIXERS,
-    LETTERS,
-    MIXER_OPT_KEYS,
-    MIXERS,
-    register,
-    register_channel_mixer,
-)
+from .block import Block, ChannelMixer, Mixer
+from .config import ModelConfig, ObjectiveConfig, parse_pattern
+from .model import LM, sample_next
+from .registry import CHANNEL_MIXERS, LETTERS, MIXERS, OPTIONS, load_imports, register, register_channel_mixer
 
-__all__ = ["build_model", "LM", "Block", "ModelConfig", "parse_pattern", "sample_next", "MIXERS", "LETTERS",
-           "CHANNEL_MIXERS", "register", "register_channel_mixer", "check_mixer_opts"]
+__all__ = ["build_model", "LM", "Block", "Mixer", "ChannelMixer", "ModelConfig", "ObjectiveConfig", "parse_pattern",
+           "sample_next", "MIXERS", "LETTERS", "CHANNEL_MIXERS", "OPTIONS", "register", "register_channel_mixer",
+           "load_imports"]
 
 
-def check_mixer_opts(cfg: ModelConfig):
-    """Validate the model.mixer_opts keys the built-in blocks read (one-line ConfigError)."""
-    from .diffusion import check_diffusion_opts
-    from .lif import lif_options
+def build_model(cfg: ModelConfig, objective: Optional[ObjectiveConfig] = None):
+    """The model class for a config and objective (default: next-token prediction).
 
-    unknown = sorted(set(cfg.mixer_opts) - MIXER_OPT_KEYS)
-    if unknown:
-        import difflib
-
-        from slmlab.errors import ConfigError
-
-        close = difflib.get_close_matches(unknown[0], MIXER_OPT_KEYS, n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(sorted(MIXER_OPT_KEYS))}"
-        raise ConfigError(f"unknown model.mixer_opts key {unknown[0]!r}; {hint}")
-    lif_options(cfg.mixer_opts)  # checked even if no LIF block is used, so typos in values fail early
-    check_diffusion_opts(cfg)
-
-
-def build_model(cfg: ModelConfig):
-    """The model class for a config; objectives other than next-token prediction plug in here.
-
-    model.mixer_opts.objective: ar (default, next-token) | mdlm (masked diffusion, arch/diffusion.py).
-    Models with LIF blocks log spike rates and an energy proxy at each eval (arch/lif.py)."""
-    from .diffusion import DiffusionLM, objective
+    objective.name: ar -> LM (SpikingLM when LIF blocks are used: it logs spike rates and an
+    energy proxy at each eval) | mdlm -> DiffusionLM (masked diffusion, arch/diffusion.py)."""
+    from .diffusion import DiffusionLM
     from .lif import SpikingLM, uses_spikes
 
-    check_mixer_opts(cfg)
-    if objective(cfg) == "mdlm":
-        return DiffusionLM(cfg)
+    objective = objective or ObjectiveConfig()
+    objective.validate(cfg)
+    if objective.name == "mdlm":
+        return DiffusionLM(cfg, objective)
     return SpikingLM(cfg) if uses_spikes(cfg) else LM(cfg)

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from kernels import attention_op
 
+from .block import Mixer
 from .layers import RMSNorm, Rotary
 from .registry import register
 
@@ -25,11 +26,13 @@ class KVCache:
 
 
 @register("attn", "A")
-class Attention(nn.Module):
+class Attention(Mixer):
+    residual_out = ("out_proj",)
+
     def __init__(self, cfg, layer_idx: int, window: Optional[int] = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.hd
-        self.window = window
+        self.set_window(window)
         self.causal = cfg.causal
         self.backend = cfg.kernels
         d = cfg.d_model
@@ -40,6 +43,22 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.hd, cfg.norm_eps)
         self.k_norm = RMSNorm(self.hd, cfg.norm_eps)
         self.rotary = Rotary(self.hd, cfg.rope_theta)
+
+    def set_window(self, window: Optional[int]):
+        if window is not None and window <= 0:
+            raise ValueError(f"attention window must be > 0, got {window}")
+        self.window = window
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Scores (q.k) and values (p.v): 2 * H * hd multiply-adds per visible key each, x3 for
+        fwd + bwd. A causal query sees ~T/2 keys on average (at most the window); a
+        bidirectional one sees T (at most 2 * window)."""
+        w = self.window
+        if self.causal:
+            ctx = seq_len / 2 if w is None else min(w, seq_len / 2)
+        else:
+            ctx = seq_len if w is None else min(2 * w, seq_len)
+        return 12 * self.n_heads * self.hd * ctx
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> KVCache:
         empty = torch.zeros(batch_size, self.n_kv_heads, 0, self.hd, device=device, dtype=dtype)

@@ -1,4 +1,4 @@
-"""Model configuration: one dataclass, validated once, plus the layer/window pattern logic."""
+"""Model and objective configuration: dataclasses validated once, plus the layer/window pattern logic."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 from slmlab.errors import ConfigError
 
-from .registry import LETTERS, MIXERS
+from .registry import CHANNEL_MIXERS, LETTERS, MIXERS, OPTIONS, load_imports
 
 
 @dataclass
@@ -24,7 +24,7 @@ class ModelConfig:
     ffn_dim: Optional[int] = None  # SwiGLU width; default 8/3 * d_model rounded up to 64
     # Attention windows: `window_pattern` is tiled over the attention layers in order,
     # S = sliding window of `window` keys (including the query itself), L = full context.
-    window: int = 256
+    window: int = 128
     window_pattern: str = "L"
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -35,11 +35,22 @@ class ModelConfig:
     kernels: str = "auto"  # auto | triton | torch
     grad_checkpoint: bool = False
     init_std: float = 0.02
-    # Free-form per-mixer options (e.g. LIF neuron settings) so new blocks need no new fields here.
+    mlp: str = "swiglu"  # channel mixer by registered name
+    # Per-block options, namespaced by block name ({lif: {beta: 0.9}}); each block declares its
+    # options dataclass at registration, so new blocks need no new fields here.
     mixer_opts: dict = field(default_factory=dict)
+    # Python files or modules imported before the pattern is parsed: a researcher's own blocks.
+    imports: list = field(default_factory=list)
 
     def __post_init__(self):
+        load_imports(self.imports)
         self.validate()
+
+    def block_options(self, name: str):
+        """The options dataclass of block `name`, filled from mixer_opts[name] and checked."""
+        from slmlab.coerce import build_item
+
+        return build_item(f"model.mixer_opts.{name}", OPTIONS[name], self.mixer_opts.get(name) or {})
 
     # ---- derived ----
     @property
@@ -90,12 +101,55 @@ class ModelConfig:
         if self.kernels not in ("auto", "triton", "torch"):
             bad(f"model.kernels must be auto, triton or torch, got {self.kernels!r}")
         self.layer_types()  # raises on a bad pattern
-        from . import check_mixer_opts  # LIF / diffusion options (arch/__init__.py)
-
-        check_mixer_opts(self)
+        if self.mlp != "swiglu" and self.mlp not in CHANNEL_MIXERS:
+            bad(f"unknown model.mlp {self.mlp!r}; known: swiglu, {', '.join(sorted(CHANNEL_MIXERS))}")
+        if not isinstance(self.mixer_opts, dict):
+            bad(f"model.mixer_opts must be a mapping of block name -> options, got {self.mixer_opts!r}")
+        for name in self.mixer_opts:
+            if name not in OPTIONS:
+                hint = f"blocks with options: {', '.join(sorted(OPTIONS)) or 'none'}"
+                if name in LEGACY_FLAT_OPTS:
+                    hint = f"options are namespaced by block now: {LEGACY_FLAT_OPTS[name]}"
+                bad(f"model.mixer_opts.{name}: no block {name!r} takes options ({hint})")
+            self.block_options(name)  # checked even if the block is unused, so a typo fails early
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Keys of the old flat model.mixer_opts and where they live now (a one-line hint in the error).
+LEGACY_FLAT_OPTS = {
+    "mlp": "model.mlp", "objective": "objective.name", "mask_id": "objective.mask_id",
+    "eval_t_samples": "objective.eval_t_samples", "block_length": "objective.block_length",
+    "lif_beta": "model.mixer_opts.lif.beta", "lif_threshold": "model.mixer_opts.lif.threshold",
+    "surrogate": "model.mixer_opts.lif.surrogate", "surrogate_scale": "model.mixer_opts.lif.surrogate_scale",
+    "T_sim": "model.mixer_opts.lif.T_sim", "lif_scan": "model.mixer_opts.lif.scan"}
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the model is trained to do with the stack: next-token prediction or masked diffusion."""
+
+    name: str = "ar"  # ar | mdlm (masked diffusion, arch/diffusion.py; needs model.causal=false)
+    mask_id: int = 3  # mdlm: the tokenizer's <|mask|> id
+    eval_t_samples: int = 4  # mdlm: diffusion times drawn per eval sequence for the ELBO
+    block_length: int = 32  # mdlm: default block length of the semi-autoregressive LLaDA sampler
+
+    def validate(self, model: ModelConfig):
+        if self.name not in OBJECTIVES:
+            raise ConfigError(f"objective.name must be one of {', '.join(OBJECTIVES)}, got {self.name!r}")
+        if self.name != "mdlm":
+            return
+        if model.causal:
+            raise ConfigError("objective.name=mdlm needs model.causal=false (a bidirectional model)")
+        if not 0 <= self.mask_id < model.vocab_size:
+            raise ConfigError(f"objective.mask_id={self.mask_id} is outside the vocabulary ({model.vocab_size})")
+        for k in ("eval_t_samples", "block_length"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"objective.{k} must be an integer >= 1, got {getattr(self, k)}")
+
+
+OBJECTIVES = ("ar", "mdlm")
 
 
 def parse_pattern(layers, n_layers: int) -> list[str]:

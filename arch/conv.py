@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from kernels import conv1d_op
 
+from .block import Mixer
 from .registry import register
 
 
@@ -22,7 +23,9 @@ class ConvState:
 
 
 @register("conv", "C")
-class ShortConv(nn.Module):
+class ShortConv(Mixer):
+    residual_out = ("out_proj",)
+
     def __init__(self, cfg, layer_idx: int, window: Optional[int] = None):
         super().__init__()
         d, K = cfg.d_model, cfg.conv_kernel
@@ -34,6 +37,10 @@ class ShortConv(nn.Module):
         # the convolution itself goes through kernels.conv1d_op.
         self.conv = nn.Conv1d(d, d, K, groups=d, bias=cfg.conv_bias)
         self.out_proj = nn.Linear(d, d, bias=cfg.conv_bias)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """K depthwise taps per channel (a multiply-add each), x3 for fwd + bwd."""
+        return 6 * self.conv.in_channels * self.K
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> ConvState:
         return ConvState(torch.zeros(batch_size, self.conv.in_channels, self.K - 1, device=device, dtype=dtype))

@@ -14,8 +14,9 @@ t is drawn antithetically (stratified over the batch, as in MDLM) to cut its var
 Samplers: `llada_sample` (block-wise semi-autoregressive, low-confidence remasking) and
 `mdlm_sample` (ancestral: each masked token is revealed with probability (t - s) / t per step).
 
-Options (model.mixer_opts): objective: mdlm, mask_id (3, the slmlab tokenizer's <|mask|>),
-eval_t_samples (4: t draws per eval sequence), block_length (32: default sampler block).
+Options (the `objective:` section, arch/config.py ObjectiveConfig): name: mdlm, mask_id (3, the
+slmlab tokenizer's <|mask|>), eval_t_samples (4: t draws per eval sequence), block_length (32:
+default sampler block).
 The model needs model.causal=false (every mixer bidirectional; see arch/conv.py for the centred
 conv and arch/lif.py for the two-way LIF).
 """
@@ -31,26 +32,8 @@ from slmlab.errors import ConfigError
 
 from .lif import spike_metrics
 from .model import LM, sample_next
-from .registry import register_mixer_opts
 
-register_mixer_opts("objective", "mask_id", "eval_t_samples", "block_length")
-
-OBJECTIVES = ("ar", "mdlm")
 T_EPS = 1e-3  # smallest t: keeps the 1/t weight finite
-
-
-def objective(cfg) -> str:
-    obj = cfg.mixer_opts.get("objective", "ar")
-    if obj not in OBJECTIVES:
-        raise ConfigError(f"model.mixer_opts.objective must be one of {', '.join(OBJECTIVES)}, got {obj!r}")
-    return obj
-
-
-def _int_opt(cfg, key, default, lo=1):
-    v = cfg.mixer_opts.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ConfigError(f"model.mixer_opts.{key} must be an integer >= {lo}, got {v!r}")
-    return v
 
 
 def antithetic_t(n: int, device, generator=None, eps: float = T_EPS):
@@ -69,26 +52,14 @@ def masked_diffusion_terms(logits, x0, masked, t, mask_id: int):
     return torch.where(masked, ce / t[:, None], torch.zeros_like(ce))
 
 
-def check_diffusion_opts(cfg):
-    if objective(cfg) != "mdlm":
-        return
-    if cfg.causal:
-        raise ConfigError("model.mixer_opts.objective=mdlm needs model.causal=false (a bidirectional model)")
-    mask_id = _int_opt(cfg, "mask_id", 3, lo=0)
-    if mask_id >= cfg.vocab_size:
-        raise ConfigError(f"model.mixer_opts.mask_id={mask_id} is outside the vocabulary ({cfg.vocab_size})")
-    _int_opt(cfg, "eval_t_samples", 4)
-    _int_opt(cfg, "block_length", 32)
-
-
 class DiffusionLM(LM):
     nll_is_bound = True  # token_nll is the ELBO, an upper bound on the NLL
 
-    def __init__(self, cfg):
-        check_diffusion_opts(cfg)
-        self.mask_id = _int_opt(cfg, "mask_id", 3, lo=0)
-        self.eval_t_samples = _int_opt(cfg, "eval_t_samples", 4)
-        self.block_length = _int_opt(cfg, "block_length", 32)
+    def __init__(self, cfg, objective):
+        objective.validate(cfg)
+        self.mask_id = objective.mask_id
+        self.eval_t_samples = objective.eval_t_samples
+        self.block_length = objective.block_length
         super().__init__(cfg)
 
     # ---- the objective ----
@@ -143,7 +114,7 @@ class DiffusionLM(LM):
                  generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None,
                  steps: Optional[int] = None, block_length: Optional[int] = None, sampler: str = "llada"):
         """Fill max_new_tokens masks after the prompt. steps defaults to one token per step;
-        block_length (llada) defaults to mixer_opts.block_length, shrunk to a divisor if needed."""
+        block_length (llada) defaults to objective.block_length, shrunk to a divisor if needed."""
         n = max_new_tokens
         if n == 0:
             return idx

@@ -12,7 +12,7 @@ neuromorphic hardware, the basis of the energy proxy. The decode state is (membr
 Bidirectional models (model.causal=false, masked diffusion) run the same neurons over the reversed
 sequence too and feed out_proj the summed spike counts (same parameters, so AR checkpoints load).
 
-Channel mixer `lif` (model.mixer_opts.mlp=lif): SwiGLU with the SiLU gate replaced by a spike
+Channel mixer `lif` (model.mlp=lif): SwiGLU with the SiLU gate replaced by a spike
 rate: each token's current c = w1(x) drives fresh LIF neurons for T_sim steps, and
 y = w2(rate * w3(x)) with rate = spike count / T_sim. No state crosses tokens.
 
@@ -20,9 +20,8 @@ Two implementations of the scan over time: `lif_scan_ref` (a plain autograd loop
 correct) and `lif_scan` (a torch.autograd.Function with the backward written out, about 2-3x
 less Python/autograd overhead per step). tests/test_lif.py checks both against snntorch.Leaky.
 
-Options (model.mixer_opts): lif_beta (0.9), lif_threshold (1.0), surrogate (atan | fast_sigmoid),
-surrogate_scale (atan alpha, default 2; fast_sigmoid slope, default 25), T_sim (4),
-lif_scan (fused | reference).
+Options: model.mixer_opts.lif (LIFOptions below: beta, threshold, surrogate, surrogate_scale, T_sim,
+scan), shared by both blocks.
 """
 from __future__ import annotations
 
@@ -36,9 +35,8 @@ import torch.nn.functional as F
 
 from slmlab.errors import ConfigError
 
-from .registry import register, register_channel_mixer, register_mixer_opts
-
-register_mixer_opts("lif_beta", "lif_threshold", "surrogate", "surrogate_scale", "lif_scan", "T_sim")
+from .block import ChannelMixer, Mixer
+from .registry import register, register_channel_mixer
 
 # Energy per operation at 45 nm (Horowitz, ISSCC 2014), the figures SNN papers use for the proxy.
 E_MAC_PJ, E_AC_PJ = 4.6, 0.9
@@ -48,40 +46,32 @@ SURROGATES = {"atan": 2.0, "fast_sigmoid": 25.0}  # name -> default scale
 # ---- options ------------------------------------------------------------------------------------
 @dataclass
 class LIFOptions:
-    beta: float = 0.9
-    threshold: float = 1.0
-    surrogate: str = "atan"
-    scale: float = 2.0
-    T_sim: int = 4
-    scan: str = "fused"
+    """model.mixer_opts.lif: shared by the LIF token mixer and the LIF channel mixer."""
 
+    beta: float = 0.9  # initial membrane decay per step (learnable per channel, clamped to [0, 1])
+    threshold: float = 1.0  # initial firing threshold (learnable per channel)
+    surrogate: str = "atan"  # atan | fast_sigmoid: the spike's backward
+    surrogate_scale: Optional[float] = None  # null = 2 for atan (alpha), 25 for fast_sigmoid (slope)
+    T_sim: int = 4  # simulation steps per token in the LIF channel mixer
+    scan: str = "fused"  # fused (hand-written backward) | reference (plain autograd loop)
 
-def lif_options(opts: dict) -> LIFOptions:
-    """Validated LIF settings from model.mixer_opts (one-line ConfigError on a bad value)."""
-    def num(key, default):
-        v = opts.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ConfigError(f"model.mixer_opts.{key} expects a number, got {v!r}")
-        return float(v)
+    @property
+    def scale(self) -> float:
+        return SURROGATES[self.surrogate] if self.surrogate_scale is None else self.surrogate_scale
 
-    sur = opts.get("surrogate", "atan")
-    if sur not in SURROGATES:
-        raise ConfigError(f"model.mixer_opts.surrogate must be one of {', '.join(SURROGATES)}, got {sur!r}")
-    o = LIFOptions(beta=num("lif_beta", 0.9), threshold=num("lif_threshold", 1.0), surrogate=sur,
-                   scale=num("surrogate_scale", SURROGATES[sur]), scan=opts.get("lif_scan", "fused"))
-    t_sim = opts.get("T_sim", 4)
-    if isinstance(t_sim, bool) or not isinstance(t_sim, int) or t_sim <= 0:
-        raise ConfigError(f"model.mixer_opts.T_sim must be an integer > 0, got {t_sim!r}")
-    o.T_sim = t_sim
-    if not 0.0 <= o.beta <= 1.0:
-        raise ConfigError(f"model.mixer_opts.lif_beta must be in [0, 1], got {o.beta}")
-    if o.threshold <= 0:
-        raise ConfigError(f"model.mixer_opts.lif_threshold must be > 0, got {o.threshold}")
-    if o.scale <= 0:
-        raise ConfigError(f"model.mixer_opts.surrogate_scale must be > 0, got {o.scale}")
-    if o.scan not in ("fused", "reference"):
-        raise ConfigError(f"model.mixer_opts.lif_scan must be fused or reference, got {o.scan!r}")
-    return o
+    def check(self, where: str):
+        if self.surrogate not in SURROGATES:
+            raise ConfigError(f"{where}.surrogate must be one of {', '.join(SURROGATES)}, got {self.surrogate!r}")
+        if self.T_sim <= 0:
+            raise ConfigError(f"{where}.T_sim must be an integer > 0, got {self.T_sim}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ConfigError(f"{where}.beta must be in [0, 1], got {self.beta}")
+        if self.threshold <= 0:
+            raise ConfigError(f"{where}.threshold must be > 0, got {self.threshold}")
+        if self.scale <= 0:
+            raise ConfigError(f"{where}.surrogate_scale must be > 0, got {self.scale}")
+        if self.scan not in ("fused", "reference"):
+            raise ConfigError(f"{where}.scan must be fused or reference, got {self.scan!r}")
 
 
 # ---- surrogate spike functions (same formulas as snntorch.surrogate) -------------------------------
@@ -194,11 +184,13 @@ class _SpikeStats:
         self._stat["tokens"] += int(tokens)
 
 
-@register("lif", "L")
-class LIFMixer(nn.Module, _SpikeStats):
+@register("lif", "L", options=LIFOptions)
+class LIFMixer(Mixer, _SpikeStats):
+    residual_out = ("out_proj",)
+
     def __init__(self, cfg, layer_idx: int, window: Optional[int] = None):
         super().__init__()
-        o = lif_options(cfg.mixer_opts)
+        o = cfg.block_options("lif")
         d = cfg.d_model
         self.opts, self.causal, self.d = o, cfg.causal, d
         self.in_proj = nn.Linear(d, 2 * d, bias=False)  # current u and gate g
@@ -234,6 +226,11 @@ class LIFMixer(nn.Module, _SpikeStats):
             self._record(s.sum(), (s != 0).sum(), s.numel(), B * x.shape[1])
         return self.out_proj(s.to(x.dtype)) * F.silu(g), state
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Neuron update per channel and step: decay, input, reset, threshold compare (4 ops) and
+        the gate multiply; x3 for fwd + bwd (the backward scan does about twice the work)."""
+        return 3 * 5 * self.d * (2 if not self.causal else 1)
+
     def ops_per_token(self, rate_nonzero, spikes_per_slot):
         """(MACs, ACs, dense-equivalent MACs) per token: in_proj is dense; out_proj accumulates a
         weight column per spike."""
@@ -241,11 +238,13 @@ class LIFMixer(nn.Module, _SpikeStats):
         return 2 * d * d + d, spikes_per_slot * d * d, 3 * d * d + d
 
 
-@register_channel_mixer("lif")
-class SpikingMLP(nn.Module, _SpikeStats):
+@register_channel_mixer("lif", options=LIFOptions)
+class SpikingMLP(ChannelMixer, _SpikeStats):
+    residual_out = ("w2",)
+
     def __init__(self, cfg):
         super().__init__()
-        o = lif_options(cfg.mixer_opts)
+        o = cfg.block_options("lif")
         d, f = cfg.d_model, cfg.ffn
         self.opts, self.d, self.f = o, d, f
         self.w1 = nn.Linear(d, f, bias=False)  # input current of the spiking gate
@@ -265,6 +264,10 @@ class SpikingMLP(nn.Module, _SpikeStats):
         with torch.no_grad():
             self._record(s.sum(), (rate != 0).sum(), rate.numel(), rate.numel() // self.f)
         return self.w2(rate.to(x.dtype) * self.w3(x))
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """T_sim neuron updates (4 ops) per gate channel, the rate and the gate multiply; x3 for fwd + bwd."""
+        return 3 * (4 * self.opts.T_sim + 2) * self.f
 
     def ops_per_token(self, rate_nonzero, spikes_per_slot):
         """w1, w3 dense; w2 only needs the columns whose gate spiked at least once (zero-skipping)."""
@@ -330,4 +333,4 @@ SpikingLM = _spiking_lm()
 
 
 def uses_spikes(cfg) -> bool:
-    return "lif" in cfg.layer_types() or cfg.mixer_opts.get("mlp") == "lif"
+    return "lif" in cfg.layer_types() or cfg.mlp == "lif"

@@ -1,8 +1,8 @@
-"""The language model: embedding -> [pre-norm mixer + pre-norm SwiGLU] x n_layers -> norm -> head.
+"""The language model: embedding -> [pre-norm mixer + pre-norm channel mixer] x n_layers -> norm -> head.
 
-Layer i: h = x + mixer(norm(x)); out = h + mlp(norm(h)). The mixer is looked up by name in the
-registry from the config's layer pattern; every mixer has forward(x, state=None) -> (y, state)
-and init_state(batch_size, device, dtype).
+Layer i: h = x + mixer(norm(x)); out = h + mlp(norm(h)) (arch/block.py). The mixer is looked up by
+name in the registry from the config's layer pattern and follows the block contract in
+arch/block.py: forward(x, state=None) -> (y, state), init_state, flops_per_token, residual_out.
 """
 from __future__ import annotations
 
@@ -14,38 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .block import Block, residual_linears
 from .config import ModelConfig
-from .layers import RMSNorm, SwiGLU
-from .registry import get_mixer
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, kind: str, window: Optional[int]):
-        super().__init__()
-        self.kind = kind
-        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = get_mixer(kind)(cfg, layer_idx, window=window)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = make_channel_mixer(cfg)
-
-    def forward(self, x, state=None):
-        y, state = self.mixer(self.mixer_norm(x), state)
-        h = x + y
-        return h + self.mlp(self.mlp_norm(h)), state
-
-
-def make_channel_mixer(cfg: ModelConfig) -> nn.Module:
-    """SwiGLU by default; `mixer_opts.mlp` names another registered channel mixer."""
-    name = cfg.mixer_opts.get("mlp", "swiglu")
-    if name == "swiglu":
-        return SwiGLU(cfg.d_model, cfg.ffn)
-    from .registry import CHANNEL_MIXERS
-
-    if name not in CHANNEL_MIXERS:
-        from slmlab.errors import ConfigError
-
-        raise ConfigError(f"unknown channel mixer {name!r}; known: swiglu, {', '.join(sorted(CHANNEL_MIXERS))}")
-    return CHANNEL_MIXERS[name](cfg)
+from .layers import RMSNorm
 
 
 class LM(nn.Module):
@@ -61,9 +32,10 @@ class LM(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.apply(self._init)
         # GPT-2 style: shrink residual-branch outputs so the residual stream's variance stays O(1).
-        for name, p in self.named_parameters():
-            if name.endswith(("out_proj.weight", "w2.weight")):
-                nn.init.normal_(p, 0.0, cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        # Each block declares which of its layers write into the residual stream (residual_out).
+        for layer in self.layers:
+            for lin in residual_linears(layer.mixer) + residual_linears(layer.mlp):
+                nn.init.normal_(lin.weight, 0.0, cfg.init_std / math.sqrt(2 * cfg.n_layers))
 
     def _init(self, m):
         if isinstance(m, nn.Linear):
@@ -138,23 +110,20 @@ class LM(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward = 3x forward), PaLM-style:
-        6 * (matmul parameters, head included) + attention scores/values 12 * H * hd * ctx per
-        attention layer, where ctx is the average number of keys a query sees (causal: ~T/2)."""
+        """Training FLOPs per token (forward + backward = 3x forward), PaLM-style: 6 * (matmul
+        parameters, the head included) plus what each block declares beyond its parameters
+        (attention scores and values, conv taps, neuron updates: Block.flops_per_token)."""
         n = sum(p.numel() for name, p in self.named_parameters() if p.dim() == 2 and "embed" not in name)
         if self.cfg.tie_embeddings:
             n += self.embed.weight.numel()  # the tied head still costs a matmul
-        flops = 6 * n
-        for layer in self.layers:
-            if layer.kind == "attn":
-                w = layer.mixer.window
-                ctx = seq_len / 2 if w is None else min(w, seq_len / 2)
-                if not self.cfg.causal:
-                    ctx = seq_len if w is None else min(2 * w, seq_len)
-                flops += 12 * self.cfg.n_heads * self.cfg.hd * ctx
-            elif layer.kind == "conv":
-                flops += 6 * self.cfg.d_model * self.cfg.conv_kernel
-        return float(flops)
+        return float(6 * n + sum(layer.flops_per_token(seq_len) for layer in self.layers))
+
+    def set_windows(self, windows: list[Optional[int]]):
+        """Per layer: the attention window to use from now on (None = full context / no window)."""
+        if len(windows) != len(self.layers):
+            raise ValueError(f"set_windows got {len(windows)} windows for {len(self.layers)} layers")
+        for layer, w in zip(self.layers, windows):
+            layer.mixer.set_window(w)
 
 
 def sample_next(logits, temperature: float, top_k: Optional[int], generator=None):

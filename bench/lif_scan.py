@@ -50,7 +50,7 @@ def main():
     x = torch.randint(0, 1024, (B, T))
     step = {}
     for name, kw in [("hybrid CCA", dict(layers="CCA")), ("LLA, SwiGLU", dict(layers="LLA")),
-                     ("LLA, LIF MLP (spiking preset)", dict(layers="LLA", mixer_opts={"mlp": "lif", "T_sim": 4}))]:
+                     ("LLA, LIF MLP (spiking preset)", dict(layers="LLA", mlp="lif", mixer_opts={"lif": {"T_sim": 4}}))]:
         m = build_model(ModelConfig(**cfg, **kw))
         step[name] = cpu_time(lambda m=m: m(x, x).backward(), 3)
     ffn = ModelConfig(**cfg).ffn

@@ -28,7 +28,7 @@ from slmlab.trainer import autocast, peak_flops, resolve_device
 def bench(arch, seq_len, args, device, peak):
     cfg = load_config(arch=arch, overrides=[f"optim.name={args.optim}", *args.overrides])
     torch.manual_seed(0)
-    model = build_model(cfg.model).to(device).train()
+    model = build_model(cfg.model, cfg.objective).to(device).train()
     opt = build_optimizer(model, cfg.optim, verbose=False)
     B = max(1, args.tokens // seq_len)
     x = torch.randint(0, cfg.model.vocab_size, (B, seq_len), device=device)

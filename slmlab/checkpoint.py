@@ -95,7 +95,7 @@ def load_run(run_dir, device="cpu", weights: str = "model.safetensors"):
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory not found: {run_dir}")
     cfg = load_run_config(run_dir / "config.yaml")
-    model = build_model(cfg.model)  # the config picks the class (e.g. DiffusionLM)
+    model = build_model(cfg.model, cfg.objective)  # the config picks the class (e.g. DiffusionLM)
     load_model_weights(model, run_dir / weights)
     tok = Tokenizer.load(run_dir / "tokenizer.json")
     return cfg, model.to(device).eval(), tok

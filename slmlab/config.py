@@ -11,12 +11,14 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import yaml
 
-from arch.config import ModelConfig
+from arch.config import ModelConfig, ObjectiveConfig
+from arch.registry import load_imports
 
+from .coerce import coerce
 from .errors import ConfigError
 from .phases import PhaseConfig
 
@@ -92,7 +94,7 @@ class LoggingConfig:
     progress: bool = True
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
+SECTIONS = {"model": ModelConfig, "objective": ObjectiveConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
             "logging": LoggingConfig}
 
 
@@ -100,6 +102,7 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "opt
 class RunConfig:
     arch: str
     model: ModelConfig
+    objective: ObjectiveConfig
     data: DataConfig
     train: TrainConfig
     optim: OptimConfig
@@ -117,86 +120,6 @@ class RunConfig:
 
 def all_keys() -> list[str]:
     return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def coerce(key: str, value: Any, tp):
-    """Check/convert `value` to the field type `tp`; raise a one-line ConfigError otherwise."""
-    origin = typing.get_origin(tp)
-    if origin is Union:
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return coerce(key, value, a)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key} expects {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} expects true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key} expects an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key} expects an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} expects a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key} expects a string, got {value!r}")
-    if tp is list or origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} expects a list, got {value!r}")
-        (item,) = typing.get_args(tp) or (None,)
-        if dataclasses.is_dataclass(item):
-            return [build_item(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
-        return value
-    if tp is dict or origin is dict:
-        if isinstance(value, dict):
-            return value
-        raise ConfigError(f"{key} expects a mapping, got {value!r}")
-    return value
-
-
-def build_item(where: str, cls, value):
-    """A mapping -> dataclass `cls` (a list entry such as one of train.phases), every field coerced."""
-    if isinstance(value, cls):
-        return value
-    names = [f.name for f in dataclasses.fields(cls)]
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where} must be a mapping with keys {', '.join(names)}, got {value!r}")
-    bad = [k for k in value if k not in names]
-    if bad:
-        raise ConfigError(f"{where}: unknown key {bad[0]!r}; keys: {', '.join(names)}")
-    hints = typing.get_type_hints(cls)
-    required = [f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    for k in required:
-        if k not in value:
-            raise ConfigError(f"{where}: {k} is required")
-    obj = cls(**{k: coerce(f"{where}.{k}", v, hints[k]) for k, v in value.items()})
-    if hasattr(obj, "check"):
-        obj.check(where)
-    return obj
 
 
 def _unknown(key: str, pool: list[str]) -> ConfigError:
@@ -292,6 +215,9 @@ def load_config(path=DEFAULT_CONFIG, arch: Optional[str] = None, overrides: list
 
 
 def build(arch: str, tree: dict) -> RunConfig:
+    # A researcher's blocks register themselves on import; the layer pattern is parsed after.
+    imports = (tree.get("model") or {}).get("imports") or []
+    load_imports(coerce("model.imports", imports, list) if not isinstance(imports, str) else [imports])
     sections = {}
     for name, cls in SECTIONS.items():
         hints = typing.get_type_hints(cls)
@@ -319,6 +245,7 @@ def load_run_config(path) -> RunConfig:
 
 
 def validate(cfg: RunConfig):
+    cfg.objective.validate(cfg.model)
     t = cfg.train
     for k in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "log_every"):
         if getattr(t, k) <= 0:

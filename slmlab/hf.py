@@ -39,8 +39,8 @@ def hf_family(cfg: ModelConfig) -> str:
     kinds = set(cfg.layer_types())
     if not cfg.causal:
         raise ConfigError("bidirectional (diffusion) models have no transformers causal-LM class")
-    if cfg.mixer_opts.get("mlp", "swiglu") != "swiglu":
-        raise ConfigError(f"channel mixer {cfg.mixer_opts['mlp']!r} has no transformers equivalent")
+    if cfg.mlp != "swiglu":
+        raise ConfigError(f"channel mixer {cfg.mlp!r} has no transformers equivalent")
     if kinds - {"attn", "conv"}:
         raise ConfigError(f"blocks {sorted(kinds - {'attn', 'conv'})} have no transformers equivalent "
                           "(only attn and conv export)")

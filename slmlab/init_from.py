@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-# Fields that must match for weights to transfer; causal and mixer_opts (the objective) may differ.
+# Fields that must match for weights to transfer; causal and the objective may differ.
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "conv_kernel",
                 "conv_bias", "tie_embeddings")
 
@@ -19,7 +19,7 @@ def init_model(model, cfg, tok):
             raise ConfigError(f"--arch {cfg.arch} (masked diffusion) needs a tokenizer with a mask token (<|mask|>); "
                               f"this tokenizer has none")
         if tok.mask_id != mask_id:
-            raise ConfigError(f"model.mixer_opts.mask_id={mask_id} but the tokenizer's <|mask|> is {tok.mask_id}")
+            raise ConfigError(f"objective.mask_id={mask_id} but the tokenizer's <|mask|> is {tok.mask_id}")
     src = getattr(cfg.train, "init_from", "") or ""
     if src:
         load_init(model, cfg, tok, Path(src).expanduser())

@@ -331,11 +331,9 @@ def distill_loss(logits, targets, teacher_logits, alpha: float, temp: float):
     return (1 - alpha) * ce + alpha * kl, ce
 
 
-def set_windows(model, windows):
+def phase_windows(base_windows, window):
     """Per-phase sliding windows: only layers built with a window (S layers) take the phase's."""
-    for layer, w in zip(model.layers, windows):
-        if getattr(layer.mixer, "window", None) is not None and w is not None:
-            layer.mixer.window = w
+    return [window if w is not None and window else w for w in base_windows]
 
 
 def train(cfg: RunConfig, out: Path, force: bool = False, resume: bool = False) -> dict:
@@ -378,7 +376,7 @@ def train(cfg: RunConfig, out: Path, force: bool = False, resume: bool = False) 
     say(f"baselines on validation ({bundle.val_bytes:,} bytes): gzip -9 {bundle.gzip_bpb:.3f} bpb, "
         f"xz -9 {bundle.xz_bpb:.3f} bpb")
 
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model, cfg.objective).to(device)
     init_model(model, cfg, tok)  # mask-token check (diffusion), train.init_from weights
     n_params = model.num_params()
     fpt = model.flops_per_token(phases[-1].seq_len)
@@ -468,7 +466,7 @@ def train(cfg: RunConfig, out: Path, force: bool = False, resume: bool = False) 
         ph = phase_at(phases, step - 1)
         if ph is not cur:
             prog.write(f"step {step}: entering {ph.describe()}")
-            set_windows(model, [ph.window or w for w in base_windows] if ph.window else base_windows)
+            model.set_windows(phase_windows(base_windows, ph.window))
             cur, fpt = ph, model.flops_per_token(ph.seq_len)
         B = ph.batch_size(t.grad_accum, dist.world)
         mult = lr_mult(step - 1, t) * ph.lr_mul
@@ -537,7 +535,7 @@ def train(cfg: RunConfig, out: Path, force: bool = False, resume: bool = False) 
             os.kill(os.getpid(), signal.SIGKILL)
 
     train_time = train_time0 + time.time() - t_loop
-    set_windows(model, base_windows)
+    model.set_windows(base_windows)
     final = evaluate(model, bundle.val, cfg, device, byte_lengths, None, eval_T, eval_B)
     prog.write(f"final (whole validation split, {final['val_tokens']:,} tokens at seq_len {eval_T}): val loss "
                f"{final['val_loss']:.4f}  val bpb {_bpb_label(final)}  (gzip -9 {bundle.gzip_bpb:.3f}, "
@@ -549,7 +547,7 @@ def train(cfg: RunConfig, out: Path, force: bool = False, resume: bool = False) 
         dirs = checkpoint_dirs(out)[-t.avg_last:]
         if len(dirs) >= 2:
             average_checkpoints(dirs, out / "model_avg.safetensors")
-            avg_model = build_model(cfg.model).to(device)
+            avg_model = build_model(cfg.model, cfg.objective).to(device)
             load_model_weights(avg_model, out / "model_avg.safetensors")
             ev = evaluate(avg_model, bundle.val, cfg, device, byte_lengths, None, eval_T, eval_B)
             avg = {"avg_of": [d.name for d in dirs], "avg_val_loss": ev["val_loss"], "avg_val_bpb": ev["val_bpb"]}

@@ -1,5 +1,6 @@
 """Masked diffusion: ELBO by hand, samplers (fill every mask, keep the prompt, deterministic at
 temperature 0), bad input (mask token, init_from, block length, causal), AR -> diffusion init."""
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from arch import LM, build_model
-from arch.config import ModelConfig
+from arch.config import ModelConfig, ObjectiveConfig
 from arch.diffusion import DiffusionLM, antithetic_t, llada_sample, masked_diffusion_terms, mdlm_sample
 from slmlab.config import load_config
 from slmlab.errors import ConfigError
@@ -15,9 +16,11 @@ from slmlab.errors import ConfigError
 V, MASK = 29, 3
 
 
+OBJ = ObjectiveConfig(name="mdlm", mask_id=MASK, eval_t_samples=2)
+
+
 def tiny(**kw):
-    base = dict(vocab_size=V, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, layers="CCA", causal=False,
-                mixer_opts={"objective": "mdlm", "mask_id": MASK, "eval_t_samples": 2})
+    base = dict(vocab_size=V, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, layers="CCA", causal=False)
     base.update(kw)
     return ModelConfig(**base)
 
@@ -37,7 +40,7 @@ def test_masked_diffusion_terms_by_hand():
 def test_model_elbo_on_a_uniform_model_by_hand():
     """A model with zero weights predicts uniformly over the V-1 non-mask tokens: every masked
     position costs log(V-1)/t, so the ELBO's expectation over t and the masks is exactly log(V-1)."""
-    m = DiffusionLM(tiny())
+    m = DiffusionLM(tiny(), OBJ)
     with torch.no_grad():
         for p in m.parameters():
             p.zero_()
@@ -58,7 +61,7 @@ def test_model_elbo_on_a_uniform_model_by_hand():
 
 def test_token_nll_is_repeatable_with_a_fixed_generator_and_bound_flag():
     torch.manual_seed(0)
-    m = build_model(tiny()).eval()
+    m = build_model(tiny(), OBJ).eval()
     assert isinstance(m, DiffusionLM) and m.nll_is_bound and not LM.nll_is_bound
     x = torch.randint(4, V, (3, 16))
     a = m.token_nll(x, x, generator=torch.Generator().manual_seed(5))
@@ -75,7 +78,7 @@ def test_antithetic_t_is_stratified():
 
 def test_denoiser_is_bidirectional_and_never_predicts_mask():
     torch.manual_seed(0)
-    m = build_model(tiny()).eval()
+    m = build_model(tiny(), OBJ).eval()
     a = torch.randint(4, V, (1, 12))
     b = a.clone()
     b[0, 9:] = MASK
@@ -88,7 +91,7 @@ def test_denoiser_is_bidirectional_and_never_predicts_mask():
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return build_model(tiny()).eval()
+    return build_model(tiny(), OBJ).eval()
 
 
 @pytest.mark.parametrize("sampler", ["llada", "mdlm"])
@@ -146,14 +149,16 @@ def test_bad_sampler_arguments(model, call, needle):
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("kw,needle", [
-    (dict(causal=True), "needs model.causal=false"),
-    (dict(mixer_opts={"objective": "mdlm", "mask_id": 99}), "outside the vocabulary"),
-    (dict(mixer_opts={"objective": "bert"}), "objective must be one of"),
+@pytest.mark.parametrize("kw,obj,needle", [
+    (dict(causal=True), {}, "needs model.causal=false"),
+    ({}, dict(mask_id=99), "objective.mask_id=99 is outside the vocabulary"),
+    ({}, dict(name="bert"), "objective.name must be one of"),
+    ({}, dict(block_length=0), "objective.block_length must be an integer >= 1"),
+    (dict(mixer_opts={"objective": "mdlm"}), {}, "namespaced by block now: objective.name"),
 ])
-def test_bad_diffusion_config(kw, needle):
+def test_bad_diffusion_config(kw, obj, needle):
     with pytest.raises(ConfigError) as e:
-        tiny(**kw)
+        build_model(tiny(**kw), dataclasses.replace(OBJ, **obj))
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
@@ -161,13 +166,13 @@ def test_diffusion_without_a_mask_token_is_an_error():
     from slmlab.init_from import init_model
 
     cfg = SimpleNamespace(arch="diffusion", train=SimpleNamespace(init_from=""))
-    m = build_model(tiny())
+    m = build_model(tiny(), OBJ)
     with pytest.raises(ConfigError, match="needs a tokenizer with a mask token"):
         init_model(m, cfg, SimpleNamespace(mask_id=None))
     with pytest.raises(ConfigError, match="mask_id=3 but the tokenizer's <|mask|> is 5"):
         init_model(m, cfg, SimpleNamespace(mask_id=5))
     init_model(m, cfg, SimpleNamespace(mask_id=3))
-    init_model(LM(tiny(causal=True, mixer_opts={})), cfg, SimpleNamespace(mask_id=None))  # AR needs none
+    init_model(LM(tiny(causal=True)), cfg, SimpleNamespace(mask_id=None))  # AR needs none
 
 
 # ---- end to end: AR run -> diffusion run (init_from), sample.py on it ------------------------------
@@ -222,7 +227,7 @@ def test_init_from_a_different_tokenizer_is_a_one_line_error(runs):
 
     cfg = load_config(arch="diffusion", overrides=runs.common)
     with pytest.raises(ConfigError) as e:
-        load_init(build_model(cfg.model), cfg, SimpleNamespace(to_json=lambda: "{}"), runs.root / "ar")
+        load_init(build_model(cfg.model, cfg.objective), cfg, SimpleNamespace(to_json=lambda: "{}"), runs.root / "ar")
     assert "different tokenizer" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -231,7 +236,7 @@ def test_init_from_a_missing_run(runs):
 
     cfg = load_config(arch="diffusion", overrides=runs.common)
     with pytest.raises(ConfigError, match="is not a finished run"):
-        load_init(build_model(cfg.model), cfg, None, runs.root / "nope")
+        load_init(build_model(cfg.model, cfg.objective), cfg, None, runs.root / "nope")
 
 
 def test_sample_cli_on_a_diffusion_run(runs, capsys):

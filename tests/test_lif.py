@@ -14,7 +14,7 @@ SURR = [("atan", 2.0), ("fast_sigmoid", 25.0)]
 
 def tiny(**kw):
     base = dict(vocab_size=61, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, layers="LLA",
-                mixer_opts={"mlp": "lif", "T_sim": 3})
+                mlp="lif", mixer_opts={"lif": {"T_sim": 3}})
     base.update(kw)
     return ModelConfig(**base)
 
@@ -149,12 +149,16 @@ def test_spiking_model_trains_and_logs_spike_metrics():
 
 
 @pytest.mark.parametrize("opts,needle", [
-    ({"T_sim": 0}, "T_sim must be an integer > 0"),
-    ({"T_sim": -2}, "T_sim must be an integer > 0"),
-    ({"surrogate": "sigmoid"}, "surrogate must be one of"),
-    ({"lif_beta": 1.5}, "lif_beta must be in [0, 1]"),
-    ({"lif_threshold": 0}, "lif_threshold must be > 0"),
-    ({"lif_scan": "triton"}, "lif_scan must be"),
+    ({"lif": {"T_sim": 0}}, "model.mixer_opts.lif.T_sim must be an integer > 0"),
+    ({"lif": {"T_sim": -2}}, "T_sim must be an integer > 0"),
+    ({"lif": {"T_sim": 2.5}}, "model.mixer_opts.lif.T_sim expects an integer"),
+    ({"lif": {"surrogate": "sigmoid"}}, "surrogate must be one of"),
+    ({"lif": {"beta": 1.5}}, "model.mixer_opts.lif.beta must be in [0, 1]"),
+    ({"lif": {"threshold": 0}}, "threshold must be > 0"),
+    ({"lif": {"scan": "triton"}}, "scan must be fused or reference"),
+    ({"lif": {"bta": 0.5}}, "model.mixer_opts.lif: unknown key 'bta'"),
+    ({"lfi": {"beta": 0.5}}, "no block 'lfi' takes options"),
+    ({"T_sim": 4}, "namespaced by block now: model.mixer_opts.lif.T_sim"),
 ])
 def test_bad_lif_options_are_one_line_errors(opts, needle):
     with pytest.raises(ConfigError) as e:
@@ -166,7 +170,7 @@ def test_tsim_zero_exits_2_from_the_cli(capsys, tmp_path):
     import train
     from slmlab.cli import run_cli
 
-    rc = run_cli(train.main, ["--arch", "spiking", "--out", str(tmp_path / "run"), "model.mixer_opts={mlp: lif, T_sim: 0}"])
+    rc = run_cli(train.main, ["--arch", "spiking", "--out", str(tmp_path / "run"), "model.mixer_opts.lif.T_sim=0"])
     err = capsys.readouterr().err
     assert rc == 2 and "T_sim must be an integer > 0" in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()  # rejected before anything is written

@@ -1,0 +1,80 @@
+"""The block contract every token mixer and channel mixer follows, and the residual block around them.
+
+A token mixer (`Mixer`) maps x [B, T, d] -> y [B, T, d] and carries a decode state:
+    forward(x, state=None) -> (y, state)   state None: full sequence; else continue from state
+    init_state(batch_size, device, dtype)  the state before the first token
+    flops_per_token(seq_len)               training FLOPs (fwd + bwd) that are not parameter
+                                           matmuls: attention scores, conv taps, neuron updates
+    set_window(window)                     attention-like mixers: change the visible window
+    residual_out                           names of the Linear layers that write into the residual
+                                           stream; their init is scaled by 1/sqrt(2 * n_layers)
+A channel mixer (`ChannelMixer`) is forward(x) -> y with the same flops_per_token/residual_out.
+Register a mixer with `@register(name, letter, options=OptionsDataclass)` (arch/registry.py); its
+options arrive as `cfg.block_options(name)`. The LM sums parameter-matmul FLOPs itself, so a block
+only declares the work its parameters don't show.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .layers import RMSNorm, SwiGLU
+
+
+class Mixer(nn.Module):
+    mixer_name = "?"  # set by @register
+    residual_out: tuple[str, ...] = ()
+
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32):
+        return None
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return 0.0
+
+    def set_window(self, window: Optional[int]):
+        if window is not None:
+            raise ValueError(f"mixer {self.mixer_name!r} has no attention window")
+
+
+class ChannelMixer(nn.Module):
+    residual_out: tuple[str, ...] = ()
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return 0.0
+
+
+class SwiGLUMixer(ChannelMixer, SwiGLU):
+    """The default channel mixer (arch/layers.py SwiGLU) under the block contract."""
+
+    residual_out = ("w2",)
+
+    def __init__(self, cfg):
+        SwiGLU.__init__(self, cfg.d_model, cfg.ffn)
+
+
+def residual_linears(module: nn.Module) -> list[nn.Linear]:
+    return [module.get_submodule(name) for name in getattr(module, "residual_out", ())]
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: h = x + mixer(norm(x)); out = h + mlp(norm(h))."""
+
+    def __init__(self, cfg, layer_idx: int, kind: str, window: Optional[int]):
+        from .registry import CHANNEL_MIXERS, get_mixer
+
+        super().__init__()
+        self.kind = kind
+        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = get_mixer(kind)(cfg, layer_idx, window=window)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLUMixer(cfg) if cfg.mlp == "swiglu" else CHANNEL_MIXERS[cfg.mlp](cfg)
+
+    def forward(self, x, state=None):
+        y, state = self.mixer(self.mixer_norm(x), state)
+        h = x + y
+        return h + self.mlp(self.mlp_norm(h)), state
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return self.mixer.flops_per_token(seq_len) + self.mlp.flops_per_token(seq_len)
