@@ -267,9 +267,9 @@ def _build(cfg: RunConfig):
 
     try:
         with torch.device("meta"):
-            return build_model(cfg.model)
+            return build_model(cfg.model, cfg.objective)
     except (NotImplementedError, RuntimeError):
-        return build_model(cfg.model)
+        return build_model(cfg.model, cfg.objective)
 
 
 def layer_string(cfg: RunConfig, model) -> str:

@@ -87,8 +87,8 @@ def _fmt_time(s: float) -> str:
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _nan(x) -> float:
-    return math.nan if x is None else float(x)
+def _pm(s: stats.Summary) -> str:
+    return f"{s.mean:.4f} ± {s.sd:.4f}" if s.n > 1 else f"{s.mean:.4f}"
 
 
 def write_csvs(out: Path, man: dict, results: list[RunResult]):
@@ -141,8 +141,8 @@ def corpus_table(man: dict, results: list[RunResult], corpus: str) -> tuple[list
         le = "≤ " if any(r.summary.get("val_bpb_is_bound") for r in done) else ""
         missing = sorted(r.seed for r in runs[v] if not r.done)
         n = f"{b.n}" + (f"/{len(runs[v])}, missing seed {', '.join(map(str, missing))}" if missing else "")
-        bpb = f"{le}{b.mean:.4f} ± {b.sd:.4f} ({n})" if b.n else f"– (0/{len(runs[v])})"
-        lss = f"{loss.mean:.4f} ± {loss.sd:.4f}" if loss.n else "–"
+        bpb = f"{le}{_pm(b)} ({n})" if b.n else f"– ({n})"
+        lss = _pm(loss) if loss.n else "–"
         if v == base:
             delta, p, pw = "baseline", "", ""
         else:

@@ -51,7 +51,7 @@ def prepare_out(out: Path, ab: Ablation, force: bool) -> tuple[list[Cell], list[
                 shutil.rmtree(out / r["dir"], ignore_errors=True)
             for name in OUTPUTS:
                 (out / name).unlink(missing_ok=True)
-    elif out.is_dir() and any(out.iterdir()) and not force:
+    elif out.is_dir() and any(p.name != ".lock" for p in out.iterdir()) and not force:
         raise AblationError(f"--out {out} exists and holds no ablation; choose another directory or pass --force")
     out.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
