@@ -205,13 +205,14 @@ def run_submitit(out: Path, runs: list[Run], prog: Progress, threads: int, group
     while pending:
         for item in list(pending):
             job, r = item
-            if not job.done():
-                continue
-            pending.remove(item)
             try:
+                if not job.done():  # the debug executor runs the job here, so this may raise too
+                    continue
                 job.result()
-                prog.end(r, is_done(out, r), "")
+                ok, why = is_done(out, r), "no summary.json"
             except Exception as e:  # the job's own traceback is in its submitit log
-                prog.end(r, False, f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e) else ''}"
-                                   f"; logs: {out / '.submitit' / str(job.job_id)}")
+                msg = str(e).strip().splitlines()[-1][:200] if str(e).strip() else ""
+                ok, why = False, f"{type(e).__name__}: {msg}; logs: {out / '.submitit' / str(job.job_id)}"
+            pending.remove(item)
+            prog.end(r, ok, "" if ok else why)
         time.sleep(0.5)
