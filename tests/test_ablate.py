@@ -18,7 +18,7 @@ from scipy import stats as sps
 from trainer_helpers import ROOT, write_corpus
 
 from slmlab.ablate import stats
-from slmlab.ablate.plan import Ablation, AblationError, Variant, file_ablation, inline_ablation, plan
+from slmlab.ablate.plan import Ablation, AblationError, Variant, corpus_dirs, file_ablation, inline_ablation, plan
 
 spec = importlib.util.spec_from_file_location("ablate_cli", ROOT / "ablate.py")
 ablate_cli = importlib.util.module_from_spec(spec)
@@ -115,6 +115,7 @@ def test_budgets(corpus, budget):
              "flops": lambda c: c.steps * c.tokens_per_step * c.flops_per_token}[budget]
     assert spend(conv) == pytest.approx(spend(base), rel=1 / base.steps)  # equal up to rounding to whole steps
     assert {r.dir.split("/")[0] for r in runs} == {"c", "stdlib"}  # one directory level per corpus
+    assert list(corpus_dirs(["a/x.txt", "b/x.txt", "stdlib"]).values()) == ["x", "x-2", "stdlib"]
 
 
 # ---- bad input: one line, exit status 2, nothing trained ----

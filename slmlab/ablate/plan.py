@@ -238,15 +238,23 @@ def file_ablation(path, arch: Optional[str] = None, seeds=None, steps: Optional[
 
 
 # ---- planning ----
-def corpus_slug(spec: str) -> str:
-    p = Path(spec)
-    return safe_name(p.stem if p.suffix else (p.name or spec))
+def corpus_dirs(corpora: list[str]) -> dict[str, str]:
+    """A directory name per corpus: the file's stem or the spec, numbered when two would clash."""
+    out: dict[str, str] = {}
+    for spec in corpora:
+        p = Path(spec)
+        slug = safe_name(p.stem if p.suffix else (p.name or spec))
+        name, k = slug, 2
+        while name in out.values():
+            name, k = f"{slug}-{k}", k + 1
+        out[spec] = name
+    return out
 
 
 def run_dir(ab: Ablation, variant: str, corpus: str, seed: int) -> str:
     """OUT/<variant>/seed<k>, with a corpus level above when there are several corpora."""
     rel = f"{variant}/seed{seed}"
-    return f"{corpus_slug(corpus)}/{rel}" if len(ab.corpora) > 1 else rel
+    return f"{corpus_dirs(ab.corpora)[corpus]}/{rel}" if len(ab.corpora) > 1 else rel
 
 
 def resolve(ab: Ablation, v: Variant, corpus: str, steps: int, seed: int) -> tuple[list[str], RunConfig]:
