@@ -163,8 +163,8 @@ def corpus_table(man: dict, results: list[RunResult], corpus: str) -> tuple[list
                      f"{lss} | {delta} | {p} | {pw} | {f'{tps:,.0f}' if done else '–'} | "
                      f"{f'{max(mem):,.0f} MB' if mem else '–'} | {_fmt_time(wall) if done else '–'} |")
         if missing:
-            notes.append(f"- {v}: no result for seed {', '.join(map(str, missing))} (crashed or interrupted: "
-                         "re-run the same command to resume; the run's train.log says why)")
+            notes.append(f"- {v}: no result for seed {', '.join(map(str, missing))} (not run yet, crashed or "
+                         "interrupted: re-running the same command resumes it; its train.log says why)")
     if base_sum.n > 1:
         notes.insert(0, f"- Run-to-run noise (sd of {base} over {base_sum.n} seeds): {base_sum.sd:.4f} bpb; a "
                         "difference smaller than that is marked *within noise*.")
