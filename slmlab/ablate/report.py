@@ -224,17 +224,19 @@ def plot_curves(out: Path, man: dict, results: list[RunResult]):
     import numpy as np
 
     ab = man["ablation"]
-    plt, fig, axes = _plot_setup(len(ab["corpora"]), "validation bpb against training tokens (mean ± sd over seeds)")
+    plt, fig, axes = _plot_setup(len(ab["corpora"]), "val bpb against training tokens, mean ± sd over seeds "
+                                 "(last point: the whole validation split; earlier: its first train.eval_tokens)")
     for ax, corpus in zip(axes, ab["corpora"]):
-        for v in (v["name"] for v in ab["variants"]):
+        for i, v in enumerate(v["name"] for v in ab["variants"]):
             curves = [dict(r.curve) for r in results if r.corpus == corpus and r.variant == v and r.curve]
             if not curves:
                 continue
             xs = sorted(set.intersection(*(set(c) for c in curves)))  # tokens every seed evaluated at
             ys = np.array([[c[x] for x in xs] for c in curves])
             mean, sd = ys.mean(0), ys.std(0, ddof=1) if len(curves) > 1 else np.zeros(len(xs))
-            (line,) = ax.plot(xs, mean, marker="o", ms=3, label=f"{v} (n={len(curves)})")
-            ax.fill_between(xs, mean - sd, mean + sd, color=line.get_color(), alpha=0.2)
+            color = f"C{i % 10}"  # one colour per variant on every corpus
+            ax.plot(xs, mean, marker="o", ms=3, color=color, label=f"{v} (n={len(curves)})")
+            ax.fill_between(xs, mean - sd, mean + sd, color=color, alpha=0.2)
         ax.set_title(corpus)
         ax.set_xlabel("training tokens")
         ax.set_ylabel("val bpb")
