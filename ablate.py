@@ -69,6 +69,10 @@ def _check_flags(args):
         return
     if not args.out and not args.dry_run:
         raise AblationError("--out DIR is required (the ablation directory)")
+    if args.dry_run:
+        bad = given("out", "force", "jobs", "gpus", "threads", "cluster", "slurm")
+        if bad or args.launcher != "local":
+            raise AblationError(f"--dry-run only prints the plan; drop {(bad or ['--launcher'])[0]}")
     if args.launcher == "submitit":
         bad = given("jobs", "gpus")
         if bad:

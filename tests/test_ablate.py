@@ -129,6 +129,7 @@ def test_budgets(corpus, budget):
     (["--jobs", "0"], "--jobs must be >= 1"),
     (["--gpus", "0", "--launcher", "submitit"], "--gpus is for --launcher local"),
     (["--slurm", "timeout_min=5"], "--slurm needs --launcher submitit"),
+    (["--dry-run", "--jobs", "2"], "--dry-run only prints the plan; drop --out"),
 ])
 def test_bad_input_is_one_line(corpus, tmp_path, capsys, argv, message):
     d, text = corpus
