@@ -33,16 +33,16 @@ def main(argv=None):
 
     import torch
 
-    from slmlab.checkpoint import load_run
     from slmlab.errors import ConfigError
-    from slmlab.trainer import resolve_device
+    from slmlab.rundir import RunDir
+    from slmlab.runtime import resolve_device
 
     if args.max_new_tokens < 0:
         raise ConfigError("--max-new-tokens must be >= 0")
     if args.temperature < 0:
         raise ConfigError("--temperature must be >= 0")
     device = resolve_device(args.device)
-    cfg, model, tok = load_run(args.run, device)
+    cfg, model, tok = RunDir.open(args.run).load(device)
     extra = {}
     if getattr(model, "mask_id", None) is not None:  # a masked-diffusion run
         from arch.diffusion import check_sampler_args

@@ -51,12 +51,11 @@ def main(argv=None):
             overrides.append(f"{key}={v}")
     if args.resume:
         from slmlab.errors import ConfigError
+        from slmlab.rundir import CONFIG, RunDir
 
         if not args.out:
             raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
-        saved = Path(args.out) / "config.yaml"
-        if not saved.is_file():
-            raise ConfigError(f"--resume: {args.out} holds no run (no config.yaml)")
+        saved = RunDir.open(args.out, need=(CONFIG,), label="--resume: ").path / CONFIG
         if args.arch or args.config:  # rebuild from the given config; train() checks the model is unchanged
             cfg = load_config(args.config or DEFAULT_CONFIG, arch=args.arch, overrides=overrides, layers=args.layers,
                               imports=args.imports)

@@ -64,13 +64,18 @@ class Attention(Mixer):
         empty = torch.zeros(batch_size, self.n_kv_heads, 0, self.hd, device=device, dtype=dtype)
         return KVCache(empty, empty.clone(), 0)
 
-    def forward(self, x, state: Optional[KVCache] = None):
+    def _qkv(self, x, positions):
+        """Projections, QK-norm and RoPE at the absolute positions [T]: q [B, H, T, hd], k, v [B, Hkv, T, hd]."""
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.hd)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.hd)).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.hd).transpose(1, 2)
+        return self.rotary.at(q, positions), self.rotary.at(k, positions), v
+
+    def forward(self, x, state: Optional[KVCache] = None):
+        B, T, _ = x.shape
         start = 0 if state is None else state.seen
-        q, k = self.rotary(q, start), self.rotary(k, start)
+        q, k, v = self._qkv(x, torch.arange(start, start + T, device=x.device))
         if state is not None:
             if not self.causal:
                 raise RuntimeError("incremental decode needs a causal model")
@@ -83,3 +88,41 @@ class Attention(Mixer):
             keep = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
             state = KVCache(k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:], state.seen + T)
         return y, state
+
+    # ---- static state: slot p of a [B, Hkv, max_len, hd] cache holds position p ----
+    static_state_names = ("k", "v")
+
+    def static_state(self, batch_size: int, max_len: int, device=None, dtype=torch.float32) -> list:
+        shape = (batch_size, self.n_kv_heads, max_len, self.hd)
+        return [torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)]
+
+    def forward_static(self, x, positions, state: list, inplace: bool):
+        if not self.causal:
+            raise RuntimeError("incremental decode needs a causal model")
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x, positions)
+        kc, vc = state
+        if inplace:  # O(T) writes: what makes a decode step independent of the context length
+            kc.index_copy_(2, positions, k.to(kc.dtype))
+            vc.index_copy_(2, positions, v.to(vc.dtype))
+        else:  # no scatter in the graph: a one-hot [T, L] matmul + where writes the T new rows
+            onehot = (torch.arange(kc.shape[2], device=x.device)[None, :] == positions[:, None]).to(k.dtype)
+            hit = (onehot.sum(0) > 0)[:, None]
+            kc = torch.where(hit, onehot.t() @ k, kc.to(k.dtype))
+            vc = torch.where(hit, onehot.t() @ v, vc.to(v.dtype))
+        if inplace and T > 1:  # prefill or a chunk (eager only): the fast kernels over the written prefix
+            end = int(positions[-1]) + 1
+            y = attention_op(q, kc[:, :, :end].to(q.dtype), vc[:, :, :end].to(q.dtype), causal=True,
+                             window=self.window, backend=self.backend)
+            return self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)), [kc, vc]
+        slots = torch.arange(kc.shape[2], device=x.device)
+        visible = slots[None, :] <= positions[:, None]  # [T, L]; unwritten slots lie in the future
+        if self.window is not None:
+            visible = visible & (slots[None, :] > positions[:, None] - self.window)
+        # GQA without copying the cache per head: query heads grouped by their kv head, [B, Hkv, rep, T, hd].
+        rep = self.n_heads // self.n_kv_heads
+        qg = q.view(B, self.n_kv_heads, rep, T, self.hd)
+        att = (qg @ kc.to(q.dtype).unsqueeze(2).transpose(-1, -2)) * (self.hd ** -0.5)
+        att = att.masked_fill(~visible, float("-inf")).softmax(-1)
+        y = (att @ vc.to(q.dtype).unsqueeze(2)).reshape(B, self.n_heads, T, self.hd)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)), [kc, vc]

@@ -37,6 +37,15 @@ class Mixer(nn.Module):
         if window is not None:
             raise ValueError(f"mixer {self.mixer_name!r} has no attention window")
 
+    # ---- optional: the static-state step (fixed-shape state tensors, fast decode and export) ----
+    # static_state_names() -> names of the state tensors, e.g. ("k", "v")
+    # static_state(batch_size, max_len, device, dtype) -> list of tensors of fixed shape
+    # forward_static(x, positions [T] int64, state list, inplace) -> (y, state list): the same
+    #   output as forward() with a state; inplace=True updates the tensors in place (decode),
+    #   inplace=False returns new ones and has no data-dependent shapes (export graphs).
+    # A mixer without them decodes through forward(x, state) instead (see LM.generate).
+    static_state_names: Optional[tuple[str, ...]] = None
+
 
 class ChannelMixer(nn.Module):
     residual_out: tuple[str, ...] = ()
@@ -76,5 +85,10 @@ class Block(nn.Module):
         h = x + y
         return h + self.mlp(self.mlp_norm(h)), state
 
+    def forward_static(self, x, positions, state: list, inplace: bool):
+        y, state = self.mixer.forward_static(self.mixer_norm(x), positions, state, inplace)
+        h = x + y
+        return h + self.mlp(self.mlp_norm(h)), state
+
     def flops_per_token(self, seq_len: int) -> float:
-        return self.mixer.flops_per_token(seq_len) + self.mlp.flops_per_token(seq_len)
+        return sum(m.flops_per_token(seq_len) for m in (self.mixer, self.mlp) if hasattr(m, "flops_per_token"))

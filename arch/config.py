@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from slmlab.coerce import AT_LEAST_1, POSITIVE, Range, check_ranges
 from slmlab.errors import ConfigError
 
 from .registry import CHANNEL_MIXERS, LETTERS, MIXERS, OPTIONS, load_imports
@@ -81,21 +82,25 @@ class ModelConfig:
         assert k == n_attn
         return out
 
+    # Bounds keep a typo from allocating terabytes or building a million layers before any error;
+    # vocab: 2^18 covers the largest published vocabularies (Gemma's 262,144) and what the BPE trainer handles.
+    RANGES = {"vocab_size": Range(1, 2 ** 18), "d_model": Range(1, 65536), "n_layers": Range(1, 1024),
+              "n_heads": Range(1, 1024), "n_kv_heads": Range(1, 1024), "head_dim": Range(2, 4096),
+              "ffn_dim": Range(1, 2 ** 20), "window": POSITIVE, "rope_theta": POSITIVE,
+              "norm_eps": Range(0, 1, lo_open=True, hi_open=True), "conv_kernel": Range(1, 64),
+              "init_std": Range(0, 10, lo_open=True)}
+
     def validate(self):
         def bad(msg):
             raise ConfigError(msg)
 
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "conv_kernel"):
-            if getattr(self, name) <= 0:
-                bad(f"model.{name} must be > 0, got {getattr(self, name)}")
+        check_ranges(self, "model", self.RANGES)
         if self.head_dim is None and self.d_model % self.n_heads:
             bad(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             bad(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
         if self.hd % 2:
             bad(f"head dim {self.hd} must be even for RoPE")
-        if self.window <= 0:
-            bad(f"model.window must be > 0, got {self.window}")
         if not self.window_pattern or set(self.window_pattern.upper()) - {"S", "L"}:
             bad(f"model.window_pattern {self.window_pattern!r} must be a non-empty string of S (sliding) and L (full)")
         if self.kernels not in ("auto", "triton", "torch"):
@@ -144,9 +149,7 @@ class ObjectiveConfig:
             raise ConfigError("objective.name=mdlm needs model.causal=false (a bidirectional model)")
         if not 0 <= self.mask_id < model.vocab_size:
             raise ConfigError(f"objective.mask_id={self.mask_id} is outside the vocabulary ({model.vocab_size})")
-        for k in ("eval_t_samples", "block_length"):
-            if getattr(self, k) < 1:
-                raise ConfigError(f"objective.{k} must be an integer >= 1, got {getattr(self, k)}")
+        check_ranges(self, "objective", {"eval_t_samples": Range(1, 1024), "block_length": AT_LEAST_1})
 
 
 OBJECTIVES = ("ar", "mdlm")

@@ -35,9 +35,11 @@ class Rotary(nn.Module):
 
     def forward(self, x, start: int = 0):
         """x: [B, H, T, hd] -> rotated x; positions start, ..., start + T - 1."""
-        T = x.shape[-2]
-        pos = torch.arange(start, start + T, device=x.device, dtype=torch.float32)
-        freqs = pos[:, None] * self.inv_freq.to(x.device)[None, :]
+        return self.at(x, torch.arange(start, start + x.shape[-2], device=x.device))
+
+    def at(self, x, positions):
+        """x: [B, H, T, hd] rotated to the absolute positions [T] (a tensor: static decode, export)."""
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq.to(x.device)[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)

@@ -87,10 +87,51 @@ class LM(nn.Module):
         device = device or self.embed.weight.device
         return [layer.mixer.init_state(batch_size, device, dtype) for layer in self.layers]
 
+    # ---- the static-state step: fixed-shape states, one implementation for decode and export ----
+    def supports_static(self) -> bool:
+        return self.cfg.causal and all(getattr(layer.mixer, "static_state_names", None) for layer in self.layers)
+
+    def static_state(self, batch_size: int, max_len: int, device=None, dtype=torch.float32) -> list:
+        device = device or self.embed.weight.device
+        return [layer.mixer.static_state(batch_size, max_len, device, dtype) for layer in self.layers]
+
+    def forward_static(self, idx, pos, states: list, inplace: bool = True):
+        """idx [B, T] at absolute positions pos .. pos + T - 1 (pos: a [1] int64 tensor) ->
+        (logits [B, T, V], states). inplace=True updates the state tensors in place."""
+        positions = pos.reshape(1) + torch.arange(idx.shape[1], device=idx.device)
+        x = self.embed(idx)
+        new_states = []
+        for layer, st in zip(self.layers, states):
+            x, st = layer.forward_static(x, positions, st, inplace)
+            new_states.append(st)
+        return self.lm_head(self.norm(x)), new_states
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None):
-        """Prefill the prompt once, then decode token by token through the states."""
+                 generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None,
+                 compile: bool = False):
+        """Prefill the prompt once, then decode token by token. Models whose mixers all have a
+        static state (attention, conv) decode through preallocated states updated in place;
+        compile=True compiles that one-token step (worth it for long generations: compiling
+        takes seconds). Other models decode through forward(x, states)."""
+        B, T0 = idx.shape
+        if not self.supports_static():
+            return self._generate_dynamic(idx, max_new_tokens, temperature, top_k, generator, eos_id)
+        states = self.static_state(B, T0 + max_new_tokens, idx.device, self.embed.weight.dtype)
+        pos = torch.zeros(1, dtype=torch.long, device=idx.device)
+        logits, _ = self.forward_static(idx, pos, states)
+        step = torch.compile(self.forward_static, dynamic=False) if compile else self.forward_static
+        out = [idx]
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits[:, -1, :], temperature, top_k, generator)
+            out.append(nxt)
+            if (eos_id is not None and bool((nxt == eos_id).all())) or i == max_new_tokens - 1:
+                break
+            pos.fill_(T0 + i)
+            logits, _ = step(nxt, pos, states)
+        return torch.cat(out, dim=1)
+
+    def _generate_dynamic(self, idx, max_new_tokens, temperature, top_k, generator, eos_id):
         states = self.init_state(idx.shape[0], idx.device)
         logits, states = self(idx, states=states)
         out = [idx]

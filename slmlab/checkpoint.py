@@ -1,8 +1,11 @@
-"""Atomic writes and safe loading. A checkpoint is untrusted input: safetensors only for weights."""
+"""Atomic writes and safe loading. A checkpoint is untrusted input: safetensors for weights,
+torch.load(weights_only=True) for trainer state."""
 from __future__ import annotations
 
 import os
-import tempfile
+import shutil
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -11,45 +14,110 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
 
+# ---- atomic publish: the one way anything in a run, cache or export directory gets written ----
+# What is published is built under a private temporary sibling (".tmp-<name>-<pid>-<rand>/<name>"),
+# fsynced, then renamed onto its final name, so a kill at any moment leaves the old version or the
+# new one, never a torn one. The pid in the name lets a later writer tell a dead writer's leftovers
+# from a live concurrent one (see remove_stale).
 
-def atomic_write(path, write_fn):
-    """write_fn(tmp_path) writes the file; it is fsynced and renamed over `path`, so a kill at any
-    moment leaves either the old file or the new one, never a torn one."""
+
+def _fsync_tree(path: Path):
+    paths = [path] if path.is_file() else [*path.rglob("*"), path]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextmanager
+def publish(path, keep_existing: bool = False):
+    """Yield a temporary path to write `path`'s new content at (a file or a directory); when the
+    block returns, fsync it and rename it onto `path`. If the block raises, nothing is published
+    and the temporary is removed. An existing `path` is replaced only after the new one is
+    complete, or, with keep_existing, kept (a concurrent writer that finished first wins)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp_root = path.parent / f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp_root.mkdir()
+    staged = tmp_root / path.name
     try:
-        write_fn(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
+        yield staged
+        if not staged.exists():
+            raise RuntimeError(f"nothing was written at {staged}")
+        _fsync_tree(staged)
+        if keep_existing and path.exists():
+            return
+        if path.is_dir() and not path.is_symlink():  # rename cannot overwrite a directory: swap
+            os.replace(path, tmp_root / ".old")
         try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            os.replace(staged, path)
+        except OSError:
+            if not (keep_existing and path.exists()):
+                raise
+        _fsync_dir(path.parent)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(tmp_root, ignore_errors=True)
 
 
-def state_dict_for_save(model: torch.nn.Module) -> dict:
-    """State dict with tied parameters stored once (safetensors refuses shared storage)."""
-    seen, out = {}, {}
-    for name, t in model.state_dict().items():
-        key = (t.data_ptr(), t.shape, t.stride()) if t.numel() else None
-        if key is not None and key in seen:
+def remove_stale(parent, name_glob: str = "*"):
+    """Remove temporaries of publish() under `parent` whose writer process is gone."""
+    for p in Path(parent).glob(f".tmp-{name_glob}"):
+        try:
+            pid = int(p.name.rsplit("-", 2)[1])
+        except (IndexError, ValueError):
             continue
-        if key is not None:
-            seen[key] = name
-        out[name] = t.detach().contiguous().cpu()
-    return out
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- tied weights: with tie_embeddings the head *is* the embedding; files store it once ----
+TIED_HEAD, TIED_TO = "lm_head.weight", "embed.weight"
+
+
+def tie_head(sd: dict, tie: bool, stored: bool) -> dict:
+    """`sd` as files hold it (stored=True: the tied head dropped, since safetensors refuses shared
+    storage) or as the model wants it (stored=False: the head restored from the embedding)."""
+    if tie and stored:
+        sd.pop(TIED_HEAD, None)
+    elif tie and TIED_HEAD not in sd and TIED_TO in sd:
+        sd[TIED_HEAD] = sd[TIED_TO]
+    return sd
+
+
+def weights_for_save(model: torch.nn.Module) -> dict:
+    """CPU state dict ready for safetensors; under FSDP2 every rank must call this (it all-gathers)."""
+    sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().contiguous().cpu()
+          for k, v in model.state_dict().items()}
+    return tie_head(sd, model.cfg.tie_embeddings, stored=True)
+
+
+def save_weights(sd: dict, path, metadata: dict | None = None):
+    with publish(path) as tmp:
+        save_file(sd, str(tmp), metadata=metadata)
 
 
 def save_model(model: torch.nn.Module, path, metadata: dict | None = None):
-    sd = state_dict_for_save(model)
-    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=metadata))
+    save_weights(weights_for_save(model), path, metadata)
 
 
 def load_tensors(path) -> dict:
@@ -64,9 +132,7 @@ def load_tensors(path) -> dict:
 
 
 def load_model_weights(model: torch.nn.Module, path, strict: bool = True):
-    sd = load_tensors(path)
-    if model.cfg.tie_embeddings and "lm_head.weight" not in sd and "embed.weight" in sd:
-        sd["lm_head.weight"] = sd["embed.weight"]
+    sd = tie_head(load_tensors(path), model.cfg.tie_embeddings, stored=False)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -84,36 +150,11 @@ def load_model_weights(model: torch.nn.Module, path, strict: bool = True):
     return model
 
 
-def load_run(run_dir, device="cpu", weights: str = "model.safetensors"):
-    """(config, model in eval mode, tokenizer) from a finished run directory."""
-    from arch import build_model
-
-    from .config import load_run_config
-    from .tokenizer import Tokenizer
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run directory not found: {run_dir}")
-    cfg = load_run_config(run_dir / "config.yaml")
-    model = build_model(cfg.model, cfg.objective)  # the config picks the class (e.g. DiffusionLM)
-    load_model_weights(model, run_dir / weights)
-    tok = Tokenizer.load(run_dir / "tokenizer.json")
-    return cfg, model.to(device).eval(), tok
-
-
 # ---- training checkpoints: out/checkpoints/step_XXXXXX/{model.safetensors, state.pt} ----
-# A checkpoint directory is built under a temporary name, every file fsynced, then renamed into
-# place: a directory named step_* is always complete, so a kill mid-write leaves the previous one.
+# Each checkpoint directory is published whole (see publish): a directory named step_* is always
+# complete, so a kill mid-write leaves the previous one.
 
 CKPT_DIR = "checkpoints"
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def checkpoint_dirs(out) -> list[Path]:
@@ -131,34 +172,16 @@ def checkpoint_dirs(out) -> list[Path]:
 def save_checkpoint(out, step: int, model_sd: dict, state: dict, keep: int) -> Path:
     """Write model weights (safetensors) + trainer state (torch.save of tensors and plain Python
     values, loadable with weights_only=True), then drop all but the newest `keep` checkpoints."""
-    import shutil
-
     root = Path(out) / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-    try:
+    # Re-saving a step after a resume replaces it only once the new one is complete.
+    with publish(final) as tmp:
+        tmp.mkdir()
         save_file(model_sd, str(tmp / "model.safetensors"))
         torch.save(state, tmp / "state.pt")
-        for name in ("model.safetensors", "state.pt"):
-            with open(tmp / name, "rb+") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving a step after a resume: swap, never leave no checkpoint
-            old = root / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     for p in checkpoint_dirs(out)[:-keep]:
         shutil.rmtree(p, ignore_errors=True)
-    for p in root.glob(".tmp-step_*"):  # leftovers of killed writes
-        shutil.rmtree(p, ignore_errors=True)
+    remove_stale(root, "step_*")  # leftovers of killed writes
     return final
 
 
@@ -196,5 +219,5 @@ def average_checkpoints(dirs: list[Path], path) -> dict:
             for k, v in sd.items():
                 avg[k] += v.double()
     out = {k: (v / len(dirs)).to(dtypes[k]) for k, v in avg.items()}
-    atomic_write(path, lambda tmp: save_file(out, tmp, metadata={"averaged": ",".join(d.name for d in dirs)}))
+    save_weights(out, path, metadata={"averaged": ",".join(d.name for d in dirs)})
     return out

@@ -88,3 +88,45 @@ def build_item(where: str, cls, value):
     if hasattr(obj, "check"):
         obj.check(where)
     return obj
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Allowed values of one numeric key; open ends exclude the bound. NaN and inf never pass."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def describe(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+    def check(self, key: str, value):
+        import math
+
+        if value is None:
+            return
+        bad = isinstance(value, float) and not math.isfinite(value)
+        if self.lo is not None:
+            bad = bad or value < self.lo or (self.lo_open and value == self.lo)
+        if self.hi is not None:
+            bad = bad or value > self.hi or (self.hi_open and value == self.hi)
+        if bad:
+            raise ConfigError(f"{key} must be {self.describe()}, got {value!r}")
+
+
+def check_ranges(obj, where: str, ranges: dict):
+    """Check every field of dataclass `obj` named in `ranges` (field -> Range)."""
+    for name, rng in ranges.items():
+        rng.check(f"{where}.{name}", getattr(obj, name))
+
+
+POSITIVE = Range(0, None, lo_open=True)
+NON_NEGATIVE = Range(0, None)
+AT_LEAST_1 = Range(1, None)
+UNIT = Range(0, 1)

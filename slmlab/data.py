@@ -36,7 +36,6 @@ import shutil
 import sys
 import sysconfig
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -44,6 +43,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .checkpoint import publish, remove_stale
 from .errors import DataError
 from .tokenizer import Tokenizer, split_exact, train_tokenizer
 
@@ -517,26 +517,6 @@ def load_bundle(path: str | os.PathLike) -> DataBundle:
                       bytes_per_token=vb / n_val if n_val else float("nan"), path=path)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-def _remove_stale_tmp(cache_dir: Path, key: str) -> None:
-    for p in cache_dir.glob(f".tmp-{key}-*"):
-        try:
-            pid = int(p.name.split("-")[2])
-        except (IndexError, ValueError):
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
-
-
 def cache_key(spec: str, source_fingerprint: str, vocab_size: int, val_frac: float,
               tokenizer_json: str | None, tokenizer_train_bytes: int) -> str:
     blob = json.dumps({
@@ -545,6 +525,35 @@ def cache_key(spec: str, source_fingerprint: str, vocab_size: int, val_frac: flo
         "tokenizer": hashlib.sha256(tokenizer_json.encode()).hexdigest() if tokenizer_json else None,
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _split_nonempty(source, spec: str, val_frac: float) -> tuple[list[str], list[str]]:
+    train_docs, val_docs = source.split(val_frac)
+    n_train_chars, n_val_chars = sum(map(len, train_docs)), sum(map(len, val_docs))
+    if n_train_chars + n_val_chars == 0:
+        raise DataError(f"empty corpus: {spec} contains no text")
+    if n_train_chars == 0:
+        raise DataError(f"train split of {spec} is empty: use a smaller val_frac (now {val_frac}) or more data")
+    if n_val_chars == 0:
+        raise DataError(f"validation split of {spec} is empty: use a larger val_frac (now {val_frac}) or more data")
+    return train_docs, val_docs
+
+
+def _write_cache(path: Path, tokenizer, train_docs, val_docs, dtype, progress: bool, manifest: dict):
+    """Token files, tokenizer.json and manifest.json (``manifest`` plus the split statistics) in a new ``path``."""
+    path.mkdir()
+    n_train = _tokenize_to_file(tokenizer, train_docs, path / "train.bin", dtype, "tokenize train", progress)
+    n_val = _tokenize_to_file(tokenizer, val_docs, path / "val.bin", dtype, "tokenize val", progress)
+    val_raw = b"".join(d.encode("utf-8", "surrogatepass") for d in val_docs)
+    gz, xz = compression_bpb(val_raw)
+    tokenizer.save(path / "tokenizer.json")
+    manifest = {
+        **manifest, "n_train_docs": len(train_docs), "n_val_docs": len(val_docs),
+        "train_bytes": sum(len(d.encode("utf-8", "surrogatepass")) for d in train_docs),
+        "n_train_tokens": n_train, "n_val_tokens": n_val, "val_bytes": len(val_raw),
+        "gzip_bpb": gz, "xz_bpb": xz, "eos_id": tokenizer.eos_id,
+    }
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def prepare_data(spec: str = DEFAULT_SPEC, vocab_size: int = 4096, cache_dir: str | os.PathLike | None = None,
@@ -582,14 +591,7 @@ def prepare_data(spec: str = DEFAULT_SPEC, vocab_size: int = 4096, cache_dir: st
             shutil.rmtree(final, ignore_errors=True)
 
     t0 = time.perf_counter()
-    train_docs, val_docs = source.split(val_frac)
-    n_train_chars, n_val_chars = sum(map(len, train_docs)), sum(map(len, val_docs))
-    if n_train_chars + n_val_chars == 0:
-        raise DataError(f"empty corpus: {spec} contains no text")
-    if n_train_chars == 0:
-        raise DataError(f"train split of {spec} is empty: use a smaller val_frac (now {val_frac}) or more data")
-    if n_val_chars == 0:
-        raise DataError(f"validation split of {spec} is empty: use a larger val_frac (now {val_frac}) or more data")
+    train_docs, val_docs = _split_nonempty(source, spec, val_frac)
 
     t_tok = 0.0
     if tokenizer is None:
@@ -603,40 +605,16 @@ def prepare_data(spec: str = DEFAULT_SPEC, vocab_size: int = 4096, cache_dir: st
         raise DataError("tokenizer has no <|eos|> token")
     dtype = token_dtype(tokenizer.vocab_size)
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(cache_dir, key)
-    tmp = cache_dir / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    remove_stale(cache_dir, f"{key}-*")
+    # keep_existing: a concurrent prepare of the same key that finished first wins; same content.
+    with publish(final, keep_existing=True) as tmp:
         t1 = time.perf_counter()
-        n_train = _tokenize_to_file(tokenizer, train_docs, tmp / "train.bin", dtype, "tokenize train", progress)
-        n_val = _tokenize_to_file(tokenizer, val_docs, tmp / "val.bin", dtype, "tokenize val", progress)
-        t_enc = time.perf_counter() - t1
-        val_raw = b"".join(d.encode("utf-8", "surrogatepass") for d in val_docs)
-        gz, xz = compression_bpb(val_raw)
-        tokenizer.save(tmp / "tokenizer.json")
-        manifest = {
+        _write_cache(tmp, tokenizer, train_docs, val_docs, dtype, progress, {
             "format_version": FORMAT_VERSION, "spec": spec, "fingerprint": key, "source_fingerprint": fp,
             "vocab_size": tokenizer.vocab_size, "requested_vocab_size": vocab_size, "dtype": dtype.name,
-            "val_frac": val_frac, "n_train_docs": len(train_docs), "n_val_docs": len(val_docs),
-            "train_bytes": sum(len(d.encode("utf-8", "surrogatepass")) for d in train_docs),
-            "n_train_tokens": n_train, "n_val_tokens": n_val, "val_bytes": len(val_raw),
-            "gzip_bpb": gz, "xz_bpb": xz, "eos_id": tokenizer.eos_id,
-            "tokenizer_trained": tok_json is None, "tokenizer_train_bytes": tokenizer_train_bytes,
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        for name in ("train.bin", "val.bin", "tokenizer.json", "manifest.json"):
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "manifest.json").is_file():  # somebody else finished first otherwise
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            "val_frac": val_frac, "tokenizer_trained": tok_json is None,
+            "tokenizer_train_bytes": tokenizer_train_bytes})
+        t_enc = time.perf_counter() - t1
     bundle = load_bundle(final)
     bundle.manifest["timing"] = {"tokenizer_s": t_tok, "tokenize_s": t_enc, "total_s": time.perf_counter() - t0}
     say(bundle.summary())

@@ -12,3 +12,8 @@ class DataError(SlmlabError, ValueError):
 
 class CheckpointError(SlmlabError, ValueError):
     pass
+
+
+class RunDirError(CheckpointError, ConfigError):
+    """A run directory that is missing or incomplete: a checkpoint problem, and a config error when
+    a config key (train.teacher, train.init_from) names it."""

@@ -3,9 +3,8 @@ and `train.init_from=RUN_DIR` (initialise from a finished run's weights, e.g. AR
 Dhara-style). Called once by the trainer right after the model is built, before the optimizer."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from .errors import ConfigError
+from .rundir import RunDir
 
 # Fields that must match for weights to transfer; causal and the objective may differ.
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "conv_kernel",
@@ -22,25 +21,19 @@ def init_model(model, cfg, tok):
             raise ConfigError(f"objective.mask_id={mask_id} but the tokenizer's <|mask|> is {tok.mask_id}")
     src = getattr(cfg.train, "init_from", "") or ""
     if src:
-        load_init(model, cfg, tok, Path(src).expanduser())
+        load_init(model, cfg, tok, src)
     return model
 
 
-def load_init(model, cfg, tok, run_dir: Path):
-    from .checkpoint import load_model_weights
-    from .config import load_run_config
-    from .tokenizer import Tokenizer
-
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "model.safetensors").is_file():
-        raise ConfigError(f"train.init_from={run_dir} is not a finished run (needs config.yaml and model.safetensors)")
-    src = load_run_config(run_dir / "config.yaml").model
+def load_init(model, cfg, tok, run_dir):
+    run = RunDir.open(run_dir, label="train.init_from=")
+    src = run.config().model
     for f in SHAPE_FIELDS:
         a, b = getattr(src, f), getattr(cfg.model, f)
         if a != b:
             raise ConfigError(f"train.init_from run has model.{f}={a!r} but this run has {b!r}")
     if src.layer_types() != cfg.model.layer_types():
         raise ConfigError(f"train.init_from run has layers {src.layers!r} but this run has {cfg.model.layers!r}")
-    if Tokenizer.load(run_dir / "tokenizer.json").to_json() != tok.to_json():
-        raise ConfigError(f"train.init_from run {run_dir} used a different tokenizer (data or vocab_size differ)")
-    load_model_weights(model, run_dir / "model.safetensors")
-    print(f"initialised from {run_dir}")
+    run.check_same_tokenizer(tok, "the weights' token ids would mean other tokens (data or vocab_size differ)")
+    run.load_weights(model)
+    print(f"initialised from {run.path}")

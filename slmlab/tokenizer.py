@@ -11,7 +11,6 @@ The saved file is a plain HF ``tokenizer.json``: ``tokenizers.Tokenizer.from_fil
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -113,15 +112,10 @@ class Tokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tokenizer.", suffix=".json", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_json())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        from .checkpoint import publish
+
+        with publish(path) as tmp:
+            tmp.write_text(self.to_json(), encoding="utf-8")
         return path
 
     @classmethod

@@ -59,6 +59,45 @@ def test_chunked_prefill_then_decode_equals_full_forward(cfg):
     torch.testing.assert_close(dec, full, atol=1e-4, rtol=0)
 
 
+def _full_and_static(cfg, T, chunks, inplace):
+    torch.manual_seed(0)
+    m = LM(cfg).eval()
+    idx = torch.randint(0, cfg.vocab_size, (2, T))
+    with torch.no_grad():
+        full = m(idx)
+        states, outs, pos = m.static_state(2, T), [], 0
+        for c in chunks:
+            logits, new = m.forward_static(idx[:, pos:pos + c], torch.tensor([pos]), states, inplace=inplace)
+            states = states if inplace else new
+            outs.append(logits)
+            pos += c
+    return full, torch.cat(outs, 1)
+
+
+@pytest.mark.parametrize("cfg", preset_cfgs())
+@pytest.mark.parametrize("T", [1, 7, 63])
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "functional"])
+def test_static_state_decode_equals_full_forward(cfg, T, inplace):
+    """The static-state step (generate's decode and the export graphs) token by token and chunked."""
+    if not LM(cfg).supports_static():
+        pytest.skip("no static-state step (bidirectional, or a mixer without one): decodes via forward()")
+    full, dec = _full_and_static(cfg, T, [1] * T, inplace)
+    torch.testing.assert_close(dec, full, atol=1e-4, rtol=0)
+    if T == 63:
+        full, dec = _full_and_static(cfg, T, [13, 1, 9, 1, 1, 15, 23], inplace)
+        torch.testing.assert_close(dec, full, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("layers", ["CCA", "A", "LLA"])
+def test_generate_static_and_dynamic_paths_agree(layers):
+    m = LM(tiny(layers=layers, window_pattern="SL")).eval()
+    p = torch.randint(0, 61, (2, 5))
+    static = m.generate(p, 12, temperature=0)
+    dynamic = m._generate_dynamic(p, 12, 0, None, None, None)
+    assert torch.equal(static, dynamic) and static.shape == (2, 17)
+    assert m.supports_static() == (layers != "LLA")
+
+
 def test_sliding_cache_is_evicted():
     cfg = tiny(layers="A", window_pattern="S", window=4)
     m = LM(cfg).eval()

@@ -73,3 +73,77 @@ def test_phases_are_typed_once_and_round_trip(tmp_path):
 def test_unknown_key_names_the_closest():
     with pytest.raises(ConfigError, match="did you mean train.steps"):
         load_config(overrides=["train.stpes=3"])
+
+
+# ---- every value validated once, with ranges (issue 13) ----------------------------------------
+def test_every_numeric_key_has_a_range():
+    from arch.config import ModelConfig
+    from slmlab.config import RANGES
+
+    declared = {"model": ModelConfig.RANGES, **RANGES}
+    for name, cls in SECTIONS.items():
+        if name == "objective":
+            continue  # checked against the model (mask_id < vocab_size, the rest >= 1) in ObjectiveConfig.validate
+        for f in dataclasses.fields(cls):
+            default = getattr(cls(), f.name)
+            numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+            if numeric or (default is None and f.name not in ("tokenizer", "quality_score", "teacher")):
+                assert f.name in declared.get(name, {}), f"{name}.{f.name} has no range"
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("model.head_dim=-2", "model.head_dim must be in [2, 4096], got -2"),
+    ("model.ffn_dim=-64", "model.ffn_dim must be in [1, 1.04858e+06], got -64"),
+    ("model.init_std=-1", "model.init_std must be in (0, 10], got -1.0"),
+    ("model.d_model=1000000000", "model.d_model must be in [1, 65536]"),
+    ("model.n_layers=1000002", "model.n_layers must be in [1, 1024]"),
+    ("model.vocab_size=1000000000", "model.vocab_size must be in [1, 262144]"),
+    ("optim.betas=[2,3]", "optim.betas must be two numbers in [0, 1), got [2, 3]"),
+    ("optim.betas=[0.9]", "optim.betas must be two numbers in [0, 1)"),
+    ("optim.eps=-1", "optim.eps must be in (0, 1], got -1.0"),
+    ("optim.weight_decay=-1", "optim.weight_decay must be >= 0, got -1.0"),
+    ("optim.lr=.nan", "optim.lr must be > 0, got nan"),
+    ("train.grad_clip=.inf", "train.grad_clip must be >= 0, got inf"),
+    ("train.seed=-1", "train.seed must be in [0,"),
+    ("train.decay_frac=1.5", "train.decay_frac must be in [0, 1], got 1.5"),
+])
+def test_out_of_range_values_are_one_line_errors(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_random_values_give_a_valid_config_or_a_one_line_error():
+    """Property: whatever value any key gets, load_config returns a config or raises ConfigError
+    with one line; never another exception."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from slmlab.config import all_keys
+
+    values = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.floats(allow_nan=True),
+                       st.text(max_size=8), st.lists(st.integers(-3, 3), max_size=3),
+                       st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(key=st.sampled_from(all_keys()), value=values)
+    def check(key, value):
+        try:
+            load_config(overrides=[f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"])
+        except ConfigError as e:
+            assert "\n" not in str(e), str(e)
+
+    check()
+
+
+def test_yaml_alias_bombs_and_huge_configs_are_refused(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]"
+                                                     for p, c in zip("abcdefgh", "bcdefghi")]
+    bomb.write_text("\n".join(lines) + "\nmodel: {layers: *i}\n")
+    with pytest.raises(ConfigError, match="uses YAML aliases"):
+        load_config(path=bomb)
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("# padding\n" * 200_000)
+    with pytest.raises(ConfigError, match="a config is at most 1,048,576 bytes"):
+        load_config(path=huge)

@@ -50,9 +50,9 @@ def make_run(path: Path, preset: str = "hybrid", seed: int = 0, **overrides) -> 
 
 
 def ours(run):
-    from slmlab.checkpoint import load_run
+    from slmlab.rundir import RunDir
 
-    _, model, tok = load_run(run)
+    _, model, tok = RunDir.open(run).load()
     return model.float().eval(), tok
 
 

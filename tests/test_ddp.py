@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch.distributed as dist
-from trainer_helpers import ROOT, losses, run_train, tiny_overrides, write_corpus
+from trainer_helpers import ROOT, kill_after_checkpoint, losses, run_train, tiny_overrides, write_corpus
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -27,8 +27,29 @@ def _compare(tmp_path, port, extra):
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
-    assert max(abs(a[k] - b[k]) for k in a) <= 1e-5, (a, b)
+    bad = {k: (abs(a[k] - b[k]), reorder_bound(a[k], k, TOKENS_PER_STEP)) for k in a
+           if abs(a[k] - b[k]) > reorder_bound(a[k], k, TOKENS_PER_STEP)}
+    assert not bad, f"step: (|diff|, bound) {bad}; losses {a} vs {b}"
     return tmp_path / "two"
+
+
+TOKENS_PER_STEP = 128  # tiny_overrides' phases
+
+
+def reorder_bound(loss: float, step: int, n_terms: int) -> float:
+    """How far summation order alone can move a step's loss between 1 and 2 processes.
+
+    gloo sums the ranks' gradients (and dist.mean the ranks' half-batch losses) where one process
+    sums all n_terms per-token terms at once. Reordering an fp32 sum of n terms moves it by at most
+    n * u * sum|terms| (u = 2**-24, Higham's gamma_n bound), so the mean loss by n * u * |loss|:
+    128 * 6e-8 * 5.7 = 4.4e-5 at step 1. From step 2 the weights differ as well: every step's
+    update carries its own reordering error (Muon's bf16 Newton-Schulz rounds it, differently only
+    where its fp32 inputs differed) and earlier ones persist, so over these few small steps the
+    bound grows linearly with the step. Measured: at most 6.9e-6 here and 1.57e-5 on a fresh
+    machine (both at step 3, bound 1.3e-4), while one step of training moves the loss by ~3e-2,
+    so a rank training on the wrong rows still fails.
+    """
+    return step * n_terms * 2.0 ** -24 * abs(loss)
 
 
 def test_ddp_two_processes_match_one(tmp_path):
@@ -38,22 +59,25 @@ def test_ddp_two_processes_match_one(tmp_path):
 
 @pytest.mark.slow
 def test_fsdp2_two_processes_match_one(tmp_path):
-    from slmlab.checkpoint import load_run
+    from slmlab.rundir import RunDir
 
     run = _compare(tmp_path, 29532, {"optim.name": "adamw", "train.parallel": "fsdp"})
-    load_run(run)  # the gathered full weights load into a plain model
+    RunDir.open(run).load()  # the gathered full weights load into a plain model
 
 
 @pytest.mark.slow
 def test_ddp_resume(tmp_path):
     corpus = write_corpus(tmp_path / "c.txt")
-    ov = tiny_overrides(tmp_path, steps=6, **{"optim.name": "muon", "train.ckpt_every": 2})
+    # Killed from outside once the step-20 checkpoint exists, with 40 steps left to run.
+    ov = tiny_overrides(tmp_path, steps=60, **{"optim.name": "muon", "train.ckpt_every": 4})
     one = run_train(["--data", str(corpus), "--out", str(tmp_path / "one"), *ov])
     assert one.returncode == 0, one.stderr
-    killed = torchrun(["--data", str(corpus), "--out", str(tmp_path / "two"), *ov], 29533,
-                      env_extra={"SLMLAB_KILL_AFTER_STEP": "3"})
-    assert killed.returncode != 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", "29533", str(ROOT / "train.py"), "--data", str(corpus), "--out", str(tmp_path / "two"), *ov]
+    assert kill_after_checkpoint(cmd, tmp_path / "two", min_step=20, log=tmp_path / "killed.log") != 0
+    assert not (tmp_path / "two" / "summary.json").exists()
     resumed = torchrun(["--resume", "--out", str(tmp_path / "two")], 29534)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert sorted(a) == sorted(b) and max(abs(a[k] - b[k]) for k in a) <= 1e-5, (a, b)
+    assert sorted(a) == sorted(b) and max(abs(a[k] - b[k]) - reorder_bound(a[k], k, TOKENS_PER_STEP)
+                                          for k in a) <= 0, (a, b)

@@ -153,7 +153,7 @@ def test_bad_sampler_arguments(model, call, needle):
     (dict(causal=True), {}, "needs model.causal=false"),
     ({}, dict(mask_id=99), "objective.mask_id=99 is outside the vocabulary"),
     ({}, dict(name="bert"), "objective.name must be one of"),
-    ({}, dict(block_length=0), "objective.block_length must be an integer >= 1"),
+    ({}, dict(block_length=0), "objective.block_length must be >= 1, got 0"),
     (dict(mixer_opts={"objective": "mdlm"}), {}, "namespaced by block now: objective.name"),
 ])
 def test_bad_diffusion_config(kw, obj, needle):

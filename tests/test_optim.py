@@ -74,6 +74,7 @@ def test_muon_matches_torch_muon_plus_adamw():
     a, b = tiny(), tiny()
     ocfg = OptimConfig(name="muon", lr=1e-2, muon_lr=0.02, muon_adjust_lr_fn="original")
     ours = build_optimizer(a, ocfg, verbose=False)
+    ours.optimizers["muon"].ns_dtype = torch.bfloat16  # torch.optim.Muon's NS dtype: then updates are equal
     ours.set_lr_mult(0.5)  # the schedule scales both optimizers
     hidden = [p for n, p in b.named_parameters() if p.dim() == 2 and not n.startswith("embed")]
     emb = [b.embed.weight]
@@ -89,6 +90,37 @@ def test_muon_matches_torch_muon_plus_adamw():
         w.step()
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+
+
+def test_batched_newton_schulz_equals_a_plain_fp32_loop():
+    """BatchedMuon's NS (stacked by shape, tall matrices transposed) against the textbook iteration
+    on one fp32 matrix at a time; and its full update against that reference."""
+    from slmlab.optim import BatchedMuon, newton_schulz
+
+    def plain(G, steps=5, a=3.4445, b=-4.7750, c=2.0315):
+        X = G.T if G.shape[0] > G.shape[1] else G
+        X = X / X.norm().clamp(min=1e-7)
+        for _ in range(steps):
+            A = X @ X.T
+            X = a * X + (b * A + c * A @ A) @ X
+        return X.T if G.shape[0] > G.shape[1] else X
+
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(3, 24, 40, generator=g)
+    for i in range(3):
+        torch.testing.assert_close(newton_schulz(G, 5)[i], plain(G[i]), atol=1e-5, rtol=1e-5)
+    shapes = [(64, 32), (32, 64), (64, 32), (48, 48)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    before = [p.detach().clone() for p in params]
+    opt = BatchedMuon(params, ns_dtype=torch.float32, lr=0.02, weight_decay=0.1, momentum=0.0, nesterov=False, adjust_lr_fn="original")
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    for p, gr in zip(params, grads):
+        p.grad = gr
+    opt.step()
+    for p, p0, gr in zip(params, before, grads):
+        ratio = max(1, p.shape[0] / p.shape[1]) ** 0.5
+        want = p0 * (1 - 0.02 * 0.1) - 0.02 * ratio * plain(gr)
+        torch.testing.assert_close(p.detach(), want, atol=1e-6, rtol=1e-5)
 
 
 def _one_muon_update(adjust, seed=3, shape=(64, 32), lr=0.01):

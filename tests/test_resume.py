@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from trainer_helpers import ROOT, losses, run_train, tiny_overrides, write_corpus
+from trainer_helpers import ROOT, kill_after_checkpoint, losses, run_train, tiny_overrides, write_corpus
 
 from slmlab.checkpoint import checkpoint_dirs, latest_checkpoint, load_state
 
@@ -17,21 +17,26 @@ from slmlab.checkpoint import checkpoint_dirs, latest_checkpoint, load_state
 @pytest.mark.parametrize("optim", ["muon"])
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, optim):
     corpus = write_corpus(tmp_path / "c.txt")
-    # 10 steps over two phases (16 then 32 tokens per sequence); checkpoints at 4 and 8; killed
-    # after step 6, i.e. mid-phase-2 and two steps past the last checkpoint, which are replayed.
-    ov = tiny_overrides(tmp_path, steps=10, **{"train.ckpt_every": 4, "optim.name": optim})
+    # 120 steps over two phases (16 then 32 tokens per sequence, phase 2 from step 61), checkpoints
+    # every 4. The kill comes from outside once a phase-2 checkpoint (step >= 64) exists: it lands
+    # wherever the run is then, usually a few steps past that checkpoint (replayed on resume), and
+    # with 56 steps (> 1 s) still to go the run cannot finish first.
+    ov = tiny_overrides(tmp_path, steps=120, **{"train.ckpt_every": 4, "optim.name": optim})
     full = run_train(["--data", str(corpus), "--out", str(tmp_path / "full"), *ov])
     assert full.returncode == 0, full.stderr
-    killed = run_train(["--data", str(corpus), "--out", str(tmp_path / "run"), *ov],
-                       env_extra={"SLMLAB_KILL_AFTER_STEP": "6"})
-    assert killed.returncode == -signal.SIGKILL
-    assert sorted(losses(tmp_path / "run")) == list(range(1, 7))
-    assert latest_checkpoint(tmp_path / "run").name == "step_000004"
-    resumed = run_train(["--resume", "--out", str(tmp_path / "run")])
+    run = tmp_path / "run"
+    rc = kill_after_checkpoint([sys.executable, str(ROOT / "train.py"), "--data", str(corpus), "--out", str(run), *ov],
+                               run, min_step=64, log=tmp_path / "killed.log")
+    assert rc == -signal.SIGKILL
+    assert not (run / "summary.json").exists()  # killed mid-run, not after it
+    ckpt = int(latest_checkpoint(run).name[5:])
+    logged = sorted(losses(run))
+    assert 64 <= ckpt <= len(logged) < 120 and logged == list(range(1, len(logged) + 1))
+    resumed = run_train(["--resume", "--out", str(run)])
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
-    a, b = losses(tmp_path / "full"), losses(tmp_path / "run")
-    assert sorted(a) == sorted(b) == list(range(1, 11))
+    a, b = losses(tmp_path / "full"), losses(run)
+    assert sorted(a) == sorted(b) == list(range(1, 121))
     assert max(abs(a[k] - b[k]) for k in a) <= 1e-6, (a, b)
 
 

@@ -3,6 +3,7 @@ distillation, quality ordering and the one-line errors for bad input."""
 import importlib.util
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -150,6 +151,34 @@ def test_distillation_and_teacher_tokenizer_check(corpus, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_distill_loss_matches_a_hand_computation():
+    from slmlab.trainer import distill_loss
+
+    student = [[[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]]  # [B=1, T=2, V=3]
+    teacher = [[[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]]]
+    targets = [[1, 2]]
+    alpha, temp = 0.25, 2.0
+
+    def log_softmax(row, t=1.0):
+        z = [v / t for v in row]
+        lse = math.log(sum(math.exp(v) for v in z))
+        return [v - lse for v in z]
+
+    rows = list(zip(student[0], teacher[0], targets[0]))
+    ce = sum(-log_softmax(s)[y] for s, _, y in rows) / len(rows)
+    kl = sum(sum(math.exp(lt) * (lt - ls) for ls, lt in zip(log_softmax(s, temp), log_softmax(t, temp)))
+             for s, t, _ in rows) / len(rows)  # KL(teacher_T || student_T), mean over tokens
+    want = (1 - alpha) * ce + alpha * temp ** 2 * kl
+    loss, got_ce = distill_loss(torch.tensor(student), torch.tensor(targets), torch.tensor(teacher), alpha, temp)
+    assert got_ce.item() == pytest.approx(ce, rel=1e-6) and loss.item() == pytest.approx(want, rel=1e-6)
+    assert kl > 0.05  # the KL term is not negligible, so a wrong sign or temperature would show
+    # alpha 0 is plain cross-entropy; identical teacher and student leave only the CE term
+    assert distill_loss(torch.tensor(student), torch.tensor(targets), torch.tensor(teacher), 0.0, temp)[0].item() \
+        == pytest.approx(ce, rel=1e-6)
+    assert distill_loss(torch.tensor(student), torch.tensor(targets), torch.tensor(student), alpha, temp)[0].item() \
+        == pytest.approx((1 - alpha) * ce, rel=1e-6)
+
+
 def test_quality_stream_orders_low_to_high_and_repeats_top():
     eos = 0
     docs = [[5, 5, 5, eos], [1, 2, eos], [7, 8, 9, 6, eos]]
@@ -223,5 +252,94 @@ def test_wandb_offline(corpus, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    train(tiny_cfg(corpus, steps=2, **{"logging.wandb": True, "logging.wandb_mode": "offline"}), tmp_path / "run")
-    assert list((tmp_path / "run/wandb").glob("offline-run-*"))
+    summary = train(tiny_cfg(corpus, steps=2, **{"logging.wandb": True, "logging.wandb_mode": "offline"}),
+                    tmp_path / "run")
+    (run_file,) = (tmp_path / "run/wandb").glob("offline-run-*/run-*.wandb")
+    # wandb's service process may still be flushing the file after finish() returns: read it
+    # until its exit record is there (a poll with a deadline, not a timing assertion).
+    deadline = time.monotonic() + 60
+    while not (found := read_wandb_offline(run_file))[2] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    history, wb_summary, complete = found
+    assert complete, f"{run_file} has no exit record"
+    # every metrics.jsonl value reached wandb at its step (the final eval shares the last step's row)
+    recs = [json.loads(l) for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert sorted(history) == sorted({r["step"] for r in recs}) == [1, 2]
+    for rec in recs:
+        for k, v in rec.items():
+            assert history[rec["step"]][k] == pytest.approx(v), (rec["step"], k)
+    assert history[1]["loss"] > 0 and "val_bpb" in history[2]
+    for k in ("val_loss", "val_bpb", "tokens", "params", "arch"):
+        assert wb_summary[k] == pytest.approx(summary[k]) if isinstance(summary[k], float) else wb_summary[k] == summary[k]
+
+
+def read_wandb_offline(path):
+    """({_step: history row}, merged summary, has an exit record) from an offline run's .wandb file: wandb's
+    LevelDB-style log (a 7-byte header, then 32 KiB blocks of records: crc32 u32, length u16,
+    type u8 (1 full, 2 first, 3 middle, 4 last), payload) of wandb_internal_pb2.Record protos."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block, pos, part, payloads = path.read_bytes(), 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer padding
+            pos += block - pos % block
+            continue
+        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + n > len(data):  # a record still being written
+            break
+        chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):
+            payloads.append(part + chunk)
+            part = b""
+        elif kind in (2, 3):
+            part += chunk
+    history, summary, complete = {}, {}, False
+    for p in payloads:
+        rec = pb.Record()
+        rec.ParseFromString(p)
+        complete |= rec.WhichOneof("record_type") == "exit"
+        if rec.WhichOneof("record_type") == "history":
+            row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+            history[row["_step"]] = row
+        elif rec.WhichOneof("record_type") == "summary":
+            summary.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.summary.update})
+    return history, summary, complete
+
+
+def _step_losses(run_dir):
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in recs if "loss" in r and not r.get("final")], recs[-1]
+
+
+def test_compiled_training_equals_eager(corpus, tmp_path):
+    """train.compile=true (torch.compile of the training and eval forward) against eager on CPU:
+    the same per-step losses within 1e-4 (inductor fuses and reorders fp32 sums) and final val loss."""
+    common = {"train.steps": 4, "train.log_every": 1}  # two phases: T=16 then T=32, each compiled
+    eager = train(tiny_cfg(corpus, **common, **{"train.compile": False}), tmp_path / "eager")
+    comp = train(tiny_cfg(corpus, **common, **{"train.compile": True}), tmp_path / "compiled")
+    a, _ = _step_losses(tmp_path / "eager")
+    b, _ = _step_losses(tmp_path / "compiled")
+    assert len(a) == len(b) == 4
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    assert abs(eager["val_loss"] - comp["val_loss"]) < 1e-4
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(corpus, tmp_path, capsys, monkeypatch):
+    import torch._dynamo.exc as dynamo_exc
+
+    def broken_compile(fn, **kw):
+        def call(*a, **k):
+            raise dynamo_exc.TorchDynamoException("no compiler here")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    common = {"train.steps": 3, "train.log_every": 1}
+    s = train(tiny_cfg(corpus, **common, **{"train.compile": True}), tmp_path / "fallback")
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("warning: torch.compile failed")]
+    assert len(warnings) == 2 and "the training forward" in warnings[0] and "the eval forward" in warnings[1]
+    ref = train(tiny_cfg(corpus, **common, **{"train.compile": False}), tmp_path / "ref")
+    assert _step_losses(tmp_path / "fallback")[0] == _step_losses(tmp_path / "ref")[0]
+    assert s["val_loss"] == ref["val_loss"]

@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,3 +44,31 @@ def losses(run_dir: Path) -> dict[int, float]:
             assert rec["step"] not in out, f"step {rec['step']} logged twice"
             out[rec["step"]] = rec["loss"]
     return out
+
+
+def kill_after_checkpoint(cmd: list[str], run_dir: Path, min_step: int, log: Path, timeout: float = 180) -> int:
+    """Run `cmd` in its own process group; once `run_dir` holds a complete checkpoint at a step
+    >= min_step, SIGKILL the whole group (torchrun and its workers too), as a crash would. Returns
+    the exit status (-SIGKILL when it was still running). The caller picks min_step with enough
+    steps after it that the run cannot finish before the poll (10 ms) notices the checkpoint."""
+    from slmlab.checkpoint import checkpoint_dirs
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as out:
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while not any(int(d.name[5:]) >= min_step for d in checkpoint_dirs(run_dir)):
+                if p.poll() is not None:
+                    raise AssertionError(f"the run exited ({p.returncode}) before a checkpoint at step >= {min_step}: "
+                                         + log.read_text()[-2000:])
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"no checkpoint at step >= {min_step} within {timeout} s")
+                time.sleep(0.01)
+        finally:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+    return p.returncode

@@ -1,22 +1,20 @@
 """Export a run directory to other runtimes, and import Hugging Face checkpoints.
 
 One module per format; each has `export(model, tok, cfg, out, opts)` writing into `out` (a fresh
-temporary path that `convert()` renames into place only after the whole export succeeded), and a
+temporary path that `convert()` publishes only after the whole export succeeded), and a
 `verify`-style helper the tests use to run the artefact in its real runtime.
 """
 from __future__ import annotations
 
 import importlib
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
+from ..checkpoint import publish
+from ..errors import ConfigError
+from ..rundir import RunDir
 
 # format -> (module, pip extra that provides its runtime)
 FORMATS = {
@@ -46,40 +44,9 @@ def require(module: str, fmt: str, extra: str):
                           f"pip install -e '.[{extra}]'") from None
 
 
-def load_run_for_export(run_dir):
-    """(RunConfig, fp32 eval model, tokenizer) with errors that name what is missing."""
-    from ..checkpoint import load_run
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run directory not found: {run_dir}")
-    for name in ("config.yaml", "model.safetensors", "tokenizer.json"):
-        if not (run_dir / name).is_file():
-            raise CheckpointError(f"{run_dir} is not a finished run: {name} is missing")
-    cfg, model, tok = load_run(run_dir, "cpu")
-    return cfg, model.float().eval(), tok
-
-
-@contextmanager
-def staged_output(out, force: bool = False):
-    """Yield a temporary sibling path of `out`; rename it to `out` only when the block succeeds.
-    An existing `out` is refused unless force, and then replaced only after success."""
-    out = Path(out)
-    if out.exists() and not force:
+def check_out(out, force: bool):
+    if Path(out).exists() and not force:
         raise ConfigError(f"output {out} exists (pass --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    staged = tmp_dir / out.name
-    try:
-        yield staged
-        if not staged.exists():
-            raise RuntimeError(f"exporter wrote nothing at {staged}")
-        if out.exists():  # --force: swap in the new one, then drop the old
-            old = tmp_dir / (out.name + ".old")
-            os.replace(out, old)
-        os.replace(staged, out)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def convert(run_dir, fmt: str, out, opts: ExportOptions | None = None, force: bool = False) -> dict:
@@ -96,13 +63,13 @@ def convert(run_dir, fmt: str, out, opts: ExportOptions | None = None, force: bo
     if opts.quant == "int8" and fmt not in ("executorch", "onnx"):
         raise ConfigError(f"--quant int8 applies to executorch and onnx, not {fmt}"
                           + (" (use --quant q8_0)" if fmt == "gguf" else ""))
-    if Path(out).exists() and not force:  # fail before the (slow) load
-        raise ConfigError(f"output {out} exists (pass --force to replace it)")
+    check_out(out, force)  # before the (slow) load
     mod_name, _ = FORMATS[fmt]
     mod = importlib.import_module(f"{__name__}.{mod_name}")
-    cfg, model, tok = load_run_for_export(run_dir)
+    cfg, model, tok = RunDir.open(run_dir).load("cpu")
+    model = model.float()
     mod.check_supported(cfg.model)
-    with staged_output(out, force) as staged:
+    with publish(out) as staged:  # an existing --out (with --force) is replaced only after success
         report = mod.export(model, tok, cfg, staged, opts) or {}
     if opts.quant == "int8" and opts.eval_bpb:
         from .quant import bpb_change

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,93 +41,124 @@ def _diff(pre, st, ref_pre, ref_st):
     return d
 
 
+@dataclass
+class Case:
+    """What every runtime's row is measured on: the run, a scratch folder, the prompt, the decode
+    tokens our model produced and its logits for them."""
+    run: Path
+    tmp: Path
+    idx: torch.Tensor
+    toks: torch.Tensor
+    ref_pre: torch.Tensor
+    ref_st: torch.Tensor
+    steps: int
+    threads: int
+    max_len: int
+
+    def export(self, fmt, name, **kw) -> int:
+        return convert(self.run, fmt, self.tmp / name, ExportOptions(max_len=self.max_len, **kw))["bytes"]
+
+    def diff(self, pre, st) -> float:
+        return _diff(pre, st, self.ref_pre, self.ref_st)
+
+
+def _hf(c: Case, f: str):
+    import transformers
+
+    size = c.export("hf", "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(c.tmp / "hf", local_files_only=True).eval()
+    with torch.no_grad():
+        out = hf(c.idx, use_cache=True)
+        pre, past, st = out.logits, out.past_key_values, []
+        t0 = time.perf_counter()
+        for i in range(c.steps):
+            out = hf(c.toks[:, i:i + 1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            st.append(out.logits)
+        dt = time.perf_counter() - t0
+    return "HF transformers (fp32)", size, c.diff(pre, torch.cat(st, 1)), c.steps / dt
+
+
+def _onnx(c: Case, f: str):
+    from .onnx import run_onnx
+
+    size = c.export("onnx", "onnx")
+    run_onnx(c.tmp / "onnx", c.idx, 2, feed=c.toks)  # warm up
+    t0 = time.perf_counter()
+    pre, _, _, st = run_onnx(c.tmp / "onnx", c.idx, c.steps, feed=c.toks)
+    dt = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    run_onnx(c.tmp / "onnx", c.idx, 0)
+    dt -= time.perf_counter() - t1  # session creation + prefill
+    return "ONNX / onnxruntime (fp32)", size, c.diff(pre, st), c.steps / dt
+
+
+def _executorch(c: Case, f: str):
+    from .executorch import run_pte
+
+    q = "int8" if f.endswith("int8") else None
+    size = c.export("executorch", f + ".pte", quant=q)
+    t0 = time.perf_counter()
+    pre, _, st = run_pte(c.tmp / (f + ".pte"), c.idx, c.steps, feed=c.toks)
+    dt = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    run_pte(c.tmp / (f + ".pte"), c.idx, 0)
+    dt -= time.perf_counter() - t1
+    return f"ExecuTorch XNNPACK ({q or 'fp32'})", size, c.diff(pre, st), c.steps / dt
+
+
+def _coreml(c: Case, f: str):
+    return "CoreML .mlpackage (fp32)", c.export("coreml", "m.mlpackage"), None, None  # predicts on macOS only
+
+
+def _gguf(c: Case, f: str):
+    kind = f.split("-")[1]
+    kw = {"quant": "q8_0"} if kind == "q8_0" else {"dtype": {"f32": "fp32", "f16": "fp16"}[kind]}
+    size = c.export("gguf", f + ".gguf", **kw)
+    try:
+        import llama_cpp
+    except ImportError:
+        return f"GGUF {kind} / llama.cpp", size, None, None
+    llm = llama_cpp.Llama(model_path=str(c.tmp / (f + ".gguf")), n_ctx=c.max_len, logits_all=True,
+                          n_threads=c.threads, type_k=0, type_v=0, verbose=False)
+    ids = c.idx[0].tolist()
+    llm.eval(ids)
+    pre = torch.tensor(llm.scores[:len(ids)].copy())[None]
+    t0 = time.perf_counter()
+    llm.eval(c.toks[0].tolist()[:1])
+    for t in c.toks[0].tolist()[1:]:
+        llm.eval([t])
+    dt = time.perf_counter() - t0
+    st = torch.tensor(llm.scores[len(ids):len(ids) + c.steps].copy())[None]
+    return f"GGUF {kind} / llama.cpp", size, c.diff(pre, st), c.steps / dt
+
+
+def _runner(f: str):
+    if f.startswith("executorch"):
+        return _executorch
+    if f.startswith("gguf"):
+        return _gguf
+    return {"hf": _hf, "onnx": _onnx, "coreml": _coreml}[f]
+
+
 def bench(run, steps=64, threads=1, formats=None, max_len=256):
-    from ..checkpoint import load_run
+    from ..rundir import RunDir
 
     torch.set_num_threads(threads)
-    _, model, tok = load_run(run)
+    _, model, tok = RunDir.open(run).load()
     model = model.float().eval()
     text = "def fibonacci(n):\n    if n < 2:\n        return n\n"
     idx = torch.tensor([tok.encode(text)])
     ref_pre, toks, ref_st, tps = _ours(model, idx, steps)
     rows = [("PyTorch (ours, eager)", path_size(Path(run) / "model.safetensors"), 0.0, tps)]
-    tmpdir = tempfile.TemporaryDirectory(prefix="slmlab-bench-")
-    tmp = Path(tmpdir.name)
     want = formats or ["hf", "onnx", "executorch", "executorch-int8", "coreml", "gguf-f32", "gguf-f16", "gguf-q8_0"]
-
-    def export(fmt, name, **kw):
-        return convert(run, fmt, tmp / name, ExportOptions(max_len=max_len, **kw))["bytes"]
-
-    for f in want:
-        try:
-            if f == "hf":
-                import transformers
-
-                size = export("hf", "hf")
-                hf = transformers.AutoModelForCausalLM.from_pretrained(tmp / "hf", local_files_only=True).eval()
-                with torch.no_grad():
-                    out = hf(idx, use_cache=True)
-                    pre, past, st = out.logits, out.past_key_values, []
-                    t0 = time.perf_counter()
-                    for i in range(steps):
-                        out = hf(toks[:, i:i + 1], past_key_values=past, use_cache=True)
-                        past = out.past_key_values
-                        st.append(out.logits)
-                    dt = time.perf_counter() - t0
-                rows.append(("HF transformers (fp32)", size, _diff(pre, torch.cat(st, 1), ref_pre, ref_st), steps / dt))
-            elif f == "onnx":
-                from .onnx import run_onnx
-
-                size = export("onnx", "onnx")
-                run_onnx(tmp / "onnx", idx, 2, feed=toks)  # warm up
-                t0 = time.perf_counter()
-                pre, _, _, st = run_onnx(tmp / "onnx", idx, steps, feed=toks)
-                dt = time.perf_counter() - t0
-                t1 = time.perf_counter()
-                run_onnx(tmp / "onnx", idx, 0)
-                dt -= time.perf_counter() - t1  # session creation + prefill
-                rows.append(("ONNX / onnxruntime (fp32)", size, _diff(pre, st, ref_pre, ref_st), steps / dt))
-            elif f.startswith("executorch"):
-                from .executorch import run_pte
-
-                q = "int8" if f.endswith("int8") else None
-                size = export("executorch", f + ".pte", quant=q)
-                t0 = time.perf_counter()
-                pre, _, st = run_pte(tmp / (f + ".pte"), idx, steps, feed=toks)
-                dt = time.perf_counter() - t0
-                t1 = time.perf_counter()
-                run_pte(tmp / (f + ".pte"), idx, 0)
-                dt -= time.perf_counter() - t1
-                rows.append((f"ExecuTorch XNNPACK ({q or 'fp32'})", size, _diff(pre, st, ref_pre, ref_st), steps / dt))
-            elif f == "coreml":
-                size = export("coreml", "m.mlpackage")
-                rows.append(("CoreML .mlpackage (fp32)", size, None, None))  # predicts on macOS only
-            elif f.startswith("gguf"):
-                kind = f.split("-")[1]
-                kw = {"quant": "q8_0"} if kind == "q8_0" else {"dtype": {"f32": "fp32", "f16": "fp16"}[kind]}
-                size = export("gguf", f + ".gguf", **kw)
-                diff = speed = None
-                try:
-                    import llama_cpp
-
-                    llm = llama_cpp.Llama(model_path=str(tmp / (f + ".gguf")), n_ctx=max_len, logits_all=True,
-                                          n_threads=threads, type_k=0, type_v=0, verbose=False)
-                    ids = idx[0].tolist()
-                    llm.eval(ids)
-                    pre = torch.tensor(llm.scores[:len(ids)].copy())[None]
-                    t0 = time.perf_counter()
-                    llm.eval(toks[0].tolist()[:1])
-                    for t in toks[0].tolist()[1:]:
-                        llm.eval([t])
-                    dt = time.perf_counter() - t0
-                    st = torch.tensor(llm.scores[len(ids):len(ids) + steps].copy())[None]
-                    diff, speed = _diff(pre, st, ref_pre, ref_st), steps / dt
-                except ImportError:
-                    pass
-                rows.append((f"GGUF {kind} / llama.cpp", size, diff, speed))
-        except Exception as e:  # one broken runtime should not hide the other rows
-            rows.append((f"{f}: failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})", None, None, None))
-    tmpdir.cleanup()
+    with tempfile.TemporaryDirectory(prefix="slmlab-bench-") as tmp:
+        case = Case(Path(run), Path(tmp), idx, toks, ref_pre, ref_st, steps, threads, max_len)
+        for f in want:
+            try:
+                rows.append(_runner(f)(case, f))
+            except Exception as e:  # one broken runtime should not hide the other rows
+                rows.append((f"{f}: failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})", None, None, None))
     return rows
 
 

@@ -108,19 +108,20 @@ def load_hf(path):
 def import_hf(path, out: Path, force: bool = False) -> dict:
     """Write a run directory (config.yaml, model.safetensors, tokenizer.json) from an HF folder,
     so the trainer, sample.py and every exporter can use it."""
-    from ..checkpoint import save_model
+    from ..checkpoint import publish, weights_for_save
     from ..config import build
-    from . import path_size, staged_output
+    from ..rundir import RunDir
+    from . import check_out, path_size
 
+    check_out(out, force)
     mcfg, model, tok = load_hf(path)
     if tok is None:
         raise CheckpointError(f"{path} has no tokenizer.json (a run directory needs one)")
-    with staged_output(out, force) as staged:
-        staged.mkdir(parents=True)
+    with publish(out) as staged:
+        run = RunDir.create(staged)
         family = "hybrid" if "conv" in mcfg.layer_types() else "transformer"
-        run_cfg = build(family, {"model": mcfg.to_dict()})
-        run_cfg.save(staged / "config.yaml")
-        tok.save(staged / "tokenizer.json")
-        save_model(model, staged / "model.safetensors", metadata={"source": f"hf:{Path(path).name}"})
+        run.write_config(build(family, {"model": mcfg.to_dict()}))
+        run.write_tokenizer(tok)
+        run.write_weights(weights_for_save(model), metadata={"source": f"hf:{Path(path).name}"})
     return {"format": "run", "path": str(out), "bytes": path_size(out), "params": model.num_params(),
             "layers": "".join("A" if t == "attn" else "C" for t in mcfg.layer_types())}

@@ -81,11 +81,11 @@ def bpb_change(run_dir, max_tokens: int | None = 65536) -> dict:
     """Validation bits-per-byte of the run before and after int8 weight-only quantization."""
     import copy
 
-    from ..checkpoint import load_run
     from ..data import prepare_data
-    from ..trainer import evaluate, token_byte_lengths
+    from ..evaluate import evaluate, token_byte_lengths
+    from ..rundir import RunDir
 
-    cfg, model, tok = load_run(run_dir, "cpu")
+    cfg, model, tok = RunDir.open(run_dir).load("cpu")
     model = model.float().eval()
     bundle = prepare_data(cfg.data.spec, cfg.model.vocab_size, Path(cfg.data.cache_dir).expanduser(), cfg.data.val_frac,
                           tokenizer=tok,

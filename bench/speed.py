@@ -1,0 +1,177 @@
+"""Speed where users train and sample (not a test): one interleaved run, printed as ratios.
+
+    python bench/speed.py                       # everything, 2 threads, default shapes
+    python bench/speed.py --only decode --rounds 5
+    python bench/speed.py --only train --seq-lens 256
+
+Every section runs its variants round-robin (--rounds times, one call each per round) and reports
+the median per variant, so the shared machine's drift hits every variant alike; ratios are taken
+between variants of the same round set. Sections:
+  optim   full training step (forward, backward, clip, optimizer) with AdamW vs Muon, default transformer
+  train   tokens/s of our transformer and hybrid, eager and torch.compile'd, against transformers'
+          Qwen3ForCausalLM / Lfm2ForCausalLM training step at the same shape (4096 tokens per step)
+  decode  batch-1 greedy decode tokens/s after a 32- and a 2000-token prompt: ours (static state,
+          eager and compiled; the dynamic KV-cache path) against transformers' generate on the same
+          weights; greedy tokens are checked equal
+  prefill one 2048-token forward, ours vs transformers
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from arch import build_model
+from slmlab.config import load_config
+from slmlab.hf import to_hf_config, to_hf_state_dict
+from slmlab.optim import build_optimizer
+
+
+def interleaved(variants: dict, rounds: int) -> dict:
+    """name -> median seconds of one call, the variants called round-robin."""
+    times = {k: [] for k in variants}
+    for fn in variants.values():  # warm-up (and compilation) outside the timing
+        fn()
+    for _ in range(rounds):
+        for k, fn in variants.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def ours(arch: str, overrides=()):
+    cfg = load_config(arch=arch, overrides=list(overrides))
+    torch.manual_seed(0)
+    return cfg, build_model(cfg.model, cfg.objective)
+
+
+def hf_twin(cfg, model):
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_config(to_hf_config(cfg.model), attn_implementation="sdpa")
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
+    assert not unexpected and all("rotary" in k or "lm_head" in k for k in missing), (missing, unexpected)
+    return hf
+
+
+def train_step_fn(model, opt, x, y, hf=False):
+    def step():
+        loss = model(input_ids=x, labels=y).loss if hf else model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def section_optim(args):
+    rows = {}
+    for name in ("adamw", "muon"):
+        cfg, m = ours("transformer", [f"optim.name={name}"])
+        opt = build_optimizer(m, cfg.optim, verbose=False)
+        B, T = 4096 // 256, 256
+        x = torch.randint(0, cfg.model.vocab_size, (B, T))
+        rows[name] = train_step_fn(m, opt, x, x)
+    t = interleaved(rows, args.rounds)
+    print("\n## optimizer: full training step, default transformer, 4096 tokens at T=256")
+    print("| optimizer | step s | vs AdamW |\n| --- | --- | --- |")
+    for k, v in t.items():
+        print(f"| {k} | {v:.3f} | {v / t['adamw']:.2f}x |")
+
+
+def section_train(args):
+    print("\n## training step tokens/s (4096 tokens per step, fp32, AdamW)")
+    print("| model | T | ours eager | ours compiled | transformers | eager / transformers | compiled / transformers |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for arch in ("transformer", "hybrid"):
+        for T in args.seq_lens:
+            B = max(1, 4096 // T)
+            cfg, m = ours(arch)
+            hf = hf_twin(cfg, m)
+            mc = ours(arch)[1]
+            x = torch.randint(0, cfg.model.vocab_size, (B, T))
+            compiled = torch.compile(mc)
+            v = {"eager": train_step_fn(m, torch.optim.AdamW(m.parameters(), 1e-3), x, x),
+                 "compiled": train_step_fn(compiled, torch.optim.AdamW(mc.parameters(), 1e-3), x, x),
+                 "hf": train_step_fn(hf, torch.optim.AdamW(hf.parameters(), 1e-3), x, x, hf=True)}
+            t = interleaved(v, args.rounds)
+            tps = {k: B * T / s for k, s in t.items()}
+            print(f"| {arch} | {T} | {tps['eager']:,.0f} | {tps['compiled']:,.0f} | {tps['hf']:,.0f} | "
+                  f"{tps['eager'] / tps['hf']:.2f}x | {tps['compiled'] / tps['hf']:.2f}x |", flush=True)
+
+
+def decode_rates(variants: dict, n: int, rounds: int) -> dict:
+    """Decode tokens/s without the prefill: each variant generates n and 1 tokens, interleaved;
+    rate = (n - 1) / (t_n - t_1)."""
+    calls = {}
+    for k, fn in variants.items():
+        calls[(k, n)] = lambda fn=fn: fn(n)
+        calls[(k, 1)] = lambda fn=fn: fn(1)
+    t = interleaved(calls, rounds)
+    return {k: (n - 1) / max(t[(k, n)] - t[(k, 1)], 1e-9) for k in variants}
+
+
+def section_decode(args):
+    print("\n## batch-1 greedy decode tokens/s after the prompt (default shapes, random weights)")
+    print("| model | prompt | ours static | ours static compiled | ours dynamic cache | transformers | "
+          "static / transformers | compiled / transformers | tokens equal |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    n = args.new_tokens
+    for arch in ("hybrid", "transformer"):
+        cfg, m = ours(arch)
+        m.eval()
+        hf = hf_twin(cfg, m).eval()
+        for P in (32, 2000):
+            idx = torch.randint(0, cfg.model.vocab_size, (1, P))
+            v = {"static": lambda k, idx=idx, m=m: m.generate(idx, k, temperature=0),
+                 "compiled": lambda k, idx=idx, m=m: m.generate(idx, k, temperature=0, compile=True),
+                 "dynamic": lambda k, idx=idx, m=m: m._generate_dynamic(idx, k, 0, None, None, None),
+                 "hf": lambda k, idx=idx, hf=hf: hf.generate(idx, max_new_tokens=k, min_new_tokens=k,
+                                                              do_sample=False, pad_token_id=0)}
+            with torch.no_grad():
+                tps = decode_rates(v, n, args.rounds)
+                same = all(torch.equal(v[k](n), v["hf"](n)) for k in ("static", "compiled", "dynamic"))
+            print(f"| {arch} | {P} | {tps['static']:,.0f} | {tps['compiled']:,.0f} | {tps['dynamic']:,.0f} | "
+                  f"{tps['hf']:,.0f} | {tps['static'] / tps['hf']:.2f}x | {tps['compiled'] / tps['hf']:.2f}x | "
+                  f"{same} |", flush=True)
+
+
+def section_prefill(args):
+    print("\n## prefill: one 2048-token forward, batch 1")
+    print("| model | ours s | transformers s | ours / transformers speed |\n| --- | --- | --- | --- |")
+    for arch in ("hybrid", "transformer"):
+        cfg, m = ours(arch)
+        hf = hf_twin(cfg, m).eval()
+        idx = torch.randint(0, cfg.model.vocab_size, (1, 2048))
+        with torch.no_grad():
+            t = interleaved({"ours": lambda m=m, idx=idx: m.eval()(idx), "hf": lambda hf=hf, idx=idx: hf(idx)},
+                            args.rounds)
+        print(f"| {arch} | {t['ours']:.3f} | {t['hf']:.3f} | {t['hf'] / t['ours']:.2f}x |", flush=True)
+
+
+SECTIONS = {"optim": section_optim, "train": section_train, "decode": section_decode, "prefill": section_prefill}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", action="append", choices=list(SECTIONS), help="run only these sections (repeatable)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2, the CI machine)")
+    p.add_argument("--rounds", type=int, default=3, help="timed calls per variant, interleaved (median reported)")
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[256, 2048], help="train section context lengths")
+    p.add_argument("--new-tokens", type=int, default=64, help="decode section: tokens generated per call")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} interleaved rounds")
+    for name in args.only or SECTIONS:
+        SECTIONS[name](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Evaluation: validation loss and bits per UTF-8 byte, and a text sample. Used by the trainer,
+the int8 export report and anything else that scores a model on a run's validation split."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import data as data_mod
+from .runtime import autocast
+
+
+def token_byte_lengths(tok) -> torch.Tensor:
+    """UTF-8 bytes each token id stands for (special tokens: 0). With byte-level BPE every
+    character of a vocabulary string is one byte, so bpb over any token subset is exact."""
+    from .tokenizer import SPECIAL_TOKENS
+
+    vocab = tok.hf.get_vocab()
+    lengths = torch.zeros(max(vocab.values()) + 1, dtype=torch.float64)
+    for s, i in vocab.items():
+        if s not in SPECIAL_TOKENS:
+            lengths[i] = len(s)
+    return lengths
+
+
+@torch.no_grad()
+def evaluate(model, tokens, cfg, device, byte_lengths, max_tokens=None, seq_len=None, batch_size=None,
+             nll_fn=None) -> dict:
+    """Mean val loss (nats/token) and bits per UTF-8 byte over a deterministic prefix of the
+    validation split (the whole split when max_tokens is None), in windows of seq_len. nll_fn:
+    model.token_nll by default (the trainer passes its compiled version)."""
+    seq_len = seq_len or cfg.train.seq_len
+    batch_size = batch_size or cfg.train.batch_size
+    if max_tokens is not None:  # a budget below one window would evaluate nothing
+        max_tokens = max(max_tokens, seq_len)
+    was_training = model.training
+    model.eval()
+    nll, n_tok, n_bytes = 0.0, 0, 0.0
+    gen = torch.Generator(device=device).manual_seed(0)  # stochastic estimators (diffusion ELBO) repeat exactly
+    for x, y in data_mod.iter_eval_batches(tokens, batch_size, seq_len, max_tokens):
+        x, y = x.to(device), y.to(device)
+        with autocast(device):
+            losses = (nll_fn or model.token_nll)(x, y, generator=gen)
+        nll += losses.double().sum().item()
+        n_tok += y.numel()
+        n_bytes += byte_lengths[y.flatten().cpu()].sum().item()
+    model.train(was_training)
+    if n_tok == 0:
+        return {}
+    out = {"val_loss": nll / n_tok, "val_bpb": nll / math.log(2) / max(n_bytes, 1.0), "val_tokens": n_tok}
+    if model.nll_is_bound:
+        out["val_bpb_is_bound"] = True
+    return {**out, **model.extra_metrics()}
+
+
+def bpb_label(ev: dict) -> str:
+    return f"<= {ev['val_bpb']:.4f} (ELBO bound)" if ev.get("val_bpb_is_bound") else f"{ev['val_bpb']:.4f}"
+
+
+def generate_sample(model, tok, prompt, n, device, temperature=0.8, top_k=50, seed=0) -> str:
+    ids = tok.encode(prompt) or [tok.bos_id]
+    idx = torch.tensor([ids], device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = model.generate(idx, n, temperature=temperature, top_k=top_k, generator=g)
+    return tok.decode(out[0].tolist())

@@ -1,0 +1,145 @@
+"""A run directory, opened, validated and written in one place.
+
+    config.yaml            the fully resolved RunConfig
+    tokenizer.json         the HF-compatible tokenizer the run was trained with
+    model.safetensors      final weights (the tied head stored once)
+    model_avg.safetensors  average of the last train.avg_last checkpoints (when > 1)
+    metrics.jsonl          one JSON object per log/eval step
+    summary.json, sample.txt
+    checkpoints/step_XXXXXX/{model.safetensors, state.pt}   the last train.keep_checkpoints
+
+Every file is written through checkpoint.publish, so a kill leaves the old file or the new one.
+Everything read from here is untrusted: weights are safetensors, trainer state is loaded with
+torch.load(weights_only=True), and a missing or torn file is a one-line error naming it.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from . import checkpoint as ckpt
+from .errors import ConfigError, RunDirError
+
+CONFIG, TOKENIZER, WEIGHTS, AVG_WEIGHTS = "config.yaml", "tokenizer.json", "model.safetensors", "model_avg.safetensors"
+METRICS, SUMMARY, SAMPLE = "metrics.jsonl", "summary.json", "sample.txt"
+FINISHED = (CONFIG, TOKENIZER, WEIGHTS)
+
+
+def model_from_config(cfg):
+    """The model a RunConfig describes, untrained (the config picks the class, e.g. DiffusionLM)."""
+    from arch import build_model
+
+    return build_model(cfg.model, cfg.objective)
+
+
+class RunDir:
+    def __init__(self, path, label: str = ""):
+        self.path = Path(path).expanduser()
+        self.label = label  # how errors name the run, e.g. "train.teacher=" -> "train.teacher=runs/x"
+        self._cfg = None
+
+    def __repr__(self):
+        return f"RunDir({str(self.path)!r})"
+
+    # ---- opening ----
+    @classmethod
+    def open(cls, path, need=FINISHED, label: str = "") -> RunDir:
+        """An existing run directory holding every file in `need`; RunDirError naming what is
+        missing otherwise (a run without weights "holds no run" yet; with them it is "finished")."""
+        run = cls(path, label)
+        what = "is not a finished run" if WEIGHTS in need else "holds no run"
+        if not run.path.is_dir():
+            raise RunDirError(f"{run.name} {what} (no such directory)")
+        for f in need:
+            if not (run.path / f).is_file():
+                raise RunDirError(f"{run.name} {what} (no {f})")
+        return run
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}{self.path}"
+
+    def config(self):
+        if self._cfg is None:
+            from .config import load_run_config
+
+            self._cfg = load_run_config(self.path / CONFIG)
+        return self._cfg
+
+    def tokenizer(self):
+        from .tokenizer import Tokenizer
+
+        return Tokenizer.load(self.path / TOKENIZER)
+
+    def load_weights(self, model, weights: str = WEIGHTS):
+        return ckpt.load_model_weights(model, self.path / weights)
+
+    def load(self, device="cpu", weights: str = WEIGHTS):
+        """(RunConfig, model in eval mode on `device`, Tokenizer)."""
+        cfg = self.config()
+        model = self.load_weights(model_from_config(cfg), weights)
+        return cfg, model.to(device).eval(), self.tokenizer()
+
+    def check_same_tokenizer(self, tok, why: str = ""):
+        """ConfigError unless `tok` is the tokenizer this run was trained with (token ids only mean
+        the same thing under the same tokenizer: for weights, logits and data positions)."""
+        path = self.path / TOKENIZER
+        if path.is_file() and path.read_text(encoding="utf-8") != tok.to_json():
+            raise ConfigError(f"{self.name} uses a different tokenizer than this run's data"
+                              + (f"; {why}" if why else ""))
+
+    # ---- checkpoints ----
+    def checkpoints(self) -> list[Path]:
+        return ckpt.checkpoint_dirs(self.path)
+
+    def latest_checkpoint(self) -> Path:
+        return ckpt.latest_checkpoint(self.path)
+
+    def save_checkpoint(self, step: int, model_sd: dict, state: dict, keep: int) -> Path:
+        return ckpt.save_checkpoint(self.path, step, model_sd, state, keep)
+
+    def load_checkpoint(self, path: Path, model) -> dict:
+        """Load a checkpoint's weights into `model`; return its trainer state."""
+        state = ckpt.load_state(path / "state.pt")
+        ckpt.load_model_weights(model, path / WEIGHTS)
+        return state
+
+    # ---- writing ----
+    @classmethod
+    def create(cls, path, force: bool = False) -> RunDir:
+        """A run directory to train into: refused if it holds a run and not `force`; with `force`,
+        the previous run's outputs are removed."""
+        run = cls.check_new(path, force)
+        if run.path.exists():
+            for name in (METRICS, WEIGHTS, AVG_WEIGHTS, SUMMARY, SAMPLE):
+                (run.path / name).unlink(missing_ok=True)
+            shutil.rmtree(run.path / ckpt.CKPT_DIR, ignore_errors=True)
+        run.path.mkdir(parents=True, exist_ok=True)
+        return run
+
+    @classmethod
+    def check_new(cls, path, force: bool = False) -> RunDir:
+        """Raise before anything is written if `path` holds a run and `force` was not given."""
+        run = cls(path)
+        if not force and any((run.path / f).exists() for f in (CONFIG, WEIGHTS)):
+            raise ConfigError(f"--out {run.path} already holds a run; pass --force to overwrite it "
+                              "or --resume to continue it")
+        return run
+
+    def write_config(self, cfg):
+        with ckpt.publish(self.path / CONFIG) as tmp:
+            cfg.save(tmp)
+
+    def write_tokenizer(self, tok):
+        tok.save(self.path / TOKENIZER)
+
+    def write_weights(self, sd: dict, metadata: dict | None = None, name: str = WEIGHTS):
+        ckpt.save_weights(sd, self.path / name, metadata)
+
+    def write_text(self, name: str, text: str):
+        with ckpt.publish(self.path / name) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+
+    def write_summary(self, summary: dict):
+        self.write_text(SUMMARY, json.dumps(summary, indent=2))

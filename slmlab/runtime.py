@@ -1,0 +1,209 @@
+"""Where training runs: the device, autocast, distributed ranks and their parallel wrapper, the
+peak FLOP/s that MFU is measured against, and the RNG state an exact resume needs. Shared by the
+trainer, sample.py, the exporters and the benches."""
+from __future__ import annotations
+
+import functools
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available")
+    if name == "cuda":  # fp32 matmuls outside autocast (eval heads, the optimizer) may use TF32 tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return torch.device(name)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch onto the device: pinned and non-blocking on CUDA, so the copy overlaps compute."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+class CompiledOrEager:
+    """`torch.compile(fn)` that falls back to `fn` with one warning line if compiling fails, so a
+    compiler problem never stops a run. Shapes are static: each phase's sequence length compiles
+    once (torch recompiles on a new shape), which is what the default 3-phase curriculum needs."""
+
+    def __init__(self, fn, what: str, say=print):
+        self.eager, self.what, self.say = fn, what, say
+        self.fn = torch.compile(fn, dynamic=False)
+
+    def __call__(self, *args, **kwargs):
+        if self.fn is self.eager:
+            return self.eager(*args, **kwargs)
+        try:
+            return self.fn(*args, **kwargs)
+        except Exception as e:  # only compiler failures fall back; anything else is the model's own error
+            if not _is_compile_error(e):
+                raise
+            self.say(f"warning: torch.compile failed for {self.what} ({type(e).__name__}: "
+                     f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); running eager")
+            self.fn = self.eager
+            return self.eager(*args, **kwargs)
+
+
+def _is_compile_error(e: Exception) -> bool:
+    import torch._dynamo.exc as dynamo_exc
+
+    kinds = [dynamo_exc.TorchDynamoException]
+    try:
+        from torch._inductor.exc import InductorError
+
+        kinds.append(InductorError)
+    except ImportError:
+        pass
+    return isinstance(e, tuple(kinds))
+
+
+def use_compile(setting, device: torch.device) -> bool:
+    """train.compile: true | false | auto (on CUDA; off on CPU, where compiling each phase's shapes
+    cost more than it saved in the 10-minute default run: see README "Speed")."""
+    if setting == "auto":
+        return device.type == "cuda"
+    return bool(setting)
+
+
+def autocast(device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)  # bf16 matmul is ~3.5x slower than fp32 on these CPUs
+
+
+# ---- distributed ----
+class Dist:
+    """Rank/world from torchrun's environment; world 1 means a plain single-process run."""
+
+    def __init__(self, device_name: str = "auto"):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank, self.local_rank = 0, 0
+        if self.world > 1:
+            import torch.distributed as dist
+
+            self.rank, self.local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+            use_cuda = device_name != "cpu" and torch.cuda.is_available()
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if use_cuda else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, name: str) -> torch.device:
+        """This rank's device: under torchrun each rank takes the GPU of its local rank."""
+        device = resolve_device(name)
+        if device.type == "cuda" and self.world > 1:
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        return device
+
+    def mean(self, x: float) -> float:
+        if self.world == 1:
+            return x
+        import torch.distributed as dist
+
+        t = torch.tensor([x], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.item() / self.world
+
+    def close(self):
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def wrap_parallel(model, parallel: str, dist: Dist, device):
+    """(module to call for training, underlying model). DDP wraps; FSDP2 shards in place."""
+    if dist.world == 1:
+        return model, model
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model, model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(model, device_ids=ids), model
+
+
+def is_sharded(model) -> bool:
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+# ---- throughput accounting ----
+BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
+             "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops(device) -> tuple[float, str]:
+    """The FLOP/s that MFU is measured against: a GPU's dense bf16 peak from its datasheet, or
+    the best measured matmul throughput (fp32 on CPU) with this process's threads."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, v in BF16_PEAK.items():
+            if key in name:
+                return v, f"{name} dense bf16 datasheet peak"
+    return _measured_peak(device.type)
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_peak(device_type: str) -> tuple[float, str]:
+    # 2048^3 and a warm-up: 1024^3 for four reps read 0.11-0.19 TFLOP/s on the same 2-core CPU
+    # (frequency ramp, timer noise) and gave MFU above 100%; this reads within a few percent.
+    n, dtype = 2048, torch.float32 if device_type == "cpu" else torch.bfloat16
+    # A private generator: measuring must not move the global RNG that training draws from.
+    g = torch.Generator(device=device_type).manual_seed(0)
+    a = torch.randn(n, n, device=device_type, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device_type, dtype=dtype, generator=g)
+    best, t_end = 0.0, None
+    for i in range(12):
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        (a @ b).sum().item()
+        dt = time.perf_counter() - t0
+        if i >= 1:
+            best = max(best, 2 * n ** 3 / dt)
+            t_end = t_end or t0 + 1.0
+            if t0 > t_end and i >= 4:
+                break
+    return best, f"best measured {n}x{n} {str(dtype).replace('torch.', '')} matmul on {device_type}"
+
+
+# ---- RNG state for exact resume ----
+def rng_state(gen: torch.Generator) -> dict:
+    npst = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "data": gen.get_state(), "python": random.getstate(),
+          "numpy": {"key": npst[1].astype(np.int64).tolist(), "pos": int(npst[2]), "has_gauss": int(npst[3]),
+                    "gauss": float(npst[4])}}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict, gen: torch.Generator):
+    torch.set_rng_state(st["torch"])
+    gen.set_state(st["data"])
+    py = st["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = st["numpy"]
+    np.random.set_state(("MT19937", np.array(n["key"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
