@@ -1,8 +1,7 @@
 """ablate.py: statistics against scipy.stats on fixed numbers, the inline and file forms giving
 one run set, equal-compute budgets, every bad input as a one-line error, and on tiny real runs:
-a 2x2 grid through submitit's local executor, then crashed runs resumed and a SIGKILLed
-coordinator re-run with local --jobs 2, and --report alone, each ending with the same
-results.csv."""
+a 2x2 grid through submitit's local executor, a SIGKILLed coordinator re-run (interrupted run
+resumed) and --report alone, each ending with the same results.csv; a crashed run."""
 import importlib.util
 import math
 import os
@@ -206,26 +205,37 @@ def grid_from(out):
     return grid((out.parent, out.parent / "c.txt"))
 
 
-def test_crashed_runs_and_a_killed_coordinator_end_in_identical_results(corpus, reference):
-    out = corpus[0] / "crash"
-    # 1. every run SIGKILLs itself after step 3 (a checkpoint exists at step 2): the ablation goes
-    #    on to the other runs, exits 1 and marks the missing seeds
-    p = run_ablate(out, grid(corpus) + ["--jobs", "2"], env={"SLMLAB_KILL_AFTER_STEP": "3"})
-    assert p.returncode == 1 and "4 run(s) failed" in p.stderr, p.stderr
-    assert "(0/2, missing seed 1, 2)" in (out / "results.md").read_text()
-    # 2. the re-run resumes them; its coordinator is SIGKILLed once a run has finished (its
-    #    workers die with it)
-    proc = run_ablate(out, grid(corpus) + ["--jobs", "2"], popen=True)
+def test_killed_coordinator_rerun_resumes_and_gives_identical_results(corpus, reference):
+    out = corpus[0] / "killed"
+    proc = run_ablate(out, grid(corpus) + ["--jobs", "2"], popen=True)  # a checkpoint every 2 of 6 steps
+    # SIGKILL the coordinator once a run has a checkpoint but no summary; its worker dies with it
+    interrupted = lambda: [d for d in out.glob("*/seed*") if (d / "checkpoints").is_dir()  # noqa: E731
+                           and any((d / "checkpoints").iterdir()) and not (d / "summary.json").exists()]
     deadline = time.monotonic() + 240  # a guard against a hang, not a timing assertion
-    while not any(out.glob("*/seed*/summary.json")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    while not interrupted() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    # 3. the same command again finishes the ablation with the uninterrupted results
+    killed = interrupted()
+    assert killed, "the coordinator finished before it could be killed mid-run"
     p = run_ablate(out, grid(corpus) + ["--jobs", "2"])
     assert p.returncode == 0, p.stderr
-    assert "resumed from" in (out / "layers=A" / "seed2" / "train.log").read_text()
+    assert "resumed from" in (killed[0] / "train.log").read_text()
     assert (out / "results.csv").read_text() == (reference / "results.csv").read_text()
+
+
+def test_crashed_run_is_marked_and_the_others_go_on(corpus):
+    d, text = corpus
+    out = d / "crash"
+    # lr 1e9 turns the loss non-finite at step 2, and max_bad_steps=1 makes that a crash
+    p = run_ablate(out, ["--arch", "hybrid", "--vary", "optim.lr=3e-3,1e9", "--seeds", "1", "--steps", "4",
+                         "--data", str(text), "--jobs", "2", "--threads", "1",
+                         *tiny(d, **{"train.max_bad_steps": 1, "train.warmup_steps": 1})])
+    assert p.returncode == 1 and "1 run(s) failed: lr=1e9/seed1" in p.stderr, p.stderr
+    assert "training diverged" in p.stdout  # the progress line gives the run's last log line
+    md = (out / "results.md").read_text()
+    assert "(0/1, missing seed 1)" in md and "| lr=3e-3 |" in md
+    assert (out / "lr=3e-3" / "seed1" / "summary.json").is_file()
 
 
 def test_report_alone_rebuilds_outputs(corpus, reference):
