@@ -1,0 +1,199 @@
+"""Block ablations: several seeds per variant, equal compute, paired statistics, plots, resumable.
+
+    # inline: the cartesian product of every --vary; the first value of each is the baseline
+    python ablate.py --arch hybrid --vary model.layers=CCA,A,LLA --vary model.conv_kernel=3,4 \\
+        --seeds 3 --steps 300 --data ../shared/data/tinyshakespeare.txt --out runs/abl-layers [overrides ...]
+    # a file, for named variants that differ in several keys (and --arch per variant)
+    python ablate.py ablations/families.yaml --out runs/abl-families --jobs 2
+    python ablate.py --report runs/abl-families      # rebuild the outputs from the run directories alone
+
+Every run is an ordinary run directory, OUT/<variant>/seed<k>/ (OUT/<corpus>/<variant>/seed<k>/
+with several --data). Re-running the same command skips finished runs and resumes interrupted
+ones. Outputs in OUT: results.md, results.csv, timings.csv, curves.png, final.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from slmlab.cli import run_cli
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("items", nargs="*", metavar="[FILE] [section.key=value ...]",
+                   help="an ablation YAML file (the file form), then dotted overrides applied to every variant")
+    p.add_argument("--report", metavar="OUT", help="only rebuild OUT's outputs from its run directories")
+    p.add_argument("--out", help="the ablation directory (required unless --report)")
+    p.add_argument("--arch", help="inline form: every variant's preset (default hybrid); file form: the preset "
+                                  "of variants that name none (replacing the file's arch:)")
+    p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="inline form: one axis of the grid (repeatable; cartesian product; first value = baseline)")
+    p.add_argument("--seeds", type=int, help="seeds 1..N per variant (default 3, or the file's seeds:)")
+    p.add_argument("--steps", type=int, help="the baseline's optimizer steps (default: train.steps of the config, "
+                                             "or the file's steps:)")
+    p.add_argument("--data", action="append", metavar="SPEC",
+                   help="a corpus (repeatable: one table per corpus; default data.spec, or the file's data:)")
+    p.add_argument("--budget", choices=["steps", "tokens", "flops"],
+                   help="what every variant gets equal of (default flops, or the file's budget:)")
+    p.add_argument("--config", help="the base config (default: config.yaml beside train.py)")
+    p.add_argument("--force", action="store_true", help="OUT holds another ablation: delete it and start this one")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (steps, tokens, FLOPs per variant); run nothing")
+    p.add_argument("--jobs", type=int, help="local runs at once (default 1, or one per --gpus entry)")
+    p.add_argument("--gpus", help="comma-separated GPU ids; one run per GPU at a time (CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--threads", type=int, help="torch CPU threads per run (default: CPU cores / jobs; "
+                                               "submitit: --slurm cpus_per_task, else torch's default)")
+    p.add_argument("--launcher", choices=["local", "submitit"], default="local",
+                   help="local processes (default) or one submitit job per run (Slurm)")
+    p.add_argument("--cluster", choices=["auto", "slurm", "local", "debug"],
+                   help="submitit executor (default auto: Slurm when sbatch is present, else local processes)")
+    p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                   help="a submitit parameter, e.g. slurm_partition=gpu timeout_min=60 gpus_per_node=1 "
+                        "cpus_per_task=8 (repeatable)")
+    return p.parse_intermixed_args(argv)
+
+
+def _check_flags(args):
+    from slmlab.ablate.plan import AblationError
+
+    given = lambda *names: [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) not in (None, [], False)]  # noqa: E731
+    if args.report:
+        extra = given("out", "arch", "vary", "seeds", "steps", "data", "budget", "config", "force", "dry_run",
+                      "jobs", "gpus", "threads", "cluster", "slurm") + args.items
+        if extra:
+            raise AblationError(f"--report OUT takes no other arguments (got {' '.join(extra)})")
+        return
+    if not args.out and not args.dry_run:
+        raise AblationError("--out DIR is required (the ablation directory)")
+    if args.dry_run:
+        bad = given("out", "force", "jobs", "gpus", "threads", "cluster", "slurm")
+        if bad or args.launcher != "local":
+            raise AblationError(f"--dry-run only prints the plan; drop {(bad or ['--launcher'])[0]}")
+    if args.launcher == "submitit":
+        bad = given("jobs", "gpus")
+        if bad:
+            raise AblationError(f"{bad[0]} is for --launcher local; with submitit pass Slurm resources with "
+                                "--slurm (e.g. --slurm gpus_per_node=1)")
+    else:
+        bad = given("cluster", "slurm")
+        if bad:
+            raise AblationError(f"{bad[0]} needs --launcher submitit")
+    for flag in ("jobs", "threads", "seeds", "steps"):
+        v = getattr(args, flag)
+        if v is not None and v < (0 if flag == "threads" else 1):
+            raise AblationError(f"--{flag} must be >= {0 if flag == 'threads' else 1}, got {v}")
+
+
+def build_ablation(args):
+    from slmlab.ablate.plan import AblationError, file_ablation, inline_ablation
+    from slmlab.config import DEFAULT_CONFIG, load_config
+
+    files = [x for x in args.items if "=" not in x]
+    overrides = [x for x in args.items if "=" in x]
+    config = args.config or DEFAULT_CONFIG
+    if len(files) > 1:
+        raise AblationError(f"one ablation file at most, got {' '.join(files)} (overrides are section.key=value)")
+    if files:
+        if args.vary:
+            raise AblationError("--vary is for the inline form; in a file, list the variants under variants:")
+        return file_ablation(files[0], arch=args.arch, seeds=args.seeds, steps=args.steps, corpora=args.data,
+                             budget=args.budget, overrides=overrides, config=config)
+    arch = args.arch or "hybrid"
+    steps, data = args.steps, args.data
+    if steps is None or not data:  # the config's own defaults, as train.py would use them
+        cfg = load_config(config, arch=arch, overrides=overrides)
+        steps, data = steps or cfg.train.steps, data or [cfg.data.spec]
+    return inline_ablation(arch, args.vary, args.seeds or 3, steps, data, budget=args.budget or "flops",
+                           overrides=overrides, config=config)
+
+
+def print_plan(cells, runs):
+    print(f"{len(runs)} runs; per variant and corpus:")
+    for c in cells:
+        print(f"  {c.variant:<24} {c.corpus:<40} {c.layers:<28} {c.params / 1e6:6.2f}M params  "
+              f"{c.flops_per_token / 1e6:7.2f} MFLOP/token  {c.steps:>6} steps  {c.steps * c.tokens_per_step:>12,.0f} tokens")
+
+
+def _lock(out: Path):
+    """Hold OUT/.lock while coordinating: two coordinators on one OUT would train the same runs."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    from slmlab.ablate.plan import AblationError
+
+    f = open(out / ".lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise AblationError(f"another ablate.py is running on {out}") from None
+    return f
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        import matplotlib  # noqa: F401
+        import scipy  # noqa: F401
+    except ImportError as e:
+        from slmlab.errors import SlmlabError
+
+        raise SlmlabError(f"ablate.py needs scipy and matplotlib ({e.name} is missing): "
+                          "pip install -e '.[ablate]'") from None
+    from slmlab.ablate import report, runner
+    from slmlab.ablate.plan import AblationError, plan
+
+    _check_flags(args)
+    if args.report:
+        report.write_report(Path(args.report))
+        print(f"outputs rebuilt in {args.report}: {', '.join(runner.OUTPUTS)}")
+        return
+    ab = build_ablation(args)
+    if args.dry_run:
+        print_plan(*plan(ab))
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)
+    t0 = time.time()
+    cells, runs = runner.prepare_out(out, ab, args.force)
+    print_plan(cells, runs)
+    runner.prepare_corpora([r for r in runs if r.seed == ab.seeds[0]])
+    prog = runner.Progress(runs, cells, out)
+    if prog.skipped:
+        print(f"[ablate] {prog.skipped} of {len(runs)} runs already finished in {out}: skipped")
+    group = out.resolve().name
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if args.launcher == "submitit":
+        from slmlab.config import parse_override
+
+        params = dict(parse_override(s) for s in args.slurm)
+        threads = args.threads if args.threads is not None else int(params.get("cpus_per_task", 0))
+        runner.run_submitit(out, runs, prog, threads, group, args.cluster or "auto", params)
+    else:
+        gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else []
+        if gpus and args.jobs is not None and args.jobs != len(gpus):
+            raise AblationError(f"--jobs {args.jobs} with {len(gpus)} --gpus: runs go one per GPU; drop --jobs")
+        jobs = len(gpus) or args.jobs or 1
+        threads = args.threads if args.threads is not None else max(1, cores // jobs)
+        runner.run_local(out, runs, prog, jobs, threads, gpus, group)
+    with open(out / report.INVOCATIONS, "a") as f:
+        f.write(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
+                            "elapsed_s": round(time.time() - t0, 1), "launcher": args.launcher,
+                            "ran": prog.finished, "failed": len(prog.failed), "skipped": prog.skipped}) + "\n")
+    report.write_report(out)
+    print(f"[ablate] outputs in {out}: {', '.join(runner.OUTPUTS)}")
+    if lock:
+        lock.close()
+    if prog.failed:
+        print(f"[ablate] {len(prog.failed)} run(s) failed: " + ", ".join(r.dir for r in prog.failed)
+              + "; the tables mark their missing seeds. Re-run the same command to retry them.", file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,355 @@
+"""What an ablation runs: named variants x corpora x seeds, each one ordinary run directory.
+
+Two ways to say it, one result: `inline_ablation` (the cartesian product of `--vary` axes, the
+first value of each axis being the baseline) and `file_ablation` (named variants in a YAML file).
+`plan` resolves every run's config, builds every variant's model once (so a variant that does not
+build fails before any training), and sizes each variant's step count under the budget.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from ..config import DEFAULT_CONFIG, RunConfig, load_config, read_yaml
+from ..errors import SlmlabError
+from ..phases import resolve_phases
+
+BUDGETS = ("steps", "tokens", "flops")
+MANIFEST = "ablation.json"
+FILE_KEYS = ("arch", "seeds", "steps", "budget", "data", "overrides", "variants")
+VARIANT_KEYS = ("arch", "overrides")
+
+
+class AblationError(SlmlabError):
+    """Bad ablation input; ablate.py prints it on one line and exits 2."""
+
+
+@dataclass
+class Variant:
+    name: str
+    arch: str
+    overrides: list[str] = field(default_factory=list)  # section.key=value on top of the common ones
+
+
+@dataclass
+class Ablation:
+    """The definition: everything that decides which runs exist and how each is configured."""
+
+    variants: list[Variant]  # variants[0] is the baseline every other variant is compared with
+    seeds: list[int]
+    corpora: list[str]  # data specs; one results table each
+    steps: int  # the baseline's optimizer steps; other variants' follow from the budget
+    budget: str = "flops"
+    overrides: list[str] = field(default_factory=list)  # common to every variant
+    config: str = str(DEFAULT_CONFIG)
+
+    def __post_init__(self):
+        if self.budget not in BUDGETS:
+            raise AblationError(f"--budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
+        if not self.variants:
+            raise AblationError("an ablation needs at least one variant")
+        names = [v.name for v in self.variants]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise AblationError(f"variant name {dup[0]!r} is used twice")
+        if not self.seeds or any(not isinstance(s, int) or isinstance(s, bool) for s in self.seeds):
+            raise AblationError(f"seeds must be a count or a list of integers, got {self.seeds!r}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise AblationError(f"seeds repeat: {self.seeds}")
+        if not self.corpora:
+            raise AblationError("no data: give --data SPEC (repeatable) or `data:` in the file")
+        if len(set(self.corpora)) != len(self.corpora):
+            raise AblationError(f"--data repeats a corpus: {self.corpora}")
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps <= 0:
+            raise AblationError(f"--steps must be a positive integer, got {self.steps!r}")
+
+    @property
+    def baseline(self) -> Variant:
+        return self.variants[0]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Cell:
+    """One variant on one corpus: what every seed of it shares."""
+
+    variant: str
+    corpus: str
+    layers: str  # token mixers per layer, plus the sliding-window pattern when there is one
+    params: int
+    nonembed_params: int
+    flops_per_token: float  # training FLOPs per token, averaged over the phases by their tokens
+    tokens_per_step: float  # averaged over the phases by their steps
+    steps: int  # this variant's optimizer steps under the budget
+    bpb_is_bound: bool  # masked diffusion reports an ELBO upper bound, not an exact bpb
+
+
+@dataclass
+class Run:
+    variant: str
+    corpus: str
+    seed: int
+    dir: str  # relative to the ablation's OUT
+    arch: str
+    overrides: list[str]  # everything load_config needs on top of config + arch
+    config: str
+    config_sha: str  # of the resolved config: a changed config.yaml means a different ablation
+
+
+def seed_list(seeds) -> list[int]:
+    """`3` -> [1, 2, 3]; a list is taken as the seeds themselves."""
+    if isinstance(seeds, bool):
+        raise AblationError(f"seeds must be a count or a list of integers, got {seeds!r}")
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise AblationError(f"--seeds must be >= 1, got {seeds}")
+        return list(range(1, seeds + 1))
+    if isinstance(seeds, list):
+        return seeds
+    raise AblationError(f"seeds must be a count or a list of integers, got {seeds!r}")
+
+
+def split_values(raw: str) -> list[str]:
+    """Split on commas outside brackets and quotes, so a value may itself be a YAML list."""
+    out, depth, quote, cur = [], 0, None, ""
+    for ch in raw:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+            continue
+        cur += ch
+    out.append(cur.strip())
+    return out
+
+
+def parse_vary(text: str) -> tuple[str, list[str]]:
+    if "=" not in text:
+        raise AblationError(f"--vary {text!r} is not of the form section.key=v1,v2,...")
+    key, raw = text.split("=", 1)
+    key, values = key.strip(), split_values(raw)
+    if not key or "." not in key:
+        raise AblationError(f"--vary {text!r}: the key must be section.key, e.g. model.layers")
+    if any(v == "" for v in values):
+        raise AblationError(f"--vary {text!r} has an empty value")
+    if len(set(values)) != len(values):
+        raise AblationError(f"--vary {text!r} repeats a value")
+    return key, values
+
+
+def safe_name(name: str) -> str:
+    """A variant name usable as a directory name."""
+    return re.sub(r"[^A-Za-z0-9._=+,-]", "-", name)
+
+
+def inline_ablation(arch: str, varies: list[str], seeds, steps: int, corpora: list[str], budget: str = "flops",
+                    overrides: list[str] = (), config=DEFAULT_CONFIG) -> Ablation:
+    """The cartesian product of the --vary axes; the first value of every axis is the baseline."""
+    axes = [parse_vary(v) for v in varies]
+    keys = [k for k, _ in axes]
+    if len(set(keys)) != len(keys):
+        raise AblationError(f"--vary gives {sorted(k for k in keys if keys.count(k) > 1)[0]} twice")
+    shared = {k.split(".")[-1] for k in keys}
+    variants = []
+    for combo in itertools.product(*(values for _, values in axes)):
+        # Name by the last key part when that is unambiguous (layers=CCA), else the full key.
+        parts = [f"{k.split('.')[-1] if len(shared) == len(keys) else k}={v}" for k, v in zip(keys, combo)]
+        variants.append(Variant(safe_name("+".join(parts)) if parts else arch, arch,
+                                [f"{k}={v}" for k, v in zip(keys, combo)]))
+    return Ablation(variants=variants, seeds=seed_list(seeds), corpora=list(corpora), steps=steps, budget=budget,
+                    overrides=list(overrides), config=str(config))
+
+
+def _override_text(key: str, value) -> str:
+    """A YAML value as the `key=value` text that config.parse_override reads back to the same value."""
+    if isinstance(value, str) and yaml.safe_load(value) == value:
+        return f"{key}={value}"
+    return f"{key}={json.dumps(value)}"
+
+
+def _overrides_from(where: str, raw) -> list[str]:
+    if raw is None:
+        return []
+    if isinstance(raw, dict):
+        return [_override_text(str(k), v) for k, v in raw.items()]
+    if isinstance(raw, list) and all(isinstance(x, str) and "=" in x for x in raw):
+        return list(raw)
+    raise AblationError(f"{where}: overrides must be a mapping of section.key: value or a list of "
+                        f"'section.key=value' strings, got {raw!r}")
+
+
+def _check_keys(where: str, got, allowed):
+    for k in got:
+        if k not in allowed:
+            close = difflib.get_close_matches(str(k), allowed, n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; keys: {', '.join(allowed)}"
+            raise AblationError(f"{where}: unknown key {k!r}{hint}")
+
+
+def file_ablation(path, arch: Optional[str] = None, seeds=None, steps: Optional[int] = None,
+                  corpora: Optional[list[str]] = None, budget: Optional[str] = None, overrides: list[str] = (),
+                  config=DEFAULT_CONFIG) -> Ablation:
+    """Named variants from a YAML file. Command-line values, when given, replace the file's
+    (arch: only for variants without their own; overrides: appended after the file's)."""
+    doc = read_yaml(path)
+    _check_keys(str(path), doc, FILE_KEYS)
+    raw_variants = doc.get("variants")
+    if not isinstance(raw_variants, dict) or not raw_variants:
+        raise AblationError(f"{path}: `variants` must be a mapping of name -> {{arch, overrides}}; "
+                            "the first one is the baseline")
+    default_arch = arch or doc.get("arch") or "hybrid"
+    variants = []
+    for name, spec in raw_variants.items():
+        spec = spec or {}
+        where = f"{path}: variant {name!r}"
+        if not isinstance(spec, dict):
+            raise AblationError(f"{where} must be a mapping with keys {', '.join(VARIANT_KEYS)}")
+        _check_keys(where, spec, VARIANT_KEYS)
+        if safe_name(str(name)) != str(name):
+            raise AblationError(f"{where}: names may use letters, digits and . _ = + , - only")
+        variants.append(Variant(str(name), str(spec.get("arch") or default_arch),
+                                _overrides_from(where, spec.get("overrides"))))
+    data = corpora or doc.get("data")
+    data = [data] if isinstance(data, str) else data
+    steps = steps if steps is not None else doc.get("steps")
+    if steps is None:
+        raise AblationError(f"{path}: no `steps` (the baseline's optimizer steps) and no --steps")
+    return Ablation(variants=variants, seeds=seed_list(seeds if seeds is not None else doc.get("seeds", 3)),
+                    corpora=[str(d) for d in (data or [])], steps=steps,
+                    budget=budget or doc.get("budget", "flops"),
+                    overrides=_overrides_from(str(path), doc.get("overrides")) + list(overrides), config=str(config))
+
+
+# ---- planning ----
+def corpus_dirs(corpora: list[str]) -> dict[str, str]:
+    """A directory name per corpus: the file's stem or the spec, numbered when two would clash."""
+    out: dict[str, str] = {}
+    for spec in corpora:
+        p = Path(spec)
+        slug = safe_name(p.stem if p.suffix else (p.name or spec))
+        name, k = slug, 2
+        while name in out.values():
+            name, k = f"{slug}-{k}", k + 1
+        out[spec] = name
+    return out
+
+
+def run_dir(ab: Ablation, variant: str, corpus: str, seed: int) -> str:
+    """OUT/<variant>/seed<k>, with a corpus level above when there are several corpora."""
+    rel = f"{variant}/seed{seed}"
+    return f"{corpus_dirs(ab.corpora)[corpus]}/{rel}" if len(ab.corpora) > 1 else rel
+
+
+def resolve(ab: Ablation, v: Variant, corpus: str, steps: int, seed: int) -> tuple[list[str], RunConfig]:
+    """The run's full override list and its resolved config, errors naming the variant."""
+    overrides = list(ab.overrides) + list(v.overrides) + [f"data.spec={corpus}", f"train.steps={steps}",
+                                                          f"train.seed={seed}"]
+    try:
+        return overrides, load_config(ab.config, arch=v.arch, overrides=overrides)
+    except SlmlabError as e:
+        raise AblationError(f"variant {v.name}: {e}") from None
+
+
+def _build(cfg: RunConfig):
+    """The variant's model, on the meta device when the blocks allow it (no memory, no init)."""
+    import torch
+
+    from arch import build_model
+
+    try:
+        with torch.device("meta"):
+            return build_model(cfg.model, cfg.objective)
+    except (NotImplementedError, RuntimeError):
+        return build_model(cfg.model, cfg.objective)
+
+
+def layer_string(cfg: RunConfig, model) -> str:
+    kinds = "".join(layer.kind[0].upper() for layer in model.layers)
+    windows = cfg.model.layer_windows()
+    if all(w is None for w in windows):
+        return kinds
+    attn = "".join("L" if w is None else "S" for w, layer in zip(windows, model.layers) if layer.kind == "attn")
+    return f"{kinds} (windows {attn}, {cfg.model.window})"
+
+
+def measure(v: Variant, corpus: str, cfg: RunConfig) -> Cell:
+    """Build the model once: parameters, layer string and FLOPs per token for the budget."""
+    try:
+        model = _build(cfg)
+    except Exception as e:  # any failure to build is the variant's, reported before training starts
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise AblationError(f"variant {v.name} does not build: {msg}") from None
+    phases = resolve_phases(cfg)
+    tokens = [p.steps * p.tokens_per_step for p in phases]
+    fpt = sum(n * model.flops_per_token(p.seq_len) for n, p in zip(tokens, phases)) / sum(tokens)
+    return Cell(variant=v.name, corpus=corpus, layers=layer_string(cfg, model), params=model.num_params(),
+                nonembed_params=model.num_params(exclude_embedding=True), flops_per_token=fpt,
+                tokens_per_step=sum(tokens) / cfg.train.steps, steps=cfg.train.steps,
+                bpb_is_bound=bool(getattr(model, "nll_is_bound", False)))
+
+
+def budget_steps(budget: str, base_steps: int, base: Cell, cell: Cell) -> int:
+    """Steps for `cell` so it spends what the baseline spends in `base_steps`: the same steps, the
+    same tokens, or the same training FLOPs (a cheaper block then sees more tokens)."""
+    if budget == "steps":
+        return base_steps
+    cost = (lambda c: c.tokens_per_step) if budget == "tokens" else (lambda c: c.tokens_per_step * c.flops_per_token)
+    return max(1, round(base_steps * cost(base) / cost(cell)))
+
+
+def plan(ab: Ablation) -> tuple[list[Cell], list[Run]]:
+    """Every cell (variant x corpus, sized under the budget) and every run, interleaved by seed
+    (seed 1 of every variant, then seed 2, ...) so that machine drift spreads over all variants."""
+    cells: dict[tuple[str, str], Cell] = {}
+    for corpus in ab.corpora:
+        for v in ab.variants:
+            _, cfg = resolve(ab, v, corpus, ab.steps, ab.seeds[0])
+            cells[v.name, corpus] = measure(v, corpus, cfg)
+        base = cells[ab.baseline.name, corpus]
+        for v in ab.variants:
+            c = cells[v.name, corpus]
+            c.steps = budget_steps(ab.budget, ab.steps, base, c)
+            if c.steps != ab.steps:  # the resized run must still be a valid config (phases, warmup)
+                resolve(ab, v, corpus, c.steps, ab.seeds[0])
+    runs = []
+    for seed in ab.seeds:
+        for corpus in ab.corpora:
+            for v in ab.variants:
+                overrides, cfg = resolve(ab, v, corpus, cells[v.name, corpus].steps, seed)
+                sha = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+                runs.append(Run(variant=v.name, corpus=corpus, seed=seed, dir=run_dir(ab, v.name, corpus, seed),
+                                arch=v.arch, overrides=overrides, config=ab.config, config_sha=sha[:16]))
+    return list(cells.values()), runs
+
+
+def manifest(ab: Ablation, cells: list[Cell], runs: list[Run]) -> dict:
+    return {"ablation": ab.to_dict(), "cells": [asdict(c) for c in cells], "runs": [asdict(r) for r in runs]}
+
+
+def read_manifest(out) -> dict:
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        raise AblationError(f"{out} holds no ablation (no {MANIFEST})")
+    return json.loads(path.read_text())
+
+
+def same_ablation(old: dict, new: dict) -> bool:
+    """Equal definitions and equal resolved run configs (so an edited config.yaml counts as a change)."""
+    return old.get("ablation") == new["ablation"] and old.get("runs") == new["runs"]

@@ -1,0 +1,218 @@
+"""The coordinator: lay out OUT, then run what is not finished, locally or through submitit.
+
+It holds no result in memory that matters: every run writes its own run directory, and the
+report is rebuilt from those directories (report.py), so a killed coordinator loses nothing
+but the runs in flight, which the re-run resumes from their last checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+from .plan import MANIFEST, Ablation, AblationError, Cell, Run, manifest, plan, same_ablation
+from .worker import SPEC, run_one
+
+OUTPUTS = ("results.md", "results.csv", "timings.csv", "curves.png", "final.png")
+LOG = "train.log"  # each run's stdout/stderr, appended across resumes
+
+
+def is_done(out: Path, run: Run) -> bool:
+    return (out / run.dir / "summary.json").is_file()
+
+
+def _first_difference(old: dict, new: dict) -> str:
+    for k, v in new["ablation"].items():
+        if old.get("ablation", {}).get(k) != v:
+            return f"{k} differs"
+    return "the resolved run configs differ (config.yaml or a preset changed?)"
+
+
+def prepare_out(out: Path, ab: Ablation, force: bool) -> tuple[list[Cell], list[Run]]:
+    """Plan, then claim OUT: an OUT holding another ablation is refused unless `force`, which
+    deletes that ablation's runs and outputs first. Each run directory gets its ablate.json."""
+    cells, runs = plan(ab)
+    new = manifest(ab, cells, runs)
+    path = out / MANIFEST
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if not same_ablation(old, new):
+            if not force:
+                raise AblationError(f"{out} holds a different ablation ({_first_difference(old, new)}); "
+                                    "pass --force to delete it and start this one, or choose another --out")
+            for r in old.get("runs", []):
+                shutil.rmtree(out / r["dir"], ignore_errors=True)
+            for name in OUTPUTS:
+                (out / name).unlink(missing_ok=True)
+    elif out.is_dir() and any(p.name != ".lock" for p in out.iterdir()) and not force:
+        raise AblationError(f"--out {out} exists and holds no ablation; choose another directory or pass --force")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(new, indent=1))
+    tmp.replace(path)
+    for r in runs:
+        (out / r.dir).mkdir(parents=True, exist_ok=True)
+        (out / r.dir / SPEC).write_text(json.dumps(asdict(r), indent=1))
+    return cells, runs
+
+
+def prepare_corpora(runs: list[Run], say=print):
+    """Tokenize every corpus once, before any run starts: concurrent runs would otherwise each
+    train the same tokenizer, and a bad data spec fails here instead of in every run."""
+    from ..config import load_config
+    from ..data import prepare_data
+
+    seen = set()
+    for r in runs:
+        cfg = load_config(r.config, arch=r.arch, overrides=r.overrides)
+        d = cfg.data
+        key = (d.spec, cfg.model.vocab_size, d.cache_dir, d.val_frac, d.tokenizer)
+        if key in seen:
+            continue
+        seen.add(key)
+        say(f"[ablate] data: {d.spec} (vocab {cfg.model.vocab_size})")
+        tok = None
+        if d.tokenizer:
+            from ..tokenizer import Tokenizer
+
+            tok = Tokenizer.load(Path(d.tokenizer).expanduser())
+        prepare_data(d.spec, cfg.model.vocab_size, Path(d.cache_dir).expanduser(), val_frac=d.val_frac,
+                     tokenizer=tok, progress=False, quiet=True)
+
+
+def _fmt(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+    """One line per started and finished run: which of how many, and an ETA from the compute
+    (steps x tokens/step x FLOPs/token) finished so far in this invocation."""
+
+    def __init__(self, runs: list[Run], cells: list[Cell], out: Path, say=print):
+        self.cost = {(c.variant, c.corpus): c.steps * c.tokens_per_step * c.flops_per_token for c in cells}
+        self.index = {r.dir: i + 1 for i, r in enumerate(runs)}
+        self.total, self.say, self.t0 = len(runs), say, time.time()
+        self.done_cost, self.left_cost = 0.0, 0.0
+        self.finished, self.failed = 0, []
+        self.skipped = sum(is_done(out, r) for r in runs)
+        for r in runs:
+            if not is_done(out, r):
+                self.left_cost += self._cost(r)
+
+    def _cost(self, r: Run) -> float:
+        return self.cost[r.variant, r.corpus]
+
+    def _eta(self) -> str:
+        if not self.done_cost:
+            return "eta ?"
+        return f"eta {_fmt((time.time() - self.t0) / self.done_cost * self.left_cost)}"
+
+    def start(self, r: Run, where: str = ""):
+        self.say(f"[ablate] run {self.index[r.dir]}/{self.total} start: {r.variant} seed {r.seed} on {r.corpus}"
+                 f"{where}  ({self.finished + self.skipped} done, {len(self.failed)} failed, {self._eta()})")
+
+    def end(self, r: Run, ok: bool, why: str = ""):
+        c = self._cost(r)
+        self.left_cost -= c
+        if ok:
+            self.finished += 1
+            self.done_cost += c
+        else:
+            self.failed.append(r)
+        status = "done" if ok else f"FAILED ({why})"
+        self.say(f"[ablate] run {self.index[r.dir]}/{self.total} {status}: {r.variant} seed {r.seed} on {r.corpus}"
+                 f"  ({self.finished + self.skipped} done, {len(self.failed)} failed, {self._eta()})")
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:200] if lines else ""
+
+
+def _worker_env(threads: int, gpu: Optional[str]) -> dict:
+    env = dict(os.environ)
+    # The worker must import the same slmlab as this coordinator, not whatever is installed.
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
+
+
+def run_local(out: Path, runs: list[Run], prog: Progress, jobs: int, threads: int, gpus: list[str], group: str):
+    """Up to `jobs` worker processes at once; with GPUs, one per GPU."""
+    queue = deque(r for r in runs if not is_done(out, r))
+    free = list(gpus) if gpus else [None] * jobs
+    running = []  # (process, run, gpu)
+    try:
+        while queue or running:
+            while queue and free:
+                r, gpu = queue.popleft(), free.pop(0)
+                log = open(out / r.dir / LOG, "a")
+                cmd = [sys.executable, "-m", "slmlab.ablate.worker", str(out / r.dir), "--threads", str(threads),
+                       "--group", group, "--parent", str(os.getpid())]
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_worker_env(threads, gpu))
+                log.close()
+                running.append((proc, r, gpu))
+                prog.start(r, f" on GPU {gpu}" if gpu is not None else "")
+            time.sleep(0.2)
+            for item in list(running):
+                proc, r, gpu = item
+                if proc.poll() is None:
+                    continue
+                running.remove(item)
+                free.append(gpu)
+                ok = proc.returncode == 0 and is_done(out, r)
+                why = "" if ok else f"exit {proc.returncode}: {_last_line(out / r.dir / LOG)}; log: {out / r.dir / LOG}"
+                prog.end(r, ok, why)
+    finally:
+        for proc, _, _ in running:  # interrupted: stop the workers; their checkpoints remain
+            proc.terminate()
+
+
+def run_submitit(out: Path, runs: list[Run], prog: Progress, threads: int, group: str, cluster: str,
+                 params: dict):
+    """Every unfinished run as one submitit job (Slurm on a cluster; `cluster` local/debug here)."""
+    try:
+        import submitit
+    except ImportError:
+        raise AblationError("--launcher submitit needs submitit: pip install -e '.[ablate]'") from None
+    try:
+        ex = submitit.AutoExecutor(folder=out / ".submitit" / "%j", cluster=None if cluster == "auto" else cluster)
+        ex.update_parameters(name=f"ablate-{group}", **params)
+    except (ValueError, TypeError) as e:
+        raise AblationError(f"--slurm: {str(e).splitlines()[0]}") from None
+    os.environ["PYTHONPATH"] = _worker_env(0, None)["PYTHONPATH"]  # local jobs inherit it
+    pending = []
+    for r in (r for r in runs if not is_done(out, r)):
+        job = ex.submit(run_one, str(out / r.dir), threads, group)
+        (out / r.dir / "submitit_job.txt").write_text(f"{job.job_id}\n")
+        prog.start(r, f" as job {job.job_id}")
+        pending.append((job, r))
+    while pending:
+        for item in list(pending):
+            job, r = item
+            try:
+                if not job.done():  # the debug executor runs the job here, so this may raise too
+                    continue
+                job.result()
+                ok, why = is_done(out, r), "no summary.json"
+            except Exception as e:  # the job's own traceback is in its submitit log
+                msg = str(e).strip().splitlines()[-1][:200] if str(e).strip() else ""
+                ok, why = False, f"{type(e).__name__}: {msg}; logs: {out / '.submitit' / str(job.job_id)}"
+            pending.remove(item)
+            prog.end(r, ok, "" if ok else why)
+        time.sleep(0.5)

@@ -1,0 +1,271 @@
+"""ablate.py: statistics against scipy.stats on fixed numbers, the inline and file forms giving
+one run set, equal-compute budgets, every bad input as a one-line error, and on tiny real runs:
+a 2x2 grid through submitit's local executor, a SIGKILLed coordinator re-run (interrupted run
+resumed) and --report alone, each ending with the same results.csv; a crashed run."""
+import importlib.util
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+from trainer_helpers import ROOT, write_corpus
+
+from slmlab.ablate import stats
+from slmlab.ablate.plan import Ablation, AblationError, Variant, corpus_dirs, file_ablation, inline_ablation, plan
+
+spec = importlib.util.spec_from_file_location("ablate_cli", ROOT / "ablate.py")
+ablate_cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ablate_cli)
+
+BASE = {1: 2.031, 2: 2.118, 3: 1.954, 4: 2.070}
+VAR = {1: 1.962, 2: 2.075, 3: 1.911, 4: 2.049}
+
+
+# ---- statistics ----
+def test_paired_comparison_matches_scipy():
+    c = stats.compare(BASE, VAR)
+    v, b = [VAR[s] for s in sorted(BASE)], [BASE[s] for s in sorted(BASE)]
+    ref = sps.ttest_rel(v, b)
+    ci = ref.confidence_interval(0.95)
+    assert c.test == "paired t" and c.n == 4
+    assert c.diff == pytest.approx(np.mean(np.subtract(v, b)))
+    assert (c.lo, c.hi) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert c.p == pytest.approx(ref.pvalue)
+    assert c.p_wilcoxon == pytest.approx(sps.wilcoxon(np.subtract(v, b)).pvalue)
+
+
+def test_unpaired_falls_back_to_welch():
+    var = {10 + k: x for k, x in VAR.items()}  # no seed shared with the baseline
+    c = stats.compare(BASE, var)
+    ref = sps.ttest_ind(list(var.values()), list(BASE.values()), equal_var=False)
+    ci = ref.confidence_interval(0.95)
+    assert c.test == "Welch t" and math.isnan(c.p_wilcoxon)
+    assert c.p == pytest.approx(ref.pvalue)
+    assert (c.lo, c.hi) == (pytest.approx(ci.low), pytest.approx(ci.high))
+
+
+def test_summary_noise_and_ranking():
+    s = stats.summarize(BASE.values())
+    assert (s.mean, s.sd, s.n) == (pytest.approx(np.mean(list(BASE.values()))),
+                                   pytest.approx(sps.tstd(list(BASE.values()))), 4)
+    assert stats.compare(BASE, VAR, noise_sd=s.sd).within_noise  # |diff| 0.044 < sd 0.069
+    assert not stats.compare(BASE, {k: x - 0.5 for k, x in BASE.items()}, noise_sd=s.sd).within_noise
+    assert stats.ranking_agreement({"a": {"x": 1.0, "y": 2.0, "z": 3.0}, "b": {"x": 1.5, "y": 2.5, "z": 2.9}}) == (True, 1.0)
+    agree, tau = stats.ranking_agreement({"a": {"x": 1.0, "y": 2.0, "z": 3.0}, "b": {"x": 3.0, "y": 2.0, "z": 1.0}})
+    assert not agree and tau == pytest.approx(-1.0)
+
+
+# ---- plans ----
+def tiny(tmp_path, **extra):
+    """Overrides for a 3-layer d_model-32 model on a small synthetic corpus: seconds per run."""
+    ov = {"model.d_model": 32, "model.n_layers": 3, "model.n_heads": 2, "model.n_kv_heads": 1, "model.vocab_size": 300,
+          "train.phases": "[]", "train.seq_len": 32, "train.batch_size": 4, "train.warmup_steps": 2,
+          "train.eval_every": 3, "train.eval_tokens": 256, "train.log_every": 1, "train.ckpt_every": 2,
+          "train.sample_tokens": 4, "data.cache_dir": str(tmp_path / "cache"), "logging.progress": False,
+          "train.device": "cpu", **extra}
+    return [f"{k}={v}" for k, v in ov.items()]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("abl")
+    return d, write_corpus(d / "c.txt", lines=1500)
+
+
+def test_inline_and_file_forms_give_the_same_runs(corpus, tmp_path):
+    d, text = corpus
+    inline = inline_ablation("hybrid", ["model.layers=CCA,A", "model.conv_kernel=3,4"], 2, 6, [str(text)],
+                             overrides=tiny(d))
+    f = tmp_path / "abl.yaml"
+    f.write_text(f"""arch: hybrid
+seeds: 2
+steps: 6
+data: {text}
+variants:
+  layers=CCA+conv_kernel=3: {{overrides: {{model.layers: CCA, model.conv_kernel: 3}}}}
+  layers=CCA+conv_kernel=4: {{overrides: {{model.layers: CCA, model.conv_kernel: 4}}}}
+  layers=A+conv_kernel=3: {{overrides: [model.layers=A, model.conv_kernel=3]}}
+  layers=A+conv_kernel=4: {{overrides: {{model.layers: A, model.conv_kernel: 4}}}}
+""")
+    from_file = file_ablation(f, overrides=tiny(d))
+    (cells_a, runs_a), (cells_b, runs_b) = plan(inline), plan(from_file)
+    assert [(r.dir, r.seed, r.config_sha) for r in runs_a] == [(r.dir, r.seed, r.config_sha) for r in runs_b]
+    assert cells_a == cells_b
+    assert [r.dir for r in runs_a][:4] == ["layers=CCA+conv_kernel=3/seed1", "layers=CCA+conv_kernel=4/seed1",
+                                           "layers=A+conv_kernel=3/seed1", "layers=A+conv_kernel=4/seed1"]  # interleaved
+
+
+@pytest.mark.parametrize("budget", ["steps", "tokens", "flops"])
+def test_budgets(corpus, budget):
+    d, text = corpus
+    ab = inline_ablation("transformer", ["model.layers=A,C"], 1, 400, [str(text), "stdlib"], budget=budget,
+                         overrides=tiny(d, **{"train.seq_len": 256}))
+    cells, runs = plan(ab)
+    base, conv = cells[0], cells[1]
+    assert conv.flops_per_token < base.flops_per_token  # at 256 tokens attention costs more than the conv
+    assert (conv.steps > base.steps) == (budget == "flops")  # so the conv gets more steps at equal FLOPs
+    spend = {"steps": lambda c: c.steps, "tokens": lambda c: c.steps * c.tokens_per_step,
+             "flops": lambda c: c.steps * c.tokens_per_step * c.flops_per_token}[budget]
+    assert spend(conv) == pytest.approx(spend(base), rel=1 / base.steps)  # equal up to rounding to whole steps
+    assert {r.dir.split("/")[0] for r in runs} == {"c", "stdlib"}  # one directory level per corpus
+    assert list(corpus_dirs(["a/x.txt", "b/x.txt", "stdlib"]).values()) == ["x", "x-2", "stdlib"]
+
+
+# ---- bad input: one line, exit status 2, nothing trained ----
+@pytest.mark.parametrize("argv, message", [
+    (["--vary", "model.conv_kernl=3,4"], "variant conv_kernl=3: unknown config key 'model.conv_kernl'; did you mean"),
+    (["--vary", "model.conv_kernel=3,four"], "variant conv_kernel=four: model.conv_kernel expects an integer"),
+    (["--vary", "model.layers=CCA,CQ"], "variant layers=CQ: unknown block 'Q'"),
+    (["--vary", "model.conv_kernel"], "is not of the form section.key=v1,v2"),
+    (["--vary", "model.conv_kernel=3,,4"], "has an empty value"),
+    (["--vary", "model.n_heads=2,3"], "variant n_heads=3"),
+    (["--jobs", "0"], "--jobs must be >= 1"),
+    (["--gpus", "0", "--launcher", "submitit"], "--gpus is for --launcher local"),
+    (["--slurm", "timeout_min=5"], "--slurm needs --launcher submitit"),
+    (["--dry-run", "--jobs", "2"], "--dry-run only prints the plan; drop --out"),
+])
+def test_bad_input_is_one_line(corpus, tmp_path, capsys, argv, message):
+    d, text = corpus
+    rc = ablate_cli.run_cli(ablate_cli.main, ["--arch", "hybrid", "--steps", "4", "--data", str(text),
+                                              "--out", str(tmp_path / "o"), *argv, *tiny(d)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "o" / "ablation.json").exists()
+
+
+def test_bad_file_and_report_arguments(tmp_path, capsys):
+    f = tmp_path / "a.yaml"
+    f.write_text("steps: 4\nvariants: {a: {arch: hybrid, overides: {model.d_model: 64}}}\n")
+    for argv, message in ([str(f), "--out", str(tmp_path / "o")], "variant 'a': unknown key 'overides'; did you mean overrides?"), \
+            ([str(f), "--vary", "model.layers=A,C", "--out", "x"], "--vary is for the inline form"), \
+            (["--report", str(tmp_path), "--seeds", "2"], "--report OUT takes no other arguments"), \
+            (["--report", str(tmp_path)], "holds no ablation"):
+        assert ablate_cli.run_cli(ablate_cli.main, argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+
+
+# ---- real (tiny) runs ----
+def run_ablate(out, args, env=None, popen=False):
+    cmd = [sys.executable, str(ROOT / "ablate.py"), "--out", str(out), *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    if popen:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def grid(corpus):
+    d, text = corpus
+    return ["--arch", "hybrid", "--vary", "model.layers=CCA,A", "--seeds", "2", "--steps", "6", "--data", str(text),
+            "--threads", "1", *tiny(d)]
+
+
+@pytest.fixture(scope="module")
+def submitit_run(corpus):
+    """One uninterrupted 2 variants x 2 seeds ablation through submitit's local executor (each run
+    a submitit job, as on Slurm): the results every other path must reproduce."""
+    out = corpus[0] / "ref"
+    p = run_ablate(out, grid(corpus) + ["--launcher", "submitit", "--cluster", "local", "--slurm", "timeout_min=10"])
+    assert p.returncode == 0, p.stderr
+    return out, p.stdout
+
+
+@pytest.fixture(scope="module")
+def reference(submitit_run):
+    return submitit_run[0]
+
+
+def test_outputs(reference):
+    for name in ("results.md", "results.csv", "timings.csv", "curves.png", "final.png", "ablation.json"):
+        assert (reference / name).is_file(), name
+    for run in ("layers=CCA/seed1", "layers=CCA/seed2", "layers=A/seed1", "layers=A/seed2"):
+        for name in ("config.yaml", "summary.json", "metrics.jsonl", "model.safetensors", "resources.json"):
+            assert (reference / run / name).is_file(), (run, name)
+    md = (reference / "results.md").read_text()
+    assert "| layers=A | `AAA` |" in md and "Δ bpb vs layers=CCA [95% CI]" in md and "Run-to-run noise" in md
+    rows = (reference / "results.csv").read_text().splitlines()
+    assert len(rows) == 5 and all(",done," in r for r in rows[1:])
+
+
+def test_same_command_skips_finished_runs(reference):
+    before = {p: p.stat().st_mtime_ns for p in reference.glob("*/seed*/summary.json")}
+    p = run_ablate(reference, grid_from(reference))
+    assert p.returncode == 0, p.stderr
+    assert "4 of 4 runs already finished" in p.stdout
+    assert {q: q.stat().st_mtime_ns for q in reference.glob("*/seed*/summary.json")} == before
+
+
+def grid_from(out):
+    return grid((out.parent, out.parent / "c.txt"))
+
+
+def test_killed_coordinator_rerun_resumes_and_gives_identical_results(corpus, reference):
+    out = corpus[0] / "killed"
+    proc = run_ablate(out, grid(corpus) + ["--jobs", "2"], popen=True)  # a checkpoint every 2 of 6 steps
+    # SIGKILL the coordinator once a run has a checkpoint but no summary; its worker dies with it
+    interrupted = lambda: [d for d in out.glob("*/seed*") if (d / "checkpoints").is_dir()  # noqa: E731
+                           and any((d / "checkpoints").iterdir()) and not (d / "summary.json").exists()]
+    deadline = time.monotonic() + 240  # a guard against a hang, not a timing assertion
+    while not interrupted() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = interrupted()
+    assert killed, "the coordinator finished before it could be killed mid-run"
+    p = run_ablate(out, grid(corpus) + ["--jobs", "2"])
+    assert p.returncode == 0, p.stderr
+    assert "resumed from" in (killed[0] / "train.log").read_text()
+    assert (out / "results.csv").read_text() == (reference / "results.csv").read_text()
+
+
+def test_crashed_run_is_marked_and_the_others_go_on(corpus):
+    d, text = corpus
+    out = d / "crash"
+    # lr 1e9 turns the loss non-finite at step 2, and max_bad_steps=1 makes that a crash
+    p = run_ablate(out, ["--arch", "hybrid", "--vary", "optim.lr=3e-3,1e9", "--seeds", "1", "--steps", "4",
+                         "--data", str(text), "--jobs", "2", "--threads", "1",
+                         *tiny(d, **{"train.max_bad_steps": 1, "train.warmup_steps": 1})])
+    assert p.returncode == 1 and "1 run(s) failed: lr=1e9/seed1" in p.stderr, p.stderr
+    assert "training diverged" in p.stdout  # the progress line gives the run's last log line
+    md = (out / "results.md").read_text()
+    assert "(0/1, missing seed 1)" in md and "| lr=3e-3 |" in md
+    assert (out / "lr=3e-3" / "seed1" / "summary.json").is_file()
+
+
+def test_report_alone_rebuilds_outputs(corpus, reference):
+    out = corpus[0] / "report-only"
+    shutil.copytree(reference, out)
+    for name in ("results.md", "results.csv", "timings.csv", "curves.png", "final.png"):
+        (out / name).unlink()
+    p = subprocess.run([sys.executable, str(ROOT / "ablate.py"), "--report", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert p.returncode == 0, p.stderr
+    for name in ("results.csv", "timings.csv"):
+        assert (out / name).read_text() == (reference / name).read_text()
+    assert (out / "results.md").read_text() == (reference / "results.md").read_text().replace("`ref`", "`report-only`")
+    assert (out / "curves.png").stat().st_size > 0 and (out / "final.png").stat().st_size > 0
+
+
+def test_other_ablation_in_out_is_refused(corpus, reference):
+    p = run_ablate(reference, grid(corpus) + ["--seeds", "3"])
+    assert p.returncode == 2 and "holds a different ablation (seeds differs); pass --force" in p.stderr, p.stderr
+
+
+def test_submitit_local_executor_runs_the_grid(submitit_run):
+    out, stdout = submitit_run
+    assert stdout.count(" as job ") == 4 and stdout.count(" done: ") == 4
+    assert len(list(out.glob(".submitit/*/*_result.pkl"))) == 4
+
+
+def test_variant_that_fails_to_build_is_named_before_training(corpus):
+    d, text = corpus
+    ab = Ablation(variants=[Variant("base", "hybrid"), Variant("odd-heads", "hybrid", ["model.n_heads=3"])],
+                  seeds=[1], corpora=[str(text)], steps=4, overrides=tiny(d))
+    with pytest.raises(AblationError, match="^variant odd-heads"):
+        plan(ab)
