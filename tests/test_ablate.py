@@ -18,6 +18,7 @@ from trainer_helpers import ROOT, write_corpus
 
 from slmlab.ablate import stats
 from slmlab.ablate.plan import Ablation, AblationError, Variant, corpus_dirs, file_ablation, inline_ablation, plan
+from slmlab.checkpoint import checkpoint_dirs
 
 spec = importlib.util.spec_from_file_location("ablate_cli", ROOT / "ablate.py")
 ablate_cli = importlib.util.module_from_spec(spec)
@@ -209,8 +210,9 @@ def test_killed_coordinator_rerun_resumes_and_gives_identical_results(corpus, re
     out = corpus[0] / "killed"
     proc = run_ablate(out, grid(corpus) + ["--jobs", "2"], popen=True)  # a checkpoint every 2 of 6 steps
     # SIGKILL the coordinator once a run has a checkpoint but no summary; its worker dies with it
-    interrupted = lambda: [d for d in out.glob("*/seed*") if (d / "checkpoints").is_dir()  # noqa: E731
-                           and any((d / "checkpoints").iterdir()) and not (d / "summary.json").exists()]
+    # (a published checkpoint: checkpoints/ also holds a writer's temp folder before it is renamed)
+    interrupted = lambda: [d for d in out.glob("*/seed*") if checkpoint_dirs(d)  # noqa: E731
+                           and not (d / "summary.json").exists()]
     deadline = time.monotonic() + 240  # a guard against a hang, not a timing assertion
     while not interrupted() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
