@@ -109,20 +109,16 @@ class LM(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
                  generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None,
-                 compile: bool = False, on_token=None):
+                 compile: bool = False, on_token=None, static: Optional[bool] = None):
         """Prefill the prompt once, then decode token by token. Models whose mixers all have a
-        static state (attention, conv) decode through preallocated states updated in place;
-        compile=True compiles that one-token step (worth it for long generations: compiling
-        takes seconds). Other models decode through forward(x, states). on_token(id) is called with
-        each new token of batch row 0 (sample.py streams with it)."""
-        B, T0 = idx.shape
-        if not self.supports_static():
-            return self._generate_dynamic(idx, max_new_tokens, temperature, top_k, generator, eos_id, on_token)
-        states = self.static_state(B, T0 + max_new_tokens, idx.device, self.embed.weight.dtype)
-        pos = torch.zeros(1, dtype=torch.long, device=idx.device)
-        logits, _ = self.forward_static(idx, pos, states)
-        step = torch.compile(self.forward_static, dynamic=False) if compile else self.forward_static
-        out = [idx]
+        static state (attention, conv) decode through preallocated states updated in place
+        (static=None picks it when available; False forces the dynamic forward(x, states) path).
+        compile=True compiles the static one-token step (worth it for long generations: compiling
+        takes seconds). on_token(id) is called with each new token of batch row 0 (sample.py
+        streams with it)."""
+        use_static = self.supports_static() if static is None else static
+        dec = StaticDecoder(self, idx, max_new_tokens, compile) if use_static else DynamicDecoder(self, idx)
+        logits, out = dec.prefill(idx), [idx]
         for i in range(max_new_tokens):
             nxt = sample_next(logits[:, -1, :], temperature, top_k, generator)
             out.append(nxt)
@@ -130,22 +126,7 @@ class LM(nn.Module):
                 on_token(nxt[0, 0].item())
             if (eos_id is not None and bool((nxt == eos_id).all())) or i == max_new_tokens - 1:
                 break
-            pos.fill_(T0 + i)
-            logits, _ = step(nxt, pos, states)
-        return torch.cat(out, dim=1)
-
-    def _generate_dynamic(self, idx, max_new_tokens, temperature, top_k, generator, eos_id, on_token=None):
-        states = self.init_state(idx.shape[0], idx.device)
-        logits, states = self(idx, states=states)
-        out = [idx]
-        for _ in range(max_new_tokens):
-            nxt = sample_next(logits[:, -1, :], temperature, top_k, generator)
-            out.append(nxt)
-            if on_token is not None:
-                on_token(nxt[0, 0].item())
-            if eos_id is not None and bool((nxt == eos_id).all()):
-                break
-            logits, states = self(nxt, states=states)
+            logits = dec.step(nxt)
         return torch.cat(out, dim=1)
 
     # ---- accounting ----
@@ -170,6 +151,43 @@ class LM(nn.Module):
             raise ValueError(f"set_windows got {len(windows)} windows for {len(self.layers)} layers")
         for layer, w in zip(self.layers, windows):
             layer.mixer.set_window(w)
+
+
+class StaticDecoder:
+    """Decode state for LM.generate: preallocated per-layer states sized to prompt + new tokens,
+    written in place by LM.forward_static; the one-token step optionally compiled."""
+
+    def __init__(self, model: LM, idx, max_new_tokens: int, compile: bool):
+        self.model = model
+        self.states = model.static_state(idx.shape[0], idx.shape[1] + max_new_tokens, idx.device,
+                                         model.embed.weight.dtype)
+        self.pos = torch.zeros(1, dtype=torch.long, device=idx.device)
+        self.fwd = torch.compile(model.forward_static, dynamic=False) if compile else model.forward_static
+
+    def prefill(self, idx):
+        logits, _ = self.model.forward_static(idx, self.pos, self.states)
+        self.pos.fill_(idx.shape[1])
+        return logits
+
+    def step(self, nxt):
+        logits, _ = self.fwd(nxt, self.pos, self.states)
+        self.pos += nxt.shape[1]
+        return logits
+
+
+class DynamicDecoder:
+    """Decode state for LM.generate through forward(x, states): any mixer's own init_state."""
+
+    def __init__(self, model: LM, idx):
+        self.model, self.states = model, model.init_state(idx.shape[0], idx.device)
+
+    def prefill(self, idx):
+        logits, self.states = self.model(idx, states=self.states)
+        return logits
+
+    def step(self, nxt):
+        logits, self.states = self.model(nxt, states=self.states)
+        return logits
 
 
 def sample_next(logits, temperature: float, top_k: Optional[int], generator=None):

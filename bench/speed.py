@@ -132,7 +132,7 @@ def section_decode(args):
             idx = torch.randint(0, cfg.model.vocab_size, (1, P))
             v = {"static": lambda k, idx=idx, m=m: m.generate(idx, k, temperature=0),
                  "compiled": lambda k, idx=idx, m=m: m.generate(idx, k, temperature=0, compile=True),
-                 "dynamic": lambda k, idx=idx, m=m: m._generate_dynamic(idx, k, 0, None, None, None),
+                 "dynamic": lambda k, idx=idx, m=m: m.generate(idx, k, temperature=0, static=False),
                  "hf": lambda k, idx=idx, hf=hf: hf.generate(idx, max_new_tokens=k, min_new_tokens=k,
                                                               do_sample=False, pad_token_id=0)}
             with torch.no_grad():

@@ -93,7 +93,7 @@ def test_generate_static_and_dynamic_paths_agree(layers):
     m = LM(tiny(layers=layers, window_pattern="SL")).eval()
     p = torch.randint(0, 61, (2, 5))
     static = m.generate(p, 12, temperature=0)
-    dynamic = m._generate_dynamic(p, 12, 0, None, None, None)
+    dynamic = m.generate(p, 12, temperature=0, static=False)
     assert torch.equal(static, dynamic) and static.shape == (2, 17)
     assert m.supports_static() == (layers != "LLA")
 
