@@ -36,6 +36,11 @@ GPU_MEMORY_GB = {"H200": 141, "H100": 80, "A100": 80, "L40S": 48, "A10G": 24, "L
 # Model FLOPs utilisation assumed for --gpu step times: what a well-tuned small-model run reaches
 # with bf16 and fused attention; state it next to every time printed.
 DEFAULT_MFU = 0.35
+# Memory a training process uses beyond its tensors. CPU: ~25-35 MB of RSS from torch's code
+# pages and thread-local buffers touched by the first step (measured with bench/measure_memory.py
+# on a 0.3M model). CUDA: the context and cuBLAS workspace, which torch.cuda.max_memory_allocated
+# does not count (typically 300-500 MB; subtract `runtime` to compare with it).
+RUNTIME_CPU, RUNTIME_CUDA = 32 * 1024 ** 2, 512 * 1024 ** 2
 QUANT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "q8_0": 34 / 32}  # q8_0: 32 int8 + one fp16 scale
 
 
@@ -62,9 +67,13 @@ def gpu_spec(name: str) -> tuple[str, float, int]:
 
 
 def meta_model(cfg):
+    """The run's model with shapes and no storage. Initialisation is skipped: there are no values
+    to draw, and torch's meta normal_ imports its Python decompositions (~2 s) on first use."""
+    from unittest import mock
+
     from arch import build_model
 
-    with torch.device("meta"):
+    with torch.device("meta"), mock.patch.object(torch.nn.init, "normal_", lambda t, *a, **k: t):
         return build_model(cfg.model, cfg.objective)
 
 
@@ -79,6 +88,7 @@ class Static:
     ddp_buckets: int
     autocast_weights: int
     opt_transient: int
+    runtime: int  # the framework's own: code pages and buffers a first step touches, CUDA context
 
 
 def static_memory(model, cfg, cuda: bool, world: int) -> Static:
@@ -97,15 +107,15 @@ def static_memory(model, cfg, cuda: bool, world: int) -> Static:
                   weights=4 * params // shard, gradients=4 * params // shard,
                   optimizer=(8 * adam + 4 * muon) // shard,
                   ddp_buckets=4 * params if world > 1 and cfg.train.parallel == "ddp" else 0,
-                  autocast_weights=2 * matmul if cuda else 0, opt_transient=transient)
+                  autocast_weights=2 * matmul if cuda else 0, opt_transient=transient,
+                  runtime=RUNTIME_CUDA if cuda else RUNTIME_CPU)
 
 
-def logits_bytes(tokens: int, vocab: int, cuda: bool) -> tuple[int, int]:
-    """(held at the end of forward, peak during the loss backward) for `tokens` positions.
-    Forward keeps the log-softmax output (fp32) for backward; on CUDA the head's bf16 output and
-    its fp32 upcast are alive with it. Backward adds the loss gradient and the logits gradient."""
-    fwd = tokens * vocab * (4 + (2 + 4 if cuda else 4))
-    return fwd, fwd + tokens * vocab * 4 * 2
+def logits_bytes(tokens: int, vocab: int) -> tuple[int, int]:
+    """(peak during the loss forward, peak during its backward) for `tokens` positions, on either
+    device (the loss upcasts bf16 logits to fp32): forward holds the fp32 logits and their
+    log-softmax; backward the saved log-softmax, the loss gradient and the logits gradient."""
+    return tokens * vocab * 8, tokens * vocab * 12
 
 
 def train_peak(model, st: Static, cfg, batch: int, seq_len: int, checkpoint: bool, cuda: bool) -> dict:
@@ -118,7 +128,7 @@ def train_peak(model, st: Static, cfg, batch: int, seq_len: int, checkpoint: boo
     kept = [residual] * len(per_layer) if checkpoint else per_layer
     head = tokens * ((2 * d + 1) * 4 + d * act_elem)  # the final RMSNorm, like a Block's norms
     act = sum(kept) + head
-    logits_fwd, logits_bwd = logits_bytes(tokens, V, cuda)
+    logits_fwd, logits_bwd = logits_bytes(tokens, V)
     accum = cfg.train.grad_accum > 1
     base = st.weights + st.optimizer + st.autocast_weights + st.ddp_buckets
     held_grads = st.gradients if accum else 0
@@ -137,7 +147,7 @@ def train_peak(model, st: Static, cfg, batch: int, seq_len: int, checkpoint: boo
                                            base + max(held_grads, done) + live)
     candidates["optimizer step"] = st.weights + st.optimizer + st.gradients + st.ddp_buckets + st.opt_transient
     phase = max(candidates, key=candidates.get)
-    return {"peak": candidates[phase], "peak_at": phase, "activations": act, "logits": logits_bwd}
+    return {"peak": candidates[phase] + st.runtime, "peak_at": phase, "activations": act, "logits": logits_bwd}
 
 
 def max_micro_batch(model, st, cfg, seq_len: int, checkpoint: bool, cuda: bool, budget: int) -> int:
@@ -231,21 +241,21 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
     out["mem_bytes"] = budget
     total_flops = sum(p["flops_per_token"] * p["tokens_per_step"] * p["steps"] for p in out["phases"])
     tokens = sum(p["tokens_per_step"] * p["steps"] for p in out["phases"])
-    if peak_flops is None:
+    if peak_flops is not None:
+        peak_desc = f"{gpu_name} dense bf16 datasheet peak"
+    elif not cuda:  # a CPU run: what this machine's matmuls reach, as the trainer's MFU uses
         from .trainer import _measured_peak
 
         peak_flops, peak_desc = _measured_peak("cpu")
-        mfu_used = 1.0 if not cuda else mfu
-        peak_desc += " (the MFU this CPU's runs report is ~0.3-0.5: read the time as a lower bound)"
-    else:
-        peak_desc, mfu_used = f"{gpu_name} dense bf16 datasheet peak", mfu
-    rate = peak_flops * mfu_used * world
-    flops_avg = total_flops / max(1, tokens)
-    out["throughput"] = {"peak_flops": peak_flops, "peak_source": peak_desc, "mfu": mfu_used,
-                         "tokens_per_s": rate / flops_avg, "run_seconds": total_flops / rate,
-                         "chinchilla_tokens": 20 * st.params,
-                         "chinchilla_seconds": 20 * st.params * flops_avg / rate,
-                         "step_seconds": [p["flops_per_token"] * p["tokens_per_step"] / rate for p in out["phases"]]}
+    out["throughput"] = None  # a GPU of unknown kind: --gpu NAME gives times
+    if peak_flops is not None:
+        rate = peak_flops * mfu * world
+        flops_avg = total_flops / max(1, tokens)
+        out["throughput"] = {
+            "peak_flops": peak_flops, "peak_source": peak_desc, "mfu": mfu, "tokens_per_s": rate / flops_avg,
+            "run_seconds": total_flops / rate, "chinchilla_tokens": 20 * st.params,
+            "chinchilla_seconds": 20 * st.params * flops_avg / rate,
+            "step_seconds": [p["flops_per_token"] * p["tokens_per_step"] / rate for p in out["phases"]]}
     out["inference"] = inference_memory(model, cfg, context)
     return out
 
@@ -302,10 +312,14 @@ def report(est: dict) -> str:
                      + (f"  (does not fit: {', '.join(g for g, v in p['verdict'].items() if not v)})"
                         if ok and len(ok) < len(p["verdict"]) else ""))
     th = est["throughput"]
-    steps = ", ".join(f"p{i + 1} {_t(x)}" for i, x in enumerate(th["step_seconds"]))
-    lines.append(f"time: {th['peak_flops'] / 1e12:.1f} TFLOP/s ({th['peak_source']}) x MFU {th['mfu']:.2f}: "
-                 f"step {steps}; {th['tokens_per_s']:,.0f} tokens/s; this run {_t(th['run_seconds'])}; "
-                 f"20 tokens/param ({th['chinchilla_tokens'] / 1e9:.1f}B tokens) {_t(th['chinchilla_seconds'])}")
+    if th is None:
+        lines.append("time: give --gpu NAME for step times (datasheet bf16 peak x MFU)")
+    else:
+        steps = ", ".join(f"p{i + 1} {_t(x)}" for i, x in enumerate(th["step_seconds"]))
+        lines.append(f"time: {th['peak_flops'] / 1e12:.1f} TFLOP/s ({th['peak_source']}) x MFU {th['mfu']:.2f}: "
+                     f"step {steps}; {th['tokens_per_s']:,.0f} tokens/s; this run {_t(th['run_seconds'])}; "
+                     f"20 tokens/param ({th['chinchilla_tokens'] / 1e9:.1f}B tokens) "
+                     f"{_t(th['chinchilla_seconds'])}")
     inf = est["inference"]
     w = inf["weights"]
     lines.append("inference weights: " + "  ".join(f"{k} {_b(v)}" for k, v in w.items())
@@ -313,3 +327,58 @@ def report(est: dict) -> str:
                    f"= {_b(inf['state_at_context'])} at {inf['context']} tokens; fits in 1 GB at int8: "
                  + ("yes" if w["int8"] + inf["state_at_context"] <= GB else "no"))
     return "\n".join(lines)
+
+
+def free_memory(cuda: bool) -> tuple[int, str]:
+    """(bytes this process may use, where that figure comes from) on the device a run would use.
+    CPU: the kernel's MemAvailable, shared by the ranks of this node."""
+    import os
+
+    if cuda:
+        rank = int(os.environ.get("LOCAL_RANK", "0"))
+        free, _ = torch.cuda.mem_get_info(rank)
+        return free, f"free on cuda:{rank}"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return avail // local, "available RAM" + (f" / {local} ranks" if local > 1 else "")
+
+
+def check_fits(cfg, budget: int, where: str, cuda: bool, world: int = 1):
+    """Raise a one-line ConfigError before training if some phase's estimated peak exceeds
+    `budget`, naming the largest micro-batch that fits and the setting that gets there."""
+    model = meta_model(cfg)
+    st = static_memory(model, cfg, cuda, world)
+    ckpt = cfg.model.grad_checkpoint
+    windows = cfg.model.layer_windows()
+    for ph in resolve_phases(cfg, world):
+        if ph.window:
+            model.set_windows([ph.window if w is not None else None for w in windows])
+        batch = ph.batch_size(cfg.train.grad_accum, world)
+        peak = train_peak(model, st, cfg, batch, ph.seq_len, ckpt, cuda)["peak"]
+        if peak <= budget:
+            model.set_windows(windows)
+            continue
+        head = (f"estimated peak {_b(peak)} (phase {ph.index + 1}: micro-batch {batch} x seq_len {ph.seq_len}) "
+                f"exceeds the {_b(budget)} {where}")
+        fit = max_micro_batch(model, st, cfg, ph.seq_len, ckpt, cuda, budget)
+        accum = accum_for(ph.tokens_per_step, ph.seq_len, world, fit) if fit else None
+        hints = []
+        if accum:
+            hints.append(f"largest micro-batch that fits: {fit}; set train.grad_accum={accum}"
+                         + (" (or lower train.batch_size)" if not cfg.train.phases else ""))
+        elif fit:
+            hints.append(f"largest micro-batch that fits: {fit}, but no train.grad_accum splits "
+                         f"{ph.tokens_per_step} tokens/step into it: change tokens_per_step")
+        else:
+            hints.append("not even micro-batch 1 fits")
+        fit_ck = 0 if ckpt else max_micro_batch(model, st, cfg, ph.seq_len, True, cuda, budget)
+        if fit_ck > fit:
+            hints.append(f"model.grad_checkpoint=true fits micro-batch {fit_ck}")
+        if not fit and not fit_ck:
+            hints.append("use a smaller --size, FSDP over more GPUs, or more memory")
+        raise ConfigError(f"{head}; {'; or '.join(hints)} (python train.py ... --dry-run for the breakdown; "
+                          f"--force-memory to train anyway)")
