@@ -5,21 +5,33 @@
 Method: this process imports everything first and reads its resident set size (VmRSS) as the
 baseline; it then builds the model and optimizer and runs `--steps` steps the way the trainer
 does (forward + loss, backward, grad-norm clip, optimizer step, zero_grad; fp32, no autocast, on
-random tokens). The measurement is the process's peak RSS (VmHWM) minus the baseline. glibc is
-told to serve every allocation above 1 MB with mmap (MALLOC_MMAP_THRESHOLD_, set by re-executing
-this script when missing), so a freed tensor leaves the RSS at once and the peak counts live
-tensors, not the allocator's free lists. Prints one JSON object.
+random tokens). The measurement is the process's peak RSS (VmHWM, reset to the current RSS
+first through /proc/self/clear_refs) minus the baseline. glibc is told (mallopt) to serve every
+allocation above 1 MB with mmap, so a freed tensor leaves the RSS at once and the peak counts
+live tensors, not the allocator's free lists; several measurements can then share one process
+(tests/test_sizes.py does). Prints one JSON object.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-MMAP_THRESHOLD = str(1 << 20)
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def set_mmap_threshold(nbytes: int = 1 << 20):
+    """Allocations above `nbytes` go straight to mmap and back to the OS when freed (glibc;
+    elsewhere a no-op, and the RSS peak may then include freed memory the allocator kept)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(M_MMAP_THRESHOLD, nbytes)
+    except (OSError, AttributeError):
+        pass
 
 
 def _status(key: str) -> int:
@@ -54,6 +66,9 @@ def measure(arch: str, size, overrides: list[str], batch: int, seq_len: int, ste
     torch.manual_seed(0)
     x = torch.randint(0, cfg.model.vocab_size, (batch, seq_len))
     y = torch.randint(0, cfg.model.vocab_size, (batch, seq_len))
+    import gc
+
+    gc.collect()  # the previous measurement's model, when several share a process
     base = _status("VmRSS")
     _reset_hwm()
     model = build_model(cfg.model, cfg.objective)
@@ -83,9 +98,7 @@ def main(argv=None):
     p.add_argument("--grad-checkpoint", action="store_true")
     p.add_argument("overrides", nargs="*", help="section.key=value, as train.py takes them")
     args = p.parse_args(argv)
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:  # glibc reads it at start-up only
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    set_mmap_threshold()
     print(json.dumps(measure(args.arch, args.size, args.overrides, args.batch, args.seq_len, args.steps,
                              args.grad_checkpoint)))
 

@@ -135,14 +135,15 @@ def train_peak(model, st: Static, cfg, batch: int, seq_len: int, checkpoint: boo
     head_grad = st.gradients - sum(grads_layer)  # embedding/head and final norm: the first gradients
     candidates = {"forward": base + held_grads + act + logits_fwd,
                   "loss backward": base + max(held_grads, head_grad) + act + logits_bwd}
-    # Walk back through the blocks: block i's activations (recomputed, with checkpointing) and the
-    # gradient flowing in the residual stream (dx, d(norm out), d(branch out)) against the
-    # gradients of the blocks already done.
+    # Walk back through the blocks: block i's activations (recomputed, with checkpointing), the
+    # gradients of its intermediates (about one per saved activation) and the gradient flowing in
+    # the residual stream (dx, d(norm out), d(branch out)), against the gradients of the blocks
+    # already done and the blocks below still waiting.
     below, done = act - head, head_grad
     for i in reversed(range(len(per_layer))):
         below -= kept[i]
         done += grads_layer[i]
-        live = below + per_layer[i] + 3 * residual
+        live = below + 2 * per_layer[i] + 3 * residual
         candidates["block backward"] = max(candidates.get("block backward", 0),
                                            base + max(held_grads, done) + live)
     candidates["optimizer step"] = st.weights + st.optimizer + st.gradients + st.ddp_buckets + st.opt_transient
@@ -349,36 +350,60 @@ def free_memory(cuda: bool) -> tuple[int, str]:
 
 def check_fits(cfg, budget: int, where: str, cuda: bool, world: int = 1):
     """Raise a one-line ConfigError before training if some phase's estimated peak exceeds
-    `budget`, naming the largest micro-batch that fits and the setting that gets there."""
+    `budget`, naming the largest micro-batch that fits and the setting that gets every phase there."""
     model = meta_model(cfg)
     st = static_memory(model, cfg, cuda, world)
     ckpt = cfg.model.grad_checkpoint
     windows = cfg.model.layer_windows()
-    for ph in resolve_phases(cfg, world):
-        if ph.window:
-            model.set_windows([ph.window if w is not None else None for w in windows])
+    phases = resolve_phases(cfg, world)
+    over, fits, fits_ck = None, [], []
+    for ph in phases:
+        model.set_windows([ph.window if w is not None and ph.window else w for w in windows])
         batch = ph.batch_size(cfg.train.grad_accum, world)
         peak = train_peak(model, st, cfg, batch, ph.seq_len, ckpt, cuda)["peak"]
-        if peak <= budget:
-            model.set_windows(windows)
-            continue
-        head = (f"estimated peak {_b(peak)} (phase {ph.index + 1}: micro-batch {batch} x seq_len {ph.seq_len}) "
-                f"exceeds the {_b(budget)} {where}")
-        fit = max_micro_batch(model, st, cfg, ph.seq_len, ckpt, cuda, budget)
-        accum = accum_for(ph.tokens_per_step, ph.seq_len, world, fit) if fit else None
-        hints = []
-        if accum:
-            hints.append(f"largest micro-batch that fits: {fit}; set train.grad_accum={accum}"
-                         + (" (or lower train.batch_size)" if not cfg.train.phases else ""))
-        elif fit:
-            hints.append(f"largest micro-batch that fits: {fit}, but no train.grad_accum splits "
-                         f"{ph.tokens_per_step} tokens/step into it: change tokens_per_step")
-        else:
-            hints.append("not even micro-batch 1 fits")
-        fit_ck = 0 if ckpt else max_micro_batch(model, st, cfg, ph.seq_len, True, cuda, budget)
-        if fit_ck > fit:
-            hints.append(f"model.grad_checkpoint=true fits micro-batch {fit_ck}")
-        if not fit and not fit_ck:
-            hints.append("use a smaller --size, FSDP over more GPUs, or more memory")
-        raise ConfigError(f"{head}; {'; or '.join(hints)} (python train.py ... --dry-run for the breakdown; "
-                          f"--force-memory to train anyway)")
+        if peak > budget and over is None:
+            over = (ph, batch, peak)
+        fits.append(max_micro_batch(model, st, cfg, ph.seq_len, ckpt, cuda, budget))
+        fits_ck.append(0 if ckpt else max_micro_batch(model, st, cfg, ph.seq_len, True, cuda, budget))
+    model.set_windows(windows)
+    if over is None:
+        return
+    ph, batch, peak = over
+    hints = []
+    if not all(fits):
+        hints.append(f"not even micro-batch 1 fits at seq_len {phases[fits.index(0)].seq_len}")
+    else:
+        accum = _accum_for_all(phases, world, fits)
+        fit = fits[ph.index]
+        hints.append(f"largest micro-batch that fits: {fit} at seq_len {ph.seq_len}; "
+                     + (f"set {_accum_flags(cfg, phases[0], world, accum)}" if accum else
+                        "no train.grad_accum splits every phase's tokens_per_step into micro-batches that fit: "
+                        "lower tokens_per_step"))
+    if all(fits_ck) and any(c > f for c, f in zip(fits_ck, fits)):
+        accum = _accum_for_all(phases, world, fits_ck)
+        hints.append("or model.grad_checkpoint=true"
+                     + (f" with {_accum_flags(cfg, phases[0], world, accum)}" if accum and accum > 1 else "")
+                     + f" (micro-batch up to {fits_ck[ph.index]})")
+    if not all(fits) and not all(fits_ck):
+        hints.append("use a smaller --size, FSDP over more GPUs, or more memory")
+    raise ConfigError(f"estimated peak {_b(peak)} (phase {ph.index + 1}: micro-batch {batch} x seq_len {ph.seq_len}) "
+                      f"exceeds the {_b(budget)} {where}; {'; '.join(hints)} (python train.py ... --dry-run "
+                      f"for the breakdown; --force-memory to train anyway)")
+
+
+def _accum_flags(cfg, phase, world: int, accum: int) -> str:
+    """The overrides that set grad_accum while keeping tokens per step: with train.phases, the
+    micro-batch follows from it; without, train.batch_size is the micro-batch and shrinks."""
+    if cfg.train.phases:
+        return f"train.grad_accum={accum}"
+    return f"train.batch_size={phase.tokens_per_step // (phase.seq_len * accum * world)} train.grad_accum={accum}"
+
+
+def _accum_for_all(phases, world: int, fits: list[int]) -> Optional[int]:
+    """The smallest grad_accum that splits every phase into whole micro-batches that fit."""
+    most = min(p.tokens_per_step // p.seq_len for p in phases)
+    for accum in range(1, most + 1):
+        if all((p.tokens_per_step // p.seq_len) % (accum * world) == 0
+               and p.tokens_per_step // (p.seq_len * accum * world) <= f for p, f in zip(phases, fits)):
+            return accum
+    return None
