@@ -185,7 +185,7 @@ def inference_memory(model, cfg, context: int) -> dict:
             if s is None:
                 continue
             tensors = [v for v in vars(s).values() if isinstance(v, torch.Tensor)]
-            if hasattr(s, "k"):  # an attention cache grows by one key and value per token
+            if hasattr(s, "k"):  # a KV cache starts empty and grows by a key and a value per token
                 w = layer.mixer.window
                 per = 2 * s.k.shape[1] * s.k.shape[3] * 2
                 if w is None:
@@ -216,8 +216,7 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
            "static_bytes": vars(st), "phases": []}
     windows = cfg.model.layer_windows()
     for ph in phases:
-        if ph.window:
-            model.set_windows([ph.window if w is not None else None for w in windows])
+        _set_phase_windows(model, windows, ph)
         batch = ph.batch_size(cfg.train.grad_accum, world)
         if batch < 1:
             raise ConfigError(f"phase {ph.index + 1}: tokens_per_step {ph.tokens_per_step} is less than one "
@@ -235,7 +234,6 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
                 r["grad_accum_to_fit"] = accum_for(ph.tokens_per_step, ph.seq_len, world, fit) if fit else None
         row["verdict"] = {f"{g}GB": row[_ckpt_key(cfg)]["peak"] <= g * GB for g in VERDICT_GB}
         out["phases"].append(row)
-        model.set_windows(windows)
     first = out["phases"][0][_ckpt_key(cfg)]
     out["train_memory_bytes"] = first["peak"]
     out["max_micro_batch"] = first.get("max_micro_batch")
@@ -259,6 +257,11 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
             "step_seconds": [p["flops_per_token"] * p["tokens_per_step"] / rate for p in out["phases"]]}
     out["inference"] = inference_memory(model, cfg, context)
     return out
+
+
+def _set_phase_windows(model, windows: list, phase):
+    """A phase's sliding window applies to the layers built with one (as the trainer does)."""
+    model.set_windows([phase.window if w is not None and phase.window else w for w in windows])
 
 
 def _ckpt_key(cfg) -> str:
@@ -358,14 +361,13 @@ def check_fits(cfg, budget: int, where: str, cuda: bool, world: int = 1):
     phases = resolve_phases(cfg, world)
     over, fits, fits_ck = None, [], []
     for ph in phases:
-        model.set_windows([ph.window if w is not None and ph.window else w for w in windows])
+        _set_phase_windows(model, windows, ph)
         batch = ph.batch_size(cfg.train.grad_accum, world)
         peak = train_peak(model, st, cfg, batch, ph.seq_len, ckpt, cuda)["peak"]
         if peak > budget and over is None:
             over = (ph, batch, peak)
         fits.append(max_micro_batch(model, st, cfg, ph.seq_len, ckpt, cuda, budget))
         fits_ck.append(0 if ckpt else max_micro_batch(model, st, cfg, ph.seq_len, True, cuda, budget))
-    model.set_windows(windows)
     if over is None:
         return
     ph, batch, peak = over
