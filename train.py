@@ -58,9 +58,13 @@ def parse_args(argv=None):
 def dry_run(cfg, args):
     import json
 
+    import torch
+
     from slmlab.estimate import DEFAULT_MFU, estimate, parse_mem, report
 
-    device = "cuda" if cfg.train.device == "cuda" or args.mem or args.gpu else "cpu"
+    # --mem and --gpu describe a GPU unless the run is pinned to the CPU (then --mem is its RAM).
+    device = "cpu" if cfg.train.device == "cpu" else "cuda" if cfg.train.device == "cuda" or args.mem or args.gpu \
+        else "cuda" if torch.cuda.is_available() else "cpu"
     est = estimate(cfg, device=device, world=args.world or 1, mem=parse_mem(args.mem) if args.mem else None,
                    gpu=args.gpu, mfu=args.mfu if args.mfu is not None else DEFAULT_MFU)
     print(json.dumps(est) if args.json else report(est))

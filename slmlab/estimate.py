@@ -204,7 +204,7 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
     """Everything --dry-run prints, as one dict (the --json output)."""
     if world < 1:
         raise ConfigError(f"--world must be >= 1, got {world}")
-    cuda = device == "cuda" or gpu is not None
+    cuda = device == "cuda"
     model = meta_model(cfg)
     st = static_memory(model, cfg, cuda, world)
     phases = resolve_phases(cfg, world)
