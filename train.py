@@ -65,7 +65,8 @@ def dry_run(cfg, args):
     # --mem and --gpu describe a GPU unless the run is pinned to the CPU (then --mem is its RAM).
     device = "cpu" if cfg.train.device == "cpu" else "cuda" if cfg.train.device == "cuda" or args.mem or args.gpu \
         else "cuda" if torch.cuda.is_available() else "cpu"
-    est = estimate(cfg, device=device, world=args.world or 1, mem=parse_mem(args.mem) if args.mem else None,
+    est = estimate(cfg, device=device, world=1 if args.world is None else args.world,
+                   mem=parse_mem(args.mem) if args.mem else None,
                    gpu=args.gpu, mfu=args.mfu if args.mfu is not None else DEFAULT_MFU)
     print(json.dumps(est) if args.json else report(est))
 
@@ -90,7 +91,7 @@ def main(argv=None):
 
     if not args.dry_run:
         used = [f for f, v in (("--gpu", args.gpu), ("--world", args.world), ("--mfu", args.mfu),
-                               ("--json", args.json)) if v]
+                               ("--json", args.json)) if v is not None and v is not False]
         if used:
             raise ConfigError(f"{', '.join(used)} only apply to --dry-run")
     elif args.resume or args.force_memory:
@@ -103,8 +104,6 @@ def main(argv=None):
         if v is not None:
             overrides.append(f"{key}={v}")
     if args.resume:
-        from slmlab.errors import ConfigError
-
         if not args.out:
             raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
         saved = Path(args.out) / "config.yaml"

@@ -49,11 +49,12 @@ def parse_mem(text: str) -> int:
     s = str(text).strip().upper().removesuffix("B").removesuffix("I")
     units = {"K": 1024, "M": 1024 ** 2, "G": GB, "T": 1024 ** 4}
     try:
-        if s and s[-1] in units:
-            return int(float(s[:-1]) * units[s[-1]])
-        return int(float(s) * GB)  # a bare number is GB
+        n = float(s[:-1]) * units[s[-1]] if s and s[-1] in units else float(s) * GB  # a bare number is GB
     except ValueError:
-        raise ConfigError(f"--mem {text!r}: give a size like 16GB or 24GiB") from None
+        n = -1
+    if not n > 0:
+        raise ConfigError(f"--mem {text!r}: give a size like 16GB or 24GiB")
+    return int(n)
 
 
 def gpu_spec(name: str) -> tuple[str, float, int]:
@@ -204,6 +205,8 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
     """Everything --dry-run prints, as one dict (the --json output)."""
     if world < 1:
         raise ConfigError(f"--world must be >= 1, got {world}")
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"--mfu must be in (0, 1], got {mfu}")
     cuda = device == "cuda"
     model = meta_model(cfg)
     st = static_memory(model, cfg, cuda, world)

@@ -170,14 +170,23 @@ def test_dry_run_report_and_its_knobs(capsys):
     assert ckpt["grad_checkpoint"]["activations"] < ckpt["no_checkpoint"]["activations"] / 4
 
 
-def test_dry_run_flags_are_checked():
+def test_dry_run_flags_are_checked(tmp_path):
     assert parse_mem("16GB") == 16 * GB == parse_mem("16GiB") == parse_mem("16")
     with pytest.raises(ConfigError, match="--mem 'lots'"):
         parse_mem("lots")
     with pytest.raises(ConfigError, match="unknown --gpu 'B9000'"):
         estimate(load_config(), gpu="B9000")
+    with pytest.raises(ConfigError, match="--mem '0GB'"):
+        parse_mem("0GB")
+    guard = ["--steps", "1", "--out", str(tmp_path / "run")]  # bounds the damage should the check regress
     with pytest.raises(ConfigError, match="--json only apply to --dry-run"):
-        train.main(["--json"])
+        train.main(["--json", *guard])
+    with pytest.raises(ConfigError, match="--world only apply to --dry-run"):
+        train.main(["--world", "0", *guard])
+    with pytest.raises(ConfigError, match="--world must be >= 1, got 0"):
+        train.main(["--dry-run", "--world", "0"])
+    with pytest.raises(ConfigError, match=r"--mfu must be in \(0, 1\], got 2.0"):
+        train.main(["--dry-run", "--gpu", "H100", "--mfu", "2"])
 
 
 def test_a_run_that_does_not_fit_stops_before_training(tmp_path, capsys):
