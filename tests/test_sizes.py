@@ -170,6 +170,13 @@ def test_dry_run_report_and_its_knobs(capsys):
     assert ckpt["grad_checkpoint"]["activations"] < ckpt["no_checkpoint"]["activations"] / 4
 
 
+def test_every_gpu_with_a_peak_has_a_memory_size():
+    from slmlab.estimate import GPU_MEMORY_GB
+    from slmlab.trainer import BF16_PEAK
+
+    assert set(GPU_MEMORY_GB) == set(BF16_PEAK)
+
+
 def test_dry_run_flags_are_checked(tmp_path):
     assert parse_mem("16GB") == 16 * GB == parse_mem("16GiB") == parse_mem("16")
     with pytest.raises(ConfigError, match="--mem 'lots'"):
