@@ -3,6 +3,7 @@
     python train.py --arch hybrid                      # default config, embedded stdlib data
     python train.py --arch transformer --layers CCA model.d_model=128 train.steps=100
     python train.py --resume --out runs/my-run                # continue from the latest checkpoint
+    python train.py --arch hybrid --size 350m --dry-run --mem 16GB   # will it fit? (nothing is trained)
     torchrun --nproc_per_node 2 train.py --arch hybrid        # DDP (train.parallel=fsdp for FSDP2)
 
 Extra arguments of the form section.key=value override any key of config.yaml.
@@ -34,14 +35,67 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint (its saved config.yaml plus "
                         "any overrides given here; the model shape must not change)")
+    p.add_argument("--size", default=None,
+                   help="model shape from config.yaml's sizes, e.g. 124m, 350m, 1b (default: the model section)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print parameters, FLOPs, the memory breakdown per phase and step time, then exit")
+    p.add_argument("--mem", default=None, metavar="SIZE",
+                   help="device memory to fit, e.g. 16GB: --dry-run's largest micro-batch; a real run's "
+                        "memory check (default: the device's free memory)")
+    p.add_argument("--gpu", default=None, metavar="NAME",
+                   help="--dry-run: estimate for this GPU (datasheet bf16 peak, memory), e.g. H100, 'RTX 4090'")
+    p.add_argument("--world", type=int, default=None, metavar="N",
+                   help="--dry-run: ranks under torchrun (train.parallel picks DDP or FSDP); memory per rank")
+    p.add_argument("--mfu", type=float, default=None,
+                   help="--dry-run with --gpu: model FLOPs utilisation assumed for step times (default 0.35)")
+    p.add_argument("--json", action="store_true", help="--dry-run: print the estimate as one JSON object")
+    p.add_argument("--force-memory", action="store_true",
+                   help="train even when the memory estimate exceeds the device's free memory")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. model.d_model=128")
     return p.parse_intermixed_args(argv)  # lets overrides and flags mix in any order
+
+
+def dry_run(cfg, args):
+    import json
+
+    import torch
+
+    from slmlab.estimate import DEFAULT_MFU, estimate, parse_mem, report
+
+    # --mem and --gpu describe a GPU unless the run is pinned to the CPU (then --mem is its RAM).
+    device = "cpu" if cfg.train.device == "cpu" else "cuda" if cfg.train.device == "cuda" or args.mem or args.gpu \
+        else "cuda" if torch.cuda.is_available() else "cpu"
+    est = estimate(cfg, device=device, world=1 if args.world is None else args.world,
+                   mem=parse_mem(args.mem) if args.mem else None,
+                   gpu=args.gpu, mfu=args.mfu if args.mfu is not None else DEFAULT_MFU)
+    print(json.dumps(est) if args.json else report(est))
+
+
+def check_memory(cfg, args):
+    """Stop before training (one line) when the estimate exceeds the device's free memory."""
+    import os
+
+    import torch
+
+    from slmlab.estimate import check_fits, free_memory, parse_mem
+
+    cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    budget, where = (parse_mem(args.mem), "given by --mem") if args.mem else free_memory(cuda)
+    check_fits(cfg, budget, where, cuda, world=int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def main(argv=None):
     args = parse_args(argv)
     from slmlab.config import DEFAULT_CONFIG, load_config
-    from slmlab.trainer import train
+    from slmlab.errors import ConfigError
+
+    if not args.dry_run:
+        used = [f for f, v in (("--gpu", args.gpu), ("--world", args.world), ("--mfu", args.mfu),
+                               ("--json", args.json)) if v is not None and v is not False]
+        if used:
+            raise ConfigError(f"{', '.join(used)} only apply to --dry-run")
+    elif args.resume or args.force_memory:
+        raise ConfigError("--dry-run trains nothing: drop --resume / --force-memory")
 
     overrides = list(args.overrides)
     for flag, key in (("data", "data.spec"), ("steps", "train.steps"), ("device", "train.device"),
@@ -50,22 +104,32 @@ def main(argv=None):
         if v is not None:
             overrides.append(f"{key}={v}")
     if args.resume:
-        from slmlab.errors import ConfigError
         from slmlab.rundir import CONFIG, RunDir
 
         if not args.out:
             raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
         saved = RunDir.open(args.out, need=(CONFIG,), label="--resume: ").path / CONFIG
-        if args.arch or args.config:  # rebuild from the given config; train() checks the model is unchanged
+        if args.arch or args.config or args.size:  # rebuild from the given config; train() checks the model is unchanged
             cfg = load_config(args.config or DEFAULT_CONFIG, arch=args.arch, overrides=overrides, layers=args.layers,
-                              imports=args.imports)
+                              imports=args.imports, size=args.size)
         else:
             cfg = load_config(saved, overrides=overrides, layers=args.layers, imports=args.imports)
+        if not args.force_memory:
+            check_memory(cfg, args)
+        from slmlab.trainer import train  # after the dry run's exit: it imports the data pipeline
+
         train(cfg, Path(args.out), resume=True)
         return
     cfg = load_config(args.config or DEFAULT_CONFIG, arch=args.arch or "hybrid", overrides=overrides,
-                      layers=args.layers, imports=args.imports)
+                      layers=args.layers, imports=args.imports, size=args.size)
+    if args.dry_run:
+        dry_run(cfg, args)
+        return
+    if not args.force_memory:
+        check_memory(cfg, args)
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from slmlab.trainer import train
+
     train(cfg, out, force=args.force)
 
 

@@ -6,9 +6,13 @@ A token mixer (`Mixer`) maps x [B, T, d] -> y [B, T, d] and carries a decode sta
     flops_per_token(seq_len)               training FLOPs (fwd + bwd) that are not parameter
                                            matmuls: attention scores, conv taps, neuron updates
     set_window(window)                     attention-like mixers: change the visible window
+    activation_bytes(batch, seq_len, act)  bytes its forward saves for backward for one micro-batch
+                                           (act: bytes per activation element, 4 fp32 / 2 bf16);
+                                           slmlab/estimate.py sums these to size a run
     residual_out                           names of the Linear layers that write into the residual
                                            stream; their init is scaled by 1/sqrt(2 * n_layers)
-A channel mixer (`ChannelMixer`) is forward(x) -> y with the same flops_per_token/residual_out.
+A channel mixer (`ChannelMixer`) is forward(x) -> y with the same flops_per_token/residual_out/
+activation_bytes.
 Register a mixer with `@register(name, letter, options=OptionsDataclass)` (arch/registry.py); its
 options arrive as `cfg.block_options(name)`. The LM sums parameter-matmul FLOPs itself, so a block
 only declares the work its parameters don't show.
@@ -23,9 +27,20 @@ import torch.nn as nn
 from .layers import RMSNorm, SwiGLU
 
 
+def linear_activation_bytes(module: nn.Module, tokens: int, act: int) -> int:
+    """A block's saved activations when it declares none: each Linear keeps its input for the
+    weight gradient, and its output is kept by whatever consumes it. An upper bound for most
+    blocks (a shared input counts once per Linear); the built-in blocks state the exact figure."""
+    width = sum(m.in_features + m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+    return tokens * width * act
+
+
 class Mixer(nn.Module):
     mixer_name = "?"  # set by @register
     residual_out: tuple[str, ...] = ()
+
+    def activation_bytes(self, batch: int, seq_len: int, act: int) -> int:
+        return linear_activation_bytes(self, batch * seq_len, act)
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32):
         return None
@@ -50,6 +65,9 @@ class Mixer(nn.Module):
 class ChannelMixer(nn.Module):
     residual_out: tuple[str, ...] = ()
 
+    def activation_bytes(self, batch: int, seq_len: int, act: int) -> int:
+        return linear_activation_bytes(self, batch * seq_len, act)
+
     def flops_per_token(self, seq_len: int) -> float:
         return 0.0
 
@@ -61,6 +79,11 @@ class SwiGLUMixer(ChannelMixer, SwiGLU):
 
     def __init__(self, cfg):
         SwiGLU.__init__(self, cfg.d_model, cfg.ffn)
+
+    def activation_bytes(self, batch: int, seq_len: int, act: int) -> int:
+        """w1's output (SiLU's input), SiLU's output and w3's output (the product's operands), the
+        product (w2's input). The shared input x is the norm's output, counted by the Block."""
+        return batch * seq_len * 4 * self.w1.out_features * act
 
 
 def residual_linears(module: nn.Module) -> list[nn.Linear]:
@@ -92,3 +115,11 @@ class Block(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         return sum(m.flops_per_token(seq_len) for m in (self.mixer, self.mlp) if hasattr(m, "flops_per_token"))
+
+    def activation_bytes(self, batch: int, seq_len: int, act: int) -> int:
+        """Saved for backward by one micro-batch. Each RMSNorm normalises in fp32 and keeps its
+        input, the normalised x and a per-token rsqrt; its output is kept (in the matmul dtype,
+        `act`) by the projections that read it. The block input and h are the residual stream."""
+        tokens, d = batch * seq_len, self.mixer_norm.weight.numel()
+        norms = 2 * tokens * ((2 * d + 1) * 4 + d * act)
+        return norms + self.mixer.activation_bytes(batch, seq_len, act) + self.mlp.activation_bytes(batch, seq_len, act)

@@ -43,6 +43,12 @@ class ShortConv(Mixer):
         """K depthwise taps per channel (a multiply-add each), x3 for fwd + bwd."""
         return 6 * self.conv.in_channels * self.K
 
+    def activation_bytes(self, batch: int, seq_len: int, act: int) -> int:
+        """in_proj's output (B, C and x in one tensor), the padded B*x the conv reads (K-1 more
+        steps per sequence), the conv output and C * conv (out_proj's input)."""
+        d = self.conv.in_channels
+        return (batch * seq_len * 6 * d + batch * (self.K - 1) * d) * act
+
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> ConvState:
         return ConvState(torch.zeros(batch_size, self.conv.in_channels, self.K - 1, device=device, dtype=dtype))
 

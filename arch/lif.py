@@ -226,6 +226,12 @@ class LIFMixer(Mixer, _SpikeStats):
             self._record(s.sum(), (s != 0).sum(), s.numel(), B * x.shape[1])
         return self.out_proj(s.to(x.dtype)) * F.silu(g), state
 
+    def activation_bytes(self, batch: int, seq_len: int, act: int) -> int:
+        """in_proj's output (u and g), the scan's membranes and spikes (out_proj's input),
+        out_proj's output and silu(g): 6d per token; the reverse scan of a bidirectional model
+        adds its membranes, spikes and the summed spike counts."""
+        return batch * seq_len * (6 if self.causal else 9) * self.d * act
+
     def flops_per_token(self, seq_len: int) -> float:
         """Neuron update per channel and step: decay, input, reset, threshold compare (4 ops) and
         the gate multiply; x3 for fwd + bwd (the backward scan does about twice the work)."""
@@ -264,6 +270,11 @@ class SpikingMLP(ChannelMixer, _SpikeStats):
         with torch.no_grad():
             self._record(s.sum(), (rate != 0).sum(), rate.numel(), rate.numel() // self.f)
         return self.w2(rate.to(x.dtype) * self.w3(x))
+
+    def activation_bytes(self, batch: int, seq_len: int, act: int) -> int:
+        """Membranes and spikes of the T_sim-step scan per gate channel, its zero initial state,
+        the rate and w3's output (the product's operands) and the product (w2's input)."""
+        return batch * seq_len * (2 * self.opts.T_sim + 4) * self.f * act
 
     def flops_per_token(self, seq_len: int) -> float:
         """T_sim neuron updates (4 ops) per gate channel, the rate and the gate multiply; x3 for fwd + bwd."""

@@ -200,13 +200,32 @@ def presets(path=DEFAULT_CONFIG) -> dict:
     return read_yaml(path).get("presets", {}) or {}
 
 
+def sizes(path=DEFAULT_CONFIG) -> dict:
+    return read_yaml(path).get("sizes", {}) or {}
+
+
+def _apply_size(tree: dict, table: dict, size: str, arch: str, path):
+    """Merge size `size` (its sections, then its per_arch entry for `arch`) into `tree`."""
+    if size not in table:
+        raise ConfigError(f"unknown --size {size!r}; sizes in {Path(path).name}: {', '.join(map(str, table))}")
+    entry = copy.deepcopy(table[size]) or {}
+    if not isinstance(entry, dict):
+        raise ConfigError(f"size {size}: must be a mapping of config sections")
+    per_arch = entry.pop("per_arch", {}) or {}
+    _merge(tree, entry, f"size {size}")
+    if not isinstance(per_arch, dict):
+        raise ConfigError(f"size {size}: per_arch must map preset names to partial configs")
+    _merge(tree, per_arch.get(arch) or {}, f"size {size} for --arch {arch}")
+
+
 def load_config(path=DEFAULT_CONFIG, arch: Optional[str] = None, overrides: list[str] = (),
-                layers: Optional[str] = None, imports: list[str] = ()) -> RunConfig:
-    """Base config -> preset `arch` -> `--layers` -> dotted overrides, then type-check everything.
-    `imports` (train.py --import) are appended to model.imports, so they load before the pattern
-    is parsed."""
+                layers: Optional[str] = None, imports: list[str] = (), size: Optional[str] = None) -> RunConfig:
+    """Base config -> preset `arch` -> size `size` (train.py --size) -> `--layers` -> dotted
+    overrides, then type-check everything. `imports` (train.py --import) are appended to
+    model.imports, so they load before the pattern is parsed."""
     raw = read_yaml(path)
     table = raw.pop("presets", {}) or {}
+    size_table = raw.pop("sizes", {}) or {}
     tree: dict = {}
     _merge(tree, raw, str(path))
     arch = arch or raw.get("arch") or "hybrid"
@@ -214,6 +233,8 @@ def load_config(path=DEFAULT_CONFIG, arch: Optional[str] = None, overrides: list
         if arch not in table:
             raise ConfigError(f"unknown --arch {arch!r}; presets in {Path(path).name}: {', '.join(table)}")
         _merge(tree, copy.deepcopy(table[arch]), f"preset {arch}")
+    if size is not None:
+        _apply_size(tree, size_table, str(size), arch, path)
     if layers is not None:
         _set(tree, "model.layers", layers)
     for text in overrides:

@@ -13,6 +13,7 @@ from slmlab.errors import ConfigError
 def _yaml_sections() -> dict:
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     raw.pop("presets")
+    raw.pop("sizes")
     return raw
 
 

@@ -1,0 +1,107 @@
+"""Measured CPU peak memory of real training steps next to slmlab/estimate.py's estimate.
+
+    python bench/measure_memory.py --arch hybrid --size 124m --batch 1 --seq-len 256 --steps 2
+
+Method: this process imports everything first and reads its resident set size (VmRSS) as the
+baseline; it then builds the model and optimizer and runs `--steps` steps the way the trainer
+does (forward + loss, backward, grad-norm clip, optimizer step, zero_grad; fp32, no autocast, on
+random tokens). The measurement is the process's peak RSS (VmHWM, reset to the current RSS
+first through /proc/self/clear_refs) minus the baseline. glibc is told (mallopt) to serve every
+allocation above 1 MB with mmap, so a freed tensor leaves the RSS at once and the peak counts
+live tensors, not the allocator's free lists; several measurements can then share one process
+(tests/test_sizes.py does). Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def set_mmap_threshold(nbytes: int = 1 << 20):
+    """Allocations above `nbytes` go straight to mmap and back to the OS when freed (glibc;
+    elsewhere a no-op, and the RSS peak may then include freed memory the allocator kept)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(M_MMAP_THRESHOLD, nbytes)
+    except (OSError, AttributeError):
+        pass
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def _reset_hwm():
+    # Linux: writing 5 to clear_refs resets VmHWM to the current RSS, so the import-time peak
+    # (torch's own start-up) does not mask a smaller training peak.
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def measure(arch: str, size, overrides: list[str], batch: int, seq_len: int, steps: int,
+            checkpoint: bool) -> dict:
+    import torch
+
+    from arch import build_model
+    from slmlab.config import load_config
+    from slmlab.estimate import meta_model, static_memory, train_peak
+    from slmlab.optim import build_optimizer
+
+    overrides = list(overrides) + ["train.phases=[]", f"train.seq_len={seq_len}", f"train.batch_size={batch}",
+                                   f"model.grad_checkpoint={str(checkpoint).lower()}", "train.device=cpu"]
+    cfg = load_config(arch=arch, size=size, overrides=overrides)
+    meta = meta_model(cfg)
+    est = train_peak(meta, static_memory(meta, cfg, cuda=False, world=1), cfg, batch, seq_len, checkpoint, cuda=False)
+    torch.manual_seed(0)
+    x = torch.randint(0, cfg.model.vocab_size, (batch, seq_len))
+    y = torch.randint(0, cfg.model.vocab_size, (batch, seq_len))
+    import gc
+
+    gc.collect()  # the previous measurement's model, when several share a process
+    base = _status("VmRSS")
+    _reset_hwm()
+    model = build_model(cfg.model, cfg.objective)
+    model.train()
+    opt = build_optimizer(model, cfg.optim, verbose=False)
+    for _ in range(steps):
+        loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        del loss
+    measured = _status("VmHWM") - base
+    return {"arch": arch, "size": size, "batch": batch, "seq_len": seq_len, "steps": steps,
+            "grad_checkpoint": checkpoint, "params": meta.num_params(), "estimate_bytes": est["peak"],
+            "estimate_peak_at": est["peak_at"], "measured_bytes": measured,
+            "ratio": est["peak"] / measured}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="hybrid")
+    p.add_argument("--size", default=None)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--grad-checkpoint", action="store_true")
+    p.add_argument("overrides", nargs="*", help="section.key=value, as train.py takes them")
+    args = p.parse_args(argv)
+    set_mmap_threshold()
+    print(json.dumps(measure(args.arch, args.size, args.overrides, args.batch, args.seq_len, args.steps,
+                             args.grad_checkpoint)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,414 @@
+"""Will it fit, and how long will it take? Training and inference memory, FLOPs and step time of a
+run, from the model built on the meta device (no weights allocated, so a 1B model costs nothing).
+
+Training memory per device, in the order a step uses it (steady state: the optimizer state exists):
+  weights      fp32 master weights (4 B/param; FSDP shards them over the ranks)
+  optimizer    AdamW exp_avg + exp_avg_sq (8 B/param), Muon momentum (4 B/param): the routing of
+               slmlab/optim.py, so optim.name=muon is sized by what Muon actually holds
+  gradients    fp32 (4 B/param); with grad_accum > 1 they live through every forward; DDP keeps a
+               second copy in its all-reduce buckets
+  activations  what each block saves for backward: Block.activation_bytes, so a new block is sized
+               by its own declaration; with model.grad_checkpoint only each block's input is kept
+               and one block at a time is recomputed in backward
+  logits       the B*T*V head output, its log-softmax and their gradients: large for big vocabularies
+The peak is the largest of: end of forward, the head's backward, each block's backward (activations
+freed as gradients appear) and the optimizer step (AdamW's foreach update on CUDA allocates one
+more copy of its parameters). On CUDA the matmuls run under bf16 autocast: activations are 2 B
+(norm internals stay fp32) and autocast caches bf16 copies of the matmul weights for the step.
+tests/test_sizes.py compares this with measured CPU peaks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .errors import ConfigError
+from .optim import route_params
+from .phases import resolve_phases
+
+GB = 1024 ** 3
+VERDICT_GB = (8, 16, 24, 40, 80)
+# Memory in GiB of the GPUs slmlab.trainer.BF16_PEAK knows (datasheet), for --gpu with no --mem.
+GPU_MEMORY_GB = {"H200": 141, "H100": 80, "A100": 80, "L40S": 48, "A10G": 24, "L4": 24, "RTX 4090": 24,
+                 "RTX 3090": 24, "V100": 32, "T4": 16}
+# Model FLOPs utilisation assumed for --gpu step times: what a well-tuned small-model run reaches
+# with bf16 and fused attention; state it next to every time printed.
+DEFAULT_MFU = 0.35
+# Memory a training process uses beyond its tensors. CPU: ~25-35 MB of RSS from torch's code
+# pages and thread-local buffers touched by the first step (measured with bench/measure_memory.py
+# on a 0.3M model). CUDA: the context and cuBLAS workspace, which torch.cuda.max_memory_allocated
+# does not count (typically 300-500 MB; subtract `runtime` to compare with it).
+RUNTIME_CPU, RUNTIME_CUDA = 32 * 1024 ** 2, 512 * 1024 ** 2
+QUANT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "q8_0": 34 / 32}  # q8_0: 32 int8 + one fp16 scale
+
+
+def parse_mem(text: str) -> int:
+    """'16GB', '16G', '24GiB', '16000MB' -> bytes (GB = GiB: what nvidia-smi and torch report)."""
+    s = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1024, "M": 1024 ** 2, "G": GB, "T": 1024 ** 4}
+    try:
+        n = float(s[:-1]) * units[s[-1]] if s and s[-1] in units else float(s) * GB  # a bare number is GB
+    except ValueError:
+        n = -1
+    if not n > 0:
+        raise ConfigError(f"--mem {text!r}: give a size like 16GB or 24GiB")
+    return int(n)
+
+
+def gpu_spec(name: str) -> tuple[str, float, int]:
+    """--gpu NAME -> (datasheet name, dense bf16 FLOP/s, memory bytes)."""
+    from .runtime import BF16_PEAK
+
+    for key in BF16_PEAK:
+        if key.replace(" ", "").lower() == name.replace(" ", "").lower():
+            return key, BF16_PEAK[key], GPU_MEMORY_GB[key] * GB
+    raise ConfigError(f"unknown --gpu {name!r}; known: {', '.join(BF16_PEAK)}")
+
+
+def meta_model(cfg):
+    """The run's model with shapes and no storage. Initialisation is skipped: there are no values
+    to draw, and torch's meta normal_ imports its Python decompositions (~2 s) on first use."""
+    from unittest import mock
+
+    from arch import build_model
+
+    with torch.device("meta"), mock.patch.object(torch.nn.init, "normal_", lambda t, *a, **k: t):
+        return build_model(cfg.model, cfg.objective)
+
+
+@dataclass
+class Static:
+    shard: int  # ranks the weights, gradients and optimizer state are split over (FSDP), else 1
+    params: int
+    params_non_embedding: int
+    weights: int
+    gradients: int
+    optimizer: int
+    ddp_buckets: int
+    autocast_weights: int
+    opt_transient: int
+    runtime: int  # the framework's own: code pages and buffers a first step touches, CUDA context
+
+
+def static_memory(model, cfg, cuda: bool, world: int) -> Static:
+    """Per-rank bytes that do not depend on the batch."""
+    params = model.num_params()
+    shard = world if world > 1 and cfg.train.parallel == "fsdp" else 1
+    routes = {r.group: r for r in route_params(model, cfg.optim.name)}
+    adam = sum(r.numel for g, r in routes.items() if g != "muon")
+    muon = routes["muon"].numel if "muon" in routes else 0
+    largest = max(p.numel() for p in model.parameters())
+    # AdamW's step: foreach (CUDA) builds sqrt(exp_avg_sq) for the whole group at once; the
+    # single-tensor loop (CPU) one tensor at a time. Muon iterates Newton-Schulz per matrix.
+    transient = (4 * adam // shard if cuda else 2 * 4 * largest) + (3 * 4 * largest if muon else 0)
+    matmul = sum(p.numel() for p in model.parameters() if p.dim() == 2)
+    return Static(shard=shard, params=params, params_non_embedding=model.num_params(exclude_embedding=True),
+                  weights=4 * params // shard, gradients=4 * params // shard,
+                  optimizer=(8 * adam + 4 * muon) // shard,
+                  ddp_buckets=4 * params if world > 1 and cfg.train.parallel == "ddp" else 0,
+                  autocast_weights=2 * matmul if cuda else 0, opt_transient=transient,
+                  runtime=RUNTIME_CUDA if cuda else RUNTIME_CPU)
+
+
+def logits_bytes(tokens: int, vocab: int) -> tuple[int, int]:
+    """(peak during the loss forward, peak during its backward) for `tokens` positions, on either
+    device (the loss upcasts bf16 logits to fp32): forward holds the fp32 logits and their
+    log-softmax; backward the saved log-softmax, the loss gradient and the logits gradient."""
+    return tokens * vocab * 8, tokens * vocab * 12
+
+
+def train_peak(model, st: Static, cfg, batch: int, seq_len: int, checkpoint: bool, cuda: bool) -> dict:
+    """Peak bytes per rank of one optimizer step at micro-batch `batch` x `seq_len`, and its parts."""
+    act_elem = 2 if cuda else 4
+    d, V, tokens = cfg.model.d_model, cfg.model.vocab_size, batch * seq_len
+    per_layer = [layer.activation_bytes(batch, seq_len, act_elem) for layer in model.layers]
+    grads_layer = [4 * sum(p.numel() for p in layer.parameters()) // st.shard for layer in model.layers]
+    residual = tokens * d * 4  # the fp32 residual stream: a block's input
+    kept = [residual] * len(per_layer) if checkpoint else per_layer
+    head = tokens * ((2 * d + 1) * 4 + d * act_elem)  # the final RMSNorm, like a Block's norms
+    act = sum(kept) + head
+    logits_fwd, logits_bwd = logits_bytes(tokens, V)
+    accum = cfg.train.grad_accum > 1
+    base = st.weights + st.optimizer + st.autocast_weights + st.ddp_buckets
+    held_grads = st.gradients if accum else 0
+    head_grad = st.gradients - sum(grads_layer)  # embedding/head and final norm: the first gradients
+    candidates = {"forward": base + held_grads + act + logits_fwd,
+                  "loss backward": base + max(held_grads, head_grad) + act + logits_bwd}
+    # Walk back through the blocks: block i's activations (recomputed, with checkpointing), the
+    # gradients of its intermediates (about one per saved activation) and the gradient flowing in
+    # the residual stream (dx, d(norm out), d(branch out)), against the gradients of the blocks
+    # already done and the blocks below still waiting.
+    below, done = act - head, head_grad
+    for i in reversed(range(len(per_layer))):
+        below -= kept[i]
+        done += grads_layer[i]
+        live = below + 2 * per_layer[i] + 3 * residual
+        candidates["block backward"] = max(candidates.get("block backward", 0),
+                                           base + max(held_grads, done) + live)
+    candidates["optimizer step"] = st.weights + st.optimizer + st.gradients + st.ddp_buckets + st.opt_transient
+    phase = max(candidates, key=candidates.get)
+    return {"peak": candidates[phase] + st.runtime, "peak_at": phase, "activations": act, "logits": logits_bwd}
+
+
+def max_micro_batch(model, st, cfg, seq_len: int, checkpoint: bool, cuda: bool, budget: int) -> int:
+    """The largest micro-batch (sequences) whose peak fits `budget` bytes; 0 if not even one."""
+    if train_peak(model, st, cfg, 1, seq_len, checkpoint, cuda)["peak"] > budget:
+        return 0
+    lo, hi = 1, 2
+    while train_peak(model, st, cfg, hi, seq_len, checkpoint, cuda)["peak"] <= budget and hi < 1 << 20:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # peak grows with the batch: bisect
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if train_peak(model, st, cfg, mid, seq_len, checkpoint, cuda)["peak"] <= budget \
+            else (lo, mid)
+    return lo
+
+
+def accum_for(tokens_per_step: int, seq_len: int, world: int, fit: int) -> Optional[int]:
+    """The smallest grad_accum whose micro-batch (tokens_per_step / (seq_len * accum * world)
+    sequences, a whole number) is at most `fit`; None if none is."""
+    seqs = tokens_per_step // seq_len
+    for accum in range(1, seqs + 1):
+        if seqs % (accum * world) == 0 and seqs // (accum * world) <= fit:
+            return accum
+    return None
+
+
+def inference_memory(model, cfg, context: int) -> dict:
+    """Weights in each storage format, and the decode state (KV cache, conv buffers) per token of
+    context and at `context` tokens, batch 1, fp16."""
+    state_fixed, state_per_token = 0, 0
+    with torch.device("meta"):
+        for layer in model.layers:
+            s = layer.mixer.init_state(1, "meta", torch.float16)
+            if s is None:
+                continue
+            tensors = [v for v in vars(s).values() if isinstance(v, torch.Tensor)]
+            if hasattr(s, "k"):  # a KV cache starts empty and grows by a key and a value per token
+                w = layer.mixer.window
+                per = 2 * s.k.shape[1] * s.k.shape[3] * 2
+                if w is None:
+                    state_per_token += per
+                else:
+                    state_fixed += per * (w - 1)
+            else:
+                state_fixed += sum(t.numel() * t.element_size() for t in tensors)
+    return {"weights": {k: int(model.num_params() * b) for k, b in QUANT_BYTES.items()},
+            "state_per_token": state_per_token, "state_fixed": state_fixed,
+            "state_at_context": state_fixed + state_per_token * context, "context": context}
+
+
+def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None, gpu: Optional[str] = None,
+             mfu: float = DEFAULT_MFU, context: int = 2048) -> dict:
+    """Everything --dry-run prints, as one dict (the --json output)."""
+    if world < 1:
+        raise ConfigError(f"--world must be >= 1, got {world}")
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"--mfu must be in (0, 1], got {mfu}")
+    cuda = device == "cuda"
+    model = meta_model(cfg)
+    st = static_memory(model, cfg, cuda, world)
+    phases = resolve_phases(cfg, world)
+    gpu_name, peak_flops, gpu_mem = gpu_spec(gpu) if gpu else (None, None, None)
+    budget = mem if mem is not None else gpu_mem
+    out = {"arch": cfg.arch, "params": st.params, "params_non_embedding": st.params_non_embedding,
+           "device": "cuda (bf16 autocast)" if cuda else "cpu (fp32)", "world": world,
+           "parallel": cfg.train.parallel if world > 1 else None, "optimizer": cfg.optim.name,
+           "static_bytes": vars(st), "phases": []}
+    windows = cfg.model.layer_windows()
+    for ph in phases:
+        _set_phase_windows(model, windows, ph)
+        batch = ph.batch_size(cfg.train.grad_accum, world)
+        if batch < 1:
+            raise ConfigError(f"phase {ph.index + 1}: tokens_per_step {ph.tokens_per_step} is less than one "
+                              f"sequence of {ph.seq_len} per rank and micro-batch")
+        row = {"phase": ph.index + 1, "seq_len": ph.seq_len, "tokens_per_step": ph.tokens_per_step,
+               "micro_batch": batch, "grad_accum": cfg.train.grad_accum, "steps": ph.steps,
+               "flops_per_token": model.flops_per_token(ph.seq_len)}
+        for ckpt in (False, True):
+            r = train_peak(model, st, cfg, batch, ph.seq_len, ckpt, cuda)
+            key = "grad_checkpoint" if ckpt else "no_checkpoint"
+            row[key] = r
+            if budget is not None:
+                fit = max_micro_batch(model, st, cfg, ph.seq_len, ckpt, cuda, budget)
+                r["max_micro_batch"] = fit
+                r["grad_accum_to_fit"] = accum_for(ph.tokens_per_step, ph.seq_len, world, fit) if fit else None
+        row["verdict"] = {f"{g}GB": row[_ckpt_key(cfg)]["peak"] <= g * GB for g in VERDICT_GB}
+        out["phases"].append(row)
+    first = out["phases"][0][_ckpt_key(cfg)]
+    out["train_memory_bytes"] = first["peak"]
+    out["max_micro_batch"] = first.get("max_micro_batch")
+    out["mem_bytes"] = budget
+    total_flops = sum(p["flops_per_token"] * p["tokens_per_step"] * p["steps"] for p in out["phases"])
+    tokens = sum(p["tokens_per_step"] * p["steps"] for p in out["phases"])
+    if peak_flops is not None:
+        peak_desc = f"{gpu_name} dense bf16 datasheet peak"
+    elif not cuda:  # a CPU run: what this machine's matmuls reach, as the trainer's MFU uses
+        from .runtime import _measured_peak
+
+        peak_flops, peak_desc = _measured_peak("cpu")
+    out["throughput"] = None  # a GPU of unknown kind: --gpu NAME gives times
+    if peak_flops is not None:
+        rate = peak_flops * mfu * world
+        flops_avg = total_flops / max(1, tokens)
+        out["throughput"] = {
+            "peak_flops": peak_flops, "peak_source": peak_desc, "mfu": mfu, "tokens_per_s": rate / flops_avg,
+            "run_seconds": total_flops / rate, "chinchilla_tokens": 20 * st.params,
+            "chinchilla_seconds": 20 * st.params * flops_avg / rate,
+            "step_seconds": [p["flops_per_token"] * p["tokens_per_step"] / rate for p in out["phases"]]}
+    out["inference"] = inference_memory(model, cfg, context)
+    return out
+
+
+def _set_phase_windows(model, windows: list, phase):
+    """A phase's sliding window applies to the layers built with one (as the trainer does)."""
+    model.set_windows([phase.window if w is not None and phase.window else w for w in windows])
+
+
+def _ckpt_key(cfg) -> str:
+    return "grad_checkpoint" if cfg.model.grad_checkpoint else "no_checkpoint"
+
+
+def _b(n) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GB", GB), ("MB", 1024 ** 2), ("KB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _n(n) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _t(s) -> str:
+    return f"{s:.2f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h" if s < 172800 \
+        else f"{s / 86400:.1f} days"
+
+
+def report(est: dict) -> str:
+    """The human-readable --dry-run report."""
+    s = est["static_bytes"]
+    lines = [f"model: {est['arch']}  {_n(est['params'])} params ({_n(est['params_non_embedding'])} non-embedding)"
+             f"  device: {est['device']}" + (f"  world {est['world']} ({est['parallel']}, per rank)"
+                                            if est["world"] > 1 else ""),
+             f"per device, every phase: weights {_b(s['weights'])}  gradients {_b(s['gradients'])}  "
+             f"optimizer ({est['optimizer']}) {_b(s['optimizer'])}"
+             + (f"  DDP buckets {_b(s['ddp_buckets'])}" if s["ddp_buckets"] else "")
+             + (f"  autocast bf16 weights {_b(s['autocast_weights'])}" if s["autocast_weights"] else "")
+             + f"  optimizer-step scratch {_b(s['opt_transient'])}"]
+    mem = est["mem_bytes"]
+    for p in est["phases"]:
+        lines.append(f"phase {p['phase']}: seq_len {p['seq_len']}  micro-batch {p['micro_batch']} x grad_accum "
+                     f"{p['grad_accum']} = {p['tokens_per_step']} tokens/step  {p['flops_per_token'] / 1e9:.3f} "
+                     f"GFLOP/token")
+        for key, label in (("no_checkpoint", "no grad checkpoint"), ("grad_checkpoint", "grad checkpoint  ")):
+            r = p[key]
+            fit = ""
+            if mem is not None:
+                fit = f"  | {_b(mem)}: max micro-batch {r['max_micro_batch']}"
+                fit += f" (grad_accum {r['grad_accum_to_fit']})" if r["grad_accum_to_fit"] else \
+                    ("" if r["max_micro_batch"] else " (does not fit)")
+            lines.append(f"  {label}: activations {_b(r['activations'])}  logits {_b(r['logits'])}  "
+                         f"peak {_b(r['peak'])} (at {r['peak_at']}){fit}")
+        ok = [g for g, v in p["verdict"].items() if v]
+        lines.append(f"  fits: {', '.join(ok) if ok else 'none of ' + ', '.join(p['verdict'])}"
+                     + (f"  (does not fit: {', '.join(g for g, v in p['verdict'].items() if not v)})"
+                        if ok and len(ok) < len(p["verdict"]) else ""))
+    th = est["throughput"]
+    if th is None:
+        lines.append("time: give --gpu NAME for step times (datasheet bf16 peak x MFU)")
+    else:
+        steps = ", ".join(f"p{i + 1} {_t(x)}" for i, x in enumerate(th["step_seconds"]))
+        lines.append(f"time: {th['peak_flops'] / 1e12:.1f} TFLOP/s ({th['peak_source']}) x MFU {th['mfu']:.2f}: "
+                     f"step {steps}; {th['tokens_per_s']:,.0f} tokens/s; this run {_t(th['run_seconds'])}; "
+                     f"20 tokens/param ({th['chinchilla_tokens'] / 1e9:.1f}B tokens) "
+                     f"{_t(th['chinchilla_seconds'])}")
+    inf = est["inference"]
+    w = inf["weights"]
+    lines.append("inference weights: " + "  ".join(f"{k} {_b(v)}" for k, v in w.items())
+                 + f"; state (fp16, batch 1) {_b(inf['state_per_token'])}/token + {_b(inf['state_fixed'])} "
+                   f"= {_b(inf['state_at_context'])} at {inf['context']} tokens; fits in 1 GB at int8: "
+                 + ("yes" if w["int8"] + inf["state_at_context"] <= GB else "no"))
+    return "\n".join(lines)
+
+
+def free_memory(cuda: bool) -> tuple[int, str]:
+    """(bytes this process may use, where that figure comes from) on the device a run would use.
+    CPU: the kernel's MemAvailable, shared by the ranks of this node."""
+    import os
+
+    if cuda:
+        rank = int(os.environ.get("LOCAL_RANK", "0"))
+        free, _ = torch.cuda.mem_get_info(rank)
+        return free, f"free on cuda:{rank}"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return avail // local, "available RAM" + (f" / {local} ranks" if local > 1 else "")
+
+
+def check_fits(cfg, budget: int, where: str, cuda: bool, world: int = 1):
+    """Raise a one-line ConfigError before training if some phase's estimated peak exceeds
+    `budget`, naming the largest micro-batch that fits and the setting that gets every phase there."""
+    model = meta_model(cfg)
+    st = static_memory(model, cfg, cuda, world)
+    ckpt = cfg.model.grad_checkpoint
+    windows = cfg.model.layer_windows()
+    phases = resolve_phases(cfg, world)
+    over, fits, fits_ck = None, [], []
+    for ph in phases:
+        _set_phase_windows(model, windows, ph)
+        batch = ph.batch_size(cfg.train.grad_accum, world)
+        peak = train_peak(model, st, cfg, batch, ph.seq_len, ckpt, cuda)["peak"]
+        if peak > budget and over is None:
+            over = (ph, batch, peak)
+        fits.append(max_micro_batch(model, st, cfg, ph.seq_len, ckpt, cuda, budget))
+        fits_ck.append(0 if ckpt else max_micro_batch(model, st, cfg, ph.seq_len, True, cuda, budget))
+    if over is None:
+        return
+    ph, batch, peak = over
+    hints = []
+    if not all(fits):
+        hints.append(f"not even micro-batch 1 fits at seq_len {phases[fits.index(0)].seq_len}")
+    else:
+        accum = _accum_for_all(phases, world, fits)
+        fit = fits[ph.index]
+        hints.append(f"largest micro-batch that fits: {fit} at seq_len {ph.seq_len}; "
+                     + (f"set {_accum_flags(cfg, phases[0], world, accum)}" if accum else
+                        "no train.grad_accum splits every phase's tokens_per_step into micro-batches that fit: "
+                        "lower tokens_per_step"))
+    if all(fits_ck) and any(c > f for c, f in zip(fits_ck, fits)):
+        accum = _accum_for_all(phases, world, fits_ck)
+        hints.append("or model.grad_checkpoint=true"
+                     + (f" with {_accum_flags(cfg, phases[0], world, accum)}" if accum and accum > 1 else "")
+                     + f" (micro-batch up to {fits_ck[ph.index]})")
+    if not all(fits) and not all(fits_ck):
+        hints.append("use a smaller --size, FSDP over more GPUs, or more memory")
+    raise ConfigError(f"estimated peak {_b(peak)} (phase {ph.index + 1}: micro-batch {batch} x seq_len {ph.seq_len}) "
+                      f"exceeds the {_b(budget)} {where}; {'; '.join(hints)} (python train.py ... --dry-run "
+                      f"for the breakdown; --force-memory to train anyway)")
+
+
+def _accum_flags(cfg, phase, world: int, accum: int) -> str:
+    """The overrides that set grad_accum while keeping tokens per step: with train.phases, the
+    micro-batch follows from it; without, train.batch_size is the micro-batch and shrinks."""
+    if cfg.train.phases:
+        return f"train.grad_accum={accum}"
+    return f"train.batch_size={phase.tokens_per_step // (phase.seq_len * accum * world)} train.grad_accum={accum}"
+
+
+def _accum_for_all(phases, world: int, fits: list[int]) -> Optional[int]:
+    """The smallest grad_accum that splits every phase into whole micro-batches that fit."""
+    most = min(p.tokens_per_step // p.seq_len for p in phases)
+    for accum in range(1, most + 1):
+        if all((p.tokens_per_step // p.seq_len) % (accum * world) == 0
+               and p.tokens_per_step // (p.seq_len * accum * world) <= f for p, f in zip(phases, fits)):
+            return accum
+    return None

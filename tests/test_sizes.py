@@ -1,0 +1,213 @@
+"""Sizes and the memory estimate: published shapes match transformers parameter for parameter, each
+block's declared activation footprint equals what autograd saves, the estimated peak is within
+20% of a measured CPU peak (bench/measure_memory.py: peak RSS above the process baseline), and a
+run that would not fit stops before training with one line. The ~124M two-step measurement is
+`pytest -m slow tests/test_sizes.py`."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import train
+from slmlab.cli import run_cli
+from slmlab.config import DEFAULT_CONFIG, load_config
+from slmlab.errors import ConfigError
+from slmlab.estimate import GB, estimate, meta_model, parse_mem
+
+ROOT = Path(__file__).resolve().parent.parent
+LFM2_350M = dict(  # LiquidAI/LFM2-350M config.json, the keys that set the shape
+    vocab_size=65536, hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8,
+    intermediate_size=6656, block_auto_adjust_ff_dim=True, block_ffn_dim_multiplier=1.0, block_multiple_of=256,
+    conv_L_cache=3, conv_bias=False, full_attn_idxs=[2, 5, 8, 10, 12, 14], tie_word_embeddings=True,
+    norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+
+
+def test_hybrid_350m_is_lfm2_350m_parameter_for_parameter():
+    transformers = pytest.importorskip("transformers")
+    from slmlab.hf import from_hf_config
+
+    hf_cfg = transformers.Lfm2Config(**LFM2_350M)
+    with torch.device("meta"):
+        hf = transformers.Lfm2ForCausalLM(hf_cfg)
+    hf_params = sum(p.numel() for p in hf.parameters())
+    cfg = load_config(arch="hybrid", size="350m")
+    assert meta_model(cfg).num_params() == hf_params == 354_483_968
+    # The same shape as transformers reads it (the FFN auto-adjust, the attention indices).
+    want = from_hf_config(hf_cfg)
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn", "conv_kernel", "rope_theta"):
+        assert getattr(cfg.model, key) == getattr(want, key), key
+    assert cfg.model.layer_types() == want.layer_types()
+
+
+def test_transformer_600m_is_qwen3_06b():
+    transformers = pytest.importorskip("transformers")
+    hf_cfg = transformers.Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                                      num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                                      head_dim=128, tie_word_embeddings=True)
+    with torch.device("meta"):
+        hf = transformers.Qwen3ForCausalLM(hf_cfg)
+    assert meta_model(load_config(arch="transformer", size="600m")).num_params() == \
+        sum(p.numel() for p in hf.parameters())
+
+
+def test_every_size_builds_for_every_preset():
+    table = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    for size in table["sizes"]:
+        for arch in table["presets"]:
+            load_config(arch=arch, size=size)
+    assert load_config(size="tiny").model == load_config().model  # the default is the CPU model
+    with pytest.raises(ConfigError, match="unknown --size '7b'; sizes in config.yaml: tiny, 124m"):
+        load_config(size="7b")
+
+
+def _saved_bytes(fn, exclude) -> int:
+    """Bytes of the distinct storages autograd saves for backward while fn runs (parameters aside)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("layers,mlp,causal,window_pattern", [
+    ("A", "swiglu", True, "L"), ("A", "swiglu", True, "S"), ("A", "swiglu", False, "L"), ("C", "swiglu", True, "L"),
+    ("C", "swiglu", False, "L"), ("L", "lif", True, "L"), ("L", "lif", False, "L")])
+def test_block_activation_bytes_equal_what_autograd_saves(layers, mlp, causal, window_pattern):
+    from arch import ModelConfig, build_model
+
+    cfg = ModelConfig(d_model=64, n_layers=1, layers=layers, n_heads=4, n_kv_heads=2, vocab_size=128, mlp=mlp,
+                      causal=causal, window=16, window_pattern=window_pattern)
+    model = build_model(cfg)
+    block = model.layers[0]
+    B, T = 3, 40
+    x = torch.randn(B, T, cfg.d_model, requires_grad=True)
+    got = _saved_bytes(lambda: block(x)[0], list(model.parameters()) + list(model.buffers()))
+    assert block.activation_bytes(B, T, 4) == pytest.approx(got, rel=0.01)
+
+
+def test_a_block_without_a_declaration_gets_the_linear_bound():
+    from arch.block import Mixer
+
+    class TwoLinears(Mixer):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+    assert TwoLinears().activation_bytes(2, 5, 4) == 2 * 5 * (8 + 16 + 16 + 8) * 4
+
+
+def _measure(cases: list[dict]) -> list[dict]:
+    """bench/measure_memory.py's measure() for each case, each in a fresh process (a process's
+    RSS does not shrink back for a second measurement), run side by side."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import measure_memory as m; m.set_mmap_threshold(); "
+            "print(json.dumps(m.measure(**json.loads(sys.argv[2]))))")
+    # One thread each: the two run side by side, and idle OpenMP threads spinning on a busy
+    # 2-core machine cost seconds of CPU.
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(ROOT / "bench"), json.dumps(c)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cases]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=900)
+        assert p.returncode == 0, stderr[-2000:]
+        out.append(json.loads(stdout.strip().splitlines()[-1]))
+    return out
+
+
+def _case(arch, batch, seq_len, size=None, overrides=(), checkpoint=False, steps=2):
+    return dict(arch=arch, size=size, overrides=list(overrides), batch=batch, seq_len=seq_len, steps=steps,
+                checkpoint=checkpoint)
+
+
+def test_estimate_within_20_percent_of_measured_cpu_peak():
+    """Two small shapes (~10 s on an idle 2-core CPU): the hybrid on AdamW, the transformer on
+    Muon at a longer context with gradient checkpointing."""
+    cases = [_case("hybrid", 4, 256), _case("transformer", 2, 512, overrides=["optim.name=muon"], checkpoint=True)]
+    for r in _measure(cases):
+        assert 0.8 <= r["ratio"] <= 1.2, r
+
+
+@pytest.mark.slow
+def test_124m_two_steps_within_20_percent():
+    """~124M (GPT-2-small class) for two real steps on CPU: ~2.5 GB, a minute or two."""
+    (r,) = _measure([_case("transformer", 2, 256, size="124m")])
+    assert 0.8 <= r["ratio"] <= 1.2, r
+
+
+def test_dry_run_json_has_the_keys(capsys):
+    assert run_cli(train.main, ["--arch", "hybrid", "--size", "350m", "--dry-run", "--mem", "16GB", "--json"]) == 0
+    est = json.loads(capsys.readouterr().out)
+    assert est["params"] == 354_483_968
+    assert est["params_non_embedding"] == 354_483_968 - 65536 * 1024
+    assert 0 < est["train_memory_bytes"] < 16 * GB and est["max_micro_batch"] >= 16
+    assert len(est["phases"]) == 3 and set(est["phases"][0]["verdict"]) == {"8GB", "16GB", "24GB", "40GB", "80GB"}
+
+
+def test_dry_run_report_and_its_knobs(capsys):
+    assert run_cli(train.main, ["--arch", "transformer", "--size", "124m", "--dry-run", "--gpu", "RTX 4090",
+                                "--world", "2", "train.parallel=fsdp"]) == 0
+    out = capsys.readouterr().out
+    assert "123.6M params" in out and "RTX 4090 dense bf16 datasheet peak" in out and "per rank" in out
+    cfg = load_config(arch="hybrid", size="350m")
+    ddp1, fsdp2 = estimate(cfg, "cuda"), estimate(load_config(arch="hybrid", size="350m",
+                                                              overrides=["train.parallel=fsdp"]), "cuda", world=2)
+    assert fsdp2["static_bytes"]["optimizer"] == ddp1["static_bytes"]["optimizer"] // 2
+    muon = estimate(load_config(arch="hybrid", size="350m", overrides=["optim.name=muon"]), "cuda")
+    assert muon["static_bytes"]["optimizer"] < ddp1["static_bytes"]["optimizer"]  # one buffer, not two
+    ckpt = estimate(cfg, "cuda")["phases"][0]
+    assert ckpt["grad_checkpoint"]["activations"] < ckpt["no_checkpoint"]["activations"] / 4
+
+
+def test_every_gpu_with_a_peak_has_a_memory_size():
+    from slmlab.estimate import GPU_MEMORY_GB
+    from slmlab.runtime import BF16_PEAK
+
+    assert set(GPU_MEMORY_GB) == set(BF16_PEAK)
+
+
+def test_dry_run_flags_are_checked(tmp_path):
+    assert parse_mem("16GB") == 16 * GB == parse_mem("16GiB") == parse_mem("16")
+    with pytest.raises(ConfigError, match="--mem 'lots'"):
+        parse_mem("lots")
+    with pytest.raises(ConfigError, match="unknown --gpu 'B9000'"):
+        estimate(load_config(), gpu="B9000")
+    with pytest.raises(ConfigError, match="--mem '0GB'"):
+        parse_mem("0GB")
+    guard = ["--steps", "1", "--out", str(tmp_path / "run")]  # bounds the damage should the check regress
+    with pytest.raises(ConfigError, match="--json only apply to --dry-run"):
+        train.main(["--json", *guard])
+    with pytest.raises(ConfigError, match="--world only apply to --dry-run"):
+        train.main(["--world", "0", *guard])
+    with pytest.raises(ConfigError, match="--world must be >= 1, got 0"):
+        train.main(["--dry-run", "--world", "0"])
+    with pytest.raises(ConfigError, match=r"--mfu must be in \(0, 1\], got 2.0"):
+        train.main(["--dry-run", "--gpu", "H100", "--mfu", "2"])
+
+
+def test_a_run_that_does_not_fit_stops_before_training(tmp_path, capsys):
+    argv = ["--arch", "hybrid", "--size", "124m", "--mem", "4GB", "--out", str(tmp_path / "run"), "train.device=cpu",
+            "train.phases=[]"]
+    assert run_cli(train.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "exceeds the 4.00 GB given by --mem" in err
+    assert "largest micro-batch that fits" in err and "train.grad_accum=" in err and "--force-memory" in err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="not even micro-batch 1 fits.*use a smaller --size"):
+        train.main(["--arch", "hybrid", "--size", "1b", "--mem", "2GB", "--out", str(tmp_path / "run")])
+    # The default phases (seq_len up to 2048): one grad_accum must serve all of them, and
+    # checkpointing is offered when it is what makes the longest phase fit.
+    with pytest.raises(ConfigError, match="not even micro-batch 1 fits at seq_len 2048; or model.grad_checkpoint=true"):
+        train.main(["--arch", "hybrid", "--size", "124m", "--mem", "4GB", "--out", str(tmp_path / "run"),
+                    "train.device=cpu"])
