@@ -196,7 +196,18 @@ def load_state(path) -> dict:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({msg[:200]})") from None
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"checkpoint {path} is not a slmlab trainer state")
+    for key, types in STATE_SCHEMA.items():  # checked before anything is restored or rewritten
+        if key not in state:
+            raise CheckpointError(f"checkpoint {path} lacks {key!r}: not a complete slmlab trainer state")
+        if not isinstance(state[key], types) or isinstance(state[key], bool):
+            raise CheckpointError(f"checkpoint {path}: {key!r} is a {type(state[key]).__name__}, "
+                                  f"expected {' or '.join(t.__name__ for t in types)}")
     return state
+
+
+# What Trainer.checkpoint writes into state.pt and resume reads back.
+STATE_SCHEMA = {"step": (int,), "phase": (int,), "tokens": (int,), "optimizer": (dict,), "rng": (dict,),
+                "metrics_offset": (int,), "bad_steps": (int,), "train_time": (int, float)}
 
 
 def latest_checkpoint(out) -> Path:

@@ -1,9 +1,19 @@
 """Shared CLI wrapper: user errors become one line on stderr and exit status 2."""
 from __future__ import annotations
 
+import errno
 import sys
 
 from .errors import SlmlabError
+
+# Filesystem failures a user can act on: one line naming the path and what to do, not a traceback.
+FS_HINTS = {errno.EROFS: "the file system is read-only: choose another location",
+            errno.EACCES: "permission denied: check the directory's permissions or choose another location",
+            errno.EPERM: "not permitted: check the directory's permissions or choose another location",
+            errno.ENOSPC: "no space left on the device: free some or choose another location",
+            errno.EDQUOT: "disk quota exceeded: free some space or choose another location",
+            errno.ENOTDIR: "a part of the path is a file, not a directory",
+            errno.EISDIR: "a directory stands where a file is expected"}
 
 
 def run_cli(main, argv=None) -> int:
@@ -11,6 +21,12 @@ def run_cli(main, argv=None) -> int:
         main(argv)
     except SlmlabError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in FS_HINTS:
+            raise
+        where = e.filename or "a file"
+        print(f"error: {where}: {FS_HINTS[e.errno]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -111,6 +111,8 @@ class Range:
 
         if value is None:
             return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number {self.describe()}, got {value!r}")
         bad = isinstance(value, float) and not math.isfinite(value)
         if self.lo is not None:
             bad = bad or value < self.lo or (self.lo_open and value == self.lo)

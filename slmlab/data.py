@@ -371,6 +371,9 @@ def resolve_spec(spec: str) -> _Source:
         raise DataError(f"data path not found: {spec}")
     if path.is_dir():
         return _DirSource(spec, path)
+    if not path.is_file():  # reading a FIFO would block forever, a device never ends
+        raise DataError(f"data path {spec} is not a regular file or a directory (a FIFO, device or socket?); "
+                        "slmlab reads regular files only")
     return _FileSource(spec, path)
 
 

@@ -111,10 +111,11 @@ class RunDir:
         """A run directory to train into: refused if it holds a run and not `force`; with `force`,
         the previous run's outputs are removed."""
         run = cls.check_new(path, force)
-        if run.path.exists():
+        if run.path.exists():  # only what slmlab writes goes; a user's own files in the directory stay
             for name in (METRICS, WEIGHTS, AVG_WEIGHTS, SUMMARY, SAMPLE):
                 (run.path / name).unlink(missing_ok=True)
-            shutil.rmtree(run.path / ckpt.CKPT_DIR, ignore_errors=True)
+            for d in ckpt.checkpoint_dirs(run.path):
+                shutil.rmtree(d)
         run.path.mkdir(parents=True, exist_ok=True)
         return run
 
@@ -122,9 +123,16 @@ class RunDir:
     def check_new(cls, path, force: bool = False) -> RunDir:
         """Raise before anything is written if `path` holds a run and `force` was not given."""
         run = cls(path)
-        if not force and any((run.path / f).exists() for f in (CONFIG, WEIGHTS)):
+        if run.path.exists() and not run.path.is_dir():
+            raise ConfigError(f"--out {run.path} is a file, not a directory")
+        if force or not run.path.exists():
+            return run
+        if any((run.path / f).exists() for f in (CONFIG, WEIGHTS)):
             raise ConfigError(f"--out {run.path} already holds a run; pass --force to overwrite it "
                               "or --resume to continue it")
+        if any(run.path.iterdir()):
+            raise ConfigError(f"--out {run.path} is not empty and holds no slmlab run; pick an empty or new "
+                              "directory, or pass --force (which replaces only the files slmlab writes)")
         return run
 
     def write_config(self, cfg):

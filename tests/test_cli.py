@@ -1,6 +1,8 @@
 """train.py / sample.py from the outside: bad input is one line on stderr, exit 2, nothing overwritten;
 a tiny run trains (loss goes down), writes its run directory and samples."""
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -179,3 +181,45 @@ def test_sample_refuses_a_tokenizer_larger_than_the_model(tiny_run, tmp_path, ca
     (run / "tokenizer.json").write_text(train_tokenizer(texts, vocab_size=600).to_json())
     assert run_cli(sample.main, ["--run", str(run), "--device", "cpu"]) == 2
     _one_line_error(capsys, "ids but the model only 300")
+
+
+# ---- nothing is lost, and the filesystem's errors are one line (issue 13) -------------------------
+def test_out_that_is_a_file_or_a_foreign_directory_is_refused(tmp_path, corpus, capsys):
+    f = tmp_path / "afile"
+    f.write_text("mine")
+    rc, _ = run_train(tmp_path, corpus, out=f, steps=1)
+    assert rc == 2 and f.read_text() == "mine"
+    _one_line_error(capsys, "is a file, not a directory")
+    d = tmp_path / "notes"
+    (d / "checkpoints").mkdir(parents=True)
+    for name, text in (("summary.json", "{}"), ("sample.txt", "my sample"), ("metrics.jsonl", ""),
+                       ("checkpoints/notes.txt", "my notes")):
+        (d / name).write_text(text)
+    rc, _ = run_train(tmp_path, corpus, out=d, steps=1)
+    assert rc == 2 and (d / "sample.txt").read_text() == "my sample" and (d / "checkpoints/notes.txt").is_file()
+    _one_line_error(capsys, "is not empty and holds no slmlab run")
+    rc, _ = run_train(tmp_path, corpus, "--force", out=d, steps=1)  # --force replaces only slmlab's own files
+    assert rc == 0 and (d / "checkpoints/notes.txt").read_text() == "my notes" and (d / "config.yaml").is_file()
+
+
+def test_data_that_is_a_fifo_is_refused_by_name(tmp_path, capsys):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    rc, _ = run_train(tmp_path, fifo, steps=1)
+    assert rc == 2
+    _one_line_error(capsys, "is not a regular file or a directory (a FIFO, device or socket?)")
+
+
+@pytest.mark.parametrize("err,needle", [(errno.EROFS, "read-only"), (errno.ENOSPC, "no space left"),
+                                        (errno.EACCES, "permission denied")])
+def test_filesystem_errors_are_one_line_naming_the_path(tmp_path, corpus, capsys, monkeypatch, err, needle):
+    """The writer fails the way a read-only, full or forbidden directory makes it fail."""
+    from slmlab import checkpoint
+
+    def failing_publish(path, *a, **k):
+        raise OSError(err, os.strerror(err), str(path))
+
+    monkeypatch.setattr(checkpoint, "publish", failing_publish)
+    rc, _ = run_train(tmp_path, corpus, steps=1)
+    assert rc == 2
+    _one_line_error(capsys, needle)

@@ -167,6 +167,24 @@ def test_from_hf_unsupported_and_mismatched(runs, tmp_path):
     assert not (tmp_path / "r2").exists()
 
 
+@pytest.mark.parametrize("key,value,needle", [
+    ("hidden_size", 10 ** 9, "model.d_model must be in [1, 65536]"),
+    ("vocab_size", "lots", "vocab_size"),
+    ("num_hidden_layers", -1, ""),
+])
+def test_from_hf_hostile_config_values_are_one_line_errors(runs, tmp_path, key, value, needle):
+    """config.json is untrusted input: absurd or mistyped values exit 2 with one line, nothing written."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    assert convert("--run", runs["transformer"], "--to", "hf", "--out", out)[0] == 0
+    cfg = json.loads((out / "config.json").read_text())
+    cfg[key] = value
+    (out / "config.json").write_text(json.dumps(cfg))
+    rc, err, _ = convert("--from-hf", out, "--out", tmp_path / "r")
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+    assert not (tmp_path / "r").exists()
+
+
 # ---------------------------------------------------------------- bad input
 def test_bad_input_is_one_line_exit_2_nothing_written(runs, tmp_path):
     out = tmp_path / "o"

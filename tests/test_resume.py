@@ -63,3 +63,30 @@ def test_kill_during_checkpoint_write_leaves_previous_loadable(tmp_path):
     r = run_train(["--resume", "--out", str(tmp_path / "run"), "train.steps=" + str(
         load_state(dirs[-1] / "state.pt")["step"] + 2)])
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda st: st.pop("rng"), "lacks 'rng'"),
+    (lambda st: st.update(step="6"), "'step' is a str, expected int"),
+    (lambda st: st.update(train_time=None), "'train_time' is a NoneType"),
+])
+def test_resume_from_a_malformed_state_is_refused_before_anything_changes(tmp_path, mutate, needle, capsys):
+    import torch
+
+    import train
+    from slmlab.cli import run_cli
+
+    corpus = write_corpus(tmp_path / "c.txt")
+    run = tmp_path / "run"
+    ov = tiny_overrides(tmp_path, steps=6, **{"train.ckpt_every": 3})
+    assert run_cli(train.main, ["--data", str(corpus), "--out", str(run), *ov]) == 0
+    state_pt = latest_checkpoint(run) / "state.pt"
+    st = torch.load(state_pt, weights_only=True)
+    mutate(st)
+    torch.save(st, state_pt)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "9"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # nothing rewritten

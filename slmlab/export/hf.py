@@ -77,13 +77,16 @@ def load_hf(path):
         raise CheckpointError(f"{path} is not a transformers model folder (no config.json)")
     try:
         hf_cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except (ValueError, KeyError, OSError) as e:
+    except Exception as e:  # config.json is untrusted: transformers' own validation errors vary by version
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"unsupported transformers architecture in {path}: {msg}") from None
+        raise ConfigError(f"{path / 'config.json'} is not a config slmlab can load: {msg}") from None
     if getattr(hf_cfg, "model_type", None) not in ("lfm2", "qwen3"):
         raise ConfigError(f"unsupported transformers architecture {hf_cfg.model_type!r} in {path}: "
                           "only lfm2 (Lfm2ForCausalLM) and qwen3 (Qwen3ForCausalLM) load into slmlab")
-    mcfg = from_hf_config(hf_cfg)
+    try:  # config.json is untrusted: any value may be of the wrong type or out of range
+        mcfg = from_hf_config(hf_cfg)
+    except (ConfigError, TypeError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{path / 'config.json'}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if mcfg.layer_types().count("attn") and hf_cfg.model_type == "lfm2" and mcfg.hd * mcfg.n_heads != mcfg.d_model:
         raise ConfigError("Lfm2 head_dim must equal hidden_size / num_attention_heads")
     hf_sd = _read_hf_weights(path)
