@@ -493,6 +493,10 @@ def _tokenize_to_file(tok: Tokenizer, docs: list[str], path: Path, dtype: np.dty
 def _open_tokens(path: Path, dtype: np.dtype, n: int) -> np.memmap:
     if n == 0:  # an empty file cannot be memory-mapped
         return np.zeros(0, dtype=dtype)
+    size = path.stat().st_size if path.is_file() else -1
+    if size != n * dtype.itemsize:  # checked before mapping: numpy raises on odd or empty files
+        raise DataError(f"cached token file {path} has {size} bytes, manifest says {n} tokens of "
+                        f"{dtype.itemsize} bytes: delete {path.parent}")
     arr = np.memmap(path, dtype=dtype, mode="r")
     if arr.size != n:
         raise DataError(f"cached token file {path} has {arr.size} tokens, manifest says {n}: delete {path.parent}")

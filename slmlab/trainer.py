@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as data_mod
-from .checkpoint import average_checkpoints, weights_for_save
+from .checkpoint import average_checkpoints, remove_stale, weights_for_save
 from .config import RunConfig
 from .errors import CheckpointError, ConfigError, SlmlabError
 from .evaluate import bpb_label, evaluate, generate_sample, token_byte_lengths
@@ -283,6 +283,7 @@ class Trainer:
 
     def open_run_dir(self, saved: dict | None):
         if self.dist.main:
+            remove_stale(self.run.path)  # temporaries of a writer killed in an earlier attempt
             self.run.write_config(self.cfg)
             self.run.write_tokenizer(self.tok)
         self.metrics = MetricsLog(self.run, self.cfg, self.dist.main, saved["metrics_offset"] if saved else None)

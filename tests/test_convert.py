@@ -440,3 +440,12 @@ def test_missing_extra_names_it(monkeypatch, runs, tmp_path):
     monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` raise ImportError
     rc, err, _ = convert("--run", runs["hybrid"], "--to", "gguf", "--out", tmp_path / "x.gguf")
     assert rc == 2 and "pip install -e '.[gguf]'" in err and not (tmp_path / "x.gguf").exists()
+
+
+def test_export_into_its_own_run_is_refused_even_with_force(runs):
+    run = Path(runs["hybrid"])
+    before = sorted(p.name for p in run.iterdir())
+    for out in (run, run / "hf"):
+        rc, err, _ = convert("--run", run, "--to", "hf", "--out", out, "--force")
+        assert rc == 2 and "is inside the source" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in run.iterdir()) == before

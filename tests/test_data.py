@@ -460,3 +460,21 @@ def test_compression_bpb_sane():
     rnd = np.random.default_rng(0).bytes(20_000)
     gz, xz = D.compression_bpb(rnd)
     assert 7.9 < gz < 8.2 and 7.9 < xz < 8.2
+
+
+@pytest.mark.parametrize("name,size", [("train.bin", "odd"), ("val.bin", 0)])
+def test_a_damaged_token_cache_is_rebuilt_with_one_line(tmp_path, corpus, capsys, name, size):
+    """A cache file truncated to an odd size or to zero bytes is rebuilt (one warning line), never a traceback."""
+    f = tmp_path / "shakes.txt"
+    f.write_text(corpus, encoding="utf-8")
+    cache = tmp_path / "cache"
+    b = _prep(f, cache, val_frac=0.1)
+    want_train, want_val = np.asarray(b.train).copy(), np.asarray(b.val).copy()
+    target = b.path / name
+    with open(target, "r+b") as fh:
+        fh.truncate(target.stat().st_size // 2 * 2 - 1 if size == "odd" else 0)
+    capsys.readouterr()
+    again = _prep(f, cache, val_frac=0.1, quiet=False)
+    out = capsys.readouterr().out
+    assert not again.cached and "unreadable" in out and "rebuilding" in out
+    assert np.array_equal(np.asarray(again.train), want_train) and np.array_equal(np.asarray(again.val), want_val)

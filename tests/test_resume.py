@@ -90,3 +90,20 @@ def test_resume_from_a_malformed_state_is_refused_before_anything_changes(tmp_pa
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # nothing rewritten
+
+
+def test_resume_removes_a_killed_writers_temporaries(tmp_path):
+    """A kill during the final save leaves .tmp-model.safetensors-<pid>-<id>/; the next run removes it."""
+    import train
+    from slmlab.cli import run_cli
+
+    corpus = write_corpus(tmp_path / "c.txt")
+    run = tmp_path / "run"
+    ov = tiny_overrides(tmp_path, steps=4, **{"train.ckpt_every": 2})
+    assert run_cli(train.main, ["--data", str(corpus), "--out", str(run), *ov]) == 0
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = run / f".tmp-model.safetensors-{int(dead.stdout)}-0123abcd"
+    (stale / "model.safetensors").parent.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half a file")
+    assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "6"]) == 0
+    assert not stale.exists()

@@ -44,7 +44,13 @@ def require(module: str, fmt: str, extra: str):
                           f"pip install -e '.[{extra}]'") from None
 
 
-def check_out(out, force: bool):
+def check_out(out, force: bool, source=None):
+    """Refuse an existing output without --force, and (even with it) an output that is the source
+    or lies inside it: replacing it would delete what is being converted."""
+    if source is not None:
+        src, dst = Path(source).resolve(), Path(out).resolve()
+        if dst == src or src in dst.parents:
+            raise ConfigError(f"output {out} is inside the source {source}; write the export elsewhere")
     if Path(out).exists() and not force:
         raise ConfigError(f"output {out} exists (pass --force to replace it)")
 
@@ -63,7 +69,7 @@ def convert(run_dir, fmt: str, out, opts: ExportOptions | None = None, force: bo
     if opts.quant == "int8" and fmt not in ("executorch", "onnx"):
         raise ConfigError(f"--quant int8 applies to executorch and onnx, not {fmt}"
                           + (" (use --quant q8_0)" if fmt == "gguf" else ""))
-    check_out(out, force)  # before the (slow) load
+    check_out(out, force, source=run_dir)  # before the (slow) load
     mod_name, _ = FORMATS[fmt]
     mod = importlib.import_module(f"{__name__}.{mod_name}")
     cfg, model, tok = RunDir.open(run_dir).load("cpu")

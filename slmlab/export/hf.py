@@ -116,7 +116,7 @@ def import_hf(path, out: Path, force: bool = False) -> dict:
     from ..rundir import RunDir
     from . import check_out, path_size
 
-    check_out(out, force)
+    check_out(out, force, source=path)
     mcfg, model, tok = load_hf(path)
     if tok is None:
         raise CheckpointError(f"{path} has no tokenizer.json (a run directory needs one)")
