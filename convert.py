@@ -49,8 +49,9 @@ def main(argv=None):
     else:
         if not args.fmt:
             raise ConfigError("--to FORMAT is required with --run")
-        if args.max_len <= 0:
-            raise ConfigError(f"--max-len must be > 0, got {args.max_len}")
+        from slmlab.coerce import Range
+
+        Range(1, 2 ** 20).check("--max-len", args.max_len)  # the decode graphs preallocate this many KV slots
         from slmlab.export import ExportOptions, convert
 
         opts = ExportOptions(dtype=args.dtype, quant=args.quant, max_len=args.max_len, eval_bpb=not args.no_eval)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import re
 import sys
 
 from .errors import SlmlabError
@@ -25,7 +26,8 @@ def run_cli(main, argv=None) -> int:
     except OSError as e:
         if e.errno not in FS_HINTS:
             raise
-        where = e.filename or "a file"
+        # Name what was being written, not publish()'s temporary (.tmp-NAME-PID-ID).
+        where = re.sub(r"\.tmp-(.+)-\d+-[0-9a-f]{8}$", r"\1", str(e.filename)) if e.filename else "a file"
         print(f"error: {where}: {FS_HINTS[e.errno]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -107,3 +107,37 @@ def test_resume_removes_a_killed_writers_temporaries(tmp_path):
     (stale / "model.safetensors").write_bytes(b"half a file")
     assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "6"]) == 0
     assert not stale.exists()
+
+
+def test_a_kill_while_resume_rewrites_config_leaves_a_run_that_resumes_exactly(tmp_path, monkeypatch):
+    """--resume dies half-way through publishing config.yaml (the writer stops mid-file, as a kill
+    would leave it); config.yaml is intact and the next --resume reproduces the uninterrupted losses."""
+    import train
+    from slmlab import rundir
+    from slmlab.checkpoint import publish
+    from slmlab.cli import run_cli
+
+    corpus = write_corpus(tmp_path / "c.txt")
+    full = tmp_path / "full"
+    ov = tiny_overrides(tmp_path, steps=8, **{"train.ckpt_every": 2, "train.keep_checkpoints": 4})
+    assert run_cli(train.main, ["--data", str(corpus), "--out", str(full), *ov]) == 0
+    run = tmp_path / "run"  # the same run as if killed right after its step-4 checkpoint
+    shutil.copytree(full, run)
+    for d in checkpoint_dirs(run)[2:]:
+        shutil.rmtree(d)
+    for name in ("model.safetensors", "summary.json", "sample.txt"):
+        (run / name).unlink()
+    config = (run / "config.yaml").read_bytes()
+
+    def killed_mid_write(self, cfg):
+        with publish(self.path / "config.yaml") as tmp:
+            tmp.write_bytes(config[: len(config) // 2])
+            raise SystemExit(137)
+
+    with monkeypatch.context() as m:
+        m.setattr(rundir.RunDir, "write_config", killed_mid_write)
+        with pytest.raises(SystemExit):
+            run_cli(train.main, ["--resume", "--out", str(run)])
+    assert (run / "config.yaml").read_bytes() == config
+    assert run_cli(train.main, ["--resume", "--out", str(run)]) == 0
+    assert losses(run) == losses(full)
