@@ -515,6 +515,10 @@ def load_bundle(path: str | os.PathLike) -> DataBundle:
         raise DataError(f"prepared data not found: {mpath}") from None
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"corrupt data manifest {mpath}: {e}") from None
+    want = manifest.get("tokenizer_sha256")  # caches written before it was recorded have none
+    if want and (not (path / "tokenizer.json").is_file()
+                 or hashlib.sha256((path / "tokenizer.json").read_bytes()).hexdigest() != want):
+        raise DataError(f"cached tokenizer {path / 'tokenizer.json'} does not match its manifest")
     tok = Tokenizer.load(path / "tokenizer.json")
     train = _open_tokens(path / "train.bin", dtype, n_train)
     val = _open_tokens(path / "val.bin", dtype, n_val)
@@ -559,6 +563,7 @@ def _write_cache(path: Path, tokenizer, train_docs, val_docs, dtype, progress: b
         "train_bytes": sum(len(d.encode("utf-8", "surrogatepass")) for d in train_docs),
         "n_train_tokens": n_train, "n_val_tokens": n_val, "val_bytes": len(val_raw),
         "gzip_bpb": gz, "xz_bpb": xz, "eos_id": tokenizer.eos_id,
+        "tokenizer_sha256": hashlib.sha256((path / "tokenizer.json").read_bytes()).hexdigest(),
     }
     (path / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 

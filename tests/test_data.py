@@ -478,3 +478,16 @@ def test_a_damaged_token_cache_is_rebuilt_with_one_line(tmp_path, corpus, capsys
     out = capsys.readouterr().out
     assert not again.cached and "unreadable" in out and "rebuilding" in out
     assert np.array_equal(np.asarray(again.train), want_train) and np.array_equal(np.asarray(again.val), want_val)
+
+
+def test_a_cached_tokenizer_that_changed_is_detected_and_rebuilt(tmp_path, corpus, capsys):
+    f = tmp_path / "shakes.txt"
+    f.write_text(corpus, encoding="utf-8")
+    cache = tmp_path / "cache"
+    b = _prep(f, cache, val_frac=0.1)
+    tok_path = b.path / "tokenizer.json"
+    tok_path.write_text(tok_path.read_text().replace('"<|mask|>"', '"<|MASK|>"'))  # still valid JSON, not the same
+    capsys.readouterr()
+    again = _prep(f, cache, val_frac=0.1, quiet=False)
+    assert not again.cached and "does not match its manifest" in capsys.readouterr().out
+    assert again.tokenizer.to_json() == b.tokenizer.to_json()
