@@ -61,6 +61,15 @@ def publish(path, keep_existing: bool = False):
         shutil.rmtree(tmp_root, ignore_errors=True)
 
 
+def discard(path: Path):
+    """Delete a published directory without ever leaving it half-deleted under its own name: it is
+    renamed to a temporary first (one atomic step), so a kill mid-delete leaves only a temporary
+    that remove_stale clears. (Deleting in place once left a step_* without state.pt.)"""
+    trash = path.parent / f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def remove_stale(parent, name_glob: str = "*"):
     """Remove temporaries of publish() under `parent` whose writer process is gone."""
     for p in Path(parent).glob(f".tmp-{name_glob}"):
@@ -180,7 +189,7 @@ def save_checkpoint(out, step: int, model_sd: dict, state: dict, keep: int) -> P
         save_file(model_sd, str(tmp / "model.safetensors"))
         torch.save(state, tmp / "state.pt")
     for p in checkpoint_dirs(out)[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
+        discard(p)
     remove_stale(root, "step_*")  # leftovers of killed writes
     return final
 

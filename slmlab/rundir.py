@@ -15,7 +15,6 @@ torch.load(weights_only=True), and a missing or torn file is a one-line error na
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from . import checkpoint as ckpt
@@ -115,7 +114,7 @@ class RunDir:
             for name in (METRICS, WEIGHTS, AVG_WEIGHTS, SUMMARY, SAMPLE):
                 (run.path / name).unlink(missing_ok=True)
             for d in ckpt.checkpoint_dirs(run.path):
-                shutil.rmtree(d)
+                ckpt.discard(d)
         run.path.mkdir(parents=True, exist_ok=True)
         return run
 

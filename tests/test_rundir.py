@@ -2,6 +2,7 @@
 routine every writer uses; the one tokenizer-equality check; the tied head stored once."""
 import json
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -178,3 +179,33 @@ def test_save_model_round_trips_an_untied_model(tmp_path):
     save_model(model, tmp_path / "m.safetensors", metadata={"k": "v"})
     sd = load_tensors(tmp_path / "m.safetensors")
     assert "lm_head.weight" in sd and json.dumps(sorted(sd)) == json.dumps(sorted(model.state_dict()))
+
+
+def test_a_kill_while_old_checkpoints_are_deleted_never_leaves_a_half_checkpoint(tmp_path, monkeypatch):
+    """Dropping checkpoints beyond keep_checkpoints dies half-way (after one file went): every
+    step_* left is complete."""
+    import torch
+
+    from slmlab import checkpoint as ck
+
+    sd = {"w": torch.zeros(2)}
+    for step in (1, 2):
+        ck.save_checkpoint(tmp_path, step, sd, {"step": step}, keep=2)
+
+    real_rmtree = ck.shutil.rmtree
+
+    def killed_rmtree(path, *a, **k):
+        if "step_000001" not in Path(path).name:  # publish's own clean-up of step 3's staging
+            return real_rmtree(path, *a, **k)
+        (Path(path) / "state.pt").unlink()
+        raise SystemExit(137)
+
+    with monkeypatch.context() as m:
+        m.setattr(ck.shutil, "rmtree", killed_rmtree)
+        with pytest.raises(SystemExit):
+            ck.save_checkpoint(tmp_path, 3, sd, {"step": 3}, keep=2)
+    for d in ck.checkpoint_dirs(tmp_path):
+        assert (d / "state.pt").is_file() and (d / "model.safetensors").is_file(), d
+    assert [d.name for d in ck.checkpoint_dirs(tmp_path)] == ["step_000002", "step_000003"]
+    # the half-deleted one survives only as a temporary (removed by the next run: test_resume)
+    assert [p.name.split("-")[1] for p in (tmp_path / ck.CKPT_DIR).glob(".tmp-*")] == ["step_000001"]
