@@ -78,12 +78,12 @@ def load_imports(specs) -> None:
         key = str(path.resolve()) if is_file else spec
         if key in _LOADED:
             continue
+        # A stable name per file, so a checkpoint's config re-imports it as the same module.
+        name = f"slmlab_user_{path.stem}_{hashlib.sha1(key.encode()).hexdigest()[:8]}" if is_file else spec
         try:
             if is_file:
                 if not path.is_file():
                     raise ConfigError(f"model.imports: file not found: {spec}")
-                # A stable name per file, so a checkpoint's config re-imports it as the same module.
-                name = f"slmlab_user_{path.stem}_{hashlib.sha1(key.encode()).hexdigest()[:8]}"
                 mod_spec = importlib.util.spec_from_file_location(name, path)
                 module = importlib.util.module_from_spec(mod_spec)
                 sys.modules[name] = module
@@ -93,6 +93,7 @@ def load_imports(specs) -> None:
         except ConfigError:
             raise
         except Exception as e:  # a user's file: report any failure as one line naming it
-            sys.modules.pop(f"slmlab_user_{path.stem}", None)
+            if is_file:  # a half-executed module must not stay importable under its name
+                sys.modules.pop(name, None)
             raise ConfigError(f"model.imports: importing {spec} failed: {type(e).__name__}: {e}") from None
         _LOADED[key] = name

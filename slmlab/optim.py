@@ -11,6 +11,7 @@ trainer and the checkpoint code treat as one optimizer.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -135,29 +136,32 @@ def newton_schulz(G: torch.Tensor, steps: int, coefficients=(3.4445, -4.7750, 2.
 
 
 NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_FAST_CPU_DTYPE: list = []  # the probe's answer, once per process
 
 
 def fast_ns_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA; on CPU whichever of fp32 / bf16 multiplies faster here. CPUs differ: on
     this project's AVX-512 machines without AMX bf16 matmul ran ~3.5x slower than fp32, on ones
     with AMX (amx_bf16) a 256x704 NS step ran ~5x faster in bf16 (64 ms vs 14 ms for 18 matrices)."""
-    if device.type == "cuda":
-        return torch.bfloat16
-    if not _FAST_CPU_DTYPE:
-        import time
+    return torch.bfloat16 if device.type == "cuda" else _fast_cpu_dtype()
 
-        def best(dtype):
-            a = torch.randn(256, 512).to(dtype)
-            times = []
-            for _ in range(10):  # the min of several: the machine is shared and noisy
-                t = time.perf_counter()
-                a @ a.T
-                times.append(time.perf_counter() - t)
-            return min(times[1:])
 
-        _FAST_CPU_DTYPE.append(torch.bfloat16 if best(torch.bfloat16) < 0.8 * best(torch.float32) else torch.float32)
-    return _FAST_CPU_DTYPE[0]
+@functools.cache  # probed once per process
+def _fast_cpu_dtype() -> torch.dtype:
+    import time
+
+    # A private generator: the probe must not move the global RNG, or a resumed run (which probes
+    # again at its first step) would draw different diffusion masks than the uninterrupted one.
+    a = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
+
+    def best(dtype):
+        x, times = a.to(dtype), []
+        for _ in range(10):  # the min of several: the machine is shared and noisy
+            t = time.perf_counter()
+            x @ x.T
+            times.append(time.perf_counter() - t)
+        return min(times[1:])
+
+    return torch.bfloat16 if best(torch.bfloat16) < 0.8 * best(torch.float32) else torch.float32
 
 
 class BatchedMuon(torch.optim.Muon):

@@ -127,6 +127,9 @@ def test_imports_bad_entries_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError) as e:
         tiny(imports=[str(broken)])
     assert "importing" in str(e.value) and "ModuleNotFoundError" in str(e.value) and "\n" not in str(e.value)
+    import sys
+
+    assert not [m for m in sys.modules if m.startswith("slmlab_user_broken")]  # no half-imported module left
     with pytest.raises(ConfigError, match="unknown block 'S'"):
         tiny(layers="SSA", n_layers=3)  # not imported: the letter is unknown
 
