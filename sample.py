@@ -76,17 +76,20 @@ def main(argv=None):
 
 
 class StreamPrinter:
-    """Prints the decoded text as tokens arrive, holding back a tail that is not yet valid UTF-8."""
+    """Prints the decoded text as tokens arrive. Only the tokens since the last print are decoded
+    (decoding the whole sequence per token is quadratic in its length), and a piece is held back
+    while it ends inside a UTF-8 character (U+FFFD)."""
 
     def __init__(self, tok, prompt_ids):
-        self.tok, self.ids, self.shown = tok, list(prompt_ids), ""
+        self.tok, self.pending, self.shown = tok, list(prompt_ids), ""
 
     def add(self, token: int):
-        self.ids.append(int(token))
-        text = self.tok.decode(self.ids)
-        if not text.endswith("\ufffd"):
-            print(text[len(self.shown):], end="", flush=True)
-            self.shown = text
+        self.pending.append(int(token))
+        piece = self.tok.decode(self.pending)
+        if not piece.endswith("\ufffd"):
+            print(piece, end="", flush=True)
+            self.shown += piece
+            self.pending = []
 
     def finish(self, ids):
         text = self.tok.decode(ids)

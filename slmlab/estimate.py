@@ -26,7 +26,7 @@ import torch
 
 from .errors import ConfigError
 from .optim import route_params
-from .phases import resolve_phases
+from .phases import phase_windows, resolve_phases
 
 GB = 1024 ** 3
 VERDICT_GB = (8, 16, 24, 40, 80)
@@ -219,7 +219,7 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
            "static_bytes": vars(st), "phases": []}
     windows = cfg.model.layer_windows()
     for ph in phases:
-        _set_phase_windows(model, windows, ph)
+        model.set_windows(phase_windows(windows, ph.window))
         batch = ph.batch_size(cfg.train.grad_accum, world)
         if batch < 1:
             raise ConfigError(f"phase {ph.index + 1}: tokens_per_step {ph.tokens_per_step} is less than one "
@@ -260,11 +260,6 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
             "step_seconds": [p["flops_per_token"] * p["tokens_per_step"] / rate for p in out["phases"]]}
     out["inference"] = inference_memory(model, cfg, context)
     return out
-
-
-def _set_phase_windows(model, windows: list, phase):
-    """A phase's sliding window applies to the layers built with one (as the trainer does)."""
-    model.set_windows([phase.window if w is not None and phase.window else w for w in windows])
 
 
 def _ckpt_key(cfg) -> str:
@@ -364,7 +359,7 @@ def check_fits(cfg, budget: int, where: str, cuda: bool, world: int = 1):
     phases = resolve_phases(cfg, world)
     over, fits, fits_ck = None, [], []
     for ph in phases:
-        _set_phase_windows(model, windows, ph)
+        model.set_windows(phase_windows(windows, ph.window))
         batch = ph.batch_size(cfg.train.grad_accum, world)
         peak = train_peak(model, st, cfg, batch, ph.seq_len, ckpt, cuda)["peak"]
         if peak > budget and over is None:

@@ -112,6 +112,12 @@ def resolve_phases(cfg, world: int = 1) -> list[Phase]:
     return phases
 
 
+def phase_windows(base_windows: list, window: Optional[int]) -> list:
+    """Per-layer attention windows in a phase: only layers built with a window (S layers) take the
+    phase's `window`; full-attention and non-attention layers keep theirs."""
+    return [window if w is not None and window else w for w in base_windows]
+
+
 def phase_at(phases: list[Phase], step: int) -> Phase:
     """The phase that global step `step` (0-based) belongs to."""
     for p in phases:

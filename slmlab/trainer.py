@@ -26,7 +26,7 @@ from .errors import CheckpointError, ConfigError, SlmlabError
 from .evaluate import bpb_label, evaluate, generate_sample, token_byte_lengths
 from .init_from import init_model
 from .optim import build_optimizer
-from .phases import lr_mult, phase_at, resolve_phases
+from .phases import lr_mult, phase_at, phase_windows, resolve_phases
 from .progress import Progress, fmt_duration
 from .rundir import AVG_WEIGHTS, CONFIG, METRICS, SAMPLE, RunDir, model_from_config
 from .runtime import (
@@ -67,11 +67,6 @@ def load_teacher(path: str, tok, device):
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
-
-
-def phase_windows(base_windows, window):
-    """Per-phase sliding windows: only layers built with a window (S layers) take the phase's."""
-    return [window if w is not None and window else w for w in base_windows]
 
 
 @dataclass

@@ -131,10 +131,8 @@ def test_finetune_on_other_data_with_the_runs_tokenizer(tmp_path, corpus, capsys
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, corpus):
     tmp = tmp_path_factory.mktemp("samplerun")
-    corpus = tmp / "corpus.txt"
-    corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 17}\n" for i in range(5000)))
     rc, out = run_train(tmp, corpus, steps=2)
     assert rc == 0
     return out

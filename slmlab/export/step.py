@@ -45,7 +45,8 @@ class StepLM(nn.Module):
         return [t for st in self.model.static_state(batch, self.max_len, torch.device("cpu"), dtype) for t in st]
 
     def state_shapes(self, batch: int) -> list[tuple]:
-        return [tuple(t.shape) for t in self.init_states(batch)]
+        meta = self.model.static_state(batch, self.max_len, torch.device("meta"))  # shapes, no memory
+        return [tuple(t.shape) for st in meta for t in st]
 
     # ---- graph ----
     def forward(self, idx, pos, *states):
