@@ -162,7 +162,15 @@ class StaticDecoder:
         self.states = model.static_state(idx.shape[0], idx.shape[1] + max_new_tokens, idx.device,
                                          model.embed.weight.dtype)
         self.pos = torch.zeros(1, dtype=torch.long, device=idx.device)
-        self.fwd = torch.compile(model.forward_static, dynamic=False) if compile else model.forward_static
+        self.fwd = model.forward_static
+        if compile:
+            from slmlab.runtime import CompiledOrEager
+
+            # cpp_wrapper: the step's ~60 kernel launches from C++ instead of Python. Measured
+            # interleaved at 1 thread, default hybrid (400 slots): 1.24 ms vs 1.45 ms a token.
+            # (reduce-overhead CUDA graphs are skipped by torch for steps that mutate their inputs.)
+            opts = {"cpp_wrapper": True} if idx.device.type == "cpu" else None
+            self.fwd = CompiledOrEager(model.forward_static, "the decode step", options=opts)
 
     def prefill(self, idx):
         logits, _ = self.model.forward_static(idx, self.pos, self.states)

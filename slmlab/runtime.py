@@ -37,9 +37,9 @@ class CompiledOrEager:
     compiler problem never stops a run. Shapes are static: each phase's sequence length compiles
     once (torch recompiles on a new shape), which is what the default 3-phase curriculum needs."""
 
-    def __init__(self, fn, what: str, say=print):
+    def __init__(self, fn, what: str, say=print, options: dict | None = None):
         self.eager, self.what, self.say = fn, what, say
-        self.fn = torch.compile(fn, dynamic=False)
+        self.fn = torch.compile(fn, dynamic=False, options=options)
 
     def __call__(self, *args, **kwargs):
         if self.fn is self.eager:
