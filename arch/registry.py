@@ -17,7 +17,7 @@ from slmlab.errors import ConfigError
 
 MIXERS: dict[str, type] = {}
 LETTERS: dict[str, str] = {}
-# Channel mixers other than the default SwiGLU (picked with model.mlp).
+# Channel mixers other than the built-in SwiGLU and GELU MLPs (picked with model.mlp).
 CHANNEL_MIXERS: dict[str, type] = {}
 # Block name -> its options dataclass (one namespace per name: the LIF mixer and LIF MLP share "lif").
 OPTIONS: dict[str, type] = {}
@@ -56,7 +56,7 @@ def get_mixer(name: str):
 
 def register_channel_mixer(name: str, options=None):
     def deco(cls):
-        if name in CHANNEL_MIXERS or name == "swiglu":
+        if name in CHANNEL_MIXERS or name in ("swiglu", "gelu"):  # the built-ins (arch/block.py)
             raise ValueError(f"channel mixer {name!r} registered twice")
         CHANNEL_MIXERS[name] = cls
         _add_options(name, options)

@@ -1,4 +1,4 @@
-"""Hugging Face transformers folders: export (Lfm2ForCausalLM / Qwen3ForCausalLM) and import.
+"""Hugging Face transformers folders: export (Lfm2 / Qwen3 / Qwen2 / Llama ForCausalLM, GPT2LMHeadModel) and import.
 
 The name/config mapping lives in slmlab/hf.py; this module only writes and reads folders.
 """
@@ -8,7 +8,16 @@ import json
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
-from ..hf import from_hf_config, from_hf_state_dict, hf_family, to_hf_config, to_hf_state_dict
+from ..hf import (
+    FAMILIES,
+    HF_CLASSES,
+    from_hf_config,
+    from_hf_state_dict,
+    hf_family,
+    to_hf_config,
+    to_hf_state_dict,
+    unsupported,
+)
 from . import DTYPES, require
 
 HF_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -31,7 +40,7 @@ def export(model, tok, cfg, out: Path, opts):
     out.mkdir(parents=True)
     ids = special_ids(tok)
     hf_cfg = to_hf_config(cfg.model, max_position_embeddings=4096, **ids)
-    hf_cfg.architectures = ["Lfm2ForCausalLM" if hf_family(cfg.model) == "lfm2" else "Qwen3ForCausalLM"]
+    hf_cfg.architectures = [HF_CLASSES[hf_family(cfg.model)]]
     hf_cfg.dtype = HF_DTYPE_NAMES[opts.dtype]
     hf_cfg.to_json_file(str(out / "config.json"))
     sd = {k: v.detach().to(DTYPES[opts.dtype]).contiguous() for k, v in to_hf_state_dict(model).items()}
@@ -64,7 +73,7 @@ def _read_hf_weights(path: Path) -> dict:
 
 
 def load_hf(path):
-    """An HF Lfm2/Qwen3 causal-LM folder -> (ModelConfig, our LM with its weights, Tokenizer or None)."""
+    """An HF causal-LM folder of one of FAMILIES -> (ModelConfig, our LM with its weights, Tokenizer or None)."""
     require("transformers", "from-hf", "hf")
     from transformers import AutoConfig
 
@@ -80,9 +89,8 @@ def load_hf(path):
     except Exception as e:  # config.json is untrusted: transformers' own validation errors vary by version
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"{path / 'config.json'} is not a config slmlab can load: {msg}") from None
-    if getattr(hf_cfg, "model_type", None) not in ("lfm2", "qwen3"):
-        raise ConfigError(f"unsupported transformers architecture {hf_cfg.model_type!r} in {path}: "
-                          "only lfm2 (Lfm2ForCausalLM) and qwen3 (Qwen3ForCausalLM) load into slmlab")
+    if getattr(hf_cfg, "model_type", None) not in FAMILIES:
+        raise ConfigError(f"{path}: {unsupported(getattr(hf_cfg, 'model_type', None))}")
     try:  # config.json is untrusted: any value may be of the wrong type or out of range
         mcfg = from_hf_config(hf_cfg)
     except (ConfigError, TypeError, ValueError, AttributeError) as e:
