@@ -93,3 +93,67 @@ def test_export_back_to_the_same_class(family):
     idx = torch.randint(0, V, (1, 13))
     with torch.no_grad():
         torch.testing.assert_close(back(idx).logits, hf(idx).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_step_graph_matches_decode(family):
+    """The export step graph (learned positions come from its pos input) against LM's own decode."""
+    from slmlab.export.step import StepLM, reference_decode
+
+    ours = ours_from(hf_model(family))
+    idx = torch.randint(0, V, (2, 6))
+    pre, toks, steps = reference_decode(ours, idx, 5)
+    step = StepLM(ours, 16)
+    with torch.no_grad():
+        logits, *st = step(idx, torch.tensor([0]), *step.init_states(2))
+        torch.testing.assert_close(logits, pre, atol=1e-5, rtol=0)
+        for i in range(5):
+            logits, *st = step(toks[:, i:i + 1], torch.tensor([idx.shape[1] + i]), *st)
+            torch.testing.assert_close(logits, steps[:, i:i + 1], atol=1e-5, rtol=0)
+
+
+def test_llama3_scaling_changes_the_frequencies():
+    cfg = from_hf_config(hf_config("llama"))
+    assert cfg.rope_scale()["factor"] == 8.0
+    rot = LM(cfg).layers[0].mixer.rotary
+    plain = 1.0 / (500000.0 ** (torch.arange(0, 16, 2).float() / 16))
+    # wavelength 2*pi sits in the blended band (between 16/4 and 16/1); the longest ones are divided by 8
+    assert plain[0] / 8 < rot.inv_freq[0] < plain[0]
+    assert rot.inv_freq[-1] == pytest.approx(plain[-1] / 8)
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (dict(norm="batchnorm"), "model.norm must be one of rmsnorm, layernorm"),
+    (dict(pos="alibi"), "model.pos must be one of rope, learned"),
+    (dict(mlp="relu"), "unknown model.mlp 'relu'"),
+    (dict(rope_scaling={"type": "yarn"}), "model.rope_scaling.type must be llama3"),
+    (dict(rope_scaling={"type": "llama3", "factr": 2}), "unknown keys ['factr']"),
+    (dict(rope_scaling={"type": "llama3", "factor": -1}), "model.rope_scaling.factor must be a positive number"),
+    (dict(max_positions=0), "model.max_positions"),
+])
+def test_bad_family_options_are_one_line_errors(bad, msg):
+    from arch import ModelConfig
+    from slmlab.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        ModelConfig(**bad)
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_options_without_a_transformers_family_name_the_mismatch():
+    from arch import ModelConfig
+    from slmlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="gpt2, needs model.pos='learned'"):
+        hf_family(ModelConfig(norm="layernorm", mlp="gelu"))
+    with pytest.raises(ConfigError, match="qwen3, needs model.attn_bias=False"):
+        hf_family(ModelConfig(attn_bias=True))
+
+
+def test_learned_positions_past_the_table_are_an_error():
+    from arch import ModelConfig
+
+    m = LM(ModelConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, pos="learned",
+                       max_positions=8))
+    with pytest.raises(ValueError, match="max_positions=8"):
+        m(torch.zeros(1, 9, dtype=torch.long))
