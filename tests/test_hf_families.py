@@ -157,3 +157,142 @@ def test_learned_positions_past_the_table_are_an_error():
                        max_positions=8))
     with pytest.raises(ValueError, match="max_positions=8"):
         m(torch.zeros(1, 9, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- an imported folder with its own tokenizer
+WORDS = "the quick brown fox jumps over a lazy dog while seven small birds sing near old river banks".split()
+TEXT = "".join(" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(9)) + " .\n" for i in range(600))
+
+
+def save_tokenizer(folder):
+    """A word-level tokenizer whose specials have names no guess would find, at ids past the words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", ".", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|start|>", eos_token="<|stop|>",
+                                                pad_token="<|blank|>", unk_token="[UNK]")
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+def hf_folder(folder, family: str, vocab_size=None):
+    fast = save_tokenizer(folder)
+    hf_cfg = hf_config(family)
+    hf_cfg.vocab_size = vocab_size or V
+    hf_cfg.bos_token_id, hf_cfg.eos_token_id = fast.bos_token_id, fast.eos_token_id
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    hf.save_pretrained(str(folder))
+    return hf, fast
+
+
+def convert(*argv):
+    import convert as cli
+    from slmlab.cli import run_cli
+
+    return run_cli(cli.main, [str(a) for a in argv])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_import_export_round_trip_through_folders(family, tmp_path):
+    from slmlab.rundir import RunDir
+
+    hf, fast = hf_folder(tmp_path / "hf", family)
+    assert convert("--from-hf", tmp_path / "hf", "--out", tmp_path / "run") == 0
+    _, ours, tok = RunDir.open(tmp_path / "run").load()
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (fast.bos_token_id, fast.eos_token_id, fast.pad_token_id)
+    assert tok.encode("the lazy dog") == fast.encode("the lazy dog", add_special_tokens=False)
+    assert convert("--run", tmp_path / "run", "--to", "hf", "--out", tmp_path / "back") == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "back")).eval()
+    assert type(back).__name__ == CLASS[family]
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "back")).eos_token == "<|stop|>"
+    idx = torch.randint(0, V, (1, 9))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        torch.testing.assert_close(ours(idx), ref, atol=1e-4, rtol=0)
+        torch.testing.assert_close(back(idx).logits, ref, atol=1e-4, rtol=0)
+
+
+def test_unsupported_family_is_one_line_exit_2(tmp_path, capsys):
+    transformers.BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=8).save_pretrained(str(tmp_path / "bert"))
+    assert convert("--from-hf", tmp_path / "bert", "--out", tmp_path / "run") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'bert'" in err
+    assert all(f in err for f in ("llama", "qwen2", "gpt2", "lfm2", "qwen3")), err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def imported_llama(tmp_path_factory):
+    """An imported llama whose embedding has exactly the tokenizer's rows (so added tokens must grow it)."""
+    base = tmp_path_factory.mktemp("imported")
+    vocab = len(save_tokenizer(base / "probe"))
+    hf_folder(base / "hf", "llama", vocab_size=vocab)
+    assert convert("--from-hf", base / "hf", "--out", base / "run") == 0
+    (base / "corpus.txt").write_text(TEXT)
+    return base
+
+
+ADDED = ["<think>", "</think>", "TOOL_USE["]
+
+
+def test_train_py_fine_tunes_an_imported_run_with_its_tokenizer_and_added_tokens(imported_llama, tmp_path):
+    import json
+
+    import train
+    from slmlab.cli import run_cli
+    from slmlab.rundir import RunDir
+
+    run = imported_llama / "run"
+    argv = ["--config", run / "config.yaml", "--data", imported_llama / "corpus.txt", "--out", tmp_path / "ft",
+            "--steps", "3", "--device", "cpu", f"data.cache_dir={tmp_path / 'cache'}", f"data.tokenizer={run}",
+            f"train.init_from={run}", f"data.added_tokens={json.dumps(ADDED)}", "train.phases=[]",
+            "train.batch_size=2", "train.seq_len=16", "train.eval_every=2", "train.eval_tokens=256",
+            "train.warmup_steps=1", "train.sample_tokens=4", "train.sample_prompt=the", "logging.progress=false",
+            "train.ckpt_every=0"]
+    assert run_cli(train.main, [str(a) for a in argv]) == 0
+    cfg, model, tok = RunDir.open(tmp_path / "ft").load()
+    base = RunDir.open(run).tokenizer()
+    assert tok.vocab_size == cfg.model.vocab_size == base.vocab_size + 3
+    assert tok.eos_id == base.eos_id and tok.bos_id == base.bos_id  # the family's own specials survive
+    ids = tok.encode("<think> the fox </think> TOOL_USE[")
+    assert ids[0] == base.vocab_size and ids[-1] == base.vocab_size + 2 and len(ids) == 5
+    assert tok.decode(tok.encode("<think>")) == "<think>"
+
+
+def test_added_tokens_get_the_mean_embedding(imported_llama):
+    import json
+
+    from slmlab.config import load_config
+    from slmlab.init_from import init_model
+    from slmlab.rundir import RunDir, model_from_config
+    from slmlab.tokenizer import Tokenizer
+
+    run = imported_llama / "run"
+    tok = Tokenizer.load(run).with_added(ADDED)
+    cfg = load_config(run / "config.yaml", overrides=[f"data.tokenizer={run}", f"train.init_from={run}",
+                                                      f"data.added_tokens={json.dumps(ADDED)}",
+                                                      f"model.vocab_size={tok.vocab_size}"])
+    model = init_model(model_from_config(cfg), cfg, tok)
+    _, src, _ = RunDir.open(run).load()
+    n = src.cfg.vocab_size
+    with torch.no_grad():
+        assert torch.equal(model.embed.weight[:n], src.embed.weight)
+        for i in range(n, tok.vocab_size):
+            torch.testing.assert_close(model.embed.weight[i], src.embed.weight.mean(0))
+        idx = torch.randint(0, n, (1, 6))  # the old tokens' logits are unchanged
+        torch.testing.assert_close(model(idx)[..., :n], src(idx), atol=1e-5, rtol=0)
+
+
+def test_added_tokens_without_a_tokenizer_is_a_config_error():
+    from slmlab.config import load_config
+    from slmlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="set data.tokenizer"):
+        load_config(overrides=['data.added_tokens=["<think>"]'])

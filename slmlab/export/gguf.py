@@ -30,8 +30,6 @@ def check_supported(mcfg):
 def _tokenizer_metadata(w, tok):
     import gguf
 
-    from ..tokenizer import SPECIAL_TOKENS
-
     vocab = tok.hf.get_vocab(with_added_tokens=True)
     tokens = [None] * (max(vocab.values()) + 1)
     for s, i in vocab.items():
@@ -42,7 +40,8 @@ def _tokenizer_metadata(w, tok):
     if model.get("type") != "BPE":
         raise ConfigError(f"only byte-level BPE tokenizers export to gguf (got {model.get('type')})")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    types = [gguf.TokenType.CONTROL if t in SPECIAL_TOKENS else gguf.TokenType.NORMAL for t in tokens]
+    special = tok.special_tokens
+    types = [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
     w.add_token_list(tokens)

@@ -46,8 +46,8 @@ def export(model, tok, cfg, out: Path, opts):
     sd = {k: v.detach().to(DTYPES[opts.dtype]).contiguous() for k, v in to_hf_state_dict(model).items()}
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     GenerationConfig(**ids, do_sample=False).save_pretrained(str(out))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok.hf, bos_token="<|bos|>", eos_token="<|eos|>",
-                                   pad_token="<|pad|>", mask_token="<|mask|>", clean_up_tokenization_spaces=False)
+    names = {f"{role}_token": name for role, name in tok.specials.items()}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok.hf, **names, clean_up_tokenization_spaces=False)
     fast.model_max_length = 4096
     fast.save_pretrained(str(out))
     return {"family": hf_family(cfg.model)}
@@ -79,7 +79,6 @@ def load_hf(path):
 
     from arch import LM
 
-    from ..tokenizer import Tokenizer
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -112,13 +111,30 @@ def load_hf(path):
             raise CheckpointError(f"{path}: shape mismatch for {k}: checkpoint {tuple(v.shape)}, "
                                   f"config implies {tuple(own[k].shape)}")
     model.load_state_dict({k: v.float() for k, v in sd.items()})
-    tok = Tokenizer.load(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
+    tok = _load_tokenizer(path, hf_cfg) if (path / "tokenizer.json").is_file() else None
     return mcfg, model.eval(), tok
 
 
+def _load_tokenizer(path: Path, hf_cfg):
+    """The folder's tokenizer.json with its special tokens: named by its tokenizer_config.json, else by
+    the ids config.json gives (bos/eos/pad names differ per family; an eos list means its first)."""
+    from ..tokenizer import SIDECAR, Tokenizer, sidecar_specials
+
+    tok = Tokenizer.load(path / "tokenizer.json")  # reads tokenizer_config.json beside it
+    specials, named = dict(tok.specials), sidecar_specials(path / SIDECAR)
+    for role in ("bos", "eos", "pad"):
+        tid = getattr(hf_cfg, f"{role}_token_id", None)
+        tid = tid[0] if isinstance(tid, (list, tuple)) and tid else tid
+        if role not in named and isinstance(tid, int):
+            name = tok.hf.id_to_token(tid)
+            specials[role] = name if name is not None else specials.get(role)
+    return Tokenizer(tok.hf, specials)
+
+
 def import_hf(path, out: Path, force: bool = False) -> dict:
-    """Write a run directory (config.yaml, model.safetensors, tokenizer.json) from an HF folder,
-    so the trainer, sample.py and every exporter can use it."""
+    """Write a run directory (config.yaml, model.safetensors, tokenizer.json and, for a tokenizer
+    with its own special-token names, tokenizer_config.json) from an HF folder, so the trainer,
+    sample.py and every exporter can use it."""
     from ..checkpoint import publish, weights_for_save
     from ..config import build
     from ..rundir import RunDir
