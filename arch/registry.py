@@ -83,7 +83,7 @@ def load_imports(specs) -> None:
         try:
             if is_file:
                 if not path.is_file():
-                    raise ConfigError(f"model.imports: file not found: {spec}")
+                    raise ConfigError(f"model.imports: file not found: {spec!r}")
                 mod_spec = importlib.util.spec_from_file_location(name, path)
                 module = importlib.util.module_from_spec(mod_spec)
                 sys.modules[name] = module
@@ -95,5 +95,5 @@ def load_imports(specs) -> None:
         except Exception as e:  # a user's file: report any failure as one line naming it
             if is_file:  # a half-executed module must not stay importable under its name
                 sys.modules.pop(name, None)
-            raise ConfigError(f"model.imports: importing {spec} failed: {type(e).__name__}: {e}") from None
+            raise ConfigError(f"model.imports: importing {spec!r} failed: {type(e).__name__}: {e}") from None
         _LOADED[key] = name
