@@ -296,3 +296,84 @@ def test_added_tokens_without_a_tokenizer_is_a_config_error():
 
     with pytest.raises(ConfigError, match="set data.tokenizer"):
         load_config(overrides=['data.added_tokens=["<think>"]'])
+
+
+# ---------------------------------------------------------------- gguf (llama.cpp's llama and qwen2)
+GGUF_CASES = {
+    "llama": dict(qk_norm=False, rope_theta=500000.0,
+                  rope_scaling={"type": "llama3", "original_max_position_embeddings": 16}),
+    "qwen2": dict(qk_norm=False, attn_bias=True, tie_embeddings=False),
+}
+
+
+def bpe_run(path, family):
+    """A run directory with our byte-level BPE and a tiny random model of `family`'s block options."""
+    from slmlab.checkpoint import save_model
+    from slmlab.config import build
+    from slmlab.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([TEXT], 300)
+    cfg = build("transformer", {"model": dict(vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=4,
+                                              n_kv_heads=2, ffn_dim=96, init_std=0.08, kernels="torch",
+                                              **GGUF_CASES[family])})
+    torch.manual_seed(0)
+    model = LM(cfg.model)
+    with torch.no_grad():  # biases and norms away from their zero / one init
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    path.mkdir(parents=True)
+    cfg.save(path / "config.yaml")
+    tok.save(path / "tokenizer.json")
+    save_model(model, path / "model.safetensors")
+    return model, tok
+
+
+@pytest.mark.parametrize("family", list(GGUF_CASES))
+def test_gguf_metadata_and_tensors(family, tmp_path):
+    pytest.importorskip("gguf")
+    from slmlab.export.gguf import interleave_rope_rows, read_gguf
+
+    model, tok = bpe_run(tmp_path / "run", family)
+    assert convert("--run", tmp_path / "run", "--to", "gguf", "--out", tmp_path / "m.gguf") == 0
+    meta, tensors = read_gguf(tmp_path / "m.gguf")
+    assert meta["general.architecture"] == family
+    assert meta[f"{family}.block_count"] == 2 and meta[f"{family}.attention.head_count_kv"] == 2
+    assert len(meta["tokenizer.ggml.tokens"]) == tok.vocab_size
+    q = model.layers[1].mixer.q_proj.weight.detach()
+    if family == "llama":  # interleaved-rope rows, and the llama3 factors llama.cpp divides by
+        assert (tensors["blk.1.attn_q.weight"] == interleave_rope_rows(q, 4).numpy()).all()
+        assert not (tensors["blk.1.attn_q.weight"] == q.numpy()).all()
+        freqs = tensors["rope_freqs.weight"]
+        assert 1.0 < freqs[0] < 8.0  # wavelength 2*pi: in the blended band
+        assert freqs[-1] == pytest.approx(8.0)
+        assert "output.weight" not in tensors  # tied
+    else:
+        assert (tensors["blk.1.attn_q.weight"] == q.numpy()).all()
+        assert (tensors["blk.1.attn_k.bias"] == model.layers[1].mixer.k_proj.bias.detach().numpy()).all()
+        assert "blk.1.attn_output.bias" not in tensors and "output.weight" in tensors
+
+
+def test_gguf_refuses_gpt2(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    hf_folder(tmp_path / "hf", "gpt2")
+    assert convert("--from-hf", tmp_path / "hf", "--out", tmp_path / "run") == 0
+    assert convert("--run", tmp_path / "run", "--to", "gguf", "--out", tmp_path / "m.gguf") == 2
+    assert "gguf export covers lfm2, qwen3, llama, qwen2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(GGUF_CASES))
+def test_llama_cpp_logits_match(family, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model, tok = bpe_run(tmp_path / "run", family)
+    assert convert("--run", tmp_path / "run", "--to", "gguf", "--out", tmp_path / "m.gguf") == 0
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=256, logits_all=True, n_threads=2,
+                          n_batch=256, type_k=0, type_v=0, verbose=False)  # f32 KV cache
+    ids = tok.encode(TEXT[:200])
+    assert llm.tokenize(TEXT[:200].encode(), add_bos=False, special=False) == ids
+    llm.eval(ids)
+    got = torch.tensor(llm.scores[:len(ids)].copy())
+    with torch.no_grad():
+        want = model.eval()(torch.tensor([ids]))[0]
+    assert (got - want).abs().max().item() < 1e-3
