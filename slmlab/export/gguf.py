@@ -22,7 +22,6 @@ from ..errors import ConfigError
 from ..hf import hf_family, to_hf_state_dict
 from . import require
 
-
 GGUF_FAMILIES = ("lfm2", "qwen3", "llama", "qwen2")
 
 
