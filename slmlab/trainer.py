@@ -177,6 +177,10 @@ class Trainer:
         self.cfg, self.t, self.t_start = cfg, cfg.train, time.time()
         self.dist = Dist(cfg.train.device)
         self.phases = resolve_phases(cfg, self.dist.world)  # with the world size: batches must split over ranks
+        longest = max([ph.seq_len for ph in self.phases] + [cfg.train.eval_seq_len or 0])
+        if cfg.model.pos == "learned" and longest > cfg.model.max_positions:
+            raise ConfigError(f"sequences of {longest} tokens exceed model.max_positions={cfg.model.max_positions} "
+                              "(learned positions have no rows past it): shorten train.phases / train.seq_len")
         if not resume and self.dist.main:
             RunDir.check_new(out, force)
         self.run = RunDir(out)

@@ -377,3 +377,18 @@ def test_llama_cpp_logits_match(family, tmp_path):
     with torch.no_grad():
         want = model.eval()(torch.tensor([ids]))[0]
     assert (got - want).abs().max().item() < 1e-3
+
+
+def test_training_past_learned_positions_is_a_one_line_error(tmp_path, capsys):
+    import train
+    from slmlab.cli import run_cli
+
+    hf_folder(tmp_path / "hf", "gpt2")  # n_positions=64; the imported run keeps the default phases (to 2048)
+    assert convert("--from-hf", tmp_path / "hf", "--out", tmp_path / "run") == 0
+    (tmp_path / "c.txt").write_text(TEXT)
+    capsys.readouterr()  # transformers' save progress bar
+    argv = ["--config", tmp_path / "run" / "config.yaml", "--data", tmp_path / "c.txt", "--out", tmp_path / "ft",
+            f"data.tokenizer={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert run_cli(train.main, [str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.max_positions=64" in err[0], err
