@@ -5,7 +5,7 @@
     python convert.py --run runs/hybrid --to executorch --out export/hybrid.pte [--quant int8]
     python convert.py --run runs/hybrid --to coreml --out export/hybrid.mlpackage
     python convert.py --run runs/hybrid --to gguf --out export/hybrid.gguf [--dtype fp16 | --quant q8_0]
-    python convert.py --from-hf path/to/LFM2-350M --out runs/lfm2-350m     # then fine-tune / sample it
+    python convert.py --from-hf path/to/LFM2-350M --out runs/lfm2-350m     # lfm2, qwen3, qwen2, llama, gpt2
 
 Nothing is written at --out unless the whole export succeeds; an existing --out needs --force.
 See docs/export.md.
@@ -25,7 +25,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory (config.yaml, model.safetensors, tokenizer.json)")
-    src.add_argument("--from-hf", dest="from_hf", help="import a transformers Lfm2/Qwen3 folder into a run directory")
+    src.add_argument("--from-hf", dest="from_hf", help="import a transformers Lfm2/Qwen3/Qwen2/Llama/GPT-2 folder into a run directory")
     p.add_argument("--to", dest="fmt", help=f"export format: {', '.join(FORMATS)}")
     p.add_argument("--out", required=True, help="output path (a folder for hf/onnx/coreml/--from-hf, a file otherwise)")
     p.add_argument("--dtype", default="fp32", help="weight dtype: fp32 | fp16 | bf16 (default fp32)")

@@ -36,13 +36,16 @@ class Attention(Mixer):
         self.causal = cfg.causal
         self.backend = cfg.kernels
         d = cfg.d_model
-        self.q_proj = nn.Linear(d, self.n_heads * self.hd, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * self.hd, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * self.hd, bias=False)
-        self.out_proj = nn.Linear(self.n_heads * self.hd, d, bias=False)
-        self.q_norm = RMSNorm(self.hd, cfg.norm_eps)
-        self.k_norm = RMSNorm(self.hd, cfg.norm_eps)
-        self.rotary = Rotary(self.hd, cfg.rope_theta)
+        self.q_proj = nn.Linear(d, self.n_heads * self.hd, bias=cfg.attn_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.hd, bias=cfg.attn_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.hd, bias=cfg.attn_bias)
+        self.out_proj = nn.Linear(self.n_heads * self.hd, d, bias=cfg.attn_out_bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.hd, cfg.norm_eps)
+        # pos=learned: positions enter with the embeddings (arch/model.py), so no rotation here.
+        self.rotary = Rotary(self.hd, cfg.rope_theta, cfg.rope_scale()) if cfg.pos == "rope" else None
 
     def set_window(self, window: Optional[int]):
         if window is not None and window <= 0:
@@ -67,7 +70,7 @@ class Attention(Mixer):
         position: RoPE's cos/sin for q and k. A sliding window on the PyTorch path adds its
         additive [T, T] fp32 mask."""
         hq, hkv = self.n_heads * self.hd, self.n_kv_heads * self.hd
-        norms = (2 * hq + self.n_heads + 2 * hkv + self.n_kv_heads) * 4
+        norms = (2 * hq + self.n_heads + 2 * hkv + self.n_kv_heads) * 4 if self.qk_norm else 0
         per_token = norms + (2 * hq + 2 * hkv) * act + self.n_heads * 4
         mask = seq_len * seq_len * 4 if self.window is not None else 0
         return batch * seq_len * per_token + 4 * seq_len * self.hd * 4 + mask
@@ -79,9 +82,14 @@ class Attention(Mixer):
     def _qkv(self, x, positions):
         """Projections, QK-norm and RoPE at the absolute positions [T]: q [B, H, T, hd], k, v [B, Hkv, T, hd]."""
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.hd)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.hd)).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.hd).transpose(1, 2)
+        if self.rotary is None:
+            return q, k, v
         return self.rotary.at(q, positions), self.rotary.at(k, positions), v
 
     def forward(self, x, state: Optional[KVCache] = None):

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .layers import RMSNorm, SwiGLU
+from .layers import GeluMLP, SwiGLU, make_norm
 
 
 def linear_activation_bytes(module: nn.Module, tokens: int, act: int) -> int:
@@ -78,12 +78,28 @@ class SwiGLUMixer(ChannelMixer, SwiGLU):
     residual_out = ("w2",)
 
     def __init__(self, cfg):
-        SwiGLU.__init__(self, cfg.d_model, cfg.ffn)
+        SwiGLU.__init__(self, cfg.d_model, cfg.ffn, cfg.mlp_bias)
 
     def activation_bytes(self, batch: int, seq_len: int, act: int) -> int:
         """w1's output (SiLU's input), SiLU's output and w3's output (the product's operands), the
         product (w2's input). The shared input x is the norm's output, counted by the Block."""
         return batch * seq_len * 4 * self.w1.out_features * act
+
+
+class GeluMixer(ChannelMixer, GeluMLP):
+    """GPT-2's channel mixer (arch/layers.py GeluMLP), model.mlp=gelu."""
+
+    residual_out = ("proj",)
+
+    def __init__(self, cfg):
+        GeluMLP.__init__(self, cfg.d_model, cfg.ffn, cfg.mlp_bias)
+
+    def activation_bytes(self, batch: int, seq_len: int, act: int) -> int:
+        """fc's output (GELU's input) and GELU's output (proj's input)."""
+        return batch * seq_len * 2 * self.fc.out_features * act
+
+
+BUILTIN_MLPS = {"swiglu": SwiGLUMixer, "gelu": GeluMixer}
 
 
 def residual_linears(module: nn.Module) -> list[nn.Linear]:
@@ -98,10 +114,10 @@ class Block(nn.Module):
 
         super().__init__()
         self.kind = kind
-        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer_norm = make_norm(cfg, cfg.d_model)
         self.mixer = get_mixer(kind)(cfg, layer_idx, window=window)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLUMixer(cfg) if cfg.mlp == "swiglu" else CHANNEL_MIXERS[cfg.mlp](cfg)
+        self.mlp_norm = make_norm(cfg, cfg.d_model)
+        self.mlp = (BUILTIN_MLPS.get(cfg.mlp) or CHANNEL_MIXERS[cfg.mlp])(cfg)
 
     def forward(self, x, state=None):
         y, state = self.mixer(self.mixer_norm(x), state)

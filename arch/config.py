@@ -36,7 +36,18 @@ class ModelConfig:
     kernels: str = "auto"  # auto | triton | torch
     grad_checkpoint: bool = False
     init_std: float = 0.02
-    mlp: str = "swiglu"  # channel mixer by registered name
+    mlp: str = "swiglu"  # channel mixer by registered name: swiglu | gelu (GPT-2's, tanh approximation) | ...
+    # Family knobs (imports of Llama / Qwen2 / GPT-2 set them; each is also an ablation axis).
+    norm: str = "rmsnorm"  # rmsnorm | layernorm (with bias, GPT-2): the block and final norms
+    pos: str = "rope"  # rope | learned (absolute position embeddings added to the token embeddings, GPT-2)
+    max_positions: int = 2048  # pos=learned: rows of the position table (the longest sequence)
+    qk_norm: bool = True  # RMSNorm on each head's q and k before RoPE (Qwen3/LFM2); false for Llama/Qwen2/GPT-2
+    attn_bias: bool = False  # biases on the q/k/v projections (Qwen2, GPT-2)
+    attn_out_bias: bool = False  # bias on the attention output projection (GPT-2)
+    mlp_bias: bool = False  # biases in the channel mixer's projections (GPT-2)
+    # RoPE frequency scaling: {} = none, or {type: llama3, factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings} (Llama-3.1/3.2).
+    rope_scaling: dict = field(default_factory=dict)
     # Per-block options, namespaced by block name ({lif: {beta: 0.9}}); each block declares its
     # options dataclass at registration, so new blocks need no new fields here.
     mixer_opts: dict = field(default_factory=dict)
@@ -88,7 +99,7 @@ class ModelConfig:
               "n_heads": Range(1, 1024), "n_kv_heads": Range(1, 1024), "head_dim": Range(2, 4096),
               "ffn_dim": Range(1, 2 ** 20), "window": POSITIVE, "rope_theta": POSITIVE,
               "norm_eps": Range(0, 1, lo_open=True, hi_open=True), "conv_kernel": Range(1, 64),
-              "init_std": Range(0, 10, lo_open=True)}
+              "init_std": Range(0, 10, lo_open=True), "max_positions": Range(1, 2 ** 24)}
 
     def validate(self):
         def bad(msg):
@@ -99,15 +110,19 @@ class ModelConfig:
             bad(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             bad(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
-        if self.hd % 2:
+        if self.hd % 2 and self.pos == "rope":
             bad(f"head dim {self.hd} must be even for RoPE")
+        for key, allowed in (("norm", NORMS), ("pos", POSITIONS)):
+            if getattr(self, key) not in allowed:
+                bad(f"model.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        self.rope_scale()  # raises on a bad model.rope_scaling
         if not self.window_pattern or set(self.window_pattern.upper()) - {"S", "L"}:
             bad(f"model.window_pattern {self.window_pattern!r} must be a non-empty string of S (sliding) and L (full)")
         if self.kernels not in ("auto", "triton", "torch"):
             bad(f"model.kernels must be auto, triton or torch, got {self.kernels!r}")
         self.layer_types()  # raises on a bad pattern
-        if self.mlp != "swiglu" and self.mlp not in CHANNEL_MIXERS:
-            bad(f"unknown model.mlp {self.mlp!r}; known: swiglu, {', '.join(sorted(CHANNEL_MIXERS))}")
+        if self.mlp not in ("swiglu", "gelu") and self.mlp not in CHANNEL_MIXERS:
+            bad(f"unknown model.mlp {self.mlp!r}; known: swiglu, gelu, {', '.join(sorted(CHANNEL_MIXERS))}")
         if not isinstance(self.mixer_opts, dict):
             bad(f"model.mixer_opts must be a mapping of block name -> options, got {self.mixer_opts!r}")
         for name in self.mixer_opts:
@@ -118,8 +133,37 @@ class ModelConfig:
                 bad(f"model.mixer_opts.{name}: no block {name!r} takes options ({hint})")
             self.block_options(name)  # checked even if the block is unused, so a typo fails early
 
+    def rope_scale(self) -> Optional[dict]:
+        """model.rope_scaling checked and completed with Llama-3's defaults; None when unscaled."""
+        rs = self.rope_scaling
+        if not isinstance(rs, dict):
+            raise ConfigError(f"model.rope_scaling must be a mapping like {{type: llama3, factor: 8}}, got {rs!r}")
+        if not rs:
+            return None
+        if rs.get("type") != "llama3":
+            raise ConfigError(f"model.rope_scaling.type must be llama3 (the only scaling supported), got "
+                              f"{rs.get('type')!r}")
+        unknown = set(rs) - {"type", *LLAMA3_SCALING}
+        if unknown:
+            raise ConfigError(f"model.rope_scaling: unknown keys {sorted(unknown)}; known: type, "
+                              f"{', '.join(LLAMA3_SCALING)}")
+        out = {**LLAMA3_SCALING, **{k: v for k, v in rs.items() if k != "type"}}
+        for k, v in out.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ConfigError(f"model.rope_scaling.{k} must be a positive number, got {v!r}")
+        if out["high_freq_factor"] <= out["low_freq_factor"]:
+            raise ConfigError("model.rope_scaling.high_freq_factor must exceed low_freq_factor")
+        return out
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+NORMS = ("rmsnorm", "layernorm")
+POSITIONS = ("rope", "learned")
+# Llama-3.1's published scaling, the defaults of any key model.rope_scaling leaves out.
+LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
 
 
 # Keys of the old flat model.mixer_opts and where they live now (a one-line hint in the error).

@@ -1,5 +1,7 @@
-"""Shared pieces: RMSNorm, rotary embeddings, the SwiGLU channel mixer."""
+"""Shared pieces: RMSNorm / LayerNorm, rotary embeddings (optionally Llama-3 scaled), the SwiGLU and GELU MLPs."""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -21,6 +23,24 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def make_norm(cfg, dim: int) -> nn.Module:
+    """The block/final norm model.norm names: RMSNorm, or LayerNorm with a bias (GPT-2)."""
+    return RMSNorm(dim, cfg.norm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(dim, eps=cfg.norm_eps)
+
+
+def llama3_inv_freq(inv, scaling: dict):
+    """Llama-3's frequency scaling: wavelengths longer than the original context / low_freq_factor are
+    stretched by `factor`, those shorter than context / high_freq_factor kept, the band between blended."""
+    factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    ctx = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    smooth = (ctx / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * inv / factor + smooth * inv
+    out = torch.where(wavelen > ctx / lo, inv / factor, inv)
+    mid = (wavelen <= ctx / lo) & (wavelen >= ctx / hi)
+    return torch.where(mid, blended, out)
+
+
 class Rotary(nn.Module):
     """RoPE in the rotate-half layout (pairs (i, i + hd/2)), the layout HF checkpoints use.
 
@@ -28,9 +48,11 @@ class Rotary(nn.Module):
     training at any context length and decode at any offset.
     """
 
-    def __init__(self, head_dim: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, theta: float = 10000.0, scaling: dict | None = None):
         super().__init__()
         inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        if scaling:
+            inv = llama3_inv_freq(inv, scaling)
         self.register_buffer("inv_freq", inv, persistent=False)
 
     def forward(self, x, start: int = 0):
@@ -49,11 +71,23 @@ class Rotary(nn.Module):
 class SwiGLU(nn.Module):
     """Channel mixer: w2(silu(w1 x) * w3 x). Names follow LFM2 (w1 gate, w3 up, w2 down)."""
 
-    def __init__(self, d_model: int, ffn_dim: int):
+    def __init__(self, d_model: int, ffn_dim: int, bias: bool = False):
         super().__init__()
-        self.w1 = nn.Linear(d_model, ffn_dim, bias=False)
-        self.w3 = nn.Linear(d_model, ffn_dim, bias=False)
-        self.w2 = nn.Linear(ffn_dim, d_model, bias=False)
+        self.w1 = nn.Linear(d_model, ffn_dim, bias=bias)
+        self.w3 = nn.Linear(d_model, ffn_dim, bias=bias)
+        self.w2 = nn.Linear(ffn_dim, d_model, bias=bias)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class GeluMLP(nn.Module):
+    """Channel mixer: proj(gelu(fc x)), GELU's tanh approximation (GPT-2's gelu_new)."""
+
+    def __init__(self, d_model: int, ffn_dim: int, bias: bool = False):
+        super().__init__()
+        self.fc = nn.Linear(d_model, ffn_dim, bias=bias)
+        self.proj = nn.Linear(ffn_dim, d_model, bias=bias)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .block import Block, residual_linears
 from .config import ModelConfig
-from .layers import RMSNorm
+from .layers import make_norm
 
 
 class LM(nn.Module):
@@ -24,9 +24,11 @@ class LM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.pos == "learned":
+            self.pos_embed = nn.Embedding(cfg.max_positions, cfg.d_model)
         kinds, windows = cfg.layer_types(), cfg.layer_windows()
         self.layers = nn.ModuleList(Block(cfg, i, k, w) for i, (k, w) in enumerate(zip(kinds, windows)))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = make_norm(cfg, cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -46,9 +48,19 @@ class LM(nn.Module):
             nn.init.normal_(m.weight, 0.0, self.cfg.init_std)
 
     # ---- forward ----
-    def hidden(self, idx, states=None):
+    def embed_at(self, idx, positions):
+        """Token embeddings, plus the position table's rows at `positions` [T] when model.pos=learned."""
         x = self.embed(idx)
-        new_states = None if states is None else []
+        if self.cfg.pos == "learned":
+            x = x + self.pos_embed(positions)
+        return x
+
+    def hidden(self, idx, states=None):
+        start = getattr(states, "seen", 0)
+        if self.cfg.pos == "learned" and start + idx.shape[1] > self.cfg.max_positions:
+            raise ValueError(f"{start + idx.shape[1]} positions exceed model.max_positions={self.cfg.max_positions}")
+        x = self.embed_at(idx, torch.arange(start, start + idx.shape[1], device=idx.device))
+        new_states = None if states is None else States(seen=start + idx.shape[1])
         for i, layer in enumerate(self.layers):
             if states is None and self.cfg.grad_checkpoint and self.training and torch.is_grad_enabled():
                 x, _ = checkpoint(layer, x, None, use_reentrant=False)
@@ -85,7 +97,7 @@ class LM(nn.Module):
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32):
         device = device or self.embed.weight.device
-        return [layer.mixer.init_state(batch_size, device, dtype) for layer in self.layers]
+        return States(layer.mixer.init_state(batch_size, device, dtype) for layer in self.layers)
 
     # ---- the static-state step: fixed-shape states, one implementation for decode and export ----
     def supports_static(self) -> bool:
@@ -99,7 +111,7 @@ class LM(nn.Module):
         """idx [B, T] at absolute positions pos .. pos + T - 1 (pos: a [1] int64 tensor) ->
         (logits [B, T, V], states). inplace=True updates the state tensors in place."""
         positions = pos.reshape(1) + torch.arange(idx.shape[1], device=idx.device)
-        x = self.embed(idx)
+        x = self.embed_at(idx, positions)
         new_states = []
         for layer, st in zip(self.layers, states):
             x, st = layer.forward_static(x, positions, st, inplace)
@@ -151,6 +163,15 @@ class LM(nn.Module):
             raise ValueError(f"set_windows got {len(windows)} windows for {len(self.layers)} layers")
         for layer, w in zip(self.layers, windows):
             layer.mixer.set_window(w)
+
+
+class States(list):
+    """Per-layer decode states (LM.init_state), plus `seen`: the tokens consumed so far, the
+    position of the next one (learned position embeddings need it; the mixers keep their own)."""
+
+    def __init__(self, items=(), seen: int = 0):
+        super().__init__(items)
+        self.seen = seen
 
 
 class StaticDecoder:

@@ -17,7 +17,7 @@ from slmlab.errors import ConfigError
 
 MIXERS: dict[str, type] = {}
 LETTERS: dict[str, str] = {}
-# Channel mixers other than the default SwiGLU (picked with model.mlp).
+# Channel mixers other than the built-in SwiGLU and GELU MLPs (picked with model.mlp).
 CHANNEL_MIXERS: dict[str, type] = {}
 # Block name -> its options dataclass (one namespace per name: the LIF mixer and LIF MLP share "lif").
 OPTIONS: dict[str, type] = {}
@@ -56,7 +56,7 @@ def get_mixer(name: str):
 
 def register_channel_mixer(name: str, options=None):
     def deco(cls):
-        if name in CHANNEL_MIXERS or name == "swiglu":
+        if name in CHANNEL_MIXERS or name in ("swiglu", "gelu"):  # the built-ins (arch/block.py)
             raise ValueError(f"channel mixer {name!r} registered twice")
         CHANNEL_MIXERS[name] = cls
         _add_options(name, options)
@@ -83,7 +83,7 @@ def load_imports(specs) -> None:
         try:
             if is_file:
                 if not path.is_file():
-                    raise ConfigError(f"model.imports: file not found: {spec}")
+                    raise ConfigError(f"model.imports: file not found: {spec!r}")
                 mod_spec = importlib.util.spec_from_file_location(name, path)
                 module = importlib.util.module_from_spec(mod_spec)
                 sys.modules[name] = module
@@ -95,5 +95,5 @@ def load_imports(specs) -> None:
         except Exception as e:  # a user's file: report any failure as one line naming it
             if is_file:  # a half-executed module must not stay importable under its name
                 sys.modules.pop(name, None)
-            raise ConfigError(f"model.imports: importing {spec} failed: {type(e).__name__}: {e}") from None
+            raise ConfigError(f"model.imports: importing {spec!r} failed: {type(e).__name__}: {e}") from None
         _LOADED[key] = name

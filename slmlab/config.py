@@ -33,6 +33,9 @@ class DataConfig:
     # An existing tokenizer.json (or a run directory holding one) instead of training a new one,
     # e.g. to fine-tune a run (train.init_from) on other data with the tokenizer it was trained with.
     tokenizer: Optional[str] = None
+    # Strings appended to data.tokenizer as single tokens (e.g. <think>, TOOL_USE[); model.vocab_size grows
+    # to fit, and with train.init_from the new embedding (and untied head) rows start at the mean row.
+    added_tokens: list = field(default_factory=list)
 
 
 @dataclass
@@ -320,6 +323,12 @@ def validate(cfg: RunConfig):
         raise ConfigError(f"train.parallel must be ddp or fsdp, got {t.parallel!r}")
     if cfg.logging.wandb_mode not in ("offline", "online"):
         raise ConfigError(f"logging.wandb_mode must be offline or online, got {cfg.logging.wandb_mode!r}")
+    added = cfg.data.added_tokens
+    if not isinstance(added, list) or not all(isinstance(a, str) and a for a in added):
+        raise ConfigError(f"data.added_tokens must be a list of non-empty strings, got {added!r}")
+    if added and not cfg.data.tokenizer:
+        raise ConfigError("data.added_tokens extends an existing tokenizer: set data.tokenizer=RUN_DIR (or a "
+                          "tokenizer.json) too")
     if t.avg_last > t.keep_checkpoints:
         raise ConfigError(f"train.avg_last={t.avg_last} needs train.keep_checkpoints >= {t.avg_last}")
     from .phases import resolve_phases

@@ -589,7 +589,7 @@ def prepare_data(spec: str = DEFAULT_SPEC, vocab_size: int = 4096, cache_dir: st
 
     source = resolve_spec(spec)
     fp = source.fingerprint()
-    tok_json = tokenizer.to_json() if tokenizer is not None else None
+    tok_json = tokenizer.fingerprint() if tokenizer is not None else None
     key = cache_key(spec, fp, vocab_size, val_frac, tok_json, tokenizer_train_bytes)
     final = cache_dir / key
     if (final / "manifest.json").is_file():
@@ -614,7 +614,8 @@ def prepare_data(spec: str = DEFAULT_SPEC, vocab_size: int = 4096, cache_dir: st
         tokenizer = train_tokenizer(sample, vocab_size, show_progress=progress)
         t_tok = time.perf_counter() - t1
     if tokenizer.eos_id is None:
-        raise DataError("tokenizer has no <|eos|> token")
+        raise DataError("tokenizer has no end-of-sequence token (<|eos|>, </s>, <|endoftext|>, ...; name yours as "
+                        "eos_token in a tokenizer_config.json beside tokenizer.json)")
     dtype = token_dtype(tokenizer.vocab_size)
 
     remove_stale(cache_dir, f"{key}-*")

@@ -13,12 +13,11 @@ from .runtime import autocast
 def token_byte_lengths(tok) -> torch.Tensor:
     """UTF-8 bytes each token id stands for (special tokens: 0). With byte-level BPE every
     character of a vocabulary string is one byte, so bpb over any token subset is exact."""
-    from .tokenizer import SPECIAL_TOKENS
-
+    special = tok.special_tokens
     vocab = tok.hf.get_vocab()
     lengths = torch.zeros(max(vocab.values()) + 1, dtype=torch.float64)
     for s, i in vocab.items():
-        if s not in SPECIAL_TOKENS:
+        if s not in special:
             lengths[i] = len(s)
     return lengths
 

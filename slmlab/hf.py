@@ -1,9 +1,14 @@
 """Name and config mapping between our blocks and Hugging Face transformers.
 
-hybrid/conv+attn patterns <-> Lfm2ForCausalLM, all-attention patterns <-> Qwen3ForCausalLM.
-Our modules were named so that this is a renaming exercise; the parity tests pin both directions.
+hybrid/conv+attn patterns <-> Lfm2ForCausalLM; all-attention patterns <-> Qwen3ForCausalLM (QK-norm),
+Qwen2ForCausalLM (q/k/v biases), LlamaForCausalLM (neither) or GPT2LMHeadModel (LayerNorm, GELU, learned
+positions). The block options (model.norm, pos, mlp, qk_norm, *_bias, rope_scaling) pick the family.
+Our modules were named so that this is mostly a renaming exercise (GPT-2's fused, transposed Conv1D
+weights are split and transposed); the parity tests pin both directions.
 """
 from __future__ import annotations
+
+import torch
 
 from arch import ModelConfig
 
@@ -24,42 +29,119 @@ _LFM2 = {
     "final_norm": "model.embedding_norm.weight",
 }
 _QWEN3 = {
-    "common": [("mixer_norm.weight", "input_layernorm.weight"), ("mlp_norm.weight", "post_attention_layernorm.weight"),
-               ("mlp.w1.weight", "mlp.gate_proj.weight"), ("mlp.w2.weight", "mlp.down_proj.weight"),
-               ("mlp.w3.weight", "mlp.up_proj.weight")],
-    "attn": [("mixer.q_proj.weight", "self_attn.q_proj.weight"), ("mixer.k_proj.weight", "self_attn.k_proj.weight"),
-             ("mixer.v_proj.weight", "self_attn.v_proj.weight"), ("mixer.out_proj.weight", "self_attn.o_proj.weight"),
-             ("mixer.q_norm.weight", "self_attn.q_norm.weight"), ("mixer.k_norm.weight", "self_attn.k_norm.weight")],
+    "common": [("mixer_norm.weight", "input_layernorm.weight"), ("mlp_norm.weight", "post_attention_layernorm.weight")]
+    + [(f"mlp.{ours}.{p}", f"mlp.{theirs}.{p}") for ours, theirs in (("w1", "gate_proj"), ("w2", "down_proj"),
+                                                                      ("w3", "up_proj")) for p in ("weight", "bias")],
+    "attn": [(f"mixer.{ours}.{p}", f"self_attn.{theirs}.{p}")
+             for ours, theirs in (("q_proj", "q_proj"), ("k_proj", "k_proj"), ("v_proj", "v_proj"),
+                                  ("out_proj", "o_proj")) for p in ("weight", "bias")]
+    + [("mixer.q_norm.weight", "self_attn.q_norm.weight"), ("mixer.k_norm.weight", "self_attn.k_norm.weight")],
     "final_norm": "model.norm.weight",
+}
+# Llama and Qwen2 name their layers as Qwen3 does; the biases and QK-norm present decide what maps.
+TABLES = {"lfm2": _LFM2, "qwen3": _QWEN3, "llama": _QWEN3, "qwen2": _QWEN3}
+HF_CLASSES = {"lfm2": "Lfm2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
+              "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+FAMILIES = tuple(HF_CLASSES)
+# What each family fixes about the block options (the rest, e.g. Llama's biases, the mapping reads).
+_ROPE_RMS = dict(norm="rmsnorm", pos="rope", mlp="swiglu")
+FAMILY_OPTIONS = {
+    "lfm2": dict(_ROPE_RMS, qk_norm=True, attn_bias=False, attn_out_bias=False, mlp_bias=False, rope_scaling={}),
+    "qwen3": dict(_ROPE_RMS, qk_norm=True, attn_bias=False, attn_out_bias=False, mlp_bias=False, rope_scaling={}),
+    "qwen2": dict(_ROPE_RMS, qk_norm=False, attn_bias=True, attn_out_bias=False, mlp_bias=False, rope_scaling={}),
+    "llama": dict(_ROPE_RMS, qk_norm=False),
+    "gpt2": dict(norm="layernorm", pos="learned", mlp="gelu", qk_norm=False, attn_bias=True, attn_out_bias=True,
+                 mlp_bias=True, rope_scaling={}),
 }
 
 
+def _pick_family(cfg: ModelConfig) -> str:
+    if "conv" in cfg.layer_types():
+        return "lfm2"
+    if cfg.norm == "layernorm" or cfg.pos == "learned" or cfg.mlp == "gelu":
+        return "gpt2"
+    if cfg.qk_norm:
+        return "qwen3"
+    return "qwen2" if cfg.attn_bias and not cfg.attn_out_bias else "llama"
+
+
 def hf_family(cfg: ModelConfig) -> str:
-    """'lfm2' or 'qwen3', or a ConfigError naming what has no exact transformers class."""
+    """The transformers family with exactly our function (FAMILIES), or a ConfigError naming what has none."""
     kinds = set(cfg.layer_types())
     if not cfg.causal:
         raise ConfigError("bidirectional (diffusion) models have no transformers causal-LM class")
-    if cfg.mlp != "swiglu":
+    if cfg.mlp not in ("swiglu", "gelu"):
         raise ConfigError(f"channel mixer {cfg.mlp!r} has no transformers equivalent")
     if kinds - {"attn", "conv"}:
         raise ConfigError(f"blocks {sorted(kinds - {'attn', 'conv'})} have no transformers equivalent "
                           "(only attn and conv export)")
-    if "conv" in kinds:
-        if any(w is not None for w in cfg.layer_windows()):
-            raise ConfigError("Lfm2 has no sliding-window attention: use window_pattern L for conv hybrids")
-        return "lfm2"
-    return "qwen3"
+    family = _pick_family(cfg)
+    for key, want in FAMILY_OPTIONS[family].items():
+        if getattr(cfg, key) != want:
+            raise ConfigError(f"the closest transformers family, {family}, needs model.{key}={want!r} "
+                              f"(this model has {getattr(cfg, key)!r})")
+    if family == "llama" and cfg.attn_bias != cfg.attn_out_bias:
+        raise ConfigError("Llama has one attention_bias: model.attn_bias and model.attn_out_bias must agree")
+    if family == "gpt2" and (cfg.n_kv_heads != cfg.n_heads or cfg.hd * cfg.n_heads != cfg.d_model):
+        raise ConfigError("GPT-2 has no GQA and head_dim = d_model / n_heads")
+    if family != "qwen3" and any(w is not None for w in cfg.layer_windows()):
+        raise ConfigError(f"{HF_CLASSES[family]} has no sliding-window attention: use window_pattern L")
+    return family
 
 
-def _table(family):
-    return _LFM2 if family == "lfm2" else _QWEN3
+def _gpt2_pairs(cfg: ModelConfig):
+    """(our key, GPT-2 key, kind) for every tensor; kind 'T' = Conv1D stores the transpose, 'qkv' = the
+    fused, transposed q|k|v projection (our q_proj, k_proj, v_proj stacked)."""
+    yield "embed.weight", "transformer.wte.weight", ""
+    yield "pos_embed.weight", "transformer.wpe.weight", ""
+    for p in ("weight", "bias"):
+        yield f"norm.{p}", f"transformer.ln_f.{p}", ""
+        for i in range(cfg.n_layers):
+            h = f"transformer.h.{i}"
+            yield f"layers.{i}.mixer_norm.{p}", f"{h}.ln_1.{p}", ""
+            yield f"layers.{i}.mlp_norm.{p}", f"{h}.ln_2.{p}", ""
+            yield f"layers.{i}.mixer.{{q,k,v}}_proj.{p}", f"{h}.attn.c_attn.{p}", "qkv"
+            yield f"layers.{i}.mixer.out_proj.{p}", f"{h}.attn.c_proj.{p}", "T"
+            yield f"layers.{i}.mlp.fc.{p}", f"{h}.mlp.c_fc.{p}", "T"
+            yield f"layers.{i}.mlp.proj.{p}", f"{h}.mlp.c_proj.{p}", "T"
+
+
+def _gpt2_to_hf(sd: dict, cfg: ModelConfig) -> dict:
+    out = {}
+    for ours, theirs, kind in _gpt2_pairs(cfg):
+        if kind == "qkv":
+            t = torch.cat([sd[ours.replace("{q,k,v}", n)] for n in "qkv"], dim=0)
+        else:
+            t = sd[ours]
+        out[theirs] = t.t().contiguous() if kind and t.dim() == 2 else t
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return out
+
+
+def _gpt2_from_hf(hf_sd: dict, cfg: ModelConfig) -> dict:
+    # The original GPT-2 checkpoints name the GPT2Model's tensors without the "transformer." prefix.
+    hf_sd = {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v for k, v in hf_sd.items()}
+    out = {}
+    for ours, theirs, kind in _gpt2_pairs(cfg):
+        t = hf_sd[theirs]
+        t = t.t() if kind and t.dim() == 2 else t
+        if kind == "qkv":
+            for n, part in zip("qkv", t.split(cfg.d_model, dim=0)):
+                out[ours.replace("{q,k,v}", n)] = part.contiguous()
+        else:
+            out[ours] = t.contiguous()
+    out["lm_head.weight"] = out["embed.weight"] if cfg.tie_embeddings else hf_sd.get("lm_head.weight", out["embed.weight"])
+    return out
 
 
 def to_hf_state_dict(model) -> dict:
     cfg = model.cfg
     family = hf_family(cfg)
-    tab = _table(family)
-    sd = {k: v for k, v in model.state_dict().items()}
+    sd = dict(model.state_dict())
+    if family == "gpt2":
+        return _gpt2_to_hf(sd, cfg)
+    tab = TABLES[family]
     out = {"model.embed_tokens.weight": sd["embed.weight"], tab["final_norm"]: sd["norm.weight"]}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
@@ -72,7 +154,9 @@ def to_hf_state_dict(model) -> dict:
 
 def from_hf_state_dict(hf_sd: dict, cfg: ModelConfig) -> dict:
     family = hf_family(cfg)
-    tab = _table(family)
+    if family == "gpt2":
+        return _gpt2_from_hf(hf_sd, cfg)
+    tab = TABLES[family]
     out = {"embed.weight": hf_sd["model.embed_tokens.weight"], "norm.weight": hf_sd[tab["final_norm"]]}
     out["lm_head.weight"] = hf_sd.get("lm_head.weight", out["embed.weight"]) if not cfg.tie_embeddings \
         else out["embed.weight"]
@@ -87,13 +171,22 @@ def from_hf_state_dict(hf_sd: dict, cfg: ModelConfig) -> dict:
 def to_hf_config(cfg: ModelConfig, max_position_embeddings: int = 4096, **special_ids):
     """A transformers config equal in function to ours (MLP width literal, not auto-adjusted)."""
     family = hf_family(cfg)
-    types = cfg.layer_types()
-    windows = cfg.layer_windows()
+    if family == "gpt2":
+        from transformers import GPT2Config
+
+        # No dropout: ours has none, and a fine-tune in transformers should see the same model.
+        return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_positions, n_embd=cfg.d_model,
+                          n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.ffn, activation_function="gelu_new",
+                          layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                          tie_word_embeddings=cfg.tie_embeddings, **special_ids)
+    types, windows = cfg.layer_types(), cfg.layer_windows()
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scale():
+        rope = {**rope, "rope_type": "llama3", **cfg.rope_scale()}
     common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn,
                   num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                   num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=max_position_embeddings,
-                  tie_word_embeddings=cfg.tie_embeddings,
-                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, **special_ids)
+                  tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope, **special_ids)
     if family == "lfm2":
         from transformers import Lfm2Config
 
@@ -102,6 +195,15 @@ def to_hf_config(cfg: ModelConfig, max_position_embeddings: int = 4096, **specia
         return Lfm2Config(**common, norm_eps=cfg.norm_eps, conv_L_cache=cfg.conv_kernel, conv_bias=cfg.conv_bias,
                           block_auto_adjust_ff_dim=False,
                           layer_types=["full_attention" if t == "attn" else "conv" for t in types])
+    if family == "llama":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(**common, head_dim=cfg.hd, rms_norm_eps=cfg.norm_eps, attention_bias=cfg.attn_bias,
+                           mlp_bias=cfg.mlp_bias)
+    if family == "qwen2":
+        from transformers import Qwen2Config
+
+        return Qwen2Config(**common, head_dim=cfg.hd, rms_norm_eps=cfg.norm_eps, use_sliding_window=False)
     from transformers import Qwen3Config
 
     sliding = [w for w in windows if w is not None]
@@ -113,12 +215,45 @@ def to_hf_config(cfg: ModelConfig, max_position_embeddings: int = 4096, **specia
                        layer_types=["sliding_attention" if w is not None else "full_attention" for w in windows])
 
 
+def unsupported(mt) -> ConfigError:
+    return ConfigError(f"unsupported transformers architecture {mt!r}: slmlab loads "
+                       + ", ".join(f"{f} ({c})" for f, c in HF_CLASSES.items()))
+
+
+def _rope(hf_cfg, family: str) -> tuple[float, dict]:
+    """(rope_theta, our rope_scaling) from transformers' rope_parameters; other scalings are refused."""
+    rp = dict(getattr(hf_cfg, "rope_parameters", None) or {})
+    kind = rp.get("rope_type", "default")
+    if kind == "default":
+        return float(rp.get("rope_theta", 10000.0)), {}
+    if kind != "llama3" or family != "llama":
+        raise ConfigError(f"{family}: rope_type {kind!r} is not supported (default, and llama3 for llama)")
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    return float(rp["rope_theta"]), {"type": "llama3", **{k: rp[k] for k in keys if k in rp}}
+
+
+def _from_gpt2_config(c) -> ModelConfig:
+    if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ConfigError(f"gpt2: activation_function {c.activation_function!r} is not supported (gelu_new)")
+    if c.scale_attn_by_inverse_layer_idx or c.reorder_and_upcast_attn or not c.scale_attn_weights:
+        raise ConfigError("gpt2: only the standard attention scaling (1/sqrt(head_dim)) is supported")
+    return ModelConfig(vocab_size=c.vocab_size, d_model=c.n_embd, n_layers=c.n_layer, n_heads=c.n_head,
+                       n_kv_heads=c.n_head, ffn_dim=c.n_inner or 4 * c.n_embd, layers="A", norm="layernorm",
+                       pos="learned", max_positions=c.n_positions, mlp="gelu", qk_norm=False, attn_bias=True,
+                       attn_out_bias=True, mlp_bias=True, norm_eps=c.layer_norm_epsilon,
+                       tie_embeddings=bool(c.tie_word_embeddings))
+
+
 def from_hf_config(hf_cfg) -> ModelConfig:
     mt = getattr(hf_cfg, "model_type", None)
-    rope = (getattr(hf_cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    if mt not in FAMILIES:
+        raise unsupported(mt)
+    if mt == "gpt2":
+        return _from_gpt2_config(hf_cfg)
+    theta, scaling = _rope(hf_cfg, mt)
     common = dict(vocab_size=hf_cfg.vocab_size, d_model=hf_cfg.hidden_size, n_layers=hf_cfg.num_hidden_layers,
                   n_heads=hf_cfg.num_attention_heads, n_kv_heads=hf_cfg.num_key_value_heads,
-                  rope_theta=float(rope), tie_embeddings=bool(hf_cfg.tie_word_embeddings))
+                  rope_theta=theta, rope_scaling=scaling, tie_embeddings=bool(hf_cfg.tie_word_embeddings))
     if mt == "lfm2":
         ffn = hf_cfg.intermediate_size
         if hf_cfg.block_auto_adjust_ff_dim:
@@ -130,11 +265,20 @@ def from_hf_config(hf_cfg) -> ModelConfig:
         layers = ["attn" if t == "full_attention" else "conv" for t in hf_cfg.layer_types]
         return ModelConfig(**common, ffn_dim=ffn, layers=layers, norm_eps=hf_cfg.norm_eps,
                            conv_kernel=hf_cfg.conv_L_cache, conv_bias=hf_cfg.conv_bias)
-    if mt == "qwen3":
-        if getattr(hf_cfg, "attention_bias", False):
-            raise ConfigError("Qwen3 with attention_bias=true is not supported")
-        types = hf_cfg.layer_types or ["full_attention"] * hf_cfg.num_hidden_layers
-        wp = "".join("S" if t == "sliding_attention" else "L" for t in types)
-        return ModelConfig(**common, ffn_dim=hf_cfg.intermediate_size, head_dim=hf_cfg.head_dim, layers="A",
-                           norm_eps=hf_cfg.rms_norm_eps, window=hf_cfg.sliding_window or 4096, window_pattern=wp)
-    raise ConfigError(f"unsupported transformers architecture {mt!r}: only lfm2 and qwen3 load into slmlab")
+    if getattr(hf_cfg, "hidden_act", "silu") != "silu":
+        raise ConfigError(f"{mt}: hidden_act {hf_cfg.hidden_act!r} is not supported (silu)")
+    head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
+    common.update(ffn_dim=hf_cfg.intermediate_size, head_dim=head_dim, layers="A", norm_eps=hf_cfg.rms_norm_eps)
+    if mt == "llama":
+        bias = bool(getattr(hf_cfg, "attention_bias", False))
+        return ModelConfig(**common, qk_norm=False, attn_bias=bias, attn_out_bias=bias,
+                           mlp_bias=bool(getattr(hf_cfg, "mlp_bias", False)))
+    if mt == "qwen2":
+        if getattr(hf_cfg, "use_sliding_window", False):
+            raise ConfigError("qwen2 with use_sliding_window=true is not supported")
+        return ModelConfig(**common, qk_norm=False, attn_bias=True)
+    if getattr(hf_cfg, "attention_bias", False):
+        raise ConfigError("Qwen3 with attention_bias=true is not supported")
+    types = hf_cfg.layer_types or ["full_attention"] * hf_cfg.num_hidden_layers
+    wp = "".join("S" if t == "sliding_attention" else "L" for t in types)
+    return ModelConfig(**common, window=hf_cfg.sliding_window or 4096, window_pattern=wp)

@@ -3,12 +3,16 @@ and `train.init_from=RUN_DIR` (initialise from a finished run's weights, e.g. AR
 Dhara-style). Called once by the trainer right after the model is built, before the optimizer."""
 from __future__ import annotations
 
+import torch
+
 from .errors import ConfigError
 from .rundir import RunDir
 
 # Fields that must match for weights to transfer; causal and the objective may differ.
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "conv_kernel",
                 "conv_bias", "tie_embeddings")
+# Block options that change which weights exist (rope_theta/rope_scaling may change: context extension).
+FAMILY_FIELDS = ("norm", "pos", "mlp", "qk_norm", "attn_bias", "attn_out_bias", "mlp_bias")
 
 
 def init_model(model, cfg, tok):
@@ -28,12 +32,38 @@ def init_model(model, cfg, tok):
 def load_init(model, cfg, tok, run_dir):
     run = RunDir.open(run_dir, label="train.init_from=")
     src = run.config().model
+    added = cfg.data.added_tokens
     for f in SHAPE_FIELDS:
         a, b = getattr(src, f), getattr(cfg.model, f)
-        if a != b:
+        if a != b and not (f == "vocab_size" and added and a < b):  # added tokens grow the vocabulary
             raise ConfigError(f"train.init_from run has model.{f}={a!r} but this run has {b!r}")
+    for f in FAMILY_FIELDS:
+        if getattr(src, f) != getattr(cfg.model, f):
+            raise ConfigError(f"train.init_from run has model.{f}={getattr(src, f)!r} but this run has "
+                              f"{getattr(cfg.model, f)!r}")
     if src.layer_types() != cfg.model.layer_types():
         raise ConfigError(f"train.init_from run has layers {src.layers!r} but this run has {cfg.model.layers!r}")
-    run.check_same_tokenizer(tok, "the weights' token ids would mean other tokens (data or vocab_size differ)")
-    run.load_weights(model)
+    if added:
+        if run.tokenizer().with_added(added).to_json() != tok.to_json():
+            raise ConfigError(f"{run.name}'s tokenizer plus data.added_tokens is not this run's tokenizer "
+                              "(set data.tokenizer to the same run)")
+    else:
+        run.check_same_tokenizer(tok, "the weights' token ids would mean other tokens (data or vocab_size differ)")
+    if src.vocab_size < cfg.model.vocab_size:
+        grow_vocab(model, run)
+    else:
+        run.load_weights(model)
     print(f"initialised from {run.path}")
+
+
+def grow_vocab(model, run):
+    """Load `run`'s weights into `model`, whose vocabulary is larger: the new embedding rows (and untied
+    head rows) start at the mean of the trained ones, so the new tokens begin as an average token."""
+    from .rundir import model_from_config
+
+    sd = run.load_weights(model_from_config(run.config())).state_dict()
+    vocab = model.cfg.vocab_size
+    for key in ("embed.weight", "lm_head.weight"):
+        old = sd[key]
+        sd[key] = torch.cat([old, old.mean(0, keepdim=True).expand(vocab - old.shape[0], -1)])
+    model.load_state_dict(sd)

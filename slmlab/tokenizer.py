@@ -6,10 +6,15 @@ treats special-token strings that occur in the text as ordinary text, so ``decod
 
 The saved file is a plain HF ``tokenizer.json``: ``tokenizers.Tokenizer.from_file`` and
 ``transformers.PreTrainedTokenizerFast(tokenizer_file=...)`` both load it.
+
+A foreign ``tokenizer.json`` (an imported model's: Llama's ``<s>``, GPT-2's ``<|endoftext|>``, ...) works too:
+its bos/eos/pad/mask tokens are named by a ``tokenizer_config.json`` beside it (the file transformers
+writes, and the one ``save`` writes for such tokenizers), or else found among the usual names (ROLE_NAMES).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -20,6 +25,12 @@ BOS, EOS, PAD, MASK = "<|bos|>", "<|eos|>", "<|pad|>", "<|mask|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, MASK)
 N_BYTES = 256
 MIN_VOCAB_SIZE = N_BYTES + len(SPECIAL_TOKENS)  # 260
+ROLES = ("bos", "eos", "pad", "mask")
+# Names each role goes by in the tokenizers people import, tried in order when no config names it.
+ROLE_NAMES = {"bos": (BOS, "<s>", "<|begin_of_text|>", "<|endoftext|>"),
+              "eos": (EOS, "</s>", "<|end_of_text|>", "<|endoftext|>", "<|im_end|>"),
+              "pad": (PAD, "<pad>", "<|finetune_right_pad_id|>"), "mask": (MASK, "<mask>")}
+SIDECAR = "tokenizer_config.json"
 
 
 def split_exact(text: str, target_chars: int = 1 << 16) -> Iterator[str]:
@@ -54,12 +65,45 @@ def split_exact(text: str, target_chars: int = 1 << 16) -> Iterator[str]:
 class Tokenizer:
     """Thin wrapper around ``tokenizers.Tokenizer`` with the project's conventions."""
 
-    def __init__(self, hf_tokenizer):
+    def __init__(self, hf_tokenizer, specials: dict | None = None):
+        """specials: role (bos, eos, pad, mask) -> token string; roles left out are looked up in ROLE_NAMES."""
         self._tok = hf_tokenizer
-        # Text that happens to contain "<|eos|>" etc. is encoded as bytes, not as the special id.
+        # Text that happens to contain "<|eos|>" etc. is encoded as bytes, not as the special id. User tokens
+        # added with `with_added` are not special, so they still match as single tokens.
         if hasattr(self._tok, "encode_special_tokens"):
             self._tok.encode_special_tokens = True
-        self._ids = {t: self._tok.token_to_id(t) for t in SPECIAL_TOKENS}
+        specials = {k: v for k, v in (specials or {}).items() if v is not None}
+        for role in ROLES:
+            if role not in specials:
+                specials[role] = next((n for n in ROLE_NAMES[role] if self._tok.token_to_id(n) is not None), None)
+        self.specials = {r: n for r, n in specials.items() if n is not None and self._tok.token_to_id(n) is not None}
+        self._ids = {r: self._tok.token_to_id(n) for r, n in self.specials.items()}
+
+    @property
+    def is_own(self) -> bool:
+        """slmlab's own layout (specials 0..3 under our names): no tokenizer_config.json needed."""
+        return all(self._tok.token_to_id(t) == i for i, t in enumerate(SPECIAL_TOKENS))
+
+    @property
+    def special_tokens(self) -> set[str]:
+        """Control tokens: the roles' and every added token marked special (they stand for no text)."""
+        added = [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
+        return set(added) | set(self.specials.values())
+
+    def fingerprint(self) -> str:
+        """What fixes the token ids a text becomes, documents' eos included (data cache keys)."""
+        return self.to_json() if self.is_own else self.to_json() + json.dumps(self.specials, sort_keys=True)
+
+    def with_added(self, tokens) -> "Tokenizer":
+        """A copy with `tokens` appended as single, non-special tokens (ones already in the vocabulary keep
+        their id), e.g. ``<think>`` or ``TOOL_USE[`` for fine-tuning data."""
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as HFTokenizer
+
+        tok = HFTokenizer.from_str(self.to_json())
+        new = [t for t in dict.fromkeys(tokens) if tok.token_to_id(t) is None]
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in new])
+        return Tokenizer(tok, self.specials)
 
     # ---- encoding -------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -83,19 +127,19 @@ class Tokenizer:
 
     @property
     def bos_id(self) -> int | None:
-        return self._ids[BOS]
+        return self._ids.get("bos")
 
     @property
     def eos_id(self) -> int | None:
-        return self._ids[EOS]
+        return self._ids.get("eos")
 
     @property
     def pad_id(self) -> int | None:
-        return self._ids[PAD]
+        return self._ids.get("pad")
 
     @property
     def mask_id(self) -> int | None:
-        return self._ids[MASK]
+        return self._ids.get("mask")
 
     @property
     def hf(self):
@@ -116,6 +160,9 @@ class Tokenizer:
 
         with publish(path) as tmp:
             tmp.write_text(self.to_json(), encoding="utf-8")
+        if not self.is_own:  # a foreign tokenizer's roles, in the file transformers reads them from
+            with publish(path.parent / SIDECAR) as tmp:
+                tmp.write_text(json.dumps({f"{r}_token": n for r, n in self.specials.items()}, indent=2))
         return path
 
     @classmethod
@@ -128,8 +175,9 @@ class Tokenizer:
             path = path / "tokenizer.json"
         if not path.is_file():
             raise DataError(f"tokenizer file not found: {path}")
+        specials = sidecar_specials(path.parent / SIDECAR)
         try:
-            return cls(HFTokenizer.from_file(str(path)))
+            return cls(HFTokenizer.from_file(str(path)), specials)
         except Exception as e:  # tokenizers raises a plain Exception on bad JSON
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DataError(f"tokenizer file is corrupt or not a tokenizer.json: {path} ({msg})") from None
@@ -145,6 +193,24 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size})"
+
+
+def sidecar_specials(path: Path) -> dict:
+    """role -> token string from a transformers tokenizer_config.json ({} if absent; strings or
+    {"content": ...} entries, as transformers versions write them)."""
+    if not path.is_file():
+        return {}
+    try:
+        conf = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise DataError(f"{path} is not JSON ({e})") from None
+    out = {}
+    for role in ROLES:
+        v = conf.get(f"{role}_token") if isinstance(conf, dict) else None
+        v = v.get("content") if isinstance(v, dict) else v
+        if isinstance(v, str):
+            out[role] = v
+    return out
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> Tokenizer:
@@ -185,7 +251,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, show_progress: bool =
 
     tok.train_from_iterator(pieces(), trainer=trainer)
     out = Tokenizer(tok)
-    got = [out._ids[t] for t in SPECIAL_TOKENS]
+    got = [out._ids[r] for r in ROLES]
     assert got == list(range(len(SPECIAL_TOKENS))), f"special token ids {got}"
     return out
 

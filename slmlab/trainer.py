@@ -10,6 +10,7 @@ MetricsLog (the metrics file offset), plus the model and optimizer.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -176,6 +177,10 @@ class Trainer:
         self.cfg, self.t, self.t_start = cfg, cfg.train, time.time()
         self.dist = Dist(cfg.train.device)
         self.phases = resolve_phases(cfg, self.dist.world)  # with the world size: batches must split over ranks
+        longest = max([ph.seq_len for ph in self.phases] + [cfg.train.eval_seq_len or 0])
+        if cfg.model.pos == "learned" and longest > cfg.model.max_positions:
+            raise ConfigError(f"sequences of {longest} tokens exceed model.max_positions={cfg.model.max_positions} "
+                              "(learned positions have no rows past it): shorten train.phases / train.seq_len")
         if not resume and self.dist.main:
             RunDir.check_new(out, force)
         self.run = RunDir(out)
@@ -205,6 +210,11 @@ class Trainer:
         cfg, quiet = self.cfg, not self.dist.main
         cache = Path(cfg.data.cache_dir).expanduser()
         given = Tokenizer.load(Path(cfg.data.tokenizer).expanduser()) if cfg.data.tokenizer else None
+        if cfg.data.added_tokens:
+            given = given.with_added(cfg.data.added_tokens)
+            if given.vocab_size > cfg.model.vocab_size:  # new rows: mean-initialised by train.init_from
+                self.say(f"data.added_tokens: model.vocab_size {cfg.model.vocab_size} -> {given.vocab_size}")
+                cfg.model = dataclasses.replace(cfg.model, vocab_size=given.vocab_size)
         self.bundle = data_mod.prepare_data(cfg.data.spec, cfg.model.vocab_size, cache, val_frac=cfg.data.val_frac,
                                             tokenizer=given, progress=cfg.logging.progress and not quiet, quiet=quiet)
         self.tok = tok = self.bundle.tokenizer

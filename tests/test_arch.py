@@ -24,6 +24,12 @@ def preset_cfgs():
     out.append(pytest.param(tiny(layers="CCA", window_pattern="SL"), id="hybrid-sliding"))
     out.append(pytest.param(tiny(layers="A", window_pattern="SSL", conv_kernel=4), id="transformer-sliding"))
     out.append(pytest.param(tiny(layers="CA", conv_kernel=2, tie_embeddings=False), id="k2-untied"))
+    # The imported families' block options (tests/test_hf_families.py pins them against transformers).
+    out.append(pytest.param(tiny(qk_norm=False, rope_scaling={"type": "llama3", "original_max_position_embeddings": 16}),
+                            id="llama-ish"))
+    out.append(pytest.param(tiny(qk_norm=False, attn_bias=True, tie_embeddings=False), id="qwen2-ish"))
+    out.append(pytest.param(tiny(n_kv_heads=4, norm="layernorm", mlp="gelu", pos="learned", max_positions=64,
+                                 qk_norm=False, attn_bias=True, attn_out_bias=True, mlp_bias=True), id="gpt2-ish"))
     return out
 
 

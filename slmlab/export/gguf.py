@@ -1,9 +1,12 @@
-"""GGUF for llama.cpp: architecture `lfm2` (conv+attn hybrids) or `qwen3` (all attention).
+"""GGUF for llama.cpp: architecture `lfm2` (conv+attn hybrids), `qwen3` (attention with QK-norm), `qwen2`
+(q/k/v biases) or `llama` (neither; Llama-3 rope scaling as llama.cpp's rope_freqs tensor).
 
 Tensor names come from slmlab/hf.py's HF mapping followed by gguf's own TensorNameMap (the table
 llama.cpp's converter uses), so no name table lives here. Tokenizer metadata: our byte-level BPE is
 GPT-2's scheme, so tokenizer.ggml.model = "gpt2" with pre-tokenizer "gpt-2" (the GPT-2 regex that
 tokenizers' ByteLevel(use_regex=True) applies), tokens, token types (specials = control), merges.
+llama.cpp's llama rotates interleaved pairs (2i, 2i+1) where HF's checkpoints rotate halves (i, i + hd/2),
+so llama's q/k rows are permuted as llama.cpp's own converter does; qwen2/qwen3 rotate halves as we do.
 Weight types: f32 | f16 | bf16 for matrices (--dtype), q8_0 with --quant q8_0; norms, the tiny
 conv kernels and any row length not divisible by 32 stay f32 (llama.cpp reads norms as f32).
 """
@@ -13,14 +16,21 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..errors import ConfigError
 from ..hf import hf_family, to_hf_state_dict
 from . import require
 
+GGUF_FAMILIES = ("lfm2", "qwen3", "llama", "qwen2")
+
 
 def check_supported(mcfg):
     family = hf_family(mcfg)
+    if family not in GGUF_FAMILIES:
+        raise ConfigError(f"gguf export covers {', '.join(GGUF_FAMILIES)} models; this one is {family}")
+    if mcfg.mlp_bias:
+        raise ConfigError("llama.cpp's llama has no MLP biases: export mlp_bias=false models to gguf")
     if family == "qwen3" and any(w is not None for w in mcfg.layer_windows()):
         raise ConfigError("llama.cpp's qwen3 has no sliding-window attention: export window_pattern L models to gguf")
     if family == "lfm2" and mcfg.conv_bias:
@@ -29,8 +39,6 @@ def check_supported(mcfg):
 
 def _tokenizer_metadata(w, tok):
     import gguf
-
-    from ..tokenizer import SPECIAL_TOKENS
 
     vocab = tok.hf.get_vocab(with_added_tokens=True)
     tokens = [None] * (max(vocab.values()) + 1)
@@ -42,7 +50,8 @@ def _tokenizer_metadata(w, tok):
     if model.get("type") != "BPE":
         raise ConfigError(f"only byte-level BPE tokenizers export to gguf (got {model.get('type')})")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    types = [gguf.TokenType.CONTROL if t in SPECIAL_TOKENS else gguf.TokenType.NORMAL for t in tokens]
+    special = tok.special_tokens
+    types = [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
     w.add_token_list(tokens)
@@ -59,7 +68,8 @@ def export(model, tok, cfg, out: Path, opts):
     gguf = require("gguf", "gguf", "gguf")
     mcfg = cfg.model
     family = hf_family(mcfg)
-    arch = gguf.MODEL_ARCH.LFM2 if family == "lfm2" else gguf.MODEL_ARCH.QWEN3
+    arch = {"lfm2": gguf.MODEL_ARCH.LFM2, "qwen3": gguf.MODEL_ARCH.QWEN3, "llama": gguf.MODEL_ARCH.LLAMA,
+            "qwen2": gguf.MODEL_ARCH.QWEN2}[family]
     if opts.quant == "q8_0":
         wtype, ftype = gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0
     else:
@@ -82,13 +92,16 @@ def export(model, tok, cfg, out: Path, opts):
         w.add_head_count_kv(mcfg.n_kv_heads)
         w.add_key_length(mcfg.hd)
         w.add_value_length(mcfg.hd)
+    if family == "llama":
+        w.add_vocab_size(mcfg.vocab_size)
+        w.add_rope_dimension_count(mcfg.hd)
     w.add_rope_freq_base(mcfg.rope_theta)
     w.add_layer_norm_rms_eps(mcfg.norm_eps)
     w.add_file_type(ftype)
     _tokenizer_metadata(w, tok)
 
     names = gguf.TensorNameMap(arch, mcfg.n_layers)
-    for hf_name, t in to_hf_state_dict(model).items():
+    for hf_name, t in gguf_tensors(model, family).items():
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ConfigError(f"no GGUF name for tensor {hf_name}")
@@ -111,6 +124,29 @@ def export(model, tok, cfg, out: Path, opts):
     w.write_tensors_to_file()
     w.close()
     return {"arch": gguf.MODEL_ARCH_NAMES[arch], "weights": wtype.name}
+
+
+def interleave_rope_rows(t, n_heads: int):
+    """q/k projection rows (weight or bias) from rotate-half order to llama.cpp llama's interleaved order:
+    within each head, rows (i, i + hd/2) become (2i, 2i + 1)."""
+    return t.reshape(n_heads, 2, t.shape[0] // n_heads // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
+def gguf_tensors(model, family: str) -> dict:
+    """HF-named tensors as llama.cpp reads them for `family`."""
+    sd = to_hf_state_dict(model)
+    if family != "llama":
+        return sd
+    cfg = model.cfg
+    for name in list(sd):
+        for proj, heads in (("q_proj", cfg.n_heads), ("k_proj", cfg.n_kv_heads)):
+            if f".self_attn.{proj}." in name:
+                sd[name] = interleave_rope_rows(sd[name], heads)
+    scaled = model.layers[0].mixer.rotary.inv_freq
+    if cfg.rope_scale():  # llama.cpp divides each base frequency by its rope_freqs factor
+        base = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.hd, 2, dtype=torch.float32) / cfg.hd))
+        sd["rope_freqs.weight"] = base / scaled.float().cpu()
+    return sd
 
 
 def read_gguf(path) -> tuple[dict, dict]:

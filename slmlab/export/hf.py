@@ -1,4 +1,4 @@
-"""Hugging Face transformers folders: export (Lfm2ForCausalLM / Qwen3ForCausalLM) and import.
+"""Hugging Face transformers folders: export (Lfm2 / Qwen3 / Qwen2 / Llama ForCausalLM, GPT2LMHeadModel) and import.
 
 The name/config mapping lives in slmlab/hf.py; this module only writes and reads folders.
 """
@@ -8,7 +8,16 @@ import json
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
-from ..hf import from_hf_config, from_hf_state_dict, hf_family, to_hf_config, to_hf_state_dict
+from ..hf import (
+    FAMILIES,
+    HF_CLASSES,
+    from_hf_config,
+    from_hf_state_dict,
+    hf_family,
+    to_hf_config,
+    to_hf_state_dict,
+    unsupported,
+)
 from . import DTYPES, require
 
 HF_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -31,14 +40,14 @@ def export(model, tok, cfg, out: Path, opts):
     out.mkdir(parents=True)
     ids = special_ids(tok)
     hf_cfg = to_hf_config(cfg.model, max_position_embeddings=4096, **ids)
-    hf_cfg.architectures = ["Lfm2ForCausalLM" if hf_family(cfg.model) == "lfm2" else "Qwen3ForCausalLM"]
+    hf_cfg.architectures = [HF_CLASSES[hf_family(cfg.model)]]
     hf_cfg.dtype = HF_DTYPE_NAMES[opts.dtype]
     hf_cfg.to_json_file(str(out / "config.json"))
     sd = {k: v.detach().to(DTYPES[opts.dtype]).contiguous() for k, v in to_hf_state_dict(model).items()}
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     GenerationConfig(**ids, do_sample=False).save_pretrained(str(out))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok.hf, bos_token="<|bos|>", eos_token="<|eos|>",
-                                   pad_token="<|pad|>", mask_token="<|mask|>", clean_up_tokenization_spaces=False)
+    names = {f"{role}_token": name for role, name in tok.specials.items()}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok.hf, **names, clean_up_tokenization_spaces=False)
     fast.model_max_length = 4096
     fast.save_pretrained(str(out))
     return {"family": hf_family(cfg.model)}
@@ -64,13 +73,12 @@ def _read_hf_weights(path: Path) -> dict:
 
 
 def load_hf(path):
-    """An HF Lfm2/Qwen3 causal-LM folder -> (ModelConfig, our LM with its weights, Tokenizer or None)."""
+    """An HF causal-LM folder of one of FAMILIES -> (ModelConfig, our LM with its weights, Tokenizer or None)."""
     require("transformers", "from-hf", "hf")
     from transformers import AutoConfig
 
     from arch import LM
 
-    from ..tokenizer import Tokenizer
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -80,9 +88,8 @@ def load_hf(path):
     except Exception as e:  # config.json is untrusted: transformers' own validation errors vary by version
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"{path / 'config.json'} is not a config slmlab can load: {msg}") from None
-    if getattr(hf_cfg, "model_type", None) not in ("lfm2", "qwen3"):
-        raise ConfigError(f"unsupported transformers architecture {hf_cfg.model_type!r} in {path}: "
-                          "only lfm2 (Lfm2ForCausalLM) and qwen3 (Qwen3ForCausalLM) load into slmlab")
+    if getattr(hf_cfg, "model_type", None) not in FAMILIES:
+        raise ConfigError(f"{path}: {unsupported(getattr(hf_cfg, 'model_type', None))}")
     try:  # config.json is untrusted: any value may be of the wrong type or out of range
         mcfg = from_hf_config(hf_cfg)
     except (ConfigError, TypeError, ValueError, AttributeError) as e:
@@ -104,13 +111,30 @@ def load_hf(path):
             raise CheckpointError(f"{path}: shape mismatch for {k}: checkpoint {tuple(v.shape)}, "
                                   f"config implies {tuple(own[k].shape)}")
     model.load_state_dict({k: v.float() for k, v in sd.items()})
-    tok = Tokenizer.load(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
+    tok = _load_tokenizer(path, hf_cfg) if (path / "tokenizer.json").is_file() else None
     return mcfg, model.eval(), tok
 
 
+def _load_tokenizer(path: Path, hf_cfg):
+    """The folder's tokenizer.json with its special tokens: named by its tokenizer_config.json, else by
+    the ids config.json gives (bos/eos/pad names differ per family; an eos list means its first)."""
+    from ..tokenizer import SIDECAR, Tokenizer, sidecar_specials
+
+    tok = Tokenizer.load(path / "tokenizer.json")  # reads tokenizer_config.json beside it
+    specials, named = dict(tok.specials), sidecar_specials(path / SIDECAR)
+    for role in ("bos", "eos", "pad"):
+        tid = getattr(hf_cfg, f"{role}_token_id", None)
+        tid = tid[0] if isinstance(tid, (list, tuple)) and tid else tid
+        if role not in named and isinstance(tid, int):
+            name = tok.hf.id_to_token(tid)
+            specials[role] = name if name is not None else specials.get(role)
+    return Tokenizer(tok.hf, specials)
+
+
 def import_hf(path, out: Path, force: bool = False) -> dict:
-    """Write a run directory (config.yaml, model.safetensors, tokenizer.json) from an HF folder,
-    so the trainer, sample.py and every exporter can use it."""
+    """Write a run directory (config.yaml, model.safetensors, tokenizer.json and, for a tokenizer
+    with its own special-token names, tokenizer_config.json) from an HF folder, so the trainer,
+    sample.py and every exporter can use it."""
     from ..checkpoint import publish, weights_for_save
     from ..config import build
     from ..rundir import RunDir
