@@ -4,11 +4,16 @@ curriculum vs a single long-context phase, on tinyshakespeare at equal tokens.
     python bench/optim_compare.py                       # everything (~30-40 min on a busy 2-core CPU)
     python bench/optim_compare.py --only optim          # the optimizer sweep + comparison
     python bench/optim_compare.py --only phases         # phased 256->1024->2048 vs single 2048
+    python bench/optim_compare.py --only default        # Muon vs AdamW at the default shape, wall clock
 
 1. Optimizer: for each of muon and adamw, a learning-rate sweep (same model, data, steps, WSD
    schedule); the best lr by final val loss is each optimizer's entry. Reports val-loss curves (PNG
    when matplotlib is installed, and a markdown table) and the ratio
    (steps Muon needs to reach AdamW's final val loss) / (AdamW's steps), interpolated between evals.
+3. Default: `python train.py --arch transformer` exactly as shipped (d256 x 6, vocab 4096, the phased
+   curriculum, 400 steps, default data), once with optim.name=adamw and once with muon, the two runs
+   side by side (one thread each, so the machine's load hits both alike). Reports steps AND seconds
+   Muon needs to reach AdamW's final val loss.
 2. Phases: 256 -> 1024 -> 2048 (shares 0.7/0.2/0.1) vs one 2048 phase, 4096 tokens per step each,
    the same steps (so the same tokens): wall clock and final val loss at 2048.
 """
@@ -133,11 +138,56 @@ def phases_experiment(args):
     Path(args.out, "phases_compare.md").write_text(text + "\n")
 
 
+def default_experiment(args):
+    """Both optimizers at the shipped shape, run concurrently with one thread each."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    procs, outs = {}, {}
+    for opt in ("adamw", "muon"):
+        outs[opt] = Path(args.out) / f"default_{args.default_arch}_{opt}"
+        if (outs[opt] / "summary.json").is_file() and not args.rerun:
+            continue
+        cmd = [sys.executable, str(ROOT / "train.py"), "--arch", args.default_arch, "--out", str(outs[opt]),
+               "--force", f"optim.name={opt}", f"train.eval_every={args.default_eval_every}",
+               "train.sample_tokens=0", "logging.progress=false"]
+        print(f"[default {opt}] {' '.join(cmd[1:])}", flush=True)
+        procs[opt] = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    for opt, proc in procs.items():
+        if proc.wait() != 0:
+            sys.exit(f"[default {opt}] train.py failed (exit {proc.returncode})")
+    runs = {}
+    for opt, out in outs.items():
+        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        summary = json.loads((out / "summary.json").read_text())
+        curve = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r and "step" in r]
+        runs[opt] = {"curve": curve + [(summary["steps"], summary["val_loss"])], **summary}
+    am, mu = runs["adamw"], runs["muon"]
+    reach = steps_to_reach(mu["curve"], am["val_loss"])
+    lines = ["| optimizer | steps | final val loss | val bpb | train time (s) | s / step |", "|---|---|---|---|---|---|"]
+    for opt, r in runs.items():
+        lines.append(f"| {opt} | {r['steps']} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} | {r['train_time_s']:.0f} | "
+                     f"{r['train_time_s'] / r['steps']:.3f} |")
+    if reach is None:
+        lines.append(f"\nMuon does not reach AdamW's final val loss {am['val_loss']:.4f} in {mu['steps']} steps.")
+    else:
+        secs = reach * mu["train_time_s"] / mu["steps"]
+        lines.append(f"\nMuon reaches AdamW's final val loss {am['val_loss']:.4f} at step {reach:.0f} of {am['steps']} "
+                     f"(ratio {reach / am['steps']:.2f}) and after {secs:.0f} s of {am['train_time_s']:.0f} s "
+                     f"(wall-clock ratio {secs / am['train_time_s']:.2f}).")
+    text = "\n".join(lines)
+    print(text)
+    Path(args.out, "default_compare.md").write_text(text + "\n")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--out", default="runs/bench_optim")
-    p.add_argument("--only", choices=["optim", "phases"], default=None)
+    p.add_argument("--only", choices=["optim", "phases", "default"], default=None)
+    p.add_argument("--default-arch", default="transformer", help="default experiment: the preset to train")
+    p.add_argument("--default-eval-every", type=int, default=40, help="default experiment: steps between evals")
     p.add_argument("--layers", default="CCA")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
@@ -155,6 +205,8 @@ def main():
         optim_experiment(args)
     if args.only in (None, "phases"):
         phases_experiment(args)
+    if args.only in (None, "default"):
+        default_experiment(args)
     print(f"total {time.time() - t0:.0f}s")
 
 

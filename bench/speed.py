@@ -13,6 +13,9 @@ between variants of the same round set. Sections:
   decode  batch-1 greedy decode tokens/s after a 32- and a 2000-token prompt: ours (static state,
           eager and compiled; the dynamic KV-cache path) against transformers' generate on the same
           weights; greedy tokens are checked equal
+  plain   training tokens/s of our eager transformer against a plain GPT of about the same size
+          (bench/plain_gpt.py: learned positions, LayerNorm, GELU MLP, no QK-norm), and of our stack
+          configured the same plain way, to separate the architecture's cost from the code's
   prefill one 2048-token forward, ours vs transformers
 """
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from arch import build_model
 from slmlab.config import load_config
@@ -143,6 +147,30 @@ def section_decode(args):
                   f"{same} |", flush=True)
 
 
+def section_plain(args):
+    from plain_gpt import PlainGPT
+
+    print("\n## training step tokens/s against a plain GPT (4096 tokens per step, fp32, AdamW, eager)")
+    print("| T | ours transformer | ours, plain options | plain GPT | ours / plain | ours plain options / plain |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    plain_opts = ["model.norm=layernorm", "model.mlp=gelu", "model.pos=learned", "model.qk_norm=false",
+                  "model.n_kv_heads=4"]
+    for T in args.seq_lens:
+        B = max(1, 4096 // T)
+        cfg, m = ours("transformer")
+        _, mp = ours("transformer", plain_opts + [f"model.max_positions={T}", f"model.ffn_dim={4 * cfg.model.d_model}"])
+        torch.manual_seed(0)
+        g = PlainGPT(cfg.model.vocab_size, cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads, T)
+        x = torch.randint(0, cfg.model.vocab_size, (B, T))
+        v = {k: train_step_fn(mod, torch.optim.AdamW(mod.parameters(), 1e-3), x, x)
+             for k, mod in (("ours", m), ("ours_plain", mp), ("plain", g))}
+        t = interleaved(v, args.rounds)
+        tps = {k: B * T / s for k, s in t.items()}
+        print(f"| {T} | {tps['ours']:,.0f} ({m.num_params() / 1e6:.2f}M) | {tps['ours_plain']:,.0f} "
+              f"({mp.num_params() / 1e6:.2f}M) | {tps['plain']:,.0f} ({sum(p.numel() for p in g.parameters()) / 1e6:.2f}M) | "
+              f"{tps['ours'] / tps['plain']:.2f}x | {tps['ours_plain'] / tps['plain']:.2f}x |", flush=True)
+
+
 def section_prefill(args):
     print("\n## prefill: one 2048-token forward, batch 1")
     print("| model | ours s | transformers s | ours / transformers speed |\n| --- | --- | --- | --- |")
@@ -156,7 +184,8 @@ def section_prefill(args):
         print(f"| {arch} | {t['ours']:.3f} | {t['hf']:.3f} | {t['hf'] / t['ours']:.2f}x |", flush=True)
 
 
-SECTIONS = {"optim": section_optim, "train": section_train, "decode": section_decode, "prefill": section_prefill}
+SECTIONS = {"optim": section_optim, "train": section_train, "plain": section_plain, "decode": section_decode,
+            "prefill": section_prefill}
 
 
 def main():
