@@ -28,7 +28,7 @@ def apply_lora(model: torch.nn.Module, lora) -> torch.nn.Module:
     names = [n for n, _ in model.named_modules()]
     missing = [t for t in lora.targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"})
         raise ConfigError(f"train.lora.targets {missing} match no module of the model; its linear layers: "
                           f"{', '.join(linears)}")
     if any(n == t or n.endswith("." + t) for t in lora.targets for n in ("lm_head", "embed")):
