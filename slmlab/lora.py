@@ -23,7 +23,10 @@ def apply_lora(model: torch.nn.Module, lora) -> torch.nn.Module:
     """Inject adapters of rank lora.r into the modules whose names end in one of lora.targets and
     freeze everything else. ConfigError if a target matches no module (a typo would otherwise
     train nothing)."""
-    from peft import LoraConfig, inject_adapter_in_model
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise ConfigError("train.lora needs peft: pip install -e '.[finetune]'") from None
 
     names = [n for n, _ in model.named_modules()]
     missing = [t for t in lora.targets if not any(n == t or n.endswith("." + t) for n in names)]

@@ -110,8 +110,10 @@ class ChatTemplate:
     and the token ids and labels of a conversation under it."""
 
     def __init__(self, source: str, tok: Tokenizer):
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
+        try:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            raise ConfigError("SFT chat templates need jinja2: pip install -e '.[finetune]'") from None
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = _raise
         self.source, self.tok, self.template = source, tok, env.from_string(source)

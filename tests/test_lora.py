@@ -117,3 +117,16 @@ def test_merge_lora_without_adapters_is_one_line_exit_2(base, tmp_path):
                           str(tmp_path / "m")], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1] == f"error: --merge-lora: {base} has no LoRA adapters (its train.lora.r is 0)"
+
+
+def test_dry_run_sizes_gradients_and_optimizer_for_the_adapters_only():
+    from slmlab.estimate import estimate, report
+
+    ov = ["model.d_model=64", "model.n_layers=3", "model.vocab_size=300", "train.init_from=x"]
+    full, lora = estimate(load_config(arch="hybrid", overrides=ov)), estimate(
+        load_config(arch="hybrid", overrides=[*ov, "train.lora.r=4"]))
+    n = lora["lora"]["trainable"]
+    assert 0 < n < full["params"] and lora["static_bytes"]["gradients"] == 4 * n
+    assert lora["lora"]["saved_bytes"] == (full["static_bytes"]["gradients"] + full["static_bytes"]["optimizer"]
+                                           - 4 * n - 8 * n)
+    assert "LoRA: " in report(lora) and full["lora"] is None
