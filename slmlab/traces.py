@@ -38,8 +38,8 @@ def read_prompts(path) -> list[list[dict]]:
     return out
 
 
-def trace_record(msgs: list[dict], completion: str) -> dict:
-    if len(msgs) == 1 and msgs[0]["role"] == "user":
+def trace_record(msgs: list[dict], completion: str, pairs: bool) -> dict:
+    if pairs:
         return {"prompt": msgs[0]["content"], "completion": completion}
     return {"messages": msgs + [{"role": "assistant", "content": completion}]}
 
@@ -49,7 +49,9 @@ def write_traces(args, device) -> int:
         raise ConfigError(f"--prompts {args.prompts}: no such file")
     convs = read_prompts(args.prompts)
     gen = hf_completions if args.hf else run_completions
-    records = [trace_record(m, c) for m, c in gen(args, convs, device)]
+    # One format for the whole file (SFT reads it by its first record): pairs when every prompt is one user turn.
+    pairs = all(len(m) == 1 and m[0]["role"] == "user" for m in convs)
+    records = [trace_record(m, c, pairs) for m, c in gen(args, convs, device)]
     with publish(Path(args.out).expanduser()) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     print(f"{len(records)} completions of {len(convs)} prompts written to {args.out}")

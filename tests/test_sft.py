@@ -135,3 +135,33 @@ def test_masked_val_loss_counts_reply_tokens_only(base):
     lengths = torch.ones(cfg.model.vocab_size, dtype=torch.float64)
     a = masked_val_loss(model, [ex], tok.pad_id, 96, 4, "cpu", lengths)
     assert a["val_tokens"] == sum(lab != IGNORE for lab in ex[1][1:])
+
+
+def test_traces_from_a_transformers_folder(base, tmp_path):
+    """sample.py --hf: a tiny random Llama with this tokenizer and ChatML as its chat_template."""
+    import subprocess
+    import sys
+
+    transformers = pytest.importorskip("transformers")
+    hf = tmp_path / "hf"
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(base / "tokenizer.json"), bos_token="<|bos|>",
+                                               eos_token="<|eos|>", pad_token="<|pad|>")
+    tok.chat_template = CHATML
+    tok.save_pretrained(hf)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1)).save_pretrained(hf)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "say the"}) + "\n" + json.dumps(
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "say of"}]}) + "\n")
+    out = tmp_path / "t.jsonl"
+    res = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--hf", str(hf), "--prompts", str(prompts),
+                          "--out", str(out), "--num-samples", "2", "--max-new-tokens", "6"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [set(r) for r in recs] == [{"messages"}] * 4  # one format per file: a prompt became a user turn
+    assert recs[0]["messages"][0] == {"role": "user", "content": "say the"}
+    assert recs[2]["messages"][-1]["role"] == "assistant" and recs[2]["messages"][1]["content"] == "say of"
+    assert detect_format(str(out)) == "chat" and len(read_examples(out, "chat")) == 4
