@@ -38,16 +38,13 @@ class DataConfig:
     format: str = "auto"  # auto | text | chat | prompt_completion
 
 
-DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3"]
-
-
 @dataclass
 class LoraConfig:
     """train.lora: low-rank adapters through peft (slmlab/lora.py); r = 0 trains every weight."""
     r: int = 0  # adapter rank; 0 = no LoRA
     alpha: float = 16.0  # scale alpha / r on the adapter's output
     dropout: float = 0.0  # dropout on the adapter's input
-    targets: list = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))  # module names (suffixes) to adapt
+    targets: list = field(default_factory=lambda: ["all-linear"])  # module-name suffixes; all-linear: all but the head
 
     def check(self, where: str):
         check_ranges(self, where, {"r": Range(0, 4096), "alpha": POSITIVE, "dropout": Range(0, 1, hi_open=True)})

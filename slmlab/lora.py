@@ -12,7 +12,8 @@ import torch
 
 from .errors import ConfigError
 
-ADAPTER_MARK = ".lora_"  # in every adapter parameter's name: layers.0.mlp.w1.lora_A.default.weight
+ADAPTER_MARK = ".lora_"
+ALL_LINEAR = "all-linear"  # in train.lora.targets: every nn.Linear but the head, whatever the blocks name them  # in every adapter parameter's name: layers.0.mlp.w1.lora_A.default.weight
 
 
 def has_adapters(model: torch.nn.Module) -> bool:
@@ -20,8 +21,8 @@ def has_adapters(model: torch.nn.Module) -> bool:
 
 
 def apply_lora(model: torch.nn.Module, lora) -> torch.nn.Module:
-    """Inject adapters of rank lora.r into the modules whose names end in one of lora.targets and
-    freeze everything else. ConfigError if a target matches no module (a typo would otherwise
+    """Inject adapters of rank lora.r into the modules whose names end in one of lora.targets
+    ("all-linear": every linear layer but the head) and freeze everything else. ConfigError if a target matches no module (a typo would otherwise
     train nothing)."""
     try:
         from peft import LoraConfig, inject_adapter_in_model
@@ -29,14 +30,16 @@ def apply_lora(model: torch.nn.Module, lora) -> torch.nn.Module:
         raise ConfigError("train.lora needs peft: pip install -e '.[finetune]'") from None
 
     names = [n for n, _ in model.named_modules()]
-    missing = [t for t in lora.targets if not any(n == t or n.endswith("." + t) for n in names)]
+    linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and n != "lm_head"})
+    targets = sorted({x for t in lora.targets for x in (linears if t == ALL_LINEAR else [t])})
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"})
         raise ConfigError(f"train.lora.targets {missing} match no module of the model; its linear layers: "
                           f"{', '.join(linears)}")
-    if any(n == t or n.endswith("." + t) for t in lora.targets for n in ("lm_head", "embed")):
+    if any(n == t or n.endswith("." + t) for t in targets for n in ("lm_head", "embed")):
         raise ConfigError("train.lora.targets: the embedding and head are not adapted (tied weights)")
-    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets))
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
     try:
         inject_adapter_in_model(cfg, model)
     except ValueError as e:  # e.g. a target that names a non-linear module (a norm, the depthwise conv)

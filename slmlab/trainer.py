@@ -316,7 +316,8 @@ class Trainer:
             rec = self.step_record(step, phase, res) if step % t.log_every == 0 or step == 1 else None
             if step % t.eval_every == 0 and step != t.steps:
                 ev = self.evaluate(t.eval_tokens)
-                self.progress.write(f"step {step}: val loss {ev['val_loss']:.4f}  val bpb {bpb_label(ev)}")
+                self.progress.write(f"step {step}: val loss {ev['val_loss']:.4f}  val bpb {bpb_label(ev)}"
+                                    + (f"  exact match {ev['exact_match']:.3f}" if "exact_match" in ev else ""))
                 rec = {**(rec or self.position(step, phase)), **ev}
             if rec:
                 self.metrics.log(rec)
@@ -419,7 +420,9 @@ class Trainer:
         final, base = self.evaluate(None), self.baselines()
         self.progress.write(f"final (whole validation split, {final['val_tokens']:,} tokens at seq_len {self.eval_T}): "
                             f"val loss {final['val_loss']:.4f}  val bpb {bpb_label(final)}"
-                            + (f"  (gzip -9 {base['gzip_bpb']:.3f}, xz -9 {base['xz_bpb']:.3f})" if base else ""))
+                            + (f"  (gzip -9 {base['gzip_bpb']:.3f}, xz -9 {base['xz_bpb']:.3f})" if base else "")
+                            + (f"  exact match {final['exact_match']:.3f} of {final['exact_n']}" if "exact_n" in final
+                               else ""))
         self.metrics.log({"step": t.steps, "phase": self.phases[-1].index + 1, "seq_len": self.eval_T,
                           "tokens": self.state.tokens, "final": True, **final})
         avg = self.average_checkpoints(final) if t.avg_last > 1 and self.dist.main else {}

@@ -130,3 +130,17 @@ def test_dry_run_sizes_gradients_and_optimizer_for_the_adapters_only():
     assert lora["lora"]["saved_bytes"] == (full["static_bytes"]["gradients"] + full["static_bytes"]["optimizer"]
                                            - 4 * n - 8 * n)
     assert "LoRA: " in report(lora) and full["lora"] is None
+
+
+@pytest.mark.parametrize("arch,want", [("transformer", {"q_proj", "k_proj", "v_proj", "out_proj", "w1", "w2", "w3"}),
+                                       ("hybrid", {"in_proj", "q_proj", "k_proj", "v_proj", "out_proj", "w1", "w2",
+                                                   "w3"})])
+def test_all_linear_adapts_every_linear_layer_but_the_head(arch, want):
+    from slmlab.lora import apply_lora
+
+    cfg = load_config(arch=arch, overrides=["model.d_model=32", "model.n_layers=3", "model.n_heads=2",
+                                            "model.n_kv_heads=1", "model.vocab_size=300", "train.lora.r=2",
+                                            "train.init_from=x"])
+    model = apply_lora(model_from_config(cfg), cfg.train.lora)
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ADAPTER_MARK in n}
+    assert adapted == want
