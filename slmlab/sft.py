@@ -179,9 +179,8 @@ class ChatTemplate:
 
     def prompt_ids(self, messages) -> list[int]:
         """The conversation up to its last assistant turn, ending in the generation prompt."""
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant") if any(
-            m["role"] == "assistant" for m in messages) else len(messages)
-        return self.encode_text(self.render(messages[:last], True))
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        return self.encode_text(self.render(messages[:turns[-1] if turns else len(messages)], True))
 
     def _end_marker(self) -> str:
         probe = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "\x01"}]
