@@ -6,6 +6,7 @@
     python convert.py --run runs/hybrid --to coreml --out export/hybrid.mlpackage
     python convert.py --run runs/hybrid --to gguf --out export/hybrid.gguf [--dtype fp16 | --quant q8_0]
     python convert.py --from-hf path/to/LFM2-350M --out runs/lfm2-350m     # lfm2, qwen3, qwen2, llama, gpt2
+    python convert.py --merge-lora runs/sft-lora --out runs/sft-merged     # a train.lora run -> a plain run
 
 Nothing is written at --out unless the whole export succeeds; an existing --out needs --force.
 See docs/export.md.
@@ -26,6 +27,8 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory (config.yaml, model.safetensors, tokenizer.json)")
     src.add_argument("--from-hf", dest="from_hf", help="import a transformers Lfm2/Qwen3/Qwen2/Llama/GPT-2 folder into a run directory")
+    src.add_argument("--merge-lora", dest="merge_lora", metavar="RUN",
+                     help="fold a train.lora run's adapters into its base: a plain run every exporter accepts")
     p.add_argument("--to", dest="fmt", help=f"export format: {', '.join(FORMATS)}")
     p.add_argument("--out", required=True, help="output path (a folder for hf/onnx/coreml/--from-hf, a file otherwise)")
     p.add_argument("--dtype", default="fp32", help="weight dtype: fp32 | fp16 | bf16 (default fp32)")
@@ -40,7 +43,11 @@ def main(argv=None):
     args = parse_args(argv)
     from slmlab.errors import ConfigError
 
-    if args.from_hf:
+    if args.merge_lora:
+        if args.fmt:
+            raise ConfigError("--merge-lora writes a run directory; it takes no --to")
+        report = merge_lora_run(args.merge_lora, args.out, force=args.force)
+    elif args.from_hf:
         if args.fmt:
             raise ConfigError("--from-hf writes a run directory; it takes no --to")
         from slmlab.export.hf import import_hf
@@ -57,6 +64,27 @@ def main(argv=None):
         opts = ExportOptions(dtype=args.dtype, quant=args.quant, max_len=args.max_len, eval_bpb=not args.no_eval)
         report = convert(args.run, args.fmt, args.out, opts, force=args.force)
     print(json.dumps(report))
+
+
+def merge_lora_run(src: str, out: str, force: bool = False) -> dict:
+    """A copy of the train.lora run `src` with the adapters merged into the weights and train.lora off."""
+    from slmlab.checkpoint import save_model
+    from slmlab.errors import ConfigError
+    from slmlab.rundir import CHAT_TEMPLATE, CONFIG, WEIGHTS, RunDir
+
+    run = RunDir.open(src, label="--merge-lora ")
+    cfg = run.config()
+    if not cfg.train.lora.r:
+        raise ConfigError(f"--merge-lora: {run.path} has no LoRA adapters (its train.lora.r is 0)")
+    cfg, model, tok = run.load("cpu")  # base + adapters, merged
+    cfg.train.lora.r, cfg.train.init_from = 0, ""
+    dst = RunDir.create(out, force=force)
+    dst.write_config(cfg)
+    dst.write_tokenizer(tok)
+    if run.chat_template() is not None:
+        dst.write_text(CHAT_TEMPLATE, run.chat_template())
+    save_model(model, dst.path / WEIGHTS, metadata={"arch": cfg.arch, "merged_from": str(run.path)})
+    return {"merged": str(run.path), "out": str(dst.path), "files": [CONFIG, WEIGHTS]}
 
 
 if __name__ == "__main__":

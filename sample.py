@@ -2,6 +2,11 @@
 
     python sample.py --run runs/hybrid-... --prompt "def " --max-new-tokens 200 --temperature 0.8 --top-k 50
 
+Teacher traces: complete every prompt of a jsonl ({"prompt": ...} or {"messages": [...]}) through the
+run's chat template (or a transformers model folder's, with --hf), writing SFT-ready jsonl:
+    python sample.py --run runs/teacher --prompts prompts.jsonl --out traces.jsonl --temperature 0
+    python sample.py --hf path/to/Qwen2.5-0.5B-Instruct --prompts prompts.jsonl --out traces.jsonl --num-samples 4
+
 Diffusion runs (--arch diffusion) fill the new tokens by iterative unmasking instead:
     python sample.py --run runs/diffusion-... --max-new-tokens 128 --diffusion-steps 64 --block-length 32
 """
@@ -17,7 +22,13 @@ from slmlab.errors import ConfigError
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="run directory written by train.py")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run directory written by train.py")
+    src.add_argument("--hf", help="with --prompts: a transformers model folder to generate with (transformers generate)")
+    p.add_argument("--prompts", help="jsonl of {\"prompt\": str} or {\"messages\": [...]}: complete each one "
+                                     "(through the chat template) and write --out")
+    p.add_argument("--out", help="with --prompts: the SFT-ready jsonl written ({prompt, completion} or messages)")
+    p.add_argument("--batch-size", type=int, default=8, help="--hf --prompts: prompts generated together")
     p.add_argument("--prompt", default="def ")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (deterministic)")
@@ -42,6 +53,12 @@ def main(argv=None):
 
     check_args(args)
     device = resolve_device(args.device)
+    if args.prompts:
+        from slmlab.traces import write_traces
+
+        return write_traces(args, device)
+    if args.hf:
+        raise ConfigError("--hf generates traces: give --prompts FILE.jsonl and --out FILE.jsonl")
     cfg, model, tok = RunDir.open(args.run).load(device)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"{args.run}: the tokenizer has {tok.vocab_size} ids but the model only "
@@ -106,6 +123,9 @@ def check_args(args):
     Range(0, None).check("--top-k", args.top_k)
     Range(1, 10_000).check("--num-samples", args.num_samples)
     Range(0, 2 ** 63 - 1).check("--seed", args.seed)
+    Range(1, 4096).check("--batch-size", args.batch_size)
+    if bool(args.prompts) != bool(args.out):
+        raise ConfigError("--prompts and --out go together (prompts in, traces out)")
     for flag, v in (("--diffusion-steps", args.diffusion_steps), ("--block-length", args.block_length)):
         if v is not None and v <= 0:
             raise ConfigError(f"{flag} must be > 0, got {v}")

@@ -61,6 +61,8 @@ def coerce(key: str, value: Any, tp):
         if dataclasses.is_dataclass(item):
             return [build_item(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
         return value
+    if dataclasses.is_dataclass(tp):
+        return build_item(key, tp, value)
     if tp is dict or origin is dict:
         if isinstance(value, dict):
             return value

@@ -36,6 +36,23 @@ class DataConfig:
     # Strings appended to data.tokenizer as single tokens (e.g. <think>, TOOL_USE[); model.vocab_size grows
     # to fit, and with train.init_from the new embedding (and untied head) rows start at the mean row.
     added_tokens: list = field(default_factory=list)
+    # SFT: a .jsonl of {"messages": [...]} (chat) or {"prompt", "completion"} trains on the replies only
+    # (slmlab/sft.py). auto = decided from the first record's fields; text = plain pretraining text.
+    format: str = "auto"  # auto | text | chat | prompt_completion
+
+
+@dataclass
+class LoraConfig:
+    """train.lora: low-rank adapters through peft (slmlab/lora.py); r = 0 trains every weight."""
+    r: int = 0  # adapter rank; 0 = no LoRA
+    alpha: float = 16.0  # scale alpha / r on the adapter's output
+    dropout: float = 0.0  # dropout on the adapter's input
+    targets: list = field(default_factory=lambda: ["all-linear"])  # module-name suffixes; all-linear: all but the head
+
+    def check(self, where: str):
+        check_ranges(self, where, {"r": Range(0, 4096), "alpha": POSITIVE, "dropout": Range(0, 1, hi_open=True)})
+        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            raise ConfigError(f"{where}.targets must be a non-empty list of module names, got {self.targets!r}")
 
 
 @dataclass
@@ -73,6 +90,8 @@ class TrainConfig:
     parallel: str = "ddp"  # under torchrun: ddp | fsdp
     compile: Union[bool, str] = "auto"  # torch.compile the training/eval forward: auto (CUDA only) | true | false
     init_from: str = ""  # RUN_DIR: start from that run's weights (e.g. AR -> diffusion); see slmlab/init_from.py
+    lora: LoraConfig = field(default_factory=LoraConfig)  # adapters on the train.init_from model
+    sft_eval_examples: int = 16  # SFT: held-out examples completed greedily for exact match per eval (0 = off)
 
 
 @dataclass
@@ -156,6 +175,12 @@ def _set(tree: dict, key: str, value):
         if not isinstance(node, dict):
             raise ConfigError(f"{'.'.join(parts[:-1])} must be a mapping, got {node!r}")
         node[parts[-1]] = value
+        return
+    if len(parts) == 3 and parts[:2] == ["train", "lora"]:  # one adapter option, e.g. train.lora.r=8
+        node = tree.setdefault("train", {}).setdefault("lora", {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"train.lora must be a mapping, got {node!r}")
+        node[parts[2]] = value
         return
     if len(parts) != 2 or parts[0] not in SECTIONS:
         raise _unknown(key, all_keys())
@@ -290,7 +315,7 @@ RANGES = {
               "log_every": AT_LEAST_1, "seed": Range(0, 2 ** 63 - 1), "sample_tokens": Range(0, 2 ** 20),
               "eval_seq_len": Range(1, 2 ** 20), "ckpt_every": NON_NEGATIVE, "keep_checkpoints": AT_LEAST_1,
               "avg_last": NON_NEGATIVE, "distill_alpha": UNIT, "distill_temperature": Range(0, 1000, lo_open=True),
-              "max_bad_steps": AT_LEAST_1},
+              "max_bad_steps": AT_LEAST_1, "sft_eval_examples": Range(0, 10 ** 6)},
     "optim": {"lr": POSITIVE, "weight_decay": NON_NEGATIVE, "eps": Range(0, 1, lo_open=True),
               "muon_lr": POSITIVE, "muon_momentum": Range(0, 1, hi_open=True),
               "muon_ns_steps": Range(1, 99), "muon_weight_decay": NON_NEGATIVE},
@@ -329,6 +354,13 @@ def validate(cfg: RunConfig):
     if added and not cfg.data.tokenizer:
         raise ConfigError("data.added_tokens extends an existing tokenizer: set data.tokenizer=RUN_DIR (or a "
                           "tokenizer.json) too")
+    if cfg.data.format not in ("auto", "text", "chat", "prompt_completion"):
+        raise ConfigError(f"data.format must be auto, text, chat or prompt_completion, got {cfg.data.format!r}")
+    t.lora.check("train.lora")
+    if t.lora.r and not t.init_from:
+        raise ConfigError("train.lora needs train.init_from=RUN_DIR: the base model the adapters are trained on")
+    if t.lora.r and t.avg_last > 1:
+        raise ConfigError("train.avg_last does not apply to train.lora runs (their checkpoints hold adapters only)")
     if t.avg_last > t.keep_checkpoints:
         raise ConfigError(f"train.avg_last={t.avg_last} needs train.keep_checkpoints >= {t.avg_last}")
     from .phases import resolve_phases

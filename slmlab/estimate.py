@@ -67,15 +67,20 @@ def gpu_spec(name: str) -> tuple[str, float, int]:
     raise ConfigError(f"unknown --gpu {name!r}; known: {', '.join(BF16_PEAK)}")
 
 
-def meta_model(cfg):
-    """The run's model with shapes and no storage. Initialisation is skipped: there are no values
+def meta_model(cfg, lora: bool = True):
+    """The run's model (with its train.lora adapters unless lora=False) with shapes and no storage. Initialisation is skipped: there are no values
     to draw, and torch's meta normal_ imports its Python decompositions (~2 s) on first use."""
     from unittest import mock
 
     from arch import build_model
 
     with torch.device("meta"), mock.patch.object(torch.nn.init, "normal_", lambda t, *a, **k: t):
-        return build_model(cfg.model, cfg.objective)
+        model = build_model(cfg.model, cfg.objective)
+        if lora and cfg.train.lora.r:
+            from .lora import apply_lora
+
+            apply_lora(model, cfg.train.lora)
+        return model
 
 
 @dataclass
@@ -95,6 +100,7 @@ class Static:
 def static_memory(model, cfg, cuda: bool, world: int) -> Static:
     """Per-rank bytes that do not depend on the batch."""
     params = model.num_params()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # all but frozen (train.lora) bases
     shard = world if world > 1 and cfg.train.parallel == "fsdp" else 1
     routes = {r.group: r for r in route_params(model, cfg.optim.name)}
     adam = sum(r.numel for g, r in routes.items() if g != "muon")
@@ -105,7 +111,7 @@ def static_memory(model, cfg, cuda: bool, world: int) -> Static:
     transient = (4 * adam // shard if cuda else 2 * 4 * largest) + (3 * 4 * largest if muon else 0)
     matmul = sum(p.numel() for p in model.parameters() if p.dim() == 2)
     return Static(shard=shard, params=params, params_non_embedding=model.num_params(exclude_embedding=True),
-                  weights=4 * params // shard, gradients=4 * params // shard,
+                  weights=4 * params // shard, gradients=4 * trainable // shard,
                   optimizer=(8 * adam + 4 * muon) // shard,
                   ddp_buckets=4 * params if world > 1 and cfg.train.parallel == "ddp" else 0,
                   autocast_weights=2 * matmul if cuda else 0, opt_transient=transient,
@@ -124,7 +130,8 @@ def train_peak(model, st: Static, cfg, batch: int, seq_len: int, checkpoint: boo
     act_elem = 2 if cuda else 4
     d, V, tokens = cfg.model.d_model, cfg.model.vocab_size, batch * seq_len
     per_layer = [layer.activation_bytes(batch, seq_len, act_elem) for layer in model.layers]
-    grads_layer = [4 * sum(p.numel() for p in layer.parameters()) // st.shard for layer in model.layers]
+    grads_layer = [4 * sum(p.numel() for p in layer.parameters() if p.requires_grad) // st.shard
+                   for layer in model.layers]
     residual = tokens * d * 4  # the fp32 residual stream: a block's input
     kept = [residual] * len(per_layer) if checkpoint else per_layer
     head = tokens * ((2 * d + 1) * 4 + d * act_elem)  # the final RMSNorm, like a Block's norms
@@ -210,13 +217,19 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
     cuda = device == "cuda"
     model = meta_model(cfg)
     st = static_memory(model, cfg, cuda, world)
+    lora = None
+    if cfg.train.lora.r:  # adapters: gradients and optimizer state for them only
+        full = static_memory(meta_model(cfg, lora=False), cfg, cuda, world)
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        lora = {"trainable": n, "share": n / st.params,
+                "saved_bytes": full.gradients + full.optimizer - st.gradients - st.optimizer}
     phases = resolve_phases(cfg, world)
     gpu_name, peak_flops, gpu_mem = gpu_spec(gpu) if gpu else (None, None, None)
     budget = mem if mem is not None else gpu_mem
     out = {"arch": cfg.arch, "params": st.params, "params_non_embedding": st.params_non_embedding,
            "device": "cuda (bf16 autocast)" if cuda else "cpu (fp32)", "world": world,
            "parallel": cfg.train.parallel if world > 1 else None, "optimizer": cfg.optim.name,
-           "static_bytes": vars(st), "phases": []}
+           "static_bytes": vars(st), "lora": lora, "phases": []}
     windows = cfg.model.layer_windows()
     for ph in phases:
         model.set_windows(phase_windows(windows, ph.window))
@@ -295,6 +308,10 @@ def report(est: dict) -> str:
              + (f"  DDP buckets {_b(s['ddp_buckets'])}" if s["ddp_buckets"] else "")
              + (f"  autocast bf16 weights {_b(s['autocast_weights'])}" if s["autocast_weights"] else "")
              + f"  optimizer-step scratch {_b(s['opt_transient'])}"]
+    if est.get("lora"):
+        lo = est["lora"]
+        lines.append(f"LoRA: {_n(lo['trainable'])} trainable params ({100 * lo['share']:.2f}%): gradients and "
+                     f"optimizer state {_b(lo['saved_bytes'])} smaller than full fine-tuning")
     mem = est["mem_bytes"]
     for p in est["phases"]:
         lines.append(f"phase {p['phase']}: seq_len {p['seq_len']}  micro-batch {p['micro_batch']} x grad_accum "

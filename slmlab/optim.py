@@ -41,6 +41,8 @@ def is_hidden_matrix(name: str, p: torch.Tensor, model) -> bool:
         return False
     if name.startswith(("embed.", "lm_head.")) or ".embed" in name:
         return False
+    if ".lora_" in name:  # LoRA factors (r x d, d x r) stay on AdamW, as peft's recipes train them
+        return False
     head = getattr(model, "lm_head", None)
     emb = getattr(model, "embed", None)
     for m in (head, emb):

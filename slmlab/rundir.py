@@ -2,7 +2,8 @@
 
     config.yaml            the fully resolved RunConfig
     tokenizer.json         the HF-compatible tokenizer the run was trained with
-    model.safetensors      final weights (the tied head stored once)
+    model.safetensors      final weights (the tied head stored once); a train.lora run: its adapters only
+    chat_template.jinja    an SFT run's chat template (ChatML or the tokenizer's own), for sampling and exports
     model_avg.safetensors  average of the last train.avg_last checkpoints (when > 1)
     metrics.jsonl          one JSON object per log/eval step
     summary.json, sample.txt
@@ -22,6 +23,7 @@ from .errors import ConfigError, RunDirError
 
 CONFIG, TOKENIZER, WEIGHTS, AVG_WEIGHTS = "config.yaml", "tokenizer.json", "model.safetensors", "model_avg.safetensors"
 METRICS, SUMMARY, SAMPLE = "metrics.jsonl", "summary.json", "sample.txt"
+CHAT_TEMPLATE = "chat_template.jinja"
 FINISHED = (CONFIG, TOKENIZER, WEIGHTS)
 
 
@@ -72,7 +74,20 @@ class RunDir:
         return Tokenizer.load(self.path / TOKENIZER)
 
     def load_weights(self, model, weights: str = WEIGHTS):
-        return ckpt.load_model_weights(model, self.path / weights)
+        """`model` with this run's weights. A train.lora run's file holds adapters only: its base
+        (train.init_from) is loaded first, the adapters on top, and then merged into a plain LM."""
+        lora = self.config().train.lora
+        if not lora.r or weights != WEIGHTS:
+            return ckpt.load_model_weights(model, self.path / weights)
+        from .lora import apply_lora, merge_lora
+
+        RunDir.open(self.config().train.init_from, label=f"{self.path}: base train.init_from=").load_weights(model)
+        ckpt.load_model_weights(apply_lora(model, lora), self.path / weights)
+        return merge_lora(model)
+
+    def chat_template(self) -> str | None:
+        path = self.path / CHAT_TEMPLATE
+        return path.read_text(encoding="utf-8") if path.is_file() else None
 
     def load(self, device="cpu", weights: str = WEIGHTS):
         """(RunConfig, model in eval mode on `device`, Tokenizer)."""

@@ -47,8 +47,11 @@ from .tokenizer import Tokenizer
 
 def train(cfg: RunConfig, out: Path, force: bool = False, resume: bool = False) -> dict:
     """Train `cfg` into the run directory `out` (or continue it from its latest checkpoint);
-    returns the run summary."""
-    return Trainer(cfg, Path(out), force=force, resume=resume).fit()
+    returns the run summary. SFT data (chat or prompt/completion jsonl) gets the SFTTrainer."""
+    from .sft import SFTTrainer, detect_format
+
+    cls = SFTTrainer if detect_format(cfg.data.spec, cfg.data.format) else Trainer
+    return cls(cfg, Path(out), force=force, resume=resume).fit()
 
 
 def distill_loss(logits, targets, teacher_logits, alpha: float, temp: float):
@@ -187,13 +190,15 @@ class Trainer:
         torch.manual_seed(self.t.seed)
         self.device = self.dist.device(self.t.device)
         self.say = print if self.dist.main else (lambda *a, **k: None)
+        if self.t.lora.r:  # the adapter run names its base by an absolute path, so it loads from anywhere
+            self.t.init_from = str(Path(self.t.init_from).expanduser().resolve())
         self.setup_data()
         self.teacher = load_teacher(self.t.teacher, self.tok, self.device) if self.t.teacher else None
         ckpt = self.checkpoint_to_resume() if resume else None
         self.setup_model()
         saved = self.run.load_checkpoint(ckpt, self.model) if ckpt else None  # before DDP/FSDP wrap it
         self.setup_parallel_and_optimizer(resuming=saved is not None)
-        self.batches = BatchSource(self.train_sets, self.tok, self.t.quality_score, self.dist, self.t.seed, self.say)
+        self.batches = self.make_batches()
         self.state = TrainState()
         if saved is not None:
             self.resume(ckpt, saved)
@@ -233,6 +238,17 @@ class Trainer:
         data_mod.check_sizes(self.bundle, self.eval_T, 1)
         self.byte_lengths = token_byte_lengths(tok)
 
+    def make_batches(self):
+        return BatchSource(self.train_sets, self.tok, self.t.quality_score, self.dist, self.t.seed, self.say)
+
+    def describe_data(self) -> str:
+        b = self.bundle
+        return f"baselines on validation ({b.val_bytes:,} bytes): gzip -9 {b.gzip_bpb:.3f} bpb, xz -9 {b.xz_bpb:.3f} bpb"
+
+    def baselines(self) -> dict:
+        """Compression baselines of the validation split, reported beside the model's bpb."""
+        return {"gzip_bpb": self.bundle.gzip_bpb, "xz_bpb": self.bundle.xz_bpb}
+
     def checkpoint_to_resume(self) -> Path:
         """The latest checkpoint of --out, after checking the run is compatible with this config."""
         run = RunDir.open(self.run.path, need=(CONFIG,), label="--resume: ")
@@ -247,11 +263,14 @@ class Trainer:
         return ckpt
 
     def setup_model(self):
-        b = self.bundle
-        self.say(f"baselines on validation ({b.val_bytes:,} bytes): gzip -9 {b.gzip_bpb:.3f} bpb, "
-                 f"xz -9 {b.xz_bpb:.3f} bpb")
+        self.say(self.describe_data())
         self.model = model = model_from_config(self.cfg).to(self.device)
         init_model(model, self.cfg, self.tok)  # mask-token check (diffusion), train.init_from weights
+        if self.t.lora.r:
+            from .lora import apply_lora, trainable_report
+
+            apply_lora(model, self.t.lora)
+            self.say(trainable_report(model))
         self.n_params = model.num_params()
         self.fpt = model.flops_per_token(self.phases[-1].seq_len)
         world = self.dist.world
@@ -307,7 +326,8 @@ class Trainer:
             rec = self.step_record(step, phase, res) if step % t.log_every == 0 or step == 1 else None
             if step % t.eval_every == 0 and step != t.steps:
                 ev = self.evaluate(t.eval_tokens)
-                self.progress.write(f"step {step}: val loss {ev['val_loss']:.4f}  val bpb {bpb_label(ev)}")
+                self.progress.write(f"step {step}: val loss {ev['val_loss']:.4f}  val bpb {bpb_label(ev)}"
+                                    + (f"  exact match {ev['exact_match']:.3f}" if "exact_match" in ev else ""))
                 rec = {**(rec or self.position(step, phase)), **ev}
             if rec:
                 self.metrics.log(rec)
@@ -332,8 +352,10 @@ class Trainer:
         B = ph.batch_size(t.grad_accum, dist.world)
         t0 = time.time()
         sums = torch.zeros(2, device=self.device)  # loss, ce: accumulated on the device, read once per step
+        n_tok = 0  # positions fed (SFT batches are as long as their longest example, up to ph.seq_len)
         for micro in range(t.grad_accum):
             x, y = self.batches.next(ph, B, self.device)
+            n_tok += x.numel()
             sync = micro == t.grad_accum - 1 or not hasattr(self.fwd, "no_sync")
             with (torch.enable_grad() if sync else self.fwd.no_sync()), autocast(self.device):
                 loss, ce = self.compute_loss(x, y)
@@ -348,7 +370,7 @@ class Trainer:
         else:
             self.skip_bad_step(step, loss_sum, gnorm)
         self.opt.zero_grad(set_to_none=True)
-        step_tokens = B * dist.world * ph.seq_len * t.grad_accum
+        step_tokens = n_tok * dist.world
         self.state.step, self.state.tokens = step, self.state.tokens + step_tokens
         return StepResult(loss_sum, ce_sum, gnorm, mult, step_tokens, time.time() - t0)
 
@@ -405,10 +427,12 @@ class Trainer:
         """Whole-split evaluation (and of the checkpoint average), then weights, sample and summary."""
         t, train_time = self.t, self.state.train_time()
         self.model.set_windows(self.base_windows)
-        final = self.evaluate(None)
+        final, base = self.evaluate(None), self.baselines()
         self.progress.write(f"final (whole validation split, {final['val_tokens']:,} tokens at seq_len {self.eval_T}): "
-                            f"val loss {final['val_loss']:.4f}  val bpb {bpb_label(final)}  (gzip -9 "
-                            f"{self.bundle.gzip_bpb:.3f}, xz -9 {self.bundle.xz_bpb:.3f})")
+                            f"val loss {final['val_loss']:.4f}  val bpb {bpb_label(final)}"
+                            + (f"  (gzip -9 {base['gzip_bpb']:.3f}, xz -9 {base['xz_bpb']:.3f})" if base else "")
+                            + (f"  exact match {final['exact_match']:.3f} of {final['exact_n']}" if "exact_n" in final
+                               else ""))
         self.metrics.log({"step": t.steps, "phase": self.phases[-1].index + 1, "seq_len": self.eval_T,
                           "tokens": self.state.tokens, "final": True, **final})
         avg = self.average_checkpoints(final) if t.avg_last > 1 and self.dist.main else {}
@@ -419,7 +443,7 @@ class Trainer:
                    "tokens_per_s": self.state.tokens / max(train_time, 1e-9), "optimizer": self.cfg.optim.name,
                    "phases": [{"seq_len": p.seq_len, "steps": p.steps, "tokens_per_step": p.tokens_per_step}
                               for p in self.phases], "world_size": self.dist.world, **final, **avg,
-                   "gzip_bpb": self.bundle.gzip_bpb, "xz_bpb": self.bundle.xz_bpb, "device": str(self.device)}
+                   **self.baselines(), "device": str(self.device)}
         if self.dist.main:
             self.write_outputs(sd, sample, summary)
         self.dist.close()

@@ -1,0 +1,362 @@
+"""Supervised fine-tuning: chat / prompt-completion jsonl -> chat template -> loss on the replies only.
+
+Data is a .jsonl of {"messages": [{"role", "content"}, ...]} or {"prompt", "completion"} (a
+prompt/completion pair is the chat [user: prompt, assistant: completion]); data.format picks one
+or lets the first record decide. Each conversation is rendered with a chat template (the
+tokenizer folder's own `chat_template`, rendered with jinja2 as transformers does, else ChatML),
+piece by piece, so every assistant reply's tokens are known exactly: those (and the closing <|eos|>)
+are the labels, every other position is -1, which LM.loss ignores.
+
+Batches are padded, not packed. Packing several examples into one sequence needs a document mask
+through every mixer (a block-diagonal attention mask, the short conv's and LIF's state reset at
+each boundary), which LM.forward does not take. Measured on the docs/finetune.md tool-call data
+(examples/toolcall.py under its vocab-1024 stdlib tokenizer: 102-140 tokens, median 119),
+random batches of 16 padded to their longest example hold 11.6% pad positions (2,000 batches
+drawn), so packing could save at most ~12% of the compute on CPU: not worth a document mask
+through every block. Data of very uneven lengths (chat logs of 20 to 2,000 tokens) would be.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError, DataError
+from .evaluate import token_byte_lengths
+from .rundir import CHAT_TEMPLATE
+from .runtime import rng_state, set_rng_state, to_device
+from .tokenizer import Tokenizer
+from .trainer import Trainer
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+          "{% endif %}")
+FORMATS = ("chat", "prompt_completion")
+IGNORE = -1  # LM.loss's ignore_index
+
+
+# ---- reading ----
+def detect_format(spec: str, fmt: str = "auto") -> str | None:
+    """"chat" / "prompt_completion" when `spec` is SFT data (by data.format, or by the first record's
+    fields when it is auto), None for pretraining text."""
+    if fmt == "text":
+        return None
+    path = Path(spec).expanduser()
+    if not (path.suffix == ".jsonl" and path.is_file()):
+        if fmt in FORMATS:
+            raise DataError(f"data.format={fmt} needs a .jsonl file as data.spec, got {spec!r}")
+        return None
+    if fmt in FORMATS:
+        return fmt
+    with open(path, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        rec = json.loads(first) if first else {}
+    except json.JSONDecodeError:
+        return None  # read_documents reports the bad line
+    if isinstance(rec, dict) and "messages" in rec:
+        return "chat"
+    if isinstance(rec, dict) and "prompt" in rec and "completion" in rec:
+        return "prompt_completion"
+    return None
+
+
+def read_examples(path, fmt: str) -> list[list[dict]]:
+    """Every record of `path` as a conversation (a list of {"role", "content"}); DataError naming
+    the line for a record that is not one or that has no assistant turn (nothing to learn)."""
+    out = []
+    with open(Path(path).expanduser(), encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
+            msgs = as_messages(rec, fmt, f"{path}:{n}")
+            if not any(m["role"] == "assistant" for m in msgs):
+                raise DataError(f"{path}:{n}: a chat example without an assistant turn (no tokens to train on)")
+            out.append(msgs)
+    if len(out) < 2:
+        raise DataError(f"{path}: {len(out)} examples; SFT needs at least 2 (one held out for validation)")
+    return out
+
+
+def as_messages(rec, fmt: str, where: str) -> list[dict]:
+    if fmt == "prompt_completion":
+        if not (isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str)):
+            raise DataError(f"{where}: expected {{\"prompt\": str, \"completion\": str}}")
+        return [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["completion"]}]
+    msgs = rec.get("messages") if isinstance(rec, dict) else None
+    if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                             and isinstance(m.get("content"), str) for m in msgs):
+        raise DataError(f"{where}: expected {{\"messages\": [{{\"role\": str, \"content\": str}}, ...]}}")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+# ---- the chat template ----
+def _raise(msg):
+    from jinja2.exceptions import TemplateError
+
+    raise TemplateError(msg)
+
+
+class ChatTemplate:
+    """A jinja2 chat template as transformers renders it (sandboxed, trim_blocks, lstrip_blocks),
+    and the token ids and labels of a conversation under it."""
+
+    def __init__(self, source: str, tok: Tokenizer):
+        try:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            raise ConfigError("SFT chat templates need jinja2: pip install -e '.[finetune]'") from None
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = _raise
+        self.source, self.tok, self.template = source, tok, env.from_string(source)
+        # A tokenizer's own template writes its special tokens (<|im_start|> as one id); ChatML over
+        # slmlab's byte-level tokenizer spells its markers in ordinary tokens.
+        self.specials_in_text = source != CHATML
+        name = tok.hf.id_to_token
+        self.names = {"bos_token": name(tok.bos_id) if tok.bos_id is not None else "",
+                      "eos_token": name(tok.eos_id) if tok.eos_id is not None else ""}
+        self.end = self._end_marker()
+
+    @classmethod
+    def for_tokenizer(cls, folder: Path | None, tok: Tokenizer) -> "ChatTemplate":
+        """The template found next to the tokenizer (chat_template.jinja, or tokenizer_config.json's
+        chat_template as transformers saves it), else ChatML."""
+        return cls(find_template(folder) or CHATML, tok)
+
+    def render(self, messages, add_generation_prompt: bool = False) -> str:
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.names)
+        except TemplateError as e:
+            raise DataError(f"chat template: {e}") from None
+
+    def encode_text(self, text: str) -> list[int]:
+        if not self.specials_in_text:
+            return self.tok.encode(text)
+        hf = self.tok.hf
+        old, hf.encode_special_tokens = hf.encode_special_tokens, False
+        try:
+            return hf.encode(text, add_special_tokens=False).ids
+        finally:
+            hf.encode_special_tokens = old
+
+    def segments(self, messages) -> list[tuple[str, bool]]:
+        """The rendered conversation as (text, is_reply) pieces, cut where each assistant turn
+        starts and ends; DataError if the template does not render prefixes of the whole."""
+        pieces, done = [], ""
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before, upto = self.render(messages[:i], True), self.render(messages[:i + 1])
+            if not (before.startswith(done) and upto.startswith(before)):
+                raise DataError("the chat template does not render a conversation's turns as prefixes of it")
+            pieces += [(before[len(done):], False), (upto[len(before):], True)]
+            done = upto
+        whole = self.render(messages)
+        return pieces + [(whole[len(done):], False)]
+
+    def encode(self, messages) -> tuple[list[int], list[int]]:
+        """(ids, labels): labels are the ids on reply tokens and the closing <|eos|>, IGNORE elsewhere."""
+        ids, labels = [], []
+        for text, reply in self.segments(messages):
+            piece = self.encode_text(text)
+            ids += piece
+            labels += piece if reply else [IGNORE] * len(piece)
+        if self.tok.eos_id is not None:
+            ids.append(self.tok.eos_id)
+            labels.append(self.tok.eos_id)
+        return ids, labels
+
+    def prompt_ids(self, messages) -> list[int]:
+        """The conversation up to its last assistant turn, ending in the generation prompt."""
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        return self.encode_text(self.render(messages[:turns[-1] if turns else len(messages)], True))
+
+    def _end_marker(self) -> str:
+        probe = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "\x01"}]
+        try:
+            reply = self.render(probe)[len(self.render(probe[:1], True)):]
+        except DataError:
+            return ""
+        return reply.split("\x01", 1)[-1].strip()
+
+    def reply(self, generated: str) -> str:
+        """A generated reply's text: up to the template's end-of-turn marker, stripped."""
+        return (generated.split(self.end, 1)[0] if self.end else generated).strip()
+
+
+def find_template(folder: Path | None) -> str | None:
+    if folder is None:
+        return None
+    if (folder / CHAT_TEMPLATE).is_file():
+        return (folder / CHAT_TEMPLATE).read_text(encoding="utf-8")
+    cfg = folder / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            t = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
+        except (json.JSONDecodeError, AttributeError):
+            return None
+        if isinstance(t, list):  # named templates: transformers uses "default"
+            t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+        return t if isinstance(t, str) else None
+    return None
+
+
+# ---- data, batches, evaluation ----
+@dataclass
+class SFTData:
+    train: list  # (ids, labels) per example
+    val: list
+    val_messages: list  # the held-out conversations, for exact match of greedy replies
+    template: ChatTemplate
+
+
+def prepare_sft(spec: str, fmt: str, template: ChatTemplate, val_frac: float, seq_len: int) -> SFTData:
+    """Examples split (a fixed shuffle) and encoded; train examples whose reply starts beyond
+    seq_len are dropped (they would add no loss), with a line saying how many."""
+    convs = read_examples(spec, fmt)
+    random.Random(0).shuffle(convs)
+    n_val = min(len(convs) - 1, max(1, round(len(convs) * val_frac)))
+    val, train = convs[:n_val], convs[n_val:]
+    enc = [template.encode(m) for m in train]
+    kept = [e for e in enc if any(lab != IGNORE for lab in e[1][1:seq_len + 1])]
+    if not kept:
+        raise DataError(f"{spec}: no training example has a reply within train.seq_len={seq_len} tokens")
+    lens = sorted(len(e[0]) for e in enc)
+    print(f"data: {spec} ({fmt})  {len(kept)} train / {n_val} val examples  tokens per example: median "
+          f"{lens[len(lens) // 2]}, max {lens[-1]}" + (f"  ({len(enc) - len(kept)} dropped: reply beyond "
+                                                       f"seq_len {seq_len})" if len(kept) < len(enc) else ""))
+    return SFTData(kept, [template.encode(m) for m in val], val, template)
+
+
+def pad_batch(examples: list, seq_len: int, pad_id: int):
+    """(x, y) [B, T] with T = the longest example (at most seq_len): y is the labels shifted by one,
+    IGNORE on padding, which goes on the right (causal positions never see it)."""
+    rows = [(ids[:seq_len + 1], labels[:seq_len + 1]) for ids, labels in examples]
+    T = max(len(ids) for ids, _ in rows) - 1
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    for i, (ids, labels) in enumerate(rows):
+        x[i, :len(ids) - 1] = torch.tensor(ids[:-1])
+        y[i, :len(ids) - 1] = torch.tensor(labels[1:])
+    return x, y
+
+
+class SFTBatches:
+    """Training batches of SFT examples drawn with replacement from a seeded generator; every rank
+    draws the same global batch and keeps its rows (as BatchSource does)."""
+
+    def __init__(self, examples: list, pad_id: int, dist, seed: int):
+        self.examples, self.pad_id, self.dist = examples, pad_id, dist
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def stream(self, ph):
+        return None
+
+    def next(self, ph, batch_size: int, device):
+        pick = torch.randint(len(self.examples), (batch_size * self.dist.world,), generator=self.gen)
+        mine = pick[self.dist.rank * batch_size:(self.dist.rank + 1) * batch_size].tolist()
+        x, y = pad_batch([self.examples[i] for i in mine], ph.seq_len, self.pad_id)
+        return to_device(x, device), to_device(y, device)
+
+    def state_dict(self) -> dict:
+        return {"rng": rng_state(self.gen), "streams": {}}
+
+    def load_state_dict(self, state: dict, phases):
+        set_rng_state(state["rng"], self.gen)
+
+
+@torch.no_grad()
+def masked_val_loss(model, examples: list, pad_id: int, seq_len: int, batch_size: int, device, byte_lengths) -> dict:
+    """Mean loss (nats) and bits per byte over the reply tokens of `examples`."""
+    nll, n_tok, n_bytes = 0.0, 0, 0.0
+    for i in range(0, len(examples), batch_size):
+        x, y = pad_batch(examples[i:i + batch_size], seq_len, pad_id)
+        logits = model(x.to(device)).float()
+        y = y.to(device)
+        nll += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum").item()
+        scored = y[y != IGNORE].cpu()
+        n_tok += scored.numel()
+        n_bytes += byte_lengths[scored.clamp(max=len(byte_lengths) - 1)].sum().item()
+    return {"val_loss": nll / max(n_tok, 1), "val_bpb": nll / math.log(2) / max(n_bytes, 1.0), "val_tokens": n_tok}
+
+
+@torch.no_grad()
+def greedy_reply(model, template: ChatTemplate, messages, device, max_new_tokens: int) -> str:
+    """The model's greedy reply to `messages` (up to its last assistant turn), as text."""
+    tok = template.tok
+    ids = template.prompt_ids(messages) or [tok.bos_id]
+    out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
+    return template.reply(tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True))
+
+
+def exact_match(model, template: ChatTemplate, convs: list, device) -> dict:
+    """Share of held-out conversations whose last reply the model reproduces exactly (greedy)."""
+    hits = 0
+    for msgs in convs:
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        ref = msgs[last]["content"]
+        pred = greedy_reply(model, template, msgs[:last + 1], device, len(template.tok.encode(ref)) + 16)
+        hits += pred == ref.strip()
+    return {"exact_match": hits / len(convs), "exact_n": len(convs)} if convs else {}
+
+
+class SFTTrainer(Trainer):
+    """The Trainer on SFT data: padded example batches with reply-only labels (compute_loss is
+    unchanged: LM.loss ignores the -1 labels), evaluation on the held-out replies."""
+
+    def setup_data(self):
+        cfg, t = self.cfg, self.t
+        if cfg.objective.name != "ar":
+            raise ConfigError(f"SFT data trains autoregressive models; objective.name is {cfg.objective.name!r}")
+        src = cfg.data.tokenizer or t.init_from
+        if not src:
+            raise ConfigError("SFT data needs a tokenizer: set data.tokenizer=RUN_DIR (or train.init_from=RUN_DIR)")
+        path = Path(src).expanduser()
+        self.tok = tok = Tokenizer.load(path)
+        if tok.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
+        template = ChatTemplate.for_tokenizer(path if path.is_dir() else path.parent, tok)
+        fmt = detect_format(cfg.data.spec, cfg.data.format)
+        self.sft = prepare_sft(cfg.data.spec, fmt, template, cfg.data.val_frac, self.phases[-1].seq_len)
+        self.bundle, self.train_sets = None, {}
+        self.eval_T = t.eval_seq_len or self.phases[-1].seq_len
+        self.eval_B = max(1, self.phases[-1].tokens_per_step // self.eval_T)
+        self.byte_lengths = token_byte_lengths(tok)
+        self.pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
+
+    def make_batches(self):
+        return SFTBatches(self.sft.train, self.pad_id, self.dist, self.t.seed)
+
+    def describe_data(self) -> str:
+        return f"SFT: loss on the {len(self.sft.train)} training examples' replies; chat template " + (
+            "ChatML" if self.sft.template.source == CHATML else "from the tokenizer folder")
+
+    def baselines(self) -> dict:
+        return {}
+
+    def open_run_dir(self, saved):
+        super().open_run_dir(saved)
+        if self.dist.main:
+            self.run.write_text(CHAT_TEMPLATE, self.sft.template.source)
+
+    def evaluate(self, max_tokens, model=None) -> dict:
+        """Loss on the held-out replies; exact match of greedy replies on train.sft_eval_examples of them."""
+        model = model or self.model
+        was_training = model.training
+        model.eval()
+        out = masked_val_loss(model, self.sft.val, self.pad_id, self.eval_T, self.eval_B, self.device,
+                              self.byte_lengths)
+        out.update(exact_match(model, self.sft.template, self.sft.val_messages[:self.t.sft_eval_examples], self.device))
+        model.train(was_training)
+        return out

@@ -1,0 +1,105 @@
+"""Teacher traces (sample.py --prompts): complete every prompt of a jsonl with a run (slmlab's
+decode) or a transformers model folder (transformers generate), and write SFT-ready jsonl: the
+sequence-level distillation path (teacher replies -> student SFT), which works across tokenizers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .checkpoint import publish
+from .errors import ConfigError, DataError
+
+
+def read_prompts(path) -> list[list[dict]]:
+    """Each line's conversation to complete: {"prompt": str} is one user turn; {"messages": [...]}
+    is taken up to (not including) its last assistant turn, if it has one."""
+    from .sft import as_messages
+
+    out = []
+    with open(Path(path).expanduser(), encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
+            if isinstance(rec, dict) and "prompt" in rec:
+                msgs = as_messages({**rec, "completion": ""}, "prompt_completion", f"{path}:{n}")[:1]
+            else:
+                msgs = as_messages(rec, "chat", f"{path}:{n}")
+                turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+                msgs = msgs[:turns[-1]] if turns else msgs
+            out.append(msgs)
+    if not out:
+        raise DataError(f"{path}: no prompts")
+    return out
+
+
+def trace_record(msgs: list[dict], completion: str, pairs: bool) -> dict:
+    if pairs:
+        return {"prompt": msgs[0]["content"], "completion": completion}
+    return {"messages": msgs + [{"role": "assistant", "content": completion}]}
+
+
+def write_traces(args, device) -> int:
+    if not Path(args.prompts).expanduser().is_file():
+        raise ConfigError(f"--prompts {args.prompts}: no such file")
+    convs = read_prompts(args.prompts)
+    gen = hf_completions if args.hf else run_completions
+    # One format for the whole file (SFT reads it by its first record): pairs when every prompt is one user turn.
+    pairs = all(len(m) == 1 and m[0]["role"] == "user" for m in convs)
+    records = [trace_record(m, c, pairs) for m, c in gen(args, convs, device)]
+    with publish(Path(args.out).expanduser()) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    print(f"{len(records)} completions of {len(convs)} prompts written to {args.out}")
+    return 0
+
+
+def run_completions(args, convs, device):
+    """(conversation, reply) per prompt and sample, from a run through its chat template."""
+    from .rundir import RunDir
+    from .sft import CHATML, ChatTemplate
+
+    run = RunDir.open(args.run)
+    cfg, model, tok = run.load(device)
+    if getattr(model, "mask_id", None) is not None:
+        raise ConfigError(f"--prompts completes with autoregressive runs; {args.run} is a diffusion run")
+    template = ChatTemplate(run.chat_template() or CHATML, tok)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    for msgs in convs:
+        ids = template.prompt_ids(msgs) or [tok.bos_id]
+        for _ in range(args.num_samples):
+            out = model.generate(torch.tensor([ids], device=device), args.max_new_tokens, temperature=args.temperature,
+                                 top_k=args.top_k or None, generator=g, eos_id=tok.eos_id)
+            yield msgs, template.reply(tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True))
+
+
+def hf_completions(args, convs, device):
+    """(conversation, reply) per prompt and sample, from a transformers folder: its tokenizer's
+    chat template, left-padded batches, transformers generate."""
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise ConfigError("--hf needs transformers: pip install -e '.[finetune]'") from None
+    path = Path(args.hf).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"--hf {path}: not a transformers model folder (no config.json)")
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).to(device).eval()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    torch.manual_seed(args.seed)
+    texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) if tok.chat_template
+             else m[-1]["content"] for m in convs]
+    for i in range(0, len(texts), args.batch_size):
+        enc = tok(texts[i:i + args.batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        sample = args.temperature > 0
+        out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=sample,
+                             num_return_sequences=args.num_samples, pad_token_id=tok.pad_token_id,
+                             **({"temperature": args.temperature, "top_k": args.top_k or None} if sample else {}))
+        replies = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        for j, reply in enumerate(replies):
+            yield convs[i + j // args.num_samples], reply.strip()

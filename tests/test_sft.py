@@ -1,0 +1,167 @@
+"""SFT: chat / prompt-completion jsonl, loss on the replies only (checked token by token on a hand
+example), the tokenizer folder's chat template, training through train.py, traces as SFT input,
+and one-line errors for data without a reply."""
+import json
+
+import pytest
+import torch
+from sft_helpers import make_base, sft_overrides, write_chat
+from trainer_helpers import ROOT, losses, run_train
+
+from slmlab.errors import DataError
+from slmlab.sft import CHATML, IGNORE, ChatTemplate, detect_format, pad_batch, read_examples
+from slmlab.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_base(tmp_path_factory.mktemp("sftbase"))
+
+
+@pytest.fixture(scope="module")
+def sft_run(base, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sftrun")
+    chat = write_chat(tmp / "chat.jsonl")
+    res = run_train(["--arch", "hybrid", "--data", str(chat), "--out", str(tmp / "run"),
+                     *sft_overrides(tmp, steps=40, **{"train.init_from": str(base), "train.eval_every": 20})])
+    assert res.returncode == 0, res.stderr
+    return tmp / "run"
+
+
+def test_loss_mask_covers_exactly_the_assistant_tokens(base):
+    tok = Tokenizer.load(base)
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello there"}, {"role": "user", "content": "bye"},
+            {"role": "assistant", "content": "see you"}]
+    ids, labels = ChatTemplate(CHATML, tok).encode(msgs)
+    assert len(ids) == len(labels)
+    trained = [i for i, lab in zip(ids, labels) if lab != IGNORE]
+    assert all(lab in (i, IGNORE) for i, lab in zip(ids, labels))
+    assert tok.decode(trained) == "hello there<|im_end|>\nsee you<|im_end|>\n<|eos|>"
+    untrained = [i for i, lab in zip(ids, labels) if lab == IGNORE]
+    assert tok.decode(untrained) == ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+                                     "<|im_start|>assistant\n<|im_start|>user\nbye<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_padded_batch_shifts_labels_and_ignores_padding():
+    x, y = pad_batch([([5, 6, 7, 8], [IGNORE, IGNORE, 7, 8]), ([5, 9], [IGNORE, 9])], seq_len=16, pad_id=2)
+    assert x.tolist() == [[5, 6, 7], [5, 2, 2]]
+    assert y.tolist() == [[IGNORE, 7, 8], [9, IGNORE, IGNORE]]
+
+
+def test_format_detected_from_fields(tmp_path):
+    chat = write_chat(tmp_path / "c.jsonl", n=3)
+    pc = tmp_path / "pc.jsonl"
+    pc.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + json.dumps({"prompt": "c", "completion": "d"}))
+    text = tmp_path / "t.jsonl"
+    text.write_text(json.dumps({"text": "plain"}) + "\n")
+    assert detect_format(str(chat)) == "chat" and detect_format(str(pc)) == "prompt_completion"
+    assert detect_format(str(text)) is None and detect_format(str(chat), "text") is None
+    assert detect_format("stdlib") is None
+    with pytest.raises(DataError, match="needs a .jsonl file"):
+        detect_format("stdlib", "chat")
+    assert read_examples(pc, "prompt_completion")[1] == [{"role": "user", "content": "c"},
+                                                         {"role": "assistant", "content": "d"}]
+
+
+def test_tokenizer_folders_own_template_is_used(base, tmp_path):
+    tok = Tokenizer.load(base)
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    tok.save(folder)
+    own = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}" \
+          "{% if add_generation_prompt %}[assistant] {% endif %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": own}))
+    t = ChatTemplate.for_tokenizer(folder, tok)
+    assert t.source == own and t.end == ""
+    ids, labels = t.encode([{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}])
+    assert tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE]) == "r\n<|eos|>"
+    assert ChatTemplate.for_tokenizer(tmp_path, tok).source == CHATML
+
+
+def test_sft_loss_goes_down_through_train_py(sft_run):
+    got = losses(sft_run)
+    first, last = sum(got[k] for k in (1, 2, 3)) / 3, sum(got[k] for k in (38, 39, 40)) / 3
+    assert last < 0.6 * first, (first, last)
+    final = [json.loads(line) for line in (sft_run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["final"] and final["val_tokens"] > 0 and 0 <= final["exact_match"] <= 1
+    assert (sft_run / "chat_template.jinja").read_text() == CHATML
+
+
+def test_traces_are_valid_sft_input(sft_run, tmp_path):
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say {w}"}) + "\n" for w in ("the", "of", "and")))
+    out = tmp_path / "traces.jsonl"
+    res = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--run", str(sft_run), "--prompts", str(prompts),
+                          "--out", str(out), "--num-samples", "2", "--temperature", "0", "--max-new-tokens", "12"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert detect_format(str(out)) == "prompt_completion"
+    convs = read_examples(out, "prompt_completion")
+    assert len(convs) == 6 and [c[0]["content"] for c in convs[:2]] == ["say the", "say the"]
+    ids, labels = ChatTemplate(CHATML, Tokenizer.load(sft_run)).encode(convs[0])
+    assert any(lab != IGNORE for lab in labels)
+
+
+def test_chat_without_an_assistant_turn_is_one_line_exit_2(base, tmp_path):
+    bad = write_chat(tmp_path / "bad.jsonl", n=4)
+    lines = bad.read_text().splitlines()
+    lines[2] = json.dumps({"messages": [{"role": "user", "content": "hello?"}]})
+    bad.write_text("\n".join(lines) + "\n")
+    res = run_train(["--arch", "hybrid", "--data", str(bad), "--out", str(tmp_path / "r"),
+                     *sft_overrides(tmp_path, steps=2, **{"train.init_from": str(base)})])
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1] == f"error: {bad}:3: a chat example without an assistant turn " \
+                                                  "(no tokens to train on)"
+
+
+def test_sft_needs_a_tokenizer(tmp_path):
+    chat = write_chat(tmp_path / "c.jsonl", n=4)
+    res = run_train(["--arch", "hybrid", "--data", str(chat), "--out", str(tmp_path / "r"),
+                     *sft_overrides(tmp_path, steps=2)])
+    assert res.returncode == 2 and "SFT data needs a tokenizer" in res.stderr
+
+
+def test_masked_val_loss_counts_reply_tokens_only(base):
+    from slmlab.rundir import RunDir
+    from slmlab.sft import masked_val_loss
+
+    cfg, model, tok = RunDir.open(base).load()
+    t = ChatTemplate(CHATML, tok)
+    ex = t.encode([{"role": "user", "content": "say the"}, {"role": "assistant", "content": "the the"}])
+    lengths = torch.ones(cfg.model.vocab_size, dtype=torch.float64)
+    a = masked_val_loss(model, [ex], tok.pad_id, 96, 4, "cpu", lengths)
+    assert a["val_tokens"] == sum(lab != IGNORE for lab in ex[1][1:])
+
+
+def test_traces_from_a_transformers_folder(base, tmp_path):
+    """sample.py --hf: a tiny random Llama with this tokenizer and ChatML as its chat_template."""
+    import subprocess
+    import sys
+
+    transformers = pytest.importorskip("transformers")
+    hf = tmp_path / "hf"
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(base / "tokenizer.json"), bos_token="<|bos|>",
+                                               eos_token="<|eos|>", pad_token="<|pad|>")
+    tok.chat_template = CHATML
+    tok.save_pretrained(hf)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1)).save_pretrained(hf)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "say the"}) + "\n" + json.dumps(
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "say of"}]}) + "\n")
+    out = tmp_path / "t.jsonl"
+    res = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--hf", str(hf), "--prompts", str(prompts),
+                          "--out", str(out), "--num-samples", "2", "--max-new-tokens", "6"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [set(r) for r in recs] == [{"messages"}] * 4  # one format per file: a prompt became a user turn
+    assert recs[0]["messages"][0] == {"role": "user", "content": "say the"}
+    assert recs[2]["messages"][-1]["role"] == "assistant" and recs[2]["messages"][1]["content"] == "say of"
+    assert detect_format(str(out)) == "chat" and len(read_examples(out, "chat")) == 4
