@@ -151,8 +151,9 @@ def section_plain(args):
     from plain_gpt import PlainGPT
 
     print("\n## training step tokens/s against a plain GPT (4096 tokens per step, fp32, AdamW, eager)")
-    print("| T | ours transformer | ours, plain options | plain GPT | ours / plain | ours plain options / plain |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| T | ours transformer | ours, plain options | plain GPT | ours / plain | ours plain options / plain | "
+          "ours compiled / plain |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     plain_opts = ["model.norm=layernorm", "model.mlp=gelu", "model.pos=learned", "model.qk_norm=false",
                   "model.n_kv_heads=4"]
     for T in args.seq_lens:
@@ -162,13 +163,16 @@ def section_plain(args):
         torch.manual_seed(0)
         g = PlainGPT(cfg.model.vocab_size, cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads, T)
         x = torch.randint(0, cfg.model.vocab_size, (B, T))
-        v = {k: train_step_fn(mod, torch.optim.AdamW(mod.parameters(), 1e-3), x, x)
-             for k, mod in (("ours", m), ("ours_plain", mp), ("plain", g))}
+        mc = ours("transformer")[1]
+        v = {k: train_step_fn(mod, torch.optim.AdamW(opt_params.parameters(), 1e-3), x, x)
+             for k, mod, opt_params in (("ours", m, m), ("ours_plain", mp, mp), ("plain", g, g),
+                                        ("compiled", torch.compile(mc), mc))}
         t = interleaved(v, args.rounds)
         tps = {k: B * T / s for k, s in t.items()}
         print(f"| {T} | {tps['ours']:,.0f} ({m.num_params() / 1e6:.2f}M) | {tps['ours_plain']:,.0f} "
               f"({mp.num_params() / 1e6:.2f}M) | {tps['plain']:,.0f} ({sum(p.numel() for p in g.parameters()) / 1e6:.2f}M) | "
-              f"{tps['ours'] / tps['plain']:.2f}x | {tps['ours_plain'] / tps['plain']:.2f}x |", flush=True)
+              f"{tps['ours'] / tps['plain']:.2f}x | {tps['ours_plain'] / tps['plain']:.2f}x | "
+              f"{tps['compiled'] / tps['plain']:.2f}x |", flush=True)
 
 
 def section_prefill(args):
