@@ -66,22 +66,27 @@ def detect_format(spec: str, fmt: str = "auto") -> str | None:
     return None
 
 
-def read_examples(path, fmt: str) -> list[list[dict]]:
-    """Every record of `path` as a conversation (a list of {"role", "content"}); DataError naming
-    the line for a record that is not one or that has no assistant turn (nothing to learn)."""
-    out = []
+def jsonl_records(path):
+    """("path:line", record) for each non-blank line of a .jsonl; DataError naming the line that is not JSON."""
     with open(Path(path).expanduser(), encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                yield f"{path}:{n}", json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
-            msgs = as_messages(rec, fmt, f"{path}:{n}")
-            if not any(m["role"] == "assistant" for m in msgs):
-                raise DataError(f"{path}:{n}: a chat example without an assistant turn (no tokens to train on)")
-            out.append(msgs)
+
+
+def read_examples(path, fmt: str) -> list[list[dict]]:
+    """Every record of `path` as a conversation (a list of {"role", "content"}); DataError naming
+    the line for a record that is not one or that has no assistant turn (nothing to learn)."""
+    out = []
+    for where, rec in jsonl_records(path):
+        msgs = as_messages(rec, fmt, where)
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise DataError(f"{where}: a chat example without an assistant turn (no tokens to train on)")
+        out.append(msgs)
     if len(out) < 2:
         raise DataError(f"{path}: {len(out)} examples; SFT needs at least 2 (one held out for validation)")
     return out

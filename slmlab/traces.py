@@ -15,24 +15,17 @@ from .errors import ConfigError, DataError
 def read_prompts(path) -> list[list[dict]]:
     """Each line's conversation to complete: {"prompt": str} is one user turn; {"messages": [...]}
     is taken up to (not including) its last assistant turn, if it has one."""
-    from .sft import as_messages
+    from .sft import as_messages, jsonl_records
 
     out = []
-    with open(Path(path).expanduser(), encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if isinstance(rec, dict) and "prompt" in rec:
-                msgs = as_messages({**rec, "completion": ""}, "prompt_completion", f"{path}:{n}")[:1]
-            else:
-                msgs = as_messages(rec, "chat", f"{path}:{n}")
-                turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
-                msgs = msgs[:turns[-1]] if turns else msgs
-            out.append(msgs)
+    for where, rec in jsonl_records(path):
+        if isinstance(rec, dict) and "prompt" in rec:
+            msgs = as_messages({**rec, "completion": ""}, "prompt_completion", where)[:1]
+        else:
+            msgs = as_messages(rec, "chat", where)
+            turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+            msgs = msgs[:turns[-1]] if turns else msgs
+        out.append(msgs)
     if not out:
         raise DataError(f"{path}: no prompts")
     return out
