@@ -20,7 +20,7 @@ from slmlab.cli import run_cli
 from slmlab.errors import ConfigError
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory written by train.py")
@@ -44,7 +44,24 @@ def main(argv=None):
                    help="llada: semi-autoregressive block length; must divide --max-new-tokens (default 32 or a divisor)")
     d.add_argument("--sampler", default="llada", choices=["llada", "mdlm"],
                    help="llada: low-confidence remasking, block by block; mdlm: ancestral sampling")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def decode_kwargs(args, model) -> dict:
+    """model.generate's extra arguments: the diffusion sampler's for a masked-diffusion run, the
+    compiled/streaming decode's otherwise; flags of the other kind are an error."""
+    if getattr(model, "mask_id", None) is not None:  # a masked-diffusion run
+        from arch.diffusion import check_sampler_args
+
+        check_sampler_args(args.max_new_tokens, args.diffusion_steps or max(args.max_new_tokens, 1), args.block_length)
+        return dict(steps=args.diffusion_steps, block_length=args.block_length, sampler=args.sampler)
+    if args.diffusion_steps is not None or args.block_length is not None:
+        raise ConfigError(f"--diffusion-steps/--block-length apply to diffusion runs; {args.run} is autoregressive")
+    return dict(compile=args.compile, on_token=None)
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     import torch
 
@@ -63,15 +80,7 @@ def main(argv=None):
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"{args.run}: the tokenizer has {tok.vocab_size} ids but the model only "
                           f"{cfg.model.vocab_size} (tokenizer.json replaced?)")
-    if getattr(model, "mask_id", None) is not None:  # a masked-diffusion run
-        from arch.diffusion import check_sampler_args
-
-        check_sampler_args(args.max_new_tokens, args.diffusion_steps or max(args.max_new_tokens, 1), args.block_length)
-        extra = dict(steps=args.diffusion_steps, block_length=args.block_length, sampler=args.sampler)
-    elif args.diffusion_steps is not None or args.block_length is not None:
-        raise ConfigError(f"--diffusion-steps/--block-length apply to diffusion runs; {args.run} is autoregressive")
-    else:
-        extra = dict(compile=args.compile, on_token=None)
+    extra = decode_kwargs(args, model)
     # A prompt with bytes that are not UTF-8 (argv keeps them as surrogates) is read with U+FFFD for them.
     prompt = args.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     ids = tok.encode(prompt) or [tok.bos_id if tok.bos_id is not None else tok.eos_id]  # Qwen2.5 has no bos
