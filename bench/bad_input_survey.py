@@ -1,4 +1,4 @@
-"""Bad-input survey (not a test): runs the careless and hostile inputs of issue 13 as a user would
+"""Bad-input survey (not a test): runs the careless and hostile inputs of issues 13 and 14 as a user would
 type them and prints, per case, the exit status and the first line of stderr, flagging tracebacks,
 hangs (60 s) and lost files. The test suite covers each case; this prints them all in one table.
 
@@ -122,6 +122,21 @@ def main():
         cfg[key] = value
         (h / "config.json").write_text(json.dumps(cfg))
         case(7, f"convert --from-hf with {key}: {value!r}", "convert.py", "--from-hf", h, "--out", tmp / f"o-{key}")
+    # 9. fine-tuning (issue 14)
+    bert = tmp / "hf-bert"
+    shutil.copytree(hf, bert)
+    (bert / "config.json").write_text(json.dumps({**json.loads((hf / "config.json").read_text()),
+                                                  "model_type": "bert"}))
+    case(9, "convert --from-hf of an unsupported family (bert)", "convert.py", "--from-hf", bert, "--out",
+         tmp / "o-bert")
+    chat = tmp / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    case(9, "SFT data: a chat without an assistant turn", "train.py", "--out", tmp / "sft", "--data", chat,
+         "--steps", "2", cache, *TINY, f"train.init_from={good}")
+    case(9, "train.lora.targets matching no module", "train.py", "--out", tmp / "lora", *base,
+         f"train.init_from={good}", "train.lora.r=4", "train.lora.targets=[nope]")
+    case(9, "convert --merge-lora on a run without adapters", "convert.py", "--merge-lora", good, "--out",
+         tmp / "merged")
     # 8. filesystem: a read-only bind mount (needs root), and --out naming a file
     ro = tmp / "ro"
     ro.mkdir()
