@@ -120,7 +120,7 @@ def main(argv=None):
 
         train(cfg, Path(args.out), resume=True)
         return
-    cfg = load_config(args.config or DEFAULT_CONFIG, arch=args.arch or "hybrid", overrides=overrides,
+    cfg = load_config(args.config or DEFAULT_CONFIG, arch=args.arch, overrides=overrides,  # else the file's arch
                       layers=args.layers, imports=args.imports, size=args.size)
     if args.dry_run:
         dry_run(cfg, args)

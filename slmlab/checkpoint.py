@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
-from .lora import ADAPTER_MARK
+from .lora import ADAPTER_MARK, ADDED_ROWS_MARK, is_adapter_key
 
 # ---- atomic publish: the one way anything in a run, cache or export directory gets written ----
 # What is published is built under a private temporary sibling (".tmp-<name>-<pid>-<rand>/<name>"),
@@ -102,15 +102,19 @@ def _fsync_dir(path):
 
 # ---- tied weights: with tie_embeddings the head *is* the embedding; files store it once ----
 TIED_HEAD, TIED_TO = "lm_head.weight", "embed.weight"
+# A LoRA run's added-token rows (lora.AddedRows) under a tied head: one tensor under two names.
+TIED_PAIRS = ((TIED_HEAD, TIED_TO), ("lm_head.parametrizations.weight.0" + ADDED_ROWS_MARK,
+                                     "embed.parametrizations.weight.0" + ADDED_ROWS_MARK))
 
 
 def tie_head(sd: dict, tie: bool, stored: bool) -> dict:
     """`sd` as files hold it (stored=True: the tied head dropped, since safetensors refuses shared
     storage) or as the model wants it (stored=False: the head restored from the embedding)."""
-    if tie and stored:
-        sd.pop(TIED_HEAD, None)
-    elif tie and TIED_HEAD not in sd and TIED_TO in sd:
-        sd[TIED_HEAD] = sd[TIED_TO]
+    for head, to in TIED_PAIRS:
+        if tie and stored:
+            sd.pop(head, None)
+        elif tie and head not in sd and to in sd:
+            sd[head] = sd[to]
     return sd
 
 
@@ -119,7 +123,7 @@ def weights_for_save(model: torch.nn.Module) -> dict:
     sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().contiguous().cpu()
           for k, v in model.state_dict().items()}
     if any(ADAPTER_MARK in k for k in sd):  # a LoRA run saves its adapters only: the base is train.init_from
-        return {k: v for k, v in sd.items() if ADAPTER_MARK in k}
+        sd = {k: v for k, v in sd.items() if is_adapter_key(k)}
     return tie_head(sd, model.cfg.tie_embeddings, stored=True)
 
 
@@ -149,7 +153,7 @@ def load_model_weights(model: torch.nn.Module, path, strict: bool = True):
     sd = tie_head(load_tensors(path), model.cfg.tie_embeddings, stored=False)
     own = model.state_dict()
     if any(ADAPTER_MARK in k for k in own):
-        own = {k: v for k, v in own.items() if ADAPTER_MARK in k}
+        own = {k: v for k, v in own.items() if is_adapter_key(k)}
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     wrong = [k for k in sd if k in own and sd[k].shape != own[k].shape]

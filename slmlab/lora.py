@@ -12,18 +12,42 @@ import torch
 
 from .errors import ConfigError
 
-ADAPTER_MARK = ".lora_"
-ALL_LINEAR = "all-linear"  # in train.lora.targets: every nn.Linear but the head, whatever the blocks name them  # in every adapter parameter's name: layers.0.mlp.w1.lora_A.default.weight
+ADAPTER_MARK = ".lora_"  # in every adapter parameter's name: layers.0.mlp.w1.lora_A.default.weight
+ADDED_ROWS_MARK = ".added_rows"  # the trainable rows of tokens data.added_tokens appended (AddedRows)
+ALL_LINEAR = "all-linear"  # in train.lora.targets: every nn.Linear but the head, whatever the blocks name them
+
+
+def is_adapter_key(name: str) -> bool:
+    """A weight a LoRA run saves: its adapters and its added tokens' rows (the rest is the base's)."""
+    return ADAPTER_MARK in name or ADDED_ROWS_MARK in name
+
+
+class AddedRows(torch.nn.Module):
+    """A parametrization of the embedding (and head) weight: the base's first `n_old` rows, frozen,
+    then trainable rows for the tokens data.added_tokens appended. Without it a LoRA run could not
+    learn its new tokens: the embedding is frozen, so their rows would stay at the mean row they
+    start from and, under a tied head, every new token would get the same logit. Only the new rows
+    train and are saved, not the whole matrix (peft's modules_to_save would train all of it)."""
+
+    def __init__(self, weight: torch.Tensor, n_old: int):
+        super().__init__()
+        self.n_old = n_old
+        self.added_rows = torch.nn.Parameter(weight.detach()[n_old:].clone())
+
+    def forward(self, weight):
+        return torch.cat([weight[:self.n_old], self.added_rows])
 
 
 def has_adapters(model: torch.nn.Module) -> bool:
     return any(ADAPTER_MARK in n for n, _ in model.named_parameters())
 
 
-def apply_lora(model: torch.nn.Module, lora) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, lora, n_old: int | None = None) -> torch.nn.Module:
     """Inject adapters of rank lora.r into the modules whose names end in one of lora.targets
-    ("all-linear": every linear layer but the head) and freeze everything else. ConfigError if a target matches no module (a typo would otherwise
-    train nothing)."""
+    ("all-linear": every linear layer but the head) and freeze everything else. ConfigError if a
+    target matches no module (a typo would otherwise train nothing). With `n_old` below the model's
+    vocabulary (data.added_tokens grew it from the base's n_old), the added rows of the embedding and
+    head stay trainable (AddedRows)."""
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
@@ -44,7 +68,20 @@ def apply_lora(model: torch.nn.Module, lora) -> torch.nn.Module:
         inject_adapter_in_model(cfg, model)
     except ValueError as e:  # e.g. a target that names a non-linear module (a norm, the depthwise conv)
         raise ConfigError(f"train.lora.targets: {str(e).splitlines()[0]}") from None
+    if n_old is not None and n_old < model.embed.weight.shape[0]:
+        train_added_rows(model, n_old)
     return model
+
+
+def train_added_rows(model: torch.nn.Module, n_old: int):
+    from torch.nn.utils import parametrize
+
+    rows = AddedRows(model.embed.weight, n_old)
+    tied = model.lm_head.weight is model.embed.weight
+    parametrize.register_parametrization(model.embed, "weight", rows)
+    # A tied head shares the one parametrization, so a new token's input and output rows stay one row.
+    head_rows = rows if tied else AddedRows(model.lm_head.weight, n_old)
+    parametrize.register_parametrization(model.lm_head, "weight", head_rows)
 
 
 def trainable_report(model: torch.nn.Module) -> str:
@@ -67,6 +104,21 @@ def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
             base = module.get_base_layer()
             base.weight.requires_grad_(True)
             setattr(parents[parent] if parent else model, child, base)
+    fold_added_rows(model)
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+@torch.no_grad()
+def fold_added_rows(model: torch.nn.Module):
+    """Replace the AddedRows parametrizations by plain weights holding the trained rows."""
+    from torch.nn.utils import parametrize
+
+    if not parametrize.is_parametrized(model.embed, "weight"):
+        return
+    tied = model.lm_head.parametrizations.weight[0] is model.embed.parametrizations.weight[0]
+    for m in (model.embed, model.lm_head):
+        parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    if tied:  # removing gave each module its own copy of the weight
+        model.lm_head.weight = model.embed.weight

@@ -79,10 +79,16 @@ class RunDir:
         lora = self.config().train.lora
         if not lora.r or weights != WEIGHTS:
             return ckpt.load_model_weights(model, self.path / weights)
+        from .init_from import grow_vocab
         from .lora import apply_lora, merge_lora
 
-        RunDir.open(self.config().train.init_from, label=f"{self.path}: base train.init_from=").load_weights(model)
-        ckpt.load_model_weights(apply_lora(model, lora), self.path / weights)
+        base = RunDir.open(self.config().train.init_from, label=f"{self.path}: base train.init_from=")
+        n_old = base.config().model.vocab_size
+        if n_old < model.cfg.vocab_size:  # data.added_tokens: the base has fewer rows; the file holds the new ones
+            grow_vocab(model, base)
+        else:
+            base.load_weights(model)
+        ckpt.load_model_weights(apply_lora(model, lora, n_old), self.path / weights)
         return merge_lora(model)
 
     def chat_template(self) -> str | None:

@@ -17,6 +17,7 @@ through every block. Data of very uneven lengths (chat logs of 20 to 2,000 token
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -329,6 +330,11 @@ class SFTTrainer(Trainer):
             raise ConfigError("SFT data needs a tokenizer: set data.tokenizer=RUN_DIR (or train.init_from=RUN_DIR)")
         path = Path(src).expanduser()
         self.tok = tok = Tokenizer.load(path)
+        if cfg.data.added_tokens:  # as the Trainer does for text: grow the vocabulary (new rows from init_from)
+            self.tok = tok = tok.with_added(cfg.data.added_tokens)
+            if tok.vocab_size > cfg.model.vocab_size:
+                self.say(f"data.added_tokens: model.vocab_size {cfg.model.vocab_size} -> {tok.vocab_size}")
+                cfg.model = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size)
         if tok.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
         template = ChatTemplate.for_tokenizer(path if path.is_dir() else path.parent, tok)

@@ -269,7 +269,8 @@ class Trainer:
         if self.t.lora.r:
             from .lora import apply_lora, trainable_report
 
-            apply_lora(model, self.t.lora)
+            n_old = RunDir.open(self.t.init_from).config().model.vocab_size  # below ours: data.added_tokens
+            apply_lora(model, self.t.lora, n_old)
             self.say(trainable_report(model))
         self.n_params = model.num_params()
         self.fpt = model.flops_per_token(self.phases[-1].seq_len)

@@ -1,5 +1,6 @@
 """LoRA through peft: only adapters train (Muon or AdamW), checkpoints hold adapters only, resume
 continues exactly, merging gives the adapter model's logits, and the bad inputs are one line, exit 2."""
+import json
 import shutil
 import subprocess
 import sys
@@ -144,3 +145,99 @@ def test_all_linear_adapts_every_linear_layer_but_the_head(arch, want):
     model = apply_lora(model_from_config(cfg), cfg.train.lora)
     adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ADAPTER_MARK in n}
     assert adapted == want
+
+
+# ---------------------------------------------------------------- an imported Llama, with added tokens
+ADDED = ["<think>", "</think>", "TOOL_USE["]
+
+
+@pytest.fixture(scope="module")
+def imported_llama(tmp_path_factory):
+    """A tiny random transformers Llama (its own BPE and chat template) imported as a run, and tool-call data."""
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(ROOT / "examples"))
+    import make_tiny_llama
+    import toolcall
+
+    tmp = tmp_path_factory.mktemp("llama")
+    train, _ = toolcall.make(80, 8, seed=0)
+    (tmp / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in train))
+    texts = [x["prompt"] + " " + x["completion"] for x in train]
+    make_tiny_llama.make(tmp / "hf", vocab=300, d_model=32, layers=2, texts=texts)
+    res = subprocess.run([sys.executable, str(ROOT / "convert.py"), "--from-hf", str(tmp / "hf"), "--out",
+                          str(tmp / "base")], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert (tmp / "base" / "chat_template.jinja").read_text() == make_tiny_llama.TEMPLATE
+    return tmp
+
+
+def test_lora_sft_of_an_imported_llama_with_added_tokens_merges_exactly(imported_llama, tmp_path):
+    """import -> LoRA SFT (train.py, the added tokens' rows trainable) -> --merge-lora -> the same logits."""
+    from slmlab.lora import ADDED_ROWS_MARK
+
+    tmp, base = imported_llama, imported_llama / "base"
+    ov = sft_overrides(tmp_path, steps=30, **{
+        "train.init_from": str(base), "data.tokenizer": str(base), "data.added_tokens": json.dumps(ADDED),
+        "train.lora.r": 8, "train.lora.alpha": 16, "train.seq_len": 64, "train.sft_eval_examples": 1})
+    res = run_train(["--config", str(base / "config.yaml"), "--data", str(tmp / "train.jsonl"), "--out",
+                     str(tmp_path / "sft"), *[o for o in ov if not o.startswith("model.")]])  # the imported shape
+    assert res.returncode == 0, res.stderr
+    assert "data.added_tokens: model.vocab_size 300 -> 303" in res.stdout and "chat template from the tokenizer" \
+        in res.stdout
+    loss = list(losses(tmp_path / "sft").values())
+    assert sum(loss[-5:]) / 5 < 0.93 * sum(loss[:5]) / 5, loss  # on the replies (random weights learn slowly)
+    saved = list(load_tensors(tmp_path / "sft" / "model.safetensors"))
+    assert sum(ADDED_ROWS_MARK in k for k in saved) == 1, saved  # tied: stored once
+
+    cfg, lora_model, tok = RunDir.open(tmp_path / "sft").load()
+    assert cfg.arch == "transformer"  # --config's arch, not train.py's default
+    assert tok.encode("<think>")[0] == 300 and lora_model.lm_head.weight is lora_model.embed.weight
+    new = lora_model.embed.weight[300:]
+    assert not torch.allclose(new[0], new[1]) and not torch.allclose(new[1], new[2])  # the new rows trained
+    _, base_model, _ = RunDir.open(base).load()
+    torch.testing.assert_close(lora_model.embed.weight[:300], base_model.embed.weight, atol=0, rtol=0)
+
+    res = subprocess.run([sys.executable, str(ROOT / "convert.py"), "--merge-lora", str(tmp_path / "sft"), "--out",
+                          str(tmp_path / "merged")], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    mcfg, merged, _ = RunDir.open(tmp_path / "merged").load()
+    assert mcfg.train.lora.r == 0 and mcfg.model.vocab_size == 303
+    assert (tmp_path / "merged" / "chat_template.jinja").read_text() == (base / "chat_template.jinja").read_text()
+    x = torch.randint(0, 303, (2, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), lora_model(x), atol=1e-5, rtol=0)
+        # and the adapters did something: the merged model is not the grown base
+        assert (merged(x)[..., :300] - base_model(x)).abs().max() > 1e-3
+
+
+def test_added_rows_of_an_untied_head_save_load_and_merge(tmp_path):
+    """An untied head gets trainable added rows of its own; both are saved, load back and merge."""
+    from slmlab.checkpoint import load_model_weights, weights_for_save
+    from slmlab.lora import apply_lora, merge_lora
+
+    cfg = load_config(overrides=["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
+                                 "model.layers=A", "model.vocab_size=12", "model.tie_embeddings=false",
+                                 "train.lora.r=2", "train.init_from=x"])
+    model = apply_lora(model_from_config(cfg), cfg.train.lora, n_old=9)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n)
+    assert trainable == ["embed.parametrizations.weight.0.added_rows", "lm_head.parametrizations.weight.0.added_rows"]
+    sd = weights_for_save(model)
+    assert sd["embed.parametrizations.weight.0.added_rows"].shape == (3, 16) and len([k for k in sd if "added" in k]) == 2
+    from safetensors.torch import save_file
+
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    other = apply_lora(model_from_config(cfg), cfg.train.lora, n_old=9)
+    other.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k and "added" not in k},
+                          strict=False)
+    load_model_weights(other, tmp_path / "w.safetensors")
+    x = torch.randint(0, 12, (1, 7))
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(other(x), want, atol=0, rtol=0)
+        merged = merge_lora(other)
+        torch.testing.assert_close(merged(x), want, atol=1e-5, rtol=0)
+    assert merged.lm_head.weight is not merged.embed.weight and "embed.weight" in dict(merged.named_parameters())

@@ -77,6 +77,9 @@ def convert(run_dir, fmt: str, out, opts: ExportOptions | None = None, force: bo
     mod.check_supported(cfg.model)
     with publish(out) as staged:  # an existing --out (with --force) is replaced only after success
         report = mod.export(model, tok, cfg, staged, opts) or {}
+        template = RunDir.open(run_dir).chat_template()
+        if fmt == "hf" and template is not None:  # where transformers' apply_chat_template finds it
+            (staged / "chat_template.jinja").write_text(template, encoding="utf-8")
     if opts.quant == "int8" and opts.eval_bpb:
         from .quant import bpb_change
 

@@ -137,7 +137,8 @@ def import_hf(path, out: Path, force: bool = False) -> dict:
     sample.py and every exporter can use it."""
     from ..checkpoint import publish, weights_for_save
     from ..config import build
-    from ..rundir import RunDir
+    from ..rundir import CHAT_TEMPLATE, RunDir
+    from ..sft import find_template
     from . import check_out, path_size
 
     check_out(out, force, source=path)
@@ -149,6 +150,9 @@ def import_hf(path, out: Path, force: bool = False) -> dict:
         family = "hybrid" if "conv" in mcfg.layer_types() else "transformer"
         run.write_config(build(family, {"model": mcfg.to_dict()}))
         run.write_tokenizer(tok)
+        template = find_template(Path(path))
+        if template is not None:  # SFT and sample.py render conversations with the family's own template
+            run.write_text(CHAT_TEMPLATE, template)
         run.write_weights(weights_for_save(model), metadata={"source": f"hf:{Path(path).name}"})
     return {"format": "run", "path": str(out), "bytes": path_size(out), "params": model.num_params(),
             "layers": "".join("A" if t == "attn" else "C" for t in mcfg.layer_types())}
