@@ -56,9 +56,12 @@ def bpb_label(ev: dict) -> str:
     return f"<= {ev['val_bpb']:.4f} (ELBO bound)" if ev.get("val_bpb_is_bound") else f"{ev['val_bpb']:.4f}"
 
 
-def generate_sample(model, tok, prompt, n, device, temperature=0.8, top_k=50, seed=0) -> str:
-    ids = tok.encode(prompt) or [tok.bos_id]
+def generate_sample(model, tok, prompt, n, device, temperature=0.8, top_k=50, seed=0, static=None) -> str:
+    """static=False decodes through model.forward (what an FSDP-sharded model needs: its hooks gather
+    the weights around forward, not around forward_static)."""
+    ids = tok.encode(prompt) or [tok.bos_id if tok.bos_id is not None else tok.eos_id]
     idx = torch.tensor([ids], device=device)
     g = torch.Generator(device=device).manual_seed(seed)
-    out = model.generate(idx, n, temperature=temperature, top_k=top_k, generator=g)
+    extra = {} if static is None else {"static": static}  # the diffusion LM's generate has no decode paths
+    out = model.generate(idx, n, temperature=temperature, top_k=top_k, generator=g, **extra)
     return tok.decode(out[0].tolist())

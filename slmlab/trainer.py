@@ -438,7 +438,8 @@ class Trainer:
                           "tokens": self.state.tokens, "final": True, **final})
         avg = self.average_checkpoints(final) if t.avg_last > 1 and self.dist.main else {}
         sd = weights_for_save(self.model)  # collective under FSDP
-        sample = generate_sample(self.model, self.tok, t.sample_prompt, t.sample_tokens, self.device)
+        sample = generate_sample(self.model, self.tok, t.sample_prompt, t.sample_tokens, self.device,
+                                 static=False if is_sharded(self.model) else None)
         summary = {"arch": self.cfg.arch, "params": self.n_params, "flops_per_token": self.fpt, "steps": t.steps,
                    "tokens": self.state.tokens, "train_time_s": train_time, "wall_time_s": time.time() - self.t_start,
                    "tokens_per_s": self.state.tokens / max(train_time, 1e-9), "optimizer": self.cfg.optim.name,
