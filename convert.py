@@ -81,8 +81,9 @@ def merge_lora_run(src: str, out: str, force: bool = False) -> dict:
     dst = RunDir.create(out, force=force)
     dst.write_config(cfg)
     dst.write_tokenizer(tok)
-    if run.chat_template() is not None:
-        dst.write_text(CHAT_TEMPLATE, run.chat_template())
+    template = run.chat_template()
+    if template is not None:
+        dst.write_text(CHAT_TEMPLATE, template)
     save_model(model, dst.path / WEIGHTS, metadata={"arch": cfg.arch, "merged_from": str(run.path)})
     return {"merged": str(run.path), "out": str(dst.path), "files": [CONFIG, WEIGHTS]}
 

@@ -83,7 +83,7 @@ def main(argv=None):
     extra = decode_kwargs(args, model)
     # A prompt with bytes that are not UTF-8 (argv keeps them as surrogates) is read with U+FFFD for them.
     prompt = args.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    ids = tok.encode(prompt) or [tok.bos_id if tok.bos_id is not None else tok.eos_id]  # Qwen2.5 has no bos
+    ids = tok.encode(prompt) or [tok.start_id]
     g = torch.Generator(device=device).manual_seed(args.seed)
     for i in range(args.num_samples):
         if args.num_samples > 1:

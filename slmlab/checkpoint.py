@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
-from .lora import ADAPTER_MARK, ADDED_ROWS_MARK, is_adapter_key
+from .lora import ADDED_ROWS_MARK, saved_part
 
 # ---- atomic publish: the one way anything in a run, cache or export directory gets written ----
 # What is published is built under a private temporary sibling (".tmp-<name>-<pid>-<rand>/<name>"),
@@ -122,9 +122,7 @@ def weights_for_save(model: torch.nn.Module) -> dict:
     """CPU state dict ready for safetensors; under FSDP2 every rank must call this (it all-gathers)."""
     sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().contiguous().cpu()
           for k, v in model.state_dict().items()}
-    if any(ADAPTER_MARK in k for k in sd):  # a LoRA run saves its adapters only: the base is train.init_from
-        sd = {k: v for k, v in sd.items() if is_adapter_key(k)}
-    return tie_head(sd, model.cfg.tie_embeddings, stored=True)
+    return tie_head(saved_part(sd), model.cfg.tie_embeddings, stored=True)
 
 
 def save_weights(sd: dict, path, metadata: dict | None = None):
@@ -151,9 +149,7 @@ def load_model_weights(model: torch.nn.Module, path, strict: bool = True):
     """Load `path` into `model`; a model with LoRA adapters takes an adapter-only file (its base
     weights are already loaded)."""
     sd = tie_head(load_tensors(path), model.cfg.tie_embeddings, stored=False)
-    own = model.state_dict()
-    if any(ADAPTER_MARK in k for k in own):
-        own = {k: v for k, v in own.items() if is_adapter_key(k)}
+    own = saved_part(model.state_dict())
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     wrong = [k for k in sd if k in own and sd[k].shape != own[k].shape]

@@ -59,7 +59,7 @@ def bpb_label(ev: dict) -> str:
 def generate_sample(model, tok, prompt, n, device, temperature=0.8, top_k=50, seed=0, static=None) -> str:
     """static=False decodes through model.forward (what an FSDP-sharded model needs: its hooks gather
     the weights around forward, not around forward_static)."""
-    ids = tok.encode(prompt) or [tok.bos_id if tok.bos_id is not None else tok.eos_id]
+    ids = tok.encode(prompt) or [tok.start_id]
     idx = torch.tensor([ids], device=device)
     g = torch.Generator(device=device).manual_seed(seed)
     extra = {} if static is None else {"static": static}  # the diffusion LM's generate has no decode paths

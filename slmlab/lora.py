@@ -38,8 +38,10 @@ class AddedRows(torch.nn.Module):
         return torch.cat([weight[:self.n_old], self.added_rows])
 
 
-def has_adapters(model: torch.nn.Module) -> bool:
-    return any(ADAPTER_MARK in n for n, _ in model.named_parameters())
+def saved_part(sd: dict) -> dict:
+    """What a run's weight file holds of state dict `sd`: a LoRA model's adapters and added rows only
+    (its base is train.init_from's), any other model's whole state."""
+    return {k: v for k, v in sd.items() if is_adapter_key(k)} if any(ADAPTER_MARK in k for k in sd) else sd
 
 
 def apply_lora(model: torch.nn.Module, lora, n_old: int | None = None) -> torch.nn.Module:
@@ -101,9 +103,7 @@ def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(module, LoraLayer):
             module.merge()
             parent, _, child = name.rpartition(".")
-            base = module.get_base_layer()
-            base.weight.requires_grad_(True)
-            setattr(parents[parent] if parent else model, child, base)
+            setattr(parents[parent] if parent else model, child, module.get_base_layer())
     fold_added_rows(model)
     for p in model.parameters():
         p.requires_grad_(True)

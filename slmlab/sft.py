@@ -31,7 +31,7 @@ from .errors import ConfigError, DataError
 from .evaluate import token_byte_lengths
 from .rundir import CHAT_TEMPLATE
 from .runtime import rng_state, set_rng_state, to_device
-from .tokenizer import Tokenizer
+from .tokenizer import SIDECAR, Tokenizer
 from .trainer import Trainer
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -206,7 +206,7 @@ def find_template(folder: Path | None) -> str | None:
         return None
     if (folder / CHAT_TEMPLATE).is_file():
         return (folder / CHAT_TEMPLATE).read_text(encoding="utf-8")
-    cfg = folder / "tokenizer_config.json"
+    cfg = folder / SIDECAR
     if cfg.is_file():
         try:
             t = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
@@ -301,7 +301,7 @@ def masked_val_loss(model, examples: list, pad_id: int, seq_len: int, batch_size
 def greedy_reply(model, template: ChatTemplate, messages, device, max_new_tokens: int) -> str:
     """The model's greedy reply to `messages` (up to its last assistant turn), as text."""
     tok = template.tok
-    ids = template.prompt_ids(messages) or [tok.bos_id]
+    ids = template.prompt_ids(messages) or [tok.start_id]
     out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
     return template.reply(tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True))
 

@@ -134,6 +134,12 @@ class Tokenizer:
         return self._ids.get("eos")
 
     @property
+    def start_id(self) -> int | None:
+        """What generation starts from when the prompt is empty: bos, or eos for tokenizers without a
+        bos (Qwen2.5)."""
+        return self.bos_id if self.bos_id is not None else self.eos_id
+
+    @property
     def pad_id(self) -> int | None:
         return self._ids.get("pad")
 

@@ -63,7 +63,7 @@ def run_completions(args, convs, device):
     template = ChatTemplate(run.chat_template() or CHATML, tok)
     g = torch.Generator(device=device).manual_seed(args.seed)
     for msgs in convs:
-        ids = template.prompt_ids(msgs) or [tok.bos_id]
+        ids = template.prompt_ids(msgs) or [tok.start_id]
         for _ in range(args.num_samples):
             out = model.generate(torch.tensor([ids], device=device), args.max_new_tokens, temperature=args.temperature,
                                  top_k=args.top_k or None, generator=g, eos_id=tok.eos_id)

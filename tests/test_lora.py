@@ -10,8 +10,9 @@ import torch
 from sft_helpers import make_base, sft_overrides, write_chat
 from trainer_helpers import ROOT, losses, run_train
 
-from slmlab.checkpoint import ADAPTER_MARK, checkpoint_dirs, load_tensors
+from slmlab.checkpoint import checkpoint_dirs, load_tensors
 from slmlab.config import load_config
+from slmlab.lora import ADAPTER_MARK
 from slmlab.rundir import RunDir, model_from_config
 
 
