@@ -64,13 +64,13 @@ class Attention(Mixer):
         return 12 * self.n_heads * self.hd * ctx
 
     def activation_bytes(self, batch: int, seq_len: int, act: int) -> int:
-        """Per token: q_proj and k_proj outputs with their QK-norm internals (fp32: input,
-        normalised, rsqrt per head); the rotated q, k and v, the output and the per-head
+        """Per token: q_proj and k_proj outputs with their QK-norm internals (fp32: normalised,
+        rsqrt per head); the rotated q, k and v, the output and the per-head
         logsumexp kept by the fused attention (it never stores the T x T scores). Per sequence
         position: RoPE's cos/sin for q and k. A sliding window on the PyTorch path adds its
         additive [T, T] fp32 mask."""
         hq, hkv = self.n_heads * self.hd, self.n_kv_heads * self.hd
-        norms = (2 * hq + self.n_heads + 2 * hkv + self.n_kv_heads) * 4 if self.qk_norm else 0
+        norms = (hq + self.n_heads + hkv + self.n_kv_heads) * 4 if self.qk_norm else 0
         per_token = norms + (2 * hq + 2 * hkv) * act + self.n_heads * 4
         mask = seq_len * seq_len * 4 if self.window is not None else 0
         return batch * seq_len * per_token + 4 * seq_len * self.hd * 4 + mask

@@ -133,9 +133,9 @@ class Block(nn.Module):
         return sum(m.flops_per_token(seq_len) for m in (self.mixer, self.mlp) if hasattr(m, "flops_per_token"))
 
     def activation_bytes(self, batch: int, seq_len: int, act: int) -> int:
-        """Saved for backward by one micro-batch. Each RMSNorm normalises in fp32 and keeps its
-        input, the normalised x and a per-token rsqrt; its output is kept (in the matmul dtype,
+        """Saved for backward by one micro-batch. Each RMSNorm (its training path, layers._RMSNormFn)
+        keeps the normalised x in fp32 and a per-token rsqrt; its output is kept (in the matmul dtype,
         `act`) by the projections that read it. The block input and h are the residual stream."""
         tokens, d = batch * seq_len, self.mixer_norm.weight.numel()
-        norms = 2 * tokens * ((2 * d + 1) * 4 + d * act)
+        norms = 2 * tokens * ((d + 1) * 4 + d * act)
         return norms + self.mixer.activation_bytes(batch, seq_len, act) + self.mlp.activation_bytes(batch, seq_len, act)

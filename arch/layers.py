@@ -8,8 +8,42 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def rms_norm_ref(x, weight, eps: float):
+    """x / rms(x) * weight, normalised in fp32 (as Llama/Qwen3/LFM2 do) and cast back: the reference."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """fp32 RMSNorm with a hand-written backward: fused reductions (vector_norm, vecdot) and 4 passes
+    over the activations where autograd's graph of the reference makes ~8. 25 of these run per step of
+    the default transformer (block norms and QK-norm); eager training step 1.067x at T=256 and 1.036x at
+    T=2048 (interleaved, 2 threads; compiled: unchanged). Tested against rms_norm_ref (tests/test_arch.py)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        ms = torch.linalg.vector_norm(x, 2, -1, keepdim=True).square_().div_(x.shape[-1])
+        rstd = ms.add_(eps).rsqrt_()
+        xhat = x * rstd
+        ctx.save_for_backward(xhat, rstd, weight)
+        return xhat * weight
+
+    @staticmethod
+    def backward(ctx, g):
+        xhat, rstd, weight = ctx.saved_tensors
+        gw = g * weight
+        # d/dx of x * rstd(x): rstd * (gw - xhat * mean(gw * xhat))
+        coef = torch.linalg.vecdot(gw, xhat, dim=-1).unsqueeze(-1).div_(-xhat.shape[-1])
+        gx = torch.addcmul(gw, xhat, coef).mul_(rstd) if ctx.needs_input_grad[0] else None
+        gweight = (g * xhat).reshape(-1, xhat.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        return gx, gweight, None
+
+
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, normalised in fp32 (as Llama/Qwen3/LFM2 do) and cast back."""
+    """x / rms(x) * weight. Training in fp32 takes _RMSNormFn; inference, export and lower precision
+    (normalised in fp32, scaled after the cast, as the HF models do) take rms_norm_ref."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -17,10 +51,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        if x.dtype == torch.float32 and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _RMSNormFn.apply(x, self.weight, self.eps)
+        return rms_norm_ref(x, self.weight, self.eps)
 
 
 def make_norm(cfg, dim: int) -> nn.Module:
@@ -62,10 +95,45 @@ class Rotary(nn.Module):
     def at(self, x, positions):
         """x: [B, H, T, hd] rotated to the absolute positions [T] (a tensor: static decode, export)."""
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq.to(x.device)[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+        cos, sin = freqs.cos(), freqs.sin()
+        cos, sin = torch.cat([cos, cos], dim=-1).to(x.dtype), torch.cat([-sin, sin], dim=-1).to(x.dtype)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _RotateFn.apply(x, cos, sin)
+        return rotate_half_pairs(x, cos, sin)
+
+
+def rotate_half_pairs(x, cos, signed_sin, fused: bool = False):
+    """x * cos + rotate_half(x) * sin, with rotate_half's minus sign carried by signed_sin = [-sin, sin]
+    so its halves only swap. fused (training) takes three passes (mul, cat, addcmul) where the
+    textbook form makes five (neg, cat, mul, mul, add); the unfused form uses only ops every exporter
+    knows (CoreML has no addcmul)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    if fused:
+        return torch.addcmul(x * cos, torch.cat([x2, x1], dim=-1), signed_sin)
+    return x * cos + torch.cat([x2, x1], dim=-1) * signed_sin
+
+
+def rope_ref(x, cos, sin):
+    """The textbook rotate-half RoPE (cos, sin: [T, hd], both halves equal): the reference."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class _RotateFn(torch.autograd.Function):
+    """RoPE with its backward written as the inverse rotation (the same three passes with sin
+    negated) where autograd's graph of the forward makes ~five, and nothing saved but cos and sin.
+    Eager training step of the default transformer 1.016x at T=256, ~1.0x at T=2048 (interleaved,
+    2 threads). Tested against rope_ref (tests/test_arch.py)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, signed_sin):
+        ctx.save_for_backward(cos, signed_sin)
+        return rotate_half_pairs(x, cos, signed_sin, fused=True)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, signed_sin = ctx.saved_tensors
+        return rotate_half_pairs(g, cos, -signed_sin, fused=True), None, None
 
 
 class SwiGLU(nn.Module):

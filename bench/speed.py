@@ -17,6 +17,9 @@ between variants of the same round set. Sections:
           (bench/plain_gpt.py: learned positions, LayerNorm, GELU MLP, no QK-norm), and of our stack
           configured the same plain way, to separate the architecture's cost from the code's
   prefill one 2048-token forward, ours vs transformers
+
+The allocator is set up as the trainer sets it on CPU (slmlab.runtime.keep_freed_memory: glibc keeps
+freed memory), for every variant alike; --glibc-default leaves glibc's defaults.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from arch import build_model
 from slmlab.config import load_config
 from slmlab.hf import to_hf_config, to_hf_state_dict
 from slmlab.optim import build_optimizer
+from slmlab.runtime import keep_freed_memory
 
 
 def interleaved(variants: dict, rounds: int) -> dict:
@@ -199,9 +203,13 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="timed calls per variant, interleaved (median reported)")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[256, 2048], help="train section context lengths")
     p.add_argument("--new-tokens", type=int, default=64, help="decode section: tokens generated per call")
+    p.add_argument("--glibc-default", action="store_true",
+                   help="leave glibc's malloc thresholds alone (default: as the trainer sets them on CPU)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} interleaved rounds")
+    kept = not args.glibc_default and keep_freed_memory()
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} interleaved rounds, "
+          f"glibc keeps freed memory: {kept}")
     for name in args.only or SECTIONS:
         SECTIONS[name](args)
 

@@ -19,6 +19,8 @@ tests/test_sizes.py compares this with measured CPU peaks.
 """
 from __future__ import annotations
 
+import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
@@ -107,8 +109,14 @@ def static_memory(model, cfg, cuda: bool, world: int) -> Static:
     muon = routes["muon"].numel if "muon" in routes else 0
     largest = max(p.numel() for p in model.parameters())
     # AdamW's step: foreach (CUDA) builds sqrt(exp_avg_sq) for the whole group at once; the
-    # single-tensor loop (CPU) one tensor at a time. Muon iterates Newton-Schulz per matrix.
-    transient = (4 * adam // shard if cuda else 2 * 4 * largest) + (3 * 4 * largest if muon else 0)
+    # single-tensor loop (CPU) one tensor at a time. BatchedMuon (slmlab/optim.py) makes every
+    # Nesterov update at once, then runs Newton-Schulz on one stack of same-shape matrices at a
+    # time: the stack, its normalised copy and the next iterate are alive together.
+    transient = (4 * adam // shard if cuda else 2 * 4 * largest)
+    if muon:
+        shapes = Counter(tuple(p.shape) for p in routes["muon"].params)
+        stack = max(n * math.prod(shape) for shape, n in shapes.items())
+        transient += 4 * muon * cfg.optim.muon_nesterov + 3 * 4 * stack
     matmul = sum(p.numel() for p in model.parameters() if p.dim() == 2)
     return Static(shard=shard, params=params, params_non_embedding=model.num_params(exclude_embedding=True),
                   weights=4 * params // shard, gradients=4 * trainable // shard,

@@ -343,3 +343,28 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(corpus, tmp_path, 
     ref = train(tiny_cfg(corpus, **common, **{"train.compile": False}), tmp_path / "ref")
     assert _step_losses(tmp_path / "fallback")[0] == _step_losses(tmp_path / "ref")[0]
     assert s["val_loss"] == ref["val_loss"]
+
+
+@pytest.mark.skipif(not __import__("platform").libc_ver()[0] == "glibc", reason="glibc's mallopt")
+def test_cpu_training_keeps_freed_memory_unless_the_user_chose():
+    """resolve_device('cpu') raises glibc's mmap/trim thresholds (freed activations stay mapped for
+    the next step) but leaves them alone when the user set MALLOC_* or preloads another allocator.
+    With the thresholds raised, a freed 64 MB tensor's pages stay resident for the next one."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from slmlab.runtime import resolve_device, keep_freed_memory\n"
+            "def rss():\n"
+            "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1])\n"
+            "resolve_device('cpu'); t = torch.ones(16 << 20); before = rss(); del t\n"
+            "print(keep_freed_memory(), before - rss() < 32 << 10)")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = {}
+    for name, extra in (("default", {}), ("user", {"MALLOC_TRIM_THRESHOLD_": "131072"})):
+        env_i = {k: v for k, v in env.items() if not k.startswith("MALLOC_")} | extra
+        r = subprocess.run([sys.executable, "-c", code], env=env_i, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-1000:]
+        out[name] = r.stdout.split()
+    assert out["default"] == ["True", "True"]
+    assert out["user"] == ["False", "False"]
