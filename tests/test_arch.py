@@ -119,6 +119,27 @@ def test_compiled_decode_step_equals_eager():
     assert torch.equal(m.generate(p, 9, temperature=0, compile=True), m.generate(p, 9, temperature=0))
 
 
+def test_compiled_greedy_chunks_stop_where_eager_stops():
+    """generate(compile=True, temperature=0) decodes GREEDY_CHUNK tokens a call: a length that is
+    not a multiple of the chunk, an eos in the middle of a chunk and the streamed tokens all come
+    out as the eager loop's."""
+    torch.manual_seed(1)
+    m = LM(tiny(layers="CA", n_layers=2)).eval()
+    p = torch.randint(0, 61, (1, 5))
+    n = 2 * arch.model.GREEDY_CHUNK + 3
+    eager = m.generate(p, n, temperature=0)
+    assert torch.equal(m.generate(p, n, temperature=0, compile=True), eager)
+    eos = int(eager[0, p.shape[1] + arch.model.GREEDY_CHUNK + 1])
+    want = eager[0, p.shape[1]:].tolist()
+    want = want[:want.index(eos) + 1]
+    seen = {}
+    for compile in (False, True):
+        streamed = []
+        out = m.generate(p, n, temperature=0, eos_id=eos, compile=compile, on_token=streamed.append)
+        seen[compile] = (out[0, p.shape[1]:].tolist(), streamed)
+    assert seen[True] == seen[False] == (want, want)
+
+
 @pytest.mark.parametrize("T", [1, 7, 63])
 @pytest.mark.parametrize("frozen_weight", [False, True])
 def test_rmsnorm_training_path_equals_reference(T, frozen_weight):
