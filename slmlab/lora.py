@@ -88,7 +88,9 @@ def train_added_rows(model: torch.nn.Module, n_old: int):
 
 def trainable_report(model: torch.nn.Module) -> str:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
+    # AddedRows' trainable rows stand in for the same rows of the frozen original matrix: count them once.
+    shadow = sum(m.added_rows.numel() for m in model.modules() if isinstance(m, AddedRows))
+    n_all = sum(p.numel() for p in model.parameters()) - shadow
     return f"LoRA: {n_train:,} trainable of {n_all:,} parameters ({100 * n_train / n_all:.2f}%)"
 
 

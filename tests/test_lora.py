@@ -214,7 +214,7 @@ def test_lora_sft_of_an_imported_llama_with_added_tokens_merges_exactly(imported
 def test_added_rows_of_an_untied_head_save_load_and_merge(tmp_path):
     """An untied head gets trainable added rows of its own; both are saved, load back and merge."""
     from slmlab.checkpoint import load_model_weights, weights_for_save
-    from slmlab.lora import apply_lora, merge_lora
+    from slmlab.lora import apply_lora, merge_lora, trainable_report
 
     cfg = load_config(overrides=["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
                                  "model.layers=A", "model.vocab_size=12", "model.tie_embeddings=false",
@@ -226,6 +226,11 @@ def test_added_rows_of_an_untied_head_save_load_and_merge(tmp_path):
                 p.add_(torch.randn_like(p))
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n)
     assert trainable == ["embed.parametrizations.weight.0.added_rows", "lm_head.parametrizations.weight.0.added_rows"]
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_plain = sum(p.numel() for p in model_from_config(cfg).parameters())
+    n_adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert trainable_report(model) == (f"LoRA: {n_train:,} trainable of {n_plain + n_adapters:,} parameters "
+                                       f"({100 * n_train / (n_plain + n_adapters):.2f}%)")  # added rows counted once
     sd = weights_for_save(model)
     assert sd["embed.parametrizations.weight.0.added_rows"].shape == (3, 16) and len([k for k in sd if "added" in k]) == 2
     from safetensors.torch import save_file
