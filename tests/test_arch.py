@@ -168,6 +168,22 @@ def test_rmsnorm_training_path_equals_reference(T, frozen_weight):
 
 
 
+
+@pytest.mark.parametrize("T", [1, 7, 63])
+def test_rmsnorm_inference_path_equals_reference(T):
+    """No grad, fp32: torch's fused F.rms_norm against rms_norm_ref at 1e-6; bf16 keeps the
+    reference's fp32-normalise-then-cast order exactly."""
+    from arch.layers import RMSNorm, rms_norm_ref
+
+    torch.manual_seed(T)
+    norm = RMSNorm(48)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        x = torch.randn(3, T, 48) * 3
+        torch.testing.assert_close(norm(x), rms_norm_ref(x, norm.weight, norm.eps), atol=1e-6, rtol=1e-6)
+        xb, nb = x.bfloat16(), RMSNorm(48).bfloat16()
+        assert torch.equal(nb(xb), rms_norm_ref(xb, nb.weight, nb.eps))
+
 @pytest.mark.parametrize("T", [1, 7, 63])
 def test_rope_training_path_equals_reference(T):
     """RoPE's hand-written backward (the inverse rotation) against autograd through rope_ref, on
