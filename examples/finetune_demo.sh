@@ -11,9 +11,7 @@ SFT_STEPS=${SFT_STEPS:-800}
 # One thread: these models are small, and on a 2-core machine shared with other jobs two OpenMP
 # threads oversubscribe the cores (greedy decode measured ~100x slower, 13 s vs 0.1 s per 64 tokens).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-mkdir -p "$W"
-t0=$(date +%s)
-stage() { echo "== $1 ($(( $(date +%s) - t0 )) s so far)"; }
+source examples/demo_stages.sh
 
 stage "data"
 python examples/toolcall.py make --out "$W/toolcall"
@@ -24,9 +22,7 @@ python train.py --arch transformer --data stdlib --out "$W/base" --force model.v
     train.steps="$BASE_STEPS" train.eval_every=2000 train.ckpt_every=0 logging.progress=false | tail -n 3
 
 stage "before: greedy tool calls of the pretrained model"
-python sample.py --run "$W/base" --prompts "$W/toolcall/test_prompts.jsonl" --out "$W/before.jsonl" \
-    --temperature 0 --max-new-tokens 96
-python examples/toolcall.py score --data "$W/toolcall/test.jsonl" --pred "$W/before.jsonl" | tee "$W/before_score.json"
+score_tool_calls "$W/base" before 96
 
 stage "SFT with LoRA ($SFT_STEPS steps)"
 python train.py --data "$W/toolcall/train.jsonl" --out "$W/sft" --force train.init_from="$W/base" \
@@ -39,9 +35,7 @@ python train.py --dry-run --arch transformer train.init_from="$W/base" model.voc
     train.batch_size=16 | grep -E "^LoRA|weights"
 
 stage "after: greedy tool calls of the fine-tuned model"
-python sample.py --run "$W/sft" --prompts "$W/toolcall/test_prompts.jsonl" --out "$W/after.jsonl" \
-    --temperature 0 --max-new-tokens 96
-python examples/toolcall.py score --data "$W/toolcall/test.jsonl" --pred "$W/after.jsonl" | tee "$W/after_score.json"
+score_tool_calls "$W/sft" after 96
 
 stage "merge the adapters into a plain run"
 python convert.py --merge-lora "$W/sft" --out "$W/merged" --force

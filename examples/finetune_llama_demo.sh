@@ -12,9 +12,7 @@ LR=${LR:-3e-3}
 # One thread: see examples/finetune_demo.sh (two oversubscribe a shared 2-core machine).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 ADDED='["<think>","</think>","TOOL_USE["]'
-mkdir -p "$W"
-t0=$(date +%s)
-stage() { echo "== $1 ($(( $(date +%s) - t0 )) s so far)"; }
+source examples/demo_stages.sh
 
 stage "data"
 python examples/toolcall.py make --out "$W/toolcall"
@@ -26,9 +24,7 @@ stage "import it (convert.py --from-hf)"
 python convert.py --from-hf "$W/hf" --out "$W/base" --force
 
 stage "before: greedy tool calls of the imported model"
-python sample.py --run "$W/base" --prompts "$W/toolcall/test_prompts.jsonl" --out "$W/before.jsonl" \
-    --temperature 0 --max-new-tokens 80
-python examples/toolcall.py score --data "$W/toolcall/test.jsonl" --pred "$W/before.jsonl" | tee "$W/before_score.json"
+score_tool_calls "$W/base" before 80
 
 stage "SFT with LoRA and added tokens ($SFT_STEPS steps)"
 # --config keeps the imported model's shape; data.tokenizer the Llama's own BPE and chat template.
@@ -39,9 +35,7 @@ python train.py --config "$W/base/config.yaml" --data "$W/toolcall/train.jsonl" 
     train.sft_eval_examples=8 logging.progress=false | grep -E "added_tokens|LoRA|val loss|run saved"
 
 stage "after: greedy tool calls of the fine-tuned model"
-python sample.py --run "$W/sft" --prompts "$W/toolcall/test_prompts.jsonl" --out "$W/after.jsonl" \
-    --temperature 0 --max-new-tokens 80
-python examples/toolcall.py score --data "$W/toolcall/test.jsonl" --pred "$W/after.jsonl" | tee "$W/after_score.json"
+score_tool_calls "$W/sft" after 80
 
 stage "merge the adapters, export to transformers, load it there"
 python convert.py --merge-lora "$W/sft" --out "$W/merged" --force
