@@ -19,19 +19,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-
-
 def set_mmap_threshold(nbytes: int = 1 << 20):
     """Allocations above `nbytes` go straight to mmap and back to the OS when freed (glibc;
     elsewhere a no-op, and the RSS peak may then include freed memory the allocator kept)."""
-    import ctypes
-    import ctypes.util
+    from slmlab.runtime import M_MMAP_THRESHOLD, mallopt
 
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(M_MMAP_THRESHOLD, nbytes)
-    except (OSError, AttributeError):
-        pass
+    mallopt(M_MMAP_THRESHOLD, nbytes)
 
 
 def _status(key: str) -> int:

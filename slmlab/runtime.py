@@ -31,6 +31,19 @@ def resolve_device(name: str) -> torch.device:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
+def mallopt(param: int, value: int) -> bool:
+    """glibc's mallopt(param, value); False where it did not take (no glibc, or refused)."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(param, value))
+    except (OSError, AttributeError):
+        return False
+
+
 @functools.cache  # once per process
 def keep_freed_memory() -> bool:
     """Have glibc keep freed memory for reuse instead of handing it back to the kernel.
@@ -43,20 +56,11 @@ def keep_freed_memory() -> bool:
     size stays at the step's peak. Linux/glibc only; left alone when MALLOC_MMAP_THRESHOLD_ or
     MALLOC_TRIM_THRESHOLD_ is set (the user chose) or another allocator (jemalloc, tcmalloc) is
     preloaded. True when the thresholds were set."""
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
     if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
         return False
     if any(lib in os.environ.get("LD_PRELOAD", "") for lib in ("jemalloc", "tcmalloc", "mimalloc")):
         return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    return mallopt(M_MMAP_THRESHOLD, 1 << 30) and mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
