@@ -1,4 +1,5 @@
-"""Triton kernels vs the pure-PyTorch references, run under the Triton interpreter on CPU.
+"""Triton kernels vs the pure-PyTorch references: compiled on a CUDA GPU when there is one (conftest
+leaves TRITON_INTERPRET unset there), else under the Triton interpreter on CPU.
 
 The interpreter is ~1000x slower than a GPU, so shapes are tiny; tile sizes are shrunk where a test
 needs several blocks (band skipping, state hand-off between time blocks). References run in float64
@@ -17,6 +18,11 @@ from kernels import conv as conv_mod
 from kernels.attention import attention
 from kernels.conv import causal_conv1d
 from kernels.reference import attention_ref, causal_conv1d_ref
+from tests.triton_probe import interpreter_problem
+
+_PROBLEM = interpreter_problem()
+pytestmark = pytest.mark.skipif(bool(_PROBLEM), reason=_PROBLEM)
+DEV = "cuda" if torch.cuda.is_available() and not _common.interpreting() else "cpu"
 
 # `kernels.attention` the attribute is the function (re-exported by kernels/__init__); get the module.
 attn_mod = importlib.import_module("kernels.attention")
@@ -42,7 +48,7 @@ def _conv_case(B, T, D, K, with_bias, with_state, seed=0):
     w = torch.randn(D, K, generator=g)
     b = torch.randn(D, generator=g) if with_bias else None
     s = torch.randn(B, D, K - 1, generator=g) if with_state else None
-    return x, w, b, s
+    return tuple(None if t is None else t.to(DEV) for t in (x, w, b, s))
 
 
 def _conv_run(fn, x, w, b, s, dout, dstate_out, dtype):
@@ -62,8 +68,8 @@ def test_conv_matches_reference_fp32(T, K, with_bias, with_state):
     B, D = 2, 20  # D not a power of two: exercises the channel mask
     x, w, b, s = _conv_case(B, T, D, K, with_bias, with_state)
     g = torch.Generator().manual_seed(1)
-    dout = torch.randn(B, T, D, generator=g)
-    dfinal = torch.randn(B, D, K - 1, generator=g)
+    dout = torch.randn(B, T, D, generator=g).to(DEV)
+    dfinal = torch.randn(B, D, K - 1, generator=g).to(DEV)
 
     out, final, grads = _conv_run(causal_conv1d, x, w, b, s, dout, dfinal, torch.float32)
     r_out, r_final, r_grads = _conv_run(causal_conv1d_ref, x, w, b, s, dout, dfinal, torch.float64)
@@ -83,8 +89,8 @@ def test_conv_many_time_and_channel_blocks(monkeypatch):
     monkeypatch.setattr(conv_mod, "_blocks", lambda T, D: (8, 16))
     B, T, D, K = 2, 29, 40, 4
     x, w, b, s = _conv_case(B, T, D, K, True, True, seed=3)
-    dout = torch.randn(B, T, D)
-    dfinal = torch.randn(B, D, K - 1)
+    dout = torch.randn(B, T, D, device=DEV)
+    dfinal = torch.randn(B, D, K - 1, device=DEV)
     out, final, grads = _conv_run(causal_conv1d, x, w, b, s, dout, dfinal, torch.float32)
     r_out, r_final, r_grads = _conv_run(causal_conv1d_ref, x, w, b, s, dout, dfinal, torch.float64)
     assert _max_err(out, r_out) <= 1e-5
@@ -115,8 +121,8 @@ def test_conv_return_final_state_off_and_k1():
 def test_conv_half_precision(dtype):
     B, T, D, K = 2, 17, 24, 4
     x, w, b, s = _conv_case(B, T, D, K, True, True, seed=7)
-    dout = torch.randn(B, T, D)
-    dfinal = torch.randn(B, D, K - 1)
+    dout = torch.randn(B, T, D, device=DEV)
+    dfinal = torch.randn(B, D, K - 1, device=DEV)
     out, final, grads = _conv_run(causal_conv1d, x, w, b, s, dout, dfinal, dtype)
     r_out, r_final, r_grads = _conv_run(causal_conv1d_ref, x, w, b, s, dout, dfinal, torch.float64)
     assert out.dtype == dtype and final.dtype == dtype
@@ -139,7 +145,7 @@ def test_conv_bad_inputs():
 
 def test_conv_cpu_without_interpreter_raises(monkeypatch):
     monkeypatch.setattr(_common, "interpreting", lambda: False)
-    x, w, b, s = _conv_case(1, 3, 4, 2, True, False)
+    x, w, b, s = (None if t is None else t.cpu() for t in _conv_case(1, 3, 4, 2, True, False))
     with pytest.raises(RuntimeError, match="CUDA or TRITON_INTERPRET=1"):
         causal_conv1d(x, w, b)
 
@@ -159,7 +165,7 @@ def _attn_case(B, Hq, Hkv, T, hd, seed=0):
     k = torch.randn(B, Hkv, T, hd, generator=g)
     v = torch.randn(B, Hkv, T, hd, generator=g)
     do = torch.randn(B, Hq, T, hd, generator=g)
-    return q, k, v, do
+    return q.to(DEV), k.to(DEV), v.to(DEV), do.to(DEV)
 
 
 def _attn_run(fn, q, k, v, do, dtype, **kw):
@@ -214,10 +220,10 @@ def test_attention_custom_scale_and_strided_inputs():
     # q/k/v as a model makes them: [B, T, H, hd] projections viewed as [B, H, T, hd].
     B, T, Hq, Hkv, hd = 2, 9, 4, 2, 16
     g = torch.Generator().manual_seed(6)
-    q = torch.randn(B, T, Hq, hd, generator=g).transpose(1, 2)
-    kv = torch.randn(B, T, 2, Hkv, hd, generator=g)
+    q = torch.randn(B, T, Hq, hd, generator=g).to(DEV).transpose(1, 2)
+    kv = torch.randn(B, T, 2, Hkv, hd, generator=g).to(DEV)
     k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-    do = torch.randn(B, Hq, T, hd, generator=g)
+    do = torch.randn(B, Hq, T, hd, generator=g).to(DEV)
     assert not q.is_contiguous() and not k.is_contiguous()
     out = attention(q, k, v, window=4, scale=0.3)
     ref = attention_ref(q.double(), k.double(), v.double(), window=4, scale=0.3)
@@ -255,7 +261,7 @@ def test_attention_bad_inputs():
 
 def test_attention_cpu_without_interpreter_raises(monkeypatch):
     monkeypatch.setattr(_common, "interpreting", lambda: False)
-    q, k, v, _ = _attn_case(1, 2, 1, 4, 16)
+    q, k, v, _ = (t.cpu() for t in _attn_case(1, 2, 1, 4, 16))
     with pytest.raises(RuntimeError, match="CUDA or TRITON_INTERPRET=1"):
         attention(q, k, v)
 
@@ -292,7 +298,7 @@ def test_bench_gpu_branch_smoke_on_cpu(capsys, monkeypatch):
         fn()
         return (time.perf_counter() - start) * 1e3
 
-    monkeypatch.setattr(bench, "_DEVICE", "cpu")
+    monkeypatch.setattr(bench, "_DEVICE", DEV)
     monkeypatch.setattr(bench, "_time_ms", wall_ms)
     monkeypatch.setattr(bench, "ATTN_SEQS_QUICK", [40])
     monkeypatch.setattr(bench, "ATTN_WINDOWS_QUICK", [8, None])

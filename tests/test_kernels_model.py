@@ -1,22 +1,26 @@
-"""Model level: the same hybrid through the Triton kernels (interpreter on CPU) and the references."""
+"""Model level: the same hybrid through the Triton kernels (compiled on CUDA, the interpreter on
+CPU) and the references."""
 import pytest
 import torch
 
 from arch import LM, ModelConfig
 from kernels import HAVE_TRITON_KERNELS
+from tests.test_kernels import DEV
+from tests.triton_probe import interpreter_problem
 
-pytestmark = pytest.mark.skipif(not HAVE_TRITON_KERNELS, reason="triton not installed")
+_PROBLEM = "triton not installed" if not HAVE_TRITON_KERNELS else interpreter_problem()
+pytestmark = pytest.mark.skipif(bool(_PROBLEM), reason=_PROBLEM)
 
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_hybrid_forward_backward_triton_equals_torch(causal):
-    idx = torch.randint(0, 53, (2, 19))
+    idx = torch.randint(0, 53, (2, 19), device=DEV)
     results = []
     for backend in ("torch", "triton"):
         torch.manual_seed(0)
         cfg = ModelConfig(vocab_size=53, d_model=32, n_layers=3, layers="CCA" if causal else "CAA",
                           n_heads=2, n_kv_heads=1, window=5, window_pattern="SL", kernels=backend, causal=causal)
-        m = LM(cfg)
+        m = LM(cfg).to(DEV)
         loss = m(idx, idx)
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
