@@ -35,6 +35,9 @@ class ModelConfig:
     causal: bool = True  # False: every mixer runs bidirectionally (masked diffusion)
     kernels: str = "auto"  # auto | triton | torch
     grad_checkpoint: bool = False
+    # Training loss: logits for this many tokens at a time (arch/loss.py), so the [tokens, vocab]
+    # logits never exist whole; 0 = all at once. Memory only: the loss and gradients are the same.
+    loss_chunk: int = 0
     init_std: float = 0.02
     mlp: str = "swiglu"  # channel mixer by registered name: swiglu | gelu (GPT-2's, tanh approximation) | ...
     # Family knobs (imports of Llama / Qwen2 / GPT-2 set them; each is also an ablation axis).
@@ -54,9 +57,17 @@ class ModelConfig:
     # Python files or modules imported before the pattern is parsed: a researcher's own blocks.
     imports: list = field(default_factory=list)
 
+    # How a step runs, not what the weights are: --resume may change these.
+    RUNTIME_KNOBS = ("kernels", "grad_checkpoint", "loss_chunk")
+
     def __post_init__(self):
         load_imports(self.imports)
         self.validate()
+
+    def weight_changes(self, new: "ModelConfig") -> list[str]:
+        """'model.KEY old -> new' for each key (other than RUNTIME_KNOBS) where `new` differs."""
+        a, b = self.to_dict(), new.to_dict()
+        return [f"model.{k} {a[k]!r} -> {b.get(k)!r}" for k in a if k not in self.RUNTIME_KNOBS and a[k] != b.get(k)]
 
     def block_options(self, name: str):
         """The options dataclass of block `name`, filled from mixer_opts[name] and checked."""
@@ -99,7 +110,8 @@ class ModelConfig:
               "n_heads": Range(1, 1024), "n_kv_heads": Range(1, 1024), "head_dim": Range(2, 4096),
               "ffn_dim": Range(1, 2 ** 20), "window": POSITIVE, "rope_theta": POSITIVE,
               "norm_eps": Range(0, 1, lo_open=True, hi_open=True), "conv_kernel": Range(1, 64),
-              "init_std": Range(0, 10, lo_open=True), "max_positions": Range(1, 2 ** 24)}
+              "init_std": Range(0, 10, lo_open=True), "max_positions": Range(1, 2 ** 24),
+              "loss_chunk": Range(0, 2 ** 30)}
 
     def validate(self):
         def bad(msg):

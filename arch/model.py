@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from .block import Block, residual_linears
 from .config import ModelConfig
 from .layers import make_norm
+from .loss import linear_cross_entropy, linear_cross_entropy_ref
 
 
 class LM(nn.Module):
@@ -80,8 +81,10 @@ class LM(nn.Module):
         return logits if states is None else (logits, new_states)
 
     def loss(self, x, targets):
-        logits = self.lm_head(x).float()
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        # lm_head.weight, not lm_head(x): under data.added_tokens it is a parametrization's output.
+        if self.cfg.loss_chunk:
+            return linear_cross_entropy(x, self.lm_head.weight, targets, self.cfg.loss_chunk)
+        return linear_cross_entropy_ref(x, self.lm_head.weight, targets)
 
     # ---- hooks the trainer uses, so objectives other than next-token prediction plug in ----
     nll_is_bound = False  # True when token_nll is an upper bound (e.g. a diffusion ELBO)

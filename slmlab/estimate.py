@@ -10,7 +10,8 @@ Training memory per device, in the order a step uses it (steady state: the optim
   activations  what each block saves for backward: Block.activation_bytes, so a new block is sized
                by its own declaration; with model.grad_checkpoint only each block's input is kept
                and one block at a time is recomputed in backward
-  logits       the B*T*V head output, its log-softmax and their gradients: large for big vocabularies
+  logits       the B*T*V head output, its log-softmax and their gradients: large for big vocabularies;
+               with model.loss_chunk only one chunk of it, plus dx and dW computed in the forward
 The peak is the largest of: end of forward, the head's backward, each block's backward (activations
 freed as gradients appear) and the optimizer step (AdamW's foreach update on CUDA allocates one
 more copy of its parameters). On CUDA the matmuls run under bf16 autocast: activations are 2 B
@@ -19,6 +20,7 @@ tests/test_sizes.py compares this with measured CPU peaks.
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -35,6 +37,10 @@ VERDICT_GB = (8, 16, 24, 40, 80)
 # Memory in GiB of the GPUs slmlab.trainer.BF16_PEAK knows (datasheet), for --gpu with no --mem.
 GPU_MEMORY_GB = {"H200": 141, "H100": 80, "A100": 80, "L40S": 48, "A10G": 24, "L4": 24, "RTX 4090": 24,
                  "RTX 3090": 24, "V100": 32, "T4": 16}
+# The model.loss_chunk the dry run and the fit check suggest when the logits are a large share of
+# the peak: a [1024, V] fp32 chunk is ~0.2 GB at GPT-2's vocab, and 1024 x d x V keeps the head's
+# matmuls large (on this CPU at the default shape, chunks of 512-2048 ran at 0.98-1.02x the plain head).
+SUGGESTED_LOSS_CHUNK = 1024
 # Model FLOPs utilisation assumed for --gpu step times: what a well-tuned small-model run reaches
 # with bf16 and fused attention; state it next to every time printed.
 DEFAULT_MFU = 0.35
@@ -126,11 +132,18 @@ def static_memory(model, cfg, cuda: bool, world: int) -> Static:
                   runtime=RUNTIME_CUDA if cuda else RUNTIME_CPU)
 
 
-def logits_bytes(tokens: int, vocab: int) -> tuple[int, int]:
+def logits_bytes(tokens: int, vocab: int, d_model: int, chunk: int = 0, cuda: bool = False) -> tuple[int, int]:
     """(peak during the loss forward, peak during its backward) for `tokens` positions, on either
     device (the loss upcasts bf16 logits to fp32): forward holds the fp32 logits and their
-    log-softmax; backward the saved log-softmax, the loss gradient and the logits gradient."""
-    return tokens * vocab * 8, tokens * vocab * 12
+    log-softmax; backward the saved log-softmax, the loss gradient and the logits gradient.
+    Chunked (arch/loss.py): the forward holds one chunk's fp32 logits and logsumexp temporary (and
+    the bf16 copy of its gradient on CUDA) beside dx and the fp32 dW it sums; the backward holds the
+    saved dx and dW and the scaled dx (the scaled dW is the head's gradient, counted with those)."""
+    if not chunk:
+        return tokens * vocab * 8, tokens * vocab * 12
+    c = min(chunk, tokens)
+    dx, dw = tokens * d_model * 4, vocab * d_model * 4
+    return c * vocab * (10 if cuda else 8) + dx + dw, 2 * dx + dw
 
 
 def train_peak(model, st: Static, cfg, batch: int, seq_len: int, checkpoint: bool, cuda: bool) -> dict:
@@ -144,7 +157,7 @@ def train_peak(model, st: Static, cfg, batch: int, seq_len: int, checkpoint: boo
     kept = [residual] * len(per_layer) if checkpoint else per_layer
     head = tokens * ((2 * d + 1) * 4 + d * act_elem)  # the final RMSNorm, like a Block's norms
     act = sum(kept) + head
-    logits_fwd, logits_bwd = logits_bytes(tokens, V)
+    logits_fwd, logits_bwd = logits_bytes(tokens, V, d, cfg.model.loss_chunk, cuda)
     accum = cfg.train.grad_accum > 1
     base = st.weights + st.optimizer + st.autocast_weights + st.ddp_buckets
     held_grads = st.gradients if accum else 0
@@ -164,7 +177,7 @@ def train_peak(model, st: Static, cfg, batch: int, seq_len: int, checkpoint: boo
                                            base + max(held_grads, done) + live)
     candidates["optimizer step"] = st.weights + st.optimizer + st.gradients + st.ddp_buckets + st.opt_transient
     phase = max(candidates, key=candidates.get)
-    return {"peak": candidates[phase] + st.runtime, "peak_at": phase, "activations": act, "logits": logits_bwd}
+    return {"peak": candidates[phase] + st.runtime, "peak_at": phase, "activations": act, "logits": max(logits_fwd, logits_bwd)}
 
 
 def max_micro_batch(model, st, cfg, seq_len: int, checkpoint: bool, cuda: bool, budget: int) -> int:
@@ -256,6 +269,14 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
                 fit = max_micro_batch(model, st, cfg, ph.seq_len, ckpt, cuda, budget)
                 r["max_micro_batch"] = fit
                 r["grad_accum_to_fit"] = accum_for(ph.tokens_per_step, ph.seq_len, world, fit) if fit else None
+        if not cfg.model.loss_chunk:
+            chunked = with_loss_chunk(cfg, SUGGESTED_LOSS_CHUNK)
+            ck = cfg.model.grad_checkpoint
+            r = train_peak(model, st, chunked, batch, ph.seq_len, ck, cuda)
+            r["unchunked_peak"] = row[_ckpt_key(cfg)]["peak"]
+            if budget is not None:
+                r["max_micro_batch"] = max_micro_batch(model, st, chunked, ph.seq_len, ck, cuda, budget)
+            row["loss_chunk"] = r
         row["verdict"] = {f"{g}GB": row[_ckpt_key(cfg)]["peak"] <= g * GB for g in VERDICT_GB}
         out["phases"].append(row)
     first = out["phases"][0][_ckpt_key(cfg)]
@@ -280,6 +301,14 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
             "chinchilla_seconds": 20 * st.params * flops_avg / rate,
             "step_seconds": [p["flops_per_token"] * p["tokens_per_step"] / rate for p in out["phases"]]}
     out["inference"] = inference_memory(model, cfg, context)
+    return out
+
+
+def with_loss_chunk(cfg, chunk: int):
+    """A shallow copy of cfg whose model.loss_chunk is `chunk` (for what-if estimates)."""
+    out = copy.copy(cfg)
+    out.model = copy.copy(cfg.model)
+    out.model.loss_chunk = chunk
     return out
 
 
@@ -334,6 +363,11 @@ def report(est: dict) -> str:
                     ("" if r["max_micro_batch"] else " (does not fit)")
             lines.append(f"  {label}: activations {_b(r['activations'])}  logits {_b(r['logits'])}  "
                          f"peak {_b(r['peak'])} (at {r['peak_at']}){fit}")
+        lc = p.get("loss_chunk")
+        if lc and lc["peak"] < 0.9 * lc["unchunked_peak"]:  # worth a line: the logits are a large share
+            lines.append(f"  with model.loss_chunk={SUGGESTED_LOSS_CHUNK}: logits {_b(lc['logits'])}  peak "
+                         f"{_b(lc['peak'])} (at {lc['peak_at']})"
+                         + (f"  | max micro-batch {lc['max_micro_batch']}" if mem is not None else ""))
         ok = [g for g, v in p["verdict"].items() if v]
         lines.append(f"  fits: {', '.join(ok) if ok else 'none of ' + ', '.join(p['verdict'])}"
                      + (f"  (does not fit: {', '.join(g for g, v in p['verdict'].items() if not v)})"
@@ -382,7 +416,8 @@ def check_fits(cfg, budget: int, where: str, cuda: bool, world: int = 1):
     ckpt = cfg.model.grad_checkpoint
     windows = cfg.model.layer_windows()
     phases = resolve_phases(cfg, world)
-    over, fits, fits_ck = None, [], []
+    chunked = None if cfg.model.loss_chunk else with_loss_chunk(cfg, SUGGESTED_LOSS_CHUNK)
+    over, fits, fits_ck, fits_lc = None, [], [], []
     for ph in phases:
         model.set_windows(phase_windows(windows, ph.window))
         batch = ph.batch_size(cfg.train.grad_accum, world)
@@ -391,6 +426,7 @@ def check_fits(cfg, budget: int, where: str, cuda: bool, world: int = 1):
             over = (ph, batch, peak)
         fits.append(max_micro_batch(model, st, cfg, ph.seq_len, ckpt, cuda, budget))
         fits_ck.append(0 if ckpt else max_micro_batch(model, st, cfg, ph.seq_len, True, cuda, budget))
+        fits_lc.append(0 if chunked is None else max_micro_batch(model, st, chunked, ph.seq_len, ckpt, cuda, budget))
     if over is None:
         return
     ph, batch, peak = over
@@ -409,7 +445,12 @@ def check_fits(cfg, budget: int, where: str, cuda: bool, world: int = 1):
         hints.append("or model.grad_checkpoint=true"
                      + (f" with {_accum_flags(cfg, phases[0], world, accum)}" if accum and accum > 1 else "")
                      + f" (micro-batch up to {fits_ck[ph.index]})")
-    if not all(fits) and not all(fits_ck):
+    if all(fits_lc) and any(c > f for c, f in zip(fits_lc, fits)):
+        accum = _accum_for_all(phases, world, fits_lc)
+        hints.append(f"or model.loss_chunk={SUGGESTED_LOSS_CHUNK}"
+                     + (f" with {_accum_flags(cfg, phases[0], world, accum)}" if accum and accum > 1 else "")
+                     + f" (micro-batch up to {fits_lc[ph.index]})")
+    if not all(fits) and not all(fits_ck) and not all(fits_lc):
         hints.append("use a smaller --size, FSDP over more GPUs, or more memory")
     raise ConfigError(f"estimated peak {_b(peak)} (phase {ph.index + 1}: micro-batch {batch} x seq_len {ph.seq_len}) "
                       f"exceeds the {_b(budget)} {where}; {'; '.join(hints)} (python train.py ... --dry-run "

@@ -254,11 +254,9 @@ class Trainer:
         run = RunDir.open(self.run.path, need=(CONFIG,), label="--resume: ")
         ckpt = run.latest_checkpoint()
         saved = run.config()
-        a, b = saved.model.to_dict(), self.cfg.model.to_dict()
-        diff = [k for k in a if a[k] != b.get(k)]
+        diff = saved.model.weight_changes(self.cfg.model)
         if diff:
-            raise ConfigError(f"--resume: the model config differs from the run in {run.path}: "
-                              + ", ".join(f"model.{k} {a[k]!r} -> {b[k]!r}" for k in diff[:4]))
+            raise ConfigError(f"--resume: the model config differs from the run in {run.path}: " + ", ".join(diff[:4]))
         run.check_same_tokenizer(self.tok, f"data.spec {saved.data.spec!r} -> {self.cfg.data.spec!r}?")
         return ckpt
 

@@ -1,0 +1,111 @@
+"""The chunked head + cross-entropy (arch/loss.py) against the plain one: value and gradients."""
+import pytest
+import torch
+
+from arch.loss import linear_cross_entropy, linear_cross_entropy_ref
+from arch.model import LM
+from tests.test_arch import tiny
+
+
+def _inputs(n, d=16, V=37, ignored=0.25, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(V, d, generator=g, dtype=torch.float64) * 0.3).requires_grad_()
+    t = torch.randint(0, V, (n,), generator=g)
+    t[torch.rand(n, generator=g) < ignored] = -1
+    if (t >= 0).sum() == 0:
+        t[0] = 3
+    return x, w, t
+
+
+# Odd token counts and chunks that do not divide them: the last chunk is short.
+@pytest.mark.parametrize("n,chunk", [(1, 1), (7, 3), (63, 8), (63, 64), (64, 16)])
+def test_chunked_matches_reference_value_and_gradients(n, chunk):
+    x, w, t = _inputs(n)
+    ref = linear_cross_entropy_ref(x, w, t)
+    gx_ref, gw_ref = torch.autograd.grad(ref * 1.7, (x, w))  # a non-unit upstream gradient
+    got = linear_cross_entropy(x, w, t, chunk)
+    gx, gw = torch.autograd.grad(got * 1.7, (x, w))
+    # fp64 throughout (nothing is cast to fp32), so the two agree to fp64 rounding.
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_no_grad_and_frozen_weight():
+    x, w, t = _inputs(20)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(x, w, t, 6), linear_cross_entropy_ref(x, w, t))
+    frozen = w.detach()
+    gx = torch.autograd.grad(linear_cross_entropy(x, frozen, t, 6), x)[0]
+    torch.testing.assert_close(gx, torch.autograd.grad(linear_cross_entropy_ref(x, frozen, t), x)[0],
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_all_targets_ignored_gives_nan_like_the_reference():
+    x, w, t = _inputs(5)
+    t[:] = -1
+    assert torch.isnan(linear_cross_entropy_ref(x, w, t)) and torch.isnan(linear_cross_entropy(x, w, t, 2))
+
+
+def test_bad_chunk_and_shape_mismatch_are_clear_errors():
+    x, w, t = _inputs(6)
+    with pytest.raises(ValueError, match="chunk must be > 0"):
+        linear_cross_entropy(x, w, t, 0)
+    with pytest.raises(ValueError, match="6 positions but 5 targets"):
+        linear_cross_entropy(x, w, t[:5], 2)
+
+
+def test_bf16_autocast_chunked_matches_plain_head():
+    # The chunked path runs its matmuls in autocast's dtype, as lm_head(x) does under autocast.
+    x, w, t = _inputs(33, d=32, V=50)
+    x, w = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = linear_cross_entropy_ref(x, w, t)
+        got = linear_cross_entropy(x, w, t, 8)
+    gr, gg = torch.autograd.grad(ref, (x, w)), torch.autograd.grad(got, (x, w))
+    # The same bf16 logits: the loss agrees to fp32 rounding (fp32 matmuls would be ~7e-4 off).
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    rel = [((a - b).norm() / b.norm()).item() for a, b in zip(gg, gr)]
+    # dx: the same bf16 product; dW: ours sums the chunks' products in fp32, the plain head rounds
+    # one [V, N] x [N, d] product to bf16 (~2e-3 apart here).
+    assert rel[0] < 1e-4 and rel[1] < 1e-2, rel
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_model_loss_chunked_equals_plain(tie):
+    torch.manual_seed(0)
+    plain = LM(tiny(layers="CA", tie_embeddings=tie))
+    chunked = LM(tiny(layers="CA", tie_embeddings=tie, loss_chunk=5))
+    chunked.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, plain.cfg.vocab_size, (2, 7))
+    y = torch.randint(0, plain.cfg.vocab_size, (2, 7))
+    y[0, :3] = -1  # SFT-style prompt positions
+    losses = [m(idx, y) for m in (plain, chunked)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(plain.named_parameters(), chunked.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bench_script_runs_and_prints_ratios(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "loss_chunk.py"
+    spec = importlib.util.spec_from_file_location("loss_chunk_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--rounds", "1", "--tokens", "64", "--seq-len", "16", "--chunks", "24", "--device", "cpu",
+                       "model.d_model=32", "model.n_layers=3", "model.vocab_size=61"]) == 0
+    out = capsys.readouterr().out
+    assert "loss_chunk=0 " in out and "loss_chunk=24 " in out and out.count("x") >= 3
+
+
+def test_loss_chunk_is_a_runtime_knob_on_resume():
+    from arch.config import ModelConfig
+
+    saved = ModelConfig()
+    assert saved.weight_changes(ModelConfig(loss_chunk=8, grad_checkpoint=True, kernels="torch")) == []
+    assert saved.weight_changes(ModelConfig(d_model=128, loss_chunk=8)) == ["model.d_model 256 -> 128"]
