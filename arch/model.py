@@ -252,6 +252,8 @@ class StaticDecoder:
             what = "the greedy decode step" if chunk > 1 else "the decode step"
             step = CompiledOrEager(_decode_in_mv_mode(fn) if cpu else fn, what,
                                    options={"cpp_wrapper": True} if cpu else None)
+            if idx.device.type == "cuda" and CUDA_GRAPH_DECODE:
+                step = CudaGraphStep(step, self.states, what)
             if chunk > 1:
                 self.greedy = step
             else:
@@ -276,6 +278,63 @@ class StaticDecoder:
         toks = self.greedy(nxt.clone(memory_format=torch.contiguous_format), self.pos, self.states, self.chunk)
         self.pos += self.chunk
         return toks
+
+
+# On CUDA, generate(compile=True) replays the compiled step as one captured CUDA graph: at batch 1
+# a token is a few hundred small kernels, and launching them from Python costs more than running them.
+CUDA_GRAPH_DECODE = True
+
+
+class CudaGraphStep:
+    """A static decode step (compiled or not) captured as a CUDA graph on its first call, then
+    replayed. The decoder's states and pos tensors keep their addresses and are updated in place,
+    which is what replay needs; the token input is copied into a fixed buffer and the outputs are
+    cloned out of the graph's memory. If capture fails the step runs uncaptured (one warning line)."""
+
+    def __init__(self, step, states: list, what: str, say=print):
+        self.step, self.what, self.say = step, what, say
+        self.state_tensors = [t for st in states for t in st]
+        self.graph = None  # None: not captured yet; False: capture failed, run the step directly
+
+    def __call__(self, idx, pos, states, *rest):
+        if self.graph is None:
+            self._capture(idx, pos, states, *rest)
+        if self.graph is False:
+            return self.step(idx, pos, states, *rest)
+        self.idx.copy_(idx)
+        self.graph.replay()
+        return _clone_out(self.out)
+
+    def _capture(self, idx, pos, states, *rest):
+        # The warm-up (which compiles, and sets up cuBLAS and the allocator off the capture) advances
+        # the states as a real step would (a conv buffer shifts); put them back before the replay.
+        saved = [t.clone() for t in self.state_tensors]
+        self.idx = idx.clone()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.step(self.idx, pos, states, *rest)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.out = self.step(self.idx, pos, states, *rest)
+            self.graph = graph
+        except Exception as e:  # a step that cannot be captured still decodes, uncaptured
+            self.say(f"warning: CUDA graph capture failed for {self.what} ({type(e).__name__}: "
+                     f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); running uncaptured")
+            self.graph = False
+        for t, s in zip(self.state_tensors, saved):
+            t.copy_(s)
+
+
+def _clone_out(out):
+    """The step's output (tokens, or (logits, states)) with its tensors copied out of graph memory;
+    the states are the decoder's own tensors and are returned as they are."""
+    if torch.is_tensor(out):
+        return out.clone()
+    logits, states = out
+    return logits.clone(), states
 
 
 class DynamicDecoder:

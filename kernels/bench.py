@@ -1,13 +1,16 @@
 """Benchmark the Triton kernels against the references and the usual PyTorch alternatives.
 
-    python -m kernels.bench            # full sweep (CUDA only)
+    python -m kernels.bench            # full sweep (CUDA only): T 2048/8192, W 256/1024/full, hd 64/128
     python -m kernels.bench --quick    # a few shapes
+    python -m kernels.bench --only attention --seqs 4096 --windows 512 --head-dims 64
 
 bf16 throughout. Attention: our kernel, `attention_ref`, SDPA with a dense band mask, and
 flex_attention with a block mask, forward and forward+backward. Conv: ours, `causal_conv1d_ref`, and
 the `causal_conv1d` package when importable. Every row checks parity against the reference first;
 a row that fails prints PARITY FAILED instead of speedups (a fast wrong kernel is not a speedup).
-Times are CUDA-event milliseconds per call after warmup.
+Times are CUDA-event milliseconds per call after warmup. The last lines check the targets the
+default `model.kernels: auto` rests on: conv forward+backward >= 3x the reference; attention
+forward+backward faster than SDPA with a dense band mask and within 1.2x of flex_attention.
 """
 from __future__ import annotations
 
@@ -24,10 +27,11 @@ from .reference import attention_ref, band_mask, causal_conv1d_ref
 PARITY_RTOL = 2e-2
 
 # Sweeps (full, quick). Module-level so a smoke test can shrink them.
-ATTN_SEQS, ATTN_SEQS_QUICK = [256, 1024, 2048, 4096], [256, 1024]
-ATTN_WINDOWS, ATTN_WINDOWS_QUICK = [128, 256, None], [128, None]  # None = full causal
+ATTN_SEQS, ATTN_SEQS_QUICK = [2048, 8192], [256, 1024]
+ATTN_WINDOWS, ATTN_WINDOWS_QUICK = [256, 1024, None], [128, None]  # None = full causal
 ATTN_HEAD_DIMS, ATTN_HEAD_DIMS_QUICK = [64, 128], [64]
-CONV_SHAPES, CONV_SHAPES_QUICK = [(1024, 1024), (4096, 1024), (2048, 2048), (4096, 4096)], [(1024, 1024)]
+CONV_SHAPES, CONV_SHAPES_QUICK = [(2048, 1024), (8192, 1024), (2048, 4096), (8192, 4096)], [(1024, 1024)]
+TARGETS = {"conv vs ref": 3.0, "attention vs sdpa_band": 1.0, "attention vs flex": 1 / 1.2}
 _DEVICE = "cuda"
 
 
@@ -111,9 +115,11 @@ def _attention_candidates(T, W, flex):
 
 def bench_attention(args):
     B, Hq, Hkv = args.batch, 8, 2
-    seqs = ATTN_SEQS_QUICK if args.quick else ATTN_SEQS
-    windows = ATTN_WINDOWS_QUICK if args.quick else ATTN_WINDOWS
-    head_dims = ATTN_HEAD_DIMS_QUICK if args.quick else ATTN_HEAD_DIMS
+    seqs = getattr(args, "seqs", None) or (ATTN_SEQS_QUICK if args.quick else ATTN_SEQS)
+    windows = getattr(args, "windows", None) or (ATTN_WINDOWS_QUICK if args.quick else ATTN_WINDOWS)
+    windows = [None if w == 0 else w for w in windows]  # --windows 0 = full causal
+    head_dims = getattr(args, "head_dims", None) or (ATTN_HEAD_DIMS_QUICK if args.quick else ATTN_HEAD_DIMS)
+    ratios = []
     flex = None if args.no_flex else _flex_setup()
     names = ["triton", "ref", "sdpa_band"] + (["flex"] if flex is not None else [])
 
@@ -131,10 +137,12 @@ def bench_attention(args):
                 do = torch.randn_like(q)
                 cands = _attention_candidates(T, W, flex)
 
-                _parity_then_time(f"{T:5d} {W if W else 'full':>5} {hd:4d}", cands, names, (q, k, v), do,
-                                  "out/dq/dk/dv", args)
+                ratios.append(_parity_then_time(f"{T:5d} {W if W else 'full':>5} {hd:4d}", cands, names,
+                                                (q, k, v), do, "out/dq/dk/dv", args))
                 del q, k, v, do, cands
                 torch.cuda.empty_cache()
+    return {"attention vs sdpa_band": [r.get("sdpa_band") for r in ratios],
+            "attention vs flex": [r.get("flex") for r in ratios]}
 
 
 # ----------------------------------------------------------------------------- conv
@@ -156,6 +164,7 @@ def bench_conv(args):
 
     B, K = args.batch, 3
     shapes = CONV_SHAPES_QUICK if args.quick else CONV_SHAPES
+    ratios = []
     cands = {"triton": causal_conv1d, "ref": causal_conv1d_ref}
     pkg = _conv_package()
     if pkg is not None:
@@ -172,7 +181,8 @@ def bench_conv(args):
         b = torch.randn(D, device=_DEVICE, dtype=torch.bfloat16, generator=g)
         do = torch.randn_like(x)
         # dw / db sum over B*T terms: compared relative to their own scale like the rest.
-        _parity_then_time(f"{T:5d} {D:5d}", cands, names, (x, w, b), do, "out/dx/dw/db", args)
+        ratios.append(_parity_then_time(f"{T:5d} {D:5d}", cands, names, (x, w, b), do, "out/dx/dw/db", args))
+    return {"conv vs ref": [r.get("ref") for r in ratios]}
 
 
 def _parity_then_time(prefix, cands, names, inputs, do, grad_label, args):
@@ -199,6 +209,9 @@ def _parity_then_time(prefix, cands, names, inputs, do, grad_label, args):
         else:
             row += f"  PARITY FAILED (max rel err {grad_label} = {', '.join(f'{e:.2e}' for e in errs)})"
         print(row, flush=True)
+    # fwd+bwd speedups (baseline time / ours) for the target check; none when parity failed
+    return {n: times[n] / times["triton"] for n in names[1:]
+            if ok and isinstance(times.get(n), float) and isinstance(times["triton"], float)}
 
 
 def main(argv=None):
@@ -209,6 +222,9 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-flex", action="store_true", help="skip flex_attention (its compile is slow)")
     p.add_argument("--only", choices=("attention", "conv"), default=None)
+    p.add_argument("--seqs", type=int, nargs="+", help="attention sequence lengths (default: the sweep's)")
+    p.add_argument("--windows", type=int, nargs="+", help="attention windows, 0 = full causal")
+    p.add_argument("--head-dims", type=int, nargs="+", help="attention head dims")
     args = p.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -218,11 +234,27 @@ def main(argv=None):
         print("TRITON_INTERPRET=1 is set: timings would measure the interpreter; unset it and rerun")
         return 1
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    speedups = {}
     if args.only in (None, "attention"):
-        bench_attention(args)
+        speedups.update(bench_attention(args))
     if args.only in (None, "conv"):
-        bench_conv(args)
+        speedups.update(bench_conv(args))
+    print("\ntargets (fwd+bwd, every row):")
+    for name, vals in speedups.items():
+        print("  " + target_line(name, vals))
     return 0
+
+
+def target_line(name: str, speedups: list) -> str:
+    """'met' when every row's speedup reaches TARGETS[name]; rows without a number (parity failed,
+    baseline missing) count as not met."""
+    want = TARGETS[name]
+    got = [v for v in speedups if v is not None]
+    if not got:
+        return f"{name} >= {want:.2f}x: no rows (baseline unavailable or parity failed)"
+    met = sum(v >= want for v in got)
+    return (f"{name} >= {want:.2f}x: {'met' if met == len(speedups) else 'NOT met'} "
+            f"({met}/{len(speedups)} rows; min {min(got):.2f}x, max {max(got):.2f}x)")
 
 
 if __name__ == "__main__":

@@ -305,7 +305,10 @@ def test_bench_gpu_branch_smoke_on_cpu(capsys, monkeypatch):
     monkeypatch.setattr(bench, "ATTN_HEAD_DIMS_QUICK", [16])
     monkeypatch.setattr(bench, "CONV_SHAPES_QUICK", [(24, 16)])
     args = types.SimpleNamespace(quick=True, batch=1, warmup=0, iters=1, no_flex=True, only=None)
-    bench.bench_attention(args)
-    bench.bench_conv(args)
+    speedups = {**bench.bench_attention(args), **bench.bench_conv(args)}
     out = capsys.readouterr().out
     assert "PARITY FAILED" not in out and "vs ref" in out
+    assert len(speedups["attention vs sdpa_band"]) == 2 and len(speedups["conv vs ref"]) == 1
+    assert all(v > 0 for v in speedups["conv vs ref"])
+    assert bench.target_line("conv vs ref", [3.5, None]).startswith("conv vs ref >= 3.00x: NOT met (1/2 rows")
+    assert "met (2/2" in bench.target_line("attention vs flex", [0.9, 1.4])
