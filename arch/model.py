@@ -146,7 +146,9 @@ class LM(nn.Module):
             return idx.clone()
         use_static = self.supports_static() if static is None else static
         if use_static:
-            chunk = GREEDY_CHUNK if compile and temperature < 1e-5 else 1
+            # Greedy chunks amortise the compiled call's Python overhead, which a CUDA graph removes.
+            graphed = idx.device.type == "cuda" and CUDA_GRAPH_DECODE
+            chunk = GREEDY_CHUNK if compile and temperature < 1e-5 and not graphed else 1
             if self.cfg.pos == "learned" and idx.shape[1] + max_new_tokens + chunk > self.cfg.max_positions:
                 chunk = 1  # the tokens a last chunk decodes past the end need positions too
             dec = StaticDecoder(self, idx, max_new_tokens, compile, chunk)

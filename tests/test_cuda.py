@@ -1,6 +1,7 @@
 """What only runs on a CUDA GPU: CUDA-graph decode, bf16 autocast training through the Triton
 kernels, Muon's bf16 Newton-Schulz, fused AdamW, and the memory estimate against the CUDA allocator.
-Skipped without CUDA (CI); `bench/gpu_check.sh` runs them on a lent GPU. The Triton kernels'
+Skipped without CUDA (CI), except the CPU smoke run of bench/gpu.py; `bench/gpu_check.sh` runs them on
+a lent GPU. The Triton kernels'
 own tests (tests/test_kernels.py) also compile for the GPU when one is present."""
 import pytest
 import torch
@@ -11,7 +12,7 @@ from slmlab.config import load_config
 from slmlab.optim import build_optimizer
 from slmlab.runtime import autocast
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEV = torch.device("cuda")
 
 
@@ -22,6 +23,7 @@ def _tiny(layers):
     return LM(cfg).to(DEV).eval()
 
 
+@needs_cuda
 @pytest.mark.parametrize("layers", ["CCA", "A"])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_cuda_graph_decode_equals_the_uncaptured_compiled_step(layers, temperature, monkeypatch, capsys):
@@ -40,6 +42,7 @@ def test_cuda_graph_decode_equals_the_uncaptured_compiled_step(layers, temperatu
         assert (eager == outs[1]).float().mean() > 0.95
 
 
+@needs_cuda
 @pytest.mark.parametrize("arch_name", ["hybrid", "transformer"])
 def test_bf16_training_on_cuda_learns(arch_name):
     cfg = load_config(arch=arch_name, overrides=["model.d_model=64", "model.n_layers=3", "model.vocab_size=128",
@@ -59,6 +62,7 @@ def test_bf16_training_on_cuda_learns(arch_name):
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.5 * losses[0], losses
 
 
+@needs_cuda
 def test_memory_estimate_against_the_cuda_allocator():
     from slmlab.estimate import meta_model, static_memory, train_peak
 
@@ -81,3 +85,22 @@ def test_memory_estimate_against_the_cuda_allocator():
         opt.zero_grad(set_to_none=True)
     measured = torch.cuda.max_memory_allocated() - base
     assert 0.8 <= est / measured <= 1.2, (est, measured)
+
+
+def test_gpu_bench_python_runs_on_cpu_at_a_tiny_size(monkeypatch, capsys):
+    """bench/gpu.py's train and decode sections on CPU with torch.compile stubbed out: the tables'
+    Python (variants, HF twins, memory bookkeeping) runs before a GPU session spends time on it."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: fn)
+    monkeypatch.setattr(model_mod, "CUDA_GRAPH_DECODE", True)
+    rc = bench.main(["--device", "cpu", "--only", "train", "--only", "decode", "--size", "", "--tokens", "32",
+                     "--seq-len", "16", "--rounds", "1", "--new-tokens", "3", "model.d_model=32", "model.n_layers=3",
+                     "model.n_heads=2", "model.n_kv_heads=1", "model.vocab_size=97"])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.count("| transformer |") == 4 + 2 and out.count("| hybrid |") == 3 + 2, out
