@@ -269,7 +269,7 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
                 fit = max_micro_batch(model, st, cfg, ph.seq_len, ckpt, cuda, budget)
                 r["max_micro_batch"] = fit
                 r["grad_accum_to_fit"] = accum_for(ph.tokens_per_step, ph.seq_len, world, fit) if fit else None
-        if not cfg.model.loss_chunk:
+        if could_chunk(cfg):
             chunked = with_loss_chunk(cfg, SUGGESTED_LOSS_CHUNK)
             ck = cfg.model.grad_checkpoint
             r = train_peak(model, st, chunked, batch, ph.seq_len, ck, cuda)
@@ -302,6 +302,11 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
             "step_seconds": [p["flops_per_token"] * p["tokens_per_step"] / rate for p in out["phases"]]}
     out["inference"] = inference_memory(model, cfg, context)
     return out
+
+
+def could_chunk(cfg) -> bool:
+    """model.loss_chunk is off and the objective's loss is the one it chunks (next-token CE)."""
+    return not cfg.model.loss_chunk and cfg.objective.name == "ar"
 
 
 def with_loss_chunk(cfg, chunk: int):
@@ -416,7 +421,7 @@ def check_fits(cfg, budget: int, where: str, cuda: bool, world: int = 1):
     ckpt = cfg.model.grad_checkpoint
     windows = cfg.model.layer_windows()
     phases = resolve_phases(cfg, world)
-    chunked = None if cfg.model.loss_chunk else with_loss_chunk(cfg, SUGGESTED_LOSS_CHUNK)
+    chunked = with_loss_chunk(cfg, SUGGESTED_LOSS_CHUNK) if could_chunk(cfg) else None
     over, fits, fits_ck, fits_lc = None, [], [], []
     for ph in phases:
         model.set_windows(phase_windows(windows, ph.window))

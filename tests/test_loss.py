@@ -109,3 +109,29 @@ def test_loss_chunk_is_a_runtime_knob_on_resume():
     saved = ModelConfig()
     assert saved.weight_changes(ModelConfig(loss_chunk=8, grad_checkpoint=True, kernels="torch")) == []
     assert saved.weight_changes(ModelConfig(d_model=128, loss_chunk=8)) == ["model.d_model 256 -> 128"]
+
+
+def test_loss_chunk_with_the_diffusion_objective_is_refused():
+    from slmlab.config import load_config
+    from slmlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.loss_chunk applies to the next-token loss; objective.name=mdlm"):
+        load_config(arch="diffusion", overrides=["model.loss_chunk=64"])
+
+
+def test_dry_run_and_fit_check_suggest_loss_chunk_where_it_matters(capsys):
+    import train
+    from slmlab.cli import run_cli
+    from slmlab.config import load_config
+    from slmlab.errors import ConfigError
+    from slmlab.estimate import check_fits
+
+    assert run_cli(train.main, ["--arch", "transformer", "--size", "124m", "--dry-run", "--mem", "16GB"]) == 0
+    out = capsys.readouterr().out
+    # 124m at GPT-2's vocabulary: the logits are most of the step; chunked, micro-batch 53 -> 114 at T=256
+    assert "with model.loss_chunk=1024: logits" in out and "max micro-batch 114" in out, out
+    with pytest.raises(ConfigError, match=r"or model.loss_chunk=1024 with train.grad_accum=2 \(micro-batch up to"):
+        check_fits(load_config(arch="transformer", size="124m"), 4 * 2**30, "test budget", cuda=True)
+    # never suggested where it is refused (the diffusion objective's loss is not the one it chunks)
+    assert run_cli(train.main, ["--arch", "diffusion", "--size", "124m", "--dry-run", "--mem", "16GB"]) == 0
+    assert "loss_chunk" not in capsys.readouterr().out
