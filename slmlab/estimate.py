@@ -87,8 +87,18 @@ def meta_model(cfg, lora: bool = True):
         if lora and cfg.train.lora.r:
             from .lora import apply_lora
 
-            apply_lora(model, cfg.train.lora)
+            apply_lora(model, cfg.train.lora, _base_vocab(cfg))
         return model
+
+
+def _base_vocab(cfg) -> Optional[int]:
+    """train.init_from's vocabulary when data.added_tokens grew this run's (its added rows train
+    under LoRA, as the trainer sets them up), else None."""
+    if not (cfg.data.added_tokens and cfg.train.init_from):
+        return None
+    from .rundir import RunDir
+
+    return RunDir.open(cfg.train.init_from, label="train.init_from=").config().model.vocab_size
 
 
 @dataclass

@@ -3,6 +3,8 @@ and `train.init_from=RUN_DIR` (initialise from a finished run's weights, e.g. AR
 Dhara-style). Called once by the trainer right after the model is built, before the optimizer."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .errors import ConfigError
@@ -13,6 +15,16 @@ SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "h
                 "conv_bias", "tie_embeddings")
 # Block options that change which weights exist (rope_theta/rope_scaling may change: context extension).
 FAMILY_FIELDS = ("norm", "pos", "mlp", "qk_norm", "attn_bias", "attn_out_bias", "mlp_bias")
+
+
+def with_added_tokens(cfg, tok, say=print):
+    """data.added_tokens: `tok` with them appended, and cfg.model.vocab_size grown to match (the new
+    rows are initialised from train.init_from's). The trainer, SFT and --dry-run all grow it here."""
+    tok = tok.with_added(cfg.data.added_tokens)
+    if tok.vocab_size > cfg.model.vocab_size:
+        say(f"data.added_tokens: model.vocab_size {cfg.model.vocab_size} -> {tok.vocab_size}")
+        cfg.model = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size)
+    return tok
 
 
 def init_model(model, cfg, tok):

@@ -17,7 +17,6 @@ through every block. Data of very uneven lengths (chat logs of 20 to 2,000 token
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 
 from .errors import ConfigError, DataError
 from .evaluate import token_byte_lengths
+from .init_from import with_added_tokens
 from .rundir import CHAT_TEMPLATE
 from .runtime import rng_state, set_rng_state, to_device
 from .tokenizer import SIDECAR, Tokenizer
@@ -331,10 +331,7 @@ class SFTTrainer(Trainer):
         path = Path(src).expanduser()
         self.tok = tok = Tokenizer.load(path)
         if cfg.data.added_tokens:  # as the Trainer does for text: grow the vocabulary (new rows from init_from)
-            self.tok = tok = tok.with_added(cfg.data.added_tokens)
-            if tok.vocab_size > cfg.model.vocab_size:
-                self.say(f"data.added_tokens: model.vocab_size {cfg.model.vocab_size} -> {tok.vocab_size}")
-                cfg.model = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size)
+            self.tok = tok = with_added_tokens(cfg, tok, self.say)
         if tok.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
         template = ChatTemplate.for_tokenizer(path if path.is_dir() else path.parent, tok)

@@ -10,7 +10,6 @@ MetricsLog (the metrics file offset), plus the model and optimizer.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -25,7 +24,7 @@ from .checkpoint import average_checkpoints, remove_stale, weights_for_save
 from .config import RunConfig
 from .errors import CheckpointError, ConfigError, SlmlabError
 from .evaluate import bpb_label, evaluate, generate_sample, token_byte_lengths
-from .init_from import init_model
+from .init_from import init_model, with_added_tokens
 from .optim import build_optimizer
 from .phases import lr_mult, phase_at, phase_windows, resolve_phases
 from .progress import Progress, fmt_duration
@@ -216,10 +215,7 @@ class Trainer:
         cache = Path(cfg.data.cache_dir).expanduser()
         given = Tokenizer.load(Path(cfg.data.tokenizer).expanduser()) if cfg.data.tokenizer else None
         if cfg.data.added_tokens:
-            given = given.with_added(cfg.data.added_tokens)
-            if given.vocab_size > cfg.model.vocab_size:  # new rows: mean-initialised by train.init_from
-                self.say(f"data.added_tokens: model.vocab_size {cfg.model.vocab_size} -> {given.vocab_size}")
-                cfg.model = dataclasses.replace(cfg.model, vocab_size=given.vocab_size)
+            given = with_added_tokens(cfg, given, self.say)
         self.bundle = data_mod.prepare_data(cfg.data.spec, cfg.model.vocab_size, cache, val_frac=cfg.data.val_frac,
                                             tokenizer=given, progress=cfg.logging.progress and not quiet, quiet=quiet)
         self.tok = tok = self.bundle.tokenizer

@@ -180,9 +180,15 @@ def test_lora_sft_of_an_imported_llama_with_added_tokens_merges_exactly(imported
     ov = sft_overrides(tmp_path, steps=30, **{
         "train.init_from": str(base), "data.tokenizer": str(base), "data.added_tokens": json.dumps(ADDED),
         "train.lora.r": 8, "train.lora.alpha": 16, "train.seq_len": 64, "train.sft_eval_examples": 1})
-    res = run_train(["--config", str(base / "config.yaml"), "--data", str(tmp / "train.jsonl"), "--out",
-                     str(tmp_path / "sft"), *[o for o in ov if not o.startswith("model.")]])  # the imported shape
+    args = ["--config", str(base / "config.yaml"), "--data", str(tmp / "train.jsonl"), "--out",
+            str(tmp_path / "sft"), *[o for o in ov if not o.startswith("model.")]]  # the imported shape
+    res = run_train(args + ["--dry-run", "--json"])
     assert res.returncode == 0, res.stderr
+    lora_est = json.loads(res.stdout)["lora"]
+    res = run_train(args)
+    assert res.returncode == 0, res.stderr
+    # the dry run grows the vocabulary and counts the added rows as the trainer does
+    assert f"LoRA: {lora_est['trainable']:,} trainable" in res.stdout, (lora_est, res.stdout)
     assert "data.added_tokens: model.vocab_size 300 -> 303" in res.stdout and "chat template from the tokenizer" \
         in res.stdout
     loss = list(losses(tmp_path / "sft").values())
