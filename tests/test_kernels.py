@@ -309,6 +309,7 @@ def test_bench_gpu_branch_smoke_on_cpu(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "PARITY FAILED" not in out and "vs ref" in out
     assert len(speedups["attention vs sdpa_band"]) == 2 and len(speedups["conv vs ref"]) == 1
+    assert len(speedups["attention vs sdpa_causal"]) == 1  # the full-context row only
     assert all(v > 0 for v in speedups["conv vs ref"])
     assert bench.target_line("conv vs ref", [3.5, None]).startswith("conv vs ref >= 3.00x: NOT met (1/2 rows")
     assert "met (2/2" in bench.target_line("attention vs flex", [0.9, 1.4])
