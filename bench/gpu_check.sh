@@ -38,9 +38,9 @@ part_a() {
         python3 -c "import torch, triton, transformers, numpy; print(torch.__version__, torch.version.cuda,
         triton.__version__, transformers.__version__, numpy.__version__, torch.cuda.get_device_name())"'
     # The suite: CUDA visible, so tests/conftest.py leaves TRITON_INTERPRET unset and the kernel tests
-    # compile the real kernels; tests/test_cuda.py runs. Spread over 8 workers (one file per worker),
-    # then whatever failed once more alone, to tell a parallelism clash from a real failure.
-    step suite 330 python3 -m pytest -q -n 8 --dist loadfile -rs --maxfail 30
+    # compile the real kernels; tests/test_cuda.py runs. Spread over 8 workers (the torchrun tests use
+    # distinct ports), then whatever failed once more alone, to tell a parallelism clash from a real failure.
+    step suite 330 python3 -m pytest -q -n 8 -rs --maxfail 30
     grep -q " failed" "$OUT/suite.log" && step suite_rerun 120 python3 -m pytest -q --lf -rs
     step kernels 240 python3 -m kernels.bench --iters 20
     local ov="model.d_model=128 model.n_layers=3 model.n_heads=4 model.n_kv_heads=2 train.steps=6 train.eval_every=3
