@@ -98,6 +98,15 @@ def _chunked_loss_no_grad(x, weight, targets, chunk: int, ignore_index: int):
     return total * inv_n
 
 
+def linear_token_nll(x, weight, targets, chunk: int):
+    """Per-position cross-entropy (nats, shaped like targets) of logits = x @ weight.T, `chunk`
+    positions of logits at a time: evaluation's share of model.loss_chunk (no gradients kept)."""
+    x2, t2 = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+    parts = [F.cross_entropy(_upcast(F.linear(x2[s:s + chunk], weight)), t2[s:s + chunk], reduction="none")
+             for s in range(0, x2.shape[0], chunk)]
+    return torch.cat(parts).view_as(targets)
+
+
 def linear_cross_entropy(x, weight, targets, chunk: int, ignore_index: int = IGNORE_INDEX):
     """linear_cross_entropy_ref's value and gradients, `chunk` tokens of logits at a time.
     x [..., d], weight [V, d], targets [...] (ignore_index positions count for nothing)."""

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from .block import Block, residual_linears
 from .config import ModelConfig
 from .layers import make_norm
-from .loss import linear_cross_entropy, linear_cross_entropy_ref
+from .loss import linear_cross_entropy, linear_cross_entropy_ref, linear_token_nll
 
 
 class LM(nn.Module):
@@ -91,6 +91,8 @@ class LM(nn.Module):
 
     def token_nll(self, idx, targets, generator=None):
         """Per-token negative log-likelihood in nats, [B, T], for evaluation and bits-per-byte."""
+        if self.cfg.loss_chunk:  # as the training loss: the [B*T, V] logits never exist whole
+            return linear_token_nll(self.hidden(idx)[0], self.lm_head.weight, targets, self.cfg.loss_chunk)
         logits = self(idx).float()
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 

@@ -141,3 +141,12 @@ def lr_mult(step: int, t) -> float:
         return 1.0
     p = (step - decay_start + 1) / max(1, t.steps - decay_start)
     return lo + (1 - lo) * max(0.0, 1 - p)
+
+
+def eval_shape(phases: list, eval_seq_len, grad_accum: int, world: int = 1) -> tuple[int, int]:
+    """(seq_len, batch) of evaluation: the last phase's context (or train.eval_seq_len) over no more
+    tokens per forward than one training micro-batch, so evaluating never needs more memory than a
+    step does (with train.grad_accum, a whole step's tokens at once could, at a large vocabulary)."""
+    last = phases[-1]
+    T = eval_seq_len or last.seq_len
+    return T, max(1, last.batch_size(grad_accum, world) * last.seq_len // T)

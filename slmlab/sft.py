@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from .errors import ConfigError, DataError
 from .evaluate import token_byte_lengths
 from .init_from import with_added_tokens
+from .phases import eval_shape
 from .rundir import CHAT_TEMPLATE
 from .runtime import rng_state, set_rng_state, to_device
 from .tokenizer import SIDECAR, Tokenizer
@@ -338,8 +339,7 @@ class SFTTrainer(Trainer):
         fmt = detect_format(cfg.data.spec, cfg.data.format)
         self.sft = prepare_sft(cfg.data.spec, fmt, template, cfg.data.val_frac, self.phases[-1].seq_len)
         self.bundle, self.train_sets = None, {}
-        self.eval_T = t.eval_seq_len or self.phases[-1].seq_len
-        self.eval_B = max(1, self.phases[-1].tokens_per_step // self.eval_T)
+        self.eval_T, self.eval_B = eval_shape(self.phases, t.eval_seq_len, t.grad_accum, self.dist.world)
         self.byte_lengths = token_byte_lengths(tok)
         self.pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
 

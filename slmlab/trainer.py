@@ -26,7 +26,7 @@ from .errors import CheckpointError, ConfigError, SlmlabError
 from .evaluate import bpb_label, evaluate, generate_sample, token_byte_lengths
 from .init_from import init_model, with_added_tokens
 from .optim import build_optimizer
-from .phases import lr_mult, phase_at, phase_windows, resolve_phases
+from .phases import eval_shape, lr_mult, phase_at, phase_windows, resolve_phases
 from .progress import Progress, fmt_duration
 from .rundir import AVG_WEIGHTS, CONFIG, METRICS, SAMPLE, RunDir, model_from_config
 from .runtime import (
@@ -227,8 +227,7 @@ class Trainer:
                 b = data_mod.prepare_data(ph.data, cfg.model.vocab_size, cache, cfg.data.val_frac, tokenizer=tok,
                                           progress=False, quiet=quiet)
                 self.train_sets[ph.data] = (b, ph.data)
-        self.eval_T = self.t.eval_seq_len or self.phases[-1].seq_len
-        self.eval_B = max(1, self.phases[-1].tokens_per_step // self.eval_T)
+        self.eval_T, self.eval_B = eval_shape(self.phases, self.t.eval_seq_len, self.t.grad_accum, self.dist.world)
         for ph in self.phases:
             data_mod.check_sizes(self.train_sets[ph.data][0], ph.seq_len, 1)
         data_mod.check_sizes(self.bundle, self.eval_T, 1)

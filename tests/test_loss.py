@@ -135,3 +135,27 @@ def test_dry_run_and_fit_check_suggest_loss_chunk_where_it_matters(capsys):
     # never suggested where it is refused (the diffusion objective's loss is not the one it chunks)
     assert run_cli(train.main, ["--arch", "diffusion", "--size", "124m", "--dry-run", "--mem", "16GB"]) == 0
     assert "loss_chunk" not in capsys.readouterr().out
+
+
+def test_token_nll_chunked_equals_plain():
+    torch.manual_seed(0)
+    plain = LM(tiny(layers="CA")).eval()
+    chunked = LM(tiny(layers="CA", loss_chunk=4)).eval()
+    chunked.load_state_dict(plain.state_dict())
+    idx, y = torch.randint(0, 61, (3, 7)), torch.randint(0, 61, (3, 7))
+    with torch.no_grad():
+        a, b = plain.token_nll(idx, y), chunked.token_nll(idx, y)
+    assert b.shape == (3, 7)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_batch_is_at_most_one_training_micro_batch():
+    from slmlab.config import load_config
+    from slmlab.phases import eval_shape, resolve_phases
+
+    cfg = load_config(overrides=["train.grad_accum=2"])  # default phases: 4096 tokens per step, last at 2048
+    phases = resolve_phases(cfg, 1)
+    assert eval_shape(phases, None, 2, 1) == (2048, 1)  # one micro-batch: 1 x 2048, not the step's 2
+    assert eval_shape(phases, None, 1, 1) == (2048, 2)
+    assert eval_shape(phases, 512, 2, 1) == (512, 4)  # the micro-batch's 2048 tokens in 512-windows
+    assert eval_shape(phases, None, 1, 2) == (2048, 1)  # per rank under torchrun
