@@ -104,4 +104,4 @@ def test_gpu_bench_python_runs_on_cpu_at_a_tiny_size(monkeypatch, capsys):
                      "--seq-len", "16", "--rounds", "1", "--new-tokens", "3", "model.d_model=32", "model.n_layers=3",
                      "model.n_heads=2", "model.n_kv_heads=1", "model.vocab_size=97"])
     out = capsys.readouterr().out
-    assert rc == 0 and out.count("| transformer |") == 4 + 2 and out.count("| hybrid |") == 3 + 2, out
+    assert rc == 0 and out.count("| transformer |") == 5 + 2 and out.count("| hybrid |") == 4 + 2, out
