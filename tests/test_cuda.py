@@ -1,5 +1,6 @@
 """What only runs on a CUDA GPU: CUDA-graph decode, bf16 autocast training through the Triton
-kernels, Muon's bf16 Newton-Schulz, fused AdamW, and the memory estimate against the CUDA allocator.
+kernels (eager and compiled), Muon's bf16 Newton-Schulz, fused AdamW, and the memory estimate
+against the CUDA allocator.
 Skipped without CUDA (CI), except the CPU smoke run of bench/gpu.py; `bench/gpu_check.sh` runs them on
 a lent GPU. The Triton kernels'
 own tests (tests/test_kernels.py) also compile for the GPU when one is present."""
@@ -61,6 +62,27 @@ def test_bf16_training_on_cuda_learns(arch_name):
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.5 * losses[0], losses
+
+
+@needs_cuda
+def test_compiled_training_step_through_the_triton_kernels_matches_eager():
+    """train.compile is on by default on CUDA: torch.compile must trace (or cleanly break around)
+    the kernels' autograd Functions and give the eager step's loss and gradients."""
+    cfg = load_config(arch="hybrid", overrides=["model.d_model=64", "model.n_layers=3", "model.vocab_size=128",
+                                                "model.window_pattern=SL", "model.window=16"])
+    torch.manual_seed(0)
+    m = build_model(cfg.model, cfg.objective).to(DEV).train()
+    x = torch.randint(0, 128, (4, 64), device=DEV)
+    results = []
+    for fwd in (m, torch.compile(m)):
+        m.zero_grad(set_to_none=True)
+        with autocast(DEV):
+            loss = fwd(x, x)
+        loss.backward()
+        results.append((loss.item(), torch.cat([p.grad.flatten().float() for p in m.parameters()])))
+    (l0, g0), (l1, g1) = results
+    assert abs(l0 - l1) < 1e-2 * abs(l0)
+    assert ((g0 - g1).norm() / g0.norm()).item() < 5e-2  # bf16 autocast on both sides
 
 
 @needs_cuda
