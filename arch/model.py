@@ -90,11 +90,10 @@ class LM(nn.Module):
     nll_is_bound = False  # True when token_nll is an upper bound (e.g. a diffusion ELBO)
 
     def token_nll(self, idx, targets, generator=None):
-        """Per-token negative log-likelihood in nats, [B, T], for evaluation and bits-per-byte."""
-        if self.cfg.loss_chunk:  # as the training loss: the [B*T, V] logits never exist whole
-            return linear_token_nll(self.hidden(idx)[0], self.lm_head.weight, targets, self.cfg.loss_chunk)
-        logits = self(idx).float()
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        """Per-token negative log-likelihood in nats, [B, T], for evaluation and bits-per-byte.
+        With model.loss_chunk, as the training loss, the [B*T, V] logits never exist whole."""
+        chunk = self.cfg.loss_chunk or targets.numel()
+        return linear_token_nll(self.hidden(idx)[0], self.lm_head.weight, targets, chunk)
 
     def extra_metrics(self) -> dict:
         """Model-specific numbers logged at each eval (e.g. spike rates); empty by default."""
@@ -325,8 +324,9 @@ class CudaGraphStep:
                 self.out = self.step(self.idx, pos, states, *rest)
             self.graph = graph
         except Exception as e:  # a step that cannot be captured still decodes, uncaptured
-            self.say(f"warning: CUDA graph capture failed for {self.what} ({type(e).__name__}: "
-                     f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); running uncaptured")
+            from slmlab.runtime import fallback_warning
+
+            self.say(fallback_warning(f"CUDA graph capture failed for {self.what}", e, "running uncaptured"))
             self.graph = False
         for t, s in zip(self.state_tensors, saved):
             t.copy_(s)

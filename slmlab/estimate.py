@@ -85,20 +85,13 @@ def meta_model(cfg, lora: bool = True):
     with torch.device("meta"), mock.patch.object(torch.nn.init, "normal_", lambda t, *a, **k: t):
         model = build_model(cfg.model, cfg.objective)
         if lora and cfg.train.lora.r:
+            from .init_from import base_vocab
             from .lora import apply_lora
 
-            apply_lora(model, cfg.train.lora, _base_vocab(cfg))
+            # added_tokens' rows train under LoRA, as the trainer sets them up
+            grown = cfg.data.added_tokens and cfg.train.init_from
+            apply_lora(model, cfg.train.lora, base_vocab(cfg) if grown else None)
         return model
-
-
-def _base_vocab(cfg) -> Optional[int]:
-    """train.init_from's vocabulary when data.added_tokens grew this run's (its added rows train
-    under LoRA, as the trainer sets them up), else None."""
-    if not (cfg.data.added_tokens and cfg.train.init_from):
-        return None
-    from .rundir import RunDir
-
-    return RunDir.open(cfg.train.init_from, label="train.init_from=").config().model.vocab_size
 
 
 @dataclass

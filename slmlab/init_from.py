@@ -27,6 +27,12 @@ def with_added_tokens(cfg, tok, say=print):
     return tok
 
 
+def base_vocab(cfg) -> int:
+    """train.init_from's model.vocab_size: below this run's when data.added_tokens grew it (the
+    rows LoRA then trains as AddedRows)."""
+    return RunDir.open(cfg.train.init_from, label="train.init_from=").config().model.vocab_size
+
+
 def init_model(model, cfg, tok):
     mask_id = getattr(model, "mask_id", None)
     if mask_id is not None:

@@ -87,10 +87,15 @@ class CompiledOrEager:
         except Exception as e:  # only compiler failures fall back; anything else is the model's own error
             if not _is_compile_error(e):
                 raise
-            self.say(f"warning: torch.compile failed for {self.what} ({type(e).__name__}: "
-                     f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); running eager")
+            self.say(fallback_warning(f"torch.compile failed for {self.what}", e, "running eager"))
             self.fn = self.eager
             return self.eager(*args, **kwargs)
+
+
+def fallback_warning(what_failed: str, e: Exception, instead: str) -> str:
+    """The one line printed when a fast path fails and a slower one takes over."""
+    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+    return f"warning: {what_failed} ({type(e).__name__}: {first}); {instead}"
 
 
 def _is_compile_error(e: Exception) -> bool:

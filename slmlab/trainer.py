@@ -24,7 +24,7 @@ from .checkpoint import average_checkpoints, remove_stale, weights_for_save
 from .config import RunConfig
 from .errors import CheckpointError, ConfigError, SlmlabError
 from .evaluate import bpb_label, evaluate, generate_sample, token_byte_lengths
-from .init_from import init_model, with_added_tokens
+from .init_from import base_vocab, init_model, with_added_tokens
 from .optim import build_optimizer
 from .phases import eval_shape, lr_mult, phase_at, phase_windows, resolve_phases
 from .progress import Progress, fmt_duration
@@ -262,8 +262,7 @@ class Trainer:
         if self.t.lora.r:
             from .lora import apply_lora, trainable_report
 
-            n_old = RunDir.open(self.t.init_from).config().model.vocab_size  # below ours: data.added_tokens
-            apply_lora(model, self.t.lora, n_old)
+            apply_lora(model, self.t.lora, base_vocab(self.cfg))
             self.say(trainable_report(model))
         self.n_params = model.num_params()
         self.fpt = model.flops_per_token(self.phases[-1].seq_len)

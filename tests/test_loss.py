@@ -145,8 +145,10 @@ def test_token_nll_chunked_equals_plain():
     idx, y = torch.randint(0, 61, (3, 7)), torch.randint(0, 61, (3, 7))
     with torch.no_grad():
         a, b = plain.token_nll(idx, y), chunked.token_nll(idx, y)
+        ref = torch.nn.functional.cross_entropy(plain(idx).flatten(0, 1), y.flatten(), reduction="none").view_as(y)
     assert b.shape == (3, 7)
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-6)  # the full-logits cross-entropy
 
 
 def test_eval_batch_is_at_most_one_training_micro_batch():
