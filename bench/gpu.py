@@ -30,6 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from speed import decode_rates, hf_twin, interleaved
+
 import arch.model as model_mod
 from arch import build_model
 from slmlab.config import load_config
@@ -52,16 +54,6 @@ def sync_time(fn) -> float:
     _sync()
     return time.perf_counter() - t
 
-
-def interleaved(variants: dict, rounds: int) -> dict:
-    """name -> median seconds of one call; one warm-up call each (compiles), then round-robin."""
-    for fn in variants.values():
-        fn()
-    times = {k: [] for k in variants}
-    for _ in range(rounds):
-        for k, fn in variants.items():
-            times[k].append(sync_time(fn))
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 # ----------------------------------------------------------------------------- env
@@ -106,8 +98,6 @@ class TrainVariant:
     share of the allocator (everything else resident subtracted)."""
 
     def __init__(self, arch, args, overrides=(), compile=False, hf=False):
-        from speed import hf_twin
-
         self.cfg = load_config(arch=arch, size=args.size or None, overrides=[*args.overrides, *overrides])
         torch.manual_seed(0)
         ours = build_model(self.cfg.model, self.cfg.objective)
@@ -154,7 +144,7 @@ def section_train(args):
         if arch == "transformer":
             variants["compiled, loss_chunk 4096"] = TrainVariant(arch, args, chunk, compile=True)
         variants["transformers"] = TrainVariant(arch, args, hf=True)
-        t = interleaved({k: v.step for k, v in variants.items()}, args.rounds)
+        t = interleaved({k: v.step for k, v in variants.items()}, args.rounds, sync_time)
         for name, v in variants.items():
             tps = v.B * v.T / t[name]
             mem = v.memory()
@@ -171,8 +161,6 @@ def section_train(args):
 # ----------------------------------------------------------------------------- decode
 
 def section_decode(args):
-    from speed import hf_twin
-
     n, P = args.new_tokens, 128
     print(f"\n## greedy decode tokens/s after a {P}-token prompt (--size {args.size}, bf16 weights, {n} new "
           f"tokens; rate = (n - 1) / (t_n - t_1), median of {args.rounds})")
@@ -198,9 +186,7 @@ def section_decode(args):
                  "hf": lambda k, idx=idx, hf=hf: hf.generate(idx, max_new_tokens=k, min_new_tokens=k,
                                                               do_sample=False, pad_token_id=0)}
             with torch.no_grad():
-                calls = {(k, c): (lambda fn=fn, c=c: fn(c)) for k, fn in v.items() for c in (n, 1)}
-                t = interleaved(calls, args.rounds)
-                tps = {k: B * (n - 1) / max(t[(k, n)] - t[(k, 1)], 1e-9) for k in v}
+                tps = {k: B * rate for k, rate in decode_rates(v, n, args.rounds, sync_time).items()}
                 same = (v["graph"](n) == v["hf"](n))[:, P:].float().mean().item()
             model_mod.CUDA_GRAPH_DECODE = True
             print(f"| {arch} | {B} | {tps['eager']:,.0f} | {tps['compiled']:,.0f} | {tps['graph']:,.0f} | "

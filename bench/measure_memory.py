@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
 def set_mmap_threshold(nbytes: int = 1 << 20):
     """Allocations above `nbytes` go straight to mmap and back to the OS when freed (glibc;
     elsewhere a no-op, and the RSS peak may then include freed memory the allocator kept)."""

@@ -41,16 +41,21 @@ from slmlab.optim import build_optimizer
 from slmlab.runtime import keep_freed_memory
 
 
-def interleaved(variants: dict, rounds: int) -> dict:
-    """name -> median seconds of one call, the variants called round-robin."""
+def wall_time(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def interleaved(variants: dict, rounds: int, timed=wall_time) -> dict:
+    """name -> median seconds of one call, the variants called round-robin; timed(fn) -> seconds
+    (bench/gpu.py passes one that synchronizes the device)."""
     times = {k: [] for k in variants}
     for fn in variants.values():  # warm-up (and compilation) outside the timing
         fn()
     for _ in range(rounds):
         for k, fn in variants.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
+            times[k].append(timed(fn))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -115,14 +120,14 @@ def section_train(args):
                   f"{tps['eager'] / tps['hf']:.2f}x | {tps['compiled'] / tps['hf']:.2f}x |", flush=True)
 
 
-def decode_rates(variants: dict, n: int, rounds: int) -> dict:
+def decode_rates(variants: dict, n: int, rounds: int, timed=wall_time) -> dict:
     """Decode tokens/s without the prefill: each variant generates n and 1 tokens, interleaved;
     rate = (n - 1) / (t_n - t_1)."""
     calls = {}
     for k, fn in variants.items():
         calls[(k, n)] = lambda fn=fn: fn(n)
         calls[(k, 1)] = lambda fn=fn: fn(1)
-    t = interleaved(calls, rounds)
+    t = interleaved(calls, rounds, timed)
     return {k: (n - 1) / max(t[(k, n)] - t[(k, 1)], 1e-9) for k in variants}
 
 

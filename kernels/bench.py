@@ -4,13 +4,15 @@
     python -m kernels.bench --quick    # a few shapes
     python -m kernels.bench --only attention --seqs 4096 --windows 512 --head-dims 64
 
-bf16 throughout. Attention: our kernel, `attention_ref`, SDPA with a dense band mask, and
-flex_attention with a block mask, forward and forward+backward. Conv: ours, `causal_conv1d_ref`, and
+bf16 throughout. Attention: our kernel, `attention_ref`, SDPA with a dense band mask,
+flex_attention with a block mask and, on full-context rows, SDPA's own causal kernel, forward and
+forward+backward. Conv: ours, `causal_conv1d_ref`, and
 the `causal_conv1d` package when importable. Every row checks parity against the reference first;
 a row that fails prints PARITY FAILED instead of speedups (a fast wrong kernel is not a speedup).
 Times are CUDA-event milliseconds per call after warmup. The last lines check the targets the
-default `model.kernels: auto` rests on: conv forward+backward >= 3x the reference; attention
-forward+backward faster than SDPA with a dense band mask and within 1.2x of flex_attention.
+default `model.kernels: auto` rests on (TARGETS): conv forward+backward >= 3x the reference;
+attention forward+backward faster than SDPA with a dense band mask (and than SDPA's causal kernel on
+full-context rows) and within 1.2x of flex_attention.
 """
 from __future__ import annotations
 
