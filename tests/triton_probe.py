@@ -2,6 +2,8 @@
 from program_id, as the attention kernel's band has. Triton 3.6's interpreter (torch 2.11's pin)
 cannot under numpy >= 2.4: its loop bound is a 1-element array, which numpy 2.4 no longer turns
 into an int. The kernel tests skip with that reason instead of failing 160 times with a TypeError."""
+import functools
+
 import numpy as np
 import torch
 
@@ -12,6 +14,7 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 
+@functools.cache  # one probe kernel per session, though two test modules ask
 def interpreter_problem() -> str:
     """'' when the kernels can run (compiled on CUDA, or a working interpreter), else why not."""
     from kernels import _common
