@@ -55,6 +55,27 @@ def sync_time(fn) -> float:
     return time.perf_counter() - t
 
 
+class Table:
+    """A markdown table printed whole at the end of its section, each row also printed as it is
+    measured (prefixed "row:") so a section cut off by its time limit keeps what it measured."""
+
+    def __init__(self, *columns):
+        self.lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+
+    def row(self, *cells):
+        self.lines.append("| " + " | ".join(cells) + " |")
+        print("row: " + self.lines[-1], flush=True)
+
+    def show(self):
+        print("\n".join(self.lines), flush=True)
+
+
+def warm(calls: dict, what: str):
+    """Call each once and print how long it took: on a GPU the first call is the compile or the
+    capture, and a step cut off by its time limit should leave in its log where the time went."""
+    for name, fn in calls.items():
+        print(f"  warm-up {what} {name}: {sync_time(fn):.1f} s", flush=True)
+
 
 # ----------------------------------------------------------------------------- env
 
@@ -133,8 +154,8 @@ def section_train(args):
     peak, desc = peak_flops(DEV)
     print(f"\n## training, --size {args.size}, {args.tokens} tokens per step at T={args.seq_len}, bf16 autocast, "
           f"AdamW; median of {args.rounds} interleaved steps; MFU against {peak / 1e12:.0f} TFLOP/s ({desc})")
-    print("| model | variant | tokens/s | MFU | vs transformers | peak memory | --dry-run estimate | est / measured |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    table = Table("model", "variant", "tokens/s", "MFU", "vs transformers", "peak memory", "--dry-run estimate",
+                  "est / measured")
     chunk = ["model.loss_chunk=4096"]
     for arch in args.archs:
         # eager vs "eager, kernels=torch" isolates our Triton kernels against SDPA (flash for full
@@ -144,18 +165,19 @@ def section_train(args):
         if arch == "transformer":
             variants["compiled, loss_chunk 4096"] = TrainVariant(arch, args, chunk, compile=True)
         variants["transformers"] = TrainVariant(arch, args, hf=True)
+        warm({k: v.step for k, v in variants.items()}, arch)
         t = interleaved({k: v.step for k, v in variants.items()}, args.rounds, sync_time)
         for name, v in variants.items():
             tps = v.B * v.T / t[name]
             mem = v.memory()
             est = None if v.hf or mem is None else _estimate(v.cfg, v.B, v.T)
-            print(f"| {arch} | {name} | {tps:,.0f} | {v.flops * tps / peak:.1%} | "
-                  f"{t['transformers'] / t[name]:.2f}x | "
-                  + (f"{mem / 2**30:.2f} GiB | " if mem else "- | ")
-                  + (f"{est / 2**30:.2f} GiB | {est / mem:.2f} |" if est else "- | - |"), flush=True)
+            table.row(arch, name, f"{tps:,.0f}", f"{v.flops * tps / peak:.1%}", f"{t['transformers'] / t[name]:.2f}x",
+                      f"{mem / 2**30:.2f} GiB" if mem else "-", f"{est / 2**30:.2f} GiB" if est else "-",
+                      f"{est / mem:.2f}" if est else "-")
         del variants
         if DEV.type == "cuda":
             torch.cuda.empty_cache()
+    table.show()
 
 
 # ----------------------------------------------------------------------------- decode
@@ -164,9 +186,8 @@ def section_decode(args):
     n, P = args.new_tokens, 128
     print(f"\n## greedy decode tokens/s after a {P}-token prompt (--size {args.size}, bf16 weights, {n} new "
           f"tokens; rate = (n - 1) / (t_n - t_1), median of {args.rounds})")
-    print("| model | batch | eager static | compiled | compiled + CUDA graph | transformers | graph / transformers "
-          "| tokens equal to transformers |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    table = Table("model", "batch", "eager static", "compiled", "compiled + CUDA graph", "transformers",
+                  "graph / transformers", "tokens equal to transformers")
     for arch in args.archs:
         cfg = load_config(arch=arch, size=args.size or None, overrides=args.overrides)
         torch.manual_seed(0)
@@ -186,11 +207,13 @@ def section_decode(args):
                  "hf": lambda k, idx=idx, hf=hf: hf.generate(idx, max_new_tokens=k, min_new_tokens=k,
                                                               do_sample=False, pad_token_id=0)}
             with torch.no_grad():
+                warm({k: lambda fn=fn: fn(2) for k, fn in v.items()}, f"{arch} batch {B}")
                 tps = {k: B * rate for k, rate in decode_rates(v, n, args.rounds, sync_time).items()}
                 same = (v["graph"](n) == v["hf"](n))[:, P:].float().mean().item()
             model_mod.CUDA_GRAPH_DECODE = True
-            print(f"| {arch} | {B} | {tps['eager']:,.0f} | {tps['compiled']:,.0f} | {tps['graph']:,.0f} | "
-                  f"{tps['hf']:,.0f} | {tps['graph'] / tps['hf']:.2f}x | {same:.0%} |", flush=True)
+            table.row(arch, str(B), *(f"{tps[k]:,.0f}" for k in ("eager", "compiled", "graph", "hf")),
+                      f"{tps['graph'] / tps['hf']:.2f}x", f"{same:.0%}")
+    table.show()
 
 
 SECTIONS = {"env": section_env, "train": section_train, "decode": section_decode}

@@ -4,6 +4,8 @@ against the CUDA allocator.
 Skipped without CUDA (CI), except the CPU smoke run of bench/gpu.py; `bench/gpu_check.sh` runs them on
 a lent GPU. The Triton kernels'
 own tests (tests/test_kernels.py) also compile for the GPU when one is present."""
+import os
+
 import pytest
 import torch
 
@@ -126,4 +128,23 @@ def test_gpu_bench_python_runs_on_cpu_at_a_tiny_size(monkeypatch, capsys):
                      "--seq-len", "16", "--rounds", "1", "--new-tokens", "3", "model.d_model=32", "model.n_layers=3",
                      "model.n_heads=2", "model.n_kv_heads=1", "model.vocab_size=97"])
     out = capsys.readouterr().out
-    assert rc == 0 and out.count("| transformer |") == 5 + 2 and out.count("| hybrid |") == 4 + 2, out
+    lines = out.splitlines()
+    for arch, rows in (("transformer", 5 + 2), ("hybrid", 4 + 2)):  # train variants + decode batches
+        final = [ln for ln in lines if ln.startswith(f"| {arch} |")]  # the tables printed whole
+        assert rc == 0 and len(final) == rows and [f"row: {ln}" for ln in final] == [
+            ln for ln in lines if ln.startswith(f"row: | {arch} |")], out
+
+
+def test_gpu_check_script_keeps_its_budget_and_names_its_steps(tmp_path):
+    """bench/gpu_check.sh's shell runs here: an unknown step is refused; a spent budget skips a step
+    with a line instead of starting it, and the summary is still written."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    env = {**os.environ, "OUT": str(tmp_path), "GPU_CHECK_BUDGET": "5"}
+    bad = subprocess.run(["bash", str(script), "nope"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown step 'nope'" in bad.stderr
+    ok = subprocess.run(["bash", str(script), "env", "kernels"], env=env, capture_output=True, text=True, timeout=60)
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "env: skipped" in summary and "kernels: skipped" in summary, ok.stdout + ok.stderr
