@@ -9,8 +9,8 @@ Sections:
   env     device, driver, torch/triton/transformers versions; the two ceilings measured here
           (bf16 8192^3 matmul on random data, device-to-device copy), against which MFU is read
   train   the --size transformer and hybrid (default 124m), bf16 autocast, AdamW: tokens/s and MFU
-          (datasheet bf16 peak) eager (Triton kernels, and model.kernels=torch: SDPA and PyTorch's
-          conv), torch.compile'd, compiled with model.loss_chunk (transformer),
+          (datasheet bf16 peak) eager (model.kernels auto, triton and torch: which kernel auto should
+          pick), torch.compile'd, compiled with model.loss_chunk (transformer),
           and transformers' Qwen3ForCausalLM / Lfm2ForCausalLM at the same shape; peak memory
           (torch.cuda.max_memory_allocated, the step's own share) against the --dry-run estimate
   decode  batch 1 and 8 greedy decode tokens/s after a 128-token prompt, bf16 weights: our static
@@ -158,9 +158,11 @@ def section_train(args):
                   "est / measured")
     chunk = ["model.loss_chunk=4096"]
     for arch in args.archs:
-        # eager vs "eager, kernels=torch" isolates our Triton kernels against SDPA (flash for full
-        # context, a band mask for windows) and the PyTorch conv: what model.kernels=auto should pick.
-        variants = {"eager": TrainVariant(arch, args), "eager, kernels=torch": TrainVariant(arch, args, ["model.kernels=torch"]),
+        # auto (Triton conv and band attention, SDPA for full context) against all-Triton and
+        # all-PyTorch (SDPA with a band mask for windows, PyTorch's conv): whether auto picks right.
+        variants = {"eager": TrainVariant(arch, args),
+                    "eager, kernels=triton": TrainVariant(arch, args, ["model.kernels=triton"]),
+                    "eager, kernels=torch": TrainVariant(arch, args, ["model.kernels=torch"]),
                     "compiled": TrainVariant(arch, args, compile=True)}
         if arch == "transformer":
             variants["compiled, loss_chunk 4096"] = TrainVariant(arch, args, chunk, compile=True)

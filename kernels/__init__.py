@@ -1,7 +1,9 @@
 """Kernels and their references.
 
 `conv1d_op` and `attention_op` are the single entry points the blocks call; `backend` picks
-the implementation ("auto": Triton on CUDA, the reference elsewhere; "triton"; "torch").
+the implementation: "triton", "torch" (the references), or "auto": on CUDA the Triton conv and, for
+attention, the Triton kernel where a sliding window is narrower than the sequence, SDPA's own
+causal kernel (FlashAttention) for full context; the references elsewhere.
 `causal_conv1d` and `attention` are the Triton implementations themselves.
 """
 from .reference import attention_ref, band_mask, causal_conv1d_ref  # noqa: F401  (re-exported)
@@ -38,6 +40,10 @@ def conv1d_op(x, weight, bias=None, initial_state=None, return_final_state=False
 
 def attention_op(q, k, v, causal=True, window=None, scale=None, backend="auto"):
     # Decode against a cache (Tq < Tk) is tiny and memory-bound: the reference serves it.
-    if _use_triton(backend, q) and q.shape[2] == k.shape[2]:
+    # "auto" leaves full context to SDPA's FlashAttention, the well-kept library kernel, until a GPU
+    # measurement shows ours faster (kernels.bench's "attention vs sdpa_causal" row); a band has no
+    # library kernel that skips the masked blocks without a compile (SDPA would take a dense mask).
+    band = window is not None and window < k.shape[2]
+    if _use_triton(backend, q) and q.shape[2] == k.shape[2] and (band or backend == "triton"):
         return attention(q, k, v, causal=causal, window=window, scale=scale)
     return attention_ref(q, k, v, causal=causal, window=window, scale=scale)

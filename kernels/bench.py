@@ -33,8 +33,8 @@ ATTN_SEQS, ATTN_SEQS_QUICK = [2048, 8192], [256, 1024]
 ATTN_WINDOWS, ATTN_WINDOWS_QUICK = [256, 1024, None], [128, None]  # None = full causal
 ATTN_HEAD_DIMS, ATTN_HEAD_DIMS_QUICK = [64, 128], [64]
 CONV_SHAPES, CONV_SHAPES_QUICK = [(2048, 1024), (8192, 1024), (2048, 4096), (8192, 4096)], [(1024, 1024)]
-# sdpa_causal: SDPA's own causal kernel (FlashAttention on CUDA), full-context rows only; where ours
-# loses to it, model.kernels=auto should route full-context layers to SDPA.
+# sdpa_causal: SDPA's own causal kernel (FlashAttention on CUDA), full-context rows only. model.kernels=auto
+# routes full context to it; rows where ours beats it would argue for routing them back.
 TARGETS = {"conv vs ref": 3.0, "attention vs sdpa_band": 1.0, "attention vs flex": 1 / 1.2,
            "attention vs sdpa_causal": 1.0}
 _DEVICE = "cuda"

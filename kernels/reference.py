@@ -54,6 +54,8 @@ def attention_ref(q, k, v, causal=True, window=None, scale=None):
     """
     Tq, Tk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
+    if window is not None and window >= Tk:  # the band covers every key: no mask, SDPA's fused kernels
+        window = None
     if window is None and (not causal or Tq == Tk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and Tq > 1, scale=scale, enable_gqa=gqa)
     mask = band_mask(Tq, Tk, causal, window, q.device)

@@ -129,7 +129,7 @@ def test_gpu_bench_python_runs_on_cpu_at_a_tiny_size(monkeypatch, capsys):
                      "model.n_heads=2", "model.n_kv_heads=1", "model.vocab_size=97"])
     out = capsys.readouterr().out
     lines = out.splitlines()
-    for arch, rows in (("transformer", 5 + 2), ("hybrid", 4 + 2)):  # train variants + decode batches
+    for arch, rows in (("transformer", 6 + 2), ("hybrid", 5 + 2)):  # train variants + decode batches
         final = [ln for ln in lines if ln.startswith(f"| {arch} |")]  # the tables printed whole
         assert rc == 0 and len(final) == rows and [f"row: {ln}" for ln in final] == [
             ln for ln in lines if ln.startswith(f"row: | {arch} |")], out

@@ -276,6 +276,29 @@ def test_attention_dispatch_backends():
     assert _max_err(dec, ref[:, :, -1:]) <= 1e-5
 
 
+def test_auto_attention_takes_our_kernel_only_for_a_band(monkeypatch):
+    """On CUDA "auto" runs our kernel where a window is narrower than the sequence and leaves full
+    context (no window, or one covering every key) to SDPA; "triton" forces ours everywhere."""
+    calls = []
+    monkeypatch.setattr(kernels, "_use_triton", lambda backend, t: backend != "torch")  # as on CUDA
+    monkeypatch.setattr(kernels, "attention", lambda q, k, v, **kw: calls.append(kw["window"]) or q)
+    q, k, v, _ = (t.cpu() for t in _attn_case(1, 4, 2, 6, 16))
+    for window in (None, 6, 9, 2):
+        kernels.attention_op(q, k, v, window=window)
+    kernels.attention_op(q, k, v, window=None, backend="triton")
+    assert calls == [2, None]
+
+
+def test_reference_window_covering_every_key_equals_full_context():
+    q, k, v, _ = (t.cpu().float() for t in _attn_case(2, 4, 2, 7, 16))
+    full = attention_ref(q, k, v, causal=True)
+    for causal in (True, False):
+        want = attention_ref(q, k, v, causal=causal)
+        for w in (7, 8, 100):
+            assert _max_err(attention_ref(q, k, v, causal=causal, window=w), want) <= 1e-6
+    assert _max_err(attention_ref(q, k, v, causal=True, window=6), full) > 1e-3  # a real band differs
+
+
 # ----------------------------------------------------------------------------- bench
 
 def test_bench_without_gpu_exits_cleanly(capsys, monkeypatch):
