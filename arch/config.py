@@ -203,9 +203,6 @@ class ObjectiveConfig:
             return
         if model.causal:
             raise ConfigError("objective.name=mdlm needs model.causal=false (a bidirectional model)")
-        if model.loss_chunk:
-            raise ConfigError("model.loss_chunk applies to the next-token loss; objective.name=mdlm runs its head on "
-                              "the masked positions only and does not chunk it: set model.loss_chunk=0")
         if not 0 <= self.mask_id < model.vocab_size:
             raise ConfigError(f"objective.mask_id={self.mask_id} is outside the vocabulary ({model.vocab_size})")
         check_ranges(self, "objective", {"eval_t_samples": Range(1, 1024), "block_length": AT_LEAST_1})

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from slmlab.errors import ConfigError
 
 from .lif import spike_metrics
+from .loss import linear_cross_entropy, linear_cross_entropy_ref, linear_token_nll
 from .model import LM, sample_next
 
 T_EPS = 1e-3  # smallest t: keeps the 1/t weight finite
@@ -69,16 +70,21 @@ class DiffusionLM(LM):
         logits[..., self.mask_id] = float("-inf")
         return logits
 
-    def elbo_terms(self, x0, t, generator=None):
-        """Mask x0 at rate t [B] and return the per-position ELBO terms [B, T]."""
+    def _masked_rows(self, x0, t, generator=None):
+        """Mask x0 at rate t [B]: (hidden states of the masked positions [N, d], their clean
+        tokens [N], their t [N], the mask [B, T]). The head (often the largest matmul in a small
+        model) then only runs where there is a loss."""
         masked = torch.rand(x0.shape, device=x0.device, generator=generator) < t[:, None]
         xt = torch.where(masked, torch.full_like(x0, self.mask_id), x0)
         h = self.hidden(xt)[0]
-        # The head (often the largest matmul in a small model) only runs where there is a loss.
-        logits = self.lm_head(h[masked]).float()
-        logits[:, self.mask_id] = float("-inf")
-        ce = F.cross_entropy(logits, x0[masked], reduction="none")
-        tt = t[:, None].expand_as(x0)[masked]
+        return h[masked], x0[masked], t[:, None].expand_as(x0)[masked], masked
+
+    def elbo_terms(self, x0, t, generator=None):
+        """Mask x0 at rate t [B] and return the per-position ELBO terms [B, T] (model.loss_chunk
+        rows of logits at a time when set)."""
+        h, target, tt, masked = self._masked_rows(x0, t, generator)
+        chunk = self.cfg.loss_chunk or max(1, target.numel())
+        ce = linear_token_nll(h, self.lm_head.weight, target, chunk, exclude=self.mask_id)
         out = torch.zeros(x0.shape, device=x0.device, dtype=ce.dtype)
         out[masked] = ce / tt
         return out
@@ -92,7 +98,12 @@ class DiffusionLM(LM):
         if targets is None:
             return self.denoise_logits(idx)
         t = antithetic_t(idx.shape[0], idx.device)
-        return self.elbo_terms(idx, t).sum() / idx.numel()
+        h, target, tt, _ = self._masked_rows(idx, t)
+        scale = 1.0 / (tt * idx.numel())  # sum over masked positions of CE / t, per clean token
+        if self.cfg.loss_chunk:
+            return linear_cross_entropy(h, self.lm_head.weight, target, self.cfg.loss_chunk, row_scale=scale,
+                                        exclude=self.mask_id)
+        return linear_cross_entropy_ref(h, self.lm_head.weight, target, row_scale=scale, exclude=self.mask_id)
 
     def token_nll(self, idx, targets, generator=None):
         """Per-token ELBO terms [B, T] of the sequence `targets` (the one whose bytes the trainer

@@ -22,10 +22,19 @@ def _upcast(logits):
     return logits.float() if logits.element_size() < 4 else logits
 
 
-def linear_cross_entropy_ref(x, weight, targets, ignore_index: int = IGNORE_INDEX):
-    """Mean cross-entropy of logits = x @ weight.T over the targets that are not ignore_index."""
+def linear_cross_entropy_ref(x, weight, targets, ignore_index: int = IGNORE_INDEX, *, row_scale=None,
+                             exclude=None):
+    """Mean cross-entropy of logits = x @ weight.T over the targets that are not ignore_index; with
+    row_scale [...] (shaped like targets), sum(row_scale * CE) instead. exclude: a vocabulary column
+    no target may take, left out of the softmax (the diffusion objective's mask token)."""
     logits = _upcast(F.linear(x, weight))
-    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
+    if exclude is not None:
+        logits = logits.clone()
+        logits[..., exclude] = float("-inf")
+    if row_scale is None:
+        return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
+    ce = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none")
+    return (ce * row_scale.flatten()).sum()
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -36,41 +45,52 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _chunk_loss(logits, tc, valid):
-    """(per-row logsumexp, summed CE of the valid rows) of one fp32 chunk."""
+def _chunk_logits(xc, w, exclude):
+    """One chunk's fp32 logits, the excluded column at -inf (out of the softmax, gradient 0)."""
+    logits = _upcast(xc @ w.t())
+    if exclude is not None:
+        logits[:, exclude] = float("-inf")
+    return logits
+
+
+def _chunk_loss(logits, tc, scale):
+    """(per-row logsumexp, sum of scale * CE) of one fp32 chunk."""
     lse = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(1, tc.clamp_min(0)[:, None]).squeeze(1)
-    return lse, ((lse - picked) * valid).sum()
+    return lse, ((lse - picked) * scale).sum()
 
 
-def _prepare(x, weight, targets, ignore_index):
-    """(matmul dtype, accumulation dtype, weight in the matmul dtype, valid-target mask, 1 / #valid)."""
+def _prepare(x, weight, targets, ignore_index, row_scale):
+    """(matmul dtype, accumulation dtype, weight in the matmul dtype, per-row loss factor): the
+    factor is row_scale, or 1 / #valid on valid rows and 0 on ignored ones (the mean)."""
     cd = _compute_dtype(x)
     acc = torch.promote_types(cd, torch.float32)
+    if row_scale is not None:
+        return cd, acc, weight.to(cd), row_scale.to(acc)
     valid = targets != ignore_index
-    # No valid target: 1/0 = inf, and the loss 0 * inf = nan, as F.cross_entropy's mean gives.
-    return cd, acc, weight.to(cd), valid, 1.0 / valid.sum().to(acc)
+    # No valid target: 1/0 = inf, and 0 * inf = nan, the nan F.cross_entropy's mean gives.
+    return cd, acc, weight.to(cd), valid.to(acc) / valid.sum().to(acc)
 
 
 class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk: int, ignore_index: int):
+    def forward(ctx, x, weight, targets, chunk: int, ignore_index: int, row_scale, exclude):
         need_dx, need_dw = ctx.needs_input_grad[:2]
-        cd, acc, w, valid_all, inv_n = _prepare(x, weight, targets, ignore_index)
+        cd, acc, w, scale_all = _prepare(x, weight, targets, ignore_index, row_scale)
         with torch.autocast(x.device.type, enabled=False):  # the matmuls are cast by hand, to cd
             total = torch.zeros((), dtype=acc, device=x.device)
             dx = torch.empty_like(x) if need_dx else None
             dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
             for s in range(0, x.shape[0], chunk):
-                xc, tc, valid = x[s:s + chunk].to(cd), targets[s:s + chunk], valid_all[s:s + chunk]
-                logits = _upcast(xc @ w.t())
-                lse, part = _chunk_loss(logits, tc, valid)
+                xc, tc, scale = x[s:s + chunk].to(cd), targets[s:s + chunk], scale_all[s:s + chunk]
+                logits = _chunk_logits(xc, w, exclude)
+                lse, part = _chunk_loss(logits, tc, scale)
                 total += part
-                # d(mean CE)/d(logits) = (softmax - onehot(target)) / n_valid, zero on ignored rows,
-                # built in place in the logits' buffer.
+                # d(loss)/d(logits) = (softmax - onehot(target)) * the row's factor, built in place
+                # in the logits' buffer (an excluded column: exp(-inf) = 0).
                 g = logits.sub_(lse[:, None]).exp_()
                 g.scatter_add_(1, tc.clamp_min(0)[:, None], torch.full_like(lse[:, None], -1.0))
-                g = g.mul_((valid.to(acc) * inv_n)[:, None]).to(cd)
+                g = g.mul_(scale[:, None]).to(cd)
                 if need_dx:
                     dx[s:s + chunk] = g @ w
                 if need_dw:  # summed in place where the dtypes allow (no [V, d] temporary per chunk)
@@ -79,42 +99,52 @@ class _ChunkedLinearCE(torch.autograd.Function):
                     else:
                         dw += g.t() @ xc
         ctx.save_for_backward(dx, None if dw is None else dw.to(weight.dtype))
-        return total * inv_n
+        return total
 
     @staticmethod
     def backward(ctx, grad_out):
         dx, dw = ctx.saved_tensors
         return (None if dx is None else dx * grad_out, None if dw is None else dw * grad_out,
-                None, None, None)
+                None, None, None, None, None)
 
 
-def _chunked_loss_no_grad(x, weight, targets, chunk: int, ignore_index: int):
-    cd, acc, w, valid_all, inv_n = _prepare(x, weight, targets, ignore_index)
+def _chunked_loss_no_grad(x, weight, targets, chunk: int, ignore_index: int, row_scale, exclude):
+    cd, acc, w, scale_all = _prepare(x, weight, targets, ignore_index, row_scale)
     total = torch.zeros((), dtype=acc, device=x.device)
     with torch.autocast(x.device.type, enabled=False):
         for s in range(0, x.shape[0], chunk):
-            logits = _upcast(x[s:s + chunk].to(cd) @ w.t())
-            total += _chunk_loss(logits, targets[s:s + chunk], valid_all[s:s + chunk])[1]
-    return total * inv_n
+            logits = _chunk_logits(x[s:s + chunk].to(cd), w, exclude)
+            total += _chunk_loss(logits, targets[s:s + chunk], scale_all[s:s + chunk])[1]
+    return total
 
 
-def linear_token_nll(x, weight, targets, chunk: int):
+def linear_token_nll(x, weight, targets, chunk: int, exclude=None):
     """Per-position cross-entropy (nats, shaped like targets) of logits = x @ weight.T, `chunk`
-    positions of logits at a time: evaluation's share of model.loss_chunk (no gradients kept)."""
+    positions of logits at a time: evaluation's share of model.loss_chunk (no gradients kept).
+    exclude: a vocabulary column left out of the softmax."""
     x2, t2 = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
-    parts = [F.cross_entropy(_upcast(F.linear(x2[s:s + chunk], weight)), t2[s:s + chunk], reduction="none")
-             for s in range(0, x2.shape[0], chunk)]
-    return torch.cat(parts).view_as(targets)
+    parts = []
+    for s in range(0, x2.shape[0], chunk):
+        logits = _upcast(F.linear(x2[s:s + chunk], weight))
+        if exclude is not None:
+            logits[:, exclude] = float("-inf")
+        parts.append(F.cross_entropy(logits, t2[s:s + chunk], reduction="none"))
+    return torch.cat(parts).view_as(targets) if parts else x2.new_zeros(targets.shape, dtype=torch.float32)
 
 
-def linear_cross_entropy(x, weight, targets, chunk: int, ignore_index: int = IGNORE_INDEX):
+def linear_cross_entropy(x, weight, targets, chunk: int, ignore_index: int = IGNORE_INDEX, *, row_scale=None,
+                         exclude=None):
     """linear_cross_entropy_ref's value and gradients, `chunk` tokens of logits at a time.
-    x [..., d], weight [V, d], targets [...] (ignore_index positions count for nothing)."""
+    x [..., d], weight [V, d], targets [...] (ignore_index positions count for nothing); row_scale
+    and exclude as in linear_cross_entropy_ref."""
     if chunk <= 0:
         raise ValueError(f"linear_cross_entropy: chunk must be > 0, got {chunk}")
     x2, t2 = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
     if x2.shape[0] != t2.shape[0]:
         raise ValueError(f"linear_cross_entropy: {x2.shape[0]} positions but {t2.shape[0]} targets")
+    rs = None if row_scale is None else row_scale.reshape(-1)
+    if rs is not None and rs.shape[0] != t2.shape[0]:
+        raise ValueError(f"linear_cross_entropy: {rs.shape[0]} row scales but {t2.shape[0]} targets")
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _ChunkedLinearCE.apply(x2, weight, t2, chunk, ignore_index)
-    return _chunked_loss_no_grad(x2, weight, t2, chunk, ignore_index)
+        return _ChunkedLinearCE.apply(x2, weight, t2, chunk, ignore_index, rs, exclude)
+    return _chunked_loss_no_grad(x2, weight, t2, chunk, ignore_index, rs, exclude)

@@ -149,6 +149,16 @@ def logits_bytes(tokens: int, vocab: int, d_model: int, chunk: int = 0, cuda: bo
     return c * vocab * (10 if cuda else 8) + dx + dw, 2 * dx + dw
 
 
+def head_tokens(cfg, batch: int, seq_len: int) -> int:
+    """Positions the training head runs on: all of them, or for the diffusion ELBO the masked ones.
+    Its t are antithetic strata (u + i) / batch, so the masked share of a step is at most their
+    largest mean, 1/2 + 1/(2 batch): every position at batch 1."""
+    tokens = batch * seq_len
+    if cfg.objective.name != "mdlm":
+        return tokens
+    return min(tokens, math.ceil(tokens * (0.5 + 0.5 / batch)))
+
+
 def train_peak(model, st: Static, cfg, batch: int, seq_len: int, checkpoint: bool, cuda: bool) -> dict:
     """Peak bytes per rank of one optimizer step at micro-batch `batch` x `seq_len`, and its parts."""
     act_elem = 2 if cuda else 4
@@ -160,7 +170,7 @@ def train_peak(model, st: Static, cfg, batch: int, seq_len: int, checkpoint: boo
     kept = [residual] * len(per_layer) if checkpoint else per_layer
     head = tokens * ((2 * d + 1) * 4 + d * act_elem)  # the final RMSNorm, like a Block's norms
     act = sum(kept) + head
-    logits_fwd, logits_bwd = logits_bytes(tokens, V, d, cfg.model.loss_chunk, cuda)
+    logits_fwd, logits_bwd = logits_bytes(head_tokens(cfg, batch, seq_len), V, d, cfg.model.loss_chunk, cuda)
     accum = cfg.train.grad_accum > 1
     base = st.weights + st.optimizer + st.autocast_weights + st.ddp_buckets
     held_grads = st.gradients if accum else 0
@@ -308,8 +318,9 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
 
 
 def could_chunk(cfg) -> bool:
-    """model.loss_chunk is off and the objective's loss is the one it chunks (next-token CE)."""
-    return not cfg.model.loss_chunk and cfg.objective.name == "ar"
+    """model.loss_chunk is off (it chunks every objective's head: next-token CE and the diffusion
+    ELBO's masked positions)."""
+    return not cfg.model.loss_chunk
 
 
 def with_loss_chunk(cfg, chunk: int):

@@ -111,12 +111,51 @@ def test_loss_chunk_is_a_runtime_knob_on_resume():
     assert saved.weight_changes(ModelConfig(d_model=128, loss_chunk=8)) == ["model.d_model 256 -> 128"]
 
 
-def test_loss_chunk_with_the_diffusion_objective_is_refused():
-    from slmlab.config import load_config
-    from slmlab.errors import ConfigError
+@pytest.mark.parametrize("n,chunk", [(1, 1), (7, 3), (63, 8)])
+def test_row_scale_and_excluded_column_match_the_reference(n, chunk):
+    """The diffusion ELBO's form: sum(row_scale * CE) with one vocabulary column out of the softmax."""
+    x, w, t = _inputs(n, ignored=0.0)
+    t[t == 5] = 6  # no target is the excluded column
+    scale = torch.rand(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
+    ref = linear_cross_entropy_ref(x, w, t, row_scale=scale, exclude=5)
+    by_hand = sum(scale[i] * -torch.log_softmax(torch.cat([(x[i] @ w.t())[:5], (x[i] @ w.t())[6:]]), 0)[
+        t[i] - (t[i] > 5).long()] for i in range(n))
+    torch.testing.assert_close(ref, by_hand, rtol=1e-12, atol=1e-12)
+    got = linear_cross_entropy(x, w, t, chunk, row_scale=scale, exclude=5)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(got * 0.3, (x, w))
+    for a, b in zip(grads, torch.autograd.grad(ref * 0.3, (x, w))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert grads[1][5].abs().max() == 0  # the excluded row of the head learns nothing
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(x, w, t, chunk, row_scale=scale, exclude=5), ref)
+    with pytest.raises(ValueError, match=f"{n + 1} row scales but {n} targets"):
+        linear_cross_entropy(x, w, t, chunk, row_scale=torch.ones(n + 1))
 
-    with pytest.raises(ConfigError, match="model.loss_chunk applies to the next-token loss; objective.name=mdlm"):
-        load_config(arch="diffusion", overrides=["model.loss_chunk=64"])
+
+def test_diffusion_elbo_chunked_equals_plain():
+    """model.loss_chunk on the diffusion objective: the same masks (same RNG draws), loss, gradients
+    and evaluation terms as the unchunked head."""
+    from arch import build_model
+    from arch.config import ObjectiveConfig
+
+    obj = ObjectiveConfig(name="mdlm", mask_id=3)
+    torch.manual_seed(0)
+    plain = build_model(tiny(layers="CA", causal=False), obj)
+    chunked = build_model(tiny(layers="CA", causal=False, loss_chunk=5), obj)
+    chunked.load_state_dict(plain.state_dict())
+    x = torch.randint(4, plain.cfg.vocab_size, (3, 11))
+    losses = []
+    for m in (plain, chunked):
+        torch.manual_seed(1)
+        losses.append(m(x, x))
+        losses[-1].backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(plain.named_parameters(), chunked.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        a, b = (m.token_nll(x, x, generator=torch.Generator().manual_seed(2)) for m in (plain, chunked))
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
 def test_dry_run_and_fit_check_suggest_loss_chunk_where_it_matters(capsys):
@@ -132,9 +171,12 @@ def test_dry_run_and_fit_check_suggest_loss_chunk_where_it_matters(capsys):
     assert "with model.loss_chunk=1024: logits" in out and "max micro-batch 114" in out, out
     with pytest.raises(ConfigError, match=r"or model.loss_chunk=1024 with train.grad_accum=2 \(micro-batch up to"):
         check_fits(load_config(arch="transformer", size="124m"), 4 * 2**30, "test budget", cuda=True)
-    # never suggested where it is refused (the diffusion objective's loss is not the one it chunks)
+    # the diffusion ELBO's head chunks too: suggested there as well
     assert run_cli(train.main, ["--arch", "diffusion", "--size", "124m", "--dry-run", "--mem", "16GB"]) == 0
-    assert "loss_chunk" not in capsys.readouterr().out
+    assert "with model.loss_chunk=1024: logits" in capsys.readouterr().out
+    assert run_cli(train.main, ["--arch", "transformer", "--size", "124m", "--dry-run", "--mem", "16GB",
+                                "model.loss_chunk=512"]) == 0
+    assert "with model.loss_chunk=" not in capsys.readouterr().out  # already on: nothing to suggest
 
 
 def test_token_nll_chunked_equals_plain():
