@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .errors import ConfigError, DataError
 from .evaluate import token_byte_lengths
@@ -285,14 +284,15 @@ class SFTBatches:
 
 @torch.no_grad()
 def masked_val_loss(model, examples: list, pad_id: int, seq_len: int, batch_size: int, device, byte_lengths) -> dict:
-    """Mean loss (nats) and bits per byte over the reply tokens of `examples`."""
+    """Mean loss (nats) and bits per byte over the reply tokens of `examples` (model.token_nll:
+    model.loss_chunk positions of logits at a time when set)."""
     nll, n_tok, n_bytes = 0.0, 0, 0.0
     for i in range(0, len(examples), batch_size):
         x, y = pad_batch(examples[i:i + batch_size], seq_len, pad_id)
-        logits = model(x.to(device)).float()
-        y = y.to(device)
-        nll += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum").item()
-        scored = y[y != IGNORE].cpu()
+        x, y = x.to(device), y.to(device)
+        keep = y != IGNORE
+        nll += (model.token_nll(x, y.clamp_min(0)) * keep).sum().item()
+        scored = y[keep].cpu()
         n_tok += scored.numel()
         n_bytes += byte_lengths[scored.clamp(max=len(byte_lengths) - 1)].sum().item()
     return {"val_loss": nll / max(n_tok, 1), "val_bpb": nll / math.log(2) / max(n_bytes, 1.0), "val_tokens": n_tok}

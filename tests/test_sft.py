@@ -135,6 +135,15 @@ def test_masked_val_loss_counts_reply_tokens_only(base):
     lengths = torch.ones(cfg.model.vocab_size, dtype=torch.float64)
     a = masked_val_loss(model, [ex], tok.pad_id, 96, 4, "cpu", lengths)
     assert a["val_tokens"] == sum(lab != IGNORE for lab in ex[1][1:])
+    from slmlab.sft import pad_batch
+
+    x, y = pad_batch([ex], 96, tok.pad_id)
+    with torch.no_grad():
+        by_hand = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+    model.cfg.loss_chunk = 5  # a few positions of logits at a time: the same number
+    b = masked_val_loss(model, [ex], tok.pad_id, 96, 4, "cpu", lengths)
+    assert a["val_loss"] == pytest.approx(by_hand.item(), rel=1e-5)
+    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
 
 
 def test_traces_from_a_transformers_folder(base, tmp_path):
