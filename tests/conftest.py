@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 # Triton decides at decoration time whether to interpret: set this before anything imports kernels.
@@ -10,3 +11,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _fp32_is_fp32():
+    """On CUDA, fp32 matmuls and convolutions in true fp32 for every test, whatever an earlier test
+    in the process left set (the trainer's resolve_device turns TF32 on, and cuDNN's convolution
+    flag defaults to it): the suite's fp32 tolerances assume fp32 rounding."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -8,6 +8,10 @@ from arch import LM, ModelConfig
 from slmlab.config import load_config, presets
 from slmlab.errors import ConfigError
 
+# The decode == forward tests run on every device here: on a CUDA machine the full forward goes
+# through the Triton conv and band attention ("auto"), the decode through the references.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 
 def tiny(**kw):
     base = dict(vocab_size=61, d_model=32, n_layers=6, n_heads=4, n_kv_heads=2, window=4)
@@ -33,13 +37,13 @@ def preset_cfgs():
     return out
 
 
-def _full_and_decoded(cfg, T, chunks):
+def _full_and_decoded(cfg, T, chunks, device="cpu"):
     torch.manual_seed(0)
-    m = LM(cfg).eval()
-    idx = torch.randint(0, cfg.vocab_size, (2, T))
+    m = LM(cfg).eval().to(device)
+    idx = torch.randint(0, cfg.vocab_size, (2, T)).to(device)
     with torch.no_grad():
         full = m(idx)
-        states, outs, pos = m.init_state(2), [], 0
+        states, outs, pos = m.init_state(2, device), [], 0
         for c in chunks:
             logits, states = m(idx[:, pos:pos + c], states=states)
             outs.append(logits)
@@ -48,49 +52,53 @@ def _full_and_decoded(cfg, T, chunks):
     return full, torch.cat(outs, 1)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cfg", preset_cfgs())
 @pytest.mark.parametrize("T", [1, 7, 63])
-def test_token_by_token_decode_equals_full_forward(cfg, T):
+def test_token_by_token_decode_equals_full_forward(cfg, T, device):
     if not cfg.causal:
         pytest.skip("bidirectional presets do not decode incrementally")
-    full, dec = _full_and_decoded(cfg, T, [1] * T)
+    full, dec = _full_and_decoded(cfg, T, [1] * T, device)
     torch.testing.assert_close(dec, full, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cfg", preset_cfgs())
-def test_chunked_prefill_then_decode_equals_full_forward(cfg):
+def test_chunked_prefill_then_decode_equals_full_forward(cfg, device):
     if not cfg.causal:
         pytest.skip("bidirectional presets do not decode incrementally")
-    full, dec = _full_and_decoded(cfg, 40, [13, 1, 9, 1, 1, 15])
+    full, dec = _full_and_decoded(cfg, 40, [13, 1, 9, 1, 1, 15], device)
     torch.testing.assert_close(dec, full, atol=1e-4, rtol=0)
 
 
-def _full_and_static(cfg, T, chunks, inplace):
+def _full_and_static(cfg, T, chunks, inplace, device="cpu"):
     torch.manual_seed(0)
-    m = LM(cfg).eval()
-    idx = torch.randint(0, cfg.vocab_size, (2, T))
+    m = LM(cfg).eval().to(device)
+    idx = torch.randint(0, cfg.vocab_size, (2, T)).to(device)
     with torch.no_grad():
         full = m(idx)
-        states, outs, pos = m.static_state(2, T), [], 0
+        states, outs, pos = m.static_state(2, T, device), [], 0
         for c in chunks:
-            logits, new = m.forward_static(idx[:, pos:pos + c], torch.tensor([pos]), states, inplace=inplace)
+            logits, new = m.forward_static(idx[:, pos:pos + c], torch.tensor([pos], device=device), states,
+                                           inplace=inplace)
             states = states if inplace else new
             outs.append(logits)
             pos += c
     return full, torch.cat(outs, 1)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cfg", preset_cfgs())
 @pytest.mark.parametrize("T", [1, 7, 63])
 @pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "functional"])
-def test_static_state_decode_equals_full_forward(cfg, T, inplace):
+def test_static_state_decode_equals_full_forward(cfg, T, inplace, device):
     """The static-state step (generate's decode and the export graphs) token by token and chunked."""
     if not LM(cfg).supports_static():
         pytest.skip("no static-state step (bidirectional, or a mixer without one): decodes via forward()")
-    full, dec = _full_and_static(cfg, T, [1] * T, inplace)
+    full, dec = _full_and_static(cfg, T, [1] * T, inplace, device)
     torch.testing.assert_close(dec, full, atol=1e-4, rtol=0)
     if T == 63:
-        full, dec = _full_and_static(cfg, T, [13, 1, 9, 1, 1, 15, 23], inplace)
+        full, dec = _full_and_static(cfg, T, [13, 1, 9, 1, 1, 15, 23], inplace, device)
         torch.testing.assert_close(dec, full, atol=1e-4, rtol=0)
 
 
