@@ -193,6 +193,9 @@ class Trainer:
             self.t.init_from = str(Path(self.t.init_from).expanduser().resolve())
         self.setup_data()
         self.teacher = load_teacher(self.t.teacher, self.tok, self.device) if self.t.teacher else None
+        if self.teacher is not None and self.cfg.model.loss_chunk:
+            self.say(f"note: model.loss_chunk={self.cfg.model.loss_chunk} does not chunk the distillation loss: "
+                     "the student's and the teacher's logits are computed whole (evaluation is chunked)")
         ckpt = self.checkpoint_to_resume() if resume else None
         self.setup_model()
         saved = self.run.load_checkpoint(ckpt, self.model) if ckpt else None  # before DDP/FSDP wrap it

@@ -138,13 +138,15 @@ def test_checkpoint_average(corpus, tmp_path):
     assert s["avg_of"] == ["step_000004", "step_000006"] and math.isfinite(s["avg_val_loss"])
 
 
-def test_distillation_and_teacher_tokenizer_check(corpus, tmp_path):
+def test_distillation_and_teacher_tokenizer_check(corpus, tmp_path, capsys):
     teacher = tmp_path / "teacher"
     train(tiny_cfg(corpus, steps=2), teacher)
-    s = train(tiny_cfg(corpus, steps=3, **{"train.teacher": str(teacher), "train.distill_alpha": 0.7}),
-              tmp_path / "student")
+    s = train(tiny_cfg(corpus, steps=3, **{"train.teacher": str(teacher), "train.distill_alpha": 0.7,
+                                           "model.loss_chunk": 16}), tmp_path / "student")
     recs = [json.loads(l) for l in (tmp_path / "student/metrics.jsonl").read_text().splitlines()]
     assert all("ce" in r for r in recs if "loss" in r) and math.isfinite(s["val_loss"])
+    # the knob the distillation loss does not follow is named, not silently ignored
+    assert "model.loss_chunk=16 does not chunk the distillation loss" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="different tokenizer"):
         train(tiny_cfg(corpus, steps=2, **{"train.teacher": str(teacher), "model.vocab_size": 280}),
               tmp_path / "bad")
