@@ -16,9 +16,11 @@ Channel mixer `lif` (model.mlp=lif): SwiGLU with the SiLU gate replaced by a spi
 rate: each token's current c = w1(x) drives fresh LIF neurons for T_sim steps, and
 y = w2(rate * w3(x)) with rate = spike count / T_sim. No state crosses tokens.
 
-Two implementations of the scan over time: `lif_scan_ref` (a plain autograd loop, obviously
-correct) and `lif_scan` (a torch.autograd.Function with the backward written out, about 2-3x
-less Python/autograd overhead per step). tests/test_lif.py checks both against snntorch.Leaky.
+Three implementations of the scan over time: `lif_scan_ref` (a plain autograd loop, obviously
+correct), `lif_scan` (a torch.autograd.Function with the backward written out, about 2-3x
+less Python/autograd overhead per step) and, where model.kernels picks Triton (auto: on CUDA),
+`kernels.lif_scan` (one launch each way instead of a few per time step). tests/test_lif.py checks
+the eager two against snntorch.Leaky; tests/test_kernels.py the kernel against lif_scan_ref.
 
 Options: model.mixer_opts.lif (LIFOptions below: beta, threshold, surrogate, surrogate_scale, T_sim,
 scan), shared by both blocks.
@@ -33,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
 from slmlab.errors import ConfigError
 
 from .block import ChannelMixer, Mixer
@@ -162,6 +165,14 @@ def lif_scan(u, beta, threshold, mem, spk, surrogate="atan", scale=2.0):
     return _LIFScan.apply(u, b, threshold.to(u.dtype), mem, spk, surrogate, scale)
 
 
+def scan_fn(opts: LIFOptions, backend: str, u):
+    """The scan a block runs: the reference loop when asked for (scan: reference), else the Triton
+    kernel where model.kernels picks Triton for u (auto: on CUDA), else the fused eager loop."""
+    if opts.scan == "reference":
+        return lif_scan_ref
+    return kernels.lif_scan if kernels.use_triton(backend, u) else lif_scan
+
+
 # ---- blocks -------------------------------------------------------------------------------------
 @dataclass
 class LIFState:
@@ -192,7 +203,7 @@ class LIFMixer(Mixer, _SpikeStats):
         super().__init__()
         o = cfg.block_options("lif")
         d = cfg.d_model
-        self.opts, self.causal, self.d = o, cfg.causal, d
+        self.opts, self.causal, self.d, self.backend = o, cfg.causal, d, cfg.kernels
         self.in_proj = nn.Linear(d, 2 * d, bias=False)  # current u and gate g
         self.out_proj = nn.Linear(d, d, bias=False)
         self.beta = nn.Parameter(torch.full((d,), o.beta))
@@ -204,7 +215,7 @@ class LIFMixer(Mixer, _SpikeStats):
         return LIFState(z, z.clone())
 
     def _scan(self, u, mem, spk):
-        fn = lif_scan if self.opts.scan == "fused" else lif_scan_ref
+        fn = scan_fn(self.opts, self.backend, u)
         return fn(u, self.beta, self.threshold, mem, spk, self.opts.surrogate, self.opts.scale)
 
     def forward(self, x, state: Optional[LIFState] = None):
@@ -252,7 +263,7 @@ class SpikingMLP(ChannelMixer, _SpikeStats):
         super().__init__()
         o = cfg.block_options("lif")
         d, f = cfg.d_model, cfg.ffn
-        self.opts, self.d, self.f = o, d, f
+        self.opts, self.d, self.f, self.backend = o, d, f, cfg.kernels
         self.w1 = nn.Linear(d, f, bias=False)  # input current of the spiking gate
         self.w3 = nn.Linear(d, f, bias=False)  # up
         self.w2 = nn.Linear(f, d, bias=False)  # down
@@ -264,7 +275,7 @@ class SpikingMLP(ChannelMixer, _SpikeStats):
         c = self.w1(x)
         flat = c.reshape(-1, 1, self.f).expand(-1, self.opts.T_sim, -1)
         zero = torch.zeros(flat.shape[0], self.f, device=x.device, dtype=c.dtype)
-        fn = lif_scan if self.opts.scan == "fused" else lif_scan_ref
+        fn = scan_fn(self.opts, self.backend, flat)
         s, _, _ = fn(flat, self.beta, self.threshold, zero, zero, self.opts.surrogate, self.opts.scale)
         rate = s.mean(1).view_as(c)
         with torch.no_grad():

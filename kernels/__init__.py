@@ -4,7 +4,8 @@
 the implementation: "triton", "torch" (the references), or "auto": on CUDA the Triton conv and, for
 attention, the Triton kernel where a sliding window is narrower than the sequence, SDPA's own
 causal kernel (FlashAttention) for full context; the references elsewhere.
-`causal_conv1d` and `attention` are the Triton implementations themselves.
+`causal_conv1d` and `attention` are the Triton implementations themselves; `lif_scan` is the LIF
+neuron's scan over time (arch/lif.py picks it through `use_triton`; its reference is there).
 """
 from .reference import attention_ref, band_mask, causal_conv1d_ref  # noqa: F401  (re-exported)
 
@@ -13,6 +14,7 @@ BACKENDS = ("auto", "triton", "torch")
 try:  # Triton kernels are optional: CPU-only installs run the references.
     from .attention import attention
     from .conv import causal_conv1d
+    from .lif import lif_scan
     HAVE_TRITON_KERNELS = True
 except ImportError:  # pragma: no cover - depends on the install
     HAVE_TRITON_KERNELS = False
@@ -20,10 +22,11 @@ except ImportError:  # pragma: no cover - depends on the install
     def _missing(*args, **kwargs):
         raise RuntimeError("Triton kernels are unavailable: install triton (pip install -e '.[triton]')")
 
-    causal_conv1d = attention = _missing
+    causal_conv1d = attention = lif_scan = _missing
 
 
-def _use_triton(backend, t):
+def use_triton(backend, t):
+    """Whether `backend` ("auto" | "triton" | "torch") runs the Triton kernel for tensor t."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "torch":
@@ -34,7 +37,7 @@ def _use_triton(backend, t):
 
 
 def conv1d_op(x, weight, bias=None, initial_state=None, return_final_state=False, backend="auto"):
-    fn = causal_conv1d if _use_triton(backend, x) else causal_conv1d_ref
+    fn = causal_conv1d if use_triton(backend, x) else causal_conv1d_ref
     return fn(x, weight, bias, initial_state=initial_state, return_final_state=return_final_state)
 
 
@@ -44,6 +47,6 @@ def attention_op(q, k, v, causal=True, window=None, scale=None, backend="auto"):
     # measurement shows ours faster (kernels.bench's "attention vs sdpa_causal" row); a band has no
     # library kernel that skips the masked blocks without a compile (SDPA would take a dense mask).
     band = window is not None and window < k.shape[2]
-    if _use_triton(backend, q) and q.shape[2] == k.shape[2] and (band or backend == "triton"):
+    if use_triton(backend, q) and q.shape[2] == k.shape[2] and (band or backend == "triton"):
         return attention(q, k, v, causal=causal, window=window, scale=scale)
     return attention_ref(q, k, v, causal=causal, window=window, scale=scale)

@@ -7,7 +7,8 @@
 bf16 throughout. Attention: our kernel, `attention_ref`, SDPA with a dense band mask,
 flex_attention with a block mask and, on full-context rows, SDPA's own causal kernel, forward and
 forward+backward. Conv: ours, `causal_conv1d_ref`, and
-the `causal_conv1d` package when importable. Every row checks parity against the reference first;
+the `causal_conv1d` package when importable. LIF scan (fp32): ours, arch/lif.py's fused eager loop
+and its autograd reference. Every row checks parity against the reference first;
 a row that fails prints PARITY FAILED instead of speedups (a fast wrong kernel is not a speedup).
 Times are CUDA-event milliseconds per call after warmup. The last lines check the targets the
 default `model.kernels: auto` rests on (TARGETS): conv forward+backward >= 3x the reference;
@@ -36,7 +37,7 @@ CONV_SHAPES, CONV_SHAPES_QUICK = [(2048, 1024), (8192, 1024), (2048, 4096), (819
 # sdpa_causal: SDPA's own causal kernel (FlashAttention on CUDA), full-context rows only. model.kernels=auto
 # routes full context to it; rows where ours beats it would argue for routing them back.
 TARGETS = {"conv vs ref": 3.0, "attention vs sdpa_band": 1.0, "attention vs flex": 1 / 1.2,
-           "attention vs sdpa_causal": 1.0}
+           "attention vs sdpa_causal": 1.0, "lif vs fused eager": 1.0}
 _DEVICE = "cuda"
 
 
@@ -197,6 +198,65 @@ def bench_conv(args):
     return {"conv vs ref": [r.get("ref") for r in ratios]}
 
 
+# ----------------------------------------------------------------------------- LIF scan
+
+# (B, T, D): the token mixer at a 124m-like width, and the spiking MLP's shape (every token a row,
+# T_sim = 4 steps, the ffn width).
+LIF_SHAPES, LIF_SHAPES_QUICK = [(8, 2048, 768), (8 * 1024, 4, 2048)], [(4, 256, 256)]
+
+
+def bench_lif(args):
+    """fp32 (a spike is a threshold test: bf16 rounding flips some, so bf16 parity means nothing):
+    the kernel against the eager fused loop and the autograd reference, fwd and fwd+bwd. Parity is
+    the share of equal spikes (>= 99.9%: a contracted multiply-add on the GPU may flip a spike that
+    sits on the threshold, and the flip then carries through that neuron's later steps)."""
+    from arch.lif import lif_scan as fused
+    from arch.lif import lif_scan_ref
+
+    from .lif import lif_scan
+
+    shapes = LIF_SHAPES_QUICK if args.quick else LIF_SHAPES
+    cands = {"triton": lif_scan, "fused": fused, "ref": lif_scan_ref}
+    names = list(cands)
+    print("\nLIF scan, fp32, atan surrogate; ms per call (speedup = baseline / triton)")
+    print(f"{'B':>5} {'T':>5} {'D':>5} {'pass':>8} " + " ".join(f"{n:>9}" for n in names) + " "
+          + " ".join(f"{'vs ' + n:>12}" for n in names[1:]) + "  equal spikes")
+    ratios = []
+    g = torch.Generator(device=_DEVICE).manual_seed(0)
+    for B, T, D in shapes:
+        u = (torch.randn(B, T, D, device=_DEVICE, generator=g) * 0.8 + 0.4).requires_grad_()
+        beta = torch.full((D,), 0.9, device=_DEVICE, requires_grad=True)
+        thr = torch.ones(D, device=_DEVICE, requires_grad=True)
+        z = torch.zeros(B, D, device=_DEVICE)
+        ins = (u, beta, thr, z, z)
+        with torch.no_grad():
+            agree = (lif_scan(*ins)[0] == fused(*ins)[0]).float().mean().item()
+        ok = agree >= 0.999
+        ds = torch.randn(B, T, D, device=_DEVICE, generator=g)
+        for mode in ("fwd", "fwd+bwd"):
+            times = {n: _measure(_lif_call(fn, ins, ds if mode == "fwd+bwd" else None), args.warmup, args.iters)
+                     for n, fn in cands.items()}
+            row = f"{B:5d} {T:5d} {D:5d} {mode:>8} " + " ".join(_fmt(times[n]) for n in names)
+            row += " " + " ".join(_ratio(times[n], times["triton"]) for n in names[1:]) if ok else "  PARITY FAILED"
+            print(row + f"  {agree:.4%}", flush=True)
+        if ok and all(isinstance(times[n], float) for n in names):
+            ratios.append(times["fused"] / times["triton"])
+        del u, ds, ins
+        torch.cuda.empty_cache()
+    return {"lif vs fused eager": ratios}
+
+
+def _lif_call(fn, ins, ds):
+    """One scan, forward only (ds None) or with the backward of the spikes against ds."""
+    def run():
+        if ds is None:
+            with torch.no_grad():
+                fn(*ins)
+        else:
+            torch.autograd.grad(fn(*ins)[0], ins[:3], ds)
+    return run
+
+
 def _parity_then_time(prefix, cands, names, inputs, do, grad_label, args):
     """Check the forward and every gradient of cands["triton"] against cands["ref"]; then time
     every candidate forward and forward+backward, one row per pass. A failed parity prints no ratio."""
@@ -233,7 +293,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-flex", action="store_true", help="skip flex_attention (its compile is slow)")
-    p.add_argument("--only", choices=("attention", "conv"), default=None)
+    p.add_argument("--only", choices=("attention", "conv", "lif"), default=None)
     p.add_argument("--seqs", type=int, nargs="+", help="attention sequence lengths (default: the sweep's)")
     p.add_argument("--windows", type=int, nargs="+", help="attention windows, 0 = full causal")
     p.add_argument("--head-dims", type=int, nargs="+", help="attention head dims")
@@ -251,6 +311,8 @@ def main(argv=None):
         speedups.update(bench_attention(args))
     if args.only in (None, "conv"):
         speedups.update(bench_conv(args))
+    if args.only in (None, "lif"):
+        speedups.update(bench_lif(args))
     print("\ntargets (fwd+bwd, every row):")
     for name, vals in speedups.items():
         print("  " + target_line(name, vals))

@@ -280,7 +280,7 @@ def test_auto_attention_takes_our_kernel_only_for_a_band(monkeypatch):
     """On CUDA "auto" runs our kernel where a window is narrower than the sequence and leaves full
     context (no window, or one covering every key) to SDPA; "triton" forces ours everywhere."""
     calls = []
-    monkeypatch.setattr(kernels, "_use_triton", lambda backend, t: backend != "torch")  # as on CUDA
+    monkeypatch.setattr(kernels, "use_triton", lambda backend, t: backend != "torch")  # as on CUDA
     monkeypatch.setattr(kernels, "attention", lambda q, k, v, **kw: calls.append(kw["window"]) or q)
     q, k, v, _ = (t.cpu() for t in _attn_case(1, 4, 2, 6, 16))
     for window in (None, 6, 9, 2):
@@ -297,6 +297,83 @@ def test_reference_window_covering_every_key_equals_full_context():
         for w in (7, 8, 100):
             assert _max_err(attention_ref(q, k, v, causal=causal, window=w), want) <= 1e-6
     assert _max_err(attention_ref(q, k, v, causal=True, window=6), full) > 1e-3  # a real band differs
+
+
+# ----------------------------------------------------------------------------- LIF scan
+
+def _lif_case(B, T, D, seed=0):
+    """Currents around the threshold (so neurons fire and reset), per-channel beta including the
+    clamp's edges, and a non-zero initial state."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(B, T, D, generator=g) * 0.8 + 0.4
+    beta = torch.rand(D, generator=g) * 1.2 - 0.1  # some outside [0, 1]: the clamp's gradient
+    thr = torch.rand(D, generator=g) + 0.5
+    mem, spk = torch.randn(B, D, generator=g), (torch.rand(B, D, generator=g) > 0.5).float()
+    g_s, g_m, g_k = (torch.randn(B, T, D, generator=g), torch.randn(B, D, generator=g),
+                     torch.randn(B, D, generator=g))
+    return [t.to(DEV) for t in (u, beta, thr, mem, spk, g_s, g_m, g_k)]
+
+
+def _lif_run(fn, u, beta, thr, mem, spk, g_s, g_m, g_k, surrogate):
+    ins = [t.clone().requires_grad_() for t in (u, beta, thr, mem)]
+    s, m, k = fn(*ins, spk, surrogate, 2.0 if surrogate == "atan" else 25.0)
+    loss = (s * g_s).sum() + (m * g_m).sum() + (k * g_k).sum()
+    return (s, m, k), torch.autograd.grad(loss, ins)
+
+
+@pytest.mark.parametrize("T", [1, 7, 63])
+@pytest.mark.parametrize("D", [5, 130])
+@pytest.mark.parametrize("surrogate", ["atan", "fast_sigmoid"])
+def test_lif_scan_matches_reference(T, D, surrogate):
+    """Forward (spikes, final membrane and spike) and every gradient (u, beta, threshold, initial
+    membrane) against arch.lif.lif_scan_ref in fp32; D = 130 spans two channel blocks."""
+    from arch.lif import lif_scan_ref
+
+    case = _lif_case(2, T, D)
+    (s, m, k), grads = _lif_run(kernels.lif_scan, *case, surrogate)
+    (rs, rm, rk), rgrads = _lif_run(lif_scan_ref, *case, surrogate)
+    assert torch.equal(s, rs) and torch.equal(k, rk) and 0 < s.mean() < 1
+    assert _max_err(m, rm) <= 1e-5
+    for name, got, ref in zip(("u", "beta", "threshold", "mem"), grads, rgrads):
+        assert not torch.isnan(got).any(), f"d{name} has unwritten (NaN) elements"
+        assert _max_err(got, ref) <= 1e-4 * max(1.0, ref.abs().max().item()), f"d{name}: {_max_err(got, ref):.2e}"
+
+
+def test_lif_scan_unused_outputs_and_empty_sequence():
+    from arch.lif import lif_scan_ref
+
+    u, beta, thr, mem, spk, *_ = _lif_case(3, 9, 4)
+    ins = [t.clone().requires_grad_() for t in (u, beta, thr, mem)]
+    got = torch.autograd.grad(kernels.lif_scan(*ins, spk)[0].sum(), ins)  # final state unused: no gradient in
+    ref = torch.autograd.grad(lif_scan_ref(*ins, spk)[0].sum(), ins)
+    assert all(_max_err(a, b) <= 1e-4 for a, b in zip(got, ref))
+    s, m, k = kernels.lif_scan(u[:, :0], beta, thr, mem, spk)
+    assert s.shape == (3, 0, 4) and torch.equal(m, mem) and torch.equal(k, spk)
+    with pytest.raises(ValueError, match="beta must be"):
+        kernels.lif_scan(u, beta[:2], thr, mem, spk)
+    with pytest.raises(ValueError, match="surrogate must be one of"):
+        kernels.lif_scan(u, beta, thr, mem, spk, surrogate="relu")
+
+
+@pytest.mark.parametrize("causal,mlp", [(True, "swiglu"), (False, "swiglu"), (True, "lif")])
+def test_spiking_blocks_through_the_kernel_equal_the_eager_scan(causal, mlp):
+    """model.kernels=triton routes both LIF blocks (token mixer, bidirectional too, and the spiking
+    MLP) to the kernel: same loss and gradients as model.kernels=torch."""
+    from arch import LM, ModelConfig
+
+    idx = torch.randint(0, 41, (2, 11), device=DEV)
+    results = []
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        m = LM(ModelConfig(vocab_size=41, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, layers="LA",
+                           mlp=mlp, causal=causal, kernels=backend)).to(DEV)
+        loss = m(idx, idx)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in m.parameters()]))
+    (l0, g0), (l1, g1) = results
+    assert abs(l1.item() - l0.item()) <= 1e-5
+    for a, b in zip(g1, g0):
+        assert _max_err(a, b) <= 1e-4
 
 
 # ----------------------------------------------------------------------------- bench
@@ -327,11 +404,13 @@ def test_bench_gpu_branch_smoke_on_cpu(capsys, monkeypatch):
     monkeypatch.setattr(bench, "ATTN_WINDOWS_QUICK", [8, None])
     monkeypatch.setattr(bench, "ATTN_HEAD_DIMS_QUICK", [16])
     monkeypatch.setattr(bench, "CONV_SHAPES_QUICK", [(24, 16)])
+    monkeypatch.setattr(bench, "LIF_SHAPES_QUICK", [(2, 9, 20)])
     args = types.SimpleNamespace(quick=True, batch=1, warmup=0, iters=1, no_flex=True, only=None)
-    speedups = {**bench.bench_attention(args), **bench.bench_conv(args)}
+    speedups = {**bench.bench_attention(args), **bench.bench_conv(args), **bench.bench_lif(args)}
     out = capsys.readouterr().out
-    assert "PARITY FAILED" not in out and "vs ref" in out
+    assert "PARITY FAILED" not in out and "vs ref" in out and "100.0000%" in out  # LIF: every spike equal
     assert len(speedups["attention vs sdpa_band"]) == 2 and len(speedups["conv vs ref"]) == 1
+    assert len(speedups["lif vs fused eager"]) == 1
     assert len(speedups["attention vs sdpa_causal"]) == 1  # the full-context row only
     assert all(v > 0 for v in speedups["conv vs ref"])
     assert bench.target_line("conv vs ref", [3.5, None]).startswith("conv vs ref >= 3.00x: NOT met (1/2 rows")
