@@ -38,7 +38,7 @@ def _surrogate(x, scale, SURROGATE: tl.constexpr):
 
 
 @triton.jit
-def _lif_fwd_kernel(u_ptr, b_ptr, thr_ptr, mem0_ptr, spk0_ptr, mems_ptr, spikes_ptr, T, D,
+def _lif_fwd_kernel(u_ptr, b_ptr, thr_ptr, mem0_ptr, spk0_ptr, mems_ptr, spikes_ptr, T, D, su_b, su_t,
                     BLOCK_D: tl.constexpr):
     pid_d = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)  # int64 so B*T*D offsets cannot overflow
@@ -49,8 +49,9 @@ def _lif_fwd_kernel(u_ptr, b_ptr, thr_ptr, mem0_ptr, spk0_ptr, mems_ptr, spikes_
     mem = tl.load(mem0_ptr + row * D + offs, mask=ok, other=0.0).to(tl.float32)
     spk = tl.load(spk0_ptr + row * D + offs, mask=ok, other=0.0).to(tl.float32)
     base = row * T * D + offs
+    u_base = u_ptr + row * su_b + offs  # u by its strides: the spiking MLP's is a broadcast (su_t = 0)
     for t in range(T):
-        u = tl.load(u_ptr + base + t * D, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(u_base + t * su_t, mask=ok, other=0.0).to(tl.float32)
         mem = b * mem + u - spk * thr
         spk = (mem > thr).to(tl.float32)
         tl.store(mems_ptr + base + t * D, mem.to(mems_ptr.dtype.element_ty), mask=ok)
@@ -123,7 +124,8 @@ class _LIFScanFn(torch.autograd.Function):
         mems = _common.empty(B, T, D, dtype=u.dtype, device=u.device)
         spikes = _common.empty(B, T, D, dtype=u.dtype, device=u.device)
         BLOCK_D = _block_d(D)
-        _lif_fwd_kernel[(triton.cdiv(D, BLOCK_D), B)](u, b, thr, mem0, spk0, mems, spikes, T, D, BLOCK_D=BLOCK_D)
+        _lif_fwd_kernel[(triton.cdiv(D, BLOCK_D), B)](u, b, thr, mem0, spk0, mems, spikes, T, D, u.stride(0),
+                                                      u.stride(1), BLOCK_D=BLOCK_D)
         ctx.save_for_backward(mems, spikes, b, thr, mem0, spk0)
         ctx.surrogate, ctx.scale = surrogate, scale
         # the final state as its own tensors (not views of saved ones)
@@ -170,5 +172,6 @@ def lif_scan(u, beta, threshold, mem, spk, surrogate="atan", scale=2.0):
     spk = spk.to(u.dtype).expand(B, D).detach()
     if T == 0:  # nothing to scan: the state passes through
         return u.new_empty(B, 0, D) + 0 * b.sum(), mem, spk
-    return _LIFScanFn.apply(u.contiguous(), b.contiguous(), threshold.to(u.dtype).contiguous(), mem.contiguous(),
+    u = u if u.stride(-1) == 1 else u.contiguous()  # time and batch may stride freely, channels not
+    return _LIFScanFn.apply(u, b.contiguous(), threshold.to(u.dtype).contiguous(), mem.contiguous(),
                             spk.contiguous(), surrogate, float(scale))

@@ -347,6 +347,11 @@ def test_lif_scan_unused_outputs_and_empty_sequence():
     got = torch.autograd.grad(kernels.lif_scan(*ins, spk)[0].sum(), ins)  # final state unused: no gradient in
     ref = torch.autograd.grad(lif_scan_ref(*ins, spk)[0].sum(), ins)
     assert all(_max_err(a, b) <= 1e-4 for a, b in zip(got, ref))
+    # the spiking MLP's input: one current per token broadcast over T_sim steps (time stride 0), read in place
+    c = u[:, :1].clone().requires_grad_()
+    got = torch.autograd.grad(kernels.lif_scan(c.expand(-1, 9, -1), beta, thr, mem, spk)[0].sum(), c)[0]
+    ref = torch.autograd.grad(lif_scan_ref(c.expand(-1, 9, -1), beta, thr, mem, spk)[0].sum(), c)[0]
+    assert _max_err(got, ref) <= 1e-4
     s, m, k = kernels.lif_scan(u[:, :0], beta, thr, mem, spk)
     assert s.shape == (3, 0, 4) and torch.equal(m, mem) and torch.equal(k, spk)
     with pytest.raises(ValueError, match="beta must be"):
