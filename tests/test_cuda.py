@@ -67,11 +67,13 @@ def test_bf16_training_on_cuda_learns(arch_name):
 
 
 @needs_cuda
-def test_compiled_training_step_through_the_triton_kernels_matches_eager():
+@pytest.mark.parametrize("preset", ["hybrid", "spiking"])
+def test_compiled_training_step_through_the_triton_kernels_matches_eager(preset):
     """train.compile is on by default on CUDA: torch.compile must trace (or cleanly break around)
-    the kernels' autograd Functions and give the eager step's loss and gradients."""
-    cfg = load_config(arch="hybrid", overrides=["model.d_model=64", "model.n_layers=3", "model.vocab_size=128",
-                                                "model.window_pattern=SL", "model.window=16"])
+    the kernels' autograd Functions (conv and band attention; the LIF scan) and give the eager
+    step's loss and gradients."""
+    cfg = load_config(arch=preset, overrides=["model.d_model=64", "model.n_layers=3", "model.vocab_size=128",
+                                              "model.window_pattern=SL", "model.window=16"])
     torch.manual_seed(0)
     m = build_model(cfg.model, cfg.objective).to(DEV).train()
     x = torch.randint(0, 128, (4, 64), device=DEV)
