@@ -85,11 +85,19 @@ class CompiledOrEager:
         try:
             return self.fn(*args, **kwargs)
         except Exception as e:  # only compiler failures fall back; anything else is the model's own error
-            if not _is_compile_error(e):
+            if not self.fall_back(e):
                 raise
-            self.say(fallback_warning(f"torch.compile failed for {self.what}", e, "running eager"))
-            self.fn = self.eager
             return self.eager(*args, **kwargs)
+
+    def fall_back(self, e: Exception) -> bool:
+        """Run eager from now on if `e` is a compiler failure (one warning line). Also for errors
+        raised outside the call: the backward graph compiles at the first backward. False (nothing
+        changed) for any other error, or when already eager."""
+        if self.fn is self.eager or not _is_compile_error(e):
+            return False
+        self.say(fallback_warning(f"torch.compile failed for {self.what}", e, "running eager"))
+        self.fn = self.eager
+        return True
 
 
 def fallback_warning(what_failed: str, e: Exception, instead: str) -> str:

@@ -347,16 +347,15 @@ class Trainer:
         self.opt.set_lr_mult(mult)
         B = ph.batch_size(t.grad_accum, dist.world)
         t0 = time.time()
-        sums = torch.zeros(2, device=self.device)  # loss, ce: accumulated on the device, read once per step
-        n_tok = 0  # positions fed (SFT batches are as long as their longest example, up to ph.seq_len)
-        for micro in range(t.grad_accum):
-            x, y = self.batches.next(ph, B, self.device)
-            n_tok += x.numel()
-            sync = micro == t.grad_accum - 1 or not hasattr(self.fwd, "no_sync")
-            with (torch.enable_grad() if sync else self.fwd.no_sync()), autocast(self.device):
-                loss, ce = self.compute_loss(x, y)
-            (loss / t.grad_accum).backward()
-            sums += torch.stack([loss.detach(), ce.detach()]).float() / t.grad_accum
+        micro = [self.batches.next(ph, B, self.device) for _ in range(t.grad_accum)]
+        n_tok = sum(x.numel() for x, _ in micro)  # SFT batches are as long as their longest example
+        try:
+            sums = self.accumulate(micro)
+        except Exception as e:  # the compiled backward failed to compile (it compiles at the first backward)
+            if not (isinstance(self.loss_fn, CompiledOrEager) and self.loss_fn.fall_back(e)):
+                raise
+            self.opt.zero_grad(set_to_none=True)  # a partial backward may have written some gradients
+            sums = self.accumulate(micro)
         loss_sum, ce_sum = (dist.mean(v) for v in sums.tolist())
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
@@ -369,6 +368,18 @@ class Trainer:
         step_tokens = n_tok * dist.world
         self.state.step, self.state.tokens = step, self.state.tokens + step_tokens
         return StepResult(loss_sum, ce_sum, gnorm, mult, step_tokens, time.time() - t0)
+
+    def accumulate(self, micro: list):
+        """Forward and backward of the step's micro-batches, gradients summed (synchronised across
+        ranks on the last one); returns (loss, ce) averaged, on the device."""
+        sums = torch.zeros(2, device=self.device)
+        for i, (x, y) in enumerate(micro):
+            sync = i == len(micro) - 1 or not hasattr(self.fwd, "no_sync")
+            with (torch.enable_grad() if sync else self.fwd.no_sync()), autocast(self.device):
+                loss, ce = self.compute_loss(x, y)
+            (loss / len(micro)).backward()
+            sums += torch.stack([loss.detach(), ce.detach()]).float() / len(micro)
+        return sums
 
     def compute_loss(self, x, y):
         """(loss to minimise, cross-entropy to report) for one micro-batch. The one place a new

@@ -329,6 +329,33 @@ def test_compiled_training_equals_eager(corpus, tmp_path):
     assert abs(eager["val_loss"] - comp["val_loss"]) < 1e-4
 
 
+def test_backward_compile_failure_redoes_the_step_eagerly(corpus, tmp_path, capsys, monkeypatch):
+    """The compiled backward graph compiles at the first backward, outside the compiled call: a
+    failure there must also fall back (one warning), zero what the partial backward wrote and redo
+    the step on the same micro-batches, so the run's losses are the eager run's."""
+    import torch._dynamo.exc as dynamo_exc
+
+    class BackwardFails(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, loss):
+            return loss.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise dynamo_exc.TorchDynamoException("backward graph failed to compile")
+
+    def compile_with_broken_backward(fn, **kw):
+        return lambda *a, **k: BackwardFails.apply(fn(*a, **k)) if len(a) == 2 else fn(*a, **k)
+
+    monkeypatch.setattr(torch, "compile", compile_with_broken_backward)
+    common = {"train.steps": 3, "train.log_every": 1, "train.grad_accum": 2}
+    train(tiny_cfg(corpus, **common, **{"train.compile": True}), tmp_path / "fallback")
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: torch.compile")]
+    assert len(warnings) == 1 and "the training forward" in warnings[0] and "backward graph" in warnings[0]
+    train(tiny_cfg(corpus, **common, **{"train.compile": False}), tmp_path / "ref")
+    assert _step_losses(tmp_path / "fallback")[0] == _step_losses(tmp_path / "ref")[0]
+
+
 def test_compile_failure_falls_back_to_eager_with_one_warning(corpus, tmp_path, capsys, monkeypatch):
     import torch._dynamo.exc as dynamo_exc
 
