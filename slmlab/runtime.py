@@ -3,6 +3,7 @@ peak FLOP/s that MFU is measured against, and the RNG state an exact resume need
 trainer, sample.py, the exporters and the benches."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
@@ -68,6 +69,22 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+@contextlib.contextmanager
+def root_gathered(model):
+    """FSDP2 gathers a sharded module's own parameters (the embedding, head and final norm of the
+    root) in its forward's pre-hook only; the blocks gather their own when called. Methods other
+    than forward (token_nll, evaluation) run inside this, which gathers the root's by hand and
+    reshards after. Anything not sharded passes through."""
+    if not is_sharded(model):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 class CompiledOrEager:

@@ -30,7 +30,7 @@ from .evaluate import token_byte_lengths
 from .init_from import with_added_tokens
 from .phases import eval_shape
 from .rundir import CHAT_TEMPLATE
-from .runtime import rng_state, set_rng_state, to_device
+from .runtime import rng_state, root_gathered, set_rng_state, to_device
 from .tokenizer import SIDECAR, Tokenizer
 from .trainer import Trainer
 
@@ -363,8 +363,9 @@ class SFTTrainer(Trainer):
         model = model or self.model
         was_training = model.training
         model.eval()
-        out = masked_val_loss(model, self.sft.val, self.pad_id, self.eval_T, self.eval_B, self.device,
-                              self.byte_lengths)
+        with root_gathered(model):  # token_nll is not forward (see Trainer.evaluate)
+            out = masked_val_loss(model, self.sft.val, self.pad_id, self.eval_T, self.eval_B, self.device,
+                                  self.byte_lengths)
         out.update(exact_match(model, self.sft.template, self.sft.val_messages[:self.t.sft_eval_examples], self.device))
         model.train(was_training)
         return out

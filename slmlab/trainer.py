@@ -36,6 +36,7 @@ from .runtime import (
     is_sharded,
     peak_flops,
     rng_state,
+    root_gathered,
     set_rng_state,
     to_device,
     use_compile,
@@ -416,8 +417,11 @@ class Trainer:
 
     def evaluate(self, max_tokens: int | None, model=None) -> dict:
         """Validation loss and bpb at the eval shape; max_tokens None is the whole split."""
-        return evaluate(model or self.model, self.bundle.val, self.cfg, self.device, self.byte_lengths, max_tokens,
-                        self.eval_T, self.eval_B, nll_fn=None if model is not None else self.nll_fn)
+        nll_fn = self.nll_fn if model is None else None
+        model = model or self.model
+        with root_gathered(model):  # token_nll is not forward: FSDP2 would leave the root's weights sharded
+            return evaluate(model, self.bundle.val, self.cfg, self.device, self.byte_lengths, max_tokens,
+                            self.eval_T, self.eval_B, nll_fn=nll_fn)
 
     def checkpoint(self, step: int, ph):
         sd = weights_for_save(self.model)  # collective under FSDP: every rank calls it

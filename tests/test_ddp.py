@@ -81,3 +81,35 @@ def test_ddp_resume(tmp_path):
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(a) == sorted(b) and max(abs(a[k] - b[k]) - reorder_bound(a[k], k, TOKENS_PER_STEP)
                                           for k in a) <= 0, (a, b)
+
+
+def test_evaluation_under_fsdp2_gathers_the_root_weights(tmp_path):
+    """In one process (gloo, world 1: the parameters are still DTensors): token_nll is not forward,
+    so FSDP2's pre-forward hook never gathers the root's embedding and head; inside root_gathered
+    it gives the unsharded model's numbers. (The slow torchrun test runs the whole trainer.)"""
+    import torch
+    from torch.distributed.fsdp import fully_shard
+
+    from arch import LM, ModelConfig
+    from slmlab.runtime import is_sharded, root_gathered
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        plain = LM(ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, layers="CA")).eval()
+        sharded = LM(plain.cfg).eval()
+        sharded.load_state_dict(plain.state_dict())
+        for layer in sharded.layers:
+            fully_shard(layer)
+        fully_shard(sharded)
+        assert is_sharded(sharded)
+        x = torch.randint(0, 61, (2, 9))
+        with torch.no_grad():
+            want = plain.token_nll(x, x)
+            with pytest.raises(RuntimeError, match="DTensor"):
+                sharded.token_nll(x, x)
+            with root_gathered(sharded):
+                got = sharded.token_nll(x, x)
+        torch.testing.assert_close(got, want)
+    finally:
+        dist.destroy_process_group()
