@@ -70,8 +70,9 @@ class Phase:
         extra = "".join(f" {k}={getattr(self, k)}" for k in ("data", "window") if getattr(self, k) is not None)
         if self.order != "random":
             extra += f" order={self.order} top_frac={self.top_frac}"
-        return (f"phase {self.index + 1}: steps {self.start + 1}-{self.start + self.steps} seq_len {self.seq_len} "
-                f"tokens/step {self.tokens_per_step} lr_mul {self.lr_mul}{extra}")
+        steps = f"steps {self.start + 1}-{self.start + self.steps}" if self.steps else "no steps (train.steps too few)"
+        return (f"phase {self.index + 1}: {steps} seq_len {self.seq_len} tokens/step {self.tokens_per_step} "
+                f"lr_mul {self.lr_mul}{extra}")
 
 
 def resolve_phases(cfg, world: int = 1) -> list[Phase]:

@@ -48,6 +48,9 @@ def test_default_phases_256_1024_2048_constant_tokens():
     assert [p.batch_size(1) * p.seq_len for p in ph] == [4096] * 3  # batch shrinks as seq grows
     cfg = load_config(arch="hybrid", overrides=["train.steps=1000"])
     assert [p.steps for p in resolve_phases(cfg)] == [700, 200, 100]  # --steps scales every phase
+    short = resolve_phases(load_config(arch="hybrid", overrides=["train.steps=2"]))
+    assert [p.describe().split(" seq_len")[0] for p in short] == [
+        "phase 1: steps 1-1", "phase 2: steps 2-2", "phase 3: no steps (train.steps too few)"]
 
 
 def test_empty_phases_is_the_old_single_stage():
