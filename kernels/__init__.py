@@ -41,12 +41,38 @@ def conv1d_op(x, weight, bias=None, initial_state=None, return_final_state=False
     return fn(x, weight, bias, initial_state=initial_state, return_final_state=return_final_state)
 
 
+def attention_uses_triton(backend, t, window, Tq: int, Tk: int) -> bool:
+    """Whether attention_op runs our kernel. Decode against a cache (Tq < Tk) is tiny and
+    memory-bound: the reference serves it. "auto" leaves full context to SDPA's FlashAttention, the
+    well-kept library kernel, until a GPU measurement shows ours faster (kernels.bench's "attention
+    vs sdpa_causal" row); a band has no library kernel that skips the masked blocks without a
+    compile (SDPA would take a dense mask)."""
+    band = window is not None and window < Tk
+    return use_triton(backend, t) and Tq == Tk and (band or backend == "triton")
+
+
 def attention_op(q, k, v, causal=True, window=None, scale=None, backend="auto"):
-    # Decode against a cache (Tq < Tk) is tiny and memory-bound: the reference serves it.
-    # "auto" leaves full context to SDPA's FlashAttention, the well-kept library kernel, until a GPU
-    # measurement shows ours faster (kernels.bench's "attention vs sdpa_causal" row); a band has no
-    # library kernel that skips the masked blocks without a compile (SDPA would take a dense mask).
-    band = window is not None and window < k.shape[2]
-    if use_triton(backend, q) and q.shape[2] == k.shape[2] and (band or backend == "triton"):
+    if attention_uses_triton(backend, q, window, q.shape[2], k.shape[2]):
         return attention(q, k, v, causal=causal, window=window, scale=scale)
     return attention_ref(q, k, v, causal=causal, window=window, scale=scale)
+
+
+def describe_routing(backend: str, device, layer_types: list, windows: list, seq_len: int, mlp: str,
+                     lif_scan: str = "fused") -> str:
+    """One line naming the kernel each block kind runs in training at seq_len (for the run's header)."""
+    import torch
+
+    t = torch.empty(0, device=device)
+    tri = use_triton(backend, t)
+    parts = []
+    if "conv" in layer_types:
+        parts.append("conv " + ("Triton" if tri else "PyTorch conv1d"))
+    for w in sorted({w for kind, w in zip(layer_types, windows) if kind == "attn"}, key=lambda w: w or 0):
+        full = w is None or w >= seq_len
+        lib = "SDPA" if full else "SDPA with a band mask"
+        ours = attention_uses_triton(backend, t, w, seq_len, seq_len)
+        parts.append(f"attention ({'full context' if full else f'window {w}'}) " + ("Triton" if ours else lib))
+    if "lif" in layer_types or mlp == "lif":
+        parts.append("LIF scan " + ("reference loop" if lif_scan == "reference" else "Triton" if tri
+                                    else "fused eager loop"))
+    return f"kernels (model.kernels={backend}, {t.device.type}): " + ", ".join(parts or ["none"])

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kernels import describe_routing
+
 from . import data as data_mod
 from .checkpoint import average_checkpoints, remove_stale, weights_for_save
 from .config import RunConfig
@@ -277,6 +279,9 @@ class Trainer:
                  f"{self.device}" + (f"  {world} ranks ({self.t.parallel})" if world > 1 else ""))
         for ph in self.phases:
             self.say("  " + ph.describe() + f"  batch {ph.batch_size(self.t.grad_accum, world) * world}")
+        m = self.cfg.model
+        self.say(describe_routing(m.kernels, self.device, m.layer_types(), m.layer_windows(), self.phases[-1].seq_len,
+                                  m.mlp, m.block_options("lif").scan))
 
     def setup_parallel_and_optimizer(self, resuming: bool):
         if resuming and self.dist.world > 1 and self.t.parallel == "fsdp":

@@ -289,6 +289,23 @@ def test_auto_attention_takes_our_kernel_only_for_a_band(monkeypatch):
     assert calls == [2, None]
 
 
+def test_routing_line_names_what_each_block_runs(monkeypatch):
+    """The run header's kernel line follows the same decisions as the dispatch (attention_uses_triton)."""
+    kinds, windows = ["conv", "attn", "attn", "lif"], [None, 256, None, None]
+    cpu = kernels.describe_routing("auto", "cpu", kinds, windows, 2048, "swiglu")
+    assert cpu == ("kernels (model.kernels=auto, cpu): conv PyTorch conv1d, attention (full context) SDPA, "
+                   "attention (window 256) SDPA with a band mask, LIF scan fused eager loop")
+    monkeypatch.setattr(kernels, "use_triton", lambda backend, t: backend != "torch")  # as on CUDA
+    gpu = kernels.describe_routing("auto", "cpu", kinds, windows, 2048, "swiglu")
+    assert gpu.endswith("conv Triton, attention (full context) SDPA, attention (window 256) Triton, LIF scan Triton")
+    assert "attention (full context) Triton" in kernels.describe_routing("triton", "cpu", kinds, windows, 2048, "swiglu")
+    # a window as long as the context is full context; the reference scan is named when asked for
+    assert "attention (full context) SDPA" in kernels.describe_routing("auto", "cpu", ["attn"], [2048], 2048, "lif",
+                                                                         "reference")
+    assert kernels.describe_routing("auto", "cpu", ["attn"], [None], 64, "lif", "reference").endswith(
+        "LIF scan reference loop")
+
+
 def test_reference_window_covering_every_key_equals_full_context():
     q, k, v, _ = (t.cpu().float() for t in _attn_case(2, 4, 2, 7, 16))
     full = attention_ref(q, k, v, causal=True)
