@@ -1,11 +1,12 @@
 """The LIF neuron's scan over time (arch/lif.py) in Triton, forward and backward (BPTT).
 
-Recurrence per channel d, reset by subtraction with the previous spike (snntorch Leaky):
+Recurrence per channel, t = 0 .. T-1 from the initial state (v_{-1}, s_{-1}), reset by subtraction
+with the previous spike (snntorch Leaky):
     v_t = b * v_{t-1} + u_t - s_{t-1} * thr,      s_t = H(v_t - thr)
-Backward, with sg the surrogate derivative of H and gm the gradient reaching v_t:
-    gm_t   = b * gm_{t+1} + g_s[t] * sg(v_t - thr)   (gm_T starts from the final membrane's gradient)
-    du_t   = gm_t,   db = sum_t gm_t * v_{t-1},   dthr = -sum_t (g_s[t] * sg(v_t - thr) + gm_t * s_{t-1})
-    d v_0  = b * gm_1 (the initial membrane's gradient); the previous spike carries none (detached).
+Backward, with sg the surrogate derivative of H and gm_t the whole gradient reaching v_t:
+    gm_t = g_s[t] * sg(v_t - thr) + b * gm_{t+1}     (at t = T-1 the final membrane's gradient in place of b * gm_T)
+    du_t = gm_t,   db = sum_t gm_t * v_{t-1},   dthr = -sum_t (g_s[t] * sg(v_t - thr) + gm_t * s_{t-1}),
+    d v_{-1} = b * gm_0; the spikes feeding the reset carry no gradient (detached, as in the reference).
 
 The eager paths (`arch.lif.lif_scan` and `lif_scan_ref`) step through time in Python: a handful of
 kernel launches per time step each way, thousands per layer at T = 2048 on a GPU. Here one program
