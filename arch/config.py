@@ -33,7 +33,7 @@ class ModelConfig:
     conv_bias: bool = False
     tie_embeddings: bool = True
     causal: bool = True  # False: every mixer runs bidirectionally (masked diffusion)
-    kernels: str = "auto"  # auto | triton | torch
+    kernels: str = "auto"  # auto | triton | torch | flex
     grad_checkpoint: bool = False
     # Training loss: logits for this many tokens at a time (arch/loss.py), so the [tokens, vocab]
     # logits never exist whole; 0 = all at once. Memory only: the loss and gradients are the same.
@@ -130,8 +130,8 @@ class ModelConfig:
         self.rope_scale()  # raises on a bad model.rope_scaling
         if not self.window_pattern or set(self.window_pattern.upper()) - {"S", "L"}:
             bad(f"model.window_pattern {self.window_pattern!r} must be a non-empty string of S (sliding) and L (full)")
-        if self.kernels not in ("auto", "triton", "torch"):
-            bad(f"model.kernels must be auto, triton or torch, got {self.kernels!r}")
+        if self.kernels not in ("auto", "triton", "torch", "flex"):
+            bad(f"model.kernels must be auto, triton, torch or flex, got {self.kernels!r}")
         self.layer_types()  # raises on a bad pattern
         if self.mlp not in ("swiglu", "gelu") and self.mlp not in CHANNEL_MIXERS:
             bad(f"unknown model.mlp {self.mlp!r}; known: swiglu, gelu, {', '.join(sorted(CHANNEL_MIXERS))}")

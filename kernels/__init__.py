@@ -1,15 +1,16 @@
 """Kernels and their references.
 
 `conv1d_op` and `attention_op` are the single entry points the blocks call; `backend` picks
-the implementation: "triton", "torch" (the references), or "auto": on CUDA the Triton conv and, for
-attention, the Triton kernel where a sliding window is narrower than the sequence, SDPA's own
-causal kernel (FlashAttention) for full context; the references elsewhere.
+the implementation: "triton", "torch" (the references), "flex" (flex_attention for sliding-window
+attention, the references elsewhere: the library alternative to our band kernel), or "auto": on
+CUDA the Triton conv and, for attention, the Triton kernel where a sliding window is narrower than
+the sequence, SDPA's own causal kernel (FlashAttention) for full context; the references elsewhere.
 `causal_conv1d` and `attention` are the Triton implementations themselves; `lif_scan` is the LIF
 neuron's scan over time (arch/lif.py picks it through `use_triton`; its reference is there).
 """
 from .reference import attention_ref, band_mask, causal_conv1d_ref  # noqa: F401  (re-exported)
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "flex")  # flex: flex_attention for bands, the references elsewhere
 
 try:  # Triton kernels are optional: CPU-only installs run the references.
     from .attention import attention
@@ -51,9 +52,17 @@ def attention_uses_triton(backend, t, window, Tq: int, Tk: int) -> bool:
     return use_triton(backend, t) and Tq == Tk and (band or backend == "triton")
 
 
+def attention_uses_flex(backend, window, Tq: int, Tk: int) -> bool:
+    return backend == "flex" and window is not None and window < Tk and Tq == Tk
+
+
 def attention_op(q, k, v, causal=True, window=None, scale=None, backend="auto"):
     if attention_uses_triton(backend, q, window, q.shape[2], k.shape[2]):
         return attention(q, k, v, causal=causal, window=window, scale=scale)
+    if attention_uses_flex(backend, window, q.shape[2], k.shape[2]):
+        from .flex import flex_band_attention
+
+        return flex_band_attention(q, k, v, causal=causal, window=window, scale=scale)
     return attention_ref(q, k, v, causal=causal, window=window, scale=scale)
 
 
@@ -70,8 +79,11 @@ def describe_routing(backend: str, device, layer_types: list, windows: list, seq
     for w in sorted({w for kind, w in zip(layer_types, windows) if kind == "attn"}, key=lambda w: w or 0):
         full = w is None or w >= seq_len
         lib = "SDPA" if full else "SDPA with a band mask"
-        ours = attention_uses_triton(backend, t, w, seq_len, seq_len)
-        parts.append(f"attention ({'full context' if full else f'window {w}'}) " + ("Triton" if ours else lib))
+        if attention_uses_triton(backend, t, w, seq_len, seq_len):
+            lib = "Triton"
+        elif attention_uses_flex(backend, w, seq_len, seq_len):
+            lib = "flex_attention" + ("" if t.is_cuda else " (unfused off CUDA)")
+        parts.append(f"attention ({'full context' if full else f'window {w}'}) {lib}")
     if "lif" in layer_types or mlp == "lif":
         parts.append("LIF scan " + ("reference loop" if lif_scan == "reference" else "Triton" if tri
                                     else "fused eager loop"))

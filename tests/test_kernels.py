@@ -289,6 +289,57 @@ def test_auto_attention_takes_our_kernel_only_for_a_band(monkeypatch):
     assert calls == [2, None]
 
 
+@pytest.mark.parametrize("T", [1, 7, 63])
+@pytest.mark.parametrize("window", [1, 3, 20])
+@pytest.mark.parametrize("causal", [True, False])
+def test_flex_band_attention_matches_reference(T, window, causal):
+    """model.kernels=flex: flex_attention with a band block mask, GQA; gradients on CUDA (flex has
+    no CPU backward, and says so in one line)."""
+    from kernels.flex import flex_band_attention
+
+    q, k, v, do = _attn_case(2, 4, 2, T, 16)
+    if DEV == "cuda":
+        got, g_got = _attn_run(flex_band_attention, q, k, v, do, torch.float32, causal=causal, window=window)
+        ref, g_ref = _attn_run(attention_ref, q, k, v, do, torch.float64, causal=causal, window=window)
+        assert all(_max_err(a, b) <= 1e-4 for a, b in zip((got, *g_got), (ref, *g_ref)))
+        return
+    q, k, v = (t.cpu() for t in (q, k, v))
+    with torch.no_grad():
+        got = flex_band_attention(q, k, v, causal=causal, window=window)
+    assert _max_err(got, attention_ref(q.double(), k.double(), v.double(), causal=causal, window=window)) <= 1e-5
+    with pytest.raises(RuntimeError, match="model.kernels=flex trains on CUDA only"):
+        flex_band_attention(q.requires_grad_(), k, v, causal=causal, window=window)
+
+
+def test_flex_backend_routes_only_bands_to_flex(monkeypatch):
+    import kernels.flex as flex_mod
+
+    calls = []
+    monkeypatch.setattr(flex_mod, "flex_band_attention", lambda q, k, v, **kw: calls.append(kw["window"]) or q)
+    q, k, v, _ = (t.cpu() for t in _attn_case(1, 4, 2, 6, 16))
+    for window in (None, 6, 2):
+        kernels.attention_op(q, k, v, window=window, backend="flex")
+    kernels.attention_op(q[:, :, -1:], k, v, window=2, backend="flex")  # decode: the reference
+    assert calls == [2]
+    line = kernels.describe_routing("flex", "cpu", ["conv", "attn", "attn"], [None, 256, None], 2048, "swiglu")
+    assert line.endswith("conv PyTorch conv1d, attention (full context) SDPA, "
+                         "attention (window 256) flex_attention (unfused off CUDA)")
+
+
+def test_flex_backend_model_forward_equals_torch():
+    from arch import LM, ModelConfig
+
+    idx = torch.randint(0, 41, (2, 19), device=DEV)
+    outs = []
+    for backend in ("torch", "flex"):
+        torch.manual_seed(0)
+        m = LM(ModelConfig(vocab_size=41, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, layers="CA", window=5,
+                           window_pattern="S", kernels=backend)).to(DEV).eval()
+        with torch.no_grad():
+            outs.append(m(idx))
+    assert _max_err(outs[1], outs[0]) <= 1e-4
+
+
 def test_routing_line_names_what_each_block_runs(monkeypatch):
     """The run header's kernel line follows the same decisions as the dispatch (attention_uses_triton)."""
     kinds, windows = ["conv", "attn", "attn", "lif"], [None, 256, None, None]
