@@ -12,7 +12,9 @@ Sections:
           (datasheet bf16 peak) eager (model.kernels auto, triton and torch: which kernel auto should
           pick), torch.compile'd, compiled with model.loss_chunk (transformer),
           and transformers' Qwen3ForCausalLM / Lfm2ForCausalLM at the same shape; peak memory
-          (torch.cuda.max_memory_allocated, the step's own share) against the --dry-run estimate
+          (torch.cuda.max_memory_allocated, the step's own share) against the --dry-run estimate.
+          --band W: every attention layer a W-window band, flex_attention added eager and compiled
+          (python bench/gpu.py --only train --archs transformer --band 256)
   decode  batch 1 and 8 greedy decode tokens/s after a 128-token prompt, bf16 weights: our static
           step eager, compiled, compiled + CUDA graph (generate(compile=True) on CUDA), against
           transformers' generate on the same weights; the share of tokens equal to transformers'
@@ -119,7 +121,8 @@ class TrainVariant:
     share of the allocator (everything else resident subtracted)."""
 
     def __init__(self, arch, args, overrides=(), compile=False, hf=False):
-        self.cfg = load_config(arch=arch, size=args.size or None, overrides=[*args.overrides, *overrides])
+        band = ["model.window_pattern=S", f"model.window={args.band}"] if args.band else []
+        self.cfg = load_config(arch=arch, size=args.size or None, overrides=[*args.overrides, *band, *overrides])
         torch.manual_seed(0)
         ours = build_model(self.cfg.model, self.cfg.objective)
         self.hf = hf
@@ -150,23 +153,33 @@ class TrainVariant:
         return torch.cuda.max_memory_allocated() - others
 
 
+def train_variants(arch, args) -> dict:
+    """name -> TrainVariant. auto (Triton conv and band attention, SDPA for full context) against
+    all-Triton and all-PyTorch (SDPA with a band mask for windows, PyTorch's conv): whether auto
+    picks right. With --band W every attention layer is a W-window band, and flex_attention (eager
+    and compiled) joins: our band kernel against the library's at model level."""
+    v = {"eager": TrainVariant(arch, args),
+         "eager, kernels=triton": TrainVariant(arch, args, ["model.kernels=triton"]),
+         "eager, kernels=torch": TrainVariant(arch, args, ["model.kernels=torch"])}
+    if args.band:
+        v["eager, kernels=flex"] = TrainVariant(arch, args, ["model.kernels=flex"])
+    v["compiled"] = TrainVariant(arch, args, compile=True)
+    if args.band:
+        v["compiled, kernels=flex"] = TrainVariant(arch, args, ["model.kernels=flex"], compile=True)
+    elif arch == "transformer":
+        v["compiled, loss_chunk 4096"] = TrainVariant(arch, args, ["model.loss_chunk=4096"], compile=True)
+    v["transformers"] = TrainVariant(arch, args, hf=True)
+    return v
+
+
 def section_train(args):
     peak, desc = peak_flops(DEV)
     print(f"\n## training, --size {args.size}, {args.tokens} tokens per step at T={args.seq_len}, bf16 autocast, "
           f"AdamW; median of {args.rounds} interleaved steps; MFU against {peak / 1e12:.0f} TFLOP/s ({desc})")
     table = Table("model", "variant", "tokens/s", "MFU", "vs transformers", "peak memory", "--dry-run estimate",
                   "est / measured")
-    chunk = ["model.loss_chunk=4096"]
     for arch in args.archs:
-        # auto (Triton conv and band attention, SDPA for full context) against all-Triton and
-        # all-PyTorch (SDPA with a band mask for windows, PyTorch's conv): whether auto picks right.
-        variants = {"eager": TrainVariant(arch, args),
-                    "eager, kernels=triton": TrainVariant(arch, args, ["model.kernels=triton"]),
-                    "eager, kernels=torch": TrainVariant(arch, args, ["model.kernels=torch"]),
-                    "compiled": TrainVariant(arch, args, compile=True)}
-        if arch == "transformer":
-            variants["compiled, loss_chunk 4096"] = TrainVariant(arch, args, chunk, compile=True)
-        variants["transformers"] = TrainVariant(arch, args, hf=True)
+        variants = train_variants(arch, args)
         warm({k: v.step for k, v in variants.items()}, arch)
         t = interleaved({k: v.step for k, v in variants.items()}, args.rounds, sync_time)
         for name, v in variants.items():
@@ -230,6 +243,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=16384, help="train: tokens per step")
     p.add_argument("--rounds", type=int, default=5, help="timed calls per variant, interleaved (median)")
     p.add_argument("--new-tokens", type=int, default=128, help="decode: tokens generated per call")
+    p.add_argument("--band", type=int, default=0, help="train: every attention layer a sliding window of this "
+                   "many tokens, and flex_attention variants added (our band kernel against the library's)")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: the smoke test's tiny run
     p.add_argument("overrides", nargs="*", help="config overrides for every model, e.g. model.d_model=512")
     args = p.parse_args(argv)

@@ -17,6 +17,9 @@
 #   kernels   python -m kernels.bench at the issue's shapes (T 2048/8192, W 256/1024/full, hd 64)
 #   train     bench/gpu.py env + train: 124m transformer/hybrid, bf16, eager/compiled/transformers
 #   decode    bench/gpu.py decode: batch 1 and 8, eager/compiled/CUDA graph/transformers generate
+#   bands     (named only, not in the default run) bench/gpu.py train --band 256: the 124m transformer
+#             with every attention layer a 256 window: our band kernel against flex_attention and
+#             SDPA with a band mask, eager and compiled (whether model.kernels=auto should pick flex)
 #
 # Before the call, here: `bash bench/gpu_wheels.sh` (pure-Python test dependencies the GPU image
 # lacks, into .whl/; name .whl in the call's carry). Logs: one file per step plus summary.txt in
@@ -24,11 +27,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ALL=(env suite torchrun kernels train decode)
-declare -A CAP=([env]=20 [suite]=150 [torchrun]=60 [kernels]=100 [train]=170 [decode]=100)
+declare -A CAP=([env]=20 [suite]=150 [torchrun]=60 [kernels]=100 [train]=170 [decode]=100 [bands]=170)
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=("${ALL[@]}")
 for s in "${steps[@]}"; do
-    [ -n "${CAP[$s]:-}" ] || { echo "unknown step '$s'; steps: ${ALL[*]}" >&2; exit 2; }
+    [ -n "${CAP[$s]:-}" ] || { echo "unknown step '$s'; steps: ${ALL[*]} bands" >&2; exit 2; }
 done
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -92,6 +95,10 @@ step_decode() {
     run decode python3 bench/gpu.py --only decode --rounds 3
 }
 
+step_bands() {
+    run bands python3 bench/gpu.py --only train --archs transformer --band 256 --rounds 3
+}
+
 for s in "${steps[@]}"; do
     "step_$s"
     summary+=("$(grep -E '^=== '"$s"': (rc|skipped)' "$OUT/$s.log" | cut -c5- | paste -sd ';' -)")
@@ -101,5 +108,6 @@ done
     printf '%s\n' "${summary[@]}"
     echo "--- suite"; grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$OUT/suite.log" 2>/dev/null | tail -n 25
     echo "--- kernels targets"; grep -A6 "^targets" "$OUT/kernels.log" 2>/dev/null
-    echo "--- train, decode"; grep -hE "^\||^## |^measured|^datasheet|^[A-Z].*SMs" "$OUT/train.log" "$OUT/decode.log" 2>/dev/null
+    echo "--- train, decode"; grep -hE "^\||^## |^measured|^datasheet|^[A-Z].*SMs" "$OUT/train.log" "$OUT/decode.log" "$OUT/bands.log" \
+        2>/dev/null
 } | tee "$OUT/summary.txt"
