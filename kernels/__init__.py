@@ -8,6 +8,7 @@ the sequence, SDPA's own causal kernel (FlashAttention) for full context; the re
 `causal_conv1d` and `attention` are the Triton implementations themselves; `lif_scan` is the LIF
 neuron's scan over time (arch/lif.py picks it through `use_triton`; its reference is there).
 """
+from . import _common
 from .reference import attention_ref, band_mask, causal_conv1d_ref  # noqa: F401  (re-exported)
 
 BACKENDS = ("auto", "triton", "torch", "flex")  # flex: flex_attention for bands, the references elsewhere
@@ -24,6 +25,19 @@ except ImportError:  # pragma: no cover - depends on the install
         raise RuntimeError("Triton kernels are unavailable: install triton (pip install -e '.[triton]')")
 
     causal_conv1d = attention = lif_scan = _missing
+
+
+def unavailable(backend: str, device_type: str):
+    """Why `backend` should not run on this device type, or None when it can."""
+    if backend == "triton" and not HAVE_TRITON_KERNELS:
+        return "model.kernels=triton needs triton installed (pip install -e '.[triton]')"
+    if device_type == "cuda":
+        return None
+    if backend == "triton" and not _common.interpreting():
+        return f"model.kernels=triton needs a CUDA GPU (or TRITON_INTERPRET=1, the slow interpreter), not {device_type}"
+    if backend == "flex":  # eager flex off CUDA is forward only and unfused: a check, not a path to run
+        return f"model.kernels=flex runs on CUDA (flex_attention has no backward on {device_type} and is unfused there)"
+    return None
 
 
 def use_triton(backend, t):

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from . import checkpoint as ckpt
 from .errors import ConfigError, RunDirError
 
@@ -96,8 +98,18 @@ class RunDir:
         return path.read_text(encoding="utf-8") if path.is_file() else None
 
     def load(self, device="cpu", weights: str = WEIGHTS):
-        """(RunConfig, model in eval mode on `device`, Tokenizer)."""
+        """(RunConfig, model in eval mode on `device`, Tokenizer). A run trained with kernels this
+        device cannot run (model.kernels=triton on a CPU, say) loads with model.kernels=auto, which
+        computes the same function, and says so on stderr."""
+        import sys
+
+        from kernels import unavailable
+
         cfg = self.config()
+        why = unavailable(cfg.model.kernels, torch.device(device).type)
+        if why:
+            print(f"note: {self.path}: {why}; loading with model.kernels=auto (the same function)", file=sys.stderr)
+            cfg.model.kernels = "auto"
         model = self.load_weights(model_from_config(cfg), weights)
         return cfg, model.to(device).eval(), self.tokenizer()
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import describe_routing
+from kernels import unavailable as kernels_unavailable
 
 from . import data as data_mod
 from .checkpoint import average_checkpoints, remove_stale, weights_for_save
@@ -263,6 +264,9 @@ class Trainer:
 
     def setup_model(self):
         self.say(self.describe_data())
+        why = kernels_unavailable(self.cfg.model.kernels, self.device.type)
+        if why:
+            raise ConfigError(f"{why}: use model.kernels=auto or torch on {self.device.type}")
         self.model = model = model_from_config(self.cfg).to(self.device)
         init_model(model, self.cfg, self.tok)  # mask-token check (diffusion), train.init_from weights
         if self.t.lora.r:

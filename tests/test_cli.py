@@ -85,6 +85,7 @@ def test_layers_flag_forms(tmp_path, corpus, layers):
     (["model.vocab_size=100"], "vocab"),
     (["train.seq_len=100000"], "seq_len"),
     (["nonsense"], "not of the form section.key=value"),
+    (["model.kernels=flex", "train.device=cpu"], "model.kernels=flex runs on CUDA"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, corpus, capsys, args, needle):
     rc, out = run_train(tmp_path, corpus, *args, steps=1)

@@ -45,6 +45,21 @@ def test_open_valid_run_loads_config_model_and_tokenizer(run, tok):
     assert model.lm_head.weight is model.embed.weight  # the tied head came back tied
 
 
+def test_kernels_this_device_cannot_run_load_as_auto_with_a_note(run, capsys):
+    """A run trained with model.kernels=flex (CUDA only) still samples and exports on a CPU: it loads
+    with auto, the same function, and says so on stderr."""
+    import yaml
+
+    path = run.dir.path / "config.yaml"
+    saved = yaml.safe_load(path.read_text())
+    saved["model"]["kernels"] = "flex"
+    path.write_text(yaml.safe_dump(saved))
+    cfg, model, _ = RunDir.open(run.dir.path).load("cpu")
+    assert cfg.model.kernels == "auto" and all(layer.mixer.backend == "auto" for layer in model.layers
+                                               if hasattr(layer.mixer, "backend"))
+    assert "model.kernels=flex runs on CUDA" in capsys.readouterr().err
+
+
 def test_tied_head_is_stored_once(run):
     sd = load_tensors(run.dir.path / WEIGHTS)
     assert "embed.weight" in sd and "lm_head.weight" not in sd
