@@ -168,11 +168,13 @@ def lif_scan(u, beta, threshold, mem, spk, surrogate="atan", scale=2.0):
     if u.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"lif_scan: unsupported dtype {u.dtype}")
     _common.check_device("lif_scan", u, beta, threshold, mem, spk)
-    b = beta.clamp(0, 1).to(u.dtype)
+    # beta and threshold stay in their own dtype (fp32 parameters under bf16 autocast): the kernel
+    # computes in fp32 and returns their gradients in it.
+    b = beta.clamp(0, 1)
     mem = mem.to(u.dtype).expand(B, D)
     spk = spk.to(u.dtype).expand(B, D).detach()
     if T == 0:  # nothing to scan: the state passes through
         return u.new_empty(B, 0, D) + 0 * b.sum(), mem, spk
     u = u if u.stride(-1) == 1 else u.contiguous()  # time and batch may stride freely, channels not
-    return _LIFScanFn.apply(u, b.contiguous(), threshold.to(u.dtype).contiguous(), mem.contiguous(),
+    return _LIFScanFn.apply(u, b.contiguous(), threshold.contiguous(), mem.contiguous(),
                             spk.contiguous(), surrogate, float(scale))

@@ -407,6 +407,23 @@ def test_lif_scan_matches_reference(T, D, surrogate):
         assert _max_err(got, ref) <= 1e-4 * max(1.0, ref.abs().max().item()), f"d{name}: {_max_err(got, ref):.2e}"
 
 
+def test_lif_scan_bf16_input_keeps_an_fp32_state():
+    """Under bf16 autocast u arrives in bf16: the kernel's state is fp32, so its spikes are the fp32
+    reference's on the same (bf16-valued) currents; the gradients differ only by the bf16 rounding
+    of the saved membranes. beta and threshold keep their fp32 gradients."""
+    from arch.lif import lif_scan_ref
+
+    u, beta, thr, mem, spk, g_s, g_m, g_k = _lif_case(2, 33, 20)
+    u16, mem = u.bfloat16(), mem.bfloat16().float()  # the state is handed over in u's dtype
+    (s, m, k), grads = _lif_run(kernels.lif_scan, u16, beta, thr, mem, spk, g_s, g_m, g_k, "atan")
+    (rs, rm, rk), rgrads = _lif_run(lif_scan_ref, u16.float(), beta, thr, mem, spk, g_s, g_m, g_k, "atan")
+    assert s.dtype == torch.bfloat16 and torch.equal(s.float(), rs) and torch.equal(k.float(), rk)
+    assert grads[1].dtype == grads[2].dtype == torch.float32
+    for name, got, ref in zip(("u", "beta", "threshold", "mem"), grads, rgrads):
+        rel = ((got.float() - ref).norm() / ref.norm()).item()
+        assert rel < 2e-2, f"d{name}: relative error {rel:.2e}"
+
+
 def test_lif_scan_unused_outputs_and_empty_sequence():
     from arch.lif import lif_scan_ref
 
