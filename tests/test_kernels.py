@@ -299,6 +299,8 @@ def test_flex_band_attention_matches_reference(T, window, causal):
 
     q, k, v, do = _attn_case(2, 4, 2, T, 16)
     if DEV == "cuda":
+        if T != 63:
+            pytest.skip("on CUDA every shape is a flex compile: the compiled path is checked at T=63")
         got, g_got = _attn_run(flex_band_attention, q, k, v, do, torch.float32, causal=causal, window=window)
         ref, g_ref = _attn_run(attention_ref, q, k, v, do, torch.float64, causal=causal, window=window)
         assert all(_max_err(a, b) <= 1e-4 for a, b in zip((got, *g_got), (ref, *g_ref)))
