@@ -8,6 +8,8 @@ the sequence, SDPA's own causal kernel (FlashAttention) for full context; the re
 `causal_conv1d` and `attention` are the Triton implementations themselves; `lif_scan` is the LIF
 neuron's scan over time (arch/lif.py picks it through `use_triton`; its reference is there).
 """
+import torch
+
 from . import _common
 from .reference import attention_ref, band_mask, causal_conv1d_ref  # noqa: F401  (re-exported)
 
@@ -41,14 +43,16 @@ def unavailable(backend: str, device_type: str):
 
 
 def use_triton(backend, t):
-    """Whether `backend` ("auto" | "triton" | "torch") runs the Triton kernel for tensor t."""
+    """Whether `backend` ("auto" | "triton" | "torch" | "flex") runs the Triton kernel for t, a
+    tensor or a device."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "torch":
         return False
     if backend == "triton":
         return True
-    return HAVE_TRITON_KERNELS and t.is_cuda
+    on_cuda = t.is_cuda if isinstance(t, torch.Tensor) else torch.device(t).type == "cuda"
+    return HAVE_TRITON_KERNELS and on_cuda
 
 
 def conv1d_op(x, weight, bias=None, initial_state=None, return_final_state=False, backend="auto"):
@@ -82,10 +86,9 @@ def attention_op(q, k, v, causal=True, window=None, scale=None, backend="auto"):
 
 def describe_routing(backend: str, device, layer_types: list, windows: list, seq_len: int, mlp: str,
                      lif_scan: str = "fused") -> str:
-    """One line naming the kernel each block kind runs in training at seq_len (for the run's header)."""
-    import torch
-
-    t = torch.empty(0, device=device)
+    """One line naming the kernel each block kind runs in training at seq_len on `device` (the run's
+    header; --dry-run's for the device it estimates)."""
+    t = torch.device(device)
     tri = use_triton(backend, t)
     parts = []
     if "conv" in layer_types:
@@ -96,9 +99,9 @@ def describe_routing(backend: str, device, layer_types: list, windows: list, seq
         if attention_uses_triton(backend, t, w, seq_len, seq_len):
             lib = "Triton"
         elif attention_uses_flex(backend, w, seq_len, seq_len):
-            lib = "flex_attention" + ("" if t.is_cuda else " (unfused off CUDA)")
+            lib = "flex_attention" + ("" if t.type == "cuda" else " (unfused off CUDA)")
         parts.append(f"attention ({'full context' if full else f'window {w}'}) {lib}")
     if "lif" in layer_types or mlp == "lif":
         parts.append("LIF scan " + ("reference loop" if lif_scan == "reference" else "Triton" if tri
                                     else "fused eager loop"))
-    return f"kernels (model.kernels={backend}, {t.device.type}): " + ", ".join(parts or ["none"])
+    return f"kernels (model.kernels={backend}, {t.type}): " + ", ".join(parts or ["none"])

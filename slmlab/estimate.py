@@ -28,6 +28,8 @@ from typing import Optional
 
 import torch
 
+from kernels import describe_routing
+
 from .errors import ConfigError
 from .optim import route_params
 from .phases import phase_windows, resolve_phases
@@ -263,7 +265,9 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
     out = {"arch": cfg.arch, "params": st.params, "params_non_embedding": st.params_non_embedding,
            "device": "cuda (bf16 autocast)" if cuda else "cpu (fp32)", "world": world,
            "parallel": cfg.train.parallel if world > 1 else None, "optimizer": cfg.optim.name,
-           "static_bytes": vars(st), "lora": lora, "phases": []}
+           "static_bytes": vars(st), "lora": lora, "phases": [],
+           "kernels": describe_routing(cfg.model.kernels, device, cfg.model.layer_types(), cfg.model.layer_windows(),
+                                       phases[-1].seq_len, cfg.model.mlp, cfg.model.block_options("lif").scan)}
     windows = cfg.model.layer_windows()
     for ph in phases:
         model.set_windows(phase_windows(windows, ph.window))
@@ -359,6 +363,7 @@ def report(est: dict) -> str:
     lines = [f"model: {est['arch']}  {_n(est['params'])} params ({_n(est['params_non_embedding'])} non-embedding)"
              f"  device: {est['device']}" + (f"  world {est['world']} ({est['parallel']}, per rank)"
                                             if est["world"] > 1 else ""),
+             est["kernels"],
              f"per device, every phase: weights {_b(s['weights'])}  gradients {_b(s['gradients'])}  "
              f"optimizer ({est['optimizer']}) {_b(s['optimizer'])}"
              + (f"  DDP buckets {_b(s['ddp_buckets'])}" if s["ddp_buckets"] else "")

@@ -157,6 +157,8 @@ def test_dry_run_json_has_the_keys(capsys):
     assert est["params_non_embedding"] == 354_483_968 - 65536 * 1024
     assert 0 < est["train_memory_bytes"] < 16 * GB and est["max_micro_batch"] >= 16
     assert len(est["phases"]) == 3 and set(est["phases"][0]["verdict"]) == {"8GB", "16GB", "24GB", "40GB", "80GB"}
+    # estimated for a GPU (--mem), so it names what auto runs there, CUDA or not on this machine
+    assert est["kernels"] == "kernels (model.kernels=auto, cuda): conv Triton, attention (full context) SDPA"
 
 
 def test_dry_run_report_and_its_knobs(capsys):
