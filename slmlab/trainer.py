@@ -36,6 +36,7 @@ from .runtime import (
     CompiledOrEager,
     Dist,
     autocast,
+    is_compile_error,
     is_sharded,
     peak_flops,
     rng_state,
@@ -362,8 +363,14 @@ class Trainer:
         try:
             sums = self.accumulate(micro)
         except Exception as e:  # the compiled backward failed to compile (it compiles at the first backward)
-            if not (isinstance(self.loss_fn, CompiledOrEager) and self.loss_fn.fall_back(e)):
+            if not (isinstance(self.loss_fn, CompiledOrEager) and self.loss_fn.fn is not self.loss_fn.eager
+                    and is_compile_error(e)):
                 raise
+            if dist.world > 1:  # DDP's reducer / FSDP's reduce-scatters are mid-backward: no clean redo
+                raise ConfigError(f"torch.compile failed for the training backward ({type(e).__name__}); with "
+                                  f"{dist.world} ranks the step cannot be redone eagerly: rerun with "
+                                  "train.compile=false") from e
+            self.loss_fn.fall_back(e)
             self.opt.zero_grad(set_to_none=True)  # a partial backward may have written some gradients
             sums = self.accumulate(micro)
         loss_sum, ce_sum = (dist.mean(v) for v in sums.tolist())

@@ -357,6 +357,15 @@ def test_backward_compile_failure_redoes_the_step_eagerly(corpus, tmp_path, caps
     assert len(warnings) == 1 and "the training forward" in warnings[0] and "backward graph" in warnings[0]
     train(tiny_cfg(corpus, **common, **{"train.compile": False}), tmp_path / "ref")
     assert _step_losses(tmp_path / "fallback")[0] == _step_losses(tmp_path / "ref")[0]
+    # several ranks: DDP's reducer (or FSDP's reduce-scatters) are left mid-backward, so no redo: one line
+    from slmlab.trainer import Trainer
+
+    tr = Trainer(tiny_cfg(corpus, **common, **{"train.compile": True}), tmp_path / "ranks")
+    tr.dist.world = 2
+    ph = tr.phases[0]
+    tr.batches.stream(ph)
+    with pytest.raises(ConfigError, match="with 2 ranks the step cannot be redone eagerly: rerun with train.compile"):
+        tr.train_step(1, ph)
 
 
 def test_compile_failure_falls_back_to_eager_with_one_warning(corpus, tmp_path, capsys, monkeypatch):
