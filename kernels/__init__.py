@@ -71,6 +71,7 @@ def attention_uses_triton(backend, t, window, Tq: int, Tk: int) -> bool:
 
 
 def attention_uses_flex(backend, window, Tq: int, Tk: int) -> bool:
+    """Whether attention_op runs flex_attention: model.kernels=flex, a band, no cache."""
     return backend == "flex" and window is not None and window < Tk and Tq == Tk
 
 
@@ -85,7 +86,7 @@ def attention_op(q, k, v, causal=True, window=None, scale=None, backend="auto"):
 
 
 def describe_routing(backend: str, device, layer_types: list, windows: list, seq_len: int, mlp: str,
-                     lif_scan: str = "fused") -> str:
+                     scan: str = "fused") -> str:
     """One line naming the kernel each block kind runs in training at seq_len on `device` (the run's
     header; --dry-run's for the device it estimates)."""
     t = torch.device(device)
@@ -102,6 +103,6 @@ def describe_routing(backend: str, device, layer_types: list, windows: list, seq
             lib = "flex_attention" + ("" if t.type == "cuda" else " (unfused off CUDA)")
         parts.append(f"attention ({'full context' if full else f'window {w}'}) {lib}")
     if "lif" in layer_types or mlp == "lif":
-        parts.append("LIF scan " + ("reference loop" if lif_scan == "reference" else "Triton" if tri
+        parts.append("LIF scan " + ("reference loop" if scan == "reference" else "Triton" if tri
                                     else "fused eager loop"))
     return f"kernels (model.kernels={backend}, {t.type}): " + ", ".join(parts or ["none"])
