@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from slmlab.errors import ConfigError
 
 from .lif import spike_metrics
-from .loss import linear_cross_entropy, linear_cross_entropy_ref, linear_token_nll
+from .loss import linear_token_nll
 from .model import LM, sample_next
 
 T_EPS = 1e-3  # smallest t: keeps the 1/t weight finite
@@ -83,8 +83,7 @@ class DiffusionLM(LM):
         """Mask x0 at rate t [B] and return the per-position ELBO terms [B, T] (model.loss_chunk
         rows of logits at a time when set)."""
         h, target, tt, masked = self._masked_rows(x0, t, generator)
-        chunk = self.cfg.loss_chunk or max(1, target.numel())
-        ce = linear_token_nll(h, self.lm_head.weight, target, chunk, exclude=self.mask_id)
+        ce = linear_token_nll(h, self.lm_head.weight, target, self.cfg.loss_chunk, exclude=self.mask_id)
         out = torch.zeros(x0.shape, device=x0.device, dtype=ce.dtype)
         out[masked] = ce / tt
         return out
@@ -100,10 +99,7 @@ class DiffusionLM(LM):
         t = antithetic_t(idx.shape[0], idx.device)
         h, target, tt, _ = self._masked_rows(idx, t)
         scale = 1.0 / (tt * idx.numel())  # sum over masked positions of CE / t, per clean token
-        if self.cfg.loss_chunk:
-            return linear_cross_entropy(h, self.lm_head.weight, target, self.cfg.loss_chunk, row_scale=scale,
-                                        exclude=self.mask_id)
-        return linear_cross_entropy_ref(h, self.lm_head.weight, target, row_scale=scale, exclude=self.mask_id)
+        return self.loss(h, target, row_scale=scale, exclude=self.mask_id)
 
     def token_nll(self, idx, targets, generator=None):
         """Per-token ELBO terms [B, T] of the sequence `targets` (the one whose bytes the trainer

@@ -118,17 +118,14 @@ def _chunked_loss_no_grad(x, weight, targets, chunk: int, ignore_index: int, row
     return total
 
 
-def linear_token_nll(x, weight, targets, chunk: int, exclude=None):
+def linear_token_nll(x, weight, targets, chunk: int = 0, exclude=None):
     """Per-position cross-entropy (nats, shaped like targets) of logits = x @ weight.T, `chunk`
-    positions of logits at a time: evaluation's share of model.loss_chunk (no gradients kept).
-    exclude: a vocabulary column left out of the softmax."""
+    positions of logits at a time (0: all at once): evaluation's share of model.loss_chunk (no
+    gradients kept). exclude: a vocabulary column left out of the softmax."""
     x2, t2 = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
-    parts = []
-    for s in range(0, x2.shape[0], chunk):
-        logits = _upcast(F.linear(x2[s:s + chunk], weight))
-        if exclude is not None:
-            logits[:, exclude] = float("-inf")
-        parts.append(F.cross_entropy(logits, t2[s:s + chunk], reduction="none"))
+    step = chunk or max(1, x2.shape[0])
+    parts = [F.cross_entropy(_chunk_logits(x2[s:s + step], weight, exclude), t2[s:s + step], reduction="none")
+             for s in range(0, x2.shape[0], step)]
     return torch.cat(parts).view_as(targets) if parts else x2.new_zeros(targets.shape, dtype=torch.float32)
 
 

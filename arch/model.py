@@ -80,11 +80,13 @@ class LM(nn.Module):
         logits = self.lm_head(x)
         return logits if states is None else (logits, new_states)
 
-    def loss(self, x, targets):
+    def loss(self, x, targets, **kw):
+        """The head's cross-entropy on hidden states x, model.loss_chunk positions at a time when set;
+        kw: linear_cross_entropy's row_scale / exclude (the diffusion ELBO's weights and mask column)."""
         # lm_head.weight, not lm_head(x): under data.added_tokens it is a parametrization's output.
         if self.cfg.loss_chunk:
-            return linear_cross_entropy(x, self.lm_head.weight, targets, self.cfg.loss_chunk)
-        return linear_cross_entropy_ref(x, self.lm_head.weight, targets)
+            return linear_cross_entropy(x, self.lm_head.weight, targets, self.cfg.loss_chunk, **kw)
+        return linear_cross_entropy_ref(x, self.lm_head.weight, targets, **kw)
 
     # ---- hooks the trainer uses, so objectives other than next-token prediction plug in ----
     nll_is_bound = False  # True when token_nll is an upper bound (e.g. a diffusion ELBO)
@@ -92,8 +94,7 @@ class LM(nn.Module):
     def token_nll(self, idx, targets, generator=None):
         """Per-token negative log-likelihood in nats, [B, T], for evaluation and bits-per-byte.
         With model.loss_chunk, as the training loss, the [B*T, V] logits never exist whole."""
-        chunk = self.cfg.loss_chunk or targets.numel()
-        return linear_token_nll(self.hidden(idx)[0], self.lm_head.weight, targets, chunk)
+        return linear_token_nll(self.hidden(idx)[0], self.lm_head.weight, targets, self.cfg.loss_chunk)
 
     def extra_metrics(self) -> dict:
         """Model-specific numbers logged at each eval (e.g. spike rates); empty by default."""
