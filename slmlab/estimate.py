@@ -269,6 +269,7 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
            "kernels": describe_routing(cfg.model.kernels, device, cfg.model.layer_types(), cfg.model.layer_windows(),
                                        phases[-1].seq_len, cfg.model.mlp, cfg.model.block_options("lif").scan)}
     windows = cfg.model.layer_windows()
+    chunked = None if cfg.model.loss_chunk else with_loss_chunk(cfg, SUGGESTED_LOSS_CHUNK)  # the what-if shown
     for ph in phases:
         model.set_windows(phase_windows(windows, ph.window))
         batch = ph.batch_size(cfg.train.grad_accum, world)
@@ -286,8 +287,7 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
                 fit = max_micro_batch(model, st, cfg, ph.seq_len, ckpt, cuda, budget)
                 r["max_micro_batch"] = fit
                 r["grad_accum_to_fit"] = accum_for(ph.tokens_per_step, ph.seq_len, world, fit) if fit else None
-        if could_chunk(cfg):
-            chunked = with_loss_chunk(cfg, SUGGESTED_LOSS_CHUNK)
+        if chunked is not None:
             ck = cfg.model.grad_checkpoint
             r = train_peak(model, st, chunked, batch, ph.seq_len, ck, cuda)
             r["unchunked_peak"] = row[_ckpt_key(cfg)]["peak"]
@@ -319,12 +319,6 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
             "step_seconds": [p["flops_per_token"] * p["tokens_per_step"] / rate for p in out["phases"]]}
     out["inference"] = inference_memory(model, cfg, context)
     return out
-
-
-def could_chunk(cfg) -> bool:
-    """model.loss_chunk is off (it chunks every objective's head: next-token CE and the diffusion
-    ELBO's masked positions)."""
-    return not cfg.model.loss_chunk
 
 
 def with_loss_chunk(cfg, chunk: int):
@@ -440,7 +434,7 @@ def check_fits(cfg, budget: int, where: str, cuda: bool, world: int = 1):
     ckpt = cfg.model.grad_checkpoint
     windows = cfg.model.layer_windows()
     phases = resolve_phases(cfg, world)
-    chunked = with_loss_chunk(cfg, SUGGESTED_LOSS_CHUNK) if could_chunk(cfg) else None
+    chunked = None if cfg.model.loss_chunk else with_loss_chunk(cfg, SUGGESTED_LOSS_CHUNK)
     over, fits, fits_ck, fits_lc = None, [], [], []
     for ph in phases:
         model.set_windows(phase_windows(windows, ph.window))

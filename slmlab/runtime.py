@@ -106,11 +106,15 @@ class CompiledOrEager:
                 raise
             return self.eager(*args, **kwargs)
 
+    def would_fall_back(self, e: Exception) -> bool:
+        """`e` is a compiler failure and this still runs compiled."""
+        return self.fn is not self.eager and _is_compile_error(e)
+
     def fall_back(self, e: Exception) -> bool:
         """Run eager from now on if `e` is a compiler failure (one warning line). Also for errors
         raised outside the call: the backward graph compiles at the first backward. False (nothing
         changed) for any other error, or when already eager."""
-        if self.fn is self.eager or not is_compile_error(e):
+        if not self.would_fall_back(e):
             return False
         self.say(fallback_warning(f"torch.compile failed for {self.what}", e, "running eager"))
         self.fn = self.eager
@@ -123,7 +127,7 @@ def fallback_warning(what_failed: str, e: Exception, instead: str) -> str:
     return f"warning: {what_failed} ({type(e).__name__}: {first}); {instead}"
 
 
-def is_compile_error(e: Exception) -> bool:
+def _is_compile_error(e: Exception) -> bool:
     import torch._dynamo.exc as dynamo_exc
 
     kinds = [dynamo_exc.TorchDynamoException]

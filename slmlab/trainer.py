@@ -36,7 +36,6 @@ from .runtime import (
     CompiledOrEager,
     Dist,
     autocast,
-    is_compile_error,
     is_sharded,
     peak_flops,
     rng_state,
@@ -363,8 +362,7 @@ class Trainer:
         try:
             sums = self.accumulate(micro)
         except Exception as e:  # the compiled backward failed to compile (it compiles at the first backward)
-            if not (isinstance(self.loss_fn, CompiledOrEager) and self.loss_fn.fn is not self.loss_fn.eager
-                    and is_compile_error(e)):
+            if not (isinstance(self.loss_fn, CompiledOrEager) and self.loss_fn.would_fall_back(e)):
                 raise
             if dist.world > 1:  # DDP's reducer / FSDP's reduce-scatters are mid-backward: no clean redo
                 raise ConfigError(f"torch.compile failed for the training backward ({type(e).__name__}); with "
