@@ -89,6 +89,13 @@ class ModelConfig:
     def layer_types(self) -> list[str]:
         return parse_pattern(self.layers, self.n_layers)
 
+    def kernel_routing(self, device, seq_len: int) -> str:
+        """The one line naming the kernel each block runs on `device` at seq_len (kernels.describe_routing)."""
+        from kernels import describe_routing
+
+        return describe_routing(self.kernels, device, self.layer_types(), self.layer_windows(), seq_len, self.mlp,
+                                self.block_options("lif").scan)
+
     def layer_windows(self) -> list[Optional[int]]:
         """Per layer: the attention window (None = full, or a non-attention layer)."""
         types = self.layer_types()

@@ -28,8 +28,6 @@ from typing import Optional
 
 import torch
 
-from kernels import describe_routing
-
 from .errors import ConfigError
 from .optim import route_params
 from .phases import phase_windows, resolve_phases
@@ -266,8 +264,7 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
            "device": "cuda (bf16 autocast)" if cuda else "cpu (fp32)", "world": world,
            "parallel": cfg.train.parallel if world > 1 else None, "optimizer": cfg.optim.name,
            "static_bytes": vars(st), "lora": lora, "phases": [],
-           "kernels": describe_routing(cfg.model.kernels, device, cfg.model.layer_types(), cfg.model.layer_windows(),
-                                       phases[-1].seq_len, cfg.model.mlp, cfg.model.block_options("lif").scan)}
+           "kernels": cfg.model.kernel_routing(device, phases[-1].seq_len)}
     windows = cfg.model.layer_windows()
     chunked = None if cfg.model.loss_chunk else with_loss_chunk(cfg, SUGGESTED_LOSS_CHUNK)  # the what-if shown
     for ph in phases:

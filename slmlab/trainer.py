@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels import describe_routing
 from kernels import unavailable as kernels_unavailable
 
 from . import data as data_mod
@@ -283,9 +282,7 @@ class Trainer:
                  f"{self.device}" + (f"  {world} ranks ({self.t.parallel})" if world > 1 else ""))
         for ph in self.phases:
             self.say("  " + ph.describe() + f"  batch {ph.batch_size(self.t.grad_accum, world) * world}")
-        m = self.cfg.model
-        self.say(describe_routing(m.kernels, self.device, m.layer_types(), m.layer_windows(), self.phases[-1].seq_len,
-                                  m.mlp, m.block_options("lif").scan))
+        self.say(self.cfg.model.kernel_routing(self.device, self.phases[-1].seq_len))
 
     def setup_parallel_and_optimizer(self, resuming: bool):
         if resuming and self.dist.world > 1 and self.t.parallel == "fsdp":
