@@ -87,15 +87,15 @@ def _fwd_bwd(fn, inputs, dout):
 
 # ----------------------------------------------------------------------------- attention
 
-def _flex_setup():
+def _have_flex() -> bool:
     try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        import torch.nn.attention.flex_attention  # noqa: F401
     except ImportError:
-        return None
-    return create_block_mask, torch.compile(flex_attention, dynamic=False)
+        return False
+    return True
 
 
-def _attention_candidates(T, W, flex):
+def _attention_candidates(T, W, flex: bool):
     from .attention import attention
 
     dense = band_mask(T, T, causal=True, window=W, device=_DEVICE)
@@ -108,17 +108,10 @@ def _attention_candidates(T, W, flex):
     if W is None:
         cands["sdpa_causal"] = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=True)
-    if flex is not None:
-        create_block_mask, flex_attention = flex
+    if flex:  # model.kernels=flex's own path: a compiled flex_attention over a cached band block mask
+        from .flex import flex_band_attention
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            keep = kv_idx <= q_idx
-            if W is not None:
-                keep = keep & (q_idx - kv_idx < W)
-            return keep
-
-        block_mask = create_block_mask(mask_mod, None, None, T, T, device=_DEVICE)
-        cands["flex"] = lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+        cands["flex"] = lambda q, k, v: flex_band_attention(q, k, v, causal=True, window=W or T)
     return cands
 
 
@@ -129,8 +122,8 @@ def bench_attention(args):
     windows = [None if w == 0 else w for w in windows]  # --windows 0 = full causal
     head_dims = getattr(args, "head_dims", None) or (ATTN_HEAD_DIMS_QUICK if args.quick else ATTN_HEAD_DIMS)
     ratios = []
-    flex = None if args.no_flex else _flex_setup()
-    names = ["triton", "ref", "sdpa_band"] + (["flex"] if flex is not None else [])
+    flex = not args.no_flex and _have_flex()
+    names = ["triton", "ref", "sdpa_band"] + (["flex"] if flex else [])
     names += ["sdpa_causal"] if None in windows else []
 
     print(f"\nattention, bf16, causal, B={B} Hq={Hq} Hkv={Hkv}; ms per call (speedup = baseline / triton)")
@@ -239,8 +232,8 @@ def bench_lif(args):
             row = f"{B:5d} {T:5d} {D:5d} {mode:>8} " + " ".join(_fmt(times[n]) for n in names)
             row += " " + " ".join(_ratio(times[n], times["triton"]) for n in names[1:]) if ok else "  PARITY FAILED"
             print(row + f"  {agree:.4%}", flush=True)
-        if ok and all(isinstance(times[n], float) for n in names):
-            ratios.append(times["fused"] / times["triton"])
+        timed = all(isinstance(times[n], float) for n in names)
+        ratios.append(times["fused"] / times["triton"] if ok and timed else None)  # None: not met
         del u, ds, ins
         torch.cuda.empty_cache()
     return {"lif vs fused eager": ratios}
