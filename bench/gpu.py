@@ -72,11 +72,13 @@ class Table:
         print("\n".join(self.lines), flush=True)
 
 
-def warm(calls: dict, what: str):
-    """Call each once and print how long it took: on a GPU the first call is the compile or the
-    capture, and a step cut off by its time limit should leave in its log where the time went."""
-    for name, fn in calls.items():
-        print(f"  warm-up {what} {name}: {sync_time(fn):.1f} s", flush=True)
+def warm_printer(what: str):
+    """interleaved's on_warm: each warm-up call's time, printed as it ends. On a GPU the first call
+    is the compile or the capture, and a step cut off by its time limit should leave in its log
+    where the time went."""
+    def say(name, seconds):
+        print(f"  warm-up {what} {name}: {seconds:.1f} s", flush=True)
+    return say
 
 
 # ----------------------------------------------------------------------------- env
@@ -180,8 +182,7 @@ def section_train(args):
                   "est / measured")
     for arch in args.archs:
         variants = train_variants(arch, args)
-        warm({k: v.step for k, v in variants.items()}, arch)
-        t = interleaved({k: v.step for k, v in variants.items()}, args.rounds, sync_time)
+        t = interleaved({k: v.step for k, v in variants.items()}, args.rounds, sync_time, warm_printer(arch))
         for name, v in variants.items():
             tps = v.B * v.T / t[name]
             mem = v.memory()
@@ -222,8 +223,8 @@ def section_decode(args):
                  "hf": lambda k, idx=idx, hf=hf: hf.generate(idx, max_new_tokens=k, min_new_tokens=k,
                                                               do_sample=False, pad_token_id=0)}
             with torch.no_grad():
-                warm({k: lambda fn=fn: fn(2) for k, fn in v.items()}, f"{arch} batch {B}")
-                tps = {k: B * rate for k, rate in decode_rates(v, n, args.rounds, sync_time).items()}
+                rates = decode_rates(v, n, args.rounds, sync_time, warm_printer(f"{arch} batch {B}"))
+                tps = {k: B * rate for k, rate in rates.items()}
                 same = (v["graph"](n) == v["hf"](n))[:, P:].float().mean().item()
             model_mod.CUDA_GRAPH_DECODE = True
             table.row(arch, str(B), *(f"{tps[k]:,.0f}" for k in ("eager", "compiled", "graph", "hf")),

@@ -47,12 +47,15 @@ def wall_time(fn) -> float:
     return time.perf_counter() - t
 
 
-def interleaved(variants: dict, rounds: int, timed=wall_time) -> dict:
+def interleaved(variants: dict, rounds: int, timed=wall_time, on_warm=None) -> dict:
     """name -> median seconds of one call, the variants called round-robin; timed(fn) -> seconds
-    (bench/gpu.py passes one that synchronizes the device)."""
+    (bench/gpu.py passes one that synchronizes the device). on_warm(name, seconds) hears how long
+    each warm-up call (the compile, the capture) took."""
     times = {k: [] for k in variants}
-    for fn in variants.values():  # warm-up (and compilation) outside the timing
-        fn()
+    for k, fn in variants.items():  # warm-up (and compilation) outside the timing
+        s = timed(fn)
+        if on_warm is not None:
+            on_warm(k, s)
     for _ in range(rounds):
         for k, fn in variants.items():
             times[k].append(timed(fn))
@@ -120,14 +123,14 @@ def section_train(args):
                   f"{tps['eager'] / tps['hf']:.2f}x | {tps['compiled'] / tps['hf']:.2f}x |", flush=True)
 
 
-def decode_rates(variants: dict, n: int, rounds: int, timed=wall_time) -> dict:
+def decode_rates(variants: dict, n: int, rounds: int, timed=wall_time, on_warm=None) -> dict:
     """Decode tokens/s without the prefill: each variant generates n and 1 tokens, interleaved;
-    rate = (n - 1) / (t_n - t_1)."""
+    rate = (n - 1) / (t_n - t_1). on_warm as in interleaved, named (variant, tokens)."""
     calls = {}
     for k, fn in variants.items():
         calls[(k, n)] = lambda fn=fn: fn(n)
         calls[(k, 1)] = lambda fn=fn: fn(1)
-    t = interleaved(calls, rounds, timed)
+    t = interleaved(calls, rounds, timed, on_warm)
     return {k: (n - 1) / max(t[(k, n)] - t[(k, 1)], 1e-9) for k in variants}
 
 
