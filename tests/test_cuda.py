@@ -131,10 +131,15 @@ def test_gpu_bench_python_runs_on_cpu_at_a_tiny_size(monkeypatch, capsys):
                      "model.n_heads=2", "model.n_kv_heads=1", "model.vocab_size=97"])
     out = capsys.readouterr().out
     lines = out.splitlines()
+    for arch, rows in (("transformer", 6 + 2), ("hybrid", 5 + 2)):  # train variants + decode batches
+        final = [ln for ln in lines if ln.startswith(f"| {arch} |")]  # the tables printed whole
+        assert rc == 0 and len(final) == rows and [f"row: {ln}" for ln in final] == [
+            ln for ln in lines if ln.startswith(f"row: | {arch} |")], out
+
+    # --band: flex_attention has no CPU backward, so the reference stands in for it; the rows are what is checked
     import kernels.flex
     from kernels.reference import attention_ref
 
-    # flex_attention has no CPU backward: the reference stands in for it; the rows are what is checked
     monkeypatch.setattr(kernels.flex, "flex_band_attention", lambda q, k, v, causal, window, scale=None: attention_ref(
         q, k, v, causal=causal, window=window, scale=scale))
     assert bench.main(["--device", "cpu", "--only", "train", "--size", "", "--tokens", "32", "--seq-len", "16",
@@ -142,10 +147,6 @@ def test_gpu_bench_python_runs_on_cpu_at_a_tiny_size(monkeypatch, capsys):
                        "model.n_heads=2", "model.n_kv_heads=1", "model.vocab_size=97"]) == 0
     band = capsys.readouterr().out
     assert sum(ln.startswith("| transformer |") for ln in band.splitlines()) == 7, band  # 3 eager, flex x2, compiled, HF
-    for arch, rows in (("transformer", 6 + 2), ("hybrid", 5 + 2)):  # train variants + decode batches
-        final = [ln for ln in lines if ln.startswith(f"| {arch} |")]  # the tables printed whole
-        assert rc == 0 and len(final) == rows and [f"row: {ln}" for ln in final] == [
-            ln for ln in lines if ln.startswith(f"row: | {arch} |")], out
 
 
 def test_gpu_check_script_keeps_its_budget_and_names_its_steps(tmp_path):
