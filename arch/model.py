@@ -17,7 +17,14 @@ from torch.utils.checkpoint import checkpoint
 from .block import Block, residual_linears
 from .config import ModelConfig
 from .layers import make_norm
-from .loss import linear_cross_entropy, linear_cross_entropy_ref, linear_token_nll
+from .loss import (
+    Distill,
+    linear_cross_entropy,
+    linear_cross_entropy_ref,
+    linear_distill_loss,
+    linear_distill_loss_ref,
+    linear_token_nll,
+)
 
 
 class LM(nn.Module):
@@ -71,12 +78,13 @@ class LM(nn.Module):
                     new_states.append(s)
         return self.norm(x), new_states
 
-    def forward(self, idx, targets=None, states=None):
+    def forward(self, idx, targets=None, states=None, teacher: Optional[Distill] = None):
         """model(idx) -> logits [B, T, V]; model(idx, targets) -> mean CE loss (targets -1 ignored);
+        model(idx, targets, teacher=D) -> (distillation loss, CE) (arch/loss.py's Distill);
         model(idx, states=S) -> (logits, S') for incremental decode (S from init_state)."""
         x, new_states = self.hidden(idx, states)
         if targets is not None:
-            return self.loss(x, targets)
+            return self.loss(x, targets) if teacher is None else self.distill_loss(x, targets, teacher)
         logits = self.lm_head(x)
         return logits if states is None else (logits, new_states)
 
@@ -87,6 +95,12 @@ class LM(nn.Module):
         if self.cfg.loss_chunk:
             return linear_cross_entropy(x, self.lm_head.weight, targets, self.cfg.loss_chunk, **kw)
         return linear_cross_entropy_ref(x, self.lm_head.weight, targets, **kw)
+
+    def distill_loss(self, x, targets, teacher: Distill):
+        """(loss, CE) of distillation from `teacher` on hidden states x, chunked as loss() is."""
+        if self.cfg.loss_chunk:
+            return linear_distill_loss(x, self.lm_head.weight, targets, teacher, self.cfg.loss_chunk)
+        return linear_distill_loss_ref(x, self.lm_head.weight, targets, teacher)
 
     # ---- hooks the trainer uses, so objectives other than next-token prediction plug in ----
     nll_is_bound = False  # True when token_nll is an upper bound (e.g. a diffusion ELBO)

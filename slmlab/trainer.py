@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from arch.loss import Distill
 from kernels import unavailable as kernels_unavailable
 
 from . import data as data_mod
@@ -56,19 +56,21 @@ def train(cfg: RunConfig, out: Path, force: bool = False, resume: bool = False) 
     return cls(cfg, Path(out), force=force, resume=resume).fit()
 
 
-def distill_loss(logits, targets, teacher_logits, alpha: float, temp: float):
-    """(1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T), per token (Hinton et al.)."""
-    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-    s = F.log_softmax(logits.flatten(0, 1) / temp, dim=-1)
-    t = F.log_softmax(teacher_logits.flatten(0, 1) / temp, dim=-1)
-    kl = F.kl_div(s, t, log_target=True, reduction="batchmean") * temp * temp
-    return (1 - alpha) * ce + alpha * kl, ce
-
-
-def load_teacher(path: str, tok, device):
+def load_teacher(path: str, cfg: RunConfig, tok, device):
+    """The frozen teacher of train.teacher=path, after checking it can teach this run: an
+    autoregressive model on the same tokenizer and vocabulary as the autoregressive student."""
+    if cfg.objective.name != "ar":
+        raise ConfigError(f"train.teacher distills into autoregressive models; objective.name is {cfg.objective.name!r}")
     run = RunDir.open(path, label="train.teacher=")
     run.check_same_tokenizer(tok, "distillation needs the same tokenizer (train the teacher on the same "
                                   "data.spec and model.vocab_size)")
+    tcfg = run.config()
+    if tcfg.objective.name != "ar":
+        raise ConfigError(f"train.teacher={path} is an objective.name={tcfg.objective.name} run: "
+                          "distillation needs an autoregressive teacher")
+    if tcfg.model.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(f"train.teacher={path} has model.vocab_size={tcfg.model.vocab_size}, this run "
+                          f"{cfg.model.vocab_size}: distillation compares logits column by column")
     _, teacher, _ = run.load(device)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -195,10 +197,7 @@ class Trainer:
         if self.t.lora.r:  # the adapter run names its base by an absolute path, so it loads from anywhere
             self.t.init_from = str(Path(self.t.init_from).expanduser().resolve())
         self.setup_data()
-        self.teacher = load_teacher(self.t.teacher, self.tok, self.device) if self.t.teacher else None
-        if self.teacher is not None and self.cfg.model.loss_chunk:
-            self.say(f"note: model.loss_chunk={self.cfg.model.loss_chunk} does not chunk the distillation loss: "
-                     "the student's and the teacher's logits are computed whole (evaluation is chunked)")
+        self.teacher = load_teacher(self.t.teacher, cfg, self.tok, self.device) if self.t.teacher else None
         ckpt = self.checkpoint_to_resume() if resume else None
         self.setup_model()
         saved = self.run.load_checkpoint(ckpt, self.model) if ckpt else None  # before DDP/FSDP wrap it
@@ -395,13 +394,14 @@ class Trainer:
 
     def compute_loss(self, x, y):
         """(loss to minimise, cross-entropy to report) for one micro-batch. The one place a new
-        objective goes: SFT masking, distillation (below), an auxiliary loss."""
+        objective goes: SFT masking (the -1 labels), distillation (below), an auxiliary loss."""
         if self.teacher is None:
             loss = self.loss_fn(x, y)  # the model's own objective (next-token CE, or the MDLM ELBO)
             return loss, loss
-        with torch.no_grad():
-            teacher_logits = self.teacher(x).float()
-        return distill_loss(self.loss_fn(x).float(), y, teacher_logits, self.t.distill_alpha, self.t.distill_temperature)
+        with torch.no_grad():  # the teacher's hidden states only: its head runs inside the loss, chunked
+            hidden = self.teacher.hidden(x)[0]
+        teacher = Distill(hidden, self.teacher.lm_head.weight, self.t.distill_alpha, self.t.distill_temperature)
+        return self.loss_fn(x, y, teacher=teacher)
 
     def skip_bad_step(self, step: int, loss: float, gnorm: float):
         self.state.bad_steps += 1

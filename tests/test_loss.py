@@ -2,7 +2,13 @@
 import pytest
 import torch
 
-from arch.loss import linear_cross_entropy, linear_cross_entropy_ref
+from arch.loss import (
+    Distill,
+    linear_cross_entropy,
+    linear_cross_entropy_ref,
+    linear_distill_loss,
+    linear_distill_loss_ref,
+)
 from arch.model import LM
 from tests.test_arch import tiny
 
@@ -203,3 +209,96 @@ def test_eval_batch_is_at_most_one_training_micro_batch():
     assert eval_shape(phases, None, 1, 1) == (2048, 2)
     assert eval_shape(phases, 512, 2, 1) == (512, 4)  # the micro-batch's 2048 tokens in 512-windows
     assert eval_shape(phases, None, 1, 2) == (2048, 1)  # per rank under torchrun
+
+
+# ---- distillation: the same chunked head with the teacher's logits beside the student's ----
+
+def _teacher(n, V=37, dt=12, seed=2, alpha=0.3, temp=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return Distill(torch.randn(n, dt, generator=g, dtype=torch.float64),
+                   torch.randn(V, dt, generator=g, dtype=torch.float64) * 0.5, alpha, temp)
+
+
+def test_distill_reference_matches_a_hand_computation():
+    import math
+
+    student = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0], [5.0, 5.0, 5.0]]  # logits; the identity head
+    teacher = [[2.0, 0.0, 1.0], [1.0, 1.0, 1.0], [0.0, 9.0, 0.0]]
+    targets = [1, 2, -1]  # the third row is a prompt position: out of both terms
+    alpha, temp = 0.25, 2.0
+
+    def log_softmax(row, t=1.0):
+        lse = math.log(sum(math.exp(v / t) for v in row))
+        return [v / t - lse for v in row]
+
+    rows = list(zip(student, teacher, targets))[:2]
+    ce = sum(-log_softmax(s)[y] for s, _, y in rows) / 2
+    kl = sum(sum(math.exp(lt) * (lt - ls) for ls, lt in zip(log_softmax(s, temp), log_softmax(t, temp)))
+             for s, t, _ in rows) / 2  # KL(teacher_T || student_T), mean over the valid tokens
+    eye = torch.eye(3, dtype=torch.float64)
+
+    def ref(t_logits, a):
+        return linear_distill_loss_ref(torch.tensor(student, dtype=torch.float64), eye, torch.tensor(targets),
+                                       Distill(torch.tensor(t_logits, dtype=torch.float64), eye, a, temp))
+
+    loss, got_ce = ref(teacher, alpha)
+    assert got_ce.item() == pytest.approx(ce, rel=1e-12)
+    assert loss.item() == pytest.approx((1 - alpha) * ce + alpha * temp ** 2 * kl, rel=1e-12)
+    assert kl > 0.05  # the KL term is not negligible, so a wrong sign or temperature would show
+    assert ref(teacher, 0.0)[0].item() == pytest.approx(ce, rel=1e-12)  # alpha 0: plain CE
+    assert ref(student, alpha)[0].item() == pytest.approx((1 - alpha) * ce, rel=1e-12)  # KL(p || p) = 0
+
+
+@pytest.mark.parametrize("n,chunk", [(1, 1), (7, 3), (63, 8), (63, 64)])
+@pytest.mark.parametrize("alpha,temp", [(0.3, 2.0), (1.0, 0.5)])
+def test_distill_chunked_matches_reference(n, chunk, alpha, temp):
+    x, w, t = _inputs(n)
+    teacher = _teacher(n, alpha=alpha, temp=temp)
+    ref, ce_ref = linear_distill_loss_ref(x, w, t, teacher)
+    grads_ref = torch.autograd.grad(ref * 1.7, (x, w))
+    got, ce = linear_distill_loss(x, w, t, teacher, chunk)
+    assert not ce.requires_grad  # reported, not differentiated
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ce, ce_ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got * 1.7, (x, w)), grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_distill_loss(x, w, t, teacher, chunk)[0], ref, rtol=1e-12, atol=1e-12)
+
+
+def test_distill_ignores_the_teacher_on_ignored_positions():
+    x, w, t = _inputs(9)
+    t[:4] = -1
+    teacher = _teacher(9)
+    other = teacher._replace(hidden=teacher.hidden.clone())
+    other.hidden[:4] += 10.0  # the teacher differs only where nothing is learned
+    for fn in (lambda d: linear_distill_loss_ref(x, w, t, d), lambda d: linear_distill_loss(x, w, t, d, 4)):
+        torch.testing.assert_close(fn(other)[0], fn(teacher)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_distill_shape_mismatch_is_a_clear_error():
+    x, w, t = _inputs(6)
+    with pytest.raises(ValueError, match="the teacher gives 5 positions x 37 logits, the student 6 x 37"):
+        linear_distill_loss(x, w, t, _teacher(5), 2)
+    with pytest.raises(ValueError, match="the teacher gives 6 positions x 40 logits, the student 6 x 37"):
+        linear_distill_loss(x, w, t, _teacher(6, V=40), 2)
+
+
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_model_distill_loss_chunked_equals_plain_under_bf16_autocast(chunk):
+    """LM(idx, y, teacher=...) as the trainer calls it: chunked == plain head, and under bf16
+    autocast on both the student's and the teacher's side."""
+    torch.manual_seed(0)
+    student, teacher_model = LM(tiny(layers="CA")), LM(tiny(layers="AC", d_model=24)).eval()
+    idx, y = torch.randint(0, 61, (2, 7)), torch.randint(0, 61, (2, 7))
+    y[0, :3] = -1
+    with torch.no_grad():
+        teacher = Distill(teacher_model.hidden(idx)[0], teacher_model.lm_head.weight, 0.5, 2.0)
+    plain = student(idx, y, teacher=teacher)
+    student.cfg.loss_chunk = chunk
+    got = student(idx, y, teacher=teacher)
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf = student(idx, y, teacher=teacher)
+    torch.testing.assert_close(bf[0], plain[0], rtol=2e-2, atol=2e-2)  # bf16 logits
+    assert plain[0] != plain[1]  # the KL term is there

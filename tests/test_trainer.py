@@ -141,47 +141,33 @@ def test_checkpoint_average(corpus, tmp_path):
     assert s["avg_of"] == ["step_000004", "step_000006"] and math.isfinite(s["avg_val_loss"])
 
 
-def test_distillation_and_teacher_tokenizer_check(corpus, tmp_path, capsys):
+def test_distillation_chunked_equals_whole_and_teacher_checks(corpus, tmp_path):
     teacher = tmp_path / "teacher"
     train(tiny_cfg(corpus, steps=2), teacher)
-    s = train(tiny_cfg(corpus, steps=3, **{"train.teacher": str(teacher), "train.distill_alpha": 0.7,
-                                           "model.loss_chunk": 16}), tmp_path / "student")
-    recs = [json.loads(l) for l in (tmp_path / "student/metrics.jsonl").read_text().splitlines()]
-    assert all("ce" in r for r in recs if "loss" in r) and math.isfinite(s["val_loss"])
-    # the knob the distillation loss does not follow is named, not silently ignored
-    assert "model.loss_chunk=16 does not chunk the distillation loss" in capsys.readouterr().out
+    runs = {}
+    for chunk in (0, 16):  # the chunked head runs the teacher's logits 16 rows at a time too
+        out = tmp_path / f"student{chunk}"
+        s = train(tiny_cfg(corpus, steps=3, **{"train.teacher": str(teacher), "train.distill_alpha": 0.7,
+                                               "model.loss_chunk": chunk}), out)
+        runs[chunk] = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+        assert all("ce" in r and r["loss"] != r["ce"] for r in runs[chunk]) and math.isfinite(s["val_loss"])
+    for whole, chunked in zip(*runs.values(), strict=True):
+        assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+        assert chunked["ce"] == pytest.approx(whole["ce"], rel=1e-5)
     with pytest.raises(ConfigError, match="different tokenizer"):
         train(tiny_cfg(corpus, steps=2, **{"train.teacher": str(teacher), "model.vocab_size": 280}),
               tmp_path / "bad")
+    with pytest.raises(ConfigError, match="has model.vocab_size=300, this run 320: distillation compares logits"):
+        train(tiny_cfg(corpus, steps=2, **{"train.teacher": str(teacher), "model.vocab_size": 320,
+                                           "data.tokenizer": str(teacher)}), tmp_path / "bad")
+    with pytest.raises(ConfigError, match="distills into autoregressive models; objective.name is 'mdlm'"):
+        train(tiny_cfg(corpus, steps=2, **{"train.teacher": str(teacher), "objective.name": "mdlm",
+                                           "model.causal": False}), tmp_path / "bad")
+    mdlm = tmp_path / "mdlm"
+    train(tiny_cfg(corpus, steps=1, **{"objective.name": "mdlm", "model.causal": False}), mdlm)
+    with pytest.raises(ConfigError, match="is an objective.name=mdlm run: distillation needs an autoregressive"):
+        train(tiny_cfg(corpus, steps=2, **{"train.teacher": str(mdlm)}), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
-
-
-def test_distill_loss_matches_a_hand_computation():
-    from slmlab.trainer import distill_loss
-
-    student = [[[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]]  # [B=1, T=2, V=3]
-    teacher = [[[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]]]
-    targets = [[1, 2]]
-    alpha, temp = 0.25, 2.0
-
-    def log_softmax(row, t=1.0):
-        z = [v / t for v in row]
-        lse = math.log(sum(math.exp(v) for v in z))
-        return [v - lse for v in z]
-
-    rows = list(zip(student[0], teacher[0], targets[0]))
-    ce = sum(-log_softmax(s)[y] for s, _, y in rows) / len(rows)
-    kl = sum(sum(math.exp(lt) * (lt - ls) for ls, lt in zip(log_softmax(s, temp), log_softmax(t, temp)))
-             for s, t, _ in rows) / len(rows)  # KL(teacher_T || student_T), mean over tokens
-    want = (1 - alpha) * ce + alpha * temp ** 2 * kl
-    loss, got_ce = distill_loss(torch.tensor(student), torch.tensor(targets), torch.tensor(teacher), alpha, temp)
-    assert got_ce.item() == pytest.approx(ce, rel=1e-6) and loss.item() == pytest.approx(want, rel=1e-6)
-    assert kl > 0.05  # the KL term is not negligible, so a wrong sign or temperature would show
-    # alpha 0 is plain cross-entropy; identical teacher and student leave only the CE term
-    assert distill_loss(torch.tensor(student), torch.tensor(targets), torch.tensor(teacher), 0.0, temp)[0].item() \
-        == pytest.approx(ce, rel=1e-6)
-    assert distill_loss(torch.tensor(student), torch.tensor(targets), torch.tensor(student), alpha, temp)[0].item() \
-        == pytest.approx((1 - alpha) * ce, rel=1e-6)
 
 
 def test_quality_stream_orders_low_to_high_and_repeats_top():
