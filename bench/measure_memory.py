@@ -1,6 +1,10 @@
 """Measured CPU peak memory of real training steps next to slmlab/estimate.py's estimate.
 
     python bench/measure_memory.py --arch hybrid --size 124m --batch 1 --seq-len 256 --steps 2
+    python bench/measure_memory.py --arch transformer --teacher-arch hybrid model.vocab_size=16384
+
+With --teacher-arch the steps distil from a frozen teacher of that preset (and --teacher-size), on
+the student's model.vocab_size, as train.teacher does (random weights: memory does not depend on them).
 
 Method: this process imports everything first and reads its resident set size (VmRSS) as the
 baseline; it then builds the model and optimizer and runs `--steps` steps the way the trainer
@@ -45,10 +49,11 @@ def _reset_hwm():
 
 
 def measure(arch: str, size, overrides: list[str], batch: int, seq_len: int, steps: int,
-            checkpoint: bool) -> dict:
+            checkpoint: bool, teacher_arch=None, teacher_size=None) -> dict:
     import torch
 
     from arch import build_model
+    from arch.loss import Distill
     from slmlab.config import load_config
     from slmlab.estimate import meta_model, static_memory, train_peak
     from slmlab.optim import build_optimizer
@@ -56,8 +61,11 @@ def measure(arch: str, size, overrides: list[str], batch: int, seq_len: int, ste
     overrides = list(overrides) + ["train.phases=[]", f"train.seq_len={seq_len}", f"train.batch_size={batch}",
                                    f"model.grad_checkpoint={str(checkpoint).lower()}", "train.device=cpu"]
     cfg = load_config(arch=arch, size=size, overrides=overrides)
+    tcfg = None if teacher_arch is None else load_config(
+        arch=teacher_arch, size=teacher_size, overrides=[f"model.vocab_size={cfg.model.vocab_size}"])
     meta = meta_model(cfg)
-    est = train_peak(meta, static_memory(meta, cfg, cuda=False, world=1), cfg, batch, seq_len, checkpoint, cuda=False)
+    st = static_memory(meta, cfg, cuda=False, world=1, teacher=None if tcfg is None else meta_model(tcfg, lora=False))
+    est = train_peak(meta, st, cfg, batch, seq_len, checkpoint, cuda=False)
     torch.manual_seed(0)
     x = torch.randint(0, cfg.model.vocab_size, (batch, seq_len))
     y = torch.randint(0, cfg.model.vocab_size, (batch, seq_len))
@@ -68,9 +76,16 @@ def measure(arch: str, size, overrides: list[str], batch: int, seq_len: int, ste
     _reset_hwm()
     model = build_model(cfg.model, cfg.objective)
     model.train()
+    teacher = None if tcfg is None else build_model(tcfg.model, tcfg.objective).eval().requires_grad_(False)
     opt = build_optimizer(model, cfg.optim, verbose=False)
     for _ in range(steps):
-        loss = model(x, y)
+        if teacher is None:
+            loss = model(x, y)
+        else:  # as Trainer.compute_loss: the teacher's hidden states, its head inside the loss
+            with torch.no_grad():
+                hidden = teacher.hidden(x)[0]
+            loss = model(x, y, teacher=Distill(hidden, teacher.lm_head.weight, 0.5, 2.0))[0]
+            del hidden
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
@@ -78,7 +93,8 @@ def measure(arch: str, size, overrides: list[str], batch: int, seq_len: int, ste
         del loss
     measured = _status("VmHWM") - base
     return {"arch": arch, "size": size, "batch": batch, "seq_len": seq_len, "steps": steps,
-            "grad_checkpoint": checkpoint, "params": meta.num_params(), "estimate_bytes": est["peak"],
+            "grad_checkpoint": checkpoint, "params": meta.num_params(), "teacher": teacher_arch,
+            "estimate_bytes": est["peak"],
             "estimate_peak_at": est["peak_at"], "measured_bytes": measured,
             "ratio": est["peak"] / measured}
 
@@ -91,11 +107,13 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--grad-checkpoint", action="store_true")
+    p.add_argument("--teacher-arch", default=None, help="distil from a frozen teacher of this preset")
+    p.add_argument("--teacher-size", default=None, help="the teacher's --size (default: the preset's)")
     p.add_argument("overrides", nargs="*", help="section.key=value, as train.py takes them")
     args = p.parse_args(argv)
     set_mmap_threshold()
     print(json.dumps(measure(args.arch, args.size, args.overrides, args.batch, args.seq_len, args.steps,
-                             args.grad_checkpoint)))
+                             args.grad_checkpoint, args.teacher_arch, args.teacher_size)))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ Training memory per device, in the order a step uses it (steady state: the optim
                and one block at a time is recomputed in backward
   logits       the B*T*V head output, its log-softmax and their gradients: large for big vocabularies;
                with model.loss_chunk only one chunk of it, plus dx and dW computed in the forward
+  teacher      train.teacher's fp32 weights (frozen: no gradients, no optimizer state), one of its
+               blocks' temporaries during its no-grad forward, its final hidden states through the
+               student's forward, and its logits beside the student's in the distillation loss
 The peak is the largest of: end of forward, the head's backward, each block's backward (activations
 freed as gradients appear) and the optimizer step (AdamW's foreach update on CUDA allocates one
 more copy of its parameters). On CUDA the matmuls run under bf16 autocast: activations are 2 B
@@ -23,7 +26,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -106,10 +109,25 @@ class Static:
     autocast_weights: int
     opt_transient: int
     runtime: int  # the framework's own: code pages and buffers a first step touches, CUDA context
+    teacher: int = 0  # train.teacher's weights
+    teacher_model: Optional[torch.nn.Module] = field(default=None, repr=False)  # its meta model, for train_peak
+
+    def bytes(self) -> dict:
+        """The byte counts by name (the --json output's static_bytes)."""
+        return {k: v for k, v in vars(self).items() if k != "teacher_model"}
 
 
-def static_memory(model, cfg, cuda: bool, world: int) -> Static:
-    """Per-rank bytes that do not depend on the batch."""
+def teacher_meta(cfg):
+    """train.teacher's model on the meta device (as the trainer loads it: adapters merged), or None."""
+    if not cfg.train.teacher:
+        return None
+    from .rundir import RunDir
+
+    return meta_model(RunDir.open(cfg.train.teacher, label="train.teacher=").config(), lora=False)
+
+
+def static_memory(model, cfg, cuda: bool, world: int, teacher=None) -> Static:
+    """Per-rank bytes that do not depend on the batch; teacher: teacher_meta's model, if any."""
     params = model.num_params()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # all but frozen (train.lora) bases
     shard = world if world > 1 and cfg.train.parallel == "fsdp" else 1
@@ -132,21 +150,26 @@ def static_memory(model, cfg, cuda: bool, world: int) -> Static:
                   optimizer=(8 * adam + 4 * muon) // shard,
                   ddp_buckets=4 * params if world > 1 and cfg.train.parallel == "ddp" else 0,
                   autocast_weights=2 * matmul if cuda else 0, opt_transient=transient,
-                  runtime=RUNTIME_CUDA if cuda else RUNTIME_CPU)
+                  runtime=RUNTIME_CUDA if cuda else RUNTIME_CPU,
+                  teacher=0 if teacher is None else 4 * teacher.num_params(), teacher_model=teacher)
 
 
-def logits_bytes(tokens: int, vocab: int, d_model: int, chunk: int = 0, cuda: bool = False) -> tuple[int, int]:
+def logits_bytes(tokens: int, vocab: int, d_model: int, chunk: int = 0, cuda: bool = False,
+                 distill: bool = False) -> tuple[int, int]:
     """(peak during the loss forward, peak during its backward) for `tokens` positions, on either
     device (the loss upcasts bf16 logits to fp32): forward holds the fp32 logits and their
     log-softmax; backward the saved log-softmax, the loss gradient and the logits gradient.
     Chunked (arch/loss.py): the forward holds one chunk's fp32 logits and logsumexp temporary (and
     the bf16 copy of its gradient on CUDA) beside dx and the fp32 dW it sums; the backward holds the
-    saved dx and dW and the scaled dx (the scaled dW is the head's gradient, counted with those)."""
+    saved dx and dW and the scaled dx (the scaled dW is the head's gradient, counted with those).
+    Distilling, the teacher's logits and both tempered log-softmaxes come on top: 32 B per position
+    and vocabulary entry through forward and backward unchunked, 24 B more per chunk entry chunked
+    (measured on CPU at 2048 x 16384, chunk 256: 32.1 and 37.2 - 13.0)."""
     if not chunk:
-        return tokens * vocab * 8, tokens * vocab * 12
+        return (tokens * vocab * 32,) * 2 if distill else (tokens * vocab * 8, tokens * vocab * 12)
     c = min(chunk, tokens)
     dx, dw = tokens * d_model * 4, vocab * d_model * 4
-    return c * vocab * (10 if cuda else 8) + dx + dw, 2 * dx + dw
+    return c * vocab * ((10 if cuda else 8) + (24 if distill else 0)) + dx + dw, 2 * dx + dw
 
 
 def head_tokens(cfg, batch: int, seq_len: int) -> int:
@@ -170,13 +193,19 @@ def train_peak(model, st: Static, cfg, batch: int, seq_len: int, checkpoint: boo
     kept = [residual] * len(per_layer) if checkpoint else per_layer
     head = tokens * ((2 * d + 1) * 4 + d * act_elem)  # the final RMSNorm, like a Block's norms
     act = sum(kept) + head
-    logits_fwd, logits_bwd = logits_bytes(head_tokens(cfg, batch, seq_len), V, d, cfg.model.loss_chunk, cuda)
+    teacher = st.teacher_model
+    logits_fwd, logits_bwd = logits_bytes(head_tokens(cfg, batch, seq_len), V, d, cfg.model.loss_chunk, cuda,
+                                          distill=teacher is not None)
     accum = cfg.train.grad_accum > 1
-    base = st.weights + st.optimizer + st.autocast_weights + st.ddp_buckets
+    base = st.weights + st.optimizer + st.autocast_weights + st.ddp_buckets + st.teacher
     held_grads = st.gradients if accum else 0
     head_grad = st.gradients - sum(grads_layer)  # embedding/head and final norm: the first gradients
-    candidates = {"forward": base + held_grads + act + logits_fwd,
+    t_hidden = 0 if teacher is None else tokens * teacher.cfg.d_model * 4  # freed once the loss is computed
+    candidates = {"forward": base + held_grads + act + t_hidden + logits_fwd,
                   "loss backward": base + max(held_grads, head_grad) + act + logits_bwd}
+    if teacher is not None:  # its no-grad forward: one block's temporaries (at most what it would save)
+        block = max(layer.activation_bytes(batch, seq_len, act_elem) for layer in teacher.layers)
+        candidates["teacher forward"] = base + held_grads + block + 2 * t_hidden
     # Walk back through the blocks: block i's activations (recomputed, with checkpointing), the
     # gradients of its intermediates (about one per saved activation) and the gradient flowing in
     # the residual stream (dx, d(norm out), d(branch out)), against the gradients of the blocks
@@ -250,7 +279,7 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
         raise ConfigError(f"--mfu must be in (0, 1], got {mfu}")
     cuda = device == "cuda"
     model = meta_model(cfg)
-    st = static_memory(model, cfg, cuda, world)
+    st = static_memory(model, cfg, cuda, world, teacher_meta(cfg))
     lora = None
     if cfg.train.lora.r:  # adapters: gradients and optimizer state for them only
         full = static_memory(meta_model(cfg, lora=False), cfg, cuda, world)
@@ -263,7 +292,7 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
     out = {"arch": cfg.arch, "params": st.params, "params_non_embedding": st.params_non_embedding,
            "device": "cuda (bf16 autocast)" if cuda else "cpu (fp32)", "world": world,
            "parallel": cfg.train.parallel if world > 1 else None, "optimizer": cfg.optim.name,
-           "static_bytes": vars(st), "lora": lora, "phases": [],
+           "static_bytes": st.bytes(), "lora": lora, "phases": [],
            "kernels": cfg.model.kernel_routing(device, phases[-1].seq_len)}
     windows = cfg.model.layer_windows()
     chunked = None if cfg.model.loss_chunk else with_loss_chunk(cfg, SUGGESTED_LOSS_CHUNK)  # the what-if shown
@@ -359,7 +388,8 @@ def report(est: dict) -> str:
              f"optimizer ({est['optimizer']}) {_b(s['optimizer'])}"
              + (f"  DDP buckets {_b(s['ddp_buckets'])}" if s["ddp_buckets"] else "")
              + (f"  autocast bf16 weights {_b(s['autocast_weights'])}" if s["autocast_weights"] else "")
-             + f"  optimizer-step scratch {_b(s['opt_transient'])}"]
+             + f"  optimizer-step scratch {_b(s['opt_transient'])}"
+             + (f"  teacher weights {_b(s['teacher'])}" if s["teacher"] else "")]
     if est.get("lora"):
         lo = est["lora"]
         lines.append(f"LoRA: {_n(lo['trainable'])} trainable params ({100 * lo['share']:.2f}%): gradients and "
@@ -427,7 +457,7 @@ def check_fits(cfg, budget: int, where: str, cuda: bool, world: int = 1):
     """Raise a one-line ConfigError before training if some phase's estimated peak exceeds
     `budget`, naming the largest micro-batch that fits and the setting that gets every phase there."""
     model = meta_model(cfg)
-    st = static_memory(model, cfg, cuda, world)
+    st = static_memory(model, cfg, cuda, world, teacher_meta(cfg))
     ckpt = cfg.model.grad_checkpoint
     windows = cfg.model.layer_windows()
     phases = resolve_phases(cfg, world)

@@ -126,19 +126,23 @@ def _measure(cases: list[dict]) -> list[dict]:
     return out
 
 
-def _case(arch, batch, seq_len, size=None, overrides=(), checkpoint=False, steps=2):
+def _case(arch, batch, seq_len, size=None, overrides=(), checkpoint=False, steps=2, teacher_arch=None):
     return dict(arch=arch, size=size, overrides=list(overrides), batch=batch, seq_len=seq_len, steps=steps,
-                checkpoint=checkpoint)
+                checkpoint=checkpoint, teacher_arch=teacher_arch)
 
 
 def test_estimate_within_20_percent_of_measured_cpu_peak():
-    """Four small shapes (~20 s on an idle 2-core CPU): the hybrid on AdamW, the transformer on
+    """Six small shapes (~30 s on an idle 2-core CPU): the hybrid on AdamW, the transformer on
     Muon at a longer context with gradient checkpointing, a larger vocabulary with the chunked
-    loss (model.loss_chunk; measured 456 MB here against 801 MB unchunked), and the diffusion
-    ELBO, whose head runs on the masked positions only (counted as every position: 1.27x over)."""
+    loss (model.loss_chunk; measured 456 MB here against 801 MB unchunked), the diffusion
+    ELBO, whose head runs on the masked positions only (counted as every position: 1.27x over),
+    and distillation from a hybrid teacher, whole and chunked (measured 1517 MB and 604 MB)."""
+    big_vocab = ["model.vocab_size=16384"]
     cases = [_case("hybrid", 4, 256), _case("transformer", 2, 512, overrides=["optim.name=muon"], checkpoint=True),
-             _case("transformer", 8, 256, overrides=["model.vocab_size=16384", "model.loss_chunk=256"]),
-             _case("diffusion", 8, 256, overrides=["model.vocab_size=16384"])]
+             _case("transformer", 8, 256, overrides=[*big_vocab, "model.loss_chunk=256"]),
+             _case("diffusion", 8, 256, overrides=big_vocab),
+             _case("transformer", 8, 256, overrides=big_vocab, teacher_arch="hybrid"),
+             _case("transformer", 8, 256, overrides=[*big_vocab, "model.loss_chunk=256"], teacher_arch="hybrid")]
     for r in _measure(cases):
         assert 0.8 <= r["ratio"] <= 1.2, r
 

@@ -154,6 +154,16 @@ def test_distillation_chunked_equals_whole_and_teacher_checks(corpus, tmp_path):
     for whole, chunked in zip(*runs.values(), strict=True):
         assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-5)
         assert chunked["ce"] == pytest.approx(whole["ce"], rel=1e-5)
+    # the dry run counts the teacher: its weights, and its logits beside the student's
+    from slmlab.estimate import estimate, report
+
+    with_teacher = estimate(tiny_cfg(corpus, **{"train.teacher": str(teacher)}))
+    alone = estimate(tiny_cfg(corpus))
+    assert with_teacher["static_bytes"]["teacher"] == 4 * alone["params"]  # the same shape as the student
+    assert with_teacher["phases"][0]["no_checkpoint"]["logits"] > 2 * alone["phases"][0]["no_checkpoint"]["logits"]
+    assert "teacher weights" in report(with_teacher) and "teacher weights" not in report(alone)
+    with pytest.raises(ConfigError, match="train.teacher=.*nowhere"):
+        estimate(tiny_cfg(corpus, **{"train.teacher": str(tmp_path / "nowhere")}))
     with pytest.raises(ConfigError, match="different tokenizer"):
         train(tiny_cfg(corpus, steps=2, **{"train.teacher": str(teacher), "model.vocab_size": 280}),
               tmp_path / "bad")
