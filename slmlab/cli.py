@@ -18,8 +18,10 @@ FS_HINTS = {errno.EROFS: "the file system is read-only: choose another location"
 
 
 def run_cli(main, argv=None) -> int:
+    """main(argv)'s exit status: the int it returns (sample.py's 130 after Ctrl-C mid-generation),
+    0 for anything else it returns, 2 for a user error, 130 for Ctrl-C."""
     try:
-        main(argv)
+        rc = main(argv)
     except SlmlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -33,4 +35,4 @@ def run_cli(main, argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return rc if type(rc) is int else 0  # mains may return results (a summary dict): those exit 0

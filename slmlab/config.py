@@ -256,6 +256,10 @@ def load_config(path=DEFAULT_CONFIG, arch: Optional[str] = None, overrides: list
     size_table = raw.pop("sizes", {}) or {}
     tree: dict = {}
     _merge(tree, raw, str(path))
+    if arch and not table and arch != raw.get("arch"):  # else --arch would only rename the run
+        raise ConfigError(f"--arch {arch}: {path} has no presets: section to pick it from (a run's saved "
+                          f"config.yaml fixes its architecture{', ' + repr(raw['arch']) if raw.get('arch') else ''}); "
+                          "drop --arch or set model.* keys")
     arch = arch or raw.get("arch") or "hybrid"
     if table:
         if arch not in table:

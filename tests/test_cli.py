@@ -169,6 +169,20 @@ def test_sample_odd_but_usable_inputs_work(tiny_run, capsys):
     assert out == tok.decode(greedy[0].tolist()) + "\n"
 
 
+def test_ctrl_c_mid_generation_exits_130_with_the_text_so_far(tiny_run, capsys, monkeypatch):
+    from arch.model import LM
+
+    def interrupted(self, idx, *a, on_token=None, **k):
+        on_token(int(idx[0, -1]))  # one token printed, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LM, "generate", interrupted)
+    assert run_cli(sample.main, ["--run", str(tiny_run), "--device", "cpu", "--prompt", "the"]) == 130
+    assert capsys.readouterr().out.startswith("the")
+    assert run_cli(lambda argv: {"summary": 1}) == 0  # a main's results are not exit statuses
+    assert run_cli(lambda argv: True) == 0
+
+
 def test_sample_refuses_a_tokenizer_larger_than_the_model(tiny_run, tmp_path, capsys):
     import shutil
 

@@ -148,3 +148,13 @@ def test_yaml_alias_bombs_and_huge_configs_are_refused(tmp_path):
     huge.write_text("# padding\n" * 200_000)
     with pytest.raises(ConfigError, match="a config is at most 1,048,576 bytes"):
         load_config(path=huge)
+
+
+def test_arch_with_a_config_that_has_no_presets_is_refused(tmp_path):
+    """A run's saved config.yaml has no presets: --arch could only rename the run, so it is an error
+    unless it names the file's own arch."""
+    path = tmp_path / "config.yaml"
+    path.write_text("arch: hybrid\nmodel: {d_model: 64, layers: CCA}\n")
+    assert load_config(path).arch == load_config(path, arch="hybrid").arch == "hybrid"
+    with pytest.raises(ConfigError, match=r"--arch transformer: .* has no presets: section .*'hybrid'\); drop --arch"):
+        load_config(path, arch="transformer")
