@@ -96,7 +96,8 @@ def resolve_phases(cfg, world: int = 1) -> list[Phase]:
             raise ConfigError(
                 f"{where}: tokens_per_step {ph.tokens_per_step} is not divisible by seq_len {ph.seq_len}"
                 f" x grad_accum {t.grad_accum}" + (f" x {world} ranks" if world > 1 else "")
-                + f" (= {unit}): the batch must be a whole number of sequences per rank")
+                + f" (= {unit}): the batch must be a whole number of sequences per rank; e.g. tokens_per_step "
+                f"{-(-ph.tokens_per_step // unit) * unit} (set it per phase in train.phases)")
         phases.append(ph)
     total_share = sum(p.share for p in phases)
     if abs(total_share - 1.0) > 1e-6:

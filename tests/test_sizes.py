@@ -221,3 +221,16 @@ def test_a_run_that_does_not_fit_stops_before_training(tmp_path, capsys):
     with pytest.raises(ConfigError, match="not even micro-batch 1 fits at seq_len 2048; or model.grad_checkpoint=true"):
         train.main(["--arch", "hybrid", "--size", "124m", "--mem", "4GB", "--out", str(tmp_path / "run"),
                     "train.device=cpu"])
+
+
+def test_readme_sizes_table_is_what_the_estimate_prints_now():
+    """README's sizes table is generated (bench/sizes_table.py --write): an estimate change that
+    moves a number fails here until the table is rewritten."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sizes_table", ROOT / "bench" / "sizes_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    readme = (ROOT / "README.md").read_text()
+    written = readme.split(mod.BEGIN)[1].split(mod.END)[0].strip()
+    assert written == mod.table().strip(), "README's sizes table is stale: run python bench/sizes_table.py --write"
