@@ -28,7 +28,7 @@ def parse_args(argv=None):
     p.add_argument("items", nargs="*", metavar="[FILE] [section.key=value ...]",
                    help="an ablation YAML file (the file form), then dotted overrides applied to every variant")
     p.add_argument("--report", metavar="OUT", help="only rebuild OUT's outputs from its run directories")
-    p.add_argument("--out", help="the ablation directory (required unless --report)")
+    p.add_argument("--out", help="the ablation directory (required unless --report or --dry-run)")
     p.add_argument("--arch", help="inline form: every variant's preset (default hybrid); file form: the preset "
                                   "of variants that name none (replacing the file's arch:)")
     p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2,...",

@@ -47,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--world", type=int, default=None, metavar="N",
                    help="--dry-run: ranks under torchrun (train.parallel picks DDP or FSDP); memory per rank")
     p.add_argument("--mfu", type=float, default=None,
-                   help="--dry-run with --gpu: model FLOPs utilisation assumed for step times (default 0.35)")
+                   help="--dry-run: model FLOPs utilisation assumed for step times, times the --gpu datasheet peak or "
+                        "the measured CPU matmul peak (default 0.35)")
     p.add_argument("--json", action="store_true", help="--dry-run: print the estimate as one JSON object")
     p.add_argument("--force-memory", action="store_true",
                    help="train even when the memory estimate exceeds the device's free memory")

@@ -6,7 +6,7 @@ step (batch = 4096 / seq_len, as the default phases use), random tokens, on the 
     python bench/train_bench.py --optim muon --steps 5 --tokens 8192 model.d_model=512
 
 MFU = model FLOPs/token (LM.flops_per_token, fwd + bwd) x tokens/s / peak, where peak is the
-device's dense bf16 datasheet number on GPU or the measured fp32 1024^3 matmul rate on CPU.
+device's dense bf16 datasheet number on GPU or the measured fp32 2048^3 matmul rate on CPU.
 """
 from __future__ import annotations
 
