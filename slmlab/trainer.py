@@ -288,9 +288,12 @@ class Trainer:
             raise ConfigError("--resume with train.parallel=fsdp is not supported yet; resume with ddp")
         self.fwd, self.model = wrap_parallel(self.model, self.t.parallel, self.dist, self.device)
         self.loss_fn, self.nll_fn = self.fwd, None  # what compute_loss and evaluate call
+        self.teacher_fn = None if self.teacher is None else self.teacher.hidden
         if use_compile(self.t.compile, self.device):
             self.loss_fn = CompiledOrEager(self.fwd, "the training forward", self.say)
             self.nll_fn = CompiledOrEager(self.model.token_nll, "the eval forward", self.say)
+            if self.teacher is not None:
+                self.teacher_fn = CompiledOrEager(self.teacher.hidden, "the teacher forward", self.say)
         self.opt = build_optimizer(self.model, self.cfg.optim, verbose=self.dist.main)
         if self.cfg.optim.name == "muon" and is_sharded(self.model):
             raise ConfigError("train.parallel=fsdp supports optim.name=adamw only (Muon needs whole matrices)")
@@ -399,7 +402,7 @@ class Trainer:
             loss = self.loss_fn(x, y)  # the model's own objective (next-token CE, or the MDLM ELBO)
             return loss, loss
         with torch.no_grad():  # the teacher's hidden states only: its head runs inside the loss, chunked
-            hidden = self.teacher.hidden(x)[0]
+            hidden = self.teacher_fn(x)[0]
         teacher = Distill(hidden, self.teacher.lm_head.weight, self.t.distill_alpha, self.t.distill_temperature)
         return self.loss_fn(x, y, teacher=teacher)
 
