@@ -205,8 +205,6 @@ def linear_token_nll(x, weight, targets, chunk: int = 0, exclude=None):
     return torch.cat(parts).view_as(targets) if parts else x2.new_zeros(targets.shape, dtype=torch.float32)
 
 
-
-
 def _chunked(x, weight, targets, chunk: int, ignore_index: int, row_scale, exclude, teacher):
     """(loss, CE) of the chunked head, rows flattened; the checks both public functions share."""
     if chunk <= 0:
