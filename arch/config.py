@@ -198,7 +198,7 @@ LEGACY_FLAT_OPTS = {
 class ObjectiveConfig:
     """What the model is trained to do with the stack: next-token prediction or masked diffusion."""
 
-    name: str = "ar"  # ar | mdlm (masked diffusion, arch/diffusion.py; needs model.causal=false)
+    name: str = "ar"  # ar (needs model.causal=true) | mdlm (masked diffusion, arch/diffusion.py; needs model.causal=false)
     mask_id: int = 3  # mdlm: the tokenizer's <|mask|> id
     eval_t_samples: int = 4  # mdlm: diffusion times drawn per eval sequence for the ELBO
     block_length: int = 32  # mdlm: default block length of the semi-autoregressive LLaDA sampler
@@ -206,6 +206,9 @@ class ObjectiveConfig:
     def validate(self, model: ModelConfig):
         if self.name not in OBJECTIVES:
             raise ConfigError(f"objective.name must be one of {', '.join(OBJECTIVES)}, got {self.name!r}")
+        if self.name == "ar" and not model.causal:
+            raise ConfigError("objective.name=ar needs model.causal=true (a bidirectional model sees the token it "
+                              "predicts); set model.causal=true, or objective.name=mdlm for a bidirectional model")
         if self.name != "mdlm":
             return
         if model.causal:
@@ -223,11 +226,14 @@ def parse_pattern(layers, n_layers: int) -> list[str]:
     if isinstance(layers, str):
         s = layers.strip()
         if "," in s or s.lower() in MIXERS:
-            items = [p.strip() for p in s.split(",") if p.strip()]
+            items = [p.strip() for p in s.split(",")] if s else []
         else:
             items = list(s)
     else:
         items = [str(p).strip() for p in layers]
+    if "" in items:  # a doubled or stray comma is a typo, not a shorter pattern
+        raise ConfigError(f"layer pattern {layers!r} has an empty entry at position {items.index('') + 1} "
+                          "(a doubled or stray comma?); give one block name per entry")
     if not items:
         raise ConfigError("model.layers is empty: give a pattern like 'CCA' or [conv, conv, attn]")
     names = []

@@ -544,9 +544,9 @@ def _split_nonempty(source, spec: str, val_frac: float) -> tuple[list[str], list
     if n_train_chars + n_val_chars == 0:
         raise DataError(f"empty corpus: {spec} contains no text")
     if n_train_chars == 0:
-        raise DataError(f"train split of {spec} is empty: use a smaller val_frac (now {val_frac}) or more data")
+        raise DataError(f"train split of {spec} is empty: use a smaller data.val_frac (now {val_frac}) or more data")
     if n_val_chars == 0:
-        raise DataError(f"validation split of {spec} is empty: use a larger val_frac (now {val_frac}) or more data")
+        raise DataError(f"validation split of {spec} is empty: use a larger data.val_frac (now {val_frac}) or more data")
     return train_docs, val_docs
 
 
@@ -634,17 +634,25 @@ def prepare_data(spec: str = DEFAULT_SPEC, vocab_size: int = 4096, cache_dir: st
     return bundle
 
 
-def check_sizes(bundle: DataBundle, seq_len: int, batch_size: int) -> None:
-    """DataError if either split cannot supply one ``seq_len + 1`` window."""
+def check_sizes(bundle: DataBundle, seq_len: int, batch_size: int,
+                splits: tuple[str, ...] = ("train", "validation")) -> None:
+    """DataError if a split in ``splits`` cannot supply one ``seq_len + 1`` window. Training reads
+    only the train split (at a phase's seq_len) and evaluation only the validation split (at
+    train.eval_seq_len), so each split's message names the settings that size it."""
     if seq_len < 1 or batch_size < 1:
         raise DataError(f"seq_len and batch_size must be >= 1, got seq_len={seq_len}, batch_size={batch_size}")
-    need = seq_len + 1
-    for name, arr in (("train", bundle.train), ("validation", bundle.val)):
-        if len(arr) < need:
-            raise DataError(
-                f"{name} split of {bundle.manifest.get('spec', '?')} has {len(arr)} tokens but seq_len {seq_len} "
-                f"needs at least {need}: use a smaller seq_len"
-                + (", a larger val_frac" if name == "validation" else "") + " or more data")
+    unknown = set(splits) - {"train", "validation"}
+    if unknown:
+        raise ValueError(f"check_sizes: unknown splits {sorted(unknown)}; splits are train and validation")
+    need, spec = seq_len + 1, bundle.manifest.get("spec", "?")
+    if "train" in splits and len(bundle.train) < need:
+        raise DataError(f"train split of {spec} has {len(bundle.train)} tokens but seq_len {seq_len} needs at least "
+                        f"{need}: use a smaller train.seq_len (or phase seq_len) or more data")
+    if "validation" in splits and len(bundle.val) < need:
+        frac = bundle.manifest.get("val_frac")
+        raise DataError(f"validation split of {spec} has {len(bundle.val)} tokens but evaluating at seq_len {seq_len} "
+                        f"needs at least {need}: lower train.eval_seq_len (default: the last phase's seq_len), raise "
+                        f"data.val_frac{f' (now {frac})' if frac is not None else ''} or use more data")
 
 
 # ================================================================================================================

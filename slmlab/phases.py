@@ -88,6 +88,13 @@ def resolve_phases(cfg, world: int = 1) -> list[Phase]:
             raise ConfigError(f"{where}: share is required when there is more than one phase")
         if p.order == "quality" and not t.quality_score:
             raise ConfigError(f"{where}: order=quality needs train.quality_score (a jsonl field or fn:NAME)")
+        if p.top_frac != 1.0 and p.order != "quality":
+            raise ConfigError(f"{where}: top_frac={p.top_frac} keeps the best-scored documents, so it needs "
+                              f"order: quality (this phase's order is {p.order}); add order: quality or drop top_frac")
+        if p.window is not None and all(w is None for w in cfg.model.layer_windows()):
+            raise ConfigError(f"{where}: window={p.window} resizes sliding-window (S) attention layers and this model "
+                              f"has none (model.layers={cfg.model.layers!r}, model.window_pattern="
+                              f"{cfg.model.window_pattern!r}); drop the phase's window or put S in model.window_pattern")
         ph = Phase(index=i, seq_len=p.seq_len, share=1.0 if p.share is None else p.share,
                    tokens_per_step=p.tokens_per_step or default_tps, lr_mul=p.lr_mul, data=p.data,
                    window=p.window, order=p.order, top_frac=p.top_frac)

@@ -140,6 +140,34 @@ def test_bad_input_is_one_line(corpus, tmp_path, capsys, argv, message):
     assert not (tmp_path / "o" / "ablation.json").exists()
 
 
+def test_keys_the_ablation_sets_itself_are_refused(corpus, tmp_path, capsys):
+    """data.spec, train.steps and train.seed come from --data, --steps and --seeds on every run:
+    varied or overridden, they would be overwritten, so each is an error naming where it goes."""
+    d, text = corpus
+    f = tmp_path / "a.yaml"
+    f.write_text("steps: 4\nvariants: {a: {}, b: {overrides: {train.seed: 3}}}\n")
+    g = tmp_path / "b.yaml"
+    g.write_text("steps: 4\noverrides: [data.spec=x]\nvariants: {a: {}}\n")
+    inline = ["--arch", "hybrid", "--data", str(text)]
+    for argv, message in (
+            ([*inline, "--steps", "4", "--vary", "train.steps=4,8"], "--vary train.steps: the ablation sets train.steps "
+                                                                     "on every run, so it is no variant axis; give "
+                                                                     "the baseline's steps with --steps N"),
+            ([*inline, "--steps", "4", "--vary", "train.seed=1,2"], "--vary train.seed: the ablation sets train.seed "
+                                                                    "on every run, so it is no variant axis; seeds are "
+                                                                    "every variant's repeats: give --seeds N"),
+            ([*inline, "--steps", "4", "--vary", "data.spec=a,b"], "give --data SPEC per corpus (file key data:)"),
+            ([*inline, "--vary", "model.layers=CCA,A", "train.steps=10"], "override 'train.steps=10': the ablation "
+                                                                          "sets train.steps on every run"),
+            ([*inline, "--steps", "4", "--vary", "model.layers=CCA,A", "train.seed=7"], "override 'train.seed=7'"),
+            ([*inline, "--steps", "4", "--vary", "model.layers=CCA,A", "data.spec=/x"], "override 'data.spec=/x'"),
+            ([str(f), "--data", str(text)], "variant 'b': overrides 'train.seed=3': the ablation sets train.seed"),
+            ([str(g), "--data", str(text)], "b.yaml: overrides 'data.spec=x': the ablation sets data.spec")):
+        assert ablate_cli.run_cli(ablate_cli.main, ["--dry-run", "--seeds", "1", *argv, *tiny(d)]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+
+
 def test_bad_file_and_report_arguments(tmp_path, capsys):
     f = tmp_path / "a.yaml"
     f.write_text("steps: 4\nvariants: {a: {arch: hybrid, overides: {model.d_model: 64}}}\n")

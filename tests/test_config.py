@@ -114,6 +114,30 @@ def test_out_of_range_values_are_one_line_errors(override, needle):
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("overrides,needle", [
+    (["model.causal=false"], "objective.name=ar needs model.causal=true (a bidirectional model sees the token it "
+                             "predicts)"),
+    (["model.layers=conv,,attn", "model.n_layers=2"], "layer pattern 'conv,,attn' has an empty entry at position 2"),
+    (["model.layers=conv,attn,", "model.n_layers=2"], "has an empty entry at position 3"),
+    (["train.phases=[{seq_len: 64, share: 1.0, window: 16}]"], "train.phases[0]: window=16 resizes sliding-window "
+                                                               "(S) attention layers and this model has none"),
+    (["train.phases=[{seq_len: 64, share: 1.0, top_frac: 0.5}]"], "train.phases[0]: top_frac=0.5 keeps the "
+                                                                  "best-scored documents, so it needs order: quality"),
+])
+def test_settings_that_would_do_nothing_or_leak_are_one_line_errors(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(arch="hybrid", overrides=overrides)
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_phase_window_and_top_frac_where_they_apply():
+    cfg = load_config(arch="hybrid", overrides=["model.window_pattern=SL", "train.quality_score=fn:length",
+                                                "train.phases=[{seq_len: 64, share: 1.0, window: 16, order: quality, "
+                                                "top_frac: 0.5}]"])
+    assert (cfg.train.phases[0].window, cfg.train.phases[0].top_frac) == (16, 0.5)
+    assert load_config(arch="diffusion").model.causal is False
+
+
 def test_random_values_give_a_valid_config_or_a_one_line_error():
     """Property: whatever value any key gets, load_config returns a config or raises ConfigError
     with one line; never another exception."""

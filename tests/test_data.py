@@ -1,5 +1,6 @@
 import json
 import math
+import re
 import sys
 import types
 from pathlib import Path
@@ -299,10 +300,16 @@ def test_check_sizes(tmp_path, corpus):
     f.write_text(corpus[:20_000], encoding="utf-8")
     b = _prep(f, tmp_path / "c", val_frac=0.05)
     check_sizes(b, 64, 8)
-    with pytest.raises(DataError, match=r"validation split .* has \d+ tokens .* needs at least"):
+    with pytest.raises(DataError) as e:
         check_sizes(b, len(b.val), 8)
-    with pytest.raises(DataError, match="train split"):
+    # the validation split is read only by evaluation: the fixes are its length and the split's size
+    assert re.search(r"validation split .* has \d+ tokens but evaluating at seq_len \d+ needs at least \d+: lower "
+                     r"train.eval_seq_len .*, raise data.val_frac \(now 0.05\) or use more data$", str(e.value)), e.value
+    with pytest.raises(DataError, match="train split .* use a smaller train.seq_len"):
         check_sizes(b, len(b.train) + 5, 8)
+    check_sizes(b, len(b.val), 8, splits=("train",))  # each split is checked at its own length
+    with pytest.raises(DataError, match="validation split"):
+        check_sizes(b, len(b.val), 8, splits=("validation",))
 
 
 def test_atomic_write_leaves_no_partial_cache(tmp_path, corpus, monkeypatch):

@@ -86,10 +86,11 @@ def _saved_bytes(fn, exclude) -> int:
     ("C", "swiglu", False, "L"), ("L", "lif", True, "L"), ("L", "lif", False, "L")])
 def test_block_activation_bytes_equal_what_autograd_saves(layers, mlp, causal, window_pattern):
     from arch import ModelConfig, build_model
+    from arch.config import ObjectiveConfig
 
     cfg = ModelConfig(d_model=64, n_layers=1, layers=layers, n_heads=4, n_kv_heads=2, vocab_size=128, mlp=mlp,
                       causal=causal, window=16, window_pattern=window_pattern)
-    model = build_model(cfg)
+    model = build_model(cfg, None if causal else ObjectiveConfig(name="mdlm"))  # bidirectional: the diffusion LM
     block = model.layers[0]
     B, T = 3, 40
     x = torch.randn(B, T, cfg.d_model, requires_grad=True)

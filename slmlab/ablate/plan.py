@@ -26,10 +26,25 @@ BUDGETS = ("steps", "tokens", "flops")
 MANIFEST = "ablation.json"
 FILE_KEYS = ("arch", "seeds", "steps", "budget", "data", "overrides", "variants")
 VARIANT_KEYS = ("arch", "overrides")
+# Keys `resolve` sets on every run from the ablation's own axes, so an override or --vary of one
+# would be overwritten; each with where it is said instead.
+RUN_KEYS = {
+    "data.spec": "corpora are the ablation's own axis (one table each): give --data SPEC per corpus (file key data:)",
+    "train.steps": "give the baseline's steps with --steps N (file key steps:); the budget sizes the others'",
+    "train.seed": "seeds are every variant's repeats: give --seeds N (file key seeds:)",
+}
 
 
 class AblationError(SlmlabError):
     """Bad ablation input; ablate.py prints it on one line and exits 2."""
+
+
+def refuse_run_keys(where: str, overrides):
+    """An AblationError for the first override of a RUN_KEYS key."""
+    for text in overrides:
+        key = str(text).split("=", 1)[0].strip()
+        if key in RUN_KEYS:
+            raise AblationError(f"{where} {str(text).strip()!r}: the ablation sets {key} on every run; {RUN_KEYS[key]}")
 
 
 @dataclass
@@ -70,6 +85,9 @@ class Ablation:
             raise AblationError(f"--data repeats a corpus: {self.corpora}")
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps <= 0:
             raise AblationError(f"--steps must be a positive integer, got {self.steps!r}")
+        refuse_run_keys("override", self.overrides)
+        for v in self.variants:
+            refuse_run_keys(f"variant {v.name}", v.overrides)
 
     @property
     def baseline(self) -> Variant:
@@ -147,6 +165,9 @@ def parse_vary(text: str) -> tuple[str, list[str]]:
     key, values = key.strip(), split_values(raw)
     if not key or "." not in key:
         raise AblationError(f"--vary {text!r}: the key must be section.key, e.g. model.layers")
+    if key in RUN_KEYS:
+        raise AblationError(f"--vary {key}: the ablation sets {key} on every run, so it is no variant axis; "
+                            f"{RUN_KEYS[key]}")
     if any(v == "" for v in values):
         raise AblationError(f"--vary {text!r} has an empty value")
     if len(set(values)) != len(values):
@@ -226,15 +247,18 @@ def file_ablation(path, arch: Optional[str] = None, seeds=None, steps: Optional[
             raise AblationError(f"{where}: names may use letters, digits and . _ = + , - only")
         variants.append(Variant(str(name), str(spec.get("arch") or default_arch),
                                 _overrides_from(where, spec.get("overrides"))))
+        refuse_run_keys(f"{where}: overrides", variants[-1].overrides)
     data = corpora or doc.get("data")
     data = [data] if isinstance(data, str) else data
     steps = steps if steps is not None else doc.get("steps")
     if steps is None:
         raise AblationError(f"{path}: no `steps` (the baseline's optimizer steps) and no --steps")
+    common = _overrides_from(str(path), doc.get("overrides"))
+    refuse_run_keys(f"{path}: overrides", common)
     return Ablation(variants=variants, seeds=seed_list(seeds if seeds is not None else doc.get("seeds", 3)),
                     corpora=[str(d) for d in (data or [])], steps=steps,
                     budget=budget or doc.get("budget", "flops"),
-                    overrides=_overrides_from(str(path), doc.get("overrides")) + list(overrides), config=str(config))
+                    overrides=common + list(overrides), config=str(config))
 
 
 # ---- planning ----
@@ -258,7 +282,8 @@ def run_dir(ab: Ablation, variant: str, corpus: str, seed: int) -> str:
 
 
 def resolve(ab: Ablation, v: Variant, corpus: str, steps: int, seed: int) -> tuple[list[str], RunConfig]:
-    """The run's full override list and its resolved config, errors naming the variant."""
+    """The run's full override list and its resolved config, errors naming the variant. The
+    RUN_KEYS come last; Ablation refuses them in the overrides, so they replace nothing."""
     overrides = list(ab.overrides) + list(v.overrides) + [f"data.spec={corpus}", f"train.steps={steps}",
                                                           f"train.seed={seed}"]
     try:
