@@ -134,6 +134,16 @@ def save_model(model: torch.nn.Module, path, metadata: dict | None = None):
     save_weights(weights_for_save(model), path, metadata)
 
 
+def sha256(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def load_tensors(path) -> dict:
     path = Path(path)
     if not path.is_file():

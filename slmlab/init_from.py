@@ -28,12 +28,18 @@ def with_added_tokens(cfg, tok, say=print):
 
 
 def base_vocab(cfg) -> int:
-    """train.init_from's model.vocab_size: below this run's when data.added_tokens grew it (the
-    rows LoRA then trains as AddedRows)."""
-    return RunDir.open(cfg.train.init_from, label="train.init_from=").config().model.vocab_size
+    """The first embedding row LoRA trains (as AddedRows): with data.added_tokens adding tokens, the
+    base tokenizer's size, where the new tokens start (below the base's model.vocab_size when that is
+    padded, as in HF imports); otherwise the base's model.vocab_size (no row trains)."""
+    run = RunDir.open(cfg.train.init_from, label="train.init_from=")
+    tok = run.tokenizer()
+    if cfg.data.added_tokens and tok.with_added(cfg.data.added_tokens).vocab_size > tok.vocab_size:
+        return tok.vocab_size
+    return run.config().model.vocab_size
 
 
-def init_model(model, cfg, tok):
+def init_model(model, cfg, tok, load_weights: bool = True):
+    """Check the mask token (diffusion) and, unless not `load_weights`, load train.init_from's weights."""
     mask_id = getattr(model, "mask_id", None)
     if mask_id is not None:
         if tok.mask_id is None:
@@ -42,7 +48,7 @@ def init_model(model, cfg, tok):
         if tok.mask_id != mask_id:
             raise ConfigError(f"objective.mask_id={mask_id} but the tokenizer's <|mask|> is {tok.mask_id}")
     src = getattr(cfg.train, "init_from", "") or ""
-    if src:
+    if src and load_weights:
         load_init(model, cfg, tok, src)
     return model
 
@@ -67,21 +73,26 @@ def load_init(model, cfg, tok, run_dir):
                               "(set data.tokenizer to the same run)")
     else:
         run.check_same_tokenizer(tok, "the weights' token ids would mean other tokens (data or vocab_size differ)")
-    if src.vocab_size < cfg.model.vocab_size:
-        grow_vocab(model, run)
+    if added:  # the new tokens' rows: past the base's rows, or inside a padded vocabulary's
+        grow_vocab(model, run, run.tokenizer().vocab_size, tok.vocab_size)
     else:
         run.load_weights(model)
     print(f"initialised from {run.path}")
 
 
-def grow_vocab(model, run):
-    """Load `run`'s weights into `model`, whose vocabulary is larger: the new embedding rows (and untied
-    head rows) start at the mean of the trained ones, so the new tokens begin as an average token."""
+def grow_vocab(model, run, n_tok: int | None = None, n_new: int | None = None):
+    """Load `run`'s weights into `model`, whose vocabulary may be larger. The rows of new tokens, from
+    the base tokenizer's size `n_tok` to this one's `n_new` (default: from the base's rows to the
+    model's), start at the mean of the base's token rows, so the new tokens begin as an average token;
+    a padded base's unused padding rows would otherwise stand in for them untrained."""
     from .rundir import model_from_config
 
     sd = run.load_weights(model_from_config(run.config())).state_dict()
     vocab = model.cfg.vocab_size
     for key in ("embed.weight", "lm_head.weight"):
         old = sd[key]
-        sd[key] = torch.cat([old, old.mean(0, keepdim=True).expand(vocab - old.shape[0], -1)])
+        start = old.shape[0] if n_tok is None else n_tok
+        rows = torch.cat([old, old.new_zeros(vocab - old.shape[0], old.shape[1])])
+        rows[start:vocab if n_new is None else n_new] = old[:start].mean(0)
+        sd[key] = rows
     model.load_state_dict(sd)

@@ -24,7 +24,9 @@ def is_adapter_key(name: str) -> bool:
 
 class AddedRows(torch.nn.Module):
     """A parametrization of the embedding (and head) weight: the base's first `n_old` rows, frozen,
-    then trainable rows for the tokens data.added_tokens appended. Without it a LoRA run could not
+    then trainable rows for the tokens data.added_tokens appended (`n_old` is the base tokenizer's
+    size: in a padded vocabulary the new tokens take padding rows, which train too, as do the
+    unused padding rows after them). Without it a LoRA run could not
     learn its new tokens: the embedding is frozen, so their rows would stay at the mean row they
     start from and, under a tied head, every new token would get the same logit. Only the new rows
     train and are saved, not the whole matrix (peft's modules_to_save would train all of it)."""
@@ -36,6 +38,11 @@ class AddedRows(torch.nn.Module):
 
     def forward(self, weight):
         return torch.cat([weight[:self.n_old], self.added_rows])
+
+
+def added_rows_in(sd: dict) -> int:
+    """How many embedding rows a LoRA run's weight file `sd` trained as AddedRows (0: none)."""
+    return next((v.shape[0] for k, v in sd.items() if ADDED_ROWS_MARK in k), 0)
 
 
 def saved_part(sd: dict) -> dict:

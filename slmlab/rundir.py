@@ -4,6 +4,7 @@
     tokenizer.json         the HF-compatible tokenizer the run was trained with
     model.safetensors      final weights (the tied head stored once); a train.lora run: its adapters only
     chat_template.jinja    an SFT run's chat template (ChatML or the tokenizer's own), for sampling and exports
+    lora_base.json         a train.lora run's base: its model.safetensors' size, mtime and sha256
     model_avg.safetensors  average of the last train.avg_last checkpoints (when > 1)
     metrics.jsonl          one JSON object per log/eval step
     summary.json, sample.txt
@@ -21,11 +22,12 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .errors import ConfigError, RunDirError
+from .errors import CheckpointError, ConfigError, RunDirError
 
 CONFIG, TOKENIZER, WEIGHTS, AVG_WEIGHTS = "config.yaml", "tokenizer.json", "model.safetensors", "model_avg.safetensors"
 METRICS, SUMMARY, SAMPLE = "metrics.jsonl", "summary.json", "sample.txt"
 CHAT_TEMPLATE = "chat_template.jinja"
+LORA_BASE = "lora_base.json"  # a LoRA run's fingerprint of its base's weights, taken when the run began
 FINISHED = (CONFIG, TOKENIZER, WEIGHTS)
 
 
@@ -82,16 +84,62 @@ class RunDir:
         if not lora.r or weights != WEIGHTS:
             return ckpt.load_model_weights(model, self.path / weights)
         from .init_from import grow_vocab
-        from .lora import apply_lora, merge_lora
+        from .lora import added_rows_in, apply_lora, merge_lora
 
-        base = RunDir.open(self.config().train.init_from, label=f"{self.path}: base train.init_from=")
-        n_old = base.config().model.vocab_size
-        if n_old < model.cfg.vocab_size:  # data.added_tokens: the base has fewer rows; the file holds the new ones
+        base = self.lora_base()
+        if base.config().model.vocab_size < model.cfg.vocab_size:  # data.added_tokens grew the vocabulary
             grow_vocab(model, base)
         else:
             base.load_weights(model)
+        # The file says where the trained rows of data.added_tokens start (a padded base's tokenizer
+        # ends below its model.vocab_size).
+        n_old = model.cfg.vocab_size - added_rows_in(ckpt.load_tensors(self.path / weights))
         ckpt.load_model_weights(apply_lora(model, lora, n_old), self.path / weights)
         return merge_lora(model)
+
+    def lora_base(self) -> RunDir:
+        """A LoRA run's base (train.init_from), refused if it is this run or built on it (a cycle)
+        or if its weights changed since this run began (its LORA_BASE fingerprint)."""
+        chain, run, base = [self.path.resolve()], self, None
+        while run.config().train.lora.r:
+            path = Path(run.config().train.init_from).expanduser().resolve()
+            if path in chain:
+                what = (f"its LoRA base train.init_from={path} is the run itself" if len(chain) == 1 else
+                        f"its LoRA bases form a cycle ({' -> '.join(map(str, [*chain, path]))})")
+                raise CheckpointError(f"{self.path}: {what}, so there are no base weights under the adapters; "
+                                      "retrain them on a base in another directory")
+            run = RunDir.open(path, label=f"{run.path}: base train.init_from=")
+            base = base or run
+            chain.append(path)
+        self.check_lora_base(base)
+        return base
+
+    def check_lora_base(self, base: RunDir):
+        """Refuse a base whose weights file differs from the one this run was trained on: a size and
+        mtime equal to the fingerprint's are trusted (a stat); otherwise the sha256 decides. Runs
+        from before fingerprints have none and are trusted."""
+        path = self.path / LORA_BASE
+        if not path.is_file():
+            return
+        try:
+            want = json.loads(path.read_text(encoding="utf-8"))
+            size, mtime, sha = want["size"], want["mtime_ns"], want["sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path} is corrupt ({type(e).__name__}): the base's fingerprint is unreadable") \
+                from None
+        st = (base.path / WEIGHTS).stat()
+        if (st.st_size, st.st_mtime_ns) == (size, mtime):
+            return
+        if st.st_size != size or ckpt.sha256(base.path / WEIGHTS) != sha:
+            raise CheckpointError(f"the base {base.path} changed since this LoRA run ({self.path}) was trained (its "
+                                  f"{WEIGHTS} differs): restore that base, or retrain the adapters on the new one")
+
+    def finished_at(self, step: int) -> bool:
+        """Whether the run finished at `step` (its summary says so)."""
+        try:
+            return json.loads((self.path / SUMMARY).read_text(encoding="utf-8")).get("steps") == step
+        except (OSError, ValueError, AttributeError):
+            return False
 
     def chat_template(self) -> str | None:
         path = self.path / CHAT_TEMPLATE
@@ -144,7 +192,7 @@ class RunDir:
         the previous run's outputs are removed."""
         run = cls.check_new(path, force)
         if run.path.exists():  # only what slmlab writes goes; a user's own files in the directory stay
-            for name in (METRICS, WEIGHTS, AVG_WEIGHTS, SUMMARY, SAMPLE):
+            for name in (METRICS, WEIGHTS, AVG_WEIGHTS, SUMMARY, SAMPLE, LORA_BASE):
                 (run.path / name).unlink(missing_ok=True)
             for d in ckpt.checkpoint_dirs(run.path):
                 ckpt.discard(d)
@@ -176,6 +224,14 @@ class RunDir:
 
     def write_weights(self, sd: dict, metadata: dict | None = None, name: str = WEIGHTS):
         ckpt.save_weights(sd, self.path / name, metadata)
+
+    def write_lora_base(self, base):
+        """Fingerprint the base's weights file (LORA_BASE): loading the run later refuses a base that
+        was retrained in place, which would otherwise change this run's outputs silently."""
+        weights = Path(base) / WEIGHTS
+        st = weights.stat()
+        fp = {"base": str(base), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": ckpt.sha256(weights)}
+        self.write_text(LORA_BASE, json.dumps(fp, indent=2))
 
     def write_text(self, name: str, text: str):
         with ckpt.publish(self.path / name) as tmp:

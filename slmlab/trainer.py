@@ -56,9 +56,22 @@ def train(cfg: RunConfig, out: Path, force: bool = False, resume: bool = False) 
     return cls(cfg, Path(out), force=force, resume=resume).fit()
 
 
-def load_teacher(path: str, cfg: RunConfig, tok, device):
+def refuse_inputs_in_out(cfg: RunConfig, out: Path):
+    """A run read as input cannot be --out: a new run there replaces its weights before reading them
+    (a LoRA run would then name itself as its base)."""
+    target = Path(out).expanduser().resolve()
+    for key, value in (("train.init_from", cfg.train.init_from), ("train.teacher", cfg.train.teacher),
+                       ("data.tokenizer", cfg.data.tokenizer)):
+        path = Path(value).expanduser().resolve() if value else None
+        if path is not None and (path == target or (path.is_file() and path.parent == target)):  # tokenizer.json
+            raise ConfigError(f"{key} is --out ({target}): training into --out would replace it before the new "
+                              "run is written; choose another --out")
+
+
+def load_teacher(path: str, cfg: RunConfig, tok, device, seq_len: int):
     """The frozen teacher of train.teacher=path, after checking it can teach this run: an
-    autoregressive model on the same tokenizer and vocabulary as the autoregressive student."""
+    autoregressive model on the same tokenizer and vocabulary as the autoregressive student, with
+    positions for the longest training sequence (`seq_len`)."""
     if cfg.objective.name != "ar":
         raise ConfigError(f"train.teacher distills into autoregressive models; objective.name is {cfg.objective.name!r}")
     run = RunDir.open(path, label="train.teacher=")
@@ -71,6 +84,10 @@ def load_teacher(path: str, cfg: RunConfig, tok, device):
     if tcfg.model.vocab_size != cfg.model.vocab_size:
         raise ConfigError(f"train.teacher={path} has model.vocab_size={tcfg.model.vocab_size}, this run "
                           f"{cfg.model.vocab_size}: distillation compares logits column by column")
+    if tcfg.model.pos == "learned" and seq_len > tcfg.model.max_positions:
+        raise ConfigError(f"train.teacher={path} has learned positions up to model.max_positions="
+                          f"{tcfg.model.max_positions}, but this run trains on sequences of {seq_len} tokens: shorten "
+                          "train.phases / train.seq_len or use a teacher with more positions")
     _, teacher, _ = run.load(device)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -188,6 +205,8 @@ class Trainer:
         if cfg.model.pos == "learned" and longest > cfg.model.max_positions:
             raise ConfigError(f"sequences of {longest} tokens exceed model.max_positions={cfg.model.max_positions} "
                               "(learned positions have no rows past it): shorten train.phases / train.seq_len")
+        if not resume:
+            refuse_inputs_in_out(cfg, out)
         if not resume and self.dist.main:
             RunDir.check_new(out, force)
         self.run = RunDir(out)
@@ -197,9 +216,12 @@ class Trainer:
         if self.t.lora.r:  # the adapter run names its base by an absolute path, so it loads from anywhere
             self.t.init_from = str(Path(self.t.init_from).expanduser().resolve())
         self.setup_data()
-        self.teacher = load_teacher(self.t.teacher, cfg, self.tok, self.device) if self.t.teacher else None
+        if self.t.teacher:
+            self.teacher = load_teacher(self.t.teacher, cfg, self.tok, self.device, max(p.seq_len for p in self.phases))
+        else:
+            self.teacher = None
         ckpt = self.checkpoint_to_resume() if resume else None
-        self.setup_model()
+        self.setup_model(resuming=ckpt is not None)
         saved = self.run.load_checkpoint(ckpt, self.model) if ckpt else None  # before DDP/FSDP wrap it
         self.setup_parallel_and_optimizer(resuming=saved is not None)
         self.batches = self.make_batches()
@@ -234,8 +256,8 @@ class Trainer:
                 self.train_sets[ph.data] = (b, ph.data)
         self.eval_T, self.eval_B = eval_shape(self.phases, self.t.eval_seq_len, self.t.grad_accum, self.dist.world)
         for ph in self.phases:
-            data_mod.check_sizes(self.train_sets[ph.data][0], ph.seq_len, 1)
-        data_mod.check_sizes(self.bundle, self.eval_T, 1)
+            data_mod.check_sizes(self.train_sets[ph.data][0], ph.seq_len, 1, splits=("train",))
+        data_mod.check_sizes(self.bundle, self.eval_T, 1, splits=("validation",))  # only eval reads it
         self.byte_lengths = token_byte_lengths(tok)
 
     def make_batches(self):
@@ -257,16 +279,38 @@ class Trainer:
         diff = saved.model.weight_changes(self.cfg.model)
         if diff:
             raise ConfigError(f"--resume: the model config differs from the run in {run.path}: " + ", ".join(diff[:4]))
-        run.check_same_tokenizer(self.tok, f"data.spec {saved.data.spec!r} -> {self.cfg.data.spec!r}?")
+        data = [f"data.{k} {getattr(saved.data, k)!r} -> {getattr(self.cfg.data, k)!r}"
+                for k in ("spec", "tokenizer", "added_tokens") if getattr(saved.data, k) != getattr(self.cfg.data, k)]
+        run.check_same_tokenizer(self.tok, ", ".join(data) + "?" if data else
+                                 "its data.tokenizer or data changed since the run began?")
+        self.check_same_adapters(saved, run)
         return ckpt
 
-    def setup_model(self):
+    def check_same_adapters(self, saved: RunConfig, run: RunDir):
+        """The saved adapters only mean the same function on the same base, rank, targets and scale
+        (alpha / r multiplies them: a new alpha would rescale them mid-run). Dropout may change."""
+        old, new = saved.train, self.t
+        if not (old.lora.r or new.lora.r):
+            return
+        diff = [f"train.lora.{k} {getattr(old.lora, k)!r} -> {getattr(new.lora, k)!r}" for k in ("r", "alpha", "targets")
+                if getattr(old.lora, k) != getattr(new.lora, k)]
+        if old.init_from != new.init_from:
+            diff.append(f"train.init_from {old.init_from!r} -> {new.init_from!r}")
+        if diff:
+            raise ConfigError(f"--resume: the run's LoRA adapters were trained otherwise: {', '.join(diff)}; resume "
+                              "with the run's values (or start a new run)")
+        if old.lora.r:
+            run.lora_base()  # refuses a base retrained since the run began
+
+    def setup_model(self, resuming: bool = False):
         self.say(self.describe_data())
         why = kernels_unavailable(self.cfg.model.kernels, self.device.type)
         if why:
             raise ConfigError(f"{why}: use model.kernels=auto or torch on {self.device.type}")
         self.model = model = model_from_config(self.cfg).to(self.device)
-        init_model(model, self.cfg, self.tok)  # mask-token check (diffusion), train.init_from weights
+        # A resumed checkpoint holds every weight, so the base need not exist any more; LoRA
+        # checkpoints hold adapters only and still sit on the base.
+        init_model(model, self.cfg, self.tok, load_weights=not resuming or bool(self.t.lora.r))
         if self.t.lora.r:
             from .lora import apply_lora, trainable_report
 
@@ -300,6 +344,12 @@ class Trainer:
         self.base_windows = self.cfg.model.layer_windows()
 
     def resume(self, ckpt: Path, saved: dict):
+        step, steps = saved["step"], self.t.steps
+        # steps == step is allowed for a run killed before it finished (final eval, weights): it finishes it.
+        if steps < step or (steps == step and self.run.finished_at(step)):
+            raise ConfigError(f"--resume: the checkpoint is at step {step}"
+                              + (" and the run finished there" if steps == step else "")
+                              + f"; train.steps ({steps}) must be larger")
         try:
             self.opt.load_state_dict(saved["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:
@@ -315,6 +365,8 @@ class Trainer:
             remove_stale(self.run.path)  # temporaries of a writer killed in an earlier attempt
             self.run.write_config(self.cfg)
             self.run.write_tokenizer(self.tok)
+            if saved is None and self.t.lora.r:
+                self.run.write_lora_base(self.t.init_from)
         self.metrics = MetricsLog(self.run, self.cfg, self.dist.main, saved["metrics_offset"] if saved else None)
 
     # ---- the loop ----
@@ -449,7 +501,8 @@ class Trainer:
 
     # ---- the end ----
     def finalize(self) -> dict:
-        """Whole-split evaluation (and of the checkpoint average), then weights, sample and summary."""
+        """Whole-split evaluation (and of the checkpoint average), then weights and summary, and only
+        then the sample: a sample that fails loses nothing of the run."""
         t, train_time = self.t, self.state.train_time()
         self.model.set_windows(self.base_windows)
         final, base = self.evaluate(None), self.baselines()
@@ -462,8 +515,6 @@ class Trainer:
                           "tokens": self.state.tokens, "final": True, **final})
         avg = self.average_checkpoints(final) if t.avg_last > 1 and self.dist.main else {}
         sd = weights_for_save(self.model)  # collective under FSDP
-        sample = generate_sample(self.model, self.tok, t.sample_prompt, t.sample_tokens, self.device,
-                                 static=False if is_sharded(self.model) else None)
         summary = {"arch": self.cfg.arch, "params": self.n_params, "flops_per_token": self.fpt, "steps": t.steps,
                    "tokens": self.state.tokens, "train_time_s": train_time, "wall_time_s": time.time() - self.t_start,
                    "tokens_per_s": self.state.tokens / max(train_time, 1e-9), "optimizer": self.cfg.optim.name,
@@ -471,7 +522,12 @@ class Trainer:
                               for p in self.phases], "world_size": self.dist.world, **final, **avg,
                    **self.baselines(), "device": str(self.device)}
         if self.dist.main:
-            self.write_outputs(sd, sample, summary)
+            self.run.write_weights(sd, metadata={"arch": self.cfg.arch})
+            self.run.write_summary(summary)
+        sample = generate_sample(self.model, self.tok, t.sample_prompt, t.sample_tokens, self.device,
+                                 static=False if is_sharded(self.model) else None)
+        if self.dist.main:
+            self.write_sample(sample, summary)
         self.dist.close()
         return summary
 
@@ -488,11 +544,9 @@ class Trainer:
         self.metrics.log({"step": self.t.steps, "tokens": self.state.tokens, "final_avg": True, **avg})
         return avg
 
-    def write_outputs(self, sd: dict, sample: str, summary: dict):
-        self.run.write_weights(sd, metadata={"arch": self.cfg.arch})
+    def write_sample(self, sample: str, summary: dict):
         self.run.write_text(SAMPLE, sample)
         print("sample (temperature 0.8, top-k 50):\n" + "-" * 60 + f"\n{sample}\n" + "-" * 60)
-        self.run.write_summary(summary)
         self.metrics.close(summary)
         print(f"run saved to {self.run.path}  ({fmt_duration(summary['wall_time_s'])} wall, "
               f"{summary['tokens_per_s']:,.0f} tok/s)")

@@ -253,3 +253,125 @@ def test_added_rows_of_an_untied_head_save_load_and_merge(tmp_path):
         merged = merge_lora(other)
         torch.testing.assert_close(merged(x), want, atol=1e-5, rtol=0)
     assert merged.lm_head.weight is not merged.embed.weight and "embed.weight" in dict(merged.named_parameters())
+
+
+# ---------------------------------------------------------------- the base: not --out, not changed, not a cycle
+def retarget(run_dir, base):
+    """Point a copied LoRA run's config at another base."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["train"]["init_from"] = str(base)
+    path.write_text(yaml.safe_dump(cfg))
+
+
+def test_training_into_the_base_itself_is_refused_before_anything_is_deleted(base, tmp_path, capsys):
+    import train
+    from slmlab.cli import run_cli
+
+    own = tmp_path / "own"
+    shutil.copytree(base, own)
+    before = {p: p.read_bytes() for p in own.rglob("*") if p.is_file()}
+    for key in ("train.init_from", "train.teacher"):
+        argv = [*lora_args(tmp_path, base, 2, **{key: str(own)}), "--out", str(own), "--force"]
+        assert run_cli(train.main, argv) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {key} is --out ({own}): training into --out would replace it before the new run is " \
+                      "written; choose another --out\n", err
+    assert {p: p.read_bytes() for p in own.rglob("*") if p.is_file()} == before
+
+
+def test_a_lora_run_based_on_itself_or_a_cycle_is_a_checkpoint_error(lora_run, tmp_path):
+    from slmlab.errors import CheckpointError
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        shutil.copytree(lora_run, d)
+    retarget(a, a)
+    with pytest.raises(CheckpointError, match=f"train.init_from={a} is the run itself"):
+        RunDir.open(a).load()
+    retarget(a, b)
+    retarget(b, a)
+    with pytest.raises(CheckpointError, match=f"its LoRA bases form a cycle \\({a} -> {b} -> {a}\\)"):
+        RunDir.open(a).load()
+
+
+def test_a_base_retrained_in_place_is_refused(base, lora_run, tmp_path, capsys):
+    import os
+
+    from safetensors.torch import save_file
+
+    import train
+    from slmlab.cli import run_cli
+    from slmlab.errors import CheckpointError
+
+    b, run = tmp_path / "b", tmp_path / "run"
+    shutil.copytree(base, b)  # copy2 keeps size and mtime: trusted on a stat
+    shutil.copytree(lora_run, run)
+    retarget(run, b)
+    want = RunDir.open(lora_run).load()[1].state_dict()
+    weights = b / "model.safetensors"
+    os.utime(weights, ns=(0, 1))  # touched, same bytes: the sha256 decides
+    got = RunDir.open(run).load()[1].state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    sd = load_tensors(weights)
+    sd["embed.weight"] = sd["embed.weight"] + 1e-3  # same size, other weights
+    save_file(sd, str(weights))
+    with pytest.raises(CheckpointError, match=f"the base {b} changed since this LoRA run"):
+        RunDir.open(run).load()
+    capsys.readouterr()
+    assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "16"]) == 2
+    assert "changed since this LoRA run" in capsys.readouterr().err
+
+
+def test_resume_with_another_alpha_is_refused(lora_run, tmp_path, capsys):
+    import train
+    from slmlab.cli import run_cli
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "16", "train.lora.alpha=16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume: the run's LoRA adapters were trained otherwise: train.lora.alpha 8") \
+        and "-> 16" in err and err.count("\n") == 1, err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_added_tokens_in_a_padded_vocabulary_start_at_the_mean_row_and_train(base, tmp_path):
+    """A base whose model.vocab_size (320) exceeds its tokenizer (300), as HF imports pad it: the added
+    token takes id 300, a padding row, which must start at the mean row and train under LoRA."""
+    import dataclasses
+
+    from slmlab.checkpoint import weights_for_save
+    from slmlab.init_from import base_vocab, init_model, with_added_tokens
+    from slmlab.lora import ADDED_ROWS_MARK, apply_lora
+    from slmlab.trainer import train
+
+    src = RunDir.open(base)
+    cfg = src.config()
+    cfg.model = dataclasses.replace(cfg.model, vocab_size=320)
+    torch.manual_seed(1)
+    padded = RunDir.create(tmp_path / "padded")
+    padded.write_config(cfg)
+    padded.write_tokenizer(src.tokenizer())
+    padded.write_weights(weights_for_save(model_from_config(cfg)))
+    ov = lora_args(tmp_path, padded.path, 3, **{"model.vocab_size": 320, "data.tokenizer": str(padded.path),
+                                                "data.added_tokens": "[<think>]"})
+    run_cfg = load_config(arch="hybrid", overrides=[f"data.spec={ov[3]}", *ov[4:]])
+    tok = with_added_tokens(run_cfg, src.tokenizer())
+    assert tok.encode("<think>") == [300] and run_cfg.model.vocab_size == 320
+    model = init_model(model_from_config(run_cfg), run_cfg, tok)
+    _, pad_model, _ = padded.load()
+    E0, E = pad_model.embed.weight, model.embed.weight
+    torch.testing.assert_close(E[300], E0[:300].mean(0))
+    assert torch.equal(E[:300], E0[:300]) and torch.equal(E[301:], E0[301:])  # padding stays padding
+    assert base_vocab(run_cfg) == 300
+    apply_lora(model, run_cfg.train.lora, base_vocab(run_cfg))
+    assert any(ADDED_ROWS_MARK in n and p.requires_grad for n, p in model.named_parameters())
+
+    train(run_cfg, tmp_path / "lora")
+    _, trained, _ = RunDir.open(tmp_path / "lora").load()
+    assert torch.equal(trained.embed.weight[:300], E0[:300])
+    assert not torch.allclose(trained.embed.weight[300], E[300])  # the new token's row trained

@@ -1,6 +1,7 @@
 """A run SIGKILLed at an arbitrary step and resumed reproduces the uninterrupted run's per-step
 losses exactly (CPU, fixed seed): model, optimizers, schedule, RNG, data position and phase all
 come back from the checkpoint."""
+import json
 import os
 import shutil
 import signal
@@ -141,3 +142,52 @@ def test_a_kill_while_resume_rewrites_config_leaves_a_run_that_resumes_exactly(t
     assert (run / "config.yaml").read_bytes() == config
     assert run_cli(train.main, ["--resume", "--out", str(run)]) == 0
     assert losses(run) == losses(full)
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    import train
+    from slmlab.cli import run_cli
+
+    tmp = tmp_path_factory.mktemp("resume_base")
+    corpus = write_corpus(tmp / "c.txt")
+    assert run_cli(train.main, ["--data", str(corpus), "--out", str(tmp / "base"), *tiny_overrides(tmp, steps=2)]) == 0
+    return tmp
+
+
+def test_resume_needs_more_steps_than_the_checkpoint_and_not_the_init_from_base(base_run, tmp_path, capsys):
+    import train
+    from slmlab.cli import run_cli
+
+    base, run = tmp_path / "base", tmp_path / "run"
+    shutil.copytree(base_run / "base", base)
+    ov = tiny_overrides(base_run, steps=4, **{"train.ckpt_every": 2, "train.init_from": str(base)})
+    assert run_cli(train.main, ["--data", str(base_run / "c.txt"), "--out", str(run), *ov]) == 0
+    shutil.rmtree(base)  # the checkpoint holds every weight: resuming needs no base
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    for steps, needle in ((2, "the checkpoint is at step 4; train.steps (2) must be larger"),
+                          (4, "the checkpoint is at step 4 and the run finished there; train.steps (4) must be")):
+        assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", str(steps)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --resume: ") and needle in err and err.count("\n") == 1, err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    (run / "summary.json").unlink()  # as if killed in the final evaluation: resuming at step 4 finishes it
+    assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "4"]) == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+    assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "6"]) == 0
+    assert sorted(losses(run)) == list(range(1, 7))
+
+
+def test_resume_with_other_added_tokens_names_them(base_run, tmp_path, capsys):
+    import train
+    from slmlab.cli import run_cli
+
+    run = tmp_path / "run"  # a padded vocabulary: one added token fits without growing the model
+    ov = tiny_overrides(base_run, steps=2, **{"train.ckpt_every": 2, "model.vocab_size": 320,
+                                              "data.tokenizer": str(base_run / "base")})
+    assert run_cli(train.main, ["--data", str(base_run / "c.txt"), "--out", str(run), *ov]) == 0
+    capsys.readouterr()
+    assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "4", "data.added_tokens=[<think>]"]) == 2
+    err = capsys.readouterr().err
+    assert "different tokenizer" in err and "data.added_tokens [] -> ['<think>']?" in err and "data.spec" not in err

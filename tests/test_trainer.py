@@ -14,7 +14,7 @@ from slmlab.checkpoint import latest_checkpoint, load_tensors
 from slmlab.cli import run_cli
 from slmlab.config import load_config
 from slmlab.curriculum import OrderedStream, document_spans
-from slmlab.errors import CheckpointError, ConfigError, SlmlabError
+from slmlab.errors import CheckpointError, ConfigError, DataError, SlmlabError
 from slmlab.phases import lr_mult, phase_at, resolve_phases
 from slmlab.trainer import train
 
@@ -178,6 +178,30 @@ def test_distillation_chunked_equals_whole_and_teacher_checks(corpus, tmp_path):
     with pytest.raises(ConfigError, match="is an objective.name=mdlm run: distillation needs an autoregressive"):
         train(tiny_cfg(corpus, steps=2, **{"train.teacher": str(mdlm)}), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_teacher_with_too_few_learned_positions_is_refused_before_training(corpus, tmp_path):
+    teacher = tmp_path / "teacher"
+    train(tiny_cfg(corpus, steps=1, **{"model.pos": "learned", "model.max_positions": 16,
+                                       "train.phases": "[{seq_len: 16, share: 1.0, tokens_per_step: 128}]"}), teacher)
+    with pytest.raises(ConfigError, match="model.max_positions=16, but this run trains on sequences of 32 tokens"):
+        train(tiny_cfg(corpus, steps=2, **{"train.teacher": str(teacher)}), tmp_path / "student")
+    assert not (tmp_path / "student").exists()
+
+
+def test_a_failing_sample_loses_neither_weights_nor_summary(corpus, tmp_path, monkeypatch):
+    from slmlab import trainer
+    from slmlab.rundir import RunDir
+
+    def broken_sample(*a, **k):
+        raise RuntimeError("generation failed")
+
+    monkeypatch.setattr(trainer, "generate_sample", broken_sample)
+    with pytest.raises(RuntimeError, match="generation failed"):
+        train(tiny_cfg(corpus, steps=2), tmp_path / "run")
+    assert json.loads((tmp_path / "run/summary.json").read_text())["steps"] == 2
+    RunDir.open(tmp_path / "run").load()  # the final weights are there
+    assert not (tmp_path / "run/sample.txt").exists()
 
 
 def test_quality_stream_orders_low_to_high_and_repeats_top():
@@ -406,3 +430,13 @@ def test_cpu_training_keeps_freed_memory_unless_the_user_chose():
         out[name] = r.stdout.split()
     assert out["default"] == ["True", "True"]
     assert out["user"] == ["False", "False"]
+
+
+def test_a_validation_split_shorter_than_a_training_sequence_is_fine_with_a_short_eval(corpus, tmp_path):
+    """The validation split is read at train.eval_seq_len only: training sequences longer than it
+    (~910 tokens here) need a shorter eval length, not a larger split."""
+    over = {"train.phases": "[]", "train.seq_len": 1000, "train.batch_size": 1, "train.eval_seq_len": 64}
+    s = train(tiny_cfg(corpus, steps=1, **over), tmp_path / "long")
+    assert math.isfinite(s["val_loss"])
+    with pytest.raises(DataError, match="lower train.eval_seq_len"):
+        train(tiny_cfg(corpus, steps=1, **{**over, "train.eval_seq_len": 1000}), tmp_path / "bad")
