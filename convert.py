@@ -33,7 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output path (a folder for hf/onnx/coreml/--from-hf, a file otherwise)")
     p.add_argument("--dtype", default="fp32", help="weight dtype: fp32 | fp16 | bf16 (default fp32)")
     p.add_argument("--quant", default=None, help="int8 (weight-only; executorch, onnx) | q8_0 (gguf)")
-    p.add_argument("--max-len", type=int, default=1024, help="KV-cache length of decode graphs (default 1024)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="KV-cache length of decode graphs (default 1024, or model.max_positions when smaller)")
     p.add_argument("--no-eval", action="store_true", help="with --quant int8: skip the val-bpb before/after report")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     return p.parse_args(argv)
@@ -58,7 +59,8 @@ def main(argv=None):
             raise ConfigError("--to FORMAT is required with --run")
         from slmlab.coerce import Range
 
-        Range(1, 2 ** 20).check("--max-len", args.max_len)  # the decode graphs preallocate this many KV slots
+        if args.max_len is not None:  # the decode graphs preallocate this many KV slots
+            Range(1, 2 ** 20).check("--max-len", args.max_len)
         from slmlab.export import ExportOptions, convert
 
         opts = ExportOptions(dtype=args.dtype, quant=args.quant, max_len=args.max_len, eval_bpb=not args.no_eval)

@@ -53,6 +53,10 @@ def decode_kwargs(args, model) -> dict:
     if getattr(model, "mask_id", None) is not None:  # a masked-diffusion run
         from arch.diffusion import check_sampler_args
 
+        if args.compile:
+            raise ConfigError(f"--compile applies to autoregressive runs (it compiles the one-token decode step); "
+                              f"{args.run} is a diffusion run")
+
         check_sampler_args(args.max_new_tokens, args.diffusion_steps or max(args.max_new_tokens, 1), args.block_length)
         return dict(steps=args.diffusion_steps, block_length=args.block_length, sampler=args.sampler)
     if args.diffusion_steps is not None or args.block_length is not None:
@@ -84,6 +88,7 @@ def main(argv=None):
     # A prompt with bytes that are not UTF-8 (argv keeps them as surrogates) is read with U+FFFD for them.
     prompt = args.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     ids = tok.encode(prompt) or [tok.start_id]
+    check_room(args, model, len(ids))
     g = torch.Generator(device=device).manual_seed(args.seed)
     for i in range(args.num_samples):
         if args.num_samples > 1:
@@ -120,6 +125,17 @@ class StreamPrinter:
     def finish(self, ids):
         text = self.tok.decode(ids)
         print(text[len(self.shown):] if text.startswith(self.shown) else text, flush=True)
+
+
+def check_room(args, model, prompt_len: int):
+    """Refuse before printing anything a generation the position table cannot hold (model.pos=learned)."""
+    left = model.room(prompt_len)
+    if left is None or args.max_new_tokens <= left:
+        return
+    fix = f"use --max-new-tokens {left} or less" if left else f"shorten --prompt below {model.cfg.max_positions} tokens"
+    raise ConfigError(f"--prompt is {prompt_len} tokens and --max-new-tokens {args.max_new_tokens}: "
+                      f"{prompt_len + args.max_new_tokens} positions, but {args.run} has model.max_positions="
+                      f"{model.cfg.max_positions} (model.pos=learned); {fix}")
 
 
 def check_args(args):

@@ -123,6 +123,7 @@ class DiffusionLM(LM):
         """Fill max_new_tokens masks after the prompt. steps defaults to one token per step;
         block_length (llada) defaults to objective.block_length, shrunk to a divisor if needed."""
         n = max_new_tokens
+        self.check_room(idx.shape[1], n)
         if n == 0:
             return idx
         steps = steps or n

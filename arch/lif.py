@@ -187,8 +187,11 @@ class _SpikeStats:
         self._stat = {"spikes": 0.0, "nonzero": 0.0, "slots": 0.0, "tokens": 0}
 
     def _record(self, spikes, nonzero, slots, tokens):
-        if self.training:
-            return  # costs a reduction per step; rates are logged at eval
+        # Training: a reduction per step for nothing (rates are logged at eval). Exporting: float()
+        # of a traced tensor is a guard torch.export cannot trace (executorch failed on a model.mlp=lif
+        # run; the ONNX exporter printed each failed attempt's FX graph before falling back).
+        if self.training or torch.compiler.is_exporting():
+            return
         self._stat["spikes"] += float(spikes)
         self._stat["nonzero"] += float(nonzero)
         self._stat["slots"] += float(slots)

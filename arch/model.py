@@ -148,6 +148,25 @@ class LM(nn.Module):
             toks.append(idx)
         return torch.cat(toks, dim=1)
 
+    def room(self, prompt_len: int) -> Optional[int]:
+        """New tokens that fit after a prompt of prompt_len tokens: None when positions are
+        unbounded (rope), else what model.max_positions leaves (pos=learned has no row past it)."""
+        if self.cfg.pos != "learned":
+            return None
+        return max(self.cfg.max_positions - prompt_len, 0)
+
+    def check_room(self, prompt_len: int, max_new_tokens: int):
+        """ConfigError (a ValueError) when prompt + new tokens need more positions than the model has.
+        Checked once, before any decoder is built, so the static, dynamic, compiled and CUDA-graph
+        paths all refuse alike instead of failing mid-generation in the position table."""
+        left = self.room(prompt_len)
+        if left is not None and max_new_tokens > left:
+            from slmlab.errors import ConfigError
+
+            fix = f"generate at most {left} new tokens" if left else f"shorten the prompt below {self.cfg.max_positions} tokens"
+            raise ConfigError(f"a {prompt_len}-token prompt + {max_new_tokens} new tokens exceed model.max_positions="
+                              f"{self.cfg.max_positions} (model.pos=learned): {fix}")
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
                  generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None,
@@ -160,6 +179,7 @@ class LM(nn.Module):
         call). on_token(id) is called with each new token of batch row 0 (sample.py streams with it)."""
         if max_new_tokens <= 0:
             return idx.clone()
+        self.check_room(idx.shape[1], max_new_tokens)
         use_static = self.supports_static() if static is None else static
         if use_static:
             # Greedy chunks amortise the compiled call's Python overhead, which a CUDA graph removes.

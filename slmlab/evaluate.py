@@ -58,10 +58,17 @@ def bpb_label(ev: dict) -> str:
 
 def generate_sample(model, tok, prompt, n, device, temperature=0.8, top_k=50, seed=0, static=None) -> str:
     """static=False decodes through model.forward (what an FSDP-sharded model needs: its hooks gather
-    the weights around forward, not around forward_static)."""
+    the weights around forward, not around forward_static). n is clamped to what model.max_positions
+    leaves after the prompt (model.pos=learned), with a first line saying so: the run's last step
+    must not fail on a sample length."""
     ids = tok.encode(prompt) or [tok.start_id]
+    left, note = model.room(len(ids)), ""
+    if left is not None and n > left:
+        note = (f"[{left} of train.sample_tokens={n} new tokens: a {len(ids)}-token prompt leaves no more "
+                f"of model.max_positions={model.cfg.max_positions}]\n")
+        n = left
     idx = torch.tensor([ids], device=device)
     g = torch.Generator(device=device).manual_seed(seed)
     extra = {} if static is None else {"static": static}  # the diffusion LM's generate has no decode paths
     out = model.generate(idx, n, temperature=temperature, top_k=top_k, generator=g, **extra)
-    return tok.decode(out[0].tolist())
+    return note + tok.decode(out[0].tolist())

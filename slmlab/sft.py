@@ -227,22 +227,41 @@ class SFTData:
     template: ChatTemplate
 
 
-def prepare_sft(spec: str, fmt: str, template: ChatTemplate, val_frac: float, seq_len: int) -> SFTData:
+def has_reply_within(example, seq_len: int) -> bool:
+    """Whether pad_batch's first seq_len positions of `example` score any reply token."""
+    return any(lab != IGNORE for lab in example[1][1:seq_len + 1])
+
+
+def prepare_sft(spec: str, fmt: str, template: ChatTemplate, val_frac: float, seq_len: int,
+                eval_len: int | None = None) -> SFTData:
     """Examples split (a fixed shuffle) and encoded; train examples whose reply starts beyond
-    seq_len are dropped (they would add no loss), with a line saying how many."""
+    seq_len, and held-out ones whose reply starts beyond eval_len (default seq_len), are dropped
+    (they would add no loss), with a line saying how many. DataError when none is left on either side:
+    a validation loss over no tokens would read as a perfect 0.0."""
+    eval_len = eval_len or seq_len
     convs = read_examples(spec, fmt)
     random.Random(0).shuffle(convs)
     n_val = min(len(convs) - 1, max(1, round(len(convs) * val_frac)))
     val, train = convs[:n_val], convs[n_val:]
     enc = [template.encode(m) for m in train]
-    kept = [e for e in enc if any(lab != IGNORE for lab in e[1][1:seq_len + 1])]
+    kept = [e for e in enc if has_reply_within(e, seq_len)]
     if not kept:
         raise DataError(f"{spec}: no training example has a reply within train.seq_len={seq_len} tokens")
+    val_enc = [template.encode(m) for m in val]
+    val_kept = [e for e in val_enc if has_reply_within(e, eval_len)]
+    if not val_kept:
+        raise DataError(f"{spec}: no held-out example (of {n_val}) has a reply within the {eval_len}-token evaluation "
+                        f"length, so the validation loss would score nothing: raise train.eval_seq_len (unset, it "
+                        f"is the last phase's seq_len)")
     lens = sorted(len(e[0]) for e in enc)
-    print(f"data: {spec} ({fmt})  {len(kept)} train / {n_val} val examples  tokens per example: median "
-          f"{lens[len(lens) // 2]}, max {lens[-1]}" + (f"  ({len(enc) - len(kept)} dropped: reply beyond "
-                                                       f"seq_len {seq_len})" if len(kept) < len(enc) else ""))
-    return SFTData(kept, [template.encode(m) for m in val], val, template)
+    dropped = []
+    if len(kept) < len(enc):
+        dropped.append(f"{len(enc) - len(kept)} train dropped: reply beyond seq_len {seq_len}")
+    if len(val_kept) < n_val:
+        dropped.append(f"{n_val - len(val_kept)} val dropped: reply beyond eval length {eval_len}")
+    print(f"data: {spec} ({fmt})  {len(kept)} train / {len(val_kept)} val examples  tokens per example: median "
+          f"{lens[len(lens) // 2]}, max {lens[-1]}" + (f"  ({'; '.join(dropped)})" if dropped else ""))
+    return SFTData(kept, val_kept, val, template)
 
 
 def pad_batch(examples: list, seq_len: int, pad_id: int):
@@ -285,7 +304,7 @@ class SFTBatches:
 @torch.no_grad()
 def masked_val_loss(model, examples: list, pad_id: int, seq_len: int, batch_size: int, device, byte_lengths) -> dict:
     """Mean loss (nats) and bits per byte over the reply tokens of `examples` (model.token_nll:
-    model.loss_chunk positions of logits at a time when set)."""
+    model.loss_chunk positions of logits at a time when set); DataError when none is within seq_len."""
     nll, n_tok, n_bytes = 0.0, 0, 0.0
     for i in range(0, len(examples), batch_size):
         x, y = pad_batch(examples[i:i + batch_size], seq_len, pad_id)
@@ -295,27 +314,42 @@ def masked_val_loss(model, examples: list, pad_id: int, seq_len: int, batch_size
         scored = y[keep].cpu()
         n_tok += scored.numel()
         n_bytes += byte_lengths[scored.clamp(max=len(byte_lengths) - 1)].sum().item()
-    return {"val_loss": nll / max(n_tok, 1), "val_bpb": nll / math.log(2) / max(n_bytes, 1.0), "val_tokens": n_tok}
+    if n_tok == 0:  # a mean over nothing would read as a perfect 0.0
+        raise DataError(f"no reply token within the first {seq_len} tokens of the {len(examples)} held-out "
+                        f"example(s): no validation loss to report")
+    return {"val_loss": nll / n_tok, "val_bpb": nll / math.log(2) / max(n_bytes, 1.0), "val_tokens": n_tok}
 
 
 @torch.no_grad()
 def greedy_reply(model, template: ChatTemplate, messages, device, max_new_tokens: int) -> str:
-    """The model's greedy reply to `messages` (up to its last assistant turn), as text."""
+    """The model's greedy reply to `messages` (up to its last assistant turn), as text; at most
+    max_new_tokens, and no more than model.max_positions leaves after the prompt (model.pos=learned)."""
     tok = template.tok
     ids = template.prompt_ids(messages) or [tok.start_id]
+    left = model.room(len(ids))
+    if left is not None:
+        max_new_tokens = min(max_new_tokens, left)
     out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
     return template.reply(tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True))
 
 
 def exact_match(model, template: ChatTemplate, convs: list, device) -> dict:
-    """Share of held-out conversations whose last reply the model reproduces exactly (greedy)."""
-    hits = 0
+    """Share of held-out conversations whose last reply the model reproduces exactly (greedy).
+    Under model.pos=learned a conversation whose prompt and reference reply do not fit in
+    model.max_positions is left out (exact_n counts those scored): no reply could match there,
+    and the miss would be the position table's, not the model's."""
+    hits = scored = 0
     for msgs in convs:
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         ref = msgs[last]["content"]
-        pred = greedy_reply(model, template, msgs[:last + 1], device, len(template.tok.encode(ref)) + 16)
+        need = len(template.tok.encode(ref))
+        left = model.room(len(template.prompt_ids(msgs[:last + 1]) or [template.tok.start_id]))
+        if left is not None and left < need:
+            continue
+        pred = greedy_reply(model, template, msgs[:last + 1], device, need + 16)
         hits += pred == ref.strip()
-    return {"exact_match": hits / len(convs), "exact_n": len(convs)} if convs else {}
+        scored += 1
+    return {"exact_match": hits / scored, "exact_n": scored} if scored else {}
 
 
 class SFTTrainer(Trainer):
@@ -326,6 +360,15 @@ class SFTTrainer(Trainer):
         cfg, t = self.cfg, self.t
         if cfg.objective.name != "ar":
             raise ConfigError(f"SFT data trains autoregressive models; objective.name is {cfg.objective.name!r}")
+        # SFTBatches draws every phase's examples from data.spec at random: a phase's own data or
+        # quality order would otherwise be dropped without a word.
+        for ph in self.phases:
+            if ph.data is not None:
+                raise ConfigError(f"train.phases[{ph.index}].data does not apply to SFT data (every phase trains on "
+                                  f"data.spec's examples): remove it, or train on {ph.data} in a run of its own")
+            if ph.order != "random":
+                raise ConfigError(f"train.phases[{ph.index}].order={ph.order} does not apply to SFT data (examples "
+                                  f"are drawn at random): remove it")
         src = cfg.data.tokenizer or t.init_from
         if not src:
             raise ConfigError("SFT data needs a tokenizer: set data.tokenizer=RUN_DIR (or train.init_from=RUN_DIR)")
@@ -337,9 +380,9 @@ class SFTTrainer(Trainer):
             raise ConfigError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
         template = ChatTemplate.for_tokenizer(path if path.is_dir() else path.parent, tok)
         fmt = detect_format(cfg.data.spec, cfg.data.format)
-        self.sft = prepare_sft(cfg.data.spec, fmt, template, cfg.data.val_frac, self.phases[-1].seq_len)
-        self.bundle, self.train_sets = None, {}
         self.eval_T, self.eval_B = eval_shape(self.phases, t.eval_seq_len, t.grad_accum, self.dist.world)
+        self.sft = prepare_sft(cfg.data.spec, fmt, template, cfg.data.val_frac, self.phases[-1].seq_len, self.eval_T)
+        self.bundle, self.train_sets = None, {}
         self.byte_lengths = token_byte_lengths(tok)
         self.pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
 

@@ -62,8 +62,14 @@ def run_completions(args, convs, device):
         raise ConfigError(f"--prompts completes with autoregressive runs; {args.run} is a diffusion run")
     template = ChatTemplate(run.chat_template() or CHATML, tok)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    for msgs in convs:
-        ids = template.prompt_ids(msgs) or [tok.start_id]
+    prompts = [template.prompt_ids(msgs) or [tok.start_id] for msgs in convs]
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]), default=None)
+    left = None if longest is None else model.room(len(prompts[longest]))
+    if left is not None and args.max_new_tokens > left:  # before any reply is generated, not mid-job
+        raise ConfigError(f"--prompts example {longest + 1} is {len(prompts[longest])} tokens: with --max-new-tokens "
+                          f"{args.max_new_tokens} it exceeds model.max_positions={cfg.model.max_positions} of "
+                          f"{args.run} (model.pos=learned); use --max-new-tokens {left} or less, or shorter prompts")
+    for msgs, ids in zip(convs, prompts):
         for _ in range(args.num_samples):
             out = model.generate(torch.tensor([ids], device=device), args.max_new_tokens, temperature=args.temperature,
                                  top_k=args.top_k or None, generator=g, eos_id=tok.eos_id)

@@ -112,6 +112,22 @@ def test_generate_static_and_dynamic_paths_agree(layers):
     assert m.supports_static() == (layers != "LLA")
 
 
+def test_generate_refuses_more_positions_than_a_learned_table_has():
+    """pos=learned: prompt + new tokens up to max_positions decode on every path; one more is a
+    ConfigError up front (it was an IndexError from the position table mid-generation)."""
+    m = LM(tiny(layers="A", n_layers=2, pos="learned", max_positions=16)).eval()
+    p = torch.randint(0, 61, (1, 5))
+    fits = m.generate(p, 11, temperature=0)
+    assert fits.shape == (1, 16) and torch.equal(fits, m.generate(p, 11, temperature=0, static=False))
+    for static in (None, False):
+        with pytest.raises(ConfigError, match="a 5-token prompt \\+ 12 new tokens exceed model.max_positions=16 "
+                                              "\\(model.pos=learned\\): generate at most 11 new tokens"):
+            m.generate(p, 12, temperature=0, static=static)
+    with pytest.raises(ConfigError, match="shorten the prompt below 16 tokens"):
+        m.generate(torch.randint(0, 61, (1, 16)), 1)
+    assert m.room(5) == 11 and LM(tiny(layers="A", n_layers=2)).room(10 ** 6) is None  # rope: unbounded
+
+
 def test_compiled_decode_step_equals_eager():
     """generate(compile=True): the compiled one-token step (cpp_wrapper on CPU) against the eager
     one, on a model with conv, full and sliding attention; logits at 1e-5 and tokens equal."""

@@ -183,6 +183,53 @@ def test_ctrl_c_mid_generation_exits_130_with_the_text_so_far(tiny_run, capsys, 
     assert run_cli(lambda argv: True) == 0
 
 
+def test_learned_positions_bound_the_final_sample_and_sample_py(tmp_path, corpus, capsys):
+    """model.pos=learned: the trainer's final sample is clamped to model.max_positions (and says so);
+    sample.py refuses, before printing, a --prompt + --max-new-tokens the position table cannot hold."""
+    import torch
+
+    from slmlab.rundir import RunDir
+
+    rc, out = run_train(tmp_path, corpus, "model.pos=learned", "model.max_positions=32", "train.sample_tokens=100",
+                        steps=2)
+    assert rc == 0
+    _, _, tok = RunDir.open(out).load(torch.device("cpu"))
+    n = len(tok.encode("def "))  # train.sample_prompt
+    note, text = (out / "sample.txt").read_text().split("\n", 1)
+    assert note == (f"[{32 - n} of train.sample_tokens=100 new tokens: a {n}-token prompt leaves no more of "
+                    f"model.max_positions=32]")
+    assert text.startswith("def ")
+    capsys.readouterr()
+    assert run_cli(sample.main, ["--run", str(out), "--device", "cpu", "--max-new-tokens", "100"]) == 2
+    res = capsys.readouterr()
+    assert res.out == ""  # refused up front, not after 32 tokens of text
+    assert res.err == (f"error: --prompt is {n} tokens and --max-new-tokens 100: {n + 100} positions, but {out} has "
+                       f"model.max_positions=32 (model.pos=learned); use --max-new-tokens {32 - n} or less\n")
+    assert run_cli(sample.main, ["--run", str(out), "--device", "cpu", "--prompt", "the " * 40,
+                                 "--max-new-tokens", "1"]) == 2
+    _one_line_error(capsys, "shorten --prompt below 32 tokens")
+    assert run_cli(sample.main, ["--run", str(out), "--device", "cpu", "--max-new-tokens", str(32 - n),
+                                 "--temperature", "0"]) == 0
+    prompts = tmp_path / "prompts.jsonl"  # teacher traces check every prompt before the first reply
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"prompt": "the " * 20}) + "\n")
+    assert run_cli(sample.main, ["--run", str(out), "--device", "cpu", "--prompts", str(prompts), "--out",
+                                 str(tmp_path / "traces.jsonl"), "--max-new-tokens", "20"]) == 2
+    _one_line_error(capsys, "--prompts example 2 is")
+    assert not (tmp_path / "traces.jsonl").exists()
+
+
+def test_sample_compile_on_a_diffusion_run_is_an_error():
+    """--compile has no decode step to compile on a diffusion run: an error, as the diffusion flags are on AR runs."""
+    from types import SimpleNamespace
+
+    from slmlab.errors import ConfigError
+
+    args = sample.parse_args(["--run", "runs/d", "--compile"])
+    with pytest.raises(ConfigError, match="--compile applies to autoregressive runs .*runs/d is a diffusion run"):
+        sample.decode_kwargs(args, SimpleNamespace(mask_id=3))
+    assert sample.decode_kwargs(args, SimpleNamespace())["compile"] is True
+
+
 def test_sample_refuses_a_tokenizer_larger_than_the_model(tiny_run, tmp_path, capsys):
     import shutil
 

@@ -29,13 +29,13 @@ PRESETS = {
 }
 
 
-def make_run(path: Path, preset: str = "hybrid", seed: int = 0, **overrides) -> Path:
+def make_run(path: Path, preset: str = "hybrid", seed: int = 0, objective: dict | None = None, **overrides) -> Path:
     """A run directory (config.yaml, tokenizer.json, model.safetensors) holding a tiny random model."""
     tok = train_tokenizer([TEXT], 300)
     model_tree = dict(vocab_size=tok.vocab_size, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=96,
                       rope_theta=5000.0, init_std=0.08, kernels="torch", **PRESETS[preset])
     model_tree.update(overrides)
-    cfg = build(preset.split("-")[0], {"model": model_tree})
+    cfg = build(preset.split("-")[0], {"model": model_tree, **({"objective": objective} if objective else {})})
     torch.manual_seed(seed)
     model = LM(cfg.model)
     with torch.no_grad():  # non-trivial norm weights so a swapped or dropped norm cannot hide
@@ -223,7 +223,7 @@ def test_existing_output_refused_unless_force(runs, tmp_path):
 
 
 def test_unsupported_model_names_what(tmp_path):
-    run = make_run(tmp_path / "diff", "hybrid", causal=False)
+    run = make_run(tmp_path / "diff", "hybrid", causal=False, objective={"name": "mdlm"})
     rc, err, _ = convert("--run", run, "--to", "hf", "--out", tmp_path / "o")
     assert rc == 2 and "bidirectional" in err
     assert not (tmp_path / "o").exists()
@@ -449,3 +449,65 @@ def test_export_into_its_own_run_is_refused_even_with_force(runs):
         rc, err, _ = convert("--run", run, "--to", "hf", "--out", out, "--force")
         assert rc == 2 and "is inside the source" in err and err.count("\n") == 1, err
     assert sorted(p.name for p in run.iterdir()) == before
+
+
+# ---------------------------------------------------------------- learned positions, LIF MLP
+def test_decode_graph_length_is_bounded_by_learned_positions(monkeypatch, tmp_path):
+    """model.pos=learned: the decode graphs' default length shrinks to model.max_positions (a note on
+    stderr; export.json and the report carry the real limit); an explicit --max-len past it is refused."""
+    import slmlab.export.onnx as onnx_export
+
+    seen = []
+
+    def fake_export(model, tok, cfg, out, opts):  # the wiring, not onnx: what the exporter is handed
+        seen.append(opts.max_len)
+        out.write_text("graph")
+        return {"max_len": opts.max_len}
+
+    monkeypatch.setattr(onnx_export, "export", fake_export)
+    run = make_run(tmp_path / "gpt2ish", "transformer", pos="learned", max_positions=48)
+    rc, err, out = convert("--run", run, "--to", "onnx", "--out", tmp_path / "o")
+    assert rc == 0 and seen == [48] and json.loads(out)["max_len"] == 48
+    assert err == "note: --max-len 48, not 1024: this run has model.max_positions=48 (model.pos=learned)\n"
+    rc, err, _ = convert("--run", run, "--to", "onnx", "--out", tmp_path / "o2", "--max-len", 49)
+    assert rc == 2 and err == ("error: --max-len 49 exceeds this run's model.max_positions=48 (model.pos=learned: no "
+                               "position past it): use --max-len 48 or less\n")
+    assert not (tmp_path / "o2").exists() and seen == [48]
+    rc, _, out = convert("--run", run, "--to", "onnx", "--out", tmp_path / "o3", "--max-len", 32)
+    assert rc == 0 and seen == [48, 32]
+    rc, err, _ = convert("--run", make_run(tmp_path / "rope", "transformer"), "--to", "onnx", "--out", tmp_path / "o4")
+    assert rc == 0 and seen[-1] == 1024 and err == ""  # rope positions have no table to run out of
+
+
+def test_hf_export_of_learned_positions_caps_the_tokenizer_length(tmp_path):
+    pytest.importorskip("transformers")
+    run = make_run(tmp_path / "gpt2", "transformer", pos="learned", max_positions=48, norm="layernorm", mlp="gelu",
+                   qk_norm=False, attn_bias=True, attn_out_bias=True, mlp_bias=True, n_kv_heads=4)
+    rc, err, _ = convert("--run", run, "--to", "hf", "--out", tmp_path / "hf")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["model_max_length"] == 48
+
+
+def test_lif_mlp_step_exports_without_spike_counting():
+    """The LIF MLP counts spikes at eval through Python floats, which torch.export cannot trace: executorch
+    failed and the ONNX exporter dumped ~800 lines of partial FX graphs. The counting stands aside while
+    exporting (torch.compiler.is_exporting) and still counts in an eval forward."""
+    import contextlib
+    import io
+
+    from arch.lif import spike_metrics
+    from slmlab.export.step import StepLM
+
+    cfg = build("hybrid", {"model": dict(vocab_size=61, d_model=32, n_layers=3, n_heads=2, n_kv_heads=1, layers="CCA",
+                                         mlp="lif", kernels="torch")}).model
+    model = LM(cfg).eval()
+    step = StepLM(model, 16).eval()
+    args = (torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, dtype=torch.long), *step.init_states(1))
+    err = io.StringIO()
+    with torch.no_grad(), contextlib.redirect_stderr(err):
+        torch.export.export(step, args)
+    assert err.getvalue() == ""
+    assert not spike_metrics(model)  # nothing was counted while exporting
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long))
+    assert any(k.startswith("spike_rate") for k in spike_metrics(model))

@@ -160,6 +160,60 @@ def test_masked_val_loss_counts_reply_tokens_only(base):
     assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
 
 
+def test_exact_match_fits_replies_in_a_learned_position_table(base):
+    """model.pos=learned: a held-out conversation whose prompt + reply cannot fit in max_positions is left
+    out of exact match, and the others' reply budget is clamped to what fits (both used to crash)."""
+    from arch import LM, ModelConfig
+    from slmlab.sft import exact_match
+
+    tok = Tokenizer.load(base)
+    t = ChatTemplate(CHATML, tok)
+    short = [{"role": "user", "content": "say the"}, {"role": "assistant", "content": "the the"}]
+    long = [{"role": "user", "content": "say " + "the of " * 40}, {"role": "assistant", "content": "the the"}]
+    fit = len(t.prompt_ids(short)) + len(tok.encode("the the")) + 2  # under the +16 tokens of slack
+    assert len(t.prompt_ids(long)) > fit
+    torch.manual_seed(0)
+    model = LM(ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, layers="A",
+                           pos="learned", max_positions=fit)).eval()
+    out = exact_match(model, t, [short, long], "cpu")
+    assert out["exact_n"] == 1 and out["exact_match"] in (0.0, 1.0)
+
+
+@pytest.mark.parametrize("phase,needle", [
+    ("data: {corpus}", "train.phases[0].data does not apply to SFT data"),
+    ("order: quality", "train.phases[0].order=quality does not apply to SFT data"),
+])
+def test_sft_refuses_phase_data_and_order(base, tmp_path, phase, needle):
+    """SFT batches come from data.spec at random: a phase's own data or order would be silently ignored."""
+    chat = write_chat(tmp_path / "c.jsonl", n=8)
+    (tmp_path / "corpus.txt").write_text("the of and\n" * 50)
+    phases = (f"[{{seq_len: 96, share: 0.5, tokens_per_step: 768, {phase.format(corpus=tmp_path / 'corpus.txt')}}}, "
+              "{seq_len: 96, share: 0.5, tokens_per_step: 768}]")
+    res = run_train(["--arch", "hybrid", "--data", str(chat), "--out", str(tmp_path / "r"),
+                     *sft_overrides(tmp_path, steps=2, **{"train.init_from": str(base), "train.phases": phases,
+                                                          "train.quality_score": "fn:length"})])
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: " + needle), res.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_no_held_out_reply_within_the_eval_length_is_an_error(base, tmp_path):
+    """train.eval_seq_len shorter than every held-out prompt: a DataError, not val_loss 0.0 over 0 tokens."""
+    from slmlab.sft import masked_val_loss, prepare_sft
+
+    chat = write_chat(tmp_path / "c.jsonl", n=10)
+    t = ChatTemplate(CHATML, Tokenizer.load(base))
+    with pytest.raises(DataError, match="no held-out example \\(of 1\\) has a reply within the 8-token evaluation "
+                                        "length.*raise train.eval_seq_len"):
+        prepare_sft(str(chat), "chat", t, 0.1, 96, 8)
+    data = prepare_sft(str(chat), "chat", t, 0.1, 96, 96)
+    assert len(data.val) == 1 and len(data.train) == 9
+    from slmlab.rundir import RunDir
+
+    _, model, tok = RunDir.open(base).load()
+    with pytest.raises(DataError, match="no validation loss"):
+        masked_val_loss(model, data.val, tok.pad_id, 8, 4, "cpu", torch.ones(300, dtype=torch.float64))
+
+
 def test_traces_from_a_transformers_folder(base, tmp_path):
     """sample.py --hf: a tiny random Llama with this tokenizer and ChatML as its chat_template."""
     import subprocess

@@ -7,7 +7,8 @@ temporary path that `convert()` publishes only after the whole export succeeded)
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,13 +26,17 @@ FORMATS = {
     "gguf": ("gguf", "gguf"),
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DECODE_GRAPHS = ("onnx", "executorch", "coreml")  # the formats whose graphs are sized by max_len
+DEFAULT_MAX_LEN = 1024
 
 
 @dataclass
 class ExportOptions:
     dtype: str = "fp32"
     quant: str | None = None  # int8 (weight-only, torch/executorch/onnx) | q8_0 (gguf)
-    max_len: int = 1024  # KV-cache slots in the decode graphs (onnx, executorch, coreml)
+    # KV-cache slots in the decode graphs (onnx, executorch, coreml); None: DEFAULT_MAX_LEN, or
+    # model.max_positions when that is smaller (model.pos=learned)
+    max_len: int | None = None
     eval_bpb: bool = False  # with --quant int8: report val bpb before/after on the run's data
 
 
@@ -75,6 +80,7 @@ def convert(run_dir, fmt: str, out, opts: ExportOptions | None = None, force: bo
     cfg, model, tok = RunDir.open(run_dir).load("cpu")
     model = model.float()
     mod.check_supported(cfg.model)
+    opts = replace(opts, max_len=resolve_max_len(fmt, cfg.model, opts.max_len))
     with publish(out) as staged:  # an existing --out (with --force) is replaced only after success
         report = mod.export(model, tok, cfg, staged, opts) or {}
         template = RunDir.open(run_dir).chat_template()
@@ -88,6 +94,24 @@ def convert(run_dir, fmt: str, out, opts: ExportOptions | None = None, force: bo
     report["path"] = str(out)
     report["bytes"] = path_size(out)
     return report
+
+
+def resolve_max_len(fmt: str, mcfg, max_len: int | None) -> int:
+    """The decode graphs' length. Under model.pos=learned the position table ends at
+    model.max_positions, and a graph sized past it would accept positions it cannot embed: the default
+    shrinks to it (with a note on stderr, where it leaves the JSON report on stdout whole), and an
+    explicit --max-len above it is refused."""
+    limit = mcfg.max_positions if mcfg.pos == "learned" else None
+    if max_len is None:
+        max_len = DEFAULT_MAX_LEN
+        if limit is not None and limit < max_len and fmt in DECODE_GRAPHS:
+            print(f"note: --max-len {limit}, not {DEFAULT_MAX_LEN}: this run has model.max_positions={limit} "
+                  f"(model.pos=learned)", file=sys.stderr)
+            max_len = limit
+    elif limit is not None and max_len > limit and fmt in DECODE_GRAPHS:
+        raise ConfigError(f"--max-len {max_len} exceeds this run's model.max_positions={limit} (model.pos=learned: "
+                          f"no position past it): use --max-len {limit} or less")
+    return max_len
 
 
 def path_size(p) -> int:

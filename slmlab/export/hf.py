@@ -48,7 +48,8 @@ def export(model, tok, cfg, out: Path, opts):
     GenerationConfig(**ids, do_sample=False).save_pretrained(str(out))
     names = {f"{role}_token": name for role, name in tok.specials.items()}
     fast = PreTrainedTokenizerFast(tokenizer_object=tok.hf, **names, clean_up_tokenization_spaces=False)
-    fast.model_max_length = 4096
+    # A learned position table (gpt2) ends at max_positions; transformers truncates and warns by this.
+    fast.model_max_length = cfg.model.max_positions if cfg.model.pos == "learned" else 4096
     fast.save_pretrained(str(out))
     return {"family": hf_family(cfg.model)}
 
