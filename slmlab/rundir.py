@@ -134,13 +134,6 @@ class RunDir:
             raise CheckpointError(f"the base {base.path} changed since this LoRA run ({self.path}) was trained (its "
                                   f"{WEIGHTS} differs): restore that base, or retrain the adapters on the new one")
 
-    def finished_at(self, step: int) -> bool:
-        """Whether the run finished at `step` (its summary says so)."""
-        try:
-            return json.loads((self.path / SUMMARY).read_text(encoding="utf-8")).get("steps") == step
-        except (OSError, ValueError, AttributeError):
-            return False
-
     def chat_template(self) -> str | None:
         path = self.path / CHAT_TEMPLATE
         return path.read_text(encoding="utf-8") if path.is_file() else None

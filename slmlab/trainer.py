@@ -345,11 +345,11 @@ class Trainer:
 
     def resume(self, ckpt: Path, saved: dict):
         step, steps = saved["step"], self.t.steps
-        # steps == step is allowed for a run killed before it finished (final eval, weights): it finishes it.
-        if steps < step or (steps == step and self.run.finished_at(step)):
-            raise ConfigError(f"--resume: the checkpoint is at step {step}"
-                              + (" and the run finished there" if steps == step else "")
-                              + f"; train.steps ({steps}) must be larger")
+        # steps == step finishes a run killed before it wrote its outputs (and rewrites a finished
+        # run's); whether it finished is not asked: under torchrun rank 0 may write summary.json
+        # before another rank would read it, and the ranks must decide alike.
+        if steps < step:
+            raise ConfigError(f"--resume: the checkpoint is at step {step}; train.steps ({steps}) must be at least that")
         try:
             self.opt.load_state_dict(saved["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:

@@ -166,11 +166,9 @@ def test_resume_needs_more_steps_than_the_checkpoint_and_not_the_init_from_base(
     shutil.rmtree(base)  # the checkpoint holds every weight: resuming needs no base
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     capsys.readouterr()
-    for steps, needle in ((2, "the checkpoint is at step 4; train.steps (2) must be larger"),
-                          (4, "the checkpoint is at step 4 and the run finished there; train.steps (4) must be")):
-        assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", str(steps)]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: --resume: ") and needle in err and err.count("\n") == 1, err
+    assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --resume: the checkpoint is at step 4; train.steps (2) must be at least that\n", err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     (run / "summary.json").unlink()  # as if killed in the final evaluation: resuming at step 4 finishes it
     assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "4"]) == 0
