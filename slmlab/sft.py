@@ -372,7 +372,7 @@ class SFTTrainer(Trainer):
         src = cfg.data.tokenizer or t.init_from
         if not src:
             raise ConfigError("SFT data needs a tokenizer: set data.tokenizer=RUN_DIR (or train.init_from=RUN_DIR)")
-        path = Path(src).expanduser()
+        path = self.tokenizer_source(src)
         self.tok = tok = Tokenizer.load(path)
         if cfg.data.added_tokens:  # as the Trainer does for text: grow the vocabulary (new rows from init_from)
             self.tok = tok = with_added_tokens(cfg, tok, self.say)

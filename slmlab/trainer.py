@@ -198,7 +198,7 @@ class Trainer:
     trains, evaluates and checkpoints, then finalize() writes the run directory's results."""
 
     def __init__(self, cfg: RunConfig, out: Path, force: bool = False, resume: bool = False):
-        self.cfg, self.t, self.t_start = cfg, cfg.train, time.time()
+        self.cfg, self.t, self.t_start, self.resuming = cfg, cfg.train, time.time(), resume
         self.dist = Dist(cfg.train.device)
         self.phases = resolve_phases(cfg, self.dist.world)  # with the world size: batches must split over ranks
         longest = max([ph.seq_len for ph in self.phases] + [cfg.train.eval_seq_len or 0])
@@ -240,7 +240,7 @@ class Trainer:
         same tokenizer, and the evaluation shape."""
         cfg, quiet = self.cfg, not self.dist.main
         cache = Path(cfg.data.cache_dir).expanduser()
-        given = Tokenizer.load(Path(cfg.data.tokenizer).expanduser()) if cfg.data.tokenizer else None
+        given = Tokenizer.load(self.tokenizer_source(cfg.data.tokenizer)) if cfg.data.tokenizer else None
         if cfg.data.added_tokens:
             given = with_added_tokens(cfg, given, self.say)
         self.bundle = data_mod.prepare_data(cfg.data.spec, cfg.model.vocab_size, cache, val_frac=cfg.data.val_frac,
@@ -259,6 +259,15 @@ class Trainer:
             data_mod.check_sizes(self.train_sets[ph.data][0], ph.seq_len, 1, splits=("train",))
         data_mod.check_sizes(self.bundle, self.eval_T, 1, splits=("validation",))  # only eval reads it
         self.byte_lengths = token_byte_lengths(tok)
+
+    def tokenizer_source(self, src: str) -> Path:
+        """Where the tokenizer is read: `src`, or on --resume, when `src` (a base run, say) is gone,
+        the run's own copy, which is what it trained with (checkpoint_to_resume compares them)."""
+        path = Path(src).expanduser()
+        if self.resuming and not path.exists():
+            self.say(f"note: {src} no longer exists: the tokenizer (and chat template) come from {self.run.path}")
+            return self.run.path
+        return path
 
     def make_batches(self):
         return BatchSource(self.train_sets, self.tok, self.t.quality_score, self.dist, self.t.seed, self.say)

@@ -161,9 +161,10 @@ def test_resume_needs_more_steps_than_the_checkpoint_and_not_the_init_from_base(
 
     base, run = tmp_path / "base", tmp_path / "run"
     shutil.copytree(base_run / "base", base)
-    ov = tiny_overrides(base_run, steps=4, **{"train.ckpt_every": 2, "train.init_from": str(base)})
+    ov = tiny_overrides(base_run, steps=4, **{"train.ckpt_every": 2, "train.init_from": str(base),
+                                              "data.tokenizer": str(base)})
     assert run_cli(train.main, ["--data", str(base_run / "c.txt"), "--out", str(run), *ov]) == 0
-    shutil.rmtree(base)  # the checkpoint holds every weight: resuming needs no base
+    shutil.rmtree(base)  # the checkpoint holds every weight, the run its tokenizer: resuming needs no base
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     capsys.readouterr()
     assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "2"]) == 2

@@ -102,6 +102,22 @@ def test_sft_distills_from_a_teacher_on_the_replies(base, sft_run, tmp_path):
     assert len(ce) == 20 and sum(ce[-3:]) < 0.5 * sum(ce[:3]), ce
 
 
+def test_sft_resumes_after_its_base_is_gone(base, tmp_path):
+    """A full fine-tune's checkpoint holds every weight and its run the tokenizer and chat template:
+    --resume needs neither train.init_from's weights nor its tokenizer any more."""
+    import shutil
+
+    mine = shutil.copytree(base, tmp_path / "base")
+    chat, out = write_chat(tmp_path / "chat.jsonl"), tmp_path / "run"
+    ov = sft_overrides(tmp_path, steps=2, **{"train.init_from": str(mine), "train.ckpt_every": 2})
+    assert run_train(["--data", str(chat), "--out", str(out), *ov]).returncode == 0
+    shutil.rmtree(mine)
+    res = run_train(["--resume", "--out", str(out), "--steps", "4"])
+    assert res.returncode == 0, res.stderr
+    assert "no longer exists: the tokenizer (and chat template) come from" in res.stdout
+    assert sorted(losses(out)) == [1, 2, 3, 4]
+
+
 def test_traces_are_valid_sft_input(sft_run, tmp_path):
     import subprocess
     import sys
