@@ -533,8 +533,11 @@ class Trainer:
         if self.dist.main:
             self.run.write_weights(sd, metadata={"arch": self.cfg.arch})
             self.run.write_summary(summary)
-        sample = generate_sample(self.model, self.tok, t.sample_prompt, t.sample_tokens, self.device,
-                                 static=False if is_sharded(self.model) else None)
+        if math.isfinite(final["val_loss"]):
+            sample = generate_sample(self.model, self.tok, t.sample_prompt, t.sample_tokens, self.device,
+                                     static=False if is_sharded(self.model) else None)
+        else:  # sampling would fail on non-finite probabilities; the weights and summary are written
+            sample = f"(no sample: the final validation loss is {final['val_loss']}; the run diverged)"
         if self.dist.main:
             self.write_sample(sample, summary)
         self.dist.close()

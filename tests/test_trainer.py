@@ -204,6 +204,26 @@ def test_a_failing_sample_loses_neither_weights_nor_summary(corpus, tmp_path, mo
     assert not (tmp_path / "run/sample.txt").exists()
 
 
+def test_a_diverged_run_ends_without_a_sample(corpus, tmp_path, monkeypatch):
+    """Sampling from non-finite weights fails (probabilities with nan): a run whose final loss is
+    not finite ends normally, saying why it has no sample."""
+    from slmlab import trainer
+
+    real = trainer.evaluate
+
+    def diverged(*a, **k):
+        return {**real(*a, **k), "val_loss": float("nan")}
+
+    def no_sample(*a, **k):
+        raise AssertionError("sampled a diverged model")
+
+    monkeypatch.setattr(trainer, "evaluate", diverged)
+    monkeypatch.setattr(trainer, "generate_sample", no_sample)
+    s = train(tiny_cfg(corpus, steps=2), tmp_path / "run")
+    assert math.isnan(s["val_loss"])
+    assert (tmp_path / "run/sample.txt").read_text() == "(no sample: the final validation loss is nan; the run diverged)"
+
+
 def test_quality_stream_orders_low_to_high_and_repeats_top():
     eos = 0
     docs = [[5, 5, 5, eos], [1, 2, eos], [7, 8, 9, 6, eos]]
