@@ -8,8 +8,8 @@
     python ablate.py --report runs/abl-families      # rebuild the outputs from the run directories alone
 
 Every run is an ordinary run directory, OUT/<variant>/seed<k>/ (OUT/<corpus>/<variant>/seed<k>/
-with several --data). Re-running the same command skips finished runs and resumes interrupted
-ones. Outputs in OUT: results.md, results.csv, timings.csv, curves.png, final.png.
+with several --data). Re-running the same command skips finished runs (done, or diverged: a
+non-finite final val bpb), resumes interrupted ones and retries failed ones. Outputs in OUT: results.md, results.csv, timings.csv, curves.png, final.png.
 """
 from __future__ import annotations
 
@@ -41,7 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--budget", choices=["steps", "tokens", "flops"],
                    help="what every variant gets equal of (default flops, or the file's budget:)")
     p.add_argument("--config", help="the base config (default: config.yaml beside train.py)")
-    p.add_argument("--force", action="store_true", help="OUT holds another ablation: delete it and start this one")
+    p.add_argument("--force", action="store_true",
+                   help="OUT holds another ablation (or the runs of one, without ablation.json): delete its runs, "
+                        "outputs, invocations.jsonl and .submitit/, and start this one")
     p.add_argument("--dry-run", action="store_true", help="print the plan (steps, tokens, FLOPs per variant); run nothing")
     p.add_argument("--jobs", type=int, help="local runs at once (default 1, or one per --gpus entry)")
     p.add_argument("--gpus", help="comma-separated GPU ids; one run per GPU at a time (CUDA_VISIBLE_DEVICES)")
@@ -165,7 +167,9 @@ def main(argv=None):
     runner.prepare_corpora([r for r in runs if r.seed == ab.seeds[0]])
     prog = runner.Progress(runs, cells, out)
     if prog.skipped:
-        print(f"[ablate] {prog.skipped} of {len(runs)} runs already finished in {out}: skipped")
+        div = len(prog.skipped_diverged)
+        print(f"[ablate] {prog.skipped} of {len(runs)} runs already finished in {out}"
+              f"{f' ({div} of them diverged)' if div else ''}: skipped")
     group = out.resolve().name
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if args.launcher == "submitit":
@@ -184,14 +188,21 @@ def main(argv=None):
     with open(out / report.INVOCATIONS, "a") as f:
         f.write(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
                             "elapsed_s": round(time.time() - t0, 1), "launcher": args.launcher,
-                            "ran": prog.finished, "failed": len(prog.failed), "skipped": prog.skipped}) + "\n")
+                            "ran": prog.finished, "failed": len(prog.failed), "diverged": len(prog.diverged),
+                            "skipped": prog.skipped}) + "\n")
     report.write_report(out)
     print(f"[ablate] outputs in {out}: {', '.join(runner.OUTPUTS)}")
     if lock:
         lock.close()
+    diverged = prog.diverged + prog.skipped_diverged
+    if diverged:  # a result, not an error: re-running the same seed would diverge again
+        print(f"[ablate] {len(diverged)} run(s) diverged (non-finite final val bpb): "
+              + ", ".join(r.dir for r in diverged) + "; the tables report them as diverged and leave them out of "
+              "the statistics. A re-run does not retry them.", file=sys.stderr)
     if prog.failed:
         print(f"[ablate] {len(prog.failed)} run(s) failed: " + ", ".join(r.dir for r in prog.failed)
-              + "; the tables mark their missing seeds. Re-run the same command to retry them.", file=sys.stderr)
+              + "; the tables mark them failed with their error (also in each run's error.txt). "
+              "Re-run the same command to retry them.", file=sys.stderr)
         raise SystemExit(1)
 
 

@@ -16,8 +16,19 @@ import pytest
 from scipy import stats as sps
 from trainer_helpers import ROOT, write_corpus
 
-from slmlab.ablate import stats
-from slmlab.ablate.plan import Ablation, AblationError, Variant, corpus_dirs, file_ablation, inline_ablation, plan
+from slmlab.ablate import report, runner, stats
+from slmlab.ablate.plan import (
+    Ablation,
+    AblationError,
+    Run,
+    Variant,
+    corpus_dirs,
+    file_ablation,
+    inline_ablation,
+    plan,
+    read_manifest,
+)
+from slmlab.ablate.worker import config_sha, run_state
 from slmlab.checkpoint import checkpoint_dirs
 
 spec = importlib.util.spec_from_file_location("ablate_cli", ROOT / "ablate.py")
@@ -55,11 +66,241 @@ def test_summary_noise_and_ranking():
     s = stats.summarize(BASE.values())
     assert (s.mean, s.sd, s.n) == (pytest.approx(np.mean(list(BASE.values()))),
                                    pytest.approx(sps.tstd(list(BASE.values()))), 4)
-    assert stats.compare(BASE, VAR, noise_sd=s.sd).within_noise  # |diff| 0.044 < sd 0.069
-    assert not stats.compare(BASE, {k: x - 0.5 for k, x in BASE.items()}, noise_sd=s.sd).within_noise
+    # |diff| 0.044 is below the baseline's sd 0.069, but the paired CI excludes 0: resolved, not noise
+    assert not stats.compare(BASE, VAR).within_noise
+    assert stats.compare(BASE, {k: x + (0.02 if k % 2 else -0.021) for k, x in BASE.items()}).within_noise
     assert stats.ranking_agreement({"a": {"x": 1.0, "y": 2.0, "z": 3.0}, "b": {"x": 1.5, "y": 2.5, "z": 2.9}}) == (True, 1.0)
     agree, tau = stats.ranking_agreement({"a": {"x": 1.0, "y": 2.0, "z": 3.0}, "b": {"x": 3.0, "y": 2.0, "z": 1.0}})
     assert not agree and tau == pytest.approx(-1.0)
+
+
+def test_non_finite_values_are_dropped_pair_by_pair():
+    """A diverged run's NaN or inf made the standard error NaN, and p fell back to 0."""
+    var = {**VAR, 2: math.nan}
+    base = {**BASE, 4: math.inf}
+    c = stats.compare(base, var)
+    ref = sps.ttest_rel([VAR[1], VAR[3]], [BASE[1], BASE[3]])  # the two finite pairs
+    assert c.test == "paired t" and c.n == 2 and c.p == pytest.approx(ref.pvalue)
+    assert (c.lo, c.hi) == (pytest.approx(ref.confidence_interval().low), pytest.approx(ref.confidence_interval().high))
+    one = stats.compare(base, {1: VAR[1], 2: math.nan, 3: math.inf})  # one finite pair, one finite variant value
+    assert one.n == 1 and math.isnan(one.p) and math.isnan(one.lo) and math.isnan(one.hi)
+    assert stats.summarize([1.0, math.nan, 3.0, math.inf]) == stats.Summary(2.0, pytest.approx(math.sqrt(2)), 2)
+
+
+def test_identical_differences_give_no_p():
+    """A constant shift has no spread: scipy's ttest_rel says NaN, the old code said p = 0 with a
+    point CI (and 1e-30 when float rounding made the shifts differ in the last bit)."""
+    base = {1: 3.0, 2: 3.1, 3: 3.2}
+    for shift in (0.0, -0.1, 0.1):
+        c = stats.compare(base, {k: x + shift for k, x in base.items()})
+        assert math.isnan(c.p) and math.isnan(c.lo) and math.isnan(c.hi) and math.isnan(c.d_z), (shift, c)
+        assert c.note == stats.IDENTICAL and c.diff == pytest.approx(shift) and not c.within_noise
+
+
+def test_holm_and_effect_size():
+    c = stats.compare(BASE, VAR)
+    ref = sps.ttest_rel([VAR[s] for s in BASE], [BASE[s] for s in BASE])
+    d = np.subtract([VAR[s] for s in BASE], [BASE[s] for s in BASE])
+    assert c.d_z == pytest.approx(d.mean() / d.std(ddof=1)) == pytest.approx(ref.statistic / math.sqrt(4))
+    assert math.isnan(stats.compare(BASE, {10 + k: x for k, x in VAR.items()}).d_z)  # Welch: no pairs, no d_z
+    # by hand: sorted 0.01, 0.03, 0.04 (m = 3) -> 0.03, 0.06, max(0.06, 0.04); nan neither counts nor changes
+    assert stats.holm([0.04, 0.01, math.nan, 0.03]) == pytest.approx([0.06, 0.03, math.nan, 0.06], nan_ok=True)
+    assert stats.holm([0.5, 0.9]) == [1.0, 1.0] and stats.holm([]) == []
+    try:
+        from statsmodels.stats.multitest import multipletests
+    except ImportError:
+        return
+    ps = [0.001, 0.2, 0.013, 0.04, 0.5, 0.011]
+    assert stats.holm(ps) == pytest.approx(list(multipletests(ps, method="holm")[1]))
+
+
+# ---- the report, from hand-made run directories ----
+def fake_out(out, bpb: dict, seeds=(1, 2, 3)):
+    """OUT as a finished ablation of variants `base` and `v` leaves it, written by hand: bpb maps
+    (variant, seed) to the final val bpb, or to "failed" (error.txt), "cut" (a truncated
+    summary.json) or "stale" (a finite summary beside another config.yaml); absent: not started."""
+    import json
+
+    import yaml
+
+    cells, runs = [], []
+    for v in ("base", "v"):
+        cells.append({"variant": v, "corpus": "c.txt", "layers": "AA", "params": 1000, "nonembed_params": 500,
+                      "flops_per_token": 6000.0, "tokens_per_step": 128.0, "steps": 4, "bpb_is_bound": False})
+    for s in seeds:
+        for v in ("base", "v"):
+            cfg = {"arch": "hybrid", "train": {"seed": s}, "model": {"layers": v}}
+            r = Run(v, "c.txt", s, f"{v}/seed{s}", "hybrid", [], "config.yaml", config_sha(cfg))
+            runs.append(r.__dict__)
+            d = out / r.dir
+            d.mkdir(parents=True)
+            (d / "ablate.json").write_text(json.dumps(r.__dict__))
+            x = bpb.get((v, s))
+            if x is None:
+                continue
+            (d / "config.yaml").write_text(yaml.safe_dump({**cfg, "arch": "other"} if x == "stale" else cfg))
+            if x == "failed":
+                (d / "error.txt").write_text("exit 1: RuntimeError: CUDA out of memory\n")
+                continue
+            val = 3.0 if x in ("cut", "stale") else x
+            summary = json.dumps({"val_bpb": val, "val_loss": val * 0.7, "tokens": 512, "train_time_s": 1.0,
+                                  "wall_time_s": 2.0, "tokens_per_s": 256.0})
+            (d / "summary.json").write_text(summary[:20] if x == "cut" else summary)
+            (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in (
+                {"tokens": 256, "val_bpb": val + 0.5}, {"tokens": 384, "val_bpb": val + 0.3},
+                {"tokens": 512, "final": True, "val_bpb": val})))
+    ab = {"variants": [{"name": "base", "arch": "hybrid", "overrides": []}, {"name": "v", "arch": "hybrid",
+                                                                              "overrides": []}],
+          "seeds": list(seeds), "corpora": ["c.txt"], "steps": 4, "budget": "steps", "overrides": [],
+          "config": "config.yaml"}
+    (out / "ablation.json").write_text(json.dumps({"ablation": ab, "cells": cells, "runs": runs}))
+    return [Run(**r) for r in runs]
+
+
+def _row(md: str, variant: str) -> list[str]:
+    return next(line for line in md.splitlines() if line.startswith(f"| {variant} |")).split(" | ")
+
+
+def test_report_and_runner_share_one_done_predicate(tmp_path):
+    """Diverged (NaN), failed, truncated, stale-config and finished runs: the report's status and
+    the runner's skip decision agree; a non-finite baseline neither crashes the plots nor shows
+    as "nan bpb"; statistics use the finite pairs, and the Δ cell says how many."""
+    runs = fake_out(tmp_path, {("base", 1): math.nan, ("base", 2): 3.0, ("base", 3): 3.2, ("base", 4): 3.1,
+                               ("v", 1): 2.9, ("v", 2): 2.95, ("v", 3): math.inf, ("v", 4): 3.0},
+                    seeds=(1, 2, 3, 4))
+    results = report.write_report(tmp_path)
+    status = {r.dir: r.status for r in results}
+    assert status == {"base/seed1": "diverged", "base/seed2": "done", "base/seed3": "done", "base/seed4": "done",
+                      "v/seed1": "done", "v/seed2": "done", "v/seed3": "diverged", "v/seed4": "done"}
+    assert {r.dir: runner.is_done(tmp_path, r) for r in runs} == {d: True for d in status}
+    md = (tmp_path / "results.md").read_text()
+    assert "nan" not in md.lower() and "(3/4, seed 1 diverged)" in md and "(3/4, seed 3 diverged)" in md
+    cmp = stats.compare({2: 3.0, 4: 3.1}, {2: 2.95, 4: 3.0})
+    assert f"{cmp.diff:+.4f} [{cmp.lo:+.4f}, {cmp.hi:+.4f}] (2 pairs)" in _row(md, "v")[8]
+    assert "- base: seed 1 diverged (non-finite final val bpb)" in md and "not retried" in md
+    csv = (tmp_path / "results.csv").read_text()
+    assert "base/seed1,diverged," in csv and ",nan,nan," in csv
+    assert (tmp_path / "final.png").stat().st_size > 0 and (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_failed_truncated_and_stale_runs_are_rerun(tmp_path):
+    runs = fake_out(tmp_path, {("base", 1): 3.0, ("base", 2): "cut", ("base", 3): "stale",
+                               ("v", 1): "failed", ("v", 2): 2.9})
+    results = report.write_report(tmp_path)
+    status = {r.dir: r.status for r in results}
+    assert status == {"base/seed1": "done", "base/seed2": "missing", "base/seed3": "missing",
+                      "v/seed1": "failed", "v/seed2": "done", "v/seed3": "missing"}
+    assert {r.dir for r in runs if runner.is_done(tmp_path, r)} == {"base/seed1", "v/seed2"}
+    md = (tmp_path / "results.md").read_text()
+    assert "- v: seed 1 failed: exit 1: RuntimeError: CUDA out of memory (a re-run retries it" in md
+    assert "(1/3, seed 1 failed, missing seed 3)" in md
+    assert "its summary.json is unreadable" in md and "its config.yaml is not the one this ablation plans" in md
+    assert run_state(tmp_path / "v/seed1", runs[1].config_sha).why == "exit 1: RuntimeError: CUDA out of memory"
+
+
+def test_holm_column_and_within_noise_follow_the_paired_ci(tmp_path):
+    """The old flag compared |Δ| with the baseline's between-seed sd, so a Δ at p < 0.001 read
+    *within noise*; now it marks a CI that includes 0. Holm adjusts over the table's comparisons."""
+    man = {"ablation": {"variants": [{"name": n} for n in ("base", "a", "b", "c")]},
+           "cells": [{"variant": n, "corpus": "x", "layers": "A", "params": 1, "nonembed_params": 1,
+                      "flops_per_token": 1.0, "steps": 1} for n in ("base", "a", "b", "c")]}
+    base = {1: 3.0, 2: 3.3, 3: 2.9, 4: 3.2}  # sd 0.18
+    vals = {"base": base, "a": {k: x - 0.1 + 0.001 * k for k, x in base.items()},  # tiny spread: p ~ 1e-5
+            "b": {k: x + (0.05 if k % 2 else -0.06) for k, x in base.items()},  # CI includes 0
+            "c": {k: x + 0.1 + 0.001 * k for k, x in base.items()}}
+    results = [report.RunResult("x", v, s, f"{v}/seed{s}", {"val_bpb": y, "val_loss": y, "tokens": 1,
+                                                             "tokens_per_s": 1.0, "wall_time_s": 1.0})
+               for v, d in vals.items() for s, y in d.items()]
+    lines, means = report.corpus_table(man, results, "x")
+    md = "\n".join(lines)
+    cmps = {v: stats.compare(base, vals[v]) for v in ("a", "b", "c")}
+    assert cmps["a"].p < 0.001 and abs(cmps["a"].diff) < stats.summarize(base.values()).sd
+    assert "within noise" not in _row(md, "a")[8] and "*within noise*" in _row(md, "b")[8]
+    assert "p Holm (3 comparisons)" in lines[0]
+    holm = stats.holm([cmps[v].p for v in ("a", "b", "c")])
+    for v, h in zip("abc", holm):
+        assert _row(md, v)[9:12] == [f"{cmps[v].d_z:+.2f}", f"{cmps[v].p:.3g}", f"{h:.3g}"]
+    assert "a difference smaller than that" not in md and "*within noise* marks a Δ whose 95% CI includes 0" in md
+
+
+def test_identical_differences_are_noted_in_the_table(tmp_path):
+    fake_out(tmp_path, {("base", s): 3.0 + s / 10 for s in (1, 2, 3)} | {("v", s): 2.9 + s / 10 for s in (1, 2, 3)})
+    report.write_report(tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    assert _row(md, "v")[8:12] == ["-0.1000", "–", "–", "–"]
+    assert "- v: differences identical across seeds (Δ -0.1000 over 3 pairs)" in md
+
+
+def test_curves_keep_the_final_eval_apart_and_the_title_fits(tmp_path):
+    fake_out(tmp_path, {("base", 1): 3.0, ("v", 1): 2.9}, seeds=(1,))
+    _, results = report.collect(tmp_path)
+    assert results[0].curve == [(256, 3.5), (384, 3.3)] and results[0].final == (512, 3.0)
+    plt, fig, _ = report._plot_setup(1, "x " * 150)
+    assert all(len(line) <= 14 * 6.5 for line in fig._suptitle.get_text().splitlines())
+    plt.close(fig)
+
+
+def _fake_plan(runs):
+    cells = [plan_cell(v) for v in ("base", "v")]
+    return lambda ab: (cells, runs)
+
+
+def plan_cell(v):
+    from slmlab.ablate.plan import Cell
+
+    return Cell(v, "c.txt", "AA", 1000, 500, 6000.0, 128.0, 4, False)
+
+
+def test_force_deletes_the_ablation_it_finds(tmp_path, monkeypatch):
+    """--force on an OUT without ablation.json kept the stale runs (and reported them finished);
+    with one, it kept invocations.jsonl, .submitit/ and the emptied variant directories."""
+    ab = Ablation(variants=[Variant("base", "hybrid"), Variant("v", "hybrid")], seeds=[1], corpora=["c.txt"], steps=4)
+    old = tmp_path / "old"
+    stale = fake_out(old, {("base", 1): 3.0, ("v", 1): 2.9}, seeds=(1,))
+    (old / "invocations.jsonl").write_text('{"elapsed_s": 100}\n')
+    (old / ".submitit" / "123").mkdir(parents=True)
+    (old / "notes.txt").write_text("mine")
+    fresh = [Run(r.variant, r.corpus, r.seed, f"{r.variant}/seed{r.seed}", "hybrid", [], "config.yaml", "0" * 16)
+             for r in stale]  # the same directories, another config
+    monkeypatch.setattr(runner, "plan", _fake_plan(fresh))
+    for with_manifest in (False, True):
+        out = tmp_path / f"out{with_manifest}"
+        shutil.copytree(old, out)
+        if not with_manifest:
+            (out / "ablation.json").unlink()
+        with pytest.raises(AblationError, match="pass --force"):
+            runner.prepare_out(out, ab, force=False)
+        runner.prepare_out(out, ab, force=True)
+        assert sorted(p.name for p in out.iterdir()) == ["ablation.json", "base", "notes.txt", "v"], with_manifest
+        assert sorted(p.name for p in (out / "base" / "seed1").iterdir()) == ["ablate.json"]
+        assert not any(runner.is_done(out, r) for r in fresh)
+
+
+def test_corrupt_manifest_is_one_line(tmp_path, monkeypatch, capsys):
+    runs = fake_out(tmp_path, {("base", 1): 3.0}, seeds=(1,))
+    (tmp_path / "ablation.json").write_text('{"ablation": {"variants"')
+    with pytest.raises(AblationError, match="ablation.json is not valid JSON"):
+        read_manifest(tmp_path)
+    monkeypatch.setattr(runner, "plan", _fake_plan(runs))
+    ab = Ablation(variants=[Variant("base", "hybrid"), Variant("v", "hybrid")], seeds=[1], corpora=["c.txt"], steps=4)
+    with pytest.raises(AblationError, match="not valid JSON .*; pass --force"):
+        runner.prepare_out(tmp_path, ab, force=False)
+    assert ablate_cli.run_cli(ablate_cli.main, ["--report", str(tmp_path)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_failed_attempt_stores_its_error_line(tmp_path):
+    """run_local: a worker that dies leaves its last error line in RUN_DIR/error.txt (the report's
+    source), and the run stays retried (not done)."""
+    runs = fake_out(tmp_path, {}, seeds=(1,))
+    (tmp_path / "base/seed1/ablate.json").write_text("{not json")  # the worker dies reading it
+    prog = runner.Progress(runs[:1], [plan_cell("base"), plan_cell("v")], tmp_path, say=lambda *_: None)
+    runner.run_local(tmp_path, runs[:1], prog, 1, 1, [], "g")
+    assert [r.dir for r in prog.failed] == ["base/seed1"]
+    err = (tmp_path / "base/seed1/error.txt").read_text()
+    assert err.startswith("exit 1: ") and "JSONDecodeError" in err and len(err.splitlines()) == 1
+    assert run_state(tmp_path / "base/seed1", runs[0].config_sha).status == "failed"
+    assert not runner.is_done(tmp_path, runs[0])
 
 
 # ---- plans ----
@@ -274,7 +515,8 @@ def test_crashed_run_is_marked_and_the_others_go_on(corpus):
     assert p.returncode == 1 and "1 run(s) failed: lr=1e9/seed1" in p.stderr, p.stderr
     assert "training diverged" in p.stdout  # the progress line gives the run's last log line
     md = (out / "results.md").read_text()
-    assert "(0/1, missing seed 1)" in md and "| lr=3e-3 |" in md
+    assert "(0/1, seed 1 failed)" in md and "| lr=3e-3 |" in md
+    assert "- lr=1e9: seed 1 failed: exit 2: error: training diverged" in md  # its error.txt, kept for the report
     assert (out / "lr=3e-3" / "seed1" / "summary.json").is_file()
 
 

@@ -8,7 +8,6 @@ build fails before any training), and sizes each variant's step count under the 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import itertools
 import json
 import re
@@ -21,6 +20,7 @@ import yaml
 from ..config import DEFAULT_CONFIG, RunConfig, load_config, read_yaml
 from ..errors import SlmlabError
 from ..phases import resolve_phases
+from .worker import config_sha
 
 BUDGETS = ("steps", "tokens", "flops")
 MANIFEST = "ablation.json"
@@ -358,9 +358,8 @@ def plan(ab: Ablation) -> tuple[list[Cell], list[Run]]:
         for corpus in ab.corpora:
             for v in ab.variants:
                 overrides, cfg = resolve(ab, v, corpus, cells[v.name, corpus].steps, seed)
-                sha = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
                 runs.append(Run(variant=v.name, corpus=corpus, seed=seed, dir=run_dir(ab, v.name, corpus, seed),
-                                arch=v.arch, overrides=overrides, config=ab.config, config_sha=sha[:16]))
+                                arch=v.arch, overrides=overrides, config=ab.config, config_sha=config_sha(cfg.to_dict())))
     return list(cells.values()), runs
 
 
@@ -368,11 +367,25 @@ def manifest(ab: Ablation, cells: list[Cell], runs: list[Run]) -> dict:
     return {"ablation": ab.to_dict(), "cells": [asdict(c) for c in cells], "runs": [asdict(r) for r in runs]}
 
 
+def load_manifest(path: Path) -> dict:
+    """OUT/ablation.json, or a one-line AblationError when it is cut short or not a manifest."""
+    try:
+        man = json.loads(path.read_text())
+    except ValueError as e:
+        raise AblationError(f"{path} is not valid JSON ({e}); it was cut short or edited") from None
+    except OSError as e:
+        raise AblationError(f"{path}: {e.strerror}") from None
+    if not isinstance(man, dict) or not all(isinstance(man.get(k), t) for k, t in
+                                            (("ablation", dict), ("cells", list), ("runs", list))):
+        raise AblationError(f"{path} is not an ablation manifest (needs ablation, cells and runs)")
+    return man
+
+
 def read_manifest(out) -> dict:
     path = Path(out) / MANIFEST
     if not path.is_file():
         raise AblationError(f"{out} holds no ablation (no {MANIFEST})")
-    return json.loads(path.read_text())
+    return load_manifest(path)
 
 
 def same_ablation(old: dict, new: dict) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import textwrap
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Optional
 
 from . import stats
 from .plan import read_manifest
-from .worker import RESOURCES
+from .worker import DIVERGED, DONE, FAILED, RESOURCES, run_state
 
 INVOCATIONS = "invocations.jsonl"  # one line per coordinator invocation: when, how many runs, how long
 RESULT_COLS = ("corpus", "variant", "seed", "dir", "status", "layers", "params", "nonembed_params",
@@ -32,13 +33,22 @@ class RunResult:
     variant: str
     seed: int
     dir: str
-    summary: Optional[dict]  # None: the run has not finished (crashed, interrupted or not started)
+    summary: Optional[dict]  # the summary of a finished run (done or diverged); else None
+    status: str = DONE  # worker.run_state's: done | diverged | failed | missing
+    why: str = ""  # failed: the attempt's last error line; missing: why a summary present does not count
     resources: dict = field(default_factory=dict)
-    curve: list = field(default_factory=list)  # (tokens, val bpb) at every eval, the final one last
+    curve: list = field(default_factory=list)  # (tokens, val bpb) of the periodic evals (first eval_tokens)
+    final: Optional[tuple] = None  # (tokens, val bpb) of the final eval over the whole validation split
 
     @property
     def done(self) -> bool:
-        return self.summary is not None
+        """Finished with a finite val bpb: the runs the statistics use."""
+        return self.status == DONE
+
+    @property
+    def finished(self) -> bool:
+        """Finished, diverged included: a summary with timings, and not retried."""
+        return self.status in (DONE, DIVERGED)
 
 
 def _read_json(path: Path) -> Optional[dict]:
@@ -48,20 +58,25 @@ def _read_json(path: Path) -> Optional[dict]:
         return None
 
 
-def _curve(path: Path) -> list:
-    pts = []
+def _curve(path: Path) -> tuple[list, Optional[tuple]]:
+    """The periodic evals and the final one (metrics.jsonl marks it `final`): they measure
+    different token sets, so the plot must not join them by a line."""
+    pts, final = [], None
     try:
         lines = path.read_text().splitlines()
     except OSError:
-        return pts
+        return pts, final
     for line in lines:
         try:
             rec = json.loads(line)
         except ValueError:
             continue  # a line cut by a kill; the resume truncates it anyway
-        if "val_bpb" in rec and "tokens" in rec:
-            pts.append((rec["tokens"], rec["val_bpb"]))
-    return pts
+        if "val_bpb" in rec and "tokens" in rec and math.isfinite(rec["val_bpb"]):
+            if rec.get("final"):
+                final = (rec["tokens"], rec["val_bpb"])
+            else:
+                pts.append((rec["tokens"], rec["val_bpb"]))
+    return pts, final
 
 
 def collect(out: Path) -> tuple[dict, list[RunResult]]:
@@ -69,9 +84,10 @@ def collect(out: Path) -> tuple[dict, list[RunResult]]:
     results = []
     for r in man["runs"]:
         d = out / r["dir"]
-        s = _read_json(d / "summary.json")
-        results.append(RunResult(r["corpus"], r["variant"], r["seed"], r["dir"], s,
-                                 _read_json(d / RESOURCES) or {}, _curve(d / "metrics.jsonl") if s else []))
+        st = run_state(d, r.get("config_sha"))
+        curve, final = _curve(d / "metrics.jsonl") if st.status == DONE else ([], None)
+        results.append(RunResult(r["corpus"], r["variant"], r["seed"], r["dir"], st.summary, st.status, st.why,
+                                 _read_json(d / RESOURCES) or {}, curve, final))
     return man, results
 
 
@@ -98,19 +114,41 @@ def write_csvs(out: Path, man: dict, results: list[RunResult]):
         w.writerow(RESULT_COLS)
         for r in results:
             c, s = cells[r.variant, r.corpus], r.summary or {}
-            w.writerow([r.corpus, r.variant, r.seed, r.dir, "done" if r.done else "missing", c["layers"], c["params"],
+            w.writerow([r.corpus, r.variant, r.seed, r.dir, r.status, c["layers"], c["params"],
                         c["nonembed_params"], repr(c["flops_per_token"]), c["steps"], s.get("tokens", ""),
-                        repr(s["val_loss"]) if r.done else "", repr(s["val_bpb"]) if r.done else "",
-                        bool(s.get("val_bpb_is_bound", False)) if r.done else ""])
+                        repr(s.get("val_loss", math.nan)) if r.finished else "",
+                        repr(s["val_bpb"]) if r.finished else "",
+                        bool(s.get("val_bpb_is_bound", False)) if r.finished else ""])
     with open(out / "timings.csv", "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(TIMING_COLS)
         for r in results:
-            if r.done:
+            if r.finished:
                 s, m = r.summary, r.resources
                 w.writerow([r.corpus, r.variant, r.seed, r.dir, f"{s['train_time_s']:.1f}", f"{s['wall_time_s']:.1f}",
                             f"{s['tokens_per_s']:.1f}", f"{m['peak_rss_mb']:.0f}" if "peak_rss_mb" in m else "",
                             f"{m['peak_cuda_mb']:.0f}" if "peak_cuda_mb" in m else "", s.get("device", "")])
+
+
+def _seeds(xs) -> str:
+    return ", ".join(map(str, sorted(xs)))
+
+
+def _delta(cmp: stats.Comparison, pairs_short: bool) -> str:
+    """The Δ cell: the difference, its CI, and the pair count when some seed of either side has no
+    pair (then Δ is not the difference of the two means shown beside it)."""
+    if not math.isfinite(cmp.diff):
+        return "–"
+    text = f"{cmp.diff:+.4f}"
+    if math.isfinite(cmp.lo):
+        text += f" [{cmp.lo:+.4f}, {cmp.hi:+.4f}]"
+    if cmp.test == "paired t" and pairs_short:
+        text += f" ({cmp.n} pairs)"
+    return text + (" *within noise*" if cmp.within_noise else "")
+
+
+def _g(x: float, welch: bool = False) -> str:
+    return (f"{x:.3g}" + (" (Welch)" if welch else "")) if math.isfinite(x) else "–"
 
 
 def corpus_table(man: dict, results: list[RunResult], corpus: str) -> tuple[list[str], dict[str, float]]:
@@ -118,7 +156,7 @@ def corpus_table(man: dict, results: list[RunResult], corpus: str) -> tuple[list
     ab = man["ablation"]
     variants = [v["name"] for v in ab["variants"]]
     cells = {c["variant"]: c for c in man["cells"] if c["corpus"] == corpus}
-    by_var = defaultdict(dict)
+    by_var = defaultdict(dict)  # finite results only: a diverged run has no bpb to average or pair
     runs = defaultdict(list)
     for r in results:
         if r.corpus == corpus:
@@ -128,10 +166,15 @@ def corpus_table(man: dict, results: list[RunResult], corpus: str) -> tuple[list
     base = variants[0]
     base_sum = stats.summarize(by_var[base].values())
     bound = any(r.done and r.summary.get("val_bpb_is_bound") for r in results if r.corpus == corpus)
+    cmps = {v: stats.compare(by_var[base], by_var[v]) for v in variants[1:]}
+    # Holm over this table's comparisons: each variant against the baseline is one test
+    adjusted = dict(zip(cmps, stats.holm([c.p for c in cmps.values()])))
+    m = sum(math.isfinite(c.p) for c in cmps.values())
     lines = [f"| variant | layers | params / non-emb | FLOPs/token | tokens | steps | val bpb mean ± sd (n) | "
-             f"val loss mean ± sd | Δ bpb vs {base} [95% CI] | p (t-test) | p (Wilcoxon) | tokens/s | peak mem | "
-             "wall / run |",
-             "| --- | --- | --- | ---: | ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+             f"val loss mean ± sd | Δ bpb vs {base} [95% CI] | d_z | p (t-test) | "
+             f"p Holm{f' ({m} comparisons)' if m > 1 else ''} | "
+             "p (Wilcoxon) | tokens/s | peak mem | wall / run |",
+             "| --- | --- | --- | ---: | ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     means, notes = {}, []
     for v in variants:
         c, done = cells[v], [r for r in runs[v] if r.done]
@@ -139,35 +182,56 @@ def corpus_table(man: dict, results: list[RunResult], corpus: str) -> tuple[list
         loss = stats.summarize(r.summary["val_loss"] for r in done)
         means[v] = b.mean
         le = "≤ " if any(r.summary.get("val_bpb_is_bound") for r in done) else ""
-        missing = sorted(r.seed for r in runs[v] if not r.done)
-        n = f"{b.n}" + (f"/{len(runs[v])}, missing seed {', '.join(map(str, missing))}" if missing else "")
+        by_status = defaultdict(list)
+        for r in runs[v]:
+            by_status[r.status].append(r)
+        why_not = [f"seed {_seeds(r.seed for r in by_status[DIVERGED])} diverged" if by_status[DIVERGED] else "",
+                   f"seed {_seeds(r.seed for r in by_status[FAILED])} failed" if by_status[FAILED] else "",
+                   f"missing seed {_seeds(r.seed for r in by_status['missing'])}" if by_status["missing"] else ""]
+        why_not = [w for w in why_not if w]
+        n = f"{b.n}" + (f"/{len(runs[v])}, {', '.join(why_not)}" if why_not else "")
         bpb = f"{le}{_pm(b)} ({n})" if b.n else f"– ({n})"
         lss = _pm(loss) if loss.n else "–"
         if v == base:
-            delta, p, pw = "baseline", "", ""
+            delta, dz, p, ph, pw = "baseline", "", "", "", ""
         else:
-            cmp = stats.compare(by_var[base], by_var[v], base_sum.sd)
-            if math.isfinite(cmp.lo):
-                delta = f"{cmp.diff:+.4f} [{cmp.lo:+.4f}, {cmp.hi:+.4f}]" + (" *within noise*" if cmp.within_noise else "")
-            else:
-                delta = f"{cmp.diff:+.4f}" if math.isfinite(cmp.diff) else "–"
-            p = f"{cmp.p:.3g}" + (" (Welch)" if cmp.test == "Welch t" else "") if math.isfinite(cmp.p) else "–"
-            pw = f"{cmp.p_wilcoxon:.3g}" if math.isfinite(cmp.p_wilcoxon) else "–"
+            cmp = cmps[v]
+            delta = _delta(cmp, cmp.n < max(b.n, base_sum.n))
+            dz = f"{cmp.d_z:+.2f}" if math.isfinite(cmp.d_z) else "–"
+            p, ph, pw = _g(cmp.p, cmp.test == "Welch t"), _g(adjusted[v]), _g(cmp.p_wilcoxon)
+            if cmp.note:
+                notes.append(f"- {v}: {cmp.note} (Δ {cmp.diff:+.4f} over {cmp.n} "
+                             f"{'pairs' if cmp.test == 'paired t' else 'runs each'}): no spread, so no CI, d_z or "
+                             "p (shown –)")
         tokens = stats.summarize(r.summary["tokens"] for r in done).mean
         tps = stats.summarize(r.summary["tokens_per_s"] for r in done).mean
         wall = stats.summarize(r.summary["wall_time_s"] for r in done).mean
         mem = [r.resources.get("peak_cuda_mb", r.resources.get("peak_rss_mb")) for r in done]
-        mem = [m for m in mem if m is not None]
+        mem = [x for x in mem if x is not None]
         lines.append(f"| {v} | `{c['layers']}` | {_fmt_num(c['params'])} / {_fmt_num(c['nonembed_params'])} | "
                      f"{_fmt_num(c['flops_per_token'])} | {_fmt_num(tokens) if done else '–'} | {c['steps']} | {bpb} | "
-                     f"{lss} | {delta} | {p} | {pw} | {f'{tps:,.0f}' if done else '–'} | "
+                     f"{lss} | {delta} | {dz} | {p} | {ph} | {pw} | {f'{tps:,.0f}' if done else '–'} | "
                      f"{f'{max(mem):,.0f} MB' if mem else '–'} | {_fmt_time(wall) if done else '–'} |")
-        if missing:
-            notes.append(f"- {v}: no result for seed {', '.join(map(str, missing))} (not run yet, crashed or "
-                         "interrupted: re-running the same command resumes it; its train.log says why)")
+        if by_status[DIVERGED]:
+            notes.append(f"- {v}: seed {_seeds(r.seed for r in by_status[DIVERGED])} diverged (non-finite final val "
+                         "bpb): left out of the statistics, and not retried by a re-run (the same seed would diverge "
+                         "again)")
+        for r in sorted(by_status[FAILED], key=lambda r: r.seed):
+            notes.append(f"- {v}: seed {r.seed} failed: {r.why} (a re-run retries it; its log: `{r.dir}/train.log`, "
+                         "or .submitit/ with --launcher submitit)")
+        if by_status["missing"]:
+            whys = sorted({r.why for r in by_status["missing"] if r.why})
+            notes.append(f"- {v}: no result for seed {_seeds(r.seed for r in by_status['missing'])} (not run yet or "
+                         "interrupted" + "".join(f"; {w}" for w in whys)
+                         + ": re-running the same command resumes or restarts it)")
+    if m:
+        notes.insert(0, f"- p Holm: the t-test p adjusted (Holm) for the {m} comparison(s) with {base} in this "
+                        "table; below 0.05 it keeps the chance of any false positive among them under 5%. d_z: "
+                        "mean / sd of the per-seed differences (paired only).")
     if base_sum.n > 1:
-        notes.insert(0, f"- Run-to-run noise (sd of {base} over {base_sum.n} seeds): {base_sum.sd:.4f} bpb; a "
-                        "difference smaller than that is marked *within noise*.")
+        notes.insert(0, f"- Run-to-run noise (sd of {base} over {base_sum.n} seeds): {base_sum.sd:.4f} bpb. Pairing by "
+                        "seed removes the part of it both runs share, so Δ is judged against the spread of the "
+                        "per-seed differences instead: *within noise* marks a Δ whose 95% CI includes 0.")
     if bound:
         notes.append("- ≤: masked-diffusion runs report the ELBO, an upper bound on bpb, not an exact bpb.")
     return lines + [""] + notes, means
@@ -175,12 +239,16 @@ def corpus_table(man: dict, results: list[RunResult], corpus: str) -> tuple[list
 
 def write_markdown(out: Path, man: dict, results: list[RunResult]):
     ab = man["ablation"]
-    done = [r for r in results if r.done]
+    finished = [r for r in results if r.finished]
+    diverged = sum(r.status == DIVERGED for r in results)
+    failed = sum(r.status == FAILED for r in results)
     lines = [f"# Ablation `{out.name}`", "",
              f"Budget: equal **{ab['budget']}** ({ab['steps']} steps for the baseline `{ab['variants'][0]['name']}`); "
-             f"seeds {', '.join(map(str, ab['seeds']))}; {len(done)} of {len(results)} runs finished. "
+             f"seeds {', '.join(map(str, ab['seeds']))}; {len(finished)} of {len(results)} runs finished"
+             + (f" ({diverged} diverged)" if diverged else "") + (f"; {failed} failed" if failed else "") + ". "
              "Δ is variant − baseline in val bpb (negative = better), paired by seed (same init seed and data "
-             "order), 95% t confidence interval, two-sided p. Final val bpb over the whole validation split.", ""]
+             "order), 95% t confidence interval, two-sided p; d_z is the paired effect size, p Holm the p adjusted "
+             "for the table's several comparisons. Final val bpb over the whole validation split.", ""]
     if ab["overrides"]:
         lines += ["Common overrides: " + " ".join(f"`{o}`" for o in ab["overrides"]), ""]
     lines += ["Variants: " + "; ".join(f"**{v['name']}** `--arch {v['arch']}`"
@@ -201,7 +269,7 @@ def write_markdown(out: Path, man: dict, results: list[RunResult]):
     inv = []
     if (out / INVOCATIONS).is_file():
         inv = [json.loads(x) for x in (out / INVOCATIONS).read_text().splitlines() if x.strip()]
-    run_wall = sum(r.summary["wall_time_s"] for r in done)
+    run_wall = sum(r.summary.get("wall_time_s", 0.0) for r in finished)
     lines += ["## Time", "",
               f"Sum of the runs' wall times: {_fmt_time(run_wall)}"
               + (f"; the coordinator ran {_fmt_time(sum(i['elapsed_s'] for i in inv))} over {len(inv)} "
@@ -216,7 +284,9 @@ def _plot_setup(n: int, title: str):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 4.5), squeeze=False)
-    fig.suptitle(title)
+    # Wrapped to the figure's width (~14 characters per inch at this size): one panel is too narrow
+    # for the title on one line, and matplotlib cuts a suptitle off instead of wrapping it.
+    fig.suptitle(textwrap.fill(title, width=int(14 * 6.5 * n)), fontsize=10)
     return plt, fig, axes[0]
 
 
@@ -224,19 +294,27 @@ def plot_curves(out: Path, man: dict, results: list[RunResult]):
     import numpy as np
 
     ab = man["ablation"]
-    plt, fig, axes = _plot_setup(len(ab["corpora"]), "val bpb against training tokens, mean ± sd over seeds "
-                                 "(last point: the whole validation split; earlier: its first train.eval_tokens)")
+    plt, fig, axes = _plot_setup(len(ab["corpora"]), "val bpb against training tokens, mean ± sd over seeds. "
+                                 "Lines: periodic evals on the first train.eval_tokens of the validation split; "
+                                 "diamond: the final eval on the whole split (another token set, so not joined)")
     for ax, corpus in zip(axes, ab["corpora"]):
         for i, v in enumerate(v["name"] for v in ab["variants"]):
-            curves = [dict(r.curve) for r in results if r.corpus == corpus and r.variant == v and r.curve]
-            if not curves:
-                continue
-            xs = sorted(set.intersection(*(set(c) for c in curves)))  # tokens every seed evaluated at
-            ys = np.array([[c[x] for x in xs] for c in curves])
-            mean, sd = ys.mean(0), ys.std(0, ddof=1) if len(curves) > 1 else np.zeros(len(xs))
+            mine = [r for r in results if r.corpus == corpus and r.variant == v and r.done]
             color = f"C{i % 10}"  # one colour per variant on every corpus
-            ax.plot(xs, mean, marker="o", ms=3, color=color, label=f"{v} (n={len(curves)})")
-            ax.fill_between(xs, mean - sd, mean + sd, color=color, alpha=0.2)
+            curves = [dict(r.curve) for r in mine if r.curve]
+            label = f"{v} (n={len(mine)})"
+            if curves:
+                xs = sorted(set.intersection(*(set(c) for c in curves)))  # tokens every seed evaluated at
+                ys = np.array([[c[x] for x in xs] for c in curves])
+                mean, sd = ys.mean(0), ys.std(0, ddof=1) if len(curves) > 1 else np.zeros(len(xs))
+                ax.plot(xs, mean, marker="o", ms=3, color=color, label=label)
+                ax.fill_between(xs, mean - sd, mean + sd, color=color, alpha=0.2)
+                label = None
+            finals = [r.final for r in mine if r.final]
+            if finals:
+                fy = np.array([y for _, y in finals])
+                ax.errorbar([max(x for x, _ in finals)], [fy.mean()], yerr=[fy.std(ddof=1) if fy.size > 1 else 0],
+                            marker="D", ms=5, color=color, capsize=3, linestyle="none", label=label)
         ax.set_title(corpus)
         ax.set_xlabel("training tokens")
         ax.set_ylabel("val bpb")
@@ -252,19 +330,22 @@ def plot_final(out: Path, man: dict, results: list[RunResult]):
     plt, fig, axes = _plot_setup(len(ab["corpora"]), "final val bpb per variant (mean ± sd; dots: seeds)")
     names = [v["name"] for v in ab["variants"]]
     for ax, corpus in zip(axes, ab["corpora"]):
+        # finite results only (r.done): a diverged run's NaN or inf would make the axis limits NaN
         vals = [[r.summary["val_bpb"] for r in results if r.corpus == corpus and r.variant == v and r.done]
                 for v in names]
+        div = [sum(r.corpus == corpus and r.variant == v and r.status == DIVERGED for r in results) for v in names]
         s = [stats.summarize(x) for x in vals]
         ax.bar(range(len(names)), [x.mean if x.n else 0 for x in s],
                yerr=[x.sd if x.n > 1 else 0 for x in s], capsize=4, color="#9ecae1", edgecolor="#3182bd")
         for i, x in enumerate(vals):
             ax.scatter([i] * len(x), x, color="k", s=10, zorder=3)
-        finite = [y for x in vals for y in x]
+        finite = [y for x in vals for y in x if math.isfinite(y)]
         if finite:  # zoom on the differences: bars from zero would hide them
             lo, hi = min(finite), max(finite)
             pad = max(hi - lo, 1e-3) * 0.6
             ax.set_ylim(lo - pad, hi + pad)
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_xticks(range(len(names)), [f"{v} ({k} diverged)" if k else v for v, k in zip(names, div)],
+                      rotation=30, ha="right")
         ax.set_title(corpus)
         ax.set_ylabel("val bpb")
         ax.grid(axis="y", alpha=0.3)

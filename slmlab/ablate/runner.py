@@ -17,15 +17,22 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-from .plan import MANIFEST, Ablation, AblationError, Cell, Run, manifest, plan, same_ablation
-from .worker import SPEC, run_one
+from .plan import MANIFEST, Ablation, AblationError, Cell, Run, load_manifest, manifest, plan, same_ablation
+from .worker import DIVERGED, DONE, ERROR, SPEC, run_one, run_state
 
 OUTPUTS = ("results.md", "results.csv", "timings.csv", "curves.png", "final.png")
 LOG = "train.log"  # each run's stdout/stderr, appended across resumes
+# What else an ablation writes at OUT's top level; --force deletes these with the runs.
+OWN = OUTPUTS + ("invocations.jsonl", ".submitit", MANIFEST, Path(MANIFEST).with_suffix(".tmp").name)
+
+
+def state(out: Path, run: Run):
+    return run_state(out / run.dir, run.config_sha)
 
 
 def is_done(out: Path, run: Run) -> bool:
-    return (out / run.dir / "summary.json").is_file()
+    """Finished for good: done, or diverged (a re-run of the same seed would diverge again)."""
+    return state(out, run).status in (DONE, DIVERGED)
 
 
 def _first_difference(old: dict, new: dict) -> str:
@@ -35,24 +42,56 @@ def _first_difference(old: dict, new: dict) -> str:
     return "the resolved run configs differ (config.yaml or a preset changed?)"
 
 
+def _ablation_made(p: Path, old: Optional[dict]) -> bool:
+    """A top-level entry of OUT that an ablation wrote: one of its files, a directory of the old
+    manifest's runs, or a directory holding run directories (each has an ablate.json, at most two
+    levels down: corpus/variant/seedK)."""
+    if p.name in OWN or any(r["dir"].split("/")[0] == p.name for r in (old or {}).get("runs", [])):
+        return True
+    return p.is_dir() and not p.is_symlink() and any(any(p.glob(g)) for g in (SPEC, f"*/{SPEC}", f"*/*/{SPEC}"))
+
+
+def _clear(out: Path, old: Optional[dict]):
+    """--force: delete the ablation in OUT, found from its old manifest or, without a readable one,
+    from the run directories' ablate.json: whole top-level run trees (so no empty variant
+    directory stays), the outputs, invocations.jsonl (its times belong to the deleted ablation)
+    and .submitit/. A file no ablation writes is the user's: it stays, and can pass for no run."""
+    for p in out.iterdir():
+        if p.name == ".lock" or not _ablation_made(p, old):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def _old_manifest(path: Path, force: bool) -> Optional[dict]:
+    try:
+        return load_manifest(path)
+    except AblationError as e:
+        if force:
+            return None  # unreadable: --force deletes it with the rest
+        raise AblationError(f"{e}; pass --force to delete the ablation in {path.parent} and start this one") from None
+
+
 def prepare_out(out: Path, ab: Ablation, force: bool) -> tuple[list[Cell], list[Run]]:
-    """Plan, then claim OUT: an OUT holding another ablation is refused unless `force`, which
-    deletes that ablation's runs and outputs first. Each run directory gets its ablate.json."""
+    """Plan, then claim OUT: an OUT holding another ablation (or anything else) is refused unless
+    `force`, which deletes that ablation's runs and outputs first. Each run directory gets its
+    ablate.json."""
     cells, runs = plan(ab)
     new = manifest(ab, cells, runs)
     path = out / MANIFEST
     if path.is_file():
-        old = json.loads(path.read_text())
-        if not same_ablation(old, new):
+        old = _old_manifest(path, force)
+        if old is None or not same_ablation(old, new):
             if not force:
                 raise AblationError(f"{out} holds a different ablation ({_first_difference(old, new)}); "
                                     "pass --force to delete it and start this one, or choose another --out")
-            for r in old.get("runs", []):
-                shutil.rmtree(out / r["dir"], ignore_errors=True)
-            for name in OUTPUTS:
-                (out / name).unlink(missing_ok=True)
-    elif out.is_dir() and any(p.name != ".lock" for p in out.iterdir()) and not force:
-        raise AblationError(f"--out {out} exists and holds no ablation; choose another directory or pass --force")
+            _clear(out, old)
+    elif out.is_dir() and any(p.name != ".lock" for p in out.iterdir()):
+        if not force:
+            raise AblationError(f"--out {out} exists and holds no ablation; choose another directory or pass --force")
+        _clear(out, None)
     out.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(new, indent=1))
@@ -101,10 +140,12 @@ class Progress:
         self.index = {r.dir: i + 1 for i, r in enumerate(runs)}
         self.total, self.say, self.t0 = len(runs), say, time.time()
         self.done_cost, self.left_cost = 0.0, 0.0
-        self.finished, self.failed = 0, []
-        self.skipped = sum(is_done(out, r) for r in runs)
+        self.finished, self.failed, self.diverged = 0, [], []
+        states = {r.dir: state(out, r).status for r in runs}
+        self.skipped = sum(st in (DONE, DIVERGED) for st in states.values())
+        self.skipped_diverged = [r for r in runs if states[r.dir] == DIVERGED]
         for r in runs:
-            if not is_done(out, r):
+            if states[r.dir] not in (DONE, DIVERGED):
                 self.left_cost += self._cost(r)
 
     def _cost(self, r: Run) -> float:
@@ -115,21 +156,41 @@ class Progress:
             return "eta ?"
         return f"eta {_fmt((time.time() - self.t0) / self.done_cost * self.left_cost)}"
 
+    def _counts(self) -> str:
+        div = len(self.diverged) + len(self.skipped_diverged)
+        return (f"{self.finished + self.skipped} done{f' ({div} diverged)' if div else ''}, {len(self.failed)} failed, "
+                f"{self._eta()}")
+
     def start(self, r: Run, where: str = ""):
         self.say(f"[ablate] run {self.index[r.dir]}/{self.total} start: {r.variant} seed {r.seed} on {r.corpus}"
-                 f"{where}  ({self.finished + self.skipped} done, {len(self.failed)} failed, {self._eta()})")
+                 f"{where}  ({self._counts()})")
 
-    def end(self, r: Run, ok: bool, why: str = ""):
+    def end(self, r: Run, status: str, why: str = ""):
+        """`status`: DONE, DIVERGED (finished with a non-finite val bpb) or anything else: failed."""
         c = self._cost(r)
         self.left_cost -= c
-        if ok:
+        if status in (DONE, DIVERGED):
             self.finished += 1
             self.done_cost += c
+            if status == DIVERGED:
+                self.diverged.append(r)
         else:
             self.failed.append(r)
-        status = "done" if ok else f"FAILED ({why})"
-        self.say(f"[ablate] run {self.index[r.dir]}/{self.total} {status}: {r.variant} seed {r.seed} on {r.corpus}"
-                 f"  ({self.finished + self.skipped} done, {len(self.failed)} failed, {self._eta()})")
+        label = {DONE: "done", DIVERGED: "DIVERGED (non-finite final val bpb)"}.get(status, f"FAILED ({why})")
+        self.say(f"[ablate] run {self.index[r.dir]}/{self.total} {label}: {r.variant} seed {r.seed} on {r.corpus}"
+                 f"  ({self._counts()})")
+
+
+def _finish(out: Path, r: Run, prog: Progress, why: str, logs: str):
+    """Record how a run's attempt ended. A failure's reason (`why`, one line) goes to
+    RUN_DIR/error.txt, where the report finds it (the coordinator's output is gone by then); a
+    re-run retries the run. `logs` says where the whole story is."""
+    st = state(out, r).status
+    if st in (DONE, DIVERGED):
+        (out / r.dir / ERROR).unlink(missing_ok=True)
+    else:
+        (out / r.dir / ERROR).write_text(" ".join(why.split()) + "\n")
+    prog.end(r, st, f"{why}; {logs}")
 
 
 def _last_line(path: Path) -> str:
@@ -161,6 +222,7 @@ def run_local(out: Path, runs: list[Run], prog: Progress, jobs: int, threads: in
         while queue or running:
             while queue and free:
                 r, gpu = queue.popleft(), free.pop(0)
+                (out / r.dir / ERROR).unlink(missing_ok=True)  # this attempt's outcome replaces the last one's
                 log = open(out / r.dir / LOG, "a")
                 cmd = [sys.executable, "-m", "slmlab.ablate.worker", str(out / r.dir), "--threads", str(threads),
                        "--group", group, "--parent", str(os.getpid())]
@@ -175,9 +237,10 @@ def run_local(out: Path, runs: list[Run], prog: Progress, jobs: int, threads: in
                     continue
                 running.remove(item)
                 free.append(gpu)
-                ok = proc.returncode == 0 and is_done(out, r)
-                why = "" if ok else f"exit {proc.returncode}: {_last_line(out / r.dir / LOG)}; log: {out / r.dir / LOG}"
-                prog.end(r, ok, why)
+                last = _last_line(out / r.dir / LOG)
+                why = (f"exit {proc.returncode}: {last}" if proc.returncode else
+                       f"exit 0 without a readable summary.json: {last}")
+                _finish(out, r, prog, why, f"log: {out / r.dir / LOG}")
     finally:
         for proc, _, _ in running:  # interrupted: stop the workers; their checkpoints remain
             proc.terminate()
@@ -198,6 +261,7 @@ def run_submitit(out: Path, runs: list[Run], prog: Progress, threads: int, group
     os.environ["PYTHONPATH"] = _worker_env(0, None)["PYTHONPATH"]  # local jobs inherit it
     pending = []
     for r in (r for r in runs if not is_done(out, r)):
+        (out / r.dir / ERROR).unlink(missing_ok=True)  # this attempt's outcome replaces the last one's
         job = ex.submit(run_one, str(out / r.dir), threads, group)
         (out / r.dir / "submitit_job.txt").write_text(f"{job.job_id}\n")
         prog.start(r, f" as job {job.job_id}")
@@ -209,10 +273,10 @@ def run_submitit(out: Path, runs: list[Run], prog: Progress, threads: int, group
                 if not job.done():  # the debug executor runs the job here, so this may raise too
                     continue
                 job.result()
-                ok, why = is_done(out, r), "no summary.json"
+                why = "the job ended without a readable summary.json"
             except Exception as e:  # the job's own traceback is in its submitit log
                 msg = str(e).strip().splitlines()[-1][:200] if str(e).strip() else ""
-                ok, why = False, f"{type(e).__name__}: {msg}; logs: {out / '.submitit' / str(job.job_id)}"
+                why = f"{type(e).__name__}: {msg}"
             pending.remove(item)
-            prog.end(r, ok, "" if ok else why)
+            _finish(out, r, prog, why, f"logs: {out / '.submitit' / str(job.job_id)}")
         time.sleep(0.5)

@@ -4,12 +4,14 @@ A variant and the baseline trained with the same seed saw the same initialisatio
 the same data order, so their difference is paired: the test is a paired t-test on the per-seed
 differences, which removes the seed-to-seed variation both share. When fewer than two seeds are
 shared (crashed runs), it falls back to Welch's unequal-variance t-test on the two samples.
+Non-finite values (diverged runs) are dropped first, pair by pair: a NaN would otherwise turn the
+standard error into NaN and the p-value into nonsense. `holm` adjusts a table's p-values for
+testing several variants against one baseline.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 from scipy import stats
@@ -29,56 +31,92 @@ class Comparison:
     """variant - baseline (negative: the variant has lower bpb)."""
 
     diff: float
-    lo: float  # the 95% confidence interval of diff
+    lo: float  # the 95% confidence interval of diff; nan when there is no spread to put one on
     hi: float
-    p: float  # two-sided; nan when there is too little data
+    p: float  # two-sided; nan when there is too little data or no spread
     test: str  # "paired t" | "Welch t" | "" (too few runs)
-    n: int  # pairs (paired) or the smaller sample (Welch)
+    n: int  # finite pairs (paired) or the smaller finite sample (Welch)
     p_wilcoxon: float = math.nan  # paired only: the signed-rank test, which does not assume normal diffs
-    within_noise: bool = False  # |diff| below the baseline's run-to-run sd
+    within_noise: bool = False  # the 95% CI of diff includes 0: not resolved from the seed-to-seed noise
+    d_z: float = math.nan  # paired only: the standardized effect mean(d) / sd(d) over the pairs
+    note: str = ""  # why p and the CI are missing although there are values
+
+
+IDENTICAL = "differences identical across seeds"
 
 
 def summarize(values) -> Summary:
-    x = np.asarray(list(values), dtype=float)
+    """Mean and sd of the finite values (a diverged run's NaN or inf is no sample of the noise)."""
+    x = np.asarray([v for v in values if math.isfinite(v)], dtype=float)
     if x.size == 0:
         return Summary(math.nan, math.nan, 0)
     return Summary(float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else math.nan, int(x.size))
 
 
 def _t_interval(mean: float, se: float, df: float) -> tuple[float, float]:
-    if not (se > 0 and df > 0):
-        return mean, mean  # every difference equal: no spread to put an interval on
     half = stats.t.ppf(0.5 + CONFIDENCE / 2, df) * se
     return mean - half, mean + half
 
 
-def compare(baseline: dict[int, float], variant: dict[int, float], noise_sd: Optional[float] = None) -> Comparison:
-    """`baseline` and `variant` map seed -> final metric. Paired over the shared seeds when there
-    are at least two, else Welch over everything; `noise_sd` (the baseline's run-to-run sd) marks
-    a difference smaller than the noise."""
+def _no_spread(x: np.ndarray) -> bool:
+    """Every value equal, up to float rounding: 3.1 - 3.0 and 3.2 - 3.1 differ in the last bit, which
+    would give a standard error of ~1e-16 and a p of ~1e-30 (scipy warns "catastrophic
+    cancellation") for what is a constant shift with no spread to test against."""
+    return float(np.ptp(x)) <= 1e-12 * max(1.0, float(np.max(np.abs(x))))
+
+
+def compare(baseline: dict[int, float], variant: dict[int, float]) -> Comparison:
+    """`baseline` and `variant` map seed -> final metric. Paired over the seeds where both are
+    finite when there are at least two such pairs, else Welch over each side's finite values.
+    With fewer than two values on a side, or no spread at all, p and the CI are nan: a t-test
+    cannot put a probability on a difference it has no variance for (a constant difference over
+    seeds is said in `note`)."""
+    baseline = {k: v for k, v in baseline.items() if math.isfinite(v)}
+    variant = {k: v for k, v in variant.items() if math.isfinite(v)}
     shared = sorted(set(baseline) & set(variant))
     if len(shared) >= 2:
         d = np.array([variant[s] - baseline[s] for s in shared])
-        se = d.std(ddof=1) / math.sqrt(d.size)
-        lo, hi = _t_interval(float(d.mean()), se, d.size - 1)
-        p = float(stats.ttest_rel([variant[s] for s in shared], [baseline[s] for s in shared]).pvalue) if se > 0 \
-            else (1.0 if d.mean() == 0 else 0.0)
-        pw = float(stats.wilcoxon(d).pvalue) if np.any(d != 0) else 1.0
-        out = Comparison(float(d.mean()), lo, hi, p, "paired t", int(d.size), pw)
+        out = Comparison(float(d.mean()), math.nan, math.nan, math.nan, "paired t", int(d.size))
+        # all zero: scipy's exact signed-rank p is 1, with a warning; keep it quiet
+        out.p_wilcoxon = float(stats.wilcoxon(d).pvalue) if np.any(d != 0) else 1.0
+        if _no_spread(d):
+            out.note = IDENTICAL
+            return out
+        sd = float(d.std(ddof=1))
+        out.lo, out.hi = _t_interval(out.diff, sd / math.sqrt(d.size), d.size - 1)
+        out.p = float(stats.ttest_rel([variant[s] for s in shared], [baseline[s] for s in shared]).pvalue)
+        out.d_z = out.diff / sd
     else:
         a, b = np.array(list(variant.values())), np.array(list(baseline.values()))
+        diff = float(a.mean() - b.mean()) if a.size and b.size else math.nan
+        out = Comparison(diff, math.nan, math.nan, math.nan, "Welch t", int(min(a.size, b.size)))
         if a.size < 2 or b.size < 2:
-            diff = float(a.mean() - b.mean()) if a.size and b.size else math.nan
-            return Comparison(diff, math.nan, math.nan, math.nan, "", min(a.size, b.size))
+            out.test = ""
+            return out
+        if _no_spread(a) and _no_spread(b):
+            out.note = "values identical across seeds on both sides"
+            return out
         va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
-        se = math.sqrt(va + vb)
         # Welch-Satterthwaite degrees of freedom, the ones scipy's ttest_ind(equal_var=False) uses
-        df = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1)) if se > 0 else 0
-        lo, hi = _t_interval(float(a.mean() - b.mean()), se, df)
-        p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-        out = Comparison(float(a.mean() - b.mean()), lo, hi, p, "Welch t", int(min(a.size, b.size)))
-    if noise_sd is not None and math.isfinite(noise_sd):
-        out.within_noise = abs(out.diff) < noise_sd
+        df = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
+        out.lo, out.hi = _t_interval(diff, math.sqrt(va + vb), df)
+        out.p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    out.lo, out.hi = float(out.lo), float(out.hi)
+    out.within_noise = bool(out.lo <= 0 <= out.hi)
+    return out
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment over the finite p-values (nan stays nan, and does not count):
+    the i-th smallest of m is multiplied by m - i + 1, then made monotone and capped at 1. Like
+    Bonferroni it bounds the chance of any false positive among the m comparisons, and it is never
+    less powerful. (scipy has only false-discovery-rate adjustments; this is statsmodels'
+    multipletests(method="holm").)"""
+    idx = sorted((i for i, p in enumerate(pvalues) if math.isfinite(p)), key=lambda i: pvalues[i])
+    m, out, running = len(idx), [math.nan] * len(pvalues), 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        out[i] = running
     return out
 
 

@@ -1,22 +1,92 @@
 """One ablation run in its own process: `python -m slmlab.ablate.worker RUN_DIR`, or the function
 submitit pickles onto a Slurm node.
 
-RUN_DIR/ablate.json (written by the coordinator) says what to run. The run directory decides how:
-summary.json present -> nothing to do; config.yaml and a checkpoint -> the trainer's exact resume;
-anything else -> a fresh start. Peak memory goes to RUN_DIR/resources.json after training.
+RUN_DIR/ablate.json (written by the coordinator) says what to run. The run directory decides how
+(`run_state`, the one predicate the coordinator, this worker and the report share): a readable
+summary.json of the planned config -> nothing to do (done, or diverged); the planned config.yaml and
+a checkpoint -> the trainer's exact resume; anything else -> a fresh start. Peak memory goes to
+RUN_DIR/resources.json after training.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
 import resource
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 SPEC = "ablate.json"
 RESOURCES = "resources.json"
+ERROR = "error.txt"  # the last error line of a failed attempt, written by the coordinator
+SUMMARY = "summary.json"
+# run_state's answers. DONE and DIVERGED are terminal (a re-run skips them); FAILED and MISSING are
+# (re)started by a re-run.
+DONE, DIVERGED, FAILED, MISSING = "done", "diverged", "failed", "missing"
+
+
+def config_sha(tree: dict) -> str:
+    """The hash the plan records per run (Run.config_sha) of a resolved config as a plain tree:
+    RunConfig.to_dict() at planning time, the run directory's config.yaml read back afterwards."""
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class RunState:
+    status: str  # DONE | DIVERGED | FAILED | MISSING
+    summary: Optional[dict] = None  # the parsed summary.json when DONE or DIVERGED
+    why: str = ""  # FAILED: the stored error line; MISSING: why a present summary does not count
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _config_matches(run_dir: Path, sha: Optional[str]) -> bool:
+    if sha is None:  # a manifest from before config hashes were compared
+        return True
+    import yaml
+
+    try:
+        tree = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(tree, dict) and config_sha(tree) == sha
+
+
+def run_state(run_dir, sha: Optional[str]) -> RunState:
+    """Where one run stands, from its directory alone. A summary counts only when it parses, has a
+    numeric val_bpb and sits beside the config.yaml the plan would write (hash `sha`): a truncated
+    summary or a run left from another plan would otherwise pass for a result. A finite val_bpb is
+    DONE; a non-finite one is DIVERGED, a result too (retraining the same config and seed would
+    diverge again). Without a counting summary, a stored error line makes the run FAILED, else
+    it is MISSING (not started, interrupted, or its summary does not count: `why`)."""
+    d = Path(run_dir)
+    why = ""
+    if (d / SUMMARY).is_file():
+        s = _read_json(d / SUMMARY)
+        bpb = s.get("val_bpb") if isinstance(s, dict) else None
+        if not isinstance(bpb, (int, float)) or isinstance(bpb, bool):
+            why = "its summary.json is unreadable"
+        elif not _config_matches(d, sha):
+            why = "its config.yaml is not the one this ablation plans"
+        else:
+            return RunState(DONE if math.isfinite(bpb) else DIVERGED, s)
+    try:
+        err = (d / ERROR).read_text().strip()
+    except OSError:
+        err = ""
+    if err:
+        return RunState(FAILED, None, err)
+    return RunState(MISSING, None, why)
 
 
 def die_with_parent(parent_pid: int):
@@ -35,9 +105,10 @@ def die_with_parent(parent_pid: int):
 def run_one(run_dir: str, threads: int = 0, group: str = "") -> dict:
     """Train (or resume) the run in `run_dir`; return its summary."""
     out = Path(run_dir)
-    if (out / "summary.json").is_file():
-        return json.loads((out / "summary.json").read_text())
     spec = json.loads((out / SPEC).read_text())
+    state = run_state(out, spec.get("config_sha"))
+    if state.status in (DONE, DIVERGED):
+        return state.summary
     import torch
 
     from ..checkpoint import checkpoint_dirs
@@ -50,7 +121,12 @@ def run_one(run_dir: str, threads: int = 0, group: str = "") -> dict:
     os.environ["WANDB_RUN_GROUP"] = group or out.parent.parent.name
     os.environ["WANDB_JOB_TYPE"] = spec["variant"]
     cfg = load_config(spec["config"], arch=spec["arch"], overrides=spec["overrides"])
-    resume = (out / "config.yaml").is_file() and bool(checkpoint_dirs(out))
+    # Resume only the planned config's own checkpoints; a run left from another plan starts afresh
+    # (force clears its outputs). A summary that does not count goes first: it must not survive a
+    # resume that dies before writing a new one.
+    resume = _config_matches(out, spec.get("config_sha")) and (out / "config.yaml").is_file() \
+        and bool(checkpoint_dirs(out))
+    (out / SUMMARY).unlink(missing_ok=True)
     summary = train(cfg, out, force=not resume, resume=resume)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     peak = {"peak_rss_mb": rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), "threads": torch.get_num_threads()}
