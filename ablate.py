@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--budget", choices=["steps", "tokens", "flops"],
                    help="what every variant gets equal of (default flops, or the file's budget:)")
     p.add_argument("--config", help="the base config (default: config.yaml beside train.py)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE_OR_MODULE",
+                   help="a Python file or module registering extra blocks, for every run (repeatable; as train.py's)")
     p.add_argument("--force", action="store_true",
                    help="OUT holds another ablation (or the runs of one, without ablation.json): delete its runs, "
                         "outputs, invocations.jsonl and .submitit/, and start this one")
@@ -64,8 +66,8 @@ def _check_flags(args):
 
     given = lambda *names: [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) not in (None, [], False)]  # noqa: E731
     if args.report:
-        extra = given("out", "arch", "vary", "seeds", "steps", "data", "budget", "config", "force", "dry_run",
-                      "jobs", "gpus", "threads", "cluster", "slurm") + args.items
+        extra = given("out", "arch", "vary", "seeds", "steps", "data", "budget", "config", "imports", "force",
+                      "dry_run", "jobs", "gpus", "threads", "cluster", "slurm") + args.items
         if extra:
             raise AblationError(f"--report OUT takes no other arguments (got {' '.join(extra)})")
         return
@@ -90,12 +92,21 @@ def _check_flags(args):
             raise AblationError(f"--{flag} must be >= {0 if flag == 'threads' else 1}, got {v}")
 
 
+def imports_override(imports: list[str]) -> list[str]:
+    """--import as the model.imports override every run gets: files by absolute path, since each run
+    is started from its own directory (a module name stays as it is)."""
+    if not imports:
+        return []
+    paths = [str(Path(p).expanduser().resolve()) if Path(p).expanduser().exists() else p for p in imports]
+    return ["model.imports=" + json.dumps(paths)]
+
+
 def build_ablation(args):
     from slmlab.ablate.plan import AblationError, file_ablation, inline_ablation
     from slmlab.config import DEFAULT_CONFIG, load_config
 
     files = [x for x in args.items if "=" not in x]
-    overrides = [x for x in args.items if "=" in x]
+    overrides = [x for x in args.items if "=" in x] + imports_override(args.imports)
     config = args.config or DEFAULT_CONFIG
     if len(files) > 1:
         raise AblationError(f"one ablation file at most, got {' '.join(files)} (overrides are section.key=value)")

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -407,6 +408,31 @@ def test_keys_the_ablation_sets_itself_are_refused(corpus, tmp_path, capsys):
         assert ablate_cli.run_cli(ablate_cli.main, ["--dry-run", "--seeds", "1", *argv, *tiny(d)]) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_import_brings_a_custom_block_into_every_run(corpus, tmp_path, capsys, monkeypatch):
+    """--import as in train.py: the file is recorded by absolute path (each run starts in its own
+    directory), so a relative path works too."""
+    import re
+
+    d, text = corpus
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```python\n(import torch, torch.nn as nn\nfrom arch import Mixer, register\n.*?)```",
+                      readme, re.S).group(1)
+    (tmp_path / "shift.py").write_text(block.replace('"shift", "S"', '"shift_ab", "V"'))  # its own name here
+    monkeypatch.chdir(tmp_path)
+    argv = ["--dry-run", "--seeds", "1", "--arch", "hybrid", "--data", str(text), "--steps", "4",
+            "--vary", "model.layers=CCA,VVA", *tiny(d)]
+    assert ablate_cli.run_cli(ablate_cli.main, argv) == 2  # without it, V is no block
+    assert "unknown block" in capsys.readouterr().err
+    assert ablate_cli.run_cli(ablate_cli.main, [*argv, "--import", "shift.py"]) == 0
+    assert "VVA" in capsys.readouterr().out
+    assert ablate_cli.imports_override(["shift.py"]) == [f'model.imports=["{tmp_path / "shift.py"}"]']
+    from arch.registry import _LOADED, LETTERS, MIXERS
+
+    MIXERS.pop("shift_ab"), LETTERS.pop("V")  # leave the registry as the other tests expect it
+    for key in [k for k in _LOADED if k.startswith(str(tmp_path))]:
+        del _LOADED[key]
 
 
 def test_bad_file_and_report_arguments(tmp_path, capsys):
