@@ -106,6 +106,76 @@ def residual_linears(module: nn.Module) -> list[nn.Linear]:
     return [module.get_submodule(name) for name in getattr(module, "residual_out", ())]
 
 
+# ---- the contract, checked where the LM meets a block (arch/check.py checks a block in depth) ----
+def fits_residual(y, x) -> bool:
+    """y can be added to the residual stream x as it is: x's shape (a [B, 1, d] output would
+    broadcast over T and leak the future) and x's dtype, or autocast's (bf16 matmul outputs).
+    Shape and dtype comparisons only: no GPU sync, and torch.compile folds them at trace time."""
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+        return False
+    if y.dtype == x.dtype:
+        return True
+    kind = x.device.type
+    return torch.is_autocast_enabled(kind) and y.dtype == torch.get_autocast_dtype(kind)
+
+
+def bad_output(label: str, module: nn.Module, method: str, out, x, advice: bool = True):
+    """The ConfigError for a block whose output cannot join the residual stream x."""
+    from slmlab.errors import ConfigError
+
+    from .registry import where
+
+    token = label.startswith("block")
+    expected = (f"(y {_describe(x)}, state)" if token else f"a tensor {_describe(x)}") + ", shaped and typed like its input"
+    if token and isinstance(out, tuple) and len(out) == 2:
+        got = f"(y {_describe(out[0])}, state)"
+    elif isinstance(out, (tuple, list)):
+        got = f"a {type(out).__name__} of {len(out)}"
+    else:
+        got = ("a bare tensor " if token and isinstance(out, torch.Tensor) else "") + _describe(out)
+    advice = " (python -m arch.check FILE checks a block before training)" if advice else ""
+    return ConfigError(f"{label} ({where(type(module))}): {method} returned {got}, expected {expected}{advice}")
+
+
+def _describe(t) -> str:
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    return f"[{', '.join(map(str, t.shape))}] {str(t.dtype).removeprefix('torch.')}"
+
+
+def build_block(label: str, cls, *args, **kwargs) -> nn.Module:
+    """cls(*args) with any failure as one line naming the block, its file and the failing line,
+    instead of a traceback through the model's constructor; then its residual_out checked."""
+    from slmlab.errors import ConfigError
+
+    from .registry import where
+
+    try:
+        module = cls(*args, **kwargs)
+    except ConfigError:
+        raise  # a block's own option check: already one line
+    except Exception as e:
+        raise ConfigError(f"{label} ({where(cls)}): __init__ failed: {type(e).__name__}: {e}{_failing_line(e)}") from e
+    for name in getattr(module, "residual_out", ()):
+        try:
+            ok = isinstance(module.get_submodule(name), nn.Linear)
+        except AttributeError:
+            ok = False
+        if not ok:
+            linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+            raise ConfigError(f"{label} ({where(cls)}): residual_out names {name!r}, which is not an nn.Linear of "
+                              f"the block (its Linear layers: {', '.join(linears) or 'none'})")
+    return module
+
+
+def _failing_line(e: Exception) -> str:
+    """' (at FILE:LINE)' of the innermost frame: where in the block's code it went wrong."""
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+
+
 class Block(nn.Module):
     """Pre-norm residual block: h = x + mixer(norm(x)); out = h + mlp(norm(h))."""
 
@@ -115,19 +185,32 @@ class Block(nn.Module):
         super().__init__()
         self.kind = kind
         self.mixer_norm = make_norm(cfg, cfg.d_model)
-        self.mixer = get_mixer(kind)(cfg, layer_idx, window=window)
+        self.mixer = build_block(f"block {kind!r}", get_mixer(kind), cfg, layer_idx, window=window)
         self.mlp_norm = make_norm(cfg, cfg.d_model)
-        self.mlp = (BUILTIN_MLPS.get(cfg.mlp) or CHANNEL_MIXERS[cfg.mlp])(cfg)
+        self.mlp = build_block(f"channel mixer {cfg.mlp!r}", BUILTIN_MLPS.get(cfg.mlp) or CHANNEL_MIXERS[cfg.mlp], cfg)
+        self.mlp_kind = cfg.mlp
 
     def forward(self, x, state=None):
-        y, state = self.mixer(self.mixer_norm(x), state)
+        out = self.mixer(self.mixer_norm(x), state)
+        if not (isinstance(out, tuple) and len(out) == 2 and fits_residual(out[0], x)):
+            raise bad_output(f"block {self.kind!r}", self.mixer, "forward", out, x)
+        y, state = out
         h = x + y
-        return h + self.mlp(self.mlp_norm(h)), state
+        return h + self._mlp(h), state
 
     def forward_static(self, x, positions, state: list, inplace: bool):
-        y, state = self.mixer.forward_static(self.mixer_norm(x), positions, state, inplace)
+        out = self.mixer.forward_static(self.mixer_norm(x), positions, state, inplace)
+        if not (isinstance(out, tuple) and len(out) == 2 and fits_residual(out[0], x)):
+            raise bad_output(f"block {self.kind!r}", self.mixer, "forward_static", out, x)
+        y, state = out
         h = x + y
-        return h + self.mlp(self.mlp_norm(h)), state
+        return h + self._mlp(h), state
+
+    def _mlp(self, h):
+        y = self.mlp(self.mlp_norm(h))
+        if not fits_residual(y, h):
+            raise bad_output(f"channel mixer {self.mlp_kind!r}", self.mlp, "forward", y, h)
+        return y
 
     def flops_per_token(self, seq_len: int) -> float:
         return sum(m.flops_per_token(seq_len) for m in (self.mixer, self.mlp) if hasattr(m, "flops_per_token"))

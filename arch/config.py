@@ -59,15 +59,18 @@ class ModelConfig:
 
     # How a step runs, not what the weights are: --resume may change these.
     RUNTIME_KNOBS = ("kernels", "grad_checkpoint", "loss_chunk")
+    # Where the blocks' code lives, not what it builds: a moved file resumes with model.imports=[NEW]
+    # (the layer pattern and the checkpoint's tensor names still have to match).
+    NOT_WEIGHTS = RUNTIME_KNOBS + ("imports",)
 
     def __post_init__(self):
-        load_imports(self.imports)
+        self.imports = load_imports(self.imports)  # absolute paths, each once
         self.validate()
 
     def weight_changes(self, new: "ModelConfig") -> list[str]:
-        """'model.KEY old -> new' for each key (other than RUNTIME_KNOBS) where `new` differs."""
+        """'model.KEY old -> new' for each key (other than NOT_WEIGHTS) where `new` differs."""
         a, b = self.to_dict(), new.to_dict()
-        return [f"model.{k} {a[k]!r} -> {b.get(k)!r}" for k in a if k not in self.RUNTIME_KNOBS and a[k] != b.get(k)]
+        return [f"model.{k} {a[k]!r} -> {b.get(k)!r}" for k in a if k not in self.NOT_WEIGHTS and a[k] != b.get(k)]
 
     def block_options(self, name: str):
         """The options dataclass of block `name`, filled from mixer_opts[name] and checked."""
@@ -222,13 +225,14 @@ OBJECTIVES = ("ar", "mdlm")
 
 
 def parse_pattern(layers, n_layers: int) -> list[str]:
-    """Pattern -> list of registered mixer names, tiled to n_layers."""
+    """Pattern -> list of registered mixer names, tiled to n_layers. Registration guarantees no
+    string is both a name and a run of letters (arch/registry.py), so the reading is unambiguous."""
     if isinstance(layers, str):
         s = layers.strip()
         if "," in s or s.lower() in MIXERS:
             items = [p.strip() for p in s.split(",")] if s else []
         else:
-            items = list(s)
+            items = _letters_or_word(s)
     else:
         items = [str(p).strip() for p in layers]
     if "" in items:  # a doubled or stray comma is a typo, not a shorter pattern
@@ -243,11 +247,31 @@ def parse_pattern(layers, n_layers: int) -> list[str]:
         elif it.upper() in LETTERS and len(it) == 1:
             names.append(LETTERS[it.upper()])
         else:
-            known = ", ".join(f"{n} ({l})" for l, n in sorted(LETTERS.items(), key=lambda kv: kv[1]))
-            raise ConfigError(f"unknown block {it!r} in layer pattern {layers!r}; known blocks: {known}")
+            hint = _did_you_mean(it) or (_did_you_mean(layers) if isinstance(layers, str) else "")
+            raise ConfigError(f"unknown block {it!r} in layer pattern {layers!r}{hint}; "
+                              f"known blocks: {_known_blocks()}")
     if len(names) > n_layers or n_layers % len(names):
         raise ConfigError(
             f"layer pattern {layers!r} has {len(names)} layers, which does not tile model.n_layers={n_layers} "
             f"(give {n_layers} entries or a divisor of {n_layers})"
         )
     return names * (n_layers // len(names))
+
+
+def _letters_or_word(s: str) -> list[str]:
+    """A compact pattern's letters. A string that is not upper-case and not all registered letters
+    ("attention") stays one token, so an error names the whole word, not its first unknown letter."""
+    if s.isupper() or all(ch.upper() in LETTERS for ch in s):
+        return list(s)
+    return [s]
+
+
+def _did_you_mean(token: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(token.lower(), list(MIXERS), n=2, cutoff=0.6)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+
+
+def _known_blocks() -> str:
+    return ", ".join(f"{n} ({l})" for l, n in sorted(LETTERS.items(), key=lambda kv: kv[1]))

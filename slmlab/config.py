@@ -293,6 +293,10 @@ def build(arch: str, tree: dict) -> RunConfig:
             raise ConfigError(f"section {name}: {e}") from None
     cfg = RunConfig(arch=arch, **sections)
     validate(cfg)
+    if cfg.model.imports:  # a researcher's blocks: checked against the contract before they train
+        from arch.check import check_imported
+
+        check_imported(cfg.model)
     return cfg
 
 

@@ -320,6 +320,10 @@ def test_window_pattern_tiles_over_attention_layers():
     (dict(layers="CCX"), "unknown block 'X'"),
     (dict(layers="CCAA"), "does not tile"),
     (dict(layers="foo,attn"), "unknown block 'foo'"),
+    # the whole word, not its first letter 't', and the close names (before: "unknown block 't'")
+    (dict(layers="attention"), "unknown block 'attention' in layer pattern 'attention' (did you mean 'attn'?)"),
+    (dict(layers="conv,atn"), "unknown block 'atn' in layer pattern 'conv,atn' (did you mean 'attn'?)"),
+    (dict(layers="CCX"), "known blocks: attn (A), conv (C), lif (L)"),
     (dict(d_model=30, n_heads=4), "not divisible by model.n_heads"),
     (dict(n_heads=4, n_kv_heads=3), "not divisible by model.n_kv_heads"),
     (dict(window=0), "window must be > 0"),
@@ -335,7 +339,7 @@ def test_bad_model_config_is_one_line_error(kw, needle):
 
 def test_adding_a_mixer_is_one_module_and_one_registry_line():
     @arch.register("identity_test", "I")
-    class Identity(nn.Module):
+    class Identity(arch.Mixer):
         def __init__(self, cfg, layer_idx, window=None):
             super().__init__()
 

@@ -1,9 +1,12 @@
 """The block contract (arch/block.py): every registered mixer declares its residual outputs and its
 non-parameter FLOPs; flops_per_token is exact on a config computed by hand; windows change through
 a method; a researcher's mixer in a file outside the repository loads with --import, trains,
-samples, decodes like its full forward and has its FLOPs counted."""
+samples, decodes like its full forward and has its FLOPs counted. arch.check passes every built-in
+block and names what is wrong with broken ones; the model refuses a block's bad output, the
+registry bad names and classes, all as one line naming the block and its file."""
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +14,9 @@ import torch.nn as nn
 
 import arch
 from arch import CHANNEL_MIXERS, MIXERS, ModelConfig, build_model
-from arch.registry import _LOADED, LETTERS, OPTIONS
+from arch.block import BUILTIN_MLPS
+from arch.check import check_channel_mixer, check_mixer, tiny_config
+from arch.registry import _LOADED, LETTERS, OPTIONS, load_imports
 from slmlab.errors import ConfigError
 
 # The README's stateful example, as a user would write it in their own file.
@@ -182,3 +187,260 @@ def test_outside_mixer_trains_and_samples_from_the_cli(shift_file, tmp_path, cap
     capsys.readouterr()
     assert run_cli(sample.main, ["--run", str(out), "--max-new-tokens", "8", "--prompt", "the "]) == 0
     assert "the " in capsys.readouterr().out
+
+
+# ---- arch.check and the contract checks at the model's edges ----
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+@pytest.mark.parametrize("causal", [True, False])
+def test_check_mixer_passes_every_builtin_mixer(name, causal):
+    assert check_mixer(name, tiny_config(causal=causal)) == []
+
+
+def test_check_mixer_passes_a_sliding_window():
+    assert check_mixer("attn", window=4) == []
+
+
+@pytest.mark.parametrize("name", sorted({*BUILTIN_MLPS, *CHANNEL_MIXERS}))
+def test_check_channel_mixer_passes_every_builtin_channel_mixer(name):
+    assert check_channel_mixer(name) == []
+
+
+# A header shared by the broken blocks below: a token mixer with one Linear and a real state.
+BROKEN_HEAD = """
+import torch, torch.nn as nn
+from arch import Mixer, register
+
+@register("broken", "Q")
+class Broken(Mixer):
+    residual_out = ("proj",)
+    def __init__(self, cfg, layer_idx, window=None):
+        super().__init__()
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+    def init_state(self, batch_size, device=None, dtype=torch.float32):
+        return torch.zeros(batch_size, 1, self.proj.in_features, device=device, dtype=dtype)
+"""
+SHIFTED = "torch.cat([torch.zeros_like(x[:, :1]) if state is None else state, x[:, :-1]], 1)"
+# (forward's body, what arch.check says): each of these trained without an error before.
+BROKEN = {
+    "mean_over_time": ("return self.proj(x).mean(1, keepdim=True), state", "returned (y [2, 1, 32] float32, state), "
+                       "expected (y [2, 7, 32] float32, state)"),
+    "bare_tensor": ("return self.proj(x)", "returned a bare tensor [2, 1, 32] float32"),
+    "float64": ("return self.proj(x).double(), state", "float64"),
+    "future": ("return self.proj(x.flip(1).cumsum(1).flip(1)), state", "not causal: changing tokens 8..15 changed"),
+    "stale_state": (f"return self.proj(x + {SHIFTED}), state", "returned the state it was given"),
+    "none_state": ("return self.proj(x), None", "returned state None"),
+    "no_init_state": (f"return self.proj(x + {SHIFTED}), (None if state is None else x[:, -1:])",
+                      "init_state() returns None"),
+    "bad_residual_out": ("return self.proj(x), state\n    residual_out = ('out_proj',)",
+                         "residual_out names 'out_proj', which is not an nn.Linear of the block (its Linear layers: proj)"),
+    "dead_param": ("return self.proj(x), state", "no gradient reaches unused"),
+}
+
+
+@pytest.fixture
+def block_file(tmp_path):
+    """Writes a block file and imports it; its blocks are unregistered afterwards."""
+    before = set(MIXERS), dict(LETTERS), set(CHANNEL_MIXERS), set(OPTIONS)
+
+    def load(source, name="blk.py"):
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(source))
+        return path, load_imports([str(path)])
+
+    yield load
+    for table, keep in ((MIXERS, before[0]), (CHANNEL_MIXERS, before[2]), (OPTIONS, before[3])):
+        for k in set(table) - keep:
+            del table[k]
+    LETTERS.clear()
+    LETTERS.update(before[1])
+    for key in [k for k in _LOADED if k.startswith(str(tmp_path))]:
+        del _LOADED[key]
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_check_mixer_names_what_is_broken(case, block_file):
+    body, needle = BROKEN[case]
+    source = BROKEN_HEAD
+    if case == "no_init_state":  # this block keeps Mixer's init_state (None)
+        source = source.replace("    def init_state", "    def _unused")
+    if case == "dead_param":
+        source = source.replace("super().__init__()", "super().__init__()\n        self.unused = nn.Parameter(torch.zeros(1))")
+    path, _ = block_file(source + f"    def forward(self, x, state=None):\n        {body}\n")
+    problems = check_mixer("broken")
+    assert problems and all(p.startswith(f"block 'broken' (Broken in {path}") for p in problems), problems
+    assert needle in " ".join(problems), problems
+    assert all("\n" not in p for p in problems)
+
+
+def test_check_mixer_compares_the_static_step_with_forward(block_file):
+    """A static step that forgets to write its state decodes the prefill right, then goes wrong."""
+    block_file(BROKEN_HEAD + f"""
+    def forward(self, x, state=None):
+        return self.proj(x + {SHIFTED}), (None if state is None else x[:, -1:])
+    static_state_names = ("prev",)
+    def static_state(self, batch_size, max_len, device=None, dtype=torch.float32):
+        return [self.init_state(batch_size, device, dtype)]
+    def forward_static(self, x, positions, state, inplace):
+        y, _ = self.forward(x, state[0])
+        return y, state
+""")
+    problems = check_mixer("broken")
+    assert len(problems) == 1 and "forward_static inplace=True (prefill 7, then 1 token a step) differs" in problems[0]
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("return self.fc(x), None", "forward returned a tuple of 2, expected a tensor [2, 1, 32] float32"),
+    ("return self.fc(x).cumsum(1)", "changing token 5 changed the output at position 6"),
+])
+def test_check_channel_mixer_names_what_is_broken(body, needle, block_file):
+    block_file(f"""
+        import torch.nn as nn
+        from arch import ChannelMixer, register_channel_mixer
+
+        @register_channel_mixer("cm")
+        class CM(ChannelMixer):
+            def __init__(self, cfg):
+                super().__init__()
+                self.fc = nn.Linear(cfg.d_model, cfg.d_model)
+            def forward(self, x):
+                {body}
+        """)
+    problems = check_channel_mixer("cm")
+    assert len(problems) == 1 and needle in problems[0], problems
+
+
+def test_python_m_arch_check(block_file, capsys):
+    from arch.check import main
+
+    path, _ = block_file(TOKEN_SHIFT, "shift.py")
+    assert main([str(path)]) == 0 and capsys.readouterr().out == "shift: ok\n"
+    block_file(BROKEN_HEAD + "    def forward(self, x, state=None):\n        return self.proj(x), None\n")
+    assert main([str(path), "broken", "attn"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and "returned state None" in out[0] and out[1] == "attn: ok"
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("mean_over_time", "forward returned (y [2, 1, 32] float32, state), expected (y [2, 8, 32] float32, state)"),
+    ("bare_tensor", "forward returned a bare tensor [2, 8, 32] float32, expected (y [2, 8, 32] float32, state)"),
+    ("float64", "forward returned (y [2, 8, 32] float64, state)"),
+])
+def test_model_refuses_a_mixer_output_that_does_not_fit_the_residual(case, needle, block_file):
+    """Before: [B, 1, d] broadcast over T and trained on the future; a bare batch-2 tensor unpacked
+    along the batch and trained; float64 failed deep inside the next matmul."""
+    path, _ = block_file(BROKEN_HEAD + f"    def forward(self, x, state=None):\n        {BROKEN[case][0]}\n")
+    m = build_model(tiny(imports=[str(path)], layers="QA"))
+    idx = torch.randint(0, 50, (2, 8))
+    with pytest.raises(ConfigError) as e:
+        m(idx, idx)
+    assert str(e.value).startswith(f"block 'broken' (Broken in {path}): ") and needle in str(e.value)
+    assert "python -m arch.check" in str(e.value)
+
+
+def test_model_refuses_a_channel_mixer_output_that_does_not_fit(block_file):
+    path, _ = block_file("""
+        import torch.nn as nn
+        from arch import ChannelMixer, register_channel_mixer
+
+        @register_channel_mixer("cm")
+        class CM(ChannelMixer):
+            def __init__(self, cfg):
+                super().__init__()
+                self.fc = nn.Linear(cfg.d_model, cfg.d_model)
+            def forward(self, x):
+                return self.fc(x), None
+        """)
+    m = build_model(tiny(imports=[str(path)], mlp="cm"))
+    with pytest.raises(ConfigError, match=r"channel mixer 'cm' \(CM in .*\): forward returned a tuple of 2, "
+                                          r"expected a tensor \[2, 8, 32\] float32"):
+        m(torch.randint(0, 50, (2, 8)))
+
+
+def test_output_check_accepts_autocast_outputs():
+    """Under bf16 autocast the blocks return bf16 into an fp32 residual stream: that is fine."""
+    m = build_model(tiny(layers="CAL", n_layers=3))
+    idx = torch.randint(0, 50, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m(idx, idx)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("register_line,needle", [
+    ('@register("MyShift", "Z")', "mixer 'MyShift' (TokenShift in {path}): a block name must be lower-case "
+                                  "letters, digits and _ (configs and patterns spell it that way), e.g. 'myshift'"),
+    ('@register("shift", "s")', "its letter must be one upper-case A-Z, got 's'"),
+    ('@register("ca", "Z")', "the name 'ca' also reads as the letter pattern 'CA'"),
+    ('@register("conv", "Z")', "the name 'conv' is taken by ShortConv in arch/conv.py"),
+    ('@register("shift", "C")', "the letter 'C' is taken by 'conv' (ShortConv in arch/conv.py); free letters: B"),
+    ('@register("xyz", "Z")\n@register("qz", "Q")', "the letter 'Z' would make the name 'qz' read as the letter "
+                                                  "pattern 'QZ' too"),
+])
+def test_registry_refuses_names_a_pattern_cannot_use(register_line, needle, block_file, monkeypatch, tmp_path):
+    """Before: an upper-case name registered and could not be used; 'ca' shadowed the pattern CA;
+    a collision said 'registered twice' without saying what or by whom."""
+    monkeypatch.chdir(Path(arch.__file__).parents[1])  # built-in blocks are named by their path in the repo
+    source = TOKEN_SHIFT.replace('@register("shift", "S")', register_line)
+    with pytest.raises(ConfigError) as e:
+        block_file(source)
+    assert needle.format(path=tmp_path / "blk.py") in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("source,needle", [
+    ("from arch import register\nimport torch.nn as nn\n@register('q', 'Q')\nclass B(nn.Module):\n"
+     "    def forward(self, x, state=None): return x, state\n", "mixer 'q': B in {path} must subclass arch.Mixer"),
+    ("from arch import Mixer, register\n@register('q', 'Q')\nclass B(Mixer):\n    def __init__(self, cfg, layer_idx):\n"
+     "        super().__init__()\n    def forward(self, x, state=None): return x, state\n",
+     "mixer 'q' (B in {path}): __init__ must accept (cfg, layer_idx, window=None), but got an unexpected keyword "
+     "argument 'window'"),
+    ("from arch import Mixer, register\n@register('q', 'Q')\nclass B(Mixer):\n    pass\n",
+     "mixer 'q' (B in {path}) defines no forward()"),
+    ("from arch import ChannelMixer, register\n@register('q', 'Q')\nclass B(ChannelMixer):\n"
+     "    def forward(self, x): return x\n", "is a ChannelMixer: register it with @register_channel_mixer(name)"),
+    ("from arch import Mixer, register_channel_mixer\n@register_channel_mixer('q')\nclass B(Mixer):\n"
+     "    def forward(self, x, state=None): return x, state\n", "is a token Mixer: register it with @register(name, letter)"),
+    ("from arch import register_channel_mixer\nimport torch.nn as nn\n@register_channel_mixer('q')\nclass B(nn.Module):\n"
+     "    def forward(self, x): return x\n", "channel mixer 'q': B in {path} must subclass arch.ChannelMixer"),
+    ("from arch import ChannelMixer, register_channel_mixer\n@register_channel_mixer('q')\nclass B(ChannelMixer):\n"
+     "    def __init__(self, cfg, width):\n        super().__init__()\n    def forward(self, x): return x\n",
+     "channel mixer 'q' (B in {path}): __init__ must accept (cfg), but missing a required argument: 'width'"),
+    ("from arch import ChannelMixer, register_channel_mixer\n@register_channel_mixer('swiglu')\nclass B(ChannelMixer):\n"
+     "    def forward(self, x): return x\n", "'swiglu' is a built-in channel mixer"),
+])
+def test_registry_refuses_classes_the_model_cannot_build(source, needle, block_file, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        block_file(source)
+    assert needle.format(path=tmp_path / "blk.py") in str(e.value) and "\n" not in str(e.value)
+    assert "q" not in MIXERS and "q" not in CHANNEL_MIXERS
+
+
+def test_a_failing_block_init_is_one_line_naming_the_block(block_file, tmp_path):
+    """Before: a 20-50 line traceback through LM.__init__ and Block.__init__."""
+    path, _ = block_file(BROKEN_HEAD.replace("super().__init__()", "super().__init__()\n        1 / 0")
+                         + "    def forward(self, x, state=None):\n        return self.proj(x), state\n")
+    with pytest.raises(ConfigError) as e:
+        build_model(tiny(imports=[str(path)], layers="QA"))
+    assert str(e.value) == (f"block 'broken' (Broken in {path}): __init__ failed: ZeroDivisionError: division by zero "
+                            f"(at {path}:10)")
+
+
+def test_an_imported_block_is_checked_when_the_run_config_is_built(block_file):
+    """Before: a block that reads the future trained (its loss falls fast) and sampled garbage."""
+    from slmlab.config import load_config
+
+    path, _ = block_file(BROKEN_HEAD + f"    def forward(self, x, state=None):\n        {BROKEN['future'][0]}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(layers="QA", imports=[str(path)])
+    assert str(e.value).startswith(f"block 'broken' (Broken in {path}): not causal")
+    assert str(e.value).endswith(f"python -m arch.check {path} lists every problem")
+
+
+def test_output_checks_compile_without_a_graph_break():
+    """The checks are shape and dtype comparisons: torch.compile folds them (fullgraph=True fails on
+    any break), in fp32 and under autocast, where the blocks' bf16 outputs take the second branch."""
+    m = build_model(tiny())
+    idx = torch.randint(0, 50, (2, 8))
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(idx, idx), m(idx, idx))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(compiled(idx, idx), m(idx, idx))

@@ -182,3 +182,54 @@ def test_arch_with_a_config_that_has_no_presets_is_refused(tmp_path):
     assert load_config(path).arch == load_config(path, arch="hybrid").arch == "hybrid"
     with pytest.raises(ConfigError, match=r"--arch transformer: .* has no presets: section .*'hybrid'\); drop --arch"):
         load_config(path, arch="transformer")
+
+
+KEEP_BLOCK = '''
+import torch.nn as nn
+from arch import Mixer, register
+
+
+@register("keep", "K")
+class Keep(Mixer):
+    residual_out = ("proj",)
+
+    def __init__(self, cfg, layer_idx, window=None):
+        super().__init__()
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x, state=None):
+        return self.proj(x), state
+'''
+
+
+def _forget_keep():
+    from arch.registry import _LOADED, LETTERS, MIXERS
+
+    MIXERS.pop("keep", None)
+    LETTERS.pop("K", None)
+    for key in [k for k in _LOADED if k.endswith("keep.py")]:
+        del _LOADED[key]
+
+
+def test_imports_are_recorded_absolute_once_and_are_not_a_weight_change(tmp_path, monkeypatch):
+    """Before: a relative path was recorded as given (sample.py from another directory could not find
+    it), `--resume --import SAME` doubled the list and was refused as a model change, and so was a
+    block file moved and resumed with model.imports=[NEW]."""
+    (tmp_path / "blocks").mkdir()
+    (tmp_path / "blocks" / "keep.py").write_text(KEEP_BLOCK)
+    monkeypatch.chdir(tmp_path)
+    try:
+        saved = load_config(layers="KA", imports=["blocks/keep.py"]).model
+        where = str(tmp_path / "blocks" / "keep.py")
+        assert saved.imports == [where]
+        again = load_config(layers="KA", overrides=[f"model.imports=[{where}]"], imports=["./blocks/keep.py"]).model
+        assert again.imports == [where] and saved.weight_changes(again) == []
+        _forget_keep()  # a new process, in another directory, with the file moved
+        (tmp_path / "moved").mkdir()
+        (tmp_path / "moved" / "keep.py").write_text(KEEP_BLOCK)
+        monkeypatch.chdir(tmp_path / "moved")
+        moved = load_config(layers="KA", imports=["keep.py"]).model
+        assert moved.imports == [str(tmp_path / "moved" / "keep.py")] and saved.weight_changes(moved) == []
+        assert saved.weight_changes(load_config(layers="KC").model) == ["model.layers 'KA' -> 'KC'"]
+    finally:
+        _forget_keep()

@@ -27,7 +27,8 @@ def check_supported(mcfg):
     kinds = sorted({k for k in mcfg.layer_types() if not MIXERS[k].static_state_names})
     if kinds:
         raise ConfigError(f"blocks {kinds} have no static-state step, so no export decode graph "
-                          "(attn and conv layers export)")
+                          "(a block exports when it has the static-state step: static_state_names, static_state, "
+                          "forward_static; docs/blocks.md)")
 
 
 class StepLM(nn.Module):
