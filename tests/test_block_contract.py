@@ -289,12 +289,9 @@ def test_check_mixer_compares_the_static_step_with_forward(block_file):
     assert len(problems) == 1 and "forward_static inplace=True (prefill 7, then 1 token a step) differs" in problems[0]
 
 
-@pytest.mark.parametrize("body,needle", [
-    ("return self.fc(x), None", "forward returned a tuple of 2, expected a tensor [2, 1, 32] float32"),
-    ("return self.fc(x).cumsum(1)", "changing token 5 changed the output at position 6"),
-])
-def test_check_channel_mixer_names_what_is_broken(body, needle, block_file):
-    block_file(f"""
+def channel_mixer_source(body: str) -> str:
+    """A one-Linear channel mixer 'cm' whose forward is `body`."""
+    return f"""
         import torch.nn as nn
         from arch import ChannelMixer, register_channel_mixer
 
@@ -305,7 +302,15 @@ def test_check_channel_mixer_names_what_is_broken(body, needle, block_file):
                 self.fc = nn.Linear(cfg.d_model, cfg.d_model)
             def forward(self, x):
                 {body}
-        """)
+        """
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("return self.fc(x), None", "forward returned a tuple of 2, expected a tensor [2, 1, 32] float32"),
+    ("return self.fc(x).cumsum(1)", "changing token 5 changed the output at position 6"),
+])
+def test_check_channel_mixer_names_what_is_broken(body, needle, block_file):
+    block_file(channel_mixer_source(body))
     problems = check_channel_mixer("cm")
     assert len(problems) == 1 and needle in problems[0], problems
 
@@ -339,18 +344,7 @@ def test_model_refuses_a_mixer_output_that_does_not_fit_the_residual(case, needl
 
 
 def test_model_refuses_a_channel_mixer_output_that_does_not_fit(block_file):
-    path, _ = block_file("""
-        import torch.nn as nn
-        from arch import ChannelMixer, register_channel_mixer
-
-        @register_channel_mixer("cm")
-        class CM(ChannelMixer):
-            def __init__(self, cfg):
-                super().__init__()
-                self.fc = nn.Linear(cfg.d_model, cfg.d_model)
-            def forward(self, x):
-                return self.fc(x), None
-        """)
+    path, _ = block_file(channel_mixer_source("return self.fc(x), None"))
     m = build_model(tiny(imports=[str(path)], mlp="cm"))
     with pytest.raises(ConfigError, match=r"channel mixer 'cm' \(CM in .*\): forward returned a tuple of 2, "
                                           r"expected a tensor \[2, 8, 32\] float32"):
