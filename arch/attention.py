@@ -28,6 +28,7 @@ class KVCache:
 @register("attn", "A")
 class Attention(Mixer):
     residual_out = ("out_proj",)
+    takes_window = True
 
     def __init__(self, cfg, layer_idx: int, window: Optional[int] = None):
         super().__init__()

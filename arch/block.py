@@ -38,6 +38,9 @@ def linear_activation_bytes(module: nn.Module, tokens: int, act: int) -> int:
 class Mixer(nn.Module):
     mixer_name = "?"  # set by @register
     residual_out: tuple[str, ...] = ()
+    # True: the block is built with (and takes from phases, via set_window) a sliding window from
+    # model.window_pattern's S entries, as attention is; False: it is built with window=None.
+    takes_window = False
 
     def activation_bytes(self, batch: int, seq_len: int, act: int) -> int:
         return linear_activation_bytes(self, batch * seq_len, act)

@@ -56,6 +56,8 @@ def check_mixer(name_or_class, cfg: Optional[ModelConfig] = None, window: Option
         if problems:  # the later checks would only repeat a wrong output
             return problems
         leaks = _causal(lambda x: mixer(x)[0], cfg.d_model) if cfg.causal else []
+        if cfg.causal and window is not None and not leaks:
+            leaks = _windowed(lambda x: mixer(x)[0], cfg.d_model, window)
         problems += leaks + _gradients(mixer, lambda x: mixer(x)[0], cfg.d_model)
         if cfg.causal and not leaks:  # no decode without causality (nor in a bidirectional model)
             problems += _decode(mixer, cfg.d_model)
@@ -109,6 +111,24 @@ def _mixer_outputs(mixer, name: str, d: int) -> list[str]:
 
 def _tolerance(y: torch.Tensor) -> float:
     return 1e-5 * max(1.0, y.abs().max().item())
+
+
+def _windowed(fn: Callable, d: int, window: int) -> list[str]:
+    """With a causal window w, position p reads tokens p-w+1..p: changing tokens 0..3 must leave
+    every output from position 3 + w on as it was (a block that ignores its window reads them all)."""
+    k = 4
+    with torch.no_grad():
+        x = torch.randn(BATCH, T, d)
+        early = x.clone()
+        early[:, :k] = torch.randn(BATCH, k, d)
+        y, y2 = fn(x), fn(early)
+        diff = (y[:, k - 1 + window:] - y2[:, k - 1 + window:]).abs().amax(dim=(0, 2))
+    moved = (diff > _tolerance(y)).nonzero().flatten().tolist()
+    if not moved:
+        return []
+    p = k - 1 + window + moved[0]
+    return [f"ignores its window: with window={window}, changing tokens 0..{k - 1} changed the output at position "
+            f"{p} (by {diff[moved[0]].item():.1e}), which sees only tokens {p - window + 1}..{p}"]
 
 
 def _causal(fn: Callable, d: int) -> list[str]:
@@ -216,12 +236,21 @@ def _static(mixer, d: int) -> list[str]:
             for how, y in runs.items() if y.shape != full.shape or (y - full).abs().max().item() > tol]
 
 
+def check_mixer_windows(name: str, cfg: Optional[ModelConfig] = None) -> list[str]:
+    """check_mixer, and for a block that takes a sliding window (Mixer.takes_window) once more with
+    a window of 3, shorter than the checked sequences: its decode must honour the window too."""
+    problems = check_mixer(name, cfg)
+    if not problems and MIXERS[name].takes_window:
+        problems = [f"with window=3: {p}" for p in check_mixer(name, cfg, window=3)]
+    return problems
+
+
 def check_named(name: str, cfg: Optional[ModelConfig] = None) -> list[str]:
     """Problems of every block under `name`: a token mixer, a channel mixer, or both (lif)."""
     if name not in MIXERS and name not in CHANNEL_MIXERS and name not in BUILTIN_MLPS:
         known = sorted({*MIXERS, *CHANNEL_MIXERS, *BUILTIN_MLPS})
         raise ConfigError(f"no block named {name!r}; registered: {', '.join(known)}")
-    problems = check_mixer(name, cfg) if name in MIXERS else []
+    problems = check_mixer_windows(name, cfg) if name in MIXERS else []
     if name in CHANNEL_MIXERS or name in BUILTIN_MLPS:
         problems += check_channel_mixer(name, cfg)
     return problems
@@ -239,7 +268,7 @@ def check_imported(cfg: ModelConfig):
     imported = set(_LOADED.values())
     small = dataclasses.replace(cfg, n_layers=1, vocab_size=64, layers="attn", loss_chunk=0, grad_checkpoint=False,
                                 kernels="torch")
-    todo = [(n, MIXERS[n], check_mixer) for n in dict.fromkeys(cfg.layer_types())]
+    todo = [(n, MIXERS[n], check_mixer_windows) for n in dict.fromkeys(cfg.layer_types())]
     if cfg.mlp in CHANNEL_MIXERS:
         todo.append((cfg.mlp, CHANNEL_MIXERS[cfg.mlp], check_channel_mixer))
     for name, cls, check in todo:

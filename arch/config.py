@@ -100,18 +100,16 @@ class ModelConfig:
                                 self.block_options("lif").scan)
 
     def layer_windows(self) -> list[Optional[int]]:
-        """Per layer: the attention window (None = full, or a non-attention layer)."""
-        types = self.layer_types()
-        n_attn = sum(t == "attn" for t in types)
-        pat = self.window_pattern.upper()
-        out, k = [], 0
-        for t in types:
-            if t == "attn":
+        """Per layer: its sliding window (None = full context, or a block that takes no window).
+        window_pattern tiles over the layers whose block takes a window (Mixer.takes_window:
+        attention, or a registered block that says so)."""
+        pat, out, k = self.window_pattern.upper(), [], 0
+        for t in self.layer_types():
+            if MIXERS[t].takes_window:
                 out.append(self.window if pat[k % len(pat)] == "S" else None)
                 k += 1
             else:
                 out.append(None)
-        assert k == n_attn
         return out
 
     # Bounds keep a typo from allocating terabytes or building a million layers before any error;

@@ -15,7 +15,7 @@ import torch.nn as nn
 import arch
 from arch import CHANNEL_MIXERS, MIXERS, ModelConfig, build_model
 from arch.block import BUILTIN_MLPS
-from arch.check import check_channel_mixer, check_mixer, tiny_config
+from arch.check import check_channel_mixer, check_mixer, check_mixer_windows, tiny_config
 from arch.registry import _LOADED, LETTERS, OPTIONS, load_imports
 from slmlab.errors import ConfigError
 
@@ -438,3 +438,53 @@ def test_output_checks_compile_without_a_graph_break():
     torch.testing.assert_close(compiled(idx, idx), m(idx, idx))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.testing.assert_close(compiled(idx, idx), m(idx, idx))
+
+
+WINDOW_SUM = """
+import torch, torch.nn as nn
+import torch.nn.functional as F
+from arch import Mixer, register
+
+@register("wsum", "W")
+class WindowSum(Mixer):
+    residual_out = ("proj",)
+    takes_window = True  # model.window_pattern's S entries (and phase windows) reach it, as attention
+
+    def __init__(self, cfg, layer_idx, window=None):
+        super().__init__()
+        self.window = window
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def set_window(self, window):
+        self.window = window
+
+    def init_state(self, batch_size, device=None, dtype=torch.float32):
+        return torch.zeros(batch_size, 0, self.proj.in_features, device=device, dtype=dtype)
+
+    def forward(self, x, state=None):
+        past = x[:, :0] if state is None else state
+        full = torch.cat([past, x], 1)
+        c = full.cumsum(1)
+        if self.window is not None and USE_WINDOW:  # the sum of the last `window` inputs, itself included
+            c = c - F.pad(c, (0, 0, self.window, 0))[:, :c.shape[1]]
+        return self.proj(c[:, past.shape[1]:]), (None if state is None else full)
+"""
+
+
+@pytest.mark.parametrize("use_window", [True, False])
+def test_a_block_can_take_windows_and_is_checked_for_honouring_them(use_window, block_file):
+    """Mixer.takes_window: model.window_pattern tiles over such blocks too, phases resize their
+    window, and arch.check fails a block that takes a window but reads past it."""
+    block_file(f"USE_WINDOW = {use_window}\n" + WINDOW_SUM)
+    cfg = tiny(layers="WA", window=3, window_pattern="SL")
+    assert cfg.layer_windows() == [3, None]  # the W layer is tiled first: S, then attention's L
+    model = build_model(cfg)
+    assert model.layers[0].mixer.window == 3
+    model.set_windows([5, None])
+    assert model.layers[0].mixer.window == 5
+    problems = check_mixer_windows("wsum")
+    if use_window:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and "with window=3: block 'wsum'" in problems[0] and \
+            "ignores its window: with window=3, changing tokens 0..3 changed the output at position 6" in problems[0]
