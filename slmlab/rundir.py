@@ -5,6 +5,7 @@
     model.safetensors      final weights (the tied head stored once); a train.lora run: its adapters only
     chat_template.jinja    an SFT run's chat template (ChatML or the tokenizer's own), for sampling and exports
     lora_base.json         a train.lora run's base: its model.safetensors' size, mtime and sha256
+    imports.json           the sha256 of each model.imports file (a researcher's blocks) when the run was written
     model_avg.safetensors  average of the last train.avg_last checkpoints (when > 1)
     metrics.jsonl          one JSON object per log/eval step
     summary.json, sample.txt
@@ -28,6 +29,7 @@ CONFIG, TOKENIZER, WEIGHTS, AVG_WEIGHTS = "config.yaml", "tokenizer.json", "mode
 METRICS, SUMMARY, SAMPLE = "metrics.jsonl", "summary.json", "sample.txt"
 CHAT_TEMPLATE = "chat_template.jinja"
 LORA_BASE = "lora_base.json"  # a LoRA run's fingerprint of its base's weights, taken when the run began
+IMPORTS = "imports.json"  # the sha256 of each model.imports file, taken when the config was written
 FINISHED = (CONFIG, TOKENIZER, WEIGHTS)
 
 
@@ -70,7 +72,27 @@ class RunDir:
             from .config import load_run_config
 
             self._cfg = load_run_config(self.path / CONFIG)
+            self.check_imports()
         return self._cfg
+
+    def check_imports(self):
+        """A note on stderr for each block file of model.imports that changed since the run was
+        written: the weights still load, but the blocks may now compute something else than what was
+        trained (a warning, not an error: fixing a typo in a block file is common and harmless)."""
+        import sys
+
+        try:
+            want = json.loads((self.path / IMPORTS).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            print(f"note: {self.path / IMPORTS} is unreadable ({type(e).__name__}): imported block files not checked",
+                  file=sys.stderr)
+            return
+        for file, sha in want.items():
+            if Path(file).is_file() and ckpt.sha256(file) != sha:
+                print(f"note: {file} changed since {self.path} was written (sha256 differs): its blocks may "
+                      "compute something else than the ones trained", file=sys.stderr)
 
     def tokenizer(self):
         from .tokenizer import Tokenizer
@@ -185,7 +207,7 @@ class RunDir:
         the previous run's outputs are removed."""
         run = cls.check_new(path, force)
         if run.path.exists():  # only what slmlab writes goes; a user's own files in the directory stay
-            for name in (METRICS, WEIGHTS, AVG_WEIGHTS, SUMMARY, SAMPLE, LORA_BASE):
+            for name in (METRICS, WEIGHTS, AVG_WEIGHTS, SUMMARY, SAMPLE, LORA_BASE, IMPORTS):
                 (run.path / name).unlink(missing_ok=True)
             for d in ckpt.checkpoint_dirs(run.path):
                 ckpt.discard(d)
@@ -211,6 +233,9 @@ class RunDir:
     def write_config(self, cfg):
         with ckpt.publish(self.path / CONFIG) as tmp:
             cfg.save(tmp)
+        files = {f: ckpt.sha256(f) for f in cfg.model.imports if Path(f).is_file()}  # modules are not hashed
+        if files:
+            self.write_text(IMPORTS, json.dumps(files, indent=1))
 
     def write_tokenizer(self, tok):
         tok.save(self.path / TOKENIZER)

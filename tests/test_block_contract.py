@@ -162,7 +162,9 @@ def test_outside_mixer_decode_equals_forward_and_counts_flops(shift_file):
 def test_outside_mixer_trains_and_samples_from_the_cli(shift_file, tmp_path, capsys):
     import sample
     import train
+    from slmlab.checkpoint import sha256
     from slmlab.cli import run_cli
+    from slmlab.rundir import RunDir
 
     corpus = tmp_path / "corpus.txt"
     words = "the cat sat on a mat while bob and alice run to the sea ".split()
@@ -186,7 +188,13 @@ def test_outside_mixer_trains_and_samples_from_the_cli(shift_file, tmp_path, cap
     _LOADED.clear()
     capsys.readouterr()
     assert run_cli(sample.main, ["--run", str(out), "--max-new-tokens", "8", "--prompt", "the "]) == 0
-    assert "the " in capsys.readouterr().out
+    res = capsys.readouterr()
+    assert "the " in res.out and "changed since" not in res.err
+    # the run fingerprints the block file: an edit since training is named when the run is loaded
+    assert json.loads((out / "imports.json").read_text()) == {str(shift_file.resolve()): sha256(shift_file)}
+    shift_file.write_text(shift_file.read_text() + "\n# edited after training\n")
+    RunDir.open(out).config()
+    assert f"note: {shift_file.resolve()} changed since {out} was written (sha256 differs)" in capsys.readouterr().err
 
 
 # ---- arch.check and the contract checks at the model's edges ----
