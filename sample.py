@@ -61,6 +61,10 @@ def decode_kwargs(args, model) -> dict:
         return dict(steps=args.diffusion_steps, block_length=args.block_length, sampler=args.sampler)
     if args.diffusion_steps is not None or args.block_length is not None:
         raise ConfigError(f"--diffusion-steps/--block-length apply to diffusion runs; {args.run} is autoregressive")
+    if args.compile and not model.supports_static():
+        lacking = sorted({layer.kind for layer in model.layers if not layer.mixer.static_state_names})
+        print(f"note: --compile compiles the static-state decode step, which {', '.join(lacking)} lack(s) "
+              "(docs/blocks.md): decoding eagerly", file=sys.stderr)
     return dict(compile=args.compile, on_token=None)
 
 

@@ -190,6 +190,8 @@ def test_outside_mixer_trains_and_samples_from_the_cli(shift_file, tmp_path, cap
     assert run_cli(sample.main, ["--run", str(out), "--max-new-tokens", "8", "--prompt", "the "]) == 0
     res = capsys.readouterr()
     assert "the " in res.out and "changed since" not in res.err
+    assert run_cli(sample.main, ["--run", str(out), "--max-new-tokens", "2", "--compile"]) == 0
+    assert "note: --compile compiles the static-state decode step, which shift lack(s)" in capsys.readouterr().err
     # the run fingerprints the block file: an edit since training is named when the run is loaded
     assert json.loads((out / "imports.json").read_text()) == {str(shift_file.resolve()): sha256(shift_file)}
     shift_file.write_text(shift_file.read_text() + "\n# edited after training\n")
