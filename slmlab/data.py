@@ -13,7 +13,9 @@ Data specs (strings):
   ``.jsonl`` (one document per line, ``text`` field) or ``.parquet`` (``text`` column; needs pyarrow). A single
   file is split by taking its last ``val_frac`` of documents; a single-document file (any ``.txt``) is cut at a
   newline near the ``1 - val_frac`` point. A directory is split by file like ``stdlib`` (a directory with one file
-  is split like that file).
+  is split like that file). In a directory, hidden names (``.*``, and all under a hidden directory), other file
+  types, symlinked directories (symlinked files are read), non-regular files and files with no text (empty or
+  whitespace only) are left out; the summary line counts them by reason.
 * ``hf:NAME[:CONFIG][@SPLIT]``: ``datasets.load_dataset(NAME, CONFIG, split=SPLIT)`` (SPLIT defaults to
   ``train``), ``text`` column; the last ``val_frac`` of documents is the validation split.
 
@@ -32,7 +34,6 @@ import math
 import os
 import platform
 import re
-import shutil
 import sys
 import sysconfig
 import time
@@ -43,7 +44,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .checkpoint import publish, remove_stale
+from .checkpoint import discard, publish, remove_stale
 from .errors import DataError
 from .tokenizer import Tokenizer, split_exact, train_tokenizer
 
@@ -71,6 +72,16 @@ def _read_text_file(path: Path) -> str:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
 
 
+# JSON's \uD800-\uDFFF escapes decode to lone surrogates when unpaired: not Unicode, so no UTF-8 exists for them.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _surrogate_error(where: str, text: str, what_to_do: str) -> DataError:
+    i = _SURROGATE.search(text).start()
+    return DataError(f"{where}: 'text' holds a lone UTF-16 surrogate (\\u{ord(text[i]):04x} at character {i}), which "
+                     f"is not valid Unicode and cannot be tokenized: {what_to_do}")
+
+
 def _read_jsonl(path: Path) -> list[str]:
     docs = []
     try:
@@ -92,6 +103,10 @@ def _read_jsonl(path: Path) -> list[str]:
                 continue
             if not isinstance(text, str):
                 raise DataError(f"{path}:{lineno}: 'text' must be a string, got {type(text).__name__}")
+            # only a \u escape can make one (raw bytes were decoded strictly), so most lines skip the scan;
+            # invalid UTF-8 in text files is an error too (_read_text_file), never silently replaced
+            if b"\\u" in raw and _SURROGATE.search(text):
+                raise _surrogate_error(f"{path}:{lineno}", text, "fix or drop that line")
             docs.append(text)
     return docs
 
@@ -251,6 +266,10 @@ class _Source:
     def split(self, val_frac: float) -> tuple[list[str], list[str]]:
         raise NotImplementedError
 
+    def note(self, manifest: dict) -> str:
+        """What the summary line adds about the source (files read and ignored)."""
+        return ""
+
 
 class _StdlibSource(_Source):
     def fingerprint(self) -> str:
@@ -288,18 +307,48 @@ class _FileSource(_Source):
         return split_documents(read_documents(self.path), val_frac)
 
 
+def _list_dir(root: Path) -> tuple[list[str], dict[str, int]]:
+    """Sorted relative (posix) paths of the supported files under ``root``, and what was left out, by reason:
+    hidden (a name starting with '.', and all under such a directory), symlinked directories (not followed:
+    a link could loop or reach outside the corpus; symlinked files are read), other file types, and entries
+    that are not regular files (broken links, FIFOs, sockets)."""
+    files, ignored = [], {}
+
+    def skip(reason):
+        ignored[reason] = ignored.get(reason, 0) + 1
+
+    for dirpath, dirnames, filenames in os.walk(root):  # followlinks=False: symlinked dirs are listed, not entered
+        here = Path(dirpath)
+        keep = []
+        for d in dirnames:
+            if d.startswith("."):
+                skip("hidden")
+            elif (here / d).is_symlink():
+                skip("symlinked dir")
+            else:
+                keep.append(d)
+        dirnames[:] = keep
+        for fn in filenames:
+            path = here / fn
+            if fn.startswith("."):
+                skip("hidden")
+            elif path.suffix.lower() not in SUPPORTED_SUFFIXES:
+                skip("other type")
+            elif not path.is_file():
+                skip("not a regular file")
+            else:
+                files.append(path.relative_to(root).as_posix())
+    return sorted(files), ignored
+
+
 class _DirSource(_Source):
     def __init__(self, spec: str, path: Path):
         super().__init__(spec)
         self.path = path
-        self.files = sorted(
-            p.relative_to(path).as_posix()
-            for p in path.rglob("*")
-            if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
+        self.files, self.ignored = _list_dir(path)
         if not self.files:
-            raise DataError(f"empty corpus: no {'/'.join(SUPPORTED_SUFFIXES)} files under {path}")
+            raise DataError(f"empty corpus: no {'/'.join(SUPPORTED_SUFFIXES)} files under {path}"
+                            f"{f' ({_ignored_note(self.ignored)})' if self.ignored else ''}")
 
     def fingerprint(self):
         h = hashlib.sha256(str(self.path.resolve()).encode() + b"\n")
@@ -308,12 +357,27 @@ class _DirSource(_Source):
         return "dir:" + h.hexdigest()
 
     def split(self, val_frac):
-        if len(self.files) == 1:
-            return split_documents(read_documents(self.path / self.files[0]), val_frac)
-        sized = [(rel, (self.path / rel).stat().st_size) for rel in self.files]
+        # Files with no text (empty, whitespace only) are left out of the split: one of them as the guaranteed
+        # validation file would leave validation empty at any val_frac.
+        docs = {rel: read_documents(self.path / rel) for rel in self.files}
+        texty = [rel for rel in self.files if any(d.strip() for d in docs[rel])]
+        self.n_empty = len(self.files) - len(texty)
+        if len(texty) <= 1:
+            return split_documents(docs[texty[0]] if texty else [], val_frac)
+        sized = [(rel, (self.path / rel).stat().st_size) for rel in texty]
         train, val = split_files(sized, val_frac)
-        read = lambda rels: [d for rel in rels for d in read_documents(self.path / rel)]  # noqa: E731
-        return read(train), read(val)
+        return [d for rel in train for d in docs[rel]], [d for rel in val for d in docs[rel]]
+
+    def note(self, manifest: dict) -> str:
+        empty = manifest.get("n_empty_files", 0)
+        ignored = {**self.ignored, **({"empty": empty} if empty else {})}
+        n_ign = sum(ignored.values())
+        return f"{len(self.files) - empty} files read" + (f", {n_ign} ignored ({_ignored_note(ignored)})" if n_ign else "")
+
+
+def _ignored_note(ignored: dict) -> str:
+    return ", ".join(f"{n} {why}{'s' if n > 1 and why.endswith(' dir') else ''}"
+                     for why, n in sorted(ignored.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 class _HFSource(_Source):
@@ -351,10 +415,15 @@ class _HFSource(_Source):
         return f"hf:{self.spec}:{h.hexdigest()}"
 
     def split(self, val_frac):
-        docs = [t for t in self._load()["text"] if t]
-        bad = next((t for t in docs if not isinstance(t, str)), None)
-        if bad is not None:
-            raise DataError(f"{self.spec}: 'text' column must hold strings, got {type(bad).__name__}")
+        docs = []
+        for i, t in enumerate(self._load()["text"]):
+            if not t:
+                continue
+            if not isinstance(t, str):
+                raise DataError(f"{self.spec}: 'text' column must hold strings, got {type(t).__name__} (row {i})")
+            if _SURROGATE.search(t):
+                raise _surrogate_error(f"{self.spec}: row {i}", t, "fix or filter that row")
+            docs.append(t)
         return split_documents(docs, val_frac)
 
 
@@ -394,14 +463,39 @@ class DataBundle:
     bytes_per_token: float
     path: Path
     cached: bool = field(default=False, compare=False)
+    note: str = field(default="", compare=False)  # the source's: files read and ignored
+
+    @property
+    def val_share(self) -> float | None:
+        """Validation's share of the corpus bytes (None for caches written before train_bytes was recorded)."""
+        tb = self.manifest.get("train_bytes")
+        return self.val_bytes / (tb + self.val_bytes) if isinstance(tb, int) and tb + self.val_bytes else None
 
     def summary(self) -> str:
         m = self.manifest
         tag = "  (cached)" if self.cached else ""
-        return (f"data: {m['spec']}  vocab {m['vocab_size']}  train {_fmt_count(m['n_train_tokens'])} tokens  "
-                f"val {_fmt_count(m['n_val_tokens'])} tokens ({m['val_bytes'] / 1e6:.2f} MB, "
+        share = f", {self.val_share:.1%} of bytes" if self.val_share is not None else ""
+        note = f"  [{self.note}]" if self.note else ""
+        return (f"data: {m['spec']}{note}  vocab {m['vocab_size']}  train {_fmt_count(m['n_train_tokens'])} tokens  "
+                f"val {_fmt_count(m['n_val_tokens'])} tokens ({m['val_bytes'] / 1e6:.2f} MB{share}, "
                 f"{self.bytes_per_token:.2f} bytes/token)  gzip -9 {self.gzip_bpb:.2f} bpb  "
                 f"xz -9 {self.xz_bpb:.2f} bpb{tag}")
+
+    def warnings(self) -> list[str]:
+        """One line each: a validation share far from val_frac, bpb that the tokenizer can only approximate."""
+        m, out = self.manifest, []
+        frac, share = m.get("val_frac"), self.val_share
+        if isinstance(frac, float) and share is not None and not frac / 2 <= share <= 2 * frac:
+            out.append(f"warning: validation holds {share:.2%} of the bytes of {m['spec']}, data.val_frac is "
+                       f"{frac:g} (the split takes whole files or documents, and cuts a lone document only at a "
+                       "newline: more, smaller files or documents give a closer split)")
+        vtb = m.get("val_token_bytes")
+        if isinstance(vtb, int) and vtb != self.val_bytes and vtb > 0:
+            off = (self.val_bytes / vtb - 1) * 100
+            out.append(f"warning: this tokenizer's per-token byte lengths add up to {vtb:,} over the validation "
+                       f"split, not its {self.val_bytes:,} UTF-8 bytes: val_bpb is approximate, about "
+                       f"{abs(off):.3g}% too {'high' if off > 0 else 'low'} (normalizer or prepended space)")
+        return out
 
 
 def _fmt_count(n: int) -> str:
@@ -478,8 +572,9 @@ def _tokenize_to_file(tok: Tokenizer, docs: list[str], path: Path, dtype: np.dty
             ends.clear()
             size = 0
 
+        own_regex = tok.own_regex  # where split_exact may cut CRLF text and long lines too
         for d in docs:
-            pieces = list(split_exact(d, 1 << 16))
+            pieces = list(split_exact(d, 1 << 16, own_regex))
             for k, piece in enumerate(pieces):
                 batch.append(piece)
                 ends.append(k == len(pieces) - 1)
@@ -507,13 +602,22 @@ def load_bundle(path: str | os.PathLike) -> DataBundle:
     """Open a prepared cache directory (``DataBundle.path``)."""
     path = Path(path)
     mpath = path / "manifest.json"
+    # Every field used below or by DataBundle.summary is read here, so any damage is one DataError (which
+    # prepare_data answers by rebuilding), never a KeyError from deeper down.
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
         dtype = np.dtype(manifest["dtype"])
+        if dtype not in (np.uint16, np.uint32):
+            raise ValueError(f"dtype {dtype} is not a token dtype")
         n_train, n_val = int(manifest["n_train_tokens"]), int(manifest["n_val_tokens"])
+        vb, gz, xz = int(manifest["val_bytes"]), float(manifest["gzip_bpb"]), float(manifest["xz_bpb"])
+        if not isinstance(manifest["spec"], str) or not isinstance(manifest["vocab_size"], int):
+            raise ValueError("spec or vocab_size has the wrong type")
     except FileNotFoundError:
         raise DataError(f"prepared data not found: {mpath}") from None
-    except (ValueError, KeyError, TypeError) as e:
+    except KeyError as e:
+        raise DataError(f"corrupt data manifest {mpath}: no {e} field") from None
+    except (ValueError, TypeError, OSError) as e:
         raise DataError(f"corrupt data manifest {mpath}: {e}") from None
     want = manifest.get("tokenizer_sha256")  # caches written before it was recorded have none
     if want and (not (path / "tokenizer.json").is_file()
@@ -522,9 +626,7 @@ def load_bundle(path: str | os.PathLike) -> DataBundle:
     tok = Tokenizer.load(path / "tokenizer.json")
     train = _open_tokens(path / "train.bin", dtype, n_train)
     val = _open_tokens(path / "val.bin", dtype, n_val)
-    vb = int(manifest["val_bytes"])
-    return DataBundle(tokenizer=tok, train=train, val=val, val_bytes=vb, gzip_bpb=float(manifest["gzip_bpb"]),
-                      xz_bpb=float(manifest["xz_bpb"]), manifest=manifest,
+    return DataBundle(tokenizer=tok, train=train, val=val, val_bytes=vb, gzip_bpb=gz, xz_bpb=xz, manifest=manifest,
                       bytes_per_token=vb / n_val if n_val else float("nan"), path=path)
 
 
@@ -557,11 +659,16 @@ def _write_cache(path: Path, tokenizer, train_docs, val_docs, dtype, progress: b
     n_val = _tokenize_to_file(tokenizer, val_docs, path / "val.bin", dtype, "tokenize val", progress)
     val_raw = b"".join(d.encode("utf-8", "surrogatepass") for d in val_docs)
     gz, xz = compression_bpb(val_raw)
+    # What evaluate's bpb will count for these tokens; equal to val_bytes for byte-level tokenizers.
+    lengths = np.asarray(tokenizer.token_byte_lengths(), dtype=np.int64)
+    val_ids = _open_tokens(path / "val.bin", dtype, n_val)
+    val_token_bytes = sum(int(lengths[val_ids[i:i + 2**24]].sum()) for i in range(0, n_val, 2**24))
+    del val_ids
     tokenizer.save(path / "tokenizer.json")
     manifest = {
         **manifest, "n_train_docs": len(train_docs), "n_val_docs": len(val_docs),
         "train_bytes": sum(len(d.encode("utf-8", "surrogatepass")) for d in train_docs),
-        "n_train_tokens": n_train, "n_val_tokens": n_val, "val_bytes": len(val_raw),
+        "n_train_tokens": n_train, "n_val_tokens": n_val, "val_bytes": len(val_raw), "val_token_bytes": val_token_bytes,
         "gzip_bpb": gz, "xz_bpb": xz, "eos_id": tokenizer.eos_id,
         "tokenizer_sha256": hashlib.sha256((path / "tokenizer.json").read_bytes()).hexdigest(),
     }
@@ -592,15 +699,21 @@ def prepare_data(spec: str = DEFAULT_SPEC, vocab_size: int = 4096, cache_dir: st
     tok_json = tokenizer.fingerprint() if tokenizer is not None else None
     key = cache_key(spec, fp, vocab_size, val_frac, tok_json, tokenizer_train_bytes)
     final = cache_dir / key
-    if (final / "manifest.json").is_file():
+    if final.exists() or final.is_symlink():
         try:
             bundle = load_bundle(final)
             bundle.cached = True
-            say(bundle.summary())
+            bundle.note = source.note(bundle.manifest)
+            _say_summary(bundle, say)
             return bundle
         except DataError as e:
             say(f"data: cache {final} unreadable ({e}); rebuilding")
-            shutil.rmtree(final, ignore_errors=True)
+            # Moved away in one step, so that publish below does not keep it (keep_existing) and a kill
+            # mid-delete cannot leave a half-deleted directory under the key's name.
+            try:
+                discard(final)
+            except FileNotFoundError:  # a concurrent prepare of the same key moved it first
+                pass
 
     t0 = time.perf_counter()
     train_docs, val_docs = _split_nonempty(source, spec, val_frac)
@@ -626,12 +739,19 @@ def prepare_data(spec: str = DEFAULT_SPEC, vocab_size: int = 4096, cache_dir: st
             "format_version": FORMAT_VERSION, "spec": spec, "fingerprint": key, "source_fingerprint": fp,
             "vocab_size": tokenizer.vocab_size, "requested_vocab_size": vocab_size, "dtype": dtype.name,
             "val_frac": val_frac, "tokenizer_trained": tok_json is None,
-            "tokenizer_train_bytes": tokenizer_train_bytes})
+            "tokenizer_train_bytes": tokenizer_train_bytes, "n_empty_files": getattr(source, "n_empty", 0)})
         t_enc = time.perf_counter() - t1
     bundle = load_bundle(final)
     bundle.manifest["timing"] = {"tokenizer_s": t_tok, "tokenize_s": t_enc, "total_s": time.perf_counter() - t0}
-    say(bundle.summary())
+    bundle.note = source.note(bundle.manifest)
+    _say_summary(bundle, say)
     return bundle
+
+
+def _say_summary(bundle: DataBundle, say) -> None:
+    say(bundle.summary())
+    for line in bundle.warnings():
+        say(line)
 
 
 def check_sizes(bundle: DataBundle, seq_len: int, batch_size: int,

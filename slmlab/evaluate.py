@@ -11,15 +11,10 @@ from .runtime import autocast
 
 
 def token_byte_lengths(tok) -> torch.Tensor:
-    """UTF-8 bytes each token id stands for (special tokens: 0). With byte-level BPE every
-    character of a vocabulary string is one byte, so bpb over any token subset is exact."""
-    special = tok.special_tokens
-    vocab = tok.hf.get_vocab()
-    lengths = torch.zeros(max(vocab.values()) + 1, dtype=torch.float64)
-    for s, i in vocab.items():
-        if s not in special:
-            lengths[i] = len(s)
-    return lengths
+    """UTF-8 bytes each token id stands for (special tokens: 0), from the tokenizer's decoder
+    (Tokenizer.token_byte_lengths): exact for byte-level BPE, so bpb over any token subset is exact;
+    prepare_data warns, with the error, when a tokenizer's lengths do not add up to the validation bytes."""
+    return torch.tensor(tok.token_byte_lengths(), dtype=torch.float64)
 
 
 @torch.no_grad()

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 BOS, EOS, PAD, MASK = "<|bos|>", "<|eos|>", "<|pad|>", "<|mask|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, MASK)
@@ -31,15 +32,47 @@ ROLE_NAMES = {"bos": (BOS, "<s>", "<|begin_of_text|>", "<|endoftext|>"),
               "eos": (EOS, "</s>", "<|end_of_text|>", "<|endoftext|>", "<|im_end|>"),
               "pad": (PAD, "<pad>", "<|finetune_right_pad_id|>"), "mask": (MASK, "<mask>")}
 SIDECAR = "tokenizer_config.json"
+# SentencePiece byte-fallback pieces (Llama-2, Mistral, Gemma): each stands for exactly one byte.
+_BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>\Z")
 
 
-def split_exact(text: str, target_chars: int = 1 << 16) -> Iterator[str]:
+def _byte_level_chars() -> dict[str, int]:
+    """The ByteLevel (GPT-2) alphabet: vocabulary character -> the byte it stands for."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    out, n = {chr(b): b for b in keep}, 0
+    for b in range(256):
+        if b not in keep:
+            out[chr(256 + n)] = b
+            n += 1
+    return out
+
+
+BYTE_LEVEL_CHARS = _byte_level_chars()
+
+
+def _decoder_steps(d) -> list[dict]:
+    """A tokenizer.json ``decoder`` as a flat list (Sequence decoders unrolled)."""
+    if not isinstance(d, dict):
+        return []
+    if d.get("type") == "Sequence":
+        return [s for x in d.get("decoders") or [] for s in _decoder_steps(x)]
+    return [d]
+
+
+def split_exact(text: str, target_chars: int = 1 << 16, own_regex: bool = True) -> Iterator[str]:
     r"""Split ``text`` into pieces of roughly ``target_chars`` without changing its tokenization.
 
-    Cuts are made only right after a newline that sits between two non-whitespace characters (``x\ny``). The
+    Cuts are made right after a newline that sits between two non-whitespace characters (``x\ny``). The
     ByteLevel pre-tokenizer never joins anything across such a newline (it is its own pre-token, and the next
     pre-token starts with a non-space character), so encoding the pieces separately and concatenating the ids gives
-    exactly ``encode(text)``. Text without such a newline (e.g. one huge line) is yielded whole.
+    exactly ``encode(text)``.
+
+    ``own_regex`` (the GPT-2 regex of slmlab's own tokenizer, ``Tokenizer.own_regex``) also allows, where no such
+    newline is found: a cut between ``\r`` and ``\n`` in ``x\r\ny`` (CRLF text: that regex makes ``\r`` and ``\n``
+    separate pre-tokens there, while Llama-3's joins them, so this is not done for other tokenizers), and where the
+    rest has no newline at all (one huge line), a cut right before whitespace that follows a non-whitespace
+    character (every GPT-2 pre-token made of non-space characters ends there). Text with no cut point is yielded
+    whole; text without ``\r`` and with newlines is cut exactly as before these two rules.
     """
     n = len(text)
     start = 0
@@ -53,13 +86,28 @@ def split_exact(text: str, target_chars: int = 1 << 16) -> Iterator[str]:
             if not text[i - 1].isspace() and not text[i + 1].isspace():
                 cut = i + 1
                 break
+            if (own_regex and text[i - 1] == "\r" and i - 2 >= start and not text[i - 2].isspace()
+                    and not text[i + 1].isspace()):
+                cut = i
+                break
             pos = i + 1
+        # Only for a tail without newlines (one huge line), so text with newlines keeps the pieces it always
+        # had: training samples of existing corpora, hence their tokenizers, do not change.
+        if cut < 0 and own_regex and text.find("\n", start + target_chars, n - 1) < 0:
+            m = _SPACE_AFTER_TEXT.search(text, start + target_chars)
+            cut = m.start() + 1 if m else -1
         if cut < 0:
             break
         yield text[start:cut]
         start = cut
     if start < n:
         yield text[start:]
+
+
+# Unicode White_Space, what the Rust regex's \s matches (Python's \s also takes \x1c-\x1f, which GPT-2's
+# regex treats as punctuation that may join the character before it).
+_WS = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_SPACE_AFTER_TEXT = re.compile(f"[^{_WS}][{_WS}]")
 
 
 class Tokenizer:
@@ -96,14 +144,79 @@ class Tokenizer:
 
     def with_added(self, tokens) -> "Tokenizer":
         """A copy with `tokens` appended as single, non-special tokens (ones already in the vocabulary keep
-        their id), e.g. ``<think>`` or ``TOOL_USE[`` for fine-tuning data."""
+        their id), e.g. ``<think>`` or ``TOOL_USE[`` for fine-tuning data. ConfigError for a string that is
+        only the spelling of a byte-level vocabulary symbol standing for other text (``é`` is the symbol of
+        byte 0xE9): `tokenizers` would reuse that id, so the string would still not be one token."""
         from tokenizers import AddedToken
         from tokenizers import Tokenizer as HFTokenizer
 
         tok = HFTokenizer.from_str(self.to_json())
+        if self.byte_level:
+            model_vocab = tok.get_vocab(with_added_tokens=False)
+            added = {t.content for t in tok.get_added_tokens_decoder().values()}
+            for t in dict.fromkeys(tokens):
+                i = model_vocab.get(t)
+                if i is not None and t not in added and tok.decode([i]) != t:
+                    raise ConfigError(
+                        f"added token {t!r} cannot be added: it is the spelling of vocabulary entry {i}, which "
+                        f"stands for the bytes {bytes(BYTE_LEVEL_CHARS[c] for c in t)!r} in this byte-level "
+                        f"tokenizer, and tokenizers would reuse that id; remove it from the added tokens (as text "
+                        f"it already encodes, as {len(self.encode(t))} tokens)")
         new = [t for t in dict.fromkeys(tokens) if tok.token_to_id(t) is None]
         tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in new])
         return Tokenizer(tok, self.specials)
+
+    @property
+    def byte_level(self) -> bool:
+        """Whether the decoder is ByteLevel: every vocabulary character stands for one byte."""
+        return any(d.get("type") == "ByteLevel" for d in _decoder_steps(json.loads(self.to_json()).get("decoder")))
+
+    @property
+    def own_regex(self) -> bool:
+        """Pre-tokenized by exactly slmlab's ByteLevel GPT-2 regex (ours, GPT-2's): ``split_exact`` may then cut
+        CRLF text and long lines (see there)."""
+        spec = json.loads(self.to_json())
+        pre = spec.get("pre_tokenizer") or {}
+        # added tokens are matched before pre-tokenization: a cut at whitespace could split one holding a space
+        return (spec.get("normalizer") is None and pre.get("type") == "ByteLevel"
+                and pre.get("use_regex", True) and not pre.get("add_prefix_space")
+                and not any(re.search(r"\s", t.content) for t in self._tok.get_added_tokens_decoder().values()))
+
+    def token_byte_lengths(self) -> list[int]:
+        """UTF-8 bytes of text each token id stands for (control tokens: 0), from the decoder: ByteLevel pieces
+        count one byte per character; ``<0xNN>`` byte-fallback pieces one byte; otherwise the piece after the
+        decoder's Metaspace/Replace steps (``▁`` -> space) in UTF-8. Added tokens match their content in raw
+        text, so they count its UTF-8 bytes. Exact for byte-level tokenizers; SentencePiece-style ones count
+        the ``▁`` they prepend to each text, and normalizers (NFKC, lowercasing) change bytes, so there it is
+        close, not exact (prepare_data compares the validation split's sum with its real byte count)."""
+        spec = json.loads(self.to_json())
+        steps = _decoder_steps(spec.get("decoder"))
+        byte_level = any(d.get("type") == "ByteLevel" for d in steps)
+        fallback = (any(d.get("type") == "ByteFallback" for d in steps)
+                    or bool((spec.get("model") or {}).get("byte_fallback")))
+
+        def piece_bytes(s: str) -> int:
+            if byte_level and all(c in BYTE_LEVEL_CHARS for c in s):
+                return len(s)
+            if fallback and _BYTE_FALLBACK.match(s):
+                return 1
+            for d in steps:
+                if d.get("type") == "Metaspace":
+                    s = s.replace(d.get("replacement") or "▁", " ")
+                elif d.get("type") == "Replace" and isinstance(d.get("pattern"), dict) and "String" in d["pattern"]:
+                    s = s.replace(d["pattern"]["String"], d.get("content") or "")
+            return len(s.encode("utf-8", "surrogatepass"))
+
+        special = self.special_tokens
+        vocab = self._tok.get_vocab(with_added_tokens=False)
+        added = self._tok.get_added_tokens_decoder()
+        out = [0] * (max([*vocab.values(), *added.keys()], default=-1) + 1)
+        for s, i in vocab.items():
+            if s not in special:
+                out[i] = piece_bytes(s)
+        for i, t in added.items():
+            out[i] = 0 if t.special or t.content in special else len(t.content.encode("utf-8", "surrogatepass"))
+        return out
 
     # ---- encoding -------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:

@@ -498,3 +498,238 @@ def test_a_cached_tokenizer_that_changed_is_detected_and_rebuilt(tmp_path, corpu
     again = _prep(f, cache, val_frac=0.1, quiet=False)
     assert not again.cached and "does not match its manifest" in capsys.readouterr().out
     assert again.tokenizer.to_json() == b.tokenizer.to_json()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Audit fixes: bytes per token, cache repair, bad text, added tokens, directory corpora, CRLF
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_added_tokens_count_their_utf8_bytes(tok, corpus):
+    """bpb counts bytes: an added token that is not ASCII stands for more bytes than characters."""
+    from slmlab.evaluate import token_byte_lengths
+
+    t = tok.with_added(["<think>", "日本語", "naïve"])
+    lengths = token_byte_lengths(t)
+    for s in ("<think>", "日本語", "naïve"):
+        assert lengths[t.hf.token_to_id(s)] == len(s.encode())
+    text = corpus[:3000] + " 日本語 naïve <think> é\n"
+    assert lengths[torch.tensor(t.encode(text))].sum().item() == len(text.encode())
+    assert lengths[[t.bos_id, t.eos_id, t.pad_id, t.mask_id]].sum().item() == 0
+
+
+def _sentencepiece_tokenizer(tmp_path, corpus) -> Tokenizer:
+    from tokenizers import SentencePieceBPETokenizer
+
+    sp = SentencePieceBPETokenizer()
+    sp.train_from_iterator([corpus[:100_000] + " héllo wörld 日本語\n"], vocab_size=400,
+                           special_tokens=["<s>", "</s>", "<unk>"], show_progress=False)
+    sp.save(str(tmp_path / "sp.json"))
+    return Tokenizer.load(tmp_path / "sp.json")
+
+
+def _llama_style_tokenizer() -> Tokenizer:
+    """Llama-2's layout: Prepend/Replace normalizer, byte-fallback pieces <0x00>..<0xFF>, a decoder chain."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}, "▁": 259, "a": 260,
+             "▁a": 261, "é": 262}
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[("▁", "a")], byte_fallback=True, unk_token="<unk>"))
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    hf.add_special_tokens(["<unk>", "<s>", "</s>"])
+    return Tokenizer(hf)
+
+
+def test_byte_lengths_of_sentencepiece_tokenizers(tmp_path, corpus):
+    """Metaspace pieces count ▁ as one space byte, byte-fallback pieces one byte; off only by the ▁ that the
+    tokenizer prepends to each text."""
+    from slmlab.evaluate import token_byte_lengths
+
+    llama = _llama_style_tokenizer()
+    lengths = token_byte_lengths(llama)
+    assert lengths[llama.hf.token_to_id("<0x0A>")] == 1 and lengths[llama.hf.token_to_id("▁a")] == 2
+    assert lengths[llama.hf.token_to_id("é")] == 2 and lengths[llama.bos_id] == 0
+    text = "a a\né\n日"
+    ids = llama.encode(text)
+    assert llama.decode(ids) == text and lengths[torch.tensor(ids)].sum().item() == len(text.encode()) + 1
+
+    sp = _sentencepiece_tokenizer(tmp_path, corpus)
+    lengths = token_byte_lengths(sp)
+    text = "héllo wörld 日本語 the king\n"
+    assert lengths[torch.tensor(sp.encode(text))].sum().item() == len(text.encode()) + 1
+
+
+def test_prepare_warns_when_bpb_is_approximate(tmp_path, corpus, capsys):
+    f = tmp_path / "c.txt"
+    f.write_text(corpus[:100_000] + "日本語\n", encoding="utf-8")
+    b = _prep(f, tmp_path / "cache", tokenizer=_sentencepiece_tokenizer(tmp_path, corpus), quiet=False, val_frac=0.1)
+    out = capsys.readouterr().out
+    assert 0 < b.manifest["val_token_bytes"] - b.val_bytes <= 2  # one prepended ▁ per encoded piece
+    assert re.search(r"warning: .* val_bpb is approximate, about [0-9.e-]+% too low", out)
+    own = _prep(f, tmp_path / "cache", vocab_size=300, quiet=False)  # byte-level: exact, no warning
+    assert own.manifest["val_token_bytes"] == own.val_bytes and "approximate" not in capsys.readouterr().out
+
+
+def test_a_cache_directory_without_manifest_is_replaced(tmp_path, corpus, capsys):
+    f = tmp_path / "shakes.txt"
+    f.write_text(corpus, encoding="utf-8")
+    cache = tmp_path / "cache"
+    b = _prep(f, cache, val_frac=0.1)
+    (b.path / "manifest.json").unlink()
+    again = _prep(f, cache, val_frac=0.1, quiet=False)
+    assert not again.cached and "unreadable" in capsys.readouterr().out
+    assert np.array_equal(np.asarray(again.val), np.asarray(b.val)) and _prep(f, cache, val_frac=0.1).cached
+    assert not list(cache.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("damage", [("val_bytes", None), ("gzip_bpb", None), ("spec", None), ("xz_bpb", None),
+                                    ("val_bytes", "x"), ("gzip_bpb", [1]), ("spec", 3), ("dtype", "float16")])
+def test_a_damaged_manifest_is_rebuilt_with_one_line(tmp_path, corpus, capsys, damage):
+    key, value = damage
+    f = tmp_path / "shakes.txt"
+    f.write_text(corpus, encoding="utf-8")
+    cache = tmp_path / "cache"
+    b = _prep(f, cache, val_frac=0.1)
+    m = json.loads((b.path / "manifest.json").read_text())
+    if value is None:
+        del m[key]
+    else:
+        m[key] = value
+    (b.path / "manifest.json").write_text(json.dumps(m))
+    capsys.readouterr()
+    again = _prep(f, cache, val_frac=0.1, quiet=False)
+    assert not again.cached and "unreadable" in capsys.readouterr().out
+    assert again.manifest[key] == b.manifest[key]
+
+
+def test_lone_surrogates_are_a_data_error_naming_the_line(tmp_path, monkeypatch):
+    f = tmp_path / "s.jsonl"
+    lines = [json.dumps({"text": f"document number {i}"}) for i in range(20)]
+    lines[3] = '{"text": "abc \\ud83d"}'
+    lines[5] = '{"text": "a pair is fine \\ud83d\\ude00"}'
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"s\.jsonl:4: 'text' holds a lone UTF-16 surrogate \(\\ud83d"):
+        _prep(f, tmp_path / "c")
+    lines[3] = json.dumps({"text": "fixed"})
+    lines[19] = '{"text": "\\udc00 in the validation split"}'
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"s\.jsonl:20: "):
+        _prep(f, tmp_path / "c")
+
+    class FakeDS:
+        column_names = ["text"]
+        _fingerprint = "fp"
+
+        def __getitem__(self, key):
+            return ["fine text\n" * 20] * 10 + ["bad \ud83d text"]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda *a, **k: FakeDS()))
+    with pytest.raises(DataError, match=r"hf:x/y: row 10: 'text' holds a lone UTF-16 surrogate"):
+        _prep("hf:x/y", tmp_path / "c")
+
+
+def test_with_added_refuses_byte_level_symbol_spellings(tok):
+    from slmlab.errors import ConfigError
+
+    for s in ("é", "Ã", "Ġthe"):
+        assert tok.hf.token_to_id(s) is not None  # spelled like a byte-level vocabulary symbol
+        with pytest.raises(ConfigError, match=f"added token '{s}' cannot be added: it is the spelling of"):
+            tok.with_added(["<think>", s])
+    t = tok.with_added(["<think>", "the"])  # an entry that is its own text keeps its id, as documented
+    assert t.hf.token_to_id("the") == tok.hf.token_to_id("the") and t.vocab_size == tok.vocab_size + 1
+
+
+@pytest.mark.parametrize("blank", ["", "\n", " \n\t "])
+def test_files_without_text_are_left_out_of_a_directory_split(tmp_path, corpus, blank):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a.txt").write_text(corpus[:20_000])
+    (d / "0.txt").write_text(blank)  # ranks first by SHA-256, so it was the guaranteed validation file
+    (d / "zz.txt").write_text(corpus[20_000:23_000])
+    for frac in (0.02, 0.5):
+        b = _prep(d, tmp_path / "c", val_frac=frac)
+        assert b.manifest["n_val_docs"] == 1 and b.val_bytes >= 1000 and b.manifest["n_empty_files"] == 1
+    (d / "zz.txt").unlink()  # one file with text left: cut like a single file
+    b = _prep(d, tmp_path / "c", val_frac=0.1)
+    assert b.manifest["train_bytes"] + b.val_bytes == 20_000
+
+
+def _old_split_exact(text, target_chars):
+    """split_exact before CRLF and long lines were cut: LF text must keep exactly these pieces."""
+    n, start = len(text), 0
+    while n - start > target_chars:
+        cut, pos = -1, start + target_chars
+        while True:
+            i = text.find("\n", pos, n - 1)
+            if i < 0:
+                break
+            if not text[i - 1].isspace() and not text[i + 1].isspace():
+                cut = i + 1
+                break
+            pos = i + 1
+        if cut < 0:
+            break
+        yield text[start:cut]
+        start = cut
+    if start < n:
+        yield text[start:]
+
+
+def test_split_exact_cuts_crlf_text_and_long_lines_exactly(tok, corpus):
+    lf = corpus[:60_000] + "\n  indented\n\tx\n\ny\n" + corpus[60_000:90_000]
+    code = "def f():\n" + "    x = 1\n" * 500  # indented lines: no cut point, but newlines, so no space cuts
+    for text in (lf, code):
+        assert list(split_exact(text, 1000)) == list(_old_split_exact(text, 1000))
+    crlf = lf.replace("\n", "\r\n") + "a.\r\n\r\nb\r\n"
+    line = " ".join(corpus[:50_000].split()) + " \x1c.\x1cx  y 12 'll 's\u3000z"  # one huge line
+    for text in (crlf, line):
+        pieces = list(split_exact(text, 1000))
+        assert len(pieces) > 10 and "".join(pieces) == text and max(map(len, pieces)) < 3000
+        assert [i for ids in tok.encode_batch(pieces) for i in ids] == tok.encode(text)
+    # foreign pre-tokenizers (Llama-3's regex joins "\r\n") keep the old, newline-only cuts
+    assert list(split_exact(crlf, 1000, own_regex=False)) == list(_old_split_exact(crlf, 1000))
+    assert tok.own_regex and not tok.with_added(["a b"]).own_regex
+
+
+def test_tokenizer_train_cap_holds_for_crlf_text(corpus):
+    crlf = corpus.replace("\n", "\r\n") * 10  # ~2M characters in ~64K pieces
+    sample = D._training_sample([crlf], 200_000)
+    assert 100_000 < sum(map(len, sample)) < 400_000
+
+
+def test_directory_summary_says_what_was_read_and_ignored(tmp_path, small_dir, capsys):
+    import os
+
+    d = tmp_path / "d"
+    d.mkdir()
+    for p in small_dir.iterdir():
+        (d / p.name).write_bytes(p.read_bytes())
+    (d / ".hidden.txt").write_text("secret\n")
+    (d / ".git").mkdir()
+    (d / ".git" / "x.md").write_text("x\n")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "o.txt").write_text("linked\n")
+    os.symlink(other, d / "linked")
+    (d / "empty.md").write_text("")
+    _prep(d, tmp_path / "c", quiet=False)
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("data: /"))
+    assert "[8 files read, 5 ignored (2 hidden, 1 empty, 1 other type, 1 symlinked dir)]" in line
+    again = _prep(d, tmp_path / "c", quiet=False)
+    assert again.cached and "[8 files read, 5 ignored" in capsys.readouterr().out
+
+
+def test_a_validation_share_far_from_val_frac_is_reported(tmp_path, corpus, capsys):
+    f = tmp_path / "one_line.txt"
+    f.write_text("Title\n" + corpus[:20_000].replace("\n", " "))  # one cut point: almost all of it is validation
+    b = _prep(f, tmp_path / "c", vocab_size=300, val_frac=0.02, quiet=False)
+    out = capsys.readouterr().out
+    assert b.val_share > 0.9 and "% of bytes" in out
+    assert re.search(r"warning: validation holds 99\.\d\d% of the bytes of .*, data\.val_frac is 0\.02", out)
+    f2 = tmp_path / "many.txt"
+    f2.write_text(corpus[:20_000])
+    _prep(f2, tmp_path / "c", vocab_size=300, val_frac=0.1, quiet=False)
+    assert "warning" not in capsys.readouterr().out
