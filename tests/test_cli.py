@@ -227,7 +227,7 @@ def test_sample_compile_on_a_diffusion_run_is_an_error():
     args = sample.parse_args(["--run", "runs/d", "--compile"])
     with pytest.raises(ConfigError, match="--compile applies to autoregressive runs .*runs/d is a diffusion run"):
         sample.decode_kwargs(args, SimpleNamespace(mask_id=3))
-    assert sample.decode_kwargs(args, SimpleNamespace())["compile"] is True
+    assert sample.decode_kwargs(args, SimpleNamespace(supports_static=lambda: True))["compile"] is True
 
 
 def test_sample_refuses_a_tokenizer_larger_than_the_model(tiny_run, tmp_path, capsys):
