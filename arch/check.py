@@ -29,7 +29,7 @@ from slmlab.errors import ConfigError
 
 from .block import BUILTIN_MLPS, bad_output, build_block, fits_residual
 from .config import ModelConfig
-from .registry import _LOADED, CHANNEL_MIXERS, MIXERS, load_imports, where
+from .registry import _LOADED, CHANNEL_MIXERS, MIXERS, load_imports, module_file, where
 
 BATCH = 2
 LENGTHS = (1, 7, 16)  # one token (decode), an odd length, and one long enough to split
@@ -113,54 +113,56 @@ def _tolerance(y: torch.Tensor) -> float:
     return 1e-5 * max(1.0, y.abs().max().item())
 
 
+def _moved(fn: Callable, d: int, change: slice) -> tuple[torch.Tensor, float]:
+    """(per position, the largest change of fn's output when the tokens at `change` of a random
+    input are redrawn; the tolerance below which a change is rounding)."""
+    with torch.no_grad():
+        x = torch.randn(BATCH, T, d)
+        other = x.clone()
+        other[:, change] = torch.randn_like(other[:, change])
+        y = fn(x)
+        diff = (y - fn(other)).abs().amax(dim=(0, 2))
+    return diff, _tolerance(y)
+
+
+def _first_over(diff: torch.Tensor, tol: float, start: int = 0) -> Optional[int]:
+    """The first position from `start` on whose change exceeds the tolerance, or None."""
+    moved = (diff[start:] > tol).nonzero().flatten().tolist()
+    return start + moved[0] if moved else None
+
+
 def _windowed(fn: Callable, d: int, window: int) -> list[str]:
     """With a causal window w, position p reads tokens p-w+1..p: changing tokens 0..3 must leave
     every output from position 3 + w on as it was (a block that ignores its window reads them all)."""
     k = 4
-    with torch.no_grad():
-        x = torch.randn(BATCH, T, d)
-        early = x.clone()
-        early[:, :k] = torch.randn(BATCH, k, d)
-        y, y2 = fn(x), fn(early)
-        diff = (y[:, k - 1 + window:] - y2[:, k - 1 + window:]).abs().amax(dim=(0, 2))
-    moved = (diff > _tolerance(y)).nonzero().flatten().tolist()
-    if not moved:
+    diff, tol = _moved(fn, d, slice(0, k))
+    p = _first_over(diff, tol, start=k - 1 + window)
+    if p is None:
         return []
-    p = k - 1 + window + moved[0]
     return [f"ignores its window: with window={window}, changing tokens 0..{k - 1} changed the output at position "
-            f"{p} (by {diff[moved[0]].item():.1e}), which sees only tokens {p - window + 1}..{p}"]
+            f"{p} (by {diff[p].item():.1e}), which sees only tokens {p - window + 1}..{p}"]
 
 
 def _causal(fn: Callable, d: int) -> list[str]:
     """Outputs before position T/2 must not move when the tokens from T/2 on change."""
     half = T // 2
-    with torch.no_grad():
-        x = torch.randn(BATCH, T, d)
-        later = x.clone()
-        later[:, half:] = torch.randn(BATCH, T - half, d)
-        y, y2 = fn(x), fn(later)
-        diff = (y[:, :half] - y2[:, :half]).abs().amax(dim=(0, 2))
-    moved = (diff > _tolerance(y)).nonzero().flatten().tolist()
-    if not moved:
+    diff, tol = _moved(fn, d, slice(half, T))
+    p = _first_over(diff[:half], tol)
+    if p is None:
         return []
-    return [f"not causal: changing tokens {half}..{T - 1} changed the output at position {moved[0]} (by "
-            f"{diff[moved[0]].item():.1e}), so training would learn from the future; with cfg.causal true, "
+    return [f"not causal: changing tokens {half}..{T - 1} changed the output at position {p} (by "
+            f"{diff[p].item():.1e}), so training would learn from the future; with cfg.causal true, "
             "position t may only read tokens <= t"]
 
 
 def _per_token(fn: Callable, d: int) -> list[str]:
     """A channel mixer maps each token alone: changing one token changes only its own output."""
-    with torch.no_grad():
-        x = torch.randn(BATCH, T, d)
-        other = x.clone()
-        other[:, 5] = torch.randn(BATCH, d)
-        y, y2 = fn(x), fn(other)
-        diff = (y - y2).abs().amax(dim=(0, 2))
+    diff, tol = _moved(fn, d, slice(5, 6))
     diff[5] = 0
-    moved = (diff > _tolerance(y)).nonzero().flatten().tolist()
-    if not moved:
+    p = _first_over(diff, tol)
+    if p is None:
         return []
-    return [f"changing token 5 changed the output at position {moved[0]}: a channel mixer must act on each "
+    return [f"changing token 5 changed the output at position {p}: a channel mixer must act on each "
             "token alone (mixing across tokens is a token mixer's job: @register)"]
 
 
@@ -277,12 +279,9 @@ def check_imported(cfg: ModelConfig):
         problems = check(name, small)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise ConfigError(f"{problems[0]}{more}; python -m arch.check {_file_of(cls)} lists every problem")
+            raise ConfigError(f"{problems[0]}{more}; python -m arch.check {module_file(cls) or cls.__module__} lists "
+                              "every problem")
         _CHECKED.add(cls)
-
-
-def _file_of(cls) -> str:
-    return getattr(sys.modules.get(cls.__module__), "__file__", None) or cls.__module__
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,7 @@ from typing import Optional, Union
 from slmlab.coerce import AT_LEAST_1, POSITIVE, Range, check_ranges
 from slmlab.errors import ConfigError
 
-from .registry import CHANNEL_MIXERS, LETTERS, MIXERS, OPTIONS, load_imports
+from .registry import CHANNEL_MIXERS, LETTERS, MIXERS, OPTIONS, load_imports, spelled_by
 
 
 @dataclass
@@ -259,7 +259,7 @@ def parse_pattern(layers, n_layers: int) -> list[str]:
 def _letters_or_word(s: str) -> list[str]:
     """A compact pattern's letters. A string that is not upper-case and not all registered letters
     ("attention") stays one token, so an error names the whole word, not its first unknown letter."""
-    if s.isupper() or all(ch.upper() in LETTERS for ch in s):
+    if s.isupper() or spelled_by(s, LETTERS):
         return list(s)
     return [s]
 

@@ -26,16 +26,19 @@ LETTERS: dict[str, str] = {}
 CHANNEL_MIXERS: dict[str, type] = {}
 # Block name -> its options dataclass (one namespace per name: the LIF mixer and LIF MLP share "lif").
 OPTIONS: dict[str, type] = {}
-BUILTIN_MLP_NAMES = ("swiglu", "gelu")  # arch/block.py BUILTIN_MLPS, picked before CHANNEL_MIXERS
-
 # Names are config values and pattern entries: parse_pattern lower-cases what it reads, so an
 # upper-case name would register and then never be found.
 NAME_RE = re.compile(r"[a-z0-9_]+")
 
 
+def module_file(cls):
+    """The file that defines `cls`, or None (a module without one)."""
+    return getattr(sys.modules.get(cls.__module__), "__file__", None)
+
+
 def where(cls) -> str:
     """'Class in FILE' for messages: the class and the file a researcher would open."""
-    path = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    path = module_file(cls)
     if path is None:
         return f"{cls.__qualname__} in module {cls.__module__}"
     try:
@@ -54,7 +57,7 @@ def _add_options(name: str, options, cls):
     OPTIONS[name] = options
 
 
-def _spelled_by(name: str, letters) -> bool:
+def spelled_by(name: str, letters) -> bool:
     """Whether a pattern string `name` also reads as compact letters ("ca" = C, A)."""
     return all(ch.upper() in letters for ch in name)
 
@@ -111,10 +114,10 @@ def _check_free(name: str, letter: str, cls):
         raise ConfigError(f"{what}: the letter {letter!r} is taken by {LETTERS[letter]!r} "
                           f"({where(MIXERS[LETTERS[letter]])}); free letters: {_free_letters()}")
     letters = {*LETTERS, letter}
-    if _spelled_by(name, letters):
+    if spelled_by(name, letters):
         raise ConfigError(f"{what}: the name {name!r} also reads as the letter pattern {name.upper()!r}; "
                           "pick a name with a character that is not a block letter")
-    shadowed = [n for n in MIXERS if _spelled_by(n, letters)]
+    shadowed = [n for n in MIXERS if spelled_by(n, letters)]
     if shadowed:
         raise ConfigError(f"{what}: the letter {letter!r} would make the name {shadowed[0]!r} read as the letter "
                           f"pattern {shadowed[0].upper()!r} too; free letters: {_free_letters(exclude=shadowed[0])}")
@@ -138,7 +141,7 @@ def get_mixer(name: str):
 def register_channel_mixer(name: str, options=None):
     """Class decorator: a channel mixer (arch.block.ChannelMixer subclass) under `name` (model.mlp)."""
     def deco(cls):
-        from .block import ChannelMixer, Mixer
+        from .block import BUILTIN_MLPS, ChannelMixer, Mixer  # block imports this module
 
         what = f"channel mixer {name!r}"
         if isinstance(cls, type) and issubclass(cls, Mixer):
@@ -148,7 +151,7 @@ def register_channel_mixer(name: str, options=None):
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise ConfigError(f"{what} ({where(cls)}): a block name must be lower-case letters, digits and _ "
                               f"(model.mlp spells it that way), e.g. {_suggest_name(name)!r}")
-        if name in BUILTIN_MLP_NAMES:
+        if name in BUILTIN_MLPS:
             raise ConfigError(f"{what} ({where(cls)}): {name!r} is a built-in channel mixer; pick another name")
         if name in CHANNEL_MIXERS:
             raise ConfigError(f"{what} ({where(cls)}): the name {name!r} is taken by "
