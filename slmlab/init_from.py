@@ -68,14 +68,14 @@ def load_init(model, cfg, tok, run_dir):
     if src.layer_types() != cfg.model.layer_types():
         raise ConfigError(f"train.init_from run has layers {src.layers!r} but this run has {cfg.model.layers!r}")
     if added:
-        if run.tokenizer().with_added(added).to_json() != tok.to_json():
+        base_tok = run.tokenizer()
+        if base_tok.with_added(added).to_json() != tok.to_json():
             raise ConfigError(f"{run.name}'s tokenizer plus data.added_tokens is not this run's tokenizer "
                               "(set data.tokenizer to the same run)")
+        # the new tokens' rows: past the base's rows, or inside a padded vocabulary's
+        grow_vocab(model, run, base_tok.vocab_size, tok.vocab_size)
     else:
         run.check_same_tokenizer(tok, "the weights' token ids would mean other tokens (data or vocab_size differ)")
-    if added:  # the new tokens' rows: past the base's rows, or inside a padded vocabulary's
-        grow_vocab(model, run, run.tokenizer().vocab_size, tok.vocab_size)
-    else:
         run.load_weights(model)
     print(f"initialised from {run.path}")
 
