@@ -15,13 +15,12 @@ __all__ = ["build_model", "LM", "Block", "Mixer", "ChannelMixer", "ModelConfig",
 def build_model(cfg: ModelConfig, objective: Optional[ObjectiveConfig] = None):
     """The model class for a config and objective (default: next-token prediction).
 
-    objective.name: ar -> LM (SpikingLM when LIF blocks are used: it logs spike rates and an
-    energy proxy at each eval) | mdlm -> DiffusionLM (masked diffusion, arch/diffusion.py)."""
+    objective.name: ar -> LM (with LIF blocks its eval also logs spike rates and an energy proxy,
+    LM.extra_metrics) | mdlm -> DiffusionLM (masked diffusion, arch/diffusion.py)."""
     from .diffusion import DiffusionLM
-    from .lif import SpikingLM, uses_spikes
 
     objective = objective or ObjectiveConfig()
     objective.validate(cfg)
     if objective.name == "mdlm":
         return DiffusionLM(cfg, objective)
-    return SpikingLM(cfg) if uses_spikes(cfg) else LM(cfg)
+    return LM(cfg)

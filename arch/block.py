@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from .layers import GeluMLP, SwiGLU, make_norm
+from .registry import CHANNEL_MIXERS, get_mixer, register_channel_mixer, where
 
 
 def linear_activation_bytes(module: nn.Module, tokens: int, act: int) -> int:
@@ -75,6 +76,7 @@ class ChannelMixer(nn.Module):
         return 0.0
 
 
+@register_channel_mixer("swiglu")
 class SwiGLUMixer(ChannelMixer, SwiGLU):
     """The default channel mixer (arch/layers.py SwiGLU) under the block contract."""
 
@@ -89,6 +91,7 @@ class SwiGLUMixer(ChannelMixer, SwiGLU):
         return batch * seq_len * 4 * self.w1.out_features * act
 
 
+@register_channel_mixer("gelu")
 class GeluMixer(ChannelMixer, GeluMLP):
     """GPT-2's channel mixer (arch/layers.py GeluMLP), model.mlp=gelu."""
 
@@ -100,9 +103,6 @@ class GeluMixer(ChannelMixer, GeluMLP):
     def activation_bytes(self, batch: int, seq_len: int, act: int) -> int:
         """fc's output (GELU's input) and GELU's output (proj's input)."""
         return batch * seq_len * 2 * self.fc.out_features * act
-
-
-BUILTIN_MLPS = {"swiglu": SwiGLUMixer, "gelu": GeluMixer}
 
 
 def residual_linears(module: nn.Module) -> list[nn.Linear]:
@@ -126,8 +126,6 @@ def bad_output(label: str, module: nn.Module, method: str, out, x, advice: bool 
     """The ConfigError for a block whose output cannot join the residual stream x."""
     from slmlab.errors import ConfigError
 
-    from .registry import where
-
     token = label.startswith("block")
     expected = (f"(y {_describe(x)}, state)" if token else f"a tensor {_describe(x)}") + ", shaped and typed like its input"
     if token and isinstance(out, tuple) and len(out) == 2:
@@ -150,8 +148,6 @@ def build_block(label: str, cls, *args, **kwargs) -> nn.Module:
     """cls(*args) with any failure as one line naming the block, its file and the failing line,
     instead of a traceback through the model's constructor; then its residual_out checked."""
     from slmlab.errors import ConfigError
-
-    from .registry import where
 
     try:
         module = cls(*args, **kwargs)
@@ -183,14 +179,12 @@ class Block(nn.Module):
     """Pre-norm residual block: h = x + mixer(norm(x)); out = h + mlp(norm(h))."""
 
     def __init__(self, cfg, layer_idx: int, kind: str, window: Optional[int]):
-        from .registry import CHANNEL_MIXERS, get_mixer
-
         super().__init__()
         self.kind = kind
         self.mixer_norm = make_norm(cfg, cfg.d_model)
         self.mixer = build_block(f"block {kind!r}", get_mixer(kind), cfg, layer_idx, window=window)
         self.mlp_norm = make_norm(cfg, cfg.d_model)
-        self.mlp = build_block(f"channel mixer {cfg.mlp!r}", BUILTIN_MLPS.get(cfg.mlp) or CHANNEL_MIXERS[cfg.mlp], cfg)
+        self.mlp = build_block(f"channel mixer {cfg.mlp!r}", CHANNEL_MIXERS[cfg.mlp], cfg)
         self.mlp_kind = cfg.mlp
 
     def forward(self, x, state=None):

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from slmlab.errors import ConfigError
 
-from .block import BUILTIN_MLPS, bad_output, build_block, fits_residual
+from .block import bad_output, build_block, fits_residual
 from .config import ModelConfig
 from .registry import _LOADED, CHANNEL_MIXERS, MIXERS, load_imports, module_file, where
 
@@ -68,7 +68,7 @@ def check_mixer(name_or_class, cfg: Optional[ModelConfig] = None, window: Option
 
 def check_channel_mixer(name_or_class, cfg: Optional[ModelConfig] = None) -> list[str]:
     """Problems of a channel mixer (a model.mlp name or a ChannelMixer class) under `cfg`."""
-    name, cls = _resolve(name_or_class, {**BUILTIN_MLPS, **CHANNEL_MIXERS}, "channel mixer")
+    name, cls = _resolve(name_or_class, CHANNEL_MIXERS, "channel mixer")
     cfg, label = cfg or tiny_config(), f"channel mixer {name!r} ({where(cls)})"
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -249,11 +249,11 @@ def check_mixer_windows(name: str, cfg: Optional[ModelConfig] = None) -> list[st
 
 def check_named(name: str, cfg: Optional[ModelConfig] = None) -> list[str]:
     """Problems of every block under `name`: a token mixer, a channel mixer, or both (lif)."""
-    if name not in MIXERS and name not in CHANNEL_MIXERS and name not in BUILTIN_MLPS:
-        known = sorted({*MIXERS, *CHANNEL_MIXERS, *BUILTIN_MLPS})
+    if name not in MIXERS and name not in CHANNEL_MIXERS:
+        known = sorted({*MIXERS, *CHANNEL_MIXERS})
         raise ConfigError(f"no block named {name!r}; registered: {', '.join(known)}")
     problems = check_mixer_windows(name, cfg) if name in MIXERS else []
-    if name in CHANNEL_MIXERS or name in BUILTIN_MLPS:
+    if name in CHANNEL_MIXERS:
         problems += check_channel_mixer(name, cfg)
     return problems
 

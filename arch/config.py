@@ -141,8 +141,8 @@ class ModelConfig:
         if self.kernels not in ("auto", "triton", "torch", "flex"):
             bad(f"model.kernels must be auto, triton, torch or flex, got {self.kernels!r}")
         self.layer_types()  # raises on a bad pattern
-        if self.mlp not in ("swiglu", "gelu") and self.mlp not in CHANNEL_MIXERS:
-            bad(f"unknown model.mlp {self.mlp!r}; known: swiglu, gelu, {', '.join(sorted(CHANNEL_MIXERS))}")
+        if self.mlp not in CHANNEL_MIXERS:
+            bad(f"unknown model.mlp {self.mlp!r}; known: {', '.join(sorted(CHANNEL_MIXERS))}")
         if not isinstance(self.mixer_opts, dict):
             bad(f"model.mixer_opts must be a mapping of block name -> options, got {self.mixer_opts!r}")
         for name in self.mixer_opts:

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 from slmlab.errors import ConfigError
 
-from .lif import spike_metrics
 from .loss import linear_token_nll
 from .model import LM, sample_next
 
@@ -108,9 +107,6 @@ class DiffusionLM(LM):
         B, K = x0.shape[0], self.eval_t_samples
         t = antithetic_t(B * K, x0.device, generator).view(K, B)
         return sum(self.elbo_terms(x0, t[k], generator) for k in range(K)) / K
-
-    def extra_metrics(self) -> dict:
-        return spike_metrics(self)
 
     def init_state(self, batch_size, device=None, dtype=torch.float32):
         raise RuntimeError("a diffusion model has no incremental decode; use generate()")

@@ -192,10 +192,10 @@ class _SpikeStats:
         # run; the ONNX exporter printed each failed attempt's FX graph before falling back).
         if self.training or torch.compiler.is_exporting():
             return
-        self._stat["spikes"] += float(spikes)
-        self._stat["nonzero"] += float(nonzero)
-        self._stat["slots"] += float(slots)
-        self._stat["tokens"] += int(tokens)
+        # Detached tensors, read by spike_metrics: float() here would be a host sync per layer and
+        # a graph break per layer under torch.compile (a compiled eval or `sample.py --compile`).
+        for key, v in (("spikes", spikes), ("nonzero", nonzero), ("slots", slots), ("tokens", tokens)):
+            self._stat[key] = self._stat[key] + (v.detach().double() if torch.is_tensor(v) else v)
 
 
 @register("lif", "L", options=LIFOptions)
@@ -316,7 +316,7 @@ def spike_metrics(model) -> dict:
             if not isinstance(m, _SpikeStats):
                 continue
             spiking_params.update(id(p) for p in m.parameters())
-            st = m._stat
+            st = {k: float(v) for k, v in m._stat.items()}
             if st["slots"] == 0:
                 continue
             rate = st["spikes"] / (st["slots"] * (m.opts.T_sim if isinstance(m, SpikingMLP) else 1))
@@ -340,22 +340,3 @@ def spike_metrics(model) -> dict:
         out["ac_ops_per_token"] = acs
         out["mac_ops_per_token"] = macs
     return out
-
-
-def _spiking_lm():
-    from .model import LM
-
-    class SpikingLM(LM):
-        """LM whose eval logs spike rates and the energy proxy (see spike_metrics)."""
-
-        def extra_metrics(self) -> dict:
-            return spike_metrics(self)
-
-    return SpikingLM
-
-
-SpikingLM = _spiking_lm()
-
-
-def uses_spikes(cfg) -> bool:
-    return "lif" in cfg.layer_types() or cfg.mlp == "lif"

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from .block import Block, residual_linears
 from .config import ModelConfig
 from .layers import make_norm
+from .lif import spike_metrics
 from .loss import (
     Distill,
     linear_cross_entropy,
@@ -111,8 +112,9 @@ class LM(nn.Module):
         return linear_token_nll(self.hidden(idx)[0], self.lm_head.weight, targets, self.cfg.loss_chunk)
 
     def extra_metrics(self) -> dict:
-        """Model-specific numbers logged at each eval (e.g. spike rates); empty by default."""
-        return {}
+        """Numbers logged at each eval beyond the loss: spike rates and the energy proxy when the model
+        has LIF blocks (arch/lif.py spike_metrics), else none."""
+        return spike_metrics(self)
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32):
         device = device or self.embed.weight.device
@@ -170,24 +172,29 @@ class LM(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
                  generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None,
-                 compile: bool = False, on_token=None, static: Optional[bool] = None):
+                 compile: bool = False, on_token=None, static: Optional[bool] = None,
+                 cuda_graph: Optional[bool] = None):
         """Prefill the prompt once, then decode token by token. Models whose mixers all have a
         static state (attention, conv) decode through preallocated states updated in place
         (static=None picks it when available; False forces the dynamic forward(x, states) path).
         compile=True compiles the static step (worth it for long generations: compiling takes
         seconds, about a minute the first time for greedy, which decodes GREEDY_CHUNK tokens a
-        call). on_token(id) is called with each new token of batch row 0 (sample.py streams with it)."""
+        call); on CUDA the compiled step is also captured as a CUDA graph unless cuda_graph=False
+        (None: CUDA_GRAPH_DECODE). on_token(id) is called with each new token of batch row 0
+        (sample.py streams with it)."""
         if max_new_tokens <= 0:
             return idx.clone()
         self.check_room(idx.shape[1], max_new_tokens)
         use_static = self.supports_static() if static is None else static
         if use_static:
+            if cuda_graph is None:
+                cuda_graph = CUDA_GRAPH_DECODE
+            graphed = compile and cuda_graph and idx.device.type == "cuda"
             # Greedy chunks amortise the compiled call's Python overhead, which a CUDA graph removes.
-            graphed = idx.device.type == "cuda" and CUDA_GRAPH_DECODE
             chunk = GREEDY_CHUNK if compile and temperature < 1e-5 and not graphed else 1
             if self.cfg.pos == "learned" and idx.shape[1] + max_new_tokens + chunk > self.cfg.max_positions:
                 chunk = 1  # the tokens a last chunk decodes past the end need positions too
-            dec = StaticDecoder(self, idx, max_new_tokens, compile, chunk)
+            dec = StaticDecoder(self, idx, max_new_tokens, compile, chunk, graphed)
         else:
             dec = DynamicDecoder(self, idx)
         nxt, out = sample_next(dec.prefill(idx)[:, -1, :], temperature, top_k, generator), [idx]
@@ -269,9 +276,10 @@ def _decode_in_mv_mode(fn):
 class StaticDecoder:
     """Decode state for LM.generate: preallocated per-layer states sized to prompt + new tokens
     (+ one greedy chunk; compiled: rounded up to STATIC_BUCKET), written in place by
-    LM.forward_static; the step optionally compiled, greedy `chunk` tokens a call."""
+    LM.forward_static; the step optionally compiled, greedy `chunk` tokens a call, and the
+    compiled step captured as a CUDA graph when `graph`."""
 
-    def __init__(self, model: LM, idx, max_new_tokens: int, compile: bool, chunk: int = 1):
+    def __init__(self, model: LM, idx, max_new_tokens: int, compile: bool, chunk: int = 1, graph: bool = False):
         self.model, self.chunk = model, chunk
         slots = idx.shape[1] + max_new_tokens + chunk
         if compile:
@@ -290,7 +298,7 @@ class StaticDecoder:
             what = "the greedy decode step" if chunk > 1 else "the decode step"
             step = CompiledOrEager(_decode_in_mv_mode(fn) if cpu else fn, what,
                                    options={"cpp_wrapper": True} if cpu else None)
-            if idx.device.type == "cuda" and CUDA_GRAPH_DECODE:
+            if graph:
                 step = CudaGraphStep(step, self.states, what)
             if chunk > 1:
                 self.greedy = step
@@ -318,8 +326,9 @@ class StaticDecoder:
         return toks
 
 
-# On CUDA, generate(compile=True) replays the compiled step as one captured CUDA graph: at batch 1
-# a token is a few hundred small kernels, and launching them from Python costs more than running them.
+# generate(compile=True)'s default on CUDA (its cuda_graph=None): replay the compiled step as one captured
+# CUDA graph, since at batch 1 a token is a few hundred small kernels and launching them from Python
+# costs more than running them. A module default, like GREEDY_CHUNK, so tests can flip it for every call.
 CUDA_GRAPH_DECODE = True
 
 

@@ -22,7 +22,7 @@ from slmlab.errors import ConfigError
 
 MIXERS: dict[str, type] = {}
 LETTERS: dict[str, str] = {}
-# Channel mixers other than the built-in SwiGLU and GELU MLPs (picked with model.mlp).
+# Channel mixers, the built-in SwiGLU and GELU MLPs included (picked with model.mlp).
 CHANNEL_MIXERS: dict[str, type] = {}
 # Block name -> its options dataclass (one namespace per name: the LIF mixer and LIF MLP share "lif").
 OPTIONS: dict[str, type] = {}
@@ -141,7 +141,7 @@ def get_mixer(name: str):
 def register_channel_mixer(name: str, options=None):
     """Class decorator: a channel mixer (arch.block.ChannelMixer subclass) under `name` (model.mlp)."""
     def deco(cls):
-        from .block import BUILTIN_MLPS, ChannelMixer, Mixer  # block imports this module
+        from .block import ChannelMixer, Mixer  # block imports this module
 
         what = f"channel mixer {name!r}"
         if isinstance(cls, type) and issubclass(cls, Mixer):
@@ -151,7 +151,7 @@ def register_channel_mixer(name: str, options=None):
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise ConfigError(f"{what} ({where(cls)}): a block name must be lower-case letters, digits and _ "
                               f"(model.mlp spells it that way), e.g. {_suggest_name(name)!r}")
-        if name in BUILTIN_MLPS:
+        if name in CHANNEL_MIXERS and _builtin(CHANNEL_MIXERS[name]):
             raise ConfigError(f"{what} ({where(cls)}): {name!r} is a built-in channel mixer; pick another name")
         if name in CHANNEL_MIXERS:
             raise ConfigError(f"{what} ({where(cls)}): the name {name!r} is taken by "
@@ -161,6 +161,11 @@ def register_channel_mixer(name: str, options=None):
         return cls
 
     return deco
+
+
+def _builtin(cls) -> bool:
+    """Defined in this package (arch/), not by a user's model.imports."""
+    return cls.__module__.startswith(f"{__package__}.")
 
 
 _LOADED: dict[str, str] = {}  # resolved file path or module name -> module name, so a second load is a no-op

@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from speed import decode_rates, hf_twin, interleaved
 
-import arch.model as model_mod
 from arch import build_model
 from slmlab.config import load_config
 from slmlab.estimate import meta_model, static_memory, train_peak
@@ -215,8 +214,7 @@ def section_decode(args):
             idx = torch.randint(0, cfg.model.vocab_size, (B, P), device=DEV)
 
             def ours(k, compile, graph, idx=idx, m=m):
-                model_mod.CUDA_GRAPH_DECODE = graph
-                return m.generate(idx, k, temperature=0, compile=compile)
+                return m.generate(idx, k, temperature=0, compile=compile, cuda_graph=graph)
 
             v = {"eager": lambda k: ours(k, False, False), "compiled": lambda k: ours(k, True, False),
                  "graph": lambda k: ours(k, True, True),
@@ -226,7 +224,6 @@ def section_decode(args):
                 rates = decode_rates(v, n, args.rounds, sync_time, warm_printer(f"{arch} batch {B}"))
                 tps = {k: B * rate for k, rate in rates.items()}
                 same = (v["graph"](n) == v["hf"](n))[:, P:].float().mean().item()
-            model_mod.CUDA_GRAPH_DECODE = True
             table.row(arch, str(B), *(f"{tps[k]:,.0f}" for k in ("eager", "compiled", "graph", "hf")),
                       f"{tps['graph'] / tps['hf']:.2f}x", f"{same:.0%}")
     table.show()

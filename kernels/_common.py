@@ -17,6 +17,9 @@ except (ImportError, AttributeError):  # older Triton: same parsing by hand
 
 # Tests set this so every buffer a kernel is supposed to fill starts as NaN: an element the
 # kernel forgets to write then shows up as NaN instead of as plausible uninitialised memory.
+# A module switch, not a parameter: it reaches every output buffer of every kernel (attention,
+# conv, LIF, forward and backward) through empty() below, and tests/test_kernels.py flips it for
+# all of them with one autouse fixture; as parameters it would thread through each public kernel.
 FILL_NAN_FOR_TESTS = False
 
 

@@ -26,10 +26,6 @@ from . import _common
 
 _LOG2E = 1.4426950408889634
 
-# Tests set this to (BLOCK_M, BLOCK_N) to force many small tiles on short sequences.
-_BLOCK_OVERRIDE = None
-
-
 @triton.jit
 def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # UPCAST is only set under the Triton interpreter with bf16 inputs: it keeps bf16 as raw uint16
@@ -246,13 +242,12 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     tl.store(DQ + row_off, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
-def _config(T, hd, backward):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). Untuned but sane for head_dim 64/128 on A100/H100."""
+def _config(T, hd, backward, tiles=None):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps); tiles: (BLOCK_M, BLOCK_N) instead of the default.
+    Unmeasured: no GPU has run these kernels yet (README "On a GPU"), so the block sizes and warp
+    counts are first guesses to tune there (python -m kernels.bench)."""
     BLOCK_D = max(16, _common.next_pow2(hd))  # tl.dot needs every dim >= 16
-    if _BLOCK_OVERRIDE is not None:
-        BLOCK_M, BLOCK_N = _BLOCK_OVERRIDE
-    else:
-        BLOCK_M = BLOCK_N = max(16, min(64, _common.next_pow2(T)))
+    BLOCK_M, BLOCK_N = tiles or (max(16, min(64, _common.next_pow2(T))),) * 2
     # The backward holds two fp32 [BLOCK_N, BLOCK_D] accumulators: more warps keep it out of spills.
     num_warps = 8 if (backward and BLOCK_D > 64) else 4
     return BLOCK_M, BLOCK_N, BLOCK_D, num_warps
@@ -264,10 +259,10 @@ def _strides(t):
 
 class _AttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, window, scale):
+    def forward(ctx, q, k, v, causal, window, scale, tiles):
         B, H, T, hd = q.shape
         HKV = k.shape[1]
-        BLOCK_M, BLOCK_N, BLOCK_D, num_warps = _config(T, hd, backward=False)
+        BLOCK_M, BLOCK_N, BLOCK_D, num_warps = _config(T, hd, backward=False, tiles=tiles)
         o = _common.empty(B, H, T, hd, dtype=q.dtype, device=q.device)
         lse = _common.empty(B, H, T, dtype=torch.float32, device=q.device)
         # fp32 inputs get true fp32 dots (no TF32) so they can serve as a reference-grade path.
@@ -280,7 +275,7 @@ class _AttentionFn(torch.autograd.Function):
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, DOT_PRECISION=precision, UPCAST=upcast,
             num_warps=num_warps, num_stages=2)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.window, ctx.scale = causal, window, scale
+        ctx.causal, ctx.window, ctx.scale, ctx.tiles = causal, window, scale, tiles
         ctx.precision, ctx.upcast = precision, upcast
         return o
 
@@ -290,7 +285,7 @@ class _AttentionFn(torch.autograd.Function):
         B, H, T, hd = q.shape
         HKV = k.shape[1]
         do = do.contiguous()  # same layout as o; the kernels index both with one offset
-        BLOCK_M, BLOCK_N, BLOCK_D, num_warps = _config(T, hd, backward=True)
+        BLOCK_M, BLOCK_N, BLOCK_D, num_warps = _config(T, hd, backward=True, tiles=ctx.tiles)
         common = dict(GROUP=H // HKV, CAUSAL=ctx.causal, HAS_WINDOW=ctx.window is not None,
                       BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
                       DOT_PRECISION=ctx.precision, UPCAST=ctx.upcast, num_warps=num_warps, num_stages=2)
@@ -311,19 +306,21 @@ class _AttentionFn(torch.autograd.Function):
         _attn_bwd_dq_kernel[(triton.cdiv(T, BLOCK_M), B * H)](
             q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v),
             H, T, hd, W, qk_scale, ctx.scale, **common)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def _head_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def attention(q, k, v, causal=True, window=None, scale=None):
+def attention(q, k, v, causal=True, window=None, scale=None, tiles=None):
     """Triton banded GQA attention; same contract as `reference.attention_ref` with Tq == Tk.
 
     q: [B, Hq, T, hd], k/v: [B, Hkv, T, hd], Hq % Hkv == 0. window W: causal keys i-W < j <= i,
     non-causal |i - j| < W; None = no band. scale defaults to hd ** -0.5. Returns [B, Hq, T, hd].
     Inputs may be strided (e.g. a transposed [B, T, H, hd] projection) as long as hd is contiguous.
+    tiles: (BLOCK_M, BLOCK_N), powers of two >= 16, instead of the default (tests force many small
+    tiles on short sequences; tuning on a GPU tries others).
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention: q, k, v must be 4-D [B, H, T, hd], got {tuple(q.shape)}, "
@@ -345,6 +342,8 @@ def attention(q, k, v, causal=True, window=None, scale=None):
         raise ValueError(f"attention: q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
     if hd > 256:
         raise ValueError(f"attention: head_dim {hd} > 256 is not supported by these tiles")
+    if tiles is not None and not (len(tiles) == 2 and all(t >= 16 and t & (t - 1) == 0 for t in tiles)):
+        raise ValueError(f"attention: tiles must be two powers of two >= 16 (tl.dot's minimum), got {tiles!r}")
     _common.check_device("attention", q, k, v)
 
     if window is not None and window >= T:
@@ -356,4 +355,4 @@ def attention(q, k, v, causal=True, window=None, scale=None):
     if T == 0 or B == 0 or Hq == 0:
         return q.new_empty(q.shape) + 0 * (k.sum() + v.sum())
     return _AttentionFn.apply(_head_dim_contiguous(q), _head_dim_contiguous(k), _head_dim_contiguous(v),
-                              bool(causal), window, float(scale))
+                              bool(causal), window, float(scale), None if tiles is None else tuple(tiles))

@@ -33,13 +33,11 @@ import torch
 
 from .errors import ConfigError
 from .optim import route_params
-from .phases import phase_windows, resolve_phases
+from .phases import Phase, phase_windows, resolve_phases
+from .runtime import GPUS, gpu_peak_source, measured_peak
 
 GB = 1024 ** 3
 VERDICT_GB = (8, 16, 24, 40, 80)
-# Memory in GiB of the GPUs slmlab.trainer.BF16_PEAK knows (datasheet), for --gpu with no --mem.
-GPU_MEMORY_GB = {"H200": 141, "H100": 80, "A100": 80, "L40S": 48, "A10G": 24, "L4": 24, "RTX 4090": 24,
-                 "RTX 3090": 24, "V100": 32, "T4": 16}
 # The model.loss_chunk the dry run and the fit check suggest when the logits are a large share of
 # the peak: a [1024, V] fp32 chunk is ~0.2 GB at GPT-2's vocab, and 1024 x d x V keeps the head's
 # matmuls large (on this CPU at the default shape, chunks of 512-2048 ran at 0.98-1.02x the plain head).
@@ -69,13 +67,11 @@ def parse_mem(text: str) -> int:
 
 
 def gpu_spec(name: str) -> tuple[str, float, int]:
-    """--gpu NAME -> (datasheet name, dense bf16 FLOP/s, memory bytes)."""
-    from .runtime import BF16_PEAK
-
-    for key in BF16_PEAK:
+    """--gpu NAME -> (its key in runtime.GPUS, dense datasheet FLOP/s, memory bytes)."""
+    for key, spec in GPUS.items():
         if key.replace(" ", "").lower() == name.replace(" ", "").lower():
-            return key, BF16_PEAK[key], GPU_MEMORY_GB[key] * GB
-    raise ConfigError(f"unknown --gpu {name!r}; known: {', '.join(BF16_PEAK)}")
+            return key, spec.peak, spec.memory_gb * GB
+    raise ConfigError(f"unknown --gpu {name!r}; known: {', '.join(GPUS)}")
 
 
 def meta_model(cfg, lora: bool = True):
@@ -278,48 +274,31 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
     if not 0 < mfu <= 1:
         raise ConfigError(f"--mfu must be in (0, 1], got {mfu}")
     cuda = device == "cuda"
-    model = meta_model(cfg)
-    st = static_memory(model, cfg, cuda, world, teacher_meta(cfg))
+    gpu_name, peak_flops, gpu_mem = gpu_spec(gpu) if gpu else (None, None, None)
+    budget = mem if mem is not None else gpu_mem
+    model, st, sized = size_phases(cfg, cuda, world, budget)
     lora = None
     if cfg.train.lora.r:  # adapters: gradients and optimizer state for them only
         full = static_memory(meta_model(cfg, lora=False), cfg, cuda, world)
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
         lora = {"trainable": n, "share": n / st.params,
                 "saved_bytes": full.gradients + full.optimizer - st.gradients - st.optimizer}
-    phases = resolve_phases(cfg, world)
-    gpu_name, peak_flops, gpu_mem = gpu_spec(gpu) if gpu else (None, None, None)
-    budget = mem if mem is not None else gpu_mem
     out = {"arch": cfg.arch, "params": st.params, "params_non_embedding": st.params_non_embedding,
            "device": "cuda (bf16 autocast)" if cuda else "cpu (fp32)", "world": world,
            "parallel": cfg.train.parallel if world > 1 else None, "optimizer": cfg.optim.name,
            "static_bytes": st.bytes(), "lora": lora, "phases": [],
-           "kernels": cfg.model.kernel_routing(device, phases[-1].seq_len)}
-    windows = cfg.model.layer_windows()
-    chunked = None if cfg.model.loss_chunk else with_loss_chunk(cfg, SUGGESTED_LOSS_CHUNK)  # the what-if shown
-    for ph in phases:
-        model.set_windows(phase_windows(windows, ph.window))
-        batch = ph.batch_size(cfg.train.grad_accum, world)
-        if batch < 1:
-            raise ConfigError(f"phase {ph.index + 1}: tokens_per_step {ph.tokens_per_step} is less than one "
-                              f"sequence of {ph.seq_len} per rank and micro-batch")
+           "kernels": cfg.model.kernel_routing(device, sized[-1].phase.seq_len)}
+    for p in sized:
+        ph = p.phase
         row = {"phase": ph.index + 1, "seq_len": ph.seq_len, "tokens_per_step": ph.tokens_per_step,
-               "micro_batch": batch, "grad_accum": cfg.train.grad_accum, "steps": ph.steps,
-               "flops_per_token": model.flops_per_token(ph.seq_len)}
-        for ckpt in (False, True):
-            r = train_peak(model, st, cfg, batch, ph.seq_len, ckpt, cuda)
-            key = "grad_checkpoint" if ckpt else "no_checkpoint"
-            row[key] = r
-            if budget is not None:
-                fit = max_micro_batch(model, st, cfg, ph.seq_len, ckpt, cuda, budget)
-                r["max_micro_batch"] = fit
-                r["grad_accum_to_fit"] = accum_for(ph.tokens_per_step, ph.seq_len, world, fit) if fit else None
-        if chunked is not None:
-            ck = cfg.model.grad_checkpoint
-            r = train_peak(model, st, chunked, batch, ph.seq_len, ck, cuda)
-            r["unchunked_peak"] = row[_ckpt_key(cfg)]["peak"]
-            if budget is not None:
-                r["max_micro_batch"] = max_micro_batch(model, st, chunked, ph.seq_len, ck, cuda, budget)
-            row["loss_chunk"] = r
+               "micro_batch": p.batch, "grad_accum": cfg.train.grad_accum, "steps": ph.steps,
+               "flops_per_token": p.flops_per_token, **p.peaks}
+        if budget is not None:
+            for key in ("no_checkpoint", "grad_checkpoint"):
+                fit = row[key]["max_micro_batch"]
+                row[key]["grad_accum_to_fit"] = accum_for(ph.tokens_per_step, ph.seq_len, world, fit) if fit else None
+        if "loss_chunk" in row:  # the what-if shown
+            row["loss_chunk"]["unchunked_peak"] = row[_ckpt_key(cfg)]["peak"]
         row["verdict"] = {f"{g}GB": row[_ckpt_key(cfg)]["peak"] <= g * GB for g in VERDICT_GB}
         out["phases"].append(row)
     first = out["phases"][0][_ckpt_key(cfg)]
@@ -329,11 +308,9 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
     total_flops = sum(p["flops_per_token"] * p["tokens_per_step"] * p["steps"] for p in out["phases"])
     tokens = sum(p["tokens_per_step"] * p["steps"] for p in out["phases"])
     if peak_flops is not None:
-        peak_desc = f"{gpu_name} dense bf16 datasheet peak"
+        peak_desc = gpu_peak_source(gpu_name)
     elif not cuda:  # a CPU run: what this machine's matmuls reach, as the trainer's MFU uses
-        from .runtime import _measured_peak
-
-        peak_flops, peak_desc = _measured_peak("cpu")
+        peak_flops, peak_desc = measured_peak("cpu")
     out["throughput"] = None  # a GPU of unknown kind: --gpu NAME gives times
     if peak_flops is not None:
         rate = peak_flops * mfu * world
@@ -345,6 +322,43 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
             "step_seconds": [p["flops_per_token"] * p["tokens_per_step"] / rate for p in out["phases"]]}
     out["inference"] = inference_memory(model, cfg, context)
     return out
+
+
+@dataclass
+class PhaseSize:
+    """One phase at its micro-batch: train_peak (with budget: its max_micro_batch) under "no_checkpoint",
+    "grad_checkpoint" and, when model.loss_chunk is unset, "loss_chunk" (SUGGESTED_LOSS_CHUNK at the
+    run's grad_checkpoint: the what-if the dry run shows and the fit check suggests)."""
+    phase: Phase
+    batch: int
+    flops_per_token: float
+    peaks: dict
+
+
+def size_phases(cfg, cuda: bool, world: int,
+                budget: Optional[int] = None) -> tuple[torch.nn.Module, Static, list[PhaseSize]]:
+    """The run's meta model, its static memory and a PhaseSize per phase (estimate and check_fits read
+    these). The model is left with the last phase's windows."""
+    model = meta_model(cfg)
+    st = static_memory(model, cfg, cuda, world, teacher_meta(cfg))
+    windows = cfg.model.layer_windows()
+    variants = [("no_checkpoint", cfg, False), ("grad_checkpoint", cfg, True)]
+    if not cfg.model.loss_chunk:
+        variants.append(("loss_chunk", with_loss_chunk(cfg, SUGGESTED_LOSS_CHUNK), cfg.model.grad_checkpoint))
+    out = []
+    for ph in resolve_phases(cfg, world):
+        model.set_windows(phase_windows(windows, ph.window))
+        batch = ph.batch_size(cfg.train.grad_accum, world)
+        if batch < 1:
+            raise ConfigError(f"phase {ph.index + 1}: tokens_per_step {ph.tokens_per_step} is less than one "
+                              f"sequence of {ph.seq_len} per rank and micro-batch")
+        peaks = {}
+        for key, c, ckpt in variants:
+            peaks[key] = train_peak(model, st, c, batch, ph.seq_len, ckpt, cuda)
+            if budget is not None:
+                peaks[key]["max_micro_batch"] = max_micro_batch(model, st, c, ph.seq_len, ckpt, cuda, budget)
+        out.append(PhaseSize(ph, batch, model.flops_per_token(ph.seq_len), peaks))
+    return model, st, out
 
 
 def with_loss_chunk(cfg, chunk: int):
@@ -456,25 +470,16 @@ def free_memory(cuda: bool) -> tuple[int, str]:
 def check_fits(cfg, budget: int, where: str, cuda: bool, world: int = 1):
     """Raise a one-line ConfigError before training if some phase's estimated peak exceeds
     `budget`, naming the largest micro-batch that fits and the setting that gets every phase there."""
-    model = meta_model(cfg)
-    st = static_memory(model, cfg, cuda, world, teacher_meta(cfg))
-    ckpt = cfg.model.grad_checkpoint
-    windows = cfg.model.layer_windows()
-    phases = resolve_phases(cfg, world)
-    chunked = None if cfg.model.loss_chunk else with_loss_chunk(cfg, SUGGESTED_LOSS_CHUNK)
-    over, fits, fits_ck, fits_lc = None, [], [], []
-    for ph in phases:
-        model.set_windows(phase_windows(windows, ph.window))
-        batch = ph.batch_size(cfg.train.grad_accum, world)
-        peak = train_peak(model, st, cfg, batch, ph.seq_len, ckpt, cuda)["peak"]
-        if peak > budget and over is None:
-            over = (ph, batch, peak)
-        fits.append(max_micro_batch(model, st, cfg, ph.seq_len, ckpt, cuda, budget))
-        fits_ck.append(0 if ckpt else max_micro_batch(model, st, cfg, ph.seq_len, True, cuda, budget))
-        fits_lc.append(0 if chunked is None else max_micro_batch(model, st, chunked, ph.seq_len, ckpt, cuda, budget))
+    _, _, sized = size_phases(cfg, cuda, world, budget)
+    phases = [p.phase for p in sized]
+    key = _ckpt_key(cfg)
+    over = next((p for p in sized if p.peaks[key]["peak"] > budget), None)
+    fits = [p.peaks[key]["max_micro_batch"] for p in sized]
+    fits_ck = [0 if cfg.model.grad_checkpoint else p.peaks["grad_checkpoint"]["max_micro_batch"] for p in sized]
+    fits_lc = [p.peaks["loss_chunk"]["max_micro_batch"] if "loss_chunk" in p.peaks else 0 for p in sized]
     if over is None:
         return
-    ph, batch, peak = over
+    ph, batch, peak = over.phase, over.batch, over.peaks[key]["peak"]
     hints = []
     if not all(fits):
         hints.append(f"not even micro-batch 1 fits at seq_len {phases[fits.index(0)].seq_len}")

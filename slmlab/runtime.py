@@ -8,6 +8,7 @@ import functools
 import os
 import random
 import time
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -149,9 +150,13 @@ def use_compile(setting, device: torch.device) -> bool:
 
 
 def autocast(device):
+    """bf16 autocast on CUDA; fp32 on CPU, on every CPU. Measured on this project's 2-core AVX-512
+    machines without AMX: bf16 matmul ran ~3.5x slower than fp32. CPUs with AMX (amx_bf16) are faster
+    in bf16 (slmlab/optim.py fast_ns_dtype probes for that, for Muon's Newton-Schulz only), but
+    training stays fp32 there too: the dry run sizes a CPU run as fp32 and tests/golden's trace is fp32."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)  # bf16 matmul is ~3.5x slower than fp32 on these CPUs
+    return torch.autocast("cpu", enabled=False)
 
 
 # ---- distributed ----
@@ -220,23 +225,44 @@ def is_sharded(model) -> bool:
 
 
 # ---- throughput accounting ----
-BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
-             "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+class GPUSpec(NamedTuple):
+    peak: float  # dense tensor-core FLOP/s from the datasheet, in peak_dtype
+    memory_gb: int  # GiB, for --dry-run --gpu with no --mem
+    peak_dtype: str = "bf16"
+
+
+# Keys are matched against torch.cuda.get_device_name. V100 and T4 have no bf16 tensor cores: their
+# figure is the fp16 one, and training's bf16 autocast cannot use those tensor cores, so MFU reads low.
+GPUS = {"H200": GPUSpec(989e12, 141), "H100": GPUSpec(989e12, 80), "A100": GPUSpec(312e12, 80),
+        "L40S": GPUSpec(362e12, 48), "A10G": GPUSpec(125e12, 24), "L4": GPUSpec(121e12, 24),
+        "RTX 4090": GPUSpec(165e12, 24), "RTX 3090": GPUSpec(71e12, 24), "V100": GPUSpec(125e12, 32, "fp16"),
+        "T4": GPUSpec(65e12, 16, "fp16")}
+
+
+def gpu_peak_source(key: str, name: Optional[str] = None) -> str:
+    """How GPUS[key]'s peak is labelled next to an MFU or a step time; `name`: the device's full name."""
+    spec = GPUS[key]
+    label = f"{name or key} dense {spec.peak_dtype} datasheet peak"
+    if spec.peak_dtype != "bf16":
+        label += " (it has no bf16 tensor cores: bf16 training runs below this, so MFU reads low)"
+    return label
 
 
 def peak_flops(device) -> tuple[float, str]:
-    """The FLOP/s that MFU is measured against: a GPU's dense bf16 peak from its datasheet, or
-    the best measured matmul throughput (fp32 on CPU) with this process's threads."""
+    """The FLOP/s that MFU is measured against: a GPU's dense tensor-core peak from its datasheet
+    (bf16, or fp16 where it has no bf16: gpu_peak_source says which), or the best measured matmul
+    throughput (fp32 on CPU) with this process's threads."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, v in BF16_PEAK.items():
+        for key, spec in GPUS.items():
             if key in name:
-                return v, f"{name} dense bf16 datasheet peak"
-    return _measured_peak(device.type)
+                return spec.peak, gpu_peak_source(key, name)
+    return measured_peak(device.type)
 
 
 @functools.lru_cache(maxsize=None)
-def _measured_peak(device_type: str) -> tuple[float, str]:
+def measured_peak(device_type: str) -> tuple[float, str]:
+    """(best FLOP/s of a 2048^3 matmul on this device, fp32 on CPU and bf16 elsewhere; its label)."""
     # 2048^3 and a warm-up: 1024^3 for four reps read 0.11-0.19 TFLOP/s on the same 2-core CPU
     # (frequency ramp, timer noise) and gave MFU above 100%; this reads within a few percent.
     n, dtype = 2048, torch.float32 if device_type == "cpu" else torch.bfloat16

@@ -5,8 +5,6 @@ The interpreter is ~1000x slower than a GPU, so shapes are tiny; tile sizes are 
 needs several blocks (band skipping, state hand-off between time blocks). References run in float64
 so the tolerance measures the kernel's own fp32 rounding, not the reference's.
 """
-import importlib
-
 import pytest
 import torch
 
@@ -23,9 +21,6 @@ from tests.triton_probe import interpreter_problem
 _PROBLEM = interpreter_problem()
 pytestmark = pytest.mark.skipif(bool(_PROBLEM), reason=_PROBLEM)
 DEV = "cuda" if torch.cuda.is_available() and not _common.interpreting() else "cpu"
-
-# `kernels.attention` the attribute is the function (re-exported by kernels/__init__); get the module.
-attn_mod = importlib.import_module("kernels.attention")
 
 
 @pytest.fixture(autouse=True)
@@ -175,8 +170,8 @@ def _attn_run(fn, q, k, v, do, dtype, **kw):
     return out, grads
 
 
-def _check_attn(q, k, v, do, tol=1e-4, **kw):
-    out, grads = _attn_run(attention, q, k, v, do, torch.float32, **kw)
+def _check_attn(q, k, v, do, tol=1e-4, tiles=None, **kw):
+    out, grads = _attn_run(attention, q, k, v, do, torch.float32, tiles=tiles, **kw)
     r_out, r_grads = _attn_run(attention_ref, q, k, v, do, torch.float64, **kw)
     assert out.shape == r_out.shape and out.dtype == torch.float32
     for name, got, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), (r_out, *r_grads)):
@@ -197,21 +192,19 @@ def test_attention_matches_reference_fp32(T, window, group, causal, hd):
 
 @pytest.mark.parametrize("window", [None, 1, 3, 20])
 @pytest.mark.parametrize("causal", [True, False])
-def test_attention_many_tiles(monkeypatch, window, causal):
+def test_attention_many_tiles(window, causal):
     # 16-wide tiles on T=63: several key/query tiles per program, ragged last tile, band skipping.
-    monkeypatch.setattr(attn_mod, "_BLOCK_OVERRIDE", (16, 16))
     q, k, v, do = _attn_case(1, 4, 2, 63, 12, seed=2)
-    _check_attn(q, k, v, do, causal=causal, window=window)
+    _check_attn(q, k, v, do, causal=causal, window=window, tiles=(16, 16))
 
 
-def test_attention_skips_key_tiles_outside_band(monkeypatch):
+def test_attention_skips_key_tiles_outside_band():
     # Poison V in key tile 0. Queries >= 32 with window 3 can only reach keys >= 30, so unless the
     # kernel loads tile 0 anyway (it would: NaN * 0 = NaN in the P V dot) their output stays clean.
-    monkeypatch.setattr(attn_mod, "_BLOCK_OVERRIDE", (16, 16))
     q, k, v, _ = _attn_case(1, 2, 1, 64, 16, seed=4)
     v_bad = v.clone()
     v_bad[:, :, :16] = float("nan")
-    out = attention(q, k, v_bad, causal=True, window=3)
+    out = attention(q, k, v_bad, causal=True, window=3, tiles=(16, 16))
     ref = attention_ref(q.double(), k.double(), v.double(), causal=True, window=3)
     assert _max_err(out[:, :, 32:], ref[:, :, 32:]) <= 1e-5
 
@@ -251,6 +244,8 @@ def test_attention_bad_inputs():
         attention(q, k, v, window=0)
     with pytest.raises(ValueError, match="window"):
         attention(q, k, v, window=-2)
+    with pytest.raises(ValueError, match="tiles must be two powers of two >= 16"):
+        attention(q, k, v, tiles=(8, 16))
     with pytest.raises(ValueError):
         attention(q, k[..., :8], v[..., :8])
     with pytest.raises(ValueError):

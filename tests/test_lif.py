@@ -5,7 +5,7 @@ import torch
 
 from arch import build_model
 from arch.config import ModelConfig
-from arch.lif import LIFMixer, LIFState, SpikingLM, lif_scan, lif_scan_ref
+from arch.lif import LIFMixer, LIFState, lif_scan, lif_scan_ref, spike_metrics
 from slmlab.config import load_config
 from slmlab.errors import ConfigError
 
@@ -101,7 +101,7 @@ def test_spiking_preset_decode_equals_full_forward():
                                                  "model.n_kv_heads=2"]).model
     torch.manual_seed(0)
     m = build_model(cfg).eval()
-    assert isinstance(m, SpikingLM) and [l.kind for l in m.layers][:3] == ["lif", "lif", "attn"]
+    assert [l.kind for l in m.layers][:3] == ["lif", "lif", "attn"]
     idx = torch.randint(0, 61, (2, 24))
     with torch.no_grad():
         full = m(idx)
@@ -174,3 +174,19 @@ def test_tsim_zero_exits_2_from_the_cli(capsys, tmp_path):
     err = capsys.readouterr().err
     assert rc == 2 and "T_sim must be an integer > 0" in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()  # rejected before anything is written
+
+
+def test_spike_stats_trace_without_graph_breaks_and_count_as_eager():
+    """A compiled eval (train.compile) or `sample.py --compile` of a LIF model: recording spike counts
+    must not break the graph (float() of a tensor did, once per layer per call)."""
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=64, layers="LA", mlp="lif")
+    torch.manual_seed(0)
+    m = build_model(cfg).eval()
+    x, y = torch.randint(0, 64, (2, 9)), torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        m.token_nll(x, y)
+        eager = spike_metrics(m)
+        explained = torch._dynamo.explain(m.token_nll)(x, y)
+        traced = spike_metrics(m)
+    assert explained.graph_break_count == 0, explained.break_reasons[:1]
+    assert eager and traced == pytest.approx(eager, rel=1e-9)
