@@ -24,22 +24,24 @@ from slmlab.cli import run_cli
 
 
 def parse_args(argv=None):
+    from slmlab.ablate.plan import BUDGETS, DEFAULT_BUDGET, DEFAULT_SEEDS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("items", nargs="*", metavar="[FILE] [section.key=value ...]",
                    help="an ablation YAML file (the file form), then dotted overrides applied to every variant")
     p.add_argument("--report", metavar="OUT", help="only rebuild OUT's outputs from its run directories")
     p.add_argument("--out", help="the ablation directory (required unless --report or --dry-run)")
-    p.add_argument("--arch", help="inline form: every variant's preset (default hybrid); file form: the preset "
-                                  "of variants that name none (replacing the file's arch:)")
+    p.add_argument("--arch", help="inline form: every variant's preset (default: the config's arch:); file form: "
+                                  "the preset of variants that name none (replacing the file's arch:)")
     p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="inline form: one axis of the grid (repeatable; cartesian product; first value = baseline)")
-    p.add_argument("--seeds", type=int, help="seeds 1..N per variant (default 3, or the file's seeds:)")
-    p.add_argument("--steps", type=int, help="the baseline's optimizer steps (default: train.steps of the config, "
-                                             "or the file's steps:)")
+    p.add_argument("--seeds", type=int, help=f"seeds 1..N per variant (default {DEFAULT_SEEDS}, or the file's seeds:)")
+    p.add_argument("--steps", type=int, help="the baseline's optimizer steps (default: the file's steps:, else "
+                                             "train.steps of the config)")
     p.add_argument("--data", action="append", metavar="SPEC",
-                   help="a corpus (repeatable: one table per corpus; default data.spec, or the file's data:)")
-    p.add_argument("--budget", choices=["steps", "tokens", "flops"],
-                   help="what every variant gets equal of (default flops, or the file's budget:)")
+                   help="a corpus (repeatable: one table per corpus; default: the file's data:, else data.spec)")
+    p.add_argument("--budget", choices=BUDGETS,
+                   help=f"what every variant gets equal of (default {DEFAULT_BUDGET}, or the file's budget:)")
     p.add_argument("--config", help="the base config (default: config.yaml beside train.py)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE_OR_MODULE",
                    help="a Python file or module registering extra blocks, for every run (repeatable; as train.py's)")
@@ -86,6 +88,8 @@ def _check_flags(args):
         bad = given("cluster", "slurm")
         if bad:
             raise AblationError(f"{bad[0]} needs --launcher submitit")
+        if _gpus(args) and args.jobs is not None and args.jobs != len(_gpus(args)):
+            raise AblationError(f"--jobs {args.jobs} with {len(_gpus(args))} --gpus: runs go one per GPU; drop --jobs")
     for flag in ("jobs", "threads", "seeds", "steps"):
         v = getattr(args, flag)
         if v is not None and v < (0 if flag == "threads" else 1):
@@ -103,7 +107,7 @@ def imports_override(imports: list[str]) -> list[str]:
 
 def build_ablation(args):
     from slmlab.ablate.plan import AblationError, file_ablation, inline_ablation
-    from slmlab.config import DEFAULT_CONFIG, load_config
+    from slmlab.config import DEFAULT_CONFIG
 
     files = [x for x in args.items if "=" not in x]
     overrides = [x for x in args.items if "=" in x] + imports_override(args.imports)
@@ -115,12 +119,7 @@ def build_ablation(args):
             raise AblationError("--vary is for the inline form; in a file, list the variants under variants:")
         return file_ablation(files[0], arch=args.arch, seeds=args.seeds, steps=args.steps, corpora=args.data,
                              budget=args.budget, overrides=overrides, config=config)
-    arch = args.arch or "hybrid"
-    steps, data = args.steps, args.data
-    if steps is None or not data:  # the config's own defaults, as train.py would use them
-        cfg = load_config(config, arch=arch, overrides=overrides)
-        steps, data = steps or cfg.train.steps, data or [cfg.data.spec]
-    return inline_ablation(arch, args.vary, args.seeds or 3, steps, data, budget=args.budget or "flops",
+    return inline_ablation(args.arch, args.vary, args.seeds, args.steps, args.data, budget=args.budget,
                            overrides=overrides, config=config)
 
 
@@ -147,8 +146,7 @@ def _lock(out: Path):
     return f
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def _require_extras():
     try:
         import matplotlib  # noqa: F401
         import scipy  # noqa: F401
@@ -157,8 +155,50 @@ def main(argv=None):
 
         raise SlmlabError(f"ablate.py needs scipy and matplotlib ({e.name} is missing): "
                           "pip install -e '.[ablate]'") from None
+
+
+def launch(args, out: Path, runs, prog):
+    """Run every unfinished run with the chosen launcher; returns when all have ended."""
+    from slmlab.ablate import runner
+
+    group = out.resolve().name
+    if args.launcher == "submitit":
+        from slmlab.config import parse_override
+
+        params = dict(parse_override(s) for s in args.slurm)
+        threads = args.threads if args.threads is not None else int(params.get("cpus_per_task", 0))
+        runner.run_submitit(out, runs, prog, threads, group, args.cluster or "auto", params)
+        return
+    gpus = _gpus(args)
+    jobs = len(gpus) or args.jobs or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = args.threads if args.threads is not None else max(1, cores // jobs)
+    runner.run_local(out, runs, prog, jobs, threads, gpus, group)
+
+
+def _gpus(args) -> list[str]:
+    return [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else []
+
+
+def say_outcome(prog):
+    """Diverged runs on stderr (exit 0: a result); failed ones too, then exit 1 so a script notices."""
+    diverged = prog.diverged + prog.skipped_diverged
+    if diverged:  # a result, not an error: re-running the same seed would diverge again
+        print(f"[ablate] {len(diverged)} run(s) diverged (non-finite final val bpb): "
+              + ", ".join(r.dir for r in diverged) + "; the tables report them as diverged and leave them out of "
+              "the statistics. A re-run does not retry them.", file=sys.stderr)
+    if prog.failed:
+        print(f"[ablate] {len(prog.failed)} run(s) failed: " + ", ".join(r.dir for r in prog.failed)
+              + "; the tables mark them failed with their error (also in each run's error.txt). "
+              "Re-run the same command to retry them.", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    _require_extras()
     from slmlab.ablate import report, runner
-    from slmlab.ablate.plan import AblationError, plan
+    from slmlab.ablate.plan import plan
 
     _check_flags(args)
     if args.report:
@@ -181,40 +221,16 @@ def main(argv=None):
         div = len(prog.skipped_diverged)
         print(f"[ablate] {prog.skipped} of {len(runs)} runs already finished in {out}"
               f"{f' ({div} of them diverged)' if div else ''}: skipped")
-    group = out.resolve().name
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if args.launcher == "submitit":
-        from slmlab.config import parse_override
-
-        params = dict(parse_override(s) for s in args.slurm)
-        threads = args.threads if args.threads is not None else int(params.get("cpus_per_task", 0))
-        runner.run_submitit(out, runs, prog, threads, group, args.cluster or "auto", params)
-    else:
-        gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else []
-        if gpus and args.jobs is not None and args.jobs != len(gpus):
-            raise AblationError(f"--jobs {args.jobs} with {len(gpus)} --gpus: runs go one per GPU; drop --jobs")
-        jobs = len(gpus) or args.jobs or 1
-        threads = args.threads if args.threads is not None else max(1, cores // jobs)
-        runner.run_local(out, runs, prog, jobs, threads, gpus, group)
-    with open(out / report.INVOCATIONS, "a") as f:
-        f.write(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
-                            "elapsed_s": round(time.time() - t0, 1), "launcher": args.launcher,
-                            "ran": prog.finished, "failed": len(prog.failed), "diverged": len(prog.diverged),
-                            "skipped": prog.skipped}) + "\n")
+    launch(args, out, runs, prog)
+    report.record_invocation(out, {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
+                                   "elapsed_s": round(time.time() - t0, 1), "launcher": args.launcher,
+                                   "ran": prog.finished, "failed": len(prog.failed),
+                                   "diverged": len(prog.diverged), "skipped": prog.skipped})
     report.write_report(out)
     print(f"[ablate] outputs in {out}: {', '.join(runner.OUTPUTS)}")
     if lock:
         lock.close()
-    diverged = prog.diverged + prog.skipped_diverged
-    if diverged:  # a result, not an error: re-running the same seed would diverge again
-        print(f"[ablate] {len(diverged)} run(s) diverged (non-finite final val bpb): "
-              + ", ".join(r.dir for r in diverged) + "; the tables report them as diverged and leave them out of "
-              "the statistics. A re-run does not retry them.", file=sys.stderr)
-    if prog.failed:
-        print(f"[ablate] {len(prog.failed)} run(s) failed: " + ", ".join(r.dir for r in prog.failed)
-              + "; the tables mark them failed with their error (also in each run's error.txt). "
-              "Re-run the same command to retry them.", file=sys.stderr)
-        raise SystemExit(1)
+    say_outcome(prog)
 
 
 if __name__ == "__main__":

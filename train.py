@@ -63,14 +63,10 @@ def dry_run(cfg, args):
 
     from slmlab.estimate import DEFAULT_MFU, estimate, parse_mem, report
 
-    if cfg.data.added_tokens and cfg.data.tokenizer:  # the vocabulary the run will have, as the trainer grows it
-        from pathlib import Path
+    if cfg.data.added_tokens:  # they grow model.vocab_size, and so the estimate; else the tokenizer is not needed
+        from slmlab.data import given_tokenizer
 
-        from slmlab.init_from import with_added_tokens
-        from slmlab.tokenizer import Tokenizer
-
-        with_added_tokens(cfg, Tokenizer.load(Path(cfg.data.tokenizer).expanduser()),
-                          say=lambda msg: None if args.json else print(msg))
+        given_tokenizer(cfg, say=lambda msg: None if args.json else print(msg))
     # --mem and --gpu describe a GPU unless the run is pinned to the CPU (then --mem is its RAM).
     device = "cpu" if cfg.train.device == "cpu" else "cuda" if cfg.train.device == "cuda" or args.mem or args.gpu \
         else "cuda" if torch.cuda.is_available() else "cpu"

@@ -37,6 +37,7 @@ import re
 import sys
 import sysconfig
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -45,11 +46,10 @@ import numpy as np
 import torch
 
 from .checkpoint import discard, publish, remove_stale
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .tokenizer import Tokenizer, split_exact, train_tokenizer
 
 FORMAT_VERSION = 1
-DEFAULT_SPEC = "stdlib"
 DEFAULT_VAL_FRAC = 0.02
 DEFAULT_TOKENIZER_TRAIN_BYTES = 32 * 2**20
 TEXT_SUFFIXES = (".txt", ".md")
@@ -312,33 +312,29 @@ def _list_dir(root: Path) -> tuple[list[str], dict[str, int]]:
     hidden (a name starting with '.', and all under such a directory), symlinked directories (not followed:
     a link could loop or reach outside the corpus; symlinked files are read), other file types, and entries
     that are not regular files (broken links, FIFOs, sockets)."""
-    files, ignored = [], {}
-
-    def skip(reason):
-        ignored[reason] = ignored.get(reason, 0) + 1
-
+    files, ignored = [], Counter()
     for dirpath, dirnames, filenames in os.walk(root):  # followlinks=False: symlinked dirs are listed, not entered
         here = Path(dirpath)
         keep = []
         for d in dirnames:
             if d.startswith("."):
-                skip("hidden")
+                ignored["hidden"] += 1
             elif (here / d).is_symlink():
-                skip("symlinked dir")
+                ignored["symlinked dir"] += 1
             else:
                 keep.append(d)
         dirnames[:] = keep
         for fn in filenames:
             path = here / fn
             if fn.startswith("."):
-                skip("hidden")
+                ignored["hidden"] += 1
             elif path.suffix.lower() not in SUPPORTED_SUFFIXES:
-                skip("other type")
+                ignored["other type"] += 1
             elif not path.is_file():
-                skip("not a regular file")
+                ignored["not a regular file"] += 1
             else:
                 files.append(path.relative_to(root).as_posix())
-    return sorted(files), ignored
+    return sorted(files), dict(ignored)
 
 
 class _DirSource(_Source):
@@ -508,12 +504,6 @@ def _fmt_count(n: int) -> str:
     return str(n)
 
 
-def default_cache_dir() -> Path:
-    """``$SLMLAB_CACHE/data`` or ``~/.cache/slmlab/data``."""
-    base = os.environ.get("SLMLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "slmlab")
-    return Path(base) / "data"
-
-
 def compression_bpb(data: bytes) -> tuple[float, float]:
     """(gzip -9, xz -9) bits per byte of ``data``."""
     if not data:
@@ -540,48 +530,46 @@ def _training_sample(docs: list[str], cap_bytes: int) -> list[str]:
     return out
 
 
+def _encode_batches(docs: list[str], own_regex) -> Iterator[tuple[list[str], list[bool], int]]:
+    """``(pieces, ends, chars)`` batches of ``docs`` of at least ``_ENCODE_BATCH_CHARS`` characters (the last one
+    less): each document cut into pieces by ``split_exact`` (which ``own_regex`` lets cut CRLF text and long lines
+    too), ``ends`` marking every document's last piece (an EOS follows it), ``chars`` the batch's characters."""
+    pieces: list[str] = []
+    ends: list[bool] = []
+    chars = 0
+    for d in docs:
+        cut = list(split_exact(d, 1 << 16, own_regex))
+        for k, piece in enumerate(cut):
+            pieces.append(piece)
+            ends.append(k == len(cut) - 1)
+            chars += len(piece)
+            if chars >= _ENCODE_BATCH_CHARS:
+                yield pieces, ends, chars
+                pieces, ends, chars = [], [], 0
+    if pieces:
+        yield pieces, ends, chars
+
+
 def _tokenize_to_file(tok: Tokenizer, docs: list[str], path: Path, dtype: np.dtype, desc: str,
                       progress: bool) -> int:
     """Write the ids of ``docs`` (each followed by EOS) to ``path``; return the number of tokens."""
     from tqdm import tqdm
 
-    eos = tok.eos_id
+    eos = np.array([tok.eos_id], dtype=dtype)
     n_tokens = 0
     total_chars = sum(len(d) for d in docs)
     with open(path, "wb") as f, tqdm(total=total_chars, desc=desc, unit="char", unit_scale=True,
                                      disable=not progress, leave=False, dynamic_ncols=True) as bar:
-        batch: list[str] = []
-        ends: list[bool] = []
-        size = 0
-
-        def flush():
-            nonlocal n_tokens, size
-            if not batch:
-                return
+        for pieces, ends, chars in _encode_batches(docs, tok.own_regex):
             arrays = []
-            eos_arr = np.array([eos], dtype=dtype)
-            for ids, end in zip(tok.encode_batch(batch), ends):
+            for ids, end in zip(tok.encode_batch(pieces), ends):
                 arrays.append(np.asarray(ids, dtype=dtype))
                 if end:
-                    arrays.append(eos_arr)
+                    arrays.append(eos)
             arr = np.concatenate(arrays)
             arr.tofile(f)
             n_tokens += int(arr.size)
-            bar.update(size)
-            batch.clear()
-            ends.clear()
-            size = 0
-
-        own_regex = tok.own_regex  # where split_exact may cut CRLF text and long lines too
-        for d in docs:
-            pieces = list(split_exact(d, 1 << 16, own_regex))
-            for k, piece in enumerate(pieces):
-                batch.append(piece)
-                ends.append(k == len(pieces) - 1)
-                size += len(piece)
-                if size >= _ENCODE_BATCH_CHARS:
-                    flush()
-        flush()
+            bar.update(chars)
     return n_tokens
 
 
@@ -675,9 +663,9 @@ def _write_cache(path: Path, tokenizer, train_docs, val_docs, dtype, progress: b
     (path / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def prepare_data(spec: str = DEFAULT_SPEC, vocab_size: int = 4096, cache_dir: str | os.PathLike | None = None,
-                 val_frac: float = DEFAULT_VAL_FRAC, tokenizer: Tokenizer | None = None, progress: bool = True, *,
-                 quiet: bool = False, tokenizer_train_bytes: int = DEFAULT_TOKENIZER_TRAIN_BYTES) -> DataBundle:
+def prepare_data(spec: str, vocab_size: int, cache_dir: str | os.PathLike, val_frac: float = DEFAULT_VAL_FRAC,
+                 tokenizer: Tokenizer | None = None, progress: bool = True, *, quiet: bool = False,
+                 tokenizer_train_bytes: int = DEFAULT_TOKENIZER_TRAIN_BYTES) -> DataBundle:
     """Resolve ``spec``, train a tokenizer on its train split (unless ``tokenizer`` is given; then ``vocab_size``
     is not used for training), tokenize both splits into memory-mapped files under ``cache_dir/<key>/`` and
     return a :class:`DataBundle`. A second call with the same arguments and unchanged source loads the cache.
@@ -692,7 +680,7 @@ def prepare_data(spec: str = DEFAULT_SPEC, vocab_size: int = 4096, cache_dir: st
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
             raise DataError(f"vocab_size {vocab_size!r} is too small: the minimum is {MIN_VOCAB_SIZE} "
                             "(256 byte tokens + 4 special tokens)")
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir = Path(cache_dir)
 
     source = resolve_spec(spec)
     fp = source.fingerprint()
@@ -752,6 +740,50 @@ def _say_summary(bundle: DataBundle, say) -> None:
     say(bundle.summary())
     for line in bundle.warnings():
         say(line)
+
+
+def given_tokenizer(cfg, path: str | os.PathLike | None = None, say=print) -> Tokenizer | None:
+    """The tokenizer a run is given instead of training one: data.tokenizer (read from ``path`` instead when
+    given, e.g. the run's own copy when a resumed run's data.tokenizer is gone) with data.added_tokens appended,
+    which grows ``cfg.model.vocab_size`` to fit them (in place: the model is built from it). None without
+    data.tokenizer."""
+    if not cfg.data.tokenizer:
+        return None
+    tok = Tokenizer.load(Path(path or cfg.data.tokenizer).expanduser())
+    if not cfg.data.added_tokens:
+        return tok
+    from .init_from import with_added_tokens
+
+    return with_added_tokens(cfg, tok, say)
+
+
+@dataclass
+class RunData:
+    """A run's corpora, tokenized with one tokenizer."""
+
+    tokenizer: Tokenizer
+    bundle: DataBundle  # data.spec: its validation split is the run's, and its train split every phase's without data
+    train_sets: dict  # a phase's data (None for data.spec) -> (its DataBundle, its spec)
+
+
+def prepare_for(cfg, tokenizer_path: str | os.PathLike | None = None, say=print, quiet: bool = False) -> RunData:
+    """Tokenize a run's corpora as its training does, so whoever prepares first fills the cache entries the others
+    read: data.spec with the given tokenizer (given_tokenizer: grows cfg.model.vocab_size for data.added_tokens)
+    or one trained on it, then every phase's own data with that tokenizer. ``say`` reports the vocabulary's
+    growth; ``quiet`` silences the data summaries and progress bars."""
+    cache, val_frac = Path(cfg.data.cache_dir).expanduser(), cfg.data.val_frac
+    given = given_tokenizer(cfg, tokenizer_path, say)
+    bundle = prepare_data(cfg.data.spec, cfg.model.vocab_size, cache, val_frac, tokenizer=given,
+                          progress=cfg.logging.progress and not quiet, quiet=quiet)
+    tok = bundle.tokenizer
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
+    train_sets = {None: (bundle, cfg.data.spec)}
+    for spec in (p.data for p in cfg.train.phases):
+        if spec is not None and spec not in train_sets:
+            train_sets[spec] = (prepare_data(spec, cfg.model.vocab_size, cache, val_frac, tokenizer=tok,
+                                             progress=False, quiet=quiet), spec)
+    return RunData(tok, bundle, train_sets)
 
 
 def check_sizes(bundle: DataBundle, seq_len: int, batch_size: int,

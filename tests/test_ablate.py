@@ -277,6 +277,19 @@ def test_force_deletes_the_ablation_it_finds(tmp_path, monkeypatch):
         assert not any(runner.is_done(out, r) for r in fresh)
 
 
+def test_a_killed_write_of_the_manifest_does_not_claim_out(tmp_path, monkeypatch):
+    """ablation.json is published like every file an ablation writes; a coordinator killed while
+    writing it leaves a temporary, which the next one clears instead of finding OUT not empty."""
+    runs = fake_out(tmp_path / "ref", {}, seeds=(1,))
+    monkeypatch.setattr(runner, "plan", _fake_plan(runs))
+    ab = Ablation(variants=[Variant("base", "hybrid"), Variant("v", "hybrid")], seeds=[1], corpora=["c.txt"], steps=4)
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / f".tmp-ablation.json-{dead.stdout.strip()}-0a1b2c3d").mkdir(parents=True)
+    runner.prepare_out(out, ab, force=False)
+    assert sorted(p.name for p in out.iterdir()) == ["ablation.json", "base", "v"]
+
+
 def test_corrupt_manifest_is_one_line(tmp_path, monkeypatch, capsys):
     runs = fake_out(tmp_path, {("base", 1): 3.0}, seeds=(1,))
     (tmp_path / "ablation.json").write_text('{"ablation": {"variants"')
@@ -358,6 +371,46 @@ def test_budgets(corpus, budget):
     assert spend(conv) == pytest.approx(spend(base), rel=1 / base.steps)  # equal up to rounding to whole steps
     assert {r.dir.split("/")[0] for r in runs} == {"c", "stdlib"}  # one directory level per corpus
     assert list(corpus_dirs(["a/x.txt", "b/x.txt", "stdlib"]).values()) == ["x", "x-2", "stdlib"]
+
+
+def test_prepared_corpora_are_the_ones_the_trainer_reads(corpus, tmp_path, capsys):
+    """With data.added_tokens (and a phase's own data) the coordinator tokenized under other cache
+    keys than the trainer, so every run tokenized its corpora again, concurrently."""
+    from slmlab.config import DEFAULT_CONFIG, load_config
+    from slmlab.data import prepare_data
+    from slmlab.trainer import Trainer
+
+    d, text = corpus
+    other = write_corpus(tmp_path / "other.txt", lines=800, seed=1)
+    prepare_data(str(text), 300, tmp_path / "base", progress=False, quiet=True).tokenizer.save(tmp_path / "tok.json")
+    phases = f"[{{seq_len: 32, share: 0.5, tokens_per_step: 128}}, {{seq_len: 32, share: 0.5, tokens_per_step: 128, data: {other}}}]"
+    overrides = [*tiny(tmp_path, **{"train.phases": phases}), f"data.tokenizer={tmp_path / 'tok.json'}",
+                 'data.added_tokens=["<think>"]', f"data.spec={text}", "train.steps=4"]
+    runner.prepare_corpora([Run("v", str(text), 1, "v/seed1", "hybrid", overrides, str(DEFAULT_CONFIG), "-")])
+    entries = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    capsys.readouterr()
+    Trainer(load_config(DEFAULT_CONFIG, arch="hybrid", overrides=overrides), tmp_path / "run")
+    said = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("data: ")]
+    assert len(said) == 2 and all(ln.endswith("(cached)") for ln in said), said
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == entries and len(entries) == 2
+
+
+def test_what_the_ablation_does_not_say_comes_from_the_config(corpus, tmp_path):
+    """ablate.py forced --arch hybrid, so a run's saved config.yaml (no presets) as --config was an
+    error, and the file form wanted steps: where the inline form took train.steps."""
+    from slmlab.config import DEFAULT_CONFIG, load_config
+
+    d, text = corpus
+    saved = tmp_path / "config.yaml"
+    load_config(DEFAULT_CONFIG, arch="transformer", overrides=[*tiny(d), f"data.spec={text}", "train.steps=5"]).save(saved)
+    inline = ablate_cli.build_ablation(ablate_cli.parse_args(["--config", str(saved), "--vary", "model.d_model=32,64"]))
+    f = tmp_path / "a.yaml"
+    f.write_text("variants: {a: {}, b: {overrides: {model.d_model: 64}}}\n")
+    from_file = file_ablation(f, config=saved)
+    for ab in (inline, from_file):
+        assert [v.arch for v in ab.variants] == ["transformer"] * 2 and (ab.steps, ab.corpora) == (5, [str(text)])
+        assert len(plan(ab)[1]) == 6  # 3 seeds: the default
+    assert (inline.budget, from_file.budget) == ("flops", "flops")
 
 
 # ---- bad input: one line, exit status 2, nothing trained ----

@@ -23,6 +23,7 @@ from ..phases import resolve_phases
 from .worker import config_sha
 
 BUDGETS = ("steps", "tokens", "flops")
+DEFAULT_BUDGET, DEFAULT_SEEDS = "flops", 3
 MANIFEST = "ablation.json"
 FILE_KEYS = ("arch", "seeds", "steps", "budget", "data", "overrides", "variants")
 VARIANT_KEYS = ("arch", "overrides")
@@ -62,7 +63,7 @@ class Ablation:
     seeds: list[int]
     corpora: list[str]  # data specs; one results table each
     steps: int  # the baseline's optimizer steps; other variants' follow from the budget
-    budget: str = "flops"
+    budget: str = DEFAULT_BUDGET
     overrides: list[str] = field(default_factory=list)  # common to every variant
     config: str = str(DEFAULT_CONFIG)
 
@@ -180,9 +181,22 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=+,-]", "-", name)
 
 
-def inline_ablation(arch: str, varies: list[str], seeds, steps: int, corpora: list[str], budget: str = "flops",
-                    overrides: list[str] = (), config=DEFAULT_CONFIG) -> Ablation:
-    """The cartesian product of the --vary axes; the first value of every axis is the baseline."""
+def config_defaults(config, arch: Optional[str], steps: Optional[int], corpora: Optional[list[str]],
+                    overrides: list[str]) -> tuple[str, int, list[str]]:
+    """`arch`, `steps` and `corpora`, each that is not given taken from the config as train.py
+    would use it: its arch: (the preset, or a saved run config's own), train.steps, data.spec."""
+    if arch and steps is not None and corpora:
+        return arch, steps, list(corpora)
+    cfg = load_config(config, arch=arch, overrides=overrides)
+    return arch or cfg.arch, cfg.train.steps if steps is None else steps, list(corpora or [cfg.data.spec])
+
+
+def inline_ablation(arch: Optional[str], varies: list[str], seeds=None, steps: Optional[int] = None,
+                    corpora: Optional[list[str]] = None, budget: Optional[str] = None, overrides: list[str] = (),
+                    config=DEFAULT_CONFIG) -> Ablation:
+    """The cartesian product of the --vary axes; the first value of every axis is the baseline.
+    What is None comes from the config (config_defaults), seeds and budget from the defaults here."""
+    arch, steps, corpora = config_defaults(config, arch, steps, corpora, list(overrides))
     axes = [parse_vary(v) for v in varies]
     keys = [k for k, _ in axes]
     if len(set(keys)) != len(keys):
@@ -194,8 +208,8 @@ def inline_ablation(arch: str, varies: list[str], seeds, steps: int, corpora: li
         parts = [f"{k.split('.')[-1] if len(shared) == len(keys) else k}={v}" for k, v in zip(keys, combo)]
         variants.append(Variant(safe_name("+".join(parts)) if parts else arch, arch,
                                 [f"{k}={v}" for k, v in zip(keys, combo)]))
-    return Ablation(variants=variants, seeds=seed_list(seeds), corpora=list(corpora), steps=steps, budget=budget,
-                    overrides=list(overrides), config=str(config))
+    return Ablation(variants=variants, seeds=seed_list(DEFAULT_SEEDS if seeds is None else seeds), corpora=corpora, steps=steps,
+                    budget=budget or DEFAULT_BUDGET, overrides=list(overrides), config=str(config))
 
 
 def _override_text(key: str, value) -> str:
@@ -228,14 +242,20 @@ def file_ablation(path, arch: Optional[str] = None, seeds=None, steps: Optional[
                   corpora: Optional[list[str]] = None, budget: Optional[str] = None, overrides: list[str] = (),
                   config=DEFAULT_CONFIG) -> Ablation:
     """Named variants from a YAML file. Command-line values, when given, replace the file's
-    (arch: only for variants without their own; overrides: appended after the file's)."""
+    (arch: only for variants without their own; overrides: appended after the file's). What
+    neither gives comes from the config as in inline_ablation."""
     doc = read_yaml(path)
     _check_keys(str(path), doc, FILE_KEYS)
     raw_variants = doc.get("variants")
     if not isinstance(raw_variants, dict) or not raw_variants:
         raise AblationError(f"{path}: `variants` must be a mapping of name -> {{arch, overrides}}; "
                             "the first one is the baseline")
-    default_arch = arch or doc.get("arch") or "hybrid"
+    common = _overrides_from(str(path), doc.get("overrides"))
+    refuse_run_keys(f"{path}: overrides", common)
+    data = corpora or doc.get("data")
+    default_arch, steps, data = config_defaults(
+        config, arch or doc.get("arch"), doc.get("steps") if steps is None else steps,
+        [data] if isinstance(data, str) else data, common + list(overrides))
     variants = []
     for name, spec in raw_variants.items():
         spec = spec or {}
@@ -248,17 +268,10 @@ def file_ablation(path, arch: Optional[str] = None, seeds=None, steps: Optional[
         variants.append(Variant(str(name), str(spec.get("arch") or default_arch),
                                 _overrides_from(where, spec.get("overrides"))))
         refuse_run_keys(f"{where}: overrides", variants[-1].overrides)
-    data = corpora or doc.get("data")
-    data = [data] if isinstance(data, str) else data
-    steps = steps if steps is not None else doc.get("steps")
-    if steps is None:
-        raise AblationError(f"{path}: no `steps` (the baseline's optimizer steps) and no --steps")
-    common = _overrides_from(str(path), doc.get("overrides"))
-    refuse_run_keys(f"{path}: overrides", common)
-    return Ablation(variants=variants, seeds=seed_list(seeds if seeds is not None else doc.get("seeds", 3)),
-                    corpora=[str(d) for d in (data or [])], steps=steps,
-                    budget=budget or doc.get("budget", "flops"),
-                    overrides=common + list(overrides), config=str(config))
+    seeds = seeds if seeds is not None else doc.get("seeds", DEFAULT_SEEDS)
+    return Ablation(variants=variants, seeds=seed_list(seeds), corpora=[str(d) for d in data], steps=steps,
+                    budget=budget or doc.get("budget", DEFAULT_BUDGET), overrides=common + list(overrides),
+                    config=str(config))
 
 
 # ---- planning ----

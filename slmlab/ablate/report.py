@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..checkpoint import publish
+from ..rundir import METRICS
 from . import stats
 from .plan import read_manifest
-from .worker import DIVERGED, DONE, FAILED, RESOURCES, run_state
+from .worker import DIVERGED, DONE, FAILED, MISSING, RESOURCES, read_json, run_state, write_text
 
 INVOCATIONS = "invocations.jsonl"  # one line per coordinator invocation: when, how many runs, how long
 RESULT_COLS = ("corpus", "variant", "seed", "dir", "status", "layers", "params", "nonembed_params",
@@ -51,13 +53,6 @@ class RunResult:
         return self.status in (DONE, DIVERGED)
 
 
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _curve(path: Path) -> tuple[list, Optional[tuple]]:
     """The periodic evals and the final one (metrics.jsonl marks it `final`): they measure
     different token sets, so the plot must not join them by a line."""
@@ -85,9 +80,9 @@ def collect(out: Path) -> tuple[dict, list[RunResult]]:
     for r in man["runs"]:
         d = out / r["dir"]
         st = run_state(d, r.get("config_sha"))
-        curve, final = _curve(d / "metrics.jsonl") if st.status == DONE else ([], None)
+        curve, final = _curve(d / METRICS) if st.status == DONE else ([], None)
         results.append(RunResult(r["corpus"], r["variant"], r["seed"], r["dir"], st.summary, st.status, st.why,
-                                 _read_json(d / RESOURCES) or {}, curve, final))
+                                 read_json(d / RESOURCES) or {}, curve, final))
     return man, results
 
 
@@ -109,7 +104,7 @@ def _pm(s: stats.Summary) -> str:
 
 def write_csvs(out: Path, man: dict, results: list[RunResult]):
     cells = {(c["variant"], c["corpus"]): c for c in man["cells"]}
-    with open(out / "results.csv", "w", newline="") as f:
+    with publish(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(RESULT_COLS)
         for r in results:
@@ -119,7 +114,7 @@ def write_csvs(out: Path, man: dict, results: list[RunResult]):
                         repr(s.get("val_loss", math.nan)) if r.finished else "",
                         repr(s["val_bpb"]) if r.finished else "",
                         bool(s.get("val_bpb_is_bound", False)) if r.finished else ""])
-    with open(out / "timings.csv", "w", newline="") as f:
+    with publish(out / "timings.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(TIMING_COLS)
         for r in results:
@@ -130,8 +125,15 @@ def write_csvs(out: Path, man: dict, results: list[RunResult]):
                             f"{m['peak_cuda_mb']:.0f}" if "peak_cuda_mb" in m else "", s.get("device", "")])
 
 
-def _seeds(xs) -> str:
-    return ", ".join(map(str, sorted(xs)))
+def _seeds(runs) -> str:
+    return ", ".join(map(str, sorted(r.seed for r in runs)))
+
+
+def _by_status(runs: list[RunResult]) -> dict[str, list[RunResult]]:
+    by = defaultdict(list)
+    for r in runs:
+        by[r.status].append(r)
+    return by
 
 
 def _delta(cmp: stats.Comparison, pairs_short: bool) -> str:
@@ -153,88 +155,112 @@ def _g(x: float, welch: bool = False) -> str:
 
 def corpus_table(man: dict, results: list[RunResult], corpus: str) -> tuple[list[str], dict[str, float]]:
     """Markdown lines of one corpus's table and notes, and the variants' mean val bpb."""
-    ab = man["ablation"]
-    variants = [v["name"] for v in ab["variants"]]
+    variants = [v["name"] for v in man["ablation"]["variants"]]
+    base = variants[0]
     cells = {c["variant"]: c for c in man["cells"] if c["corpus"] == corpus}
-    by_var = defaultdict(dict)  # finite results only: a diverged run has no bpb to average or pair
     runs = defaultdict(list)
     for r in results:
         if r.corpus == corpus:
             runs[r.variant].append(r)
-            if r.done:
-                by_var[r.variant][r.seed] = r.summary["val_bpb"]
-    base = variants[0]
-    base_sum = stats.summarize(by_var[base].values())
-    bound = any(r.done and r.summary.get("val_bpb_is_bound") for r in results if r.corpus == corpus)
-    cmps = {v: stats.compare(by_var[base], by_var[v]) for v in variants[1:]}
+    # finite results only: a diverged run has no bpb to average or pair
+    bpb = {v: {r.seed: r.summary["val_bpb"] for r in runs[v] if r.done} for v in variants}
+    cmps = {v: stats.compare(bpb[base], bpb[v]) for v in variants[1:]}
     # Holm over this table's comparisons: each variant against the baseline is one test
     adjusted = dict(zip(cmps, stats.holm([c.p for c in cmps.values()])))
     m = sum(math.isfinite(c.p) for c in cmps.values())
-    lines = [f"| variant | layers | params / non-emb | FLOPs/token | tokens | steps | val bpb mean ± sd (n) | "
-             f"val loss mean ± sd | Δ bpb vs {base} [95% CI] | d_z | p (t-test) | "
-             f"p Holm{f' ({m} comparisons)' if m > 1 else ''} | "
-             "p (Wilcoxon) | tokens/s | peak mem | wall / run |",
-             "| --- | --- | --- | ---: | ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    means, notes = {}, []
+    base_sum = stats.summarize(bpb[base].values())
+    lines, notes, means = _header(base, m), [], {}
     for v in variants:
-        c, done = cells[v], [r for r in runs[v] if r.done]
-        b = stats.summarize(by_var[v].values())
-        loss = stats.summarize(r.summary["val_loss"] for r in done)
+        b = stats.summarize(bpb[v].values())
         means[v] = b.mean
-        le = "≤ " if any(r.summary.get("val_bpb_is_bound") for r in done) else ""
-        by_status = defaultdict(list)
-        for r in runs[v]:
-            by_status[r.status].append(r)
-        why_not = [f"seed {_seeds(r.seed for r in by_status[DIVERGED])} diverged" if by_status[DIVERGED] else "",
-                   f"seed {_seeds(r.seed for r in by_status[FAILED])} failed" if by_status[FAILED] else "",
-                   f"missing seed {_seeds(r.seed for r in by_status['missing'])}" if by_status["missing"] else ""]
-        why_not = [w for w in why_not if w]
-        n = f"{b.n}" + (f"/{len(runs[v])}, {', '.join(why_not)}" if why_not else "")
-        bpb = f"{le}{_pm(b)} ({n})" if b.n else f"– ({n})"
-        lss = _pm(loss) if loss.n else "–"
-        if v == base:
-            delta, dz, p, ph, pw = "baseline", "", "", "", ""
-        else:
-            cmp = cmps[v]
-            delta = _delta(cmp, cmp.n < max(b.n, base_sum.n))
-            dz = f"{cmp.d_z:+.2f}" if math.isfinite(cmp.d_z) else "–"
-            p, ph, pw = _g(cmp.p, cmp.test == "Welch t"), _g(adjusted[v]), _g(cmp.p_wilcoxon)
-            if cmp.note:
-                notes.append(f"- {v}: {cmp.note} (Δ {cmp.diff:+.4f} over {cmp.n} "
-                             f"{'pairs' if cmp.test == 'paired t' else 'runs each'}): no spread, so no CI, d_z or "
-                             "p (shown –)")
-        tokens = stats.summarize(r.summary["tokens"] for r in done).mean
-        tps = stats.summarize(r.summary["tokens_per_s"] for r in done).mean
-        wall = stats.summarize(r.summary["wall_time_s"] for r in done).mean
-        mem = [r.resources.get("peak_cuda_mb", r.resources.get("peak_rss_mb")) for r in done]
-        mem = [x for x in mem if x is not None]
-        lines.append(f"| {v} | `{c['layers']}` | {_fmt_num(c['params'])} / {_fmt_num(c['nonembed_params'])} | "
-                     f"{_fmt_num(c['flops_per_token'])} | {_fmt_num(tokens) if done else '–'} | {c['steps']} | {bpb} | "
-                     f"{lss} | {delta} | {dz} | {p} | {ph} | {pw} | {f'{tps:,.0f}' if done else '–'} | "
-                     f"{f'{max(mem):,.0f} MB' if mem else '–'} | {_fmt_time(wall) if done else '–'} |")
-        if by_status[DIVERGED]:
-            notes.append(f"- {v}: seed {_seeds(r.seed for r in by_status[DIVERGED])} diverged (non-finite final val "
-                         "bpb): left out of the statistics, and not retried by a re-run (the same seed would diverge "
-                         "again)")
-        for r in sorted(by_status[FAILED], key=lambda r: r.seed):
-            notes.append(f"- {v}: seed {r.seed} failed: {r.why} (a re-run retries it; its log: `{r.dir}/train.log`, "
-                         "or .submitit/ with --launcher submitit)")
-        if by_status["missing"]:
-            whys = sorted({r.why for r in by_status["missing"] if r.why})
-            notes.append(f"- {v}: no result for seed {_seeds(r.seed for r in by_status['missing'])} (not run yet or "
-                         "interrupted" + "".join(f"; {w}" for w in whys)
-                         + ": re-running the same command resumes or restarts it)")
-    if m:
-        notes.insert(0, f"- p Holm: the t-test p adjusted (Holm) for the {m} comparison(s) with {base} in this "
-                        "table; below 0.05 it keeps the chance of any false positive among them under 5%. d_z: "
-                        "mean / sd of the per-seed differences (paired only).")
-    if base_sum.n > 1:
-        notes.insert(0, f"- Run-to-run noise (sd of {base} over {base_sum.n} seeds): {base_sum.sd:.4f} bpb. Pairing by "
-                        "seed removes the part of it both runs share, so Δ is judged against the spread of the "
-                        "per-seed differences instead: *within noise* marks a Δ whose 95% CI includes 0.")
-    if bound:
+        cmp = cmps.get(v)
+        lines.append(_row(v, cells[v], runs[v], b, _comparison(cmp, adjusted.get(v), b.n, base_sum.n)))
+        if cmp is not None and cmp.note:
+            notes.append(f"- {v}: {cmp.note} (Δ {cmp.diff:+.4f} over {cmp.n} "
+                         f"{'pairs' if cmp.test == 'paired t' else 'runs each'}): no spread, so no CI, d_z or "
+                         "p (shown –)")
+        notes += _run_notes(v, runs[v])
+    if any(r.done and r.summary.get("val_bpb_is_bound") for r in results if r.corpus == corpus):
         notes.append("- ≤: masked-diffusion runs report the ELBO, an upper bound on bpb, not an exact bpb.")
-    return lines + [""] + notes, means
+    return lines + [""] + _table_notes(base, base_sum, m) + notes, means
+
+
+def _header(base: str, m: int) -> list[str]:
+    return [f"| variant | layers | params / non-emb | FLOPs/token | tokens | steps | val bpb mean ± sd (n) | "
+            f"val loss mean ± sd | Δ bpb vs {base} [95% CI] | d_z | p (t-test) | "
+            f"p Holm{f' ({m} comparisons)' if m > 1 else ''} | "
+            "p (Wilcoxon) | tokens/s | peak mem | wall / run |",
+            "| --- | --- | --- | ---: | ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: "
+            "| ---: |"]
+
+
+def _comparison(cmp: Optional[stats.Comparison], adjusted: Optional[float], n: int, base_n: int) -> tuple:
+    """A variant's Δ, d_z, p, p Holm and p Wilcoxon cells (cmp None: the baseline's)."""
+    if cmp is None:
+        return "baseline", "", "", "", ""
+    dz = f"{cmp.d_z:+.2f}" if math.isfinite(cmp.d_z) else "–"
+    return (_delta(cmp, cmp.n < max(n, base_n)), dz, _g(cmp.p, cmp.test == "Welch t"), _g(adjusted),
+            _g(cmp.p_wilcoxon))
+
+
+def _row(v: str, c: dict, runs: list[RunResult], b: stats.Summary, comparison: tuple) -> str:
+    """One variant's table row; `b` summarizes its finite val bpbs."""
+    done = [r for r in runs if r.done]
+    by = _by_status(runs)
+    why_not = [w for w in (f"seed {_seeds(by[DIVERGED])} diverged" if by[DIVERGED] else "",
+                           f"seed {_seeds(by[FAILED])} failed" if by[FAILED] else "",
+                           f"missing seed {_seeds(by[MISSING])}" if by[MISSING] else "") if w]
+    n = f"{b.n}" + (f"/{len(runs)}, {', '.join(why_not)}" if why_not else "")
+    le = "≤ " if any(r.summary.get("val_bpb_is_bound") for r in done) else ""
+    bpb = f"{le}{_pm(b)} ({n})" if b.n else f"– ({n})"
+    loss = stats.summarize(r.summary["val_loss"] for r in done)
+    delta, dz, p, ph, pw = comparison
+    tokens = stats.summarize(r.summary["tokens"] for r in done).mean
+    tps = stats.summarize(r.summary["tokens_per_s"] for r in done).mean
+    wall = stats.summarize(r.summary["wall_time_s"] for r in done).mean
+    mem = [r.resources.get("peak_cuda_mb", r.resources.get("peak_rss_mb")) for r in done]
+    mem = [x for x in mem if x is not None]
+    return (f"| {v} | `{c['layers']}` | {_fmt_num(c['params'])} / {_fmt_num(c['nonembed_params'])} | "
+            f"{_fmt_num(c['flops_per_token'])} | {_fmt_num(tokens) if done else '–'} | {c['steps']} | {bpb} | "
+            f"{_pm(loss) if loss.n else '–'} | {delta} | {dz} | {p} | {ph} | {pw} | {f'{tps:,.0f}' if done else '–'} | "
+            f"{f'{max(mem):,.0f} MB' if mem else '–'} | {_fmt_time(wall) if done else '–'} |")
+
+
+def _run_notes(v: str, runs: list[RunResult]) -> list[str]:
+    """A variant's notes on its runs without a finite result: diverged, failed, missing."""
+    by, notes = _by_status(runs), []
+    if by[DIVERGED]:
+        notes.append(f"- {v}: seed {_seeds(by[DIVERGED])} diverged (non-finite final val bpb): left out of the "
+                     "statistics, and not retried by a re-run (the same seed would diverge again)")
+    for r in sorted(by[FAILED], key=lambda r: r.seed):
+        notes.append(f"- {v}: seed {r.seed} failed: {r.why} (a re-run retries it; its log: `{r.dir}/train.log`, "
+                     "or .submitit/ with --launcher submitit)")
+    if by[MISSING]:
+        whys = sorted({r.why for r in by[MISSING] if r.why})
+        notes.append(f"- {v}: no result for seed {_seeds(by[MISSING])} (not run yet or interrupted"
+                     + "".join(f"; {w}" for w in whys) + ": re-running the same command resumes or restarts it)")
+    return notes
+
+
+def _table_notes(base: str, base_sum: stats.Summary, m: int) -> list[str]:
+    """The notes above the variants' own: the baseline's noise and what p Holm adjusts for."""
+    notes = []
+    if base_sum.n > 1:
+        notes.append(f"- Run-to-run noise (sd of {base} over {base_sum.n} seeds): {base_sum.sd:.4f} bpb. Pairing by "
+                     "seed removes the part of it both runs share, so Δ is judged against the spread of the "
+                     "per-seed differences instead: *within noise* marks a Δ whose 95% CI includes 0.")
+    if m:
+        notes.append(f"- p Holm: the t-test p adjusted (Holm) for the {m} comparison(s) with {base} in this "
+                     "table; below 0.05 it keeps the chance of any false positive among them under 5%. d_z: "
+                     "mean / sd of the per-seed differences (paired only).")
+    return notes
+
+
+def record_invocation(out: Path, rec: dict):
+    """Add one coordinator invocation to OUT/invocations.jsonl. The file is rewritten whole (via
+    publish): an append cut short by a kill would leave a line the Time section cannot read."""
+    path = out / INVOCATIONS
+    write_text(path, (path.read_text() if path.is_file() else "") + json.dumps(rec) + "\n")
 
 
 def write_markdown(out: Path, man: dict, results: list[RunResult]):
@@ -274,7 +300,7 @@ def write_markdown(out: Path, man: dict, results: list[RunResult]):
               f"Sum of the runs' wall times: {_fmt_time(run_wall)}"
               + (f"; the coordinator ran {_fmt_time(sum(i['elapsed_s'] for i in inv))} over {len(inv)} "
                  f"invocation(s)" if inv else "") + ". Per-run timings: `timings.csv`.", ""]
-    (out / "results.md").write_text("\n".join(lines))
+    write_text(out / "results.md", "\n".join(lines))
 
 
 def _plot_setup(n: int, title: str):
@@ -321,7 +347,8 @@ def plot_curves(out: Path, man: dict, results: list[RunResult]):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=110)
+    with publish(out / "curves.png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -350,7 +377,8 @@ def plot_final(out: Path, man: dict, results: list[RunResult]):
         ax.set_ylabel("val bpb")
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "final.png", dpi=110)
+    with publish(out / "final.png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 

@@ -17,13 +17,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+from ..checkpoint import remove_stale
 from .plan import MANIFEST, Ablation, AblationError, Cell, Run, load_manifest, manifest, plan, same_ablation
-from .worker import DIVERGED, DONE, ERROR, SPEC, run_one, run_state
+from .worker import DIVERGED, DONE, ERROR, SPEC, run_one, run_state, write_text
 
 OUTPUTS = ("results.md", "results.csv", "timings.csv", "curves.png", "final.png")
 LOG = "train.log"  # each run's stdout/stderr, appended across resumes
 # What else an ablation writes at OUT's top level; --force deletes these with the runs.
-OWN = OUTPUTS + ("invocations.jsonl", ".submitit", MANIFEST, Path(MANIFEST).with_suffix(".tmp").name)
+OWN = OUTPUTS + ("invocations.jsonl", ".submitit", MANIFEST)
 
 
 def state(out: Path, run: Run):
@@ -81,6 +82,8 @@ def prepare_out(out: Path, ab: Ablation, force: bool) -> tuple[list[Cell], list[
     cells, runs = plan(ab)
     new = manifest(ab, cells, runs)
     path = out / MANIFEST
+    if out.is_dir():
+        remove_stale(out)  # a killed coordinator's half-written outputs: no ablation's, nor the user's
     if path.is_file():
         old = _old_manifest(path, force)
         if old is None or not same_ablation(old, new):
@@ -93,37 +96,29 @@ def prepare_out(out: Path, ab: Ablation, force: bool) -> tuple[list[Cell], list[
             raise AblationError(f"--out {out} exists and holds no ablation; choose another directory or pass --force")
         _clear(out, None)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(new, indent=1))
-    tmp.replace(path)
+    write_text(path, json.dumps(new, indent=1))
     for r in runs:
-        (out / r.dir).mkdir(parents=True, exist_ok=True)
-        (out / r.dir / SPEC).write_text(json.dumps(asdict(r), indent=1))
+        write_text(out / r.dir / SPEC, json.dumps(asdict(r), indent=1))
     return cells, runs
 
 
 def prepare_corpora(runs: list[Run], say=print):
     """Tokenize every corpus once, before any run starts: concurrent runs would otherwise each
-    train the same tokenizer, and a bad data spec fails here instead of in every run."""
+    train the same tokenizer, and a bad data spec fails here instead of in every run. Prepared as
+    the trainer prepares them (data.prepare_for), so the runs find them in the cache."""
     from ..config import load_config
-    from ..data import prepare_data
+    from ..data import prepare_for
 
     seen = set()
     for r in runs:
         cfg = load_config(r.config, arch=r.arch, overrides=r.overrides)
-        d = cfg.data
-        key = (d.spec, cfg.model.vocab_size, d.cache_dir, d.val_frac, d.tokenizer)
+        # all prepare_for reads: runs that agree on it share every cache entry, so once is enough
+        key = (repr(cfg.data), cfg.model.vocab_size, tuple(p.data for p in cfg.train.phases))
         if key in seen:
             continue
         seen.add(key)
-        say(f"[ablate] data: {d.spec} (vocab {cfg.model.vocab_size})")
-        tok = None
-        if d.tokenizer:
-            from ..tokenizer import Tokenizer
-
-            tok = Tokenizer.load(Path(d.tokenizer).expanduser())
-        prepare_data(d.spec, cfg.model.vocab_size, Path(d.cache_dir).expanduser(), val_frac=d.val_frac,
-                     tokenizer=tok, progress=False, quiet=True)
+        say(f"[ablate] data: {cfg.data.spec} (vocab {cfg.model.vocab_size})")
+        prepare_for(cfg, say=lambda msg: None, quiet=True)
 
 
 def _fmt(s: float) -> str:
@@ -189,7 +184,7 @@ def _finish(out: Path, r: Run, prog: Progress, why: str, logs: str):
     if st in (DONE, DIVERGED):
         (out / r.dir / ERROR).unlink(missing_ok=True)
     else:
-        (out / r.dir / ERROR).write_text(" ".join(why.split()) + "\n")
+        write_text(out / r.dir / ERROR, " ".join(why.split()) + "\n")
     prog.end(r, st, f"{why}; {logs}")
 
 
@@ -263,7 +258,7 @@ def run_submitit(out: Path, runs: list[Run], prog: Progress, threads: int, group
     for r in (r for r in runs if not is_done(out, r)):
         (out / r.dir / ERROR).unlink(missing_ok=True)  # this attempt's outcome replaces the last one's
         job = ex.submit(run_one, str(out / r.dir), threads, group)
-        (out / r.dir / "submitit_job.txt").write_text(f"{job.job_id}\n")
+        write_text(out / r.dir / "submitit_job.txt", f"{job.job_id}\n")
         prog.start(r, f" as job {job.job_id}")
         pending.append((job, r))
     while pending:

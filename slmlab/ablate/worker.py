@@ -21,10 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..checkpoint import publish
+from ..config import read_yaml
+from ..errors import ConfigError
+from ..rundir import CONFIG, SUMMARY
+
 SPEC = "ablate.json"
 RESOURCES = "resources.json"
 ERROR = "error.txt"  # the last error line of a failed attempt, written by the coordinator
-SUMMARY = "summary.json"
 # run_state's answers. DONE and DIVERGED are terminal (a re-run skips them); FAILED and MISSING are
 # (re)started by a re-run.
 DONE, DIVERGED, FAILED, MISSING = "done", "diverged", "failed", "missing"
@@ -43,23 +47,28 @@ class RunState:
     why: str = ""  # FAILED: the stored error line; MISSING: why a present summary does not count
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
+    """The parsed file, or None when it is missing or not JSON (cut short by a kill, say)."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
 
+def write_text(path: Path, text: str):
+    """Every file the ablation writes goes through checkpoint.publish: a kill leaves the old or the new one."""
+    with publish(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
 def _config_matches(run_dir: Path, sha: Optional[str]) -> bool:
     if sha is None:  # a manifest from before config hashes were compared
         return True
-    import yaml
-
     try:
-        tree = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+        tree = read_yaml(run_dir / CONFIG)
+    except (OSError, ConfigError):
         return False
-    return isinstance(tree, dict) and config_sha(tree) == sha
+    return config_sha(tree) == sha
 
 
 def run_state(run_dir, sha: Optional[str]) -> RunState:
@@ -72,7 +81,7 @@ def run_state(run_dir, sha: Optional[str]) -> RunState:
     d = Path(run_dir)
     why = ""
     if (d / SUMMARY).is_file():
-        s = _read_json(d / SUMMARY)
+        s = read_json(d / SUMMARY)
         bpb = s.get("val_bpb") if isinstance(s, dict) else None
         if not isinstance(bpb, (int, float)) or isinstance(bpb, bool):
             why = "its summary.json is unreadable"
@@ -124,7 +133,7 @@ def run_one(run_dir: str, threads: int = 0, group: str = "") -> dict:
     # Resume only the planned config's own checkpoints; a run left from another plan starts afresh
     # (force clears its outputs). A summary that does not count goes first: it must not survive a
     # resume that dies before writing a new one.
-    resume = _config_matches(out, spec.get("config_sha")) and (out / "config.yaml").is_file() \
+    resume = _config_matches(out, spec.get("config_sha")) and (out / CONFIG).is_file() \
         and bool(checkpoint_dirs(out))
     (out / SUMMARY).unlink(missing_ok=True)
     summary = train(cfg, out, force=not resume, resume=resume)
@@ -132,7 +141,7 @@ def run_one(run_dir: str, threads: int = 0, group: str = "") -> dict:
     peak = {"peak_rss_mb": rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), "threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         peak["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
-    (out / RESOURCES).write_text(json.dumps(peak, indent=2))
+    write_text(out / RESOURCES, json.dumps(peak, indent=2))
     return summary
 
 
