@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import re
+import signal
 import sys
 
 from .errors import SlmlabError
@@ -19,7 +20,8 @@ FS_HINTS = {errno.EROFS: "the file system is read-only: choose another location"
 
 def run_cli(main, argv=None) -> int:
     """main(argv)'s exit status: the int it returns (sample.py's 130 after Ctrl-C mid-generation),
-    0 for anything else it returns, 2 for a user error, 130 for Ctrl-C."""
+    0 for anything else it returns, 2 for a user error, 130 for Ctrl-C (143 for a SIGTERM the
+    trainer caught)."""
     try:
         rc = main(argv)
     except SlmlabError as e:
@@ -32,7 +34,8 @@ def run_cli(main, argv=None) -> int:
         where = re.sub(r"\.tmp-(.+)-\d+-[0-9a-f]{8}$", r"\1", str(e.filename)) if e.filename else "a file"
         print(f"error: {where}: {FS_HINTS[e.errno]}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        # The trainer's Stopped (a KeyboardInterrupt) says where to resume and which signal it was.
+        print(str(e) or "interrupted", file=sys.stderr)
+        return 128 + getattr(e, "signum", signal.SIGINT)
     return rc if type(rc) is int else 0  # mains may return results (a summary dict): those exit 0

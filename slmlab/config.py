@@ -64,7 +64,7 @@ class TrainConfig:
     warmup_steps: int = 30
     schedule: str = "wsd"  # wsd | cosine
     decay_frac: float = 0.3  # WSD: share of steps spent decaying
-    min_lr_frac: float = 0.0
+    min_lr_frac: float = 0.0  # the schedule's floor, reached one step past the last (phases.lr_mult)
     grad_clip: float = 1.0
     eval_every: int = 100
     eval_tokens: int = 32768  # per periodic eval; the final eval covers the whole validation split
@@ -79,7 +79,7 @@ class TrainConfig:
         PhaseConfig(seq_len=1024, share=0.2, tokens_per_step=4096),
         PhaseConfig(seq_len=2048, share=0.1, tokens_per_step=4096)])
     eval_seq_len: Optional[int] = None  # null = the last phase's seq_len
-    ckpt_every: int = 100  # 0 = checkpoint only at the end
+    ckpt_every: int = 100  # also one at the last step (and on Ctrl-C / SIGTERM); 0 = none, so no --resume
     keep_checkpoints: int = 2
     avg_last: int = 0  # >1: average the last K checkpoints into model_avg.safetensors
     quality_score: Optional[str] = None  # jsonl field name, or "fn:NAME" of a built-in scorer
@@ -369,6 +369,9 @@ def validate(cfg: RunConfig):
         raise ConfigError("train.lora needs train.init_from=RUN_DIR: the base model the adapters are trained on")
     if t.lora.r and t.avg_last > 1:
         raise ConfigError("train.avg_last does not apply to train.lora runs (their checkpoints hold adapters only)")
+    if t.avg_last > 1 and not t.ckpt_every:
+        raise ConfigError(f"train.avg_last={t.avg_last} averages checkpoints, but train.ckpt_every=0 writes none: "
+                          "set train.ckpt_every=N (or train.avg_last=0)")
     if t.avg_last > t.keep_checkpoints:
         raise ConfigError(f"train.avg_last={t.avg_last} needs train.keep_checkpoints >= {t.avg_last}")
     from .phases import resolve_phases

@@ -9,7 +9,7 @@ stage. An empty list means one stage built from train.seq_len / train.batch_size
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 from .errors import ConfigError
@@ -42,8 +42,6 @@ class PhaseConfig:
         if not 0 < self.top_frac <= 1:
             raise ConfigError(f"{where}: top_frac must be in (0, 1], got {self.top_frac}")
 
-
-PHASE_KEYS = tuple(f.name for f in fields(PhaseConfig))
 
 
 @dataclass
@@ -136,19 +134,21 @@ def phase_at(phases: list[Phase], step: int) -> Phase:
 
 
 def lr_mult(step: int, t) -> float:
-    """Global schedule multiplier in [min_lr_frac, 1] at optimizer step `step` (0-based): linear
+    """Global schedule multiplier in (min_lr_frac, 1] at optimizer step `step` (0-based): linear
     warmup, then WSD (flat, then linear decay over the last decay_frac of the steps) or cosine.
-    One schedule spans all phases; the phase's lr_mul multiplies it."""
+    Both decays start at 1 and would reach min_lr_frac at step t.steps, one past the last: a step
+    at the floor (0 by default) would change nothing. One schedule spans all phases; the phase's
+    lr_mul multiplies it."""
     lo = t.min_lr_frac
     if step < t.warmup_steps:
         return (step + 1) / t.warmup_steps
     if t.schedule == "cosine":
         p = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
         return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
-    decay_start = int(t.steps * (1 - t.decay_frac))
+    decay_start = math.floor(t.steps * (1 - t.decay_frac) + 1e-9)  # 10 * (1 - 0.8) is 1.9999999999999996
     if step < decay_start:
         return 1.0
-    p = (step - decay_start + 1) / max(1, t.steps - decay_start)
+    p = (step - decay_start) / max(1, t.steps - decay_start)
     return lo + (1 - lo) * max(0.0, 1 - p)
 
 

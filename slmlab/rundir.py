@@ -7,9 +7,11 @@
     lora_base.json         a train.lora run's base: its model.safetensors' size, mtime and sha256
     imports.json           the sha256 of each model.imports file (a researcher's blocks) when the run was written
     model_avg.safetensors  average of the last train.avg_last checkpoints (when > 1)
+    tokenizer_config.json  a foreign tokenizer's special-token names (slmlab/tokenizer.py SIDECAR)
     metrics.jsonl          one JSON object per log/eval step
     summary.json, sample.txt
     checkpoints/step_XXXXXX/{model.safetensors, state.pt}   the last train.keep_checkpoints
+    wandb/                 wandb's files, with logging.wandb
 
 Every file is written through checkpoint.publish, so a kill leaves the old file or the new one.
 Everything read from here is untrusted: weights are safetensors, trainer state is loaded with
@@ -18,19 +20,24 @@ torch.load(weights_only=True), and a missing or torn file is a one-line error na
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 
 from . import checkpoint as ckpt
 from .errors import CheckpointError, ConfigError, RunDirError
+from .tokenizer import SIDECAR
 
 CONFIG, TOKENIZER, WEIGHTS, AVG_WEIGHTS = "config.yaml", "tokenizer.json", "model.safetensors", "model_avg.safetensors"
 METRICS, SUMMARY, SAMPLE = "metrics.jsonl", "summary.json", "sample.txt"
 CHAT_TEMPLATE = "chat_template.jinja"
 LORA_BASE = "lora_base.json"  # a LoRA run's fingerprint of its base's weights, taken when the run began
 IMPORTS = "imports.json"  # the sha256 of each model.imports file, taken when the config was written
+WANDB_DIR = "wandb"
 FINISHED = (CONFIG, TOKENIZER, WEIGHTS)
+# Every file slmlab writes into a run directory (besides checkpoints/ and WANDB_DIR): what --force removes.
+OUTPUTS = (CONFIG, TOKENIZER, SIDECAR, WEIGHTS, AVG_WEIGHTS, METRICS, SUMMARY, SAMPLE, CHAT_TEMPLATE, LORA_BASE, IMPORTS)
 
 
 def model_from_config(cfg):
@@ -207,10 +214,12 @@ class RunDir:
         the previous run's outputs are removed."""
         run = cls.check_new(path, force)
         if run.path.exists():  # only what slmlab writes goes; a user's own files in the directory stay
-            for name in (METRICS, WEIGHTS, AVG_WEIGHTS, SUMMARY, SAMPLE, LORA_BASE, IMPORTS):
+            for name in OUTPUTS:
                 (run.path / name).unlink(missing_ok=True)
             for d in ckpt.checkpoint_dirs(run.path):
                 ckpt.discard(d)
+            if (run.path / WANDB_DIR).is_dir():  # else the new run's wandb/latest-run sits among the old runs
+                shutil.rmtree(run.path / WANDB_DIR)
         run.path.mkdir(parents=True, exist_ok=True)
         return run
 

@@ -173,6 +173,8 @@ class Dist:
             use_cuda = device_name != "cpu" and torch.cuda.is_available()
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if use_cuda else "gloo")
+            # NCCL reduces CUDA tensors only: mean()'s scalars go through this rank's GPU there.
+            self.collective_device = torch.device("cuda", self.local_rank) if use_cuda else torch.device("cpu")
 
     @property
     def main(self) -> bool:
@@ -186,14 +188,15 @@ class Dist:
             torch.cuda.set_device(device)
         return device
 
-    def mean(self, x: float) -> float:
+    def mean(self, *xs: float) -> list[float]:
+        """The mean over ranks of each of xs, in one all-reduce."""
         if self.world == 1:
-            return x
+            return list(xs)
         import torch.distributed as dist
 
-        t = torch.tensor([x], dtype=torch.float64)
+        t = torch.tensor(xs, dtype=torch.float64, device=self.collective_device)
         dist.all_reduce(t)
-        return t.item() / self.world
+        return (t / self.world).tolist()
 
     def close(self):
         if self.world > 1:

@@ -10,9 +10,13 @@ MetricsLog (the metrics file offset), plus the model and optimizer.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import signal
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +30,7 @@ from .checkpoint import average_checkpoints, remove_stale, weights_for_save
 from .config import RunConfig
 from .errors import CheckpointError, ConfigError, SlmlabError
 from .evaluate import bpb_label, evaluate, generate_sample, token_byte_lengths
-from .init_from import base_vocab, init_model, with_added_tokens
+from .init_from import base_vocab, init_model
 from .optim import build_optimizer
 from .phases import eval_shape, lr_mult, phase_at, phase_windows, resolve_phases
 from .progress import Progress, fmt_duration
@@ -44,7 +48,6 @@ from .runtime import (
     use_compile,
     wrap_parallel,
 )
-from .tokenizer import Tokenizer
 
 
 def train(cfg: RunConfig, out: Path, force: bool = False, resume: bool = False) -> dict:
@@ -107,6 +110,15 @@ class TrainState:
         return self.train_time0 + time.time() - self.t_loop
 
 
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped training; the message says where to resume (slmlab/cli.py prints
+    it and exits 128 + signum)."""
+
+    def __init__(self, msg: str, signum: int):
+        super().__init__(msg)
+        self.signum = int(signum)
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -115,27 +127,33 @@ class StepResult:
     lr_mult: float
     tokens: int
     seconds: float
+    stop: bool = False  # a rank caught Ctrl-C / SIGTERM by the end of this step's collective
 
 
 class MetricsLog:
     """metrics.jsonl (one JSON object per line) and wandb, written by rank 0 only. On resume the
-    file is cut at the checkpoint's offset: the lines logged after it are replayed."""
+    file is cut at the checkpoint's offset: the lines logged after it are replayed; the wandb run
+    of `wandb_id` (the checkpoint's) continues."""
 
-    def __init__(self, run: RunDir, cfg: RunConfig, enabled: bool, resume_offset: int | None):
-        self.enabled, self.file, self.wb = enabled, None, None
+    def __init__(self, run: RunDir, cfg: RunConfig, enabled: bool, resume_offset: int | None,
+                 wandb_id: str | None = None):
+        self.enabled, self.file, self.wb, self.wandb_id = enabled, None, None, wandb_id
         if not enabled:
             return
-        self.file = open(run.path / METRICS, "r+" if resume_offset is not None else "w")
-        self.file.seek(resume_offset or 0)
-        self.file.truncate()
-        self.wb = _wandb(cfg, run.path, resume=resume_offset is not None)
+        path = run.path / METRICS
+        # wandb drops a step below one it has: the replayed steps were sent before the kill (same values).
+        self.wb_from = last_logged_step(path) + 1 if resume_offset is not None and cfg.logging.wandb else 0
+        self.file = open_metrics(path, resume_offset)
+        self.wb = _wandb(cfg, run.path, wandb_id)
+        if self.wb:
+            self.wandb_id = self.wb.id
 
     def log(self, rec: dict):
         if not self.enabled:
             return
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
-        if self.wb:
+        if self.wb and rec["step"] >= self.wb_from:
             self.wb.log(rec, step=rec["step"])
 
     def offset(self) -> int:
@@ -148,6 +166,45 @@ class MetricsLog:
         if self.wb:
             self.wb.summary.update(summary)
             self.wb.finish()
+
+
+def last_logged_step(path: Path) -> int:
+    """The highest step in a metrics.jsonl (0 if none): what the run had logged, to wandb too."""
+    steps = [0]
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in lines:
+        try:
+            steps.append(int(json.loads(line)["step"]))
+        except (ValueError, KeyError, TypeError):  # a line cut by a kill
+            continue
+    return max(steps)
+
+
+def open_metrics(path: Path, resume_offset: int | None):
+    """metrics.jsonl opened for appending at the resume point: a new run's is empty; a resumed
+    run's is cut at the checkpoint's offset. A file lost or cut since is started or appended to
+    (never padded to the offset), with one line on stderr."""
+    if resume_offset is None:
+        return open(path, "w")
+    if not path.is_file():
+        print(f"note: {path} is missing: a new one starts with the resumed steps", file=sys.stderr)
+        return open(path, "w")
+    size = path.stat().st_size
+    f = open(path, "r+")
+    if size < resume_offset:
+        print(f"warning: {path} ({size} bytes) is shorter than when the checkpoint was written ({resume_offset} "
+              "bytes): it was cut or replaced since; the resumed steps are appended at its end", file=sys.stderr)
+    f.seek(min(size, resume_offset))
+    f.truncate()
+    if 0 < size < resume_offset:
+        with open(path, "rb") as b:
+            b.seek(-1, 2)
+            if b.read(1) != b"\n":  # cut mid-line: the next record starts a line of its own
+                f.write("\n")
+    return f
 
 
 class BatchSource:
@@ -190,12 +247,19 @@ class BatchSource:
     def load_state_dict(self, state: dict, phases):
         set_rng_state(state["rng"], self.gen)
         for k, cursor in state.get("streams", {}).items():
-            self.stream(phases[int(k)]).cursor = cursor
+            i = int(k)
+            if i >= len(phases) or phases[i].order != "quality":
+                raise ConfigError(f"--resume: the checkpoint holds a position in the quality-ordered stream of "
+                                  f"train.phases[{i}], which is no longer an order: quality phase: resume with the "
+                                  "run's train.phases")
+            self.stream(phases[i]).cursor = cursor
 
 
 class Trainer:
     """One run: __init__ sets everything up (and restores a checkpoint with resume=True); fit()
     trains, evaluates and checkpoints, then finalize() writes the run directory's results."""
+
+    stop_signal = None  # the signal number once Ctrl-C / SIGTERM arrived during fit()
 
     def __init__(self, cfg: RunConfig, out: Path, force: bool = False, resume: bool = False):
         self.cfg, self.t, self.t_start, self.resuming = cfg, cfg.train, time.time(), resume
@@ -236,29 +300,17 @@ class Trainer:
 
     # ---- set-up ----
     def setup_data(self):
-        """The run's split (tokenizer trained or given), any per-phase corpora tokenized with the
-        same tokenizer, and the evaluation shape."""
+        """The run's corpora as data.prepare_for tokenizes them (the cache entries ablate.py's
+        coordinator fills too), and the evaluation shape."""
         cfg, quiet = self.cfg, not self.dist.main
-        cache = Path(cfg.data.cache_dir).expanduser()
-        given = Tokenizer.load(self.tokenizer_source(cfg.data.tokenizer)) if cfg.data.tokenizer else None
-        if cfg.data.added_tokens:
-            given = with_added_tokens(cfg, given, self.say)
-        self.bundle = data_mod.prepare_data(cfg.data.spec, cfg.model.vocab_size, cache, val_frac=cfg.data.val_frac,
-                                            tokenizer=given, progress=cfg.logging.progress and not quiet, quiet=quiet)
-        self.tok = tok = self.bundle.tokenizer
-        if tok.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
-        self.train_sets = {None: (self.bundle, cfg.data.spec)}
-        for ph in self.phases:
-            if ph.data is not None and ph.data not in self.train_sets:
-                b = data_mod.prepare_data(ph.data, cfg.model.vocab_size, cache, cfg.data.val_frac, tokenizer=tok,
-                                          progress=False, quiet=quiet)
-                self.train_sets[ph.data] = (b, ph.data)
+        src = self.tokenizer_source(cfg.data.tokenizer) if cfg.data.tokenizer else None
+        data = data_mod.prepare_for(cfg, tokenizer_path=src, say=self.say, quiet=quiet)
+        self.bundle, self.tok, self.train_sets = data.bundle, data.tokenizer, data.train_sets
         self.eval_T, self.eval_B = eval_shape(self.phases, self.t.eval_seq_len, self.t.grad_accum, self.dist.world)
         for ph in self.phases:
             data_mod.check_sizes(self.train_sets[ph.data][0], ph.seq_len, 1, splits=("train",))
         data_mod.check_sizes(self.bundle, self.eval_T, 1, splits=("validation",))  # only eval reads it
-        self.byte_lengths = token_byte_lengths(tok)
+        self.byte_lengths = token_byte_lengths(self.tok)
 
     def tokenizer_source(self, src: str) -> Path:
         """Where the tokenizer is read: `src`, or on --resume, when `src` (a base run, say) is gone,
@@ -293,6 +345,15 @@ class Trainer:
         run.check_same_tokenizer(self.tok, ", ".join(data) + "?" if data else
                                  "its data.tokenizer or data changed since the run began?")
         self.check_same_adapters(saved, run)
+        if saved.train.seed != self.t.seed:  # the checkpoint's RNG states go on; a seed would only be recorded
+            raise ConfigError(f"--resume: train.seed {saved.train.seed} -> {self.t.seed}: a resumed run continues "
+                              f"the checkpoint's random state, so a new seed would not be used; resume with "
+                              f"train.seed={saved.train.seed} (or start a new run)")
+        changed = [f"optim.{f.name} {getattr(saved.optim, f.name)!r} -> {getattr(self.cfg.optim, f.name)!r}"
+                   for f in dataclasses.fields(saved.optim)
+                   if getattr(saved.optim, f.name) != getattr(self.cfg.optim, f.name)]
+        if changed:
+            self.say(f"--resume: {', '.join(changed)}: applies from the resumed step on")
         return ckpt
 
     def check_same_adapters(self, saved: RunConfig, run: RunDir):
@@ -359,15 +420,21 @@ class Trainer:
         # before another rank would read it, and the ranks must decide alike.
         if steps < step:
             raise ConfigError(f"--resume: the checkpoint is at step {step}; train.steps ({steps}) must be at least that")
+        # The saved param groups carry the old run's lr, betas, weight decay, momentum...: this config's
+        # (what config.yaml and metrics.jsonl record, and optim.* overrides may change) go back on top.
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
         try:
             self.opt.load_state_dict(saved["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"{ckpt / 'state.pt'}: optimizer state does not fit (optim.name changed?): "
                                   f"{str(e).splitlines()[0]}") from None
+        for group, hyper in zip(self.opt.param_groups, configured):
+            group.update(hyper)
         self.batches.load_state_dict(saved, self.phases)  # data position and every RNG
         self.state = TrainState(step=saved["step"], tokens=saved["tokens"], bad_steps=saved["bad_steps"],
                                 train_time0=saved["train_time"])
-        self.say(f"resumed from {ckpt} (step {saved['step']}, phase {saved['phase'] + 1})")
+        # The phase the next step is in: a new train.steps moves the phase boundaries.
+        self.say(f"resumed from {ckpt} (step {step}, phase {phase_at(self.phases, step).index + 1})")
 
     def open_run_dir(self, saved: dict | None):
         if self.dist.main:
@@ -376,30 +443,90 @@ class Trainer:
             self.run.write_tokenizer(self.tok)
             if saved is None and self.t.lora.r:
                 self.run.write_lora_base(self.t.init_from)
-        self.metrics = MetricsLog(self.run, self.cfg, self.dist.main, saved["metrics_offset"] if saved else None)
+        self.metrics = MetricsLog(self.run, self.cfg, self.dist.main, saved["metrics_offset"] if saved else None,
+                                  saved.get("wandb_id") if saved else None)
 
     # ---- the loop ----
     def fit(self) -> dict:
         t = self.t
-        self.progress = Progress(t.steps, self.cfg.logging.progress and self.dist.main, quiet=not self.dist.main)
+        self.progress = Progress(t.steps, self.cfg.logging.progress and self.dist.main, quiet=not self.dist.main,
+                                 start=self.state.step)
         self.model.train()
         self.state.t_loop, phase = time.time(), None
-        for step in range(self.state.step + 1, t.steps + 1):
-            if phase_at(self.phases, step - 1) is not phase:
-                phase = self.enter_phase(step)
-            res = self.train_step(step, phase)
-            self.progress.update(step, res.loss, res.tokens / res.seconds, phase=f"p{phase.index + 1} T{phase.seq_len} ")
-            rec = self.step_record(step, phase, res) if step % t.log_every == 0 or step == 1 else None
-            if step % t.eval_every == 0 and step != t.steps:
-                ev = self.evaluate(t.eval_tokens)
-                self.progress.write(f"step {step}: val loss {ev['val_loss']:.4f}  val bpb {bpb_label(ev)}"
-                                    + (f"  exact match {ev['exact_match']:.3f}" if "exact_match" in ev else ""))
-                rec = {**(rec or self.position(step, phase)), **ev}
-            if rec:
-                self.metrics.log(rec)
-            if (t.ckpt_every and step % t.ckpt_every == 0) or (step == t.steps and (t.ckpt_every or t.avg_last)):
-                self.checkpoint(step, phase)
+        with self.stop_on_signals():
+            for step in range(self.state.step + 1, t.steps + 1):
+                if phase_at(self.phases, step - 1) is not phase:
+                    phase = self.enter_phase(step)
+                res = self.train_step(step, phase)
+                self.progress.update(step, res.loss, res.tokens / res.seconds,
+                                     phase=f"p{phase.index + 1} T{phase.seq_len} ")
+                rec = self.step_record(step, phase, res) if step % t.log_every == 0 or step == 1 else None
+                if step % t.eval_every == 0 and step != t.steps:
+                    ev = self.periodic_eval(phase)
+                    self.progress.write(f"step {step}: val loss {ev['val_loss']:.4f}  val bpb {bpb_label(ev)}"
+                                        + (f"  exact match {ev['exact_match']:.3f}" if "exact_match" in ev else ""))
+                    rec = {**(rec or self.position(step, phase)), **ev}
+                if rec:
+                    self.metrics.log(rec)
+                if self.checkpoint_due(step):
+                    self.checkpoint(step, phase)
+                # Under torchrun the all-reduced flag only: a rank's own may have come after the collective.
+                if res.stop or (self.dist.world == 1 and self.stop_signal is not None):
+                    self.stop(step, phase)
         return self.finalize()
+
+    def checkpoint_due(self, step: int) -> bool:
+        return bool(self.t.ckpt_every) and (step % self.t.ckpt_every == 0 or step == self.t.steps)
+
+    @contextmanager
+    def stop_on_signals(self):
+        """Ctrl-C or SIGTERM during the loop stops it after the step under way (see stop); a second
+        one stops at once. Handlers need the main thread: elsewhere the signals stay as they were."""
+        self.stop_signal = None
+
+        def handler(signum, frame):
+            if self.stop_signal is not None:
+                raise Stopped(self.stopped_message(signum, at_once=True), signum)
+            self.stop_signal = signum
+
+        try:
+            previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:
+            previous = {}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def stop(self, step: int, ph):
+        """A signal arrived: checkpoint the finished step (unless the loop just did, or checkpoints are
+        off: train.ckpt_every=0), then raise Stopped naming the checkpoint to resume from."""
+        signum = self.stop_signal or signal.SIGTERM  # a rank the signal missed
+        if self.t.ckpt_every and not self.checkpoint_due(step):
+            self.checkpoint(step, ph)
+        raise Stopped(self.stopped_message(signum), signum)
+
+    def stopped_message(self, signum: int, at_once: bool = False) -> str:
+        what = f"{signal.Signals(signum).name} " + (
+            "again: stopped at once, without a checkpoint of the step under way" if at_once
+            else f"at step {self.state.step}: stopped after it")
+        if not self.dist.main:  # rank 0 names the checkpoint, which only it writes
+            return f"rank {self.dist.rank}: {what}"
+        ckpts = self.run.checkpoints()
+        if not ckpts:
+            return f"{what}; no checkpoint was written (train.ckpt_every={self.t.ckpt_every}), so it cannot be resumed"
+        launch = "the same torchrun command with" if self.dist.world > 1 else "python train.py"
+        return f"{what}; last checkpoint {ckpts[-1]}; continue with: {launch} --resume --out {self.run.path}"
+
+    def periodic_eval(self, ph) -> dict:
+        """evaluate() with the model's own attention windows, as the final evaluation runs, not the
+        phase's `window`: periodic evals stay comparable with each other and with the final one."""
+        self.model.set_windows(self.base_windows)
+        try:
+            return {**self.evaluate(self.t.eval_tokens), "eval_seq_len": self.eval_T}
+        finally:
+            self.model.set_windows(phase_windows(self.base_windows, ph.window))
 
     def enter_phase(self, step: int):
         ph = phase_at(self.phases, step - 1)
@@ -431,7 +558,9 @@ class Trainer:
             self.loss_fn.fall_back(e)
             self.opt.zero_grad(set_to_none=True)  # a partial backward may have written some gradients
             sums = self.accumulate(micro)
-        loss_sum, ce_sum = (dist.mean(v) for v in sums.tolist())
+        # The stop flag rides in the losses' all-reduce: every rank stops after the same step, even
+        # when a signal reached only some, at no extra collective.
+        loss_sum, ce_sum, stop = dist.mean(*sums.tolist(), float(self.stop_signal is not None))
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
         if math.isfinite(loss_sum) and math.isfinite(gnorm):
@@ -442,7 +571,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         step_tokens = n_tok * dist.world
         self.state.step, self.state.tokens = step, self.state.tokens + step_tokens
-        return StepResult(loss_sum, ce_sum, gnorm, mult, step_tokens, time.time() - t0)
+        return StepResult(loss_sum, ce_sum, gnorm, mult, step_tokens, time.time() - t0, stop > 0)
 
     def accumulate(self, micro: list):
         """Forward and backward of the step's micro-batches, gradients summed (synchronised across
@@ -505,7 +634,7 @@ class Trainer:
         s = self.state
         st = {"step": step, "phase": ph.index, "tokens": s.tokens, "optimizer": self.opt.state_dict(),
               **self.batches.state_dict(), "metrics_offset": self.metrics.offset(), "bad_steps": s.bad_steps,
-              "train_time": s.train_time(), "world": self.dist.world}
+              "train_time": s.train_time(), "world": self.dist.world, "wandb_id": self.metrics.wandb_id}
         self.run.save_checkpoint(step, sd, st, self.t.keep_checkpoints)
 
     # ---- the end ----
@@ -520,8 +649,9 @@ class Trainer:
                             + (f"  (gzip -9 {base['gzip_bpb']:.3f}, xz -9 {base['xz_bpb']:.3f})" if base else "")
                             + (f"  exact match {final['exact_match']:.3f} of {final['exact_n']}" if "exact_n" in final
                                else ""))
-        self.metrics.log({"step": t.steps, "phase": self.phases[-1].index + 1, "seq_len": self.eval_T,
-                          "tokens": self.state.tokens, "final": True, **final})
+        last = self.phases[-1]
+        self.metrics.log({"step": t.steps, "phase": last.index + 1, "seq_len": last.seq_len,
+                          "tokens": self.state.tokens, "final": True, "eval_seq_len": self.eval_T, **final})
         avg = self.average_checkpoints(final) if t.avg_last > 1 and self.dist.main else {}
         sd = weights_for_save(self.model)  # collective under FSDP
         summary = {"arch": self.cfg.arch, "params": self.n_params, "flops_per_token": self.fpt, "steps": t.steps,
@@ -564,7 +694,8 @@ class Trainer:
               f"{summary['tokens_per_s']:,.0f} tok/s)")
 
 
-def _wandb(cfg: RunConfig, out: Path, resume: bool = False):
+def _wandb(cfg: RunConfig, out: Path, run_id: str | None = None):
+    """The wandb run: a new one, or with `run_id` (a resumed run's checkpoint has it) that run continued."""
     if not cfg.logging.wandb:
         return None
     try:
@@ -573,4 +704,4 @@ def _wandb(cfg: RunConfig, out: Path, resume: bool = False):
         raise ConfigError("logging.wandb=true needs wandb: pip install -e '.[wandb]'") from None
     # Offline mode writes under out/wandb and needs no network or login (`wandb sync` uploads later).
     return wandb.init(project=cfg.logging.wandb_project, config=cfg.to_dict(), dir=str(out), name=out.name,
-                      mode=cfg.logging.wandb_mode, resume="allow" if resume else None)
+                      mode=cfg.logging.wandb_mode, id=run_id, resume="allow" if run_id else None)

@@ -190,3 +190,136 @@ def test_resume_with_other_added_tokens_names_them(base_run, tmp_path, capsys):
     assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "4", "data.added_tokens=[<think>]"]) == 2
     err = capsys.readouterr().err
     assert "different tokenizer" in err and "data.added_tokens [] -> ['<think>']?" in err and "data.spec" not in err
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """120 steps over two phases, checkpoints every 10: the run the interrupted ones must reproduce."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    corpus = write_corpus(tmp / "c.txt")
+    ov = tiny_overrides(tmp, steps=120, **{"train.ckpt_every": 10})
+    full = run_train(["--data", str(corpus), "--out", str(tmp / "full"), *ov])
+    assert full.returncode == 0, full.stderr
+    return corpus, ov, losses(tmp / "full")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_checkpoints_the_step_it_stops_after_and_resume_continues_exactly(tmp_path, uninterrupted, sig):
+    """Ctrl-C / SIGTERM between steps: a checkpoint of the last finished step (not only the last
+    ckpt_every one), one line naming it and the resume command, exit 128 + signum."""
+    corpus, ov, full = uninterrupted
+    run, log = tmp_path / "run", tmp_path / "stopped.log"
+    rc = kill_after_checkpoint([sys.executable, str(ROOT / "train.py"), "--data", str(corpus), "--out", str(run), *ov],
+                               run, min_step=10, log=log, sig=sig)
+    assert rc == 128 + sig, log.read_text()[-2000:]
+    last_line = log.read_text().splitlines()[-1]
+    step = max(losses(run))
+    assert int(latest_checkpoint(run).name[5:]) == step < 120, last_line
+    assert last_line == (f"{signal.Signals(sig).name} at step {step}: stopped after it; last checkpoint "
+                         f"{latest_checkpoint(run)}; continue with: python train.py --resume --out {run}")
+    resumed = run_train(["--resume", "--out", str(run)])
+    assert resumed.returncode == 0, resumed.stderr
+    got = losses(run)
+    assert sorted(got) == list(range(1, 121))
+    assert max(abs(full[k] - got[k]) for k in full) <= 1e-6
+
+
+def test_a_second_signal_stops_at_once_and_without_checkpoints_nothing_is_resumable(tmp_path, monkeypatch, capsys):
+    import train
+    from slmlab.cli import run_cli
+    from slmlab.trainer import Trainer
+
+    corpus = write_corpus(tmp_path / "c.txt")
+    step = Trainer.train_step
+
+    def ctrl_c_at_step_3(self, n, ph):  # Ctrl-C twice inside step 3: the second one stops it there
+        if n == 3:
+            for _ in range(times):  # the handler called as Python would: two real signals may coalesce into one
+                signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        return step(self, n, ph)
+
+    monkeypatch.setattr(Trainer, "train_step", ctrl_c_at_step_3)
+    times, run = 2, tmp_path / "twice"
+    ov = tiny_overrides(tmp_path, steps=6, **{"train.ckpt_every": 2})
+    assert run_cli(train.main, ["--data", str(corpus), "--out", str(run), *ov]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("SIGINT again: stopped at once") and err.count("\n") == 1, err
+    assert f"last checkpoint {run / 'checkpoints' / 'step_000002'};" in err and sorted(losses(run)) == [1, 2]
+    times, run = 1, tmp_path / "none"
+    ov = tiny_overrides(tmp_path, steps=6, **{"train.ckpt_every": 0})
+    assert run_cli(train.main, ["--data", str(corpus), "--out", str(run), *ov]) == 130
+    err = capsys.readouterr().err
+    assert err == "SIGINT at step 3: stopped after it; no checkpoint was written (train.ckpt_every=0), so it " \
+                  "cannot be resumed\n", err
+    assert not (run / "checkpoints").exists()
+
+
+def test_resume_applies_new_optim_values_and_refuses_a_new_seed(base_run, tmp_path, capsys):
+    """optim.* given on --resume is what the param groups use from then on (as config.yaml and
+    metrics.jsonl record it); a new seed could not apply (the RNG states go on) and is refused."""
+    import train
+    from slmlab.cli import run_cli
+    from slmlab.config import load_config
+    from slmlab.trainer import Trainer
+
+    run = tmp_path / "run"
+    ov = tiny_overrides(base_run, steps=4, **{"train.ckpt_every": 2, "optim.name": "muon"})
+    assert run_cli(train.main, ["--data", str(base_run / "c.txt"), "--out", str(run), *ov]) == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "6", "--seed", "9"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume: train.seed 1337 -> 9: ") and err.count("\n") == 1, err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # train.steps=10 moves phase 2 to steps 6-10: the checkpoint's step 4 is now in phase 1
+    cfg = load_config(run / "config.yaml", overrides=["train.steps=10", "optim.lr=0.03", "optim.weight_decay=0.2",
+                                                      "optim.betas=[0.8, 0.9]", "optim.muon_momentum=0.9"])
+    tr = Trainer(cfg, run, resume=True)
+    assert "(step 4, phase 1)" in capsys.readouterr().out
+    adamw, muon = tr.opt.optimizers["adamw"].param_groups, tr.opt.optimizers["muon"].param_groups
+    assert [g["base_lr"] for g in adamw + muon] == [0.03] * (len(adamw) + len(muon))
+    assert [g["weight_decay"] for g in adamw] == [0.2, 0.0] and [g["weight_decay"] for g in muon] == [0.2]
+    assert all(g["betas"] == (0.8, 0.9) for g in adamw) and all(g["momentum"] == 0.9 for g in muon)
+
+
+@pytest.mark.parametrize("damage", ["missing", "cut"])
+def test_resume_with_a_lost_or_cut_metrics_file_appends_without_padding(base_run, tmp_path, capsys, damage):
+    import train
+    from slmlab.cli import run_cli
+
+    run = tmp_path / "run"
+    ov = tiny_overrides(base_run, steps=4, **{"train.ckpt_every": 2})
+    assert run_cli(train.main, ["--data", str(base_run / "c.txt"), "--out", str(run), *ov]) == 0
+    metrics = run / "metrics.jsonl"
+    if damage == "missing":
+        metrics.unlink()
+    else:  # the first line and half the second, as a copy cut short would leave it
+        text = metrics.read_text()
+        metrics.write_text(text[: text.index("\n") + 40])
+    capsys.readouterr()
+    assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "6"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("is missing" if damage == "missing" else "is shorter than") in err, err
+    lines = metrics.read_text().splitlines()
+    assert "\0" not in "".join(lines)
+    resumed = [json.loads(line) for line in lines[-3:]]  # steps 5, 6 and the final line
+    assert [r["step"] for r in resumed] == [5, 6, 6] and resumed[-1]["final"]
+
+
+def test_resume_after_the_quality_phases_changed_is_one_line(tmp_path, capsys):
+    import train
+    from slmlab.cli import run_cli
+
+    corpus = write_corpus(tmp_path / "c.txt")
+    run = tmp_path / "run"
+    ov = tiny_overrides(tmp_path, steps=4, **{
+        "train.ckpt_every": 4, "train.quality_score": "fn:unique_ratio",
+        "train.phases": "[{seq_len: 16, share: 0.5, tokens_per_step: 128}, "
+                        "{seq_len: 16, share: 0.5, tokens_per_step: 128, order: quality}]"})
+    assert run_cli(train.main, ["--data", str(corpus), "--out", str(run), *ov]) == 0
+    capsys.readouterr()
+    assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "6",
+                                "train.phases=[{seq_len: 16, share: 1.0, tokens_per_step: 128}]"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume: the checkpoint holds a position in the quality-ordered stream of "
+                          "train.phases[1]") and err.count("\n") == 1, err

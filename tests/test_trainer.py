@@ -3,6 +3,7 @@ distillation, quality ordering and the one-line errors for bad input."""
 import importlib.util
 import json
 import math
+import shutil
 import time
 
 import numpy as np
@@ -81,12 +82,24 @@ def test_wsd_and_cosine_one_schedule_across_phases():
     cfg = load_config(overrides=["train.steps=100", "train.warmup_steps=10", "train.decay_frac=0.2"])
     m = [lr_mult(s, cfg.train) for s in range(100)]
     assert m[0] == pytest.approx(0.1) and m[9] == 1.0 and m[50] == 1.0 and m[79] == 1.0
-    assert m[80] < 1.0 and m[99] == pytest.approx(0.0) and all(a >= b for a, b in zip(m[10:], m[11:]))
+    # the decay's first step (0-based 80) runs at full lr, its last (99) just above the floor
+    assert m[80] == 1.0 and m[81] == pytest.approx(0.95) and m[99] == pytest.approx(0.05)
+    assert all(a >= b for a, b in zip(m[10:], m[11:]))
     cfg = load_config(overrides=["train.steps=100", "train.warmup_steps=10", "train.schedule=cosine"])
     c = [lr_mult(s, cfg.train) for s in range(100)]
-    assert c[10] == pytest.approx(1.0) and 0.45 < c[55] < 0.55 and c[99] < 0.01
+    assert c[10] == pytest.approx(1.0) and 0.45 < c[55] < 0.55 and 0 < c[99] < 0.01
     ph = resolve_phases(cfg)
     assert phase_at(ph, 0).index == 0 and phase_at(ph, 69).index == 0 and phase_at(ph, 70).index == 1
+
+
+@pytest.mark.parametrize("schedule", ["wsd", "cosine"])
+def test_the_last_step_still_learns_and_the_floor_comes_after_it(schedule):
+    """A step at lr 0 (min_lr_frac's default) changes nothing: both decays reach min_lr_frac at
+    step t.steps, one past the last (0-based) step."""
+    t = load_config(overrides=["train.steps=10", "train.warmup_steps=2", f"train.schedule={schedule}",
+                               "train.min_lr_frac=0.1", "train.decay_frac=0.8"]).train
+    assert lr_mult(9, t) > 0.1 + 1e-3 and lr_mult(10, t) == pytest.approx(0.1)
+    assert lr_mult(2, t) == 1.0  # the first step after warmup, WSD's first decay step here: at full lr
 
 
 def test_rope_prefix_consistency_at_phase_lengths():
@@ -120,6 +133,58 @@ def test_phased_run_logs_phase_and_seq_len(corpus, tmp_path, capsys):
     for name in ("config.yaml", "tokenizer.json", "model.safetensors", "summary.json", "sample.txt"):
         assert (tmp_path / "run" / name).is_file()
     assert s["tokens"] == 6 * 128 and math.isfinite(s["val_bpb"])
+
+
+def test_periodic_evals_use_the_models_windows_and_log_the_eval_seq_len(corpus, tmp_path, monkeypatch):
+    """A phase's `window` is for training: periodic evals run at the model's own windows, like the
+    final one, so they compare; every eval line says the seq_len it measured at."""
+    from slmlab.trainer import Trainer
+
+    seen = []  # (what ran, the attention layer's window then)
+    evaluate, train_step = Trainer.evaluate, Trainer.train_step
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, *a, **k: (
+        seen.append(("eval", self.model.layers[2].mixer.window)), evaluate(self, *a, **k))[1])
+    monkeypatch.setattr(Trainer, "train_step", lambda self, n, ph: (
+        seen.append((n, self.model.layers[2].mixer.window)), train_step(self, n, ph))[1])
+    cfg = tiny_cfg(corpus, steps=4, **{"train.eval_every": 1, "model.window_pattern": "S", "model.window": 8,
+                                       "train.phases": "[{seq_len: 16, share: 0.5, tokens_per_step: 128, window: 4}, "
+                                                       "{seq_len: 32, share: 0.5, tokens_per_step: 128, window: 4}]"})
+    train(cfg, tmp_path / "run")
+    assert seen == [(1, 4), ("eval", 8), (2, 4), ("eval", 8), (3, 4), ("eval", 8), (4, 4), ("eval", 8)]
+    recs = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    evals = [(r["step"], r["seq_len"], r["eval_seq_len"]) for r in recs if "val_loss" in r]
+    assert evals == [(1, 16, 32), (2, 16, 32), (3, 32, 32), (4, 32, 32)] and recs[-1]["final"]
+
+
+def test_progress_eta_counts_the_steps_this_process_ran(monkeypatch, capsys):
+    from slmlab import progress
+
+    clock = iter([1000.0, 1010.0])
+    monkeypatch.setattr(progress.time, "time", lambda: next(clock))
+    bar = progress.Progress(100, start=90)  # resumed at step 90
+    bar.update(95, 1.0, 100.0)  # 5 steps in 10 s, 5 to go
+    err = capsys.readouterr().err
+    assert "step 95/100" in err and "eta 0m10s" in err, err
+
+
+def test_avg_last_without_checkpoints_is_refused():
+    with pytest.raises(ConfigError, match=r"^train.avg_last=2 averages checkpoints, but train.ckpt_every=0 writes none"):
+        load_config(overrides=["train.avg_last=2", "train.keep_checkpoints=2", "train.ckpt_every=0"])
+
+
+def test_force_removes_every_file_slmlab_wrote_and_nothing_else(tmp_path):
+    from slmlab.rundir import RunDir
+
+    run = tmp_path / "run"
+    written = ["config.yaml", "tokenizer.json", "tokenizer_config.json", "model.safetensors", "model_avg.safetensors",
+               "metrics.jsonl", "summary.json", "sample.txt", "chat_template.jinja", "lora_base.json", "imports.json",
+               "checkpoints/step_000002/state.pt", "wandb/offline-run-1-abc/run-abc.wandb", "wandb/latest-run"]
+    for name in written + ["notes.txt", "plots/loss.png"]:
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("old")
+    RunDir.create(run, force=True)
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == ["checkpoints", "notes.txt", "plots",
+                                                                       "plots/loss.png"]
 
 
 def test_nan_guard_skips_then_aborts(corpus, tmp_path, capsys):
@@ -317,6 +382,33 @@ def test_wandb_offline(corpus, tmp_path, monkeypatch):
     assert history[1]["loss"] > 0 and "val_bpb" in history[2]
     for k in ("val_loss", "val_bpb", "tokens", "params", "arch"):
         assert wb_summary[k] == pytest.approx(summary[k]) if isinstance(summary[k], float) else wb_summary[k] == summary[k]
+
+
+def wandb_history(run_file):
+    # wandb's service process may still be flushing the file after finish() returns: read it
+    # until its exit record is there (a poll with a deadline, not a timing assertion).
+    deadline = time.monotonic() + 60
+    while not (found := read_wandb_offline(run_file))[2] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert found[2], f"{run_file} has no exit record"
+    return found[0]
+
+
+def test_wandb_resume_continues_the_run_from_the_next_new_step(corpus, tmp_path, monkeypatch):
+    """--resume logs into the same wandb run (offline: a second directory under the same id), and
+    only the steps wandb has not had: it refuses steps below ones it has."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    run = tmp_path / "run"
+    train(tiny_cfg(corpus, steps=4, **{"logging.wandb": True, "logging.wandb_mode": "offline",
+                                       "train.ckpt_every": 2}), run)
+    shutil.rmtree(latest_checkpoint(run))  # resume from step 2: steps 3 and 4 are replayed
+    train(load_config(run / "config.yaml", overrides=["train.steps=6"]), run, resume=True)
+    files = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and len({f.stem for f in files}) == 1, files  # run-<id>.wandb: one id
+    steps = sorted(sorted(wandb_history(f)) for f in files)
+    assert steps == [[1, 2, 3, 4], [5, 6]]
 
 
 def read_wandb_offline(path):

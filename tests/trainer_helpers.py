@@ -46,11 +46,14 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
-def kill_after_checkpoint(cmd: list[str], run_dir: Path, min_step: int, log: Path, timeout: float = 180) -> int:
+def kill_after_checkpoint(cmd: list[str], run_dir: Path, min_step: int, log: Path, timeout: float = 180,
+                          sig: int = signal.SIGKILL) -> int:
     """Run `cmd` in its own process group; once `run_dir` holds a complete checkpoint at a step
-    >= min_step, SIGKILL the whole group (torchrun and its workers too), as a crash would. Returns
-    the exit status (-SIGKILL when it was still running). The caller picks min_step with enough
-    steps after it that the run cannot finish before the poll (10 ms) notices the checkpoint."""
+    >= min_step, send `sig` to the whole group (torchrun and its workers too): SIGKILL as a crash
+    would, SIGINT as Ctrl-C, SIGTERM as a scheduler. Returns the exit status (-SIGKILL when it was
+    still running; a run still going 60 s after another signal is SIGKILLed). The caller picks
+    min_step with enough steps after it that the run cannot finish before the poll (10 ms)
+    notices the checkpoint."""
     from slmlab.checkpoint import checkpoint_dirs
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -67,8 +70,12 @@ def kill_after_checkpoint(cmd: list[str], run_dir: Path, min_step: int, log: Pat
                 time.sleep(0.01)
         finally:
             try:
-                os.killpg(p.pid, signal.SIGKILL)
+                os.killpg(p.pid, sig)
             except ProcessLookupError:
                 pass
-            p.wait()
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
     return p.returncode
