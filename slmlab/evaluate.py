@@ -2,8 +2,6 @@
 the int8 export report and anything else that scores a model on a run's validation split."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import data as data_mod
@@ -29,22 +27,37 @@ def evaluate(model, tokens, cfg, device, byte_lengths, max_tokens=None, seq_len=
         max_tokens = max(max_tokens, seq_len)
     was_training = model.training
     model.eval()
-    nll, n_tok, n_bytes = 0.0, 0, 0.0
-    gen = torch.Generator(device=device).manual_seed(0)  # stochastic estimators (diffusion ELBO) repeat exactly
-    for x, y in data_mod.iter_eval_batches(tokens, batch_size, seq_len, max_tokens):
-        x, y = x.to(device), y.to(device)
-        with autocast(device):
-            losses = (nll_fn or model.token_nll)(x, y, generator=gen)
-        nll += losses.double().sum().item()
-        n_tok += y.numel()
-        n_bytes += byte_lengths[y.flatten().cpu()].sum().item()
+    out = score(model, data_mod.iter_eval_batches(tokens, batch_size, seq_len, max_tokens), device, byte_lengths,
+                nll_fn)
     model.train(was_training)
-    if n_tok == 0:
+    if not out:
         return {}
-    out = {"val_loss": nll / n_tok, "val_bpb": nll / math.log(2) / max(n_bytes, 1.0), "val_tokens": n_tok}
     if model.nll_is_bound:
         out["val_bpb_is_bound"] = True
     return {**out, **model.extra_metrics()}
+
+
+@torch.no_grad()
+def score(model, batches, device, byte_lengths, nll_fn=None, ignore_index: int | None = None) -> dict:
+    """val_loss (nats/token), val_bpb and val_tokens over the targets of `batches` ((x, y) pairs)
+    under autocast(device), leaving out targets equal to ignore_index (SFT's prompt and padding
+    positions); {} when nothing is scored."""
+    device = torch.device(device)
+    nll, n_tok, n_bytes = 0.0, 0, 0.0
+    gen = torch.Generator(device=device).manual_seed(0)  # stochastic estimators (diffusion ELBO) repeat exactly
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        keep = torch.ones_like(y, dtype=torch.bool) if ignore_index is None else y != ignore_index
+        with autocast(device):
+            losses = (nll_fn or model.token_nll)(x, y.where(keep, 0), generator=gen)
+        nll += losses.double().where(keep, 0.0).sum().item()
+        scored = y[keep].cpu()
+        n_tok += scored.numel()
+        n_bytes += byte_lengths[scored].sum().item()
+    if n_tok == 0:
+        return {}
+    return {"val_loss": nll / n_tok, "val_bpb": data_mod.bits_per_byte(nll / n_tok, max(n_bytes, 1.0) / n_tok),
+            "val_tokens": n_tok}
 
 
 def bpb_label(ev: dict) -> str:

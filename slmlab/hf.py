@@ -12,7 +12,7 @@ import torch
 
 from arch import ModelConfig
 
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 
 # (our suffix, HF suffix) inside layer i, per family and mixer kind.
 _LFM2 = {
@@ -131,8 +131,16 @@ def _gpt2_from_hf(hf_sd: dict, cfg: ModelConfig) -> dict:
                 out[ours.replace("{q,k,v}", n)] = part.contiguous()
         else:
             out[ours] = t.contiguous()
-    out["lm_head.weight"] = out["embed.weight"] if cfg.tie_embeddings else hf_sd.get("lm_head.weight", out["embed.weight"])
+    out["lm_head.weight"] = _head(hf_sd, out["embed.weight"], cfg.tie_embeddings)
     return out
+
+
+def _head(hf_sd: dict, embed: torch.Tensor, tied: bool) -> torch.Tensor:
+    if tied:
+        return embed
+    if "lm_head.weight" not in hf_sd:  # copying the embedding would import a different model without a word
+        raise CheckpointError("tie_word_embeddings is false but the weights have no lm_head.weight")
+    return hf_sd["lm_head.weight"]
 
 
 def to_hf_state_dict(model) -> dict:
@@ -158,8 +166,7 @@ def from_hf_state_dict(hf_sd: dict, cfg: ModelConfig) -> dict:
         return _gpt2_from_hf(hf_sd, cfg)
     tab = TABLES[family]
     out = {"embed.weight": hf_sd["model.embed_tokens.weight"], "norm.weight": hf_sd[tab["final_norm"]]}
-    out["lm_head.weight"] = hf_sd.get("lm_head.weight", out["embed.weight"]) if not cfg.tie_embeddings \
-        else out["embed.weight"]
+    out["lm_head.weight"] = _head(hf_sd, out["embed.weight"], cfg.tie_embeddings)
     for i, kind in enumerate(cfg.layer_types()):
         for ours, theirs in tab["common"] + tab[kind]:
             key = f"model.layers.{i}.{theirs}"
@@ -223,7 +230,9 @@ def unsupported(mt) -> ConfigError:
 def _rope(hf_cfg, family: str) -> tuple[float, dict]:
     """(rope_theta, our rope_scaling) from transformers' rope_parameters; other scalings are refused."""
     rp = dict(getattr(hf_cfg, "rope_parameters", None) or {})
-    kind = rp.get("rope_type", "default")
+    if not rp:  # a transformers 4.x config (or its config.json) keeps them as rope_theta and rope_scaling
+        rp = {**(getattr(hf_cfg, "rope_scaling", None) or {}), "rope_theta": getattr(hf_cfg, "rope_theta", 10000.0)}
+    kind = rp.get("rope_type", rp.get("type", "default"))
     if kind == "default":
         return float(rp.get("rope_theta", 10000.0)), {}
     if kind != "llama3" or family != "llama":

@@ -54,7 +54,7 @@ def saved_part(sd: dict) -> dict:
 def apply_lora(model: torch.nn.Module, lora, n_old: int | None = None) -> torch.nn.Module:
     """Inject adapters of rank lora.r into the modules whose names end in one of lora.targets
     ("all-linear": every linear layer but the head) and freeze everything else. ConfigError if a
-    target matches no module (a typo would otherwise train nothing). With `n_old` below the model's
+    target matches no module (a typo would otherwise train nothing) or a module that is not nn.Linear. With `n_old` below the model's
     vocabulary (data.added_tokens grew it from the base's n_old), the added rows of the embedding and
     head stay trainable (AddedRows)."""
     try:
@@ -62,21 +62,26 @@ def apply_lora(model: torch.nn.Module, lora, n_old: int | None = None) -> torch.
     except ImportError:
         raise ConfigError("train.lora needs peft: pip install -e '.[finetune]'") from None
 
-    names = [n for n, _ in model.named_modules()]
-    linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+    modules = dict(model.named_modules())
+    linears = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items()
                       if isinstance(m, torch.nn.Linear) and n != "lm_head"})
     targets = sorted({x for t in lora.targets for x in (linears if t == ALL_LINEAR else [t])})
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    matched = {t: [n for n in modules if n == t or n.endswith("." + t)] for t in targets}  # peft's suffix rule
+    missing = [t for t, found in matched.items() if not found]
     if missing:
         raise ConfigError(f"train.lora.targets {missing} match no module of the model; its linear layers: "
                           f"{', '.join(linears)}")
     if any(n == t or n.endswith("." + t) for t in targets for n in ("lm_head", "embed")):
         raise ConfigError("train.lora.targets: the embedding and head are not adapted (tied weights)")
-    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
-    try:
-        inject_adapter_in_model(cfg, model)
-    except ValueError as e:  # e.g. a target that names a non-linear module (a norm, the depthwise conv)
-        raise ConfigError(f"train.lora.targets: {str(e).splitlines()[0]}") from None
+    # peft also wraps convolutions, but the short conv reads its weight directly (the adapter would never
+    # run) and merge_lora folds linear adapters only.
+    other = next((n for found in matched.values() for n in found
+                  if not isinstance(modules[n], torch.nn.Linear)), None)
+    if other is not None:
+        raise ConfigError(f"train.lora.targets: {other} is a {type(modules[other]).__name__}, not a linear layer; "
+                          f"the linear layers: {', '.join(linears)}")
+    inject_adapter_in_model(LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                       target_modules=targets), model)
     if n_old is not None and n_old < model.embed.weight.shape[0]:
         train_added_rows(model, n_old)
     return model

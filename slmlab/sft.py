@@ -3,9 +3,9 @@
 Data is a .jsonl of {"messages": [{"role", "content"}, ...]} or {"prompt", "completion"} (a
 prompt/completion pair is the chat [user: prompt, assistant: completion]); data.format picks one
 or lets the first record decide. Each conversation is rendered with a chat template (the
-tokenizer folder's own `chat_template`, rendered with jinja2 as transformers does, else ChatML),
-piece by piece, so every assistant reply's tokens are known exactly: those (and the closing <|eos|>)
-are the labels, every other position is -1, which LM.loss ignores.
+tokenizer folder's own `chat_template`, in transformers' apply_chat_template environment, else
+ChatML), piece by piece, so every assistant reply's tokens are known exactly: those (and a closing
+eos unless the reply ends in it) are the labels, every other position is -1, which LM.loss ignores.
 
 Batches are padded, not packed. Packing several examples into one sequence needs a document mask
 through every mixer (a block-diagonal attention mask, the short conv's and LIF's state reset at
@@ -18,7 +18,7 @@ through every block. Data of very uneven lengths (chat logs of 20 to 2,000 token
 from __future__ import annotations
 
 import json
-import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError, DataError
-from .evaluate import token_byte_lengths
+from .evaluate import score, token_byte_lengths
 from .init_from import with_added_tokens
 from .phases import eval_shape
 from .rundir import CHAT_TEMPLATE
@@ -79,21 +79,23 @@ def jsonl_records(path):
                 raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
 
 
-def read_examples(path, fmt: str) -> list[list[dict]]:
-    """Every record of `path` as a conversation (a list of {"role", "content"}); DataError naming
-    the line for a record that is not one or that has no assistant turn (nothing to learn)."""
+def read_examples(path, fmt: str) -> list[tuple[str, list[dict]]]:
+    """("path:line", conversation) for every record of `path` (a conversation is a list of messages
+    with at least "role" and "content"); DataError naming the line for a record that is not one or
+    that has no assistant turn (nothing to learn)."""
     out = []
     for where, rec in jsonl_records(path):
         msgs = as_messages(rec, fmt, where)
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataError(f"{where}: a chat example without an assistant turn (no tokens to train on)")
-        out.append(msgs)
+        out.append((where, msgs))
     if len(out) < 2:
         raise DataError(f"{path}: {len(out)} examples; SFT needs at least 2 (one held out for validation)")
     return out
 
 
 def as_messages(rec, fmt: str, where: str) -> list[dict]:
+    """The record's messages with all their fields: templates read reasoning_content, tool_calls, name."""
     if fmt == "prompt_completion":
         if not (isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str)):
             raise DataError(f"{where}: expected {{\"prompt\": str, \"completion\": str}}")
@@ -102,49 +104,102 @@ def as_messages(rec, fmt: str, where: str) -> list[dict]:
     if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
                                              and isinstance(m.get("content"), str) for m in msgs):
         raise DataError(f"{where}: expected {{\"messages\": [{{\"role\": str, \"content\": str}}, ...]}}")
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    return [dict(m) for m in msgs]
 
 
-# ---- the chat template ----
+def prompt_turns(messages: list[dict]) -> list[dict]:
+    """The turns a reply is generated after: all of them but a final assistant turn (that reply itself)."""
+    return messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
+
+
+# ---- the chat template, as transformers' apply_chat_template renders it ----
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # transformers' names for a message's reasoning
+
+
 def _raise(msg):
     from jinja2.exceptions import TemplateError
 
     raise TemplateError(msg)
 
 
-class ChatTemplate:
-    """A jinja2 chat template as transformers renders it (sandboxed, trim_blocks, lstrip_blocks),
-    and the token ids and labels of a conversation under it."""
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers' tojson: jinja2's own escapes <, >, & and non-ASCII, which templates write as text
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    def __init__(self, source: str, tok: Tokenizer):
-        try:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-        except ImportError:
-            raise ConfigError("SFT chat templates need jinja2: pip install -e '.[finetune]'") from None
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = _raise
-        self.source, self.tok, self.template = source, tok, env.from_string(source)
+
+def _strftime_now(fmt):
+    from datetime import datetime
+
+    return datetime.now().strftime(fmt)
+
+
+def _compile(source: str, where: str):
+    """The template in transformers' environment (utils/chat_template_utils.py); ConfigError naming
+    `where` and the line for a syntax error."""
+    try:
+        import jinja2
+        from jinja2.ext import Extension
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise ConfigError("SFT chat templates need jinja2: pip install -e '.[finetune]'") from None
+
+    class Generation(Extension):
+        # transformers' {% generation %} marks assistant text for its assistant-token masks; the labels
+        # here come from rendering prefixes, so the tag renders its body unchanged.
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, "jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise, strftime_now=_strftime_now)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ConfigError(f"{where}: line {e.lineno} of the chat template: {e.message}") from None
+
+
+def as_transformers_passes(messages: list[dict]) -> list[dict]:
+    """Messages as apply_chat_template hands them to the template: None values dropped, a reasoning
+    under any of REASONING_FIELDS under reasoning_content and thinking too."""
+    out = []
+    for m in messages:
+        m = {k: v for k, v in m.items() if v is not None}
+        r = next((m[k] for k in REASONING_FIELDS if k in m), None)
+        out.append(m if r is None else {"thinking": r, **m, "reasoning_content": r})
+    return out
+
+
+class ChatTemplate:
+    """A jinja2 chat template rendered as transformers renders it (its environment, the tokenizer's
+    special-token names, the messages' own fields), and the token ids and labels of a conversation."""
+
+    def __init__(self, source: str, tok: Tokenizer, where: str = "chat template"):
+        self.source, self.tok, self.where = source, tok, where
+        self.template = _compile(source, where)
         # A tokenizer's own template writes its special tokens (<|im_start|> as one id); ChatML over
         # slmlab's byte-level tokenizer spells its markers in ordinary tokens.
         self.specials_in_text = source != CHATML
-        name = tok.hf.id_to_token
-        self.names = {"bos_token": name(tok.bos_id) if tok.bos_id is not None else "",
-                      "eos_token": name(tok.eos_id) if tok.eos_id is not None else ""}
-        self.end = self._end_marker()
+        self.names = {f"{role}_token": name for role, name in tok.specials.items()}  # transformers passes these
+        self.prefix, self.end = self._reply_frame()
 
     @classmethod
     def for_tokenizer(cls, folder: Path | None, tok: Tokenizer) -> "ChatTemplate":
-        """The template found next to the tokenizer (chat_template.jinja, or tokenizer_config.json's
-        chat_template as transformers saves it), else ChatML."""
-        return cls(find_template(folder) or CHATML, tok)
+        """The template found next to the tokenizer (template_file), else ChatML."""
+        found = template_file(folder)
+        return cls(found[0], tok, found[1]) if found else cls(CHATML, tok)
 
-    def render(self, messages, add_generation_prompt: bool = False) -> str:
+    def render(self, messages, add_generation_prompt: bool = False, where: str = "") -> str:
         from jinja2.exceptions import TemplateError
 
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.names)
+            return self.template.render(messages=as_transformers_passes(messages),
+                                        add_generation_prompt=add_generation_prompt, **self.names)
         except TemplateError as e:
-            raise DataError(f"chat template: {e}") from None
+            raise DataError(f"{where + ': ' if where else ''}{self.where}: {e}") from None
 
     def encode_text(self, text: str) -> list[int]:
         if not self.specials_in_text:
@@ -156,56 +211,86 @@ class ChatTemplate:
         finally:
             hf.encode_special_tokens = old
 
-    def segments(self, messages) -> list[tuple[str, bool]]:
-        """The rendered conversation as (text, is_reply) pieces, cut where each assistant turn
-        starts and ends; DataError if the template does not render prefixes of the whole."""
+    def turn(self, messages, i: int, where: str = "") -> tuple[str, str]:
+        """(the conversation before assistant turn i with the generation prompt, the conversation up to
+        and including turn i); DataError showing where they part when the first does not begin the second."""
+        before, upto = self.render(messages[:i], True, where), self.render(messages[:i + 1], where=where)
+        if not upto.startswith(before):
+            k = len(os.path.commonprefix([before, upto]))
+            at = f"{where}: " if where else ""
+            raise DataError(f"{at}{self.where} renders message {i + 1} (assistant) not as its generation prompt "
+                            f"followed by the reply: after {before[max(0, k - 30):k]!r} the prompt has "
+                            f"{before[k:k + 30]!r}, the turn {upto[k:k + 30]!r}")
+        return before, upto
+
+    def segments(self, messages, where: str = "") -> list[list[tuple[str, bool]]]:
+        """The conversation as token sequences of (text, is_reply) pieces. One sequence, cut where each
+        assistant turn starts and ends, when the template renders the turns as prefixes of the whole;
+        else (Qwen3 writes an empty think block in the last turn only) one per assistant turn: its
+        generation prompt, then the turn, as a model generating it sees them."""
+        turns = [self.turn(messages, i, where) for i, m in enumerate(messages) if m["role"] == "assistant"]
         pieces, done = [], ""
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            before, upto = self.render(messages[:i], True), self.render(messages[:i + 1])
-            if not (before.startswith(done) and upto.startswith(before)):
-                raise DataError("the chat template does not render a conversation's turns as prefixes of it")
+        for before, upto in turns:
+            if not before.startswith(done):
+                return [[(before, False), (upto[len(before):], True)] for before, upto in turns]
             pieces += [(before[len(done):], False), (upto[len(before):], True)]
             done = upto
-        whole = self.render(messages)
-        return pieces + [(whole[len(done):], False)]
+        return [pieces + [(self.render(messages, where=where)[len(done):], False)]]
 
-    def encode(self, messages) -> tuple[list[int], list[int]]:
-        """(ids, labels): labels are the ids on reply tokens and the closing <|eos|>, IGNORE elsewhere."""
-        ids, labels = [], []
-        for text, reply in self.segments(messages):
-            piece = self.encode_text(text)
-            ids += piece
-            labels += piece if reply else [IGNORE] * len(piece)
-        if self.tok.eos_id is not None:
-            ids.append(self.tok.eos_id)
-            labels.append(self.tok.eos_id)
-        return ids, labels
+    def encode(self, messages, where: str = "") -> list[tuple[list[int], list[int]]]:
+        """(ids, labels) per sequence of segments(): labels are the ids on reply tokens and on a closing
+        eos, IGNORE elsewhere. The eos is left out when the last reply already ends in it (an eos that is
+        the end-of-turn token, as Qwen's <|im_end|>): the model learns to stop where the turn ends."""
+        out = []
+        for seq in self.segments(messages, where):
+            ids, labels = [], []
+            for text, reply in seq:
+                piece = self.encode_text(text)
+                ids += piece
+                labels += piece if reply else [IGNORE] * len(piece)
+            last = next(text for text, reply in reversed(seq) if reply)
+            if self.tok.eos_id is not None and not last.rstrip().endswith(self.names["eos_token"]):
+                ids.append(self.tok.eos_id)
+                labels.append(self.tok.eos_id)
+            out.append((ids, labels))
+        return out
 
     def prompt_ids(self, messages) -> list[int]:
-        """The conversation up to its last assistant turn, ending in the generation prompt."""
-        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        return self.encode_text(self.render(messages[:turns[-1] if turns else len(messages)], True))
+        """prompt_turns(messages), ending in the generation prompt."""
+        return self.encode_text(self.render(prompt_turns(messages), True))
 
-    def _end_marker(self) -> str:
+    def reference(self, messages) -> tuple[str, int]:
+        """(the final, assistant, message as exact match compares it, the tokens a perfect model generates
+        up to its end-of-turn marker): the turn as labelled, read as a generated reply is (reply())."""
+        before, upto = self.turn(messages, len(messages) - 1)
+        text = upto[len(before):]
+        ids = self.encode_text(text.split(self.end, 1)[0] if self.end else text)
+        return self.reply(self.tok.decode(ids, skip_special_tokens=True)), len(ids)
+
+    def _reply_frame(self) -> tuple[str, str]:
+        """(what the template writes before a reply's text, its end-of-turn marker), stripped, from a probe."""
         probe = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "\x01"}]
         try:
             reply = self.render(probe)[len(self.render(probe[:1], True)):]
         except DataError:
-            return ""
-        return reply.split("\x01", 1)[-1].strip()
+            return "", ""
+        head, mark, tail = reply.partition("\x01")
+        return (head.strip(), tail.strip()) if mark else ("", "")
 
     def reply(self, generated: str) -> str:
-        """A generated reply's text: up to the template's end-of-turn marker, stripped."""
-        return (generated.split(self.end, 1)[0] if self.end else generated).strip()
+        """A reply's text as exact match compares it: up to the end-of-turn marker, without the prefix the
+        template writes before every reply (Qwen3's empty think block), stripped."""
+        text = (generated.split(self.end, 1)[0] if self.end else generated).strip()
+        return text[len(self.prefix):].strip() if self.prefix and text.startswith(self.prefix) else text
 
 
-def find_template(folder: Path | None) -> str | None:
+def template_file(folder: Path | None) -> tuple[str, str] | None:
+    """(the chat template next to a tokenizer, the file it is in): chat_template.jinja, else
+    tokenizer_config.json's chat_template as transformers saves it; None when there is none."""
     if folder is None:
         return None
     if (folder / CHAT_TEMPLATE).is_file():
-        return (folder / CHAT_TEMPLATE).read_text(encoding="utf-8")
+        return (folder / CHAT_TEMPLATE).read_text(encoding="utf-8"), str(folder / CHAT_TEMPLATE)
     cfg = folder / SIDECAR
     if cfg.is_file():
         try:
@@ -214,8 +299,13 @@ def find_template(folder: Path | None) -> str | None:
             return None
         if isinstance(t, list):  # named templates: transformers uses "default"
             t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
-        return t if isinstance(t, str) else None
+        return (t, str(cfg)) if isinstance(t, str) else None
     return None
+
+
+def find_template(folder: Path | None) -> str | None:
+    found = template_file(folder)
+    return found[0] if found else None
 
 
 # ---- data, batches, evaluation ----
@@ -242,26 +332,30 @@ def prepare_sft(spec: str, fmt: str, template: ChatTemplate, val_frac: float, se
     convs = read_examples(spec, fmt)
     random.Random(0).shuffle(convs)
     n_val = min(len(convs) - 1, max(1, round(len(convs) * val_frac)))
-    val, train = convs[:n_val], convs[n_val:]
-    enc = [template.encode(m) for m in train]
+    per_conv = [template.encode(m, where) for where, m in convs]
+    split = sum(len(seqs) > 1 for seqs in per_conv)
+    enc = [e for seqs in per_conv[n_val:] for e in seqs]
     kept = [e for e in enc if has_reply_within(e, seq_len)]
     if not kept:
         raise DataError(f"{spec}: no training example has a reply within train.seq_len={seq_len} tokens")
-    val_enc = [template.encode(m) for m in val]
+    val_enc = [e for seqs in per_conv[:n_val] for e in seqs]
     val_kept = [e for e in val_enc if has_reply_within(e, eval_len)]
     if not val_kept:
-        raise DataError(f"{spec}: no held-out example (of {n_val}) has a reply within the {eval_len}-token evaluation "
-                        f"length, so the validation loss would score nothing: raise train.eval_seq_len (unset, it "
-                        f"is the last phase's seq_len)")
+        raise DataError(f"{spec}: no held-out example (of {len(val_enc)}) has a reply within the {eval_len}-token "
+                        f"evaluation length, so the validation loss would score nothing: raise train.eval_seq_len "
+                        f"(unset, it is the last phase's seq_len)")
     lens = sorted(len(e[0]) for e in enc)
-    dropped = []
+    notes = []
     if len(kept) < len(enc):
-        dropped.append(f"{len(enc) - len(kept)} train dropped: reply beyond seq_len {seq_len}")
-    if len(val_kept) < n_val:
-        dropped.append(f"{n_val - len(val_kept)} val dropped: reply beyond eval length {eval_len}")
+        notes.append(f"{len(enc) - len(kept)} train dropped: reply beyond seq_len {seq_len}")
+    if len(val_kept) < len(val_enc):
+        notes.append(f"{len(val_enc) - len(val_kept)} val dropped: reply beyond eval length {eval_len}")
+    if split:
+        notes.append(f"{split} conversations are one example per assistant turn: the chat template renders "
+                       f"earlier turns differently once a later one follows")
     print(f"data: {spec} ({fmt})  {len(kept)} train / {len(val_kept)} val examples  tokens per example: median "
-          f"{lens[len(lens) // 2]}, max {lens[-1]}" + (f"  ({'; '.join(dropped)})" if dropped else ""))
-    return SFTData(kept, val_kept, val, template)
+          f"{lens[len(lens) // 2]}, max {lens[-1]}" + (f"  ({'; '.join(notes)})" if notes else ""))
+    return SFTData(kept, val_kept, [m for _, m in convs[:n_val]], template)
 
 
 def pad_batch(examples: list, seq_len: int, pad_id: int):
@@ -301,28 +395,19 @@ class SFTBatches:
         set_rng_state(state["rng"], self.gen)
 
 
-@torch.no_grad()
 def masked_val_loss(model, examples: list, pad_id: int, seq_len: int, batch_size: int, device, byte_lengths) -> dict:
-    """Mean loss (nats) and bits per byte over the reply tokens of `examples` (model.token_nll:
-    model.loss_chunk positions of logits at a time when set); DataError when none is within seq_len."""
-    nll, n_tok, n_bytes = 0.0, 0, 0.0
-    for i in range(0, len(examples), batch_size):
-        x, y = pad_batch(examples[i:i + batch_size], seq_len, pad_id)
-        x, y = x.to(device), y.to(device)
-        keep = y != IGNORE
-        nll += (model.token_nll(x, y.clamp_min(0)) * keep).sum().item()
-        scored = y[keep].cpu()
-        n_tok += scored.numel()
-        n_bytes += byte_lengths[scored.clamp(max=len(byte_lengths) - 1)].sum().item()
-    if n_tok == 0:  # a mean over nothing would read as a perfect 0.0
+    """evaluate.score over the reply tokens of `examples`; DataError when none is within seq_len."""
+    batches = (pad_batch(examples[i:i + batch_size], seq_len, pad_id) for i in range(0, len(examples), batch_size))
+    out = score(model, batches, device, byte_lengths, ignore_index=IGNORE)
+    if not out:  # a mean over nothing would read as a perfect 0.0
         raise DataError(f"no reply token within the first {seq_len} tokens of the {len(examples)} held-out "
                         f"example(s): no validation loss to report")
-    return {"val_loss": nll / n_tok, "val_bpb": nll / math.log(2) / max(n_bytes, 1.0), "val_tokens": n_tok}
+    return out
 
 
 @torch.no_grad()
 def greedy_reply(model, template: ChatTemplate, messages, device, max_new_tokens: int) -> str:
-    """The model's greedy reply to `messages` (up to its last assistant turn), as text; at most
+    """The model's greedy reply to prompt_turns(messages), as text; at most
     max_new_tokens, and no more than model.max_positions leaves after the prompt (model.pos=learned)."""
     tok = template.tok
     ids = template.prompt_ids(messages) or [tok.start_id]
@@ -341,13 +426,12 @@ def exact_match(model, template: ChatTemplate, convs: list, device) -> dict:
     hits = scored = 0
     for msgs in convs:
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        ref = msgs[last]["content"]
-        need = len(template.tok.encode(ref))
+        ref, need = template.reference(msgs[:last + 1])
         left = model.room(len(template.prompt_ids(msgs[:last + 1]) or [template.tok.start_id]))
         if left is not None and left < need:
             continue
         pred = greedy_reply(model, template, msgs[:last + 1], device, need + 16)
-        hits += pred == ref.strip()
+        hits += pred == ref
         scored += 1
     return {"exact_match": hits / scored, "exact_n": scored} if scored else {}
 

@@ -301,15 +301,6 @@ class Tokenizer:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DataError(f"tokenizer file is corrupt or not a tokenizer.json: {path} ({msg})") from None
 
-    @classmethod
-    def from_json(cls, text: str) -> "Tokenizer":
-        from tokenizers import Tokenizer as HFTokenizer
-
-        try:
-            return cls(HFTokenizer.from_str(text))
-        except Exception as e:
-            raise DataError(f"invalid tokenizer JSON ({str(e).splitlines()[0] if str(e) else e!r})") from None
-
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size})"
 

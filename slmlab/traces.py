@@ -14,17 +14,15 @@ from .errors import ConfigError, DataError
 
 def read_prompts(path) -> list[list[dict]]:
     """Each line's conversation to complete: {"prompt": str} is one user turn; {"messages": [...]}
-    is taken up to (not including) its last assistant turn, if it has one."""
-    from .sft import as_messages, jsonl_records
+    is completed after its last message, less a final assistant turn (a reference reply) if it has one."""
+    from .sft import as_messages, jsonl_records, prompt_turns
 
     out = []
     for where, rec in jsonl_records(path):
         if isinstance(rec, dict) and "prompt" in rec:
             msgs = as_messages({**rec, "completion": ""}, "prompt_completion", where)[:1]
         else:
-            msgs = as_messages(rec, "chat", where)
-            turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
-            msgs = msgs[:turns[-1]] if turns else msgs
+            msgs = prompt_turns(as_messages(rec, "chat", where))
         out.append(msgs)
     if not out:
         raise DataError(f"{path}: no prompts")
@@ -54,13 +52,13 @@ def write_traces(args, device) -> int:
 def run_completions(args, convs, device):
     """(conversation, reply) per prompt and sample, from a run through its chat template."""
     from .rundir import RunDir
-    from .sft import CHATML, ChatTemplate
+    from .sft import ChatTemplate
 
     run = RunDir.open(args.run)
     cfg, model, tok = run.load(device)
     if getattr(model, "mask_id", None) is not None:
         raise ConfigError(f"--prompts completes with autoregressive runs; {args.run} is a diffusion run")
-    template = ChatTemplate(run.chat_template() or CHATML, tok)
+    template = ChatTemplate.for_tokenizer(run.path, tok)
     g = torch.Generator(device=device).manual_seed(args.seed)
     prompts = [template.prompt_ids(msgs) or [tok.start_id] for msgs in convs]
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i]), default=None)
@@ -76,6 +74,17 @@ def run_completions(args, convs, device):
             yield msgs, template.reply(tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True))
 
 
+def check_hf_folder(path: Path):
+    """What convert.py --from-hf requires of a folder (slmlab/export/hf.py), checked before transformers
+    loads it: config.json, safetensors weights, tokenizer.json."""
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"--hf {path}: not a transformers model folder (no config.json)")
+    if not any((path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+        raise ConfigError(f"--hf {path} has no model.safetensors (only safetensors checkpoints are loaded)")
+    if not (path / "tokenizer.json").is_file():
+        raise ConfigError(f"--hf {path} has no tokenizer.json")
+
+
 def hf_completions(args, convs, device):
     """(conversation, reply) per prompt and sample, from a transformers folder: its tokenizer's
     chat template, left-padded batches, transformers generate."""
@@ -84,10 +93,13 @@ def hf_completions(args, convs, device):
     except ImportError:
         raise ConfigError("--hf needs transformers: pip install -e '.[finetune]'") from None
     path = Path(args.hf).expanduser()
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"--hf {path}: not a transformers model folder (no config.json)")
-    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).to(device).eval()
+    check_hf_folder(path)
+    try:  # the folder is untrusted: transformers' errors are tracebacks whose type varies by version
+        tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).to(device).eval()
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--hf {path}: transformers cannot load it: {msg}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     torch.manual_seed(args.seed)

@@ -122,6 +122,31 @@ def test_llama3_scaling_changes_the_frequencies():
     assert rot.inv_freq[-1] == pytest.approx(plain[-1] / 8)
 
 
+@pytest.mark.parametrize("family, key", [("llama", "rope_type"), ("llama", "type"), ("qwen2", "rope_type")])
+def test_a_transformers_4_config_keeps_its_rope_theta_and_scaling(family, key):
+    """transformers 4.x configs have rope_theta and rope_scaling (keyed "type" in older files), no
+    rope_parameters: theta 1e6 once imported as the default 10000."""
+    from types import SimpleNamespace
+
+    new = hf_config(family)
+    fields = new.to_dict()
+    rope = dict(fields.pop("rope_parameters"))
+    theta, kind = rope.pop("rope_theta"), rope.pop("rope_type")
+    old = SimpleNamespace(**fields, rope_theta=theta, rope_scaling=None if kind == "default" else {key: kind, **rope})
+    assert from_hf_config(old) == from_hf_config(new)
+    assert from_hf_config(old).rope_theta == theta and theta != 10000.0
+
+
+def test_an_untied_head_missing_from_the_weights_is_refused():
+    """tie_word_embeddings false without lm_head.weight: the embedding once stood in for the head silently."""
+    from slmlab.errors import CheckpointError
+
+    hf = hf_model("llama-bias")
+    sd = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    with pytest.raises(CheckpointError, match="^tie_word_embeddings is false but the weights have no lm_head.weight$"):
+        from_hf_state_dict(sd, from_hf_config(hf.config))
+
+
 @pytest.mark.parametrize("bad, msg", [
     (dict(norm="batchnorm"), "model.norm must be one of rmsnorm, layernorm"),
     (dict(pos="alibi"), "model.pos must be one of rope, learned"),

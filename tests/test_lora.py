@@ -148,6 +148,21 @@ def test_all_linear_adapts_every_linear_layer_but_the_head(arch, want):
     assert adapted == want
 
 
+@pytest.mark.parametrize("target,module", [("conv", "layers.0.mixer.conv is a Conv1d"),
+                                           ("mixer_norm", "layers.0.mixer_norm is a RMSNorm")])
+def test_a_target_that_is_not_linear_is_refused(target, module):
+    """peft wraps the depthwise conv, but ShortConv reads conv.weight itself: the adapter never ran, and
+    merging it raised NotImplementedError."""
+    from slmlab.errors import ConfigError
+    from slmlab.lora import apply_lora
+
+    cfg = load_config(arch="hybrid", overrides=["model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+                                                "model.n_kv_heads=1", "model.vocab_size=300", "train.lora.r=32", "model.layers=CA",
+                                                f"train.lora.targets=[q_proj, {target}]", "train.init_from=x"])
+    with pytest.raises(ConfigError, match=f"^train.lora.targets: {module}, not a linear layer; the linear layers: "):
+        apply_lora(model_from_config(cfg), cfg.train.lora)
+
+
 # ---------------------------------------------------------------- an imported Llama, with added tokens
 ADDED = ["<think>", "</think>", "TOOL_USE["]
 

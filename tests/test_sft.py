@@ -2,14 +2,15 @@
 example), the tokenizer folder's chat template, training through train.py, traces as SFT input,
 and one-line errors for data without a reply."""
 import json
+import re
 
 import pytest
 import torch
-from sft_helpers import make_base, sft_overrides, write_chat
+from sft_helpers import make_base, qwen_like, sft_overrides, write_chat
 from trainer_helpers import ROOT, losses, run_train
 
-from slmlab.errors import DataError
-from slmlab.sft import CHATML, IGNORE, ChatTemplate, detect_format, pad_batch, read_examples
+from slmlab.errors import ConfigError, DataError
+from slmlab.sft import CHATML, IGNORE, ChatTemplate, detect_format, pad_batch, prepare_sft, read_examples
 from slmlab.tokenizer import Tokenizer
 
 
@@ -33,7 +34,7 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(base):
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
             {"role": "assistant", "content": "hello there"}, {"role": "user", "content": "bye"},
             {"role": "assistant", "content": "see you"}]
-    ids, labels = ChatTemplate(CHATML, tok).encode(msgs)
+    [(ids, labels)] = ChatTemplate(CHATML, tok).encode(msgs)
     assert len(ids) == len(labels)
     trained = [i for i, lab in zip(ids, labels) if lab != IGNORE]
     assert all(lab in (i, IGNORE) for i, lab in zip(ids, labels))
@@ -60,8 +61,8 @@ def test_format_detected_from_fields(tmp_path):
     assert detect_format("stdlib") is None
     with pytest.raises(DataError, match="needs a .jsonl file"):
         detect_format("stdlib", "chat")
-    assert read_examples(pc, "prompt_completion")[1] == [{"role": "user", "content": "c"},
-                                                         {"role": "assistant", "content": "d"}]
+    assert read_examples(pc, "prompt_completion")[1] == (f"{pc}:2", [{"role": "user", "content": "c"},
+                                                                     {"role": "assistant", "content": "d"}])
 
 
 def test_tokenizer_folders_own_template_is_used(base, tmp_path):
@@ -74,7 +75,7 @@ def test_tokenizer_folders_own_template_is_used(base, tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": own}))
     t = ChatTemplate.for_tokenizer(folder, tok)
     assert t.source == own and t.end == ""
-    ids, labels = t.encode([{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}])
+    [(ids, labels)] = t.encode([{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}])
     assert tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE]) == "r\n<|eos|>"
     assert ChatTemplate.for_tokenizer(tmp_path, tok).source == CHATML
 
@@ -131,8 +132,8 @@ def test_traces_are_valid_sft_input(sft_run, tmp_path):
     assert res.returncode == 0, res.stderr
     assert detect_format(str(out)) == "prompt_completion"
     convs = read_examples(out, "prompt_completion")
-    assert len(convs) == 6 and [c[0]["content"] for c in convs[:2]] == ["say the", "say the"]
-    ids, labels = ChatTemplate(CHATML, Tokenizer.load(sft_run)).encode(convs[0])
+    assert len(convs) == 6 and [c[0]["content"] for _, c in convs[:2]] == ["say the", "say the"]
+    [(ids, labels)] = ChatTemplate(CHATML, Tokenizer.load(sft_run)).encode(convs[0][1])
     assert any(lab != IGNORE for lab in labels)
 
 
@@ -161,7 +162,7 @@ def test_masked_val_loss_counts_reply_tokens_only(base):
 
     cfg, model, tok = RunDir.open(base).load()
     t = ChatTemplate(CHATML, tok)
-    ex = t.encode([{"role": "user", "content": "say the"}, {"role": "assistant", "content": "the the"}])
+    [ex] = t.encode([{"role": "user", "content": "say the"}, {"role": "assistant", "content": "the the"}])
     lengths = torch.ones(cfg.model.vocab_size, dtype=torch.float64)
     a = masked_val_loss(model, [ex], tok.pad_id, 96, 4, "cpu", lengths)
     assert a["val_tokens"] == sum(lab != IGNORE for lab in ex[1][1:])
@@ -258,3 +259,139 @@ def test_traces_from_a_transformers_folder(base, tmp_path):
     assert recs[0]["messages"][0] == {"role": "user", "content": "say the"}
     assert recs[2]["messages"][-1]["role"] == "assistant" and recs[2]["messages"][1]["content"] == "say of"
     assert detect_format(str(out)) == "chat" and len(read_examples(out, "chat")) == 4
+
+
+# ---------------------------------------------------------------- chat templates as transformers renders them
+TURNS = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+         {"role": "user", "content": "again"}, {"role": "assistant", "content": "world", "reasoning_content": "hmm"}]
+
+
+def labelled(tok, example):
+    ids, labels = example
+    return tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE])
+
+
+def test_a_template_syntax_error_names_the_file_and_line(base, tmp_path):
+    tok = Tokenizer.load(base)
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}\n{{ m.content }}\n")
+    with pytest.raises(ConfigError) as e:
+        ChatTemplate.for_tokenizer(tmp_path, tok)
+    assert re.match(rf"{tmp_path / 'chat_template.jinja'}: line \d of the chat template: Unexpected end of template",
+                    str(e.value)) and "\n" not in str(e.value)
+    # transformers' {% generation %} tag (its assistant masks) renders its body
+    assert ChatTemplate("a{% generation %}b{% endgeneration %}c", tok).render([]) == "abc"
+
+
+def test_templates_render_as_transformers_apply_chat_template(tmp_path):
+    """Its tojson (no HTML escaping, non-ASCII kept, indent), strftime_now, special-token names, and the
+    messages' own fields (a reasoning under transformers' other names too)."""
+    transformers = pytest.importorskip("transformers")
+    folder = qwen_like(tmp_path / "tok")
+    template = ("{{ bos_token }}{{ strftime_now('%Y') }}{% for m in messages %}{{ m | tojson }}|"
+                "{{ {'c': m.content} | tojson(indent=2) }}|{{ m.name }}|{{ m.reasoning_content }}{% endfor %}"
+                "{{ eos_token }}{{ pad_token }}")
+    msgs = [{"role": "user", "content": "<b> & é", "name": "ünï"},
+            {"role": "assistant", "content": "ok", "reasoning": "why"}]
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), bos_token="<|endoftext|>",
+                                              eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    want = hf.apply_chat_template(msgs, chat_template=template, tokenize=False)
+    assert ChatTemplate(template, Tokenizer.load(folder)).render(msgs) == want
+    assert "é" in want and "ünï" in want and "why" in want
+
+
+def test_qwen3_multi_turn_is_one_example_per_assistant_turn(tmp_path):
+    """Qwen3 writes the empty think block in the last turn only, so a conversation's renders are not
+    prefixes of each other (SFT refused it): each assistant turn becomes an example of its own, as
+    generation sees it, and its eos (<|im_end|>, the end-of-turn token) is labelled once."""
+    folder = qwen_like(tmp_path / "tok")
+    tok, t = Tokenizer.load(folder), ChatTemplate.for_tokenizer(folder, Tokenizer.load(folder))
+    first, second = t.encode(TURNS, "c.jsonl:1")
+    assert labelled(tok, first) == "<think>\n\n</think>\n\nhello<|im_end|>\n"
+    assert labelled(tok, second) == "<think>\nhmm\n</think>\n\nworld<|im_end|>\n"
+    assert tok.decode(second[0]) == t.render(TURNS)  # no second <|im_end|> after the template's own
+    assert tok.decode(first[0]) == t.render(TURNS[:1], True) + "<think>\n\n</think>\n\nhello<|im_end|>\n"
+
+
+def test_a_perfect_model_scores_exact_match_1_under_a_reply_prefix(tmp_path):
+    """The labels of a Qwen3 reply start with <think>\\n\\n</think>\\n\\n: exact match compared that with
+    the bare answer, so a model generating exactly its labels scored 0."""
+    from slmlab.sft import exact_match
+
+    folder = qwen_like(tmp_path / "tok")
+    t = ChatTemplate.for_tokenizer(folder, Tokenizer.load(folder))
+
+    class Parrot:  # generates the labelled tokens of the conversation's last reply
+        def room(self, n):
+            return None
+
+        def generate(self, idx, n, temperature, eos_id):
+            ids, labels = t.encode(self.conv)[-1]
+            return torch.tensor([idx[0].tolist() + [i for i, lab in zip(ids, labels) if lab != IGNORE][:n]])
+
+    for conv in (TURNS[:2], TURNS):
+        Parrot.conv = conv
+        assert exact_match(Parrot(), t, [conv], "cpu") == {"exact_match": 1.0, "exact_n": 1}
+
+
+def test_a_turn_rendered_unlike_its_generation_prompt_names_the_example_and_where(base, tmp_path):
+    chat = write_chat(tmp_path / "c.jsonl", n=3)
+    odd = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+           "{% if add_generation_prompt %}BOT:{% endif %}")
+    with pytest.raises(DataError) as e:
+        prepare_sft(str(chat), "chat", ChatTemplate(odd, Tokenizer.load(base), "odd.jinja"), 0.3, 96)
+    assert re.fullmatch(rf"{chat}:\d: odd.jinja renders message 2 \(assistant\) not as its generation prompt "
+                        r"followed by the reply: after '<user>say \w+\\n' the prompt has 'BOT:', "
+                        r"the turn '<assistant>\w+ \w+\\n'", str(e.value)), str(e.value)
+
+
+def test_a_prompt_is_completed_after_its_last_message(base, tmp_path):
+    """[user, assistant, user] was cut at its last assistant turn: the first question was answered, the
+    final one dropped. Only a final assistant turn (a reference reply) is left out."""
+    from slmlab.traces import read_prompts
+
+    three = TURNS[:3]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"messages": three}) + "\n" + json.dumps({"messages": TURNS}) + "\n")
+    assert read_prompts(prompts) == [three, three]
+    t = ChatTemplate(CHATML, Tokenizer.load(base))
+    assert t.prompt_ids(three) == t.prompt_ids(TURNS) == t.encode_text(t.render(three, True))
+
+
+def test_sft_evaluation_runs_under_autocast_as_pretraining_does(base, monkeypatch):
+    """SFT's validation loss had its own loop, without autocast: fp32 on CUDA where pretraining's is bf16."""
+    import contextlib
+
+    from slmlab import evaluate
+    from slmlab.rundir import RunDir
+    from slmlab.sft import masked_val_loss
+
+    seen = []
+    monkeypatch.setattr(evaluate, "autocast", lambda device: seen.append(device.type) or contextlib.nullcontext())
+    _, model, tok = RunDir.open(base).load()
+    ex = ChatTemplate(CHATML, tok).encode(TURNS[:2])
+    masked_val_loss(model, ex, tok.pad_id, 96, 4, "cpu", torch.ones(300, dtype=torch.float64))
+    assert seen == ["cpu"]
+
+
+def test_hf_traces_from_a_folder_transformers_cannot_load_are_one_line(tmp_path):
+    """sample.py --hf on a folder with pytorch_model.bin only, or no tokenizer.json: the checks
+    convert.py --from-hf makes, not transformers' tracebacks."""
+    from types import SimpleNamespace
+
+    from slmlab.traces import hf_completions
+
+    transformers = pytest.importorskip("transformers")
+    folder = qwen_like(tmp_path / "bin")
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1))
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")  # transformers 5 saves safetensors only
+    args = SimpleNamespace(hf=str(folder), seed=0, batch_size=1, temperature=0.0, max_new_tokens=2, num_samples=1,
+                           top_k=0)
+    with pytest.raises(ConfigError, match=f"^--hf {folder} has no model.safetensors"):
+        list(hf_completions(args, [TURNS[:1]], "cpu"))
+    (folder / "tokenizer.json").unlink()
+    (folder / "model.safetensors").touch()
+    with pytest.raises(ConfigError, match=f"^--hf {folder} has no tokenizer.json$"):
+        list(hf_completions(args, [TURNS[:1]], "cpu"))
