@@ -42,8 +42,8 @@ def parse_args(argv=None):
     d.add_argument("--diffusion-steps", type=int, default=None, help="denoising steps (default: one per new token)")
     d.add_argument("--block-length", type=int, default=None,
                    help="llada: semi-autoregressive block length; must divide --max-new-tokens (default 32 or a divisor)")
-    d.add_argument("--sampler", default="llada", choices=["llada", "mdlm"],
-                   help="llada: low-confidence remasking, block by block; mdlm: ancestral sampling")
+    d.add_argument("--sampler", default=None, choices=["llada", "mdlm"],
+                   help="llada (default): low-confidence remasking, block by block; mdlm: ancestral sampling")
     return p.parse_args(argv)
 
 
@@ -51,21 +51,42 @@ def decode_kwargs(args, model) -> dict:
     """model.generate's extra arguments: the diffusion sampler's for a masked-diffusion run, the
     compiled/streaming decode's otherwise; flags of the other kind are an error."""
     if getattr(model, "mask_id", None) is not None:  # a masked-diffusion run
-        from arch.diffusion import check_sampler_args
-
-        if args.compile:
-            raise ConfigError(f"--compile applies to autoregressive runs (it compiles the one-token decode step); "
-                              f"{args.run} is a diffusion run")
-
-        check_sampler_args(args.max_new_tokens, args.diffusion_steps or max(args.max_new_tokens, 1), args.block_length)
-        return dict(steps=args.diffusion_steps, block_length=args.block_length, sampler=args.sampler)
-    if args.diffusion_steps is not None or args.block_length is not None:
-        raise ConfigError(f"--diffusion-steps/--block-length apply to diffusion runs; {args.run} is autoregressive")
+        return diffusion_kwargs(args, model)
+    given = [f for f, v in (("--diffusion-steps", args.diffusion_steps), ("--block-length", args.block_length),
+                            ("--sampler", args.sampler)) if v is not None]
+    if given:
+        raise ConfigError(f"{'/'.join(given)} appl{'ies' if len(given) == 1 else 'y'} to diffusion runs; "
+                          f"{args.run} is autoregressive")
     if args.compile and not model.supports_static():
         lacking = sorted({layer.kind for layer in model.layers if not layer.mixer.static_state_names})
         print(f"note: --compile compiles the static-state decode step, which {', '.join(lacking)} lack(s) "
               "(docs/blocks.md): decoding eagerly", file=sys.stderr)
     return dict(compile=args.compile, on_token=None)
+
+
+def diffusion_kwargs(args, model) -> dict:
+    n, steps, block = args.max_new_tokens, args.diffusion_steps, args.block_length
+    sampler = args.sampler or "llada"
+    if args.compile:
+        raise ConfigError(f"--compile applies to autoregressive runs (it compiles the one-token decode step); "
+                          f"{args.run} is a diffusion run")
+    if block is not None and sampler == "mdlm":
+        raise ConfigError("--block-length applies to --sampler llada (mdlm unmasks the whole span together)")
+    if block is not None and n % block:
+        raise ConfigError(f"--block-length {block} must divide --max-new-tokens {n}")
+    if sampler == "llada" and n and steps is not None:
+        note_llada_passes(n, steps, block or math.gcd(n, model.block_length))
+    return dict(steps=steps, block_length=block, sampler=sampler)
+
+
+def note_llada_passes(n: int, steps: int, block: int):
+    """llada spends the same number of steps on each block, at most one per token (arch/diffusion.py
+    llada_sample's schedule), so --diffusion-steps is rounded: say to what, as it sets the run time."""
+    blocks = n // block
+    passes = blocks * min(block, -(-steps // blocks))
+    if passes != steps:
+        print(f"note: --diffusion-steps {steps} runs as {passes} denoising passes: {blocks} blocks of {block} tokens, "
+              f"{passes // blocks} each (llada gives every block the same steps, at most one per token)", file=sys.stderr)
 
 
 def main(argv=None):
@@ -77,6 +98,8 @@ def main(argv=None):
     from slmlab.runtime import resolve_device
 
     check_args(args)
+    if args.device == "cuda" and not torch.cuda.is_available():  # resolve_device's message names train.device
+        raise ConfigError("--device cuda: no CUDA device is available (use --device cpu, or auto)")
     device = resolve_device(args.device)
     if args.prompts:
         from slmlab.traces import write_traces

@@ -303,6 +303,9 @@ def build(arch: str, tree: dict) -> RunConfig:
 def load_run_config(path) -> RunConfig:
     """A run directory's resolved config.yaml (no presets applied)."""
     tree = read_yaml(path)
+    if "model" not in tree:  # an empty or cut file would load as the defaults, and the weights be blamed
+        raise ConfigError(f"{path} has no model section (empty or truncated?): a run's config.yaml holds its "
+                          "whole resolved config")
     arch = tree.pop("arch", "custom")
     for section in list(tree):
         if section not in SECTIONS:

@@ -283,3 +283,73 @@ def test_filesystem_errors_are_one_line_naming_the_path(tmp_path, corpus, capsys
     rc, _ = run_train(tmp_path, corpus, steps=1)
     assert rc == 2
     _one_line_error(capsys, needle)
+
+
+def tiny_diffusion_model():
+    import torch
+
+    from slmlab.config import build
+    from slmlab.rundir import model_from_config
+
+    cfg = build("diffusion", {"model": dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                                            layers="CA", kernels="torch", causal=False),
+                              "objective": {"name": "mdlm"}})
+    torch.manual_seed(0)
+    return model_from_config(cfg).eval()
+
+
+def test_sample_diffusion_steps_note_the_passes_that_run(capsys, monkeypatch):
+    """--diffusion-steps 2 --block-length 2 --max-new-tokens 8 ran 4 passes (llada: the same steps in
+    each block) without a word; the note gives the count, and it is what runs."""
+    import torch
+
+    model = tiny_diffusion_model()
+    passes, denoise = [], model.denoise_logits
+    monkeypatch.setattr(model, "denoise_logits", lambda x: passes.append(1) or denoise(x))
+    args = sample.parse_args(["--run", "runs/d", "--diffusion-steps", "2", "--block-length", "2",
+                              "--max-new-tokens", "8"])
+    kw = sample.decode_kwargs(args, model)
+    assert capsys.readouterr().err.startswith("note: --diffusion-steps 2 runs as 4 denoising passes: 4 blocks of 2 ")
+    model.generate(torch.full((1, 3), 5), 8, temperature=0, **kw)
+    assert len(passes) == 4
+    sample.decode_kwargs(sample.parse_args(["--run", "d", "--diffusion-steps", "4", "--max-new-tokens", "8"]), model)
+    assert capsys.readouterr().err == ""  # what was asked is what runs: no note
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--sampler", "mdlm", "--block-length", "4"], "--block-length applies to --sampler llada"),
+    (["--block-length", "3", "--max-new-tokens", "8"], "--block-length 3 must divide --max-new-tokens 8"),
+])
+def test_sample_diffusion_flags_that_cannot_apply_are_refused(argv, needle):
+    from slmlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        sample.decode_kwargs(sample.parse_args(["--run", "runs/d", *argv]), tiny_diffusion_model())
+
+
+def test_sample_zero_new_tokens_on_a_diffusion_run_is_the_prompt():
+    """README: --max-new-tokens 0..100,000; diffusion refused 0 with a message naming no flag."""
+    import torch
+
+    model = tiny_diffusion_model()
+    kw = sample.decode_kwargs(sample.parse_args(["--run", "runs/d", "--max-new-tokens", "0"]), model)
+    idx = torch.full((1, 3), 5)
+    assert torch.equal(model.generate(idx, 0, **kw), idx)
+
+
+def test_sample_sampler_on_an_autoregressive_run_is_refused():
+    from types import SimpleNamespace
+
+    from slmlab.errors import ConfigError
+
+    args = sample.parse_args(["--run", "runs/ar", "--sampler", "mdlm"])
+    with pytest.raises(ConfigError, match="^--sampler applies to diffusion runs; runs/ar is autoregressive$"):
+        sample.decode_kwargs(args, SimpleNamespace(supports_static=lambda: True))
+
+
+def test_sample_device_cuda_without_cuda_names_the_flag(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run_cli(sample.main, ["--run", "nope", "--device", "cuda"]) == 2
+    _one_line_error(capsys, "--device cuda: no CUDA device is available")

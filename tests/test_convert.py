@@ -29,13 +29,16 @@ PRESETS = {
 }
 
 
-def make_run(path: Path, preset: str = "hybrid", seed: int = 0, objective: dict | None = None, **overrides) -> Path:
-    """A run directory (config.yaml, tokenizer.json, model.safetensors) holding a tiny random model."""
+def make_run(path: Path, preset: str = "hybrid", seed: int = 0, objective: dict | None = None,
+             sections: dict | None = None, **overrides) -> Path:
+    """A run directory (config.yaml, tokenizer.json, model.safetensors) holding a tiny random model;
+    `sections`: other config sections ({"data": {...}})."""
     tok = train_tokenizer([TEXT], 300)
     model_tree = dict(vocab_size=tok.vocab_size, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=96,
                       rope_theta=5000.0, init_std=0.08, kernels="torch", **PRESETS[preset])
     model_tree.update(overrides)
-    cfg = build(preset.split("-")[0], {"model": model_tree, **({"objective": objective} if objective else {})})
+    cfg = build(preset.split("-")[0], {"model": model_tree, **({"objective": objective} if objective else {}),
+                                       **(sections or {})})
     torch.manual_seed(seed)
     model = LM(cfg.model)
     with torch.no_grad():  # non-trivial norm weights so a swapped or dropped norm cannot hide
@@ -389,7 +392,7 @@ def _executorch_parity(run, tmp_path, quant=None):
     from slmlab.export.step import reference_decode
 
     out = tmp_path / "m.pte"
-    argv = ["--run", run, "--to", "executorch", "--out", out, "--max-len", 64, "--no-eval"] + (["--quant", quant] if quant else [])
+    argv = ["--run", run, "--to", "executorch", "--out", out, "--max-len", 64] + (["--quant", quant, "--no-eval"] if quant else [])
     rc, err, _ = convert(*argv)
     assert rc == 0, err
     model, tok = ours(run)
@@ -511,3 +514,228 @@ def test_lif_mlp_step_exports_without_spike_counting():
     with torch.no_grad():
         model(torch.zeros(1, 4, dtype=torch.long))
     assert any(k.startswith("spike_rate") for k in spike_metrics(model))
+
+
+# ---------------------------------------------------------------- what --force may replace, flags that do nothing
+def test_force_never_replaces_a_folder_holding_the_source_or_a_path_of_the_other_kind(tmp_path):
+    """--force once deleted runs/ (and the user's files in it) for --out runs with --run runs/mine, and
+    swapped a whole folder for a .gguf file: check_out refuses both before anything is read."""
+    parent = tmp_path / "A" / "runs"
+    run = make_run(parent / "mine")
+    (parent / "other.txt").write_text("keep")
+    hf_src = tmp_path / "hub" / "model"
+    hf_src.mkdir(parents=True)
+    (hf_src / "config.json").write_text("{}")
+    for argv in (("--run", run, "--to", "hf", "--out", parent), ("--run", run, "--to", "gguf", "--out", tmp_path / "A"),
+                 ("--from-hf", hf_src, "--out", hf_src.parent)):
+        rc, err, _ = convert(*argv, "--force")
+        assert rc == 2 and "contains the source" in err and err.count("\n") == 1, (argv, err)
+    assert (parent / "other.txt").read_text() == "keep" and (run / "model.safetensors").is_file()
+    assert (hf_src / "config.json").is_file()
+    folder, file = tmp_path / "export", tmp_path / "model.bin"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    file.write_text("mine")
+    for fmt, out, needle in (("gguf", folder, "is a folder"), ("executorch", folder, "is a folder"),
+                             ("hf", file, "is a file"), ("onnx", file, "is a file")):
+        rc, err, _ = convert("--run", run, "--to", fmt, "--out", out, "--force")
+        assert rc == 2 and needle in err and err.count("\n") == 1, (fmt, err)
+    assert (folder / "notes.txt").read_text() == "mine" and file.read_text() == "mine"
+
+
+def make_lora_run(path: Path, base: Path) -> Path:
+    """A train.lora run on `base` as train.py leaves it: config with train.lora.r and init_from, and a
+    weights file of (here random) adapters only."""
+    from slmlab.lora import apply_lora
+    from slmlab.rundir import RunDir
+
+    cfg, model, tok = RunDir.open(base).load()
+    cfg.train.lora.r, cfg.train.init_from = 4, str(base)
+    apply_lora(model, cfg.train.lora)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:  # B starts at zero: make the merge visible
+                p.normal_(0.0, 0.05)
+    path.mkdir(parents=True)
+    cfg.save(path / "config.yaml")
+    tok.save(path / "tokenizer.json")
+    save_model(model, path / "model.safetensors")
+    (path / "metrics.jsonl").write_text("{}\n")
+    return path
+
+
+def test_merge_lora_never_deletes_its_source_and_publishes_whole(tmp_path, monkeypatch):
+    """--merge-lora R --out R --force deleted R's weights and metrics, and a merge that failed midway left
+    --out without its old weights (RunDir.create removed them first): it is check_out and publish now."""
+    pytest.importorskip("peft")
+    from slmlab.rundir import RunDir
+
+    base = make_run(tmp_path / "base")
+    lora = make_lora_run(tmp_path / "lora", base)
+    before = {p.name: p.read_bytes() for p in [*lora.iterdir(), *base.iterdir()]}
+    for out in (lora, base, tmp_path):
+        rc, err, _ = convert("--merge-lora", lora, "--out", out, "--force")
+        assert rc == 2 and "source" in err and err.count("\n") == 1, (out, err)
+    assert {p.name: p.read_bytes() for p in [*lora.iterdir(), *base.iterdir()]} == before
+    out = tmp_path / "merged"
+    rc, err, _ = convert("--merge-lora", lora, "--out", out)
+    assert rc == 0, err
+    _, merged, tok = RunDir.open(out).load()
+    idx = prompt(tok)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(idx), ours(lora)[0](idx), atol=1e-5, rtol=0)
+    old = (out / "model.safetensors").read_bytes()
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(RunDir, "write_tokenizer", disk_full)
+    rc, err, _ = convert("--merge-lora", lora, "--out", out, "--force")
+    assert rc == 2 and (out / "model.safetensors").read_bytes() == old
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (("--to", "hf", "--no-eval"), "--no-eval applies to --quant int8"),
+    (("--to", "onnx", "--dtype", "bf16"), "--dtype bf16 is not supported for onnx"),
+    (("--to", "coreml", "--dtype", "bf16"), "--dtype bf16 is not supported for coreml"),
+    (("--to", "coreml"), "--to coreml writes an .mlpackage: name --out o.mlpackage"),
+])
+def test_flags_a_format_cannot_honour_are_refused(runs, tmp_path, argv, needle):
+    """These were accepted and ignored (--no-eval without int8; coreml's bf16 became fp16), wrote a graph
+    onnxruntime cannot load (bf16), or (coreml without the suffix) saved beside --out and then failed."""
+    rc, err, _ = convert("--run", runs["hybrid"], "--out", tmp_path / "o", *argv)
+    assert rc == 2 and needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flags", [("--dtype", "fp16"), ("--quant", "int8"), ("--max-len", "64")])
+def test_run_directory_writers_refuse_export_flags(runs, tmp_path, flags):
+    for src in ("--from-hf", "--merge-lora"):
+        rc, err, _ = convert(src, runs["hybrid"], "--out", tmp_path / "o", *flags)
+        assert rc == 2 and err == f"error: {src} writes a run directory; it takes no {flags[0]}\n", err
+        assert not (tmp_path / "o").exists()
+
+
+def test_onnx_refuses_to_publish_a_graph_onnxruntime_cannot_load(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from slmlab.errors import ConfigError
+    from slmlab.export.onnx import check_loads
+
+    (tmp_path / "model.onnx").write_bytes(b"not a graph")
+    with pytest.raises(ConfigError, match="onnxruntime cannot load the exported model.onnx"):
+        check_loads(tmp_path)
+
+
+# ---------------------------------------------------------------- int8 with its val-bpb report, onnx int8
+def test_int8_val_bpb_report_is_computed_before_publishing(tmp_path, monkeypatch):
+    """Without --no-eval (the default) the report evaluated the int8 model, whose head has no .weight for
+    the fused loss: an AttributeError after the .pte was already published. It evaluates fake_quantize's
+    float model now, and before publishing, so a failing evaluation leaves nothing at --out."""
+    pytest.importorskip("executorch.runtime")
+    import slmlab.export.quant as quant
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    run = make_run(tmp_path / "run", sections={
+        "data": {"spec": str(corpus), "cache_dir": str(tmp_path / "cache"), "val_frac": 0.25},
+        "train": {"seq_len": 32, "batch_size": 4}})
+    out = tmp_path / "m.pte"
+    rc, err, report = convert("--run", run, "--to", "executorch", "--quant", "int8", "--out", out, "--max-len", 16)
+    assert rc == 0, err
+    report = json.loads(report)
+    assert report["fp32_bpb"] > 0 and abs(report["delta_bpb"]) < 0.05 * report["fp32_bpb"], report
+    assert report["int8_weight_bytes"] < 0.35 * report["fp32_weight_bytes"] and out.is_file()
+
+    def failing(*a, **k):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(quant, "bpb_change", failing)
+    with pytest.raises(RuntimeError):
+        convert("--run", run, "--to", "executorch", "--quant", "int8", "--out", tmp_path / "q.pte", "--max-len", 16)
+    assert not (tmp_path / "q.pte").exists()
+
+
+def test_onnx_int8_runs_in_onnxruntime_equal_to_fake_quant(runs, tmp_path):
+    """StepLM.prefill read the embedding's .weight, which the int8 embedding lacks: every onnx int8 failed."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from slmlab.export.onnx import run_onnx
+    from slmlab.export.quant import fake_quantize
+    from slmlab.export.step import reference_decode
+
+    out = tmp_path / "onnx"
+    rc, err, _ = convert("--run", runs["hybrid"], "--to", "onnx", "--out", out, "--max-len", 32, "--quant", "int8",
+                         "--no-eval")
+    assert rc == 0, err
+    model, tok = ours(runs["hybrid"])
+    fake_quantize(model)
+    idx = prompt(tok)
+    pre, toks, steps = reference_decode(model, idx, 4)
+    got_pre, got_first, _, got_steps = run_onnx(out, idx, 4, feed=toks)
+    for got, want in ((got_pre, pre), (got_first, pre), (got_steps, steps)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert json.loads((out / "export.json").read_text())["quant"] == "int8"
+
+
+# ---------------------------------------------------------------- small --max-len, context lengths, q8_0 report
+def test_decode_graphs_export_at_the_smallest_lengths(tmp_path):
+    """The graphs were traced from 8-token (onnx) and 4-token (executorch) examples: a smaller --max-len,
+    or the default under a small model.max_positions, was a torch.export traceback."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from slmlab.export.onnx import run_onnx
+    from slmlab.export.step import reference_decode
+
+    run = make_run(tmp_path / "gpt2ish", "transformer", pos="learned", max_positions=3)
+    rc, err, _ = convert("--run", run, "--to", "onnx", "--out", tmp_path / "onnx")
+    assert rc == 0 and err.startswith("note: --max-len 3, not 1024"), err
+    model, tok = ours(run)
+    idx = prompt(tok, 2)
+    pre, toks, steps = reference_decode(model, idx, 1)
+    got_pre, _, _, got_steps = run_onnx(tmp_path / "onnx", idx, 1, feed=toks)
+    torch.testing.assert_close(got_pre, pre, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got_steps, steps, atol=1e-4, rtol=0)
+    pytest.importorskip("executorch.runtime")
+    from slmlab.export.executorch import run_pte
+
+    rc, err, _ = convert("--run", run, "--to", "executorch", "--out", tmp_path / "m.pte", "--max-len", 1)
+    assert rc == 0, err
+    torch.testing.assert_close(run_pte(tmp_path / "m.pte", idx[:, :1])[0], pre[:, :1], atol=1e-4, rtol=0)
+
+
+def test_hf_and_gguf_context_length_is_max_len_not_a_constant(runs, tmp_path):
+    """Both wrote 4096 whatever --max-len said. A RoPE run states --max-len, else DEFAULT_CONTEXT; a
+    learned-position run its model.max_positions, and no --max-len past it."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    from slmlab.export import DEFAULT_CONTEXT
+    from slmlab.export.gguf import read_gguf
+
+    for argv, want in (((), DEFAULT_CONTEXT), (("--max-len", 32768), 32768)):
+        out = tmp_path / f"hf{want}"
+        assert convert("--run", runs["hybrid"], "--to", "hf", "--out", out, *argv)[0] == 0
+        assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == want
+        assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == want
+    assert convert("--run", runs["hybrid"], "--to", "gguf", "--out", tmp_path / "m.gguf", "--max-len", 512)[0] == 0
+    assert read_gguf(tmp_path / "m.gguf")[0]["lfm2.context_length"] == 512
+    run = make_run(tmp_path / "gpt2", "transformer", pos="learned", max_positions=48, norm="layernorm", mlp="gelu",
+                   qk_norm=False, attn_bias=True, attn_out_bias=True, mlp_bias=True, n_kv_heads=4)
+    rc, err, _ = convert("--run", run, "--to", "hf", "--out", tmp_path / "g", "--max-len", 49)
+    assert rc == 2 and "exceeds this run's model.max_positions=48" in err and not (tmp_path / "g").exists()
+
+
+def test_gguf_q8_0_reports_each_type_and_stores_fallback_rows_in_dtype(tmp_path):
+    """Rows not a multiple of 32 cannot be Q8_0: they were F32 whatever --dtype said, and the report said
+    Q8_0 for a file mostly F32. They take --dtype, a note says how much fell back, the report counts types."""
+    gguf = pytest.importorskip("gguf")
+    run = make_run(tmp_path / "run", "transformer", ffn_dim=72)  # the down projection's rows are 72 long
+    out = tmp_path / "m.gguf"
+    rc, err, report = convert("--run", run, "--to", "gguf", "--out", out, "--quant", "q8_0", "--dtype", "fp16")
+    assert rc == 0, err
+    assert err.startswith("note: --quant q8_0: 3 matrices (") and "as F16 (--dtype fp16)" in err, err
+    types = json.loads(report)["tensor_types"]
+    written = {}
+    for t in gguf.GGUFReader(str(out)).tensors:
+        n = written.setdefault(t.tensor_type.name, {"tensors": 0, "weights": 0})
+        n["tensors"], n["weights"] = n["tensors"] + 1, n["weights"] + int(t.n_elements)
+    assert types == written and set(types) == {"Q8_0", "F16", "F32"} and types["F16"]["tensors"] == 3

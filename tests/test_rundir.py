@@ -101,6 +101,14 @@ def test_corrupt_config_is_a_one_line_error(run):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("text", ["", "train: {steps: 5}\n"])
+def test_an_empty_or_cut_config_is_named_not_the_weights(run, text):
+    """An empty config.yaml loaded as the defaults, and the error then blamed model.safetensors."""
+    (run.dir.path / CONFIG).write_text(text)
+    with pytest.raises(ConfigError, match="has no model section"):
+        RunDir.open(run.dir.path).load()
+
+
 def test_tokenizer_mismatch(run, tok):
     run.dir.check_same_tokenizer(tok)  # the run's own tokenizer passes
     other = train_tokenizer(["completely different text about numbers 1 2 3 " * 20], 280)

@@ -28,14 +28,15 @@ FORMATS = {
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DECODE_GRAPHS = ("onnx", "executorch", "coreml")  # the formats whose graphs are sized by max_len
 DEFAULT_MAX_LEN = 1024
+DEFAULT_CONTEXT = 4096  # hf/gguf context length of a RoPE run without --max-len
 
 
 @dataclass
 class ExportOptions:
     dtype: str = "fp32"
     quant: str | None = None  # int8 (weight-only, torch/executorch/onnx) | q8_0 (gguf)
-    # KV-cache slots in the decode graphs (onnx, executorch, coreml); None: DEFAULT_MAX_LEN, or
-    # model.max_positions when that is smaller (model.pos=learned)
+    # KV-cache slots in the decode graphs (onnx, executorch, coreml), the stated context length for hf
+    # and gguf; None: see resolve_max_len
     max_len: int | None = None
     eval_bpb: bool = False  # with --quant int8: report val bpb before/after on the run's data
 
@@ -49,20 +50,32 @@ def require(module: str, fmt: str, extra: str):
                           f"pip install -e '.[{extra}]'") from None
 
 
-def check_out(out, force: bool, source=None):
-    """Refuse an existing output without --force, and (even with it) an output that is the source
-    or lies inside it: replacing it would delete what is being converted."""
+FILE_FORMATS = ("executorch", "gguf")  # a single file at --out; the other formats (and run dirs) are folders
+
+
+def check_out(out, force: bool, source=None, is_dir: bool = True):
+    """Refuse an existing output without --force, and even with it an output that holds the source
+    or lies inside it (replacing it would delete what is converted) or is of the other kind (a folder
+    where a file goes, or the reverse: --force replaces a mistyped path's whole tree, nothing merges)."""
+    dst = Path(out).resolve()
     if source is not None:
-        src, dst = Path(source).resolve(), Path(out).resolve()
+        src = Path(source).resolve()
         if dst == src or src in dst.parents:
             raise ConfigError(f"output {out} is inside the source {source}; write the export elsewhere")
-    if Path(out).exists() and not force:
+        if dst in src.parents:
+            raise ConfigError(f"output {out} contains the source {source}; replacing it would delete the source: "
+                              "write the export elsewhere")
+    if not Path(out).exists():
+        return
+    if dst.is_dir() != is_dir:
+        have, want = ("a folder", "a file") if dst.is_dir() else ("a file", "a folder")
+        raise ConfigError(f"output {out} is {have} but this writes {want}; remove it or choose another --out")
+    if not force:
         raise ConfigError(f"output {out} exists (pass --force to replace it)")
 
 
-def convert(run_dir, fmt: str, out, opts: ExportOptions | None = None, force: bool = False) -> dict:
-    """Export the run in `run_dir` to `fmt` at `out`; returns a small report dict."""
-    opts = opts or ExportOptions()
+def check_options(fmt: str, opts: ExportOptions):
+    """One line for an option the format has no use for: nothing is silently ignored."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if opts.dtype not in DTYPES:
@@ -74,22 +87,33 @@ def convert(run_dir, fmt: str, out, opts: ExportOptions | None = None, force: bo
     if opts.quant == "int8" and fmt not in ("executorch", "onnx"):
         raise ConfigError(f"--quant int8 applies to executorch and onnx, not {fmt}"
                           + (" (use --quant q8_0)" if fmt == "gguf" else ""))
-    check_out(out, force, source=run_dir)  # before the (slow) load
+    if opts.dtype == "bf16" and fmt in ("onnx", "coreml"):  # onnxruntime's CPU kernels / Core ML have no bf16
+        raise ConfigError(f"--dtype bf16 is not supported for {fmt} (its runtime has no bf16 kernels); use --dtype fp16")
+
+
+def convert(run_dir, fmt: str, out, opts: ExportOptions | None = None, force: bool = False) -> dict:
+    """Export the run in `run_dir` to `fmt` at `out`; returns a small report dict."""
+    opts = opts or ExportOptions()
+    check_options(fmt, opts)
+    if fmt == "coreml" and Path(out).suffix != ".mlpackage":  # coremltools would save at out + ".mlpackage"
+        raise ConfigError(f"--to coreml writes an .mlpackage: name --out {Path(out).name}.mlpackage")
+    check_out(out, force, source=run_dir, is_dir=fmt not in FILE_FORMATS)  # before the (slow) load
     mod_name, _ = FORMATS[fmt]
     mod = importlib.import_module(f"{__name__}.{mod_name}")
-    cfg, model, tok = RunDir.open(run_dir).load("cpu")
+    run = RunDir.open(run_dir)
+    cfg, model, tok = run.load("cpu")
     model = model.float()
     mod.check_supported(cfg.model)
     opts = replace(opts, max_len=resolve_max_len(fmt, cfg.model, opts.max_len))
     with publish(out) as staged:  # an existing --out (with --force) is replaced only after success
         report = mod.export(model, tok, cfg, staged, opts) or {}
-        template = RunDir.open(run_dir).chat_template()
+        template = run.chat_template()
         if fmt == "hf" and template is not None:  # where transformers' apply_chat_template finds it
             (staged / "chat_template.jinja").write_text(template, encoding="utf-8")
-    if opts.quant == "int8" and opts.eval_bpb:
-        from .quant import bpb_change
+        if opts.quant == "int8" and opts.eval_bpb:  # inside: a failing eval publishes nothing
+            from .quant import bpb_change
 
-        report.update(bpb_change(run_dir))
+            report.update(bpb_change(cfg, model, tok))
     report.setdefault("format", fmt)
     report["path"] = str(out)
     report["bytes"] = path_size(out)
@@ -97,21 +121,24 @@ def convert(run_dir, fmt: str, out, opts: ExportOptions | None = None, force: bo
 
 
 def resolve_max_len(fmt: str, mcfg, max_len: int | None) -> int:
-    """The decode graphs' length. Under model.pos=learned the position table ends at
-    model.max_positions, and a graph sized past it would accept positions it cannot embed: the default
-    shrinks to it (with a note on stderr, where it leaves the JSON report on stdout whole), and an
-    explicit --max-len above it is refused."""
+    """The decode graphs' length (KV slots), or for hf and gguf the context length their config
+    states. Under model.pos=learned the position table ends at model.max_positions: an explicit
+    --max-len above it is refused, hf/gguf state it, and the decode graphs' default shrinks to it when
+    smaller (a note on stderr, where it leaves the JSON report on stdout whole). RoPE positions have
+    no such limit, and the run does not record one, so the default is DEFAULT_CONTEXT."""
     limit = mcfg.max_positions if mcfg.pos == "learned" else None
-    if max_len is None:
-        max_len = DEFAULT_MAX_LEN
-        if limit is not None and limit < max_len and fmt in DECODE_GRAPHS:
-            print(f"note: --max-len {limit}, not {DEFAULT_MAX_LEN}: this run has model.max_positions={limit} "
-                  f"(model.pos=learned)", file=sys.stderr)
-            max_len = limit
-    elif limit is not None and max_len > limit and fmt in DECODE_GRAPHS:
-        raise ConfigError(f"--max-len {max_len} exceeds this run's model.max_positions={limit} (model.pos=learned: "
-                          f"no position past it): use --max-len {limit} or less")
-    return max_len
+    if max_len is not None:
+        if limit is not None and max_len > limit:
+            raise ConfigError(f"--max-len {max_len} exceeds this run's model.max_positions={limit} (model.pos=learned: "
+                              f"no position past it): use --max-len {limit} or less")
+        return max_len
+    if fmt not in DECODE_GRAPHS:
+        return limit or DEFAULT_CONTEXT
+    if limit is not None and limit < DEFAULT_MAX_LEN:
+        print(f"note: --max-len {limit}, not {DEFAULT_MAX_LEN}: this run has model.max_positions={limit} "
+              f"(model.pos=learned)", file=sys.stderr)
+        return limit
+    return DEFAULT_MAX_LEN
 
 
 def path_size(p) -> int:

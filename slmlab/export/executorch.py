@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import DTYPES, require
-from .step import StepLM, check_supported  # noqa: F401
+from .step import StepLM, check_supported, seq_axis  # noqa: F401
 
 
 def export(model, tok, cfg, out: Path, opts):
@@ -30,12 +30,12 @@ def export(model, tok, cfg, out: Path, opts):
     dt = DTYPES[opts.dtype]
     step = StepLM(model.to(dt), opts.max_len).eval()
     states = step.init_states(1, dt)
-    args = (torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, dtype=torch.long), *states)
-    T = torch.export.Dim("seq", min=1, max=opts.max_len)
+    n, seq = seq_axis(opts.max_len, 4)
+    args = (torch.zeros(1, n, dtype=torch.long), torch.zeros(1, dtype=torch.long), *states)
     logging.getLogger("executorch").setLevel(logging.ERROR)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ep = torch.export.export(step, args, dynamic_shapes=({1: T}, None, tuple(None for _ in states)))
+        ep = torch.export.export(step, args, dynamic_shapes=(seq, None, tuple(None for _ in states)))
         prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
     out.write_bytes(prog.buffer)
     return {"states": step.state_names(), "max_len": opts.max_len}

@@ -7,12 +7,14 @@ GPT-2's scheme, so tokenizer.ggml.model = "gpt2" with pre-tokenizer "gpt-2" (the
 tokenizers' ByteLevel(use_regex=True) applies), tokens, token types (specials = control), merges.
 llama.cpp's llama rotates interleaved pairs (2i, 2i+1) where HF's checkpoints rotate halves (i, i + hd/2),
 so llama's q/k rows are permuted as llama.cpp's own converter does; qwen2/qwen3 rotate halves as we do.
-Weight types: f32 | f16 | bf16 for matrices (--dtype), q8_0 with --quant q8_0; norms, the tiny
-conv kernels and any row length not divisible by 32 stay f32 (llama.cpp reads norms as f32).
+Weight types: f32 | f16 | bf16 for matrices (--dtype), q8_0 with --quant q8_0; norms and the tiny
+conv kernels stay f32 (llama.cpp reads norms as f32), and under q8_0 a matrix whose rows are not a
+multiple of 32 gets the --dtype type (the report counts tensors and weights per type).
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -70,16 +72,14 @@ def export(model, tok, cfg, out: Path, opts):
     family = hf_family(mcfg)
     arch = {"lfm2": gguf.MODEL_ARCH.LFM2, "qwen3": gguf.MODEL_ARCH.QWEN3, "llama": gguf.MODEL_ARCH.LLAMA,
             "qwen2": gguf.MODEL_ARCH.QWEN2}[family]
-    if opts.quant == "q8_0":
-        wtype, ftype = gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0
-    else:
-        wtype, ftype = {"fp32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
-                        "fp16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
-                        "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16)}[opts.dtype]
+    plain = {"fp32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+             "fp16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+             "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16)}[opts.dtype]
+    wtype, ftype = (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0) if opts.quant == "q8_0" else plain
 
     w = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[arch])
     w.add_name(f"slmlab-{cfg.arch}")
-    w.add_context_length(4096)
+    w.add_context_length(opts.max_len)
     w.add_embedding_length(mcfg.d_model)
     w.add_block_count(mcfg.n_layers)
     w.add_feed_forward_length(mcfg.ffn)
@@ -100,7 +100,24 @@ def export(model, tok, cfg, out: Path, opts):
     w.add_file_type(ftype)
     _tokenizer_metadata(w, tok)
 
-    names = gguf.TensorNameMap(arch, mcfg.n_layers)
+    types, fell_back = _add_tensors(w, gguf, arch, model, family, wtype, plain[0])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    if fell_back[0]:
+        print(f"note: --quant q8_0: {fell_back[0]} matrices ({fell_back[1] / sum(m for _, m in types.values()):.0%} of "
+              f"the weights) have rows that are not a multiple of Q8_0's 32-weight blocks and are stored as "
+              f"{plain[0].name} (--dtype {opts.dtype}); the report's tensor_types counts each type", file=sys.stderr)
+    return {"arch": gguf.MODEL_ARCH_NAMES[arch], "weights": wtype.name,
+            "tensor_types": {k: {"tensors": n, "weights": m} for k, (n, m) in types.items()}}
+
+
+def _add_tensors(w, gguf, arch, model, family: str, wtype, fallback):
+    """Add every tensor under its GGUF name; returns ({type name: [tensors, weights]}, [tensors,
+    weights] of the Q8_0 matrices stored as `fallback`)."""
+    names = gguf.TensorNameMap(arch, model.cfg.n_layers)
+    types, fell_back = {}, [0, 0]
     for hf_name, t in gguf_tensors(model, family).items():
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
@@ -108,22 +125,33 @@ def export(model, tok, cfg, out: Path, opts):
         data = t.detach().float().cpu().numpy()
         if ".conv.conv." in hf_name:
             data = data.squeeze(1)  # llama.cpp's shortconv kernel is [D, K]
-        data = np.ascontiguousarray(data)
-        qtype = wtype
-        if data.ndim != 2 or "conv.conv" in hf_name or \
-                (qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32):
-            qtype = gguf.GGMLQuantizationType.F32
-        if qtype == gguf.GGMLQuantizationType.F32:
-            w.add_tensor(name, data)
-        elif qtype == gguf.GGMLQuantizationType.F16:
-            w.add_tensor(name, data.astype(np.float16))
-        else:
-            w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return {"arch": gguf.MODEL_ARCH_NAMES[arch], "weights": wtype.name}
+        qtype, fell = _tensor_type(gguf, hf_name, data, wtype, fallback)
+        _add_tensor(w, gguf, name, np.ascontiguousarray(data), qtype)
+        for n in [types.setdefault(qtype.name, [0, 0])] + [fell_back] * fell:
+            n[0], n[1] = n[0] + 1, n[1] + data.size
+    return types, fell_back
+
+
+def _tensor_type(gguf, hf_name, data, wanted, fallback):
+    """(GGML type a tensor is stored in, whether it fell back): `wanted`, except norms, biases and the
+    short-conv kernels (llama.cpp reads them as f32) and, for Q8_0, matrices whose rows are not a
+    multiple of its 32-weight blocks (then `fallback`, the --dtype type)."""
+    T = gguf.GGMLQuantizationType
+    if data.ndim != 2 or ".conv.conv." in hf_name:
+        return T.F32, False
+    if wanted == T.Q8_0 and data.shape[-1] % 32:
+        return fallback, True
+    return wanted, False
+
+
+def _add_tensor(w, gguf, name, data, qtype):
+    T = gguf.GGMLQuantizationType
+    if qtype == T.F32:
+        w.add_tensor(name, data)
+    elif qtype == T.F16:
+        w.add_tensor(name, data.astype(np.float16))
+    else:
+        w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
 
 def interleave_rope_rows(t, n_heads: int):

@@ -39,7 +39,7 @@ def export(model, tok, cfg, out: Path, opts):
 
     out.mkdir(parents=True)
     ids = special_ids(tok)
-    hf_cfg = to_hf_config(cfg.model, max_position_embeddings=4096, **ids)
+    hf_cfg = to_hf_config(cfg.model, max_position_embeddings=opts.max_len, **ids)
     hf_cfg.architectures = [HF_CLASSES[hf_family(cfg.model)]]
     hf_cfg.dtype = HF_DTYPE_NAMES[opts.dtype]
     hf_cfg.to_json_file(str(out / "config.json"))
@@ -48,8 +48,8 @@ def export(model, tok, cfg, out: Path, opts):
     GenerationConfig(**ids, do_sample=False).save_pretrained(str(out))
     names = {f"{role}_token": name for role, name in tok.specials.items()}
     fast = PreTrainedTokenizerFast(tokenizer_object=tok.hf, **names, clean_up_tokenization_spaces=False)
-    # A learned position table (gpt2) ends at max_positions; transformers truncates and warns by this.
-    fast.model_max_length = cfg.model.max_positions if cfg.model.pos == "learned" else 4096
+    # transformers truncates and warns by this (a learned position table, gpt2, ends at max_positions)
+    fast.model_max_length = opts.max_len
     fast.save_pretrained(str(out))
     return {"family": hf_family(cfg.model)}
 

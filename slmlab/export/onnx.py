@@ -2,7 +2,7 @@
 
 Both come from torch.onnx.export(dynamo=True). decode.onnx inputs: input_ids [B, T] int64,
 pos [1] int64, then the states named in export.json; outputs: logits, then `<state>_out` in the
-same order. Checked in onnxruntime by `run_onnx`.
+same order. onnxruntime loads both before the folder is published; `run_onnx` runs them.
 """
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError
 from . import DTYPES, require
-from .step import Prefill, StepLM, check_supported  # noqa: F401
+from .step import Prefill, StepLM, check_supported, seq_axis  # noqa: F401
 
 
 def prepare(model, opts):
@@ -31,15 +32,17 @@ def export(model, tok, cfg, out: Path, opts):
     out.mkdir(parents=True)
     model = prepare(model, opts)
     dt = DTYPES[opts.dtype]
-    B, T = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=1, max=opts.max_len)
-    idx = torch.zeros(2, 8, dtype=torch.long)
-    _export(Prefill(model, opts.max_len), (idx,), {"idx": {0: B, 1: T}}, ["input_ids"], ["logits"], out / "model.onnx")
+    n, seq = seq_axis(opts.max_len, 8)
+    B = torch.export.Dim("batch", min=1, max=1024)
+    idx = torch.zeros(2, n, dtype=torch.long)
+    axes = {0: B, **seq}
+    _export(Prefill(model, opts.max_len), (idx,), {"idx": axes}, ["input_ids"], ["logits"], out / "model.onnx")
 
     step = StepLM(model, opts.max_len).eval()
     names = step.state_names()
     states = step.init_states(2, dt)
     pos = torch.zeros(1, dtype=torch.long)
-    dyn = {"idx": {0: B, 1: T}, "pos": None, "states": [{0: B} for _ in states]}
+    dyn = {"idx": axes, "pos": None, "states": [{0: B} for _ in states]}
     _export(step, (idx, pos, *states), dyn, ["input_ids", "pos", *names],
             ["logits", *[n + "_out" for n in names]], out / "decode.onnx")
     meta = {"max_len": opts.max_len, "dtype": opts.dtype, "quant": opts.quant, "states": names,
@@ -47,7 +50,22 @@ def export(model, tok, cfg, out: Path, opts):
             "bos_id": tok.bos_id, "eos_id": tok.eos_id}
     (out / "export.json").write_text(json.dumps(meta, indent=1))
     tok.save(out / "tokenizer.json")
+    check_loads(out)
     return {"graphs": ["model.onnx", "decode.onnx"], "max_len": opts.max_len}
+
+
+def check_loads(folder: Path):
+    """onnxruntime loads both graphs, before anything is published: the exporter accepts graphs whose
+    operators onnxruntime has no kernel for (it did bf16 Conv and Expand)."""
+    ort = require("onnxruntime", "onnx", "onnx")
+    opt = ort.SessionOptions()
+    opt.log_severity_level = 3
+    for name in ("model.onnx", "decode.onnx"):
+        try:
+            ort.InferenceSession(str(folder / name), opt, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own (pybind) exception types
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"onnxruntime cannot load the exported {name}: {msg}") from None
 
 
 def _export(module, args, dynamic, input_names, output_names, path):

@@ -6,6 +6,7 @@ reference is plain `round(w / s) * s`: `fake_quantize` gives the float model it 
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -77,24 +78,28 @@ def weight_bytes(model: nn.Module) -> int:
     return n
 
 
-def bpb_change(run_dir, max_tokens: int | None = 65536) -> dict:
-    """Validation bits-per-byte of the run before and after int8 weight-only quantization."""
+def bpb_change(cfg, model: nn.Module, tok, max_tokens: int | None = 65536) -> dict:
+    """Validation bits-per-byte of the run's float `model` before and after int8 weight-only
+    quantization. The "after" model is fake_quantize's float one (equal to the int8 graph, and a plain
+    LM that evaluate's fused loss can read the head weight of); the byte counts are quantize_int8's."""
     import copy
 
     from ..data import prepare_data
     from ..evaluate import evaluate, token_byte_lengths
-    from ..rundir import RunDir
 
-    cfg, model, tok = RunDir.open(run_dir).load("cpu")
     model = model.float().eval()
+    # Keyed by the run's tokenizer: the trainer's entry for a tokenizer it trained is keyed by data.spec and
+    # vocab_size instead, but looking that up could train a tokenizer for a run that never had that entry.
     bundle = prepare_data(cfg.data.spec, cfg.model.vocab_size, Path(cfg.data.cache_dir).expanduser(), cfg.data.val_frac,
-                          tokenizer=tok,
-                          progress=False, quiet=True)
+                          tokenizer=tok, progress=False, quiet=True)
     lens = token_byte_lengths(tok)
     dev = torch.device("cpu")
     base = evaluate(model, bundle.val, cfg, dev, lens, max_tokens=max_tokens)
-    q = quantize_int8(copy.deepcopy(model)).eval()
-    quant = evaluate(q, bundle.val, cfg, dev, lens, max_tokens=max_tokens)
+    quant = evaluate(fake_quantize(copy.deepcopy(model)), bundle.val, cfg, dev, lens, max_tokens=max_tokens)
+    if not base or not quant:  # a validation split shorter than one train.seq_len window
+        print(f"note: no val-bpb report: the validation split is shorter than train.seq_len={cfg.train.seq_len}",
+              file=sys.stderr)
+        return {}
     return {"fp32_bpb": base["val_bpb"], "int8_bpb": quant["val_bpb"],
-            "delta_bpb": quant["val_bpb"] - base["val_bpb"],
-            "fp32_weight_bytes": weight_bytes(model), "int8_weight_bytes": weight_bytes(q)}
+            "delta_bpb": quant["val_bpb"] - base["val_bpb"], "fp32_weight_bytes": weight_bytes(model),
+            "int8_weight_bytes": weight_bytes(quantize_int8(copy.deepcopy(model)))}

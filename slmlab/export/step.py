@@ -49,6 +49,11 @@ class StepLM(nn.Module):
         meta = self.model.static_state(batch, self.max_len, torch.device("meta"))  # shapes, no memory
         return [tuple(t.shape) for st in meta for t in st]
 
+    def float_dtype(self) -> torch.dtype:
+        """The states' dtype: the model's float parameters' (after quantize_int8 the embedding and
+        linears hold int8 buffers and have no .weight to ask)."""
+        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+
     # ---- graph ----
     def forward(self, idx, pos, *states):
         grouped, i = [], 0
@@ -61,9 +66,18 @@ class StepLM(nn.Module):
 
     def prefill(self, idx):
         """Full-sequence logits from zero states sized to the prompt (keys are its own)."""
-        zero = [t for st in self.model.static_state(idx.shape[0], idx.shape[1], idx.device,
-                                                    self.model.embed.weight.dtype) for t in st]
+        zero = [t for st in self.model.static_state(idx.shape[0], idx.shape[1], idx.device, self.float_dtype())
+                for t in st]
         return self.forward(idx, torch.zeros(1, dtype=torch.long, device=idx.device), *zero)[0]
+
+
+def seq_axis(max_len: int, example: int):
+    """(example length, {1: torch.export Dim} or {}) for the token axis (dim 1) of a graph taking up to
+    max_len tokens. An example longer than the Dim's max fails to export, and torch.export specializes a
+    length-1 example to a constant; so the example is cut to max_len, and max_len == 1 is static."""
+    if max_len == 1:
+        return 1, {}
+    return min(example, max_len), {1: torch.export.Dim("seq", min=1, max=max_len)}
 
 
 class Prefill(nn.Module):
