@@ -291,6 +291,6 @@ def test_sample_cli_on_a_diffusion_run(runs, capsys):
     capsys.readouterr()
     rc = run_cli(sample.main, ["--run", run, "--max-new-tokens", "10", "--block-length", "4"])
     err = capsys.readouterr().err
-    assert rc == 2 and "--block-length 4 does not divide the generation length 10" in err and err.count("\n") == 1
+    assert rc == 2 and "--block-length 4 must divide --max-new-tokens 10" in err and err.count("\n") == 1
     rc = run_cli(sample.main, ["--run", str(runs.root / "ar"), "--block-length", "4"])
     assert rc == 2 and "apply to diffusion runs" in capsys.readouterr().err
