@@ -293,4 +293,4 @@ def test_sample_cli_on_a_diffusion_run(runs, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "--block-length 4 must divide --max-new-tokens 10" in err and err.count("\n") == 1
     rc = run_cli(sample.main, ["--run", str(runs.root / "ar"), "--block-length", "4"])
-    assert rc == 2 and "apply to diffusion runs" in capsys.readouterr().err
+    assert rc == 2 and "applies to diffusion runs" in capsys.readouterr().err
