@@ -35,8 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--quant", default=None, help="int8 (weight-only; executorch, onnx) | q8_0 (gguf)")
     p.add_argument("--max-len", type=int, default=None,
                    help="KV-cache length of decode graphs (default 1024, or model.max_positions when smaller); "
-                        "hf/gguf: the stated context length (default model.max_positions for learned positions, "
-                        "else 4096)")
+                        "hf/gguf: the stated context length (default model.max_positions for learned positions, else "
+                        "model.context_length, else 4096)")
     p.add_argument("--no-eval", action="store_true", help="with --quant int8: skip the val-bpb before/after report")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     return p.parse_args(argv)

@@ -44,6 +44,10 @@ class ModelConfig:
     norm: str = "rmsnorm"  # rmsnorm | layernorm (with bias, GPT-2): the block and final norms
     pos: str = "rope"  # rope | learned (absolute position embeddings added to the token embeddings, GPT-2)
     max_positions: int = 2048  # pos=learned: rows of the position table (the longest sequence)
+    # pos=rope: the context length the model is stated to handle (an HF import's max_position_embeddings),
+    # which hf/gguf exports state again; None = not stated. Metadata only: RoPE has no hard limit, so
+    # nothing (sampling, decode graphs) is bounded by it; learned positions state max_positions.
+    context_length: Optional[int] = None
     qk_norm: bool = True  # RMSNorm on each head's q and k before RoPE (Qwen3/LFM2); false for Llama/Qwen2/GPT-2
     attn_bias: bool = False  # biases on the q/k/v projections (Qwen2, GPT-2)
     attn_out_bias: bool = False  # bias on the attention output projection (GPT-2)
@@ -119,7 +123,9 @@ class ModelConfig:
               "ffn_dim": Range(1, 2 ** 20), "window": POSITIVE, "rope_theta": POSITIVE,
               "norm_eps": Range(0, 1, lo_open=True, hi_open=True), "conv_kernel": Range(1, 64),
               "init_std": Range(0, 10, lo_open=True), "max_positions": Range(1, 2 ** 24),
-              "loss_chunk": Range(0, 2 ** 30)}
+              "loss_chunk": Range(0, 2 ** 30),
+              # allocates nothing, so any length a checkpoint states imports; GGUF stores it as uint32
+              "context_length": Range(1, 2 ** 32 - 1)}
 
     def validate(self):
         def bad(msg):
@@ -135,6 +141,8 @@ class ModelConfig:
         for key, allowed in (("norm", NORMS), ("pos", POSITIONS)):
             if getattr(self, key) not in allowed:
                 bad(f"model.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        if self.context_length is not None and self.pos == "learned":
+            bad("model.context_length applies to model.pos=rope; learned positions end at model.max_positions")
         self.rope_scale()  # raises on a bad model.rope_scaling
         if not self.window_pattern or set(self.window_pattern.upper()) - {"S", "L"}:
             bad(f"model.window_pattern {self.window_pattern!r} must be a non-empty string of S (sliding) and L (full)")

@@ -262,7 +262,8 @@ def from_hf_config(hf_cfg) -> ModelConfig:
     theta, scaling = _rope(hf_cfg, mt)
     common = dict(vocab_size=hf_cfg.vocab_size, d_model=hf_cfg.hidden_size, n_layers=hf_cfg.num_hidden_layers,
                   n_heads=hf_cfg.num_attention_heads, n_kv_heads=hf_cfg.num_key_value_heads,
-                  rope_theta=theta, rope_scaling=scaling, tie_embeddings=bool(hf_cfg.tie_word_embeddings))
+                  rope_theta=theta, rope_scaling=scaling, tie_embeddings=bool(hf_cfg.tie_word_embeddings),
+                  context_length=getattr(hf_cfg, "max_position_embeddings", None))
     if mt == "lfm2":
         ffn = hf_cfg.intermediate_size
         if hf_cfg.block_auto_adjust_ff_dim:

@@ -74,17 +74,6 @@ def run_completions(args, convs, device):
             yield msgs, template.reply(tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True))
 
 
-def check_hf_folder(path: Path):
-    """What convert.py --from-hf requires of a folder (slmlab/export/hf.py), checked before transformers
-    loads it: config.json, safetensors weights, tokenizer.json."""
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"--hf {path}: not a transformers model folder (no config.json)")
-    if not any((path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
-        raise ConfigError(f"--hf {path} has no model.safetensors (only safetensors checkpoints are loaded)")
-    if not (path / "tokenizer.json").is_file():
-        raise ConfigError(f"--hf {path} has no tokenizer.json")
-
-
 def hf_completions(args, convs, device):
     """(conversation, reply) per prompt and sample, from a transformers folder: its tokenizer's
     chat template, left-padded batches, transformers generate."""
@@ -92,8 +81,10 @@ def hf_completions(args, convs, device):
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         raise ConfigError("--hf needs transformers: pip install -e '.[finetune]'") from None
+    from .export.hf import hf_folder_files
+
     path = Path(args.hf).expanduser()
-    check_hf_folder(path)
+    hf_folder_files(path, label="--hf ")  # one-line errors where transformers would raise tracebacks
     try:  # the folder is untrusted: transformers' errors are tracebacks whose type varies by version
         tok = AutoTokenizer.from_pretrained(path, padding_side="left")
         model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).to(device).eval()

@@ -99,6 +99,7 @@ def test_every_numeric_key_has_a_range():
     ("model.d_model=1000000000", "model.d_model must be in [1, 65536]"),
     ("model.n_layers=1000002", "model.n_layers must be in [1, 1024]"),
     ("model.vocab_size=1000000000", "model.vocab_size must be in [1, 262144]"),
+    ("model.context_length=0", "model.context_length must be in [1, 4.29497e+09], got 0"),
     ("optim.betas=[2,3]", "optim.betas must be two numbers in [0, 1), got [2, 3]"),
     ("optim.betas=[0.9]", "optim.betas must be two numbers in [0, 1)"),
     ("optim.eps=-1", "optim.eps must be in (0, 1], got -1.0"),
@@ -117,6 +118,8 @@ def test_out_of_range_values_are_one_line_errors(override, needle):
 @pytest.mark.parametrize("overrides,needle", [
     (["model.causal=false"], "objective.name=ar needs model.causal=true (a bidirectional model sees the token it "
                              "predicts)"),
+    (["model.pos=learned", "model.context_length=4096"], "model.context_length applies to model.pos=rope; learned "
+                                                         "positions end at model.max_positions"),
     (["model.layers=conv,,attn", "model.n_layers=2"], "layer pattern 'conv,,attn' has an empty entry at position 2"),
     (["model.layers=conv,attn,", "model.n_layers=2"], "has an empty entry at position 3"),
     (["train.phases=[{seq_len: 64, share: 1.0, window: 16}]"], "train.phases[0]: window=16 resizes sliding-window "

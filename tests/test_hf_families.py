@@ -243,6 +243,31 @@ def test_import_export_round_trip_through_folders(family, tmp_path):
         torch.testing.assert_close(back(idx).logits, ref, atol=1e-4, rtol=0)
 
 
+def test_an_imported_context_length_is_stated_again_by_hf_and_gguf(tmp_path):
+    """The import dropped max_position_embeddings, so exporting an imported 40960-context model stated 4096."""
+    import json
+
+    pytest.importorskip("gguf")
+    from slmlab.export.gguf import read_gguf
+    from slmlab.rundir import RunDir
+    from slmlab.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([TEXT], 300)  # byte-level BPE: gguf exports no other kind
+    hf_cfg = hf_config("llama")
+    hf_cfg.vocab_size, hf_cfg.max_position_embeddings = tok.vocab_size, 40960
+    transformers.AutoModelForCausalLM.from_config(hf_cfg).save_pretrained(str(tmp_path / "hf"))
+    tok.save(tmp_path / "hf" / "tokenizer.json")
+    assert convert("--from-hf", tmp_path / "hf", "--out", tmp_path / "run") == 0
+    assert RunDir.open(tmp_path / "run").config().model.context_length == 40960
+    for argv, want in (((), 40960), (("--max-len", 1000), 1000)):  # an explicit --max-len still wins
+        out = tmp_path / f"back{want}"
+        assert convert("--run", tmp_path / "run", "--to", "hf", "--out", out, *argv) == 0
+        assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == want
+        assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == want
+    assert convert("--run", tmp_path / "run", "--to", "gguf", "--out", tmp_path / "m.gguf") == 0
+    assert read_gguf(tmp_path / "m.gguf")[0]["llama.context_length"] == 40960
+
+
 def test_unsupported_family_is_one_line_exit_2(tmp_path, capsys):
     transformers.BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                             intermediate_size=8).save_pretrained(str(tmp_path / "bert"))

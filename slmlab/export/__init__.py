@@ -28,7 +28,7 @@ FORMATS = {
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DECODE_GRAPHS = ("onnx", "executorch", "coreml")  # the formats whose graphs are sized by max_len
 DEFAULT_MAX_LEN = 1024
-DEFAULT_CONTEXT = 4096  # hf/gguf context length of a RoPE run without --max-len
+DEFAULT_CONTEXT = 4096  # hf/gguf context length of a RoPE run without --max-len or model.context_length
 
 
 @dataclass
@@ -125,7 +125,8 @@ def resolve_max_len(fmt: str, mcfg, max_len: int | None) -> int:
     states. Under model.pos=learned the position table ends at model.max_positions: an explicit
     --max-len above it is refused, hf/gguf state it, and the decode graphs' default shrinks to it when
     smaller (a note on stderr, where it leaves the JSON report on stdout whole). RoPE positions have
-    no such limit, and the run does not record one, so the default is DEFAULT_CONTEXT."""
+    no such limit: hf/gguf state model.context_length (an import's own), else DEFAULT_CONTEXT; the
+    decode graphs' KV slots are memory, so that length does not size them."""
     limit = mcfg.max_positions if mcfg.pos == "learned" else None
     if max_len is not None:
         if limit is not None and max_len > limit:
@@ -133,7 +134,7 @@ def resolve_max_len(fmt: str, mcfg, max_len: int | None) -> int:
                               f"no position past it): use --max-len {limit} or less")
         return max_len
     if fmt not in DECODE_GRAPHS:
-        return limit or DEFAULT_CONTEXT
+        return limit or mcfg.context_length or DEFAULT_CONTEXT
     if limit is not None and limit < DEFAULT_MAX_LEN:
         print(f"note: --max-len {limit}, not {DEFAULT_MAX_LEN}: this run has model.max_positions={limit} "
               f"(model.pos=learned)", file=sys.stderr)

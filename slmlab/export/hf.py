@@ -54,36 +54,46 @@ def export(model, tok, cfg, out: Path, opts):
     return {"family": hf_family(cfg.model)}
 
 
-def _read_hf_weights(path: Path) -> dict:
-    from ..checkpoint import load_tensors
+def hf_config_file(path: Path, label: str = "") -> Path:
+    """`path`'s config.json, or a one-line error: checked before transformers reads it, whose own
+    error for a missing file is a paragraph. `label` prefixes the messages (the flag that named it)."""
+    config = path / "config.json"
+    if not config.is_file():
+        raise ConfigError(f"{label}{path} is not a transformers model folder (no config.json)")
+    return config
 
-    single = path / "model.safetensors"
-    index = path / "model.safetensors.index.json"
+
+def hf_folder_files(path: Path, label: str = "") -> tuple[Path, list[Path], Path]:
+    """(config.json, safetensors weight files, tokenizer.json) of a transformers folder, each checked
+    to exist, weights not loaded: what convert.py --from-hf and sample.py --hf require of it."""
+    config = hf_config_file(path, label)
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.is_file():
-        return load_tensors(single)
-    if index.is_file():
+        weights = [single]
+    elif index.is_file():
         try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as e:
+            weights = [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index} is not a safetensors index ({e})") from None
-        sd = {}
-        for f in files:
-            sd.update(load_tensors(path / f))
-        return sd
-    raise CheckpointError(f"{path} has no model.safetensors (only safetensors checkpoints are loaded)")
+    else:  # a .bin is a pickle: loading it could run code
+        raise ConfigError(f"{label}{path} has no model.safetensors (only safetensors checkpoints are loaded)")
+    tokenizer = path / "tokenizer.json"
+    if not tokenizer.is_file():
+        raise ConfigError(f"{label}{path} has no tokenizer.json")
+    return config, weights, tokenizer
 
 
 def load_hf(path):
-    """An HF causal-LM folder of one of FAMILIES -> (ModelConfig, our LM with its weights, Tokenizer or None)."""
+    """An HF causal-LM folder of one of FAMILIES -> (ModelConfig, our LM with its weights, Tokenizer)."""
     require("transformers", "from-hf", "hf")
     from transformers import AutoConfig
 
     from arch import LM
 
+    from ..checkpoint import load_tensors
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path} is not a transformers model folder (no config.json)")
+    hf_config_file(path)  # the family is named before missing weights or tokenizer are
     try:
         hf_cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # config.json is untrusted: transformers' own validation errors vary by version
@@ -97,7 +107,10 @@ def load_hf(path):
         raise ConfigError(f"{path / 'config.json'}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if mcfg.layer_types().count("attn") and hf_cfg.model_type == "lfm2" and mcfg.hd * mcfg.n_heads != mcfg.d_model:
         raise ConfigError("Lfm2 head_dim must equal hidden_size / num_attention_heads")
-    hf_sd = _read_hf_weights(path)
+    _, weights, _ = hf_folder_files(path)
+    hf_sd = {}
+    for f in weights:
+        hf_sd.update(load_tensors(f))
     try:
         sd = from_hf_state_dict(hf_sd, mcfg)
     except KeyError as e:
@@ -112,8 +125,7 @@ def load_hf(path):
             raise CheckpointError(f"{path}: shape mismatch for {k}: checkpoint {tuple(v.shape)}, "
                                   f"config implies {tuple(own[k].shape)}")
     model.load_state_dict({k: v.float() for k, v in sd.items()})
-    tok = _load_tokenizer(path, hf_cfg) if (path / "tokenizer.json").is_file() else None
-    return mcfg, model.eval(), tok
+    return mcfg, model.eval(), _load_tokenizer(path, hf_cfg)
 
 
 def _load_tokenizer(path: Path, hf_cfg):
@@ -144,8 +156,6 @@ def import_hf(path, out: Path, force: bool = False) -> dict:
 
     check_out(out, force, source=path)
     mcfg, model, tok = load_hf(path)
-    if tok is None:
-        raise CheckpointError(f"{path} has no tokenizer.json (a run directory needs one)")
     with publish(out) as staged:
         run = RunDir.create(staged)
         family = "hybrid" if "conv" in mcfg.layer_types() else "transformer"
