@@ -64,8 +64,9 @@ class ModelConfig:
     # How a step runs, not what the weights are: --resume may change these.
     RUNTIME_KNOBS = ("kernels", "grad_checkpoint", "loss_chunk")
     # Where the blocks' code lives, not what it builds: a moved file resumes with model.imports=[NEW]
-    # (the layer pattern and the checkpoint's tensor names still have to match).
-    NOT_WEIGHTS = RUNTIME_KNOBS + ("imports",)
+    # (the layer pattern and the checkpoint's tensor names still have to match); context_length is
+    # what exports state, not a shape.
+    NOT_WEIGHTS = RUNTIME_KNOBS + ("imports", "context_length")
 
     def __post_init__(self):
         self.imports = load_imports(self.imports)  # absolute paths, each once
