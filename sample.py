@@ -75,18 +75,22 @@ def diffusion_kwargs(args, model) -> dict:
     if block is not None and n % block:
         raise ConfigError(f"--block-length {block} must divide --max-new-tokens {n}")
     if sampler == "llada" and n and steps is not None:
-        note_llada_passes(n, steps, block or math.gcd(n, model.block_length))
+        from arch.diffusion import default_block_length
+
+        note_llada_passes(n, steps, block or default_block_length(n, model.block_length))
     return dict(steps=steps, block_length=block, sampler=sampler)
 
 
 def note_llada_passes(n: int, steps: int, block: int):
-    """llada spends the same number of steps on each block, at most one per token (arch/diffusion.py
-    llada_sample's schedule), so --diffusion-steps is rounded: say to what, as it sets the run time."""
-    blocks = n // block
-    passes = blocks * min(block, -(-steps // blocks))
+    """llada spends the same number of steps on each block, at most one per token, so
+    --diffusion-steps is rounded: say to what, as it sets the run time."""
+    from arch.diffusion import llada_steps_per_block
+
+    blocks, per_block = n // block, llada_steps_per_block(n, steps, block)
+    passes = blocks * per_block
     if passes != steps:
         print(f"note: --diffusion-steps {steps} runs as {passes} denoising passes: {blocks} blocks of {block} tokens, "
-              f"{passes // blocks} each (llada gives every block the same steps, at most one per token)", file=sys.stderr)
+              f"{per_block} each (llada gives every block the same steps, at most one per token)", file=sys.stderr)
 
 
 def main(argv=None):

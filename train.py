@@ -56,10 +56,20 @@ def parse_args(argv=None):
     return p.parse_intermixed_args(argv)  # lets overrides and flags mix in any order
 
 
+def device_type(cfg, dry_run_gpu=None) -> str:
+    """Where the run trains, "cuda" or "cpu", by runtime.resolve_device's rule. The dry run passes
+    dry_run_gpu (whether --mem or --gpu was given): it may estimate for a GPU this machine lacks, so
+    train.device=cuda means CUDA there, and so do --mem and --gpu unless the run is pinned to the CPU
+    (then --mem is its RAM)."""
+    from slmlab.runtime import resolve_device
+
+    if dry_run_gpu is not None and cfg.train.device != "cpu" and (dry_run_gpu or cfg.train.device == "cuda"):
+        return "cuda"
+    return resolve_device(cfg.train.device).type
+
+
 def dry_run(cfg, args):
     import json
-
-    import torch
 
     from slmlab.estimate import DEFAULT_MFU, estimate, parse_mem, report
 
@@ -67,9 +77,7 @@ def dry_run(cfg, args):
         from slmlab.data import given_tokenizer
 
         given_tokenizer(cfg, say=lambda msg: None if args.json else print(msg))
-    # --mem and --gpu describe a GPU unless the run is pinned to the CPU (then --mem is its RAM).
-    device = "cpu" if cfg.train.device == "cpu" else "cuda" if cfg.train.device == "cuda" or args.mem or args.gpu \
-        else "cuda" if torch.cuda.is_available() else "cpu"
+    device = device_type(cfg, dry_run_gpu=bool(args.mem or args.gpu))
     est = estimate(cfg, device=device, world=1 if args.world is None else args.world,
                    mem=parse_mem(args.mem) if args.mem else None,
                    gpu=args.gpu, mfu=args.mfu if args.mfu is not None else DEFAULT_MFU)
@@ -80,11 +88,9 @@ def check_memory(cfg, args):
     """Stop before training (one line) when the estimate exceeds the device's free memory."""
     import os
 
-    import torch
-
     from slmlab.estimate import check_fits, free_memory, parse_mem
 
-    cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    cuda = device_type(cfg) == "cuda"
     budget, where = (parse_mem(args.mem), "given by --mem") if args.mem else free_memory(cuda)
     check_fits(cfg, budget, where, cuda, world=int(os.environ.get("WORLD_SIZE", "1")))
 

@@ -128,7 +128,7 @@ class DiffusionLM(LM):
         if sampler != "llada":
             raise ConfigError(f"sampler must be llada or mdlm, got {sampler!r}")
         if block_length is None:
-            block_length = math.gcd(n, self.block_length)
+            block_length = default_block_length(n, self.block_length)
         return llada_sample(self, idx, n, steps, block_length, temperature, top_k, generator)
 
 
@@ -136,6 +136,17 @@ def _draw(logits, temperature, top_k, generator):
     """Sample x0 [B, L] from logits [B, L, V]; temperature 0 is argmax."""
     B, L, V = logits.shape
     return sample_next(logits.reshape(B * L, V), temperature, top_k, generator).view(B, L)
+
+
+def default_block_length(gen_length: int, block_length: int) -> int:
+    """llada's block length when none is given: the objective's, shrunk to a divisor of gen_length."""
+    return math.gcd(gen_length, block_length)
+
+
+def llada_steps_per_block(gen_length: int, steps: int, block_length: int) -> int:
+    """The denoising passes llada_sample runs on each block: steps split evenly over the blocks,
+    rounded up, at most one per token. sample.py tells the user when this rounds --diffusion-steps."""
+    return min(block_length, -(-steps // (gen_length // block_length)))
 
 
 def check_sampler_args(gen_length: int, steps: int, block_length: Optional[int] = None):
@@ -161,7 +172,7 @@ def llada_sample(model, prompt, gen_length: int, steps: int, block_length: int, 
     B, P = prompt.shape
     x = torch.cat([prompt, prompt.new_full((B, gen_length), model.mask_id)], 1)
     n_blocks = gen_length // block_length
-    per_block = min(block_length, -(-steps // n_blocks))
+    per_block = llada_steps_per_block(gen_length, steps, block_length)
     base, extra = divmod(block_length, per_block)
     schedule = [base + (i < extra) for i in range(per_block)]
     pos = torch.arange(x.shape[1], device=x.device)

@@ -173,22 +173,21 @@ class LM(nn.Module):
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
                  generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None,
                  compile: bool = False, on_token=None, static: Optional[bool] = None,
-                 cuda_graph: Optional[bool] = None):
+                 cuda_graph: bool = True):
         """Prefill the prompt once, then decode token by token. Models whose mixers all have a
         static state (attention, conv) decode through preallocated states updated in place
         (static=None picks it when available; False forces the dynamic forward(x, states) path).
         compile=True compiles the static step (worth it for long generations: compiling takes
         seconds, about a minute the first time for greedy, which decodes GREEDY_CHUNK tokens a
-        call); on CUDA the compiled step is also captured as a CUDA graph unless cuda_graph=False
-        (None: CUDA_GRAPH_DECODE). on_token(id) is called with each new token of batch row 0
+        call); on CUDA the compiled step is also captured as a CUDA graph unless cuda_graph=False:
+        at batch 1 a token is a few hundred small kernels, and launching them from Python costs more
+        than running them. on_token(id) is called with each new token of batch row 0
         (sample.py streams with it)."""
         if max_new_tokens <= 0:
             return idx.clone()
         self.check_room(idx.shape[1], max_new_tokens)
         use_static = self.supports_static() if static is None else static
         if use_static:
-            if cuda_graph is None:
-                cuda_graph = CUDA_GRAPH_DECODE
             graphed = compile and cuda_graph and idx.device.type == "cuda"
             # Greedy chunks amortise the compiled call's Python overhead, which a CUDA graph removes.
             chunk = GREEDY_CHUNK if compile and temperature < 1e-5 and not graphed else 1
@@ -324,12 +323,6 @@ class StaticDecoder:
         toks = self.greedy(nxt.clone(memory_format=torch.contiguous_format), self.pos, self.states, self.chunk)
         self.pos += self.chunk
         return toks
-
-
-# generate(compile=True)'s default on CUDA (its cuda_graph=None): replay the compiled step as one captured
-# CUDA graph, since at batch 1 a token is a few hundred small kernels and launching them from Python
-# costs more than running them. A module default, like GREEDY_CHUNK, so tests can flip it for every call.
-CUDA_GRAPH_DECODE = True
 
 
 class CudaGraphStep:

@@ -47,6 +47,7 @@ import torch
 
 from .checkpoint import discard, publish, remove_stale
 from .errors import ConfigError, DataError
+from .fmt import count
 from .tokenizer import Tokenizer, split_exact, train_tokenizer
 
 FORMAT_VERSION = 1
@@ -472,8 +473,8 @@ class DataBundle:
         tag = "  (cached)" if self.cached else ""
         share = f", {self.val_share:.1%} of bytes" if self.val_share is not None else ""
         note = f"  [{self.note}]" if self.note else ""
-        return (f"data: {m['spec']}{note}  vocab {m['vocab_size']}  train {_fmt_count(m['n_train_tokens'])} tokens  "
-                f"val {_fmt_count(m['n_val_tokens'])} tokens ({m['val_bytes'] / 1e6:.2f} MB{share}, "
+        return (f"data: {m['spec']}{note}  vocab {m['vocab_size']}  train {count(m['n_train_tokens'])} tokens  "
+                f"val {count(m['n_val_tokens'])} tokens ({m['val_bytes'] / 1e6:.2f} MB{share}, "
                 f"{self.bytes_per_token:.2f} bytes/token)  gzip -9 {self.gzip_bpb:.2f} bpb  "
                 f"xz -9 {self.xz_bpb:.2f} bpb{tag}")
 
@@ -492,16 +493,6 @@ class DataBundle:
                        f"split, not its {self.val_bytes:,} UTF-8 bytes: val_bpb is approximate, about "
                        f"{abs(off):.3g}% too {'high' if off > 0 else 'low'} (normalizer or prepended space)")
         return out
-
-
-def _fmt_count(n: int) -> str:
-    if n >= 1e9:
-        return f"{n / 1e9:.2f}B"
-    if n >= 1e6:
-        return f"{n / 1e6:.2f}M"
-    if n >= 1e3:
-        return f"{n / 1e3:.1f}k"
-    return str(n)
 
 
 def compression_bpb(data: bytes) -> tuple[float, float]:

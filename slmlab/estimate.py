@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 
 from .errors import ConfigError
+from .fmt import count, duration
 from .optim import route_params
 from .phases import Phase, phase_windows, resolve_phases
 from .runtime import GPUS, gpu_peak_source, measured_peak
@@ -382,19 +383,10 @@ def _b(n) -> str:
     return f"{n} B"
 
 
-def _n(n) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
-
-
-def _t(s) -> str:
-    return f"{s:.2f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h" if s < 172800 \
-        else f"{s / 86400:.1f} days"
-
-
 def report(est: dict) -> str:
     """The human-readable --dry-run report."""
     s = est["static_bytes"]
-    lines = [f"model: {est['arch']}  {_n(est['params'])} params ({_n(est['params_non_embedding'])} non-embedding)"
+    lines = [f"model: {est['arch']}  {count(est['params'])} params ({count(est['params_non_embedding'])} non-embedding)"
              f"  device: {est['device']}" + (f"  world {est['world']} ({est['parallel']}, per rank)"
                                             if est["world"] > 1 else ""),
              est["kernels"],
@@ -406,7 +398,7 @@ def report(est: dict) -> str:
              + (f"  teacher weights {_b(s['teacher'])}" if s["teacher"] else "")]
     if est.get("lora"):
         lo = est["lora"]
-        lines.append(f"LoRA: {_n(lo['trainable'])} trainable params ({100 * lo['share']:.2f}%): gradients and "
+        lines.append(f"LoRA: {count(lo['trainable'])} trainable params ({100 * lo['share']:.2f}%): gradients and "
                      f"optimizer state {_b(lo['saved_bytes'])} smaller than full fine-tuning")
     mem = est["mem_bytes"]
     for p in est["phases"]:
@@ -435,11 +427,11 @@ def report(est: dict) -> str:
     if th is None:
         lines.append("time: give --gpu NAME for step times (datasheet bf16 peak x MFU)")
     else:
-        steps = ", ".join(f"p{i + 1} {_t(x)}" for i, x in enumerate(th["step_seconds"]))
+        steps = ", ".join(f"p{i + 1} {duration(x, sub_second=True)}" for i, x in enumerate(th["step_seconds"]))
         lines.append(f"time: {th['peak_flops'] / 1e12:.1f} TFLOP/s ({th['peak_source']}) x MFU {th['mfu']:.2f}: "
-                     f"step {steps}; {th['tokens_per_s']:,.0f} tokens/s; this run {_t(th['run_seconds'])}; "
-                     f"20 tokens/param ({th['chinchilla_tokens'] / 1e9:.1f}B tokens) "
-                     f"{_t(th['chinchilla_seconds'])}")
+                     f"step {steps}; {th['tokens_per_s']:,.0f} tokens/s; this run {duration(th['run_seconds'])}; "
+                     f"20 tokens/param ({count(th['chinchilla_tokens'])} tokens) "
+                     f"{duration(th['chinchilla_seconds'])}")
     inf = est["inference"]
     w = inf["weights"]
     lines.append("inference weights: " + "  ".join(f"{k} {_b(v)}" for k, v in w.items())

@@ -4,6 +4,8 @@ from __future__ import annotations
 import sys
 import time
 
+from .fmt import duration as fmt_duration
+
 
 class Progress:
     """One status line: step, loss, tokens/s, ETA. Redraws in place on a terminal, prints
@@ -39,7 +41,3 @@ class Progress:
             sys.stderr.write("\r" + " " * 100 + "\r")
         print(msg, flush=True)
 
-
-def fmt_duration(s) -> str:
-    s = int(s)
-    return f"{s // 60}m{s % 60:02d}s"

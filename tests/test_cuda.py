@@ -35,9 +35,8 @@ def test_cuda_graph_decode_equals_the_uncaptured_compiled_step(layers, temperatu
     monkeypatch.setattr(model_mod, "GREEDY_CHUNK", 1)  # both runs compile the same one-token step
     outs = []
     for graphs in (False, True):
-        monkeypatch.setattr(model_mod, "CUDA_GRAPH_DECODE", graphs)
         g = torch.Generator(device=DEV).manual_seed(3)
-        outs.append(m.generate(idx, 23, temperature=temperature, generator=g, compile=True))
+        outs.append(m.generate(idx, 23, temperature=temperature, generator=g, compile=True, cuda_graph=graphs))
     assert "capture failed" not in capsys.readouterr().out
     assert torch.equal(outs[0], outs[1])
     # and the captured decode against the plain eager step (greedy: same argmax up to compile rounding)
@@ -125,7 +124,6 @@ def test_gpu_bench_python_runs_on_cpu_at_a_tiny_size(monkeypatch, capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: fn)
-    monkeypatch.setattr(model_mod, "CUDA_GRAPH_DECODE", True)
     rc = bench.main(["--device", "cpu", "--only", "train", "--only", "decode", "--size", "", "--tokens", "32",
                      "--seq-len", "16", "--rounds", "1", "--new-tokens", "3", "model.d_model=32", "model.n_layers=3",
                      "model.n_heads=2", "model.n_kv_heads=1", "model.vocab_size=97"])

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..checkpoint import publish
+from ..fmt import count, duration
 from ..rundir import METRICS
 from . import stats
 from .plan import read_manifest
@@ -84,18 +85,6 @@ def collect(out: Path) -> tuple[dict, list[RunResult]]:
         results.append(RunResult(r["corpus"], r["variant"], r["seed"], r["dir"], st.summary, st.status, st.why,
                                  read_json(d / RESOURCES) or {}, curve, final))
     return man, results
-
-
-def _fmt_num(x: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= div:
-            return f"{x / div:.2f}{unit}"
-    return f"{x:.0f}"
-
-
-def _fmt_time(s: float) -> str:
-    s = int(round(s))
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def _pm(s: stats.Summary) -> str:
@@ -220,10 +209,10 @@ def _row(v: str, c: dict, runs: list[RunResult], b: stats.Summary, comparison: t
     wall = stats.summarize(r.summary["wall_time_s"] for r in done).mean
     mem = [r.resources.get("peak_cuda_mb", r.resources.get("peak_rss_mb")) for r in done]
     mem = [x for x in mem if x is not None]
-    return (f"| {v} | `{c['layers']}` | {_fmt_num(c['params'])} / {_fmt_num(c['nonembed_params'])} | "
-            f"{_fmt_num(c['flops_per_token'])} | {_fmt_num(tokens) if done else '–'} | {c['steps']} | {bpb} | "
+    return (f"| {v} | `{c['layers']}` | {count(c['params'])} / {count(c['nonembed_params'])} | "
+            f"{count(c['flops_per_token'])} | {count(tokens) if done else '–'} | {c['steps']} | {bpb} | "
             f"{_pm(loss) if loss.n else '–'} | {delta} | {dz} | {p} | {ph} | {pw} | {f'{tps:,.0f}' if done else '–'} | "
-            f"{f'{max(mem):,.0f} MB' if mem else '–'} | {_fmt_time(wall) if done else '–'} |")
+            f"{f'{max(mem):,.0f} MB' if mem else '–'} | {duration(wall) if done else '–'} |")
 
 
 def _run_notes(v: str, runs: list[RunResult]) -> list[str]:
@@ -297,8 +286,8 @@ def write_markdown(out: Path, man: dict, results: list[RunResult]):
         inv = [json.loads(x) for x in (out / INVOCATIONS).read_text().splitlines() if x.strip()]
     run_wall = sum(r.summary.get("wall_time_s", 0.0) for r in finished)
     lines += ["## Time", "",
-              f"Sum of the runs' wall times: {_fmt_time(run_wall)}"
-              + (f"; the coordinator ran {_fmt_time(sum(i['elapsed_s'] for i in inv))} over {len(inv)} "
+              f"Sum of the runs' wall times: {duration(run_wall)}"
+              + (f"; the coordinator ran {duration(sum(i['elapsed_s'] for i in inv))} over {len(inv)} "
                  f"invocation(s)" if inv else "") + ". Per-run timings: `timings.csv`.", ""]
     write_text(out / "results.md", "\n".join(lines))
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..checkpoint import remove_stale
+from ..fmt import duration
 from .plan import MANIFEST, Ablation, AblationError, Cell, Run, load_manifest, manifest, plan, same_ablation
 from .worker import DIVERGED, DONE, ERROR, SPEC, run_one, run_state, write_text
 
@@ -121,11 +122,6 @@ def prepare_corpora(runs: list[Run], say=print):
         prepare_for(cfg, say=lambda msg: None, quiet=True)
 
 
-def _fmt(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 class Progress:
     """One line per started and finished run: which of how many, and an ETA from the compute
     (steps x tokens/step x FLOPs/token) finished so far in this invocation."""
@@ -149,7 +145,7 @@ class Progress:
     def _eta(self) -> str:
         if not self.done_cost:
             return "eta ?"
-        return f"eta {_fmt((time.time() - self.t0) / self.done_cost * self.left_cost)}"
+        return f"eta {duration((time.time() - self.t0) / self.done_cost * self.left_cost)}"
 
     def _counts(self) -> str:
         div = len(self.diverged) + len(self.skipped_diverged)
