@@ -31,8 +31,8 @@ def parse_args(argv=None):
                    help="an ablation YAML file (the file form), then dotted overrides applied to every variant")
     p.add_argument("--report", metavar="OUT", help="only rebuild OUT's outputs from its run directories")
     p.add_argument("--out", help="the ablation directory (required unless --report or --dry-run)")
-    p.add_argument("--arch", help="inline form: every variant's preset (default: the config's arch:); file form: "
-                                  "the preset of variants that name none (replacing the file's arch:)")
+    p.add_argument("--arch", help="inline form: every variant's preset (default: the config's arch:, else hybrid); "
+                                  "file form: the preset of variants that name none (replacing the file's arch:)")
     p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="inline form: one axis of the grid (repeatable; cartesian product; first value = baseline)")
     p.add_argument("--seeds", type=int, help=f"seeds 1..N per variant (default {DEFAULT_SEEDS}, or the file's seeds:)")

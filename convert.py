@@ -38,7 +38,9 @@ def parse_args(argv=None):
                         "hf/gguf: the stated context length (default model.max_positions for learned positions, else "
                         "model.context_length, else 4096)")
     p.add_argument("--no-eval", action="store_true", help="with --quant int8: skip the val-bpb before/after report")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out (never the source, a folder holding it or inside it, nor a file "
+                        "with a folder or a folder with a file)")
     return p.parse_args(argv)
 
 

@@ -39,7 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the one-token decode step (costs seconds up front; pays off on long samples)")
     d = p.add_argument_group("diffusion runs")
-    d.add_argument("--diffusion-steps", type=int, default=None, help="denoising steps (default: one per new token)")
+    d.add_argument("--diffusion-steps", type=int, default=None,
+                   help="denoising steps (default: one per new token; llada rounds it to a multiple of the blocks, "
+                        "at most one per token, with a note)")
     d.add_argument("--block-length", type=int, default=None,
                    help="llada: semi-autoregressive block length; must divide --max-new-tokens (default 32 or a divisor)")
     d.add_argument("--sampler", default=None, choices=["llada", "mdlm"],

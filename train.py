@@ -34,7 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint (its saved config.yaml plus "
-                        "any overrides given here; the model shape must not change)")
+                        "any overrides given here, optim.* ones applying from the resumed step; the model shape and "
+                        "train.seed must not change)")
     p.add_argument("--size", default=None,
                    help="model shape from config.yaml's sizes, e.g. 124m, 350m, 1b (default: the model section)")
     p.add_argument("--dry-run", action="store_true",
@@ -43,7 +44,8 @@ def parse_args(argv=None):
                    help="device memory to fit, e.g. 16GB: --dry-run's largest micro-batch; a real run's "
                         "memory check (default: the device's free memory)")
     p.add_argument("--gpu", default=None, metavar="NAME",
-                   help="--dry-run: estimate for this GPU (datasheet bf16 peak, memory), e.g. H100, 'RTX 4090'")
+                   help="--dry-run: estimate for this GPU (datasheet bf16 peak, fp16 for V100/T4; memory), e.g. H100, "
+                        "'RTX 4090'")
     p.add_argument("--world", type=int, default=None, metavar="N",
                    help="--dry-run: ranks under torchrun (train.parallel picks DDP or FSDP); memory per rank")
     p.add_argument("--mfu", type=float, default=None,

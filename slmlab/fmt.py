@@ -5,7 +5,10 @@ from __future__ import annotations
 
 def duration(s: float, sub_second: bool = False) -> str:
     """Wall-clock style: 0m09s, 4m05s, 2h07m, 3d04h. sub_second shows times under a minute to
-    the hundredth (0.35s), for estimated step times that round to 0m00s otherwise."""
+    the hundredth (0.35s) and under a tenth of a second in ms (4.2ms), for estimated step times
+    that round to 0m00s (or 0.00s, a small model's on a GPU) otherwise."""
+    if sub_second and s < 0.1:
+        return f"{s * 1e3:.1f}ms"
     if sub_second and s < 60:
         return f"{s:.2f}s"
     s = int(round(s))

@@ -236,3 +236,13 @@ def test_readme_sizes_table_is_what_the_estimate_prints_now():
     readme = (ROOT / "README.md").read_text()
     written = readme.split(mod.BEGIN)[1].split(mod.END)[0].strip()
     assert written == mod.table().strip(), "README's sizes table is stale: run python bench/sizes_table.py --write"
+
+
+def test_durations_and_counts_read_one_way():
+    from slmlab.fmt import count, duration
+
+    assert [duration(x) for x in (9.4, 245, 7620, 273600)] == ["0m09s", "4m05s", "2h07m", "3d04h"]
+    # a small model's estimated GPU step: not "0.00s"
+    assert [duration(x, sub_second=True) for x in (0.0042, 0.35, 75)] == ["4.2ms", "0.35s", "1m15s"]
+    assert [count(x) for x in (999, 12_345, 5_740_000, 123_600_000, 1_110_000_000)] == \
+        ["999", "12.3k", "5.74M", "123.6M", "1.11B"]
