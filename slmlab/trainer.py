@@ -30,10 +30,11 @@ from .checkpoint import average_checkpoints, remove_stale, weights_for_save
 from .config import RunConfig
 from .errors import CheckpointError, ConfigError, SlmlabError
 from .evaluate import bpb_label, evaluate, generate_sample, token_byte_lengths
+from .fmt import duration as fmt_duration
 from .init_from import base_vocab, init_model
 from .optim import build_optimizer
 from .phases import eval_shape, lr_mult, phase_at, phase_windows, resolve_phases
-from .progress import Progress, fmt_duration
+from .progress import Progress
 from .rundir import AVG_WEIGHTS, CONFIG, METRICS, SAMPLE, RunDir, model_from_config
 from .runtime import (
     CompiledOrEager,
