@@ -217,6 +217,7 @@ class BatchSource:
         self.train_sets, self.tok, self.quality_score, self.dist, self.say = train_sets, tok, quality_score, dist, say
         self.gen = torch.Generator().manual_seed(seed)
         self.streams = {}  # phase index -> OrderedStream, built when the phase starts
+        self.phases_seen = {}  # phase index -> the phase its stream was built for
 
     def stream(self, ph):
         if ph.order != "quality":
@@ -228,6 +229,7 @@ class BatchSource:
             spans = document_spans(bundle.train, self.tok.eos_id)
             scores = score_documents(bundle.train, spans, self.quality_score, spec)
             self.streams[ph.index] = OrderedStream(bundle.train, spans, scores, ph.top_frac)
+            self.phases_seen[ph.index] = ph
             self.say(f"  phase {ph.index + 1}: {self.streams[ph.index].n_docs} of {len(spans)} documents, "
                      f"low -> high {self.quality_score}")
         return self.streams[ph.index]
@@ -242,17 +244,28 @@ class BatchSource:
         rows = slice(self.dist.rank * batch_size, (self.dist.rank + 1) * batch_size)
         return to_device(x[rows], device), to_device(y[rows], device)
 
+    def stream_key(self, ph) -> list:
+        """What a stream's document order depends on: a saved cursor counts documents in that order."""
+        return [ph.data, ph.top_frac, self.quality_score]
+
     def state_dict(self) -> dict:
-        return {"rng": rng_state(self.gen), "streams": {str(k): s.cursor for k, s in self.streams.items()}}
+        return {"rng": rng_state(self.gen), "streams": {str(k): s.cursor for k, s in self.streams.items()},
+                "stream_keys": {str(k): self.stream_key(self.phases_seen[k]) for k in self.streams}}
 
     def load_state_dict(self, state: dict, phases):
         set_rng_state(state["rng"], self.gen)
+        keys = state.get("stream_keys", {})  # absent in checkpoints written before it was saved
         for k, cursor in state.get("streams", {}).items():
             i = int(k)
             if i >= len(phases) or phases[i].order != "quality":
                 raise ConfigError(f"--resume: the checkpoint holds a position in the quality-ordered stream of "
                                   f"train.phases[{i}], which is no longer an order: quality phase: resume with the "
                                   "run's train.phases")
+            if k in keys and list(keys[k]) != self.stream_key(phases[i]):
+                (data, top, score), (data2, top2, score2) = keys[k], self.stream_key(phases[i])
+                raise ConfigError(f"--resume: train.phases[{i}] is mid-way through its quality-ordered documents, "
+                                  f"which (data, top_frac, train.quality_score) {data!r}, {top}, {score!r} -> "
+                                  f"{data2!r}, {top2}, {score2!r} would reorder: resume with the run's values")
             self.stream(phases[i]).cursor = cursor
 
 

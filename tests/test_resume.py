@@ -323,3 +323,9 @@ def test_resume_after_the_quality_phases_changed_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: --resume: the checkpoint holds a position in the quality-ordered stream of "
                           "train.phases[1]") and err.count("\n") == 1, err
+    # Still a quality phase, but over other documents: the saved cursor would count in another order.
+    assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "6",
+                                "train.phases=[{seq_len: 16, share: 0.5, tokens_per_step: 128}, "
+                                "{seq_len: 16, share: 0.5, tokens_per_step: 128, order: quality, top_frac: 0.5}]"]) == 2
+    err = capsys.readouterr().err
+    assert "train.phases[1] is mid-way through its quality-ordered documents" in err and err.count("\n") == 1, err
