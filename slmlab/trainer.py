@@ -487,7 +487,10 @@ class Trainer:
                 # Under torchrun the all-reduced flag only: a rank's own may have come after the collective.
                 if res.stop or (self.dist.world == 1 and self.stop_signal is not None):
                     self.stop(step, phase)
-        return self.finalize()
+        try:
+            return self.finalize()
+        except KeyboardInterrupt:  # Ctrl-C in the final eval or writes: the last step's checkpoint finishes it
+            raise Stopped(self.stopped_message(signal.SIGINT), signal.SIGINT) from None
 
     def checkpoint_due(self, step: int) -> bool:
         return bool(self.t.ckpt_every) and (step % self.t.ckpt_every == 0 or step == self.t.steps)

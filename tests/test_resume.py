@@ -329,3 +329,24 @@ def test_resume_after_the_quality_phases_changed_is_one_line(tmp_path, capsys):
                                 "{seq_len: 16, share: 0.5, tokens_per_step: 128, order: quality, top_frac: 0.5}]"]) == 2
     err = capsys.readouterr().err
     assert "train.phases[1] is mid-way through its quality-ordered documents" in err and err.count("\n") == 1, err
+
+
+def test_ctrl_c_in_the_final_evaluation_names_the_checkpoint_that_finishes_the_run(tmp_path, monkeypatch, capsys):
+    import train
+    from slmlab.cli import run_cli
+    from slmlab.trainer import Trainer
+
+    corpus, run = write_corpus(tmp_path / "c.txt"), tmp_path / "run"
+    ov = tiny_overrides(tmp_path, steps=4, **{"train.ckpt_every": 2})
+    evaluate = Trainer.evaluate
+
+    def ctrl_c(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "evaluate", ctrl_c)
+    assert run_cli(train.main, ["--data", str(corpus), "--out", str(run), *ov]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("SIGINT at step 4") and f"step_000004; continue with: python train.py --resume --out {run}" \
+        in err, err
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    assert run_cli(train.main, ["--resume", "--out", str(run)]) == 0 and (run / "summary.json").is_file()
