@@ -341,6 +341,7 @@ def validate(cfg: RunConfig):
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
                                   for b in betas):
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {betas!r}")
+    cfg.optim.betas = [float(b) for b in betas]  # torch's AdamW refuses ints ([0, 0] from YAML): both floats
     t = cfg.train
     if t.schedule not in ("wsd", "cosine"):
         raise ConfigError(f"train.schedule must be wsd or cosine, got {t.schedule!r}")

@@ -72,6 +72,21 @@ def refuse_inputs_in_out(cfg: RunConfig, out: Path):
                               "run is written; choose another --out")
 
 
+def check_cache_dir(cfg: RunConfig):
+    """data.cache_dir is a directory, or one that can be made: else one line naming it, before any work."""
+    path = Path(cfg.data.cache_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"data.cache_dir={cfg.data.cache_dir} is a file, not a directory: choose another location")
+    if path.is_symlink() and not path.exists():
+        raise ConfigError(f"data.cache_dir={cfg.data.cache_dir} is a broken symbolic link: fix it or choose another "
+                          "location")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"data.cache_dir={cfg.data.cache_dir} cannot be created ({e.strerror or e}): choose "
+                          "another location") from None
+
+
 def load_teacher(path: str, cfg: RunConfig, tok, device, seq_len: int):
     """The frozen teacher of train.teacher=path, after checking it can teach this run: an
     autoregressive model on the same tokenizer and vocabulary as the autoregressive student, with
@@ -285,6 +300,7 @@ class Trainer:
                               "(learned positions have no rows past it): shorten train.phases / train.seq_len")
         if not resume:
             refuse_inputs_in_out(cfg, out)
+        check_cache_dir(cfg)
         if not resume and self.dist.main:
             RunDir.check_new(out, force)
         self.run = RunDir(out)
@@ -363,6 +379,11 @@ class Trainer:
             raise ConfigError(f"--resume: train.seed {saved.train.seed} -> {self.t.seed}: a resumed run continues "
                               f"the checkpoint's random state, so a new seed would not be used; resume with "
                               f"train.seed={saved.train.seed} (or start a new run)")
+        where = [str(Path(p).expanduser().resolve()) if p else "" for p in (saved.train.init_from, self.t.init_from)]
+        if not self.t.lora.r and where[0] != where[1]:  # LoRA runs: check_same_adapters names it
+            raise ConfigError(f"--resume: train.init_from {saved.train.init_from!r} -> {self.t.init_from!r}: the "
+                              "checkpoint holds every weight, so a new base would not be loaded; resume with "
+                              f"train.init_from={saved.train.init_from!r} (or start a new run)")
         changed = [f"optim.{f.name} {getattr(saved.optim, f.name)!r} -> {getattr(self.cfg.optim, f.name)!r}"
                    for f in dataclasses.fields(saved.optim)
                    if getattr(saved.optim, f.name) != getattr(self.cfg.optim, f.name)]

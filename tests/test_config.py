@@ -236,3 +236,57 @@ def test_imports_are_recorded_absolute_once_and_are_not_a_weight_change(tmp_path
         assert saved.weight_changes(load_config(layers="KC").model) == ["model.layers 'KA' -> 'KC'"]
     finally:
         _forget_keep()
+
+
+# ---- found by fuzzing train.py's config (each failed with a traceback or was silently ignored) ----
+
+def _train_cli(argv, capsys):
+    import train
+    from slmlab.cli import run_cli
+
+    rc = run_cli(train.main, [str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def test_integer_betas_reach_the_optimizer_as_floats():
+    """Before: optim.betas=[0, 0] passed validation as ints and torch's AdamW raised a traceback
+    ("betas must be either both floats or both Tensors") when the trainer built the optimizer."""
+    import torch
+
+    betas = load_config(overrides=["optim.betas=[0, 0]"]).optim.betas
+    assert betas == [0.0, 0.0] and all(type(b) is float for b in betas)
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], betas=tuple(betas))
+    assert all(type(b) is float for b in load_config(overrides=["optim.betas=[0.9, 0]"]).optim.betas)
+
+
+def test_an_unusable_data_cache_dir_is_a_one_line_error(tmp_path, capsys):
+    """Before: data.cache_dir naming a file, a broken symlink or a place mkdir cannot create (under
+    /proc: ENOENT) escaped as FileExistsError / FileNotFoundError tracebacks from the data cache."""
+    from trainer_helpers import tiny_overrides, write_corpus
+
+    corpus = write_corpus(tmp_path / "c.txt", lines=200)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for cache, needle in ((corpus, "is a file, not a directory"), (tmp_path / "dangling", "is a broken symbolic link"),
+                          ("/proc/slmlab-cache", "cannot be created")):
+        out = tmp_path / "run"
+        rc, err = _train_cli(["--data", corpus, "--out", out,
+                              *tiny_overrides(tmp_path, steps=2, **{"data.cache_dir": cache})], capsys)
+        assert rc == 2 and err.startswith(f"error: data.cache_dir={cache} {needle}") and err.count("\n") == 1, err
+        assert not out.exists()
+
+
+def test_resume_with_another_init_from_is_refused(tmp_path, capsys):
+    """Before: --resume train.init_from=OTHER on a full (non-LoRA) run exited 0: the checkpoint holds
+    every weight, so the new base was never loaded, yet config.yaml recorded it as the run's base."""
+    from trainer_helpers import tiny_overrides, write_corpus
+
+    corpus = write_corpus(tmp_path / "c.txt", lines=600)
+    other, run = tmp_path / "other", tmp_path / "run"
+    assert _train_cli(["--data", corpus, "--out", other, *tiny_overrides(tmp_path, steps=2)], capsys)[0] == 0
+    assert _train_cli(["--data", corpus, "--out", run, *tiny_overrides(tmp_path, steps=2, **{"train.ckpt_every": 2})],
+                      capsys)[0] == 0
+    before = (run / "config.yaml").read_text()
+    rc, err = _train_cli(["--resume", "--out", run, "--steps", "3", f"train.init_from={other}"], capsys)
+    assert rc == 2 and err.startswith("error: --resume: train.init_from '' -> ") and err.count("\n") == 1, err
+    assert (run / "config.yaml").read_text() == before
+    assert _train_cli(["--resume", "--out", run, "--steps", "3"], capsys)[0] == 0  # unchanged: resumes
