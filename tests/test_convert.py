@@ -627,6 +627,7 @@ def test_onnx_refuses_to_publish_a_graph_onnxruntime_cannot_load(tmp_path):
 
 
 # ---------------------------------------------------------------- int8 with its val-bpb report, onnx int8
+@pytest.mark.slow  # two ExecuTorch exports and an eval: ~60 s on 2 cores
 def test_int8_val_bpb_report_is_computed_before_publishing(tmp_path, monkeypatch):
     """Without --no-eval (the default) the report evaluated the int8 model, whose head has no .weight for
     the fused loss: an AttributeError after the .pte was already published. It evaluates fake_quantize's
@@ -678,6 +679,7 @@ def test_onnx_int8_runs_in_onnxruntime_equal_to_fake_quant(runs, tmp_path):
 
 
 # ---------------------------------------------------------------- small --max-len, context lengths, q8_0 report
+@pytest.mark.slow  # five ONNX/ExecuTorch exports: ~40 s on 2 cores
 def test_decode_graphs_export_at_the_smallest_lengths(tmp_path):
     """The graphs were traced from 8-token (onnx) and 4-token (executorch) examples: a smaller --max-len,
     or the default under a small model.max_positions, was a torch.export traceback."""
