@@ -560,7 +560,8 @@ def _kill_mid_run(out, args):
     from checkpoint to summary between two polls (a starved poller on a busy machine)."""
     proc = run_ablate(out, args, popen=True)
     # a published checkpoint: checkpoints/ also holds a writer's temp folder before it is renamed
-    interrupted = lambda: [d for d in out.glob("*/seed*") if checkpoint_dirs(d)  # noqa: E731
+    # [!.]: not the coordinator's staging folders (.tmp-ablation.json-*), which vanish mid-scan when published
+    interrupted = lambda: [d for d in out.glob("[!.]*/seed*") if checkpoint_dirs(d)  # noqa: E731
                            and not (d / "summary.json").exists()]
     deadline = time.monotonic() + 240  # a guard against a hang, not a timing assertion
     while not interrupted() and proc.poll() is None and time.monotonic() < deadline:
