@@ -104,9 +104,7 @@ def main(argv=None):
     from slmlab.runtime import resolve_device
 
     check_args(args)
-    if args.device == "cuda" and not torch.cuda.is_available():  # resolve_device's message names train.device
-        raise ConfigError("--device cuda: no CUDA device is available (use --device cpu, or auto)")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, flag="--device")
     if args.prompts:
         from slmlab.traces import write_traces
 

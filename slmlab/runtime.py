@@ -16,11 +16,14 @@ import torch
 from .errors import ConfigError
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, flag: str | None = None) -> torch.device:
+    """`name` (auto | cpu | cuda) as a device; `flag`: the command-line flag that set it, for the error
+    (else it came from train.device)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available")
+        raise ConfigError(f"{flag} cuda: no CUDA device is available (use {flag} cpu, or auto)" if flag
+                          else "train.device=cuda but no CUDA device is available")
     if name == "cuda":  # fp32 matmuls outside autocast (eval heads, the optimizer) may use TF32 tensor cores
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

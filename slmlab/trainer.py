@@ -232,7 +232,7 @@ class BatchSource:
         self.train_sets, self.tok, self.quality_score, self.dist, self.say = train_sets, tok, quality_score, dist, say
         self.gen = torch.Generator().manual_seed(seed)
         self.streams = {}  # phase index -> OrderedStream, built when the phase starts
-        self.phases_seen = {}  # phase index -> the phase its stream was built for
+        self.stream_keys = {}  # phase index -> stream_key of the phase its stream was built for
 
     def stream(self, ph):
         if ph.order != "quality":
@@ -244,7 +244,7 @@ class BatchSource:
             spans = document_spans(bundle.train, self.tok.eos_id)
             scores = score_documents(bundle.train, spans, self.quality_score, spec)
             self.streams[ph.index] = OrderedStream(bundle.train, spans, scores, ph.top_frac)
-            self.phases_seen[ph.index] = ph
+            self.stream_keys[ph.index] = self.stream_key(ph)
             self.say(f"  phase {ph.index + 1}: {self.streams[ph.index].n_docs} of {len(spans)} documents, "
                      f"low -> high {self.quality_score}")
         return self.streams[ph.index]
@@ -265,7 +265,7 @@ class BatchSource:
 
     def state_dict(self) -> dict:
         return {"rng": rng_state(self.gen), "streams": {str(k): s.cursor for k, s in self.streams.items()},
-                "stream_keys": {str(k): self.stream_key(self.phases_seen[k]) for k in self.streams}}
+                "stream_keys": {str(k): key for k, key in self.stream_keys.items()}}
 
     def load_state_dict(self, state: dict, phases):
         set_rng_state(state["rng"], self.gen)
