@@ -116,34 +116,48 @@ def main(argv=None):
         v = getattr(args, flag)
         if v is not None:
             overrides.append(f"{key}={v}")
+    source = {"path": args.config or DEFAULT_CONFIG, "arch": args.arch, "size": args.size}  # else the file's arch
     if args.resume:
         from slmlab.rundir import CONFIG, RunDir
 
         if not args.out:
             raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
         saved = RunDir.open(args.out, need=(CONFIG,), label="--resume: ").path / CONFIG
-        if args.arch or args.config or args.size:  # rebuild from the given config; train() checks the model is unchanged
-            cfg = load_config(args.config or DEFAULT_CONFIG, arch=args.arch, overrides=overrides, layers=args.layers,
-                              imports=args.imports, size=args.size)
-        else:
-            cfg = load_config(saved, overrides=overrides, layers=args.layers, imports=args.imports)
-        if not args.force_memory:
-            check_memory(cfg, args)
-        from slmlab.trainer import train  # after the dry run's exit: it imports the data pipeline
-
-        train(cfg, Path(args.out), resume=True)
-        return
-    cfg = load_config(args.config or DEFAULT_CONFIG, arch=args.arch, overrides=overrides,  # else the file's arch
-                      layers=args.layers, imports=args.imports, size=args.size)
+        if not (args.arch or args.config or args.size):  # else rebuilt from the given config; train() checks the model
+            source = {"path": saved, "arch": None, "size": None}
+    cfg = load_config(**source, overrides=overrides, layers=args.layers, imports=args.imports)
+    note_unused(cfg, source, args.imports, quiet=args.json)
     if args.dry_run:
         dry_run(cfg, args)
         return
     if not args.force_memory:
         check_memory(cfg, args)
-    out = Path(args.out) if args.out else Path("runs") / f"{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
-    from slmlab.trainer import train
+    from slmlab.trainer import train  # after the dry run's exit: it imports the data pipeline
 
+    if args.resume:
+        train(cfg, Path(args.out), resume=True)
+        return
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
     train(cfg, out, force=args.force)
+
+
+def note_unused(cfg, source: dict, imports: list, quiet: bool = False):
+    """A note line for each setting this command line changed that the config never reads
+    (slmlab/unused.py): `optim.muon_lr` under adamw, `train.seq_len` while phases set their own."""
+    import os
+
+    from slmlab.config import load_config
+    from slmlab.errors import SlmlabError
+    from slmlab.unused import unused_changes
+
+    if quiet or os.environ.get("RANK", "0") != "0":
+        return
+    try:
+        base = load_config(**source, imports=imports)
+    except SlmlabError:  # the file alone does not resolve (an override completes it): nothing to compare
+        return
+    for line in unused_changes(cfg, base):
+        print(f"note: {line}")
 
 
 if __name__ == "__main__":

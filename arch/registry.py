@@ -151,7 +151,7 @@ def register_channel_mixer(name: str, options=None):
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise ConfigError(f"{what} ({where(cls)}): a block name must be lower-case letters, digits and _ "
                               f"(model.mlp spells it that way), e.g. {_suggest_name(name)!r}")
-        if name in CHANNEL_MIXERS and _builtin(CHANNEL_MIXERS[name]):
+        if name in CHANNEL_MIXERS and is_builtin(CHANNEL_MIXERS[name]):
             raise ConfigError(f"{what} ({where(cls)}): {name!r} is a built-in channel mixer; pick another name")
         if name in CHANNEL_MIXERS:
             raise ConfigError(f"{what} ({where(cls)}): the name {name!r} is taken by "
@@ -163,7 +163,7 @@ def register_channel_mixer(name: str, options=None):
     return deco
 
 
-def _builtin(cls) -> bool:
+def is_builtin(cls) -> bool:
     """Defined in this package (arch/), not by a user's model.imports."""
     return cls.__module__.startswith(f"{__package__}.")
 

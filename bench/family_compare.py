@@ -30,8 +30,10 @@ def main():
     from slmlab.config import load_config
     from slmlab.trainer import train
 
+    # train.phases=[]: the table was measured at one stage of seq_len 128 (before phases existed); with the
+    # default phases, train.seq_len and train.batch_size are not read (slmlab/unused.py says so).
     common = [f"data.spec={args.data}", f"train.steps={args.steps}", "model.vocab_size=1024", "model.d_model=128",
-              "model.n_layers=6", "model.n_heads=4", "model.n_kv_heads=2", "train.seq_len=128",
+              "model.n_layers=6", "model.n_heads=4", "model.n_kv_heads=2", "train.phases=[]", "train.seq_len=128",
               f"train.batch_size={args.batch_size}", f"train.eval_every={args.steps}", "train.sample_tokens=64",
               "train.sample_prompt=\"ROMEO:\"", "logging.progress=false", *args.overrides]
     out = Path(args.out)

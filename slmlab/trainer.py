@@ -430,8 +430,6 @@ class Trainer:
                  f"{self.device}" + (f"  {world} ranks ({self.t.parallel})" if world > 1 else ""))
         for ph in self.phases:
             self.say("  " + ph.describe() + f"  batch {ph.batch_size(self.t.grad_accum, world) * world}")
-        if self.t.quality_score and not any(ph.order == "quality" for ph in self.phases):
-            self.say(f"note: train.quality_score={self.t.quality_score} is not used: no phase has order: quality")
         self.say(self.cfg.model.kernel_routing(self.device, self.phases[-1].seq_len))
 
     def setup_parallel_and_optimizer(self, resuming: bool):

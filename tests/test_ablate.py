@@ -336,7 +336,7 @@ def corpus(tmp_path_factory):
 
 def test_inline_and_file_forms_give_the_same_runs(corpus, tmp_path):
     d, text = corpus
-    inline = inline_ablation("hybrid", ["model.layers=CCA,A", "model.conv_kernel=3,4"], 2, 6, [str(text)],
+    inline = inline_ablation("hybrid", ["model.layers=CCA,C", "model.conv_kernel=3,4"], 2, 6, [str(text)],
                              overrides=tiny(d))
     f = tmp_path / "abl.yaml"
     f.write_text(f"""arch: hybrid
@@ -346,15 +346,45 @@ data: {text}
 variants:
   layers=CCA+conv_kernel=3: {{overrides: {{model.layers: CCA, model.conv_kernel: 3}}}}
   layers=CCA+conv_kernel=4: {{overrides: {{model.layers: CCA, model.conv_kernel: 4}}}}
-  layers=A+conv_kernel=3: {{overrides: [model.layers=A, model.conv_kernel=3]}}
-  layers=A+conv_kernel=4: {{overrides: {{model.layers: A, model.conv_kernel: 4}}}}
+  layers=C+conv_kernel=3: {{overrides: [model.layers=C, model.conv_kernel=3]}}
+  layers=C+conv_kernel=4: {{overrides: {{model.layers: C, model.conv_kernel: 4}}}}
 """)
     from_file = file_ablation(f, overrides=tiny(d))
     (cells_a, runs_a), (cells_b, runs_b) = plan(inline), plan(from_file)
     assert [(r.dir, r.seed, r.config_sha) for r in runs_a] == [(r.dir, r.seed, r.config_sha) for r in runs_b]
     assert cells_a == cells_b
     assert [r.dir for r in runs_a][:4] == ["layers=CCA+conv_kernel=3/seed1", "layers=CCA+conv_kernel=4/seed1",
-                                           "layers=A+conv_kernel=3/seed1", "layers=A+conv_kernel=4/seed1"]  # interleaved
+                                           "layers=C+conv_kernel=3/seed1", "layers=C+conv_kernel=4/seed1"]  # interleaved
+
+
+def test_a_variant_that_trains_the_baselines_model_again_is_dropped_or_refused(corpus, tmp_path, capsys):
+    """conv_kernel is read by no layer of an all-attention model: layers=A+conv_kernel=4 would train
+    layers=A+conv_kernel=3 again and show a null result. Inline (a product of axes) drops it and says
+    so; a file's own list is refused."""
+    d, text = corpus
+    ab = inline_ablation("hybrid", ["model.layers=CCA,A", "model.conv_kernel=3,4"], 1, 6, [str(text)],
+                         overrides=tiny(d))
+    assert [v.name for v in ab.variants] == ["layers=CCA+conv_kernel=3", "layers=CCA+conv_kernel=4",
+                                             "layers=A+conv_kernel=3"]
+    assert ("[ablate] variant layers=A+conv_kernel=4 dropped: it trains the same model as layers=A+conv_kernel=3 "
+            "(model.conv_kernel=4 has no effect: no layer is a short conv (model.layers AAA))") in capsys.readouterr().out
+    f = tmp_path / "abl.yaml"
+    f.write_text(f"""arch: hybrid
+seeds: 1
+steps: 6
+data: {text}
+variants:
+  adamw: {{}}
+  adamw-momentum: {{overrides: [optim.muon_momentum=0.8]}}
+  transformer: {{arch: transformer, overrides: [model.layers=CCA]}}
+""")
+    with pytest.raises(AblationError, match=r"^variant adamw-momentum trains the same model as adamw "
+                                            r"\(optim.muon_momentum=0.8 has no effect: optim.name is adamw\): drop one"):
+        plan(file_ablation(f, overrides=tiny(d)))
+    f.write_text(f.read_text().replace("  adamw-momentum: {overrides: [optim.muon_momentum=0.8]}\n", ""))
+    with pytest.raises(AblationError, match=r"^variant transformer trains the same model as adamw \(the same "
+                                            r"resolved config\)"):
+        plan(file_ablation(f, overrides=tiny(d)))
 
 
 @pytest.mark.parametrize("budget", ["steps", "tokens", "flops"])

@@ -316,13 +316,6 @@ def test_quality_ordered_phase_from_jsonl_field(tmp_path):
         load_config(overrides=["train.phases=[{seq_len: 16, share: 1.0, order: quality}]"])
 
 
-def test_a_quality_score_no_phase_uses_is_said(corpus, tmp_path, capsys):
-    path, d = corpus
-    cfg = load_config(overrides=[f"data.spec={path}", *tiny_overrides(d, steps=2), "train.quality_score=fn:length"])
-    train(cfg, tmp_path / "run")
-    assert "note: train.quality_score=fn:length is not used: no phase has order: quality" in capsys.readouterr().out
-
-
 # ---- CLI: one-line errors, exit 2, nothing overwritten ----
 
 def test_cli_bad_input_exits_2(corpus, tmp_path, capsys):

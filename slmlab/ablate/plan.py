@@ -20,6 +20,7 @@ import yaml
 from ..config import DEFAULT_CONFIG, RunConfig, load_config, read_yaml
 from ..errors import SlmlabError
 from ..phases import resolve_phases
+from ..unused import changed, unused_changes, why_unused
 from .worker import config_sha
 
 BUDGETS = ("steps", "tokens", "flops")
@@ -208,8 +209,14 @@ def inline_ablation(arch: Optional[str], varies: list[str], seeds=None, steps: O
         parts = [f"{k.split('.')[-1] if len(shared) == len(keys) else k}={v}" for k, v in zip(keys, combo)]
         variants.append(Variant(safe_name("+".join(parts)) if parts else arch, arch,
                                 [f"{k}={v}" for k, v in zip(keys, combo)]))
-    return Ablation(variants=variants, seeds=seed_list(DEFAULT_SEEDS if seeds is None else seeds), corpora=corpora, steps=steps,
-                    budget=budget or DEFAULT_BUDGET, overrides=list(overrides), config=str(config))
+    ab = Ablation(variants=variants, seeds=seed_list(DEFAULT_SEEDS if seeds is None else seeds), corpora=corpora,
+                  steps=steps, budget=budget or DEFAULT_BUDGET, overrides=list(overrides), config=str(config))
+    # A product of axes can hold cells that train one model twice (conv_kernel=3,4 under layers=A):
+    # the later one is dropped, and said. A file's variants are the user's list: plan refuses those.
+    for v, same_as, why in duplicates(ab):
+        ab.variants.remove(v)
+        print(f"[ablate] variant {v.name} dropped: it trains the same model as {same_as.name} ({why})")
+    return ab
 
 
 def _override_text(key: str, value) -> str:
@@ -352,9 +359,29 @@ def budget_steps(budget: str, base_steps: int, base: Cell, cell: Cell) -> int:
     return max(1, round(base_steps * cost(base) / cost(cell)))
 
 
+def duplicates(ab: Ablation) -> list[tuple[Variant, Variant, str]]:
+    """(variant, the earlier variant it trains the same model as, why) for each variant whose
+    settings differ from an earlier one's only where neither reads them (slmlab/unused.py)."""
+    corpus = ab.corpora[0]  # data.spec is the same in every variant of a corpus
+    cfgs = {v.name: resolve(ab, v, corpus, ab.steps, ab.seeds[0])[1] for v in ab.variants}
+    out = []
+    for i, v in enumerate(ab.variants):
+        for w in ab.variants[:i]:
+            a, b = cfgs[v.name], cfgs[w.name]
+            keys = changed(a, b)
+            if all(why_unused(a, k) and why_unused(b, k) for k in keys):
+                out.append((v, w, "; ".join(unused_changes(a, b)) or "the same resolved config"))
+                break
+    return out
+
+
 def plan(ab: Ablation) -> tuple[list[Cell], list[Run]]:
     """Every cell (variant x corpus, sized under the budget) and every run, interleaved by seed
     (seed 1 of every variant, then seed 2, ...) so that machine drift spreads over all variants."""
+    twins = duplicates(ab)
+    if twins:
+        v, same_as, why = twins[0]
+        raise AblationError(f"variant {v.name} trains the same model as {same_as.name} ({why}): drop one")
     cells: dict[tuple[str, str], Cell] = {}
     for corpus in ab.corpora:
         for v in ab.variants:

@@ -1,0 +1,166 @@
+"""Settings that a resolved config never reads, and why.
+
+`optim.muon_momentum` does nothing under `optim.name: adamw`, `train.seq_len` nothing while
+`train.phases` gives every stage its own, `objective.mask_id` nothing under `ar`. Such a setting is
+accepted (one config may serve both cases, and an ablation's common overrides meet every variant)
+but never silently: train.py prints a `note:` line for each one its command line changed, and
+ablate.py refuses a variant whose every difference from the baseline is one (it would train the
+baseline again and report a null result).
+
+Block-specific keys (conv_kernel, n_heads, ...) count as unused only when every block in the model
+is a built-in one: a researcher's own block (model.imports) may read any model key.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import yaml
+
+from arch.registry import CHANNEL_MIXERS, MIXERS, is_builtin
+
+from .config import RunConfig
+
+
+def _builtin_blocks(cfg: RunConfig) -> bool:
+    m = cfg.model
+    return all(is_builtin(MIXERS[t]) for t in m.layer_types()) and is_builtin(CHANNEL_MIXERS[m.mlp])
+
+
+def _without(block: str, what: str) -> Callable[[RunConfig], Optional[str]]:
+    def why(cfg: RunConfig) -> Optional[str]:
+        if block in cfg.model.layer_types() or not _builtin_blocks(cfg):
+            return None
+        return f"no layer is {what} (model.layers {''.join(t[0].upper() for t in cfg.model.layer_types())})"
+    return why
+
+
+def _unless(key: str, *used: Any) -> Callable[[RunConfig], Optional[str]]:
+    """Unused unless config key `key` (section.name) has one of the values `used`."""
+    section, name = key.split(".")
+
+    def why(cfg: RunConfig) -> Optional[str]:
+        value = getattr(getattr(cfg, section), name)
+        return None if value in used else f"{key} is {_show(value)}"
+    return why
+
+
+def _window(cfg: RunConfig) -> Optional[str]:
+    if any(w is not None for w in cfg.model.layer_windows()):
+        return None
+    if any(MIXERS[t].takes_window for t in cfg.model.layer_types()):
+        return f"no layer slides a window (model.window_pattern is {cfg.model.window_pattern}: S marks sliding layers)"
+    return _no_window_layer(cfg)
+
+
+def _no_window_layer(cfg: RunConfig) -> Optional[str]:
+    if any(MIXERS[t].takes_window for t in cfg.model.layer_types()):
+        return None
+    return "no layer takes a window (attention does)"
+
+
+def _seq_len(cfg: RunConfig) -> Optional[str]:
+    if not cfg.train.phases:
+        return None
+    lens = ", ".join(str(p.seq_len) for p in cfg.train.phases)
+    return f"train.phases gives each stage its seq_len ({lens}); train.phases=[] trains one stage at train.seq_len"
+
+
+def _batch_size(cfg: RunConfig) -> Optional[str]:
+    if not cfg.train.phases or any(p.tokens_per_step is None for p in cfg.train.phases):
+        return None
+    return "every train.phases entry gives its tokens_per_step, which sets the batch"
+
+
+def _quality_score(cfg: RunConfig) -> Optional[str]:
+    return None if any(p.order == "quality" for p in cfg.train.phases) else "no train.phases entry has order: quality"
+
+
+def _mixer_opts(cfg: RunConfig, name: str) -> Optional[str]:
+    if name in cfg.model.layer_types() or cfg.model.mlp == name:
+        return None
+    return f"no layer uses the {name} block (model.layers, model.mlp)"
+
+
+def _mlp_bias(cfg: RunConfig) -> Optional[str]:
+    # the built-in LIF channel mixer has no biases; a researcher's own channel mixer may read the key
+    if cfg.model.mlp == "lif" and is_builtin(CHANNEL_MIXERS["lif"]):
+        return "model.mlp is lif (it has no biases)"
+    return None
+
+
+MDLM = _unless("objective.name", "mdlm")
+MUON = _unless("optim.name", "muon")
+NO_ATTN = _without("attn", "attention")
+# Dotted key -> why it is unused in a config, or None when it is read.
+RULES: dict[str, Callable[[RunConfig], Optional[str]]] = {
+    "objective.mask_id": MDLM, "objective.eval_t_samples": MDLM, "objective.block_length": MDLM,
+    **{f"optim.{k}": MUON for k in ("muon_lr", "muon_momentum", "muon_nesterov", "muon_ns_steps",
+                                    "muon_adjust_lr_fn", "muon_weight_decay", "muon_ns_dtype")},
+    "train.seq_len": _seq_len, "train.batch_size": _batch_size, "train.quality_score": _quality_score,
+    "train.decay_frac": _unless("train.schedule", "wsd"),
+    "train.distill_alpha": lambda c: None if c.train.teacher else "train.teacher is not set",
+    "train.distill_temperature": lambda c: None if c.train.teacher else "train.teacher is not set",
+    **{f"train.lora.{k}": (lambda c: None if c.train.lora.r else "train.lora.r is 0 (no adapters)")
+       for k in ("alpha", "dropout", "targets")},
+    "train.keep_checkpoints": lambda c: None if c.train.ckpt_every else "train.ckpt_every is 0 (no checkpoints)",
+    "train.sample_prompt": lambda c: None if c.train.sample_tokens else "train.sample_tokens is 0",
+    "logging.wandb_project": _unless("logging.wandb", True), "logging.wandb_mode": _unless("logging.wandb", True),
+    "model.window": _window, "model.window_pattern": _no_window_layer,
+    "model.max_positions": _unless("model.pos", "learned"),
+    "model.rope_theta": lambda c: _unless("model.pos", "rope")(c) or NO_ATTN(c),
+    "model.rope_scaling": lambda c: _unless("model.pos", "rope")(c) or NO_ATTN(c),
+    **{f"model.{k}": NO_ATTN for k in ("n_heads", "n_kv_heads", "head_dim", "qk_norm", "attn_bias", "attn_out_bias")},
+    "model.conv_kernel": _without("conv", "a short conv"), "model.conv_bias": _without("conv", "a short conv"),
+    "model.mlp_bias": _mlp_bias,
+}
+
+
+def why_unused(cfg: RunConfig, key: str) -> Optional[str]:
+    """Why `cfg` never reads dotted key `key` (as `settings` names it), or None when it does."""
+    if key.startswith("model.mixer_opts."):
+        return _mixer_opts(cfg, key.split(".")[2])
+    rule = RULES.get(key)
+    return rule(cfg) if rule else None
+
+
+def settings(cfg: RunConfig) -> dict[str, Any]:
+    """Every setting of `cfg` by dotted key, mixer_opts and lora one level down (each block's options
+    and each adapter option is a setting), the layer pattern as the tiled block list (so "CCA" and
+    "conv,conv,attn,conv,conv,attn" are one setting) and phases as plain data."""
+    out: dict[str, Any] = {}
+    for section, values in cfg.to_dict().items():
+        if section == "arch":
+            continue
+        for k, v in values.items():
+            if (section, k) in (("model", "mixer_opts"), ("train", "lora")):
+                out.update({f"{section}.{k}.{name}": opt for name, opt in v.items()})
+            else:
+                out[f"{section}.{k}"] = v
+    out["model.layers"] = cfg.model.layer_types()
+    return out
+
+
+def changed(cfg: RunConfig, base: RunConfig) -> list[str]:
+    """Dotted keys whose value in `cfg` differs from `base`."""
+    a, b = settings(cfg), settings(base)
+    return [k for k in a.keys() | b.keys() if a.get(k) != b.get(k)]
+
+
+def unused_changes(cfg: RunConfig, base: RunConfig) -> list[str]:
+    """'KEY=VALUE has no effect: WHY' for each setting `cfg` changes from `base` that it never reads."""
+    now = settings(cfg)
+    lines = []
+    for key in sorted(changed(cfg, base)):
+        why = why_unused(cfg, key)
+        if why:
+            lines.append(f"{key}={_show(now.get(key))} has no effect: {why}")
+    return lines
+
+
+def _show(value) -> str:
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    if isinstance(value, (dict, list)):
+        return yaml.safe_dump(value, default_flow_style=True, width=10 ** 6).strip()
+    return str(value).lower() if isinstance(value, bool) else str(value)
