@@ -15,14 +15,26 @@ def token_byte_lengths(tok) -> torch.Tensor:
     return torch.tensor(tok.token_byte_lengths(), dtype=torch.float64)
 
 
+def run_eval_shape(cfg) -> tuple[int, int]:
+    """(seq_len, batch) at which a run evaluated on one device (phases.eval_shape). A learned position
+    table caps the length: an imported GPT-2's run config keeps the default phases, which it never trained."""
+    from .phases import eval_shape, resolve_phases
+
+    T, B = eval_shape(resolve_phases(cfg), cfg.train.eval_seq_len, cfg.train.grad_accum)
+    cap = cfg.model.max_positions if cfg.model.pos == "learned" else T
+    return min(T, cap), max(1, B * T // min(T, cap))
+
+
 @torch.no_grad()
 def evaluate(model, tokens, cfg, device, byte_lengths, max_tokens=None, seq_len=None, batch_size=None,
              nll_fn=None) -> dict:
     """Mean val loss (nats/token) and bits per UTF-8 byte over a deterministic prefix of the
-    validation split (the whole split when max_tokens is None), in windows of seq_len. nll_fn:
-    model.token_nll by default (the trainer passes its compiled version)."""
-    seq_len = seq_len or cfg.train.seq_len
-    batch_size = batch_size or cfg.train.batch_size
+    validation split (the whole split when max_tokens is None), in windows of seq_len (default: the
+    run's eval shape, as its training evaluated). nll_fn: model.token_nll by default (the trainer
+    passes its compiled version)."""
+    if seq_len is None or batch_size is None:
+        T, B = run_eval_shape(cfg)
+        seq_len, batch_size = seq_len or T, batch_size or B
     if max_tokens is not None:  # a budget below one window would evaluate nothing
         max_tokens = max(max_tokens, seq_len)
     was_training = model.training

@@ -639,7 +639,7 @@ def test_int8_val_bpb_report_is_computed_before_publishing(tmp_path, monkeypatch
     corpus.write_text(TEXT)
     run = make_run(tmp_path / "run", sections={
         "data": {"spec": str(corpus), "cache_dir": str(tmp_path / "cache"), "val_frac": 0.25},
-        "train": {"seq_len": 32, "batch_size": 4}})
+        "train": {"phases": [], "seq_len": 32, "batch_size": 4}})
     out = tmp_path / "m.pte"
     rc, err, report = convert("--run", run, "--to", "executorch", "--quant", "int8", "--out", out, "--max-len", 16)
     assert rc == 0, err

@@ -552,3 +552,15 @@ def test_a_validation_split_shorter_than_a_training_sequence_is_fine_with_a_shor
     assert math.isfinite(s["val_loss"])
     with pytest.raises(DataError, match="lower train.eval_seq_len"):
         train(tiny_cfg(corpus, steps=1, **{**over, "train.eval_seq_len": 1000}), tmp_path / "bad")
+
+
+def test_evaluate_outside_the_trainer_uses_the_runs_eval_shape():
+    """The int8 export's val-bpb report evaluated at train.seq_len (256 by default), which the default
+    phases never train at: the run evaluated at 2048. A learned position table caps the length."""
+    from slmlab.evaluate import run_eval_shape
+
+    assert run_eval_shape(load_config()) == (2048, 2)  # the last phase: 4096 tokens per step
+    assert run_eval_shape(load_config(overrides=["train.eval_seq_len=512"])) == (512, 8)
+    assert run_eval_shape(load_config(overrides=["train.phases=[]", "train.seq_len=32", "train.batch_size=4"])) == (32, 4)
+    gpt2 = load_config(overrides=["model.pos=learned", "model.max_positions=1024"])
+    assert run_eval_shape(gpt2) == (1024, 4)

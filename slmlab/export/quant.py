@@ -85,7 +85,7 @@ def bpb_change(cfg, model: nn.Module, tok, max_tokens: int | None = 65536) -> di
     import copy
 
     from ..data import prepare_data
-    from ..evaluate import evaluate, token_byte_lengths
+    from ..evaluate import evaluate, run_eval_shape, token_byte_lengths
 
     model = model.float().eval()
     # Keyed by the run's tokenizer: the trainer's entry for a tokenizer it trained is keyed by data.spec and
@@ -96,8 +96,9 @@ def bpb_change(cfg, model: nn.Module, tok, max_tokens: int | None = 65536) -> di
     dev = torch.device("cpu")
     base = evaluate(model, bundle.val, cfg, dev, lens, max_tokens=max_tokens)
     quant = evaluate(fake_quantize(copy.deepcopy(model)), bundle.val, cfg, dev, lens, max_tokens=max_tokens)
-    if not base or not quant:  # a validation split shorter than one train.seq_len window
-        print(f"note: no val-bpb report: the validation split is shorter than train.seq_len={cfg.train.seq_len}",
+    if not base or not quant:  # a validation split shorter than one window of the run's eval shape
+        print(f"note: no val-bpb report: the validation split is shorter than one {run_eval_shape(cfg)[0]}-token "
+              "evaluation window",
               file=sys.stderr)
         return {}
     return {"fp32_bpb": base["val_bpb"], "int8_bpb": quant["val_bpb"],
