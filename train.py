@@ -52,6 +52,9 @@ def parse_args(argv=None):
                    help="--dry-run: model FLOPs utilisation assumed for step times, times the --gpu datasheet peak or "
                         "the measured CPU matmul peak (default 0.35)")
     p.add_argument("--json", action="store_true", help="--dry-run: print the estimate as one JSON object")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (presets, --size, --layers and overrides applied; what the run's "
+                        "config.yaml will hold) as YAML, then exit")
     p.add_argument("--force-memory", action="store_true",
                    help="train even when the memory estimate exceeds the device's free memory")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. model.d_model=128")
@@ -109,6 +112,11 @@ def main(argv=None):
             raise ConfigError(f"{', '.join(used)} only apply to --dry-run")
     elif args.resume or args.force_memory:
         raise ConfigError("--dry-run trains nothing: drop --resume / --force-memory")
+    if args.print_config:
+        extra = [f for f, v in (("--dry-run", args.dry_run), ("--force", args.force), ("--force-memory", args.force_memory),
+                                ("--mem", args.mem), ("--out", args.out and not args.resume)) if v]
+        if extra:
+            raise ConfigError(f"--print-config only prints the config: drop {', '.join(extra)}")
 
     overrides = list(args.overrides)
     for flag, key in (("data", "data.spec"), ("steps", "train.steps"), ("device", "train.device"),
@@ -126,7 +134,10 @@ def main(argv=None):
         if not (args.arch or args.config or args.size):  # else rebuilt from the given config; train() checks the model
             source = {"path": saved, "arch": None, "size": None}
     cfg = load_config(**source, overrides=overrides, layers=args.layers, imports=args.imports)
-    note_unused(cfg, source, args.imports, quiet=args.json)
+    note_unused(cfg, source, args.imports)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return
     if args.dry_run:
         dry_run(cfg, args)
         return
@@ -141,23 +152,24 @@ def main(argv=None):
     train(cfg, out, force=args.force)
 
 
-def note_unused(cfg, source: dict, imports: list, quiet: bool = False):
+def note_unused(cfg, source: dict, imports: list):
     """A note line for each setting this command line changed that the config never reads
-    (slmlab/unused.py): `optim.muon_lr` under adamw, `train.seq_len` while phases set their own."""
+    (slmlab/unused.py): `optim.muon_lr` under adamw, `train.seq_len` while phases set their own. On
+    stderr, so --json and --print-config keep stdout machine-readable."""
     import os
 
     from slmlab.config import load_config
     from slmlab.errors import SlmlabError
     from slmlab.unused import unused_changes
 
-    if quiet or os.environ.get("RANK", "0") != "0":
+    if os.environ.get("RANK", "0") != "0":
         return
     try:
         base = load_config(**source, imports=imports)
     except SlmlabError:  # the file alone does not resolve (an override completes it): nothing to compare
         return
     for line in unused_changes(cfg, base):
-        print(f"note: {line}")
+        print(f"note: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -138,8 +138,11 @@ class RunConfig:
             out[name] = dataclasses.asdict(getattr(self, name))
         return out
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path):
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(self.to_yaml())
 
 
 def all_keys() -> list[str]:

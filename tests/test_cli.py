@@ -353,3 +353,35 @@ def test_sample_device_cuda_without_cuda_names_the_flag(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert run_cli(sample.main, ["--run", "nope", "--device", "cuda"]) == 2
     _one_line_error(capsys, "--device cuda: no CUDA device is available")
+
+
+def test_print_config_is_the_resolved_config_the_run_would_save(tmp_path, capsys):
+    from slmlab.config import load_config, load_run_config
+
+    argv = ["--arch", "spiking", "--layers", "LA", "model.d_model=64", "train.steps=7"]
+    assert run_cli(train.main, [*argv, "--print-config"]) == 0
+    printed = tmp_path / "config.yaml"
+    printed.write_text(capsys.readouterr().out)
+    want = load_config(arch="spiking", layers="LA", overrides=["model.d_model=64", "train.steps=7"])
+    assert load_run_config(printed).to_dict() == want.to_dict()
+    for extra, flag in ((["--dry-run"], "--dry-run"), (["--out", str(tmp_path / "r")], "--out"),
+                        (["--mem", "8GB"], "--mem")):
+        assert run_cli(train.main, [*argv, "--print-config", *extra]) == 2
+        _one_line_error(capsys, f"--print-config only prints the config: drop {flag}")
+
+
+@pytest.mark.parametrize("script", ["train", "sample", "convert", "ablate"])
+def test_every_flag_is_documented(script, capsys):
+    """Each flag a script's --help lists appears in the README or docs/ (a new flag without a line
+    there fails here)."""
+    import importlib
+    import re
+
+    mod = importlib.import_module(script)
+    with pytest.raises(SystemExit):
+        mod.main(["--help"])
+    flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]*)", capsys.readouterr().out)) - {"--help"}
+    flags -= {f for f in flags if "_" in f}  # torchrun's --nproc_per_node in a usage example
+    root = Path(__file__).resolve().parents[1]
+    docs = "\n".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
+    assert flags and sorted(f for f in flags if not re.search(re.escape(f) + r"(?![\w-])", docs)) == []
