@@ -97,6 +97,20 @@ class ModelConfig:
     def layer_types(self) -> list[str]:
         return parse_pattern(self.layers, self.n_layers)
 
+    def layer_letters(self) -> str:
+        """One registered letter per layer ("CCACCA"): how logs, tables and notes spell the pattern."""
+        letter = {name: l for l, name in LETTERS.items()}
+        return "".join(letter[t] for t in self.layer_types())
+
+    def layer_summary(self) -> str:
+        """layer_letters, plus the window pattern over the window-taking layers when one slides:
+        "CCACCA (windows SL, 128)"."""
+        windows = self.layer_windows()
+        if all(w is None for w in windows):
+            return self.layer_letters()
+        pat = "".join("L" if w is None else "S" for w, t in zip(windows, self.layer_types()) if MIXERS[t].takes_window)
+        return f"{self.layer_letters()} (windows {pat}, {self.window})"
+
     def kernel_routing(self, device, seq_len: int) -> str:
         """The one line naming the kernel each block runs on `device` at seq_len (kernels.describe_routing)."""
         from kernels import describe_routing

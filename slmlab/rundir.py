@@ -40,6 +40,33 @@ FINISHED = (CONFIG, TOKENIZER, WEIGHTS)
 OUTPUTS = (CONFIG, TOKENIZER, SIDECAR, WEIGHTS, AVG_WEIGHTS, METRICS, SUMMARY, SAMPLE, CHAT_TEMPLATE, LORA_BASE, IMPORTS)
 
 
+def read_metrics(path) -> tuple[list[dict], list[int]]:
+    """A metrics.jsonl's records, and the numbers (from 1) of the lines that read as none. A kill
+    cuts the line being written, and a resume from a file cut shorter than its checkpoint keeps that
+    line mid-file (trainer.open_metrics), so such lines are skipped; each reader says whether the
+    ones it got matter. Records are not checked further: each reader takes the keys it needs."""
+    records, bad = [], []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict):
+            records.append(rec)
+        elif line.strip():
+            bad.append(i)
+    return records, bad
+
+
+def split_evals(records: list[dict]) -> tuple[list[dict], dict | None]:
+    """The periodic evals and the final one (marked `final`). They measure different token sets
+    (the first train.eval_tokens of the validation split; the whole split), so a plot must not join
+    them by a line nor a table rank one against the other."""
+    periodic = [r for r in records if "val_bpb" in r and not r.get("final")]
+    final = next((r for r in reversed(records) if "val_bpb" in r and r.get("final")), None)
+    return periodic, final
+
+
 def model_from_config(cfg):
     """The model a RunConfig describes, untrained (the config picks the class, e.g. DiffusionLM)."""
     from arch import build_model
@@ -162,6 +189,20 @@ class RunDir:
         if st.st_size != size or ckpt.sha256(base.path / WEIGHTS) != sha:
             raise CheckpointError(f"the base {base.path} changed since this LoRA run ({self.path}) was trained (its "
                                   f"{WEIGHTS} differs): restore that base, or retrain the adapters on the new one")
+
+    def summary(self) -> dict | None:
+        """The parsed summary.json; None while the run has not finished (it is written last, whole)."""
+        path = self.path / SUMMARY
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except ValueError:  # not JSON or not UTF-8: publish writes it whole, so it was damaged since
+            summary = None
+        if not isinstance(summary, dict):
+            raise RunDirError(f"{path} is damaged (not a JSON object): move it aside to see the run as unfinished, "
+                              f"from its {METRICS}")
+        return summary
 
     def chat_template(self) -> str | None:
         path = self.path / CHAT_TEMPLATE

@@ -35,7 +35,7 @@ from .init_from import base_vocab, init_model
 from .optim import build_optimizer
 from .phases import eval_shape, lr_mult, phase_at, phase_windows, resolve_phases
 from .progress import Progress
-from .rundir import AVG_WEIGHTS, CONFIG, METRICS, SAMPLE, RunDir, model_from_config
+from .rundir import AVG_WEIGHTS, CONFIG, METRICS, SAMPLE, RunDir, model_from_config, read_metrics
 from .runtime import (
     CompiledOrEager,
     Dist,
@@ -186,17 +186,11 @@ class MetricsLog:
 
 def last_logged_step(path: Path) -> int:
     """The highest step in a metrics.jsonl (0 if none): what the run had logged, to wandb too."""
-    steps = [0]
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        records = read_metrics(path)[0]
     except FileNotFoundError:
         return 0
-    for line in lines:
-        try:
-            steps.append(int(json.loads(line)["step"]))
-        except (ValueError, KeyError, TypeError):  # a line cut by a kill
-            continue
-    return max(steps)
+    return max((r["step"] for r in records if isinstance(r.get("step"), int)), default=0)
 
 
 def open_metrics(path: Path, resume_offset: int | None):
@@ -424,7 +418,7 @@ class Trainer:
         self.n_params = model.num_params()
         self.fpt = model.flops_per_token(self.phases[-1].seq_len)
         world = self.dist.world
-        self.say(f"model: {self.cfg.arch}  layers {''.join(l.kind[0].upper() for l in model.layers)}  "
+        self.say(f"model: {self.cfg.arch}  layers {self.cfg.model.layer_letters()}  "
                  f"{self.n_params / 1e6:.2f}M params ({model.num_params(exclude_embedding=True) / 1e6:.2f}M "
                  f"non-embedding)  {self.fpt / 1e6:.1f} MFLOP/token at {self.phases[-1].seq_len}  device "
                  f"{self.device}" + (f"  {world} ranks ({self.t.parallel})" if world > 1 else ""))

@@ -31,7 +31,7 @@ def _without(block: str, what: str) -> Callable[[RunConfig], Optional[str]]:
     def why(cfg: RunConfig) -> Optional[str]:
         if block in cfg.model.layer_types() or not _builtin_blocks(cfg):
             return None
-        return f"no layer is {what} (model.layers {''.join(t[0].upper() for t in cfg.model.layer_types())})"
+        return f"no layer is {what} (model.layers {cfg.model.layer_letters()})"
     return why
 
 
@@ -41,7 +41,7 @@ def _unless(key: str, *used: Any) -> Callable[[RunConfig], Optional[str]]:
 
     def why(cfg: RunConfig) -> Optional[str]:
         value = getattr(getattr(cfg, section), name)
-        return None if value in used else f"{key} is {_show(value)}"
+        return None if value in used else f"{key} is {show(value)}"
     return why
 
 
@@ -154,11 +154,12 @@ def unused_changes(cfg: RunConfig, base: RunConfig) -> list[str]:
     for key in sorted(changed(cfg, base)):
         why = why_unused(cfg, key)
         if why:
-            lines.append(f"{key}={_show(now.get(key))} has no effect: {why}")
+            lines.append(f"{key}={show(now.get(key))} has no effect: {why}")
     return lines
 
 
-def _show(value) -> str:
+def show(value) -> str:
+    """A setting's value as an override would spell it (YAML flow for lists and mappings)."""
     if dataclasses.is_dataclass(value):
         value = dataclasses.asdict(value)
     if isinstance(value, (dict, list)):

@@ -17,6 +17,7 @@ import pytest
 from scipy import stats as sps
 from trainer_helpers import ROOT, write_corpus
 
+from slmlab import plot
 from slmlab.ablate import report, runner, stats
 from slmlab.ablate.plan import (
     Ablation,
@@ -236,7 +237,7 @@ def test_curves_keep_the_final_eval_apart_and_the_title_fits(tmp_path):
     fake_out(tmp_path, {("base", 1): 3.0, ("v", 1): 2.9}, seeds=(1,))
     _, results = report.collect(tmp_path)
     assert results[0].curve == [(256, 3.5), (384, 3.3)] and results[0].final == (512, 3.0)
-    plt, fig, _ = report._plot_setup(1, "x " * 150)
+    plt, fig, _ = plot.figure(1, "x " * 150)
     assert all(len(line) <= 14 * 6.5 for line in fig._suptitle.get_text().splitlines())
     plt.close(fig)
 

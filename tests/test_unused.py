@@ -128,6 +128,7 @@ def test_a_researchers_block_may_read_any_model_key(tmp_path):
         cfg = load_config(overrides=TINY + [f"model.imports=[{path}]", "model.layers=X", "model.conv_kernel=4",
                                             "model.n_kv_heads=2"])
         assert unused_changes(cfg, DEFAULT) == []
+        assert cfg.model.layer_letters() == "XXXXXX"  # its registered letter, not the name's initial
     finally:  # leave the registry as the other tests expect it
         MIXERS.pop("kernelsized", None), LETTERS.pop("X", None)
         for key in [k for k in _LOADED if k.startswith(str(tmp_path))]:

@@ -325,15 +325,6 @@ def _build(cfg: RunConfig):
         return build_model(cfg.model, cfg.objective)
 
 
-def layer_string(cfg: RunConfig, model) -> str:
-    kinds = "".join(layer.kind[0].upper() for layer in model.layers)
-    windows = cfg.model.layer_windows()
-    if all(w is None for w in windows):
-        return kinds
-    attn = "".join("L" if w is None else "S" for w, layer in zip(windows, model.layers) if layer.kind == "attn")
-    return f"{kinds} (windows {attn}, {cfg.model.window})"
-
-
 def measure(v: Variant, corpus: str, cfg: RunConfig) -> Cell:
     """Build the model once: parameters, layer string and FLOPs per token for the budget."""
     try:
@@ -344,7 +335,7 @@ def measure(v: Variant, corpus: str, cfg: RunConfig) -> Cell:
     phases = resolve_phases(cfg)
     tokens = [p.steps * p.tokens_per_step for p in phases]
     fpt = sum(n * model.flops_per_token(p.seq_len) for n, p in zip(tokens, phases)) / sum(tokens)
-    return Cell(variant=v.name, corpus=corpus, layers=layer_string(cfg, model), params=model.num_params(),
+    return Cell(variant=v.name, corpus=corpus, layers=cfg.model.layer_summary(), params=model.num_params(),
                 nonembed_params=model.num_params(exclude_embedding=True), flops_per_token=fpt,
                 tokens_per_step=sum(tokens) / cfg.train.steps, steps=cfg.train.steps,
                 bpb_is_bound=bool(getattr(model, "nll_is_bound", False)))

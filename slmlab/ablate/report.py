@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import textwrap
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import Optional
 
 from ..checkpoint import publish
 from ..fmt import count, duration
-from ..rundir import METRICS
+from ..plot import figure, save
+from ..rundir import METRICS, read_metrics, split_evals
 from . import stats
 from .plan import read_manifest
 from .worker import DIVERGED, DONE, FAILED, MISSING, RESOURCES, read_json, run_state, write_text
@@ -54,25 +54,20 @@ class RunResult:
         return self.status in (DONE, DIVERGED)
 
 
+def _point(rec: Optional[dict]) -> Optional[tuple]:
+    """(tokens, val bpb) of an eval record; None without one or with a non-finite bpb."""
+    if rec is None or "tokens" not in rec or not math.isfinite(rec["val_bpb"]):
+        return None
+    return rec["tokens"], rec["val_bpb"]
+
+
 def _curve(path: Path) -> tuple[list, Optional[tuple]]:
-    """The periodic evals and the final one (metrics.jsonl marks it `final`): they measure
-    different token sets, so the plot must not join them by a line."""
-    pts, final = [], None
+    """The periodic evals' points and the final eval's, apart (rundir.split_evals says why)."""
     try:
-        lines = path.read_text().splitlines()
+        periodic, final = split_evals(read_metrics(path)[0])
     except OSError:
-        return pts, final
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a kill; the resume truncates it anyway
-        if "val_bpb" in rec and "tokens" in rec and math.isfinite(rec["val_bpb"]):
-            if rec.get("final"):
-                final = (rec["tokens"], rec["val_bpb"])
-            else:
-                pts.append((rec["tokens"], rec["val_bpb"]))
-    return pts, final
+        return [], None
+    return [p for p in map(_point, periodic) if p], _point(final)
 
 
 def collect(out: Path) -> tuple[dict, list[RunResult]]:
@@ -292,24 +287,11 @@ def write_markdown(out: Path, man: dict, results: list[RunResult]):
     write_text(out / "results.md", "\n".join(lines))
 
 
-def _plot_setup(n: int, title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on a cluster or in CI
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 4.5), squeeze=False)
-    # Wrapped to the figure's width (~14 characters per inch at this size): one panel is too narrow
-    # for the title on one line, and matplotlib cuts a suptitle off instead of wrapping it.
-    fig.suptitle(textwrap.fill(title, width=int(14 * 6.5 * n)), fontsize=10)
-    return plt, fig, axes[0]
-
-
 def plot_curves(out: Path, man: dict, results: list[RunResult]):
     import numpy as np
 
     ab = man["ablation"]
-    plt, fig, axes = _plot_setup(len(ab["corpora"]), "val bpb against training tokens, mean ± sd over seeds. "
+    plt, fig, axes = figure(len(ab["corpora"]), "val bpb against training tokens, mean ± sd over seeds. "
                                  "Lines: periodic evals on the first train.eval_tokens of the validation split; "
                                  "diamond: the final eval on the whole split (another token set, so not joined)")
     for ax, corpus in zip(axes, ab["corpora"]):
@@ -335,15 +317,12 @@ def plot_curves(out: Path, man: dict, results: list[RunResult]):
         ax.set_ylabel("val bpb")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    with publish(out / "curves.png") as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    save(plt, fig, out / "curves.png")
 
 
 def plot_final(out: Path, man: dict, results: list[RunResult]):
     ab = man["ablation"]
-    plt, fig, axes = _plot_setup(len(ab["corpora"]), "final val bpb per variant (mean ± sd; dots: seeds)")
+    plt, fig, axes = figure(len(ab["corpora"]), "final val bpb per variant (mean ± sd; dots: seeds)")
     names = [v["name"] for v in ab["variants"]]
     for ax, corpus in zip(axes, ab["corpora"]):
         # finite results only (r.done): a diverged run's NaN or inf would make the axis limits NaN
@@ -365,10 +344,7 @@ def plot_final(out: Path, man: dict, results: list[RunResult]):
         ax.set_title(corpus)
         ax.set_ylabel("val bpb")
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    with publish(out / "final.png") as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    save(plt, fig, out / "final.png")
 
 
 def write_report(out) -> list[RunResult]:

@@ -1,0 +1,316 @@
+"""A few runs side by side (compare.py): a table, what differs in their configs, notes on what
+their numbers cannot be compared for, and an optional plot of their curves.
+
+Every run is read from its directory alone: config.yaml and metrics.jsonl, and summary.json once it
+finished. A run still training, or killed, is compared from its metrics.jsonl, and says so.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import RunConfig
+from .errors import ConfigError, RunDirError, SlmlabError
+from .fmt import count, duration
+from .rundir import CONFIG, METRICS, TOKENIZER, RunDir, read_metrics, split_evals
+from .unused import changed, settings, show, why_unused
+
+# Settings left out of "what differs": they say where files go and what is printed or mirrored,
+# never what is trained, evaluated or timed (the sample is drawn after summary.json is written;
+# model.context_length is metadata only). train.device, model.kernels and train.compile stay in:
+# they change the speed, and a CUDA run's autocast the numbers too.
+NEVER_MATTER = frozenset({"data.cache_dir", "logging.progress", "logging.wandb", "logging.wandb_project",
+                          "logging.wandb_mode", "train.sample_prompt", "train.sample_tokens", "model.context_length"})
+VAL_DATA = ("data.spec", "data.val_frac")  # the validation split is the last val_frac of the spec's text
+# --x: (the metrics.jsonl key, the axis label)
+X_AXES = {"tokens": ("tokens", "training tokens"), "steps": ("step", "optimizer steps"),
+          "time": ("elapsed_s", "training time (s)")}
+# The train-loss panel's smoothing (as TensorBoard's): each point is EMA x the previous average + (1 - EMA) x
+# its own loss. Light: a logged loss lags its smoothed one by EMA / (1 - EMA) points on a trend.
+EMA = 0.5
+RUNNING = "running or stopped"
+COLUMNS = ("run", "arch", "layers", "params", "steps", "tokens", "train time", "tokens/s", "val bpb",
+           "best eval bpb")
+NUMERIC = {3, 4, 5, 6, 7, 8, 9}  # right-aligned columns
+BOUND = "≤: masked-diffusion runs report the ELBO, an upper bound on bpb, not an exact bpb"
+
+
+@dataclass
+class Run:
+    name: str  # the path as given
+    dir: RunDir
+    cfg: RunConfig
+    summary: dict | None  # None: not finished (still training, or killed)
+    records: list[dict]  # metrics.jsonl
+    bad_lines: list[int]  # metrics.jsonl lines that read as no record
+    layers: str
+    params: int
+
+
+def load(path: str) -> Run:
+    from .estimate import meta_model
+
+    run = RunDir.open(path, need=(CONFIG, METRICS))
+    cfg = run.config()
+    records, bad = read_metrics(run.path / METRICS)
+    if bad and not records:
+        raise RunDirError(f"{run.path / METRICS} is torn: none of its {len(bad)} line(s) reads as a record")
+    summary = run.summary()
+    model = meta_model(cfg)  # no storage: the layer string, and the size of a run without a summary
+    params = summary["params"] if summary and "params" in summary else model.num_params()
+    return Run(path, run, cfg, summary, records, bad, cfg.model.layer_summary(), params)
+
+
+def open_runs(paths: list[str]) -> list[Run]:
+    if not paths:
+        raise ConfigError("give one run directory or more: python compare.py RUN [RUN ...]")
+    seen = {}
+    for p in paths:
+        key = Path(p).expanduser().resolve()
+        if key in seen:
+            twice = f"{p} is given twice" + (f" (as {seen[key]} too)" if seen[key] != p else "")
+            raise ConfigError(f"{twice}: give each run once")
+        seen[key] = p
+    return [load(p) for p in paths]
+
+
+# ---- the table ----
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _last(records: list[dict], key: str):
+    """`key` of the last record that has it (the final eval's line has no elapsed_s, say)."""
+    return next((r[key] for r in reversed(records) if key in r), None)
+
+
+def row(r: Run) -> dict:
+    """One run's numbers: its summary's when it finished, else the last of its metrics.jsonl."""
+    s = r.summary or {}
+    periodic, final = split_evals(r.records)
+    evals = [*periodic, final] if final else periodic
+    best = min((e for e in periodic if _finite(e["val_bpb"])), key=lambda e: e["val_bpb"], default={})
+    bpb = s.get("val_bpb", final and final["val_bpb"])
+    tokens = s.get("tokens", _last(r.records, "tokens"))
+    time = s.get("train_time_s", _last(r.records, "elapsed_s"))
+    tps = s.get("tokens_per_s", tokens / time if tokens and time else None)
+    status = RUNNING if r.summary is None else "diverged" if bpb is not None and not _finite(bpb) else "done"
+    return {"run": r.name, "status": status, "arch": r.cfg.arch, "layers": r.layers, "params": r.params,
+            "steps": s.get("steps", _last(r.records, "step") or 0), "steps_planned": r.cfg.train.steps,
+            "tokens": tokens, "train_time_s": time, "tokens_per_s": tps, "val_bpb": bpb,
+            "best_val_bpb": best.get("val_bpb"), "best_val_step": best.get("step"),
+            "val_bpb_is_bound": any(e.get("val_bpb_is_bound") for e in (*evals, s)),
+            "eval_seq_len": _last(evals, "eval_seq_len"), "device": s.get("device")}
+
+
+def _cells(w: dict) -> list[str]:
+    le = "≤ " if w["val_bpb_is_bound"] else ""
+    bpb = w["val_bpb"]
+    final = "–" if bpb is None else f"{le}{bpb:.4f}" if _finite(bpb) else f"diverged ({bpb})"
+    best = f"{le}{w['best_val_bpb']:.4f} @{w['best_val_step']}" if w["best_val_bpb"] is not None else "–"
+    return [w["run"], w["arch"], w["layers"], count(w["params"]), f"{w['steps']}/{w['steps_planned']}",
+            count(w["tokens"]) if w["tokens"] is not None else "–",
+            duration(w["train_time_s"], sub_second=True) if w["train_time_s"] is not None else "–",
+            f"{w['tokens_per_s']:,.0f}" if w["tokens_per_s"] is not None else "–", final, best]
+
+
+def markdown(rows: list[list[str]], right: set[int]) -> list[str]:
+    """A markdown table padded to read as columns on a terminal too; rows[0] is the header."""
+    widths = [max(3, *map(len, col)) for col in zip(*rows)]
+    pad = [str.rjust if i in right else str.ljust for i in range(len(widths))]
+    lines = ["| " + " | ".join(f(c, w) for f, c, w in zip(pad, r, widths)) + " |" for r in rows]
+    rule = "| " + " | ".join("-" * (w - 1) + ":" if i in right else "-" * w for i, w in enumerate(widths)) + " |"
+    return [lines[0], rule, *lines[1:]]
+
+
+# ---- what differs ----
+def _unused(r: Run, base: Run, key: str) -> str | None:
+    """Why one of the two runs never reads `key` (then its value explains no difference), or None."""
+    why = why_unused(r.cfg, key)
+    if why:
+        return why
+    why = why_unused(base.cfg, key)
+    return f"{base.name} does not read it: {why}" if why else None
+
+
+def differences(runs: list[Run]) -> dict[str, list[dict]]:
+    """Per run after the first: the settings in which its config differs from the first run's."""
+    base, out = runs[0], {}
+    for r in runs[1:]:
+        a, b = settings(base.cfg), settings(r.cfg)
+        out[r.name] = [{"key": k, "first": a.get(k), "this": b.get(k), "unused": _unused(r, base, k)}
+                       for k in sorted(set(changed(r.cfg, base.cfg)) - NEVER_MATTER)]
+    return out
+
+
+def _diff_line(d: dict, base: Run, r: Run) -> str:
+    # The layer pattern as the table shows it, not as a list of block names.
+    first, this = (base.layers, r.layers) if d["key"] == "model.layers" else (show(d["first"]), show(d["this"]))
+    return f"    {d['key']}: {first} -> {this}" + (f" (unused: {d['unused']})" if d["unused"] else "")
+
+
+# ---- notes ----
+def _run_notes(r: Run, w: dict) -> list[str]:
+    """What to know about one run on its own: unfinished, skipped metrics lines, diverged."""
+    notes = []
+    if w["status"] == RUNNING:
+        notes.append(f"{r.name}: {RUNNING} at step {w['steps']} of {w['steps_planned']} (no summary.json: its "
+                     "numbers are its metrics.jsonl's last)")
+    if r.bad_lines:
+        shown = ", ".join(map(str, r.bad_lines[:5])) + (", ..." if len(r.bad_lines) > 5 else "")
+        notes.append(f"{r.name}: {METRICS} line(s) {shown} read as no record (cut by a kill?): skipped")
+    periodic, final = split_evals(r.records)
+    bad = next((e for e in (*periodic, final) if e and not _finite(e["val_bpb"])), None)
+    if bad or w["status"] == "diverged":
+        at = "in its final eval" if bad is None or bad.get("final") else f"at step {bad.get('step', '?')}"
+        notes.append(f"{r.name} diverged: a non-finite val bpb ({(bad or w)['val_bpb']}) {at}")
+    return notes
+
+
+def _same_tokenizer(a: Run, b: Run) -> bool:
+    """Unknown is the same: a run writes its tokenizer.json before its first step."""
+    fa, fb = a.dir.path / TOKENIZER, b.dir.path / TOKENIZER
+    return not (fa.is_file() and fb.is_file()) or fa.read_bytes() == fb.read_bytes()
+
+
+def _pair_notes(base: Run, wb: dict, r: Run, w: dict) -> list[str]:
+    """Where run `r`'s numbers do not measure the same thing as the first run's."""
+    notes, a, b = [], settings(base.cfg), settings(r.cfg)
+    data = [f"{k}: {show(a[k])} -> {show(b[k])}" for k in VAL_DATA if a[k] != b[k]]
+    if data:
+        notes.append(f"{r.name} is validated on other text than {base.name} ({'; '.join(data)}): their val bpb "
+                     "are not comparable")
+    elif not _same_tokenizer(base, r):
+        notes.append(f"{r.name} has another tokenizer than {base.name}: bpb is per byte of the same validation "
+                     "text, so the final val bpb compare (but for the few bytes whole eval windows leave out); "
+                     "train losses are per token and do not, nor do the periodic evals (the first "
+                     "train.eval_tokens tokens are other text)")
+    if wb["eval_seq_len"] and w["eval_seq_len"] and wb["eval_seq_len"] != w["eval_seq_len"]:
+        notes.append(f"{r.name} is evaluated at {w['eval_seq_len']} tokens of context, {base.name} at "
+                     f"{wb['eval_seq_len']}: bpb falls with context, so part of any difference is the eval's")
+    both_evaluated = wb["best_val_bpb"] is not None and w["best_val_bpb"] is not None
+    if base.cfg.train.eval_tokens != r.cfg.train.eval_tokens and both_evaluated:
+        notes.append(f"{r.name}'s periodic evals cover the first {r.cfg.train.eval_tokens:,} validation tokens, "
+                     f"{base.name}'s the first {base.cfg.train.eval_tokens:,}: the best eval bpb differ in what "
+                     "they measure (the final evals cover the whole split)")
+    if wb["device"] and w["device"] and wb["device"] != w["device"]:
+        notes.append(f"{r.name} ran on {w['device']}, {base.name} on {wb['device']}: tokens/s and train time "
+                     "compare the machines as much as the runs")
+    return notes
+
+
+def notes(runs: list[Run], rows: list[dict]) -> list[str]:
+    out = [n for r, w in zip(runs, rows) for n in _run_notes(r, w)]
+    out += [n for r, w in zip(runs[1:], rows[1:]) for n in _pair_notes(runs[0], rows[0], r, w)]
+    bound = [w["val_bpb_is_bound"] for w in rows]
+    if any(bound):
+        out.append(BOUND + ("; a ≤ value below an exact one still shows the better model, one above it shows "
+                            "nothing" if not all(bound) else ""))
+    return out
+
+
+# ---- the plot ----
+def _points(records: list[dict], x: str, y) -> list[tuple]:
+    """(x, y(record)) of the records that have `x` and a finite y: a diverged step has no point."""
+    pts = [(r[x], y(r)) for r in records if x in r]
+    return [(a, b) for a, b in pts if _finite(b)]
+
+
+def _ema(ys: list[float]) -> list[float]:
+    out = []
+    for y in ys:
+        out.append(y if not out else EMA * out[-1] + (1 - EMA) * y)
+    return out
+
+
+def plot(runs: list[Run], path, x: str = "tokens"):
+    """Two panels against `x`: val bpb (periodic evals joined, the final eval a diamond apart) and
+    the train loss (faint as logged, solid smoothed)."""
+    from .plot import figure, save
+
+    key, label = X_AXES[x]
+    plt, fig, (bpb_ax, loss_ax) = figure(2, "val bpb: lines are the periodic evals (the first train.eval_tokens "
+                                            "of the validation split), diamonds the final eval over the whole split "
+                                            "(another token set, so not joined). Train loss: faint as logged, solid "
+                                            "smoothed.")
+    for i, r in enumerate(runs):
+        color = f"C{i % 10}"
+        periodic, final = split_evals(r.records)
+        pts = _points(periodic, key, lambda e: e["val_bpb"])
+        if pts:
+            bpb_ax.plot(*zip(*pts), marker="o", ms=3, color=color, label=r.name)
+        if final and _finite(final["val_bpb"]) and _last(r.records, key) is not None:
+            bpb_ax.plot([final.get(key, _last(r.records, key))], [final["val_bpb"]], marker="D", ms=6,
+                        color=color, linestyle="none", label=None if pts else r.name)
+        # A distilled run's loss mixes in the teacher's term; its "ce" is what the other runs' loss is.
+        steps = _points([s for s in r.records if "loss" in s], key, lambda s: s.get("ce", s["loss"]))
+        if steps:
+            xs, ys = zip(*steps)
+            loss_ax.plot(xs, ys, color=color, alpha=0.2, lw=0.8)
+            loss_ax.plot(xs, _ema(ys), color=color, label=r.name)
+    bound = any(e.get("val_bpb_is_bound") for r in runs for e in r.records)
+    for ax, ylabel in ((bpb_ax, "val bpb" + (" (≤: an upper bound for diffusion runs)" if bound else "")),
+                       (loss_ax, f"train loss (nats/token), EMA smoothing {EMA}")):
+        ax.set_xlabel(label)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    save(plt, fig, path)
+
+
+def check_plot(path: str, force: bool):
+    """Refuse a --plot before anything is read: not a .png, an existing file without --force (as
+    convert.py's --out), or no matplotlib."""
+    from .export import check_out
+
+    if Path(path).suffix.lower() != ".png":
+        raise ConfigError(f"--plot {path}: the plot is a PNG; give a path ending in .png")
+    check_out(path, force, is_dir=False)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SlmlabError("--plot needs matplotlib: pip install matplotlib (or -e '.[ablate]')") from None
+
+
+# ---- output ----
+def _jsonable(v):
+    """NaN and inf as null: JSON has neither."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def text(runs: list[Run], out: dict) -> str:
+    lines = markdown([list(COLUMNS), *map(_cells, out["runs"])], NUMERIC)
+    lines += ["", "val bpb: the final eval, over the whole validation split; best eval bpb: the lowest periodic "
+                  "eval (the first train.eval_tokens of the split) @ its step."]
+    if len(runs) > 1:
+        lines += ["", f"What differs from {runs[0].name} (unused: a setting that run never reads, so it cannot "
+                      "explain a difference):"]
+        for r in runs[1:]:
+            diff = out["differences"][r.name]
+            lines += [f"  {r.name}" + ("" if diff else ": nothing")] + [_diff_line(d, runs[0], r) for d in diff]
+    if out["notes"]:
+        lines += ["", "Notes:", *(f"- {n}" for n in out["notes"])]
+    if out.get("plot"):
+        lines += ["", f"plot: {out['plot']}"]
+    return "\n".join(lines)
+
+
+def compare(paths: list[str], plot_path: str | None = None, x: str = "tokens", as_json: bool = False) -> dict:
+    """Print the comparison of the runs at `paths` (text, or one JSON object) and return it."""
+    runs = open_runs(paths)
+    rows = [row(r) for r in runs]
+    out = {"runs": rows, "differences": differences(runs), "notes": notes(runs, rows)}
+    if plot_path:
+        plot(runs, plot_path, x)
+        out["plot"] = str(plot_path)
+    print(json.dumps(_jsonable(out), indent=2, default=str) if as_json else text(runs, out))
+    return out

@@ -1,0 +1,211 @@
+"""compare.py: the table's numbers are the runs' own, the differences are exactly the changed
+settings, the notes say when numbers do not compare, an unfinished run is shown from its metrics,
+the plot is a PNG, and bad input is one line with exit 2. Run directories are written by hand
+(config, metrics.jsonl, summary.json); one test trains a real tiny run."""
+import json
+import math
+
+import pytest
+from trainer_helpers import tiny_overrides, write_corpus
+
+import compare
+import train
+from slmlab.cli import run_cli
+from slmlab.config import load_config
+from slmlab.rundir import read_metrics
+
+
+def fake_records(steps=30, evals=(10, 20), final=True, bpb=2.0, eval_seq_len=32, bound=False):
+    """metrics.jsonl as the trainer writes it: a line every 5 steps, periodic evals merged into
+    their step's line, and the final eval's line (no loss, no elapsed_s)."""
+    extra = {"val_bpb_is_bound": True} if bound else {}
+    recs = []
+    for s in range(5, steps + 1, 5):
+        rec = {"step": s, "phase": 1, "seq_len": 16, "loss": 6.0 - s / 10, "lr": 1e-3, "tokens": s * 128,
+               "tokens_per_s": 1000.0, "elapsed_s": s / 10}
+        if s in evals:
+            rec |= {"val_loss": 2.0, "val_bpb": bpb + (steps - s) / 100, "val_tokens": 256,
+                    "eval_seq_len": eval_seq_len, **extra}
+        recs.append(rec)
+    if final:
+        recs.append({"step": steps, "phase": 2, "seq_len": 32, "tokens": steps * 128, "final": True,
+                     "eval_seq_len": eval_seq_len, "val_loss": 1.5, "val_bpb": bpb, "val_tokens": 896, **extra})
+    return recs
+
+
+def fake_run(path, overrides=(), records=None, summary=True, bpb=2.0, params=58176, device="cpu", tail=""):
+    """A run directory by hand: the resolved config of tiny_overrides + `overrides`, `records` (default
+    a finished 30-step run's) as metrics.jsonl plus `tail` (a cut line, say), and its summary.json
+    (its val bpb the final eval line's, as the trainer's)."""
+    path.mkdir(parents=True)
+    cfg = load_config(arch="hybrid", overrides=[*tiny_overrides(path.parent, steps=30), *overrides])
+    cfg.save(path / "config.yaml")
+    records = fake_records(bpb=bpb) if records is None else records
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
+    if summary:
+        final = {k: v for r in records if r.get("final") for k, v in r.items() if k.startswith("val_bpb")}
+        (path / "summary.json").write_text(json.dumps(
+            {"arch": "hybrid", "params": params, "flops_per_token": 1e6, "steps": 30, "tokens": 3840,
+             "train_time_s": 3.0, "wall_time_s": 5.0, "tokens_per_s": 1280.0, "val_loss": 1.5, "val_bpb": bpb,
+             "val_tokens": 896, "device": device, **final}))
+    return str(path)
+
+
+def run_json(capsys, *argv):
+    assert run_cli(compare.main, [*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def cells(text: str, run: str) -> list[str]:
+    line = next(x for x in text.splitlines() if x.startswith(f"| {run} "))
+    return [c.strip() for c in line.strip("| ").split(" | ")]
+
+
+def one_line_error(capsys, argv, needle):
+    assert run_cli(compare.main, argv) == 2
+    cap = capsys.readouterr()
+    err = cap.err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and needle in err, err
+    assert cap.out == ""
+
+
+def test_table_numbers_are_the_summaries(tmp_path, capsys):
+    a, b = fake_run(tmp_path / "a", bpb=1.8), fake_run(tmp_path / "b", ["model.layers=A"], bpb=1.9, params=56000)
+    rows = run_json(capsys, a, b)["runs"]
+    for row, path in zip(rows, (a, b)):
+        s = json.loads((tmp_path / path / "summary.json").read_text())
+        assert {k: row[k] for k in ("params", "steps", "tokens", "train_time_s", "tokens_per_s", "val_bpb")} == \
+               {k: s[k] for k in ("params", "steps", "tokens", "train_time_s", "tokens_per_s", "val_bpb")}
+        assert row["status"] == "done" and row["steps_planned"] == 30 and row["eval_seq_len"] == 32
+    # the best periodic eval is the lowest one, with its step; the final eval is not among them
+    assert (rows[0]["best_val_bpb"], rows[0]["best_val_step"]) == (pytest.approx(1.9), 20)
+    assert [r["layers"] for r in rows] == ["CCA", "AAA"]
+    assert run_cli(compare.main, [a, b]) == 0
+    out = capsys.readouterr().out
+    assert cells(out, b) == [b, "hybrid", "AAA", "56.0k", "30/30", "3.84k", "3.00s", "1,280", "1.9000", "2.0000 @20"]
+
+
+def test_differences_are_exactly_the_changed_settings(tmp_path, capsys):
+    a = fake_run(tmp_path / "a")
+    b = fake_run(tmp_path / "b", ["model.layers=CCA", "model.n_layers=6", "optim.muon_momentum=0.9",
+                                  "logging.progress=true", "train.sample_tokens=9", f"data.cache_dir={tmp_path}"])
+    out = run_json(capsys, a, b)
+    diff = {d["key"]: d for d in out["differences"][b]}
+    # the last three differ too, but never matter for a comparison: left out
+    assert sorted(diff) == ["model.layers", "model.n_layers", "optim.muon_momentum"]
+    assert diff["optim.muon_momentum"]["unused"] == "optim.name is adamw" and diff["model.n_layers"]["unused"] is None
+    assert (diff["model.n_layers"]["first"], diff["model.n_layers"]["this"]) == (3, 6)
+    assert run_cli(compare.main, [a, b]) == 0
+    text = capsys.readouterr().out
+    assert "    model.layers: CCA -> CCACCA\n" in text
+    assert "    optim.muon_momentum: 0.95 -> 0.9 (unused: optim.name is adamw)\n" in text
+    assert "sample_tokens" not in text and "progress" not in text
+
+
+def test_notes_for_other_data_context_device_and_tokenizer(tmp_path, capsys):
+    a = fake_run(tmp_path / "a")
+    b = fake_run(tmp_path / "b", ["data.spec=other.txt"], records=fake_records(eval_seq_len=64), device="cuda:0")
+    c = fake_run(tmp_path / "c", ["train.eval_tokens=512"])
+    for run, vocab in ((a, "x"), (c, "y")):
+        (tmp_path / run / "tokenizer.json").write_text(vocab)
+    notes = run_json(capsys, a, b, c)["notes"]
+    assert len(notes) == 5, notes
+    assert notes[0] == f"{b} is validated on other text than {a} (data.spec: stdlib -> other.txt): their val bpb " \
+                       "are not comparable"
+    assert notes[1].startswith(f"{b} is evaluated at 64 tokens of context, {a} at 32")
+    assert notes[2].startswith(f"{b} ran on cuda:0, {a} on cpu")
+    assert notes[3].startswith(f"{c} has another tokenizer than {a}: bpb is per byte of the same validation text")
+    assert notes[4].startswith(f"{c}'s periodic evals cover the first 512 validation tokens, {a}'s the first 256")
+
+
+def test_a_killed_run_is_compared_from_its_metrics(tmp_path, capsys):
+    from arch import build_model
+
+    a = fake_run(tmp_path / "a")
+    recs = [r for r in fake_records(steps=400, evals=(20,), final=False) if r["step"] <= 35]
+    b = fake_run(tmp_path / "b", ["train.steps=400"], records=recs, summary=False, tail='{"step": 40, "lo')
+    out = run_json(capsys, a, b)
+    row = out["runs"][1]
+    cfg = load_config(arch="hybrid", overrides=tiny_overrides(tmp_path, steps=400))
+    assert row["params"] == build_model(cfg.model, cfg.objective).num_params()
+    assert (row["status"], row["steps"], row["tokens"], row["train_time_s"], row["val_bpb"]) == \
+           ("running or stopped", 35, 35 * 128, 3.5, None)
+    assert (row["best_val_bpb"], row["best_val_step"]) == (pytest.approx(5.8), 20)
+    assert f"{b}: running or stopped at step 35 of 400 (no summary.json: its numbers are its metrics.jsonl's last)" \
+           in out["notes"]
+    assert f"{b}: metrics.jsonl line(s) 8 read as no record (cut by a kill?): skipped" in out["notes"]
+    assert [d["key"] for d in out["differences"][b]] == ["train.steps"]
+    assert read_metrics(tmp_path / "b" / "metrics.jsonl")[1] == [8]
+
+
+def test_diffusion_bound_and_a_diverged_run(tmp_path, capsys):
+    a = fake_run(tmp_path / "a", ["objective.name=mdlm", "model.causal=false"],
+                 records=fake_records(bpb=1.7, bound=True))
+    recs = fake_records()
+    recs[-1]["val_bpb"] = math.nan  # finite periodic evals, then a non-finite final one
+    b = fake_run(tmp_path / "b", records=recs)
+    assert run_cli(compare.main, [a, b]) == 0
+    text = capsys.readouterr().out
+    assert cells(text, a)[8:] == ["≤ 1.7000", "≤ 1.8000 @20"] and cells(text, b)[8:] == ["diverged (nan)", "2.1000 @20"]
+    assert f"- {b} diverged: a non-finite val bpb (nan) in its final eval" in text
+    assert "- ≤: masked-diffusion runs report the ELBO, an upper bound on bpb, not an exact bpb; a ≤ value below" in text
+    rows = run_json(capsys, a, b)["runs"]
+    assert rows[1]["val_bpb"] is None and rows[1]["status"] == "diverged" and rows[0]["val_bpb_is_bound"]
+
+
+def test_plot_is_a_png_and_an_existing_one_needs_force(tmp_path, capsys):
+    a, b = fake_run(tmp_path / "a"), fake_run(tmp_path / "b", ["optim.lr=1e-3"])
+    png = tmp_path / "cmp.png"
+    assert run_cli(compare.main, [a, b, "--plot", str(png), "--x", "time"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plot: {png}" in capsys.readouterr().out
+    before = png.read_bytes()
+    one_line_error(capsys, [a, b, "--plot", str(png)], "--force")
+    assert png.read_bytes() == before
+    assert run_json(capsys, a, b, "--plot", str(png), "--force", "--x", "steps")["plot"] == str(png)
+    assert not list(tmp_path.glob(".tmp-*"))  # written through publish
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("no_runs", "give one run directory or more"),
+    ("not_a_run", "holds no run (no config.yaml)"),
+    ("no_metrics", "holds no run (no metrics.jsonl)"),
+    ("torn_metrics", "is torn: none of its 2 line(s) reads as a record"),
+    ("torn_summary", "summary.json is damaged"),
+    ("twice", "is given twice"),
+    ("x_without_plot", "--x applies to --plot PATH"),
+    ("not_png", "give a path ending in .png"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, case, needle):
+    a = fake_run(tmp_path / "a")
+    b = tmp_path / "b"
+    argv = {"no_runs": [], "twice": [a, f"{tmp_path}/b/../a"], "x_without_plot": [a, "--x", "steps"],
+            "not_png": [a, "--plot", str(tmp_path / "cmp.pdf")]}.get(case, [a, str(b)])
+    if case in ("not_a_run", "no_metrics", "torn_metrics", "torn_summary"):
+        fake_run(b)
+    if case == "not_a_run":
+        (b / "config.yaml").unlink()
+    elif case == "no_metrics":
+        (b / "metrics.jsonl").unlink()
+    elif case == "torn_metrics":
+        (b / "metrics.jsonl").write_bytes(b"\x00\xff garbage\n[1, 2]\n")
+    elif case == "torn_summary":
+        (b / "summary.json").write_text('{"arch": "hyb')
+    elif case == "twice":
+        b.mkdir()
+    one_line_error(capsys, argv, needle)
+
+
+def test_real_tiny_run_compares_as_its_summary_says(tmp_path, capsys):
+    """The trainer's own run directory: the row is its summary's, the layers its pattern, and the
+    plot draws from its metrics.jsonl."""
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=600)
+    out = tmp_path / "run"
+    argv = ["--data", str(corpus), "--out", str(out), *tiny_overrides(tmp_path, steps=6, **{"train.eval_every": 3})]
+    assert run_cli(train.main, argv) == 0
+    capsys.readouterr()
+    res = run_json(capsys, str(out), "--plot", str(tmp_path / "cmp.png"))
+    row, s = res["runs"][0], json.loads((out / "summary.json").read_text())
+    assert (row["params"], row["tokens"], row["val_bpb"], row["train_time_s"]) == \
+           (s["params"], s["tokens"], s["val_bpb"], s["train_time_s"])
+    assert row["layers"] == "CCA" and row["status"] == "done" and row["best_val_step"] in (3, 6)
+    assert res["differences"] == {} and (tmp_path / "cmp.png").stat().st_size > 0
