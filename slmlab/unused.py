@@ -124,6 +124,15 @@ def why_unused(cfg: RunConfig, key: str) -> Optional[str]:
     return rule(cfg) if rule else None
 
 
+def setting_key(key: str) -> Optional[str]:
+    """An override's dotted key as `settings` names it ("model.mixer_opts.lif.beta" is the setting
+    "model.mixer_opts.lif"); None for a key that sets several at once (model.mixer_opts, train.lora)."""
+    parts = key.split(".")
+    if parts[:2] == ["model", "mixer_opts"] or parts[:2] == ["train", "lora"]:
+        return ".".join(parts[:3]) if len(parts) >= 3 else None
+    return key
+
+
 def settings(cfg: RunConfig) -> dict[str, Any]:
     """Every setting of `cfg` by dotted key, mixer_opts and lora one level down (each block's options
     and each adapter option is a setting), the layer pattern as the tiled block list (so "CCA" and

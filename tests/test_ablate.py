@@ -358,7 +358,7 @@ variants:
                                            "layers=C+conv_kernel=3/seed1", "layers=C+conv_kernel=4/seed1"]  # interleaved
 
 
-def test_a_variant_that_trains_the_baselines_model_again_is_dropped_or_refused(corpus, tmp_path, capsys):
+def test_a_variant_that_trains_an_earlier_ones_model_again_is_dropped_or_refused(corpus, tmp_path, capsys):
     """conv_kernel is read by no layer of an all-attention model: layers=A+conv_kernel=4 would train
     layers=A+conv_kernel=3 again and show a null result. Inline (a product of axes) drops it and says
     so; a file's own list is refused."""
@@ -369,6 +369,15 @@ def test_a_variant_that_trains_the_baselines_model_again_is_dropped_or_refused(c
                                              "layers=A+conv_kernel=3"]
     assert ("[ablate] variant layers=A+conv_kernel=4 dropped: it trains the same model as layers=A+conv_kernel=3 "
             "(model.conv_kernel=4 has no effect: no layer is a short conv (model.layers AAA))") in capsys.readouterr().out
+    # a common override that no variant reads is said once, when the plan is made
+    ab.overrides += ["optim.muon_lr=0.02", "model.mixer_opts.lif.beta=0.5", "model.window=8"]
+    plan(ab)
+    assert [line for line in capsys.readouterr().out.splitlines() if "note:" in line] == [
+        "[ablate] note: optim.muon_lr=0.02 has no effect in any variant: optim.name is adamw",
+        "[ablate] note: model.mixer_opts.lif.beta=0.5 has no effect in any variant: no layer uses the lif block "
+        "(model.layers, model.mlp)",
+        "[ablate] note: model.window=8 has no effect in any variant: no layer slides a window (model.window_pattern "
+        "is L: S marks sliding layers)"]
     f = tmp_path / "abl.yaml"
     f.write_text(f"""arch: hybrid
 seeds: 1

@@ -17,10 +17,10 @@ from typing import Optional
 
 import yaml
 
-from ..config import DEFAULT_CONFIG, RunConfig, load_config, read_yaml
+from ..config import DEFAULT_CONFIG, RunConfig, load_config, parse_override, read_yaml
 from ..errors import SlmlabError
 from ..phases import resolve_phases
-from ..unused import changed, unused_changes, why_unused
+from ..unused import changed, setting_key, unused_changes, why_unused
 from .worker import config_sha
 
 BUDGETS = ("steps", "tokens", "flops")
@@ -350,11 +350,28 @@ def budget_steps(budget: str, base_steps: int, base: Cell, cell: Cell) -> int:
     return max(1, round(base_steps * cost(base) / cost(cell)))
 
 
+def first_configs(ab: Ablation) -> dict[str, RunConfig]:
+    """Each variant's resolved config on the first corpus at the baseline's steps and first seed."""
+    corpus = ab.corpora[0]  # data.spec is the same in every variant of a corpus
+    return {v.name: resolve(ab, v, corpus, ab.steps, ab.seeds[0])[1] for v in ab.variants}
+
+
+def unused_overrides(ab: Ablation) -> list[str]:
+    """'KEY=VALUE has no effect in any variant: WHY' for each common override that no variant reads."""
+    cfgs = list(first_configs(ab).values())
+    out = []
+    for text in ab.overrides:
+        key = setting_key(parse_override(text)[0])
+        whys = [why_unused(cfg, key) for cfg in cfgs] if key else [None]
+        if all(whys):
+            out.append(f"{text} has no effect in any variant: {whys[0]}")
+    return out
+
+
 def duplicates(ab: Ablation) -> list[tuple[Variant, Variant, str]]:
     """(variant, the earlier variant it trains the same model as, why) for each variant whose
     settings differ from an earlier one's only where neither reads them (slmlab/unused.py)."""
-    corpus = ab.corpora[0]  # data.spec is the same in every variant of a corpus
-    cfgs = {v.name: resolve(ab, v, corpus, ab.steps, ab.seeds[0])[1] for v in ab.variants}
+    cfgs = first_configs(ab)
     out = []
     for i, v in enumerate(ab.variants):
         for w in ab.variants[:i]:
@@ -373,6 +390,8 @@ def plan(ab: Ablation) -> tuple[list[Cell], list[Run]]:
     if twins:
         v, same_as, why = twins[0]
         raise AblationError(f"variant {v.name} trains the same model as {same_as.name} ({why}): drop one")
+    for line in unused_overrides(ab):
+        print(f"[ablate] note: {line}")
     cells: dict[tuple[str, str], Cell] = {}
     for corpus in ab.corpora:
         for v in ab.variants:
