@@ -151,5 +151,9 @@ class Attention(Mixer):
             qg = q.view(B, self.n_kv_heads, rep, T, self.hd)
             att = (qg @ kc.to(q.dtype).unsqueeze(2).transpose(-1, -2)) * scale
             att = att.masked_fill(~visible, float("-inf")).softmax(-1)
-            y = (att @ vc.to(q.dtype).unsqueeze(2)).reshape(B, self.n_heads, T, self.hd)
+            # To [B, T, H*hd] in one permute, not via [B, H, T, hd] + transpose (same values): that
+            # reshape made torch 2.11's torch.export fail with T symbolic (executorch, T in 1..max_len),
+            # on a guard Min(hd*T, rep*hd*T) == hd*T it could not prove; 2.13 proves it.
+            y = (att @ vc.to(q.dtype).unsqueeze(2)).permute(0, 3, 1, 2, 4).reshape(B, T, self.n_heads * self.hd)
+            return self.out_proj(y), [kc, vc]
         return self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)), [kc, vc]

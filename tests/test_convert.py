@@ -491,18 +491,22 @@ def test_hf_export_of_learned_positions_caps_the_tokenizer_length(tmp_path):
     assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["model_max_length"] == 48
 
 
-def test_lif_mlp_step_exports_without_spike_counting():
+@pytest.mark.parametrize("public", [True, False], ids=["is_exporting", "export_flag"])
+def test_lif_mlp_step_exports_without_spike_counting(monkeypatch, public):
     """The LIF MLP counts spikes at eval through Python floats, which torch.export cannot trace: executorch
     failed and the ONNX exporter dumped ~800 lines of partial FX graphs. The counting stands aside while
-    exporting (torch.compiler.is_exporting) and still counts in an eval forward."""
+    exporting (torch.compiler.is_exporting, or on torch < 2.12 the flag it reads: arch/lif.py) and still
+    counts in an eval forward."""
     import contextlib
     import io
 
+    import arch.lif
     from arch.lif import spike_metrics
     from slmlab.export.step import StepLM
 
     cfg = build("hybrid", {"model": dict(vocab_size=61, d_model=32, n_layers=3, n_heads=2, n_kv_heads=1, layers="CCA",
                                          mlp="lif", kernels="torch")}).model
+    monkeypatch.setattr(arch.lif, "_IS_EXPORTING_TRACES", public)
     model = LM(cfg).eval()
     step = StepLM(model, 16).eval()
     args = (torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, dtype=torch.long), *step.init_states(1))
