@@ -58,8 +58,8 @@ def load(path: str) -> Run:
     if bad and not records:
         raise RunDirError(f"{run.path / METRICS} is torn: none of its {len(bad)} line(s) reads as a record")
     summary = run.summary()
-    model = meta_model(cfg)  # no storage: the layer string, and the size of a run without a summary
-    params = summary["params"] if summary and "params" in summary else model.num_params()
+    # a run without a summary is sized by its model, built with no storage
+    params = summary["params"] if summary and "params" in summary else meta_model(cfg).num_params()
     return Run(path, run, cfg, summary, records, bad, cfg.model.layer_summary(), params)
 
 

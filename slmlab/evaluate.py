@@ -21,8 +21,9 @@ def run_eval_shape(cfg) -> tuple[int, int]:
     from .phases import eval_shape, resolve_phases
 
     T, B = eval_shape(resolve_phases(cfg), cfg.train.eval_seq_len, cfg.train.grad_accum)
-    cap = cfg.model.max_positions if cfg.model.pos == "learned" else T
-    return min(T, cap), max(1, B * T // min(T, cap))
+    if cfg.model.pos == "learned" and T > cfg.model.max_positions:  # as many tokens per forward, shorter rows
+        T, B = cfg.model.max_positions, max(1, B * T // cfg.model.max_positions)
+    return T, B
 
 
 @torch.no_grad()

@@ -48,9 +48,8 @@ def _unless(key: str, *used: Any) -> Callable[[RunConfig], Optional[str]]:
 def _window(cfg: RunConfig) -> Optional[str]:
     if any(w is not None for w in cfg.model.layer_windows()):
         return None
-    if any(MIXERS[t].takes_window for t in cfg.model.layer_types()):
-        return f"no layer slides a window (model.window_pattern is {cfg.model.window_pattern}: S marks sliding layers)"
-    return _no_window_layer(cfg)
+    return _no_window_layer(cfg) or (f"no layer slides a window (model.window_pattern is {cfg.model.window_pattern}: "
+                                     "S marks sliding layers)")
 
 
 def _no_window_layer(cfg: RunConfig) -> Optional[str]:

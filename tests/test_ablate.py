@@ -335,20 +335,21 @@ def corpus(tmp_path_factory):
     return d, write_corpus(d / "c.txt", lines=1500)
 
 
+def ablation_file(path: Path, data: Path, seeds: int, variants: str) -> Path:
+    """A 6-step hybrid ablation file on `data` with the given `variants:` block."""
+    path.write_text(f"arch: hybrid\nseeds: {seeds}\nsteps: 6\ndata: {data}\nvariants:{variants}")
+    return path
+
+
 def test_inline_and_file_forms_give_the_same_runs(corpus, tmp_path):
     d, text = corpus
     inline = inline_ablation("hybrid", ["model.layers=CCA,C", "model.conv_kernel=3,4"], 2, 6, [str(text)],
                              overrides=tiny(d))
-    f = tmp_path / "abl.yaml"
-    f.write_text(f"""arch: hybrid
-seeds: 2
-steps: 6
-data: {text}
-variants:
-  layers=CCA+conv_kernel=3: {{overrides: {{model.layers: CCA, model.conv_kernel: 3}}}}
-  layers=CCA+conv_kernel=4: {{overrides: {{model.layers: CCA, model.conv_kernel: 4}}}}
-  layers=C+conv_kernel=3: {{overrides: [model.layers=C, model.conv_kernel=3]}}
-  layers=C+conv_kernel=4: {{overrides: {{model.layers: C, model.conv_kernel: 4}}}}
+    f = ablation_file(tmp_path / "abl.yaml", text, 2, """
+  layers=CCA+conv_kernel=3: {overrides: {model.layers: CCA, model.conv_kernel: 3}}
+  layers=CCA+conv_kernel=4: {overrides: {model.layers: CCA, model.conv_kernel: 4}}
+  layers=C+conv_kernel=3: {overrides: [model.layers=C, model.conv_kernel=3]}
+  layers=C+conv_kernel=4: {overrides: {model.layers: C, model.conv_kernel: 4}}
 """)
     from_file = file_ablation(f, overrides=tiny(d))
     (cells_a, runs_a), (cells_b, runs_b) = plan(inline), plan(from_file)
@@ -378,15 +379,10 @@ def test_a_variant_that_trains_an_earlier_ones_model_again_is_dropped_or_refused
         "(model.layers, model.mlp)",
         "[ablate] note: model.window=8 has no effect in any variant: no layer slides a window (model.window_pattern "
         "is L: S marks sliding layers)"]
-    f = tmp_path / "abl.yaml"
-    f.write_text(f"""arch: hybrid
-seeds: 1
-steps: 6
-data: {text}
-variants:
-  adamw: {{}}
-  adamw-momentum: {{overrides: [optim.muon_momentum=0.8]}}
-  transformer: {{arch: transformer, overrides: [model.layers=CCA]}}
+    f = ablation_file(tmp_path / "abl.yaml", text, 1, """
+  adamw: {}
+  adamw-momentum: {overrides: [optim.muon_momentum=0.8]}
+  transformer: {arch: transformer, overrides: [model.layers=CCA]}
 """)
     with pytest.raises(AblationError, match=r"^variant adamw-momentum trains the same model as adamw "
                                             r"\(optim.muon_momentum=0.8 has no effect: optim.name is adamw\): drop one"):

@@ -213,7 +213,7 @@ def inline_ablation(arch: Optional[str], varies: list[str], seeds=None, steps: O
                   steps=steps, budget=budget or DEFAULT_BUDGET, overrides=list(overrides), config=str(config))
     # A product of axes can hold cells that train one model twice (conv_kernel=3,4 under layers=A):
     # the later one is dropped, and said. A file's variants are the user's list: plan refuses those.
-    for v, same_as, why in duplicates(ab):
+    for v, same_as, why in duplicates(ab, first_configs(ab)):
         ab.variants.remove(v)
         print(f"[ablate] variant {v.name} dropped: it trains the same model as {same_as.name} ({why})")
     return ab
@@ -356,22 +356,21 @@ def first_configs(ab: Ablation) -> dict[str, RunConfig]:
     return {v.name: resolve(ab, v, corpus, ab.steps, ab.seeds[0])[1] for v in ab.variants}
 
 
-def unused_overrides(ab: Ablation) -> list[str]:
-    """'KEY=VALUE has no effect in any variant: WHY' for each common override that no variant reads."""
-    cfgs = list(first_configs(ab).values())
+def unused_overrides(ab: Ablation, cfgs: dict[str, RunConfig]) -> list[str]:
+    """'KEY=VALUE has no effect in any variant: WHY' for each common override that no variant's
+    config (first_configs) reads."""
     out = []
     for text in ab.overrides:
         key = setting_key(parse_override(text)[0])
-        whys = [why_unused(cfg, key) for cfg in cfgs] if key else [None]
+        whys = [why_unused(cfg, key) for cfg in cfgs.values()] if key else [None]
         if all(whys):
             out.append(f"{text} has no effect in any variant: {whys[0]}")
     return out
 
 
-def duplicates(ab: Ablation) -> list[tuple[Variant, Variant, str]]:
+def duplicates(ab: Ablation, cfgs: dict[str, RunConfig]) -> list[tuple[Variant, Variant, str]]:
     """(variant, the earlier variant it trains the same model as, why) for each variant whose
-    settings differ from an earlier one's only where neither reads them (slmlab/unused.py)."""
-    cfgs = first_configs(ab)
+    settings (first_configs) differ from an earlier one's only where neither reads them (slmlab/unused.py)."""
     out = []
     for i, v in enumerate(ab.variants):
         for w in ab.variants[:i]:
@@ -386,11 +385,12 @@ def duplicates(ab: Ablation) -> list[tuple[Variant, Variant, str]]:
 def plan(ab: Ablation) -> tuple[list[Cell], list[Run]]:
     """Every cell (variant x corpus, sized under the budget) and every run, interleaved by seed
     (seed 1 of every variant, then seed 2, ...) so that machine drift spreads over all variants."""
-    twins = duplicates(ab)
+    first = first_configs(ab)
+    twins = duplicates(ab, first)
     if twins:
         v, same_as, why = twins[0]
         raise AblationError(f"variant {v.name} trains the same model as {same_as.name} ({why}): drop one")
-    for line in unused_overrides(ab):
+    for line in unused_overrides(ab, first):
         print(f"[ablate] note: {line}")
     cells: dict[tuple[str, str], Cell] = {}
     for corpus in ab.corpora:

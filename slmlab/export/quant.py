@@ -94,11 +94,12 @@ def bpb_change(cfg, model: nn.Module, tok, max_tokens: int | None = 65536) -> di
                           tokenizer=tok, progress=False, quiet=True)
     lens = token_byte_lengths(tok)
     dev = torch.device("cpu")
-    base = evaluate(model, bundle.val, cfg, dev, lens, max_tokens=max_tokens)
-    quant = evaluate(fake_quantize(copy.deepcopy(model)), bundle.val, cfg, dev, lens, max_tokens=max_tokens)
+    T, B = run_eval_shape(cfg)
+    base = evaluate(model, bundle.val, cfg, dev, lens, max_tokens=max_tokens, seq_len=T, batch_size=B)
+    quant = evaluate(fake_quantize(copy.deepcopy(model)), bundle.val, cfg, dev, lens, max_tokens=max_tokens,
+                     seq_len=T, batch_size=B)
     if not base or not quant:  # a validation split shorter than one window of the run's eval shape
-        print(f"note: no val-bpb report: the validation split is shorter than one {run_eval_shape(cfg)[0]}-token "
-              "evaluation window",
+        print(f"note: no val-bpb report: the validation split is shorter than one {T}-token evaluation window",
               file=sys.stderr)
         return {}
     return {"fp32_bpb": base["val_bpb"], "int8_bpb": quant["val_bpb"],
