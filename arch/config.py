@@ -73,9 +73,14 @@ class ModelConfig:
         self.validate()
 
     def weight_changes(self, new: "ModelConfig") -> list[str]:
-        """'model.KEY old -> new' for each key (other than NOT_WEIGHTS) where `new` differs."""
+        """'model.KEY old -> new' for each key (other than NOT_WEIGHTS) where `new` differs. The layer pattern
+        counts as the block list it builds (layer_types, as unused.settings reads it): "CCA", "CCACCA" and
+        "conv,conv,attn" are one model; its line names the patterns as written."""
         a, b = self.to_dict(), new.to_dict()
-        return [f"model.{k} {a[k]!r} -> {b.get(k)!r}" for k in a if k not in self.NOT_WEIGHTS and a[k] != b.get(k)]
+        # The same spelling with other blocks means only n_layers changed, which its own line already names.
+        layers_differ = a["layers"] != b["layers"] and self.layer_types() != new.layer_types()
+        return [f"model.{k} {a[k]!r} -> {b.get(k)!r}" for k in a if k not in self.NOT_WEIGHTS
+                and (layers_differ if k == "layers" else a[k] != b.get(k))]
 
     def block_options(self, name: str):
         """The options dataclass of block `name`, filled from mixer_opts[name] and checked."""

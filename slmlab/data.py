@@ -264,6 +264,10 @@ class _Source:
     def fingerprint(self) -> str:
         raise NotImplementedError
 
+    def cache_spec(self) -> str:
+        """The spec as the cache key names it."""
+        return self.spec
+
     def split(self, val_frac: float) -> tuple[list[str], list[str]]:
         raise NotImplementedError
 
@@ -293,10 +297,19 @@ def _stat_line(path: Path, rel: str) -> str:
     return f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n"
 
 
-class _FileSource(_Source):
+class _LocalSource(_Source):
     def __init__(self, spec: str, path: Path):
         super().__init__(spec)
         self.path = path
+
+    def cache_spec(self) -> str:
+        # ./x.txt, x.txt and /abs/x.txt are one corpus: keyed as written, each would tokenize and cache again.
+        return str(self.path.resolve())
+
+
+class _FileSource(_LocalSource):
+    def __init__(self, spec: str, path: Path):
+        super().__init__(spec, path)
         if path.suffix.lower() not in SUPPORTED_SUFFIXES:
             raise DataError(f"unsupported data file type {path.suffix or '(none)'!r}: {path} "
                             f"(supported: {', '.join(SUPPORTED_SUFFIXES)})")
@@ -338,10 +351,9 @@ def _list_dir(root: Path) -> tuple[list[str], dict[str, int]]:
     return sorted(files), dict(ignored)
 
 
-class _DirSource(_Source):
+class _DirSource(_LocalSource):
     def __init__(self, spec: str, path: Path):
-        super().__init__(spec)
-        self.path = path
+        super().__init__(spec, path)
         self.files, self.ignored = _list_dir(path)
         if not self.files:
             raise DataError(f"empty corpus: no {'/'.join(SUPPORTED_SUFFIXES)} files under {path}"
@@ -676,7 +688,7 @@ def prepare_data(spec: str, vocab_size: int, cache_dir: str | os.PathLike, val_f
     source = resolve_spec(spec)
     fp = source.fingerprint()
     tok_json = tokenizer.fingerprint() if tokenizer is not None else None
-    key = cache_key(spec, fp, vocab_size, val_frac, tok_json, tokenizer_train_bytes)
+    key = cache_key(source.cache_spec(), fp, vocab_size, val_frac, tok_json, tokenizer_train_bytes)
     final = cache_dir / key
     if final.exists() or final.is_symlink():
         try:

@@ -238,6 +238,19 @@ def test_imports_are_recorded_absolute_once_and_are_not_a_weight_change(tmp_path
         _forget_keep()
 
 
+def test_weight_changes_compares_the_layer_pattern_as_the_blocks_it_builds():
+    """Before: model.layers was compared as written, so resuming a CCA run (tiled to 6 layers) with
+    --layers CCACCA or conv,conv,attn was refused although it builds the same model."""
+    from arch.config import ModelConfig
+
+    saved = ModelConfig(layers="CCA", n_layers=6)
+    for same in ("CCACCA", "conv,conv,attn", ["conv", "conv", "attn", "conv", "conv", "attn"], " cca "):
+        assert saved.weight_changes(ModelConfig(layers=same, n_layers=6)) == [], same
+    assert saved.weight_changes(ModelConfig(layers="CAA", n_layers=6)) == ["model.layers 'CCA' -> 'CAA'"]
+    # The n_layers line names a change of depth; the pattern as written did not change.
+    assert saved.weight_changes(ModelConfig(layers="CCA", n_layers=3)) == ["model.n_layers 6 -> 3"]
+
+
 # ---- found by fuzzing train.py's config (each failed with a traceback or was silently ignored) ----
 
 def _train_cli(argv, capsys):

@@ -212,6 +212,26 @@ def test_prepare_txt_and_cache(tmp_path, corpus, monkeypatch):
     assert b3.path != b.path and not b3.cached
 
 
+def test_spellings_of_one_local_path_share_one_cache_entry(tmp_path, corpus, small_dir, monkeypatch):
+    """Before: the key held the spec as written, so ./x.txt, x.txt and /abs/x.txt each tokenized and cached."""
+    f = tmp_path / "shakes.txt"
+    f.write_text(corpus, encoding="utf-8")
+    cache = tmp_path / "cache"
+    monkeypatch.chdir(tmp_path)
+    first = _prep("shakes.txt", cache, val_frac=0.1)
+    d = _prep(small_dir, cache, val_frac=0.1)
+
+    def boom(*a, **k):
+        raise AssertionError("should be cached")
+
+    monkeypatch.setattr(D, "_tokenize_to_file", boom)
+    for spelling in ("./shakes.txt", str(f), "../" + tmp_path.name + "/shakes.txt"):
+        assert _prep(spelling, cache, val_frac=0.1).path == first.path
+    monkeypatch.chdir(small_dir.parent)
+    assert _prep("./" + small_dir.name + "/", cache, val_frac=0.1).path == d.path
+    assert sorted(p.name for p in cache.iterdir()) == sorted([first.path.name, d.path.name])
+
+
 def test_token_files_deterministic(tmp_path, small_dir, capsys):
     a = prepare_data(str(small_dir), 700, tmp_path / "c1", val_frac=0.2, progress=False)
     out = capsys.readouterr().out
