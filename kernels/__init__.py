@@ -102,6 +102,8 @@ def describe_routing(backend: str, device, layer_types: list, windows: list, seq
         elif attention_uses_flex(backend, w, seq_len, seq_len):
             lib = "flex_attention" + ("" if t.type == "cuda" else " (unfused off CUDA)")
         parts.append(f"attention ({'full context' if full else f'window {w}'}) {lib}")
+    if "deltanet" in layer_types:
+        parts.append("deltanet conv " + ("Triton" if tri else "PyTorch conv1d") + ", chunked delta rule in PyTorch")
     if "lif" in layer_types or mlp == "lif":
         parts.append("LIF scan " + ("reference loop" if scan == "reference" else "Triton" if tri
                                     else "fused eager loop"))

@@ -88,6 +88,21 @@ def _mlp_bias(cfg: RunConfig) -> Optional[str]:
     return None
 
 
+def _heads(key: str) -> Callable[[RunConfig], Optional[str]]:
+    """model.n_heads / model.head_dim: attention reads them, and so does deltanet for the head count and
+    size its own options leave null (the head size defaults to d_model // n_heads)."""
+    def why(cfg: RunConfig) -> Optional[str]:
+        reason = NO_ATTN(cfg)
+        if reason is None or "deltanet" not in cfg.model.layer_types():
+            return reason
+        o = cfg.model.block_options("deltanet")
+        size_unset = o.head_dim is None
+        if key == "head_dim" and size_unset or key == "n_heads" and (o.heads is None or size_unset and not cfg.model.head_dim):
+            return None
+        return f"{reason}, and model.mixer_opts.deltanet sets its own {'head_dim' if key == 'head_dim' else 'heads'}"
+    return why
+
+
 MDLM = _unless("objective.name", "mdlm")
 MUON = _unless("optim.name", "muon")
 NO_ATTN = _without("attn", "attention")
@@ -109,7 +124,8 @@ RULES: dict[str, Callable[[RunConfig], Optional[str]]] = {
     "model.max_positions": _unless("model.pos", "learned"),
     "model.rope_theta": lambda c: _unless("model.pos", "rope")(c) or NO_ATTN(c),
     "model.rope_scaling": lambda c: _unless("model.pos", "rope")(c) or NO_ATTN(c),
-    **{f"model.{k}": NO_ATTN for k in ("n_heads", "n_kv_heads", "head_dim", "qk_norm", "attn_bias", "attn_out_bias")},
+    **{f"model.{k}": NO_ATTN for k in ("n_kv_heads", "qk_norm", "attn_bias", "attn_out_bias")},
+    "model.n_heads": _heads("n_heads"), "model.head_dim": _heads("head_dim"),
     "model.conv_kernel": _without("conv", "a short conv"), "model.conv_bias": _without("conv", "a short conv"),
     "model.mlp_bias": _mlp_bias,
 }

@@ -83,7 +83,8 @@ def _saved_bytes(fn, exclude) -> int:
 
 @pytest.mark.parametrize("layers,mlp,causal,window_pattern", [
     ("A", "swiglu", True, "L"), ("A", "swiglu", True, "S"), ("A", "swiglu", False, "L"), ("C", "swiglu", True, "L"),
-    ("C", "swiglu", False, "L"), ("L", "lif", True, "L"), ("L", "lif", False, "L")])
+    ("C", "swiglu", False, "L"), ("L", "lif", True, "L"), ("L", "lif", False, "L"),
+    ("D", "swiglu", True, "L"), ("D", "swiglu", False, "L")])
 def test_block_activation_bytes_equal_what_autograd_saves(layers, mlp, causal, window_pattern):
     from arch import ModelConfig, build_model
     from arch.config import ObjectiveConfig
@@ -95,7 +96,9 @@ def test_block_activation_bytes_equal_what_autograd_saves(layers, mlp, causal, w
     B, T = 3, 40
     x = torch.randn(B, T, cfg.d_model, requires_grad=True)
     got = _saved_bytes(lambda: block(x)[0], list(model.parameters()) + list(model.buffers()))
-    assert block.activation_bytes(B, T, 4) == pytest.approx(got, rel=0.01)
+    # deltanet's figure is a fit (arch/deltanet.py), tested over more shapes in tests/test_deltanet.py
+    rel = 0.05 if layers == "D" and not causal else 0.01
+    assert block.activation_bytes(B, T, 4) == pytest.approx(got, rel=rel)
 
 
 def test_a_block_without_a_declaration_gets_the_linear_bound():

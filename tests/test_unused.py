@@ -43,6 +43,11 @@ UNUSED = [
     (["model.layers=C", "model.n_kv_heads=2"], "model.n_kv_heads", "no layer is attention"),
     (["model.layers=C", "model.qk_norm=false", "model.attn_bias=true"], "model.qk_norm", "no layer is attention"),
     (["model.layers=A", "model.conv_kernel=4"], "model.conv_kernel", "no layer is a short conv"),
+    (["model.layers=D", "model.n_kv_heads=2"], "model.n_kv_heads", "no layer is attention"),
+    (["model.layers=D", "model.mixer_opts.deltanet.head_dim=8", "model.head_dim=4"], "model.head_dim",
+     "model.mixer_opts.deltanet sets its own head_dim"),
+    (["model.layers=D", "model.mixer_opts.deltanet={heads: 2, head_dim: 8}", "model.n_heads=4"], "model.n_heads",
+     "model.mixer_opts.deltanet sets its own heads"),
     (["model.mlp=lif", "model.mlp_bias=true"], "model.mlp_bias", "model.mlp is lif"),
     (["model.mixer_opts.lif.beta=0.5"], "model.mixer_opts.lif", "no layer uses the lif block"),
 ]
@@ -60,6 +65,9 @@ USED = [
     ["model.pos=learned", "model.max_positions=512"],
     ["model.mlp=gelu", "model.mlp_bias=true"],
     ["model.layers=CCA", "model.rope_theta=5e5"],
+    ["model.layers=D", "model.n_heads=4"],  # deltanet's heads default to the model's
+    ["model.layers=D", "model.head_dim=8"],
+    ["model.layers=D", "model.mixer_opts.deltanet.heads=2", "model.n_heads=4"],  # its head size: d_model // n_heads
 ]
 
 

@@ -29,6 +29,9 @@ def check_supported(mcfg):
         raise ConfigError(f"blocks {kinds} have no static-state step, so no export decode graph "
                           "(a block exports when it has the static-state step: static_state_names, static_state, "
                           "forward_static; docs/blocks.md)")
+    for kind in sorted(set(mcfg.layer_types())):
+        if MIXERS[kind].no_export:
+            raise ConfigError(f"block {kind!r} has no export decode graph: {MIXERS[kind].no_export}")
 
 
 class StepLM(nn.Module):
