@@ -116,18 +116,20 @@ def gated_delta_chunked(q, k, v, g, beta, S, chunk: int = 64):
     rhs = torch.cat([beta[..., None] * v, (beta * gam.exp())[..., None] * k], dim=-1)
     U0, W = torch.linalg.solve_triangular(system, rhs, upper=False).split([dv, dk], dim=-1)
     scores = (q @ k.transpose(-1, -2)) * decay
-    # O = (exp(gam) Q - scores W) S0 + scores U0: only the S0 products stay in the loop
-    read = q * gam.exp()[..., None] - scores @ W
-    base = scores @ U0
+    # S_C = (exp(gam_C) I - K_out^T W) S0 + K_out^T U0 = M S0 + R: one matmul-add a chunk in the loop.
+    # Each op of the loop is a parallel region (a barrier per op); fewer of them is what keeps a busy
+    # machine from stalling it (the loop body had 7 ops; 2 threads beside another process took ~3x).
     k_out = (k * (gam[..., -1:] - gam).exp()[..., None]).transpose(-1, -2)
-    carry = gam[..., -1].exp()[..., None, None]  # [B, H, N, 1, 1]
-    out = []
-    # unbind once: indexing [:, :, n] in the loop would give each chunk a full-size zero gradient
-    for r, b, u0, w, ko, c in zip(*(t.unbind(2) for t in (read, base, U0, W, k_out, carry))):
-        out.append(b + r @ S)
-        S = S * c + ko @ (u0 - w @ S)
-    o = torch.stack(out, 2).reshape(B, H, N * C, dv)[:, :, :T]
-    return o.transpose(1, 2), S
+    M = torch.diag_embed(gam[..., -1:].exp().expand(*gam.shape[:-1], dk)) - k_out @ W
+    R = k_out @ U0
+    starts = []
+    for m, r in zip(M.unbind(2), R.unbind(2)):  # unbind once: indexing [:, :, n] makes full-size zero grads
+        starts.append(S)
+        S = torch.baddbmm(r.flatten(0, 1), m.flatten(0, 1), S.flatten(0, 1)).view_as(S)
+    S0 = torch.stack(starts, 2)  # [B, H, N, dk, dv]: the state at each chunk's start
+    # O = (exp(gam) Q - scores W) S0 + scores U0
+    o = (q * gam.exp()[..., None] - scores @ W) @ S0 + scores @ U0
+    return o.reshape(B, H, N * C, dv)[:, :, :T].transpose(1, 2), S
 
 
 def unit_norm(x, eps: float = 1e-6):
@@ -197,7 +199,9 @@ class GatedDeltaNet(Mixer):
         B, T, _ = qkv.shape
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         r = self.v_heads // self.heads
-        q, k = (unit_norm(t.reshape(B, T, self.heads, self.dk)).repeat_interleave(r, dim=2) for t in (q, k))
+        q, k = (unit_norm(t.reshape(B, T, self.heads, self.dk)) for t in (q, k))
+        if r > 1:  # each query/key head serves r consecutive value heads
+            q, k = q.repeat_interleave(r, dim=2), k.repeat_interleave(r, dim=2)
         b, a = ba.chunk(2, dim=-1)
         g = -self.A_log.float().exp() * F.softplus(a + self.dt_bias)
         return q * self.dk ** -0.5, k, v.reshape(B, T, self.v_heads, self.dv), g, b.sigmoid()
@@ -229,15 +233,15 @@ class GatedDeltaNet(Mixer):
     def activation_bytes(self, batch: int, seq_len: int, act: int) -> int:
         """A fit, not a derivation: what autograd saves depends on which batched matmuls copy their
         operands, so tests check it against autograd's saved tensors over shapes (heads, head sizes,
-        chunk lengths and counts): within 3% causal, 5% bidirectional. The conv path (in_proj's
-        output, conv input and output, SiLU) is in the matmul dtype; the core runs in fp32: per value
-        head and token ~6 chunk-length rows (decays, A, scores, the solve) and ~9 vectors, per chunk
-        1.5 states; the gated norm ~9 per value channel. A bidirectional model's second core (over
-        the flipped sequence) saves ~0.7 more."""
+        chunk lengths and counts): within 12% at one chunk, 6% at several. The conv path (in_proj's output, conv input and output, SiLU) is in the matmul
+        dtype; the core runs in fp32: per value head and token ~6 chunk-length rows (decays, the
+        system, scores) and ~9 vectors; per chunk its transition M [dk, dk] and, after the first,
+        ~3 states; the gated norm ~9 per value channel. A bidirectional model's second core (over the
+        flipped sequence) saves ~0.7 more."""
         tokens, C = batch * seq_len, min(self.opts.chunk, seq_len)
-        chunks = batch * -(-seq_len // C)
+        n = -(-seq_len // C)
         core = tokens * (9 * self.value_dim + self.v_heads * (6 * C + 9 * self.dk + 12) + 16 * self.heads)
-        core += 1.5 * chunks * self.v_heads * self.dk * self.dv
+        core += batch * self.v_heads * self.dk * (n * self.dk + 3 * (n - 1) * self.dv)
         return int(3.5 * tokens * self.conv_dim * act + (1 if self.causal else 1.7) * core * 4)
 
     def flops_per_token(self, seq_len: int) -> float:
