@@ -25,3 +25,12 @@ def _fp32_is_fp32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture(scope="session")
+def sft_base(tmp_path_factory):
+    """The tiny pretrained base run (sft_helpers.make_base) that test_sft and test_lora fine-tune: trained
+    once per session. Tests read it or copy it, never write into it."""
+    from sft_helpers import make_base
+
+    return make_base(tmp_path_factory.mktemp("sftbase"))

@@ -5,7 +5,7 @@ import json
 import random
 from pathlib import Path
 
-from trainer_helpers import run_train, tiny_overrides, write_corpus
+from trainer_helpers import run_here, tiny_overrides, write_corpus
 
 WORDS = "the of and to a in is it you that".split()
 
@@ -29,9 +29,9 @@ def write_chat(path: Path, n: int = 60, seed: int = 0) -> Path:
 
 def make_base(tmp: Path) -> Path:
     corpus = write_corpus(tmp / "corpus.txt")
-    res = run_train(["--arch", "hybrid", "--data", str(corpus), "--out", str(tmp / "base"),
-                     *sft_overrides(tmp, steps=6)])
-    assert res.returncode == 0, res.stderr
+    rc, _, err = run_here("train", "--arch", "hybrid", "--data", corpus, "--out", tmp / "base",
+                          *sft_overrides(tmp, steps=6))
+    assert rc == 0, err
     return tmp / "base"
 
 

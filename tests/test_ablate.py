@@ -545,6 +545,18 @@ def run_ablate(out, args, env=None, popen=False):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+def ablate_here(out, args, capsys):
+    """ablate.py's coordinator in this process (run_cli, as its __main__ runs it; the runs' workers are still
+    processes of their own): (exit status, stdout, stderr); a SystemExit's code is the exit status."""
+    capsys.readouterr()
+    try:
+        rc = ablate_cli.run_cli(ablate_cli.main, ["--out", str(out), *args])
+    except SystemExit as e:
+        rc = e.code
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
 def grid(corpus):
     d, text = corpus
     return ["--arch", "hybrid", "--vary", "model.layers=CCA,A", "--seeds", "2", "--steps", "6", "--data", str(text),
@@ -578,11 +590,11 @@ def test_outputs(reference):
     assert len(rows) == 5 and all(",done," in r for r in rows[1:])
 
 
-def test_same_command_skips_finished_runs(reference):
+def test_same_command_skips_finished_runs(reference, capsys):
     before = {p: p.stat().st_mtime_ns for p in reference.glob("*/seed*/summary.json")}
-    p = run_ablate(reference, grid_from(reference))
-    assert p.returncode == 0, p.stderr
-    assert "4 of 4 runs already finished" in p.stdout
+    rc, out, err = ablate_here(reference, grid_from(reference), capsys)
+    assert rc == 0, err
+    assert "4 of 4 runs already finished" in out
     assert {q: q.stat().st_mtime_ns for q in reference.glob("*/seed*/summary.json")} == before
 
 
@@ -607,7 +619,7 @@ def _kill_mid_run(out, args):
     return interrupted()
 
 
-def test_killed_coordinator_rerun_resumes_and_gives_identical_results(corpus, reference):
+def test_killed_coordinator_rerun_resumes_and_gives_identical_results(corpus, reference, capsys):
     args = grid(corpus) + ["--jobs", "2"]  # a checkpoint every 2 of 6 steps
     for attempt in range(3):  # a kill that came too late says nothing about resuming: try again afresh
         out = corpus[0] / f"killed{attempt}"
@@ -615,21 +627,21 @@ def test_killed_coordinator_rerun_resumes_and_gives_identical_results(corpus, re
         if killed:
             break
     assert killed, "the coordinator finished before it could be killed mid-run, three times"
-    p = run_ablate(out, args)
-    assert p.returncode == 0, p.stderr
+    rc, _, err = ablate_here(out, args, capsys)  # the re-run's coordinator: this process
+    assert rc == 0, err
     assert "resumed from" in (killed[0] / "train.log").read_text()
     assert (out / "results.csv").read_text() == (reference / "results.csv").read_text()
 
 
-def test_crashed_run_is_marked_and_the_others_go_on(corpus):
+def test_crashed_run_is_marked_and_the_others_go_on(corpus, capsys):
     d, text = corpus
     out = d / "crash"
     # lr 1e9 turns the loss non-finite at step 2, and max_bad_steps=1 makes that a crash
-    p = run_ablate(out, ["--arch", "hybrid", "--vary", "optim.lr=3e-3,1e9", "--seeds", "1", "--steps", "4",
-                         "--data", str(text), "--jobs", "2", "--threads", "1",
-                         *tiny(d, **{"train.max_bad_steps": 1, "train.warmup_steps": 1})])
-    assert p.returncode == 1 and "1 run(s) failed: lr=1e9/seed1" in p.stderr, p.stderr
-    assert "training diverged" in p.stdout  # the progress line gives the run's last log line
+    rc, stdout, err = ablate_here(out, ["--arch", "hybrid", "--vary", "optim.lr=3e-3,1e9", "--seeds", "1", "--steps",
+                                        "4", "--data", str(text), "--jobs", "2", "--threads", "1",
+                                        *tiny(d, **{"train.max_bad_steps": 1, "train.warmup_steps": 1})], capsys)
+    assert rc == 1 and "1 run(s) failed: lr=1e9/seed1" in err, err
+    assert "training diverged" in stdout  # the progress line gives the run's last log line
     md = (out / "results.md").read_text()
     assert "(0/1, seed 1 failed)" in md and "| lr=3e-3 |" in md
     assert "- lr=1e9: seed 1 failed: exit 2: error: training diverged" in md  # its error.txt, kept for the report
@@ -650,9 +662,9 @@ def test_report_alone_rebuilds_outputs(corpus, reference):
     assert (out / "curves.png").stat().st_size > 0 and (out / "final.png").stat().st_size > 0
 
 
-def test_other_ablation_in_out_is_refused(corpus, reference):
-    p = run_ablate(reference, grid(corpus) + ["--seeds", "3"])
-    assert p.returncode == 2 and "holds a different ablation (seeds differs); pass --force" in p.stderr, p.stderr
+def test_other_ablation_in_out_is_refused(corpus, reference, capsys):
+    rc, _, err = ablate_here(reference, grid(corpus) + ["--seeds", "3"], capsys)
+    assert rc == 2 and "holds a different ablation (seeds differs); pass --force" in err, err
 
 
 def test_submitit_local_executor_runs_the_grid(submitit_run):

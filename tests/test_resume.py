@@ -10,21 +10,17 @@ import sys
 import time
 
 import pytest
-from trainer_helpers import ROOT, kill_after_checkpoint, losses, run_train, tiny_overrides, write_corpus
+from trainer_helpers import ROOT, kill_after_checkpoint, losses, run_here, run_train, tiny_overrides, write_corpus
 
 from slmlab.checkpoint import checkpoint_dirs, latest_checkpoint, load_state
 
 
-@pytest.mark.parametrize("optim", ["muon"])
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path, optim):
-    corpus = write_corpus(tmp_path / "c.txt")
-    # 120 steps over two phases (16 then 32 tokens per sequence, phase 2 from step 61), checkpoints
-    # every 4. The kill comes from outside once a phase-2 checkpoint (step >= 64) exists: it lands
-    # wherever the run is then, usually a few steps past that checkpoint (replayed on resume), and
-    # with 56 steps (> 1 s) still to go the run cannot finish first.
-    ov = tiny_overrides(tmp_path, steps=120, **{"train.ckpt_every": 4, "optim.name": optim})
-    full = run_train(["--data", str(corpus), "--out", str(tmp_path / "full"), *ov])
-    assert full.returncode == 0, full.stderr
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, uninterrupted):
+    # 120 steps over two phases (16 then 32 tokens per sequence, phase 2 from step 61), Muon, checkpoints
+    # every 8 (the `uninterrupted` run's settings). The kill comes from outside once a phase-2 checkpoint
+    # (step >= 64) exists: it lands wherever the run is then, usually a few steps past that checkpoint
+    # (replayed on resume), and with 56 steps (> 1 s) still to go the run cannot finish first.
+    corpus, ov, full = uninterrupted
     run = tmp_path / "run"
     rc = kill_after_checkpoint([sys.executable, str(ROOT / "train.py"), "--data", str(corpus), "--out", str(run), *ov],
                                run, min_step=64, log=tmp_path / "killed.log")
@@ -36,9 +32,9 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, optim):
     resumed = run_train(["--resume", "--out", str(run)])
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
-    a, b = losses(tmp_path / "full"), losses(run)
-    assert sorted(a) == sorted(b) == list(range(1, 121))
-    assert max(abs(a[k] - b[k]) for k in a) <= 1e-6, (a, b)
+    b = losses(run)
+    assert sorted(full) == sorted(b) == list(range(1, 121))
+    assert max(abs(full[k] - b[k]) for k in full) <= 1e-6, (full, b)
 
 
 def test_kill_during_checkpoint_write_leaves_previous_loadable(tmp_path):
@@ -61,9 +57,9 @@ def test_kill_during_checkpoint_write_leaves_previous_loadable(tmp_path):
     for d in dirs:
         assert load_state(d / "state.pt")["step"] == int(d.name[5:])
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)  # resume re-prepares data if it must
-    r = run_train(["--resume", "--out", str(tmp_path / "run"), "train.steps=" + str(
-        load_state(dirs[-1] / "state.pt")["step"] + 2)])
-    assert r.returncode == 0, r.stderr
+    rc, _, err = run_here("train", "--resume", "--out", tmp_path / "run",
+                          f"train.steps={load_state(dirs[-1] / 'state.pt')['step'] + 2}")
+    assert rc == 0, err
 
 
 @pytest.mark.parametrize("mutate,needle", [
@@ -194,10 +190,11 @@ def test_resume_with_other_added_tokens_names_them(base_run, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """120 steps over two phases, checkpoints every 10: the run the interrupted ones must reproduce."""
+    """120 steps over two phases, Muon (its AdamW groups too), checkpoints every 8: the run the
+    SIGKILLed, SIGINTed and SIGTERMed ones must reproduce (one uninterrupted run for all three)."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
     corpus = write_corpus(tmp / "c.txt")
-    ov = tiny_overrides(tmp, steps=120, **{"train.ckpt_every": 10})
+    ov = tiny_overrides(tmp, steps=120, **{"train.ckpt_every": 8, "optim.name": "muon"})
     full = run_train(["--data", str(corpus), "--out", str(tmp / "full"), *ov])
     assert full.returncode == 0, full.stderr
     return corpus, ov, losses(tmp / "full")

@@ -6,8 +6,8 @@ import re
 
 import pytest
 import torch
-from sft_helpers import make_base, qwen_like, sft_overrides, write_chat
-from trainer_helpers import ROOT, losses, run_train
+from sft_helpers import qwen_like, sft_overrides, write_chat
+from trainer_helpers import losses, run_here
 
 from slmlab.errors import ConfigError, DataError
 from slmlab.sft import CHATML, IGNORE, ChatTemplate, detect_format, pad_batch, prepare_sft, read_examples
@@ -15,17 +15,17 @@ from slmlab.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return make_base(tmp_path_factory.mktemp("sftbase"))
+def base(sft_base):
+    return sft_base  # conftest.py: one make_base run shared with test_lora.py
 
 
 @pytest.fixture(scope="module")
 def sft_run(base, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sftrun")
     chat = write_chat(tmp / "chat.jsonl")
-    res = run_train(["--arch", "hybrid", "--data", str(chat), "--out", str(tmp / "run"),
-                     *sft_overrides(tmp, steps=40, **{"train.init_from": str(base), "train.eval_every": 20})])
-    assert res.returncode == 0, res.stderr
+    rc, _, err = run_here("train", "--arch", "hybrid", "--data", chat, "--out", tmp / "run",
+                     *sft_overrides(tmp, steps=40, **{"train.init_from": str(base), "train.eval_every": 20}))
+    assert rc == 0, err
     return tmp / "run"
 
 
@@ -93,10 +93,10 @@ def test_sft_distills_from_a_teacher_on_the_replies(base, sft_run, tmp_path):
     """train.teacher on chat data: the KL runs on the reply positions only (the -1 labels), and a
     student taught mostly by the chat-trained teacher learns its replies."""
     chat = write_chat(tmp_path / "chat.jsonl")
-    res = run_train(["--arch", "hybrid", "--data", str(chat), "--out", str(tmp_path / "student"),
+    rc, _, err = run_here("train", "--arch", "hybrid", "--data", chat, "--out", tmp_path / "student",
                      *sft_overrides(tmp_path, steps=20, **{"train.init_from": str(base), "train.teacher": str(sft_run),
-                                                           "train.distill_alpha": 0.9, "model.loss_chunk": 64})])
-    assert res.returncode == 0, res.stderr
+                                                           "train.distill_alpha": 0.9, "model.loss_chunk": 64}))
+    assert rc == 0, err
     recs = [json.loads(line) for line in (tmp_path / "student/metrics.jsonl").read_text().splitlines()]
     ce = [r["ce"] for r in recs if "ce" in r]
     # ~0.38 measured; with the untaught base as the teacher ~0.61, so this needs the teacher's replies
@@ -111,25 +111,21 @@ def test_sft_resumes_after_its_base_is_gone(base, tmp_path):
     mine = shutil.copytree(base, tmp_path / "base")
     chat, out = write_chat(tmp_path / "chat.jsonl"), tmp_path / "run"
     ov = sft_overrides(tmp_path, steps=2, **{"train.init_from": str(mine), "train.ckpt_every": 2})
-    assert run_train(["--data", str(chat), "--out", str(out), *ov]).returncode == 0
+    assert run_here("train", "--data", chat, "--out", out, *ov)[0] == 0
     shutil.rmtree(mine)
-    res = run_train(["--resume", "--out", str(out), "--steps", "4"])
-    assert res.returncode == 0, res.stderr
-    assert "no longer exists: the tokenizer (and chat template) come from" in res.stdout
+    rc, stdout, err = run_here("train", "--resume", "--out", out, "--steps", "4")
+    assert rc == 0, err
+    assert "no longer exists: the tokenizer (and chat template) come from" in stdout
     assert sorted(losses(out)) == [1, 2, 3, 4]
 
 
 def test_traces_are_valid_sft_input(sft_run, tmp_path):
-    import subprocess
-    import sys
-
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"say {w}"}) + "\n" for w in ("the", "of", "and")))
     out = tmp_path / "traces.jsonl"
-    res = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--run", str(sft_run), "--prompts", str(prompts),
-                          "--out", str(out), "--num-samples", "2", "--temperature", "0", "--max-new-tokens", "12"],
-                         cwd=ROOT, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    rc, _, err = run_here("sample", "--run", sft_run, "--prompts", prompts, "--out", out, "--num-samples", "2",
+                     "--temperature", "0", "--max-new-tokens", "12")
+    assert rc == 0, err
     assert detect_format(str(out)) == "prompt_completion"
     convs = read_examples(out, "prompt_completion")
     assert len(convs) == 6 and [c[0]["content"] for _, c in convs[:2]] == ["say the", "say the"]
@@ -142,18 +138,18 @@ def test_chat_without_an_assistant_turn_is_one_line_exit_2(base, tmp_path):
     lines = bad.read_text().splitlines()
     lines[2] = json.dumps({"messages": [{"role": "user", "content": "hello?"}]})
     bad.write_text("\n".join(lines) + "\n")
-    res = run_train(["--arch", "hybrid", "--data", str(bad), "--out", str(tmp_path / "r"),
-                     *sft_overrides(tmp_path, steps=2, **{"train.init_from": str(base)})])
-    assert res.returncode == 2
-    assert res.stderr.strip().splitlines()[-1] == f"error: {bad}:3: a chat example without an assistant turn " \
-                                                  "(no tokens to train on)"
+    rc, _, err = run_here("train", "--arch", "hybrid", "--data", bad, "--out", tmp_path / "r",
+                     *sft_overrides(tmp_path, steps=2, **{"train.init_from": str(base)}))
+    assert rc == 2
+    assert err.strip().splitlines()[-1] == f"error: {bad}:3: a chat example without an assistant turn " \
+                                           "(no tokens to train on)"
 
 
 def test_sft_needs_a_tokenizer(tmp_path):
     chat = write_chat(tmp_path / "c.jsonl", n=4)
-    res = run_train(["--arch", "hybrid", "--data", str(chat), "--out", str(tmp_path / "r"),
-                     *sft_overrides(tmp_path, steps=2)])
-    assert res.returncode == 2 and "SFT data needs a tokenizer" in res.stderr
+    rc, _, err = run_here("train", "--arch", "hybrid", "--data", chat, "--out", tmp_path / "r",
+                     *sft_overrides(tmp_path, steps=2))
+    assert rc == 2 and "SFT data needs a tokenizer" in err
 
 
 def test_masked_val_loss_counts_reply_tokens_only(base):
@@ -206,10 +202,10 @@ def test_sft_refuses_phase_data_and_order(base, tmp_path, phase, needle):
     (tmp_path / "corpus.txt").write_text("the of and\n" * 50)
     phases = (f"[{{seq_len: 96, share: 0.5, tokens_per_step: 768, {phase.format(corpus=tmp_path / 'corpus.txt')}}}, "
               "{seq_len: 96, share: 0.5, tokens_per_step: 768}]")
-    res = run_train(["--arch", "hybrid", "--data", str(chat), "--out", str(tmp_path / "r"),
+    rc, _, err = run_here("train", "--arch", "hybrid", "--data", chat, "--out", tmp_path / "r",
                      *sft_overrides(tmp_path, steps=2, **{"train.init_from": str(base), "train.phases": phases,
-                                                          "train.quality_score": "fn:length"})])
-    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: " + needle), res.stderr
+                                                          "train.quality_score": "fn:length"}))
+    assert rc == 2 and err.strip().splitlines()[-1].startswith("error: " + needle), err
     assert not (tmp_path / "r").exists()
 
 
@@ -233,9 +229,6 @@ def test_no_held_out_reply_within_the_eval_length_is_an_error(base, tmp_path):
 
 def test_traces_from_a_transformers_folder(base, tmp_path):
     """sample.py --hf: a tiny random Llama with this tokenizer and ChatML as its chat_template."""
-    import subprocess
-    import sys
-
     transformers = pytest.importorskip("transformers")
     hf = tmp_path / "hf"
     tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(base / "tokenizer.json"), bos_token="<|bos|>",
@@ -250,10 +243,9 @@ def test_traces_from_a_transformers_folder(base, tmp_path):
     prompts.write_text(json.dumps({"prompt": "say the"}) + "\n" + json.dumps(
         {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "say of"}]}) + "\n")
     out = tmp_path / "t.jsonl"
-    res = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--hf", str(hf), "--prompts", str(prompts),
-                          "--out", str(out), "--num-samples", "2", "--max-new-tokens", "6"],
-                         cwd=ROOT, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    rc, _, err = run_here("sample", "--hf", hf, "--prompts", prompts, "--out", out, "--num-samples", "2",
+                     "--max-new-tokens", "6")
+    assert rc == 0, err
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert [set(r) for r in recs] == [{"messages"}] * 4  # one format per file: a prompt became a user turn
     assert recs[0]["messages"][0] == {"role": "user", "content": "say the"}

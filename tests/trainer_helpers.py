@@ -36,6 +36,23 @@ def run_train(args: list[str], env_extra: dict | None = None, timeout: int = 120
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_here(script: str, *argv) -> tuple[int, str, str]:
+    """train.py, sample.py or convert.py run in this process as its __main__ runs it (run_cli):
+    (exit status, stdout, stderr). A subprocess adds seconds of start-up that nothing checks; use
+    run_train where the process itself matters (its environment, a kill, a fresh RNG)."""
+    import contextlib
+    import importlib
+    import io
+
+    from slmlab.cli import run_cli
+
+    main = importlib.import_module(script).main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = run_cli(main, [str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
