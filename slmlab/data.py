@@ -255,6 +255,22 @@ def parse_hf_spec(spec: str) -> HFSpec:
     return HFSpec(name, config or None, split)
 
 
+def load_hf(spec: str):
+    """``datasets.load_dataset`` for an ``hf:NAME[:CONFIG][@SPLIT]`` spec (downloads, or reads the
+    datasets cache); one-line DataError when the package is missing or the load fails."""
+    hf = parse_hf_spec(spec)
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{spec!r} needs the `datasets` package (pip install datasets, or pip install "
+                        "'slmlab[hf]')") from None
+    try:
+        return datasets.load_dataset(hf.name, hf.config, split=hf.split)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"could not load {spec}: {msg}") from None
+
+
 class _Source:
     """A resolved data spec: ``fingerprint()`` is cheap where possible, ``split(val_frac)`` reads the text."""
 
@@ -397,16 +413,7 @@ class _HFSource(_Source):
 
     def _load(self):
         if self._ds is None:
-            try:
-                import datasets
-            except ImportError:
-                raise DataError(f"data spec {self.spec!r} needs the `datasets` package "
-                                "(pip install datasets, or pip install 'slmlab[hf]')") from None
-            try:
-                ds = datasets.load_dataset(self.hf.name, self.hf.config, split=self.hf.split)
-            except Exception as e:
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise DataError(f"could not load {self.spec}: {msg}") from None
+            ds = load_hf(self.spec)
             cols = list(getattr(ds, "column_names", None) or [])
             if "text" not in cols:
                 raise DataError(f"{self.spec} has no 'text' column (columns: {', '.join(map(str, cols)) or 'none'})")

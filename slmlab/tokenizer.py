@@ -248,9 +248,14 @@ class Tokenizer:
 
     @property
     def start_id(self) -> int | None:
-        """What generation starts from when the prompt is empty: bos, or eos for tokenizers without a
-        bos (Qwen2.5)."""
-        return self.bos_id if self.bos_id is not None else self.eos_id
+        """The token a text starts after, as documents did in training: what generation starts from when
+        the prompt is empty, and what eval.py puts before each context. slmlab's data joins documents
+        with eos and never writes bos, so with its own tokenizer a model has only ever seen documents
+        start after eos (bos's embedding row never trained). An imported tokenizer's models were
+        trained by their makers with bos first, or eos where there is no bos (Qwen2.5)."""
+        if self.is_own or self.bos_id is None:
+            return self.eos_id
+        return self.bos_id
 
     @property
     def pad_id(self) -> int | None:

@@ -74,23 +74,30 @@ def run_completions(args, convs, device):
             yield msgs, template.reply(tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True))
 
 
-def hf_completions(args, convs, device):
-    """(conversation, reply) per prompt and sample, from a transformers folder: its tokenizer's
-    chat template, left-padded batches, transformers generate."""
+def load_hf_folder(path, device, **tokenizer_kwargs):
+    """(tokenizer, causal LM in eval mode on `device`) of a transformers model folder, given as --hf;
+    one-line ConfigErrors for a missing transformers, a folder without its files, or one it cannot load."""
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         raise ConfigError("--hf needs transformers: pip install -e '.[finetune]'") from None
     from .export.hf import hf_folder_files
 
-    path = Path(args.hf).expanduser()
+    path = Path(path).expanduser()
     hf_folder_files(path, label="--hf ")  # one-line errors where transformers would raise tracebacks
     try:  # the folder is untrusted: transformers' errors are tracebacks whose type varies by version
-        tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+        tok = AutoTokenizer.from_pretrained(path, **tokenizer_kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).to(device).eval()
     except (OSError, ValueError, KeyError, TypeError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"--hf {path}: transformers cannot load it: {msg}") from None
+    return tok, model
+
+
+def hf_completions(args, convs, device):
+    """(conversation, reply) per prompt and sample, from a transformers folder: its tokenizer's
+    chat template, left-padded batches, transformers generate."""
+    tok, model = load_hf_folder(args.hf, device, padding_side="left")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     torch.manual_seed(args.seed)

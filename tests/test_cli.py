@@ -370,7 +370,7 @@ def test_print_config_is_the_resolved_config_the_run_would_save(tmp_path, capsys
         _one_line_error(capsys, f"--print-config only prints the config: drop {flag}")
 
 
-@pytest.mark.parametrize("script", ["train", "sample", "convert", "ablate", "compare"])
+@pytest.mark.parametrize("script", ["train", "sample", "eval", "convert", "ablate", "compare"])
 def test_every_flag_is_documented(script, capsys):
     """Each flag a script's --help lists appears in the README or docs/ (a new flag without a line
     there fails here)."""

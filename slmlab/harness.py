@@ -1,0 +1,312 @@
+"""Log-likelihood scoring of task Items (slmlab/tasks.py) and their metrics, for eval.py.
+
+Each (context, continuation) pair is tokenized as start token + context + continuation, the two
+encoded separately so the continuation's tokens are exactly its own (a context's trailing spaces
+move to the continuation first, as lm-evaluation-harness does). A pair longer than the scorer's
+max_len loses tokens from the left of its context. The scorer returns, for every continuation token,
+log p(token | everything before it) and whether the token was the argmax; a pair's log-likelihood
+is their sum and it is "greedy" when every token was the argmax.
+
+Metrics, per task:
+  multiple choice: acc (highest log-likelihood), acc_norm (highest log-likelihood per UTF-8 byte of
+                   the continuation: longer choices are not penalised for their length), chance
+  completion:      acc (the continuation is the greedy output), ppl (exp of the mean negative
+                   log-likelihood of the continuations), bpb (bits per UTF-8 byte of the continuations)
+Each accuracy has its standard error, sqrt(p(1-p)/(n-1)); two models on the same items compare by
+the paired difference of their per-item results and its standard error (paired()).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError, DataError
+from .runtime import autocast
+
+
+class RunScorer:
+    """One of our models (RunScorer.open: a run directory's): scores under the trainer's autocast, at
+    the run's evaluation context by default."""
+
+    def __init__(self, model, tok, device, max_len: int, name: str = "model"):
+        cfg = model.cfg
+        if not cfg.causal:
+            raise ConfigError(f"{name}: a masked-diffusion model gives no left-to-right log-likelihood to score "
+                              "continuations with (its val_bpb is an ELBO bound)")
+        if cfg.pos == "learned" and max_len > cfg.max_positions:
+            raise ConfigError(f"--max-len {max_len} exceeds {name}'s model.max_positions={cfg.max_positions} "
+                              "(model.pos=learned)")
+        self.model, self.tok, self.device, self.max_len, self.name = model, tok, torch.device(device), max_len, name
+        self.start_id = tok.start_id
+
+    @classmethod
+    def open(cls, run_dir, device, max_len: int | None = None) -> "RunScorer":
+        from .evaluate import run_eval_shape
+        from .rundir import RunDir
+
+        cfg, model, tok = RunDir.open(run_dir).load(device)
+        return cls(model, tok, device, max_len or run_eval_shape(cfg)[0], str(run_dir))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text)
+
+    @torch.no_grad()
+    def token_scores(self, idx, targets, mask):
+        """(log p(target), target is the argmax) at the `mask` positions of [B, T] `idx`, as [N] each."""
+        with autocast(self.device):
+            h = self.model.hidden(idx)[0][mask]
+            # lm_head.weight, not lm_head(h): under data.added_tokens it is a parametrization's output.
+            logits = F.linear(h, self.model.lm_head.weight).float()
+        t = targets[mask]
+        return logits.log_softmax(-1).gather(1, t[:, None])[:, 0], logits.argmax(-1) == t
+
+
+class HFScorer:
+    """A transformers model folder (a baseline: SmolLM, Qwen, ...), at its max_position_embeddings by
+    default (capped at 2048). Its bos token starts each pair, or its eos when it has no bos."""
+
+    def __init__(self, folder, device, max_len: int | None = None):
+        from .traces import load_hf_folder
+
+        self.tok, self.model = load_hf_folder(folder, device)
+        self.name, self.device = str(folder), torch.device(device)
+        self.max_len = max_len or min(getattr(self.model.config, "max_position_embeddings", None) or 2048, 2048)
+        self.start_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    @torch.no_grad()
+    def token_scores(self, idx, targets, mask):
+        logits = self.model(input_ids=idx).logits[mask].float()
+        t = targets[mask]
+        return logits.log_softmax(-1).gather(1, t[:, None])[:, 0], logits.argmax(-1) == t
+
+
+@dataclass
+class PairScore:
+    logprob: float  # sum over the continuation's tokens, nats
+    greedy: bool
+    tokens: int
+    truncated: bool  # the context lost tokens on the left to fit max_len
+
+
+def tokenize_pair(scorer, context: str, continuation: str) -> tuple[list[int], int]:
+    """(start + context + continuation ids, continuation length in tokens), left-truncated to
+    max_len + 1 ids (max_len predictions)."""
+    moved = len(context) - len(context.rstrip(" "))
+    if moved:
+        context, continuation = context[:-moved], context[-moved:] + continuation
+    ctx = scorer.encode(context) if context else []
+    cont = scorer.encode(continuation)
+    if not cont:
+        raise DataError(f"continuation {continuation!r} encodes to no tokens")
+    if len(cont) > scorer.max_len:
+        raise DataError(f"a continuation of {len(cont)} tokens does not fit the {scorer.max_len}-token context "
+                        f"(--max-len): {continuation[:60]!r}")
+    start = [] if scorer.start_id is None else [scorer.start_id]
+    return start + ctx + cont, len(cont)
+
+
+def score_pairs(scorer, pairs: list[tuple[str, str]], batch_tokens: int = 16384, progress=None) -> list[PairScore]:
+    """PairScore of each (context, continuation): batches of up to batch_tokens padded tokens, longest
+    first; right padding is never looked at (the models are causal). progress(done, total) after each batch."""
+    enc = [tokenize_pair(scorer, c, k) for c, k in pairs]
+    order = sorted(range(len(enc)), key=lambda i: -len(enc[i][0]))
+    out: list[PairScore | None] = [None] * len(enc)
+    at = 0
+    while at < len(order):
+        width = min(len(enc[order[at]][0]), scorer.max_len + 1) - 1
+        batch = order[at:at + max(1, batch_tokens // max(width, 1))]
+        at += len(batch)
+        idx = torch.zeros(len(batch), width, dtype=torch.long)
+        targets = torch.zeros_like(idx)
+        mask = torch.zeros_like(idx, dtype=torch.bool)
+        for r, i in enumerate(batch):
+            ids, n_cont = enc[i]
+            ids = ids[-(scorer.max_len + 1):]
+            idx[r, :len(ids) - 1] = torch.tensor(ids[:-1])
+            targets[r, :len(ids) - 1] = torch.tensor(ids[1:])
+            mask[r, len(ids) - 1 - n_cont:len(ids) - 1] = True
+        lp, top = scorer.token_scores(idx.to(scorer.device), targets.to(scorer.device), mask.to(scorer.device))
+        lp, top = lp.double().cpu(), top.cpu()
+        at_tok = 0
+        for i in batch:  # the mask's positions come row by row, in order
+            n = enc[i][1]
+            out[i] = PairScore(lp[at_tok:at_tok + n].sum().item(), bool(top[at_tok:at_tok + n].all()), n,
+                               len(enc[i][0]) > scorer.max_len + 1)
+            at_tok += n
+        if progress:
+            progress(at, len(order))
+    return out
+
+
+@dataclass
+class TaskResult:
+    metrics: dict  # name -> value
+    per_item: dict = field(default_factory=dict)  # metric -> [0/1 per item], for paired comparisons
+    n: int = 0
+    truncated: int = 0  # pairs whose context lost tokens
+
+
+def stderr(xs: list[float]) -> float:
+    n = len(xs)
+    if n < 2:
+        return float("nan")
+    p = sum(xs) / n
+    return math.sqrt(max(p * (1 - p), 0.0) / (n - 1))
+
+
+def evaluate_items(scorer, items, batch_tokens: int = 16384, progress=None) -> TaskResult:
+    pairs = [(c, k) for it in items for c, k in zip(it.contexts, it.continuations)]
+    scores = score_pairs(scorer, pairs, batch_tokens, progress)
+    res = TaskResult({}, n=len(items), truncated=sum(s.truncated for s in scores))
+    at = 0
+    if items[0].is_choice:
+        acc, acc_norm, chance = [], [], 0.0
+        for it in items:
+            s = scores[at:at + len(it.contexts)]
+            at += len(s)
+            ll = [x.logprob for x in s]
+            per_byte = [x.logprob / max(len(k.encode("utf-8")), 1) for x, k in zip(s, it.continuations)]
+            acc.append(float(_argmax(ll) == it.label))
+            acc_norm.append(float(_argmax(per_byte) == it.label))
+            chance += 1 / len(it.contexts)
+        res.per_item = {"acc": acc, "acc_norm": acc_norm}
+        res.metrics = {"acc": sum(acc) / len(acc), "acc_stderr": stderr(acc), "acc_norm": sum(acc_norm) / len(acc),
+                       "acc_norm_stderr": stderr(acc_norm), "chance": chance / len(items)}
+    else:
+        acc = [float(s.greedy) for s in scores]
+        nll = -sum(s.logprob for s in scores)
+        n_bytes = sum(len(it.continuations[0].encode("utf-8")) for it in items)
+        res.per_item = {"acc": acc}
+        res.metrics = {"acc": sum(acc) / len(acc), "acc_stderr": stderr(acc), "ppl": math.exp(nll / len(scores)),
+                       "bpb": nll / math.log(2) / n_bytes}
+    return res
+
+
+def _argmax(xs: list[float]) -> int:
+    return max(range(len(xs)), key=lambda i: xs[i])  # ties go to the first choice
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """(mean of b - a, its standard error) over the same items: the paired difference two models'
+    accuracies differ by, and how sure that is (about 2 standard errors is the usual bar)."""
+    d = [y - x for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    if n < 2:
+        return mean, float("nan")
+    var = sum((x - mean) ** 2 for x in d) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+class Ticker:
+    """A task's progress on stderr: at most one line every 15 s, and the last."""
+
+    def __init__(self, label: str, say):
+        self.label, self.say, self.t0, self.last = label, say, time.time(), time.time()
+
+    def __call__(self, done: int, total: int):
+        now = time.time()
+        if now - self.last > 15 or done == total:
+            self.say(f"  {self.label}: {done:,}/{total:,} pairs scored, {now - self.t0:.0f} s")
+            self.last = now
+
+
+# ---- eval.py: every model on every task, the table, the JSON ----
+def load_scorer(kind: str, where: str, device, max_len: int | None):
+    return RunScorer.open(where, device, max_len) if kind == "run" else HFScorer(where, device, max_len)
+
+
+def evaluate_models(models: list[tuple[str, str]], tasks, device, limit=None, max_len=None, batch_tokens=16384,
+                    say=None) -> dict:
+    """{"models": [label], "tasks": {name: {source, items, of, results: {label: metrics}, per_item, paired}}}:
+    the items are read once, each model loads once (one at a time) and scores every task."""
+    import sys
+
+    say = say or (lambda m: print(m, file=sys.stderr, flush=True))
+    labels = [where if kind == "run" else f"hf:{where}" for kind, where in models]
+    if len(set(labels)) < len(labels):
+        raise ConfigError(f"a model is given twice: {', '.join(sorted({x for x in labels if labels.count(x) > 1}))}")
+    from .tasks import read_items
+
+    out = {"models": labels, "tasks": {}}
+    items = {}
+    for task in tasks:
+        if task.name in out["tasks"]:
+            raise ConfigError(f"task {task.name!r} is given twice")
+        items[task.name], total = read_items(task, limit)
+        out["tasks"][task.name] = {"source": task.source, "items": len(items[task.name]), "of": total,
+                                   "results": {}, "per_item": {}, "paired": {}}
+        say(f"{task.name}: {len(items[task.name]):,} of {total:,} items from {task.source}")
+    for (kind, where), label in zip(models, labels):
+        scorer = load_scorer(kind, where, device, max_len)
+        for task in tasks:
+            t0 = time.time()
+            res = evaluate_items(scorer, items[task.name], batch_tokens, Ticker(f"{label} {task.name}", say))
+            entry = out["tasks"][task.name]
+            entry["results"][label] = {**res.metrics, "max_len": scorer.max_len, "truncated": res.truncated,
+                                       "seconds": round(time.time() - t0, 2)}
+            entry["per_item"][label] = res.per_item
+            if res.truncated:
+                say(f"note: {label} {task.name}: {res.truncated} pair(s) longer than {scorer.max_len} tokens lost "
+                    "context on the left (--max-len)")
+        del scorer
+    for entry in out["tasks"].values():
+        ref = entry["per_item"][labels[0]]
+        for label in labels[1:]:
+            entry["paired"][label] = {m: list(paired(ref[m], entry["per_item"][label][m])) for m in ref}
+    return out
+
+
+def table(results: dict) -> str:
+    """Markdown: a row per task and metric, a column per model (accuracies in % +- standard error), then
+    each later model's paired difference from the first."""
+    labels = results["models"]
+    head = ["task", "metric", *labels, *[f"{x} - {labels[0]}" for x in labels[1:]]]
+    rows = []
+    for name, entry in results["tasks"].items():
+        first = entry["results"][labels[0]]
+        shown = f"{name} ({entry['items']:,} of {entry['of']:,})" if entry["items"] < entry["of"] else \
+            f"{name} ({entry['items']:,})"
+        for metric in [m for m in ("acc", "acc_norm", "ppl", "bpb") if m in first]:
+            cells = []
+            for label in labels:
+                r = entry["results"][label]
+                cells.append(f"{100 * r[metric]:.1f} ± {100 * r[metric + '_stderr']:.1f}" if metric.startswith("acc")
+                             else f"{r[metric]:.4g}")
+            for label in labels[1:]:
+                d = entry["paired"][label].get(metric)
+                cells.append(f"{100 * d[0]:+.1f} ± {100 * d[1]:.1f}" if d else "")
+            rows.append([shown, metric, *cells])
+            shown = ""
+        if "chance" in first:
+            rows.append(["", "chance", *[f"{100 * first['chance']:.1f}"] * len(labels), *[""] * (len(labels) - 1)])
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def report(results: dict, as_json: bool = False):
+    import json
+
+    if as_json:
+        print(json.dumps(results))
+        return
+    print(table(results))
+    if len(results["models"]) > 1:
+        print("\n(differences are paired over the same items, ± one standard error; |difference| > 2 standard "
+              "errors is the usual bar for a real one)")
+
+
+def write_json(results: dict, path):
+    import json
+
+    from .checkpoint import publish
+
+    with publish(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=1))

@@ -1,0 +1,206 @@
+"""Downstream tasks for eval.py: where a task's rows come from and how a row becomes an Item.
+
+An Item is what the harness (slmlab/harness.py) scores: one or more (context, continuation) pairs.
+With a label it is multiple choice (the pair with the highest log-likelihood is the answer); without
+one it is a completion (one pair: is the continuation the model's greedy output, and its
+log-likelihood). The built-in tasks format their datasets' rows as lm-evaluation-harness's zero-shot
+versions of them do, so numbers are comparable with published ones up to tokenization.
+
+A task is named on the command line (`--tasks`) as
+  NAME              a built-in task, its rows from the Hugging Face hub (datasets.load_dataset)
+  NAME=SOURCE       a built-in task's formatting applied to rows from SOURCE: a .jsonl file with the
+                    dataset's own fields (an offline copy), or another hf:NAME[:CONFIG][@SPLIT]
+  PATH.jsonl        your own task, one item per line in the generic format:
+                    {"context": str, "choices": [str, ...], "label": int}        multiple choice
+                    {"contexts": [str, ...], "continuation": str, "label": int}  choice of contexts
+                    {"context": str, "continuation": str}                          completion
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from .errors import DataError
+
+
+@dataclass(frozen=True)
+class Item:
+    contexts: tuple[str, ...]
+    continuations: tuple[str, ...]
+    label: Optional[int]  # None: a completion (one pair)
+
+    @property
+    def is_choice(self) -> bool:
+        return self.label is not None
+
+
+def choice(context: str, choices, label: int) -> Item:
+    return Item((context,) * len(choices), tuple(choices), label)
+
+
+# ---- built-in tasks: lm-evaluation-harness's zero-shot formats ----
+def _hellaswag_clean(text: str) -> str:
+    # WikiHow rows carry " [title]" and "[step]"-style markers that are not prose.
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def _hellaswag(row) -> Item:
+    ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()
+    return choice(_hellaswag_clean(row["activity_label"] + ": " + ctx),
+                  [" " + _hellaswag_clean(e) for e in row["endings"]], int(row["label"]))
+
+
+def _lettered(row, key: str = "answerKey") -> int:
+    labels = list(row["choices"]["label"])
+    if row[key] not in labels:
+        raise DataError(f"answer key {row[key]!r} is none of the choice labels {labels}")
+    return labels.index(row[key])
+
+
+def _arc(row) -> Item:
+    return choice(f"Question: {row['question']}\nAnswer:", [" " + t for t in row["choices"]["text"]], _lettered(row))
+
+
+def _openbookqa(row) -> Item:
+    return choice(row["question_stem"], [" " + t for t in row["choices"]["text"]], _lettered(row))
+
+
+def _piqa(row) -> Item:
+    return choice(f"Question: {row['goal']}\nAnswer:", [" " + row["sol1"], " " + row["sol2"]], int(row["label"]))
+
+
+def _sciq(row) -> Item:
+    answers = [row["distractor1"], row["distractor2"], row["distractor3"], row["correct_answer"]]
+    return choice(f"{row['support'].strip()}\nQuestion: {row['question']}\nAnswer:".lstrip(),
+                  [" " + a for a in answers], 3)
+
+
+def _winogrande(row) -> Item:
+    # Partial scoring: the blank is filled with each option and the same rest of the sentence is scored.
+    sentence = row["sentence"]
+    if "_" not in sentence:
+        raise DataError(f"winogrande sentence without a '_' blank: {sentence!r}")
+    i = sentence.index("_")
+    rest = " " + sentence[i + 1:].strip()
+    return Item((sentence[:i] + row["option1"], sentence[:i] + row["option2"]), (rest, rest), int(row["answer"]) - 1)
+
+
+def _lambada(row) -> Item:
+    context, _, last = row["text"].strip().rpartition(" ")
+    if not context:
+        raise DataError(f"lambada text without a last word to predict: {row['text']!r}")
+    return Item((context,), (" " + last,), None)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    source: str  # hf:NAME[:CONFIG][@SPLIT] or a .jsonl path
+    to_item: Callable[[dict], Item]
+    about: str = ""
+
+
+BUILTIN = {t.name: t for t in [
+    Task("hellaswag", "hf:Rowan/hellaswag@validation", _hellaswag, "sentence completion, 4 endings"),
+    Task("arc_easy", "hf:allenai/ai2_arc:ARC-Easy@test", _arc, "grade-school science questions, easy set"),
+    Task("arc_challenge", "hf:allenai/ai2_arc:ARC-Challenge@test", _arc, "grade-school science, challenge set"),
+    Task("piqa", "hf:baber/piqa@validation", _piqa, "physical commonsense, 2 solutions"),
+    Task("winogrande", "hf:allenai/winogrande:winogrande_xl@validation", _winogrande,
+         "pronoun resolution, partial scoring"),
+    Task("openbookqa", "hf:allenai/openbookqa:main@test", _openbookqa, "open-book science questions"),
+    Task("sciq", "hf:allenai/sciq@test", _sciq, "science questions with a support passage"),
+    Task("lambada", "hf:EleutherAI/lambada_openai:default@test", _lambada,
+         "last word of a passage: greedy accuracy and perplexity"),
+]}
+
+
+def generic_item(row: dict) -> Item:
+    """An item of the generic jsonl format (module docstring); DataError naming what is wrong."""
+    if not isinstance(row, dict):
+        raise DataError(f"expected a JSON object, got {type(row).__name__}")
+    keys = set(row)
+    if {"context", "choices", "label"} <= keys:
+        item = choice(row["context"], row["choices"], row["label"])
+    elif {"contexts", "continuation", "label"} <= keys:
+        item = Item(tuple(row["contexts"]), (row["continuation"],) * len(row["contexts"]), row["label"])
+    elif {"context", "continuation"} <= keys and "label" not in keys:
+        item = Item((row["context"],), (row["continuation"],), None)
+    else:
+        raise DataError(f"keys {sorted(keys)} fit no item format: give context+choices+label, "
+                        "contexts+continuation+label, or context+continuation")
+    texts = [*item.contexts, *item.continuations]
+    if not all(isinstance(t, str) for t in texts):
+        raise DataError("contexts, choices and continuations must be strings")
+    if item.is_choice:
+        n = len(item.contexts)
+        if n < 2:
+            raise DataError(f"a multiple-choice item needs at least 2 choices, got {n}")
+        if type(item.label) is not int or not 0 <= item.label < n:
+            raise DataError(f"label {item.label!r} is not a choice index (0..{n - 1})")
+    if not all(item.continuations):
+        raise DataError("an empty continuation has nothing to score")
+    return item
+
+
+def resolve(spec: str) -> Task:
+    """A --tasks entry (module docstring) as a Task; DataError for an unknown name or a missing file."""
+    name, eq, source = spec.partition("=")
+    if eq:
+        if name not in BUILTIN:
+            raise DataError(f"unknown task {name!r} in {spec!r}: NAME=SOURCE gives a built-in task "
+                            f"({', '.join(BUILTIN)}) other rows")
+        _check_source(source, spec)
+        return Task(name, source, BUILTIN[name].to_item, BUILTIN[name].about)
+    if name in BUILTIN:
+        return BUILTIN[name]
+    if name.endswith(".jsonl") or "/" in name or Path(name).exists():
+        _check_source(name, spec)
+        return Task(Path(name).stem, name, generic_item, "your task")
+    raise DataError(f"unknown task {name!r}: built-in tasks are {', '.join(BUILTIN)}; or give a .jsonl file")
+
+
+def _check_source(source: str, spec: str):
+    if source.startswith("hf:"):
+        from .data import parse_hf_spec
+
+        parse_hf_spec(source)
+    elif not Path(source).is_file():
+        raise DataError(f"{spec}: no such file {source!r}")
+
+
+def read_items(task: Task, limit: Optional[int] = None) -> tuple[list[Item], int]:
+    """(the task's first `limit` items (all when None), how many it has); DataError naming the row."""
+    rows = _rows(task.source)
+    items = []
+    for where, row in rows[:limit] if limit else rows:
+        try:
+            items.append(task.to_item(row))
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise DataError(f"{where}: not a {task.name} row ({type(e).__name__}: {e})") from None
+    if not items:
+        raise DataError(f"{task.source}: no items")
+    return items, len(rows)
+
+
+def _rows(source: str) -> list[tuple[str, object]]:
+    """(where, row) pairs: 'FILE:LINE' or 'hf:... row N' names a row in errors."""
+    if source.startswith("hf:"):
+        from .data import load_hf
+
+        return [(f"{source} row {i}", row) for i, row in enumerate(load_hf(source))]
+    rows = []
+    with open(source, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{source}:{n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{source}:{n}: not JSON ({e.msg})") from None
+    return rows

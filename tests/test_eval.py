@@ -1,0 +1,266 @@
+"""eval.py: a pair's score is the full forward's log-likelihood of its continuation (batched, padded,
+left-truncated alike), the built-in tasks format their datasets' rows as lm-evaluation-harness does,
+a transformers folder scores as our import of it, a trained run beats chance where an untrained one
+does not, and bad input is one line, exit 2."""
+import json
+import math
+import sys
+
+import pytest
+import torch
+from trainer_helpers import ROOT, run_here, tiny_overrides
+
+from slmlab import harness, tasks
+from slmlab.config import load_config
+from slmlab.errors import ConfigError, DataError
+from slmlab.rundir import model_from_config
+from slmlab.tokenizer import train_tokenizer
+
+SENTENCES = ["the cat sat on the mat", "a dog ran in the park", "my bird sang at dawn", "his fish swam by the reef",
+             "our cow ate the green grass", "her fox hid under a log", "an owl hooted all night",
+             "the bee flew to a flower"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(model, tokenizer): a random 2-layer conv+attention model with its own small BPE."""
+    tok = train_tokenizer([" ".join(SENTENCES)] * 20 + ["the of and to a in is it you that"] * 20, 300)
+    cfg = load_config(overrides=["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1",
+                                 "model.layers=CA", "model.vocab_size=300"])
+    torch.manual_seed(0)
+    return model_from_config(cfg).eval(), tok
+
+
+def direct(model, ids: list[int], n_cont: int) -> tuple[float, bool]:
+    """The continuation's log-likelihood and greedy match from one unbatched forward of `ids`."""
+    with torch.no_grad():
+        lp = model(torch.tensor([ids[:-1]]))[0].double().log_softmax(-1)
+    t = torch.tensor(ids[1:])
+    pos = range(len(ids) - 1 - n_cont, len(ids) - 1)
+    return sum(lp[p, t[p]].item() for p in pos), all(lp[p].argmax().item() == t[p].item() for p in pos)
+
+
+def test_pair_scores_equal_the_full_forward_batched_and_alone(tiny):
+    model, tok = tiny
+    scorer = harness.RunScorer(model, tok, "cpu", max_len=256)
+    words = "the cat sat on the mat a dog ran in the park".split()
+    long = " ".join(words * 6)
+    long = tok.decode(tok.encode(long)[:63])
+    # contexts of 0, 1, 7 and 63 tokens; continuations of one and several tokens
+    pairs = [("", "the cat"), ("the", " cat"), (" ".join(words[:7]), " in the park"), (long, " sat on")]
+    batched = harness.score_pairs(scorer, pairs)
+    alone = [harness.score_pairs(scorer, [p], batch_tokens=1)[0] for p in pairs]
+    for (c, k), b, a in zip(pairs, batched, alone):
+        ids, n = harness.tokenize_pair(scorer, c, k)
+        ref_lp, ref_greedy = direct(model, ids, n)
+        assert b.tokens == n and not b.truncated
+        assert abs(b.logprob - ref_lp) < 1e-4 and b.greedy == ref_greedy, (c, k)
+        assert abs(a.logprob - b.logprob) < 1e-4  # padding to the batch's width changes nothing
+
+
+def test_a_long_context_loses_tokens_on_the_left(tiny):
+    model, tok = tiny
+    scorer = harness.RunScorer(model, tok, "cpu", max_len=8)
+    c, k = " ".join(SENTENCES[:3]), " the mat"
+    ids, n = harness.tokenize_pair(scorer, c, k)
+    assert len(ids) > 9
+    s = harness.score_pairs(scorer, [(c, k)])[0]
+    assert s.truncated and abs(s.logprob - direct(model, ids[-9:], n)[0]) < 1e-4
+    with pytest.raises(DataError, match="does not fit the 8-token context"):
+        harness.tokenize_pair(scorer, "", " ".join(SENTENCES))
+
+
+def test_trailing_spaces_of_a_context_go_to_the_continuation(tiny):
+    scorer = harness.RunScorer(*tiny, "cpu", max_len=64)
+    assert harness.tokenize_pair(scorer, "the cat ", "sat") == harness.tokenize_pair(scorer, "the cat", " sat")
+
+
+def test_own_tokenizer_starts_after_eos_as_training_documents_do(tiny):
+    _, tok = tiny
+    assert tok.start_id == tok.eos_id != tok.bos_id  # data.py joins documents with eos; bos never trains
+    ids, _ = harness.tokenize_pair(harness.RunScorer(*tiny, "cpu", max_len=64), "the", " cat")
+    assert ids[0] == tok.eos_id
+
+
+def test_a_diffusion_model_is_refused():
+    cfg = load_config(arch="diffusion", overrides=["model.d_model=16", "model.n_layers=1", "model.n_heads=2",
+                                                     "model.n_kv_heads=1", "model.vocab_size=64", "model.layers=A"])
+    with pytest.raises(ConfigError, match="masked-diffusion model gives no left-to-right log-likelihood"):
+        harness.RunScorer(model_from_config(cfg), None, "cpu", max_len=32)
+
+
+def test_metrics_of_hand_scored_items(monkeypatch):
+    items = [tasks.choice("q", [" a", " bbbb"], 1), tasks.choice("q", [" a", " bbbb"], 0),
+             tasks.choice("q", [" a", " b", " c"], 2)]
+    # " bbbb" is less likely in total but more likely per byte; " c" wins outright
+    lps = [-1.0, -2.0, -1.0, -2.0, -3.0, -3.0, -0.5]
+    monkeypatch.setattr(harness, "score_pairs", lambda scorer, pairs, *a: [
+        harness.PairScore(x, False, 1, False) for x in lps])
+    r = harness.evaluate_items(None, items)
+    assert r.per_item == {"acc": [0.0, 1.0, 1.0], "acc_norm": [1.0, 0.0, 1.0]}
+    assert r.metrics["acc"] == pytest.approx(2 / 3) and r.metrics["chance"] == pytest.approx((0.5 + 0.5 + 1 / 3) / 3)
+    assert r.metrics["acc_stderr"] == pytest.approx(math.sqrt(2 / 9 / 2))
+    completions = [tasks.Item(("x",), (" ab",), None), tasks.Item(("y",), (" c",), None)]
+    monkeypatch.setattr(harness, "score_pairs", lambda scorer, pairs, *a: [
+        harness.PairScore(-2.0, True, 2, False), harness.PairScore(-1.0, False, 1, False)])
+    r = harness.evaluate_items(None, completions)
+    assert r.metrics["acc"] == 0.5 and r.metrics["ppl"] == pytest.approx(math.exp(1.5))
+    assert r.metrics["bpb"] == pytest.approx(3 / math.log(2) / 5)  # 3 nats over " ab" + " c" = 5 bytes
+
+
+def test_paired_difference():
+    assert harness.paired([1, 0, 1, 0], [1, 1, 1, 0]) == pytest.approx((0.25, 0.25))
+    assert harness.paired([1, 1], [1, 1]) == (0.0, 0.0)
+
+
+# ---- built-in formats, on rows with the datasets' own fields ----
+def test_builtin_tasks_format_rows_as_lm_eval_does():
+    hs = tasks.BUILTIN["hellaswag"].to_item({
+        "activity_label": "Home and Garden", "ctx_a": "[header] How to plant a tree [title] Dig a hole.",
+        "ctx_b": "then", "endings": ["put the tree in.", "eat [step] the soil."], "label": "0"})
+    assert hs == tasks.choice("Home and Garden: How to plant a tree. Dig a hole. Then",
+                              [" put the tree in.", " eat the soil."], 0)
+    arc = {"question": "What melts ice?", "choices": {"text": ["heat", "cold"], "label": ["1", "2"]}, "answerKey": "1"}
+    assert tasks.BUILTIN["arc_easy"].to_item(arc) == tasks.choice("Question: What melts ice?\nAnswer:",
+                                                                  [" heat", " cold"], 0)
+    with pytest.raises(DataError, match="answer key 'C' is none of the choice labels"):
+        tasks.BUILTIN["arc_challenge"].to_item({**arc, "answerKey": "C"})
+    wg = tasks.BUILTIN["winogrande"].to_item({"sentence": "Anna gave Beth a gift because _ was kind.",
+                                              "option1": "Anna", "option2": "Beth", "answer": "1"})
+    assert wg == tasks.Item(("Anna gave Beth a gift because Anna", "Anna gave Beth a gift because Beth"),
+                            (" was kind.", " was kind."), 0)
+    assert tasks.BUILTIN["lambada"].to_item({"text": "she opened the door and saw her cat"}) == \
+        tasks.Item(("she opened the door and saw her",), (" cat",), None)
+    assert tasks.BUILTIN["piqa"].to_item({"goal": "Dry a cup", "sol1": "use a towel", "sol2": "use water",
+                                          "label": 0}).contexts[0] == "Question: Dry a cup\nAnswer:"
+    sciq = tasks.BUILTIN["sciq"].to_item({"support": "", "question": "Q?", "distractor1": "a", "distractor2": "b",
+                                          "distractor3": "c", "correct_answer": "d"})
+    assert sciq.contexts[0] == "Question: Q?\nAnswer:" and sciq.label == 3 and sciq.continuations[3] == " d"
+    obqa = tasks.BUILTIN["openbookqa"].to_item({"question_stem": "The sun is", "answerKey": "B",
+                                                "choices": {"text": ["cold", "hot"], "label": ["A", "B"]}})
+    assert obqa == tasks.choice("The sun is", [" cold", " hot"], 1)
+
+
+def test_builtin_task_on_an_offline_copy_and_the_row_named_in_errors(tmp_path):
+    rows = [{"text": "one two three"}, {"text": "four five"}]
+    path = tmp_path / "lambada.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n" + json.dumps({"text": "alone"}) + "\n")
+    task = tasks.resolve(f"lambada={path}")
+    assert task.name == "lambada" and tasks.read_items(task, limit=2) == (
+        [tasks.Item(("one two",), (" three",), None), tasks.Item(("four",), (" five",), None)], 3)
+    with pytest.raises(DataError, match=rf"^{path}:4: lambada text without a last word"):
+        tasks.read_items(task)
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("hellaswagg", "unknown task 'hellaswagg': built-in tasks are hellaswag, arc_easy"),
+    ("nope=x.jsonl", "unknown task 'nope' in 'nope=x.jsonl'"),
+    ("piqa=missing.jsonl", "piqa=missing.jsonl: no such file 'missing.jsonl'"),
+    ("piqa=hf:a/b@", "malformed data spec 'hf:a/b@': empty split"),
+    ("missing.jsonl", "missing.jsonl: no such file"),
+])
+def test_bad_task_names_are_one_line_errors(spec, needle, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as e:
+        tasks.resolve(spec)
+    assert str(e.value).startswith(needle), str(e.value)
+
+
+@pytest.mark.parametrize("row,needle", [
+    ({"context": "q", "choices": [" a"], "label": 0}, "a multiple-choice item needs at least 2 choices, got 1"),
+    ({"context": "q", "choices": [" a", " b"], "label": 2}, "label 2 is not a choice index (0..1)"),
+    ({"context": "q", "choices": [" a", " b"], "label": True}, "label True is not a choice index"),
+    ({"context": "q", "choices": [" a", 3], "label": 0}, "contexts, choices and continuations must be strings"),
+    ({"prompt": "q"}, "keys ['prompt'] fit no item format"),
+    ({"context": "q", "continuation": ""}, "an empty continuation has nothing to score"),
+    ([1, 2], "expected a JSON object, got list"),
+])
+def test_generic_items_are_checked(row, needle, tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"context": "q", "continuation": " a"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError) as e:
+        tasks.read_items(tasks.resolve(str(path)))
+    assert str(e.value) == f"{path}:2: {needle}" or str(e.value).startswith(f"{path}:2: {needle}"), str(e.value)
+
+
+# ---- eval.py end to end ----
+def structured_run(tmp, steps: int):
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("\n".join(SENTENCES * 200) + "\n")
+    rc, _, err = run_here("train", "--arch", "hybrid", "--data", corpus, "--out", tmp / f"run{steps}",
+                          *tiny_overrides(tmp, steps=steps, **{"optim.lr": 1e-2, "train.warmup_steps": 1}))
+    assert rc == 0, err
+    return tmp / f"run{steps}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evalruns")
+    items = tmp / "tails.jsonl"
+    with open(items, "w") as f:  # the right tail of each sentence against another sentence's
+        for i, s in enumerate(SENTENCES):
+            head, tail = s.split(" ", 2)[:2], s.split(" ", 2)[2]
+            other = SENTENCES[(i + 3) % len(SENTENCES)].split(" ", 2)[2]
+            f.write(json.dumps({"context": " ".join(head), "choices": [" " + other, " " + tail], "label": 1}) + "\n")
+    return structured_run(tmp, 1), structured_run(tmp, 60), items
+
+
+def test_a_trained_run_beats_chance_and_the_difference_is_paired(runs, tmp_path):
+    untrained, trained, items = runs
+    out = tmp_path / "ab.json"
+    rc, table, err = run_here("eval", "--run", untrained, "--run", trained, "--tasks", items, "--out", out)
+    assert rc == 0, err
+    res = json.loads(out.read_text())
+    r = res["tasks"]["tails"]
+    assert r["items"] == r["of"] == 8 and res["models"] == [str(untrained), str(trained)]
+    a, b = r["results"][str(untrained)], r["results"][str(trained)]
+    assert b["acc"] == 1.0 and b["chance"] == 0.5 and a["acc"] < 1.0, (a, b)
+    d, se = r["paired"][str(trained)]["acc"]
+    assert d == pytest.approx(b["acc"] - a["acc"]) and se > 0
+    assert f"| tails (8) | acc | {100 * a['acc']:.1f} ± " in table and f"{str(trained)} - {str(untrained)}" in table
+    assert "tails: 8 of 8 items from" in err
+
+
+def test_the_first_items_with_limit_and_the_json_printout(runs):
+    _, trained, items = runs
+    rc, out, err = run_here("eval", "--run", trained, "--tasks", f"{items}", "--limit", "3", "--json")
+    assert rc == 0, err
+    r = json.loads(out)["tasks"]["tails"]
+    assert (r["items"], r["of"]) == (3, 8) and len(r["per_item"][str(trained)]["acc"]) == 3
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--tasks", "x.jsonl"], "error: give a model to evaluate: --run RUN_DIR or --hf FOLDER"),
+    (["--run", "{run}", "--tasks", "hellaswag", "--limit", "0"], "error: --limit must be >= 1, got 0"),
+    (["--run", "{run}", "--tasks", "hellaswag", "--force"], "error: --force applies to --out PATH"),
+    (["--run", "{run}", "--run", "{run}", "--tasks", "{items}"], "error: a model is given twice: {run}"),
+    (["--run", "{run}", "--tasks", "{items},{items}"], "error: task 'tails' is given twice"),
+    (["--run", "{run}", "--tasks", "{items}", "--out", "{items}"], "error: output {items} exists (pass --force"),
+    (["--run", "nope", "--tasks", "{items}"], "error: "),
+])
+def test_bad_arguments_are_one_line_exit_2(runs, argv, needle):
+    _, trained, items = runs
+    argv = [str(trained) if a == "{run}" else a.replace("{items}", str(items)) for a in argv]
+    needle = needle.replace("{items}", str(items)).replace("{run}", str(trained))
+    rc, _, err = run_here("eval", *argv)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and errors[0].startswith(needle), err
+    assert "Traceback" not in err
+
+
+def test_a_transformers_folder_scores_as_our_import_of_it(tmp_path):
+    """--hf scores through transformers; convert.py --from-hf makes it one of our runs; both give the
+    same per-pair log-likelihoods (the import is exact, and so is the scoring of each)."""
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(ROOT / "examples"))
+    import make_tiny_llama
+
+    make_tiny_llama.make(tmp_path / "hf", vocab=300, d_model=32, layers=2, texts=SENTENCES * 20)
+    rc, _, err = run_here("convert", "--from-hf", tmp_path / "hf", "--out", tmp_path / "ours")
+    assert rc == 0, err
+    theirs = harness.HFScorer(tmp_path / "hf", "cpu")
+    ours = harness.RunScorer.open(tmp_path / "ours", "cpu", max_len=theirs.max_len)
+    assert theirs.start_id == ours.start_id == ours.tok.bos_id  # an imported tokenizer keeps its bos
+    pairs = [("the cat", " sat on the mat"), ("", "a dog"), ("my bird sang", " at dawn")]
+    for a, b in zip(harness.score_pairs(theirs, pairs), harness.score_pairs(ours, pairs)):
+        assert abs(a.logprob - b.logprob) < 1e-4 and a.tokens == b.tokens
