@@ -134,7 +134,7 @@ def main(argv=None):
         if not (args.arch or args.config or args.size):  # else rebuilt from the given config; train() checks the model
             source = {"path": saved, "arch": None, "size": None}
     cfg = load_config(**source, overrides=overrides, layers=args.layers, imports=args.imports)
-    note_unused(cfg, source, args.imports)
+    note_unused(cfg, source, args.imports, config_file=args.config)
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return
@@ -152,24 +152,34 @@ def main(argv=None):
     train(cfg, out, force=args.force)
 
 
-def note_unused(cfg, source: dict, imports: list):
+def note_unused(cfg, source: dict, imports: list, config_file=None):
     """A note line for each setting this command line changed that the config never reads
-    (slmlab/unused.py): `optim.muon_lr` under adamw, `train.seq_len` while phases set their own. On
-    stderr, so --json and --print-config keep stdout machine-readable."""
+    (slmlab/unused.py): `optim.muon_lr` under adamw, `train.seq_len` while phases set their own; and,
+    with --config FILE, each setting FILE changes from the defaults (config.yaml, same preset and
+    size) that is never read, named as FILE's. On stderr, so --json and --print-config keep stdout
+    machine-readable."""
     import os
 
-    from slmlab.config import load_config
+    from slmlab.config import DEFAULT_CONFIG, load_config
     from slmlab.errors import SlmlabError
     from slmlab.unused import unused_changes
 
     if os.environ.get("RANK", "0") != "0":
         return
-    try:
-        base = load_config(**source, imports=imports)
-    except SlmlabError:  # the file alone does not resolve (an override completes it): nothing to compare
-        return
-    for line in unused_changes(cfg, base):
-        print(f"note: {line}", file=sys.stderr)
+    baselines = [(source, "")]
+    if config_file:
+        baselines.append(({"path": DEFAULT_CONFIG, "arch": cfg.arch, "size": source["size"]}, f"{config_file}: "))
+    noted = set()
+    for base_source, where in baselines:
+        try:
+            base = load_config(**base_source, imports=imports)
+        except SlmlabError:  # the file alone does not resolve (an override completes it), or its preset is
+            continue         # its own: nothing to compare with
+        for line in unused_changes(cfg, base):
+            key = line.partition("=")[0]
+            if key not in noted:
+                noted.add(key)
+                print(f"note: {where}{line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

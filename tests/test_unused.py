@@ -154,3 +154,18 @@ def test_train_py_notes_what_the_command_line_leaves_unused(capsys):
     # what the preset sets is the baseline, not the user's: the spiking preset's lif options are used
     assert run_cli(train.main, ["--arch", "spiking", "--dry-run"]) == 0
     assert "note:" not in capsys.readouterr().err
+
+
+def test_train_py_notes_what_a_config_file_leaves_unused(tmp_path, capsys):
+    """A key the user's --config file changes from config.yaml's defaults (same preset) and that is
+    never read is noted as the file's; one the command line also changes is noted once, as the command
+    line's."""
+    path = tmp_path / "mine.yaml"
+    path.write_text("optim:\n  name: adamw\n  muon_lr: 0.05\ntrain:\n  seq_len: 512\n")
+    assert run_cli(train.main, ["--config", str(path), "--dry-run", "train.seq_len=300"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes[0].startswith("note: train.seq_len=300 has no effect: train.phases gives each stage")
+    assert notes[1:] == [f"note: {path}: optim.muon_lr=0.05 has no effect: optim.name is adamw"]
+    path.write_text("optim:\n  name: muon\n  muon_lr: 0.05\n")  # read under muon: nothing to note
+    assert run_cli(train.main, ["--config", str(path), "--dry-run"]) == 0
+    assert "note:" not in capsys.readouterr().err
