@@ -79,6 +79,8 @@ class TrainConfig:
         PhaseConfig(seq_len=1024, share=0.2, tokens_per_step=4096),
         PhaseConfig(seq_len=2048, share=0.1, tokens_per_step=4096)])
     eval_seq_len: Optional[int] = None  # null = the last phase's seq_len
+    eval_tasks: str = ""  # eval.py task specs, comma-separated, scored at each eval ("" = none); docs/eval.md
+    eval_tasks_limit: int = 500  # items per task per eval (0 = all)
     ckpt_every: int = 100  # also one at the last step (and on Ctrl-C / SIGTERM); 0 = none, so no --resume
     keep_checkpoints: int = 2
     avg_last: int = 0  # >1: average the last K checkpoints into model_avg.safetensors
@@ -327,7 +329,7 @@ RANGES = {
               "grad_accum": Range(1, 2 ** 16), "warmup_steps": NON_NEGATIVE, "decay_frac": UNIT,
               "min_lr_frac": UNIT, "grad_clip": NON_NEGATIVE, "eval_every": AT_LEAST_1, "eval_tokens": AT_LEAST_1,
               "log_every": AT_LEAST_1, "seed": Range(0, 2 ** 63 - 1), "sample_tokens": Range(0, 2 ** 20),
-              "eval_seq_len": Range(1, 2 ** 20), "ckpt_every": NON_NEGATIVE, "keep_checkpoints": AT_LEAST_1,
+              "eval_seq_len": Range(1, 2 ** 20), "eval_tasks_limit": Range(0, 10 ** 9), "ckpt_every": NON_NEGATIVE, "keep_checkpoints": AT_LEAST_1,
               "avg_last": NON_NEGATIVE, "distill_alpha": UNIT, "distill_temperature": Range(0, 1000, lo_open=True),
               "max_bad_steps": AT_LEAST_1, "sft_eval_examples": Range(0, 10 ** 6)},
     "optim": {"lr": POSITIVE, "weight_decay": NON_NEGATIVE, "eps": Range(0, 1, lo_open=True),

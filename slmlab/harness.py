@@ -310,3 +310,47 @@ def write_json(results: dict, path):
 
     with publish(path) as tmp:
         tmp.write_text(json.dumps(results, indent=1))
+
+
+# ---- train.eval_tasks: the trainer's evaluations score tasks too ----
+def load_task_items(specs: str, limit: int, say=None) -> dict:
+    """{task name: items} for train.eval_tasks (eval.py's --tasks syntax), read once before training
+    starts, so a bad spec is an error before step 1; {} when specs is empty."""
+    from .tasks import read_items, resolve
+
+    out = {}
+    for spec in [s.strip() for s in specs.split(",") if s.strip()]:
+        task = resolve(spec)
+        if task.name in out:
+            raise ConfigError(f"train.eval_tasks names task {task.name!r} twice")
+        out[task.name], total = read_items(task, limit or None)
+        if say:
+            say(f"eval task {task.name}: {len(out[task.name]):,} of {total:,} items from {task.source}")
+    return out
+
+
+def task_metrics(model, tok, device, max_len: int, items: dict, batch_tokens: int = 16384) -> dict:
+    """{"task_NAME_METRIC": value} of `model` (in eval mode for the scoring) on each task's items:
+    acc and acc_norm for multiple choice, acc and ppl for completions."""
+    was_training = model.training
+    model.eval()
+    try:
+        scorer = RunScorer(model, tok, device, max_len, name="the run")
+        out = {}
+        for name, its in items.items():
+            m = evaluate_items(scorer, its, batch_tokens).metrics
+            out.update({f"task_{name}_{k}": m[k] for k in ("acc", "acc_norm", "ppl") if k in m})
+        return out
+    finally:
+        model.train(was_training)
+
+
+def task_label(ev: dict) -> str:
+    """'  NAME acc_norm 0.412 ...' for a progress line: each task's acc_norm (acc for completions)."""
+    parts = []
+    for key, value in ev.items():
+        if key.startswith("task_") and (key.endswith("_acc_norm") or key.endswith("_acc") and
+                                        f"{key}_norm" not in ev):
+            name, _, metric = key[5:].rpartition("_acc")
+            parts.append(f"{name} acc{metric} {value:.3f}")
+    return "".join("  " + p for p in parts)

@@ -495,4 +495,6 @@ class SFTTrainer(Trainer):
                                   self.byte_lengths)
         out.update(exact_match(model, self.sft.template, self.sft.val_messages[:self.t.sft_eval_examples], self.device))
         model.train(was_training)
+        with root_gathered(model):
+            out.update(self.task_metrics(model))
         return out

@@ -31,6 +31,7 @@ from .config import RunConfig
 from .errors import CheckpointError, ConfigError, SlmlabError
 from .evaluate import bpb_label, evaluate, generate_sample, token_byte_lengths
 from .fmt import duration as fmt_duration
+from .harness import load_task_items, task_label, task_metrics
 from .init_from import base_vocab, init_model
 from .optim import build_optimizer
 from .phases import eval_shape, lr_mult, phase_at, phase_windows, resolve_phases
@@ -304,6 +305,7 @@ class Trainer:
         if self.t.lora.r:  # the adapter run names its base by an absolute path, so it loads from anywhere
             self.t.init_from = str(Path(self.t.init_from).expanduser().resolve())
         self.setup_data()
+        self.task_items = load_task_items(self.t.eval_tasks, self.t.eval_tasks_limit, self.say)
         if self.t.teacher:
             self.teacher = load_teacher(self.t.teacher, cfg, self.tok, self.device, max(p.seq_len for p in self.phases))
         else:
@@ -493,7 +495,8 @@ class Trainer:
                 if step % t.eval_every == 0 and step != t.steps:
                     ev = self.periodic_eval(phase)
                     self.progress.write(f"step {step}: val loss {ev['val_loss']:.4f}  val bpb {bpb_label(ev)}"
-                                        + (f"  exact match {ev['exact_match']:.3f}" if "exact_match" in ev else ""))
+                                        + (f"  exact match {ev['exact_match']:.3f}" if "exact_match" in ev else "")
+                                        + task_label(ev))
                     rec = {**(rec or self.position(step, phase)), **ev}
                 if rec:
                     self.metrics.log(rec)
@@ -656,8 +659,15 @@ class Trainer:
         nll_fn = self.nll_fn if model is None else None
         model = model or self.model
         with root_gathered(model):  # token_nll is not forward: FSDP2 would leave the root's weights sharded
-            return evaluate(model, self.bundle.val, self.cfg, self.device, self.byte_lengths, max_tokens,
-                            self.eval_T, self.eval_B, nll_fn=nll_fn)
+            return {**evaluate(model, self.bundle.val, self.cfg, self.device, self.byte_lengths, max_tokens,
+                               self.eval_T, self.eval_B, nll_fn=nll_fn), **self.task_metrics(model)}
+
+    def task_metrics(self, model) -> dict:
+        """train.eval_tasks' scores (harness.task_metrics) at the evaluation context; {} without tasks.
+        Every rank scores (an FSDP forward is collective); under root_gathered, as token_nll."""
+        if not self.task_items:
+            return {}
+        return task_metrics(model, self.tok, self.device, self.eval_T, self.task_items)
 
     def checkpoint(self, step: int, ph):
         sd = weights_for_save(self.model)  # collective under FSDP: every rank calls it
@@ -680,7 +690,7 @@ class Trainer:
                             f"val loss {final['val_loss']:.4f}  val bpb {bpb_label(final)}"
                             + (f"  (gzip -9 {base['gzip_bpb']:.3f}, xz -9 {base['xz_bpb']:.3f})" if base else "")
                             + (f"  exact match {final['exact_match']:.3f} of {final['exact_n']}" if "exact_n" in final
-                               else ""))
+                               else "") + task_label(final))
         last = self.phases[-1]
         self.metrics.log({"step": t.steps, "phase": last.index + 1, "seq_len": last.seq_len,
                           "tokens": self.state.tokens, "final": True, "eval_seq_len": self.eval_T, **final})
@@ -712,7 +722,8 @@ class Trainer:
         average_checkpoints(dirs, self.run.path / AVG_WEIGHTS)
         avg_model = self.run.load_weights(model_from_config(self.cfg).to(self.device), AVG_WEIGHTS)
         ev = self.evaluate(None, model=avg_model)
-        avg = {"avg_of": [d.name for d in dirs], "avg_val_loss": ev["val_loss"], "avg_val_bpb": ev["val_bpb"]}
+        avg = {"avg_of": [d.name for d in dirs], "avg_val_loss": ev["val_loss"], "avg_val_bpb": ev["val_bpb"],
+               **{f"avg_{k}": v for k, v in ev.items() if k.startswith("task_")}}
         self.progress.write(f"average of {len(dirs)} checkpoints ({dirs[0].name} .. {dirs[-1].name}): val loss "
                             f"{ev['val_loss']:.4f}  val bpb {bpb_label(ev)}  (last: {final['val_loss']:.4f})")
         self.metrics.log({"step": self.t.steps, "tokens": self.state.tokens, "final_avg": True, **avg})

@@ -119,6 +119,7 @@ RULES: dict[str, Callable[[RunConfig], Optional[str]]] = {
        for k in ("alpha", "dropout", "targets")},
     "train.keep_checkpoints": lambda c: None if c.train.ckpt_every else "train.ckpt_every is 0 (no checkpoints)",
     "train.sample_prompt": lambda c: None if c.train.sample_tokens else "train.sample_tokens is 0",
+    "train.eval_tasks_limit": lambda c: None if c.train.eval_tasks else "train.eval_tasks is empty (no tasks)",
     "logging.wandb_project": _unless("logging.wandb", True), "logging.wandb_mode": _unless("logging.wandb", True),
     "model.window": _window, "model.window_pattern": _no_window_layer,
     "model.max_positions": _unless("model.pos", "learned"),

@@ -264,3 +264,33 @@ def test_a_transformers_folder_scores_as_our_import_of_it(tmp_path):
     pairs = [("the cat", " sat on the mat"), ("", "a dog"), ("my bird sang", " at dawn")]
     for a, b in zip(harness.score_pairs(theirs, pairs), harness.score_pairs(ours, pairs)):
         assert abs(a.logprob - b.logprob) < 1e-4 and a.tokens == b.tokens
+
+
+def test_train_eval_tasks_are_logged_at_each_eval_and_equal_eval_py(runs, tmp_path):
+    """train.eval_tasks: the periodic and final evaluations score the tasks; the final numbers are
+    eval.py's on the saved model at the same context."""
+    _, _, items = runs
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(SENTENCES * 200) + "\n")
+    rc, out, err = run_here("train", "--arch", "hybrid", "--data", corpus, "--out", tmp_path / "run",
+                            *tiny_overrides(tmp_path, steps=20, **{"optim.lr": 1e-2, "train.warmup_steps": 1,
+                                                                   "train.eval_every": 10,
+                                                                   "train.eval_tasks": str(items)}))
+    assert rc == 0, err
+    assert "eval task tails: 8 of 8 items from" in out and "step 10: val loss" in out and "  tails acc_norm " in out
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in recs if "task_tails_acc_norm" in r]
+    assert [r["step"] for r in evals] == [10, 20] and evals[-1].get("final")
+    rc, js, err = run_here("eval", "--run", tmp_path / "run", "--tasks", items, "--json")
+    assert rc == 0, err
+    mine = json.loads(js)["tasks"]["tails"]["results"][str(tmp_path / "run")]
+    assert mine["acc"] == evals[-1]["task_tails_acc"] and mine["acc_norm"] == evals[-1]["task_tails_acc_norm"]
+
+
+def test_a_bad_train_eval_task_stops_before_training(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(SENTENCES * 50) + "\n")
+    rc, _, err = run_here("train", "--data", corpus, "--out", tmp_path / "run",
+                          *tiny_overrides(tmp_path, steps=2, **{"train.eval_tasks": "hellaswagg"}))
+    assert rc == 2 and err.strip().splitlines()[-1].startswith("error: unknown task 'hellaswagg'"), err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
