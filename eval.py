@@ -34,6 +34,8 @@ def parse_args(argv=None):
                    help="tokens of context a pair may use, left-truncated beyond (default: a run's evaluation "
                         "context; a transformers model's max_position_embeddings, at most 2048)")
     p.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per forward (memory vs speed)")
+    p.add_argument("--mc-samples", type=int, default=None,
+                   help="masked-diffusion runs: mask draws per pair for the Monte-Carlo ELBO estimate (default 16)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", help="write every number and the per-item results as JSON here")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
@@ -46,7 +48,8 @@ def check_args(args):
 
     if not args.models:
         raise ConfigError("give a model to evaluate: --run RUN_DIR or --hf FOLDER (repeatable)")
-    for flag, v in (("--limit", args.limit), ("--max-len", args.max_len), ("--batch-tokens", args.batch_tokens)):
+    for flag, v in (("--limit", args.limit), ("--max-len", args.max_len), ("--batch-tokens", args.batch_tokens),
+                    ("--mc-samples", args.mc_samples)):
         if v is not None and v < 1:
             raise ConfigError(f"{flag} must be >= 1, got {v}")
     if args.force and not args.out:
@@ -67,7 +70,8 @@ def main(argv=None):
     specs = [s.strip() for s in args.tasks.split(",") if s.strip()]
     resolved = [tasks.resolve(s) for s in specs]  # every name checked before any model loads
     device = resolve_device(args.device, flag="--device")
-    results = evaluate_models(args.models, resolved, device, args.limit, args.max_len, args.batch_tokens)
+    results = evaluate_models(args.models, resolved, device, args.limit, args.max_len, args.batch_tokens,
+                              samples=args.mc_samples)
     if args.out:
         write_json(results, args.out)
     report(results, as_json=args.json)

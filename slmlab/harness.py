@@ -28,15 +28,23 @@ from .errors import ConfigError, DataError
 from .runtime import autocast
 
 
-class RunScorer:
-    """One of our models (RunScorer.open: a run directory's): scores under the trainer's autocast, at
-    the run's evaluation context by default."""
+class CausalScorer:
+    """Left-to-right scoring (score_causal); subclasses give encode() and token_scores()."""
+
+    bound = False  # scores are exact log-likelihoods
+
+    def score(self, enc, batch_tokens: int, progress=None) -> list["PairScore"]:
+        return score_causal(self, enc, batch_tokens, progress)
+
+
+class RunScorer(CausalScorer):
+    """One of our autoregressive models (open_scorer: a run directory's): scores under the trainer's
+    autocast, at the run's evaluation context by default."""
 
     def __init__(self, model, tok, device, max_len: int, name: str = "model"):
         cfg = model.cfg
-        if not cfg.causal:
-            raise ConfigError(f"{name}: a masked-diffusion model gives no left-to-right log-likelihood to score "
-                              "continuations with (its val_bpb is an ELBO bound)")
+        if not cfg.causal:  # scorer_for gives a masked-diffusion LM its DiffusionScorer
+            raise ConfigError(f"{name}: a bidirectional model has no left-to-right log-likelihood to score")
         if cfg.pos == "learned" and max_len > cfg.max_positions:
             raise ConfigError(f"--max-len {max_len} exceeds {name}'s model.max_positions={cfg.max_positions} "
                               "(model.pos=learned)")
@@ -44,12 +52,14 @@ class RunScorer:
         self.start_id = tok.start_id
 
     @classmethod
-    def open(cls, run_dir, device, max_len: int | None = None) -> "RunScorer":
+    def open(cls, run_dir, device, max_len: int | None = None, samples: int = 16):
+        """A run directory's scorer: a DiffusionScorer (`samples` mask draws a pair) for a masked-diffusion
+        run, else a RunScorer; at the run's evaluation context unless max_len."""
         from .evaluate import run_eval_shape
         from .rundir import RunDir
 
         cfg, model, tok = RunDir.open(run_dir).load(device)
-        return cls(model, tok, device, max_len or run_eval_shape(cfg)[0], str(run_dir))
+        return scorer_for(model, tok, device, max_len or run_eval_shape(cfg)[0], str(run_dir), samples)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text)
@@ -65,7 +75,90 @@ class RunScorer:
         return logits.log_softmax(-1).gather(1, t[:, None])[:, 0], logits.argmax(-1) == t
 
 
-class HFScorer:
+class DiffusionScorer:
+    """A masked-diffusion run (arch/diffusion.py): -log p(continuation | context) has no exact form, so
+    each pair gets LLaDA's Monte-Carlo estimate of its ELBO bound. A draw masks l of the continuation's
+    L tokens, l uniform in 1..L, the positions uniform, the context never; the draw's estimate is
+    (L / l) x the masked tokens' -log p(x_i | the masked sequence), and the pair's is the mean over
+    `samples` draws (unbiased for the ELBO, an upper bound on the NLL: `bound`). The draws are seeded
+    by the pair's ids, so a pair scores the same in any batch, order or --limit. "greedy": with the
+    whole continuation masked, every token is the model's argmax. No padding is ever added (every
+    position sees every other): a batch holds pairs of one length."""
+
+    bound = True
+
+    def __init__(self, model, tok, device, max_len: int, name: str = "model", samples: int = 16):
+        if samples < 1:
+            raise ConfigError(f"--mc-samples must be >= 1, got {samples}")
+        self.model, self.tok, self.device, self.max_len, self.name = model, tok, torch.device(device), max_len, name
+        self.samples, self.start_id = samples, tok.start_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text)
+
+    def draws(self, ids: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(masks [samples + 1, len(ids)] bool, weights [samples]): the pair's seeded draws, then the
+        all-masked row for the greedy check."""
+        import zlib
+
+        g = torch.Generator().manual_seed(zlib.crc32(torch.tensor(ids, dtype=torch.int64).numpy().tobytes()))
+        T = len(ids)
+        masks = torch.zeros(self.samples + 1, T, dtype=torch.bool)
+        ls = torch.randint(1, n + 1, (self.samples,), generator=g)
+        for k, l in enumerate(ls.tolist()):
+            masks[k, T - n + torch.randperm(n, generator=g)[:l]] = True
+        masks[-1, T - n:] = True
+        return masks, n / ls.double()
+
+    @torch.no_grad()
+    def score(self, enc, batch_tokens: int, progress=None) -> list["PairScore"]:
+        kept = [(ids[-self.max_len:], n, len(ids) > self.max_len) for ids, n in enc]
+        by_len: dict[int, list[int]] = {}
+        for i, (ids, _, _) in enumerate(kept):
+            by_len.setdefault(len(ids), []).append(i)
+        out: list[PairScore | None] = [None] * len(enc)
+        done, rows = 0, self.samples + 1
+        for T, group in sorted(by_len.items(), reverse=True):
+            per = max(1, batch_tokens // (T * rows))
+            for at in range(0, len(group), per):
+                batch = group[at:at + per]
+                for i, s in zip(batch, self._score_batch([kept[i] for i in batch])):
+                    out[i] = s
+                done += len(batch)
+                if progress:
+                    progress(done, len(enc))
+        return out
+
+    def _score_batch(self, pairs) -> list["PairScore"]:
+        x0 = torch.tensor([ids for ids, _, _ in pairs]).repeat_interleave(self.samples + 1, 0)
+        drawn = [self.draws(ids, n) for ids, n, _ in pairs]
+        masked = torch.cat([m for m, _ in drawn])
+        xt = torch.where(masked, torch.full_like(x0, self.model.mask_id), x0).to(self.device)
+        with autocast(self.device):
+            h = self.model.hidden(xt)[0][masked.to(self.device)]
+            logits = F.linear(h, self.model.lm_head.weight).float()
+        logits[:, self.model.mask_id] = float("-inf")  # SUBS: the clean token is never the mask
+        t = x0[masked].to(self.device)
+        lp = logits.log_softmax(-1).gather(1, t[:, None])[:, 0].double().cpu()
+        top = (logits.argmax(-1) == t).cpu()
+        row_of = masked.nonzero()[:, 0]  # each masked position's row, in the order lp lists them
+        per_row = torch.zeros(len(masked), dtype=torch.float64).index_add_(0, row_of, lp)
+        all_top = torch.zeros(len(masked), dtype=torch.long).index_add_(0, row_of, top.long()) == masked.sum(1)
+        out, rows = [], self.samples + 1
+        for j, ((_, n, truncated), (_, w)) in enumerate(zip(pairs, drawn)):
+            r = slice(j * rows, (j + 1) * rows - 1)
+            out.append(PairScore((w * per_row[r]).mean().item(), bool(all_top[(j + 1) * rows - 1]), n, truncated))
+        return out
+
+
+def scorer_for(model, tok, device, max_len: int, name: str = "model", samples: int = 16):
+    """The scorer of one of our models: DiffusionScorer for a masked-diffusion LM, else RunScorer."""
+    if getattr(model, "mask_id", None) is not None:
+        return DiffusionScorer(model, tok, device, max_len, name, samples)
+    return RunScorer(model, tok, device, max_len, name)
+
+
+class HFScorer(CausalScorer):
     """A transformers model folder (a baseline: SmolLM, Qwen, ...), at its max_position_embeddings by
     default (capped at 2048). Its bos token starts each pair, or its eos when it has no bos."""
 
@@ -113,9 +206,13 @@ def tokenize_pair(scorer, context: str, continuation: str) -> tuple[list[int], i
 
 
 def score_pairs(scorer, pairs: list[tuple[str, str]], batch_tokens: int = 16384, progress=None) -> list[PairScore]:
-    """PairScore of each (context, continuation): batches of up to batch_tokens padded tokens, longest
-    first; right padding is never looked at (the models are causal). progress(done, total) after each batch."""
-    enc = [tokenize_pair(scorer, c, k) for c, k in pairs]
+    """PairScore of each (context, continuation), in order; progress(done, total) after each batch."""
+    return scorer.score([tokenize_pair(scorer, c, k) for c, k in pairs], batch_tokens, progress)
+
+
+def score_causal(scorer, enc, batch_tokens: int, progress=None) -> list[PairScore]:
+    """Causal models: batches of up to batch_tokens padded tokens, longest first; right padding is
+    never looked at."""
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i][0]))
     out: list[PairScore | None] = [None] * len(enc)
     at = 0
@@ -165,6 +262,7 @@ def evaluate_items(scorer, items, batch_tokens: int = 16384, progress=None) -> T
     pairs = [(c, k) for it in items for c, k in zip(it.contexts, it.continuations)]
     scores = score_pairs(scorer, pairs, batch_tokens, progress)
     res = TaskResult({}, n=len(items), truncated=sum(s.truncated for s in scores))
+    bound = {"bound": True} if getattr(scorer, "bound", False) else {}  # a diffusion run's ELBO estimates
     at = 0
     if items[0].is_choice:
         acc, acc_norm, chance = [], [], 0.0
@@ -178,14 +276,14 @@ def evaluate_items(scorer, items, batch_tokens: int = 16384, progress=None) -> T
             chance += 1 / len(it.contexts)
         res.per_item = {"acc": acc, "acc_norm": acc_norm}
         res.metrics = {"acc": sum(acc) / len(acc), "acc_stderr": stderr(acc), "acc_norm": sum(acc_norm) / len(acc),
-                       "acc_norm_stderr": stderr(acc_norm), "chance": chance / len(items)}
+                       "acc_norm_stderr": stderr(acc_norm), "chance": chance / len(items), **bound}
     else:
         acc = [float(s.greedy) for s in scores]
         nll = -sum(s.logprob for s in scores)
         n_bytes = sum(len(it.continuations[0].encode("utf-8")) for it in items)
         res.per_item = {"acc": acc}
         res.metrics = {"acc": sum(acc) / len(acc), "acc_stderr": stderr(acc), "ppl": math.exp(nll / len(scores)),
-                       "bpb": nll / math.log(2) / n_bytes}
+                       "bpb": nll / math.log(2) / n_bytes, **bound}
     return res
 
 
@@ -219,12 +317,12 @@ class Ticker:
 
 
 # ---- eval.py: every model on every task, the table, the JSON ----
-def load_scorer(kind: str, where: str, device, max_len: int | None):
-    return RunScorer.open(where, device, max_len) if kind == "run" else HFScorer(where, device, max_len)
+def load_scorer(kind: str, where: str, device, max_len: int | None, samples: int = 16):
+    return RunScorer.open(where, device, max_len, samples) if kind == "run" else HFScorer(where, device, max_len)
 
 
 def evaluate_models(models: list[tuple[str, str]], tasks, device, limit=None, max_len=None, batch_tokens=16384,
-                    say=None) -> dict:
+                    say=None, samples: int | None = None) -> dict:
     """{"models": [label], "tasks": {name: {source, items, of, results: {label: metrics}, per_item, paired}}}:
     the items are read once, each model loads once (one at a time) and scores every task."""
     import sys
@@ -245,7 +343,9 @@ def evaluate_models(models: list[tuple[str, str]], tasks, device, limit=None, ma
                                    "results": {}, "per_item": {}, "paired": {}}
         say(f"{task.name}: {len(items[task.name]):,} of {total:,} items from {task.source}")
     for (kind, where), label in zip(models, labels):
-        scorer = load_scorer(kind, where, device, max_len)
+        scorer = load_scorer(kind, where, device, max_len, samples or 16)
+        if samples is not None and not isinstance(scorer, DiffusionScorer):
+            say(f"note: --mc-samples has no effect on {label}: it is not a masked-diffusion run")
         for task in tasks:
             t0 = time.time()
             res = evaluate_items(scorer, items[task.name], batch_tokens, Ticker(f"{label} {task.name}", say))
@@ -279,7 +379,7 @@ def table(results: dict) -> str:
             for label in labels:
                 r = entry["results"][label]
                 cells.append(f"{100 * r[metric]:.1f} ± {100 * r[metric + '_stderr']:.1f}" if metric.startswith("acc")
-                             else f"{r[metric]:.4g}")
+                             else ("≤ " if r.get("bound") else "") + f"{r[metric]:.4g}")
             for label in labels[1:]:
                 d = entry["paired"][label].get(metric)
                 cells.append(f"{100 * d[0]:+.1f} ± {100 * d[1]:.1f}" if d else "")
@@ -335,7 +435,7 @@ def task_metrics(model, tok, device, max_len: int, items: dict, batch_tokens: in
     was_training = model.training
     model.eval()
     try:
-        scorer = RunScorer(model, tok, device, max_len, name="the run")
+        scorer = scorer_for(model, tok, device, max_len, name="the run")
         out = {}
         for name, its in items.items():
             m = evaluate_items(scorer, its, batch_tokens).metrics

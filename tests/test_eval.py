@@ -12,7 +12,7 @@ from trainer_helpers import ROOT, run_here, tiny_overrides
 
 from slmlab import harness, tasks
 from slmlab.config import load_config
-from slmlab.errors import ConfigError, DataError
+from slmlab.errors import DataError
 from slmlab.rundir import model_from_config
 from slmlab.tokenizer import train_tokenizer
 
@@ -82,11 +82,45 @@ def test_own_tokenizer_starts_after_eos_as_training_documents_do(tiny):
     assert ids[0] == tok.eos_id
 
 
-def test_a_diffusion_model_is_refused():
-    cfg = load_config(arch="diffusion", overrides=["model.d_model=16", "model.n_layers=1", "model.n_heads=2",
-                                                     "model.n_kv_heads=1", "model.vocab_size=64", "model.layers=A"])
-    with pytest.raises(ConfigError, match="masked-diffusion model gives no left-to-right log-likelihood"):
-        harness.RunScorer(model_from_config(cfg), None, "cpu", max_len=32)
+@pytest.fixture(scope="module")
+def tiny_diffusion(tiny):
+    _, tok = tiny
+    cfg = load_config(arch="diffusion", overrides=["model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+                                                   "model.n_kv_heads=1", "model.vocab_size=300", "model.layers=CA"])
+    torch.manual_seed(0)
+    return model_from_config(cfg).eval(), tok
+
+
+def direct_elbo(model, ids: list[int], masks, weights) -> float:
+    """The Monte-Carlo estimate recomputed one draw at a time: mean of weight x the masked tokens' -log p."""
+    x0 = torch.tensor(ids)
+    est = []
+    for m, w in zip(masks[:-1], weights):
+        with torch.no_grad():
+            lp = model.denoise_logits(torch.where(m, model.mask_id, x0)[None])[0].double().log_softmax(-1)
+        est.append(w.item() * -sum(lp[i, ids[i]].item() for i in m.nonzero()[:, 0].tolist()))
+    return sum(est) / len(est)
+
+
+def test_a_diffusion_run_scores_the_monte_carlo_elbo_of_its_draws(tiny_diffusion):
+    model, tok = tiny_diffusion
+    scorer = harness.scorer_for(model, tok, "cpu", max_len=64, samples=5)
+    assert isinstance(scorer, harness.DiffusionScorer) and scorer.bound
+    pairs = [("the cat sat", " on the mat"), ("a dog", " ran"), ("", "my bird sang at dawn"), ("the cat sat on", " the")]
+    together = harness.score_pairs(scorer, pairs)
+    for (c, k), s in zip(pairs, together):
+        ids, n = harness.tokenize_pair(scorer, c, k)
+        masks, weights = scorer.draws(ids, n)
+        assert (masks[:, :len(ids) - n] == 0).all() and (masks.sum(1)[:-1] >= 1).all() and masks[-1, -n:].all()
+        assert abs(-s.logprob - direct_elbo(model, ids, masks, weights)) < 1e-4, (c, k)
+        alone = harness.score_pairs(scorer, [(c, k)], batch_tokens=1)[0]
+        assert alone.logprob == pytest.approx(s.logprob, abs=1e-5)  # seeded by the pair: any batch, any order
+    # one continuation token: every draw masks it alone with weight 1, so the estimate is exact
+    ids, n = harness.tokenize_pair(scorer, *pairs[3])
+    with torch.no_grad():
+        lp = model.denoise_logits(torch.tensor([ids[:-1] + [model.mask_id]]))[0, -1].double().log_softmax(-1)
+    assert n == 1 and together[3].logprob == pytest.approx(lp[ids[-1]].item(), abs=1e-5)
+    assert together[3].greedy == (lp.argmax().item() == ids[-1])
 
 
 def test_metrics_of_hand_scored_items(monkeypatch):
@@ -294,3 +328,22 @@ def test_a_bad_train_eval_task_stops_before_training(tmp_path):
                           *tiny_overrides(tmp_path, steps=2, **{"train.eval_tasks": "hellaswagg"}))
     assert rc == 2 and err.strip().splitlines()[-1].startswith("error: unknown task 'hellaswagg'"), err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_eval_py_on_a_diffusion_run_marks_its_bounds(runs, tmp_path):
+    _, trained, items = runs
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(SENTENCES * 50) + "\n")
+    rc, _, err = run_here("train", "--arch", "diffusion", "--data", corpus, "--out", tmp_path / "diff",
+                          *tiny_overrides(tmp_path, steps=2))
+    assert rc == 0, err
+    lam = tmp_path / "lam.jsonl"
+    lam.write_text("".join(json.dumps({"context": s.rsplit(" ", 1)[0], "continuation": " " + s.rsplit(" ", 1)[1]})
+                           + "\n" for s in SENTENCES))
+    rc, out, err = run_here("eval", "--run", tmp_path / "diff", "--run", trained, "--tasks", f"{items},{lam}",
+                            "--mc-samples", "3", "--json")
+    assert rc == 0, err
+    res = json.loads(out)["tasks"]
+    assert res["lam"]["results"][str(tmp_path / "diff")]["bound"] and "bound" not in res["lam"]["results"][str(trained)]
+    assert f"note: --mc-samples has no effect on {trained}: it is not a masked-diffusion run" in err
+    assert "| ppl | ≤ " in harness.table(json.loads(out))
