@@ -28,12 +28,20 @@ from .errors import ConfigError, DataError
 from .runtime import autocast
 
 
+@dataclass
+class PairScore:
+    logprob: float  # sum over the continuation's tokens, nats
+    greedy: bool
+    tokens: int
+    truncated: bool  # the context lost tokens on the left to fit max_len
+
+
 class CausalScorer:
     """Left-to-right scoring (score_causal); subclasses give encode() and token_scores()."""
 
     bound = False  # scores are exact log-likelihoods
 
-    def score(self, enc, batch_tokens: int, progress=None) -> list["PairScore"]:
+    def score(self, enc, batch_tokens: int, progress=None) -> list[PairScore]:
         return score_causal(self, enc, batch_tokens, progress)
 
 
@@ -111,7 +119,7 @@ class DiffusionScorer:
         return masks, n / ls.double()
 
     @torch.no_grad()
-    def score(self, enc, batch_tokens: int, progress=None) -> list["PairScore"]:
+    def score(self, enc, batch_tokens: int, progress=None) -> list[PairScore]:
         kept = [(ids[-self.max_len:], n, len(ids) > self.max_len) for ids, n in enc]
         by_len: dict[int, list[int]] = {}
         for i, (ids, _, _) in enumerate(kept):
@@ -129,7 +137,7 @@ class DiffusionScorer:
                     progress(done, len(enc))
         return out
 
-    def _score_batch(self, pairs) -> list["PairScore"]:
+    def _score_batch(self, pairs) -> list[PairScore]:
         x0 = torch.tensor([ids for ids, _, _ in pairs]).repeat_interleave(self.samples + 1, 0)
         drawn = [self.draws(ids, n) for ids, n, _ in pairs]
         masked = torch.cat([m for m, _ in drawn])
@@ -178,14 +186,6 @@ class HFScorer(CausalScorer):
         logits = self.model(input_ids=idx).logits[mask].float()
         t = targets[mask]
         return logits.log_softmax(-1).gather(1, t[:, None])[:, 0], logits.argmax(-1) == t
-
-
-@dataclass
-class PairScore:
-    logprob: float  # sum over the continuation's tokens, nats
-    greedy: bool
-    tokens: int
-    truncated: bool  # the context lost tokens on the left to fit max_len
 
 
 def tokenize_pair(scorer, context: str, continuation: str) -> tuple[list[int], int]:
