@@ -14,6 +14,7 @@ from pathlib import Path
 from .config import RunConfig
 from .errors import ConfigError, RunDirError, SlmlabError
 from .fmt import count, duration
+from .harness import primary_scores
 from .rundir import CONFIG, METRICS, TOKENIZER, RunDir, read_metrics, split_evals
 from .unused import changed, settings, show, why_unused
 
@@ -102,7 +103,19 @@ def row(r: Run) -> dict:
             "tokens": tokens, "train_time_s": time, "tokens_per_s": tps, "val_bpb": bpb,
             "best_val_bpb": best.get("val_bpb"), "best_val_step": best.get("step"),
             "val_bpb_is_bound": any(e.get("val_bpb_is_bound") for e in (*evals, s)),
-            "eval_seq_len": _last(evals, "eval_seq_len"), "device": s.get("device")}
+            "eval_seq_len": _last(evals, "eval_seq_len"), "device": s.get("device"),
+            "tasks": primary_scores(final or {})}
+
+
+def task_lines(rows: list[dict]) -> list[str]:
+    """A table of the runs' final downstream scores (train.eval_tasks), when any run has them."""
+    names = sorted({k for w in rows for k in w["tasks"]})
+    if not names:
+        return []
+    cells = [["run", *names]] + [[w["run"], *(f"{100 * w['tasks'][n]:.1f}%" if n in w["tasks"] else "–"
+                                             for n in names)] for w in rows]
+    return ["", "Downstream tasks (train.eval_tasks, the final eval; eval.py compares runs on the same items with "
+                "paired differences):", *markdown(cells, set(range(1, len(names) + 1)))]
 
 
 def _cells(w: dict) -> list[str]:
@@ -291,6 +304,7 @@ def text(runs: list[Run], out: dict) -> str:
     lines = markdown([list(COLUMNS), *map(_cells, out["runs"])], NUMERIC)
     lines += ["", "val bpb: the final eval, over the whole validation split; best eval bpb: the lowest periodic "
                   "eval (the first train.eval_tokens of the split) @ its step."]
+    lines += task_lines(out["runs"])
     if len(runs) > 1:
         lines += ["", f"What differs from {runs[0].name} (unused: a setting that run never reads, so it cannot "
                       "explain a difference):"]

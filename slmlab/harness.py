@@ -445,12 +445,18 @@ def task_metrics(model, tok, device, max_len: int, items: dict, batch_tokens: in
         model.train(was_training)
 
 
-def task_label(ev: dict) -> str:
-    """'  NAME acc_norm 0.412 ...' for a progress line: each task's acc_norm (acc for completions)."""
-    parts = []
+def primary_scores(ev: dict) -> dict:
+    """{"NAME acc_norm": value} from an evaluation's task_NAME_METRIC keys: each task's acc_norm
+    (multiple choice) or acc (completions)."""
+    out = {}
     for key, value in ev.items():
         if key.startswith("task_") and (key.endswith("_acc_norm") or key.endswith("_acc") and
                                         f"{key}_norm" not in ev):
             name, _, metric = key[5:].rpartition("_acc")
-            parts.append(f"{name} acc{metric} {value:.3f}")
-    return "".join("  " + p for p in parts)
+            out[f"{name} acc{metric}"] = value
+    return out
+
+
+def task_label(ev: dict) -> str:
+    """'  NAME acc_norm 0.412 ...' for a progress line (primary_scores)."""
+    return "".join(f"  {k} {v:.3f}" for k, v in primary_scores(ev).items())

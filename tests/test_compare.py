@@ -209,3 +209,19 @@ def test_real_tiny_run_compares_as_its_summary_says(tmp_path, capsys):
            (s["params"], s["tokens"], s["val_bpb"], s["train_time_s"])
     assert row["layers"] == "CCA" and row["status"] == "done" and row["best_val_step"] in (3, 6)
     assert res["differences"] == {} and (tmp_path / "cmp.png").stat().st_size > 0
+
+
+def test_downstream_task_scores_of_the_final_evals(tmp_path, capsys):
+    """train.eval_tasks' final scores get a table of their own: acc_norm for multiple choice, acc
+    for completions; a run without a task shows a dash."""
+    recs = fake_records()
+    recs[-1] |= {"task_tails_acc": 0.5, "task_tails_acc_norm": 0.625, "task_lam_acc": 0.25, "task_lam_ppl": 9.0}
+    a, b = fake_run(tmp_path / "a", records=recs), fake_run(tmp_path / "b")
+    rows = run_json(capsys, a, b)["runs"]
+    assert rows[0]["tasks"] == {"tails acc_norm": 0.625, "lam acc": 0.25} and rows[1]["tasks"] == {}
+    assert run_cli(compare.main, [a, b]) == 0
+    out = capsys.readouterr().out
+    assert "Downstream tasks (train.eval_tasks, the final eval" in out
+    tasks = out.split("Downstream tasks")[1]
+    assert "lam acc" in tasks.splitlines()[1] and "tails acc_norm" in tasks.splitlines()[1]
+    assert cells(tasks, a)[1:] == ["25.0%", "62.5%"] and cells(tasks, b)[1:] == ["–", "–"]
