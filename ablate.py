@@ -10,6 +10,9 @@
 Every run is an ordinary run directory, OUT/<variant>/seed<k>/ (OUT/<corpus>/<variant>/seed<k>/
 with several --data). Re-running the same command skips finished runs (done, or diverged: a
 non-finite final val bpb), resumes interrupted ones and retries failed ones. Outputs in OUT: results.md, results.csv, timings.csv, curves.png, final.png.
+With --tasks (eval.py's task specs) every finished run is also scored zero-shot on downstream tasks
+and the report compares the variants' accuracies the same way; --tasks is no part of the
+ablation's identity, so adding it to a finished ablation scores the runs without retraining.
 """
 from __future__ import annotations
 
@@ -60,6 +63,11 @@ def parse_args(argv=None):
     p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                    help="a submitit parameter, e.g. slurm_partition=gpu timeout_min=60 gpus_per_node=1 "
                         "cpus_per_task=8 (repeatable)")
+    p.add_argument("--tasks", metavar="SPEC[,SPEC...]",
+                   help="downstream tasks as in eval.py (NAME, NAME=SOURCE, FILE.jsonl): every finished run is "
+                        "scored on its final weights, and the report compares the variants' accuracies; "
+                        "adding them to a finished ablation scores its runs without retraining")
+    p.add_argument("--task-limit", type=int, metavar="N", help="score each task's first N items (default: all)")
     return p.parse_intermixed_args(argv)
 
 
@@ -69,7 +77,7 @@ def _check_flags(args):
     given = lambda *names: [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) not in (None, [], False)]  # noqa: E731
     if args.report:
         extra = given("out", "arch", "vary", "seeds", "steps", "data", "budget", "config", "imports", "force",
-                      "dry_run", "jobs", "gpus", "threads", "cluster", "slurm") + args.items
+                      "dry_run", "jobs", "gpus", "threads", "cluster", "slurm", "tasks", "task_limit") + args.items
         if extra:
             raise AblationError(f"--report OUT takes no other arguments (got {' '.join(extra)})")
         return
@@ -90,10 +98,12 @@ def _check_flags(args):
             raise AblationError(f"{bad[0]} needs --launcher submitit")
         if _gpus(args) and args.jobs is not None and args.jobs != len(_gpus(args)):
             raise AblationError(f"--jobs {args.jobs} with {len(_gpus(args))} --gpus: runs go one per GPU; drop --jobs")
-    for flag in ("jobs", "threads", "seeds", "steps"):
+    if args.task_limit is not None and not args.tasks:
+        raise AblationError("--task-limit N limits --tasks; give --tasks too")
+    for flag in ("jobs", "threads", "seeds", "steps", "task_limit"):
         v = getattr(args, flag)
         if v is not None and v < (0 if flag == "threads" else 1):
-            raise AblationError(f"--{flag} must be >= {0 if flag == 'threads' else 1}, got {v}")
+            raise AblationError(f"--{flag.replace('_', '-')} must be >= {0 if flag == 'threads' else 1}, got {v}")
 
 
 def imports_override(imports: list[str]) -> list[str]:
@@ -180,6 +190,14 @@ def _gpus(args) -> list[str]:
     return [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else []
 
 
+def say_skipped(prog, out: Path):
+    if prog.skipped:
+        div, score = len(prog.skipped_diverged), len(prog.to_score)
+        print(f"[ablate] {prog.skipped} of {prog.total} runs already finished in {out}"
+              f"{f' ({div} of them diverged)' if div else ''}: "
+              + (f"not trained again; {score} of them to score on --tasks" if score else "skipped"))
+
+
 def say_outcome(prog):
     """Diverged runs on stderr (exit 0: a result); failed ones too, then exit 1 so a script notices."""
     diverged = prog.diverged + prog.skipped_diverged
@@ -191,13 +209,18 @@ def say_outcome(prog):
         print(f"[ablate] {len(prog.failed)} run(s) failed: " + ", ".join(r.dir for r in prog.failed)
               + "; the tables mark them failed with their error (also in each run's error.txt). "
               "Re-run the same command to retry them.", file=sys.stderr)
+    if prog.unscored:
+        print(f"[ablate] {len(prog.unscored)} run(s) trained but not scored on --tasks: "
+              + ", ".join(r.dir for r in prog.unscored) + "; the task tables say why (also in each run's error.txt). "
+              "Re-run the same command to score them.", file=sys.stderr)
+    if prog.failed or prog.unscored:
         raise SystemExit(1)
 
 
 def main(argv=None):
     args = parse_args(argv)
     _require_extras()
-    from slmlab.ablate import report, runner
+    from slmlab.ablate import report, runner, scoring
     from slmlab.ablate.plan import plan
 
     _check_flags(args)
@@ -205,6 +228,8 @@ def main(argv=None):
         report.write_report(Path(args.report))
         print(f"outputs rebuilt in {args.report}: {', '.join(runner.OUTPUTS)}")
         return
+    # before the plan builds anything: a mistyped task is an error at once
+    tasks = scoring.task_entries(args.tasks, args.task_limit) if args.tasks is not None else None
     ab = build_ablation(args)
     if args.dry_run:
         print_plan(*plan(ab))
@@ -213,14 +238,11 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
     t0 = time.time()
-    cells, runs = runner.prepare_out(out, ab, args.force)
+    cells, runs = runner.prepare_out(out, ab, args.force, tasks)
     print_plan(cells, runs)
     runner.prepare_corpora([r for r in runs if r.seed == ab.seeds[0]])
     prog = runner.Progress(runs, cells, out)
-    if prog.skipped:
-        div = len(prog.skipped_diverged)
-        print(f"[ablate] {prog.skipped} of {len(runs)} runs already finished in {out}"
-              f"{f' ({div} of them diverged)' if div else ''}: skipped")
+    say_skipped(prog, out)
     launch(args, out, runs, prog)
     report.record_invocation(out, {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
                                    "elapsed_s": round(time.time() - t0, 1), "launcher": args.launcher,

@@ -1,7 +1,8 @@
 """ablate.py: statistics against scipy.stats on fixed numbers, the inline and file forms giving
 one run set, equal-compute budgets, every bad input as a one-line error, and on tiny real runs:
 a 2x2 grid through submitit's local executor, a SIGKILLed coordinator re-run (interrupted run
-resumed) and --report alone, each ending with the same results.csv; a crashed run."""
+resumed) and --report alone, each ending with the same results.csv; a crashed run; --tasks scored by
+the workers (added to a finished ablation without retraining, never twice) and tabulated."""
 import importlib.util
 import math
 import os
@@ -461,11 +462,19 @@ def test_what_the_ablation_does_not_say_comes_from_the_config(corpus, tmp_path):
     (["--gpus", "0", "--launcher", "submitit"], "--gpus is for --launcher local"),
     (["--slurm", "timeout_min=5"], "--slurm needs --launcher submitit"),
     (["--dry-run", "--jobs", "2"], "--dry-run only prints the plan; drop --out"),
+    (["--tasks", "hellaswg"], "--tasks: unknown task 'hellaswg': built-in tasks are hellaswag"),
+    (["--tasks", "{tmp}/nope.jsonl"], "no such file"),
+    (["--tasks", "{tmp}/bad.jsonl"], "bad.jsonl:2: keys ['context'] fit no item format"),
+    (["--tasks", "{tmp}/t.jsonl,{tmp}/t.jsonl"], "--tasks names task 't' twice"),
+    (["--tasks", "{tmp}/t.jsonl", "--task-limit", "0"], "--task-limit must be >= 1"),
 ])
 def test_bad_input_is_one_line(corpus, tmp_path, capsys, argv, message):
     d, text = corpus
+    task_file(tmp_path / "t.jsonl")
+    (tmp_path / "bad.jsonl").write_text((tmp_path / "t.jsonl").read_text().splitlines()[0] + '\n{"context": "x"}\n')
     rc = ablate_cli.run_cli(ablate_cli.main, ["--arch", "hybrid", "--steps", "4", "--data", str(text),
-                                              "--out", str(tmp_path / "o"), *argv, *tiny(d)])
+                                              "--out", str(tmp_path / "o"), *[a.format(tmp=tmp_path) for a in argv],
+                                              *tiny(d)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "o" / "ablation.json").exists()
@@ -530,6 +539,8 @@ def test_bad_file_and_report_arguments(tmp_path, capsys):
     for argv, message in ([str(f), "--out", str(tmp_path / "o")], "variant 'a': unknown key 'overides'; did you mean overrides?"), \
             ([str(f), "--vary", "model.layers=A,C", "--out", "x"], "--vary is for the inline form"), \
             (["--report", str(tmp_path), "--seeds", "2"], "--report OUT takes no other arguments"), \
+            (["--report", str(tmp_path), "--tasks", "t.jsonl"], "--report OUT takes no other arguments (got --tasks)"), \
+            (["--task-limit", "4", "--out", "x"], "--task-limit N limits --tasks; give --tasks too"), \
             (["--report", str(tmp_path)], "holds no ablation"):
         assert ablate_cli.run_cli(ablate_cli.main, argv) == 2
         err = capsys.readouterr().err.strip()
@@ -665,6 +676,113 @@ def test_report_alone_rebuilds_outputs(corpus, reference):
 def test_other_ablation_in_out_is_refused(corpus, reference, capsys):
     rc, _, err = ablate_here(reference, grid(corpus) + ["--seeds", "3"], capsys)
     assert rc == 2 and "holds a different ablation (seeds differs); pass --force" in err, err
+
+
+# ---- downstream tasks (--tasks) ----
+WORDS = "the of and to a in is it you that he was for on are with as his they be at one have this".split()
+
+
+def task_file(path: Path, n: int = 8) -> Path:
+    """A generic multiple-choice task on write_corpus's words: n items of 2 choices."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    rows = [{"context": " ".join(rng.choices(WORDS, k=6)), "choices": [" " + w for w in rng.sample(WORDS, 2)],
+             "label": i % 2} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _section(md: str, heading: str) -> str:
+    return md.split(heading, 1)[1].split("\n#", 1)[0]
+
+
+def test_tasks_added_to_a_finished_ablation_score_it_without_retraining(corpus, reference, capsys):
+    """--tasks is no part of the ablation's identity: on a finished OUT it scores the runs and trains
+    nothing. A task no run can score (a continuation longer than the models' context) is said, with
+    exit 1, and keeps no other task from being scored; the same command without it, or without
+    --tasks at all, scores nothing again (the tasks are remembered)."""
+    import json
+
+    from slmlab.harness import paired
+
+    d, _ = corpus
+    out = d / "tasks-added"
+    shutil.copytree(reference, out)
+    t, long = task_file(d / "t.jsonl"), d / "long.jsonl"
+    long.write_text(json.dumps({"context": "the", "continuation": " of and" * 30}) + "\n")
+    trained = {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/model.safetensors")}
+    rc, stdout, err = ablate_here(out, grid(corpus) + ["--jobs", "2", "--tasks", f"{t},{long}"], capsys)
+    assert rc == 1 and "4 run(s) trained but not scored on --tasks" in err, err
+    assert "4 of 4 runs already finished" in stdout and "4 of them to score on --tasks" in stdout
+    assert "[ablate] scoring layers=A/seed1 on t, long" in stdout
+    assert {p: p.stat().st_mtime_ns for p in trained} == trained and len(trained) == 4
+    md = (out / "results.md").read_text()
+    assert "- layers=A: seed 1, 2 not scored: exit 2: error: task long: a continuation of" in md
+    res = {(v, s): json.loads((out / f"layers={v}/seed{s}/tasks.json").read_text())["t"]
+           for v in ("CCA", "A") for s in (1, 2)}
+    acc = {v: {s: 100 * res[v, s]["metrics"]["acc_norm"] for s in (1, 2)} for v in ("CCA", "A")}
+    table = _section(md, "### `t` (8 of 8 items; multiple choice, chance 50.00%)")
+    cmp, (d_pooled, se) = stats.compare(acc["CCA"], acc["A"]), paired(
+        *([x for s in (1, 2) for x in res[v, s]["per_item"]["acc_norm"]] for v in ("CCA", "A")))
+    row = _row(table, "layers=A")
+    assert row[1] == f"{stats.summarize(acc['A'].values()).mean:.2f} ± {stats.summarize(acc['A'].values()).sd:.2f} (2)"
+    assert row[2].startswith(f"{cmp.diff:+.2f}") and row[-1] == f"{100 * d_pooled:+.2f} ± {100 * se:.2f} |"
+    assert "| *chance* | 50.00 |" in table and "Δ acc_norm vs layers=CCA [95% CI]" in table
+    csv = (out / "results.csv").read_text().splitlines()
+    assert csv[0].endswith(",t.acc_norm,long.acc") and all(r.endswith(f",{res[v, s]['metrics']['acc_norm']!r},")
+                                                            for r, (v, s) in zip(csv[1:], [("CCA", 1), ("A", 1),
+                                                                                           ("CCA", 2), ("A", 2)]))
+    scored = {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/tasks.json")}
+    for args in (["--tasks", str(t)], []):
+        rc, stdout, err = ablate_here(out, grid(corpus) + args, capsys)
+        assert rc == 0 and "4 of 4 runs already finished" in stdout and "scoring" not in stdout, err
+        assert {p: p.stat().st_mtime_ns for p in scored} == scored and len(scored) == 4
+        md = (out / "results.md").read_text()
+        assert "### `t` (8 of 8 items" in md and "### `long`" not in md
+
+
+def test_a_run_is_scored_by_its_worker_after_training(corpus, capsys):
+    """With --tasks from the start the worker scores its run right after training it: the scores are
+    eval.py's on the run's final weights."""
+    import json
+
+    from slmlab import harness, tasks
+
+    d, text = corpus
+    t = task_file(d / "t-fresh.jsonl")
+    out = d / "tasks-fresh"
+    rc, stdout, err = ablate_here(out, ["--arch", "hybrid", "--vary", "model.layers=CCA", "--seeds", "1", "--steps",
+                                        "4", "--data", str(text), "--threads", "1", "--tasks", str(t), *tiny(d)], capsys)
+    assert rc == 0, err
+    assert "start: layers=CCA seed 1 on" in stdout and ", then scoring on t-fresh" in stdout
+    run = out / "layers=CCA" / "seed1"
+    assert f"[ablate] scoring {run} on t-fresh (8 items)" in (run / "train.log").read_text()
+    got = json.loads((run / "tasks.json").read_text())["t-fresh"]
+    assert f"[ablate] scored layers=CCA/seed1: t-fresh acc_norm {100 * got['metrics']['acc_norm']:.2f}%" in stdout
+    ref = harness.evaluate_models([("run", str(run))], [tasks.resolve(str(t))], "cpu", say=lambda m: None)
+    assert got["metrics"] == pytest.approx({k: ref["tasks"]["t-fresh"]["results"][str(run)][k] for k in got["metrics"]})
+    assert got["per_item"] == ref["tasks"]["t-fresh"]["per_item"][str(run)]
+
+
+def test_a_task_edited_after_the_coordinator_read_it_is_not_scored(reference, tmp_path):
+    """The worker scores the items the coordinator read (their digest) or none: runs scored on other
+    items would be paired in the tables."""
+    import json
+
+    from slmlab.ablate.scoring import score_run, task_entries, unscored
+    from slmlab.errors import DataError
+
+    run = tmp_path / "run"
+    shutil.copytree(reference / "layers=A" / "seed1", run)
+    t = task_file(tmp_path / "t.jsonl")
+    entries = task_entries(str(t), None, say=lambda m: None)
+    (run / "ablate.json").write_text(json.dumps({**json.loads((run / "ablate.json").read_text()), "tasks": entries}))
+    t.write_text(t.read_text() * 2)
+    with pytest.raises(DataError, match="task t: its items changed since ablate.py read them"):
+        score_run(run)
+    assert unscored(run) == entries and not (run / "tasks.json").exists()
 
 
 def test_submitit_local_executor_runs_the_grid(submitit_run):

@@ -21,7 +21,8 @@ from ..plot import figure, save
 from ..rundir import METRICS, read_metrics, split_evals
 from . import stats
 from .plan import read_manifest
-from .worker import DIVERGED, DONE, FAILED, MISSING, RESOURCES, read_json, run_state, write_text
+from .scoring import current, primary, run_results
+from .worker import DIVERGED, DONE, FAILED, MISSING, RESOURCES, error_line, read_json, run_state, write_text
 
 INVOCATIONS = "invocations.jsonl"  # one line per coordinator invocation: when, how many runs, how long
 RESULT_COLS = ("corpus", "variant", "seed", "dir", "status", "layers", "params", "nonembed_params",
@@ -42,6 +43,7 @@ class RunResult:
     resources: dict = field(default_factory=dict)
     curve: list = field(default_factory=list)  # (tokens, val bpb) of the periodic evals (first eval_tokens)
     final: Optional[tuple] = None  # (tokens, val bpb) of the final eval over the whole validation split
+    tasks: dict = field(default_factory=dict)  # a done run's tasks.json: task name -> result (scoring.py)
 
     @property
     def done(self) -> bool:
@@ -76,28 +78,39 @@ def collect(out: Path) -> tuple[dict, list[RunResult]]:
     for r in man["runs"]:
         d = out / r["dir"]
         st = run_state(d, r.get("config_sha"))
-        curve, final = _curve(d / METRICS) if st.status == DONE else ([], None)
-        results.append(RunResult(r["corpus"], r["variant"], r["seed"], r["dir"], st.summary, st.status, st.why,
-                                 read_json(d / RESOURCES) or {}, curve, final))
+        done = st.status == DONE
+        curve, final = _curve(d / METRICS) if done else ([], None)
+        # a done run's error line is its --tasks scoring's
+        results.append(RunResult(r["corpus"], r["variant"], r["seed"], r["dir"], st.summary, st.status,
+                                 st.why or (error_line(d) if done else ""), read_json(d / RESOURCES) or {}, curve,
+                                 final, run_results(d) if done else {}))
     return man, results
 
 
-def _pm(s: stats.Summary) -> str:
-    return f"{s.mean:.4f} ± {s.sd:.4f}" if s.n > 1 else f"{s.mean:.4f}"
+def _pm(s: stats.Summary, digits: int = 4) -> str:
+    return f"{s.mean:.{digits}f} ± {s.sd:.{digits}f}" if s.n > 1 else f"{s.mean:.{digits}f}"
+
+
+def task_value(r: RunResult, task: dict) -> Optional[float]:
+    """The run's primary metric on `task` (a fraction), or None when it has no current result."""
+    res = current(r.tasks, task)
+    return res["metrics"][primary(task)] if res else None
 
 
 def write_csvs(out: Path, man: dict, results: list[RunResult]):
     cells = {(c["variant"], c["corpus"]): c for c in man["cells"]}
+    tasks = man.get("tasks", [])
     with publish(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(RESULT_COLS)
+        w.writerow(RESULT_COLS + tuple(f"{t['name']}.{primary(t)}" for t in tasks))
         for r in results:
             c, s = cells[r.variant, r.corpus], r.summary or {}
             w.writerow([r.corpus, r.variant, r.seed, r.dir, r.status, c["layers"], c["params"],
                         c["nonembed_params"], repr(c["flops_per_token"]), c["steps"], s.get("tokens", ""),
                         repr(s.get("val_loss", math.nan)) if r.finished else "",
                         repr(s["val_bpb"]) if r.finished else "",
-                        bool(s.get("val_bpb_is_bound", False)) if r.finished else ""])
+                        bool(s.get("val_bpb_is_bound", False)) if r.finished else ""]
+                       + [repr(x) if (x := task_value(r, t)) is not None else "" for t in tasks])
     with publish(out / "timings.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(TIMING_COLS)
@@ -120,14 +133,14 @@ def _by_status(runs: list[RunResult]) -> dict[str, list[RunResult]]:
     return by
 
 
-def _delta(cmp: stats.Comparison, pairs_short: bool) -> str:
+def _delta(cmp: stats.Comparison, pairs_short: bool, digits: int = 4) -> str:
     """The Δ cell: the difference, its CI, and the pair count when some seed of either side has no
     pair (then Δ is not the difference of the two means shown beside it)."""
     if not math.isfinite(cmp.diff):
         return "–"
-    text = f"{cmp.diff:+.4f}"
+    text = f"{cmp.diff:+.{digits}f}"
     if math.isfinite(cmp.lo):
-        text += f" [{cmp.lo:+.4f}, {cmp.hi:+.4f}]"
+        text += f" [{cmp.lo:+.{digits}f}, {cmp.hi:+.{digits}f}]"
     if cmp.test == "paired t" and pairs_short:
         text += f" ({cmp.n} pairs)"
     return text + (" *within noise*" if cmp.within_noise else "")
@@ -137,64 +150,106 @@ def _g(x: float, welch: bool = False) -> str:
     return (f"{x:.3g}" + (" (Welch)" if welch else "")) if math.isfinite(x) else "–"
 
 
-def corpus_table(man: dict, results: list[RunResult], corpus: str) -> tuple[list[str], dict[str, float]]:
-    """Markdown lines of one corpus's table and notes, and the variants' mean val bpb."""
-    variants = [v["name"] for v in man["ablation"]["variants"]]
-    base = variants[0]
-    cells = {c["variant"]: c for c in man["cells"] if c["corpus"] == corpus}
-    runs = defaultdict(list)
+def _by_variant(man: dict, results: list[RunResult], corpus: str) -> dict[str, list[RunResult]]:
+    """The corpus's runs of every variant, the baseline's first."""
+    runs = {v["name"]: [] for v in man["ablation"]["variants"]}
     for r in results:
         if r.corpus == corpus:
             runs[r.variant].append(r)
+    return runs
+
+
+@dataclass
+class Versus:
+    """One metric of every variant against the baseline (the first), paired by seed: the columns and
+    notes a table's comparisons take, whatever the metric."""
+
+    values: dict[str, dict[int, float]]  # variant -> seed -> finite value
+    digits: int = 4  # decimals of a value, a difference and its CI
+
+    def __post_init__(self):
+        self.base, *others = self.values
+        self.cmps = {v: stats.compare(self.values[self.base], self.values[v]) for v in others}
+        # Holm over this table's comparisons: each variant against the baseline is one test
+        self.adjusted = dict(zip(self.cmps, stats.holm([c.p for c in self.cmps.values()])))
+        self.m = sum(math.isfinite(c.p) for c in self.cmps.values())
+
+    def summary(self, v: str) -> stats.Summary:
+        return stats.summarize(self.values[v].values())
+
+    def header(self, metric: str) -> str:
+        return (f"Δ {metric} vs {self.base} [95% CI] | d_z | p (t-test) | "
+                f"p Holm{f' ({self.m} comparisons)' if self.m > 1 else ''} | p (Wilcoxon)")
+
+    def cells(self, v: str) -> tuple:
+        """A variant's Δ, d_z, p, p Holm and p Wilcoxon cells (the baseline's: "baseline" and blanks)."""
+        cmp = self.cmps.get(v)
+        if cmp is None:
+            return "baseline", "", "", "", ""
+        n, base_n = len(self.values[v]), len(self.values[self.base])
+        dz = f"{cmp.d_z:+.2f}" if math.isfinite(cmp.d_z) else "–"
+        return (_delta(cmp, cmp.n < max(n, base_n), self.digits), dz, _g(cmp.p, cmp.test == "Welch t"),
+                _g(self.adjusted[v]), _g(cmp.p_wilcoxon))
+
+    def notes(self, v: str) -> list[str]:
+        cmp = self.cmps.get(v)
+        if cmp is None or not cmp.note:
+            return []
+        return [f"- {v}: {cmp.note} (Δ {cmp.diff:+.{self.digits}f} over {cmp.n} "
+                f"{'pairs' if cmp.test == 'paired t' else 'runs each'}): no spread, so no CI, d_z or p (shown –)"]
+
+    def table_notes(self, unit: str) -> list[str]:
+        """The notes above the variants' own: the baseline's noise and what p Holm adjusts for."""
+        notes, b = [], self.summary(self.base)
+        if b.n > 1:
+            notes.append(f"- Run-to-run noise (sd of {self.base} over {b.n} seeds): {b.sd:.{self.digits}f} {unit}. "
+                         "Pairing by seed removes the part of it both runs share, so Δ is judged against the spread "
+                         "of the per-seed differences instead: *within noise* marks a Δ whose 95% CI includes 0.")
+        if self.m:
+            notes.append(f"- p Holm: the t-test p adjusted (Holm) for the {self.m} comparison(s) with {self.base} in "
+                         "this table; below 0.05 it keeps the chance of any false positive among them under 5%. d_z: "
+                         "mean / sd of the per-seed differences (paired only).")
+        return notes
+
+
+def corpus_table(man: dict, results: list[RunResult], corpus: str) -> tuple[list[str], dict[str, float]]:
+    """Markdown lines of one corpus's table and notes, and the variants' mean val bpb."""
+    cells = {c["variant"]: c for c in man["cells"] if c["corpus"] == corpus}
+    runs = _by_variant(man, results, corpus)
     # finite results only: a diverged run has no bpb to average or pair
-    bpb = {v: {r.seed: r.summary["val_bpb"] for r in runs[v] if r.done} for v in variants}
-    cmps = {v: stats.compare(bpb[base], bpb[v]) for v in variants[1:]}
-    # Holm over this table's comparisons: each variant against the baseline is one test
-    adjusted = dict(zip(cmps, stats.holm([c.p for c in cmps.values()])))
-    m = sum(math.isfinite(c.p) for c in cmps.values())
-    base_sum = stats.summarize(bpb[base].values())
-    lines, notes, means = _header(base, m), [], {}
-    for v in variants:
-        b = stats.summarize(bpb[v].values())
+    vs = Versus({v: {r.seed: r.summary["val_bpb"] for r in rs if r.done} for v, rs in runs.items()})
+    lines, notes, means = _header(vs), [], {}
+    for v in runs:
+        b = vs.summary(v)
         means[v] = b.mean
-        cmp = cmps.get(v)
-        lines.append(_row(v, cells[v], runs[v], b, _comparison(cmp, adjusted.get(v), b.n, base_sum.n)))
-        if cmp is not None and cmp.note:
-            notes.append(f"- {v}: {cmp.note} (Δ {cmp.diff:+.4f} over {cmp.n} "
-                         f"{'pairs' if cmp.test == 'paired t' else 'runs each'}): no spread, so no CI, d_z or "
-                         "p (shown –)")
-        notes += _run_notes(v, runs[v])
+        lines.append(_row(v, cells[v], runs[v], b, vs.cells(v)))
+        notes += vs.notes(v) + _run_notes(v, runs[v])
     if any(r.done and r.summary.get("val_bpb_is_bound") for r in results if r.corpus == corpus):
         notes.append("- ≤: masked-diffusion runs report the ELBO, an upper bound on bpb, not an exact bpb.")
-    return lines + [""] + _table_notes(base, base_sum, m) + notes, means
+    return lines + [""] + vs.table_notes("bpb") + notes, means
 
 
-def _header(base: str, m: int) -> list[str]:
+def _header(vs: Versus) -> list[str]:
     return [f"| variant | layers | params / non-emb | FLOPs/token | tokens | steps | val bpb mean ± sd (n) | "
-            f"val loss mean ± sd | Δ bpb vs {base} [95% CI] | d_z | p (t-test) | "
-            f"p Holm{f' ({m} comparisons)' if m > 1 else ''} | "
-            "p (Wilcoxon) | tokens/s | peak mem | wall / run |",
+            f"val loss mean ± sd | {vs.header('bpb')} | tokens/s | peak mem | wall / run |",
             "| --- | --- | --- | ---: | ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: "
             "| ---: |"]
 
 
-def _comparison(cmp: Optional[stats.Comparison], adjusted: Optional[float], n: int, base_n: int) -> tuple:
-    """A variant's Δ, d_z, p, p Holm and p Wilcoxon cells (cmp None: the baseline's)."""
-    if cmp is None:
-        return "baseline", "", "", "", ""
-    dz = f"{cmp.d_z:+.2f}" if math.isfinite(cmp.d_z) else "–"
-    return (_delta(cmp, cmp.n < max(n, base_n)), dz, _g(cmp.p, cmp.test == "Welch t"), _g(adjusted),
-            _g(cmp.p_wilcoxon))
+def _n(n: int, runs: list[RunResult], unscored: list[RunResult] = ()) -> str:
+    """'n', or 'n/N, ...' saying why the other seeds have no value (diverged, failed, missing, not scored)."""
+    by = _by_status(runs)
+    why_not = [w for w in (f"seed {_seeds(by[DIVERGED])} diverged" if by[DIVERGED] else "",
+                           f"seed {_seeds(by[FAILED])} failed" if by[FAILED] else "",
+                           f"missing seed {_seeds(by[MISSING])}" if by[MISSING] else "",
+                           f"seed {_seeds(unscored)} not scored" if unscored else "") if w]
+    return f"{n}" + (f"/{len(runs)}, {', '.join(why_not)}" if why_not else "")
 
 
 def _row(v: str, c: dict, runs: list[RunResult], b: stats.Summary, comparison: tuple) -> str:
     """One variant's table row; `b` summarizes its finite val bpbs."""
     done = [r for r in runs if r.done]
-    by = _by_status(runs)
-    why_not = [w for w in (f"seed {_seeds(by[DIVERGED])} diverged" if by[DIVERGED] else "",
-                           f"seed {_seeds(by[FAILED])} failed" if by[FAILED] else "",
-                           f"missing seed {_seeds(by[MISSING])}" if by[MISSING] else "") if w]
-    n = f"{b.n}" + (f"/{len(runs)}, {', '.join(why_not)}" if why_not else "")
+    n = _n(b.n, runs)
     le = "≤ " if any(r.summary.get("val_bpb_is_bound") for r in done) else ""
     bpb = f"{le}{_pm(b)} ({n})" if b.n else f"– ({n})"
     loss = stats.summarize(r.summary["val_loss"] for r in done)
@@ -210,6 +265,58 @@ def _row(v: str, c: dict, runs: list[RunResult], b: stats.Summary, comparison: t
             f"{f'{max(mem):,.0f} MB' if mem else '–'} | {duration(wall) if done else '–'} |")
 
 
+TASKS_INTRO = ("Downstream tasks (`--tasks`): each run's final weights scored zero-shot by log-likelihood, as "
+               "`eval.py` scores them; per task its primary metric in % (acc_norm, per-byte normalised, for multiple "
+               "choice; greedy acc for completions), mean ± sd over seeds; Δ is variant − baseline paired by seed "
+               "with the same statistics as val bpb (here positive = better). *Δ ± se, items pooled*: the per-item "
+               "differences of all paired seeds pooled (as `eval.py` pairs two models): the same Δ with the standard "
+               "error of the item sample alone, which leaves out seed-to-seed variation, so the per-seed test is the "
+               "one that speaks for the variant rather than for these particular runs.")
+
+
+def task_table(runs: dict[str, list[RunResult]], task: dict) -> list[str]:
+    """One --tasks task's table and notes: its primary metric in % per variant, against the baseline
+    as the val bpb table compares, plus the item-pooled Δ."""
+    metric = primary(task)
+    scored = {v: {r.seed: res for r in rs if (res := current(r.tasks, task))} for v, rs in runs.items()}
+    vs = Versus({v: {s: 100 * res["metrics"][metric] for s, res in got.items()} for v, got in scored.items()}, 2)
+    kind = f"multiple choice, chance {100 * task['chance']:.2f}%" if task["choice"] else "completion, greedy"
+    lines = [f"### `{task['name']}` ({task['items']:,} of {task['of']:,} items; {kind})", "",
+             f"| variant | {metric} % mean ± sd (n) | {vs.header(metric)} | Δ ± se, items pooled |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    notes = []
+    for v, rs in runs.items():
+        s, unscored = vs.summary(v), [r for r in rs if r.done and r.seed not in scored[v]]
+        pooled = _pooled(scored[vs.base], scored[v], metric) if v != vs.base else ""
+        lines.append(f"| {v} | {_pm(s, 2) if s.n else '–'} ({_n(s.n, rs, unscored)}) | {' | '.join(vs.cells(v))} | "
+                     f"{pooled} |")
+        notes += vs.notes(v) + _unscored_notes(v, unscored)
+    if task["choice"]:
+        lines.append(f"| *chance* | {100 * task['chance']:.2f} |" + " |" * 6)
+    return lines + [""] + vs.table_notes(f"points of {metric} %") + notes + [""]
+
+
+def _unscored_notes(v: str, unscored: list[RunResult]) -> list[str]:
+    """Why trained runs have no score: their scoring's error line (error.txt), seeds grouped by it."""
+    by = defaultdict(list)
+    for r in unscored:
+        by[r.why].append(r)
+    return [f"- {v}: seed {_seeds(rs)} not scored{f': {why}' if why else ''} (re-running the same command "
+            "retries it)" for why, rs in by.items()]
+
+
+def _pooled(base: dict[int, dict], variant: dict[int, dict], metric: str) -> str:
+    """variant − baseline over the items of every seed both have, pooled (harness.paired), ± its
+    standard error: how sure Δ is from the items alone."""
+    from ..harness import paired
+
+    seeds = sorted(set(base) & set(variant))
+    if not seeds:
+        return "–"
+    d, se = paired(*([x for s in seeds for x in side[s]["per_item"][metric]] for side in (base, variant)))
+    return f"{100 * d:+.2f}" + (f" ± {100 * se:.2f}" if math.isfinite(se) else "")
+
+
 def _run_notes(v: str, runs: list[RunResult]) -> list[str]:
     """A variant's notes on its runs without a finite result: diverged, failed, missing."""
     by, notes = _by_status(runs), []
@@ -223,20 +330,6 @@ def _run_notes(v: str, runs: list[RunResult]) -> list[str]:
         whys = sorted({r.why for r in by[MISSING] if r.why})
         notes.append(f"- {v}: no result for seed {_seeds(by[MISSING])} (not run yet or interrupted"
                      + "".join(f"; {w}" for w in whys) + ": re-running the same command resumes or restarts it)")
-    return notes
-
-
-def _table_notes(base: str, base_sum: stats.Summary, m: int) -> list[str]:
-    """The notes above the variants' own: the baseline's noise and what p Holm adjusts for."""
-    notes = []
-    if base_sum.n > 1:
-        notes.append(f"- Run-to-run noise (sd of {base} over {base_sum.n} seeds): {base_sum.sd:.4f} bpb. Pairing by "
-                     "seed removes the part of it both runs share, so Δ is judged against the spread of the "
-                     "per-seed differences instead: *within noise* marks a Δ whose 95% CI includes 0.")
-    if m:
-        notes.append(f"- p Holm: the t-test p adjusted (Holm) for the {m} comparison(s) with {base} in this "
-                     "table; below 0.05 it keeps the chance of any false positive among them under 5%. d_z: "
-                     "mean / sd of the per-seed differences (paired only).")
     return notes
 
 
@@ -261,6 +354,8 @@ def write_markdown(out: Path, man: dict, results: list[RunResult]):
              "for the table's several comparisons. Final val bpb over the whole validation split.", ""]
     if ab["overrides"]:
         lines += ["Common overrides: " + " ".join(f"`{o}`" for o in ab["overrides"]), ""]
+    if man.get("tasks"):
+        lines += [TASKS_INTRO, ""]
     lines += ["Variants: " + "; ".join(f"**{v['name']}** `--arch {v['arch']}`"
                                        + "".join(f" `{o}`" for o in v["overrides"]) for v in ab["variants"]), ""]
     means = {}
@@ -268,6 +363,8 @@ def write_markdown(out: Path, man: dict, results: list[RunResult]):
         lines += [f"## {corpus}", ""]
         table, means[corpus] = corpus_table(man, results, corpus)
         lines += table + [""]
+        for task in man.get("tasks", []):
+            lines += task_table(_by_variant(man, results, corpus), task)
     if len(ab["corpora"]) > 1:
         agree, tau = stats.ranking_agreement(means)
         order = "; ".join(f"{c}: " + " < ".join(sorted((v for v in m if math.isfinite(m[v])), key=m.get))

@@ -20,6 +20,7 @@ from typing import Optional
 from ..checkpoint import remove_stale
 from ..fmt import duration
 from .plan import MANIFEST, Ablation, AblationError, Cell, Run, load_manifest, manifest, plan, same_ablation
+from .scoring import brief, unscored
 from .worker import DIVERGED, DONE, ERROR, SPEC, run_one, run_state, write_text
 
 OUTPUTS = ("results.md", "results.csv", "timings.csv", "curves.png", "final.png")
@@ -35,6 +36,13 @@ def state(out: Path, run: Run):
 def is_done(out: Path, run: Run) -> bool:
     """Finished for good: done, or diverged (a re-run of the same seed would diverge again)."""
     return state(out, run).status in (DONE, DIVERGED)
+
+
+def needs_worker(out: Path, run: Run) -> bool:
+    """Work left for a worker: training (not finished), or scoring (done, and a task its ablate.json
+    lists has no current result)."""
+    st = state(out, run).status
+    return st not in (DONE, DIVERGED) or (st == DONE and bool(unscored(out / run.dir)))
 
 
 def _first_difference(old: dict, new: dict) -> str:
@@ -76,15 +84,18 @@ def _old_manifest(path: Path, force: bool) -> Optional[dict]:
         raise AblationError(f"{e}; pass --force to delete the ablation in {path.parent} and start this one") from None
 
 
-def prepare_out(out: Path, ab: Ablation, force: bool) -> tuple[list[Cell], list[Run]]:
+def prepare_out(out: Path, ab: Ablation, force: bool, tasks: Optional[list[dict]] = None
+                ) -> tuple[list[Cell], list[Run]]:
     """Plan, then claim OUT: an OUT holding another ablation (or anything else) is refused unless
     `force`, which deletes that ablation's runs and outputs first. Each run directory gets its
-    ablate.json."""
+    ablate.json. `tasks` (scoring.task_entries) replace the ablation's --tasks; None keeps the ones
+    OUT's ablation has, so a resume without --tasks still scores what finishes."""
     cells, runs = plan(ab)
     new = manifest(ab, cells, runs)
     path = out / MANIFEST
     if out.is_dir():
         remove_stale(out)  # a killed coordinator's half-written outputs: no ablation's, nor the user's
+    kept = []
     if path.is_file():
         old = _old_manifest(path, force)
         if old is None or not same_ablation(old, new):
@@ -92,14 +103,18 @@ def prepare_out(out: Path, ab: Ablation, force: bool) -> tuple[list[Cell], list[
                 raise AblationError(f"{out} holds a different ablation ({_first_difference(old, new)}); "
                                     "pass --force to delete it and start this one, or choose another --out")
             _clear(out, old)
+        else:
+            kept = old.get("tasks", [])
     elif out.is_dir() and any(p.name != ".lock" for p in out.iterdir()):
         if not force:
             raise AblationError(f"--out {out} exists and holds no ablation; choose another directory or pass --force")
         _clear(out, None)
+    # outside "ablation" and "runs": the tasks change no training, so same_ablation ignores them
+    new["tasks"] = kept if tasks is None else tasks
     out.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(new, indent=1))
     for r in runs:
-        write_text(out / r.dir / SPEC, json.dumps(asdict(r), indent=1))
+        write_text(out / r.dir / SPEC, json.dumps({**asdict(r), "tasks": new["tasks"]}, indent=1))
     return cells, runs
 
 
@@ -129,10 +144,12 @@ class Progress:
     def __init__(self, runs: list[Run], cells: list[Cell], out: Path, say=print):
         self.cost = {(c.variant, c.corpus): c.steps * c.tokens_per_step * c.flops_per_token for c in cells}
         self.index = {r.dir: i + 1 for i, r in enumerate(runs)}
-        self.total, self.say, self.t0 = len(runs), say, time.time()
+        self.total, self.say, self.t0, self.out = len(runs), say, time.time(), out
         self.done_cost, self.left_cost = 0.0, 0.0
-        self.finished, self.failed, self.diverged = 0, [], []
+        self.finished, self.failed, self.diverged, self.unscored = 0, [], [], []
         states = {r.dir: state(out, r).status for r in runs}
+        # trained already, to score only: no training cost, and not counted again as finished
+        self.to_score = [r.dir for r in runs if states[r.dir] == DONE and unscored(out / r.dir)]
         self.skipped = sum(st in (DONE, DIVERGED) for st in states.values())
         self.skipped_diverged = [r for r in runs if states[r.dir] == DIVERGED]
         for r in runs:
@@ -153,11 +170,19 @@ class Progress:
                 f"{self._eta()}")
 
     def start(self, r: Run, where: str = ""):
+        tasks = ", ".join(t["name"] for t in unscored(self.out / r.dir))
+        if r.dir in self.to_score:
+            self.say(f"[ablate] scoring {r.dir} on {tasks}{where}")
+            return
         self.say(f"[ablate] run {self.index[r.dir]}/{self.total} start: {r.variant} seed {r.seed} on {r.corpus}"
-                 f"{where}  ({self._counts()})")
+                 f"{where}{f', then scoring on {tasks}' if tasks else ''}  ({self._counts()})")
 
-    def end(self, r: Run, status: str, why: str = ""):
-        """`status`: DONE, DIVERGED (finished with a non-finite val bpb) or anything else: failed."""
+    def end(self, r: Run, status: str, why: str = "", left: list = ()):
+        """`status`: DONE, DIVERGED (finished with a non-finite val bpb) or anything else: failed.
+        `left`: the tasks a DONE run is still not scored on."""
+        if r.dir in self.to_score:
+            self._scored(r, left, why)
+            return
         c = self._cost(r)
         self.left_cost -= c
         if status in (DONE, DIVERGED):
@@ -170,6 +195,15 @@ class Progress:
         label = {DONE: "done", DIVERGED: "DIVERGED (non-finite final val bpb)"}.get(status, f"FAILED ({why})")
         self.say(f"[ablate] run {self.index[r.dir]}/{self.total} {label}: {r.variant} seed {r.seed} on {r.corpus}"
                  f"  ({self._counts()})")
+        if status == DONE:
+            self._scored(r, left, why)
+
+    def _scored(self, r: Run, left: list, why: str):
+        if left:
+            self.unscored.append(r)
+            self.say(f"[ablate] scoring {r.dir} FAILED on {', '.join(t['name'] for t in left)} ({why})")
+        elif results := brief(self.out / r.dir):
+            self.say(f"[ablate] scored {r.dir}: {results}")
 
 
 def _finish(out: Path, r: Run, prog: Progress, why: str, logs: str):
@@ -177,11 +211,12 @@ def _finish(out: Path, r: Run, prog: Progress, why: str, logs: str):
     RUN_DIR/error.txt, where the report finds it (the coordinator's output is gone by then); a
     re-run retries the run. `logs` says where the whole story is."""
     st = state(out, r).status
-    if st in (DONE, DIVERGED):
+    left = unscored(out / r.dir) if st == DONE else []
+    if st in (DONE, DIVERGED) and not left:
         (out / r.dir / ERROR).unlink(missing_ok=True)
-    else:
+    else:  # beside a counting summary: the scoring's error, for the report's notes
         write_text(out / r.dir / ERROR, " ".join(why.split()) + "\n")
-    prog.end(r, st, f"{why}; {logs}")
+    prog.end(r, st, f"{why}; {logs}", left)
 
 
 def _last_line(path: Path) -> str:
@@ -206,7 +241,7 @@ def _worker_env(threads: int, gpu: Optional[str]) -> dict:
 
 def run_local(out: Path, runs: list[Run], prog: Progress, jobs: int, threads: int, gpus: list[str], group: str):
     """Up to `jobs` worker processes at once; with GPUs, one per GPU."""
-    queue = deque(r for r in runs if not is_done(out, r))
+    queue = deque(r for r in runs if needs_worker(out, r))
     free = list(gpus) if gpus else [None] * jobs
     running = []  # (process, run, gpu)
     try:
@@ -251,7 +286,7 @@ def run_submitit(out: Path, runs: list[Run], prog: Progress, threads: int, group
         raise AblationError(f"--slurm: {str(e).splitlines()[0]}") from None
     os.environ["PYTHONPATH"] = _worker_env(0, None)["PYTHONPATH"]  # local jobs inherit it
     pending = []
-    for r in (r for r in runs if not is_done(out, r)):
+    for r in (r for r in runs if needs_worker(out, r)):
         (out / r.dir / ERROR).unlink(missing_ok=True)  # this attempt's outcome replaces the last one's
         job = ex.submit(run_one, str(out / r.dir), threads, group)
         write_text(out / r.dir / "submitit_job.txt", f"{job.job_id}\n")

@@ -3,9 +3,10 @@ submitit pickles onto a Slurm node.
 
 RUN_DIR/ablate.json (written by the coordinator) says what to run. The run directory decides how
 (`run_state`, the one predicate the coordinator, this worker and the report share): a readable
-summary.json of the planned config -> nothing to do (done, or diverged); the planned config.yaml and
+summary.json of the planned config -> no training (done, or diverged); the planned config.yaml and
 a checkpoint -> the trainer's exact resume; anything else -> a fresh start. Peak memory goes to
-RUN_DIR/resources.json after training.
+RUN_DIR/resources.json after training. A done run is then scored on the --tasks its ablate.json
+lists and its tasks.json lacks (scoring.py).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from ..rundir import CONFIG, SUMMARY
 SPEC = "ablate.json"
 RESOURCES = "resources.json"
 ERROR = "error.txt"  # the last error line of a failed attempt, written by the coordinator
+TASKS = "tasks.json"  # the run's --tasks results (scoring.py)
 # run_state's answers. DONE and DIVERGED are terminal (a re-run skips them); FAILED and MISSING are
 # (re)started by a re-run.
 DONE, DIVERGED, FAILED, MISSING = "done", "diverged", "failed", "missing"
@@ -89,13 +91,19 @@ def run_state(run_dir, sha: Optional[str]) -> RunState:
             why = "its config.yaml is not the one this ablation plans"
         else:
             return RunState(DONE if math.isfinite(bpb) else DIVERGED, s)
-    try:
-        err = (d / ERROR).read_text().strip()
-    except OSError:
-        err = ""
+    err = error_line(d)
     if err:
         return RunState(FAILED, None, err)
     return RunState(MISSING, None, why)
+
+
+def error_line(run_dir: Path) -> str:
+    """The last attempt's error line (ERROR), or ''. Beside a counting summary it is a scoring
+    error: the run trained, and its --tasks scoring failed."""
+    try:
+        return (run_dir / ERROR).read_text().strip()
+    except OSError:
+        return ""
 
 
 def die_with_parent(parent_pid: int):
@@ -112,20 +120,33 @@ def die_with_parent(parent_pid: int):
 
 
 def run_one(run_dir: str, threads: int = 0, group: str = "") -> dict:
-    """Train (or resume) the run in `run_dir`; return its summary."""
+    """Train (or resume) the run in `run_dir` unless it is finished, then score it on the tasks of
+    its ablate.json it has no result for (scoring.score_run; not a diverged run: its scores would
+    mean nothing); return its summary."""
+    from .scoring import score_run, unscored
+
     out = Path(run_dir)
     spec = json.loads((out / SPEC).read_text())
     state = run_state(out, spec.get("config_sha"))
-    if state.status in (DONE, DIVERGED):
+    if state.status == DIVERGED or (state.status == DONE and not unscored(out)):
         return state.summary
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    summary = state.summary if state.status == DONE else _train(out, spec, group)
+    if math.isfinite(summary["val_bpb"]):
+        score_run(out)
+    return summary
+
+
+def _train(out: Path, spec: dict, group: str) -> dict:
     import torch
 
     from ..checkpoint import checkpoint_dirs
     from ..config import load_config
     from ..trainer import train
 
-    if threads:
-        torch.set_num_threads(threads)
     # logging.wandb=true: one wandb group per ablation, one job type per variant (wandb reads these)
     os.environ["WANDB_RUN_GROUP"] = group or out.parent.parent.name
     os.environ["WANDB_JOB_TYPE"] = spec["variant"]
@@ -136,11 +157,13 @@ def run_one(run_dir: str, threads: int = 0, group: str = "") -> dict:
     resume = _config_matches(out, spec.get("config_sha")) and (out / CONFIG).is_file() \
         and bool(checkpoint_dirs(out))
     (out / SUMMARY).unlink(missing_ok=True)
+    (out / TASKS).unlink(missing_ok=True)  # scores of weights this training replaces
     summary = train(cfg, out, force=not resume, resume=resume)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     peak = {"peak_rss_mb": rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), "threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         peak["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    # before any scoring: the peaks are training's
     write_text(out / RESOURCES, json.dumps(peak, indent=2))
     return summary
 
