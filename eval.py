@@ -6,10 +6,11 @@ for runs and for transformers baselines side by side, with paired differences.
     python eval.py --run runs/a --hf path/to/SmolLM2-135M --tasks arc_easy      # against a baseline
     python eval.py --run runs/a --tasks hellaswag=hellaswag_val.jsonl          # an offline copy
     python eval.py --run runs/a --tasks my_task.jsonl                          # your own items
+    python eval.py --hf path/to/Qwen3-0.6B --tasks mmlu --fewshot 5                # 5 solved examples first
 
 Built-in tasks (rows from the Hugging Face hub through `datasets`, formatted as
 lm-evaluation-harness's zero-shot versions): hellaswag, arc_easy, arc_challenge, piqa, winogrande,
-openbookqa, sciq, lambada. The first model given is the reference the others' paired differences
+openbookqa, sciq, mmlu, lambada. The first model given is the reference the others' paired differences
 are taken against. See docs/eval.md for the formats, the metrics and what the numbers mean.
 """
 from __future__ import annotations
@@ -30,6 +31,8 @@ def parse_args(argv=None):
                    help="comma-separated: built-in NAME, NAME=SOURCE (a .jsonl copy of its rows or hf:...), "
                         "or PATH.jsonl in the generic format")
     p.add_argument("--limit", type=int, default=None, help="score each task's first N items (default: all)")
+    p.add_argument("--fewshot", type=int, default=0,
+                   help="K solved examples of the task before each item (drawn from its other items; default 0)")
     p.add_argument("--max-len", type=int, default=None,
                    help="tokens of context a pair may use, left-truncated beyond (default: a run's evaluation "
                         "context; a transformers model's max_position_embeddings, at most 2048)")
@@ -48,6 +51,8 @@ def check_args(args):
 
     if not args.models:
         raise ConfigError("give a model to evaluate: --run RUN_DIR or --hf FOLDER (repeatable)")
+    if args.fewshot < 0:
+        raise ConfigError(f"--fewshot must be >= 0, got {args.fewshot}")
     for flag, v in (("--limit", args.limit), ("--max-len", args.max_len), ("--batch-tokens", args.batch_tokens),
                     ("--mc-samples", args.mc_samples)):
         if v is not None and v < 1:
@@ -71,7 +76,7 @@ def main(argv=None):
     resolved = [tasks.resolve(s) for s in specs]  # every name checked before any model loads
     device = resolve_device(args.device, flag="--device")
     results = evaluate_models(args.models, resolved, device, args.limit, args.max_len, args.batch_tokens,
-                              samples=args.mc_samples)
+                              samples=args.mc_samples, fewshot=args.fewshot)
     if args.out:
         write_json(results, args.out)
     report(results, as_json=args.json)

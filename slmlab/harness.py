@@ -322,7 +322,7 @@ def load_scorer(kind: str, where: str, device, max_len: int | None, samples: int
 
 
 def evaluate_models(models: list[tuple[str, str]], tasks, device, limit=None, max_len=None, batch_tokens=16384,
-                    say=None, samples: int | None = None) -> dict:
+                    say=None, samples: int | None = None, fewshot: int = 0) -> dict:
     """{"models": [label], "tasks": {name: {source, items, of, results: {label: metrics}, per_item, paired}}}:
     the items are read once, each model loads once (one at a time) and scores every task."""
     import sys
@@ -338,10 +338,11 @@ def evaluate_models(models: list[tuple[str, str]], tasks, device, limit=None, ma
     for task in tasks:
         if task.name in out["tasks"]:
             raise ConfigError(f"task {task.name!r} is given twice")
-        items[task.name], total = read_items(task, limit)
+        items[task.name], total = read_items(task, limit, fewshot)
         out["tasks"][task.name] = {"source": task.source, "items": len(items[task.name]), "of": total,
-                                   "results": {}, "per_item": {}, "paired": {}}
-        say(f"{task.name}: {len(items[task.name]):,} of {total:,} items from {task.source}")
+                                   "fewshot": fewshot, "results": {}, "per_item": {}, "paired": {}}
+        say(f"{task.name}: {len(items[task.name]):,} of {total:,} items from {task.source}"
+            + (f", {fewshot}-shot" if fewshot else ""))
     for (kind, where), label in zip(models, labels):
         scorer = load_scorer(kind, where, device, max_len, samples or 16)
         if samples is not None and not isinstance(scorer, DiffusionScorer):
@@ -372,8 +373,9 @@ def table(results: dict) -> str:
     rows = []
     for name, entry in results["tasks"].items():
         first = entry["results"][labels[0]]
-        shown = f"{name} ({entry['items']:,} of {entry['of']:,})" if entry["items"] < entry["of"] else \
-            f"{name} ({entry['items']:,})"
+        shot = f", {entry['fewshot']}-shot" if entry.get("fewshot") else ""
+        shown = f"{name} ({entry['items']:,} of {entry['of']:,}{shot})" if entry["items"] < entry["of"] else \
+            f"{name} ({entry['items']:,}{shot})"
         for metric in [m for m in ("acc", "acc_norm", "ppl", "bpb") if m in first]:
             cells = []
             for label in labels:

@@ -3,8 +3,9 @@
 An Item is what the harness (slmlab/harness.py) scores: one or more (context, continuation) pairs.
 With a label it is multiple choice (the pair with the highest log-likelihood is the answer); without
 one it is a completion (one pair: is the continuation the model's greedy output, and its
-log-likelihood). The built-in tasks format their datasets' rows as lm-evaluation-harness's zero-shot
-versions of them do, so numbers are comparable with published ones up to tokenization.
+log-likelihood). The built-in tasks format their datasets' rows as lm-evaluation-harness's versions
+of them do, so numbers are comparable with published ones up to tokenization; with_fewshot puts k
+solved examples before each item.
 
 A task is named on the command line (`--tasks`) as
   NAME              a built-in task, its rows from the Hugging Face hub (datasets.load_dataset)
@@ -89,6 +90,15 @@ def _winogrande(row) -> Item:
     return Item((sentence[:i] + row["option1"], sentence[:i] + row["option2"]), (rest, rest), int(row["answer"]) - 1)
 
 
+def _mmlu(row) -> Item:
+    # lm-evaluation-harness's layout without its per-subject header line (which few-shot prompts would repeat)
+    choices = list(row["choices"])
+    if len(choices) != 4:
+        raise DataError(f"an MMLU question has 4 choices, this one {len(choices)}")
+    lines = [row["question"].strip(), *(f"{letter}. {c}" for letter, c in zip("ABCD", choices)), "Answer:"]
+    return choice("\n".join(lines), [" A", " B", " C", " D"], int(row["answer"]))
+
+
 def _lambada(row) -> Item:
     context, _, last = row["text"].strip().rpartition(" ")
     if not context:
@@ -113,9 +123,33 @@ BUILTIN = {t.name: t for t in [
          "pronoun resolution, partial scoring"),
     Task("openbookqa", "hf:allenai/openbookqa:main@test", _openbookqa, "open-book science questions"),
     Task("sciq", "hf:allenai/sciq@test", _sciq, "science questions with a support passage"),
+    Task("mmlu", "hf:cais/mmlu:all@test", _mmlu, "57 subjects, 4 lettered choices (usually 5-shot: --fewshot 5)"),
     Task("lambada", "hf:EleutherAI/lambada_openai:default@test", _lambada,
          "last word of a passage: greedy accuracy and perplexity"),
 ]}
+
+
+def with_fewshot(items: list[Item], k: int, seed: int = 1234) -> list[Item]:
+    """Each item's contexts prefixed by `k` other items of the task written out with their answers (the
+    gold context + continuation), blank lines between; drawn for item i by a Random seeded with
+    (seed, i), so an item's shots do not depend on --limit. The task's own items serve as shots (no
+    separate train split is read), never the item itself."""
+    if k == 0:
+        return items
+    if k >= len(items):
+        raise DataError(f"--fewshot {k} needs more than {k} items in the task, it has {len(items)}")
+    import random
+
+    def solved(it: Item) -> str:
+        gold = it.label or 0
+        return it.contexts[gold] + it.continuations[gold]
+
+    out = []
+    for i, it in enumerate(items):
+        others = random.Random(f"{seed}:{i}").sample([j for j in range(len(items)) if j != i], k)
+        prefix = "".join(solved(items[j]) + "\n\n" for j in others)
+        out.append(Item(tuple(prefix + c for c in it.contexts), it.continuations, it.label))
+    return out
 
 
 def generic_item(row: dict) -> Item:
@@ -172,11 +206,12 @@ def _check_source(source: str, spec: str):
         raise DataError(f"{spec}: no such file {source!r}")
 
 
-def read_items(task: Task, limit: Optional[int] = None) -> tuple[list[Item], int]:
-    """(the task's first `limit` items (all when None), how many it has); DataError naming the row."""
+def read_items(task: Task, limit: Optional[int] = None, fewshot: int = 0) -> tuple[list[Item], int]:
+    """(the task's first `limit` items (all when None), how many it has), each with `fewshot` solved
+    examples drawn from all of the task's items (with_fewshot); DataError naming the row."""
     rows = _rows(task.source)
     items = []
-    for where, row in rows[:limit] if limit else rows:
+    for where, row in rows if fewshot or not limit else rows[:limit]:
         try:
             items.append(task.to_item(row))
         except DataError as e:
@@ -185,7 +220,7 @@ def read_items(task: Task, limit: Optional[int] = None) -> tuple[list[Item], int
             raise DataError(f"{where}: not a {task.name} row ({type(e).__name__}: {e})") from None
     if not items:
         raise DataError(f"{task.source}: no items")
-    return items, len(rows)
+    return with_fewshot(items, fewshot)[:limit], len(rows)
 
 
 def _rows(source: str) -> list[tuple[str, object]]:

@@ -173,6 +173,26 @@ def test_builtin_tasks_format_rows_as_lm_eval_does():
     obqa = tasks.BUILTIN["openbookqa"].to_item({"question_stem": "The sun is", "answerKey": "B",
                                                 "choices": {"text": ["cold", "hot"], "label": ["A", "B"]}})
     assert obqa == tasks.choice("The sun is", [" cold", " hot"], 1)
+    mmlu = tasks.BUILTIN["mmlu"].to_item({"question": "2 + 2 = ?", "subject": "math", "choices": ["3", "4", "5", "6"],
+                                          "answer": 1})
+    assert mmlu == tasks.choice("2 + 2 = ?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:", [" A", " B", " C", " D"], 1)
+
+
+def test_fewshot_prefixes_other_solved_items_independently_of_limit(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps({"context": f"Q{i}:", "choices": [" no", " yes"], "label": i % 2}) + "\n"
+                            for i in range(6)))
+    task = tasks.resolve(str(path))
+    shots, total = tasks.read_items(task, fewshot=2)
+    assert total == 6 and len(shots) == 6
+    for i, it in enumerate(shots):
+        demos = it.contexts[0].split("\n\n")
+        assert len(demos) == 3 and demos[-1] == f"Q{i}:" and f"Q{i}:" not in demos[:2]
+        assert all(d in (f"Q{j}: {'yes' if j % 2 else 'no'}" for j in range(6)) for d in demos[:2])
+        assert it.contexts[0].endswith(f"Q{i}:") and it.contexts[1] == it.contexts[0]
+    assert tasks.read_items(task, limit=3, fewshot=2)[0] == shots[:3]  # an item's shots do not depend on --limit
+    with pytest.raises(DataError, match="--fewshot 6 needs more than 6 items in the task, it has 6"):
+        tasks.read_items(task, fewshot=6)
 
 
 def test_builtin_task_on_an_offline_copy_and_the_row_named_in_errors(tmp_path):
@@ -261,11 +281,14 @@ def test_the_first_items_with_limit_and_the_json_printout(runs):
     assert rc == 0, err
     r = json.loads(out)["tasks"]["tails"]
     assert (r["items"], r["of"]) == (3, 8) and len(r["per_item"][str(trained)]["acc"]) == 3
+    rc, out, err = run_here("eval", "--run", trained, "--tasks", f"{items}", "--limit", "3", "--fewshot", "2")
+    assert rc == 0 and "| tails (3 of 8, 2-shot) | acc |" in out and "3 of 8 items from" in err, err
 
 
 @pytest.mark.parametrize("argv,needle", [
     (["--tasks", "x.jsonl"], "error: give a model to evaluate: --run RUN_DIR or --hf FOLDER"),
     (["--run", "{run}", "--tasks", "hellaswag", "--limit", "0"], "error: --limit must be >= 1, got 0"),
+    (["--run", "{run}", "--tasks", "hellaswag", "--fewshot", "-1"], "error: --fewshot must be >= 0, got -1"),
     (["--run", "{run}", "--tasks", "hellaswag", "--force"], "error: --force applies to --out PATH"),
     (["--run", "{run}", "--run", "{run}", "--tasks", "{items}"], "error: a model is given twice: {run}"),
     (["--run", "{run}", "--tasks", "{items},{items}"], "error: task 'tails' is given twice"),
