@@ -37,7 +37,7 @@ class PairScore:
 
 
 class CausalScorer:
-    """Left-to-right scoring (score_causal); subclasses give encode() and token_scores()."""
+    """Left-to-right scoring (score_causal); subclasses give encode() and masked_logits()."""
 
     bound = False  # scores are exact log-likelihoods
 
@@ -73,14 +73,12 @@ class RunScorer(CausalScorer):
         return self.tok.encode(text)
 
     @torch.no_grad()
-    def token_scores(self, idx, targets, mask):
-        """(log p(target), target is the argmax) at the `mask` positions of [B, T] `idx`, as [N] each."""
+    def masked_logits(self, idx, mask):
+        """fp32 logits [N, V] at the `mask` positions of [B, T] `idx` (row by row): the head runs there only."""
         with autocast(self.device):
             h = self.model.hidden(idx)[0][mask]
             # lm_head.weight, not lm_head(h): under data.added_tokens it is a parametrization's output.
-            logits = F.linear(h, self.model.lm_head.weight).float()
-        t = targets[mask]
-        return logits.log_softmax(-1).gather(1, t[:, None])[:, 0], logits.argmax(-1) == t
+            return F.linear(h, self.model.lm_head.weight).float()
 
 
 class DiffusionScorer:
@@ -182,10 +180,8 @@ class HFScorer(CausalScorer):
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
     @torch.no_grad()
-    def token_scores(self, idx, targets, mask):
-        logits = self.model(input_ids=idx).logits[mask].float()
-        t = targets[mask]
-        return logits.log_softmax(-1).gather(1, t[:, None])[:, 0], logits.argmax(-1) == t
+    def masked_logits(self, idx, mask):
+        return self.model(input_ids=idx).logits[mask].float()
 
 
 def tokenize_pair(scorer, context: str, continuation: str) -> tuple[list[int], int]:
@@ -211,34 +207,42 @@ def score_pairs(scorer, pairs: list[tuple[str, str]], batch_tokens: int = 16384,
 
 
 def score_causal(scorer, enc, batch_tokens: int, progress=None) -> list[PairScore]:
-    """Causal models: batches of up to batch_tokens padded tokens, longest first; right padding is
-    never looked at."""
-    order = sorted(range(len(enc)), key=lambda i: -len(enc[i][0]))
+    """Causal models: one row of input ids per pair, except that pairs whose one-token continuations
+    follow the same ids share a row (MMLU's " A".." D" cost one forward, not four: lm-evaluation-harness
+    does the same). Rows go in batches of up to batch_tokens padded tokens, longest first; right
+    padding is never looked at. A batch's log-probabilities are read into its pairs' scores and dropped."""
+    rows: dict[tuple, int] = {}  # (input ids, 1) -> its row for one-token pairs; a longer pair's key is its own
+    inputs, on_row = [], []  # per row: (input ids, positions scored), the pairs it scores
+    for i, (ids, n) in enumerate(enc):
+        ids = ids[-(scorer.max_len + 1):]
+        key = (tuple(ids[:-1]), 1) if n == 1 else (i,)
+        if key not in rows:
+            rows[key] = len(inputs)
+            inputs.append((ids[:-1], n))
+            on_row.append([])
+        on_row[rows[key]].append(i)
     out: list[PairScore | None] = [None] * len(enc)
-    at = 0
+    order = sorted(range(len(inputs)), key=lambda r: -len(inputs[r][0]))
+    at = done = 0
     while at < len(order):
-        width = min(len(enc[order[at]][0]), scorer.max_len + 1) - 1
-        batch = order[at:at + max(1, batch_tokens // max(width, 1))]
+        batch = order[at:at + max(1, batch_tokens // max(len(inputs[order[at]][0]), 1))]
         at += len(batch)
-        idx = torch.zeros(len(batch), width, dtype=torch.long)
-        targets = torch.zeros_like(idx)
+        idx = torch.zeros(len(batch), len(inputs[batch[0]][0]), dtype=torch.long)
         mask = torch.zeros_like(idx, dtype=torch.bool)
-        for r, i in enumerate(batch):
-            ids, n_cont = enc[i]
-            ids = ids[-(scorer.max_len + 1):]
-            idx[r, :len(ids) - 1] = torch.tensor(ids[:-1])
-            targets[r, :len(ids) - 1] = torch.tensor(ids[1:])
-            mask[r, len(ids) - 1 - n_cont:len(ids) - 1] = True
-        lp, top = scorer.token_scores(idx.to(scorer.device), targets.to(scorer.device), mask.to(scorer.device))
-        lp, top = lp.double().cpu(), top.cpu()
-        at_tok = 0
-        for i in batch:  # the mask's positions come row by row, in order
-            n = enc[i][1]
-            out[i] = PairScore(lp[at_tok:at_tok + n].sum().item(), bool(top[at_tok:at_tok + n].all()), n,
-                               len(enc[i][0]) > scorer.max_len + 1)
-            at_tok += n
+        for b, r in enumerate(batch):
+            x, n = inputs[r]
+            idx[b, :len(x)] = torch.tensor(x)
+            mask[b, len(x) - n:len(x)] = True
+        lp = scorer.masked_logits(idx.to(scorer.device), mask.to(scorer.device)).log_softmax(-1)
+        for r, row_lp in zip(batch, lp.split([inputs[r][1] for r in batch])):  # the mask's positions, row by row
+            for i in on_row[r]:
+                ids, n = enc[i]
+                t = torch.tensor(ids[-n:], device=row_lp.device)
+                out[i] = PairScore(row_lp.gather(1, t[:, None]).double().sum().item(),
+                                   bool((row_lp.argmax(-1) == t).all()), n, len(ids) > scorer.max_len + 1)
+            done += len(on_row[r])
         if progress:
-            progress(at, len(order))
+            progress(done, len(enc))
     return out
 
 

@@ -58,6 +58,22 @@ def test_pair_scores_equal_the_full_forward_batched_and_alone(tiny):
         assert abs(a.logprob - b.logprob) < 1e-4  # padding to the batch's width changes nothing
 
 
+def test_one_token_choices_after_one_context_share_a_row(tiny):
+    model, tok = tiny
+    scorer = harness.RunScorer(model, tok, "cpu", max_len=256)
+    ones = [w for w in (" the", " a", " cat", " dog", " on", " in") if len(tok.encode(w)) == 1]
+    pairs = [("the cat sat on the mat and", w) for w in ones] + [("a dog ran", " in the park")]
+    seen = []
+    real = scorer.masked_logits
+    scorer.masked_logits = lambda idx, mask: seen.append(idx.shape[0]) or real(idx, mask)
+    scores = harness.score_pairs(scorer, pairs)
+    assert len(ones) >= 3 and sum(seen) == 2  # one row for every one-token choice, one for the longer pair
+    for (c, k), s in zip(pairs, scores):
+        ids, n = harness.tokenize_pair(scorer, c, k)
+        ref_lp, ref_greedy = direct(model, ids, n)
+        assert abs(s.logprob - ref_lp) < 1e-4 and s.greedy == ref_greedy
+
+
 def test_a_long_context_loses_tokens_on_the_left(tiny):
     model, tok = tiny
     scorer = harness.RunScorer(model, tok, "cpu", max_len=8)
