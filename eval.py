@@ -6,11 +6,12 @@ for runs and for transformers baselines side by side, with paired differences.
     python eval.py --run runs/a --hf path/to/SmolLM2-135M --tasks arc_easy      # against a baseline
     python eval.py --run runs/a --tasks hellaswag=hellaswag_val.jsonl          # an offline copy
     python eval.py --run runs/a --tasks my_task.jsonl                          # your own items
+    python eval.py --run runs/a --hf path/to/SmolLM2-135M --tasks book.txt      # bits per byte of a text
     python eval.py --hf path/to/Qwen3-0.6B --tasks mmlu --fewshot 5                # 5 solved examples first
 
 Built-in tasks (rows from the Hugging Face hub through `datasets`, formatted as
 lm-evaluation-harness's zero-shot versions): hellaswag, arc_easy, arc_challenge, piqa, winogrande,
-openbookqa, sciq, mmlu, lambada. The first model given is the reference the others' paired differences
+openbookqa, sciq, mmlu, lambada, wikitext (bits per byte). The first model given is the reference the others' paired differences
 are taken against. See docs/eval.md for the formats, the metrics and what the numbers mean.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ def parse_args(argv=None):
                    help="a transformers model folder, scored the same way (repeatable)")
     p.add_argument("--tasks", required=True,
                    help="comma-separated: built-in NAME, NAME=SOURCE (a .jsonl copy of its rows or hf:...), "
-                        "or PATH.jsonl in the generic format")
+                        "PATH.jsonl in the generic format, or PATH.txt (bits per byte of the text)")
     p.add_argument("--limit", type=int, default=None, help="score each task's first N items (default: all)")
     p.add_argument("--fewshot", type=int, default=0,
                    help="K solved examples of the task before each item (drawn from its other items; default 0)")

@@ -262,7 +262,30 @@ def stderr(xs: list[float]) -> float:
     return math.sqrt(max(p * (1 - p), 0.0) / (n - 1))
 
 
+def rolling_windows(scorer, text: str) -> list[tuple[list[int], int]]:
+    """A document as (ids, scored tokens) windows: start token + its tokens, cut into disjoint spans of
+    max_len predictions (each window's first id is the last of the one before: every token is
+    predicted once, with up to max_len tokens of its own window before it)."""
+    ids = ([] if scorer.start_id is None else [scorer.start_id]) + scorer.encode(text)
+    L = scorer.max_len
+    return [(ids[k:k + L + 1], len(ids[k:k + L + 1]) - 1) for k in range(0, len(ids) - 1, L)]
+
+
+def evaluate_text(scorer, items, batch_tokens: int = 16384, progress=None) -> TaskResult:
+    """Documents: bpb (bits per UTF-8 byte, comparable across tokenizers) and word_ppl (per
+    whitespace-separated word), over all of them."""
+    windows = [w for it in items for w in rolling_windows(scorer, it.continuations[0])]
+    nll = -sum(s.logprob for s in scorer.score(windows, batch_tokens, progress))
+    n_bytes = sum(len(it.continuations[0].encode("utf-8")) for it in items)
+    words = sum(len(it.continuations[0].split()) for it in items)
+    bound = {"bound": True} if getattr(scorer, "bound", False) else {}
+    return TaskResult({"bpb": nll / math.log(2) / n_bytes, "word_ppl": math.exp(nll / max(words, 1)),
+                       "tokens": sum(n for _, n in windows), **bound}, n=len(items))
+
+
 def evaluate_items(scorer, items, batch_tokens: int = 16384, progress=None) -> TaskResult:
+    if items[0].text:
+        return evaluate_text(scorer, items, batch_tokens, progress)
     pairs = [(c, k) for it in items for c, k in zip(it.contexts, it.continuations)]
     scores = score_pairs(scorer, pairs, batch_tokens, progress)
     res = TaskResult({}, n=len(items), truncated=sum(s.truncated for s in scores))
@@ -380,7 +403,7 @@ def table(results: dict) -> str:
         shot = f", {entry['fewshot']}-shot" if entry.get("fewshot") else ""
         shown = f"{name} ({entry['items']:,} of {entry['of']:,}{shot})" if entry["items"] < entry["of"] else \
             f"{name} ({entry['items']:,}{shot})"
-        for metric in [m for m in ("acc", "acc_norm", "ppl", "bpb") if m in first]:
+        for metric in [m for m in ("acc", "acc_norm", "ppl", "bpb", "word_ppl") if m in first]:
             cells = []
             for label in labels:
                 r = entry["results"][label]
@@ -445,7 +468,7 @@ def task_metrics(model, tok, device, max_len: int, items: dict, batch_tokens: in
         out = {}
         for name, its in items.items():
             m = evaluate_items(scorer, its, batch_tokens).metrics
-            out.update({f"task_{name}_{k}": m[k] for k in ("acc", "acc_norm", "ppl") if k in m})
+            out.update({f"task_{name}_{k}": m[k] for k in ("acc", "acc_norm", "ppl", "bpb") if k in m})
         return out
     finally:
         model.train(was_training)
@@ -453,13 +476,16 @@ def task_metrics(model, tok, device, max_len: int, items: dict, batch_tokens: in
 
 def primary_scores(ev: dict) -> dict:
     """{"NAME acc_norm": value} from an evaluation's task_NAME_METRIC keys: each task's acc_norm
-    (multiple choice) or acc (completions)."""
+    (multiple choice), acc (completions) or bpb (text)."""
     out = {}
     for key, value in ev.items():
-        if key.startswith("task_") and (key.endswith("_acc_norm") or key.endswith("_acc") and
-                                        f"{key}_norm" not in ev):
-            name, _, metric = key[5:].rpartition("_acc")
-            out[f"{name} acc{metric}"] = value
+        if not key.startswith("task_"):
+            continue
+        for metric, unless in (("_acc_norm", None), ("_acc", "_acc_norm"), ("_bpb", "_acc")):
+            name = key[5:-len(metric)]
+            if key.endswith(metric) and (unless is None or f"task_{name}{unless}" not in ev):
+                out[f"{name} {metric[1:]}"] = value
+                break
     return out
 
 

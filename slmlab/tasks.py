@@ -15,6 +15,8 @@ A task is named on the command line (`--tasks`) as
                     {"context": str, "choices": [str, ...], "label": int}        multiple choice
                     {"contexts": [str, ...], "continuation": str, "label": int}  choice of contexts
                     {"context": str, "continuation": str}                          completion
+                    {"text": str}                                                  a document (bpb)
+  PATH.txt          one document: the whole file, scored for bits per byte
 """
 from __future__ import annotations
 
@@ -32,10 +34,21 @@ class Item:
     contexts: tuple[str, ...]
     continuations: tuple[str, ...]
     label: Optional[int]  # None: a completion (one pair)
+    text: bool = False  # a document scored whole (its one continuation), in windows of the context length
 
     @property
     def is_choice(self) -> bool:
         return self.label is not None
+
+    @property
+    def kind(self) -> str:
+        return "text" if self.text else "multiple choice" if self.is_choice else "completion"
+
+
+def document(text: str) -> Item:
+    if not isinstance(text, str) or not text.strip():
+        raise DataError("a text item needs a non-empty string 'text'")
+    return Item(("",), (text,), None, text=True)
 
 
 def choice(context: str, choices, label: int) -> Item:
@@ -106,6 +119,10 @@ def _lambada(row) -> Item:
     return Item((context,), (" " + last,), None)
 
 
+def _wikitext(row) -> Item:
+    return document(row["page"])
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
@@ -126,6 +143,8 @@ BUILTIN = {t.name: t for t in [
     Task("mmlu", "hf:cais/mmlu:all@test", _mmlu, "57 subjects, 4 lettered choices (usually 5-shot: --fewshot 5)"),
     Task("lambada", "hf:EleutherAI/lambada_openai:default@test", _lambada,
          "last word of a passage: greedy accuracy and perplexity"),
+    Task("wikitext", "hf:EleutherAI/wikitext_document_level:wikitext-2-raw-v1@test", _wikitext,
+         "Wikipedia articles: bits per byte and word perplexity"),
 ]}
 
 
@@ -136,6 +155,8 @@ def with_fewshot(items: list[Item], k: int, seed: int = 1234) -> list[Item]:
     separate train split is read), never the item itself."""
     if k == 0:
         return items
+    if items[0].text:
+        raise DataError("--fewshot applies to multiple-choice and completion tasks; this one is text (bits per byte)")
     if k >= len(items):
         raise DataError(f"--fewshot {k} needs more than {k} items in the task, it has {len(items)}")
     import random
@@ -157,6 +178,8 @@ def generic_item(row: dict) -> Item:
     if not isinstance(row, dict):
         raise DataError(f"expected a JSON object, got {type(row).__name__}")
     keys = set(row)
+    if keys == {"text"}:
+        return document(row["text"])
     if {"context", "choices", "label"} <= keys:
         item = choice(row["context"], row["choices"], row["label"])
     elif {"contexts", "continuation", "label"} <= keys:
@@ -165,7 +188,7 @@ def generic_item(row: dict) -> Item:
         item = Item((row["context"],), (row["continuation"],), None)
     else:
         raise DataError(f"keys {sorted(keys)} fit no item format: give context+choices+label, "
-                        "contexts+continuation+label, or context+continuation")
+                        "contexts+continuation+label, context+continuation, or text")
     texts = [*item.contexts, *item.continuations]
     if not all(isinstance(t, str) for t in texts):
         raise DataError("contexts, choices and continuations must be strings")
@@ -191,10 +214,11 @@ def resolve(spec: str) -> Task:
         return Task(name, source, BUILTIN[name].to_item, BUILTIN[name].about)
     if name in BUILTIN:
         return BUILTIN[name]
-    if name.endswith(".jsonl") or "/" in name or Path(name).exists():
+    if name.endswith((".jsonl", ".txt")) or "/" in name or Path(name).exists():
         _check_source(name, spec)
         return Task(Path(name).stem, name, generic_item, "your task")
-    raise DataError(f"unknown task {name!r}: built-in tasks are {', '.join(BUILTIN)}; or give a .jsonl file")
+    raise DataError(f"unknown task {name!r}: built-in tasks are {', '.join(BUILTIN)}; or give a .jsonl or .txt "
+                    "file")
 
 
 def _check_source(source: str, spec: str):
@@ -220,6 +244,10 @@ def read_items(task: Task, limit: Optional[int] = None, fewshot: int = 0) -> tup
             raise DataError(f"{where}: not a {task.name} row ({type(e).__name__}: {e})") from None
     if not items:
         raise DataError(f"{task.source}: no items")
+    odd = next((i for i, it in enumerate(items) if it.kind != items[0].kind), None)
+    if odd is not None:
+        raise DataError(f"{rows[odd][0]}: a {items[odd].kind} item in a task whose first item is {items[0].kind}: "
+                        "one kind per task")
     return with_fewshot(items, fewshot)[:limit], len(rows)
 
 
@@ -229,6 +257,8 @@ def _rows(source: str) -> list[tuple[str, object]]:
         from .data import load_hf
 
         return [(f"{source} row {i}", row) for i, row in enumerate(load_hf(source))]
+    if source.endswith(".txt"):  # one document: the whole file
+        return [(source, {"text": Path(source).read_text(encoding="utf-8", errors="replace")})]
     rows = []
     with open(source, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):

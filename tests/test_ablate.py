@@ -467,11 +467,13 @@ def test_what_the_ablation_does_not_say_comes_from_the_config(corpus, tmp_path):
     (["--tasks", "{tmp}/bad.jsonl"], "bad.jsonl:2: keys ['context'] fit no item format"),
     (["--tasks", "{tmp}/t.jsonl,{tmp}/t.jsonl"], "--tasks names task 't' twice"),
     (["--tasks", "{tmp}/t.jsonl", "--task-limit", "0"], "--task-limit must be >= 1"),
+    (["--tasks", "{tmp}/bad.txt"], "--tasks: bad is a text task (bits per byte): ablate.py compares bpb on its --data"),
 ])
 def test_bad_input_is_one_line(corpus, tmp_path, capsys, argv, message):
     d, text = corpus
     task_file(tmp_path / "t.jsonl")
     (tmp_path / "bad.jsonl").write_text((tmp_path / "t.jsonl").read_text().splitlines()[0] + '\n{"context": "x"}\n')
+    (tmp_path / "bad.txt").write_text("a text task: scored for bits per byte\n")
     rc = ablate_cli.run_cli(ablate_cli.main, ["--arch", "hybrid", "--steps", "4", "--data", str(text),
                                               "--out", str(tmp_path / "o"), *[a.format(tmp=tmp_path) for a in argv],
                                               *tiny(d)])

@@ -74,6 +74,33 @@ def test_one_token_choices_after_one_context_share_a_row(tiny):
         assert abs(s.logprob - ref_lp) < 1e-4 and s.greedy == ref_greedy
 
 
+def test_a_document_is_scored_in_windows_that_predict_each_token_once(tiny):
+    model, tok = tiny
+    scorer = harness.RunScorer(model, tok, "cpu", max_len=16)
+    text = " ".join(SENTENCES[:4])
+    windows = harness.rolling_windows(scorer, text)
+    ids = [tok.start_id] + tok.encode(text)
+    assert len(windows) > 2 and sum(n for _, n in windows) == len(ids) - 1
+    assert [w[0][0] for w in windows] == ids[:len(ids) - 1:16] and all(n == len(w) - 1 <= 16 for w, n in windows)
+    res = harness.evaluate_items(scorer, [tasks.document(text)])
+    nll = -sum(direct(model, w, n)[0] for w, n in windows)
+    assert res.metrics["bpb"] == pytest.approx(nll / math.log(2) / len(text.encode()), rel=1e-5)
+    assert res.metrics["word_ppl"] == pytest.approx(math.exp(nll / len(text.split())), rel=1e-5)
+    assert res.metrics["tokens"] == len(ids) - 1 and res.per_item == {}
+
+
+def test_a_task_holds_one_kind_of_item_and_text_takes_no_shots(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps({"text": "some words"}) + "\n" + json.dumps({"context": "a", "continuation": " b"}) + "\n")
+    with pytest.raises(DataError, match=rf"^{path}:2: a completion item in a task whose first item is text"):
+        tasks.read_items(tasks.resolve(str(path)))
+    path.write_text(json.dumps({"text": "some words"}) + "\n" + json.dumps({"text": "more words"}) + "\n")
+    with pytest.raises(DataError, match="--fewshot applies to multiple-choice and completion tasks"):
+        tasks.read_items(tasks.resolve(str(path)), fewshot=1)
+    with pytest.raises(DataError, match="a text item needs a non-empty string 'text'"):
+        tasks.generic_item({"text": " "})
+
+
 def test_a_long_context_loses_tokens_on_the_left(tiny):
     model, tok = tiny
     scorer = harness.RunScorer(model, tok, "cpu", max_len=8)
@@ -291,6 +318,18 @@ def test_a_trained_run_beats_chance_and_the_difference_is_paired(runs, tmp_path)
     assert "tails: 8 of 8 items from" in err
 
 
+def test_a_text_file_is_a_bits_per_byte_task(runs, tmp_path):
+    untrained, trained, _ = runs
+    text = tmp_path / "held_out.txt"
+    text.write_text("\n".join(SENTENCES[::-1] * 3) + "\n")
+    rc, out, err = run_here("eval", "--run", untrained, "--run", trained, "--tasks", text, "--json")
+    assert rc == 0, err
+    r = json.loads(out)["tasks"]["held_out"]["results"]
+    assert r[str(trained)]["bpb"] < 0.5 * r[str(untrained)]["bpb"] and r[str(trained)]["word_ppl"] > 1
+    table = harness.table(json.loads(out))
+    assert "| held_out (1) | bpb |" in table and "|  | word_ppl |" in table
+
+
 def test_the_first_items_with_limit_and_the_json_printout(runs):
     _, trained, items = runs
     rc, out, err = run_here("eval", "--run", trained, "--tasks", f"{items}", "--limit", "3", "--json")
@@ -337,6 +376,10 @@ def test_a_transformers_folder_scores_as_our_import_of_it(tmp_path):
     pairs = [("the cat", " sat on the mat"), ("", "a dog"), ("my bird sang", " at dawn")]
     for a, b in zip(harness.score_pairs(theirs, pairs), harness.score_pairs(ours, pairs)):
         assert abs(a.logprob - b.logprob) < 1e-4 and a.tokens == b.tokens
+    doc = [tasks.document(" ".join(SENTENCES * 30))]  # several windows of 1024 tokens
+    assert len(harness.rolling_windows(theirs, doc[0].continuations[0])) > 1
+    assert harness.evaluate_items(theirs, doc).metrics["bpb"] == pytest.approx(
+        harness.evaluate_items(ours, doc).metrics["bpb"], rel=1e-5)
 
 
 def test_train_eval_tasks_are_logged_at_each_eval_and_equal_eval_py(runs, tmp_path):

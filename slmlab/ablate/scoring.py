@@ -73,6 +73,9 @@ def _entry(spec: str, task, limit: Optional[int]) -> dict:
     from ..tasks import read_items
 
     items, total = read_items(task, limit)
+    if items[0].text:  # its bpb is a lower-is-better number the accuracy tables do not read
+        raise AblationError(f"--tasks: {task.name} is a text task (bits per byte): ablate.py compares bpb on its "
+                            "--data corpora; eval.py compares runs on any text")
     choice = items[0].is_choice
     return {"name": task.name, "spec": _portable(spec), "limit": limit, "items": len(items), "of": total,
             "digest": digest(items), "choice": choice,
