@@ -339,7 +339,7 @@ class Ticker:
     def __call__(self, done: int, total: int):
         now = time.time()
         if now - self.last > 15 or done == total:
-            self.say(f"  {self.label}: {done:,}/{total:,} pairs scored, {now - self.t0:.0f} s")
+            self.say(f"  {self.label}: {done:,}/{total:,} scored, {now - self.t0:.0f} s")
             self.last = now
 
 
@@ -427,7 +427,7 @@ def report(results: dict, as_json: bool = False):
         print(json.dumps(results))
         return
     print(table(results))
-    if len(results["models"]) > 1:
+    if any(m for e in results["tasks"].values() for m in e["paired"].values()):
         print("\n(differences are paired over the same items, ± one standard error; |difference| > 2 standard "
               "errors is the usual bar for a real one)")
 
