@@ -167,7 +167,8 @@ def with_fewshot(items: list[Item], k: int, seed: int = 1234) -> list[Item]:
 
     out = []
     for i, it in enumerate(items):
-        others = random.Random(f"{seed}:{i}").sample([j for j in range(len(items)) if j != i], k)
+        # k of the other n - 1 items: a draw from range(n - 1) with i skipped (O(k), not O(n), per item)
+        others = [j + (j >= i) for j in random.Random(f"{seed}:{i}").sample(range(len(items) - 1), k)]
         prefix = "".join(solved(items[j]) + "\n\n" for j in others)
         out.append(Item(tuple(prefix + c for c in it.contexts), it.continuations, it.label))
     return out
