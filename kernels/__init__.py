@@ -104,6 +104,8 @@ def describe_routing(backend: str, device, layer_types: list, windows: list, seq
         parts.append(f"attention ({'full context' if full else f'window {w}'}) {lib}")
     if "deltanet" in layer_types:
         parts.append("deltanet conv " + ("Triton" if tri else "PyTorch conv1d") + ", chunked delta rule in PyTorch")
+    if "mamba2" in layer_types:
+        parts.append("mamba2 conv " + ("Triton" if tri else "PyTorch conv1d") + ", chunked SSD scan in PyTorch")
     if "lif" in layer_types or mlp == "lif":
         parts.append("LIF scan " + ("reference loop" if scan == "reference" else "Triton" if tri
                                     else "fused eager loop"))

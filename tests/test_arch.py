@@ -323,7 +323,7 @@ def test_window_pattern_tiles_over_attention_layers():
     # the whole word, not its first letter 't', and the close names (before: "unknown block 't'")
     (dict(layers="attention"), "unknown block 'attention' in layer pattern 'attention' (did you mean 'attn'?)"),
     (dict(layers="conv,atn"), "unknown block 'atn' in layer pattern 'conv,atn' (did you mean 'attn'?)"),
-    (dict(layers="CCX"), "known blocks: attn (A), conv (C), deltanet (D), lif (L)"),
+    (dict(layers="CCX"), "known blocks: attn (A), conv (C), deltanet (D), lif (L), mamba2 (M)"),
     (dict(d_model=30, n_heads=4), "not divisible by model.n_heads"),
     (dict(n_heads=4, n_kv_heads=3), "not divisible by model.n_kv_heads"),
     (dict(window=0), "window must be > 0"),

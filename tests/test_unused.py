@@ -48,6 +48,10 @@ UNUSED = [
      "model.mixer_opts.deltanet sets its own head_dim"),
     (["model.layers=D", "model.mixer_opts.deltanet={heads: 2, head_dim: 8}", "model.n_heads=4"], "model.n_heads",
      "model.mixer_opts.deltanet sets its own heads"),
+    (["model.layers=M", "model.n_heads=4"], "model.n_heads", "no layer is attention"),  # mamba2 has its own heads
+    (["model.layers=M", "model.conv_kernel=2"], "model.conv_kernel", "no layer is a short conv"),  # and its own taps
+    (["model.layers=C", "model.mixer_opts.mamba2.d_state=16"], "model.mixer_opts.mamba2",
+     "no layer uses the mamba2 block"),
     (["model.mlp=lif", "model.mlp_bias=true"], "model.mlp_bias", "model.mlp is lif"),
     (["model.mixer_opts.lif.beta=0.5"], "model.mixer_opts.lif", "no layer uses the lif block"),
 ]
@@ -68,6 +72,7 @@ USED = [
     ["model.layers=D", "model.n_heads=4"],  # deltanet's heads default to the model's
     ["model.layers=D", "model.head_dim=8"],
     ["model.layers=D", "model.mixer_opts.deltanet.heads=2", "model.n_heads=4"],  # its head size: d_model // n_heads
+    ["model.layers=MA", "model.mixer_opts.mamba2.d_state=16"],
 ]
 
 
