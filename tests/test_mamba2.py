@@ -6,6 +6,12 @@ import weakref
 
 import pytest
 import torch
+from mixer_checks import (
+    assert_bf16_keeps_the_state_fp32,
+    assert_decode_equals_forward,
+    assert_learns,
+    assert_static_generate_equals_dynamic,
+)
 
 from arch import ModelConfig, build_model
 from arch.mamba2 import Mamba2, ssd_chunked, ssd_ref
@@ -109,56 +115,22 @@ def test_block_equals_transformers_mamba2_mixer(ngroups):
 @pytest.mark.parametrize("layers", ["MA", "MC"])
 def test_cached_decode_equals_the_full_forward(layers):
     torch.manual_seed(0)
-    model = build_model(mamba2_config(layers=layers)).eval()
-    idx = torch.randint(0, 64, (2, 21))
-    with torch.no_grad():
-        full = model(idx)
-        states, steps = model.init_state(2), []
-        for t in range(idx.shape[1]):  # token by token
-            logits, states = model(idx[:, t:t + 1], states=states)
-            steps.append(logits)
-        chunks, states = [], model.init_state(2)
-        for t in range(0, idx.shape[1], 5):  # prefill in chunks of 5 (the last one shorter)
-            logits, states = model(idx[:, t:t + 5], states=states)
-            chunks.append(logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(torch.cat(chunks, 1), full, atol=1e-4, rtol=1e-4)
+    assert_decode_equals_forward(build_model(mamba2_config(layers=layers)).eval())
 
 
 def test_static_and_dynamic_generate_give_the_same_tokens():
     torch.manual_seed(0)
-    model = build_model(mamba2_config()).eval()
-    assert model.supports_static()
-    prompt = torch.randint(0, 64, (1, 9))
-    static = model.generate(prompt, 12, temperature=0.0, static=True)
-    dynamic = model.generate(prompt, 12, temperature=0.0, static=False)
-    assert torch.equal(static, dynamic)
+    assert_static_generate_equals_dynamic(build_model(mamba2_config()).eval())
 
 
 def test_a_mamba2_model_learns():
     torch.manual_seed(0)
-    model = build_model(mamba2_config())
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    data = torch.arange(64).repeat(4)[None, :129].repeat(4, 1)  # a sequence it can learn to continue
-    losses = []
-    for _ in range(40):
-        loss = model(data[:, :-1], data[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.3 * losses[0]
+    assert_learns(build_model(mamba2_config()))
 
 
 def test_bf16_autocast_keeps_the_core_and_its_state_in_fp32():
     torch.manual_seed(0)
-    block = Mamba2(mamba2_config(), 0)
-    x = torch.randn(2, 19, 32)
-    ref, _ = block(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y, state = block(x, block.init_state(2))
-    assert y.dtype == torch.bfloat16 and state.h.dtype == torch.float32
-    torch.testing.assert_close(y.float(), ref, atol=3e-2, rtol=5e-2)
+    assert_bf16_keeps_the_state_fp32(Mamba2(mamba2_config(), 0), "h")
 
 
 @pytest.mark.parametrize("opts,message", [
