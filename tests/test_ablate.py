@@ -799,3 +799,20 @@ def test_variant_that_fails_to_build_is_named_before_training(corpus):
                   seeds=[1], corpora=[str(text)], steps=4, overrides=tiny(d))
     with pytest.raises(AblationError, match="^variant odd-heads"):
         plan(ab)
+
+
+def test_a_config_key_added_later_at_its_default_keeps_the_runs_hashes():
+    """A run directory's config.yaml from before a key existed hashes as the plan's config with that key
+    at its default (a later slmlab adds keys; the ablation must still resume), but any value change shows."""
+    import json
+
+    from slmlab.config import load_config
+
+    tree = load_config(arch="hybrid").to_dict()
+    older = json.loads(json.dumps(tree))
+    del older["train"]["eval_tasks"], older["train"]["eval_tasks_limit"]
+    assert config_sha(older) == config_sha(tree)
+    older["train"]["eval_tasks_limit"] = 7
+    assert config_sha(older) != config_sha(tree)
+    tree["optim"]["lr"] = 1e-4
+    assert config_sha(tree) != config_sha(load_config(arch="hybrid").to_dict())

@@ -11,6 +11,7 @@ lists and its tasks.json lacks (scoring.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -38,8 +39,21 @@ DONE, DIVERGED, FAILED, MISSING = "done", "diverged", "failed", "missing"
 
 def config_sha(tree: dict) -> str:
     """The hash the plan records per run (Run.config_sha) of a resolved config as a plain tree:
-    RunConfig.to_dict() at planning time, the run directory's config.yaml read back afterwards."""
-    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    RunConfig.to_dict() at planning time, the run directory's config.yaml read back afterwards. Keys
+    at their dataclass default are left out: a key a later slmlab adds (at its default) leaves the
+    hashes of an existing ablation's runs as they were, so the ablation still resumes and reports."""
+    from ..config import SECTIONS
+
+    def plain(v) -> str:
+        return json.dumps(v, sort_keys=True, default=str)
+
+    kept = {}
+    for section, values in tree.items():
+        if section in SECTIONS and isinstance(values, dict):
+            default = dataclasses.asdict(SECTIONS[section]())
+            values = {k: v for k, v in values.items() if k not in default or plain(v) != plain(default[k])}
+        kept[section] = values
+    return hashlib.sha256(plain(kept).encode()).hexdigest()[:16]
 
 
 @dataclass
