@@ -73,8 +73,7 @@ def main(argv=None):
     from slmlab.harness import evaluate_models, report, write_json
     from slmlab.runtime import resolve_device
 
-    specs = [s.strip() for s in args.tasks.split(",") if s.strip()]
-    resolved = [tasks.resolve(s) for s in specs]  # every name checked before any model loads
+    resolved = [t for _, t in tasks.resolve_all(args.tasks, "--tasks")]  # checked before any model loads
     device = resolve_device(args.device, flag="--device")
     results = evaluate_models(args.models, resolved, device, args.limit, args.max_len, args.batch_tokens,
                               samples=args.mc_samples, fewshot=args.fewshot)

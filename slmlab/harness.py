@@ -362,9 +362,7 @@ def evaluate_models(models: list[tuple[str, str]], tasks, device, limit=None, ma
 
     out = {"models": labels, "tasks": {}}
     items = {}
-    for task in tasks:
-        if task.name in out["tasks"]:
-            raise ConfigError(f"task {task.name!r} is given twice")
+    for task in tasks:  # tasks.resolve_all has refused a name given twice
         items[task.name], total = read_items(task, limit, fewshot)
         out["tasks"][task.name] = {"source": task.source, "items": len(items[task.name]), "of": total,
                                    "fewshot": fewshot, "results": {}, "per_item": {}, "paired": {}}
@@ -445,13 +443,10 @@ def write_json(results: dict, path):
 def load_task_items(specs: str, limit: int, say=None) -> dict:
     """{task name: items} for train.eval_tasks (eval.py's --tasks syntax), read once before training
     starts, so a bad spec is an error before step 1; {} when specs is empty."""
-    from .tasks import read_items, resolve
+    from .tasks import read_items, resolve_all
 
     out = {}
-    for spec in [s.strip() for s in specs.split(",") if s.strip()]:
-        task = resolve(spec)
-        if task.name in out:
-            raise ConfigError(f"train.eval_tasks names task {task.name!r} twice")
+    for _, task in resolve_all(specs, "train.eval_tasks") if specs.strip() else []:
         out[task.name], total = read_items(task, limit or None)
         if say:
             say(f"eval task {task.name}: {len(out[task.name]):,} of {total:,} items from {task.source}")

@@ -222,6 +222,26 @@ def resolve(spec: str) -> Task:
                     "file")
 
 
+def resolve_all(specs: str, flag: str) -> list[tuple[str, Task]]:
+    """A comma-separated task list (eval.py --tasks, train.eval_tasks, ablate.py --tasks) as (spec, Task)
+    pairs, every spec resolved before any item is read; one-line DataErrors naming `flag` for an empty
+    list, a bad spec or a task named twice."""
+    specs_list = [s.strip() for s in specs.split(",") if s.strip()]
+    if not specs_list:
+        raise DataError(f"{flag} names no task: give NAME, NAME=SOURCE, FILE.jsonl or FILE.txt, comma-separated")
+    resolved = []
+    for spec in specs_list:
+        try:
+            resolved.append((spec, resolve(spec)))
+        except DataError as e:
+            raise DataError(f"{flag}: {e}") from None
+    names = [t.name for _, t in resolved]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice:
+        raise DataError(f"{flag} names task {twice!r} twice")
+    return resolved
+
+
 def _check_source(source: str, spec: str):
     if source.startswith("hf:"):
         from .data import parse_hf_spec

@@ -346,7 +346,8 @@ def test_the_first_items_with_limit_and_the_json_printout(runs):
     (["--run", "{run}", "--tasks", "hellaswag", "--fewshot", "-1"], "error: --fewshot must be >= 0, got -1"),
     (["--run", "{run}", "--tasks", "hellaswag", "--force"], "error: --force applies to --out PATH"),
     (["--run", "{run}", "--run", "{run}", "--tasks", "{items}"], "error: a model is given twice: {run}"),
-    (["--run", "{run}", "--tasks", "{items},{items}"], "error: task 'tails' is given twice"),
+    (["--run", "{run}", "--tasks", "{items},{items}"], "error: --tasks names task 'tails' twice"),
+    (["--run", "{run}", "--tasks", " , "], "error: --tasks names no task: give NAME, NAME=SOURCE"),
     (["--run", "{run}", "--tasks", "{items}", "--out", "{items}"], "error: output {items} exists (pass --force"),
     (["--run", "nope", "--tasks", "{items}"], "error: "),
 ])
@@ -408,7 +409,7 @@ def test_a_bad_train_eval_task_stops_before_training(tmp_path):
     corpus.write_text("\n".join(SENTENCES * 50) + "\n")
     rc, _, err = run_here("train", "--data", corpus, "--out", tmp_path / "run",
                           *tiny_overrides(tmp_path, steps=2, **{"train.eval_tasks": "hellaswagg"}))
-    assert rc == 2 and err.strip().splitlines()[-1].startswith("error: unknown task 'hellaswagg'"), err
+    assert rc == 2 and err.strip().splitlines()[-1].startswith("error: train.eval_tasks: unknown task 'hellaswagg'"), err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

@@ -48,21 +48,10 @@ def task_entries(specs: str, limit: Optional[int], say=print) -> list[dict]:
     """--tasks as OUT/ablation.json keeps it, one entry a task. Every spec is resolved before any
     item is read (a typo fails at once), and every task's items are read here, before any run
     starts, so a bad row fails now rather than in every worker after training."""
-    from ..tasks import resolve
+    from ..tasks import resolve_all
 
-    names = [s.strip() for s in specs.split(",") if s.strip()]
-    if not names:
-        raise AblationError("--tasks is empty: give NAME, NAME=SOURCE or FILE.jsonl, comma-separated")
-    try:
-        resolved = [(s, resolve(s)) for s in names]
-    except SlmlabError as e:
-        raise AblationError(f"--tasks: {e}") from None
-    seen = [t.name for _, t in resolved]
-    twice = sorted({n for n in seen if seen.count(n) > 1})
-    if twice:
-        raise AblationError(f"--tasks names task {twice[0]!r} twice")
     entries = []
-    for spec, task in resolved:
+    for spec, task in resolve_all(specs, "--tasks"):
         entries.append(e := _entry(spec, task, limit))
         say(f"[ablate] task {e['name']}: {e['items']:,} of {e['of']:,} items from {task.source} ("
             + (f"multiple choice, chance {100 * e['chance']:.2f}%)" if e["choice"] else "completion)"))
