@@ -69,6 +69,21 @@ class Mixer(nn.Module):
     no_export: Optional[str] = None
 
 
+# torch.compiler.is_exporting() inside torch.compile: before torch 2.12 dynamo folds it to a constant
+# True in any compiled region (torch/_dynamo/variables/torch.py, tracing_state_functions), so on 2.9-2.11
+# a compiled eval took the export path (LIF counted no spikes, mamba2 ran one chunk). 2.12+ dynamo reads
+# the flag that is_exporting() returns in eager; before 2.12 exporting() reads that flag itself.
+_IS_EXPORTING_TRACES = torch.__version__ >= (2, 12)
+
+
+def exporting() -> bool:
+    """torch.compiler.is_exporting(), also under torch.compile on torch < 2.12 (true only in torch.export):
+    for a block whose graph for export differs from its eager/compiled one."""
+    if _IS_EXPORTING_TRACES:
+        return torch.compiler.is_exporting()
+    return torch.compiler._is_exporting_flag
+
+
 class ChannelMixer(nn.Module):
     residual_out: tuple[str, ...] = ()
 

@@ -214,8 +214,10 @@ class GatedDeltaNet(Mixer):
 
     # ---- static state: the same tensors as DeltaState, updated in place for decode ----
     static_state_names = ("conv", "S")
-    no_export = ("the chunked scan's loop runs over the sequence length, which an export graph takes as "
-                 "a symbolic size")
+    # mamba2's export core is its chunked form as one chunk; here that chunk would need a T x T
+    # triangular solve, which ONNX has no operator for (torch.onnx fails on linalg_solve_triangular).
+    no_export = ("the chunked delta rule solves a triangular system per chunk (ONNX has no operator for it) and "
+                 "loops over chunks of the sequence, whose length an export graph takes as a symbolic size")
 
     def static_state(self, batch_size: int, max_len: int, device=None, dtype=torch.float32) -> list:
         st = self.init_state(batch_size, device, dtype)

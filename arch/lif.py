@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import kernels
 from slmlab.errors import ConfigError
 
-from .block import ChannelMixer, Mixer
+from .block import ChannelMixer, Mixer, exporting
 from .registry import register, register_channel_mixer
 
 # Energy per operation at 45 nm (Horowitz, ISSCC 2014), the figures SNN papers use for the proxy.
@@ -180,20 +180,6 @@ class LIFState:
     spk: torch.Tensor  # [B, D] last spike (drives the next reset)
 
 
-# torch.compiler.is_exporting() inside torch.compile: before torch 2.12 dynamo folds it to a constant
-# True in any compiled region (torch/_dynamo/variables/torch.py, tracing_state_functions), so on 2.9-2.11
-# a compiled eval counted no spikes. 2.12+ dynamo reads the flag that is_exporting() returns in eager;
-# before 2.12 _exporting() reads that flag itself.
-_IS_EXPORTING_TRACES = torch.__version__ >= (2, 12)
-
-
-def _exporting() -> bool:
-    """torch.compiler.is_exporting(), also under torch.compile on torch < 2.12 (true only in torch.export)."""
-    if _IS_EXPORTING_TRACES:
-        return torch.compiler.is_exporting()
-    return torch.compiler._is_exporting_flag
-
-
 class _SpikeStats:
     """Spike counts accumulated during eval forwards; read (and reset) by spike_metrics()."""
 
@@ -204,7 +190,7 @@ class _SpikeStats:
         # Training: a reduction per step for nothing (rates are logged at eval). Exporting: float()
         # of a traced tensor is a guard torch.export cannot trace (executorch failed on a model.mlp=lif
         # run; the ONNX exporter printed each failed attempt's FX graph before falling back).
-        if self.training or _exporting():
+        if self.training or exporting():
             return
         # Detached tensors, read by spike_metrics: float() here would be a host sync per layer and
         # a graph break per layer under torch.compile (a compiled eval or `sample.py --compile`).

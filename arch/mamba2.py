@@ -16,7 +16,8 @@ Two implementations of the core: `ssd_ref` (one token at a time, obviously corre
 decode step) and `ssd_chunked` (the training path: inside chunks of `chunk` tokens the output is a
 masked "attention" C B^T weighted by the segment-sum decays; the chunk-end states are a loop over
 T / chunk steps of one multiply-add each). tests/test_mamba2.py checks them against each other,
-forward and gradients.
+forward and gradients. Export graphs run `ssd_chunked` as one chunk over the whole input (no loop over
+a symbolic length); tests/test_convert.py runs them in onnxruntime and ExecuTorch.
 
 Bidirectional models (model.causal=false, masked diffusion) run a centred conv and the core over the
 sequence in both directions, summing the two outputs (the same parameters, so AR checkpoints load).
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from kernels import conv1d_op
 from slmlab.errors import ConfigError
 
-from .block import Mixer
+from .block import Mixer, exporting
 from .conv import bidirectional_conv
 from .registry import register
 
@@ -141,6 +142,31 @@ def ssd_chunked(x, dt, A, B, C, h, chunk: int = 64, final_state: bool = True):
     return y, (S.reshape(Bsz, H, P, N) if final_state else None)
 
 
+def ssd_whole(x, dt, A, B, C, h):
+    """The chunked form with one chunk spanning the input, in tensors of at most 3 dims (batch and heads
+    folded): the export graphs' core. It has no loop over a symbolic length and no branch on T == 1, and
+    XNNPACK (ExecuTorch's CPU backend) refused ssd_chunked's 6-dim tensors. Its masks are T x T per head:
+    an export prompt of up to --max-len tokens affords them, a decode step is 1 x 1."""
+    Bsz, T, H, P = x.shape
+    N, r = B.shape[3], H // B.shape[2]
+
+    def fold(t):  # [B, T, H, ...] -> [B H, T, ...]
+        return t.transpose(1, 2).reshape(Bsz * H, T, *t.shape[3:])
+
+    u, a = fold(x * dt[..., None]), fold(dt * A)
+    B, C = fold(B.repeat_interleave(r, dim=2)), fold(C.repeat_interleave(r, dim=2))
+    i = torch.arange(T, device=x.device)
+    below, causal = i[:, None] > i[None, :], i[:, None] >= i[None, :]
+    # seg_ij = a_{j+1} + ... + a_i summed over its own segment (see ssd_chunked), -inf where j > i
+    seg = a[:, None, :].expand(-1, T, -1).transpose(1, 2).masked_fill(~below, 0).cumsum(1)
+    decay = seg.masked_fill(~causal, float("-inf")).exp()  # [B H, T, T]
+    gam = a.cumsum(1)  # [B H, T]
+    S = h.reshape(Bsz * H, P, N)
+    y = ((C @ B.transpose(1, 2)) * decay) @ u + gam.exp()[..., None] * (C @ S.transpose(1, 2))
+    S = gam[:, -1:, None].exp() * S + (u * decay[:, -1, :, None]).transpose(1, 2) @ B
+    return y.reshape(Bsz, H, T, P).transpose(1, 2), S.reshape(Bsz, H, P, N)
+
+
 # ---- the block ------------------------------------------------------------------------------------
 @register("mamba2", "M", options=Mamba2Options)
 class Mamba2(Mixer):
@@ -205,6 +231,11 @@ class Mamba2(Mixer):
         return self.out_proj(y), (None if state is None else Mamba2State(buf, h))
 
     def _core(self, x, dt, A, B, C, h, final_state: bool):
+        if exporting():
+            # An export graph (convert.py: onnx, executorch, coreml) takes T as a symbolic size: one chunk
+            # spanning the input has no loop over chunks and no branch on T == 1. Its masks are T x T per
+            # head, which a prompt of up to --max-len tokens affords; a decode step is 1 x 1.
+            return ssd_whole(x, dt, A, B, C, h)
         # One token (decode) is the reference's single step: the chunked form would build 1x1 masks.
         if self.opts.core == "reference" or x.shape[1] == 1:
             return ssd_ref(x, dt, A, B, C, h)
@@ -212,8 +243,6 @@ class Mamba2(Mixer):
 
     # ---- static state: the same tensors as Mamba2State, updated in place for decode ----
     static_state_names = ("conv", "h")
-    no_export = ("the chunked scan's loop runs over the sequence length, which an export graph takes as "
-                 "a symbolic size")
 
     def static_state(self, batch_size: int, max_len: int, device=None, dtype=torch.float32) -> list:
         st = self.init_state(batch_size, device, dtype)

@@ -254,15 +254,19 @@ def test_step_graph_matches_lm_decode(runs, preset):
 # ---------------------------------------------------------------- onnx
 @pytest.mark.parametrize("preset", ["hybrid", pytest.param("transformer-sliding", marks=pytest.mark.slow)])
 def test_onnx_prefill_and_decode_in_onnxruntime(runs, preset, tmp_path):
+    _onnx_parity(runs[preset], tmp_path)
+
+
+def _onnx_parity(run, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from slmlab.export.onnx import run_onnx
     from slmlab.export.step import reference_decode
 
     out = tmp_path / "onnx"
-    rc, err, _ = convert("--run", runs[preset], "--to", "onnx", "--out", out, "--max-len", 64)
+    rc, err, _ = convert("--run", run, "--to", "onnx", "--out", out, "--max-len", 64)
     assert rc == 0, err
-    model, tok = ours(runs[preset])
+    model, tok = ours(run)
     idx = prompt(tok).repeat(2, 1)
     pre, toks, steps = reference_decode(model, idx, 16)
     got_pre, got_first, got_toks, got_steps = run_onnx(out, idx, 16, feed=toks)
@@ -272,6 +276,47 @@ def test_onnx_prefill_and_decode_in_onnxruntime(runs, preset, tmp_path):
     # a different batch size and length than the export example: the axes are dynamic
     short = idx[:1, :5]
     torch.testing.assert_close(run_onnx(out, short, 0)[0], model(short).detach(), atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- mamba2: its export graphs run the whole-input core
+@pytest.fixture(scope="module")
+def mamba_run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("runs") / "mamba", "hybrid", layers="MMA",
+                    mixer_opts={"mamba2": {"d_state": 16, "headdim": 16, "ngroups": 2}})
+
+
+def test_mamba2_model_in_onnxruntime(mamba_run, tmp_path):
+    """Prefill (dynamic batch and length), the prompt through decode.onnx and 16 fed steps equal our
+    decode: arch/mamba2.py's ssd_whole under export, its recurrence in eager."""
+    _onnx_parity(mamba_run, tmp_path)
+
+
+def test_mamba2_model_in_executorch(mamba_run, tmp_path):
+    """XNNPACK lowered the 6-dim chunked scan and then failed to load it ("Failed to define tensor"):
+    the export core keeps to 3 dims, and executorch.check_loads refuses a program the runtime cannot load."""
+    _executorch_parity(mamba_run, tmp_path)
+
+
+def test_mamba2_model_coreml_spec_names_its_states(mamba_run, tmp_path):
+    pytest.importorskip("coremltools")
+    from slmlab.export.coreml import describe
+
+    out = tmp_path / "m.mlpackage"
+    rc, err, _ = convert("--run", mamba_run, "--to", "coreml", "--out", out, "--max-len", 64)
+    assert rc == 0, err
+    inputs = describe(out)["inputs"]
+    assert inputs == {"input_ids": [1, 1], "pos": [1], "conv_0": [1, 192, 3], "h_0": [1, 8, 16, 16],
+                      "conv_1": [1, 192, 3], "h_1": [1, 8, 16, 16], "k_2": [1, 2, 64, 16], "v_2": [1, 2, 64, 16]}
+
+
+def test_executorch_refuses_to_publish_a_program_its_runtime_cannot_load(tmp_path):
+    pytest.importorskip("executorch.runtime")
+    from slmlab.errors import ConfigError
+    from slmlab.export.executorch import check_loads
+
+    (tmp_path / "m.pte").write_bytes(b"not a program")
+    with pytest.raises(ConfigError, match="the ExecuTorch runtime cannot load the exported program"):
+        check_loads(tmp_path / "m.pte")
 
 
 # ---------------------------------------------------------------- gguf
@@ -495,18 +540,18 @@ def test_hf_export_of_learned_positions_caps_the_tokenizer_length(tmp_path):
 def test_lif_mlp_step_exports_without_spike_counting(monkeypatch, public):
     """The LIF MLP counts spikes at eval through Python floats, which torch.export cannot trace: executorch
     failed and the ONNX exporter dumped ~800 lines of partial FX graphs. The counting stands aside while
-    exporting (torch.compiler.is_exporting, or on torch < 2.12 the flag it reads: arch/lif.py) and still
+    exporting (torch.compiler.is_exporting, or on torch < 2.12 the flag it reads: arch/block.py exporting()) and still
     counts in an eval forward."""
     import contextlib
     import io
 
-    import arch.lif
+    import arch.block
     from arch.lif import spike_metrics
     from slmlab.export.step import StepLM
 
     cfg = build("hybrid", {"model": dict(vocab_size=61, d_model=32, n_layers=3, n_heads=2, n_kv_heads=1, layers="CCA",
                                          mlp="lif", kernels="torch")}).model
-    monkeypatch.setattr(arch.lif, "_IS_EXPORTING_TRACES", public)
+    monkeypatch.setattr(arch.block, "_IS_EXPORTING_TRACES", public)
     model = LM(cfg).eval()
     step = StepLM(model, 16).eval()
     args = (torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, dtype=torch.long), *step.init_states(1))

@@ -145,7 +145,7 @@ def test_reference_core_option_gives_the_same_model():
 def test_export_refuses_with_the_reason():
     from slmlab.export.step import check_supported
 
-    with pytest.raises(ConfigError, match="block 'deltanet' has no export decode graph: the chunked scan"):
+    with pytest.raises(ConfigError, match="block 'deltanet' has no export decode graph: the chunked delta rule solves"):
         check_supported(deltanet_config())
 
 

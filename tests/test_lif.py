@@ -181,12 +181,12 @@ def test_spike_stats_trace_without_graph_breaks_and_count_as_eager(monkeypatch, 
     """A compiled eval (train.compile) or `sample.py --compile` of a LIF model: recording spike counts
     must not break the graph (float() of a tensor did, once per layer per call). Both ways of asking
     "exporting?" run on any torch: before 2.12 torch.compile folded torch.compiler.is_exporting() to True
-    and nothing was counted, so arch/lif.py reads the export flag there."""
-    import arch.lif
+    and nothing was counted, so arch/block.py exporting() reads the export flag there."""
+    import arch.block
 
-    if public and not arch.lif._IS_EXPORTING_TRACES:
+    if public and not arch.block._IS_EXPORTING_TRACES:
         pytest.skip(f"torch {torch.__version__}: dynamo folds torch.compiler.is_exporting() to True")
-    monkeypatch.setattr(arch.lif, "_IS_EXPORTING_TRACES", public)
+    monkeypatch.setattr(arch.block, "_IS_EXPORTING_TRACES", public)
     cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=64, layers="LA", mlp="lif")
     torch.manual_seed(0)
     m = build_model(cfg).eval()

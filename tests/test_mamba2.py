@@ -14,7 +14,7 @@ from mixer_checks import (
 )
 
 from arch import ModelConfig, build_model
-from arch.mamba2 import Mamba2, ssd_chunked, ssd_ref
+from arch.mamba2 import Mamba2, ssd_chunked, ssd_ref, ssd_whole
 from slmlab.errors import ConfigError
 
 
@@ -163,11 +163,52 @@ def test_reference_core_option_gives_the_same_model(causal):
         assert sees_the_last_token == (not causal)
 
 
-def test_export_refuses_with_the_reason():
-    from slmlab.export.step import check_supported
+@pytest.mark.parametrize("T", [1, 7, 63])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_whole_core_of_the_export_graphs_equals_the_reference(T, groups):
+    """ssd_whole (one chunk over the input, at most 3-dim tensors: what convert.py's graphs run) against
+    the recurrence, output and final state, from a non-zero state."""
+    torch.manual_seed(T)
+    Bsz, H, P, N = 2, 4, 8, 5
+    x, dt = torch.randn(Bsz, T, H, P), torch.rand(Bsz, T, H) * 0.5
+    A = -torch.rand(H) * 3
+    B, C = torch.randn(Bsz, T, groups, N), torch.randn(Bsz, T, groups, N)
+    h = torch.randn(Bsz, H, P, N)
+    y, s = ssd_whole(x, dt, A, B, C, h)
+    y_ref, s_ref = ssd_ref(x, dt, A, B, C, h)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-5)
 
-    with pytest.raises(ConfigError, match="block 'mamba2' has no export decode graph: the chunked scan"):
-        check_supported(mamba2_config())
+
+def test_export_graph_runs_the_whole_core_and_equals_the_block():
+    """Under torch.export the block takes ssd_whole (no loop over the symbolic length, no branch on
+    T == 1); the traced graph equals the eager block at other lengths than the example, with a state."""
+    from arch.mamba2 import Mamba2State
+
+    torch.manual_seed(0)
+    block = Mamba2(mamba2_config(), 0).eval()
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = block
+
+        def forward(self, x, conv, h):
+            y, st = self.block(x, Mamba2State(conv, h))
+            return y, st.conv, st.h
+
+    st = block.init_state(2)
+    args = (torch.randn(2, 9, 32), st.conv, st.h)
+    seq = torch.export.Dim("seq", min=1, max=64)
+    with torch.no_grad():
+        ep = torch.export.export(Step(), args, dynamic_shapes=({1: seq}, None, None))
+        for T in (1, 7, 40):
+            x = torch.randn(2, T, 32)
+            st = Mamba2State(torch.randn_like(st.conv), torch.randn_like(st.h))
+            want = block(x, st)
+            got = ep.module()(x, st.conv, st.h)
+            torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[2], want[1].h, atol=1e-5, rtol=1e-5)
 
 
 def _saved_bytes_without_weight_casts(fn, block, x) -> int:

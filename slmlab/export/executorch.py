@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError
 from . import DTYPES, require
 from .step import StepLM, check_supported, seq_axis  # noqa: F401
 
@@ -38,7 +39,21 @@ def export(model, tok, cfg, out: Path, opts):
         ep = torch.export.export(step, args, dynamic_shapes=(seq, None, tuple(None for _ in states)))
         prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
     out.write_bytes(prog.buffer)
+    check_loads(out)
     return {"states": step.state_names(), "max_len": opts.max_len}
+
+
+def check_loads(path: Path):
+    """The runtime loads the program's method, before anything is published: XNNPACK accepts at lowering
+    graphs it then cannot compile at load (it did mamba2's 6-dim chunked scan: "Failed to define tensor")."""
+    require("executorch", "executorch", "executorch")
+    from executorch.runtime import Runtime
+
+    try:
+        Runtime.get().load_program(str(path)).load_method("forward")
+    except Exception as e:  # the runtime raises RuntimeError (or pybind types) with its own codes
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"the ExecuTorch runtime cannot load the exported program: {msg}") from None
 
 
 def run_pte(path, ids: torch.Tensor, n_steps: int = 0, feed=None, dtype=torch.float32):

@@ -8,6 +8,7 @@ mixer's `static_state_names`):
   attn: k, v  [B, n_kv_heads, max_len, head_dim]  (slot p holds position p; sliding layers mask
         by window instead of evicting, so every layer has the same static shape)
   conv: conv  [B, d_model, K-1]                    (the last K-1 gated inputs, as ConvState.buf)
+  mamba2: conv [B, conv channels, K-1], h [B, nheads, headdim, d_state]   (as Mamba2State)
 The same graph serves prefill (pos=0, T=prompt length, zero states) and decode (T=1); tests
 compare it with LM's KVCache decode.
 """
