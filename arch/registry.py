@@ -171,6 +171,9 @@ def is_builtin(cls) -> bool:
 _LOADED: dict[str, str] = {}  # resolved file path or module name -> module name, so a second load is a no-op
 
 
+USER_MODULE_PREFIX = "slmlab_user_"  # the module name of a block file imported by path
+
+
 def load_imports(specs) -> list[str]:
     """Import each entry of model.imports: a .py file (anywhere on disk) or a dotted module name.
     Importing registers the blocks it defines; a bad entry is a one-line ConfigError. Returns the
@@ -191,7 +194,12 @@ def _import_one(spec: str) -> str:
     if key in _LOADED:
         return key
     # A stable name per file, so a checkpoint's config re-imports it as the same module.
-    name = f"slmlab_user_{path.stem}_{hashlib.sha1(key.encode()).hexdigest()[:8]}" if is_file else spec
+    name = f"{USER_MODULE_PREFIX}{path.stem}_{hashlib.sha1(key.encode()).hexdigest()[:8]}" if is_file else spec
+    if is_file and (known := _imported_as(key)):
+        # a package's own file (`python -m arch.check arch/deltanet.py`): executing it again under
+        # another name would fail its relative imports, or register its blocks twice
+        _LOADED[key] = known
+        return key
     try:
         if is_file:
             if not path.is_file():
@@ -210,6 +218,19 @@ def _import_one(spec: str) -> str:
         raise ConfigError(f"model.imports: importing {spec!r} failed: {type(e).__name__}: {e}{_at(e, key)}") from None
     _LOADED[key] = name
     return key
+
+
+def _imported_as(path: str):
+    """The name of the module a package or script already imported from this file (resolved path), or
+    None. Not our own imports by path (slmlab_user_*): _LOADED knows those, and when a caller clears
+    it (tests unregistering a block) the file must run again to register."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith(USER_MODULE_PREFIX):
+            continue
+        file = getattr(module, "__file__", None)
+        if file and file.endswith(".py") and str(Path(file).resolve()) == path:
+            return name
+    return None
 
 
 def _at(e: Exception, key: str) -> str:

@@ -343,6 +343,15 @@ def test_python_m_arch_check(block_file, capsys):
     assert len(out) == 2 and "returned state None" in out[0] and out[1] == "attn: ok"
 
 
+def test_python_m_arch_check_on_a_built_in_block_file(capsys):
+    """A package's own file by path: it was executed again under another name, and its relative
+    imports failed ("attempted relative import with no known parent package")."""
+    from arch.check import main
+
+    assert main([str(Path(arch.__file__).parent / "conv.py")]) == 0
+    assert capsys.readouterr().out == "conv: ok\n"
+
+
 @pytest.mark.parametrize("case,needle", [
     ("mean_over_time", "forward returned (y [2, 1, 32] float32, state), expected (y [2, 8, 32] float32, state)"),
     ("bare_tensor", "forward returned a bare tensor [2, 8, 32] float32, expected (y [2, 8, 32] float32, state)"),
