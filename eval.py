@@ -41,6 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--mc-samples", type=int, default=None,
                    help="masked-diffusion runs: mask draws per pair for the Monte-Carlo ELBO estimate (default 16)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="autocast for every model, runs and --hf alike: auto = bf16 on CUDA, fp32 on CPU (the "
+                        "trainer's); fp32; bf16 (also on CPU, where it is slower)")
     p.add_argument("--out", help="write every number and the per-item results as JSON here")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
@@ -76,10 +79,13 @@ def main(argv=None):
     resolved = [t for _, t in tasks.resolve_all(args.tasks, "--tasks")]  # checked before any model loads
     device = resolve_device(args.device, flag="--device")
     results = evaluate_models(args.models, resolved, device, args.limit, args.max_len, args.batch_tokens,
-                              samples=args.mc_samples, fewshot=args.fewshot)
+                              samples=args.mc_samples, fewshot=args.fewshot, dtype=args.dtype)
     if args.out:
         write_json(results, args.out)
     report(results, as_json=args.json)
+    if results["errors"]:  # everything that did score is in the table and --out; the exit says some did not
+        print(f"error: {len(results['errors'])} model/task score(s) failed (above)", file=sys.stderr)
+        return 1
     return results
 
 

@@ -20,12 +20,26 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, SlmlabError
 from .runtime import autocast
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def precision(device, dtype: str = "auto"):
+    """The autocast context every scorer runs its forward in, ours and transformers' alike, so a paired
+    difference never mixes precisions: auto = the trainer's (bf16 on CUDA, fp32 on CPU), fp32 = no
+    autocast, bf16 = bf16 autocast on any device (slower than fp32 on most CPUs)."""
+    if dtype == "auto":
+        return autocast(device)
+    if dtype not in PRECISIONS:
+        raise ConfigError(f"--dtype must be one of {', '.join(PRECISIONS)}, got {dtype!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
 
 @dataclass
@@ -49,7 +63,7 @@ class RunScorer(CausalScorer):
     """One of our autoregressive models (open_scorer: a run directory's): scores under the trainer's
     autocast, at the run's evaluation context by default."""
 
-    def __init__(self, model, tok, device, max_len: int, name: str = "model"):
+    def __init__(self, model, tok, device, max_len: int, name: str = "model", dtype: str = "auto"):
         cfg = model.cfg
         if not cfg.causal:  # scorer_for gives a masked-diffusion LM its DiffusionScorer
             raise ConfigError(f"{name}: a bidirectional model has no left-to-right log-likelihood to score")
@@ -57,17 +71,17 @@ class RunScorer(CausalScorer):
             raise ConfigError(f"--max-len {max_len} exceeds {name}'s model.max_positions={cfg.max_positions} "
                               "(model.pos=learned)")
         self.model, self.tok, self.device, self.max_len, self.name = model, tok, torch.device(device), max_len, name
-        self.start_id = tok.start_id
+        self.start_id, self.dtype = tok.start_id, dtype
 
     @classmethod
-    def open(cls, run_dir, device, max_len: int | None = None, samples: int = 16):
+    def open(cls, run_dir, device, max_len: int | None = None, samples: int = 16, dtype: str = "auto"):
         """A run directory's scorer: a DiffusionScorer (`samples` mask draws a pair) for a masked-diffusion
         run, else a RunScorer; at the run's evaluation context unless max_len."""
         from .evaluate import run_eval_shape
         from .rundir import RunDir
 
         cfg, model, tok = RunDir.open(run_dir).load(device)
-        return scorer_for(model, tok, device, max_len or run_eval_shape(cfg)[0], str(run_dir), samples)
+        return scorer_for(model, tok, device, max_len or run_eval_shape(cfg)[0], str(run_dir), samples, dtype)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text)
@@ -75,7 +89,7 @@ class RunScorer(CausalScorer):
     @torch.no_grad()
     def masked_logits(self, idx, mask):
         """fp32 logits [N, V] at the `mask` positions of [B, T] `idx` (row by row): the head runs there only."""
-        with autocast(self.device):
+        with precision(self.device, self.dtype):
             h = self.model.hidden(idx)[0][mask]
             # lm_head.weight, not lm_head(h): under data.added_tokens it is a parametrization's output.
             return F.linear(h, self.model.lm_head.weight).float()
@@ -93,11 +107,11 @@ class DiffusionScorer:
 
     bound = True
 
-    def __init__(self, model, tok, device, max_len: int, name: str = "model", samples: int = 16):
+    def __init__(self, model, tok, device, max_len: int, name: str = "model", samples: int = 16, dtype: str = "auto"):
         if samples < 1:
             raise ConfigError(f"--mc-samples must be >= 1, got {samples}")
         self.model, self.tok, self.device, self.max_len, self.name = model, tok, torch.device(device), max_len, name
-        self.samples, self.start_id = samples, tok.start_id
+        self.samples, self.start_id, self.dtype = samples, tok.start_id, dtype
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text)
@@ -140,7 +154,7 @@ class DiffusionScorer:
         drawn = [self.draws(ids, n) for ids, n, _ in pairs]
         masked = torch.cat([m for m, _ in drawn])
         xt = torch.where(masked, torch.full_like(x0, self.model.mask_id), x0).to(self.device)
-        with autocast(self.device):
+        with precision(self.device, self.dtype):
             h = self.model.hidden(xt)[0][masked.to(self.device)]
             logits = F.linear(h, self.model.lm_head.weight).float()
         logits[:, self.model.mask_id] = float("-inf")  # SUBS: the clean token is never the mask
@@ -157,22 +171,22 @@ class DiffusionScorer:
         return out
 
 
-def scorer_for(model, tok, device, max_len: int, name: str = "model", samples: int = 16):
+def scorer_for(model, tok, device, max_len: int, name: str = "model", samples: int = 16, dtype: str = "auto"):
     """The scorer of one of our models: DiffusionScorer for a masked-diffusion LM, else RunScorer."""
     if getattr(model, "mask_id", None) is not None:
-        return DiffusionScorer(model, tok, device, max_len, name, samples)
-    return RunScorer(model, tok, device, max_len, name)
+        return DiffusionScorer(model, tok, device, max_len, name, samples, dtype)
+    return RunScorer(model, tok, device, max_len, name, dtype)
 
 
 class HFScorer(CausalScorer):
     """A transformers model folder (a baseline: SmolLM, Qwen, ...), at its max_position_embeddings by
     default (capped at 2048). Its bos token starts each pair, or its eos when it has no bos."""
 
-    def __init__(self, folder, device, max_len: int | None = None):
+    def __init__(self, folder, device, max_len: int | None = None, dtype: str = "auto"):
         from .traces import load_hf_folder
 
         self.tok, self.model = load_hf_folder(folder, device)
-        self.name, self.device = str(folder), torch.device(device)
+        self.name, self.device, self.dtype = str(folder), torch.device(device), dtype
         self.max_len = max_len or min(getattr(self.model.config, "max_position_embeddings", None) or 2048, 2048)
         self.start_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
 
@@ -181,7 +195,10 @@ class HFScorer(CausalScorer):
 
     @torch.no_grad()
     def masked_logits(self, idx, mask):
-        return self.model(input_ids=idx).logits[mask].float()
+        # The same autocast as our runs': a transformers model in fp32 beside a bf16 run of ours on
+        # CUDA made every paired difference partly one of precision.
+        with precision(self.device, self.dtype):
+            return self.model(input_ids=idx).logits[mask].float()
 
 
 def tokenize_pair(scorer, context: str, continuation: str) -> tuple[list[int], int]:
@@ -344,23 +361,42 @@ class Ticker:
 
 
 # ---- eval.py: every model on every task, the table, the JSON ----
-def load_scorer(kind: str, where: str, device, max_len: int | None, samples: int = 16):
-    return RunScorer.open(where, device, max_len, samples) if kind == "run" else HFScorer(where, device, max_len)
+def load_scorer(kind: str, where: str, device, max_len: int | None, samples: int = 16, dtype: str = "auto"):
+    if kind == "run":
+        return RunScorer.open(where, device, max_len, samples, dtype)
+    return HFScorer(where, device, max_len, dtype)
+
+
+def check_model(kind: str, where: str):
+    """The files a model needs, checked before any model loads: a mistyped second path is a one-line
+    error at once, not after the first model has been scored for an hour."""
+    if kind == "run":
+        from .rundir import RunDir
+
+        RunDir.open(where)
+    else:
+        from .export.hf import hf_config_file
+
+        hf_config_file(Path(where).expanduser(), label="--hf ")
 
 
 def evaluate_models(models: list[tuple[str, str]], tasks, device, limit=None, max_len=None, batch_tokens=16384,
-                    say=None, samples: int | None = None, fewshot: int = 0) -> dict:
-    """{"models": [label], "tasks": {name: {source, items, of, results: {label: metrics}, per_item, paired}}}:
-    the items are read once, each model loads once (one at a time) and scores every task."""
+                    say=None, samples: int | None = None, fewshot: int = 0, dtype: str = "auto") -> dict:
+    """{"models": [label], "tasks": {name: {source, items, of, results: {label: metrics}, per_item, paired}},
+    "errors": [...]}: the items are read once, each model loads once (one at a time) and scores every
+    task. A model that fails to load or to score a task gets {"error": why} there (and a line in
+    "errors"); the others are still scored, so nothing already computed is lost."""
     import sys
 
     say = say or (lambda m: print(m, file=sys.stderr, flush=True))
     labels = [where if kind == "run" else f"hf:{where}" for kind, where in models]
     if len(set(labels)) < len(labels):
         raise ConfigError(f"a model is given twice: {', '.join(sorted({x for x in labels if labels.count(x) > 1}))}")
+    for kind, where in models:
+        check_model(kind, where)
     from .tasks import read_items
 
-    out = {"models": labels, "tasks": {}}
+    out = {"models": labels, "dtype": dtype, "tasks": {}, "errors": []}
     items = {}
     for task in tasks:  # tasks.resolve_all has refused a name given twice
         items[task.name], total = read_items(task, limit, fewshot)
@@ -368,13 +404,22 @@ def evaluate_models(models: list[tuple[str, str]], tasks, device, limit=None, ma
                                    "fewshot": fewshot, "results": {}, "per_item": {}, "paired": {}}
         say(f"{task.name}: {len(items[task.name]):,} of {total:,} items from {task.source}"
             + (f", {fewshot}-shot" if fewshot else ""))
+
     for (kind, where), label in zip(models, labels):
-        scorer = load_scorer(kind, where, device, max_len, samples or 16)
+        try:
+            scorer = load_scorer(kind, where, device, max_len, samples or 16, dtype)
+        except (SlmlabError, torch.OutOfMemoryError) as e:
+            _record_failure(out, label, [t.name for t in tasks], e, say)
+            continue
         if samples is not None and not isinstance(scorer, DiffusionScorer):
             say(f"note: --mc-samples has no effect on {label}: it is not a masked-diffusion run")
         for task in tasks:
             t0 = time.time()
-            res = evaluate_items(scorer, items[task.name], batch_tokens, Ticker(f"{label} {task.name}", say))
+            try:
+                res = evaluate_items(scorer, items[task.name], batch_tokens, Ticker(f"{label} {task.name}", say))
+            except (SlmlabError, torch.OutOfMemoryError) as e:
+                _record_failure(out, label, [task.name], e, say)
+                continue
             entry = out["tasks"][task.name]
             entry["results"][label] = {**res.metrics, "max_len": scorer.max_len, "truncated": res.truncated,
                                        "seconds": round(time.time() - t0, 2)}
@@ -384,10 +429,19 @@ def evaluate_models(models: list[tuple[str, str]], tasks, device, limit=None, ma
                     "context on the left (--max-len)")
         del scorer
     for entry in out["tasks"].values():
-        ref = entry["per_item"][labels[0]]
+        ref = entry["per_item"].get(labels[0])
         for label in labels[1:]:
-            entry["paired"][label] = {m: list(paired(ref[m], entry["per_item"][label][m])) for m in ref}
+            if ref is not None and label in entry["per_item"]:
+                entry["paired"][label] = {m: list(paired(ref[m], entry["per_item"][label][m])) for m in ref}
     return out
+
+
+def _record_failure(out: dict, label: str, names: list[str], e: Exception, say):
+    msg = "out of memory (lower --batch-tokens)" if isinstance(e, torch.OutOfMemoryError) else str(e)
+    for name in names:
+        out["tasks"][name]["results"][label] = {"error": msg}
+    out["errors"].append(f"{label} {', '.join(names)}: {msg}")
+    say(f"error: {out['errors'][-1]} (going on with the rest)")
 
 
 def table(results: dict) -> str:
@@ -397,7 +451,8 @@ def table(results: dict) -> str:
     head = ["task", "metric", *labels, *[f"{x} - {labels[0]}" for x in labels[1:]]]
     rows = []
     for name, entry in results["tasks"].items():
-        first = entry["results"][labels[0]]
+        scored = [r for r in entry["results"].values() if "error" not in r]
+        first = scored[0] if scored else {}
         shot = f", {entry['fewshot']}-shot" if entry.get("fewshot") else ""
         shown = f"{name} ({entry['items']:,} of {entry['of']:,}{shot})" if entry["items"] < entry["of"] else \
             f"{name} ({entry['items']:,}{shot})"
@@ -405,13 +460,18 @@ def table(results: dict) -> str:
             cells = []
             for label in labels:
                 r = entry["results"][label]
+                if "error" in r:
+                    cells.append("failed")
+                    continue
                 cells.append(f"{100 * r[metric]:.1f} ± {100 * r[metric + '_stderr']:.1f}" if metric.startswith("acc")
                              else ("≤ " if r.get("bound") else "") + f"{r[metric]:.4g}")
             for label in labels[1:]:
-                d = entry["paired"][label].get(metric)
+                d = entry["paired"].get(label, {}).get(metric)
                 cells.append(f"{100 * d[0]:+.1f} ± {100 * d[1]:.1f}" if d else "")
             rows.append([shown, metric, *cells])
             shown = ""
+        if not scored:
+            rows.append([shown, "failed", *["failed"] * len(labels), *[""] * (len(labels) - 1)])
         if "chance" in first:
             rows.append(["", "chance", *[f"{100 * first['chance']:.1f}"] * len(labels), *[""] * (len(labels) - 1)])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -428,6 +488,8 @@ def report(results: dict, as_json: bool = False):
     if any(m for e in results["tasks"].values() for m in e["paired"].values()):
         print("\n(differences are paired over the same items, ± one standard error; |difference| > 2 standard "
               "errors is the usual bar for a real one)")
+    for line in results.get("errors", []):
+        print(f"failed: {line}")
 
 
 def write_json(results: dict, path):

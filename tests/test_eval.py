@@ -350,6 +350,8 @@ def test_the_first_items_with_limit_and_the_json_printout(runs):
     (["--run", "{run}", "--tasks", " , "], "error: --tasks names no task: give NAME, NAME=SOURCE"),
     (["--run", "{run}", "--tasks", "{items}", "--out", "{items}"], "error: output {items} exists (pass --force"),
     (["--run", "nope", "--tasks", "{items}"], "error: "),
+    # every model's files are checked before the first is scored, not after an hour of scoring
+    (["--run", "{run}", "--hf", "nowhere", "--tasks", "{items}"], "error: --hf nowhere is not a transformers model"),
 ])
 def test_bad_arguments_are_one_line_exit_2(runs, argv, needle):
     _, trained, items = runs
@@ -359,6 +361,45 @@ def test_bad_arguments_are_one_line_exit_2(runs, argv, needle):
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert rc == 2 and len(errors) == 1 and errors[0].startswith(needle), err
     assert "Traceback" not in err
+
+
+def test_a_model_that_fails_loses_nothing_the_others_scored(runs, tmp_path):
+    """A second run whose weights are corrupt: the first is still scored and written to --out, the
+    failed cells say so, no paired difference is made up, and the exit status is 1."""
+    import shutil
+
+    _, trained, items = runs
+    broken = tmp_path / "broken"
+    shutil.copytree(trained, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    out = tmp_path / "r.json"
+    rc, table, err = run_here("eval", "--run", trained, "--run", broken, "--tasks", items, "--out", out)
+    assert rc == 1, err
+    res = json.loads(out.read_text())
+    r = res["tasks"]["tails"]
+    assert r["results"][str(trained)]["acc"] == 1.0 and "error" in r["results"][str(broken)]
+    assert r["paired"] == {} and len(res["errors"]) == 1 and str(broken) in res["errors"][0]
+    assert "| tails (8) | acc | 100.0 ± 0.0 | failed |" in table and f"failed: {broken} tails: " in table
+    assert f"error: {broken} tails: " in err and "going on with the rest" in err
+    assert err.rstrip().endswith("error: 1 model/task score(s) failed (above)")
+
+
+def test_every_model_scores_in_the_same_precision(tiny, monkeypatch):
+    """--dtype: our runs and transformers models enter the same autocast (auto: the trainer's, bf16 on
+    CUDA, where an fp32 transformers model once faced a bf16 run). On CPU bf16 scores stay within bf16's
+    rounding of fp32."""
+    model, tok = tiny
+    pairs = [("the cat", " sat on the mat"), ("a dog", " ran in the park")]
+    fp32 = harness.score_pairs(harness.scorer_for(model, tok, "cpu", 64, dtype="fp32"), pairs)
+    bf16 = harness.score_pairs(harness.scorer_for(model, tok, "cpu", 64, dtype="bf16"), pairs)
+    auto = harness.score_pairs(harness.scorer_for(model, tok, "cpu", 64), pairs)
+    assert [a.logprob for a in auto] == [a.logprob for a in fp32]  # auto is fp32 on CPU
+    for a, b in zip(fp32, bf16):
+        assert a.logprob != b.logprob and abs(a.logprob - b.logprob) < 0.05 * abs(a.logprob)
+    seen = []
+    monkeypatch.setattr(harness, "autocast", lambda device: seen.append(device) or torch.autocast("cpu", enabled=False))
+    harness.score_pairs(harness.scorer_for(model, tok, "cpu", 64), pairs[:1])
+    assert seen, "--dtype auto takes the trainer's autocast"
 
 
 def test_a_transformers_folder_scores_as_our_import_of_it(tmp_path):
