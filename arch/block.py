@@ -64,8 +64,8 @@ class Mixer(nn.Module):
     #   inplace=False returns new ones and has no data-dependent shapes (export graphs).
     # A mixer without them decodes through forward(x, state) instead (see LM.generate).
     static_state_names: Optional[tuple[str, ...]] = None
-    # Why forward_static(inplace=False) cannot be traced into an export graph, or None when it can
-    # (slmlab/export refuses the model up front, naming the block and this reason).
+    # Why forward_static(inplace=False) cannot be traced with a symbolic token count, or None when it
+    # can: slmlab/export then traces the model's decode graphs with one token a call, and says why.
     no_export: Optional[str] = None
 
 

@@ -216,8 +216,9 @@ class GatedDeltaNet(Mixer):
     static_state_names = ("conv", "S")
     # mamba2's export core is its chunked form as one chunk; here that chunk would need a T x T
     # triangular solve, which ONNX has no operator for (torch.onnx fails on linalg_solve_triangular).
-    no_export = ("the chunked delta rule solves a triangular system per chunk (ONNX has no operator for it) and "
-                 "loops over chunks of the sequence, whose length an export graph takes as a symbolic size")
+    # So the graphs take one token a call: the recurrence's step, no solve and no loop.
+    no_export = ("its chunked delta rule loops over chunks of the sequence and solves a triangular system "
+                 "(ONNX has no operator for it)")
 
     def static_state(self, batch_size: int, max_len: int, device=None, dtype=torch.float32) -> list:
         st = self.init_state(batch_size, device, dtype)

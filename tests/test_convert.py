@@ -276,6 +276,7 @@ def _onnx_parity(run, tmp_path):
     # a different batch size and length than the export example: the axes are dynamic
     short = idx[:1, :5]
     torch.testing.assert_close(run_onnx(out, short, 0)[0], model(short).detach(), atol=1e-4, rtol=0)
+    return out, err
 
 
 # ---------------------------------------------------------------- mamba2: its export graphs run the whole-input core
@@ -307,6 +308,40 @@ def test_mamba2_model_coreml_spec_names_its_states(mamba_run, tmp_path):
     inputs = describe(out)["inputs"]
     assert inputs == {"input_ids": [1, 1], "pos": [1], "conv_0": [1, 192, 3], "h_0": [1, 8, 16, 16],
                       "conv_1": [1, 192, 3], "h_1": [1, 8, 16, 16], "k_2": [1, 2, 64, 16], "v_2": [1, 2, 64, 16]}
+
+
+# ---------------------------------------------------------------- deltanet: one token a call
+@pytest.fixture(scope="module")
+def deltanet_run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("runs") / "deltanet", "hybrid", layers="DDA")
+
+
+def test_deltanet_model_exports_one_token_graphs_to_onnxruntime(deltanet_run, tmp_path):
+    """Its chunked delta rule cannot be traced with a symbolic length (a loop over chunks, a triangular
+    solve ONNX has no operator for): decode.onnx takes one token a call, there is no model.onnx, the
+    prompt is fed token by token, and every logit equals our decode. convert says so in one line."""
+    out, err = _onnx_parity(deltanet_run, tmp_path)
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["one_token"] is True and meta["graphs"] == ["decode.onnx"] and not (out / "model.onnx").exists()
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and notes[0].startswith("note: the onnx graph takes one token a call (a prompt is fed "
+                                                   "token by token): block 'deltanet': its chunked delta rule")
+
+
+@pytest.mark.slow  # an ExecuTorch export: ~15 s on 2 cores
+def test_deltanet_model_in_executorch(deltanet_run, tmp_path):
+    _executorch_parity(deltanet_run, tmp_path)
+
+
+def test_deltanet_model_coreml_spec(deltanet_run, tmp_path):
+    """Core ML's graph is one token a call for every model: deltanet's exports there as it is."""
+    pytest.importorskip("coremltools")
+    from slmlab.export.coreml import describe
+
+    out = tmp_path / "m.mlpackage"
+    rc, err, _ = convert("--run", deltanet_run, "--to", "coreml", "--out", out, "--max-len", 64)
+    assert rc == 0 and "note:" not in err, err
+    assert list(describe(out)["inputs"]) == ["input_ids", "pos", "conv_0", "S_0", "conv_1", "S_1", "k_2", "v_2"]
 
 
 def test_executorch_refuses_to_publish_a_program_its_runtime_cannot_load(tmp_path):

@@ -142,11 +142,11 @@ def test_reference_core_option_gives_the_same_model():
         torch.testing.assert_close(chunked(idx), reference(idx), atol=1e-5, rtol=1e-5)
 
 
-def test_export_refuses_with_the_reason():
-    from slmlab.export.step import check_supported
+def test_export_takes_one_token_a_call_and_says_why():
+    from slmlab.export.step import check_supported, one_token_blocks
 
-    with pytest.raises(ConfigError, match="block 'deltanet' has no export decode graph: the chunked delta rule solves"):
-        check_supported(deltanet_config())
+    check_supported(deltanet_config())  # exported, not refused: tests/test_convert.py runs it
+    assert one_token_blocks(deltanet_config()) == ["deltanet"]
 
 
 @pytest.mark.parametrize("heads,v_heads,head_dim,chunk,T,rel", [

@@ -105,6 +105,7 @@ def convert(run_dir, fmt: str, out, opts: ExportOptions | None = None, force: bo
     model = model.float()
     mod.check_supported(cfg.model)
     opts = replace(opts, max_len=resolve_max_len(fmt, cfg.model, opts.max_len))
+    note_one_token(fmt, cfg.model)
     with publish(out) as staged:  # an existing --out (with --force) is replaced only after success
         report = mod.export(model, tok, cfg, staged, opts) or {}
         template = run.chat_template()
@@ -140,6 +141,18 @@ def resolve_max_len(fmt: str, mcfg, max_len: int | None) -> int:
               f"(model.pos=learned)", file=sys.stderr)
         return limit
     return DEFAULT_MAX_LEN
+
+
+def note_one_token(fmt: str, mcfg):
+    """Say on stderr when the decode graphs take one token a call because of a block (coreml's always do)."""
+    from .step import one_token_blocks
+
+    blocks = one_token_blocks(mcfg) if fmt in ("onnx", "executorch") else []
+    if blocks:
+        from arch.registry import MIXERS
+
+        print(f"note: the {fmt} graph takes one token a call (a prompt is fed token by token): block "
+              f"{blocks[0]!r}: {MIXERS[blocks[0]].no_export}", file=sys.stderr)
 
 
 def path_size(p) -> int:

@@ -1,7 +1,8 @@
 """ExecuTorch: a .pte of StepLM (prefill and decode in one method) lowered with XNNPACK.
 
 Method `forward(input_ids [1, T] int64, pos [1] int64, *states) -> (logits [1, T, V], *states)`,
-T dynamic in 1..max_len; the state layout is StepLM's (see step.py). --quant int8 stores int8
+T dynamic in 1..max_len (fixed at 1 for a model with a one-token block, step.one_token_blocks:
+run_pte then feeds a prompt token by token); the state layout is StepLM's (see step.py). --quant int8 stores int8
 weights with per-row scales (quant.py). Run with `run_pte` (executorch.runtime).
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from ..errors import ConfigError
 from . import DTYPES, require
-from .step import StepLM, check_supported, seq_axis  # noqa: F401
+from .step import StepLM, check_supported, one_token_blocks, seq_axis  # noqa: F401
 
 
 def export(model, tok, cfg, out: Path, opts):
@@ -31,7 +32,8 @@ def export(model, tok, cfg, out: Path, opts):
     dt = DTYPES[opts.dtype]
     step = StepLM(model.to(dt), opts.max_len).eval()
     states = step.init_states(1, dt)
-    n, seq = seq_axis(opts.max_len, 4)
+    one = bool(one_token_blocks(cfg.model))
+    n, seq = seq_axis(opts.max_len, 4, one)
     args = (torch.zeros(1, n, dtype=torch.long), torch.zeros(1, dtype=torch.long), *states)
     logging.getLogger("executorch").setLevel(logging.ERROR)
     with torch.no_grad(), warnings.catch_warnings():
@@ -40,7 +42,7 @@ def export(model, tok, cfg, out: Path, opts):
         prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
     out.write_bytes(prog.buffer)
     check_loads(out)
-    return {"states": step.state_names(), "max_len": opts.max_len}
+    return {"states": step.state_names(), "max_len": opts.max_len, "one_token": one}
 
 
 def check_loads(path: Path):
@@ -64,8 +66,13 @@ def run_pte(path, ids: torch.Tensor, n_steps: int = 0, feed=None, dtype=torch.fl
     method = Runtime.get().load_program(str(path)).load_method("forward")
     meta = method.metadata
     states = [torch.zeros(tuple(meta.input_tensor_meta(i).sizes()), dtype=dtype) for i in range(2, meta.num_inputs())]
-    out = method.execute([ids, torch.zeros(1, dtype=torch.long), *states])
-    pre, states = out[0], list(out[1:])
+    per_call = meta.input_tensor_meta(0).sizes()[1]  # a dynamic axis reports its upper bound: max_len
+    pres = []
+    for at in range(0, ids.shape[1], per_call):
+        out = method.execute([ids[:, at:at + per_call].contiguous(), torch.tensor([at]), *states])
+        pres.append(out[0])
+        states = list(out[1:])
+    pre = torch.cat(pres, 1)
     p = ids.shape[1]
     toks, steps = [], []
     nxt = pre[:, -1:].argmax(-1)

@@ -2,7 +2,9 @@
 
 Both come from torch.onnx.export(dynamo=True). decode.onnx inputs: input_ids [B, T] int64,
 pos [1] int64, then the states named in export.json; outputs: logits, then `<state>_out` in the
-same order. onnxruntime loads both before the folder is published; `run_onnx` runs them.
+same order. onnxruntime loads both before the folder is published; `run_onnx` runs them. A model
+with a one-token block (step.one_token_blocks: deltanet) gets decode.onnx alone with T fixed at 1
+(export.json: "one_token": true); run_onnx then feeds a prompt token by token.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 
 from ..errors import ConfigError
 from . import DTYPES, require
-from .step import Prefill, StepLM, check_supported, seq_axis  # noqa: F401
+from .step import Prefill, StepLM, check_supported, one_token_blocks, seq_axis  # noqa: F401
 
 
 def prepare(model, opts):
@@ -32,11 +34,14 @@ def export(model, tok, cfg, out: Path, opts):
     out.mkdir(parents=True)
     model = prepare(model, opts)
     dt = DTYPES[opts.dtype]
-    n, seq = seq_axis(opts.max_len, 8)
+    one = bool(one_token_blocks(cfg.model))
+    n, seq = seq_axis(opts.max_len, 8, one)
     B = torch.export.Dim("batch", min=1, max=1024)
     idx = torch.zeros(2, n, dtype=torch.long)
     axes = {0: B, **seq}
-    _export(Prefill(model, opts.max_len), (idx,), {"idx": axes}, ["input_ids"], ["logits"], out / "model.onnx")
+    graphs = ["decode.onnx"] if one else ["model.onnx", "decode.onnx"]
+    if not one:
+        _export(Prefill(model, opts.max_len), (idx,), {"idx": axes}, ["input_ids"], ["logits"], out / "model.onnx")
 
     step = StepLM(model, opts.max_len).eval()
     names = step.state_names()
@@ -45,22 +50,23 @@ def export(model, tok, cfg, out: Path, opts):
     dyn = {"idx": axes, "pos": None, "states": [{0: B} for _ in states]}
     _export(step, (idx, pos, *states), dyn, ["input_ids", "pos", *names],
             ["logits", *[n + "_out" for n in names]], out / "decode.onnx")
-    meta = {"max_len": opts.max_len, "dtype": opts.dtype, "quant": opts.quant, "states": names,
+    meta = {"max_len": opts.max_len, "dtype": opts.dtype, "quant": opts.quant, "graphs": graphs, "one_token": one,
+            "states": names,
             "state_shapes": [list(s[1:]) for s in step.state_shapes(1)], "layers": cfg.model.layer_types(),
             "bos_id": tok.bos_id, "eos_id": tok.eos_id}
     (out / "export.json").write_text(json.dumps(meta, indent=1))
     tok.save(out / "tokenizer.json")
-    check_loads(out)
-    return {"graphs": ["model.onnx", "decode.onnx"], "max_len": opts.max_len}
+    check_loads(out, graphs)
+    return {"graphs": graphs, "max_len": opts.max_len, "one_token": one}
 
 
-def check_loads(folder: Path):
-    """onnxruntime loads both graphs, before anything is published: the exporter accepts graphs whose
+def check_loads(folder: Path, graphs=("model.onnx", "decode.onnx")):
+    """onnxruntime loads the graphs, before anything is published: the exporter accepts graphs whose
     operators onnxruntime has no kernel for (it did bf16 Conv and Expand)."""
     ort = require("onnxruntime", "onnx", "onnx")
     opt = ort.SessionOptions()
     opt.log_severity_level = 3
-    for name in ("model.onnx", "decode.onnx"):
+    for name in graphs:
         try:
             ort.InferenceSession(str(folder / name), opt, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own (pybind) exception types
@@ -91,7 +97,8 @@ def _dyn_for(module, dynamic):
 def run_onnx(folder, idx, n_steps: int, feed=None):
     """onnxruntime: prefill logits from model.onnx, the prompt again through decode.onnx, then
     n_steps decode steps (feeding `feed` tokens, else greedy). Returns (prefill, decode-prefill,
-    tokens, step logits) as torch tensors."""
+    tokens, step logits) as torch tensors. A one-token export (no model.onnx) feeds the prompt
+    token by token, and its prefill is that decode-prefill."""
     ort = require("onnxruntime", "onnx", "onnx")
     import numpy as np
 
@@ -99,10 +106,8 @@ def run_onnx(folder, idx, n_steps: int, feed=None):
     meta = json.loads((folder / "export.json").read_text())
     opt = ort.SessionOptions()
     opt.log_severity_level = 3
-    pre = ort.InferenceSession(str(folder / "model.onnx"), opt, providers=["CPUExecutionProvider"])
     dec = ort.InferenceSession(str(folder / "decode.onnx"), opt, providers=["CPUExecutionProvider"])
     x = idx.numpy().astype(np.int64)
-    prefill = pre.run(["logits"], {"input_ids": x})[0]
     np_dt = np.float16 if meta["dtype"] == "fp16" else np.float32
     B = x.shape[0]
     states = [np.zeros([B, *s], dtype=np_dt) for s in meta["state_shapes"]]
@@ -113,8 +118,17 @@ def run_onnx(folder, idx, n_steps: int, feed=None):
         out = dec.run(None, feeds)
         return out[0], out[1:]
 
-    logits, states = step(x, 0, states)
-    first = logits
+    if meta.get("one_token"):
+        firsts = []
+        for i in range(x.shape[1]):
+            logits, states = step(x[:, i:i + 1], i, states)
+            firsts.append(logits)
+        first = prefill = np.concatenate(firsts, 1)
+    else:
+        pre = ort.InferenceSession(str(folder / "model.onnx"), opt, providers=["CPUExecutionProvider"])
+        prefill = pre.run(["logits"], {"input_ids": x})[0]
+        logits, states = step(x, 0, states)
+        first = logits
     p = x.shape[1]
     toks, steps = [], []
     nxt = logits[:, -1:].argmax(-1)

@@ -10,7 +10,8 @@ mixer's `static_state_names`):
   conv: conv  [B, d_model, K-1]                    (the last K-1 gated inputs, as ConvState.buf)
   mamba2: conv [B, conv channels, K-1], h [B, nheads, headdim, d_state]   (as Mamba2State)
 The same graph serves prefill (pos=0, T=prompt length, zero states) and decode (T=1); tests
-compare it with LM's KVCache decode.
+compare it with LM's KVCache decode. A model with a block whose step cannot be traced with a symbolic
+T (Mixer.no_export: deltanet) exports it with T fixed at 1 (one_token_blocks), prompts fed token by token.
 """
 from __future__ import annotations
 
@@ -30,9 +31,14 @@ def check_supported(mcfg):
         raise ConfigError(f"blocks {kinds} have no static-state step, so no export decode graph "
                           "(a block exports when it has the static-state step: static_state_names, static_state, "
                           "forward_static; docs/blocks.md)")
-    for kind in sorted(set(mcfg.layer_types())):
-        if MIXERS[kind].no_export:
-            raise ConfigError(f"block {kind!r} has no export decode graph: {MIXERS[kind].no_export}")
+
+
+def one_token_blocks(mcfg) -> list[str]:
+    """The blocks whose step cannot be traced with a symbolic token count (Mixer.no_export): a model
+    holding one exports graphs of one token a call (T static 1), and a prompt is fed token by token."""
+    from arch.registry import MIXERS
+
+    return sorted({k for k in mcfg.layer_types() if MIXERS[k].no_export})
 
 
 class StepLM(nn.Module):
@@ -75,11 +81,12 @@ class StepLM(nn.Module):
         return self.forward(idx, torch.zeros(1, dtype=torch.long, device=idx.device), *zero)[0]
 
 
-def seq_axis(max_len: int, example: int):
+def seq_axis(max_len: int, example: int, one_token: bool = False):
     """(example length, {1: torch.export Dim} or {}) for the token axis (dim 1) of a graph taking up to
     max_len tokens. An example longer than the Dim's max fails to export, and torch.export specializes a
-    length-1 example to a constant; so the example is cut to max_len, and max_len == 1 is static."""
-    if max_len == 1:
+    length-1 example to a constant; so the example is cut to max_len, and max_len == 1 is static, as is
+    a one_token graph (one_token_blocks)."""
+    if max_len == 1 or one_token:
         return 1, {}
     return min(example, max_len), {1: torch.export.Dim("seq", min=1, max=max_len)}
 
