@@ -298,6 +298,34 @@ def test_mamba2_model_in_executorch(mamba_run, tmp_path):
     _executorch_parity(mamba_run, tmp_path)
 
 
+@pytest.mark.parametrize("fmt", ["onnx", pytest.param("executorch", marks=pytest.mark.slow)])
+def test_fp16_export_keeps_a_recurrent_state_fp32(mamba_run, tmp_path, fmt):
+    """The block keeps its SSM state h in fp32 under any weight dtype, and so does an fp16 graph: the
+    runners made every state fp16, and onnxruntime / ExecuTorch refused the input. export.json lists
+    each state's dtype; run_pte reads the program's. Logits within fp16's rounding of ours."""
+    pytest.importorskip("onnxruntime" if fmt == "onnx" else "executorch.runtime")
+    from slmlab.export.step import reference_decode
+
+    out = tmp_path / ("onnx" if fmt == "onnx" else "m.pte")
+    rc, err, _ = convert("--run", mamba_run, "--to", fmt, "--out", out, "--max-len", 64, "--dtype", "fp16")
+    assert rc == 0, err
+    model, tok = ours(mamba_run)
+    idx = prompt(tok)
+    pre, toks, steps = reference_decode(model, idx, 4)
+    if fmt == "onnx":
+        from slmlab.export.onnx import run_onnx
+
+        dtypes = json.loads((out / "export.json").read_text())["state_dtypes"]
+        assert dtypes == ["float16", "float32", "float16", "float32", "float16", "float16"]
+        got_pre, _, _, got_steps = run_onnx(out, idx, 4, feed=toks)
+    else:
+        from slmlab.export.executorch import run_pte
+
+        got_pre, _, got_steps = run_pte(out, idx, 4, feed=toks)
+    torch.testing.assert_close(got_pre.float(), pre, atol=3e-2, rtol=0)
+    torch.testing.assert_close(got_steps.float(), steps, atol=3e-2, rtol=0)
+
+
 def test_mamba2_model_coreml_spec_names_its_states(mamba_run, tmp_path):
     pytest.importorskip("coremltools")
     from slmlab.export.coreml import describe

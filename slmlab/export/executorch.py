@@ -58,14 +58,21 @@ def check_loads(path: Path):
         raise ConfigError(f"the ExecuTorch runtime cannot load the exported program: {msg}") from None
 
 
-def run_pte(path, ids: torch.Tensor, n_steps: int = 0, feed=None, dtype=torch.float32):
-    """(prefill logits [1, T, V], fed tokens [1, n], step logits [1, n, V]) from executorch.runtime."""
+# ExecuTorch's ScalarType codes (those of c10) of the dtypes a state can have
+_SCALAR_TYPES = {5: torch.float16, 6: torch.float32, 15: torch.bfloat16}
+
+
+def run_pte(path, ids: torch.Tensor, n_steps: int = 0, feed=None):
+    """(prefill logits [1, T, V], fed tokens [1, n], step logits [1, n, V]) from executorch.runtime.
+    Each state is made in the dtype the program declares: an fp16 export keeps a recurrent block's
+    state (mamba2's h, deltanet's S) in fp32."""
     require("executorch", "executorch", "executorch")
     from executorch.runtime import Runtime
 
     method = Runtime.get().load_program(str(path)).load_method("forward")
     meta = method.metadata
-    states = [torch.zeros(tuple(meta.input_tensor_meta(i).sizes()), dtype=dtype) for i in range(2, meta.num_inputs())]
+    states = [torch.zeros(tuple(m.sizes()), dtype=_SCALAR_TYPES[m.dtype()])
+              for m in (meta.input_tensor_meta(i) for i in range(2, meta.num_inputs()))]
     per_call = meta.input_tensor_meta(0).sizes()[1]  # a dynamic axis reports its upper bound: max_len
     pres = []
     for at in range(0, ids.shape[1], per_call):

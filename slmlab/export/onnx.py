@@ -52,7 +52,9 @@ def export(model, tok, cfg, out: Path, opts):
             ["logits", *[n + "_out" for n in names]], out / "decode.onnx")
     meta = {"max_len": opts.max_len, "dtype": opts.dtype, "quant": opts.quant, "graphs": graphs, "one_token": one,
             "states": names,
-            "state_shapes": [list(s[1:]) for s in step.state_shapes(1)], "layers": cfg.model.layer_types(),
+            "state_shapes": [list(s[1:]) for s in step.state_shapes(1)],
+            # an fp16 export keeps a recurrent block's state (mamba2's h, deltanet's S) in fp32
+            "state_dtypes": [str(t.dtype).removeprefix("torch.") for t in states], "layers": cfg.model.layer_types(),
             "bos_id": tok.bos_id, "eos_id": tok.eos_id}
     (out / "export.json").write_text(json.dumps(meta, indent=1))
     tok.save(out / "tokenizer.json")
@@ -108,9 +110,8 @@ def run_onnx(folder, idx, n_steps: int, feed=None):
     opt.log_severity_level = 3
     dec = ort.InferenceSession(str(folder / "decode.onnx"), opt, providers=["CPUExecutionProvider"])
     x = idx.numpy().astype(np.int64)
-    np_dt = np.float16 if meta["dtype"] == "fp16" else np.float32
     B = x.shape[0]
-    states = [np.zeros([B, *s], dtype=np_dt) for s in meta["state_shapes"]]
+    states = [np.zeros([B, *s], dtype=np.dtype(d)) for s, d in zip(meta["state_shapes"], meta["state_dtypes"])]
 
     def step(tokens, p, states):
         feeds = {"input_ids": tokens, "pos": np.array([p], dtype=np.int64)}
