@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .layers import GeluMLP, SwiGLU, make_norm
-from .registry import CHANNEL_MIXERS, get_mixer, register_channel_mixer, where
+from .registry import CHANNEL_MIXERS, NO_MLP, get_mixer, register_channel_mixer, where
 
 
 def linear_activation_bytes(module: nn.Module, tokens: int, act: int) -> int:
@@ -123,7 +123,7 @@ class GeluMixer(ChannelMixer, GeluMLP):
         return batch * seq_len * 2 * self.fc.out_features * act
 
 
-def residual_linears(module: nn.Module) -> list[nn.Linear]:
+def residual_linears(module: Optional[nn.Module]) -> list[nn.Linear]:
     return [module.get_submodule(name) for name in getattr(module, "residual_out", ())]
 
 
@@ -194,38 +194,43 @@ def _failing_line(e: Exception) -> str:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: h = x + mixer(norm(x)); out = h + mlp(norm(h))."""
+    """Pre-norm residual block: h = x + mixer(norm(x)); out = h + mlp(norm(h)). Under model.mlp=none
+    (NO_MLP) there is no channel mixer and no second norm: out = h, as in Mamba's own stacks."""
 
     def __init__(self, cfg, layer_idx: int, kind: str, window: Optional[int]):
         super().__init__()
         self.kind = kind
         self.mixer_norm = make_norm(cfg, cfg.d_model)
         self.mixer = build_block(f"block {kind!r}", get_mixer(kind), cfg, layer_idx, window=window)
-        self.mlp_norm = make_norm(cfg, cfg.d_model)
-        self.mlp = build_block(f"channel mixer {cfg.mlp!r}", CHANNEL_MIXERS[cfg.mlp], cfg)
         self.mlp_kind = cfg.mlp
+        if cfg.mlp == NO_MLP:
+            self.mlp_norm = self.mlp = None
+        else:
+            self.mlp_norm = make_norm(cfg, cfg.d_model)
+            self.mlp = build_block(f"channel mixer {cfg.mlp!r}", CHANNEL_MIXERS[cfg.mlp], cfg)
 
     def forward(self, x, state=None):
         out = self.mixer(self.mixer_norm(x), state)
         if not (isinstance(out, tuple) and len(out) == 2 and fits_residual(out[0], x)):
             raise bad_output(f"block {self.kind!r}", self.mixer, "forward", out, x)
         y, state = out
-        h = x + y
-        return h + self._mlp(h), state
+        return self._mlp(x + y), state
 
     def forward_static(self, x, positions, state: list, inplace: bool):
         out = self.mixer.forward_static(self.mixer_norm(x), positions, state, inplace)
         if not (isinstance(out, tuple) and len(out) == 2 and fits_residual(out[0], x)):
             raise bad_output(f"block {self.kind!r}", self.mixer, "forward_static", out, x)
         y, state = out
-        h = x + y
-        return h + self._mlp(h), state
+        return self._mlp(x + y), state
 
     def _mlp(self, h):
+        """h + the channel mixer's output (h itself without one)."""
+        if self.mlp is None:
+            return h
         y = self.mlp(self.mlp_norm(h))
         if not fits_residual(y, h):
             raise bad_output(f"channel mixer {self.mlp_kind!r}", self.mlp, "forward", y, h)
-        return y
+        return h + y
 
     def flops_per_token(self, seq_len: int) -> float:
         return sum(m.flops_per_token(seq_len) for m in (self.mixer, self.mlp) if hasattr(m, "flops_per_token"))
@@ -235,5 +240,7 @@ class Block(nn.Module):
         keeps the normalised x in fp32 and a per-token rsqrt; its output is kept (in the matmul dtype,
         `act`) by the projections that read it. The block input and h are the residual stream."""
         tokens, d = batch * seq_len, self.mixer_norm.weight.numel()
+        if self.mlp is None:
+            return tokens * ((d + 1) * 4 + d * act) + self.mixer.activation_bytes(batch, seq_len, act)
         norms = 2 * tokens * ((d + 1) * 4 + d * act)
         return norms + self.mixer.activation_bytes(batch, seq_len, act) + self.mlp.activation_bytes(batch, seq_len, act)

@@ -8,7 +8,7 @@ from typing import Optional, Union
 from slmlab.coerce import AT_LEAST_1, POSITIVE, Range, check_ranges
 from slmlab.errors import ConfigError
 
-from .registry import CHANNEL_MIXERS, LETTERS, MIXERS, OPTIONS, load_imports, spelled_by
+from .registry import CHANNEL_MIXERS, LETTERS, MIXERS, NO_MLP, OPTIONS, load_imports, spelled_by
 
 
 @dataclass
@@ -39,7 +39,9 @@ class ModelConfig:
     # logits never exist whole; 0 = all at once. Memory only: the loss and gradients are the same.
     loss_chunk: int = 0
     init_std: float = 0.02
-    mlp: str = "swiglu"  # channel mixer by registered name: swiglu | gelu (GPT-2's, tanh approximation) | ...
+    # channel mixer by registered name: swiglu | gelu (GPT-2's, tanh approximation) | lif | ... | none (no
+    # channel mixer and no second norm: a layer is x + mixer(norm(x)), Mamba's own layout)
+    mlp: str = "swiglu"
     # Family knobs (imports of Llama / Qwen2 / GPT-2 set them; each is also an ablation axis).
     norm: str = "rmsnorm"  # rmsnorm | layernorm (with bias, GPT-2): the block and final norms
     pos: str = "rope"  # rope | learned (absolute position embeddings added to the token embeddings, GPT-2)
@@ -169,8 +171,9 @@ class ModelConfig:
         if self.kernels not in ("auto", "triton", "torch", "flex"):
             bad(f"model.kernels must be auto, triton, torch or flex, got {self.kernels!r}")
         self.layer_types()  # raises on a bad pattern
-        if self.mlp not in CHANNEL_MIXERS:
-            bad(f"unknown model.mlp {self.mlp!r}; known: {', '.join(sorted(CHANNEL_MIXERS))}")
+        if self.mlp not in CHANNEL_MIXERS and self.mlp != NO_MLP:
+            bad(f"unknown model.mlp {self.mlp!r}; known: {', '.join(sorted(CHANNEL_MIXERS))}, or {NO_MLP} "
+                "(no channel mixer)")
         if not isinstance(self.mixer_opts, dict):
             bad(f"model.mixer_opts must be a mapping of block name -> options, got {self.mixer_opts!r}")
         for name in self.mixer_opts:

@@ -24,6 +24,8 @@ MIXERS: dict[str, type] = {}
 LETTERS: dict[str, str] = {}
 # Channel mixers, the built-in SwiGLU and GELU MLPs included (picked with model.mlp).
 CHANNEL_MIXERS: dict[str, type] = {}
+# model.mlp: no channel mixer at all (Mamba's own stacks: a layer is x + mixer(norm(x)))
+NO_MLP = "none"
 # Block name -> its options dataclass (one namespace per name: the LIF mixer and LIF MLP share "lif").
 OPTIONS: dict[str, type] = {}
 # Names are config values and pattern entries: parse_pattern lower-cases what it reads, so an
@@ -151,6 +153,8 @@ def register_channel_mixer(name: str, options=None):
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise ConfigError(f"{what} ({where(cls)}): a block name must be lower-case letters, digits and _ "
                               f"(model.mlp spells it that way), e.g. {_suggest_name(name)!r}")
+        if name == NO_MLP:
+            raise ConfigError(f"{what} ({where(cls)}): model.mlp={NO_MLP} means no channel mixer; pick another name")
         if name in CHANNEL_MIXERS and is_builtin(CHANNEL_MIXERS[name]):
             raise ConfigError(f"{what} ({where(cls)}): {name!r} is a built-in channel mixer; pick another name")
         if name in CHANNEL_MIXERS:

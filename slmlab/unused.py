@@ -17,14 +17,14 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from arch.registry import CHANNEL_MIXERS, MIXERS, is_builtin
+from arch.registry import CHANNEL_MIXERS, MIXERS, NO_MLP, is_builtin
 
 from .config import RunConfig
 
 
 def _builtin_blocks(cfg: RunConfig) -> bool:
     m = cfg.model
-    return all(is_builtin(MIXERS[t]) for t in m.layer_types()) and is_builtin(CHANNEL_MIXERS[m.mlp])
+    return all(is_builtin(MIXERS[t]) for t in m.layer_types()) and (m.mlp == NO_MLP or is_builtin(CHANNEL_MIXERS[m.mlp]))
 
 
 def _without(block: str, what: str) -> Callable[[RunConfig], Optional[str]]:
@@ -85,6 +85,13 @@ def _mlp_bias(cfg: RunConfig) -> Optional[str]:
     # the built-in LIF channel mixer has no biases; a researcher's own channel mixer may read the key
     if cfg.model.mlp == "lif" and is_builtin(CHANNEL_MIXERS["lif"]):
         return "model.mlp is lif (it has no biases)"
+    return _no_mlp(cfg)
+
+
+def _no_mlp(cfg: RunConfig) -> Optional[str]:
+    # a researcher's own token mixer may read model.ffn_dim
+    if cfg.model.mlp == NO_MLP and _builtin_blocks(cfg):
+        return f"model.mlp is {NO_MLP} (no channel mixer)"
     return None
 
 
@@ -128,7 +135,7 @@ RULES: dict[str, Callable[[RunConfig], Optional[str]]] = {
     **{f"model.{k}": NO_ATTN for k in ("n_kv_heads", "qk_norm", "attn_bias", "attn_out_bias")},
     "model.n_heads": _heads("n_heads"), "model.head_dim": _heads("head_dim"),
     "model.conv_kernel": _without("conv", "a short conv"), "model.conv_bias": _without("conv", "a short conv"),
-    "model.mlp_bias": _mlp_bias,
+    "model.mlp_bias": _mlp_bias, "model.ffn_dim": _no_mlp,
 }
 
 

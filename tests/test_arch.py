@@ -372,3 +372,30 @@ def test_generate_greedy_is_deterministic_and_extends():
     a = m.generate(p, 10, temperature=0)
     b = m.generate(p, 10, temperature=0)
     assert a.shape == (1, 15) and torch.equal(a, b) and torch.equal(a[:, :5], p)
+
+
+def test_mlp_none_is_a_mixer_only_stack():
+    """model.mlp=none: no channel mixer and no second norm, a layer is x + mixer(norm(x)) (Mamba's own
+    layout). Its forward is exactly that, decode equals it, it learns, and the name cannot be registered."""
+    from mixer_checks import assert_decode_equals_forward, assert_learns
+
+    from arch.registry import register_channel_mixer
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, layers="MA", mlp="none", n_heads=2, n_kv_heads=1,
+                      kernels="torch", mixer_opts={"mamba2": {"d_state": 8, "headdim": 16, "chunk": 8}})
+    torch.manual_seed(0)
+    model = arch.build_model(cfg).eval()
+    assert not [n for n, _ in model.named_parameters() if "mlp" in n]
+    idx = torch.randint(0, 64, (2, 13))
+    with torch.no_grad():
+        h = model.embed(idx)
+        for layer in model.layers:
+            h = h + layer.mixer(layer.mixer_norm(h))[0]
+        torch.testing.assert_close(model(idx), model.lm_head(model.norm(h)), atol=1e-6, rtol=0)
+    assert_decode_equals_forward(model)
+    torch.manual_seed(0)
+    assert_learns(arch.build_model(cfg))
+    with pytest.raises(ConfigError, match="model.mlp=none means no channel mixer"):
+        register_channel_mixer("none")(type("Nothing", (arch.ChannelMixer,), {"forward": lambda self, x: x}))
+    with pytest.raises(ConfigError, match="unknown model.mlp 'nope'; known: .*, or none"):
+        ModelConfig(mlp="nope")

@@ -53,6 +53,8 @@ UNUSED = [
     (["model.layers=C", "model.mixer_opts.mamba2.d_state=16"], "model.mixer_opts.mamba2",
      "no layer uses the mamba2 block"),
     (["model.mlp=lif", "model.mlp_bias=true"], "model.mlp_bias", "model.mlp is lif"),
+    (["model.mlp=none", "model.ffn_dim=128"], "model.ffn_dim", "model.mlp is none (no channel mixer)"),
+    (["model.mlp=none", "model.mlp_bias=true"], "model.mlp_bias", "model.mlp is none (no channel mixer)"),
     (["model.mixer_opts.lif.beta=0.5"], "model.mixer_opts.lif", "no layer uses the lif block"),
 ]
 # each changes what it sets, and is read
@@ -73,6 +75,7 @@ USED = [
     ["model.layers=D", "model.head_dim=8"],
     ["model.layers=D", "model.mixer_opts.deltanet.heads=2", "model.n_heads=4"],  # its head size: d_model // n_heads
     ["model.layers=MA", "model.mixer_opts.mamba2.d_state=16"],
+    ["model.ffn_dim=192"],
 ]
 
 
