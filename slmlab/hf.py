@@ -2,7 +2,7 @@
 
 hybrid/conv+attn patterns <-> Lfm2ForCausalLM; all-attention patterns <-> Qwen3ForCausalLM (QK-norm),
 Qwen2ForCausalLM (q/k/v biases), LlamaForCausalLM (neither) or GPT2LMHeadModel (LayerNorm, GELU, learned
-positions). The block options (model.norm, pos, mlp, qk_norm, *_bias, rope_scaling) pick the family.
+positions); all-mamba2 patterns without MLP (model.mlp=none) <-> Mamba2ForCausalLM. The block options (model.norm, pos, mlp, qk_norm, *_bias, rope_scaling) pick the family.
 Our modules were named so that this is mostly a renaming exercise (GPT-2's fused, transposed Conv1D
 weights are split and transposed); the parity tests pin both directions.
 """
@@ -38,10 +38,18 @@ _QWEN3 = {
     + [("mixer.q_norm.weight", "self_attn.q_norm.weight"), ("mixer.k_norm.weight", "self_attn.k_norm.weight")],
     "final_norm": "model.norm.weight",
 }
+# Mamba2ForCausalLM: mamba2 layers without MLP (model.mlp=none); the mixer's names are ours but three.
+_MAMBA2 = {
+    "common": [("mixer_norm.weight", "norm.weight")],
+    "mamba2": [(f"mixer.{n}", f"mixer.{n}") for n in ("in_proj.weight", "dt_bias", "A_log", "D", "out_proj.weight")]
+    + [("mixer.conv.weight", "mixer.conv1d.weight"), ("mixer.conv.bias", "mixer.conv1d.bias"),
+       ("mixer.norm_weight", "mixer.norm.weight")],
+    "final_norm": "backbone.norm_f.weight", "embed": "backbone.embeddings.weight", "layers": "backbone.layers",
+}
 # Llama and Qwen2 name their layers as Qwen3 does; the biases and QK-norm present decide what maps.
-TABLES = {"lfm2": _LFM2, "qwen3": _QWEN3, "llama": _QWEN3, "qwen2": _QWEN3}
+TABLES = {"lfm2": _LFM2, "qwen3": _QWEN3, "llama": _QWEN3, "qwen2": _QWEN3, "mamba2": _MAMBA2}
 HF_CLASSES = {"lfm2": "Lfm2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
-              "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+              "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel", "mamba2": "Mamba2ForCausalLM"}
 FAMILIES = tuple(HF_CLASSES)
 # What each family fixes about the block options (the rest, e.g. Llama's biases, the mapping reads).
 _ROPE_RMS = dict(norm="rmsnorm", pos="rope", mlp="swiglu")
@@ -52,10 +60,13 @@ FAMILY_OPTIONS = {
     "llama": dict(_ROPE_RMS, qk_norm=False),
     "gpt2": dict(norm="layernorm", pos="learned", mlp="gelu", qk_norm=False, attn_bias=True, attn_out_bias=True,
                  mlp_bias=True, rope_scaling={}),
+    "mamba2": dict(norm="rmsnorm", mlp="none", pos="rope"),  # rope: no learned position table (and no attention)
 }
 
 
 def _pick_family(cfg: ModelConfig) -> str:
+    if "mamba2" in cfg.layer_types():
+        return "mamba2"
     if "conv" in cfg.layer_types():
         return "lfm2"
     if cfg.norm == "layernorm" or cfg.pos == "learned" or cfg.mlp == "gelu":
@@ -70,11 +81,14 @@ def hf_family(cfg: ModelConfig) -> str:
     kinds = set(cfg.layer_types())
     if not cfg.causal:
         raise ConfigError("bidirectional (diffusion) models have no transformers causal-LM class")
-    if cfg.mlp not in ("swiglu", "gelu"):
+    if kinds - {"attn", "conv", "mamba2"}:
+        raise ConfigError(f"blocks {sorted(kinds - {'attn', 'conv', 'mamba2'})} have no transformers equivalent "
+                          "(attn and conv export, and mamba2 alone)")
+    if "mamba2" in kinds and kinds != {"mamba2"}:
+        raise ConfigError(f"mamba2 beside {', '.join(sorted(kinds - {'mamba2'}))} has no transformers equivalent "
+                          "(Mamba2ForCausalLM holds mamba2 layers only: model.layers=M model.mlp=none)")
+    if "mamba2" not in kinds and cfg.mlp not in ("swiglu", "gelu"):
         raise ConfigError(f"channel mixer {cfg.mlp!r} has no transformers equivalent")
-    if kinds - {"attn", "conv"}:
-        raise ConfigError(f"blocks {sorted(kinds - {'attn', 'conv'})} have no transformers equivalent "
-                          "(only attn and conv export)")
     family = _pick_family(cfg)
     for key, want in FAMILY_OPTIONS[family].items():
         if getattr(cfg, key) != want:
@@ -150,14 +164,22 @@ def to_hf_state_dict(model) -> dict:
     if family == "gpt2":
         return _gpt2_to_hf(sd, cfg)
     tab = TABLES[family]
-    out = {"model.embed_tokens.weight": sd["embed.weight"], tab["final_norm"]: sd["norm.weight"]}
+    out = {_embed(tab): sd["embed.weight"], tab["final_norm"]: sd["norm.weight"]}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
     for i, kind in enumerate(cfg.layer_types()):
         for ours, theirs in tab["common"] + tab[kind]:
             if f"layers.{i}.{ours}" in sd:
-                out[f"model.layers.{i}.{theirs}"] = sd[f"layers.{i}.{ours}"]
+                out[f"{_layers(tab)}.{i}.{theirs}"] = sd[f"layers.{i}.{ours}"]
     return out
+
+
+def _embed(tab: dict) -> str:
+    return tab.get("embed", "model.embed_tokens.weight")
+
+
+def _layers(tab: dict) -> str:
+    return tab.get("layers", "model.layers")
 
 
 def from_hf_state_dict(hf_sd: dict, cfg: ModelConfig) -> dict:
@@ -165,11 +187,11 @@ def from_hf_state_dict(hf_sd: dict, cfg: ModelConfig) -> dict:
     if family == "gpt2":
         return _gpt2_from_hf(hf_sd, cfg)
     tab = TABLES[family]
-    out = {"embed.weight": hf_sd["model.embed_tokens.weight"], "norm.weight": hf_sd[tab["final_norm"]]}
+    out = {"embed.weight": hf_sd[_embed(tab)], "norm.weight": hf_sd[tab["final_norm"]]}
     out["lm_head.weight"] = _head(hf_sd, out["embed.weight"], cfg.tie_embeddings)
     for i, kind in enumerate(cfg.layer_types()):
         for ours, theirs in tab["common"] + tab[kind]:
-            key = f"model.layers.{i}.{theirs}"
+            key = f"{_layers(tab)}.{i}.{theirs}"
             if key in hf_sd:
                 out[f"layers.{i}.{ours}"] = hf_sd[key]
     return out
@@ -186,6 +208,8 @@ def to_hf_config(cfg: ModelConfig, max_position_embeddings: int = 4096, **specia
                           n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.ffn, activation_function="gelu_new",
                           layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                           tie_word_embeddings=cfg.tie_embeddings, **special_ids)
+    if family == "mamba2":
+        return _to_mamba2_config(cfg, **special_ids)
     types, windows = cfg.layer_types(), cfg.layer_windows()
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scale():
@@ -220,6 +244,37 @@ def to_hf_config(cfg: ModelConfig, max_position_embeddings: int = 4096, **specia
                        use_sliding_window=bool(sliding), sliding_window=sliding[0] if sliding else None,
                        max_window_layers=0,
                        layer_types=["sliding_attention" if w is not None else "full_attention" for w in windows])
+
+
+def _to_mamba2_config(cfg: ModelConfig, **special_ids):
+    from transformers import Mamba2Config
+
+    o = cfg.block_options("mamba2")
+    # time_step_limit (0, inf): dt is not clamped, in our block either
+    return Mamba2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+                        state_size=o.d_state, expand=o.expand, head_dim=o.headdim,
+                        num_heads=o.expand * cfg.d_model // o.headdim, n_groups=o.ngroups, conv_kernel=o.conv_kernel,
+                        chunk_size=o.chunk, use_bias=False, use_conv_bias=True, hidden_act="silu",
+                        layer_norm_epsilon=cfg.norm_eps, time_step_limit=(0.0, float("inf")),
+                        tie_word_embeddings=cfg.tie_embeddings, **special_ids)
+
+
+def _from_mamba2_config(c) -> ModelConfig:
+    for key, want in (("hidden_act", "silu"), ("use_bias", False), ("use_conv_bias", True)):
+        if getattr(c, key, want) != want:
+            raise ConfigError(f"mamba2: {key}={getattr(c, key)!r} is not supported ({want!r})")
+    limit = tuple(float(x) for x in (getattr(c, "time_step_limit", None) or (0.0, float("inf"))))
+    if limit != (0.0, float("inf")):
+        raise ConfigError(f"mamba2: time_step_limit={limit} clamps dt, which our block does not: only (0.0, inf)")
+    if c.num_heads * c.head_dim != c.expand * c.hidden_size:
+        raise ConfigError(f"mamba2: num_heads * head_dim = {c.num_heads * c.head_dim} is not expand * hidden_size = "
+                          f"{c.expand * c.hidden_size}")
+    opts = dict(d_state=c.state_size, expand=c.expand, headdim=c.head_dim, ngroups=c.n_groups,
+                conv_kernel=c.conv_kernel, chunk=c.chunk_size)
+    # n_heads is attention's (no attention here): 1 divides any hidden_size
+    return ModelConfig(vocab_size=c.vocab_size, d_model=c.hidden_size, n_layers=c.num_hidden_layers, layers="M",
+                       mlp="none", n_heads=1, n_kv_heads=1, norm_eps=c.layer_norm_epsilon,
+                       tie_embeddings=bool(c.tie_word_embeddings), mixer_opts={"mamba2": opts})
 
 
 def unsupported(mt) -> ConfigError:
@@ -259,6 +314,8 @@ def from_hf_config(hf_cfg) -> ModelConfig:
         raise unsupported(mt)
     if mt == "gpt2":
         return _from_gpt2_config(hf_cfg)
+    if mt == "mamba2":
+        return _from_mamba2_config(hf_cfg)
     theta, scaling = _rope(hf_cfg, mt)
     common = dict(vocab_size=hf_cfg.vocab_size, d_model=hf_cfg.hidden_size, n_layers=hf_cfg.num_hidden_layers,
                   n_heads=hf_cfg.num_attention_heads, n_kv_heads=hf_cfg.num_key_value_heads,

@@ -30,13 +30,17 @@ def hf_config(family: str):
                              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
                              bos_token_id=1, eos_token_id=2)
+    if family == "mamba2":  # 2 groups, several chunks of 8 at T = 23, untied
+        return t.Mamba2Config(vocab_size=V, hidden_size=64, num_hidden_layers=2, state_size=16, expand=2, head_dim=16,
+                              num_heads=8, n_groups=2, conv_kernel=4, chunk_size=8, tie_word_embeddings=False,
+                              bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return t.GPT2Config(vocab_size=V, n_positions=64, n_embd=64, n_layer=2, n_head=4, n_inner=None,
                         bos_token_id=1, eos_token_id=2)
 
 
-FAMILIES = ["llama", "llama-bias", "qwen2", "gpt2"]
+FAMILIES = ["llama", "llama-bias", "qwen2", "gpt2", "mamba2"]
 CLASS = {"llama": "LlamaForCausalLM", "llama-bias": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-         "gpt2": "GPT2LMHeadModel"}
+         "gpt2": "GPT2LMHeadModel", "mamba2": "Mamba2ForCausalLM"}
 
 
 def hf_model(family: str, seed: int = 0):
@@ -442,3 +446,16 @@ def test_training_past_learned_positions_is_a_one_line_error(tmp_path, capsys):
     assert run_cli(train.main, [str(a) for a in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model.max_positions=64" in err[0], err
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("time_step_limit", (0.0, 0.1), "clamps dt, which our block does not"),
+    ("use_bias", True, "use_bias=True is not supported"),
+    ("num_heads", 4, "num_heads * head_dim = 64 is not expand * hidden_size = 128")])
+def test_a_mamba2_config_our_block_cannot_be_is_refused(key, value, needle):
+    from slmlab.errors import ConfigError
+
+    c = hf_config("mamba2")
+    setattr(c, key, value)
+    with pytest.raises(ConfigError, match=needle.replace("*", r"\*")):
+        from_hf_config(c)
