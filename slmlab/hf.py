@@ -2,7 +2,8 @@
 
 hybrid/conv+attn patterns <-> Lfm2ForCausalLM; all-attention patterns <-> Qwen3ForCausalLM (QK-norm),
 Qwen2ForCausalLM (q/k/v biases), LlamaForCausalLM (neither) or GPT2LMHeadModel (LayerNorm, GELU, learned
-positions); all-mamba2 patterns without MLP (model.mlp=none) <-> Mamba2ForCausalLM. The block options (model.norm, pos, mlp, qk_norm, *_bias, rope_scaling) pick the family.
+positions); all-mamba2 patterns without MLP (model.mlp=none) <-> Mamba2ForCausalLM; mamba2 with attention
+and SwiGLU MLPs (no QK-norm) <-> GraniteMoeHybridForCausalLM without experts. The block options (model.norm, pos, mlp, qk_norm, *_bias, rope_scaling) pick the family.
 Our modules were named so that this is mostly a renaming exercise (GPT-2's fused, transposed Conv1D
 weights are split and transposed); the parity tests pin both directions.
 """
@@ -38,18 +39,38 @@ _QWEN3 = {
     + [("mixer.q_norm.weight", "self_attn.q_norm.weight"), ("mixer.k_norm.weight", "self_attn.k_norm.weight")],
     "final_norm": "model.norm.weight",
 }
-# Mamba2ForCausalLM: mamba2 layers without MLP (model.mlp=none); the mixer's names are ours but three.
+
+
+def _mamba2_pairs(prefix: str) -> list[tuple[str, str]]:
+    """Our mamba2 mixer's tensors and transformers' (Mamba2Mixer's names, under `prefix`): all but three alike."""
+    same = [(f"mixer.{n}", f"{prefix}.{n}") for n in ("in_proj.weight", "dt_bias", "A_log", "D", "out_proj.weight")]
+    return same + [("mixer.conv.weight", f"{prefix}.conv1d.weight"), ("mixer.conv.bias", f"{prefix}.conv1d.bias"),
+                   ("mixer.norm_weight", f"{prefix}.norm.weight")]
+
+
+# Mamba2ForCausalLM: mamba2 layers without MLP (model.mlp=none).
 _MAMBA2 = {
-    "common": [("mixer_norm.weight", "norm.weight")],
-    "mamba2": [(f"mixer.{n}", f"mixer.{n}") for n in ("in_proj.weight", "dt_bias", "A_log", "D", "out_proj.weight")]
-    + [("mixer.conv.weight", "mixer.conv1d.weight"), ("mixer.conv.bias", "mixer.conv1d.bias"),
-       ("mixer.norm_weight", "mixer.norm.weight")],
+    "common": [("mixer_norm.weight", "norm.weight")], "mamba2": _mamba2_pairs("mixer"),
     "final_norm": "backbone.norm_f.weight", "embed": "backbone.embeddings.weight", "layers": "backbone.layers",
 }
+# GraniteMoeHybridForCausalLM with no experts: mamba2 and attention layers, each with a SwiGLU MLP whose
+# gate and up projections are one fused matrix ("fused": our two halves, stacked in rows).
+_GRANITE = {
+    "common": [("mixer_norm.weight", "input_layernorm.weight"), ("mlp_norm.weight", "post_attention_layernorm.weight"),
+               ("mlp.w2.weight", "shared_mlp.output_linear.weight")],
+    "attn": [(f"mixer.{ours}.{p}", f"self_attn.{theirs}.{p}")
+             for ours, theirs in (("q_proj", "q_proj"), ("k_proj", "k_proj"), ("v_proj", "v_proj"),
+                                  ("out_proj", "o_proj")) for p in ("weight", "bias")],
+    "mamba2": _mamba2_pairs("mamba"),
+    "fused": [(("mlp.w1.weight", "mlp.w3.weight"), "shared_mlp.input_linear.weight")],
+    "final_norm": "model.norm.weight",
+}
 # Llama and Qwen2 name their layers as Qwen3 does; the biases and QK-norm present decide what maps.
-TABLES = {"lfm2": _LFM2, "qwen3": _QWEN3, "llama": _QWEN3, "qwen2": _QWEN3, "mamba2": _MAMBA2}
+TABLES = {"lfm2": _LFM2, "qwen3": _QWEN3, "llama": _QWEN3, "qwen2": _QWEN3, "mamba2": _MAMBA2,
+          "granitemoehybrid": _GRANITE}
 HF_CLASSES = {"lfm2": "Lfm2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
-              "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel", "mamba2": "Mamba2ForCausalLM"}
+              "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel", "mamba2": "Mamba2ForCausalLM",
+              "granitemoehybrid": "GraniteMoeHybridForCausalLM"}
 FAMILIES = tuple(HF_CLASSES)
 # What each family fixes about the block options (the rest, e.g. Llama's biases, the mapping reads).
 _ROPE_RMS = dict(norm="rmsnorm", pos="rope", mlp="swiglu")
@@ -61,12 +82,14 @@ FAMILY_OPTIONS = {
     "gpt2": dict(norm="layernorm", pos="learned", mlp="gelu", qk_norm=False, attn_bias=True, attn_out_bias=True,
                  mlp_bias=True, rope_scaling={}),
     "mamba2": dict(norm="rmsnorm", mlp="none", pos="rope"),  # rope: no learned position table (and no attention)
+    "granitemoehybrid": dict(_ROPE_RMS, qk_norm=False, mlp_bias=False, rope_scaling={}),
 }
 
 
 def _pick_family(cfg: ModelConfig) -> str:
-    if "mamba2" in cfg.layer_types():
-        return "mamba2"
+    types = set(cfg.layer_types())
+    if "mamba2" in types:
+        return "mamba2" if types == {"mamba2"} and cfg.mlp == "none" else "granitemoehybrid"
     if "conv" in cfg.layer_types():
         return "lfm2"
     if cfg.norm == "layernorm" or cfg.pos == "learned" or cfg.mlp == "gelu":
@@ -84,9 +107,9 @@ def hf_family(cfg: ModelConfig) -> str:
     if kinds - {"attn", "conv", "mamba2"}:
         raise ConfigError(f"blocks {sorted(kinds - {'attn', 'conv', 'mamba2'})} have no transformers equivalent "
                           "(attn and conv export, and mamba2 alone)")
-    if "mamba2" in kinds and kinds != {"mamba2"}:
-        raise ConfigError(f"mamba2 beside {', '.join(sorted(kinds - {'mamba2'}))} has no transformers equivalent "
-                          "(Mamba2ForCausalLM holds mamba2 layers only: model.layers=M model.mlp=none)")
+    if {"mamba2", "conv"} <= kinds:
+        raise ConfigError("mamba2 beside conv has no transformers equivalent (mamba2 exports alone without MLP, "
+                          "as Mamba2ForCausalLM, or beside attention, as GraniteMoeHybridForCausalLM)")
     if "mamba2" not in kinds and cfg.mlp not in ("swiglu", "gelu"):
         raise ConfigError(f"channel mixer {cfg.mlp!r} has no transformers equivalent")
     family = _pick_family(cfg)
@@ -94,8 +117,11 @@ def hf_family(cfg: ModelConfig) -> str:
         if getattr(cfg, key) != want:
             raise ConfigError(f"the closest transformers family, {family}, needs model.{key}={want!r} "
                               f"(this model has {getattr(cfg, key)!r})")
-    if family == "llama" and cfg.attn_bias != cfg.attn_out_bias:
-        raise ConfigError("Llama has one attention_bias: model.attn_bias and model.attn_out_bias must agree")
+    if family in ("llama", "granitemoehybrid") and cfg.attn_bias != cfg.attn_out_bias:
+        raise ConfigError(f"{HF_CLASSES[family]} has one attention_bias: model.attn_bias and model.attn_out_bias "
+                          "must agree")
+    if family == "granitemoehybrid" and "attn" in cfg.layer_types() and cfg.hd * cfg.n_heads != cfg.d_model:
+        raise ConfigError("GraniteMoeHybrid fixes head_dim = d_model / n_heads")
     if family == "gpt2" and (cfg.n_kv_heads != cfg.n_heads or cfg.hd * cfg.n_heads != cfg.d_model):
         raise ConfigError("GPT-2 has no GQA and head_dim = d_model / n_heads")
     if family != "qwen3" and any(w is not None for w in cfg.layer_windows()):
@@ -171,6 +197,8 @@ def to_hf_state_dict(model) -> dict:
         for ours, theirs in tab["common"] + tab[kind]:
             if f"layers.{i}.{ours}" in sd:
                 out[f"{_layers(tab)}.{i}.{theirs}"] = sd[f"layers.{i}.{ours}"]
+        for parts, theirs in tab.get("fused", []):
+            out[f"{_layers(tab)}.{i}.{theirs}"] = torch.cat([sd[f"layers.{i}.{p}"] for p in parts])
     return out
 
 
@@ -194,6 +222,9 @@ def from_hf_state_dict(hf_sd: dict, cfg: ModelConfig) -> dict:
             key = f"{_layers(tab)}.{i}.{theirs}"
             if key in hf_sd:
                 out[f"layers.{i}.{ours}"] = hf_sd[key]
+        for parts, theirs in tab.get("fused", []):
+            for p, t in zip(parts, hf_sd[f"{_layers(tab)}.{i}.{theirs}"].chunk(len(parts))):
+                out[f"layers.{i}.{p}"] = t
     return out
 
 
@@ -218,6 +249,19 @@ def to_hf_config(cfg: ModelConfig, max_position_embeddings: int = 4096, **specia
                   num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                   num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=max_position_embeddings,
                   tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope, **special_ids)
+    if family == "granitemoehybrid":
+        from transformers import GraniteMoeHybridConfig
+
+        o = cfg.block_options("mamba2")
+        # no experts, every multiplier 1 but attention's, which is its softmax scale (ours: 1/sqrt(head_dim))
+        return GraniteMoeHybridConfig(
+            **common, rms_norm_eps=cfg.norm_eps, attention_bias=cfg.attn_bias, attention_multiplier=cfg.hd ** -0.5,
+            embedding_multiplier=1.0, logits_scaling=1.0, residual_multiplier=1.0, num_local_experts=0,
+            shared_intermediate_size=cfg.ffn, position_embedding_type="rope",
+            layer_types=["mamba" if t == "mamba2" else "attention" for t in types],
+            mamba_n_heads=o.expand * cfg.d_model // o.headdim, mamba_d_head=o.headdim, mamba_d_state=o.d_state,
+            mamba_n_groups=o.ngroups, mamba_d_conv=o.conv_kernel, mamba_expand=o.expand, mamba_chunk_size=o.chunk,
+            mamba_conv_bias=True, mamba_proj_bias=False, time_step_limit=(0.0, float("inf")))
     if family == "lfm2":
         from transformers import Lfm2Config
 
@@ -259,22 +303,51 @@ def _to_mamba2_config(cfg: ModelConfig, **special_ids):
                         tie_word_embeddings=cfg.tie_embeddings, **special_ids)
 
 
-def _from_mamba2_config(c) -> ModelConfig:
-    for key, want in (("hidden_act", "silu"), ("use_bias", False), ("use_conv_bias", True)):
+def _check_values(mt: str, c, wanted) -> None:
+    for key, want in wanted:
         if getattr(c, key, want) != want:
-            raise ConfigError(f"mamba2: {key}={getattr(c, key)!r} is not supported ({want!r})")
+            raise ConfigError(f"{mt}: {key}={getattr(c, key)!r} is not supported ({want!r})")
     limit = tuple(float(x) for x in (getattr(c, "time_step_limit", None) or (0.0, float("inf"))))
     if limit != (0.0, float("inf")):
-        raise ConfigError(f"mamba2: time_step_limit={limit} clamps dt, which our block does not: only (0.0, inf)")
-    if c.num_heads * c.head_dim != c.expand * c.hidden_size:
-        raise ConfigError(f"mamba2: num_heads * head_dim = {c.num_heads * c.head_dim} is not expand * hidden_size = "
-                          f"{c.expand * c.hidden_size}")
-    opts = dict(d_state=c.state_size, expand=c.expand, headdim=c.head_dim, ngroups=c.n_groups,
-                conv_kernel=c.conv_kernel, chunk=c.chunk_size)
+        raise ConfigError(f"{mt}: time_step_limit={limit} clamps dt, which our block does not: only (0.0, inf)")
+
+
+def _mamba2_opts(mt: str, hidden: int, heads: int, head_dim: int, expand: int, **opts) -> dict:
+    if heads * head_dim != expand * hidden:
+        raise ConfigError(f"{mt}: num_heads * head_dim = {heads * head_dim} is not expand * hidden_size = "
+                          f"{expand * hidden}")
+    return dict(expand=expand, headdim=head_dim, **opts)
+
+
+def _from_mamba2_config(c) -> ModelConfig:
+    _check_values("mamba2", c, (("hidden_act", "silu"), ("use_bias", False), ("use_conv_bias", True)))
+    opts = _mamba2_opts("mamba2", c.hidden_size, c.num_heads, c.head_dim, c.expand, d_state=c.state_size,
+                        ngroups=c.n_groups, conv_kernel=c.conv_kernel, chunk=c.chunk_size)
     # n_heads is attention's (no attention here): 1 divides any hidden_size
     return ModelConfig(vocab_size=c.vocab_size, d_model=c.hidden_size, n_layers=c.num_hidden_layers, layers="M",
                        mlp="none", n_heads=1, n_kv_heads=1, norm_eps=c.layer_norm_epsilon,
                        tie_embeddings=bool(c.tie_word_embeddings), mixer_opts={"mamba2": opts})
+
+
+def _from_granite_config(c, common: dict) -> ModelConfig:
+    mt = "granitemoehybrid"
+    _check_values(mt, c, (("hidden_act", "silu"), ("num_local_experts", 0), ("embedding_multiplier", 1.0),
+                          ("logits_scaling", 1.0), ("residual_multiplier", 1.0), ("mamba_proj_bias", False),
+                          ("mamba_conv_bias", True)))
+    # layer_types as written ("mamba", "attention") or as the config reads them back (linear/full_attention)
+    layers = ["mamba2" if t in ("mamba", "linear_attention") else "attn" for t in c.layer_types]
+    hd = c.hidden_size // c.num_attention_heads
+    if "attn" in layers:
+        if c.position_embedding_type != "rope":
+            raise ConfigError(f"{mt}: position_embedding_type={c.position_embedding_type!r} is not supported (rope)")
+        if abs(c.attention_multiplier * hd ** 0.5 - 1) > 1e-6:
+            raise ConfigError(f"{mt}: attention_multiplier={c.attention_multiplier} is not 1/sqrt(head_dim) = "
+                              f"{hd ** -0.5:.6g}, the only softmax scale our attention has")
+    opts = _mamba2_opts(mt, c.hidden_size, c.mamba_n_heads, c.mamba_d_head, c.mamba_expand, d_state=c.mamba_d_state,
+                        ngroups=c.mamba_n_groups, conv_kernel=c.mamba_d_conv, chunk=c.mamba_chunk_size)
+    bias = bool(c.attention_bias)
+    return ModelConfig(**common, ffn_dim=c.shared_intermediate_size, layers=layers, norm_eps=c.rms_norm_eps,
+                       qk_norm=False, attn_bias=bias, attn_out_bias=bias, mixer_opts={"mamba2": opts})
 
 
 def unsupported(mt) -> ConfigError:
@@ -321,6 +394,8 @@ def from_hf_config(hf_cfg) -> ModelConfig:
                   n_heads=hf_cfg.num_attention_heads, n_kv_heads=hf_cfg.num_key_value_heads,
                   rope_theta=theta, rope_scaling=scaling, tie_embeddings=bool(hf_cfg.tie_word_embeddings),
                   context_length=getattr(hf_cfg, "max_position_embeddings", None))
+    if mt == "granitemoehybrid":
+        return _from_granite_config(hf_cfg, common)
     if mt == "lfm2":
         ffn = hf_cfg.intermediate_size
         if hf_cfg.block_auto_adjust_ff_dim:

@@ -29,6 +29,9 @@ PRESETS = {
     # a Mamba-2 model as transformers' Mamba2ForCausalLM holds one: mamba2 layers without MLP
     "hybrid-mamba": dict(layers="M", mlp="none", window_pattern="L",
                          mixer_opts={"mamba2": {"d_state": 16, "headdim": 16, "ngroups": 2, "chunk": 8}}),
+    # mamba2 beside attention without QK-norm: transformers' GraniteMoeHybridForCausalLM, no experts
+    "hybrid-granite": dict(layers="MMA", qk_norm=False, window_pattern="L",
+                           mixer_opts={"mamba2": {"d_state": 16, "headdim": 16, "ngroups": 2, "chunk": 8}}),
 }
 
 
@@ -100,7 +103,8 @@ def test_hf_export_reloads_with_equal_logits_and_generation(runs, preset, tmp_pa
     for f in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (out / f).is_file(), f
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
-    want = {"hybrid": "Lfm2ForCausalLM", "hybrid-mamba": "Mamba2ForCausalLM"}.get(preset, "Qwen3ForCausalLM")
+    want = {"hybrid": "Lfm2ForCausalLM", "hybrid-mamba": "Mamba2ForCausalLM",
+            "hybrid-granite": "GraniteMoeHybridForCausalLM"}.get(preset, "Qwen3ForCausalLM")
     assert type(hf).__name__ == want
     hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
     model, tok = ours(runs[preset])
@@ -127,7 +131,7 @@ def test_hf_export_fp16_dtype(runs, tmp_path):
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
 
 
-@pytest.mark.parametrize("preset", ["hybrid", "transformer-sliding", "hybrid-mamba"])
+@pytest.mark.parametrize("preset", ["hybrid", "transformer-sliding", "hybrid-mamba", "hybrid-granite"])
 def test_from_hf_round_trip(runs, preset, tmp_path):
     """An HF folder saved by transformers itself (random weights) -> our run dir -> same logits;
     and our export of that run is that folder again."""
