@@ -442,8 +442,37 @@ def llama_logits(path, ids, text=None):
     return torch.tensor(llm.scores[:len(ids)].copy())
 
 
+@pytest.mark.parametrize("preset,arch", [("hybrid-mamba", "mamba2"), ("hybrid-granite", "granitehybrid")])
+def test_gguf_of_mamba2_models_holds_what_llama_cpp_reads(runs, preset, arch, tmp_path):
+    """llama.cpp's mamba2 / granitehybrid keys and tensors, as its converter makes them from transformers'
+    classes: A = -exp(A_log) and D as [heads, 1], the grouped norm as [groups, d_inner / groups], Granite's
+    fused gate|up split, RoPE switched on (granitehybrid's flag). llama.cpp's logits: the slow test below."""
+    pytest.importorskip("gguf")
+    from slmlab.export.gguf import read_gguf
+
+    out = tmp_path / "m.gguf"
+    rc, err, _ = convert("--run", runs[preset], "--to", "gguf", "--out", out)
+    assert rc == 0, err
+    meta, tensors = read_gguf(out)
+    model, _ = ours(runs[preset])
+    assert meta["general.architecture"] == arch
+    assert (meta[f"{arch}.ssm.inner_size"], meta[f"{arch}.ssm.state_size"], meta[f"{arch}.ssm.group_count"],
+            meta[f"{arch}.ssm.time_step_rank"], meta[f"{arch}.ssm.conv_kernel"]) == (128, 16, 2, 8, 4)
+    mixer = model.layers[0].mixer
+    assert (tensors["blk.0.ssm_a"] == -mixer.A_log.detach().exp()[:, None].numpy()).all()
+    assert tensors["blk.0.ssm_d"].shape == (8, 1) and tensors["blk.0.ssm_norm.weight"].shape == (2, 64)
+    assert tensors["blk.0.ssm_conv1d.weight"].shape == (192, 4)
+    if arch == "granitehybrid":
+        assert meta["granitehybrid.attention.head_count_kv"] == [0, 0, 2]
+        assert meta["granitehybrid.rope.scaling.finetuned"] is True
+        w1, w3 = model.layers[0].mlp.w1.weight.detach().numpy(), model.layers[0].mlp.w3.weight.detach().numpy()
+        assert (tensors["blk.0.ffn_gate.weight"] == w1).all() and (tensors["blk.0.ffn_up.weight"] == w3).all()
+    else:
+        assert not [n for n in tensors if "ffn" in n or "attn_q" in n]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["hybrid", "transformer"])
+@pytest.mark.parametrize("preset", ["hybrid", "transformer", "hybrid-mamba", "hybrid-granite"])
 def test_llama_cpp_logits_match(runs, preset, tmp_path):
     pytest.importorskip("llama_cpp")
     out = tmp_path / "m.gguf"

@@ -1,5 +1,7 @@
 """GGUF for llama.cpp: architecture `lfm2` (conv+attn hybrids), `qwen3` (attention with QK-norm), `qwen2`
-(q/k/v biases) or `llama` (neither; Llama-3 rope scaling as llama.cpp's rope_freqs tensor).
+(q/k/v biases) or `llama` (neither; Llama-3 rope scaling as llama.cpp's rope_freqs tensor); `mamba2`
+(mamba2 layers without MLP) and `granitehybrid` (mamba2 + attention without QK-norm + SwiGLU), the
+two slmlab/hf.py maps to Mamba2ForCausalLM and GraniteMoeHybridForCausalLM.
 
 Tensor names come from slmlab/hf.py's HF mapping followed by gguf's own TensorNameMap (the table
 llama.cpp's converter uses), so no name table lives here. Tokenizer metadata: our byte-level BPE is
@@ -24,7 +26,7 @@ from ..errors import ConfigError
 from ..hf import hf_family, to_hf_state_dict
 from . import require
 
-GGUF_FAMILIES = ("lfm2", "qwen3", "llama", "qwen2")
+GGUF_FAMILIES = ("lfm2", "qwen3", "llama", "qwen2", "mamba2", "granitemoehybrid")
 
 
 def check_supported(mcfg):
@@ -71,7 +73,8 @@ def export(model, tok, cfg, out: Path, opts):
     mcfg = cfg.model
     family = hf_family(mcfg)
     arch = {"lfm2": gguf.MODEL_ARCH.LFM2, "qwen3": gguf.MODEL_ARCH.QWEN3, "llama": gguf.MODEL_ARCH.LLAMA,
-            "qwen2": gguf.MODEL_ARCH.QWEN2}[family]
+            "qwen2": gguf.MODEL_ARCH.QWEN2, "mamba2": gguf.MODEL_ARCH.MAMBA2,
+            "granitemoehybrid": gguf.MODEL_ARCH.GRANITE_HYBRID}[family]
     plain = {"fp32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
              "fp16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
              "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16)}[opts.dtype]
@@ -82,22 +85,12 @@ def export(model, tok, cfg, out: Path, opts):
     w.add_context_length(opts.max_len)
     w.add_embedding_length(mcfg.d_model)
     w.add_block_count(mcfg.n_layers)
-    w.add_feed_forward_length(mcfg.ffn)
-    w.add_head_count(mcfg.n_heads)
-    if family == "lfm2":
-        w.add_head_count_kv([mcfg.n_kv_heads if t == "attn" else 0 for t in mcfg.layer_types()])
-        w.add_vocab_size(mcfg.vocab_size)
-        w.add_shortconv_l_cache(mcfg.conv_kernel)
-    else:
-        w.add_head_count_kv(mcfg.n_kv_heads)
-        w.add_key_length(mcfg.hd)
-        w.add_value_length(mcfg.hd)
-    if family == "llama":
-        w.add_vocab_size(mcfg.vocab_size)
-        w.add_rope_dimension_count(mcfg.hd)
-    w.add_rope_freq_base(mcfg.rope_theta)
     w.add_layer_norm_rms_eps(mcfg.norm_eps)
     w.add_file_type(ftype)
+    if family in ("mamba2", "granitemoehybrid"):
+        _ssm_metadata(w, mcfg, family)
+    else:
+        _attention_metadata(w, mcfg, family)
     _tokenizer_metadata(w, tok)
 
     types, fell_back = _add_tensors(w, gguf, arch, model, family, wtype, plain[0])
@@ -113,6 +106,51 @@ def export(model, tok, cfg, out: Path, opts):
             "tensor_types": {k: {"tensors": n, "weights": m} for k, (n, m) in types.items()}}
 
 
+def _attention_metadata(w, mcfg, family: str):
+    w.add_feed_forward_length(mcfg.ffn)
+    w.add_head_count(mcfg.n_heads)
+    if family == "lfm2":
+        w.add_head_count_kv([mcfg.n_kv_heads if t == "attn" else 0 for t in mcfg.layer_types()])
+        w.add_vocab_size(mcfg.vocab_size)
+        w.add_shortconv_l_cache(mcfg.conv_kernel)
+    else:
+        w.add_head_count_kv(mcfg.n_kv_heads)
+        w.add_key_length(mcfg.hd)
+        w.add_value_length(mcfg.hd)
+    if family == "llama":
+        w.add_vocab_size(mcfg.vocab_size)
+        w.add_rope_dimension_count(mcfg.hd)
+    w.add_rope_freq_base(mcfg.rope_theta)
+
+
+def _ssm_metadata(w, mcfg, family: str):
+    """llama.cpp's mamba2 and granitehybrid keys, as its converter writes them for transformers'
+    Mamba2ForCausalLM and GraniteMoeHybridForCausalLM (time_step_rank = the number of SSM heads)."""
+    o = mcfg.block_options("mamba2")
+    d_inner = o.expand * mcfg.d_model
+    w.add_ssm_conv_kernel(o.conv_kernel)
+    w.add_ssm_inner_size(d_inner)
+    w.add_ssm_state_size(o.d_state)
+    w.add_ssm_time_step_rank(d_inner // o.headdim)
+    w.add_ssm_group_count(o.ngroups)
+    if family == "mamba2":  # no attention, no MLP: llama.cpp still reads the two counts
+        w.add_feed_forward_length(0)
+        w.add_head_count(0)
+        return
+    w.add_feed_forward_length(mcfg.ffn)
+    w.add_head_count(mcfg.n_heads)
+    w.add_head_count_kv([mcfg.n_kv_heads if t == "attn" else 0 for t in mcfg.layer_types()])
+    w.add_vocab_size(mcfg.vocab_size)
+    w.add_rope_dimension_count(mcfg.hd)
+    w.add_rope_freq_base(mcfg.rope_theta)
+    # granitehybrid applies RoPE only under this flag (IBM's hybrids use none; its converter sets it for Bamba)
+    w.add_rope_scaling_finetuned(True)
+    w.add_expert_count(0)
+    w.add_attention_scale(mcfg.hd ** -0.5)
+    for add in (w.add_embedding_scale, w.add_residual_scale, w.add_logit_scale):
+        add(1.0)
+
+
 def _add_tensors(w, gguf, arch, model, family: str, wtype, fallback):
     """Add every tensor under its GGUF name; returns ({type name: [tensors, weights]}, [tensors,
     weights] of the Q8_0 matrices stored as `fallback`)."""
@@ -123,8 +161,8 @@ def _add_tensors(w, gguf, arch, model, family: str, wtype, fallback):
         if name is None:
             raise ConfigError(f"no GGUF name for tensor {hf_name}")
         data = t.detach().float().cpu().numpy()
-        if ".conv.conv." in hf_name:
-            data = data.squeeze(1)  # llama.cpp's shortconv kernel is [D, K]
+        if data.ndim == 3:
+            data = data.squeeze(1)  # the conv kernels: llama.cpp's shortconv and ssm_conv1d are [D, K]
         qtype, fell = _tensor_type(gguf, hf_name, data, wtype, fallback)
         _add_tensor(w, gguf, name, np.ascontiguousarray(data), qtype)
         for n in [types.setdefault(qtype.name, [0, 0])] + [fell_back] * fell:
@@ -132,12 +170,17 @@ def _add_tensors(w, gguf, arch, model, family: str, wtype, fallback):
     return types, fell_back
 
 
+# 2-dim tensors llama.cpp reads as f32: the conv kernels, mamba2's A and D (as [heads, 1]) and its
+# grouped norm (as [groups, d_inner / groups])
+_F32_2D = (".conv.conv.", ".conv1d.", ".A_log", ".D", "mixer.norm.", "mamba.norm.")
+
+
 def _tensor_type(gguf, hf_name, data, wanted, fallback):
     """(GGML type a tensor is stored in, whether it fell back): `wanted`, except norms, biases and the
     short-conv kernels (llama.cpp reads them as f32) and, for Q8_0, matrices whose rows are not a
     multiple of its 32-weight blocks (then `fallback`, the --dtype type)."""
     T = gguf.GGMLQuantizationType
-    if data.ndim != 2 or ".conv.conv." in hf_name:
+    if data.ndim != 2 or any(k in hf_name for k in _F32_2D):
         return T.F32, False
     if wanted == T.Q8_0 and data.shape[-1] % 32:
         return fallback, True
@@ -163,6 +206,8 @@ def interleave_rope_rows(t, n_heads: int):
 def gguf_tensors(model, family: str) -> dict:
     """HF-named tensors as llama.cpp reads them for `family`."""
     sd = to_hf_state_dict(model)
+    if family in ("mamba2", "granitemoehybrid"):
+        return _ssm_tensors(sd, model.cfg, family)
     if family != "llama":
         return sd
     cfg = model.cfg
@@ -175,6 +220,36 @@ def gguf_tensors(model, family: str) -> dict:
         base = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.hd, 2, dtype=torch.float32) / cfg.hd))
         sd["rope_freqs.weight"] = base / scaled.float().cpu()
     return sd
+
+
+def _ssm_tensors(sd: dict, cfg, family: str) -> dict:
+    """What llama.cpp's converter makes of Mamba2ForCausalLM / GraniteMoeHybridForCausalLM tensors: dt_bias
+    named as dt_proj's bias, A = -exp(A_log) and D as [heads, 1], the gated norm as [groups, d_inner /
+    groups]; Granite's fused gate|up MLP split into gate and up, its down as a plain FFN's, and its
+    attention's q/k rows in llama's interleaved RoPE order (its converter undoes HF's permutation)."""
+    o = cfg.block_options("mamba2")
+    groups, d_inner = o.ngroups, o.expand * cfg.d_model
+    out = {}
+    for name, t in sd.items():
+        if name.endswith(".dt_bias"):
+            out[name.removesuffix(".dt_bias") + ".dt_proj.bias"] = t
+        elif name.endswith(".A_log"):
+            out[name] = -t.float().exp()[:, None]
+        elif name.endswith(".D"):
+            out[name] = t[:, None]
+        elif name.endswith(("mixer.norm.weight", "mamba.norm.weight")):
+            out[name] = t.reshape(groups, d_inner // groups)
+        elif name.endswith("shared_mlp.input_linear.weight"):
+            gate, up = t.chunk(2)
+            stem = name.removesuffix("shared_mlp.input_linear.weight")
+            out[stem + "mlp.gate_proj.weight"], out[stem + "mlp.up_proj.weight"] = gate, up
+        elif name.endswith("shared_mlp.output_linear.weight"):
+            out[name.removesuffix("shared_mlp.output_linear.weight") + "mlp.down_proj.weight"] = t
+        elif ".self_attn.q_proj." in name or ".self_attn.k_proj." in name:
+            out[name] = interleave_rope_rows(t, cfg.n_heads if ".q_proj." in name else cfg.n_kv_heads)
+        else:
+            out[name] = t
+    return out
 
 
 def read_gguf(path) -> tuple[dict, dict]:
