@@ -471,6 +471,15 @@ def test_gguf_of_mamba2_models_holds_what_llama_cpp_reads(runs, preset, arch, tm
         assert not [n for n in tensors if "ffn" in n or "attn_q" in n]
 
 
+@pytest.mark.parametrize("preset", ["hybrid-mamba", "hybrid-granite"])
+def test_gguf_q8_0_of_mamba2_models_is_refused(runs, preset, tmp_path):
+    """llama.cpp (llama-cpp-python 0.3.36) segfaulted on their Q8_0 files; none is written."""
+    pytest.importorskip("gguf")
+    rc, err, _ = convert("--run", runs[preset], "--to", "gguf", "--out", tmp_path / "q.gguf", "--quant", "q8_0")
+    assert rc == 2 and err.startswith("error: --quant q8_0 is not supported for ") and err.count("\n") == 1, err
+    assert not (tmp_path / "q.gguf").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["hybrid", "transformer", "hybrid-mamba", "hybrid-granite"])
 def test_llama_cpp_logits_match(runs, preset, tmp_path):

@@ -72,6 +72,12 @@ def export(model, tok, cfg, out: Path, opts):
     gguf = require("gguf", "gguf", "gguf")
     mcfg = cfg.model
     family = hf_family(mcfg)
+    if opts.quant == "q8_0" and family in ("mamba2", "granitemoehybrid"):
+        # Measured 2026-12-02 with llama-cpp-python 0.3.36: a Q8_0 ssm_out (mamba2) or Q8_0 attention or
+        # MLP weights (granitehybrid) segfault llama.cpp's evaluation, at d_model 64 and 256 alike, while
+        # f32 and f16 files match our logits. A file that crashes its runtime is not written.
+        raise ConfigError(f"--quant q8_0 is not supported for {family} models: llama.cpp crashes evaluating their "
+                          "Q8_0 weights; export f32 (the default) or --dtype fp16")
     arch = {"lfm2": gguf.MODEL_ARCH.LFM2, "qwen3": gguf.MODEL_ARCH.QWEN3, "llama": gguf.MODEL_ARCH.LLAMA,
             "qwen2": gguf.MODEL_ARCH.QWEN2, "mamba2": gguf.MODEL_ARCH.MAMBA2,
             "granitemoehybrid": gguf.MODEL_ARCH.GRANITE_HYBRID}[family]
