@@ -110,6 +110,12 @@ def hf_family(cfg: ModelConfig) -> str:
     if {"mamba2", "conv"} <= kinds:
         raise ConfigError("mamba2 beside conv has no transformers equivalent (mamba2 exports alone without MLP, "
                           "as Mamba2ForCausalLM, or beside attention, as GraniteMoeHybridForCausalLM)")
+    if kinds == {"mamba2"} and cfg.mlp != "none":
+        # measured: transformers 5.24's GraniteMoeHybrid fails its cached forward without an attention
+        # layer (get_seq_length), and llama.cpp's granitehybrid aborts on such a file
+        raise ConfigError("mamba2 layers with an MLP and no attention layer have no working transformers class "
+                          "(GraniteMoeHybridForCausalLM needs an attention layer): add one, or drop the MLP with "
+                          "model.mlp=none (Mamba2ForCausalLM)")
     if "mamba2" not in kinds and cfg.mlp not in ("swiglu", "gelu"):
         raise ConfigError(f"channel mixer {cfg.mlp!r} has no transformers equivalent")
     family = _pick_family(cfg)

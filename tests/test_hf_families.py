@@ -473,6 +473,7 @@ def test_a_mamba2_config_our_block_cannot_be_is_refused(key, value, needle):
 @pytest.mark.parametrize("layers,overrides,needle", [
     ("MMA", {}, "the closest transformers family, granitemoehybrid, needs model.qk_norm=False"),
     ("MCM", {}, "mamba2 beside conv has no transformers equivalent"),
+    ("M", {}, "mamba2 layers with an MLP and no attention layer have no working transformers class"),
     ("MAM", {"mlp": "none"}, "granitemoehybrid, needs model.mlp=.swiglu."),
     ("MAM", {"qk_norm": False, "attn_bias": True}, "GraniteMoeHybridForCausalLM has one attention_bias")])
 def test_mamba2_models_without_a_transformers_class_are_named(layers, overrides, needle):
