@@ -45,8 +45,10 @@ class Attention(Mixer):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.hd, cfg.norm_eps)
             self.k_norm = RMSNorm(self.hd, cfg.norm_eps)
-        # pos=learned: positions enter with the embeddings (arch/model.py), so no rotation here.
+        # pos=learned: positions enter with the embeddings (arch/model.py), so no rotation here; none: NoPE.
         self.rotary = Rotary(self.hd, cfg.rope_theta, cfg.rope_scale()) if cfg.pos == "rope" else None
+        # model.attn_scale: the softmax scale as a factor on q, so every kernel keeps its 1/sqrt(hd)
+        self.q_scale = None if cfg.attn_scale is None else cfg.attn_scale * self.hd ** 0.5
 
     def set_window(self, window: Optional[int]):
         if window is not None and window <= 0:
@@ -89,6 +91,8 @@ class Attention(Mixer):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.hd).transpose(1, 2)
+        if self.q_scale is not None:
+            q = q * self.q_scale
         if self.rotary is None:
             return q, k, v
         return self.rotary.at(q, positions), self.rotary.at(k, positions), v

@@ -203,6 +203,7 @@ class Block(nn.Module):
         self.mixer_norm = make_norm(cfg, cfg.d_model)
         self.mixer = build_block(f"block {kind!r}", get_mixer(kind), cfg, layer_idx, window=window)
         self.mlp_kind = cfg.mlp
+        self.residual_scale = cfg.residual_scale
         if cfg.mlp == NO_MLP:
             self.mlp_norm = self.mlp = None
         else:
@@ -214,14 +215,17 @@ class Block(nn.Module):
         if not (isinstance(out, tuple) and len(out) == 2 and fits_residual(out[0], x)):
             raise bad_output(f"block {self.kind!r}", self.mixer, "forward", out, x)
         y, state = out
-        return self._mlp(x + y), state
+        return self._mlp(x + self._scaled(y)), state
 
     def forward_static(self, x, positions, state: list, inplace: bool):
         out = self.mixer.forward_static(self.mixer_norm(x), positions, state, inplace)
         if not (isinstance(out, tuple) and len(out) == 2 and fits_residual(out[0], x)):
             raise bad_output(f"block {self.kind!r}", self.mixer, "forward_static", out, x)
         y, state = out
-        return self._mlp(x + y), state
+        return self._mlp(x + self._scaled(y)), state
+
+    def _scaled(self, y):
+        return y if self.residual_scale == 1.0 else y * self.residual_scale
 
     def _mlp(self, h):
         """h + the channel mixer's output (h itself without one)."""
@@ -230,7 +234,7 @@ class Block(nn.Module):
         y = self.mlp(self.mlp_norm(h))
         if not fits_residual(y, h):
             raise bad_output(f"channel mixer {self.mlp_kind!r}", self.mlp, "forward", y, h)
-        return h + y
+        return h + self._scaled(y)
 
     def flops_per_token(self, seq_len: int) -> float:
         return sum(m.flops_per_token(seq_len) for m in (self.mixer, self.mlp) if hasattr(m, "flops_per_token"))

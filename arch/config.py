@@ -44,7 +44,9 @@ class ModelConfig:
     mlp: str = "swiglu"
     # Family knobs (imports of Llama / Qwen2 / GPT-2 set them; each is also an ablation axis).
     norm: str = "rmsnorm"  # rmsnorm | layernorm (with bias, GPT-2): the block and final norms
-    pos: str = "rope"  # rope | learned (absolute position embeddings added to the token embeddings, GPT-2)
+    # rope | learned (absolute position embeddings added to the token embeddings, GPT-2) | none (NoPE:
+    # attention sees no positions beyond its causal mask, as IBM's Granite-4.0-H hybrids)
+    pos: str = "rope"
     max_positions: int = 2048  # pos=learned: rows of the position table (the longest sequence)
     # pos=rope: the context length the model is stated to handle (an HF import's max_position_embeddings),
     # which hf/gguf exports state again; None = not stated. Metadata only: RoPE has no hard limit, so
@@ -57,6 +59,13 @@ class ModelConfig:
     # RoPE frequency scaling: {} = none, or {type: llama3, factor, low_freq_factor, high_freq_factor,
     # original_max_position_embeddings} (Llama-3.1/3.2).
     rope_scaling: dict = field(default_factory=dict)
+    # Granite's multipliers (IBM's GraniteMoeHybrid imports set them; 1 / None leave the model as it is):
+    # the token embeddings times embed_scale, every residual branch's output times residual_scale, the
+    # logits divided by logit_scale, and attention's softmax scale (None: 1 / sqrt(head_dim)).
+    embed_scale: float = 1.0
+    residual_scale: float = 1.0
+    logit_scale: float = 1.0
+    attn_scale: Optional[float] = None
     # Per-block options, namespaced by block name ({lif: {beta: 0.9}}); each block declares its
     # options dataclass at registration, so new blocks need no new fields here.
     mixer_opts: dict = field(default_factory=dict)
@@ -145,7 +154,8 @@ class ModelConfig:
               "ffn_dim": Range(1, 2 ** 20), "window": POSITIVE, "rope_theta": POSITIVE,
               "norm_eps": Range(0, 1, lo_open=True, hi_open=True), "conv_kernel": Range(1, 64),
               "init_std": Range(0, 10, lo_open=True), "max_positions": Range(1, 2 ** 24),
-              "loss_chunk": Range(0, 2 ** 30),
+              "loss_chunk": Range(0, 2 ** 30), "embed_scale": POSITIVE, "residual_scale": POSITIVE,
+              "logit_scale": POSITIVE, "attn_scale": POSITIVE,
               # allocates nothing, so any length a checkpoint states imports; GGUF stores it as uint32
               "context_length": Range(1, 2 ** 32 - 1)}
 
@@ -211,7 +221,7 @@ class ModelConfig:
 
 
 NORMS = ("rmsnorm", "layernorm")
-POSITIONS = ("rope", "learned")
+POSITIONS = ("rope", "learned", "none")
 # Llama-3.1's published scaling, the defaults of any key model.rope_scaling leaves out.
 LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 8192}

@@ -60,9 +60,16 @@ class LM(nn.Module):
     def embed_at(self, idx, positions):
         """Token embeddings, plus the position table's rows at `positions` [T] when model.pos=learned."""
         x = self.embed(idx)
+        if self.cfg.embed_scale != 1.0:
+            x = x * self.cfg.embed_scale
         if self.cfg.pos == "learned":
             x = x + self.pos_embed(positions)
         return x
+
+    def final_norm(self, x):
+        """The final norm, divided by model.logit_scale: every head (logits, losses, scoring) reads this."""
+        x = self.norm(x)
+        return x if self.cfg.logit_scale == 1.0 else x / self.cfg.logit_scale
 
     def hidden(self, idx, states=None):
         start = getattr(states, "seen", 0)
@@ -77,7 +84,7 @@ class LM(nn.Module):
                 x, s = layer(x, None if states is None else states[i])
                 if states is not None:
                     new_states.append(s)
-        return self.norm(x), new_states
+        return self.final_norm(x), new_states
 
     def forward(self, idx, targets=None, states=None, teacher: Optional[Distill] = None):
         """model(idx) -> logits [B, T, V]; model(idx, targets) -> mean CE loss (targets -1 ignored);
@@ -137,7 +144,7 @@ class LM(nn.Module):
         for layer, st in zip(self.layers, states):
             x, st = layer.forward_static(x, positions, st, inplace)
             new_states.append(st)
-        return self.lm_head(self.norm(x)), new_states
+        return self.lm_head(self.final_norm(x)), new_states
 
     def greedy_static(self, idx, pos, states: list, n: int):
         """n greedy tokens [B, n] after idx [B, 1] at position pos, in one call: what

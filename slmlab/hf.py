@@ -81,9 +81,12 @@ FAMILY_OPTIONS = {
     "llama": dict(_ROPE_RMS, qk_norm=False),
     "gpt2": dict(norm="layernorm", pos="learned", mlp="gelu", qk_norm=False, attn_bias=True, attn_out_bias=True,
                  mlp_bias=True, rope_scaling={}),
-    "mamba2": dict(norm="rmsnorm", mlp="none", pos="rope"),  # rope: no learned position table (and no attention)
-    "granitemoehybrid": dict(_ROPE_RMS, qk_norm=False, mlp_bias=False, rope_scaling={}),
+    "mamba2": dict(norm="rmsnorm", mlp="none"),
+    # pos rope or none (NoPE, IBM's own): checked in hf_family
+    "granitemoehybrid": dict(norm="rmsnorm", mlp="swiglu", qk_norm=False, mlp_bias=False, rope_scaling={}),
 }
+# Granite's multipliers: every other family has them at these values
+_PLAIN_SCALES = dict(embed_scale=1.0, residual_scale=1.0, logit_scale=1.0, attn_scale=None)
 
 
 def _pick_family(cfg: ModelConfig) -> str:
@@ -119,7 +122,8 @@ def hf_family(cfg: ModelConfig) -> str:
     if "mamba2" not in kinds and cfg.mlp not in ("swiglu", "gelu"):
         raise ConfigError(f"channel mixer {cfg.mlp!r} has no transformers equivalent")
     family = _pick_family(cfg)
-    for key, want in FAMILY_OPTIONS[family].items():
+    plain = {} if family == "granitemoehybrid" else _PLAIN_SCALES
+    for key, want in {**FAMILY_OPTIONS[family], **plain}.items():
         if getattr(cfg, key) != want:
             raise ConfigError(f"the closest transformers family, {family}, needs model.{key}={want!r} "
                               f"(this model has {getattr(cfg, key)!r})")
@@ -128,6 +132,10 @@ def hf_family(cfg: ModelConfig) -> str:
                           "must agree")
     if family == "granitemoehybrid" and "attn" in cfg.layer_types() and cfg.hd * cfg.n_heads != cfg.d_model:
         raise ConfigError("GraniteMoeHybrid fixes head_dim = d_model / n_heads")
+    # (the other families' model.pos is in FAMILY_OPTIONS) NoPE is Granite's own; mamba2 has no attention
+    if family in ("granitemoehybrid", "mamba2") and cfg.pos not in ("rope", "none"):
+        raise ConfigError(f"the closest transformers family, {family}, needs model.pos='rope' or 'none' "
+                          f"(this model has {cfg.pos!r})")
     if family == "gpt2" and (cfg.n_kv_heads != cfg.n_heads or cfg.hd * cfg.n_heads != cfg.d_model):
         raise ConfigError("GPT-2 has no GQA and head_dim = d_model / n_heads")
     if family != "qwen3" and any(w is not None for w in cfg.layer_windows()):
@@ -261,9 +269,10 @@ def to_hf_config(cfg: ModelConfig, max_position_embeddings: int = 4096, **specia
         o = cfg.block_options("mamba2")
         # no experts, every multiplier 1 but attention's, which is its softmax scale (ours: 1/sqrt(head_dim))
         return GraniteMoeHybridConfig(
-            **common, rms_norm_eps=cfg.norm_eps, attention_bias=cfg.attn_bias, attention_multiplier=cfg.hd ** -0.5,
-            embedding_multiplier=1.0, logits_scaling=1.0, residual_multiplier=1.0, num_local_experts=0,
-            shared_intermediate_size=cfg.ffn, position_embedding_type="rope",
+            **common, rms_norm_eps=cfg.norm_eps, attention_bias=cfg.attn_bias,
+            attention_multiplier=cfg.attn_scale or cfg.hd ** -0.5, embedding_multiplier=cfg.embed_scale,
+            logits_scaling=cfg.logit_scale, residual_multiplier=cfg.residual_scale, num_local_experts=0,
+            shared_intermediate_size=cfg.ffn, position_embedding_type="rope" if cfg.pos == "rope" else "nope",
             layer_types=["mamba" if t == "mamba2" else "attention" for t in types],
             mamba_n_heads=o.expand * cfg.d_model // o.headdim, mamba_d_head=o.headdim, mamba_d_state=o.d_state,
             mamba_n_groups=o.ngroups, mamba_d_conv=o.conv_kernel, mamba_expand=o.expand, mamba_chunk_size=o.chunk,
@@ -337,23 +346,20 @@ def _from_mamba2_config(c) -> ModelConfig:
 
 def _from_granite_config(c, common: dict) -> ModelConfig:
     mt = "granitemoehybrid"
-    _check_values(mt, c, (("hidden_act", "silu"), ("num_local_experts", 0), ("embedding_multiplier", 1.0),
-                          ("logits_scaling", 1.0), ("residual_multiplier", 1.0), ("mamba_proj_bias", False),
+    _check_values(mt, c, (("hidden_act", "silu"), ("num_local_experts", 0), ("mamba_proj_bias", False),
                           ("mamba_conv_bias", True)))
     # layer_types as written ("mamba", "attention") or as the config reads them back (linear/full_attention)
     layers = ["mamba2" if t in ("mamba", "linear_attention") else "attn" for t in c.layer_types]
-    hd = c.hidden_size // c.num_attention_heads
-    if "attn" in layers:
-        if c.position_embedding_type != "rope":
-            raise ConfigError(f"{mt}: position_embedding_type={c.position_embedding_type!r} is not supported (rope)")
-        if abs(c.attention_multiplier * hd ** 0.5 - 1) > 1e-6:
-            raise ConfigError(f"{mt}: attention_multiplier={c.attention_multiplier} is not 1/sqrt(head_dim) = "
-                              f"{hd ** -0.5:.6g}, the only softmax scale our attention has")
+    if c.position_embedding_type not in ("rope", "nope", None):
+        raise ConfigError(f"{mt}: position_embedding_type={c.position_embedding_type!r} is not supported (rope, nope)")
     opts = _mamba2_opts(mt, c.hidden_size, c.mamba_n_heads, c.mamba_d_head, c.mamba_expand, d_state=c.mamba_d_state,
                         ngroups=c.mamba_n_groups, conv_kernel=c.mamba_d_conv, chunk=c.mamba_chunk_size)
     bias = bool(c.attention_bias)
     return ModelConfig(**common, ffn_dim=c.shared_intermediate_size, layers=layers, norm_eps=c.rms_norm_eps,
-                       qk_norm=False, attn_bias=bias, attn_out_bias=bias, mixer_opts={"mamba2": opts})
+                       qk_norm=False, attn_bias=bias, attn_out_bias=bias, mixer_opts={"mamba2": opts},
+                       pos="rope" if c.position_embedding_type == "rope" else "none",
+                       embed_scale=float(c.embedding_multiplier), residual_scale=float(c.residual_multiplier),
+                       logit_scale=float(c.logits_scaling), attn_scale=float(c.attention_multiplier))
 
 
 def unsupported(mt) -> ConfigError:

@@ -32,6 +32,10 @@ PRESETS = {
     # mamba2 beside attention without QK-norm: transformers' GraniteMoeHybridForCausalLM, no experts
     "hybrid-granite": dict(layers="MMA", qk_norm=False, window_pattern="L",
                            mixer_opts={"mamba2": {"d_state": 16, "headdim": 16, "ngroups": 2, "chunk": 8}}),
+    # and as IBM's Granite-4.0-H: NoPE, every multiplier away from 1
+    "hybrid-granite-ibm": dict(layers="MMA", qk_norm=False, window_pattern="L", pos="none", embed_scale=6.0,
+                               residual_scale=0.5, logit_scale=3.0, attn_scale=0.1,
+                               mixer_opts={"mamba2": {"d_state": 16, "headdim": 16, "ngroups": 2, "chunk": 8}}),
 }
 
 
@@ -103,8 +107,8 @@ def test_hf_export_reloads_with_equal_logits_and_generation(runs, preset, tmp_pa
     for f in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (out / f).is_file(), f
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
-    want = {"hybrid": "Lfm2ForCausalLM", "hybrid-mamba": "Mamba2ForCausalLM",
-            "hybrid-granite": "GraniteMoeHybridForCausalLM"}.get(preset, "Qwen3ForCausalLM")
+    want = {"hybrid": "Lfm2ForCausalLM", "hybrid-mamba": "Mamba2ForCausalLM", "hybrid-granite": "GraniteMoeHybridForCausalLM",
+            "hybrid-granite-ibm": "GraniteMoeHybridForCausalLM"}.get(preset, "Qwen3ForCausalLM")
     assert type(hf).__name__ == want
     hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
     model, tok = ours(runs[preset])
@@ -131,7 +135,8 @@ def test_hf_export_fp16_dtype(runs, tmp_path):
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
 
 
-@pytest.mark.parametrize("preset", ["hybrid", "transformer-sliding", "hybrid-mamba", "hybrid-granite"])
+@pytest.mark.parametrize("preset", ["hybrid", "transformer-sliding", "hybrid-mamba", "hybrid-granite",
+                                    "hybrid-granite-ibm"])
 def test_from_hf_round_trip(runs, preset, tmp_path):
     """An HF folder saved by transformers itself (random weights) -> our run dir -> same logits;
     and our export of that run is that folder again."""
@@ -481,7 +486,7 @@ def test_gguf_q8_0_of_mamba2_models_is_refused(runs, preset, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["hybrid", "transformer", "hybrid-mamba", "hybrid-granite"])
+@pytest.mark.parametrize("preset", ["hybrid", "transformer", "hybrid-mamba", "hybrid-granite", "hybrid-granite-ibm"])
 def test_llama_cpp_logits_match(runs, preset, tmp_path):
     pytest.importorskip("llama_cpp")
     out = tmp_path / "m.gguf"

@@ -42,13 +42,19 @@ def hf_config(family: str):
             mamba_d_state=16, mamba_n_groups=2, mamba_chunk_size=8, tie_word_embeddings=False,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=1, eos_token_id=2,
             pad_token_id=0)
+    if family == "granitemoehybrid-ibm":  # as IBM's Granite-4.0-H: NoPE and every multiplier away from 1
+        c = hf_config("granitemoehybrid")
+        c.position_embedding_type, c.embedding_multiplier, c.residual_multiplier = "nope", 12.0, 0.25
+        c.attention_multiplier, c.logits_scaling = 0.05, 4.0
+        return c
     return t.GPT2Config(vocab_size=V, n_positions=64, n_embd=64, n_layer=2, n_head=4, n_inner=None,
                         bos_token_id=1, eos_token_id=2)
 
 
-FAMILIES = ["llama", "llama-bias", "qwen2", "gpt2", "mamba2", "granitemoehybrid"]
+FAMILIES = ["llama", "llama-bias", "qwen2", "gpt2", "mamba2", "granitemoehybrid", "granitemoehybrid-ibm"]
 CLASS = {"llama": "LlamaForCausalLM", "llama-bias": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-         "gpt2": "GPT2LMHeadModel", "mamba2": "Mamba2ForCausalLM", "granitemoehybrid": "GraniteMoeHybridForCausalLM"}
+         "gpt2": "GPT2LMHeadModel", "mamba2": "Mamba2ForCausalLM", "granitemoehybrid": "GraniteMoeHybridForCausalLM",
+         "granitemoehybrid-ibm": "GraniteMoeHybridForCausalLM"}
 
 
 def hf_model(family: str, seed: int = 0):

@@ -54,6 +54,8 @@ UNUSED = [
      "no layer uses the mamba2 block"),
     (["model.mlp=lif", "model.mlp_bias=true"], "model.mlp_bias", "model.mlp is lif"),
     (["model.mlp=none", "model.ffn_dim=128"], "model.ffn_dim", "model.mlp is none (no channel mixer)"),
+    (["model.layers=C", "model.attn_scale=0.1"], "model.attn_scale", "no layer is attention"),
+    (["model.pos=none", "model.rope_theta=5e5"], "model.rope_theta", "model.pos is none"),
     (["model.mlp=none", "model.mlp_bias=true"], "model.mlp_bias", "model.mlp is none (no channel mixer)"),
     (["model.mixer_opts.lif.beta=0.5"], "model.mixer_opts.lif", "no layer uses the lif block"),
 ]
@@ -76,6 +78,8 @@ USED = [
     ["model.layers=D", "model.mixer_opts.deltanet.heads=2", "model.n_heads=4"],  # its head size: d_model // n_heads
     ["model.layers=MA", "model.mixer_opts.mamba2.d_state=16"],
     ["model.ffn_dim=192"],
+    ["model.attn_scale=0.1"], ["model.embed_scale=2.0"], ["model.residual_scale=0.5"], ["model.logit_scale=2.0"],
+    ["model.pos=none"],
 ]
 
 

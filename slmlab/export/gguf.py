@@ -149,12 +149,14 @@ def _ssm_metadata(w, mcfg, family: str):
     w.add_vocab_size(mcfg.vocab_size)
     w.add_rope_dimension_count(mcfg.hd)
     w.add_rope_freq_base(mcfg.rope_theta)
-    # granitehybrid applies RoPE only under this flag (IBM's hybrids use none; its converter sets it for Bamba)
-    w.add_rope_scaling_finetuned(True)
+    # granitehybrid applies RoPE only under this flag (IBM's hybrids use none: model.pos=none; its
+    # converter sets it for Bamba)
+    w.add_rope_scaling_finetuned(mcfg.pos == "rope")
     w.add_expert_count(0)
-    w.add_attention_scale(mcfg.hd ** -0.5)
-    for add in (w.add_embedding_scale, w.add_residual_scale, w.add_logit_scale):
-        add(1.0)
+    w.add_attention_scale(mcfg.attn_scale or mcfg.hd ** -0.5)
+    w.add_embedding_scale(mcfg.embed_scale)
+    w.add_residual_scale(mcfg.residual_scale)
+    w.add_logit_scale(mcfg.logit_scale)
 
 
 def _add_tensors(w, gguf, arch, model, family: str, wtype, fallback):
