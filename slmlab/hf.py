@@ -3,7 +3,8 @@
 hybrid/conv+attn patterns <-> Lfm2ForCausalLM; all-attention patterns <-> Qwen3ForCausalLM (QK-norm),
 Qwen2ForCausalLM (q/k/v biases), LlamaForCausalLM (neither) or GPT2LMHeadModel (LayerNorm, GELU, learned
 positions); all-mamba2 patterns without MLP (model.mlp=none) <-> Mamba2ForCausalLM; mamba2 with attention
-and SwiGLU MLPs (no QK-norm) <-> GraniteMoeHybridForCausalLM without experts. The block options (model.norm, pos, mlp, qk_norm, *_bias, rope_scaling) pick the family.
+and SwiGLU MLPs (no QK-norm) <-> GraniteMoeHybridForCausalLM without experts. The block options
+(model.norm, pos, mlp, qk_norm, *_bias, rope_scaling, the Granite scales) pick the family.
 Our modules were named so that this is mostly a renaming exercise (GPT-2's fused, transposed Conv1D
 weights are split and transposed); the parity tests pin both directions.
 """
