@@ -244,7 +244,6 @@ class Block(nn.Module):
         keeps the normalised x in fp32 and a per-token rsqrt; its output is kept (in the matmul dtype,
         `act`) by the projections that read it. The block input and h are the residual stream."""
         tokens, d = batch * seq_len, self.mixer_norm.weight.numel()
-        if self.mlp is None:
-            return tokens * ((d + 1) * 4 + d * act) + self.mixer.activation_bytes(batch, seq_len, act)
-        norms = 2 * tokens * ((d + 1) * 4 + d * act)
-        return norms + self.mixer.activation_bytes(batch, seq_len, act) + self.mlp.activation_bytes(batch, seq_len, act)
+        norm = tokens * ((d + 1) * 4 + d * act)
+        mlp = 0 if self.mlp is None else norm + self.mlp.activation_bytes(batch, seq_len, act)
+        return norm + self.mixer.activation_bytes(batch, seq_len, act) + mlp

@@ -86,6 +86,8 @@ FAMILY_OPTIONS = {
     # pos rope or none (NoPE, IBM's own): checked in hf_family
     "granitemoehybrid": dict(norm="rmsnorm", mlp="swiglu", qk_norm=False, mlp_bias=False, rope_scaling={}),
 }
+# The families with mamba2 layers (their GGUF tensors and keys are llama.cpp's SSM ones)
+SSM_FAMILIES = ("mamba2", "granitemoehybrid")
 # Granite's multipliers: every other family has them at these values
 _PLAIN_SCALES = dict(embed_scale=1.0, residual_scale=1.0, logit_scale=1.0, attn_scale=None)
 
@@ -134,7 +136,7 @@ def hf_family(cfg: ModelConfig) -> str:
     if family == "granitemoehybrid" and "attn" in cfg.layer_types() and cfg.hd * cfg.n_heads != cfg.d_model:
         raise ConfigError("GraniteMoeHybrid fixes head_dim = d_model / n_heads")
     # (the other families' model.pos is in FAMILY_OPTIONS) NoPE is Granite's own; mamba2 has no attention
-    if family in ("granitemoehybrid", "mamba2") and cfg.pos not in ("rope", "none"):
+    if family in SSM_FAMILIES and cfg.pos not in ("rope", "none"):
         raise ConfigError(f"the closest transformers family, {family}, needs model.pos='rope' or 'none' "
                           f"(this model has {cfg.pos!r})")
     if family == "gpt2" and (cfg.n_kv_heads != cfg.n_heads or cfg.hd * cfg.n_heads != cfg.d_model):

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..hf import hf_family, to_hf_state_dict
+from ..hf import SSM_FAMILIES, hf_family, to_hf_state_dict
 from . import require
 
-GGUF_FAMILIES = ("lfm2", "qwen3", "llama", "qwen2", "mamba2", "granitemoehybrid")
+GGUF_FAMILIES = ("lfm2", "qwen3", "llama", "qwen2", *SSM_FAMILIES)
 
 
 def check_supported(mcfg):
@@ -72,7 +72,7 @@ def export(model, tok, cfg, out: Path, opts):
     gguf = require("gguf", "gguf", "gguf")
     mcfg = cfg.model
     family = hf_family(mcfg)
-    if opts.quant == "q8_0" and family in ("mamba2", "granitemoehybrid"):
+    if opts.quant == "q8_0" and family in SSM_FAMILIES:
         # Measured 2026-12-02 with llama-cpp-python 0.3.36: a Q8_0 ssm_out (mamba2) or Q8_0 attention or
         # MLP weights (granitehybrid) segfault llama.cpp's evaluation, at d_model 64 and 256 alike, while
         # f32 and f16 files match our logits. A file that crashes its runtime is not written.
@@ -93,7 +93,7 @@ def export(model, tok, cfg, out: Path, opts):
     w.add_block_count(mcfg.n_layers)
     w.add_layer_norm_rms_eps(mcfg.norm_eps)
     w.add_file_type(ftype)
-    if family in ("mamba2", "granitemoehybrid"):
+    if family in SSM_FAMILIES:
         _ssm_metadata(w, mcfg, family)
     else:
         _attention_metadata(w, mcfg, family)
@@ -213,16 +213,17 @@ def interleave_rope_rows(t, n_heads: int):
 
 def gguf_tensors(model, family: str) -> dict:
     """HF-named tensors as llama.cpp reads them for `family`."""
-    sd = to_hf_state_dict(model)
-    if family in ("mamba2", "granitemoehybrid"):
-        return _ssm_tensors(sd, model.cfg, family)
+    sd, cfg = to_hf_state_dict(model), model.cfg
+    if family in SSM_FAMILIES:
+        sd = _ssm_tensors(sd, cfg)
+    # llama.cpp's llama and granitehybrid rotate interleaved pairs (their converter undoes HF's permutation)
+    if family in ("llama", "granitemoehybrid"):
+        for name in list(sd):
+            for proj, heads in (("q_proj", cfg.n_heads), ("k_proj", cfg.n_kv_heads)):
+                if f".self_attn.{proj}." in name:
+                    sd[name] = interleave_rope_rows(sd[name], heads)
     if family != "llama":
         return sd
-    cfg = model.cfg
-    for name in list(sd):
-        for proj, heads in (("q_proj", cfg.n_heads), ("k_proj", cfg.n_kv_heads)):
-            if f".self_attn.{proj}." in name:
-                sd[name] = interleave_rope_rows(sd[name], heads)
     scaled = model.layers[0].mixer.rotary.inv_freq
     if cfg.rope_scale():  # llama.cpp divides each base frequency by its rope_freqs factor
         base = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.hd, 2, dtype=torch.float32) / cfg.hd))
@@ -230,11 +231,10 @@ def gguf_tensors(model, family: str) -> dict:
     return sd
 
 
-def _ssm_tensors(sd: dict, cfg, family: str) -> dict:
+def _ssm_tensors(sd: dict, cfg) -> dict:
     """What llama.cpp's converter makes of Mamba2ForCausalLM / GraniteMoeHybridForCausalLM tensors: dt_bias
     named as dt_proj's bias, A = -exp(A_log) and D as [heads, 1], the gated norm as [groups, d_inner /
-    groups]; Granite's fused gate|up MLP split into gate and up, its down as a plain FFN's, and its
-    attention's q/k rows in llama's interleaved RoPE order (its converter undoes HF's permutation)."""
+    groups]; Granite's fused gate|up MLP split into gate and up, its down as a plain FFN's."""
     o = cfg.block_options("mamba2")
     groups, d_inner = o.ngroups, o.expand * cfg.d_model
     out = {}
@@ -253,8 +253,6 @@ def _ssm_tensors(sd: dict, cfg, family: str) -> dict:
             out[stem + "mlp.gate_proj.weight"], out[stem + "mlp.up_proj.weight"] = gate, up
         elif name.endswith("shared_mlp.output_linear.weight"):
             out[name.removesuffix("shared_mlp.output_linear.weight") + "mlp.down_proj.weight"] = t
-        elif ".self_attn.q_proj." in name or ".self_attn.k_proj." in name:
-            out[name] = interleave_rope_rows(t, cfg.n_heads if ".q_proj." in name else cfg.n_kv_heads)
         else:
             out[name] = t
     return out
