@@ -1,7 +1,7 @@
 """Blocks and models. Importing this package registers every built-in mixer."""
 from typing import Optional
 
-from . import attention, conv, deltanet, lif, mamba2  # noqa: F401  (registration side effects)
+from . import attention, conv, deltanet, lif, mamba2, moe  # noqa: F401  (registration side effects)
 from .block import Block, ChannelMixer, Mixer
 from .config import ModelConfig, ObjectiveConfig, parse_pattern
 from .model import LM, sample_next

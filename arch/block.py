@@ -13,6 +13,8 @@ A token mixer (`Mixer`) maps x [B, T, d] -> y [B, T, d] and carries a decode sta
                                            stream; their init is scaled by 1/sqrt(2 * n_layers)
 A channel mixer (`ChannelMixer`) is forward(x) -> y with the same flops_per_token/residual_out/
 activation_bytes.
+Either kind may define take_aux_loss() -> a scalar tensor or None: a training-only loss of its last
+forward, handed over once (MoE's load balance, arch/moe.py); the LM adds its gradient to the objective.
 Register a mixer with `@register(name, letter, options=OptionsDataclass)` (arch/registry.py); its
 options arrive as `cfg.block_options(name)`. The LM sums parameter-matmul FLOPs itself, so a block
 only declares the work its parameters don't show.

@@ -26,6 +26,7 @@ from .loss import (
     linear_distill_loss_ref,
     linear_token_nll,
 )
+from .moe import moe_metrics
 
 
 class LM(nn.Module):
@@ -101,14 +102,30 @@ class LM(nn.Module):
         kw: linear_cross_entropy's row_scale / exclude (the diffusion ELBO's weights and mask column)."""
         # lm_head.weight, not lm_head(x): under data.added_tokens it is a parametrization's output.
         if self.cfg.loss_chunk:
-            return linear_cross_entropy(x, self.lm_head.weight, targets, self.cfg.loss_chunk, **kw)
-        return linear_cross_entropy_ref(x, self.lm_head.weight, targets, **kw)
+            loss = linear_cross_entropy(x, self.lm_head.weight, targets, self.cfg.loss_chunk, **kw)
+        else:
+            loss = linear_cross_entropy_ref(x, self.lm_head.weight, targets, **kw)
+        return self.add_aux_losses(loss)
 
     def distill_loss(self, x, targets, teacher: Distill):
         """(loss, CE) of distillation from `teacher` on hidden states x, chunked as loss() is."""
         if self.cfg.loss_chunk:
-            return linear_distill_loss(x, self.lm_head.weight, targets, teacher, self.cfg.loss_chunk)
-        return linear_distill_loss_ref(x, self.lm_head.weight, targets, teacher)
+            loss, ce = linear_distill_loss(x, self.lm_head.weight, targets, teacher, self.cfg.loss_chunk)
+        else:
+            loss, ce = linear_distill_loss_ref(x, self.lm_head.weight, targets, teacher)
+        return self.add_aux_losses(loss), ce
+
+    def add_aux_losses(self, loss):
+        """loss plus the gradient, not the value, of the blocks' training-only losses (take_aux_loss in
+        the block contract: MoE's load balance): `aux - aux.detach()` is exactly 0, so the logged loss
+        stays the objective alone, comparable across blocks, while the gradient is the sum's."""
+        for layer in self.layers:
+            for m in (layer.mixer, layer.mlp):
+                take = getattr(m, "take_aux_loss", None)
+                aux = take() if take is not None else None
+                if aux is not None:
+                    loss = loss + (aux - aux.detach())
+        return loss
 
     # ---- hooks the trainer uses, so objectives other than next-token prediction plug in ----
     nll_is_bound = False  # True when token_nll is an upper bound (e.g. a diffusion ELBO)
@@ -120,8 +137,9 @@ class LM(nn.Module):
 
     def extra_metrics(self) -> dict:
         """Numbers logged at each eval beyond the loss: spike rates and the energy proxy when the model
-        has LIF blocks (arch/lif.py spike_metrics), else none."""
-        return spike_metrics(self)
+        has LIF blocks (arch/lif.py spike_metrics), expert loads when it has MoE layers (arch/moe.py
+        moe_metrics), else none."""
+        return {**spike_metrics(self), **moe_metrics(self)}
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32):
         device = device or self.embed.weight.device
@@ -215,10 +233,15 @@ class LM(nn.Module):
             nxt = dec.next_tokens(nxt[:, -1:], temperature, top_k, generator)
 
     # ---- accounting ----
-    def num_params(self, exclude_embedding: bool = False) -> int:
+    def num_params(self, exclude_embedding: bool = False, active: bool = False) -> int:
+        """All parameters; active=True leaves out those a token does not use (the MoE experts it is not
+        routed to: a block's inactive_params())."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embedding:
             n -= self.embed.weight.numel()
+        if active:
+            n -= sum(m.inactive_params() for layer in self.layers for m in (layer.mixer, layer.mlp)
+                     if hasattr(m, "inactive_params"))
         return n
 
     def flops_per_token(self, seq_len: int) -> float:

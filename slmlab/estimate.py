@@ -138,7 +138,9 @@ def static_memory(model, cfg, cuda: bool, world: int, teacher=None) -> Static:
     # time: the stack, its normalised copy and the next iterate are alive together.
     transient = (4 * adam // shard if cuda else 2 * 4 * largest)
     if muon:
-        shapes = Counter(tuple(p.shape) for p in routes["muon"].params)
+        shapes = Counter()  # matrices per shape, a 3-D weight (MoE experts) being a stack of them
+        for p in routes["muon"].params:
+            shapes[tuple(p.shape[-2:])] += p.numel() // math.prod(p.shape[-2:])
         stack = max(n * math.prod(shape) for shape, n in shapes.items())
         transient += 4 * muon * cfg.optim.muon_nesterov + 3 * 4 * stack
     matmul = sum(p.numel() for p in model.parameters() if p.dim() == 2)

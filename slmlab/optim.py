@@ -35,9 +35,16 @@ class Route:
         return sum(p.numel() for p in self.params)
 
 
-def is_hidden_matrix(name: str, p: torch.Tensor, model) -> bool:
-    """A 2-D weight between hidden spaces: not the token embedding and not the output head."""
-    if p.dim() != 2:
+def matrix_stacks(model) -> set[int]:
+    """ids of the 3-D weights that are stacks of matrices (a module's `matrix_stacks` names them: MoE
+    experts, arch/moe.py), unlike the 3-D depthwise conv kernels."""
+    return {id(getattr(m, name)) for m in model.modules() for name in getattr(m, "matrix_stacks", ())}
+
+
+def is_hidden_matrix(name: str, p: torch.Tensor, model, stacks: set[int] = frozenset()) -> bool:
+    """A 2-D weight between hidden spaces, or a stack of them (`stacks`, from matrix_stacks): not the
+    token embedding and not the output head."""
+    if not (p.dim() == 2 or id(p) in stacks):
         return False
     if name.startswith(("embed.", "lm_head.")) or ".embed" in name:
         return False
@@ -57,12 +64,13 @@ def route_params(model, name: str) -> list[Route]:
     if name not in OPTIMIZERS:
         raise ConfigError(f"optim.name must be one of: {', '.join(OPTIMIZERS)}; got {name!r}")
     routes = {g: Route(g, [], []) for g in ("muon", "adamw_decay", "adamw_no_decay")}
+    stacks = matrix_stacks(model)
     for n, p in model.named_parameters():  # named_parameters() yields a tied weight once
         if not p.requires_grad:
             continue
-        if name == "muon" and is_hidden_matrix(n, p, model):
+        if name == "muon" and is_hidden_matrix(n, p, model, stacks):
             g = "muon"
-        elif p.dim() == 2:
+        elif p.dim() == 2 or id(p) in stacks:
             g = "adamw_decay"
         else:
             g = "adamw_no_decay"
@@ -179,7 +187,14 @@ class BatchedMuon(torch.optim.Muon):
     when both run NS in bf16, and equals a plain fp32 loop."""
 
     def __init__(self, params, ns_dtype=None, **kw):
-        super().__init__(params, **kw)
+        # torch.optim.Muon's __init__ refuses 3-D weights, though its update is per matrix: a stack
+        # [n, r, c] (MoE experts) is n matrices. Muon checks the hyperparameters and makes the defaults
+        # (on a stand-in matrix); the base Optimizer takes the parameters.
+        defaults = torch.optim.Muon([torch.zeros(1, 1)], **kw).defaults
+        torch.optim.Optimizer.__init__(self, params, defaults)
+        for p in (p for g in self.param_groups for p in g["params"]):
+            if p.dim() not in (2, 3):
+                raise ValueError(f"BatchedMuon takes matrices and stacks of them (2-D, 3-D), got {tuple(p.shape)}")
         self.ns_dtype = ns_dtype
 
     @torch.no_grad()
@@ -197,22 +212,24 @@ class BatchedMuon(torch.optim.Muon):
             mom = group["momentum"]
             torch._foreach_lerp_(bufs, grads, 1 - mom)
             updates = [g.lerp(b, mom) for g, b in zip(grads, bufs)] if group["nesterov"] else bufs
-            by_shape = defaultdict(list)  # NS works on the wide orientation: tall matrices transposed
+            by_shape = defaultdict(list)  # matrices of one shape, a 3-D stack being several
             for i, u in enumerate(updates):
-                by_shape[(tuple(u.shape), u.shape[0] > u.shape[1], u.device)].append(i)
-            for (_, tall, device), idx in by_shape.items():
-                G = torch.stack([updates[i].mT if tall else updates[i] for i in idx])
+                by_shape[(tuple(u.shape[-2:]), u.device)].append(i)
+            for ((A, B), device), idx in by_shape.items():
+                tall = A > B  # NS works on the wide orientation: tall matrices transposed
+                mats = [updates[i].reshape(-1, A, B) for i in idx]
+                G = torch.cat([m.mT if tall else m for m in mats])
                 dtype = self.ns_dtype or fast_ns_dtype(device)
                 O = newton_schulz(G, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype)
-                for j, i in enumerate(idx):
+                O = O.mT if tall else O
+                if group["adjust_lr_fn"] == "match_rms_adamw":
+                    ratio = 0.2 * math.sqrt(max(A, B))
+                else:  # "original" (and torch's None)
+                    ratio = math.sqrt(max(1, A / B))
+                for i, o in zip(idx, O.split([m.shape[0] for m in mats])):
                     p = params[i]
-                    A, B = p.shape
-                    if group["adjust_lr_fn"] == "match_rms_adamw":
-                        ratio = 0.2 * math.sqrt(max(A, B))
-                    else:  # "original" (and torch's None)
-                        ratio = math.sqrt(max(1, A / B))
                     p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_((O[j].mT if tall else O[j]).to(p.dtype), alpha=-group["lr"] * ratio)
+                    p.add_(o.reshape(p.shape).to(p.dtype), alpha=-group["lr"] * ratio)
         return loss
 
 

@@ -420,9 +420,11 @@ class Trainer:
         self.n_params = model.num_params()
         self.fpt = model.flops_per_token(self.phases[-1].seq_len)
         world = self.dist.world
+        active = model.num_params(active=True)
+        active = f", {active / 1e6:.2f}M active a token" if active != self.n_params else ""
         self.say(f"model: {self.cfg.arch}  layers {self.cfg.model.layer_letters()}  "
                  f"{self.n_params / 1e6:.2f}M params ({model.num_params(exclude_embedding=True) / 1e6:.2f}M "
-                 f"non-embedding)  {self.fpt / 1e6:.1f} MFLOP/token at {self.phases[-1].seq_len}  device "
+                 f"non-embedding{active})  {self.fpt / 1e6:.1f} MFLOP/token at {self.phases[-1].seq_len}  device "
                  f"{self.device}" + (f"  {world} ranks ({self.t.parallel})" if world > 1 else ""))
         for ph in self.phases:
             self.say("  " + ph.describe() + f"  batch {ph.batch_size(self.t.grad_accum, world) * world}")

@@ -85,7 +85,8 @@ def _saved_bytes(fn, exclude) -> int:
     ("A", "swiglu", True, "L"), ("A", "swiglu", True, "S"), ("A", "swiglu", False, "L"), ("C", "swiglu", True, "L"),
     ("C", "swiglu", False, "L"), ("L", "lif", True, "L"), ("L", "lif", False, "L"),
     ("D", "swiglu", True, "L"), ("D", "swiglu", False, "L"), ("M", "swiglu", True, "L"), ("M", "swiglu", False, "L"),
-    ("M", "none", True, "L"), ("A", "none", True, "L")])
+    ("M", "none", True, "L"), ("A", "none", True, "L"),
+    ("A", "moe", True, "L"), ("C", "moe", False, "L")])
 def test_block_activation_bytes_equal_what_autograd_saves(layers, mlp, causal, window_pattern):
     from arch import ModelConfig, build_model
     from arch.config import ObjectiveConfig

@@ -1,0 +1,233 @@
+"""Mixture of experts: a channel mixer of E SwiGLU experts, each token sent to the k it scores highest
+(model.mlp=moe), the MLP of Qwen3-MoE, OLMoE and Granite-4.0's MoE models.
+
+    p = softmax(x W_router) (fp32, over the E experts)
+    y = sum over the k largest p_e of  w_e * SwiGLU_e(x)   [+ shared(x)]
+with w the top-k probabilities, renormalised to sum to 1 when norm_topk (Qwen3-MoE's norm_topk_prob),
+and an optional shared SwiGLU expert every token passes through (shared_ffn > 0).
+
+Load balance: the load-balancing loss of Switch / transformers' MoE models, aux = E * sum_e f_e P_e
+(f_e: the share of tokens that picked expert e among their k; P_e: e's mean router probability): k when
+balanced, up to k * E when every token picks the same experts. The LM adds the gradient of
+aux_loss_coef * aux to the objective but not its value (LM.add_aux_losses), so the logged training loss
+is the language-model loss alone, comparable with a dense run's. Each eval logs the worst expert's load
+(moe.max_load: its share of the token slots times E, 1 when balanced) and the mean aux since the last eval.
+
+Expert weights are stacks, w13 [E, 2f, d] (gate rows, then up rows) and w2 [E, d, f], laid out as
+transformers' Qwen3MoeExperts (gate_up_proj, down_proj) and llama.cpp's *_exps tensors. Muon
+orthogonalises each expert's matrix on its own (slmlab/optim.py takes a 3-D weight as a batch of
+matrices), and the FLOPs counted are the k experts a token runs, not all E (flops_per_token; the LM
+counts the router and the shared expert as the 2-D weights they are).
+
+Two implementations: `moe_dense` (every expert on every token, weighted by a gate that is zero off the
+top k: obviously correct, and free of data-dependent shapes, so the export graphs and compiled
+inference run it) and `moe_sorted` (the token slots grouped by expert, each expert on its own tokens:
+k / E of the dense work, the training path). tests/test_moe.py checks them against each other,
+forward and gradients. Options: model.mixer_opts.moe (MoEOptions below).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slmlab.errors import ConfigError
+
+from .block import ChannelMixer, exporting
+from .layers import SwiGLU
+from .registry import register_channel_mixer
+
+
+@dataclass
+class MoEOptions:
+    """model.mixer_opts.moe."""
+
+    experts: int = 8  # E
+    top_k: int = 2  # experts per token
+    # Each expert's SwiGLU width; 0: model.ffn / top_k rounded up to a multiple of 8, so a token's expert
+    # FLOPs match the dense SwiGLU's (ablate.py --vary model.mlp=swiglu,moe compares at equal compute).
+    expert_ffn: int = 0
+    shared_ffn: int = 0  # width of a shared expert every token passes through; 0: none
+    norm_topk: bool = True  # renormalise the k weights to sum to 1
+    aux_loss_coef: float = 0.01  # weight of the load-balancing loss (Switch's 0.01; 0 turns it off)
+    core: str = "sorted"  # sorted | dense (the reference: every expert on every token)
+
+    def check(self, where: str):
+        for key in ("experts", "top_k"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{where}.{key} must be an integer >= 1, got {getattr(self, key)}")
+        if self.top_k > self.experts:
+            raise ConfigError(f"{where}.top_k={self.top_k} exceeds {where}.experts={self.experts}")
+        for key in ("expert_ffn", "shared_ffn"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{where}.{key} must be >= 0 (0: {'derived' if key == 'expert_ffn' else 'none'}), "
+                                  f"got {getattr(self, key)}")
+        if not self.aux_loss_coef >= 0:
+            raise ConfigError(f"{where}.aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
+        if self.core not in ("sorted", "dense"):
+            raise ConfigError(f"{where}.core must be sorted or dense, got {self.core!r}")
+
+
+def expert_width(o: MoEOptions, ffn: int) -> int:
+    return o.expert_ffn or 8 * math.ceil(ffn / o.top_k / 8)
+
+
+# ---- routing and the two cores ----------------------------------------------------------------------
+# x [N, d]; w13 [E, 2f, d]; w2 [E, d, f]; weights [N, k] and experts [N, k] from route(). -> y [N, d]
+def route(logits, k: int, norm_topk: bool):
+    """(probs [N, E] fp32, top-k weights [N, k] fp32, top-k experts [N, k] int64)."""
+    probs = logits.float().softmax(-1)
+    weights, experts = probs.topk(k, dim=-1)
+    if norm_topk:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return probs, weights, experts
+
+
+def swiglu_stack(x, w13, w2):
+    """Expert-batched SwiGLU: x [E, n, d] -> [E, n, d]."""
+    gate, up = (x @ w13.mT).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ w2.mT
+
+
+def moe_dense(x, w13, w2, weights, experts):
+    """Every expert on every token, summed under a gate that is zero off each token's top k."""
+    gate = torch.zeros(x.shape[0], w13.shape[0], device=x.device, dtype=weights.dtype)
+    gate = gate.scatter(1, experts, weights)  # [N, E]
+    y = swiglu_stack(x.unsqueeze(0).expand(w13.shape[0], -1, -1), w13, w2)  # [E, N, d]
+    return (y * gate.mT.unsqueeze(-1).to(y.dtype)).sum(0)
+
+
+def moe_sorted(x, w13, w2, weights, experts):
+    """The N k token slots sorted by expert; expert e runs on its own slice; the outputs are scaled by
+    their weights and summed back per token."""
+    N, k = experts.shape
+    flat = experts.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()  # the slice sizes: one host sync
+    token = order // k
+    ys = [swiglu_stack(xe, w13[e], w2[e]) for e, xe in enumerate(x[token].split(counts))]
+    ys = torch.cat(ys) * weights.reshape(-1)[order, None].to(ys[0].dtype)
+    return ys.new_zeros(N, x.shape[1]).index_add(0, token, ys)
+
+
+def expert_counts(experts, E: int):
+    """Token slots per expert [E] fp32, a static shape (bincount's depends on the data: a graph break)."""
+    flat = experts.reshape(-1)
+    return torch.zeros(E, device=flat.device).scatter_add(0, flat, torch.ones(flat.shape, device=flat.device))
+
+
+def balance_loss(probs, experts):
+    """E * sum_e f_e P_e (transformers' load_balancing_loss_func for one layer): k when balanced."""
+    N, E = probs.shape
+    return E * (expert_counts(experts, E) / N * probs.mean(0)).sum()
+
+
+# ---- the block ------------------------------------------------------------------------------------
+@register_channel_mixer("moe", options=MoEOptions)
+class MoE(ChannelMixer):
+    matrix_stacks = ("w13", "w2")  # 3-D weights that are E matrices (slmlab/optim.py: Muon, weight decay)
+
+    def __init__(self, cfg):
+        super().__init__()
+        o = cfg.block_options("moe")
+        d, f = cfg.d_model, expert_width(o, cfg.ffn)
+        if cfg.mlp_bias:
+            raise ConfigError("model.mlp=moe has no biases: set model.mlp_bias=false")
+        self.opts, self.d, self.f, self.E, self.k = o, d, f, o.experts, o.top_k
+        self.router = nn.Linear(d, o.experts, bias=False)
+        # The LM's init covers nn.Linear only: the stacks take its std here, w2 scaled as residual_out is.
+        self.w13 = nn.Parameter(torch.randn(o.experts, 2 * f, d) * cfg.init_std)
+        self.w2 = nn.Parameter(torch.randn(o.experts, d, f) * (cfg.init_std / math.sqrt(2 * cfg.n_layers)))
+        self.shared = SwiGLU(d, o.shared_ffn) if o.shared_ffn else None
+        self.residual_out = ("shared.w2",) if o.shared_ffn else ()
+        self._aux: Optional[torch.Tensor] = None  # this step's balance loss, until the LM takes it
+        self._stats: Optional[torch.Tensor] = None  # [E + 2]: slots per expert, summed aux, aux count
+
+    def forward(self, x):
+        B, T, d = x.shape
+        xf = x.reshape(-1, d)
+        probs, weights, experts = route(self.router(xf), self.k, self.opts.norm_topk)
+        if not exporting():
+            self._record(probs, experts)
+        y = self._core(xf, weights, experts)
+        if self.shared is not None:
+            y = y + self.shared(xf)
+        return y.reshape(B, T, d)
+
+    def _core(self, x, weights, experts):
+        # An export graph or a compiled inference step has no data-dependent shapes: every expert runs.
+        static = exporting() or (torch.compiler.is_compiling() and not torch.is_grad_enabled())
+        if self.opts.core == "dense" or static:
+            return moe_dense(x, self.w13, self.w2, weights, experts)
+        return moe_sorted(x, self.w13, self.w2, weights, experts)
+
+    def _record(self, probs, experts):
+        """This step's balance loss for the LM (training), and the load statistics for extra_metrics."""
+        with torch.no_grad():
+            stats = expert_counts(experts, self.E)
+        aux = None
+        if self.training and torch.is_grad_enabled() and self.opts.aux_loss_coef:
+            aux = balance_loss(probs, experts)
+            self._aux = self.opts.aux_loss_coef * aux
+        seen = aux.detach().float().reshape(1) if aux is not None else stats.new_zeros(1)
+        stats = torch.cat([stats, seen, stats.new_ones(1) if aux is not None else stats.new_zeros(1)])
+        self._stats = stats if self._stats is None else self._stats + stats
+
+    def take_aux_loss(self) -> Optional[torch.Tensor]:
+        """The balance loss of the last training forward (once): LM.add_aux_losses adds its gradient."""
+        aux, self._aux = self._aux, None
+        return aux
+
+    def take_stats(self):
+        """(slots per expert [E], the mean balance loss or None) since the last call, or None."""
+        stats, self._stats = self._stats, None
+        if stats is None:
+            return None
+        n = float(stats[-1])
+        return stats[:-2], (float(stats[-2]) / n if n else None)
+
+    # ---- accounting ----
+    def flops_per_token(self, seq_len: int) -> float:
+        """The k experts a token runs (the stacks are 3-D, which the LM's 2-D count leaves out)."""
+        return 6.0 * self.k * 3 * self.d * self.f
+
+    def inactive_params(self) -> int:
+        """The E - k experts a token does not run (LM.num_params(active=True))."""
+        return (self.E - self.k) * 3 * self.d * self.f
+
+    def activation_bytes(self, batch: int, seq_len: int, act: int) -> int:
+        """Per token slot (k a token): its gathered input, the gate|up output, SiLU's output, the product,
+        the expert output and its weighted copy, its int64 position and token and fp32 weight; per token:
+        the router's fp32 probabilities, the top-k indices and weights and their sum; the shared expert's."""
+        tokens = batch * seq_len
+        out = tokens * (self.k * ((3 * self.d + 4 * self.f) * act + 20) + 4 * self.E + 12 * self.k + 4)
+        if self.shared is not None:
+            out += tokens * 4 * self.shared.w1.out_features * act
+        return out
+
+
+def moe_metrics(model) -> dict:
+    """moe.max_load (the most loaded expert's share of token slots times E, worst layer; 1 when balanced),
+    moe.dead_experts (experts no token picked, all layers) and moe.aux (the mean balance loss over the
+    training steps, before aux_loss_coef), since the last call; {} without MoE layers."""
+    loads, dead, auxes = [], 0, []
+    for layer in getattr(model, "layers", []):
+        m = getattr(layer, "mlp", None)
+        if not isinstance(m, MoE) or (got := m.take_stats()) is None:
+            continue
+        counts, a = got
+        if counts.sum() > 0:
+            loads.append(float(counts.max() / counts.mean()))
+            dead += int((counts == 0).sum())
+        if a is not None:
+            auxes.append(a)
+    if not loads:
+        return {}
+    out = {"moe.max_load": max(loads), "moe.dead_experts": dead}
+    if auxes:
+        out["moe.aux"] = sum(auxes) / len(auxes)
+    return out
