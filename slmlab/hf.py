@@ -3,8 +3,9 @@
 hybrid/conv+attn patterns <-> Lfm2ForCausalLM; all-attention patterns <-> Qwen3ForCausalLM (QK-norm),
 Qwen2ForCausalLM (q/k/v biases), LlamaForCausalLM (neither) or GPT2LMHeadModel (LayerNorm, GELU, learned
 positions); all-mamba2 patterns without MLP (model.mlp=none) <-> Mamba2ForCausalLM; mamba2 with attention
-and SwiGLU MLPs (no QK-norm) <-> GraniteMoeHybridForCausalLM without experts. The block options
-(model.norm, pos, mlp, qk_norm, *_bias, rope_scaling, the Granite scales) pick the family.
+and SwiGLU MLPs (no QK-norm) <-> GraniteMoeHybridForCausalLM without experts, and with experts beside a
+shared MLP under model.mlp=moe; attention with QK-norm and model.mlp=moe <-> Qwen3MoeForCausalLM. The block
+options (model.norm, pos, mlp, qk_norm, *_bias, rope_scaling, the Granite scales) pick the family.
 Our modules were named so that this is mostly a renaming exercise (GPT-2's fused, transposed Conv1D
 weights are split and transposed); the parity tests pin both directions.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from arch import ModelConfig
+from arch.moe import expert_width
 
 from .errors import CheckpointError, ConfigError
 
@@ -66,12 +68,29 @@ _GRANITE = {
     "fused": [(("mlp.w1.weight", "mlp.w3.weight"), "shared_mlp.input_linear.weight")],
     "final_norm": "model.norm.weight",
 }
+# Mixture-of-experts MLPs (model.mlp=moe), as the checkpoints store them (the hub's files and transformers'
+# save_pretrained; a transformers 5 model in memory renames and stacks them: _as_on_disk). Our router and
+# expert stacks w13 [E, 2f, d] (gate rows, then up rows) and w2 [E, d, f].
+# Qwen3MoeForCausalLM: Qwen3's attention; per-expert gate/up/down tensors ("experts"), no shared expert.
+_QWEN3_MOE = {
+    "common": _QWEN3["common"][:2] + [("mlp.router.weight", "mlp.gate.weight")],
+    "attn": _QWEN3["attn"], "experts": "mlp.experts", "final_norm": "model.norm.weight",
+}
+# GraniteMoeHybridForCausalLM with experts: stacked experts, and its shared_mlp is our shared expert.
+_GRANITE_MOE = {
+    **_GRANITE,
+    "common": _GRANITE["common"][:2] + [
+        ("mlp.shared.w2.weight", "shared_mlp.output_linear.weight"),
+        ("mlp.router.weight", "block_sparse_moe.router.layer.weight"),
+        ("mlp.w13", "block_sparse_moe.input_linear.weight"), ("mlp.w2", "block_sparse_moe.output_linear.weight")],
+    "fused": [(("mlp.shared.w1.weight", "mlp.shared.w3.weight"), "shared_mlp.input_linear.weight")],
+}
 # Llama and Qwen2 name their layers as Qwen3 does; the biases and QK-norm present decide what maps.
 TABLES = {"lfm2": _LFM2, "qwen3": _QWEN3, "llama": _QWEN3, "qwen2": _QWEN3, "mamba2": _MAMBA2,
-          "granitemoehybrid": _GRANITE}
+          "granitemoehybrid": _GRANITE, "qwen3_moe": _QWEN3_MOE}
 HF_CLASSES = {"lfm2": "Lfm2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
               "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel", "mamba2": "Mamba2ForCausalLM",
-              "granitemoehybrid": "GraniteMoeHybridForCausalLM"}
+              "granitemoehybrid": "GraniteMoeHybridForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 FAMILIES = tuple(HF_CLASSES)
 # What each family fixes about the block options (the rest, e.g. Llama's biases, the mapping reads).
 _ROPE_RMS = dict(norm="rmsnorm", pos="rope", mlp="swiglu")
@@ -84,7 +103,8 @@ FAMILY_OPTIONS = {
                  mlp_bias=True, rope_scaling={}),
     "mamba2": dict(norm="rmsnorm", mlp="none"),
     # pos rope or none (NoPE, IBM's own): checked in hf_family
-    "granitemoehybrid": dict(norm="rmsnorm", mlp="swiglu", qk_norm=False, mlp_bias=False, rope_scaling={}),
+    "granitemoehybrid": dict(norm="rmsnorm", qk_norm=False, mlp_bias=False, rope_scaling={}),  # swiglu or moe
+    "qwen3_moe": dict(_ROPE_RMS, mlp="moe", qk_norm=True, attn_bias=False, attn_out_bias=False, rope_scaling={}),
 }
 # The families with mamba2 layers (their GGUF tensors and keys are llama.cpp's SSM ones)
 SSM_FAMILIES = ("mamba2", "granitemoehybrid")
@@ -98,6 +118,8 @@ def _pick_family(cfg: ModelConfig) -> str:
         return "mamba2" if types == {"mamba2"} and cfg.mlp == "none" else "granitemoehybrid"
     if "conv" in cfg.layer_types():
         return "lfm2"
+    if cfg.mlp == "moe":
+        return "qwen3_moe"
     if cfg.norm == "layernorm" or cfg.pos == "learned" or cfg.mlp == "gelu":
         return "gpt2"
     if cfg.qk_norm:
@@ -122,9 +144,18 @@ def hf_family(cfg: ModelConfig) -> str:
         raise ConfigError("mamba2 layers with an MLP and no attention layer have no working transformers class "
                           "(GraniteMoeHybridForCausalLM needs an attention layer): add one, or drop the MLP with "
                           "model.mlp=none (Mamba2ForCausalLM)")
-    if "mamba2" not in kinds and cfg.mlp not in ("swiglu", "gelu"):
+    if cfg.mlp not in ("swiglu", "gelu", "moe") and ("mamba2" not in kinds or cfg.mlp != "none"):
         raise ConfigError(f"channel mixer {cfg.mlp!r} has no transformers equivalent")
+    if cfg.mlp == "moe" and "conv" in kinds:
+        raise ConfigError("conv layers with model.mlp=moe have no transformers equivalent (LFM2-MoE routes by "
+                          "sigmoid with expert biases): MoE exports with attention (Qwen3MoeForCausalLM) or "
+                          "mamba2 + attention (GraniteMoeHybridForCausalLM)")
     family = _pick_family(cfg)
+    if cfg.mlp == "moe":
+        _check_moe(cfg, family)
+    if family == "granitemoehybrid" and cfg.mlp not in ("swiglu", "moe"):
+        raise ConfigError(f"the closest transformers family, granitemoehybrid, needs model.mlp='swiglu' or 'moe' "
+                          f"(this model has {cfg.mlp!r})")
     plain = {} if family == "granitemoehybrid" else _PLAIN_SCALES
     for key, want in {**FAMILY_OPTIONS[family], **plain}.items():
         if getattr(cfg, key) != want:
@@ -144,6 +175,17 @@ def hf_family(cfg: ModelConfig) -> str:
     if family != "qwen3" and any(w is not None for w in cfg.layer_windows()):
         raise ConfigError(f"{HF_CLASSES[family]} has no sliding-window attention: use window_pattern L")
     return family
+
+
+def _check_moe(cfg: ModelConfig, family: str) -> None:
+    """What each family's MoE fixes: Granite renormalises the top k and always has a shared expert,
+    Qwen3-MoE has none."""
+    o = cfg.block_options("moe")
+    if family == "granitemoehybrid" and not (o.norm_topk and o.shared_ffn):
+        raise ConfigError("GraniteMoeHybridForCausalLM's experts need model.mixer_opts.moe.norm_topk=true and a "
+                          "shared expert (model.mixer_opts.moe.shared_ffn > 0)")
+    if family == "qwen3_moe" and o.shared_ffn:
+        raise ConfigError("Qwen3MoeForCausalLM has no shared expert: model.mixer_opts.moe.shared_ffn must be 0")
 
 
 def _gpt2_pairs(cfg: ModelConfig):
@@ -200,13 +242,18 @@ def _head(hf_sd: dict, embed: torch.Tensor, tied: bool) -> torch.Tensor:
     return hf_sd["lm_head.weight"]
 
 
+def _table(family: str, cfg: ModelConfig) -> dict:
+    return _GRANITE_MOE if family == "granitemoehybrid" and cfg.mlp == "moe" else TABLES[family]
+
+
 def to_hf_state_dict(model) -> dict:
+    """Our weights under the family's names, as its checkpoints store them on disk."""
     cfg = model.cfg
     family = hf_family(cfg)
     sd = dict(model.state_dict())
     if family == "gpt2":
         return _gpt2_to_hf(sd, cfg)
-    tab = TABLES[family]
+    tab = _table(family, cfg)
     out = {_embed(tab): sd["embed.weight"], tab["final_norm"]: sd["norm.weight"]}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
@@ -216,6 +263,40 @@ def to_hf_state_dict(model) -> dict:
                 out[f"{_layers(tab)}.{i}.{theirs}"] = sd[f"layers.{i}.{ours}"]
         for parts, theirs in tab.get("fused", []):
             out[f"{_layers(tab)}.{i}.{theirs}"] = torch.cat([sd[f"layers.{i}.{p}"] for p in parts])
+        if "experts" in tab:  # one gate, up and down tensor per expert
+            prefix = f"{_layers(tab)}.{i}.{tab['experts']}"
+            for e, (w13, w2) in enumerate(zip(sd[f"layers.{i}.mlp.w13"], sd[f"layers.{i}.mlp.w2"])):
+                gate, up = w13.chunk(2)
+                out.update({f"{prefix}.{e}.gate_proj.weight": gate, f"{prefix}.{e}.up_proj.weight": up,
+                            f"{prefix}.{e}.down_proj.weight": w2})
+    return out
+
+
+# transformers 5's in-memory names of the MoE tensors -> the checkpoint's (what its save_pretrained writes)
+_IN_MEMORY = {"block_sparse_moe.router.weight": "block_sparse_moe.router.layer.weight",
+              "block_sparse_moe.experts.gate_up_proj": "block_sparse_moe.input_linear.weight",
+              "block_sparse_moe.experts.down_proj": "block_sparse_moe.output_linear.weight"}
+
+
+def _as_on_disk(hf_sd: dict) -> dict:
+    """A transformers 5 model's state_dict() with its MoE tensors named (and, for Qwen3-MoE, split per
+    expert) as its checkpoints store them; any other state dict unchanged."""
+    out = {}
+    for k, v in hf_sd.items():
+        head, _, tail = k.rpartition(".layers.")
+        i, _, name = tail.partition(".")
+        if name in _IN_MEMORY:
+            out[f"{head}.layers.{i}.{_IN_MEMORY[name]}"] = v
+        elif name == "mlp.experts.gate_up_proj":
+            for e, w in enumerate(v):
+                gate, up = w.chunk(2)
+                out[f"{head}.layers.{i}.mlp.experts.{e}.gate_proj.weight"] = gate
+                out[f"{head}.layers.{i}.mlp.experts.{e}.up_proj.weight"] = up
+        elif name == "mlp.experts.down_proj":
+            for e, w in enumerate(v):
+                out[f"{head}.layers.{i}.mlp.experts.{e}.down_proj.weight"] = w
+        else:
+            out[k] = v
     return out
 
 
@@ -228,10 +309,13 @@ def _layers(tab: dict) -> str:
 
 
 def from_hf_state_dict(hf_sd: dict, cfg: ModelConfig) -> dict:
+    """A checkpoint's weights (or a transformers model's state_dict()) under our names."""
     family = hf_family(cfg)
     if family == "gpt2":
         return _gpt2_from_hf(hf_sd, cfg)
-    tab = TABLES[family]
+    if cfg.mlp == "moe":
+        hf_sd = _as_on_disk(hf_sd)
+    tab = _table(family, cfg)
     out = {"embed.weight": hf_sd[_embed(tab)], "norm.weight": hf_sd[tab["final_norm"]]}
     out["lm_head.weight"] = _head(hf_sd, out["embed.weight"], cfg.tie_embeddings)
     for i, kind in enumerate(cfg.layer_types()):
@@ -242,6 +326,13 @@ def from_hf_state_dict(hf_sd: dict, cfg: ModelConfig) -> dict:
         for parts, theirs in tab.get("fused", []):
             for p, t in zip(parts, hf_sd[f"{_layers(tab)}.{i}.{theirs}"].chunk(len(parts))):
                 out[f"layers.{i}.{p}"] = t
+        if "experts" in tab:
+            prefix = f"{_layers(tab)}.{i}.{tab['experts']}"
+            n = cfg.block_options("moe").experts
+            out[f"layers.{i}.mlp.w13"] = torch.stack([torch.cat([hf_sd[f"{prefix}.{e}.gate_proj.weight"],
+                                                                 hf_sd[f"{prefix}.{e}.up_proj.weight"]])
+                                                      for e in range(n)])
+            out[f"layers.{i}.mlp.w2"] = torch.stack([hf_sd[f"{prefix}.{e}.down_proj.weight"] for e in range(n)])
     return out
 
 
@@ -270,12 +361,19 @@ def to_hf_config(cfg: ModelConfig, max_position_embeddings: int = 4096, **specia
         from transformers import GraniteMoeHybridConfig
 
         o = cfg.block_options("mamba2")
-        # no experts, every multiplier 1 but attention's, which is its softmax scale (ours: 1/sqrt(head_dim))
+        # every multiplier 1 but attention's, which is its softmax scale (ours: 1/sqrt(head_dim))
+        if cfg.mlp == "moe":  # intermediate_size is the experts' width, the shared MLP's is its own
+            m = cfg.block_options("moe")
+            common.update(intermediate_size=expert_width(m, cfg.ffn))
+            experts = dict(num_local_experts=m.experts, num_experts_per_tok=m.top_k, shared_intermediate_size=m.shared_ffn,
+                           router_aux_loss_coef=m.aux_loss_coef)
+        else:
+            experts = dict(num_local_experts=0, shared_intermediate_size=cfg.ffn)
         return GraniteMoeHybridConfig(
-            **common, rms_norm_eps=cfg.norm_eps, attention_bias=cfg.attn_bias,
+            **common, **experts, rms_norm_eps=cfg.norm_eps, attention_bias=cfg.attn_bias,
             attention_multiplier=cfg.attn_scale or cfg.hd ** -0.5, embedding_multiplier=cfg.embed_scale,
-            logits_scaling=cfg.logit_scale, residual_multiplier=cfg.residual_scale, num_local_experts=0,
-            shared_intermediate_size=cfg.ffn, position_embedding_type="rope" if cfg.pos == "rope" else "nope",
+            logits_scaling=cfg.logit_scale, residual_multiplier=cfg.residual_scale,
+            position_embedding_type="rope" if cfg.pos == "rope" else "nope",
             layer_types=["mamba" if t == "mamba2" else "attention" for t in types],
             mamba_n_heads=o.expand * cfg.d_model // o.headdim, mamba_d_head=o.headdim, mamba_d_state=o.d_state,
             mamba_n_groups=o.ngroups, mamba_d_conv=o.conv_kernel, mamba_expand=o.expand, mamba_chunk_size=o.chunk,
@@ -293,6 +391,15 @@ def to_hf_config(cfg: ModelConfig, max_position_embeddings: int = 4096, **specia
 
         return LlamaConfig(**common, head_dim=cfg.hd, rms_norm_eps=cfg.norm_eps, attention_bias=cfg.attn_bias,
                            mlp_bias=cfg.mlp_bias)
+    if family == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+
+        m = cfg.block_options("moe")
+        return Qwen3MoeConfig(**common, head_dim=cfg.hd, rms_norm_eps=cfg.norm_eps, attention_bias=False,
+                              moe_intermediate_size=expert_width(m, cfg.ffn), num_experts=m.experts,
+                              num_experts_per_tok=m.top_k, norm_topk_prob=m.norm_topk,
+                              router_aux_loss_coef=m.aux_loss_coef, decoder_sparse_step=1, mlp_only_layers=[],
+                              use_sliding_window=False)
     if family == "qwen2":
         from transformers import Qwen2Config
 
@@ -349,8 +456,7 @@ def _from_mamba2_config(c) -> ModelConfig:
 
 def _from_granite_config(c, common: dict) -> ModelConfig:
     mt = "granitemoehybrid"
-    _check_values(mt, c, (("hidden_act", "silu"), ("num_local_experts", 0), ("mamba_proj_bias", False),
-                          ("mamba_conv_bias", True)))
+    _check_values(mt, c, (("hidden_act", "silu"), ("mamba_proj_bias", False), ("mamba_conv_bias", True)))
     # layer_types as written ("mamba", "attention") or as the config reads them back (linear/full_attention)
     layers = ["mamba2" if t in ("mamba", "linear_attention") else "attn" for t in c.layer_types]
     if c.position_embedding_type not in ("rope", "nope", None):
@@ -358,11 +464,29 @@ def _from_granite_config(c, common: dict) -> ModelConfig:
     opts = _mamba2_opts(mt, c.hidden_size, c.mamba_n_heads, c.mamba_d_head, c.mamba_expand, d_state=c.mamba_d_state,
                         ngroups=c.mamba_n_groups, conv_kernel=c.mamba_d_conv, chunk=c.mamba_chunk_size)
     bias = bool(c.attention_bias)
-    return ModelConfig(**common, ffn_dim=c.shared_intermediate_size, layers=layers, norm_eps=c.rms_norm_eps,
-                       qk_norm=False, attn_bias=bias, attn_out_bias=bias, mixer_opts={"mamba2": opts},
+    mlp = dict(ffn_dim=c.shared_intermediate_size)
+    if c.num_local_experts:  # routed experts beside the shared MLP (the softmax of the top-k logits)
+        mlp = dict(mlp="moe", moe=dict(experts=c.num_local_experts, top_k=c.num_experts_per_tok, norm_topk=True,
+                                       expert_ffn=c.intermediate_size, shared_ffn=c.shared_intermediate_size,
+                                       aux_loss_coef=float(c.router_aux_loss_coef)))
+    opts = {"mamba2": opts, **({"moe": mlp.pop("moe")} if "moe" in mlp else {})}
+    return ModelConfig(**common, **mlp, layers=layers, norm_eps=c.rms_norm_eps,
+                       qk_norm=False, attn_bias=bias, attn_out_bias=bias, mixer_opts=opts,
                        pos="rope" if c.position_embedding_type == "rope" else "none",
                        embed_scale=float(c.embedding_multiplier), residual_scale=float(c.residual_multiplier),
                        logit_scale=float(c.logits_scaling), attn_scale=float(c.attention_multiplier))
+
+
+def _from_qwen3_moe_config(c, common: dict) -> ModelConfig:
+    mt = "qwen3_moe"
+    _check_values(mt, c, (("attention_bias", False), ("use_sliding_window", False), ("decoder_sparse_step", 1)))
+    if list(c.mlp_only_layers or []):  # model.mlp is one channel mixer for every layer
+        raise ConfigError(f"{mt}: mlp_only_layers={list(c.mlp_only_layers)} mixes dense and MoE layers, which "
+                          "slmlab's one model.mlp cannot: only [] is supported")
+    common.pop("ffn_dim")  # the dense width no layer uses
+    moe = dict(experts=c.num_experts, top_k=c.num_experts_per_tok, expert_ffn=c.moe_intermediate_size,
+               norm_topk=bool(c.norm_topk_prob), aux_loss_coef=float(c.router_aux_loss_coef))
+    return ModelConfig(**common, mlp="moe", mixer_opts={"moe": moe})
 
 
 def unsupported(mt) -> ConfigError:
@@ -430,6 +554,8 @@ def from_hf_config(hf_cfg) -> ModelConfig:
         bias = bool(getattr(hf_cfg, "attention_bias", False))
         return ModelConfig(**common, qk_norm=False, attn_bias=bias, attn_out_bias=bias,
                            mlp_bias=bool(getattr(hf_cfg, "mlp_bias", False)))
+    if mt == "qwen3_moe":
+        return _from_qwen3_moe_config(hf_cfg, common)
     if mt == "qwen2":
         if getattr(hf_cfg, "use_sliding_window", False):
             raise ConfigError("qwen2 with use_sliding_window=true is not supported")

@@ -88,6 +88,14 @@ def _mlp_bias(cfg: RunConfig) -> Optional[str]:
     return _no_mlp(cfg)
 
 
+def _ffn_dim(cfg: RunConfig) -> Optional[str]:
+    # the built-in moe derives its experts' width from model.ffn_dim unless its expert_ffn is set
+    if cfg.model.mlp == "moe" and is_builtin(CHANNEL_MIXERS["moe"]) and _builtin_blocks(cfg) \
+            and cfg.model.block_options("moe").expert_ffn:
+        return "model.mixer_opts.moe.expert_ffn sets the experts' width"
+    return _no_mlp(cfg)
+
+
 def _no_mlp(cfg: RunConfig) -> Optional[str]:
     # a researcher's own token mixer may read model.ffn_dim
     if cfg.model.mlp == NO_MLP and _builtin_blocks(cfg):
@@ -135,7 +143,7 @@ RULES: dict[str, Callable[[RunConfig], Optional[str]]] = {
     **{f"model.{k}": NO_ATTN for k in ("n_kv_heads", "qk_norm", "attn_bias", "attn_out_bias", "attn_scale")},
     "model.n_heads": _heads("n_heads"), "model.head_dim": _heads("head_dim"),
     "model.conv_kernel": _without("conv", "a short conv"), "model.conv_bias": _without("conv", "a short conv"),
-    "model.mlp_bias": _mlp_bias, "model.ffn_dim": _no_mlp,
+    "model.mlp_bias": _mlp_bias, "model.ffn_dim": _ffn_dim,
 }
 
 

@@ -47,14 +47,29 @@ def hf_config(family: str):
         c.position_embedding_type, c.embedding_multiplier, c.residual_multiplier = "nope", 12.0, 0.25
         c.attention_multiplier, c.logits_scaling = 0.05, 4.0
         return c
+    if family == "qwen3_moe":  # 6 experts, 2 a token, renormalised; untied
+        return t.Qwen3MoeConfig(vocab_size=V, hidden_size=64, intermediate_size=96, moe_intermediate_size=40,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                num_experts=6, num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=False,
+                                bos_token_id=1, eos_token_id=2)
+    if family == "qwen3_moe-raw":  # top-k weights as the softmax gives them (Qwen3-MoE's own default), tied
+        c = hf_config("qwen3_moe")
+        c.norm_topk_prob, c.num_experts_per_tok, c.tie_word_embeddings = False, 3, True
+        return c
+    if family == "granitemoehybrid-moe":  # as IBM's Granite-4.0-H MoE models: routed experts + a shared MLP
+        c = hf_config("granitemoehybrid-ibm")
+        c.num_local_experts, c.num_experts_per_tok, c.intermediate_size = 5, 2, 24
+        return c
     return t.GPT2Config(vocab_size=V, n_positions=64, n_embd=64, n_layer=2, n_head=4, n_inner=None,
                         bos_token_id=1, eos_token_id=2)
 
 
-FAMILIES = ["llama", "llama-bias", "qwen2", "gpt2", "mamba2", "granitemoehybrid", "granitemoehybrid-ibm"]
+FAMILIES = ["llama", "llama-bias", "qwen2", "gpt2", "mamba2", "granitemoehybrid", "granitemoehybrid-ibm",
+            "granitemoehybrid-moe", "qwen3_moe", "qwen3_moe-raw"]
 CLASS = {"llama": "LlamaForCausalLM", "llama-bias": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
          "gpt2": "GPT2LMHeadModel", "mamba2": "Mamba2ForCausalLM", "granitemoehybrid": "GraniteMoeHybridForCausalLM",
-         "granitemoehybrid-ibm": "GraniteMoeHybridForCausalLM"}
+         "granitemoehybrid-ibm": "GraniteMoeHybridForCausalLM", "granitemoehybrid-moe": "GraniteMoeHybridForCausalLM",
+         "qwen3_moe": "Qwen3MoeForCausalLM", "qwen3_moe-raw": "Qwen3MoeForCausalLM"}
 
 
 def hf_model(family: str, seed: int = 0):
@@ -100,15 +115,22 @@ def test_greedy_generation_matches_transformers(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_export_back_to_the_same_class(family):
+def test_export_back_to_the_same_class(family, tmp_path):
+    """Our weights under the family's names as its checkpoints store them (a MoE's experts as the hub has
+    them, not as a transformers 5 model holds them in memory), read back by from_pretrained."""
+    from safetensors.torch import save_file
+
     hf = hf_model(family)
     ours = ours_from(hf)
-    back = transformers.AutoModelForCausalLM.from_config(to_hf_config(ours.cfg), attn_implementation="eager").eval()
+    to_hf_config(ours.cfg).save_pretrained(tmp_path)
+    sd = {k: v.contiguous() for k, v in to_hf_state_dict(ours).items()}
+    assert sd.keys() <= set(hf.state_dict()) or ours.cfg.mlp == "moe"
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
+                                                                    output_loading_info=True)
+    back.eval()
     assert type(back).__name__ == CLASS[family]
-    missing, unexpected = back.load_state_dict(to_hf_state_dict(ours), strict=False)
-    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
-    if ours.cfg.tie_embeddings:
-        back.tie_weights()
+    assert not info["unexpected_keys"] and all("lm_head" in k for k in info["missing_keys"]), info
     idx = torch.randint(0, V, (1, 13))
     with torch.no_grad():
         torch.testing.assert_close(back(idx).logits, hf(idx).logits, atol=1e-5, rtol=0)
@@ -489,3 +511,31 @@ def test_mamba2_models_without_a_transformers_class_are_named(layers, overrides,
     cfg = ModelConfig(vocab_size=V, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, layers=layers, **overrides)
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
         hf_family(cfg)
+
+
+@pytest.mark.parametrize("layers,moe,needle", [
+    ("CA", {}, "conv layers with model.mlp=moe have no transformers equivalent"),
+    ("A", {"shared_ffn": 32}, "Qwen3MoeForCausalLM has no shared expert"),
+    ("MA", {}, "GraniteMoeHybridForCausalLM's experts need model.mixer_opts.moe.norm_topk=true and a shared expert"),
+    ("MA", {"shared_ffn": 32, "norm_topk": False}, "norm_topk=true and a shared expert")])
+def test_moe_models_without_a_transformers_class_are_named(layers, moe, needle):
+    from arch import ModelConfig
+    from slmlab.errors import ConfigError
+
+    cfg = ModelConfig(vocab_size=V, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, layers=layers, mlp="moe",
+                      qk_norm="M" not in layers, mixer_opts={"moe": moe})
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        hf_family(cfg)
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("mlp_only_layers", [1], "mlp_only_layers=[1] mixes dense and MoE layers"),
+    ("decoder_sparse_step", 2, "decoder_sparse_step=2 is not supported"),
+    ("use_sliding_window", True, "use_sliding_window=True is not supported")])
+def test_a_qwen3_moe_config_our_model_cannot_be_is_refused(key, value, needle):
+    from slmlab.errors import ConfigError
+
+    c = hf_config("qwen3_moe")
+    setattr(c, key, value)
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):
+        from_hf_config(c)

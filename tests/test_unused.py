@@ -58,6 +58,9 @@ UNUSED = [
     (["model.pos=none", "model.rope_theta=5e5"], "model.rope_theta", "model.pos is none"),
     (["model.mlp=none", "model.mlp_bias=true"], "model.mlp_bias", "model.mlp is none (no channel mixer)"),
     (["model.mixer_opts.lif.beta=0.5"], "model.mixer_opts.lif", "no layer uses the lif block"),
+    (["model.mixer_opts.moe.experts=4"], "model.mixer_opts.moe", "no layer uses the moe block"),
+    (["model.mlp=moe", "model.mixer_opts.moe.expert_ffn=32", "model.ffn_dim=128"], "model.ffn_dim",
+     "model.mixer_opts.moe.expert_ffn sets the experts' width"),
 ]
 # each changes what it sets, and is read
 USED = [
@@ -80,6 +83,8 @@ USED = [
     ["model.ffn_dim=192"],
     ["model.attn_scale=0.1"], ["model.embed_scale=2.0"], ["model.residual_scale=0.5"], ["model.logit_scale=2.0"],
     ["model.pos=none"],
+    ["model.mlp=moe", "model.ffn_dim=256"],  # the experts' width: ffn_dim / top_k
+    ["model.mlp=moe", "model.mixer_opts.moe.top_k=1"],
 ]
 
 

@@ -1,7 +1,8 @@
 """GGUF for llama.cpp: architecture `lfm2` (conv+attn hybrids), `qwen3` (attention with QK-norm), `qwen2`
 (q/k/v biases) or `llama` (neither; Llama-3 rope scaling as llama.cpp's rope_freqs tensor); `mamba2`
-(mamba2 layers without MLP) and `granitehybrid` (mamba2 + attention without QK-norm + SwiGLU), the
-two slmlab/hf.py maps to Mamba2ForCausalLM and GraniteMoeHybridForCausalLM.
+(mamba2 layers without MLP) and `granitehybrid` (mamba2 + attention without QK-norm + SwiGLU or routed
+experts beside a shared one), the two slmlab/hf.py maps to Mamba2ForCausalLM and
+GraniteMoeHybridForCausalLM; `qwen3moe` (attention with QK-norm + model.mlp=moe, Qwen3MoeForCausalLM).
 
 Tensor names come from slmlab/hf.py's HF mapping followed by gguf's own TensorNameMap (the table
 llama.cpp's converter uses), so no name table lives here. Tokenizer metadata: our byte-level BPE is
@@ -22,11 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from arch.moe import expert_width
+
 from ..errors import ConfigError
 from ..hf import SSM_FAMILIES, hf_family, to_hf_state_dict
 from . import require
 
-GGUF_FAMILIES = ("lfm2", "qwen3", "llama", "qwen2", *SSM_FAMILIES)
+GGUF_FAMILIES = ("lfm2", "qwen3", "llama", "qwen2", "qwen3_moe", *SSM_FAMILIES)
 
 
 def check_supported(mcfg):
@@ -37,6 +40,10 @@ def check_supported(mcfg):
         raise ConfigError("llama.cpp's llama has no MLP biases: export mlp_bias=false models to gguf")
     if family == "qwen3" and any(w is not None for w in mcfg.layer_windows()):
         raise ConfigError("llama.cpp's qwen3 has no sliding-window attention: export window_pattern L models to gguf")
+    if mcfg.mlp == "moe" and not mcfg.block_options("moe").norm_topk:
+        # llama.cpp's qwen3moe and granitehybrid graphs (build_moe_ffn with norm_w) always renormalise
+        raise ConfigError("llama.cpp renormalises the top-k expert weights: export "
+                          "model.mixer_opts.moe.norm_topk=true models to gguf")
     if family == "lfm2" and mcfg.conv_bias:
         raise ConfigError("llama.cpp's lfm2 has no conv biases: export conv_bias=false models to gguf")
 
@@ -72,14 +79,8 @@ def export(model, tok, cfg, out: Path, opts):
     gguf = require("gguf", "gguf", "gguf")
     mcfg = cfg.model
     family = hf_family(mcfg)
-    if opts.quant == "q8_0" and family in SSM_FAMILIES:
-        # Measured 2026-12-02 with llama-cpp-python 0.3.36: a Q8_0 ssm_out (mamba2) or Q8_0 attention or
-        # MLP weights (granitehybrid) segfault llama.cpp's evaluation, at d_model 64 and 256 alike, while
-        # f32 and f16 files match our logits. A file that crashes its runtime is not written.
-        raise ConfigError(f"--quant q8_0 is not supported for {family} models: llama.cpp crashes evaluating their "
-                          "Q8_0 weights; export f32 (the default) or --dtype fp16")
     arch = {"lfm2": gguf.MODEL_ARCH.LFM2, "qwen3": gguf.MODEL_ARCH.QWEN3, "llama": gguf.MODEL_ARCH.LLAMA,
-            "qwen2": gguf.MODEL_ARCH.QWEN2, "mamba2": gguf.MODEL_ARCH.MAMBA2,
+            "qwen2": gguf.MODEL_ARCH.QWEN2, "mamba2": gguf.MODEL_ARCH.MAMBA2, "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE,
             "granitemoehybrid": gguf.MODEL_ARCH.GRANITE_HYBRID}[family]
     plain = {"fp32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
              "fp16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
@@ -97,6 +98,8 @@ def export(model, tok, cfg, out: Path, opts):
         _ssm_metadata(w, mcfg, family)
     else:
         _attention_metadata(w, mcfg, family)
+    if mcfg.mlp == "moe":
+        _moe_metadata(w, mcfg)
     _tokenizer_metadata(w, tok)
 
     types, fell_back = _add_tensors(w, gguf, arch, model, family, wtype, plain[0])
@@ -129,6 +132,18 @@ def _attention_metadata(w, mcfg, family: str):
     w.add_rope_freq_base(mcfg.rope_theta)
 
 
+def _moe_metadata(w, mcfg):
+    """Expert counts and widths: qwen3moe reads expert_feed_forward_length, granitehybrid sizes its
+    experts by feed_forward_length and its shared expert by expert_shared_feed_forward_length."""
+    o = mcfg.block_options("moe")
+    f = expert_width(o, mcfg.ffn)
+    w.add_expert_count(o.experts)
+    w.add_expert_used_count(o.top_k)
+    w.add_expert_feed_forward_length(f)
+    if o.shared_ffn:
+        w.add_expert_shared_feed_forward_length(o.shared_ffn)
+
+
 def _ssm_metadata(w, mcfg, family: str):
     """llama.cpp's mamba2 and granitehybrid keys, as its converter writes them for transformers'
     Mamba2ForCausalLM and GraniteMoeHybridForCausalLM (time_step_rank = the number of SSM heads)."""
@@ -143,7 +158,8 @@ def _ssm_metadata(w, mcfg, family: str):
         w.add_feed_forward_length(0)
         w.add_head_count(0)
         return
-    w.add_feed_forward_length(mcfg.ffn)
+    moe = mcfg.mlp == "moe"
+    w.add_feed_forward_length(expert_width(mcfg.block_options("moe"), mcfg.ffn) if moe else mcfg.ffn)
     w.add_head_count(mcfg.n_heads)
     w.add_head_count_kv([mcfg.n_kv_heads if t == "attn" else 0 for t in mcfg.layer_types()])
     w.add_vocab_size(mcfg.vocab_size)
@@ -152,7 +168,8 @@ def _ssm_metadata(w, mcfg, family: str):
     # granitehybrid applies RoPE only under this flag (IBM's hybrids use none: model.pos=none; its
     # converter sets it for Bamba)
     w.add_rope_scaling_finetuned(mcfg.pos == "rope")
-    w.add_expert_count(0)
+    if not moe:  # _moe_metadata writes the MoE's
+        w.add_expert_count(0)
     w.add_attention_scale(mcfg.attn_scale or mcfg.hd ** -0.5)
     w.add_embedding_scale(mcfg.embed_scale)
     w.add_residual_scale(mcfg.residual_scale)
@@ -169,7 +186,7 @@ def _add_tensors(w, gguf, arch, model, family: str, wtype, fallback):
         if name is None:
             raise ConfigError(f"no GGUF name for tensor {hf_name}")
         data = t.detach().float().cpu().numpy()
-        if data.ndim == 3:
+        if data.ndim == 3 and any(k in hf_name for k in _CONV):
             data = data.squeeze(1)  # the conv kernels: llama.cpp's shortconv and ssm_conv1d are [D, K]
         qtype, fell = _tensor_type(gguf, hf_name, data, wtype, fallback)
         _add_tensor(w, gguf, name, np.ascontiguousarray(data), qtype)
@@ -180,7 +197,8 @@ def _add_tensors(w, gguf, arch, model, family: str, wtype, fallback):
 
 # 2-dim tensors llama.cpp reads as f32: the conv kernels, mamba2's A and D (as [heads, 1]) and its
 # grouped norm (as [groups, d_inner / groups])
-_F32_2D = (".conv.conv.", ".conv1d.", ".A_log", ".D", "mixer.norm.", "mamba.norm.")
+_CONV = (".conv.conv.", ".conv1d.")
+_F32_2D = (*_CONV, ".A_log", ".D", "mixer.norm.", "mamba.norm.")
 
 
 def _tensor_type(gguf, hf_name, data, wanted, fallback):
@@ -188,7 +206,7 @@ def _tensor_type(gguf, hf_name, data, wanted, fallback):
     short-conv kernels (llama.cpp reads them as f32) and, for Q8_0, matrices whose rows are not a
     multiple of its 32-weight blocks (then `fallback`, the --dtype type)."""
     T = gguf.GGMLQuantizationType
-    if data.ndim != 2 or any(k in hf_name for k in _F32_2D):
+    if data.ndim not in (2, 3) or any(k in hf_name for k in _F32_2D):  # 3-D: MoE expert stacks
         return T.F32, False
     if wanted == T.Q8_0 and data.shape[-1] % 32:
         return fallback, True
@@ -214,6 +232,8 @@ def interleave_rope_rows(t, n_heads: int):
 def gguf_tensors(model, family: str) -> dict:
     """HF-named tensors as llama.cpp reads them for `family`."""
     sd, cfg = to_hf_state_dict(model), model.cfg
+    if cfg.mlp == "moe":
+        sd = _moe_tensors(sd, model)
     if family in SSM_FAMILIES:
         sd = _ssm_tensors(sd, cfg)
     # llama.cpp's llama and granitehybrid rotate interleaved pairs (their converter undoes HF's permutation)
@@ -229,6 +249,22 @@ def gguf_tensors(model, family: str) -> dict:
         base = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.hd, 2, dtype=torch.float32) / cfg.hd))
         sd["rope_freqs.weight"] = base / scaled.float().cpu()
     return sd
+
+
+def _moe_tensors(sd: dict, model) -> dict:
+    """llama.cpp's MoE tensors from our MoE layers, in place of the family's: the router as ffn_gate_inp,
+    the experts as gate, up and down stacks [E, f, d] / [E, d, f] (*_exps), a shared expert as *_shexp."""
+    family_names = (".mlp.experts.", ".mlp.gate.", ".block_sparse_moe.", ".shared_mlp.")
+    out = {k: v for k, v in sd.items() if not any(n in k for n in family_names)}
+    for i, layer in enumerate(model.layers):
+        m, p = layer.mlp, f"model.layers.{i}.mlp"
+        gate, up = m.w13.chunk(2, dim=1)
+        out.update({f"{p}.gate.weight": m.router.weight, f"{p}.experts.gate_proj.weight": gate,
+                    f"{p}.experts.up_proj.weight": up, f"{p}.experts.down_proj.weight": m.w2})
+        if m.shared is not None:
+            for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+                out[f"{p}.shared_expert.{theirs}.weight"] = getattr(m.shared, ours).weight
+    return out
 
 
 def _ssm_tensors(sd: dict, cfg) -> dict:
