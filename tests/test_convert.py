@@ -9,7 +9,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from unittest.mock import patch
 
 import pytest
 import torch
@@ -447,20 +446,12 @@ def test_gguf_refuses_sliding_window(runs, tmp_path):
 def llama_logits(path, ids, text=None, repack=True):
     """All-position logits from llama.cpp (llama-cpp-python) with an f32 KV cache; if `text` is
     given, also checks that llama.cpp's tokenizer (from the GGUF metadata) gives `ids` for it.
-    repack=False: without llama.cpp's extra weight buffers (llama-cli --no-repack), which Llama() does
-    not expose: its model defaults are patched for this call."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    api = pytest.importorskip("llama_cpp.llama").llama_cpp  # the C API module Llama() calls
-    defaults = api.llama_model_default_params
+    repack=False: without llama.cpp's extra weight buffers (slmlab/export/gguf.py open_llama)."""
+    pytest.importorskip("llama_cpp")
+    from slmlab.export.gguf import open_llama
 
-    def no_repack():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    with patch.object(api, "llama_model_default_params", defaults if repack else no_repack):
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, n_threads=2, n_batch=256,
-                              type_k=0, type_v=0, verbose=False)  # GGML_TYPE_F32 = 0
+    llm = open_llama(path, repack=repack, n_ctx=256, logits_all=True, n_threads=2, n_batch=256,
+                     type_k=0, type_v=0, verbose=False)  # GGML_TYPE_F32 = 0
     if text is not None:
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
     llm.eval(ids)

@@ -116,11 +116,16 @@ def _gguf(c: Case, f: str):
     kw = {"quant": "q8_0"} if kind == "q8_0" else {"dtype": {"f32": "fp32", "f16": "fp16"}[kind]}
     size = c.export("gguf", f + ".gguf", **kw)
     try:
-        import llama_cpp
+        import llama_cpp  # noqa: F401
     except ImportError:
         return f"GGUF {kind} / llama.cpp", size, None, None
-    llm = llama_cpp.Llama(model_path=str(c.tmp / (f + ".gguf")), n_ctx=c.max_len, logits_all=True,
-                          n_threads=c.threads, type_k=0, type_v=0, verbose=False)
+    from .gguf import open_llama
+
+    # quantized files run without weight repacking: with it llama.cpp segfaults on AMX CPUs (open_llama)
+    quantized = kind == "q8_0"
+    llm = open_llama(c.tmp / (f + ".gguf"), repack=not quantized, n_ctx=c.max_len, logits_all=True,
+                     n_threads=c.threads, type_k=0, type_v=0, verbose=False)
+    kind += " (no repack)" if quantized else ""
     ids = c.idx[0].tolist()
     llm.eval(ids)
     pre = torch.tensor(llm.scores[:len(ids)].copy())[None]

@@ -294,6 +294,28 @@ def _ssm_tensors(sd: dict, cfg) -> dict:
     return out
 
 
+def open_llama(path, repack: bool = True, **kw):
+    """llama_cpp.Llama(model_path=path, **kw); repack=False turns off llama.cpp's extra weight buffers (the
+    AMX / repacked layouts, `llama-cli --no-repack`), which Llama() does not expose. Measured 2026-12-02:
+    llama-cpp-python 0.3.36 segfaults evaluating any quantized file (Q8_0, Q4_0, llama.cpp's own
+    quantizer's too) on this project's AMX CPUs with them on, and runs it with them off."""
+    from unittest.mock import patch
+
+    import llama_cpp
+    import llama_cpp.llama
+
+    api = llama_cpp.llama.llama_cpp  # the C API module Llama() reads its defaults from
+    defaults = api.llama_model_default_params
+
+    def no_repack():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    with patch.object(api, "llama_model_default_params", defaults if repack else no_repack):
+        return llama_cpp.Llama(model_path=str(path), **kw)
+
+
 def read_gguf(path) -> tuple[dict, dict]:
     """(metadata {key: value}, tensors {name: float32 array in our orientation}) via gguf.GGUFReader."""
     gguf = require("gguf", "gguf", "gguf")
