@@ -103,11 +103,15 @@ def moe_dense(x, w13, w2, weights, experts):
 
 def moe_sorted(x, w13, w2, weights, experts):
     """The N k token slots sorted by expert; expert e runs on its own slice; the outputs are scaled by
-    their weights and summed back per token."""
+    their weights and summed back per token. The slices' sizes go to the host (one sync a layer).
+    Why a loop and not F.grouped_mm (one call for every slice, CPU fp32 works in torch 2.13): measured
+    slower here, a training step of the default hybrid with MoE at 0.41x the dense SwiGLU's tokens/s
+    against the loop's 0.59x, forward 0.81x against 0.86x (interleaved, 2 threads, busy machine); its
+    backward dominates. Under torch.compile its fake-tensor rule takes bf16 only."""
     N, k = experts.shape
     flat = experts.reshape(-1)
     order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()  # the slice sizes: one host sync
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
     token = order // k
     ys = [swiglu_stack(xe, w13[e], w2[e]) for e, xe in enumerate(x[token].split(counts))]
     ys = torch.cat(ys) * weights.reshape(-1)[order, None].to(ys[0].dtype)
