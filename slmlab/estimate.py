@@ -287,6 +287,7 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
         lora = {"trainable": n, "share": n / st.params,
                 "saved_bytes": full.gradients + full.optimizer - st.gradients - st.optimizer}
     out = {"arch": cfg.arch, "params": st.params, "params_non_embedding": st.params_non_embedding,
+           "params_active": model.num_params(active=True),
            "device": "cuda (bf16 autocast)" if cuda else "cpu (fp32)", "world": world,
            "parallel": cfg.train.parallel if world > 1 else None, "optimizer": cfg.optim.name,
            "static_bytes": st.bytes(), "lora": lora, "phases": [],
@@ -320,8 +321,9 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
         flops_avg = total_flops / max(1, tokens)
         out["throughput"] = {
             "peak_flops": peak_flops, "peak_source": peak_desc, "mfu": mfu, "tokens_per_s": rate / flops_avg,
-            "run_seconds": total_flops / rate, "chinchilla_tokens": 20 * st.params,
-            "chinchilla_seconds": 20 * st.params * flops_avg / rate,
+            # 20 tokens per parameter a token uses (a MoE's active ones)
+            "run_seconds": total_flops / rate, "chinchilla_tokens": 20 * out["params_active"],
+            "chinchilla_seconds": 20 * out["params_active"] * flops_avg / rate,
             "step_seconds": [p["flops_per_token"] * p["tokens_per_step"] / rate for p in out["phases"]]}
     out["inference"] = inference_memory(model, cfg, context)
     return out
@@ -388,7 +390,10 @@ def _b(n) -> str:
 def report(est: dict) -> str:
     """The human-readable --dry-run report."""
     s = est["static_bytes"]
-    lines = [f"model: {est['arch']}  {count(est['params'])} params ({count(est['params_non_embedding'])} non-embedding)"
+    active = est.get("params_active", est["params"])
+    active = f", {count(active)} active a token" if active != est["params"] else ""
+    lines = [f"model: {est['arch']}  {count(est['params'])} params ({count(est['params_non_embedding'])} non-embedding"
+             f"{active})"
              f"  device: {est['device']}" + (f"  world {est['world']} ({est['parallel']}, per rank)"
                                             if est["world"] > 1 else ""),
              est["kernels"],
