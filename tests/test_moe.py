@@ -206,3 +206,30 @@ def test_bf16_autocast_keeps_the_cores_together():
         ref = mlp(x)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_moe_run_with_muon_resumes_exactly(tmp_path):
+    """Muon's momentum for the 3-D expert stacks and the router's AdamW state come back from the
+    checkpoint: a run resumed from step 4 logs the uninterrupted run's losses for steps 5-8."""
+    import shutil
+
+    from trainer_helpers import losses, run_here, tiny_overrides, write_corpus
+
+    from slmlab.checkpoint import checkpoint_dirs
+
+    corpus = write_corpus(tmp_path / "c.txt")
+    ov = tiny_overrides(tmp_path, steps=8, **{"train.ckpt_every": 4, "optim.name": "muon", "model.mlp": "moe",
+                                              "model.mixer_opts": "{moe: {experts: 4, top_k: 2}}"})
+    rc, _, err = run_here("train", "--data", corpus, "--out", tmp_path / "full", *ov)
+    assert rc == 0, err
+    run = tmp_path / "cut"
+    shutil.copytree(tmp_path / "full", run)
+    (run / "summary.json").unlink()
+    for ckpt in checkpoint_dirs(run):
+        if int(ckpt.name[5:]) > 4:
+            shutil.rmtree(ckpt)
+    rc, out, err = run_here("train", "--resume", "--out", run)
+    assert rc == 0 and "resumed from" in out, err
+    full, resumed = losses(tmp_path / "full"), losses(run)
+    assert sorted(resumed) == sorted(full) == list(range(1, 9))
+    assert max(abs(full[k] - resumed[k]) for k in full) <= 1e-6, (full, resumed)
