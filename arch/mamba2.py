@@ -59,6 +59,13 @@ class Mamba2Options:
     chunk: int = 64  # tokens per chunk of the training path
     core: str = "chunked"  # chunked | reference (the token-by-token loop)
 
+    def d_inner(self, d_model: int) -> int:
+        return self.expand * d_model
+
+    def heads(self, d_model: int) -> int:
+        """SSM heads: d_inner / headdim (the block refuses a headdim that does not divide d_inner)."""
+        return self.d_inner(d_model) // self.headdim
+
     def check(self, where: str):
         for key in ("d_state", "expand", "headdim", "ngroups", "conv_kernel", "chunk"):
             value = getattr(self, key)
@@ -177,11 +184,11 @@ class Mamba2(Mixer):
         o = cfg.block_options("mamba2")
         self.opts, self.causal, self.backend, self.eps = o, cfg.causal, cfg.kernels, cfg.norm_eps
         d = cfg.d_model
-        self.d_inner = o.expand * d
+        self.d_inner = o.d_inner(d)
         if self.d_inner % o.headdim:
             raise ConfigError(f"model.mixer_opts.mamba2.headdim={o.headdim} does not divide d_inner = expand * "
                               f"d_model = {o.expand} * {d} = {self.d_inner}")
-        self.nheads, self.P = self.d_inner // o.headdim, o.headdim
+        self.nheads, self.P = o.heads(d), o.headdim
         self.N, self.G, self.K = o.d_state, o.ngroups, o.conv_kernel
         if self.nheads % self.G:
             raise ConfigError(f"model.mixer_opts.mamba2.ngroups={self.G} does not divide the {self.nheads} heads "

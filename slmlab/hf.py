@@ -375,7 +375,7 @@ def to_hf_config(cfg: ModelConfig, max_position_embeddings: int = 4096, **specia
             logits_scaling=cfg.logit_scale, residual_multiplier=cfg.residual_scale,
             position_embedding_type="rope" if cfg.pos == "rope" else "nope",
             layer_types=["mamba" if t == "mamba2" else "attention" for t in types],
-            mamba_n_heads=o.expand * cfg.d_model // o.headdim, mamba_d_head=o.headdim, mamba_d_state=o.d_state,
+            mamba_n_heads=o.heads(cfg.d_model), mamba_d_head=o.headdim, mamba_d_state=o.d_state,
             mamba_n_groups=o.ngroups, mamba_d_conv=o.conv_kernel, mamba_expand=o.expand, mamba_chunk_size=o.chunk,
             mamba_conv_bias=True, mamba_proj_bias=False, time_step_limit=(0.0, float("inf")))
     if family == "lfm2":
@@ -422,7 +422,7 @@ def _to_mamba2_config(cfg: ModelConfig, **special_ids):
     # time_step_limit (0, inf): dt is not clamped, in our block either
     return Mamba2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
                         state_size=o.d_state, expand=o.expand, head_dim=o.headdim,
-                        num_heads=o.expand * cfg.d_model // o.headdim, n_groups=o.ngroups, conv_kernel=o.conv_kernel,
+                        num_heads=o.heads(cfg.d_model), n_groups=o.ngroups, conv_kernel=o.conv_kernel,
                         chunk_size=o.chunk, use_bias=False, use_conv_bias=True, hidden_act="silu",
                         layer_norm_epsilon=cfg.norm_eps, time_step_limit=(0.0, float("inf")),
                         tie_word_embeddings=cfg.tie_embeddings, **special_ids)

@@ -148,11 +148,11 @@ def _ssm_metadata(w, mcfg, family: str):
     """llama.cpp's mamba2 and granitehybrid keys, as its converter writes them for transformers'
     Mamba2ForCausalLM and GraniteMoeHybridForCausalLM (time_step_rank = the number of SSM heads)."""
     o = mcfg.block_options("mamba2")
-    d_inner = o.expand * mcfg.d_model
+    d_inner = o.d_inner(mcfg.d_model)
     w.add_ssm_conv_kernel(o.conv_kernel)
     w.add_ssm_inner_size(d_inner)
     w.add_ssm_state_size(o.d_state)
-    w.add_ssm_time_step_rank(d_inner // o.headdim)
+    w.add_ssm_time_step_rank(o.heads(mcfg.d_model))
     w.add_ssm_group_count(o.ngroups)
     if family == "mamba2":  # no attention, no MLP: llama.cpp still reads the two counts
         w.add_feed_forward_length(0)
@@ -272,7 +272,7 @@ def _ssm_tensors(sd: dict, cfg) -> dict:
     named as dt_proj's bias, A = -exp(A_log) and D as [heads, 1], the gated norm as [groups, d_inner /
     groups]; Granite's fused gate|up MLP split into gate and up, its down as a plain FFN's."""
     o = cfg.block_options("mamba2")
-    groups, d_inner = o.ngroups, o.expand * cfg.d_model
+    groups, d_inner = o.ngroups, o.d_inner(cfg.d_model)
     out = {}
     for name, t in sd.items():
         if name.endswith(".dt_bias"):
