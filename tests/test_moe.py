@@ -5,7 +5,7 @@ import torch
 
 from arch import ModelConfig, build_model
 from arch.loss import linear_cross_entropy_ref
-from arch.moe import balance_loss, moe_dense, moe_sorted, route
+from arch.moe import balance_loss, moe_dense, moe_few, moe_sorted, route
 from slmlab.errors import ConfigError
 from slmlab.optim import BatchedMuon, route_params
 
@@ -27,10 +27,11 @@ def _case(N, E, k, d=16, f=24, seed=0):
 
 @pytest.mark.parametrize("N", [1, 7, 63])
 @pytest.mark.parametrize("E,k", [(4, 1), (8, 2), (5, 3)])
-def test_sorted_core_equals_dense_reference_forward_and_gradients(N, E, k):
+@pytest.mark.parametrize("fast", [moe_sorted, moe_few], ids=["sorted", "few"])
+def test_fast_cores_equal_dense_reference_forward_and_gradients(N, E, k, fast):
     x, w13, w2, logits = _case(N, E, k)
     outs, grads = [], []
-    for core in (moe_dense, moe_sorted):
+    for core in (moe_dense, fast):
         _, w, idx = route(logits, k, norm_topk=True)
         y = core(x, w13, w2, w, idx)
         outs.append(y)
