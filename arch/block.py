@@ -15,6 +15,10 @@ A channel mixer (`ChannelMixer`) is forward(x) -> y with the same flops_per_toke
 activation_bytes.
 Either kind may define take_aux_loss() -> a scalar tensor or None: a training-only loss of its last
 forward, handed over once (MoE's load balance, arch/moe.py); the LM adds its gradient to the objective.
+A module's `matrix_stacks` names its 3-D weights that are stacks of matrices (MoE experts): Muon and
+weight decay treat them as the matrices they hold (slmlab/optim.py), unlike 3-D depthwise conv kernels.
+after_step(stepped) is called after every optimizer step (LM.after_optimizer_step), for state that
+gradients do not train (MoE's expert bias).
 Register a mixer with `@register(name, letter, options=OptionsDataclass)` (arch/registry.py); its
 options arrive as `cfg.block_options(name)`. The LM sums parameter-matmul FLOPs itself, so a block
 only declares the work its parameters don't show.
@@ -204,13 +208,13 @@ class Block(nn.Module):
         self.kind = kind
         self.mixer_norm = make_norm(cfg, cfg.d_model)
         self.mixer = build_block(f"block {kind!r}", get_mixer(kind), cfg, layer_idx, window=window)
-        self.mlp_kind = cfg.mlp
+        self.mlp_kind = cfg.mlp_at(layer_idx)
         self.residual_scale = cfg.residual_scale
-        if cfg.mlp == NO_MLP:
+        if self.mlp_kind == NO_MLP:
             self.mlp_norm = self.mlp = None
         else:
             self.mlp_norm = make_norm(cfg, cfg.d_model)
-            self.mlp = build_block(f"channel mixer {cfg.mlp!r}", CHANNEL_MIXERS[cfg.mlp], cfg)
+            self.mlp = build_block(f"channel mixer {self.mlp_kind!r}", CHANNEL_MIXERS[self.mlp_kind], cfg)
 
     def forward(self, x, state=None):
         out = self.mixer(self.mixer_norm(x), state)

@@ -113,6 +113,13 @@ class ModelConfig:
     def layer_types(self) -> list[str]:
         return parse_pattern(self.layers, self.n_layers)
 
+    def mlp_at(self, i: int) -> str:
+        """Layer i's channel mixer: model.mlp, except a MoE's first mixer_opts.moe.dense_layers layers,
+        which keep the dense SwiGLU (LFM2-MoE's num_dense_layers)."""
+        if self.mlp == "moe" and i < self.block_options("moe").dense_layers:
+            return "swiglu"
+        return self.mlp
+
     def layer_letters(self) -> str:
         """One registered letter per layer ("CCACCA"): how logs, tables and notes spell the pattern."""
         letter = {name: l for l, name in LETTERS.items()}
@@ -193,6 +200,9 @@ class ModelConfig:
                     hint = f"options are namespaced by block now: {LEGACY_FLAT_OPTS[name]}"
                 bad(f"model.mixer_opts.{name}: no block {name!r} takes options ({hint})")
             self.block_options(name)  # checked even if the block is unused, so a typo fails early
+        if self.mlp == "moe" and self.block_options("moe").dense_layers >= self.n_layers:
+            bad(f"model.mixer_opts.moe.dense_layers={self.block_options('moe').dense_layers} leaves no MoE layer "
+                f"among model.n_layers={self.n_layers}: use model.mlp=swiglu for a dense model")
 
     def rope_scale(self) -> Optional[dict]:
         """model.rope_scaling checked and completed with Llama-3's defaults; None when unscaled."""

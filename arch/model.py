@@ -115,6 +115,14 @@ class LM(nn.Module):
             loss, ce = linear_distill_loss_ref(x, self.lm_head.weight, targets, teacher)
         return self.add_aux_losses(loss), ce
 
+    def after_optimizer_step(self, stepped: bool = True):
+        """The trainer's call after each optimizer step (stepped=False: a skipped, non-finite step): blocks
+        with an after_step(stepped) update what gradients do not train (MoE's expert bias, arch/moe.py)."""
+        for layer in self.layers:
+            for m in (layer.mixer, layer.mlp):
+                if hasattr(m, "after_step"):
+                    m.after_step(stepped)
+
     def add_aux_losses(self, loss):
         """loss plus the gradient, not the value, of the blocks' training-only losses (take_aux_loss in
         the block contract: MoE's load balance): `aux - aux.detach()` is exactly 0, so the logged loss

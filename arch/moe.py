@@ -56,6 +56,15 @@ class MoEOptions:
     norm_topk: bool = True  # renormalise the k weights to sum to 1
     aux_loss_coef: float = 0.01  # weight of the load-balancing loss (Switch's 0.01; 0 turns it off)
     core: str = "sorted"  # sorted | dense (the reference: every expert on every token)
+    # LFM2-MoE / DeepSeek-V3 routing: per-expert sigmoid scores (softmax: Qwen3-MoE, Granite, Switch)
+    router: str = "softmax"  # softmax | sigmoid
+    # A per-expert bias added to the scores for choosing the top k only (not to the weights), moved after
+    # every optimizer step by bias_update_rate toward balance: loaded experts down, idle ones up (DeepSeek-V3's
+    # auxiliary-loss-free balancing; its rate 0.001; 0 keeps the bias as it is, an import's, say).
+    expert_bias: bool = False
+    bias_update_rate: float = 0.001
+    routed_scale: float = 1.0  # the routed experts' weights times this (LFM2-MoE's routed_scaling_factor)
+    dense_layers: int = 0  # the first N layers keep a dense SwiGLU of model.ffn (LFM2-MoE's num_dense_layers)
 
     def check(self, where: str):
         for key in ("experts", "top_k"):
@@ -71,6 +80,13 @@ class MoEOptions:
             raise ConfigError(f"{where}.aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
         if self.core not in ("sorted", "dense"):
             raise ConfigError(f"{where}.core must be sorted or dense, got {self.core!r}")
+        if self.router not in ("softmax", "sigmoid"):
+            raise ConfigError(f"{where}.router must be softmax or sigmoid, got {self.router!r}")
+        for key in ("bias_update_rate", "dense_layers"):
+            if not getattr(self, key) >= 0:
+                raise ConfigError(f"{where}.{key} must be >= 0, got {getattr(self, key)}")
+        if not self.routed_scale > 0:
+            raise ConfigError(f"{where}.routed_scale must be > 0, got {self.routed_scale}")
 
 
 def expert_width(o: MoEOptions, ffn: int) -> int:
@@ -79,13 +95,19 @@ def expert_width(o: MoEOptions, ffn: int) -> int:
 
 # ---- routing and the two cores ----------------------------------------------------------------------
 # x [N, d]; w13 [E, 2f, d]; w2 [E, d, f]; weights [N, k] and experts [N, k] from route(). -> y [N, d]
-def route(logits, k: int, norm_topk: bool):
-    """(probs [N, E] fp32, top-k weights [N, k] fp32, top-k experts [N, k] int64)."""
-    probs = logits.float().softmax(-1)
-    weights, experts = probs.topk(k, dim=-1)
+def route(logits, k: int, norm_topk: bool, router: str = "softmax", bias=None, scale: float = 1.0):
+    """(scores [N, E] fp32, top-k weights [N, k] fp32, top-k experts [N, k] int64). The experts are the k
+    highest scores + bias (bias: choice only); their weights are the scores, renormalised when norm_topk
+    (sigmoid scores with LFM2-MoE's 1e-6 in the sum), times scale."""
+    scores = logits.float().softmax(-1) if router == "softmax" else logits.float().sigmoid()
+    if bias is None:
+        weights, experts = scores.topk(k, dim=-1)
+    else:
+        experts = (scores + bias).topk(k, dim=-1).indices
+        weights = scores.gather(-1, experts)
     if norm_topk:
-        weights = weights / weights.sum(-1, keepdim=True)
-    return probs, weights, experts
+        weights = weights / (weights.sum(-1, keepdim=True) + (1e-6 if router == "sigmoid" else 0.0))
+    return scores, (weights * scale if scale != 1.0 else weights), experts
 
 
 def swiglu_stack(x, w13, w2):
@@ -137,7 +159,8 @@ def expert_counts(experts, E: int):
 
 
 def balance_loss(probs, experts):
-    """E * sum_e f_e P_e (transformers' load_balancing_loss_func for one layer): k when balanced."""
+    """E * sum_e f_e P_e (transformers' load_balancing_loss_func for one layer): k when balanced. probs
+    sum to 1 over the experts (sigmoid scores are normalised first, as DeepSeek-V3's balance loss does)."""
     N, E = probs.shape
     return E * (expert_counts(experts, E) / N * probs.mean(0)).sum()
 
@@ -166,13 +189,18 @@ class MoE(ChannelMixer):
         self.w2 = nn.Parameter(torch.randn(o.experts, d, f) * (cfg.init_std / math.sqrt(2 * cfg.n_layers)))
         self.shared = SwiGLU(d, o.shared_ffn) if o.shared_ffn else None
         self.residual_out = ("shared.w2",) if o.shared_ffn else ()
+        if o.expert_bias:  # a buffer: steps move it, not gradients; checkpoints and exports carry it
+            self.register_buffer("expert_bias", torch.zeros(o.experts))
         self._aux: Optional[torch.Tensor] = None  # this step's balance loss, until the LM takes it
         self._stats: Optional[torch.Tensor] = None  # [E + 2]: slots per expert, summed aux, aux count
+        self._load: Optional[torch.Tensor] = None  # slots per expert since the last bias update
 
     def forward(self, x):
         B, T, d = x.shape
         xf = x.reshape(-1, d)
-        probs, weights, experts = route(self.router(xf), self.k, self.opts.norm_topk)
+        o = self.opts
+        probs, weights, experts = route(self.router(xf), self.k, o.norm_topk, o.router,
+                                        getattr(self, "expert_bias", None), o.routed_scale)
         if not exporting():
             self._record(probs, experts)
         y = self._core(xf, weights, experts)
@@ -194,13 +222,29 @@ class MoE(ChannelMixer):
         """This step's balance loss for the LM (training), and the load statistics for extra_metrics."""
         with torch.no_grad():
             stats = expert_counts(experts, self.E)
+        if self.training and torch.is_grad_enabled() and self.opts.expert_bias and self.opts.bias_update_rate:
+            self._load = stats if self._load is None else self._load + stats
         aux = None
         if self.training and torch.is_grad_enabled() and self.opts.aux_loss_coef:
+            if self.opts.router == "sigmoid":
+                probs = probs / probs.sum(-1, keepdim=True)
             aux = balance_loss(probs, experts)
             self._aux = self.opts.aux_loss_coef * aux
         seen = aux.detach().float().reshape(1) if aux is not None else stats.new_zeros(1)
         stats = torch.cat([stats, seen, stats.new_ones(1) if aux is not None else stats.new_zeros(1)])
         self._stats = stats if self._stats is None else self._stats + stats
+
+    @torch.no_grad()
+    def after_step(self, stepped: bool = True):
+        """After an optimizer step: the expert bias moves by bias_update_rate toward balance, from the loads
+        of the step's forwards (summed over ranks, so every rank moves its copy alike); a skipped step's
+        loads are dropped."""
+        load, self._load = self._load, None
+        if load is None or not stepped:
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)
+        self.expert_bias.add_(torch.sign(load.mean() - load), alpha=self.opts.bias_update_rate)
 
     def take_aux_loss(self) -> Optional[torch.Tensor]:
         """The balance loss of the last training forward (once): LM.add_aux_losses adds its gradient."""

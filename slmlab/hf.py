@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from arch import ModelConfig
-from arch.moe import expert_width
+from arch.moe import MoEOptions, expert_width
 
 from .errors import CheckpointError, ConfigError
 
@@ -76,6 +76,14 @@ _QWEN3_MOE = {
     "common": _QWEN3["common"][:2] + [("mlp.router.weight", "mlp.gate.weight")],
     "attn": _QWEN3["attn"], "experts": "mlp.experts", "final_norm": "model.norm.weight",
 }
+# Lfm2MoeForCausalLM: LFM2's layers; sigmoid routing with an expert bias, per-expert w1 (gate), w3 (up),
+# w2 (down); its first num_dense_layers layers keep LFM2's dense feed_forward (the "common" w1/w2/w3).
+_LFM2_MOE = {
+    **_LFM2,
+    "common": _LFM2["common"] + [("mlp.router.weight", "feed_forward.gate.weight"),
+                                 ("mlp.expert_bias", "feed_forward.expert_bias")],
+    "experts": "feed_forward.experts", "expert_names": ("w1", "w3", "w2"),
+}
 # GraniteMoeHybridForCausalLM with experts: stacked experts, and its shared_mlp is our shared expert.
 _GRANITE_MOE = {
     **_GRANITE,
@@ -87,10 +95,12 @@ _GRANITE_MOE = {
 }
 # Llama and Qwen2 name their layers as Qwen3 does; the biases and QK-norm present decide what maps.
 TABLES = {"lfm2": _LFM2, "qwen3": _QWEN3, "llama": _QWEN3, "qwen2": _QWEN3, "mamba2": _MAMBA2,
-          "granitemoehybrid": _GRANITE, "qwen3_moe": _QWEN3_MOE}
+          "granitemoehybrid": _GRANITE, "qwen3_moe": _QWEN3_MOE, "lfm2_moe": _LFM2_MOE}
+_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")  # per-expert tensors, unless a table names its own
 HF_CLASSES = {"lfm2": "Lfm2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
               "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel", "mamba2": "Mamba2ForCausalLM",
-              "granitemoehybrid": "GraniteMoeHybridForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+              "granitemoehybrid": "GraniteMoeHybridForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+              "lfm2_moe": "Lfm2MoeForCausalLM"}
 FAMILIES = tuple(HF_CLASSES)
 # What each family fixes about the block options (the rest, e.g. Llama's biases, the mapping reads).
 _ROPE_RMS = dict(norm="rmsnorm", pos="rope", mlp="swiglu")
@@ -105,6 +115,8 @@ FAMILY_OPTIONS = {
     # pos rope or none (NoPE, IBM's own): checked in hf_family
     "granitemoehybrid": dict(norm="rmsnorm", qk_norm=False, mlp_bias=False, rope_scaling={}),  # swiglu or moe
     "qwen3_moe": dict(_ROPE_RMS, mlp="moe", qk_norm=True, attn_bias=False, attn_out_bias=False, rope_scaling={}),
+    "lfm2_moe": dict(_ROPE_RMS, mlp="moe", qk_norm=True, attn_bias=False, attn_out_bias=False, mlp_bias=False,
+                     rope_scaling={}),
 }
 # The families with mamba2 layers (their GGUF tensors and keys are llama.cpp's SSM ones)
 SSM_FAMILIES = ("mamba2", "granitemoehybrid")
@@ -116,10 +128,10 @@ def _pick_family(cfg: ModelConfig) -> str:
     types = set(cfg.layer_types())
     if "mamba2" in types:
         return "mamba2" if types == {"mamba2"} and cfg.mlp == "none" else "granitemoehybrid"
+    if cfg.mlp == "moe":
+        return "lfm2_moe" if cfg.block_options("moe").router == "sigmoid" else "qwen3_moe"
     if "conv" in cfg.layer_types():
         return "lfm2"
-    if cfg.mlp == "moe":
-        return "qwen3_moe"
     if cfg.norm == "layernorm" or cfg.pos == "learned" or cfg.mlp == "gelu":
         return "gpt2"
     if cfg.qk_norm:
@@ -146,10 +158,9 @@ def hf_family(cfg: ModelConfig) -> str:
                           "model.mlp=none (Mamba2ForCausalLM)")
     if cfg.mlp not in ("swiglu", "gelu", "moe") and ("mamba2" not in kinds or cfg.mlp != "none"):
         raise ConfigError(f"channel mixer {cfg.mlp!r} has no transformers equivalent")
-    if cfg.mlp == "moe" and "conv" in kinds:
-        raise ConfigError("conv layers with model.mlp=moe have no transformers equivalent (LFM2-MoE routes by "
-                          "sigmoid with expert biases): MoE exports with attention (Qwen3MoeForCausalLM) or "
-                          "mamba2 + attention (GraniteMoeHybridForCausalLM)")
+    if cfg.mlp == "moe" and "conv" in kinds and cfg.block_options("moe").router != "sigmoid":
+        raise ConfigError("conv layers with model.mlp=moe export as Lfm2MoeForCausalLM, which routes by sigmoid: "
+                          "set model.mixer_opts.moe.router=sigmoid")
     family = _pick_family(cfg)
     if cfg.mlp == "moe":
         _check_moe(cfg, family)
@@ -181,6 +192,15 @@ def _check_moe(cfg: ModelConfig, family: str) -> None:
     """What each family's MoE fixes: Granite renormalises the top k and always has a shared expert,
     Qwen3-MoE has none."""
     o = cfg.block_options("moe")
+    if family == "lfm2_moe":
+        if o.shared_ffn:
+            raise ConfigError("Lfm2MoeForCausalLM has no shared expert: model.mixer_opts.moe.shared_ffn must be 0")
+        return
+    lfm2_only = {"router": "softmax", "expert_bias": False, "routed_scale": 1.0, "dense_layers": 0}
+    for key, want in lfm2_only.items():
+        if getattr(o, key) != want:
+            raise ConfigError(f"{HF_CLASSES[family]} needs model.mixer_opts.moe.{key}={want!r} (this model has "
+                              f"{getattr(o, key)!r}; LFM2-MoE's options export with conv layers or router=sigmoid)")
     if family == "granitemoehybrid" and not (o.norm_topk and o.shared_ffn):
         raise ConfigError("GraniteMoeHybridForCausalLM's experts need model.mixer_opts.moe.norm_topk=true and a "
                           "shared expert (model.mixer_opts.moe.shared_ffn > 0)")
@@ -263,12 +283,13 @@ def to_hf_state_dict(model) -> dict:
                 out[f"{_layers(tab)}.{i}.{theirs}"] = sd[f"layers.{i}.{ours}"]
         for parts, theirs in tab.get("fused", []):
             out[f"{_layers(tab)}.{i}.{theirs}"] = torch.cat([sd[f"layers.{i}.{p}"] for p in parts])
-        if "experts" in tab:  # one gate, up and down tensor per expert
+        if "experts" in tab and f"layers.{i}.mlp.w13" in sd:  # one gate, up and down tensor per expert
             prefix = f"{_layers(tab)}.{i}.{tab['experts']}"
+            g, u, dn = tab.get("expert_names", _EXPERT_NAMES)
             for e, (w13, w2) in enumerate(zip(sd[f"layers.{i}.mlp.w13"], sd[f"layers.{i}.mlp.w2"])):
                 gate, up = w13.chunk(2)
-                out.update({f"{prefix}.{e}.gate_proj.weight": gate, f"{prefix}.{e}.up_proj.weight": up,
-                            f"{prefix}.{e}.down_proj.weight": w2})
+                out.update({f"{prefix}.{e}.{g}.weight": gate, f"{prefix}.{e}.{u}.weight": up,
+                            f"{prefix}.{e}.{dn}.weight": w2})
     return out
 
 
@@ -278,23 +299,25 @@ _IN_MEMORY = {"block_sparse_moe.router.weight": "block_sparse_moe.router.layer.w
               "block_sparse_moe.experts.down_proj": "block_sparse_moe.output_linear.weight"}
 
 
-def _as_on_disk(hf_sd: dict) -> dict:
-    """A transformers 5 model's state_dict() with its MoE tensors named (and, for Qwen3-MoE, split per
-    expert) as its checkpoints store them; any other state dict unchanged."""
+def _as_on_disk(hf_sd: dict, names: tuple = _EXPERT_NAMES) -> dict:
+    """A transformers 5 model's state_dict() with its MoE tensors named (and, for Qwen3-MoE and LFM2-MoE,
+    split per expert into `names`: gate, up, down) as its checkpoints store them; any other state dict
+    unchanged."""
+    gate, up, down = names
     out = {}
     for k, v in hf_sd.items():
         head, _, tail = k.rpartition(".layers.")
         i, _, name = tail.partition(".")
         if name in _IN_MEMORY:
             out[f"{head}.layers.{i}.{_IN_MEMORY[name]}"] = v
-        elif name == "mlp.experts.gate_up_proj":
+        elif k.endswith(".experts.gate_up_proj"):
+            stem = k.removesuffix("gate_up_proj")
             for e, w in enumerate(v):
-                gate, up = w.chunk(2)
-                out[f"{head}.layers.{i}.mlp.experts.{e}.gate_proj.weight"] = gate
-                out[f"{head}.layers.{i}.mlp.experts.{e}.up_proj.weight"] = up
-        elif name == "mlp.experts.down_proj":
+                out[f"{stem}{e}.{gate}.weight"], out[f"{stem}{e}.{up}.weight"] = w.chunk(2)
+        elif k.endswith(".experts.down_proj"):
+            stem = k.removesuffix("down_proj")
             for e, w in enumerate(v):
-                out[f"{head}.layers.{i}.mlp.experts.{e}.down_proj.weight"] = w
+                out[f"{stem}{e}.{down}.weight"] = w
         else:
             out[k] = v
     return out
@@ -313,9 +336,9 @@ def from_hf_state_dict(hf_sd: dict, cfg: ModelConfig) -> dict:
     family = hf_family(cfg)
     if family == "gpt2":
         return _gpt2_from_hf(hf_sd, cfg)
-    if cfg.mlp == "moe":
-        hf_sd = _as_on_disk(hf_sd)
     tab = _table(family, cfg)
+    if cfg.mlp == "moe":
+        hf_sd = _as_on_disk(hf_sd, tab.get("expert_names", _EXPERT_NAMES))
     out = {"embed.weight": hf_sd[_embed(tab)], "norm.weight": hf_sd[tab["final_norm"]]}
     out["lm_head.weight"] = _head(hf_sd, out["embed.weight"], cfg.tie_embeddings)
     for i, kind in enumerate(cfg.layer_types()):
@@ -326,13 +349,14 @@ def from_hf_state_dict(hf_sd: dict, cfg: ModelConfig) -> dict:
         for parts, theirs in tab.get("fused", []):
             for p, t in zip(parts, hf_sd[f"{_layers(tab)}.{i}.{theirs}"].chunk(len(parts))):
                 out[f"layers.{i}.{p}"] = t
-        if "experts" in tab:
+        if "experts" in tab and cfg.mlp_at(i) == "moe":
             prefix = f"{_layers(tab)}.{i}.{tab['experts']}"
+            g, u, dn = tab.get("expert_names", _EXPERT_NAMES)
             n = cfg.block_options("moe").experts
-            out[f"layers.{i}.mlp.w13"] = torch.stack([torch.cat([hf_sd[f"{prefix}.{e}.gate_proj.weight"],
-                                                                 hf_sd[f"{prefix}.{e}.up_proj.weight"]])
+            out[f"layers.{i}.mlp.w13"] = torch.stack([torch.cat([hf_sd[f"{prefix}.{e}.{g}.weight"],
+                                                                 hf_sd[f"{prefix}.{e}.{u}.weight"]])
                                                       for e in range(n)])
-            out[f"layers.{i}.mlp.w2"] = torch.stack([hf_sd[f"{prefix}.{e}.down_proj.weight"] for e in range(n)])
+            out[f"layers.{i}.mlp.w2"] = torch.stack([hf_sd[f"{prefix}.{e}.{dn}.weight"] for e in range(n)])
     return out
 
 
@@ -378,6 +402,17 @@ def to_hf_config(cfg: ModelConfig, max_position_embeddings: int = 4096, **specia
             mamba_n_heads=o.heads(cfg.d_model), mamba_d_head=o.headdim, mamba_d_state=o.d_state,
             mamba_n_groups=o.ngroups, mamba_d_conv=o.conv_kernel, mamba_expand=o.expand, mamba_chunk_size=o.chunk,
             mamba_conv_bias=True, mamba_proj_bias=False, time_step_limit=(0.0, float("inf")))
+    if family == "lfm2_moe":
+        from transformers import Lfm2MoeConfig
+
+        if cfg.hd != cfg.d_model // cfg.n_heads:
+            raise ConfigError("Lfm2Moe fixes head_dim = d_model / n_heads")
+        m = cfg.block_options("moe")
+        return Lfm2MoeConfig(**common, norm_eps=cfg.norm_eps, conv_L_cache=cfg.conv_kernel, conv_bias=cfg.conv_bias,
+                             layer_types=["full_attention" if t == "attn" else "conv" for t in types],
+                             num_dense_layers=m.dense_layers, num_experts=m.experts, num_experts_per_tok=m.top_k,
+                             moe_intermediate_size=expert_width(m, cfg.ffn), use_expert_bias=m.expert_bias,
+                             routed_scaling_factor=m.routed_scale, norm_topk_prob=m.norm_topk)
     if family == "lfm2":
         from transformers import Lfm2Config
 
@@ -489,6 +524,17 @@ def _from_qwen3_moe_config(c, common: dict) -> ModelConfig:
     return ModelConfig(**common, mlp="moe", mixer_opts={"moe": moe})
 
 
+def _from_lfm2_moe_config(c, common: dict) -> ModelConfig:
+    # its expert bias is the auxiliary-loss-free balancing's: no balance loss on top when it has one
+    moe = dict(experts=c.num_experts, top_k=c.num_experts_per_tok, expert_ffn=c.moe_intermediate_size,
+               router="sigmoid", expert_bias=bool(c.use_expert_bias), routed_scale=float(c.routed_scaling_factor),
+               norm_topk=bool(c.norm_topk_prob), dense_layers=int(c.num_dense_layers),
+               aux_loss_coef=0.0 if c.use_expert_bias else MoEOptions.aux_loss_coef)
+    layers = ["attn" if t == "full_attention" else "conv" for t in c.layer_types]
+    return ModelConfig(**common, ffn_dim=c.intermediate_size, layers=layers, norm_eps=c.norm_eps, mlp="moe",
+                       conv_kernel=c.conv_L_cache, conv_bias=c.conv_bias, mixer_opts={"moe": moe})
+
+
 def unsupported(mt) -> ConfigError:
     return ConfigError(f"unsupported transformers architecture {mt!r}: slmlab loads "
                        + ", ".join(f"{f} ({c})" for f, c in HF_CLASSES.items()))
@@ -535,6 +581,8 @@ def from_hf_config(hf_cfg) -> ModelConfig:
                   context_length=getattr(hf_cfg, "max_position_embeddings", None))
     if mt == "granitemoehybrid":
         return _from_granite_config(hf_cfg, common)
+    if mt == "lfm2_moe":
+        return _from_lfm2_moe_config(hf_cfg, common)
     if mt == "lfm2":
         ffn = hf_cfg.intermediate_size
         if hf_cfg.block_auto_adjust_ff_dim:

@@ -600,11 +600,13 @@ class Trainer:
         loss_sum, ce_sum, stop = dist.mean(*sums.tolist(), float(self.stop_signal is not None))
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-        if math.isfinite(loss_sum) and math.isfinite(gnorm):
+        stepped = math.isfinite(loss_sum) and math.isfinite(gnorm)
+        if stepped:
             self.opt.step()
             self.state.bad_steps = 0
         else:
             self.skip_bad_step(step, loss_sum, gnorm)
+        self.model.after_optimizer_step(stepped)  # e.g. MoE expert biases (arch/moe.py)
         self.opt.zero_grad(set_to_none=True)
         step_tokens = n_tok * dist.world
         self.state.step, self.state.tokens = step, self.state.tokens + step_tokens

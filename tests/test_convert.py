@@ -38,6 +38,10 @@ PRESETS = {
                                mixer_opts={"mamba2": {"d_state": 16, "headdim": 16, "ngroups": 2, "chunk": 8}}),
     # attention with a mixture-of-experts MLP: transformers' Qwen3MoeForCausalLM
     "transformer-moe": dict(layers="A", window_pattern="L", mlp="moe", mixer_opts={"moe": {"experts": 4, "top_k": 2}}),
+    # conv + attention + sigmoid-routed experts with a bias, a dense first layer: LFM2-8B-A1B's layout
+    "hybrid-moe": dict(layers="CCA", window_pattern="L", mlp="moe",
+                       mixer_opts={"moe": {"experts": 4, "top_k": 2, "router": "sigmoid", "expert_bias": True,
+                                           "dense_layers": 1}}),
     # mamba2 + attention + routed experts beside a shared MLP: IBM's Granite-4.0-H MoE layout
     "hybrid-granite-moe": dict(layers="MMA", qk_norm=False, window_pattern="L", mlp="moe",
                                mixer_opts={"mamba2": {"d_state": 16, "headdim": 16, "ngroups": 2, "chunk": 8},
@@ -57,9 +61,9 @@ def make_run(path: Path, preset: str = "hybrid", seed: int = 0, objective: dict 
                                        **(sections or {})})
     torch.manual_seed(seed)
     model = LM(cfg.model)
-    with torch.no_grad():  # non-trivial norm weights so a swapped or dropped norm cannot hide
-        for n, p in model.named_parameters():
-            if n.endswith("norm.weight"):
+    with torch.no_grad():  # non-trivial norm weights (and MoE expert biases) so a swapped or dropped one cannot hide
+        for n, p in [*model.named_parameters(), *model.named_buffers()]:
+            if n.endswith(("norm.weight", "expert_bias")):
                 p.add_(0.2 * torch.randn_like(p))
     path.mkdir(parents=True, exist_ok=True)
     cfg.save(path / "config.yaml")
@@ -115,7 +119,7 @@ def test_hf_export_reloads_with_equal_logits_and_generation(runs, preset, tmp_pa
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     want = {"hybrid": "Lfm2ForCausalLM", "hybrid-mamba": "Mamba2ForCausalLM", "hybrid-granite": "GraniteMoeHybridForCausalLM",
             "hybrid-granite-ibm": "GraniteMoeHybridForCausalLM", "hybrid-granite-moe": "GraniteMoeHybridForCausalLM",
-            "transformer-moe": "Qwen3MoeForCausalLM"}.get(preset, "Qwen3ForCausalLM")
+            "transformer-moe": "Qwen3MoeForCausalLM", "hybrid-moe": "Lfm2MoeForCausalLM"}.get(preset, "Qwen3ForCausalLM")
     assert type(hf).__name__ == want
     hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
     model, tok = ours(runs[preset])
@@ -143,7 +147,7 @@ def test_hf_export_fp16_dtype(runs, tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["hybrid", "transformer-sliding", "hybrid-mamba", "hybrid-granite",
-                                    "hybrid-granite-ibm", "transformer-moe", "hybrid-granite-moe"])
+                                    "hybrid-granite-ibm", "transformer-moe", "hybrid-granite-moe", "hybrid-moe"])
 def test_from_hf_round_trip(runs, preset, tmp_path):
     """An HF folder saved by transformers itself (random weights) -> our run dir -> same logits;
     and our export of that run is that folder again."""
@@ -437,6 +441,18 @@ def test_gguf_written_and_read_back(runs, preset, dtype, quant, tol, tmp_path):
             == model.norm.weight.detach().numpy()).all()  # norms stay f32 in every type
 
 
+def test_gguf_refuses_what_llama_cpps_moe_graphs_would_drop(tmp_path):
+    """llama.cpp renormalises the top-k weights in every MoE graph, and its lfm2moe reads no routed scale:
+    such models are refused, not written to give other logits."""
+    pytest.importorskip("gguf")
+    for preset, opts, needle in (
+            ("transformer-moe", {"experts": 4, "norm_topk": False}, "llama.cpp renormalises the top-k expert weights"),
+            ("hybrid-moe", {"experts": 4, "router": "sigmoid", "routed_scale": 1.5}, "llama.cpp's lfm2moe has no routed scale")):
+        run = make_run(tmp_path / preset, preset, mixer_opts={"moe": opts})
+        rc, err, _ = convert("--run", run, "--to", "gguf", "--out", tmp_path / "x.gguf")
+        assert rc == 2 and needle in err and not (tmp_path / "x.gguf").exists(), err
+
+
 def test_gguf_refuses_sliding_window(runs, tmp_path):
     pytest.importorskip("gguf")
     rc, err, _ = convert("--run", runs["transformer-sliding"], "--to", "gguf", "--out", tmp_path / "x.gguf")
@@ -511,7 +527,7 @@ def test_llama_cpp_runs_q8_0_files_without_repacking(runs, preset, tol, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["hybrid", "transformer", "hybrid-mamba", "hybrid-granite", "hybrid-granite-ibm",
-                                    "transformer-moe", "hybrid-granite-moe"])
+                                    "transformer-moe", "hybrid-granite-moe", "hybrid-moe"])
 def test_llama_cpp_logits_match(runs, preset, tmp_path):
     pytest.importorskip("llama_cpp")
     out = tmp_path / "m.gguf"

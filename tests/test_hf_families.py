@@ -56,6 +56,17 @@ def hf_config(family: str):
         c = hf_config("qwen3_moe")
         c.norm_topk_prob, c.num_experts_per_tok, c.tie_word_embeddings = False, 3, True
         return c
+    if family == "lfm2_moe":  # LFM2-8B-A1B's layout: a dense first layer, sigmoid routing with an expert bias
+        return t.Lfm2MoeConfig(vocab_size=V, hidden_size=64, intermediate_size=96, moe_intermediate_size=40,
+                               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, num_dense_layers=1,
+                               num_experts=6, num_experts_per_tok=2, use_expert_bias=True, routed_scaling_factor=1.5,
+                               norm_topk_prob=True, layer_types=["conv", "full_attention", "conv"],
+                               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "lfm2_moe-plain":  # no dense layer, no bias, raw sigmoid weights, tied
+        c = hf_config("lfm2_moe")
+        c.num_dense_layers, c.use_expert_bias, c.norm_topk_prob, c.routed_scaling_factor = 0, False, False, 1.0
+        c.tie_word_embeddings = True
+        return c
     if family == "granitemoehybrid-moe":  # as IBM's Granite-4.0-H MoE models: routed experts + a shared MLP
         c = hf_config("granitemoehybrid-ibm")
         c.num_local_experts, c.num_experts_per_tok, c.intermediate_size = 5, 2, 24
@@ -65,11 +76,12 @@ def hf_config(family: str):
 
 
 FAMILIES = ["llama", "llama-bias", "qwen2", "gpt2", "mamba2", "granitemoehybrid", "granitemoehybrid-ibm",
-            "granitemoehybrid-moe", "qwen3_moe", "qwen3_moe-raw"]
+            "granitemoehybrid-moe", "qwen3_moe", "qwen3_moe-raw", "lfm2_moe", "lfm2_moe-plain"]
 CLASS = {"llama": "LlamaForCausalLM", "llama-bias": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
          "gpt2": "GPT2LMHeadModel", "mamba2": "Mamba2ForCausalLM", "granitemoehybrid": "GraniteMoeHybridForCausalLM",
          "granitemoehybrid-ibm": "GraniteMoeHybridForCausalLM", "granitemoehybrid-moe": "GraniteMoeHybridForCausalLM",
-         "qwen3_moe": "Qwen3MoeForCausalLM", "qwen3_moe-raw": "Qwen3MoeForCausalLM"}
+         "qwen3_moe": "Qwen3MoeForCausalLM", "qwen3_moe-raw": "Qwen3MoeForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM",
+         "lfm2_moe-plain": "Lfm2MoeForCausalLM"}
 
 
 def hf_model(family: str, seed: int = 0):
@@ -78,6 +90,9 @@ def hf_model(family: str, seed: int = 0):
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(0.05 * torch.randn_like(p))
+        for name, b in hf.named_buffers():
+            if name.endswith("expert_bias"):  # a zero bias would not show a bias left out
+                b.add_(0.1 * torch.randn_like(b))
     return hf
 
 
@@ -514,7 +529,10 @@ def test_mamba2_models_without_a_transformers_class_are_named(layers, overrides,
 
 
 @pytest.mark.parametrize("layers,moe,needle", [
-    ("CA", {}, "conv layers with model.mlp=moe have no transformers equivalent"),
+    ("CA", {}, "conv layers with model.mlp=moe export as Lfm2MoeForCausalLM, which routes by sigmoid"),
+    ("CA", {"router": "sigmoid", "shared_ffn": 32}, "Lfm2MoeForCausalLM has no shared expert"),
+    ("A", {"expert_bias": True}, "Qwen3MoeForCausalLM needs model.mixer_opts.moe.expert_bias=False"),
+    ("A", {"dense_layers": 1}, "Qwen3MoeForCausalLM needs model.mixer_opts.moe.dense_layers=0"),
     ("A", {"shared_ffn": 32}, "Qwen3MoeForCausalLM has no shared expert"),
     ("MA", {}, "GraniteMoeHybridForCausalLM's experts need model.mixer_opts.moe.norm_topk=true and a shared expert"),
     ("MA", {"shared_ffn": 32, "norm_topk": False}, "norm_topk=true and a shared expert")])

@@ -184,6 +184,9 @@ def test_muon_treats_an_expert_stack_as_its_matrices():
     ({"aux_loss_coef": -0.1}, "aux_loss_coef must be >= 0"),
     ({"core": "grouped"}, "model.mixer_opts.moe.core must be sorted or dense"),
     ({"topk": 2}, "model.mixer_opts.moe: unknown key 'topk'"),
+    ({"router": "relu"}, "model.mixer_opts.moe.router must be softmax or sigmoid"),
+    ({"routed_scale": 0}, "model.mixer_opts.moe.routed_scale must be > 0"),
+    ({"bias_update_rate": -1}, "model.mixer_opts.moe.bias_update_rate must be >= 0"),
 ])
 def test_bad_moe_options_are_one_line_errors(opts, needle):
     with pytest.raises(ConfigError) as e:
@@ -209,8 +212,54 @@ def test_bf16_autocast_keeps_the_cores_together():
     torch.testing.assert_close(y.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
-def test_moe_run_with_muon_resumes_exactly(tmp_path):
-    """Muon's momentum for the 3-D expert stacks and the router's AdamW state come back from the
+def test_expert_bias_moves_toward_balance_after_each_step():
+    """DeepSeek-V3's auxiliary-loss-free balancing: after a step the bias of an expert above the mean load
+    falls by bias_update_rate and the others rise; a skipped step moves nothing; eval records nothing."""
+    torch.manual_seed(0)
+    m = build_model(tiny(mixer_opts={"moe": {"experts": 4, "top_k": 1, "router": "sigmoid", "expert_bias": True,
+                                             "bias_update_rate": 0.01}}))
+    mlp = m.layers[0].mlp
+    with torch.no_grad():
+        mlp.router.weight.zero_()
+        mlp.router.weight[0, :] = 1.0  # expert 0 scores highest for any input with a positive sum
+    x = torch.rand(2, 9, 32)
+    mlp(x)  # training mode, grad enabled: loads recorded
+    m.after_optimizer_step(stepped=False)
+    assert mlp.expert_bias.abs().sum() == 0  # a skipped step drops its loads
+    mlp(x)
+    m.after_optimizer_step()
+    assert mlp.expert_bias.tolist() == pytest.approx([-0.01, 0.01, 0.01, 0.01])
+    m.eval()
+    with torch.no_grad():
+        mlp(x)
+    m.after_optimizer_step()
+    assert mlp.expert_bias.tolist() == pytest.approx([-0.01, 0.01, 0.01, 0.01])
+    assert "mlp.expert_bias" in dict(mlp.named_buffers(prefix="mlp"))  # saved with the weights
+
+
+def test_the_bias_chooses_experts_but_does_not_weight_them():
+    scores_logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    bias = torch.tensor([0.0, 0.0, 5.0, 0.0])
+    s, w, e = route(scores_logits, 2, norm_topk=False, router="sigmoid", bias=bias, scale=2.0)
+    assert e.tolist() == [[2, 0]]
+    torch.testing.assert_close(w, 2.0 * torch.sigmoid(torch.tensor([[0.0, 2.0]])))
+
+
+def test_dense_layers_keep_a_swiglu():
+    from arch.block import SwiGLUMixer
+    from arch.moe import MoE
+
+    m = build_model(tiny(n_layers=3, layers="CCA", mixer_opts={"moe": {"experts": 4, "dense_layers": 2}}))
+    assert [type(layer.mlp) for layer in m.layers] == [SwiGLUMixer, SwiGLUMixer, MoE]
+    with pytest.raises(ConfigError, match="dense_layers=3 leaves no MoE layer among model.n_layers=3"):
+        build_model(tiny(n_layers=3, layers="CCA", mixer_opts={"moe": {"dense_layers": 3}}))
+
+
+@pytest.mark.parametrize("opts", ["{moe: {experts: 4, top_k: 2}}",
+                                  "{moe: {experts: 4, top_k: 2, router: sigmoid, expert_bias: true, dense_layers: 1,"
+                                  " aux_loss_coef: 0, bias_update_rate: 0.01}}"], ids=["softmax", "lfm2-style"])
+def test_moe_run_with_muon_resumes_exactly(tmp_path, opts):
+    """Muon's momentum for the 3-D expert stacks, the router's state and the expert bias come back from the
     checkpoint: a run resumed from step 4 logs the uninterrupted run's losses for steps 5-8."""
     import shutil
 
@@ -220,7 +269,7 @@ def test_moe_run_with_muon_resumes_exactly(tmp_path):
 
     corpus = write_corpus(tmp_path / "c.txt")
     ov = tiny_overrides(tmp_path, steps=8, **{"train.ckpt_every": 4, "optim.name": "muon", "model.mlp": "moe",
-                                              "model.mixer_opts": "{moe: {experts: 4, top_k: 2}}"})
+                                              "model.mixer_opts": opts})
     rc, _, err = run_here("train", "--data", corpus, "--out", tmp_path / "full", *ov)
     assert rc == 0, err
     run = tmp_path / "cut"
@@ -234,3 +283,8 @@ def test_moe_run_with_muon_resumes_exactly(tmp_path):
     full, resumed = losses(tmp_path / "full"), losses(run)
     assert sorted(resumed) == sorted(full) == list(range(1, 9))
     assert max(abs(full[k] - resumed[k]) for k in full) <= 1e-6, (full, resumed)
+    if "expert_bias" in opts:  # the bias moved, and is in the saved weights
+        from slmlab.checkpoint import load_tensors
+
+        biases = [v for k, v in load_tensors(run / "model.safetensors").items() if k.endswith("expert_bias")]
+        assert biases and all(b.abs().sum() > 0 for b in biases)

@@ -2,7 +2,8 @@
 (q/k/v biases) or `llama` (neither; Llama-3 rope scaling as llama.cpp's rope_freqs tensor); `mamba2`
 (mamba2 layers without MLP) and `granitehybrid` (mamba2 + attention without QK-norm + SwiGLU or routed
 experts beside a shared one), the two slmlab/hf.py maps to Mamba2ForCausalLM and
-GraniteMoeHybridForCausalLM; `qwen3moe` (attention with QK-norm + model.mlp=moe, Qwen3MoeForCausalLM).
+GraniteMoeHybridForCausalLM; `qwen3moe` (attention with QK-norm + model.mlp=moe, Qwen3MoeForCausalLM) and
+`lfm2moe` (conv+attn hybrids with model.mlp=moe and sigmoid routing, Lfm2MoeForCausalLM).
 
 Tensor names come from slmlab/hf.py's HF mapping followed by gguf's own TensorNameMap (the table
 llama.cpp's converter uses), so no name table lives here. Tokenizer metadata: our byte-level BPE is
@@ -23,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from arch.moe import expert_width
+from arch.moe import MoE, expert_width
 
 from ..errors import ConfigError
 from ..hf import SSM_FAMILIES, hf_family, to_hf_state_dict
 from . import require
 
-GGUF_FAMILIES = ("lfm2", "qwen3", "llama", "qwen2", "qwen3_moe", *SSM_FAMILIES)
+GGUF_FAMILIES = ("lfm2", "qwen3", "llama", "qwen2", "qwen3_moe", "lfm2_moe", *SSM_FAMILIES)
 
 
 def check_supported(mcfg):
@@ -44,7 +45,11 @@ def check_supported(mcfg):
         # llama.cpp's qwen3moe and granitehybrid graphs (build_moe_ffn with norm_w) always renormalise
         raise ConfigError("llama.cpp renormalises the top-k expert weights: export "
                           "model.mixer_opts.moe.norm_topk=true models to gguf")
-    if family == "lfm2" and mcfg.conv_bias:
+    if family == "lfm2_moe" and mcfg.block_options("moe").routed_scale != 1.0:
+        # its lfm2moe reads no expert_weights_scale (llama-cpp-python 0.3.36): the scale would be dropped
+        raise ConfigError("llama.cpp's lfm2moe has no routed scale: export model.mixer_opts.moe.routed_scale=1 "
+                          "models to gguf")
+    if family in ("lfm2", "lfm2_moe") and mcfg.conv_bias:
         raise ConfigError("llama.cpp's lfm2 has no conv biases: export conv_bias=false models to gguf")
 
 
@@ -81,6 +86,7 @@ def export(model, tok, cfg, out: Path, opts):
     family = hf_family(mcfg)
     arch = {"lfm2": gguf.MODEL_ARCH.LFM2, "qwen3": gguf.MODEL_ARCH.QWEN3, "llama": gguf.MODEL_ARCH.LLAMA,
             "qwen2": gguf.MODEL_ARCH.QWEN2, "mamba2": gguf.MODEL_ARCH.MAMBA2, "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE,
+            "lfm2_moe": gguf.MODEL_ARCH.LFM2MOE,
             "granitemoehybrid": gguf.MODEL_ARCH.GRANITE_HYBRID}[family]
     plain = {"fp32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
              "fp16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
@@ -99,7 +105,7 @@ def export(model, tok, cfg, out: Path, opts):
     else:
         _attention_metadata(w, mcfg, family)
     if mcfg.mlp == "moe":
-        _moe_metadata(w, mcfg)
+        _moe_metadata(w, mcfg, gguf)
     _tokenizer_metadata(w, tok)
 
     types, fell_back = _add_tensors(w, gguf, arch, model, family, wtype, plain[0])
@@ -118,7 +124,7 @@ def export(model, tok, cfg, out: Path, opts):
 def _attention_metadata(w, mcfg, family: str):
     w.add_feed_forward_length(mcfg.ffn)
     w.add_head_count(mcfg.n_heads)
-    if family == "lfm2":
+    if family in ("lfm2", "lfm2_moe"):
         w.add_head_count_kv([mcfg.n_kv_heads if t == "attn" else 0 for t in mcfg.layer_types()])
         w.add_vocab_size(mcfg.vocab_size)
         w.add_shortconv_l_cache(mcfg.conv_kernel)
@@ -132,7 +138,7 @@ def _attention_metadata(w, mcfg, family: str):
     w.add_rope_freq_base(mcfg.rope_theta)
 
 
-def _moe_metadata(w, mcfg):
+def _moe_metadata(w, mcfg, gguf):
     """Expert counts and widths: qwen3moe reads expert_feed_forward_length, granitehybrid sizes its
     experts by feed_forward_length and its shared expert by expert_shared_feed_forward_length."""
     o = mcfg.block_options("moe")
@@ -140,8 +146,12 @@ def _moe_metadata(w, mcfg):
     w.add_expert_count(o.experts)
     w.add_expert_used_count(o.top_k)
     w.add_expert_feed_forward_length(f)
+    w.add_expert_weights_scale(o.routed_scale)
     if o.shared_ffn:
         w.add_expert_shared_feed_forward_length(o.shared_ffn)
+    if o.router == "sigmoid":  # lfm2moe: its leading dense layers and sigmoid gating
+        w.add_leading_dense_block_count(o.dense_layers)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
 
 
 def _ssm_metadata(w, mcfg, family: str):
@@ -254,16 +264,21 @@ def gguf_tensors(model, family: str) -> dict:
 def _moe_tensors(sd: dict, model) -> dict:
     """llama.cpp's MoE tensors from our MoE layers, in place of the family's: the router as ffn_gate_inp,
     the experts as gate, up and down stacks [E, f, d] / [E, d, f] (*_exps), a shared expert as *_shexp."""
-    family_names = (".mlp.experts.", ".mlp.gate.", ".block_sparse_moe.", ".shared_mlp.")
+    family_names = (".mlp.experts.", ".mlp.gate.", ".block_sparse_moe.", ".shared_mlp.", ".feed_forward.experts.",
+                    ".feed_forward.gate.", ".feed_forward.expert_bias")
     out = {k: v for k, v in sd.items() if not any(n in k for n in family_names)}
     for i, layer in enumerate(model.layers):
         m, p = layer.mlp, f"model.layers.{i}.mlp"
+        if not isinstance(m, MoE):  # a dense leading layer (mixer_opts.moe.dense_layers) keeps its names
+            continue
         gate, up = m.w13.chunk(2, dim=1)
         out.update({f"{p}.gate.weight": m.router.weight, f"{p}.experts.gate_proj.weight": gate,
                     f"{p}.experts.up_proj.weight": up, f"{p}.experts.down_proj.weight": m.w2})
         if m.shared is not None:
             for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
                 out[f"{p}.shared_expert.{theirs}.weight"] = getattr(m.shared, ours).weight
+        if m.opts.router == "sigmoid":  # llama.cpp's lfm2moe always reads a bias (exp_probs_b): zeros without one
+            out[f"model.layers.{i}.feed_forward.expert_bias.bias"] = getattr(m, "expert_bias", torch.zeros(m.E))
     return out
 
 
