@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from scipy import stats as sps
 from trainer_helpers import ROOT, write_corpus
 
@@ -816,3 +817,11 @@ def test_a_config_key_added_later_at_its_default_keeps_the_runs_hashes():
     assert config_sha(older) != config_sha(tree)
     tree["optim"]["lr"] = 1e-4
     assert config_sha(tree) != config_sha(load_config(arch="hybrid").to_dict())
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "ablations").glob("*.yaml")), ids=lambda p: p.name)
+def test_the_shipped_ablation_files_plan(path, capsys):
+    """Each file in ablations/ (the README's commands) still plans: its variants build, their FLOPs fit."""
+    assert ablate_cli.run_cli(ablate_cli.main, [str(path), "--dry-run"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert all(f"  {name}" in out for name in yaml.safe_load(path.read_text())["variants"])
