@@ -1,17 +1,22 @@
 """Mixture of experts: a channel mixer of E SwiGLU experts, each token sent to the k it scores highest
-(model.mlp=moe), the MLP of Qwen3-MoE, OLMoE and Granite-4.0's MoE models.
+(model.mlp=moe), the MLP of Qwen3-MoE, LFM2-MoE, OLMoE and Granite-4.0's MoE models.
 
-    p = softmax(x W_router) (fp32, over the E experts)
-    y = sum over the k largest p_e of  w_e * SwiGLU_e(x)   [+ shared(x)]
-with w the top-k probabilities, renormalised to sum to 1 when norm_topk (Qwen3-MoE's norm_topk_prob),
-and an optional shared SwiGLU expert every token passes through (shared_ffn > 0).
+    p = softmax(x W_router) (fp32, over the E experts), or sigmoid(x W_router) (router: sigmoid)
+    y = sum over the k largest p_e (+ bias_e) of  w_e * SwiGLU_e(x)   [+ shared(x)]
+with w the top-k scores p (not the bias), renormalised to sum to 1 when norm_topk (Qwen3-MoE's
+norm_topk_prob), times routed_scale, and an optional shared SwiGLU expert every token passes through
+(shared_ffn > 0). LFM2-MoE is router sigmoid + expert_bias (+ dense_layers: leading layers with a
+dense SwiGLU, ModelConfig.mlp_at).
 
 Load balance: the load-balancing loss of Switch / transformers' MoE models, aux = E * sum_e f_e P_e
 (f_e: the share of tokens that picked expert e among their k; P_e: e's mean router probability): k when
 balanced, up to k * E when every token picks the same experts. The LM adds the gradient of
 aux_loss_coef * aux to the objective but not its value (LM.add_aux_losses), so the logged training loss
-is the language-model loss alone, comparable with a dense run's. Each eval logs the worst expert's load
-(moe.max_load: its share of the token slots times E, 1 when balanced) and the mean aux since the last eval.
+is the language-model loss alone, comparable with a dense run's. Or, without a loss, expert_bias:
+after every optimizer step the bias of each expert above the mean load falls by bias_update_rate and
+the others' rises (DeepSeek-V3's auxiliary-loss-free balancing; MoE.after_step). Each eval logs the
+worst expert's load (moe.max_load: its share of the token slots times E, 1 when balanced) and the mean
+aux since the last eval.
 
 Expert weights are stacks, w13 [E, 2f, d] (gate rows, then up rows) and w2 [E, d, f], laid out as
 transformers' Qwen3MoeExperts (gate_up_proj, down_proj) and llama.cpp's *_exps tensors. Muon
@@ -93,7 +98,7 @@ def expert_width(o: MoEOptions, ffn: int) -> int:
     return o.expert_ffn or 8 * math.ceil(ffn / o.top_k / 8)
 
 
-# ---- routing and the two cores ----------------------------------------------------------------------
+# ---- routing and the three cores --------------------------------------------------------------------
 # x [N, d]; w13 [E, 2f, d]; w2 [E, d, f]; weights [N, k] and experts [N, k] from route(). -> y [N, d]
 def route(logits, k: int, norm_topk: bool, router: str = "softmax", bias=None, scale: float = 1.0):
     """(scores [N, E] fp32, top-k weights [N, k] fp32, top-k experts [N, k] int64). The experts are the k
