@@ -48,6 +48,7 @@ class Run:
     bad_lines: list[int]  # metrics.jsonl lines that read as no record
     layers: str
     params: int
+    params_active: int  # a MoE's: the experts a token runs
 
 
 def load(path: str) -> Run:
@@ -59,9 +60,13 @@ def load(path: str) -> Run:
     if bad and not records:
         raise RunDirError(f"{run.path / METRICS} is torn: none of its {len(bad)} line(s) reads as a record")
     summary = run.summary()
-    # a run without a summary is sized by its model, built with no storage
-    params = summary["params"] if summary and "params" in summary else meta_model(cfg).num_params()
-    return Run(path, run, cfg, summary, records, bad, cfg.model.layer_summary(), params)
+    # a run without a summary (or from before summaries had params_active) is sized by its model, built
+    # with no storage
+    known = summary or {}
+    model = None if {"params", "params_active"} <= set(known) else meta_model(cfg)
+    params = known["params"] if "params" in known else model.num_params()
+    active = known["params_active"] if "params_active" in known else model.num_params(active=True)
+    return Run(path, run, cfg, summary, records, bad, cfg.model.layer_summary(), params, active)
 
 
 def open_runs(paths: list[str]) -> list[Run]:
@@ -99,6 +104,7 @@ def row(r: Run) -> dict:
     tps = s.get("tokens_per_s", tokens / time if tokens and time else None)
     status = RUNNING if r.summary is None else "diverged" if bpb is not None and not _finite(bpb) else "done"
     return {"run": r.name, "status": status, "arch": r.cfg.arch, "layers": r.layers, "params": r.params,
+            "params_active": r.params_active,
             "steps": s.get("steps", _last(r.records, "step") or 0), "steps_planned": r.cfg.train.steps,
             "tokens": tokens, "train_time_s": time, "tokens_per_s": tps, "val_bpb": bpb,
             "best_val_bpb": best.get("val_bpb"), "best_val_step": best.get("step"),
@@ -123,7 +129,8 @@ def _cells(w: dict) -> list[str]:
     bpb = w["val_bpb"]
     final = "–" if bpb is None else f"{le}{bpb:.4f}" if _finite(bpb) else f"diverged ({bpb})"
     best = f"{le}{w['best_val_bpb']:.4f} @{w['best_val_step']}" if w["best_val_bpb"] is not None else "–"
-    return [w["run"], w["arch"], w["layers"], count(w["params"]), f"{w['steps']}/{w['steps_planned']}",
+    params = count(w["params"]) + (f" ({count(w['params_active'])} active)" if w["params_active"] != w["params"] else "")
+    return [w["run"], w["arch"], w["layers"], params, f"{w['steps']}/{w['steps_planned']}",
             count(w["tokens"]) if w["tokens"] is not None else "–",
             duration(w["train_time_s"], sub_second=True) if w["train_time_s"] is not None else "–",
             f"{w['tokens_per_s']:,.0f}" if w["tokens_per_s"] is not None else "–", final, best]

@@ -420,8 +420,8 @@ class Trainer:
         self.n_params = model.num_params()
         self.fpt = model.flops_per_token(self.phases[-1].seq_len)
         world = self.dist.world
-        active = model.num_params(active=True)
-        active = f", {active / 1e6:.2f}M active a token" if active != self.n_params else ""
+        self.n_active = model.num_params(active=True)  # a MoE's: the experts a token runs
+        active = f", {self.n_active / 1e6:.2f}M active a token" if self.n_active != self.n_params else ""
         self.say(f"model: {self.cfg.arch}  layers {self.cfg.model.layer_letters()}  "
                  f"{self.n_params / 1e6:.2f}M params ({model.num_params(exclude_embedding=True) / 1e6:.2f}M "
                  f"non-embedding{active})  {self.fpt / 1e6:.1f} MFLOP/token at {self.phases[-1].seq_len}  device "
@@ -700,7 +700,8 @@ class Trainer:
                           "tokens": self.state.tokens, "final": True, "eval_seq_len": self.eval_T, **final})
         avg = self.average_checkpoints(final) if t.avg_last > 1 and self.dist.main else {}
         sd = weights_for_save(self.model)  # collective under FSDP
-        summary = {"arch": self.cfg.arch, "params": self.n_params, "flops_per_token": self.fpt, "steps": t.steps,
+        summary = {"arch": self.cfg.arch, "params": self.n_params, "params_active": self.n_active,
+                   "flops_per_token": self.fpt, "steps": t.steps,
                    "tokens": self.state.tokens, "train_time_s": train_time, "wall_time_s": time.time() - self.t_start,
                    "tokens_per_s": self.state.tokens / max(train_time, 1e-9), "optimizer": self.cfg.optim.name,
                    "phases": [{"seq_len": p.seq_len, "steps": p.steps, "tokens_per_step": p.tokens_per_step}

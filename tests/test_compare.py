@@ -85,6 +85,17 @@ def test_table_numbers_are_the_summaries(tmp_path, capsys):
     assert cells(out, b) == [b, "hybrid", "AAA", "56.0k", "30/30", "3.84k", "3.00s", "1,280", "1.9000", "2.0000 @20"]
 
 
+def test_a_moe_run_shows_its_active_parameters(tmp_path, capsys):
+    """Its summary's params_active, or, in a summary from before it had one, its model's."""
+    moe = ["model.mlp=moe", "model.mixer_opts={moe: {experts: 4, top_k: 1}}"]
+    a, b = fake_run(tmp_path / "a", moe, params=90000), fake_run(tmp_path / "b", moe, summary=False)
+    rows = run_json(capsys, a, b)["runs"]
+    assert rows[0]["params_active"] < rows[0]["params"] == 90000
+    assert rows[1]["params"] - rows[1]["params_active"] == 3 * (3 * 32 * 128) * 3  # 3 of 4 experts idle, 3 layers
+    assert run_cli(compare.main, [a]) == 0
+    assert cells(capsys.readouterr().out, a)[3] == f"90.0k ({rows[0]['params_active'] / 1e3:.1f}k active)"
+
+
 def test_differences_are_exactly_the_changed_settings(tmp_path, capsys):
     a = fake_run(tmp_path / "a")
     b = fake_run(tmp_path / "b", ["model.layers=CCA", "model.n_layers=6", "optim.muon_momentum=0.9",
