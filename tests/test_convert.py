@@ -957,3 +957,30 @@ def test_gguf_q8_0_reports_each_type_and_stores_fallback_rows_in_dtype(tmp_path)
         n = written.setdefault(t.tensor_type.name, {"tensors": 0, "weights": 0})
         n["tensors"], n["weights"] = n["tensors"] + 1, n["weights"] + int(t.n_elements)
     assert types == written and set(types) == {"Q8_0", "F16", "F32"} and types["F16"]["tensors"] == 3
+
+
+def test_int8_onnx_export_of_a_moe_quantizes_its_experts(runs, tmp_path):
+    """--quant int8 stores the expert stacks as int8 too (a dequantizing parametrization: the weights a
+    MoE is mostly made of), and onnxruntime equals the fake-quantized model."""
+    pytest.importorskip("onnxruntime")
+    from slmlab.export.onnx import run_onnx
+    from slmlab.export.quant import fake_quantize
+    from slmlab.export.step import reference_decode
+
+    onnx = pytest.importorskip("onnx")
+    out = tmp_path / "int8"
+    rc, err, _ = convert("--run", runs["transformer-moe"], "--to", "onnx", "--out", out, "--max-len", 64,
+                         "--quant", "int8", "--no-eval")
+    assert rc == 0, err
+    inits = {i.name: (list(i.dims), onnx.TensorProto.DataType.Name(i.data_type))
+             for i in onnx.load(out / "decode.onnx").graph.initializer}
+    stacks = {k: v for k, v in inits.items() if k.endswith(("w13.original", "w2.original"))}
+    assert len(stacks) == 6 and all(t == "INT8" for _, t in stacks.values()), stacks  # 3 layers x 2 stacks
+    assert not [k for k, (dims, t) in inits.items() if t == "FLOAT" and dims in ([4, 96, 64], [4, 64, 48])]
+    model, tok = ours(runs["transformer-moe"])
+    fake_quantize(model)
+    idx = prompt(tok)
+    pre, toks, steps = reference_decode(model, idx, 8)
+    got_pre, _, _, got_steps = run_onnx(tmp_path / "int8", idx, 8, feed=toks)
+    torch.testing.assert_close(got_pre, pre, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got_steps, steps, atol=1e-4, rtol=0)

@@ -45,9 +45,29 @@ class Int8Embedding(nn.Module):
         return self.qweight[idx].to(self.scale.dtype) * self.scale[idx]
 
 
+def quantize_stack(w: torch.Tensor):
+    """A stack of matrices w [n, out, in] -> (int8 [n, out, in], scale [n, out, 1]), each row on its own."""
+    q, scale = quantize_rows(w.reshape(-1, w.shape[-1]))
+    return q.reshape(w.shape), scale.reshape(*w.shape[:-1], 1)
+
+
+class Dequantize(nn.Module):
+    """A parametrization: the int8 stack it is given, times its row scales, in the scales' dtype."""
+
+    def __init__(self, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("scale", scale)
+
+    def forward(self, q):
+        return q.to(self.scale.dtype) * self.scale
+
+
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace every nn.Linear and nn.Embedding (in place) by its int8 weight-only form. A tied
-    embedding/head pair shares one int8 table."""
+    """Replace every nn.Linear and nn.Embedding (in place) by its int8 weight-only form, and store each
+    matrix stack a module names in `matrix_stacks` (MoE experts) as int8, dequantized where the module
+    reads it (a parametrization). A tied embedding/head pair shares one int8 table."""
+    from torch.nn.utils import parametrize
+
     done = {}  # id(weight) -> (q, scale)
     for mod in list(model.modules()):
         for child_name, child in list(mod.named_children()):
@@ -55,6 +75,12 @@ def quantize_int8(model: nn.Module) -> nn.Module:
                 qs = done.setdefault(id(child.weight), quantize_rows(child.weight))
                 cls = Int8Linear if isinstance(child, nn.Linear) else Int8Embedding
                 setattr(mod, child_name, cls(child, qs))
+        for name in getattr(mod, "matrix_stacks", ()):
+            w = getattr(mod, name)
+            q, scale = quantize_stack(w)
+            delattr(mod, name)
+            mod.register_parameter(name, nn.Parameter(q, requires_grad=False))
+            parametrize.register_parametrization(mod, name, Dequantize(scale.to(w.dtype)), unsafe=True)
     return model
 
 
@@ -65,6 +91,9 @@ def fake_quantize(model: nn.Module) -> nn.Module:
         if isinstance(mod, (nn.Linear, nn.Embedding)):
             q, s = quantize_rows(mod.weight)
             mod.weight.copy_(q.float() * s)
+        for name in getattr(mod, "matrix_stacks", ()):
+            q, s = quantize_stack(getattr(mod, name))
+            getattr(mod, name).copy_(q.float() * s)
     return model
 
 
