@@ -77,6 +77,13 @@ def bpb_label(ev: dict) -> str:
     return f"<= {ev['val_bpb']:.4f} (ELBO bound)" if ev.get("val_bpb_is_bound") else f"{ev['val_bpb']:.4f}"
 
 
+def moe_label(ev: dict) -> str:
+    """'  moe load 1.14 (0 dead)' for an eval with MoE load metrics (arch/moe.py moe_metrics), else ''."""
+    if "moe.max_load" not in ev:
+        return ""
+    return f"  moe load {ev['moe.max_load']:.2f} ({ev['moe.dead_experts']} dead)"
+
+
 def generate_sample(model, tok, prompt, n, device, temperature=0.8, top_k=50, seed=0, static=None) -> str:
     """static=False decodes through model.forward (what an FSDP-sharded model needs: its hooks gather
     the weights around forward, not around forward_static). n is clamped to what model.max_positions

@@ -29,7 +29,7 @@ from . import data as data_mod
 from .checkpoint import average_checkpoints, remove_stale, weights_for_save
 from .config import RunConfig
 from .errors import CheckpointError, ConfigError, SlmlabError
-from .evaluate import bpb_label, evaluate, generate_sample, token_byte_lengths
+from .evaluate import bpb_label, evaluate, generate_sample, moe_label, token_byte_lengths
 from .fmt import duration as fmt_duration
 from .harness import load_task_items, task_label, task_metrics
 from .init_from import base_vocab, init_model
@@ -498,7 +498,7 @@ class Trainer:
                     ev = self.periodic_eval(phase)
                     self.progress.write(f"step {step}: val loss {ev['val_loss']:.4f}  val bpb {bpb_label(ev)}"
                                         + (f"  exact match {ev['exact_match']:.3f}" if "exact_match" in ev else "")
-                                        + task_label(ev))
+                                        + moe_label(ev) + task_label(ev))
                     rec = {**(rec or self.position(step, phase)), **ev}
                 if rec:
                     self.metrics.log(rec)
@@ -694,7 +694,7 @@ class Trainer:
                             f"val loss {final['val_loss']:.4f}  val bpb {bpb_label(final)}"
                             + (f"  (gzip -9 {base['gzip_bpb']:.3f}, xz -9 {base['xz_bpb']:.3f})" if base else "")
                             + (f"  exact match {final['exact_match']:.3f} of {final['exact_n']}" if "exact_n" in final
-                               else "") + task_label(final))
+                               else "") + moe_label(final) + task_label(final))
         last = self.phases[-1]
         self.metrics.log({"step": t.steps, "phase": last.index + 1, "seq_len": last.seq_len,
                           "tokens": self.state.tokens, "final": True, "eval_seq_len": self.eval_T, **final})

@@ -280,6 +280,8 @@ def test_moe_run_with_muon_resumes_exactly(tmp_path, opts):
             shutil.rmtree(ckpt)
     rc, out, err = run_here("train", "--resume", "--out", run)
     assert rc == 0 and "resumed from" in out, err
+    final = next(line for line in out.splitlines() if line.startswith("final"))
+    assert " moe load " in final and " dead)" in final  # the eval line shows the expert loads
     full, resumed = losses(tmp_path / "full"), losses(run)
     assert sorted(resumed) == sorted(full) == list(range(1, 9))
     assert max(abs(full[k] - resumed[k]) for k in full) <= 1e-6, (full, resumed)
