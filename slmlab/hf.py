@@ -4,7 +4,8 @@ hybrid/conv+attn patterns <-> Lfm2ForCausalLM; all-attention patterns <-> Qwen3F
 Qwen2ForCausalLM (q/k/v biases), LlamaForCausalLM (neither) or GPT2LMHeadModel (LayerNorm, GELU, learned
 positions); all-mamba2 patterns without MLP (model.mlp=none) <-> Mamba2ForCausalLM; mamba2 with attention
 and SwiGLU MLPs (no QK-norm) <-> GraniteMoeHybridForCausalLM without experts, and with experts beside a
-shared MLP under model.mlp=moe; attention with QK-norm and model.mlp=moe <-> Qwen3MoeForCausalLM. The block
+shared MLP under model.mlp=moe; attention and model.mlp=moe <-> Qwen3MoeForCausalLM (QK-norm) or
+MixtralForCausalLM (none), or Lfm2MoeForCausalLM (router sigmoid, any conv/attention pattern). The block
 options (model.norm, pos, mlp, qk_norm, *_bias, rope_scaling, the Granite scales) pick the family.
 Our modules were named so that this is mostly a renaming exercise (GPT-2's fused, transposed Conv1D
 weights are split and transposed); the parity tests pin both directions.
@@ -84,6 +85,16 @@ _LFM2_MOE = {
                                  ("mlp.expert_bias", "feed_forward.expert_bias")],
     "experts": "feed_forward.experts", "expert_names": ("w1", "w3", "w2"),
 }
+# MixtralForCausalLM: Llama's attention; per-expert w1 (gate), w3 (up), w2 (down) under block_sparse_moe,
+# which a transformers 5 model names mlp in memory ("in_memory": its names -> the checkpoint's).
+_MIXTRAL = {
+    "common": _QWEN3["common"][:2] + [("mlp.router.weight", "block_sparse_moe.gate.weight")],
+    "attn": _QWEN3["attn"], "experts": "block_sparse_moe.experts", "expert_names": ("w1", "w3", "w2"),
+    "final_norm": "model.norm.weight",
+    "in_memory": {"mlp.gate.weight": "block_sparse_moe.gate.weight",
+                  "mlp.experts.gate_up_proj": "block_sparse_moe.experts.gate_up_proj",
+                  "mlp.experts.down_proj": "block_sparse_moe.experts.down_proj"},
+}
 # GraniteMoeHybridForCausalLM with experts: stacked experts, and its shared_mlp is our shared expert.
 _GRANITE_MOE = {
     **_GRANITE,
@@ -92,15 +103,18 @@ _GRANITE_MOE = {
         ("mlp.router.weight", "block_sparse_moe.router.layer.weight"),
         ("mlp.w13", "block_sparse_moe.input_linear.weight"), ("mlp.w2", "block_sparse_moe.output_linear.weight")],
     "fused": [(("mlp.shared.w1.weight", "mlp.shared.w3.weight"), "shared_mlp.input_linear.weight")],
+    "in_memory": {"block_sparse_moe.router.weight": "block_sparse_moe.router.layer.weight",
+                  "block_sparse_moe.experts.gate_up_proj": "block_sparse_moe.input_linear.weight",
+                  "block_sparse_moe.experts.down_proj": "block_sparse_moe.output_linear.weight"},
 }
 # Llama and Qwen2 name their layers as Qwen3 does; the biases and QK-norm present decide what maps.
 TABLES = {"lfm2": _LFM2, "qwen3": _QWEN3, "llama": _QWEN3, "qwen2": _QWEN3, "mamba2": _MAMBA2,
-          "granitemoehybrid": _GRANITE, "qwen3_moe": _QWEN3_MOE, "lfm2_moe": _LFM2_MOE}
+          "granitemoehybrid": _GRANITE, "qwen3_moe": _QWEN3_MOE, "lfm2_moe": _LFM2_MOE, "mixtral": _MIXTRAL}
 _EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")  # per-expert tensors, unless a table names its own
 HF_CLASSES = {"lfm2": "Lfm2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
               "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel", "mamba2": "Mamba2ForCausalLM",
               "granitemoehybrid": "GraniteMoeHybridForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-              "lfm2_moe": "Lfm2MoeForCausalLM"}
+              "lfm2_moe": "Lfm2MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
 FAMILIES = tuple(HF_CLASSES)
 # What each family fixes about the block options (the rest, e.g. Llama's biases, the mapping reads).
 _ROPE_RMS = dict(norm="rmsnorm", pos="rope", mlp="swiglu")
@@ -117,6 +131,7 @@ FAMILY_OPTIONS = {
     "qwen3_moe": dict(_ROPE_RMS, mlp="moe", qk_norm=True, attn_bias=False, attn_out_bias=False, rope_scaling={}),
     "lfm2_moe": dict(_ROPE_RMS, mlp="moe", qk_norm=True, attn_bias=False, attn_out_bias=False, mlp_bias=False,
                      rope_scaling={}),
+    "mixtral": dict(_ROPE_RMS, mlp="moe", qk_norm=False, attn_bias=False, attn_out_bias=False, rope_scaling={}),
 }
 # The families with mamba2 layers (their GGUF tensors and keys are llama.cpp's SSM ones)
 SSM_FAMILIES = ("mamba2", "granitemoehybrid")
@@ -129,7 +144,9 @@ def _pick_family(cfg: ModelConfig) -> str:
     if "mamba2" in types:
         return "mamba2" if types == {"mamba2"} and cfg.mlp == "none" else "granitemoehybrid"
     if cfg.mlp == "moe":
-        return "lfm2_moe" if cfg.block_options("moe").router == "sigmoid" else "qwen3_moe"
+        if cfg.block_options("moe").router == "sigmoid":
+            return "lfm2_moe"
+        return "qwen3_moe" if cfg.qk_norm else "mixtral"
     if "conv" in cfg.layer_types():
         return "lfm2"
     if cfg.norm == "layernorm" or cfg.pos == "learned" or cfg.mlp == "gelu":
@@ -201,6 +218,9 @@ def _check_moe(cfg: ModelConfig, family: str) -> None:
         if getattr(o, key) != want:
             raise ConfigError(f"{HF_CLASSES[family]} needs model.mixer_opts.moe.{key}={want!r} (this model has "
                               f"{getattr(o, key)!r}; LFM2-MoE's options export with conv layers or router=sigmoid)")
+    if family == "mixtral" and (not o.norm_topk or o.shared_ffn):
+        raise ConfigError("MixtralForCausalLM renormalises the top k and has no shared expert: "
+                          "model.mixer_opts.moe needs norm_topk=true and shared_ffn=0")
     if family == "granitemoehybrid" and not (o.norm_topk and o.shared_ffn):
         raise ConfigError("GraniteMoeHybridForCausalLM's experts need model.mixer_opts.moe.norm_topk=true and a "
                           "shared expert (model.mixer_opts.moe.shared_ffn > 0)")
@@ -293,24 +313,18 @@ def to_hf_state_dict(model) -> dict:
     return out
 
 
-# transformers 5's in-memory names of the MoE tensors -> the checkpoint's (what its save_pretrained writes)
-_IN_MEMORY = {"block_sparse_moe.router.weight": "block_sparse_moe.router.layer.weight",
-              "block_sparse_moe.experts.gate_up_proj": "block_sparse_moe.input_linear.weight",
-              "block_sparse_moe.experts.down_proj": "block_sparse_moe.output_linear.weight"}
-
-
-def _as_on_disk(hf_sd: dict, names: tuple = _EXPERT_NAMES) -> dict:
-    """A transformers 5 model's state_dict() with its MoE tensors named (and, for Qwen3-MoE and LFM2-MoE,
-    split per expert into `names`: gate, up, down) as its checkpoints store them; any other state dict
-    unchanged."""
-    gate, up, down = names
+def _as_on_disk(hf_sd: dict, tab: dict) -> dict:
+    """A transformers 5 model's state_dict() with its MoE tensors named (tab's "in_memory" renames) and,
+    where the checkpoints keep a tensor per expert, split per expert into tab's expert names (gate, up,
+    down), as its checkpoints store them; any other state dict unchanged."""
+    gate, up, down = tab.get("expert_names", _EXPERT_NAMES)
+    renames = tab.get("in_memory", {})
     out = {}
     for k, v in hf_sd.items():
         head, _, tail = k.rpartition(".layers.")
         i, _, name = tail.partition(".")
-        if name in _IN_MEMORY:
-            out[f"{head}.layers.{i}.{_IN_MEMORY[name]}"] = v
-        elif k.endswith(".experts.gate_up_proj"):
+        k = f"{head}.layers.{i}.{renames[name]}" if name in renames else k
+        if k.endswith(".experts.gate_up_proj"):
             stem = k.removesuffix("gate_up_proj")
             for e, w in enumerate(v):
                 out[f"{stem}{e}.{gate}.weight"], out[f"{stem}{e}.{up}.weight"] = w.chunk(2)
@@ -338,7 +352,7 @@ def from_hf_state_dict(hf_sd: dict, cfg: ModelConfig) -> dict:
         return _gpt2_from_hf(hf_sd, cfg)
     tab = _table(family, cfg)
     if cfg.mlp == "moe":
-        hf_sd = _as_on_disk(hf_sd, tab.get("expert_names", _EXPERT_NAMES))
+        hf_sd = _as_on_disk(hf_sd, tab)
     out = {"embed.weight": hf_sd[_embed(tab)], "norm.weight": hf_sd[tab["final_norm"]]}
     out["lm_head.weight"] = _head(hf_sd, out["embed.weight"], cfg.tie_embeddings)
     for i, kind in enumerate(cfg.layer_types()):
@@ -426,6 +440,13 @@ def to_hf_config(cfg: ModelConfig, max_position_embeddings: int = 4096, **specia
 
         return LlamaConfig(**common, head_dim=cfg.hd, rms_norm_eps=cfg.norm_eps, attention_bias=cfg.attn_bias,
                            mlp_bias=cfg.mlp_bias)
+    if family == "mixtral":
+        from transformers import MixtralConfig
+
+        m = cfg.block_options("moe")
+        common.update(intermediate_size=expert_width(m, cfg.ffn))  # Mixtral's is the experts' width
+        return MixtralConfig(**common, head_dim=cfg.hd, rms_norm_eps=cfg.norm_eps, num_local_experts=m.experts,
+                             num_experts_per_tok=m.top_k, router_aux_loss_coef=m.aux_loss_coef, sliding_window=None)
     if family == "qwen3_moe":
         from transformers import Qwen3MoeConfig
 
@@ -604,6 +625,11 @@ def from_hf_config(hf_cfg) -> ModelConfig:
                            mlp_bias=bool(getattr(hf_cfg, "mlp_bias", False)))
     if mt == "qwen3_moe":
         return _from_qwen3_moe_config(hf_cfg, common)
+    if mt == "mixtral":
+        _check_values(mt, hf_cfg, (("sliding_window", None),))
+        moe = dict(experts=hf_cfg.num_local_experts, top_k=hf_cfg.num_experts_per_tok, norm_topk=True,
+                   expert_ffn=common.pop("ffn_dim"), aux_loss_coef=float(hf_cfg.router_aux_loss_coef))
+        return ModelConfig(**common, qk_norm=False, mlp="moe", mixer_opts={"moe": moe})
     if mt == "qwen2":
         if getattr(hf_cfg, "use_sliding_window", False):
             raise ConfigError("qwen2 with use_sliding_window=true is not supported")

@@ -38,6 +38,9 @@ PRESETS = {
                                mixer_opts={"mamba2": {"d_state": 16, "headdim": 16, "ngroups": 2, "chunk": 8}}),
     # attention with a mixture-of-experts MLP: transformers' Qwen3MoeForCausalLM
     "transformer-moe": dict(layers="A", window_pattern="L", mlp="moe", mixer_opts={"moe": {"experts": 4, "top_k": 2}}),
+    # attention without QK-norm and a MoE: transformers' MixtralForCausalLM, llama.cpp's llama with experts
+    "transformer-mixtral": dict(layers="A", window_pattern="L", mlp="moe", qk_norm=False,
+                                mixer_opts={"moe": {"experts": 4, "top_k": 2}}),
     # conv + attention + sigmoid-routed experts with a bias, a dense first layer: LFM2-8B-A1B's layout
     "hybrid-moe": dict(layers="CCA", window_pattern="L", mlp="moe",
                        mixer_opts={"moe": {"experts": 4, "top_k": 2, "router": "sigmoid", "expert_bias": True,
@@ -119,7 +122,8 @@ def test_hf_export_reloads_with_equal_logits_and_generation(runs, preset, tmp_pa
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     want = {"hybrid": "Lfm2ForCausalLM", "hybrid-mamba": "Mamba2ForCausalLM", "hybrid-granite": "GraniteMoeHybridForCausalLM",
             "hybrid-granite-ibm": "GraniteMoeHybridForCausalLM", "hybrid-granite-moe": "GraniteMoeHybridForCausalLM",
-            "transformer-moe": "Qwen3MoeForCausalLM", "hybrid-moe": "Lfm2MoeForCausalLM"}.get(preset, "Qwen3ForCausalLM")
+            "transformer-moe": "Qwen3MoeForCausalLM", "hybrid-moe": "Lfm2MoeForCausalLM",
+            "transformer-mixtral": "MixtralForCausalLM"}.get(preset, "Qwen3ForCausalLM")
     assert type(hf).__name__ == want
     hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
     model, tok = ours(runs[preset])
@@ -147,7 +151,8 @@ def test_hf_export_fp16_dtype(runs, tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["hybrid", "transformer-sliding", "hybrid-mamba", "hybrid-granite",
-                                    "hybrid-granite-ibm", "transformer-moe", "hybrid-granite-moe", "hybrid-moe"])
+                                    "hybrid-granite-ibm", "transformer-moe", "hybrid-granite-moe", "hybrid-moe",
+                                    "transformer-mixtral"])
 def test_from_hf_round_trip(runs, preset, tmp_path):
     """An HF folder saved by transformers itself (random weights) -> our run dir -> same logits;
     and our export of that run is that folder again."""
@@ -527,7 +532,7 @@ def test_llama_cpp_runs_q8_0_files_without_repacking(runs, preset, tol, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["hybrid", "transformer", "hybrid-mamba", "hybrid-granite", "hybrid-granite-ibm",
-                                    "transformer-moe", "hybrid-granite-moe", "hybrid-moe"])
+                                    "transformer-moe", "hybrid-granite-moe", "hybrid-moe", "transformer-mixtral"])
 def test_llama_cpp_logits_match(runs, preset, tmp_path):
     pytest.importorskip("llama_cpp")
     out = tmp_path / "m.gguf"

@@ -56,6 +56,10 @@ def hf_config(family: str):
         c = hf_config("qwen3_moe")
         c.norm_topk_prob, c.num_experts_per_tok, c.tie_word_embeddings = False, 3, True
         return c
+    if family == "mixtral":  # Llama attention (no QK-norm), 5 experts, top 2, its own head_dim, untied
+        return t.MixtralConfig(vocab_size=V, hidden_size=64, intermediate_size=40, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=5,
+                               num_experts_per_tok=2, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     if family == "lfm2_moe":  # LFM2-8B-A1B's layout: a dense first layer, sigmoid routing with an expert bias
         return t.Lfm2MoeConfig(vocab_size=V, hidden_size=64, intermediate_size=96, moe_intermediate_size=40,
                                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, num_dense_layers=1,
@@ -76,12 +80,12 @@ def hf_config(family: str):
 
 
 FAMILIES = ["llama", "llama-bias", "qwen2", "gpt2", "mamba2", "granitemoehybrid", "granitemoehybrid-ibm",
-            "granitemoehybrid-moe", "qwen3_moe", "qwen3_moe-raw", "lfm2_moe", "lfm2_moe-plain"]
+            "granitemoehybrid-moe", "qwen3_moe", "qwen3_moe-raw", "lfm2_moe", "lfm2_moe-plain", "mixtral"]
 CLASS = {"llama": "LlamaForCausalLM", "llama-bias": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
          "gpt2": "GPT2LMHeadModel", "mamba2": "Mamba2ForCausalLM", "granitemoehybrid": "GraniteMoeHybridForCausalLM",
          "granitemoehybrid-ibm": "GraniteMoeHybridForCausalLM", "granitemoehybrid-moe": "GraniteMoeHybridForCausalLM",
          "qwen3_moe": "Qwen3MoeForCausalLM", "qwen3_moe-raw": "Qwen3MoeForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM",
-         "lfm2_moe-plain": "Lfm2MoeForCausalLM"}
+         "lfm2_moe-plain": "Lfm2MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
 
 
 def hf_model(family: str, seed: int = 0):
@@ -533,6 +537,7 @@ def test_mamba2_models_without_a_transformers_class_are_named(layers, overrides,
     ("CA", {"router": "sigmoid", "shared_ffn": 32}, "Lfm2MoeForCausalLM has no shared expert"),
     ("A", {"expert_bias": True}, "Qwen3MoeForCausalLM needs model.mixer_opts.moe.expert_bias=False"),
     ("A", {"dense_layers": 1}, "Qwen3MoeForCausalLM needs model.mixer_opts.moe.dense_layers=0"),
+    ("A", {"norm_topk": False, "qk_norm": False}, "MixtralForCausalLM renormalises the top k and has no shared expert"),
     ("A", {"shared_ffn": 32}, "Qwen3MoeForCausalLM has no shared expert"),
     ("MA", {}, "GraniteMoeHybridForCausalLM's experts need model.mixer_opts.moe.norm_topk=true and a shared expert"),
     ("MA", {"shared_ffn": 32, "norm_topk": False}, "norm_topk=true and a shared expert")])
@@ -540,8 +545,9 @@ def test_moe_models_without_a_transformers_class_are_named(layers, moe, needle):
     from arch import ModelConfig
     from slmlab.errors import ConfigError
 
+    qk_norm = moe.pop("qk_norm", "M" not in layers)
     cfg = ModelConfig(vocab_size=V, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, layers=layers, mlp="moe",
-                      qk_norm="M" not in layers, mixer_opts={"moe": moe})
+                      qk_norm=qk_norm, mixer_opts={"moe": moe})
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
         hf_family(cfg)
 

@@ -3,7 +3,8 @@
 (mamba2 layers without MLP) and `granitehybrid` (mamba2 + attention without QK-norm + SwiGLU or routed
 experts beside a shared one), the two slmlab/hf.py maps to Mamba2ForCausalLM and
 GraniteMoeHybridForCausalLM; `qwen3moe` (attention with QK-norm + model.mlp=moe, Qwen3MoeForCausalLM) and
-`lfm2moe` (conv+attn hybrids with model.mlp=moe and sigmoid routing, Lfm2MoeForCausalLM).
+`lfm2moe` (conv+attn hybrids with model.mlp=moe and sigmoid routing, Lfm2MoeForCausalLM), and `llama`
+with experts (attention without QK-norm + model.mlp=moe, MixtralForCausalLM).
 
 Tensor names come from slmlab/hf.py's HF mapping followed by gguf's own TensorNameMap (the table
 llama.cpp's converter uses), so no name table lives here. Tokenizer metadata: our byte-level BPE is
@@ -30,7 +31,9 @@ from ..errors import ConfigError
 from ..hf import SSM_FAMILIES, hf_family, to_hf_state_dict
 from . import require
 
-GGUF_FAMILIES = ("lfm2", "qwen3", "llama", "qwen2", "qwen3_moe", "lfm2_moe", *SSM_FAMILIES)
+GGUF_FAMILIES = ("lfm2", "qwen3", "llama", "qwen2", "qwen3_moe", "lfm2_moe", "mixtral", *SSM_FAMILIES)
+# families whose q/k rows llama.cpp rotates as interleaved pairs (its converter undoes HF's permutation)
+_INTERLEAVED_ROPE = ("llama", "mixtral", "granitemoehybrid")
 
 
 def check_supported(mcfg):
@@ -86,7 +89,7 @@ def export(model, tok, cfg, out: Path, opts):
     family = hf_family(mcfg)
     arch = {"lfm2": gguf.MODEL_ARCH.LFM2, "qwen3": gguf.MODEL_ARCH.QWEN3, "llama": gguf.MODEL_ARCH.LLAMA,
             "qwen2": gguf.MODEL_ARCH.QWEN2, "mamba2": gguf.MODEL_ARCH.MAMBA2, "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE,
-            "lfm2_moe": gguf.MODEL_ARCH.LFM2MOE,
+            "lfm2_moe": gguf.MODEL_ARCH.LFM2MOE, "mixtral": gguf.MODEL_ARCH.LLAMA,  # llama.cpp's llama with experts
             "granitemoehybrid": gguf.MODEL_ARCH.GRANITE_HYBRID}[family]
     plain = {"fp32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
              "fp16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
@@ -122,7 +125,9 @@ def export(model, tok, cfg, out: Path, opts):
 
 
 def _attention_metadata(w, mcfg, family: str):
-    w.add_feed_forward_length(mcfg.ffn)
+    # llama.cpp's llama sizes its experts by feed_forward_length (Mixtral's intermediate_size)
+    moe = family == "mixtral"
+    w.add_feed_forward_length(expert_width(mcfg.block_options("moe"), mcfg.ffn) if moe else mcfg.ffn)
     w.add_head_count(mcfg.n_heads)
     if family in ("lfm2", "lfm2_moe"):
         w.add_head_count_kv([mcfg.n_kv_heads if t == "attn" else 0 for t in mcfg.layer_types()])
@@ -132,7 +137,7 @@ def _attention_metadata(w, mcfg, family: str):
         w.add_head_count_kv(mcfg.n_kv_heads)
         w.add_key_length(mcfg.hd)
         w.add_value_length(mcfg.hd)
-    if family == "llama":
+    if family in ("llama", "mixtral"):
         w.add_vocab_size(mcfg.vocab_size)
         w.add_rope_dimension_count(mcfg.hd)
     w.add_rope_freq_base(mcfg.rope_theta)
@@ -246,8 +251,7 @@ def gguf_tensors(model, family: str) -> dict:
         sd = _moe_tensors(sd, model)
     if family in SSM_FAMILIES:
         sd = _ssm_tensors(sd, cfg)
-    # llama.cpp's llama and granitehybrid rotate interleaved pairs (their converter undoes HF's permutation)
-    if family in ("llama", "granitemoehybrid"):
+    if family in _INTERLEAVED_ROPE:
         for name in list(sd):
             for proj, heads in (("q_proj", cfg.n_heads), ("k_proj", cfg.n_kv_heads)):
                 if f".self_attn.{proj}." in name:
