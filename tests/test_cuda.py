@@ -1,5 +1,5 @@
 """What only runs on a CUDA GPU: CUDA-graph decode, bf16 autocast training through the Triton
-kernels (eager and compiled), Muon's bf16 Newton-Schulz, fused AdamW, and the memory estimate
+kernels (eager and compiled; a MoE's too), Muon's bf16 Newton-Schulz, fused AdamW, and the memory estimate
 against the CUDA allocator.
 Skipped without CUDA (CI), except the CPU smoke run of bench/gpu.py; `bench/gpu_check.sh` runs them on
 a lent GPU. The Triton kernels'
@@ -45,11 +45,15 @@ def test_cuda_graph_decode_equals_the_uncaptured_compiled_step(layers, temperatu
         assert (eager == outs[1]).float().mean() > 0.95
 
 
+MOE = ["model.mlp=moe", "model.mixer_opts={moe: {experts: 4, router: sigmoid, expert_bias: true}}"]
+
+
 @needs_cuda
-@pytest.mark.parametrize("arch_name", ["hybrid", "transformer"])
-def test_bf16_training_on_cuda_learns(arch_name):
+@pytest.mark.parametrize("arch_name,extra", [("hybrid", []), ("transformer", []), ("hybrid", MOE)],
+                         ids=["hybrid", "transformer", "hybrid-moe"])
+def test_bf16_training_on_cuda_learns(arch_name, extra):
     cfg = load_config(arch=arch_name, overrides=["model.d_model=64", "model.n_layers=3", "model.vocab_size=128",
-                                                 "optim.name=muon"])
+                                                 "optim.name=muon", *extra])
     torch.manual_seed(0)
     m = build_model(cfg.model, cfg.objective).to(DEV).train()
     opt = build_optimizer(m, cfg.optim, verbose=False)
@@ -60,19 +64,21 @@ def test_bf16_training_on_cuda_learns(arch_name):
             loss = m(x, x)
         loss.backward()
         opt.step()
+        m.after_optimizer_step()  # a MoE's expert bias, as the trainer moves it
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.5 * losses[0], losses
 
 
 @needs_cuda
-@pytest.mark.parametrize("preset", ["hybrid", "spiking"])
-def test_compiled_training_step_through_the_triton_kernels_matches_eager(preset):
+@pytest.mark.parametrize("preset,extra", [("hybrid", []), ("spiking", []), ("hybrid", MOE)],
+                         ids=["hybrid", "spiking", "hybrid-moe"])
+def test_compiled_training_step_through_the_triton_kernels_matches_eager(preset, extra):
     """train.compile is on by default on CUDA: torch.compile must trace (or cleanly break around)
     the kernels' autograd Functions (conv and band attention; the LIF scan) and give the eager
     step's loss and gradients."""
     cfg = load_config(arch=preset, overrides=["model.d_model=64", "model.n_layers=3", "model.vocab_size=128",
-                                              "model.window_pattern=SL", "model.window=16"])
+                                              "model.window_pattern=SL", "model.window=16", *extra])
     torch.manual_seed(0)
     m = build_model(cfg.model, cfg.objective).to(DEV).train()
     x = torch.randint(0, 128, (4, 64), device=DEV)
