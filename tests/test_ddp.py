@@ -116,15 +116,17 @@ def test_evaluation_under_fsdp2_gathers_the_root_weights(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_moe_with_expert_bias_matches_one_process(tmp_path):
+@pytest.mark.parametrize("parallel,port", [("ddp", 29535), ("fsdp", 29536)])
+def test_moe_with_expert_bias_on_two_ranks_matches_one_process(tmp_path, parallel, port):
     """The expert bias moves by the loads of the whole global batch (all-reduced over ranks), so 2
-    ranks keep one bias and train as 1 process does. (The balance loss is left out: like Megatron's, it
-    is computed per rank on that rank's tokens, which no longer equals the 1-process loss.)"""
+    ranks keep one bias and train as 1 process does, under DDP and under FSDP2 (which shards the expert
+    stacks). (The balance loss is left out: like Megatron's, it is computed per rank on that rank's
+    tokens, which no longer equals the 1-process loss.)"""
     from slmlab.checkpoint import load_tensors
 
-    run = _compare(tmp_path, 29535, {"optim.name": "adamw", "model.mlp": "moe", "model.mixer_opts":
-                                     "{moe: {experts: 4, router: sigmoid, expert_bias: true, aux_loss_coef: 0.0, "
-                                     "bias_update_rate: 0.01}}"})
+    run = _compare(tmp_path, port, {"optim.name": "adamw", "train.parallel": parallel, "model.mlp": "moe",
+                                    "model.mixer_opts": "{moe: {experts: 4, router: sigmoid, expert_bias: true, "
+                                                        "aux_loss_coef: 0.0, bias_update_rate: 0.01}}"})
     one, two = (load_tensors(p / "model.safetensors") for p in (tmp_path / "one", run))
     biases = [k for k in one if k.endswith("expert_bias")]
     assert biases and all(one[k].abs().sum() > 0 and (one[k] - two[k]).abs().max() < 1e-6 for k in biases)
