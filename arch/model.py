@@ -115,24 +115,25 @@ class LM(nn.Module):
             loss, ce = linear_distill_loss_ref(x, self.lm_head.weight, targets, teacher)
         return self.add_aux_losses(loss), ce
 
+    def blocks_with(self, method: str) -> list:
+        """Every layer's token and channel mixer that defines `method` (an optional part of the block
+        contract: after_step, take_aux_loss, inactive_params)."""
+        return [m for layer in self.layers for m in (layer.mixer, layer.mlp) if hasattr(m, method)]
+
     def after_optimizer_step(self, stepped: bool = True):
         """The trainer's call after each optimizer step (stepped=False: a skipped, non-finite step): blocks
         with an after_step(stepped) update what gradients do not train (MoE's expert bias, arch/moe.py)."""
-        for layer in self.layers:
-            for m in (layer.mixer, layer.mlp):
-                if hasattr(m, "after_step"):
-                    m.after_step(stepped)
+        for m in self.blocks_with("after_step"):
+            m.after_step(stepped)
 
     def add_aux_losses(self, loss):
         """loss plus the gradient, not the value, of the blocks' training-only losses (take_aux_loss in
         the block contract: MoE's load balance): `aux - aux.detach()` is exactly 0, so the logged loss
         stays the objective alone, comparable across blocks, while the gradient is the sum's."""
-        for layer in self.layers:
-            for m in (layer.mixer, layer.mlp):
-                take = getattr(m, "take_aux_loss", None)
-                aux = take() if take is not None else None
-                if aux is not None:
-                    loss = loss + (aux - aux.detach())
+        for m in self.blocks_with("take_aux_loss"):
+            aux = m.take_aux_loss()
+            if aux is not None:
+                loss = loss + (aux - aux.detach())
         return loss
 
     # ---- hooks the trainer uses, so objectives other than next-token prediction plug in ----
@@ -248,8 +249,7 @@ class LM(nn.Module):
         if exclude_embedding:
             n -= self.embed.weight.numel()
         if active:
-            n -= sum(m.inactive_params() for layer in self.layers for m in (layer.mixer, layer.mlp)
-                     if hasattr(m, "inactive_params"))
+            n -= sum(m.inactive_params() for m in self.blocks_with("inactive_params"))
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
