@@ -89,9 +89,11 @@ def _mlp_bias(cfg: RunConfig) -> Optional[str]:
 
 
 def _ffn_dim(cfg: RunConfig) -> Optional[str]:
-    # the built-in moe derives its experts' width from model.ffn_dim unless its expert_ffn is set
+    # the built-in moe derives its experts' width from model.ffn_dim unless its expert_ffn is set; its
+    # dense leading layers (dense_layers) are model.ffn_dim wide
+    moe = cfg.model.block_options("moe")
     if cfg.model.mlp == "moe" and is_builtin(CHANNEL_MIXERS["moe"]) and _builtin_blocks(cfg) \
-            and cfg.model.block_options("moe").expert_ffn:
+            and moe.expert_ffn and not moe.dense_layers:
         return "model.mixer_opts.moe.expert_ffn sets the experts' width"
     return _no_mlp(cfg)
 

@@ -85,6 +85,8 @@ USED = [
     ["model.pos=none"],
     ["model.mlp=moe", "model.ffn_dim=256"],  # the experts' width: ffn_dim / top_k
     ["model.mlp=moe", "model.mixer_opts.moe.top_k=1"],
+    # the experts' width is set, but the dense leading layer is model.ffn_dim wide
+    ["model.mlp=moe", "model.mixer_opts={moe: {expert_ffn: 32, dense_layers: 1}}", "model.ffn_dim=256"],
 ]
 
 
