@@ -206,8 +206,9 @@ def hf_family(cfg: ModelConfig) -> str:
 
 
 def _check_moe(cfg: ModelConfig, family: str) -> None:
-    """What each family's MoE fixes: Granite renormalises the top k and always has a shared expert,
-    Qwen3-MoE has none."""
+    """What each family's MoE fixes: only LFM2-MoE has the sigmoid router, expert bias, routed scale and
+    dense leading layers; Granite renormalises the top k and always has a shared expert, Mixtral
+    renormalises and has none, Qwen3-MoE has none."""
     o = cfg.block_options("moe")
     if family == "lfm2_moe":
         if o.shared_ffn:
@@ -303,27 +304,19 @@ def to_hf_state_dict(model) -> dict:
                 out[f"{_layers(tab)}.{i}.{theirs}"] = sd[f"layers.{i}.{ours}"]
         for parts, theirs in tab.get("fused", []):
             out[f"{_layers(tab)}.{i}.{theirs}"] = torch.cat([sd[f"layers.{i}.{p}"] for p in parts])
-        if "experts" in tab and f"layers.{i}.mlp.w13" in sd:  # one gate, up and down tensor per expert
+        if "experts" in tab and f"layers.{i}.mlp.w13" in sd:  # stacked here, one tensor per expert below
             prefix = f"{_layers(tab)}.{i}.{tab['experts']}"
-            g, u, dn = tab.get("expert_names", _EXPERT_NAMES)
-            for e, (w13, w2) in enumerate(zip(sd[f"layers.{i}.mlp.w13"], sd[f"layers.{i}.mlp.w2"])):
-                gate, up = w13.chunk(2)
-                out.update({f"{prefix}.{e}.{g}.weight": gate, f"{prefix}.{e}.{u}.weight": up,
-                            f"{prefix}.{e}.{dn}.weight": w2})
-    return out
+            out[f"{prefix}.gate_up_proj"] = sd[f"layers.{i}.mlp.w13"]
+            out[f"{prefix}.down_proj"] = sd[f"layers.{i}.mlp.w2"]
+    return _split_experts(out, tab)
 
 
-def _as_on_disk(hf_sd: dict, tab: dict) -> dict:
-    """A transformers 5 model's state_dict() with its MoE tensors named (tab's "in_memory" renames) and,
-    where the checkpoints keep a tensor per expert, split per expert into tab's expert names (gate, up,
-    down), as its checkpoints store them; any other state dict unchanged."""
+def _split_experts(sd: dict, tab: dict) -> dict:
+    """Stacked expert tensors (keys ending in .experts.gate_up_proj and .experts.down_proj) as one gate,
+    up and down tensor per expert under tab's expert names; every other tensor as it is."""
     gate, up, down = tab.get("expert_names", _EXPERT_NAMES)
-    renames = tab.get("in_memory", {})
     out = {}
-    for k, v in hf_sd.items():
-        head, _, tail = k.rpartition(".layers.")
-        i, _, name = tail.partition(".")
-        k = f"{head}.layers.{i}.{renames[name]}" if name in renames else k
+    for k, v in sd.items():
         if k.endswith(".experts.gate_up_proj"):
             stem = k.removesuffix("gate_up_proj")
             for e, w in enumerate(v):
@@ -335,6 +328,19 @@ def _as_on_disk(hf_sd: dict, tab: dict) -> dict:
         else:
             out[k] = v
     return out
+
+
+def _as_on_disk(hf_sd: dict, tab: dict) -> dict:
+    """A transformers 5 model's state_dict() with its MoE tensors named (tab's "in_memory" renames) and,
+    where the checkpoints keep a tensor per expert, split per expert, as its checkpoints store them; any
+    other state dict unchanged."""
+    renames = tab.get("in_memory", {})
+    named = {}
+    for k, v in hf_sd.items():
+        head, _, tail = k.rpartition(".layers.")
+        i, _, name = tail.partition(".")
+        named[f"{head}.layers.{i}.{renames[name]}" if name in renames else k] = v
+    return _split_experts(named, tab)
 
 
 def _embed(tab: dict) -> str:
@@ -520,14 +526,14 @@ def _from_granite_config(c, common: dict) -> ModelConfig:
     opts = _mamba2_opts(mt, c.hidden_size, c.mamba_n_heads, c.mamba_d_head, c.mamba_expand, d_state=c.mamba_d_state,
                         ngroups=c.mamba_n_groups, conv_kernel=c.mamba_d_conv, chunk=c.mamba_chunk_size)
     bias = bool(c.attention_bias)
-    mlp = dict(ffn_dim=c.shared_intermediate_size)
+    mlp, mixer_opts = dict(ffn_dim=c.shared_intermediate_size), {"mamba2": opts}
     if c.num_local_experts:  # routed experts beside the shared MLP (the softmax of the top-k logits)
-        mlp = dict(mlp="moe", moe=dict(experts=c.num_local_experts, top_k=c.num_experts_per_tok, norm_topk=True,
-                                       expert_ffn=c.intermediate_size, shared_ffn=c.shared_intermediate_size,
-                                       aux_loss_coef=float(c.router_aux_loss_coef)))
-    opts = {"mamba2": opts, **({"moe": mlp.pop("moe")} if "moe" in mlp else {})}
+        mlp = dict(mlp="moe")
+        mixer_opts["moe"] = dict(experts=c.num_local_experts, top_k=c.num_experts_per_tok, norm_topk=True,
+                                 expert_ffn=c.intermediate_size, shared_ffn=c.shared_intermediate_size,
+                                 aux_loss_coef=float(c.router_aux_loss_coef))
     return ModelConfig(**common, **mlp, layers=layers, norm_eps=c.rms_norm_eps,
-                       qk_norm=False, attn_bias=bias, attn_out_bias=bias, mixer_opts=opts,
+                       qk_norm=False, attn_bias=bias, attn_out_bias=bias, mixer_opts=mixer_opts,
                        pos="rope" if c.position_embedding_type == "rope" else "none",
                        embed_scale=float(c.embedding_multiplier), residual_scale=float(c.residual_multiplier),
                        logit_scale=float(c.logits_scaling), attn_scale=float(c.attention_multiplier))
