@@ -45,7 +45,8 @@ def check_supported(mcfg):
     if family == "qwen3" and any(w is not None for w in mcfg.layer_windows()):
         raise ConfigError("llama.cpp's qwen3 has no sliding-window attention: export window_pattern L models to gguf")
     if mcfg.mlp == "moe" and not mcfg.block_options("moe").norm_topk:
-        # llama.cpp's qwen3moe and granitehybrid graphs (build_moe_ffn with norm_w) always renormalise
+        # every llama.cpp MoE graph (build_moe_ffn with norm_w: qwen3moe, lfm2moe, llama, granitehybrid)
+        # renormalises
         raise ConfigError("llama.cpp renormalises the top-k expert weights: export "
                           "model.mixer_opts.moe.norm_topk=true models to gguf")
     if family == "lfm2_moe" and mcfg.block_options("moe").routed_scale != 1.0:
@@ -124,10 +125,16 @@ def export(model, tok, cfg, out: Path, opts):
             "tensor_types": {k: {"tensors": n, "weights": m} for k, (n, m) in types.items()}}
 
 
+def _feed_forward_length(mcfg, family: str) -> int:
+    """llama.cpp's llama (Mixtral) and granitehybrid size their experts by feed_forward_length; every other
+    arch reads it as the dense MLP's width (qwen3moe and lfm2moe size experts by their own key)."""
+    if mcfg.mlp == "moe" and family in ("mixtral", "granitemoehybrid"):
+        return expert_width(mcfg.block_options("moe"), mcfg.ffn)
+    return mcfg.ffn
+
+
 def _attention_metadata(w, mcfg, family: str):
-    # llama.cpp's llama sizes its experts by feed_forward_length (Mixtral's intermediate_size)
-    moe = family == "mixtral"
-    w.add_feed_forward_length(expert_width(mcfg.block_options("moe"), mcfg.ffn) if moe else mcfg.ffn)
+    w.add_feed_forward_length(_feed_forward_length(mcfg, family))
     w.add_head_count(mcfg.n_heads)
     if family in ("lfm2", "lfm2_moe"):
         w.add_head_count_kv([mcfg.n_kv_heads if t == "attn" else 0 for t in mcfg.layer_types()])
@@ -173,8 +180,7 @@ def _ssm_metadata(w, mcfg, family: str):
         w.add_feed_forward_length(0)
         w.add_head_count(0)
         return
-    moe = mcfg.mlp == "moe"
-    w.add_feed_forward_length(expert_width(mcfg.block_options("moe"), mcfg.ffn) if moe else mcfg.ffn)
+    w.add_feed_forward_length(_feed_forward_length(mcfg, family))
     w.add_head_count(mcfg.n_heads)
     w.add_head_count_kv([mcfg.n_kv_heads if t == "attn" else 0 for t in mcfg.layer_types()])
     w.add_vocab_size(mcfg.vocab_size)
@@ -183,7 +189,7 @@ def _ssm_metadata(w, mcfg, family: str):
     # granitehybrid applies RoPE only under this flag (IBM's hybrids use none: model.pos=none; its
     # converter sets it for Bamba)
     w.add_rope_scaling_finetuned(mcfg.pos == "rope")
-    if not moe:  # _moe_metadata writes the MoE's
+    if mcfg.mlp != "moe":  # _moe_metadata writes the MoE's
         w.add_expert_count(0)
     w.add_attention_scale(mcfg.attn_scale or mcfg.hd ** -0.5)
     w.add_embedding_scale(mcfg.embed_scale)
