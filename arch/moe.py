@@ -197,7 +197,9 @@ class MoE(ChannelMixer):
         if o.expert_bias:  # a buffer: steps move it, not gradients; checkpoints and exports carry it
             self.register_buffer("expert_bias", torch.zeros(o.experts))
         self._aux: Optional[torch.Tensor] = None  # this step's balance loss, until the LM takes it
-        self._stats: Optional[torch.Tensor] = None  # [E + 2]: slots per expert, summed aux, aux count
+        # [E + 2]: slots per expert, summed aux, aux count: one tensor, so a compiled forward adds to it
+        # without guarding on a Python counter
+        self._stats: Optional[torch.Tensor] = None
         self._load: Optional[torch.Tensor] = None  # slots per expert since the last bias update
 
     def forward(self, x):
@@ -227,10 +229,11 @@ class MoE(ChannelMixer):
         """This step's balance loss for the LM (training), and the load statistics for extra_metrics."""
         with torch.no_grad():
             stats = expert_counts(experts, self.E)
-        if self.training and torch.is_grad_enabled() and self.opts.expert_bias and self.opts.bias_update_rate:
+        training = self.training and torch.is_grad_enabled()
+        if training and self.opts.expert_bias and self.opts.bias_update_rate:
             self._load = stats if self._load is None else self._load + stats
         aux = None
-        if self.training and torch.is_grad_enabled() and self.opts.aux_loss_coef:
+        if training and self.opts.aux_loss_coef:
             if self.opts.router == "sigmoid":
                 probs = probs / probs.sum(-1, keepdim=True)
             aux = balance_loss(probs, experts)

@@ -390,8 +390,7 @@ def _b(n) -> str:
 def report(est: dict) -> str:
     """The human-readable --dry-run report."""
     s = est["static_bytes"]
-    active = est.get("params_active", est["params"])
-    active = f", {count(active)} active a token" if active != est["params"] else ""
+    active = f", {count(est['params_active'])} active a token" if est["params_active"] != est["params"] else ""
     lines = [f"model: {est['arch']}  {count(est['params'])} params ({count(est['params_non_embedding'])} non-embedding"
              f"{active})"
              f"  device: {est['device']}" + (f"  world {est['world']} ({est['parallel']}, per rank)"
