@@ -163,11 +163,13 @@ def expert_counts(experts, E: int):
     return torch.zeros(E, device=flat.device).scatter_add(0, flat, torch.ones(flat.shape, device=flat.device))
 
 
-def balance_loss(probs, experts):
+def balance_loss(probs, counts):
     """E * sum_e f_e P_e (transformers' load_balancing_loss_func for one layer): k when balanced. probs
-    sum to 1 over the experts (sigmoid scores are normalised first, as DeepSeek-V3's balance loss does)."""
+    [N, E] sum to 1 over the experts (sigmoid scores are normalised first, as DeepSeek-V3's balance loss
+    does); counts [E]: token slots per expert (expert_counts, which the forward computes once for this
+    and its load statistics)."""
     N, E = probs.shape
-    return E * (expert_counts(experts, E) / N * probs.mean(0)).sum()
+    return E * (counts / N * probs.mean(0)).sum()
 
 
 # Tokens up to which a forward runs them one by one (moe_few): batch-1 eager decode of the default hybrid
@@ -236,7 +238,7 @@ class MoE(ChannelMixer):
         if training and self.opts.aux_loss_coef:
             if self.opts.router == "sigmoid":
                 probs = probs / probs.sum(-1, keepdim=True)
-            aux = balance_loss(probs, experts)
+            aux = balance_loss(probs, stats)
             self._aux = self.opts.aux_loss_coef * aux
         seen = aux.detach().float().reshape(1) if aux is not None else stats.new_zeros(1)
         stats = torch.cat([stats, seen, stats.new_ones(1) if aux is not None else stats.new_zeros(1)])

@@ -5,7 +5,7 @@ import torch
 
 from arch import ModelConfig, build_model
 from arch.loss import linear_cross_entropy_ref
-from arch.moe import balance_loss, moe_dense, moe_few, moe_sorted, route
+from arch.moe import balance_loss, expert_counts, moe_dense, moe_few, moe_sorted, route
 from slmlab.errors import ConfigError
 from slmlab.optim import BatchedMuon, route_params
 
@@ -68,13 +68,14 @@ def test_balance_loss_equals_transformers_and_is_k_when_balanced():
     logits = torch.randn(40, 8)
     probs, _, idx = route(logits, 2, norm_topk=True)
     theirs = load_balancing_loss_func((logits,), num_experts=8, top_k=2)
-    torch.testing.assert_close(balance_loss(probs, idx), theirs)
+    torch.testing.assert_close(balance_loss(probs, expert_counts(idx, 8)), theirs)
     # uniform router, each expert picked equally often: f_e = k / E, P_e = 1 / E
     uniform = torch.full((8, 4), 0.25)
-    assert balance_loss(uniform, torch.tensor([[0, 1], [2, 3]] * 4)).item() == pytest.approx(2.0)
-    assert balance_loss(uniform, torch.tensor([[0, 1]] * 8)).item() == pytest.approx(2.0)  # P uniform hides it
+    assert balance_loss(uniform, expert_counts(torch.tensor([[0, 1], [2, 3]] * 4), 4)).item() == pytest.approx(2.0)
+    # P uniform hides the skew
+    assert balance_loss(uniform, expert_counts(torch.tensor([[0, 1]] * 8), 4)).item() == pytest.approx(2.0)
     skewed = torch.tensor([[0.9, 0.1 / 3, 0.1 / 3, 0.1 / 3]] * 8)
-    assert balance_loss(skewed, torch.tensor([[0]] * 8)).item() == pytest.approx(4 * 0.9)
+    assert balance_loss(skewed, expert_counts(torch.tensor([[0]] * 8), 4)).item() == pytest.approx(4 * 0.9)
 
 
 def test_aux_loss_adds_its_gradient_and_not_its_value():
