@@ -242,8 +242,15 @@ class Block(nn.Module):
             raise bad_output(f"channel mixer {self.mlp_kind!r}", self.mlp, "forward", y, h)
         return h + self._scaled(y)
 
+    def parts(self) -> list:
+        """The token mixer and the channel mixer (if any), seen through peft's ParamWrapper: LoRA on a
+        channel mixer's weight stacks (train.lora.targets: experts, slmlab/lora.py) puts the wrapper
+        where the mixer was."""
+        return [m.get_base_layer() if hasattr(m, "get_base_layer") else m for m in (self.mixer, self.mlp)
+                if m is not None]
+
     def flops_per_token(self, seq_len: int) -> float:
-        return sum(m.flops_per_token(seq_len) for m in (self.mixer, self.mlp) if hasattr(m, "flops_per_token"))
+        return sum(m.flops_per_token(seq_len) for m in self.parts() if hasattr(m, "flops_per_token"))
 
     def activation_bytes(self, batch: int, seq_len: int, act: int) -> int:
         """Saved for backward by one micro-batch. Each RMSNorm (its training path, layers._RMSNormFn)
@@ -251,5 +258,4 @@ class Block(nn.Module):
         `act`) by the projections that read it. The block input and h are the residual stream."""
         tokens, d = batch * seq_len, self.mixer_norm.weight.numel()
         norm = tokens * ((d + 1) * 4 + d * act)
-        mlp = 0 if self.mlp is None else norm + self.mlp.activation_bytes(batch, seq_len, act)
-        return norm + self.mixer.activation_bytes(batch, seq_len, act) + mlp
+        return sum(norm + m.activation_bytes(batch, seq_len, act) for m in self.parts())

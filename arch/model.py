@@ -115,10 +115,14 @@ class LM(nn.Module):
             loss, ce = linear_distill_loss_ref(x, self.lm_head.weight, targets, teacher)
         return self.add_aux_losses(loss), ce
 
+    def mixers(self) -> list:
+        """Every layer's token and channel mixer (Block.parts: seen through LoRA's wrappers)."""
+        return [m for layer in self.layers for m in layer.parts()]
+
     def blocks_with(self, method: str) -> list:
         """Every layer's token and channel mixer that defines `method` (an optional part of the block
         contract: after_step, take_aux_loss, inactive_params)."""
-        return [m for layer in self.layers for m in (layer.mixer, layer.mlp) if hasattr(m, method)]
+        return [m for m in self.mixers() if hasattr(m, method)]
 
     def after_optimizer_step(self, stepped: bool = True):
         """The trainer's call after each optimizer step (stepped=False: a skipped, non-finite step): blocks

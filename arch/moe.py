@@ -294,8 +294,7 @@ def moe_metrics(model) -> dict:
     moe.dead_experts (experts no token picked, all layers) and moe.aux (the mean balance loss over the
     training steps, before aux_loss_coef), since the last call; {} without MoE layers."""
     loads, dead, auxes = [], 0, []
-    for layer in getattr(model, "layers", []):
-        m = getattr(layer, "mlp", None)
+    for m in model.mixers():
         if not isinstance(m, MoE) or (got := m.take_stats()) is None:
             continue
         counts, a = got

@@ -47,7 +47,8 @@ class LoraConfig:
     r: int = 0  # adapter rank; 0 = no LoRA
     alpha: float = 16.0  # scale alpha / r on the adapter's output
     dropout: float = 0.0  # dropout on the adapter's input
-    targets: list = field(default_factory=lambda: ["all-linear"])  # module-name suffixes; all-linear: all but the head
+    # module-name suffixes; all-linear: all but the head; experts: the MoE expert stacks
+    targets: list = field(default_factory=lambda: ["all-linear"])
 
     def check(self, where: str):
         check_ranges(self, where, {"r": Range(0, 4096), "alpha": POSITIVE, "dropout": Range(0, 1, hi_open=True)})

@@ -15,6 +15,9 @@ from .errors import ConfigError
 ADAPTER_MARK = ".lora_"  # in every adapter parameter's name: layers.0.mlp.w1.lora_A.default.weight
 ADDED_ROWS_MARK = ".added_rows"  # the trainable rows of tokens data.added_tokens appended (AddedRows)
 ALL_LINEAR = "all-linear"  # in train.lora.targets: every nn.Linear but the head, whatever the blocks name them
+# In train.lora.targets: every block's weight stacks (matrix_stacks: model.mlp=moe's expert weights w13, w2),
+# adapted per expert by peft's target_parameters (lora.ParamWrapper: A [E r, in], B [out, E r]).
+EXPERTS = "experts"
 
 
 def is_adapter_key(name: str) -> bool:
@@ -65,7 +68,8 @@ def apply_lora(model: torch.nn.Module, lora, n_old: int | None = None) -> torch.
     modules = dict(model.named_modules())
     linears = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items()
                       if isinstance(m, torch.nn.Linear) and n != "lm_head"})
-    targets = sorted({x for t in lora.targets for x in (linears if t == ALL_LINEAR else [t])})
+    stacks = expert_stacks(model, lora) if EXPERTS in lora.targets else []
+    targets = sorted({x for t in lora.targets if t != EXPERTS for x in (linears if t == ALL_LINEAR else [t])})
     matched = {t: [n for n in modules if n == t or n.endswith("." + t)] for t in targets}  # peft's suffix rule
     missing = [t for t, found in matched.items() if not found]
     if missing:
@@ -81,10 +85,29 @@ def apply_lora(model: torch.nn.Module, lora, n_old: int | None = None) -> torch.
         raise ConfigError(f"train.lora.targets: {other} is a {type(modules[other]).__name__}, not a linear layer; "
                           f"the linear layers: {', '.join(linears)}")
     inject_adapter_in_model(LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                       target_modules=targets), model)
+                                       target_modules=targets, target_parameters=stacks or None), model)
     if n_old is not None and n_old < model.embed.weight.shape[0]:
         train_added_rows(model, n_old)
     return model
+
+
+def stack_names(model: torch.nn.Module) -> list[str]:
+    """Full names of the channel mixers' weight stacks (matrix_stacks), e.g. layers.0.mlp.w13. Token
+    mixers' are left out: peft's wrapper would hide their state and decode methods from the LM."""
+    return [f"layers.{i}.mlp.{p}" for i, layer in enumerate(model.layers)
+            for p in getattr(layer.mlp, "matrix_stacks", ())]
+
+
+def expert_stacks(model: torch.nn.Module, lora) -> list[str]:
+    """The stacks train.lora.targets' `experts` adapts, or ConfigError where it cannot."""
+    stacks = stack_names(model)
+    if not stacks:
+        raise ConfigError(f"train.lora.targets: {EXPERTS} adapts the expert weight stacks of model.mlp=moe; "
+                          f"this model has none")
+    if lora.dropout:
+        raise ConfigError(f"train.lora.dropout={lora.dropout} with targets: {EXPERTS}: peft adapts a weight stack "
+                          f"by adding B A to the weight, leaving no input to drop; set train.lora.dropout=0")
+    return stacks
 
 
 def train_added_rows(model: torch.nn.Module, n_old: int):
@@ -103,7 +126,17 @@ def trainable_report(model: torch.nn.Module) -> str:
     # AddedRows' trainable rows stand in for the same rows of the frozen original matrix: count them once.
     shadow = sum(m.added_rows.numel() for m in model.modules() if isinstance(m, AddedRows))
     n_all = sum(p.numel() for p in model.parameters()) - shadow
-    return f"LoRA: {n_train:,} trainable of {n_all:,} parameters ({100 * n_train / n_all:.2f}%)"
+    out = f"LoRA: {n_train:,} trainable of {n_all:,} parameters ({100 * n_train / n_all:.2f}%)"
+    from peft.tuners.lora.layer import ParamWrapper
+
+    wrapped = {m.get_base_layer() for m in model.modules() if isinstance(m, ParamWrapper)}
+    frozen = [m for layer in model.layers for m in layer.parts()[1:] if getattr(m, "matrix_stacks", ())
+              and m not in wrapped]
+    if frozen:
+        out += f"; the expert stacks of {len(frozen)} layers stay frozen (add {EXPERTS} to train.lora.targets to adapt them)"
+    if any(getattr(m, "expert_bias", None) is not None for m in model.mixers()):
+        out += "; the expert bias stays the base's (not moved by bias_update_rate)"
+    return out
 
 
 @torch.no_grad()

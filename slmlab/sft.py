@@ -494,6 +494,7 @@ class SFTTrainer(Trainer):
             out = masked_val_loss(model, self.sft.val, self.pad_id, self.eval_T, self.eval_B, self.device,
                                   self.byte_lengths)
         out.update(exact_match(model, self.sft.template, self.sft.val_messages[:self.t.sft_eval_examples], self.device))
+        out.update(model.extra_metrics())  # as the pretraining eval logs them: MoE loads, spike rates
         model.train(was_training)
         with root_gathered(model):
             out.update(self.task_metrics(model))

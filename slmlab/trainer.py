@@ -606,7 +606,9 @@ class Trainer:
             self.state.bad_steps = 0
         else:
             self.skip_bad_step(step, loss_sum, gnorm)
-        self.model.after_optimizer_step(stepped)  # e.g. MoE expert biases (arch/moe.py)
+        # e.g. MoE expert biases (arch/moe.py). A LoRA run moves none: they are the base's, as its frozen
+        # weights are, and its files hold adapters only (a moved bias would be lost on resume and merge).
+        self.model.after_optimizer_step(stepped and not self.t.lora.r)
         self.opt.zero_grad(set_to_none=True)
         step_tokens = n_tok * dist.world
         self.state.step, self.state.tokens = step, self.state.tokens + step_tokens

@@ -385,3 +385,72 @@ def test_added_tokens_in_a_padded_vocabulary_start_at_the_mean_row_and_train(bas
     _, trained, _ = RunDir.open(tmp_path / "lora").load()
     assert torch.equal(trained.embed.weight[:300], E0[:300])
     assert not torch.allclose(trained.embed.weight[300], E[300])  # the new token's row trained
+
+
+@pytest.fixture(scope="module")
+def moe_lora_run(tmp_path_factory):
+    """A MoE base (expert_bias on, so its after_step runs through peft's wrapper) and a LoRA run on it
+    that adapts the expert stacks too (targets: experts), checkpointed at step 2 of 4."""
+    from sft_helpers import write_corpus
+
+    tmp = tmp_path_factory.mktemp("moelora")
+    moe = {"model.mlp": "moe", "model.mixer_opts": "{moe: {experts: 4, top_k: 2, expert_bias: true, "
+                                                  "bias_update_rate: 0.01}}"}
+    rc, _, err = run_here("train", "--arch", "hybrid", "--data", write_corpus(tmp / "corpus.txt"), "--out",
+                          tmp / "base", *sft_overrides(tmp, steps=4, **moe))
+    assert rc == 0, err
+    rc, out, err = run_here("train", *lora_args(tmp, tmp / "base", 4, **moe, **{
+        "train.lora.targets": "[all-linear, experts]", "train.ckpt_every": 2, "train.eval_every": 4}),
+        "--out", tmp / "run")
+    assert rc == 0, err
+    return tmp / "base", tmp / "run", out
+
+
+def test_lora_adapts_the_expert_stacks_and_merges_exactly(moe_lora_run, tmp_path):
+    base, run, out = moe_lora_run
+    assert "LoRA: " in out and "stay frozen" not in out and "the expert bias stays the base's" in out
+    assert "moe load" in out  # the MoE statistics still reach the eval line through peft's wrapper
+    keys = list(load_tensors(run / "model.safetensors"))
+    assert all(ADAPTER_MARK in k for k in keys)
+    assert {k.split(".lora_")[0] for k in keys if ".mlp.lora_" in k or ".mlp.base_layer.lora_" in k} == {
+        f"layers.{i}.mlp{w}" for i in range(3) for w in ("", ".base_layer")}  # w2 and w13 of every layer
+    trained = adapter_model(run)
+    sd = trained.state_dict()
+    assert all(sd[k].abs().sum() > 0 for k in keys if "mlp.lora_B" in k or "mlp.base_layer.lora_B" in k)
+    rc, _, err = run_here("convert", "--merge-lora", run, "--out", tmp_path / "merged")
+    assert rc == 0, err
+    _, merged, _ = RunDir.open(tmp_path / "merged").load()
+    _, base_model, _ = RunDir.open(base).load()
+    assert not torch.equal(merged.layers[0].mlp.w13, base_model.layers[0].mlp.w13)
+    assert torch.equal(merged.layers[0].mlp.expert_bias, base_model.layers[0].mlp.expert_bias)
+    assert base_model.layers[0].mlp.expert_bias.abs().sum() > 0  # the base's own training moved it
+    x = torch.randint(0, 260, (2, 23))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), trained(x), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_on_the_expert_stacks_resumes_exactly(moe_lora_run, tmp_path):
+    _, run, _ = moe_lora_run
+    shutil.copytree(run, tmp_path / "run")
+    for d in checkpoint_dirs(tmp_path / "run")[1:]:
+        shutil.rmtree(d)
+    rc, _, err = run_here("train", "--resume", "--out", tmp_path / "run")
+    assert rc == 0, err
+    a, b = losses(run), losses(tmp_path / "run")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4] and max(abs(a[k] - b[k]) for k in a) <= 1e-6, (a, b)
+
+
+@pytest.mark.parametrize("mlp,extra,needle", [
+    ("swiglu", {}, "train.lora.targets: experts adapts the expert weight stacks of model.mlp=moe; this model has none"),
+    ("moe", {"dropout": 0.1}, "train.lora.dropout=0.1 with targets: experts: "),
+])
+def test_bad_expert_targets_are_config_errors(mlp, extra, needle):
+    from slmlab.config import LoraConfig
+    from slmlab.errors import ConfigError
+    from slmlab.lora import apply_lora
+
+    cfg = load_config(arch="hybrid", overrides=["model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+                                                "model.n_kv_heads=1", "model.vocab_size=300", f"model.mlp={mlp}",
+                                                "model.layers=CA"])
+    with pytest.raises(ConfigError, match="^" + needle.replace(".", r"\.")):
+        apply_lora(model_from_config(cfg), LoraConfig(r=2, targets=["all-linear", "experts"], **extra))
