@@ -129,7 +129,8 @@ def test_hf_export_reloads_with_equal_logits_and_generation(runs, preset, tmp_pa
     model, tok = ours(runs[preset])
     text = "def main(argv):\n    for i in range(3):"
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
-    assert hf_tok.eos_token_id == tok.eos_id and hf_tok.bos_token_id == tok.bos_id
+    # The token its documents start with (eos: <|bos|>'s row never trained), as what scorers start with
+    assert hf_tok.eos_token_id == tok.eos_id and hf_tok.bos_token_id is None and hf.config.bos_token_id == tok.start_id
     idx = torch.tensor([tok.encode(text)] * 2)
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, model(idx), atol=1e-4, rtol=0)
@@ -735,6 +736,26 @@ def test_lif_mlp_step_exports_without_spike_counting(monkeypatch, public):
     with torch.no_grad():
         model(torch.zeros(1, 4, dtype=torch.long))
     assert any(k.startswith("spike_rate") for k in spike_metrics(model))
+
+
+def test_gguf_of_a_padded_vocabulary_lists_a_token_per_embedding_row(tmp_path):
+    """An import's embedding can have more rows than its tokenizer has tokens (Qwen2.5's); llama.cpp refuses
+    a token list shorter than token_embd, so the rows past the tokenizer get [PADi] tokens of type UNUSED."""
+    pytest.importorskip("gguf")
+    import gguf
+
+    from slmlab.export.gguf import read_gguf
+
+    tok = train_tokenizer([TEXT], 300)
+    run = make_run(tmp_path / "run", "transformer", vocab_size=tok.vocab_size + 5)
+    rc, err, _ = convert("--run", run, "--to", "gguf", "--out", tmp_path / "m.gguf")
+    assert rc == 0, err
+    meta, tensors = read_gguf(tmp_path / "m.gguf")
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    assert len(tokens) == len(types) == tok.vocab_size + 5 == tensors["token_embd.weight"].shape[0]
+    assert tokens[-5:] == [f"[PAD{i}]" for i in range(tok.vocab_size, tok.vocab_size + 5)]
+    assert set(types[-5:]) == {gguf.TokenType.UNUSED} and gguf.TokenType.UNUSED not in types[:-5]
+    assert meta["tokenizer.ggml.bos_token_id"] == tok.start_id == tok.eos_id  # as --to hf's bos_token_id
 
 
 # ---------------------------------------------------------------- what --force may replace, flags that do nothing

@@ -57,7 +57,10 @@ def check_supported(mcfg):
         raise ConfigError("llama.cpp's lfm2 has no conv biases: export conv_bias=false models to gguf")
 
 
-def _tokenizer_metadata(w, tok):
+def _tokenizer_metadata(w, tok, rows: int):
+    """The token list, types, merges and special ids. A vocabulary padded past the tokenizer (an import's
+    embedding of `rows` > its tokens, e.g. Qwen2.5's) gets [PAD{i}] tokens of type UNUSED up to `rows`, as
+    llama.cpp's own converter writes them: llama.cpp refuses a token list shorter than token_embd."""
     import gguf
 
     vocab = tok.hf.get_vocab(with_added_tokens=True)
@@ -66,18 +69,25 @@ def _tokenizer_metadata(w, tok):
         tokens[i] = s
     if any(t is None for t in tokens):
         raise ConfigError("tokenizer ids are not contiguous; GGUF needs a dense token list")
+    if len(tokens) > rows:
+        raise ConfigError(f"the tokenizer has {len(tokens)} tokens, more than the model's {rows} embedding rows")
+    n_real = len(tokens)
+    tokens += [f"[PAD{i}]" for i in range(n_real, rows)]
     model = json.loads(tok.to_json())["model"]
     if model.get("type") != "BPE":
         raise ConfigError(f"only byte-level BPE tokenizers export to gguf (got {model.get('type')})")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     special = tok.special_tokens
-    types = [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]
+    types = [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens[:n_real]]
+    types += [gguf.TokenType.UNUSED] * (rows - n_real)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
-    for add, tid in ((w.add_bos_token_id, tok.bos_id), (w.add_eos_token_id, tok.eos_id), (w.add_pad_token_id, tok.pad_id)):
+    # bos: the token documents start with (Tokenizer.start_id; eos for slmlab's own tokenizer, as --to hf)
+    for add, tid in ((w.add_bos_token_id, tok.start_id), (w.add_eos_token_id, tok.eos_id),
+                     (w.add_pad_token_id, tok.pad_id)):
         if tid is not None:
             add(tid)
     w.add_add_bos_token(False)
@@ -110,7 +120,7 @@ def export(model, tok, cfg, out: Path, opts):
         _attention_metadata(w, mcfg, family)
     if mcfg.mlp == "moe":
         _moe_metadata(w, mcfg, gguf)
-    _tokenizer_metadata(w, tok)
+    _tokenizer_metadata(w, tok, mcfg.vocab_size)
 
     types, fell_back = _add_tensors(w, gguf, arch, model, family, wtype, plain[0])
     w.write_header_to_file()

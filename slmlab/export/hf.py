@@ -28,8 +28,19 @@ def check_supported(mcfg):
 
 
 def special_ids(tok) -> dict:
-    return {k: v for k, v in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id),
+    """config.json's and generation_config.json's token ids. bos_token_id is the token the model saw
+    start every document (Tokenizer.start_id): with slmlab's own tokenizer that is eos, whose row
+    trained, not <|bos|>, whose row never did (a transformers scorer starting with it scored a run's
+    export worse than the run)."""
+    return {k: v for k, v in (("bos_token_id", tok.start_id), ("eos_token_id", tok.eos_id),
                               ("pad_token_id", tok.pad_id)) if v is not None}
+
+
+def tokenizer_roles(tok) -> dict:
+    """The exported tokenizer's special-token names. slmlab's own tokenizer declares no bos_token, as
+    Qwen2.5's does not, so what starts a sequence by the tokenizer's word (lm-evaluation-harness's
+    prefix token, HFScorer) is eos, the token its documents start after."""
+    return {f"{role}_token": name for role, name in tok.specials.items() if not (tok.is_own and role == "bos")}
 
 
 def export(model, tok, cfg, out: Path, opts):
@@ -46,8 +57,7 @@ def export(model, tok, cfg, out: Path, opts):
     sd = {k: v.detach().to(DTYPES[opts.dtype]).contiguous() for k, v in to_hf_state_dict(model).items()}
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     GenerationConfig(**ids, do_sample=False).save_pretrained(str(out))
-    names = {f"{role}_token": name for role, name in tok.specials.items()}
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok.hf, **names, clean_up_tokenization_spaces=False)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok.hf, **tokenizer_roles(tok), clean_up_tokenization_spaces=False)
     # transformers truncates and warns by this (a learned position table, gpt2, ends at max_positions)
     fast.model_max_length = opts.max_len
     fast.save_pretrained(str(out))
