@@ -143,7 +143,7 @@ class Attention(Mixer):
         slots = torch.arange(kc.shape[2], device=x.device)
         visible = slots[None, :] <= positions[:, None]  # [T, L]; unwritten slots lie in the future
         if self.window is not None:
-            visible = visible & (slots[None, :] > positions[:, None] - self.window)
+            visible = torch.logical_and(visible, slots[None, :] > positions[:, None] - self.window)
         rep, scale = self.n_heads // self.n_kv_heads, self.hd ** -0.5
         if inplace:  # one token (chunks returned above): a kv head's rep query heads as rows against its cache.
             # A broadcast [B, Hkv, 1, L, hd] cache operand (below) made the compiled step copy the whole

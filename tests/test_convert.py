@@ -589,6 +589,18 @@ def test_coreml_package_spec(runs, tmp_path):
             torch.testing.assert_close(predict_steps(out, ids), model(torch.tensor([ids]))[0], atol=1e-3, rtol=0)
 
 
+def test_sliding_window_model_converts_to_coreml(tmp_path):
+    """The window's mask was `a & b` on bools, which coremltools' torch.export frontend has no rule for
+    (a traceback); torch.logical_and converts."""
+    pytest.importorskip("coremltools")
+    from slmlab.export.coreml import describe
+
+    run = make_run(tmp_path / "run", "transformer", window_pattern="S", window=16)
+    rc, err, _ = convert("--run", run, "--to", "coreml", "--out", tmp_path / "m.mlpackage", "--max-len", 64)
+    assert rc == 0, err
+    assert describe(tmp_path / "m.mlpackage")["outputs"]["logits"] == [1, 1, 300]
+
+
 # ---------------------------------------------------------------- executorch + int8
 def _executorch_parity(run, tmp_path, quant=None):
     pytest.importorskip("executorch.runtime")
