@@ -9,6 +9,8 @@ run's chat template (or a transformers model folder's, with --hf), writing SFT-r
 
 Diffusion runs (--arch diffusion) fill the new tokens by iterative unmasking instead:
     python sample.py --run runs/diffusion-... --max-new-tokens 128 --diffusion-steps 64 --block-length 32
+
+A flag the chosen mode has no use for (--prompt with --prompts, --batch-size without --hf, ...) is an error.
 """
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ import sys
 from slmlab.cli import run_cli
 from slmlab.errors import ConfigError
 
+# --prompt and --batch-size default to None so that check_args can tell a given flag from an absent one
+# (--batch-size 8 is refused without --hf as much as --batch-size 2); these fill them in afterwards.
+DEFAULT_PROMPT, DEFAULT_BATCH_SIZE = "def ", 8
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,8 +34,11 @@ def parse_args(argv=None):
     p.add_argument("--prompts", help="jsonl of {\"prompt\": str} or {\"messages\": [...]}: complete each one "
                                      "(through the chat template) and write --out")
     p.add_argument("--out", help="with --prompts: the SFT-ready jsonl written ({prompt, completion} or messages)")
-    p.add_argument("--batch-size", type=int, default=8, help="--hf --prompts: prompts generated together")
-    p.add_argument("--prompt", default="def ")
+    p.add_argument("--force", action="store_true", help="with --prompts: replace an existing --out")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"--hf --prompts: prompts generated together (default {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--prompt", default=None,
+                   help=f"the text to continue (default {DEFAULT_PROMPT!r}); not with --prompts")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (deterministic)")
     p.add_argument("--top-k", type=int, default=50, help="0 = no top-k filter")
@@ -37,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the one-token decode step (costs seconds up front; pays off on long samples)")
+                   help="torch.compile the one-token decode step (costs seconds up front; pays off on long samples); "
+                        "autoregressive runs, without --prompts")
     d = p.add_argument_group("diffusion runs")
     d.add_argument("--diffusion-steps", type=int, default=None,
                    help="denoising steps (default: one per new token; llada rounds it to a multiple of the blocks, "
@@ -109,8 +119,6 @@ def main(argv=None):
         from slmlab.traces import write_traces
 
         return write_traces(args, device)
-    if args.hf:
-        raise ConfigError("--hf generates traces: give --prompts FILE.jsonl and --out FILE.jsonl")
     cfg, model, tok = RunDir.open(args.run).load(device)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"{args.run}: the tokenizer has {tok.vocab_size} ids but the model only "
@@ -170,8 +178,15 @@ def check_room(args, model, prompt_len: int):
 
 
 def check_args(args):
+    """Ranges, and one line for each flag the chosen mode has no use for; then the defaults of the
+    flags that are None until given."""
     from slmlab.coerce import Range
 
+    if bool(args.prompts) != bool(args.out):
+        raise ConfigError("--prompts and --out go together (prompts in, traces out)")
+    if args.hf and not args.prompts:
+        raise ConfigError("--hf generates traces: give --prompts FILE.jsonl and --out FILE.jsonl")
+    check_mode_flags(args)
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise ConfigError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     # A static decode state holds the whole context; 100k new tokens keep it well under a GB at these sizes.
@@ -179,12 +194,36 @@ def check_args(args):
     Range(0, None).check("--top-k", args.top_k)
     Range(1, 10_000).check("--num-samples", args.num_samples)
     Range(0, 2 ** 63 - 1).check("--seed", args.seed)
-    Range(1, 4096).check("--batch-size", args.batch_size)
-    if bool(args.prompts) != bool(args.out):
-        raise ConfigError("--prompts and --out go together (prompts in, traces out)")
+    if args.batch_size is not None:
+        Range(1, 4096).check("--batch-size", args.batch_size)
     for flag, v in (("--diffusion-steps", args.diffusion_steps), ("--block-length", args.block_length)):
         if v is not None and v <= 0:
             raise ConfigError(f"{flag} must be > 0, got {v}")
+    args.prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
+    args.batch_size = DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
+
+
+def check_mode_flags(args):
+    """Refuse what the mode (sampling a run; traces from a run; traces from --hf) would ignore. Whether
+    a run is a diffusion run is known only once it loads: decode_kwargs checks the diffusion flags there."""
+    if args.force and not args.out:
+        raise ConfigError("--force applies to --prompts with --out (it replaces an existing --out); drop it")
+    if args.batch_size is not None and not args.hf:
+        one = "--run --prompts completes" if args.prompts else "sampling a run decodes"
+        raise ConfigError(f"--batch-size applies to --hf --prompts (transformers generate's batches); {one} "
+                          "one prompt at a time: drop it")
+    if not args.prompts:
+        return
+    if args.prompt is not None:
+        raise ConfigError("--prompt and --prompts conflict: --prompts completes every prompt of its file; drop --prompt")
+    if args.compile:
+        raise ConfigError("--compile applies to sampling a run without --prompts (traces decode uncompiled); drop it")
+    given = [f for f, v in (("--diffusion-steps", args.diffusion_steps), ("--block-length", args.block_length),
+                            ("--sampler", args.sampler)) if v is not None]
+    if given:
+        how = "--prompts --hf generates with transformers" if args.hf else "--prompts completes with autoregressive runs"
+        raise ConfigError(f"{'/'.join(given)} appl{'ies' if len(given) == 1 else 'y'} to sampling a diffusion run; "
+                          f"{how}: drop {'it' if len(given) == 1 else 'them'}")
 
 
 if __name__ == "__main__":

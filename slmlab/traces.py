@@ -36,14 +36,20 @@ def trace_record(msgs: list[dict], completion: str, pairs: bool) -> dict:
 
 
 def write_traces(args, device) -> int:
-    if not Path(args.prompts).expanduser().is_file():
+    from .export import check_out
+
+    prompts, out = Path(args.prompts).expanduser(), Path(args.out).expanduser()
+    if not prompts.is_file():
         raise ConfigError(f"--prompts {args.prompts}: no such file")
+    if out.resolve() == prompts.resolve():  # even with --force: the traces would replace their own prompts
+        raise ConfigError(f"--out {args.out} is the --prompts file; write the traces elsewhere")
+    check_out(out, args.force, is_dir=False)  # before the (slow) load, as convert.py and eval.py do
     convs = read_prompts(args.prompts)
     gen = hf_completions if args.hf else run_completions
     # One format for the whole file (SFT reads it by its first record): pairs when every prompt is one user turn.
     pairs = all(len(m) == 1 and m[0]["role"] == "user" for m in convs)
     records = [trace_record(m, c, pairs) for m, c in gen(args, convs, device)]
-    with publish(Path(args.out).expanduser()) as tmp:
+    with publish(out) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     print(f"{len(records)} completions of {len(convs)} prompts written to {args.out}")
     return 0

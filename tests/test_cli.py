@@ -347,6 +347,73 @@ def test_sample_sampler_on_an_autoregressive_run_is_refused():
         sample.decode_kwargs(args, SimpleNamespace(supports_static=lambda: True))
 
 
+# ---- sample.py: a flag the chosen mode has no use for is an error, never ignored ---------------------
+@pytest.fixture
+def traces_io(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "the"}) + "\n")
+    return prompts, tmp_path / "t.jsonl"
+
+
+@pytest.mark.parametrize("mode,argv,needle", [
+    ("traces", ["--prompt", "X"], "--prompt and --prompts conflict"),
+    ("traces", ["--batch-size", "2"], "--batch-size applies to --hf --prompts"),
+    ("traces", ["--batch-size", "8"], "--batch-size applies to --hf --prompts"),  # the default, given, is refused too
+    ("traces", ["--diffusion-steps", "3"], "--diffusion-steps applies to sampling a diffusion run"),
+    ("traces", ["--block-length", "4", "--sampler", "mdlm"], "--block-length/--sampler apply to sampling a diffusion"),
+    ("traces", ["--compile"], "--compile applies to sampling a run without --prompts"),
+    ("traces", ["--prompt", "X", "--batch-size", "2", "--diffusion-steps", "3"], "error: --"),  # the report's line
+    ("hf", ["--prompt", "X"], "--prompt and --prompts conflict"),
+    ("hf", ["--compile"], "--compile applies to sampling a run without --prompts"),
+    ("hf", ["--sampler", "llada"], "--sampler applies to sampling a diffusion run; --prompts --hf generates with"),
+    ("sample", ["--batch-size", "3"], "--batch-size applies to --hf --prompts"),
+    ("sample", ["--force"], "--force applies to --prompts with --out"),
+    ("sample", ["--diffusion-steps", "3"], "--diffusion-steps applies to diffusion runs"),
+    ("sample", ["--hf", "x"], "--hf generates traces: give --prompts"),
+])
+def test_sample_flags_of_another_mode_are_one_line_errors(tiny_run, traces_io, capsys, mode, argv, needle):
+    """`--prompts p --out t --prompt X --batch-size 2 --diffusion-steps 3` exited 0 with all three ignored."""
+    prompts, out = traces_io
+    src = ["--hf", str(prompts.parent / "no-such-folder")] if mode == "hf" else ["--run", str(tiny_run)]
+    io = ["--prompts", str(prompts), "--out", str(out)] if mode != "sample" else []
+    if "--hf" in argv:  # --hf and --run exclude each other
+        src = []
+    capsys.readouterr()
+    assert run_cli(sample.main, [*src, "--device", "cpu", "--max-new-tokens", "2", *io, *argv]) == 2
+    res = capsys.readouterr()
+    err = res.err.strip()
+    assert res.out == "" and "Traceback" not in err, err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and needle in err, err
+    assert not out.exists()
+
+
+def test_sample_traces_refuse_an_existing_out_without_force(tiny_run, traces_io, capsys):
+    prompts, out = traces_io
+    argv = ["--run", str(tiny_run), "--device", "cpu", "--prompts", str(prompts), "--out", str(out),
+            "--max-new-tokens", "2", "--temperature", "0"]
+    out.write_text("my traces\n")
+    assert run_cli(sample.main, argv) == 2
+    _one_line_error(capsys, f"output {out} exists (pass --force to replace it)")
+    assert out.read_text() == "my traces\n"
+    assert run_cli(sample.main, [*argv, "--force"]) == 0
+    assert [set(json.loads(line)) for line in out.read_text().splitlines()] == [{"prompt", "completion"}]
+    onto_prompts = [str(prompts) if a == str(out) else a for a in argv]
+    assert run_cli(sample.main, [*onto_prompts, "--force"]) == 2
+    _one_line_error(capsys, "is the --prompts file")
+    assert json.loads(prompts.read_text()) == {"prompt": "the"}
+
+
+def test_sample_flags_of_the_mode_are_accepted_and_defaults_filled(traces_io):
+    """The None defaults that tell a given flag from an absent one are filled in after the checks."""
+    prompts, out = traces_io
+    args = sample.parse_args(["--hf", "x", "--prompts", str(prompts), "--out", str(out), "--batch-size", "2"])
+    sample.check_args(args)
+    assert args.batch_size == 2
+    args = sample.parse_args(["--run", "r"])
+    sample.check_args(args)
+    assert (args.prompt, args.batch_size) == ("def ", 8)
+
+
 def test_sample_device_cuda_without_cuda_names_the_flag(capsys, monkeypatch):
     import torch
 
