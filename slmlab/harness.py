@@ -12,8 +12,8 @@ Metrics, per task:
                    the continuation: longer choices are not penalised for their length), chance
   completion:      acc (the continuation is the greedy output), ppl (exp of the mean negative
                    log-likelihood of the continuations), bpb (bits per UTF-8 byte of the continuations)
-Each accuracy has its standard error, sqrt(p(1-p)/(n-1)); two models on the same items compare by
-the paired difference of their per-item results and its standard error (paired()).
+Each accuracy has its standard error, sqrt(p(1-p)/(n-1)) (None for one item); two models on the
+same items compare by the paired difference of their per-item results and its standard error (paired()).
 """
 from __future__ import annotations
 
@@ -271,10 +271,11 @@ class TaskResult:
     truncated: int = 0  # pairs whose context lost tokens
 
 
-def stderr(xs: list[float]) -> float:
+def stderr(xs: list[float]) -> float | None:
+    """sqrt(p(1-p)/(n-1)) of 0/1 results; None for one item, which has none (JSON null, not NaN)."""
     n = len(xs)
     if n < 2:
-        return float("nan")
+        return None
     p = sum(xs) / n
     return math.sqrt(max(p * (1 - p), 0.0) / (n - 1))
 
@@ -296,7 +297,7 @@ def evaluate_text(scorer, items, batch_tokens: int = 16384, progress=None) -> Ta
     n_bytes = sum(len(it.continuations[0].encode("utf-8")) for it in items)
     words = sum(len(it.continuations[0].split()) for it in items)
     bound = {"bound": True} if getattr(scorer, "bound", False) else {}
-    return TaskResult({"bpb": nll / math.log(2) / n_bytes, "word_ppl": math.exp(nll / max(words, 1)),
+    return TaskResult({"bpb": nll / math.log(2) / n_bytes, "word_ppl": _exp(nll / max(words, 1)),
                        "tokens": sum(n for _, n in windows), **bound}, n=len(items))
 
 
@@ -326,9 +327,18 @@ def evaluate_items(scorer, items, batch_tokens: int = 16384, progress=None) -> T
         nll = -sum(s.logprob for s in scores)
         n_bytes = sum(len(it.continuations[0].encode("utf-8")) for it in items)
         res.per_item = {"acc": acc}
-        res.metrics = {"acc": sum(acc) / len(acc), "acc_stderr": stderr(acc), "ppl": math.exp(nll / len(scores)),
+        res.metrics = {"acc": sum(acc) / len(acc), "acc_stderr": stderr(acc), "ppl": _exp(nll / len(scores)),
                        "bpb": nll / math.log(2) / n_bytes, **bound}
     return res
+
+
+def _exp(x: float) -> float:
+    # A perplexity per word or continuation can pass e**709 (one 300-token "word" of an untrained
+    # model): inf, where math.exp would raise after every pair was scored.
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
 
 
 def _argmax(xs: list[float]) -> int:
@@ -337,7 +347,8 @@ def _argmax(xs: list[float]) -> int:
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     """(mean of b - a, its standard error) over the same items: the paired difference two models'
-    accuracies differ by, and how sure that is (about 2 standard errors is the usual bar)."""
+    accuracies differ by, and how sure that is (about 2 standard errors is the usual bar). The error
+    is nan for one item (ablate's report tests it with isfinite); eval.py's JSON writes it null."""
     d = [y - x for x, y in zip(a, b)]
     n = len(d)
     mean = sum(d) / n
@@ -457,17 +468,10 @@ def table(results: dict) -> str:
         shown = f"{name} ({entry['items']:,} of {entry['of']:,}{shot})" if entry["items"] < entry["of"] else \
             f"{name} ({entry['items']:,}{shot})"
         for metric in [m for m in ("acc", "acc_norm", "ppl", "bpb", "word_ppl") if m in first]:
-            cells = []
-            for label in labels:
-                r = entry["results"][label]
-                if "error" in r:
-                    cells.append("failed")
-                    continue
-                cells.append(f"{100 * r[metric]:.1f} ± {100 * r[metric + '_stderr']:.1f}" if metric.startswith("acc")
-                             else ("≤ " if r.get("bound") else "") + f"{r[metric]:.4g}")
+            cells = [_cell(entry["results"][label], metric) for label in labels]
             for label in labels[1:]:
                 d = entry["paired"].get(label, {}).get(metric)
-                cells.append(f"{100 * d[0]:+.1f} ± {100 * d[1]:.1f}" if d else "")
+                cells.append(f"{100 * d[0]:+.1f} ± {_percent(d[1])}" if d else "")
             rows.append([shown, metric, *cells])
             shown = ""
         if not scored:
@@ -478,11 +482,41 @@ def table(results: dict) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def report(results: dict, as_json: bool = False):
+def _cell(r: dict, metric: str) -> str:
+    if "error" in r:
+        return "failed"
+    if metric.startswith("acc"):
+        return f"{100 * r[metric]:.1f} ± {_percent(r[metric + '_stderr'])}"
+    value = "n/a" if r[metric] is None else f"{r[metric]:.4g}"  # None: an overflowed perplexity read back from JSON
+    return ("≤ " if r.get("bound") else "") + value
+
+
+def _percent(se) -> str:
+    # One item has no standard error (None from stderr(), nan from paired(), null once through JSON).
+    return "n/a" if se is None or not math.isfinite(se) else f"{100 * se:.1f}"
+
+
+def to_json(results: dict, indent: int | None = None) -> str:
+    """Strict JSON: NaN and Infinity are no JSON, and many parsers refuse them, so a non-finite number
+    (paired()'s nan for one item, an overflowed perplexity, a broken model's nan) is written null."""
     import json
 
+    return json.dumps(_finite_or_none(results), indent=indent, allow_nan=False)
+
+
+def _finite_or_none(x):
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_none(v) for v in x]
+    return x
+
+
+def report(results: dict, as_json: bool = False):
     if as_json:
-        print(json.dumps(results))
+        print(to_json(results))
         return
     print(table(results))
     if any(m for e in results["tasks"].values() for m in e["paired"].values()):
@@ -493,12 +527,10 @@ def report(results: dict, as_json: bool = False):
 
 
 def write_json(results: dict, path):
-    import json
-
     from .checkpoint import publish
 
     with publish(path) as tmp:
-        tmp.write_text(json.dumps(results, indent=1))
+        tmp.write_text(to_json(results, indent=1))
 
 
 # ---- train.eval_tasks: the trainer's evaluations score tasks too ----

@@ -16,10 +16,12 @@ A task is named on the command line (`--tasks`) as
                     {"contexts": [str, ...], "continuation": str, "label": int}  choice of contexts
                     {"context": str, "continuation": str}                          completion
                     {"text": str}                                                  a document (bpb)
+                    other keys (an id) are ignored; the keys of two formats are an error
   PATH.txt          one document: the whole file, scored for bits per byte
 """
 from __future__ import annotations
 
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -35,6 +37,16 @@ class Item:
     continuations: tuple[str, ...]
     label: Optional[int]  # None: a completion (one pair)
     text: bool = False  # a document scored whole (its one continuation), in windows of the context length
+
+    def __post_init__(self):
+        # Here, not per format: a built-in row's label (an offline copy's) is as unchecked as a generic one's.
+        if self.label is None:
+            return
+        n = len(self.contexts)
+        if n < 2:
+            raise DataError(f"a multiple-choice item needs at least 2 choices, got {n}")
+        if type(self.label) is not int or not 0 <= self.label < n:
+            raise DataError(f"label {self.label!r} is not a choice index (0..{n - 1})")
 
     @property
     def is_choice(self) -> bool:
@@ -65,22 +77,26 @@ def _hellaswag_clean(text: str) -> str:
 def _hellaswag(row) -> Item:
     ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()
     return choice(_hellaswag_clean(row["activity_label"] + ": " + ctx),
-                  [" " + _hellaswag_clean(e) for e in row["endings"]], int(row["label"]))
+                  [" " + _hellaswag_clean(e) for e in _strings(row["endings"], "endings")], int(row["label"]))
 
 
 def _lettered(row, key: str = "answerKey") -> int:
-    labels = list(row["choices"]["label"])
+    labels = list(_strings(row["choices"]["label"], "choices.label"))
     if row[key] not in labels:
         raise DataError(f"answer key {row[key]!r} is none of the choice labels {labels}")
     return labels.index(row[key])
 
 
+def _choice_texts(row) -> list[str]:
+    return [" " + t for t in _strings(row["choices"]["text"], "choices.text")]
+
+
 def _arc(row) -> Item:
-    return choice(f"Question: {row['question']}\nAnswer:", [" " + t for t in row["choices"]["text"]], _lettered(row))
+    return choice(f"Question: {row['question']}\nAnswer:", _choice_texts(row), _lettered(row))
 
 
 def _openbookqa(row) -> Item:
-    return choice(row["question_stem"], [" " + t for t in row["choices"]["text"]], _lettered(row))
+    return choice(row["question_stem"], _choice_texts(row), _lettered(row))
 
 
 def _piqa(row) -> Item:
@@ -105,7 +121,7 @@ def _winogrande(row) -> Item:
 
 def _mmlu(row) -> Item:
     # lm-evaluation-harness's layout without its per-subject header line (which few-shot prompts would repeat)
-    choices = list(row["choices"])
+    choices = _strings(row["choices"], "choices")
     if len(choices) != 4:
         raise DataError(f"an MMLU question has 4 choices, this one {len(choices)}")
     lines = [row["question"].strip(), *(f"{letter}. {c}" for letter, c in zip("ABCD", choices)), "Answer:"]
@@ -174,34 +190,49 @@ def with_fewshot(items: list[Item], k: int, seed: int = 1234) -> list[Item]:
     return out
 
 
+# The generic format's fields; a row's other keys (an id, a source) are ignored, as in the built-in rows.
+FIELDS = {"context", "contexts", "choices", "continuation", "label", "text"}
+
+
 def generic_item(row: dict) -> Item:
     """An item of the generic jsonl format (module docstring); DataError naming what is wrong."""
     if not isinstance(row, dict):
         raise DataError(f"expected a JSON object, got {type(row).__name__}")
-    keys = set(row)
-    if keys == {"text"}:
+    fields = FIELDS & set(row)
+    # Exact field sets, not subsets: a row with the fields of two formats would lose one's silently.
+    if fields == {"text"}:
         return document(row["text"])
-    if {"context", "choices", "label"} <= keys:
-        item = choice(row["context"], row["choices"], row["label"])
-    elif {"contexts", "continuation", "label"} <= keys:
-        item = Item(tuple(row["contexts"]), (row["continuation"],) * len(row["contexts"]), row["label"])
-    elif {"context", "continuation"} <= keys and "label" not in keys:
-        item = Item((row["context"],), (row["continuation"],), None)
+    if fields == {"context", "choices", "label"}:
+        item = choice(_string(row["context"], "context"), _strings(row["choices"], "choices"), row["label"])
+    elif fields == {"contexts", "continuation", "label"}:
+        contexts = _strings(row["contexts"], "contexts")
+        item = Item(contexts, (_string(row["continuation"], "continuation"),) * len(contexts), row["label"])
+    elif fields == {"context", "continuation"}:
+        item = Item((_string(row["context"], "context"),), (_string(row["continuation"], "continuation"),), None)
     else:
-        raise DataError(f"keys {sorted(keys)} fit no item format: give context+choices+label, "
+        raise DataError(f"keys {sorted(row)} fit no item format: give context+choices+label, "
                         "contexts+continuation+label, context+continuation, or text")
-    texts = [*item.contexts, *item.continuations]
-    if not all(isinstance(t, str) for t in texts):
-        raise DataError("contexts, choices and continuations must be strings")
-    if item.is_choice:
-        n = len(item.contexts)
-        if n < 2:
-            raise DataError(f"a multiple-choice item needs at least 2 choices, got {n}")
-        if type(item.label) is not int or not 0 <= item.label < n:
-            raise DataError(f"label {item.label!r} is not a choice index (0..{n - 1})")
     if not all(item.continuations):
         raise DataError("an empty continuation has nothing to score")
     return item
+
+
+def _string(value, name: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{name!r} must be a string, got {_shown(value)}")
+    return value
+
+
+def _strings(value, name: str) -> tuple[str, ...]:
+    # tuple() or iteration over a string would make each character a choice
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise DataError(f"{name!r} must be a list of strings, got {_shown(value)}")
+    return tuple(value)
+
+
+def _shown(value) -> str:
+    text = json.dumps(value)  # escaped: one line whatever the value holds
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def resolve(spec: str) -> Task:
@@ -281,12 +312,24 @@ def _rows(source: str) -> list[tuple[str, object]]:
     if source.endswith(".txt"):  # one document: the whole file
         return [(source, {"text": Path(source).read_text(encoding="utf-8", errors="replace")})]
     rows = []
-    with open(source, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"{source}:{n}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{source}:{n}: not JSON ({e.msg})") from None
+    for n, line in enumerate(_utf8_lines(source), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"{source}:{n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{source}:{n}: not JSON ({e.msg})") from None
     return rows
+
+
+def _utf8_lines(source: str) -> list[str]:
+    """The file's lines (universal newlines, as open() reads them); DataError naming the line of a byte
+    that is not UTF-8. Decoded whole: a streaming decoder fails a chunk ahead of the line being read."""
+    raw = Path(source).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = io.StringIO(raw[:e.start].decode("utf-8"), newline=None).read().count("\n") + 1
+        raise DataError(f"{source}:{line}: not UTF-8 (byte {raw[e.start]:#04x}: {e.reason}); save the file "
+                        "as UTF-8") from None
+    return io.StringIO(text, newline=None).readlines()

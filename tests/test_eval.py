@@ -5,6 +5,7 @@ does not, and bad input is one line, exit 2."""
 import json
 import math
 import sys
+import types
 
 import pytest
 import torch
@@ -267,8 +268,18 @@ def test_bad_task_names_are_one_line_errors(spec, needle, tmp_path, monkeypatch)
     ({"context": "q", "choices": [" a"], "label": 0}, "a multiple-choice item needs at least 2 choices, got 1"),
     ({"context": "q", "choices": [" a", " b"], "label": 2}, "label 2 is not a choice index (0..1)"),
     ({"context": "q", "choices": [" a", " b"], "label": True}, "label True is not a choice index"),
-    ({"context": "q", "choices": [" a", 3], "label": 0}, "contexts, choices and continuations must be strings"),
+    ({"context": "q", "choices": [" a", " b"], "label": "1"}, "label '1' is not a choice index (0..1)"),
+    ({"context": "q", "choices": [" a", 3], "label": 0}, """'choices' must be a list of strings, got [" a", 3]"""),
+    # a string is not split into one-character choices or contexts
+    ({"context": "q", "choices": "AB", "label": 1}, '\'choices\' must be a list of strings, got "AB"'),
+    ({"contexts": "abc", "continuation": " x", "label": 1}, '\'contexts\' must be a list of strings, got "abc"'),
+    ({"context": ["q"], "continuation": " x"}, """'context' must be a string, got ["q"]"""),
+    ({"context": "q", "continuation": 3}, "'continuation' must be a string, got 3"),
+    ({"text": 3}, "a text item needs a non-empty string 'text'"),
     ({"prompt": "q"}, "keys ['prompt'] fit no item format"),
+    # the keys of two formats: one would be dropped
+    ({"context": "q", "choices": [" a", " b"], "label": 0, "continuation": " c"},
+     "keys ['choices', 'context', 'continuation', 'label'] fit no item format"),
     ({"context": "q", "continuation": ""}, "an empty continuation has nothing to score"),
     ([1, 2], "expected a JSON object, got list"),
 ])
@@ -278,6 +289,57 @@ def test_generic_items_are_checked(row, needle, tmp_path):
     with pytest.raises(DataError) as e:
         tasks.read_items(tasks.resolve(str(path)))
     assert str(e.value) == f"{path}:2: {needle}" or str(e.value).startswith(f"{path}:2: {needle}"), str(e.value)
+
+
+def test_generic_items_ignore_other_keys_in_every_format(tmp_path):
+    rows = [{"text": "a whole document", "id": 3}, {"context": "q", "continuation": " a", "id": 4},
+            {"context": "q", "choices": [" a", " b"], "label": 1, "source": "x"},
+            {"contexts": ["q", "r"], "continuation": " a", "label": 0, "id": 5}]
+    bare = [{k: v for k, v in r.items() if k not in ("id", "source")} for r in rows]
+    assert [tasks.generic_item(r) for r in rows] == [tasks.generic_item(r) for r in bare]
+    path = tmp_path / "doc.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n")
+    assert tasks.read_items(tasks.resolve(str(path))) == ([tasks.document("a whole document")], 1)
+
+
+def test_a_task_file_that_is_not_utf8_names_its_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good = json.dumps({"context": "q", "continuation": " a"}).encode()
+    path.write_bytes(good + b"\r\n" + good + b"\n" + b'{"context": "caf\xe9", "continuation": " a"}\n')
+    with pytest.raises(DataError) as e:
+        tasks.read_items(tasks.resolve(str(path)))
+    assert str(e.value) == f"{path}:3: not UTF-8 (byte 0xe9: invalid continuation byte); save the file as UTF-8"
+
+
+def test_builtin_rows_get_the_generic_checks():
+    mmlu = {"question": "2 + 2 = ?", "choices": "3456", "answer": 1}
+    with pytest.raises(DataError, match="^'choices' must be a list of strings, got \"3456\"$"):
+        tasks.BUILTIN["mmlu"].to_item(mmlu)
+    with pytest.raises(DataError, match=r"^label 2 is not a choice index \(0..1\)$"):
+        tasks.BUILTIN["piqa"].to_item({"goal": "g", "sol1": "a", "sol2": "b", "label": 2})
+
+
+def test_one_item_has_no_standard_error_and_the_json_stays_strict(monkeypatch):
+    monkeypatch.setattr(harness, "score_pairs", lambda scorer, pairs, *a: [
+        harness.PairScore(-1.0, False, 1, False), harness.PairScore(-2.0, False, 1, False)])
+    one = harness.evaluate_items(None, [tasks.choice("q", [" a", " b"], 0)])
+    assert one.metrics["acc"] == 1.0 and one.metrics["acc_stderr"] is None
+    doc = [tasks.document("x" * 400)]  # one "word" whose perplexity passes e**709
+    scorer = types.SimpleNamespace(start_id=0, max_len=64, encode=lambda text: [1],
+                                   score=lambda *a: [harness.PairScore(-800.0, False, 1, False)])
+    big = harness.evaluate_text(scorer, doc)
+    assert big.metrics["word_ppl"] == math.inf
+    results = {"models": ["a", "b"], "tasks": {"t": {
+        "items": 1, "of": 1, "results": {"a": {**one.metrics}, "b": {**one.metrics}}, "per_item": {},
+        "paired": {"b": {"acc": list(harness.paired([1.0], [1.0]))}}}, "doc": {
+        "items": 1, "of": 1, "results": {"a": big.metrics, "b": big.metrics}, "per_item": {}, "paired": {}}}}
+    text = harness.to_json(results)
+    back = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert back["tasks"]["t"]["paired"]["b"]["acc"] == [0.0, None] and back["tasks"]["doc"]["results"]["a"][
+        "word_ppl"] is None
+    for shown in (harness.table(results), harness.table(back)):
+        assert "| t (1) | acc | 100.0 ± n/a | 100.0 ± n/a | +0.0 ± n/a |" in shown and "nan" not in shown
+    assert "| word_ppl | inf | inf |" in harness.table(results) and "| word_ppl | n/a | n/a |" in harness.table(back)
 
 
 # ---- eval.py end to end ----
@@ -338,6 +400,9 @@ def test_the_first_items_with_limit_and_the_json_printout(runs):
     assert (r["items"], r["of"]) == (3, 8) and len(r["per_item"][str(trained)]["acc"]) == 3
     rc, out, err = run_here("eval", "--run", trained, "--tasks", f"{items}", "--limit", "3", "--fewshot", "2")
     assert rc == 0 and "| tails (3 of 8, 2-shot) | acc |" in out and "3 of 8 items from" in err, err
+    rc, out, err = run_here("eval", "--run", trained, "--tasks", f"{items}", "--limit", "1", "--json")
+    r = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))["tasks"]["tails"]
+    assert rc == 0 and r["results"][str(trained)]["acc_stderr"] is None, err
 
 
 @pytest.mark.parametrize("argv,needle", [
