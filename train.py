@@ -109,7 +109,7 @@ def main(argv=None):
         used = [f for f, v in (("--gpu", args.gpu), ("--world", args.world), ("--mfu", args.mfu),
                                ("--json", args.json)) if v is not None and v is not False]
         if used:
-            raise ConfigError(f"{', '.join(used)} only apply to --dry-run")
+            raise ConfigError(f"{', '.join(used)} only appl{'ies' if len(used) == 1 else 'y'} to --dry-run")
     elif args.resume or args.force_memory:
         raise ConfigError("--dry-run trains nothing: drop --resume / --force-memory")
     if args.print_config:

@@ -92,6 +92,11 @@ def build_item(where: str, cls, value):
     return obj
 
 
+def _shown(x) -> str:
+    """A bound as a reader types it: 1048576, not :g's 1.04858e+06; fractions as :g."""
+    return str(int(x)) if x is not None and float(x).is_integer() else f"{x:g}" if x is not None else ""
+
+
 @dataclasses.dataclass(frozen=True)
 class Range:
     """Allowed values of one numeric key; open ends exclude the bound. NaN and inf never pass."""
@@ -102,11 +107,12 @@ class Range:
     hi_open: bool = False
 
     def describe(self) -> str:
+        lo, hi = _shown(self.lo), _shown(self.hi)
         if self.hi is None:
-            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+            return f"{'>' if self.lo_open else '>='} {lo}"
         if self.lo is None:
-            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
-        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+            return f"{'<' if self.hi_open else '<='} {hi}"
+        return f"in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
 
     def check(self, key: str, value):
         import math

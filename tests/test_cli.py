@@ -144,7 +144,7 @@ def tiny_run(tmp_path_factory, corpus):
     (["--top-k", "-1"], "--top-k must be >= 0, got -1"),
     (["--temperature", "nan"], "--temperature must be a finite number >= 0, got nan"),
     (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
-    (["--seed", "99999999999999999999999"], "--seed must be in [0, 9.22337e+18]"),
+    (["--seed", "99999999999999999999999"], "--seed must be in [0, 9223372036854775807]"),
     (["--max-new-tokens", "1000000000"], "--max-new-tokens must be in [0, 100000]"),
     (["--block-length", "0"], "--block-length must be > 0"),
 ])

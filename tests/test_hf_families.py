@@ -563,3 +563,11 @@ def test_a_qwen3_moe_config_our_model_cannot_be_is_refused(key, value, needle):
     setattr(c, key, value)
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):
         from_hf_config(c)
+
+
+def test_import_report_names_each_layer_by_its_letter(tmp_path):
+    """The --from-hf report printed every layer that was not attention as C (a Mamba-2 import read CC)."""
+    from slmlab.export.hf import import_hf
+
+    hf_folder(tmp_path / "hf", "mamba2")
+    assert import_hf(tmp_path / "hf", tmp_path / "run")["layers"] == "MM"

@@ -203,9 +203,9 @@ def test_dry_run_flags_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="--mem '0GB'"):
         parse_mem("0GB")
     guard = ["--steps", "1", "--out", str(tmp_path / "run")]  # bounds the damage should the check regress
-    with pytest.raises(ConfigError, match="--json only apply to --dry-run"):
+    with pytest.raises(ConfigError, match="--json only applies to --dry-run"):
         train.main(["--json", *guard])
-    with pytest.raises(ConfigError, match="--world only apply to --dry-run"):
+    with pytest.raises(ConfigError, match="--world only applies to --dry-run"):
         train.main(["--world", "0", *guard])
     with pytest.raises(ConfigError, match="--world must be >= 1, got 0"):
         train.main(["--dry-run", "--world", "0"])
