@@ -25,6 +25,8 @@ only declares the work its parameters don't show.
 """
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager, nullcontext
 from typing import Optional
 
 import torch
@@ -88,6 +90,31 @@ def exporting() -> bool:
     if _IS_EXPORTING_TRACES:
         return torch.compiler.is_exporting()
     return torch.compiler._is_exporting_flag
+
+
+_RECOMPUTE = threading.local()
+
+
+def recomputing() -> bool:
+    """True while activation checkpointing (model.grad_checkpoint) re-runs a block's forward in the
+    backward: a block that records something per forward (MoE's expert loads and balance loss) records
+    it in the first run only (twice, its logged loads moved with a knob that changes no weight)."""
+    return getattr(_RECOMPUTE, "on", False)
+
+
+@contextmanager
+def _recompute_context():
+    _RECOMPUTE.on = True
+    try:
+        yield
+    finally:
+        _RECOMPUTE.on = False
+
+
+def checkpoint_contexts():
+    """torch.utils.checkpoint's context_fn: the recompute runs under recomputing(). A compiled graph
+    recomputes inside the graph (no Python runs twice), and dynamo takes no custom context_fn."""
+    return nullcontext(), _recompute_context()
 
 
 class ChannelMixer(nn.Module):

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .block import Block, residual_linears
+from .block import Block, checkpoint_contexts, residual_linears
 from .config import ModelConfig
 from .layers import make_norm
 from .lif import spike_metrics
@@ -80,7 +80,8 @@ class LM(nn.Module):
         new_states = None if states is None else States(seen=start + idx.shape[1])
         for i, layer in enumerate(self.layers):
             if states is None and self.cfg.grad_checkpoint and self.training and torch.is_grad_enabled():
-                x, _ = checkpoint(layer, x, None, use_reentrant=False)
+                ctx = {} if torch.compiler.is_compiling() else {"context_fn": checkpoint_contexts}
+                x, _ = checkpoint(layer, x, None, use_reentrant=False, **ctx)
             else:
                 x, s = layer(x, None if states is None else states[i])
                 if states is not None:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from slmlab.errors import ConfigError
 
-from .block import ChannelMixer, exporting
+from .block import ChannelMixer, exporting, recomputing
 from .layers import SwiGLU
 from .registry import register_channel_mixer
 
@@ -228,18 +228,23 @@ class MoE(ChannelMixer):
         return moe_sorted(x, self.w13, self.w2, weights, experts)
 
     def _record(self, probs, experts):
-        """This step's balance loss for the LM (training), and the load statistics for extra_metrics."""
+        """This step's balance loss for the LM (training), and the load statistics for extra_metrics.
+        Under activation checkpointing the backward re-runs the forward: the loss is computed again (its
+        backward needs the recomputed tensors) but neither it nor the loads are recorded twice."""
         with torch.no_grad():
             stats = expert_counts(experts, self.E)
         training = self.training and torch.is_grad_enabled()
-        if training and self.opts.expert_bias and self.opts.bias_update_rate:
-            self._load = stats if self._load is None else self._load + stats
         aux = None
         if training and self.opts.aux_loss_coef:
             if self.opts.router == "sigmoid":
                 probs = probs / probs.sum(-1, keepdim=True)
             aux = balance_loss(probs, stats)
+        if recomputing():
+            return
+        if aux is not None:
             self._aux = self.opts.aux_loss_coef * aux
+        if training and self.opts.expert_bias and self.opts.bias_update_rate:
+            self._load = stats if self._load is None else self._load + stats
         seen = aux.detach().float().reshape(1) if aux is not None else stats.new_zeros(1)
         stats = torch.cat([stats, seen, stats.new_ones(1) if aux is not None else stats.new_zeros(1)])
         self._stats = stats if self._stats is None else self._stats + stats

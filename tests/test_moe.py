@@ -291,3 +291,25 @@ def test_moe_run_with_muon_resumes_exactly(tmp_path, opts):
 
         biases = [v for k, v in load_tensors(run / "model.safetensors").items() if k.endswith("expert_bias")]
         assert biases and all(b.abs().sum() > 0 for b in biases)
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_grad_checkpoint_changes_no_gradient_and_records_each_forward_once(router):
+    """model.grad_checkpoint re-runs each block's forward in the backward: the balance loss must be
+    recomputed for its backward, but the loads, the aux statistics and the expert-bias loads were counted
+    a second time (the logged moe.max_load moved with a knob that changes no weight)."""
+    opts = {"experts": 4, "top_k": 2, "router": router, "expert_bias": True, "bias_update_rate": 0.01,
+            "aux_loss_coef": 0.1}
+    idx = torch.randint(0, 64, (2, 24))
+    got = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        m = build_model(tiny(mixer_opts={"moe": opts}, grad_checkpoint=ckpt)).train()
+        m(idx, idx).backward()
+        mlp = m.layers[0].mlp
+        got.append(([p.grad.clone() for p in m.parameters()], mlp._load.clone(), mlp._stats.clone()))
+        assert mlp._aux is None  # the LM took the first forward's; the recompute set none
+    (g0, load0, stats0), (g1, load1, stats1) = got
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert torch.equal(load0, load1) and torch.equal(stats0, stats1)
