@@ -139,17 +139,39 @@ def lr_mult(step: int, t) -> float:
     Both decays start at 1 and would reach min_lr_frac at step t.steps, one past the last: a step
     at the floor (0 by default) would change nothing. One schedule spans all phases; the phase's
     lr_mul multiplies it."""
-    lo = t.min_lr_frac
-    if step < t.warmup_steps:
-        return (step + 1) / t.warmup_steps
+    lo, warmup = t.min_lr_frac, effective_warmup(t)
+    if step < warmup:
+        return (step + 1) / warmup
     if t.schedule == "cosine":
-        p = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+        p = (step - warmup) / max(1, t.steps - warmup)
         return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
-    decay_start = math.floor(t.steps * (1 - t.decay_frac) + 1e-9)  # 10 * (1 - 0.8) is 1.9999999999999996
+    decay_start = wsd_decay_start(t)
     if step < decay_start:
         return 1.0
     p = (step - decay_start) / max(1, t.steps - decay_start)
     return lo + (1 - lo) * max(0.0, 1 - p)
+
+
+def wsd_decay_start(t) -> int:
+    return math.floor(t.steps * (1 - t.decay_frac) + 1e-9)  # 10 * (1 - 0.8) is 1.9999999999999996
+
+
+def effective_warmup(t) -> int:
+    """train.warmup_steps, capped where it would overrun the decay (a short --steps run under the default
+    30): at the decay's start under wsd (a warmup past it made the lr jump down when it ended), at half the
+    steps under cosine (a warmup past the last step left the lr rising to the end). warmup_note says so."""
+    cap = wsd_decay_start(t) if t.schedule == "wsd" else t.steps // 2
+    return min(t.warmup_steps, max(cap, 1)) if t.warmup_steps else 0
+
+
+def warmup_note(t) -> str | None:
+    """The note a run prints when effective_warmup capped train.warmup_steps, else None."""
+    w = effective_warmup(t)
+    if w == t.warmup_steps:
+        return None
+    where = "where the wsd decay starts" if t.schedule == "wsd" else "half of train.steps under cosine"
+    return (f"note: train.warmup_steps={t.warmup_steps} overruns the {t.steps}-step schedule: the lr warms up "
+            f"over {w} steps ({where})")
 
 
 def eval_shape(phases: list, eval_seq_len, grad_accum: int, world: int = 1) -> tuple[int, int]:
