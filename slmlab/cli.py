@@ -15,7 +15,9 @@ FS_HINTS = {errno.EROFS: "the file system is read-only: choose another location"
             errno.ENOSPC: "no space left on the device: free some or choose another location",
             errno.EDQUOT: "disk quota exceeded: free some space or choose another location",
             errno.ENOTDIR: "a part of the path is a file, not a directory",
-            errno.EISDIR: "a directory stands where a file is expected"}
+            errno.EISDIR: "a directory stands where a file is expected",
+            # mkdir(parents=True, exist_ok=True) of a path that exists as a file (--out under a file)
+            errno.EEXIST: "a file stands where a directory is expected"}
 
 
 def run_cli(main, argv=None) -> int:

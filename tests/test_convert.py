@@ -1022,3 +1022,11 @@ def test_int8_onnx_export_of_a_moe_quantizes_its_experts(runs, tmp_path):
     got_pre, _, _, got_steps = run_onnx(tmp_path / "int8", idx, 8, feed=toks)
     torch.testing.assert_close(got_pre, pre, atol=1e-4, rtol=0)
     torch.testing.assert_close(got_steps, steps, atol=1e-4, rtol=0)
+
+
+def test_an_out_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    run = make_run(tmp_path / "run")
+    rc, err, _ = convert("--run", run, "--to", "hf", "--out", tmp_path / "afile" / "o")
+    assert rc == 2 and err.count("\n") == 1 and "a file stands where a directory is expected" in err, err
+    assert (tmp_path / "afile").read_text() == "mine"
