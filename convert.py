@@ -5,7 +5,7 @@
     python convert.py --run runs/hybrid --to executorch --out export/hybrid.pte [--quant int8]
     python convert.py --run runs/hybrid --to coreml --out export/hybrid.mlpackage
     python convert.py --run runs/hybrid --to gguf --out export/hybrid.gguf [--dtype fp16 | --quant q8_0]
-    python convert.py --from-hf path/to/LFM2-350M --out runs/lfm2-350m     # lfm2, qwen3, qwen2, llama, gpt2
+    python convert.py --from-hf path/to/LFM2-350M --out runs/lfm2-350m     # see --help for the families
     python convert.py --merge-lora runs/sft-lora --out runs/sft-merged     # a train.lora run -> a plain run
 
 Nothing is written at --out unless the whole export succeeds; an existing --out needs --force.
@@ -26,7 +26,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory (config.yaml, model.safetensors, tokenizer.json)")
-    src.add_argument("--from-hf", dest="from_hf", help="import a transformers Lfm2/Qwen3/Qwen2/Llama/GPT-2 folder into a run directory")
+    src.add_argument("--from-hf", dest="from_hf",
+                     help="import a transformers folder into a run directory: Lfm2, Lfm2Moe, Qwen3, Qwen3Moe, Mixtral, "
+                          "Qwen2, Llama, GPT-2, Mamba2, GraniteMoeHybrid")
     src.add_argument("--merge-lora", dest="merge_lora", metavar="RUN",
                      help="fold a train.lora run's adapters into its base: a plain run every exporter accepts")
     p.add_argument("--to", dest="fmt", help=f"export format: {', '.join(FORMATS)}")
