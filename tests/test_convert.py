@@ -1030,3 +1030,12 @@ def test_an_out_under_a_file_is_one_line(tmp_path):
     rc, err, _ = convert("--run", run, "--to", "hf", "--out", tmp_path / "afile" / "o")
     assert rc == 2 and err.count("\n") == 1 and "a file stands where a directory is expected" in err, err
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_int8_report_without_the_runs_data_is_refused_before_the_export(tmp_path):
+    """data.spec is kept as typed (relative to where train.py ran): from elsewhere the report failed only
+    after the export, ~40 s in, without saying --no-eval skips it."""
+    run = make_run(tmp_path / "run", sections={"data": {"spec": "../elsewhere/corpus.txt"}})
+    rc, err, _ = convert("--run", run, "--to", "onnx", "--quant", "int8", "--out", tmp_path / "o")
+    assert rc == 2 and err.count("\n") == 1 and "data path not found: ../elsewhere/corpus.txt" in err, err
+    assert "--no-eval" in err and not (tmp_path / "o").exists()

@@ -106,6 +106,8 @@ def convert(run_dir, fmt: str, out, opts: ExportOptions | None = None, force: bo
     mod.check_supported(cfg.model)
     opts = replace(opts, max_len=resolve_max_len(fmt, cfg.model, opts.max_len))
     note_one_token(fmt, cfg.model)
+    if opts.quant == "int8" and opts.eval_bpb:
+        check_eval_data(cfg)
     with publish(out) as staged:  # an existing --out (with --force) is replaced only after success
         report = mod.export(model, tok, cfg, staged, opts) or {}
         template = run.chat_template()
@@ -119,6 +121,19 @@ def convert(run_dir, fmt: str, out, opts: ExportOptions | None = None, force: bo
     report["path"] = str(out)
     report["bytes"] = path_size(out)
     return report
+
+
+def check_eval_data(cfg):
+    """The int8 val-bpb report reads the run's data: a path that does not resolve from here (data.spec
+    is kept as typed, relative to where train.py ran) is refused before the export, not after it."""
+    from ..data import resolve_spec
+    from ..errors import DataError
+
+    try:
+        resolve_spec(cfg.data.spec)
+    except DataError as e:
+        raise ConfigError(f"--quant int8 reports the val bpb on the run's data, and {e} (from {Path.cwd()}): "
+                          f"run from where the run was trained, or pass --no-eval") from None
 
 
 def resolve_max_len(fmt: str, mcfg, max_len: int | None) -> int:
