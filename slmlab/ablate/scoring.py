@@ -127,7 +127,7 @@ def score_run(run_dir):
 
 
 def _score_task(scorer, run_dir: Path, task: dict):
-    from ..harness import evaluate_items
+    from ..harness import evaluate_items, to_json
     from ..tasks import read_items, resolve
 
     items, _ = read_items(resolve(task["spec"]), task["limit"])
@@ -142,4 +142,4 @@ def _score_task(scorer, run_dir: Path, task: dict):
                              "items": res.n, "metrics": res.metrics, "per_item": res.per_item,
                              "max_len": scorer.max_len, "truncated": res.truncated,
                              "seconds": round(time.time() - t0, 2)}
-    write_text(run_dir / TASKS, json.dumps(results, indent=1))
+    write_text(run_dir / TASKS, to_json(results, indent=1))  # strict JSON: an overflowed ppl is null
