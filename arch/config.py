@@ -83,15 +83,82 @@ class ModelConfig:
         self.imports = load_imports(self.imports)  # absolute paths, each once
         self.validate()
 
+    # Block options that say how a block computes or trains, not what its weights mean: --resume may
+    # change them too (a core, chunk or scan computes the same function; MoE's balancing loss weight and
+    # bias rate steer training only). A block not listed (an imported one) has every option counted.
+    RUNTIME_OPTIONS = {"moe": ("core", "aux_loss_coef", "bias_update_rate"), "lif": ("scan",),
+                       "deltanet": ("core", "chunk"), "mamba2": ("core", "chunk")}
+
     def weight_changes(self, new: "ModelConfig") -> list[str]:
-        """'model.KEY old -> new' for each key (other than NOT_WEIGHTS) where `new` differs. The layer pattern
-        counts as the block list it builds (layer_types, as unused.settings reads it): "CCA", "CCACCA" and
-        "conv,conv,attn" are one model; its line names the patterns as written."""
-        a, b = self.to_dict(), new.to_dict()
-        # The same spelling with other blocks means only n_layers changed, which its own line already names.
-        layers_differ = a["layers"] != b["layers"] and self.layer_types() != new.layer_types()
-        return [f"model.{k} {a[k]!r} -> {b.get(k)!r}" for k in a if k not in self.NOT_WEIGHTS
-                and (layers_differ if k == "layers" else a[k] != b.get(k))]
+        """'model.KEY old -> new' for each setting that builds other weights or gives them another meaning.
+        The configs are compared as built: derived sizes resolved (head_dim null = d_model / n_heads),
+        options of the blocks both use with defaults filled (a block the model lacks reads none), the
+        layer pattern as its block list and the windows as the layers get them. Lines name the
+        patterns as written."""
+        a, b = self.built(), new.built()
+        # A value both derive (ffn_dim null in both) follows the settings it derives from, which have lines.
+        derived = self.derived_keys() & new.derived_keys()
+        return [f"model.{k} {a[k]!r} -> {b.get(k)!r}" for k in a if k in b and a[k] != b[k] and k not in derived
+                and not (k == "layers" and self.layer_types() == new.layer_types())
+                and not (k in ("window", "window_pattern") and self.layer_windows() == new.layer_windows())]
+
+    def runtime_changes(self, new: "ModelConfig") -> list[str]:
+        """'model.KEY old -> new' for each RUNTIME_KNOBS key and RUNTIME_OPTIONS option (of a block both
+        use) that differs: what --resume lets change, and announces."""
+        a, b = self.built(runtime=True), new.built(runtime=True)
+        return [f"model.{k} {a[k]!r} -> {b[k]!r}" for k in a if self.is_runtime(k) and k in b and a[k] != b[k]]
+
+    @classmethod
+    def is_runtime(cls, key: str) -> bool:
+        """Whether built()'s `key` is a RUNTIME_KNOBS key or a RUNTIME_OPTIONS option."""
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "mixer_opts":
+            return parts[2] in cls.RUNTIME_OPTIONS.get(parts[1], ())
+        return key in cls.RUNTIME_KNOBS
+
+    def built(self, runtime: bool = False) -> dict:
+        """to_dict() as the model is built from it: derived values resolved, mixer_opts flattened to
+        'mixer_opts.BLOCK.OPTION' for the blocks in use, defaults filled. NOT_WEIGHTS and RUNTIME_OPTIONS
+        are left out unless `runtime`."""
+        d = self.spelled(resolved=True)
+        return {k: v for k, v in d.items() if runtime or not (k in self.NOT_WEIGHTS or self.is_runtime(k))}
+
+    def spelled(self, resolved: bool = False) -> dict:
+        """to_dict() with mixer_opts flattened for the blocks in use, defaults filled; `resolved`: derived
+        values (null head_dim, ffn_dim, ...) replaced by what the model builds with."""
+        d = self.to_dict()
+        if resolved:
+            d.update(head_dim=self.hd, ffn_dim=self.ffn, rope_scaling=self.rope_scale() or {})
+        del d["mixer_opts"]
+        for name in sorted(self.blocks_in_use()):
+            opts = self.resolved_options(name) if resolved else dataclasses.asdict(self.block_options(name))
+            d.update({f"mixer_opts.{name}.{key}": value for key, value in opts.items()})
+        return d
+
+    def derived_keys(self) -> set[str]:
+        """built()'s keys whose value this config leaves to be derived."""
+        spelled, built = self.spelled(), self.spelled(resolved=True)
+        return {k for k in built if spelled[k] != built[k]}
+
+    def blocks_in_use(self) -> set[str]:
+        """Names of the token and channel mixers the model builds that take options."""
+        used = set(self.layer_types()) | {self.mlp_at(i) for i in range(self.n_layers)}
+        return used & set(OPTIONS)
+
+    def resolved_options(self, name: str) -> dict:
+        """Block `name`'s options as a dict, each null or 0 that the block derives replaced by its value."""
+        opts = self.block_options(name)
+        out = dataclasses.asdict(opts)
+        if name == "lif":
+            out["surrogate_scale"] = opts.scale
+        elif name == "deltanet":
+            heads, dk = opts.heads or self.n_heads, opts.head_dim or self.hd
+            out.update(heads=heads, v_heads=opts.v_heads or heads, head_dim=dk, v_head_dim=opts.v_head_dim or dk)
+        elif name == "moe":
+            from .moe import expert_width
+
+            out["expert_ffn"] = expert_width(opts, self.ffn)
+        return out
 
     def block_options(self, name: str):
         """The options dataclass of block `name`, filled from mixer_opts[name] and checked."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def measure(arch: str, size, overrides: list[str], batch: int, seq_len: int, ste
             loss = model(x, y, teacher=Distill(hidden, teacher.lm_head.weight, 0.5, 2.0))[0]
             del hidden
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or math.inf)  # 0: no clipping
         opt.step()
         opt.zero_grad(set_to_none=True)
         del loss

@@ -2,6 +2,7 @@
 torch.load(weights_only=True) for trainer state."""
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import uuid
@@ -14,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
 from .lora import ADDED_ROWS_MARK, saved_part
+from .runtime import rng_state_problem
 
 # ---- atomic publish: the one way anything in a run, cache or export directory gets written ----
 # What is published is built under a private temporary sibling (".tmp-<name>-<pid>-<rand>/<name>"),
@@ -228,12 +230,44 @@ def load_state(path) -> dict:
         if not isinstance(state[key], types) or isinstance(state[key], bool):
             raise CheckpointError(f"checkpoint {path}: {key!r} is a {type(state[key]).__name__}, "
                                   f"expected {' or '.join(t.__name__ for t in types)}")
+    problem = counter_problem(state, path) or stream_problem(state) or rng_state_problem(state["rng"])
+    if problem:
+        raise CheckpointError(f"checkpoint {path}: {problem}")
     return state
 
 
 # What Trainer.checkpoint writes into state.pt and resume reads back.
 STATE_SCHEMA = {"step": (int,), "phase": (int,), "tokens": (int,), "optimizer": (dict,), "rng": (dict,),
                 "metrics_offset": (int,), "bad_steps": (int,), "train_time": (int, float)}
+
+
+def counter_problem(state: dict, path: Path) -> str | None:
+    """A counter no run writes: negative, non-finite, or a step other than its directory's (a resume
+    would train from that step with the weights of another)."""
+    for key in ("step", "phase", "tokens", "metrics_offset", "bad_steps", "train_time"):
+        if not (math.isfinite(state[key]) and state[key] >= 0):
+            return f"{key!r} is {state[key]}, expected a number >= 0"
+    name = path.parent.name
+    if name.startswith("step_") and name[5:].isdigit() and int(name[5:]) != state["step"]:
+        return f"'step' is {state['step']}, but the checkpoint is {name}"
+    if not isinstance(state.get("wandb_id"), (str, type(None))):
+        return f"'wandb_id' is a {type(state['wandb_id']).__name__}, expected str or None"
+    return None
+
+
+def stream_problem(state: dict) -> str | None:
+    """Quality-stream cursors (optional: a run without such phases saves none) as BatchSource reads them."""
+    streams, keys = state.get("streams", {}), state.get("stream_keys", {})
+    if not isinstance(streams, dict) or not isinstance(keys, dict):
+        return "'streams' and 'stream_keys' must be dicts"
+    for k, cursor in streams.items():
+        if not (isinstance(k, str) and k.isdigit()) or isinstance(cursor, bool) or not isinstance(cursor, int) \
+                or cursor < 0:
+            return f"'streams' entry {k!r}: {cursor!r} is not a phase index -> document position >= 0"
+    for k, key in keys.items():
+        if not isinstance(key, (list, tuple)) or len(key) != 3:
+            return f"'stream_keys' entry {k!r}: {key!r} is not (data, top_frac, quality_score)"
+    return None
 
 
 def latest_checkpoint(out) -> Path:

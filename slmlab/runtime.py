@@ -302,6 +302,56 @@ def rng_state(gen: torch.Generator) -> dict:
     return st
 
 
+def rng_state_problem(st) -> Optional[str]:
+    """What is wrong with a saved rng_state() ('rng.KEY ...'), or None. Each state is set on a scratch
+    generator, so the check runs the restore's own parsing and moves no RNG the run draws from."""
+    if not isinstance(st, dict):
+        return f"rng is a {type(st).__name__}, expected dict"
+    missing = [k for k in ("torch", "data", "python", "numpy") if k not in st]
+    if missing:
+        return f"rng lacks {missing[0]!r}"
+    checks = {"torch": _check_torch_rng, "data": _check_torch_rng, "python": _check_python_rng,
+              "numpy": _check_numpy_rng}
+    if "cuda" in st:
+        checks["cuda"] = _check_cuda_rng
+    for key, check in checks.items():
+        try:
+            check(st[key])
+        except Exception as e:  # the parsers raise TypeError, ValueError, RuntimeError, OverflowError...
+            return f"rng.{key} is not a saved generator state ({str(e).splitlines()[0][:120] or type(e).__name__})"
+    return None
+
+
+def _check_torch_rng(state, device: str = "cpu"):
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(f"a {type(state).__name__}, expected a uint8 tensor")
+    torch.Generator(device=device).set_state(state)
+
+
+def _check_python_rng(state):
+    if not isinstance(state, (tuple, list)) or len(state) != 3 or not isinstance(state[1], (tuple, list)):
+        raise TypeError("expected (version, internal state, gauss_next)")
+    random.Random().setstate((state[0], tuple(state[1]), state[2]))
+
+
+def _check_numpy_rng(state):
+    if not isinstance(state, dict) or set(state) != {"key", "pos", "has_gauss", "gauss"}:
+        raise TypeError("expected {key, pos, has_gauss, gauss}")
+    # numpy accepts any pos, and one past the key's 624 words would read beyond it
+    if isinstance(state["pos"], bool) or not isinstance(state["pos"], int) or not 0 <= state["pos"] <= 624:
+        raise ValueError(f"pos {state['pos']!r} is outside 0..624")
+    np.random.RandomState().set_state(("MT19937", np.array(state["key"], dtype=np.uint32), state["pos"],
+                                       state["has_gauss"], state["gauss"]))
+
+
+def _check_cuda_rng(states):
+    if not isinstance(states, (list, tuple)) or not all(isinstance(s, torch.Tensor) for s in states):
+        raise TypeError("expected a list of uint8 tensors, one per GPU")
+    if torch.cuda.is_available():  # set_rng_state restores them only then
+        for s in states:
+            _check_torch_rng(s, "cuda")
+
+
 def set_rng_state(st: dict, gen: torch.Generator):
     torch.set_rng_state(st["torch"])
     gen.set_state(st["data"])

@@ -34,7 +34,7 @@ from .fmt import duration as fmt_duration
 from .harness import load_task_items, task_label, task_metrics
 from .init_from import base_vocab, init_model
 from .optim import build_optimizer
-from .phases import eval_shape, lr_mult, phase_at, phase_windows, resolve_phases
+from .phases import eval_shape, lr_mult, phase_at, phase_windows, resolve_phases, warmup_note
 from .progress import Progress
 from .rundir import AVG_WEIGHTS, CONFIG, METRICS, SAMPLE, RunDir, model_from_config, read_metrics
 from .runtime import (
@@ -50,6 +50,7 @@ from .runtime import (
     use_compile,
     wrap_parallel,
 )
+from .unused import show, why_unused
 
 
 def train(cfg: RunConfig, out: Path, force: bool = False, resume: bool = False) -> dict:
@@ -380,12 +381,36 @@ class Trainer:
             raise ConfigError(f"--resume: train.init_from {saved.train.init_from!r} -> {self.t.init_from!r}: the "
                               "checkpoint holds every weight, so a new base would not be loaded; resume with "
                               f"train.init_from={saved.train.init_from!r} (or start a new run)")
-        changed = [f"optim.{f.name} {getattr(saved.optim, f.name)!r} -> {getattr(self.cfg.optim, f.name)!r}"
-                   for f in dataclasses.fields(saved.optim)
-                   if getattr(saved.optim, f.name) != getattr(self.cfg.optim, f.name)]
-        if changed:
-            self.say(f"--resume: {', '.join(changed)}: applies from the resumed step on")
+        self.announce_changes(saved)
         return ckpt
+
+    # What --resume may change mid-run besides optim.*: the batch shape and evaluation (metrics.jsonl logs
+    # seq_len and eval_seq_len per line; config.yaml will hold only the new values).
+    SHAPE_KEYS = ("batch_size", "seq_len", "grad_accum", "phases", "eval_seq_len", "eval_tokens")
+
+    def announce_changes(self, saved: RunConfig):
+        """One line for each kind of setting --resume changes, naming each key old -> new: they apply
+        from the resumed step on, so the run's earlier steps and evals were made with the old values."""
+        optim = [f"optim.{f.name} {getattr(saved.optim, f.name)!r} -> {getattr(self.cfg.optim, f.name)!r}"
+                 for f in dataclasses.fields(saved.optim)
+                 if getattr(saved.optim, f.name) != getattr(self.cfg.optim, f.name)]
+        old, new = dataclasses.asdict(saved.train), dataclasses.asdict(self.t)  # phases as mappings, to show
+        shape = [f"train.{k} {show(old[k])} -> {show(new[k])}" for k in self.SHAPE_KEYS
+                 if old[k] != new[k] and why_unused(self.cfg, f"train.{k}") is None]
+        for changes in (optim, saved.model.runtime_changes(self.cfg.model), shape):
+            if changes:
+                self.say(f"--resume: {', '.join(changes)}: applies from the resumed step on"
+                         + (self.eval_change(saved) if changes is shape else ""))
+
+    def eval_change(self, saved: RunConfig) -> str:
+        """'; ...' when the resumed run evaluates other tokens than the run did so far, else ''."""
+        old_T = eval_shape(resolve_phases(saved), saved.train.eval_seq_len, saved.train.grad_accum)[0]
+        if old_T != self.eval_T:
+            return (f"; evaluation moves from seq_len {old_T} to {self.eval_T}, so val losses before and after "
+                    "do not compare")
+        if saved.train.eval_tokens != self.t.eval_tokens:
+            return "; periodic evaluations cover other tokens, so val losses before and after do not compare"
+        return ""
 
     def check_same_adapters(self, saved: RunConfig, run: RunDir):
         """The saved adapters only mean the same function on the same base, rank, targets and scale
@@ -428,6 +453,8 @@ class Trainer:
                  f"{self.device}" + (f"  {world} ranks ({self.t.parallel})" if world > 1 else ""))
         for ph in self.phases:
             self.say("  " + ph.describe() + f"  batch {ph.batch_size(self.t.grad_accum, world) * world}")
+        if (note := warmup_note(self.t)) is not None:
+            self.say("  " + note)
         self.say(self.cfg.model.kernel_routing(self.device, self.phases[-1].seq_len))
 
     def setup_parallel_and_optimizer(self, resuming: bool):
@@ -458,9 +485,9 @@ class Trainer:
         configured = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
         try:
             self.opt.load_state_dict(saved["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as e:
+        except (ValueError, KeyError, RuntimeError, TypeError, IndexError, AttributeError) as e:
             raise CheckpointError(f"{ckpt / 'state.pt'}: optimizer state does not fit (optim.name changed?): "
-                                  f"{str(e).splitlines()[0]}") from None
+                                  f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
         for group, hyper in zip(self.opt.param_groups, configured):
             group.update(hyper)
         self.batches.load_state_dict(saved, self.phases)  # data position and every RNG
@@ -598,7 +625,9 @@ class Trainer:
         # The stop flag rides in the losses' all-reduce: every rank stops after the same step, even
         # when a signal reached only some, at no extra collective.
         loss_sum, ce_sum, stop = dist.mean(*sums.tolist(), float(self.stop_signal is not None))
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        # grad_clip 0 = no clipping: max_norm 0 would scale every gradient to zero. An infinite bound still
+        # measures the norm for the log, through the same DTensor-aware call under FSDP.
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
         gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
         stepped = math.isfinite(loss_sum) and math.isfinite(gnorm)
         if stepped:

@@ -66,6 +66,15 @@ def test_kill_during_checkpoint_write_leaves_previous_loadable(tmp_path):
     (lambda st: st.pop("rng"), "lacks 'rng'"),
     (lambda st: st.update(step="6"), "'step' is a str, expected int"),
     (lambda st: st.update(train_time=None), "'train_time' is a NoneType"),
+    # nested values: each restore failed with a traceback, and a negative step trained steps -2..9
+    (lambda st: st["rng"].update(torch=__import__("torch").zeros(3, dtype=__import__("torch").uint8)),
+     "rng.torch is not a saved generator state (Expected a CPUGeneratorImplState of size"),
+    (lambda st: st["rng"].pop("data"), "rng lacks 'data'"),
+    (lambda st: st["rng"]["numpy"].update(pos=5000), "rng.numpy is not a saved generator state (pos 5000 is outside"),
+    (lambda st: st.update(step=-3), "'step' is -3, expected a number >= 0"),
+    (lambda st: st.update(step=2), "'step' is 2, but the checkpoint is step_000006"),
+    (lambda st: st.update(metrics_offset=-1), "'metrics_offset' is -1"),
+    (lambda st: st.update(streams={"x": 1}), "'streams' entry 'x'"),
 ])
 def test_resume_from_a_malformed_state_is_refused_before_anything_changes(tmp_path, mutate, needle, capsys):
     import torch
@@ -347,3 +356,56 @@ def test_ctrl_c_in_the_final_evaluation_names_the_checkpoint_that_finishes_the_r
         in err, err
     monkeypatch.setattr(Trainer, "evaluate", evaluate)
     assert run_cli(train.main, ["--resume", "--out", str(run)]) == 0 and (run / "summary.json").is_file()
+
+
+def test_resume_compares_the_model_as_built_and_lets_runtime_options_change(tmp_path, capsys):
+    """A derived default spelled out (ffn_dim, head_dim), an option of a block the model lacks, a default
+    given explicitly and MoE's runtime options resume; a real change of the weights is refused."""
+    import train
+    from slmlab.cli import run_cli
+
+    corpus, run = write_corpus(tmp_path / "c.txt"), tmp_path / "run"
+    ov = tiny_overrides(tmp_path, steps=2, **{"train.ckpt_every": 2, "model.mlp": "moe",
+                                              "model.mixer_opts": "{moe: {experts: 4}}"})
+    assert run_cli(train.main, ["--data", str(corpus), "--out", str(run), *ov]) == 0
+    capsys.readouterr()
+    same = ["model.ffn_dim=128", "model.head_dim=16", "model.mixer_opts.lif.T_sim=8", "model.mixer_opts.moe.router=softmax"]
+    runtime = ["model.mixer_opts.moe.core=dense", "model.mixer_opts.moe.aux_loss_coef=0.001",
+               "model.mixer_opts.moe.bias_update_rate=0.01", "model.loss_chunk=8"]
+    assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "4", *same, *runtime]) == 0
+    out = capsys.readouterr().out
+    assert "--resume: model.loss_chunk 0 -> 8, model.mixer_opts.moe.aux_loss_coef 0.01 -> 0.001, " \
+           "model.mixer_opts.moe.core 'sorted' -> 'dense', model.mixer_opts.moe.bias_update_rate 0.001 -> 0.01: " \
+           "applies from the resumed step on" in out, out
+    assert sorted(losses(run)) == [1, 2, 3, 4]
+    for change, line in (("model.ffn_dim=192", "model.ffn_dim 128 -> 192"),
+                         ("model.mixer_opts.moe.experts=8", "model.mixer_opts.moe.experts 4 -> 8"),
+                         ("model.mixer_opts.moe.expert_ffn=32", "model.mixer_opts.moe.expert_ffn 64 -> 32")):
+        assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "6", change]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: --resume: the model config differs from the run in {run}: {line}\n", err
+
+
+def test_resume_announces_a_new_batch_shape_and_that_evals_no_longer_compare(tmp_path, capsys):
+    """train.batch_size / seq_len / grad_accum may change on --resume (config.yaml then holds the new
+    values): one line names each and says the val losses before and after do not compare."""
+    import train
+    from slmlab.cli import run_cli
+
+    corpus, run = write_corpus(tmp_path / "c.txt"), tmp_path / "run"
+    ov = tiny_overrides(tmp_path, steps=4, **{"train.ckpt_every": 4, "train.phases": "[]", "train.seq_len": 16,
+                                              "train.batch_size": 4})
+    assert run_cli(train.main, ["--data", str(corpus), "--out", str(run), *ov]) == 0
+    capsys.readouterr()
+    assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "6", "train.batch_size=8",
+                                "train.seq_len=32", "train.grad_accum=2"]) == 0
+    out = capsys.readouterr().out
+    assert "--resume: train.batch_size 4 -> 8, train.seq_len 16 -> 32, train.grad_accum 1 -> 2: applies from the " \
+           "resumed step on; evaluation moves from seq_len 16 to 32, so val losses before and after do not " \
+           "compare\n" in out, out
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["seq_len"]) for r in records if "loss" in r] == [(1, 16), (2, 16), (3, 16), (4, 16),
+                                                                           (5, 32), (6, 32)]
+    capsys.readouterr()
+    assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "6"]) == 0  # nothing changed: no line
+    assert "--resume: " not in capsys.readouterr().out

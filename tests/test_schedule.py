@@ -33,3 +33,14 @@ def test_a_warmup_that_fits_is_kept_and_a_capped_one_is_noted():
                                             "up over 28 steps (where the wsd decay starts)")
     assert effective_warmup(train(steps=20, schedule="cosine")) == 10
     assert effective_warmup(train(warmup_steps=0)) == 0 and lr_mult(0, train(warmup_steps=0)) == 1.0
+
+
+
+def test_the_run_prints_the_note_in_its_plan(tmp_path):
+    from trainer_helpers import run_train, tiny_overrides, write_corpus
+
+    corpus = write_corpus(tmp_path / "c.txt", lines=300)
+    res = run_train(["--data", str(corpus), "--out", str(tmp_path / "r"), *tiny_overrides(tmp_path, steps=4),
+                     "train.warmup_steps=30"])
+    assert res.returncode == 0, res.stderr
+    assert "  note: train.warmup_steps=30 overruns the 4-step schedule: the lr warms up over 2 steps" in res.stdout

@@ -195,6 +195,23 @@ def test_nan_guard_skips_then_aborts(corpus, tmp_path, capsys):
     assert "update skipped" in capsys.readouterr().out
 
 
+def test_grad_clip_0_is_no_clipping_and_the_norm_is_still_logged(corpus, tmp_path):
+    """max_norm 0 scaled every gradient to zero: the run trained nothing. 0 now trains as a clip no
+    gradient reaches, and grad_norm is still measured."""
+    from trainer_helpers import losses
+
+    runs = {}
+    for clip in ("0", "1.0e+30"):
+        train(tiny_cfg(corpus, steps=12, **{"train.grad_clip": clip, "optim.weight_decay": 0}), tmp_path / clip)
+        runs[clip] = losses(tmp_path / clip)
+    assert runs["0"] == runs["1.0e+30"]
+    first, last = runs["0"][1], runs["0"][12]
+    assert last < first - 1.0, runs["0"]
+    norms = [json.loads(line).get("grad_norm") for line in (tmp_path / "0" / "metrics.jsonl").read_text().splitlines()]
+    norms = [n for n in norms if n is not None]
+    assert len(norms) == 12 and all(n > 0 and math.isfinite(n) for n in norms), norms
+
+
 def test_checkpoint_average(corpus, tmp_path):
     cfg = tiny_cfg(corpus, steps=6, **{"train.ckpt_every": 2, "train.keep_checkpoints": 3, "train.avg_last": 2})
     s = train(cfg, tmp_path / "run")
