@@ -61,6 +61,27 @@ def parse_args(argv=None):
     return p.parse_intermixed_args(argv)  # lets overrides and flags mix in any order
 
 
+# Flags that stand for one config key. --layers applies before the overrides (load_config's order),
+# the others are appended to them; --import is not here: it adds to model.imports, replacing nothing.
+SHORTCUTS = {"data": "data.spec", "steps": "train.steps", "device": "train.device", "seed": "train.seed",
+             "layers": "model.layers"}
+APPENDED = ("data", "steps", "device", "seed")
+
+
+def flag_overrides(args) -> list[str]:
+    """The overrides the shortcut flags stand for. A flag and an override of its own key are an error:
+    which of the two wins is a guess the command line should not leave to the reader."""
+    from slmlab.config import parse_override
+    from slmlab.errors import ConfigError
+
+    keys = {parse_override(text)[0]: text for text in args.overrides}
+    for flag, key in SHORTCUTS.items():
+        v = getattr(args, flag)
+        if v is not None and key in keys:
+            raise ConfigError(f"--{flag} {v} and {keys[key]} both set {key}: give one of them")
+    return [f"{SHORTCUTS[flag]}={getattr(args, flag)}" for flag in APPENDED if getattr(args, flag) is not None]
+
+
 def device_type(cfg, dry_run_gpu=None) -> str:
     """Where the run trains, "cuda" or "cpu", by runtime.resolve_device's rule. The dry run passes
     dry_run_gpu (whether --mem or --gpu was given): it may estimate for a GPU this machine lacks, so
@@ -112,18 +133,15 @@ def main(argv=None):
             raise ConfigError(f"{', '.join(used)} only appl{'ies' if len(used) == 1 else 'y'} to --dry-run")
     elif args.resume or args.force_memory:
         raise ConfigError("--dry-run trains nothing: drop --resume / --force-memory")
+    if args.resume and args.force:  # --force would replace the very run --resume continues
+        raise ConfigError("--resume continues the run in --out and --force replaces it: give one of them")
     if args.print_config:
         extra = [f for f, v in (("--dry-run", args.dry_run), ("--force", args.force), ("--force-memory", args.force_memory),
                                 ("--mem", args.mem), ("--out", args.out and not args.resume)) if v]
         if extra:
             raise ConfigError(f"--print-config only prints the config: drop {', '.join(extra)}")
 
-    overrides = list(args.overrides)
-    for flag, key in (("data", "data.spec"), ("steps", "train.steps"), ("device", "train.device"),
-                      ("seed", "train.seed")):
-        v = getattr(args, flag)
-        if v is not None:
-            overrides.append(f"{key}={v}")
+    overrides = list(args.overrides) + flag_overrides(args)
     source = {"path": args.config or DEFAULT_CONFIG, "arch": args.arch, "size": args.size}  # else the file's arch
     if args.resume:
         from slmlab.rundir import CONFIG, RunDir
@@ -156,23 +174,23 @@ def note_unused(cfg, source: dict, imports: list, config_file=None):
     """A note line for each setting this command line changed that the config never reads
     (slmlab/unused.py): `optim.muon_lr` under adamw, `train.seq_len` while phases set their own; and,
     with --config FILE, each setting FILE changes from the defaults (config.yaml, same preset and
-    size) that is never read, named as FILE's. On stderr, so --json and --print-config keep stdout
+    size; the bare defaults for a FILE naming no preset) that is never read, named as FILE's. On stderr, so --json and --print-config keep stdout
     machine-readable."""
     import os
 
-    from slmlab.config import DEFAULT_CONFIG, load_config
+    from slmlab.config import load_config
     from slmlab.errors import SlmlabError
     from slmlab.unused import unused_changes
 
     if os.environ.get("RANK", "0") != "0":
         return
-    baselines = [(source, "")]
+    baselines = [(lambda: load_config(**source, imports=imports), "")]
     if config_file:
-        baselines.append(({"path": DEFAULT_CONFIG, "arch": cfg.arch, "size": source["size"]}, f"{config_file}: "))
+        baselines.append((lambda: file_baseline(cfg.arch, source["size"], imports), f"{config_file}: "))
     noted = set()
-    for base_source, where in baselines:
+    for baseline, where in baselines:
         try:
-            base = load_config(**base_source, imports=imports)
+            base = baseline()
         except SlmlabError:  # the file alone does not resolve (an override completes it), or its preset is
             continue         # its own: nothing to compare with
         for line in unused_changes(cfg, base):
@@ -180,6 +198,16 @@ def note_unused(cfg, source: dict, imports: list, config_file=None):
             if key not in noted:
                 noted.add(key)
                 print(f"note: {where}{line}", file=sys.stderr)
+
+
+def file_baseline(arch: str, size, imports: list):
+    """What a --config file's settings are compared with: config.yaml under the same preset and size,
+    or, for a file naming no preset (arch custom), the defaults it replaces config.yaml with."""
+    from slmlab.config import CUSTOM, DEFAULT_CONFIG, defaults, load_config
+
+    if arch == CUSTOM:
+        return defaults(imports)
+    return load_config(DEFAULT_CONFIG, arch=arch, size=size, imports=imports)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from .errors import ConfigError
 from .phases import PhaseConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
+CUSTOM = "custom"  # the arch label of a config that names no preset (no arch: and no presets:)
 
 
 @dataclass
@@ -231,20 +232,32 @@ def read_yaml(path) -> dict:
 
 
 def presets(path=DEFAULT_CONFIG) -> dict:
-    return read_yaml(path).get("presets", {}) or {}
+    return _table(read_yaml(path), "presets", path)
 
 
 def sizes(path=DEFAULT_CONFIG) -> dict:
-    return read_yaml(path).get("sizes", {}) or {}
+    return _table(read_yaml(path), "sizes", path)
+
+
+def _table(raw: dict, section: str, path) -> dict:
+    """A config file's presets: or sizes: (name -> partial config), checked before anything looks a
+    name up in it, so a wrongly typed one is named instead of failing as a traceback there."""
+    table = raw.get(section)
+    if table is None:
+        return {}
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: {section} must map names to partial configs, got {table!r}")
+    for name, entry in table.items():
+        if entry is not None and not isinstance(entry, dict):
+            raise ConfigError(f"{path}: {section}.{name} must be a mapping of config sections, got {entry!r}")
+    return table
 
 
 def _apply_size(tree: dict, table: dict, size: str, arch: str, path):
     """Merge size `size` (its sections, then its per_arch entry for `arch`) into `tree`."""
     if size not in table:
         raise ConfigError(f"unknown --size {size!r}; sizes in {Path(path).name}: {', '.join(map(str, table))}")
-    entry = copy.deepcopy(table[size]) or {}
-    if not isinstance(entry, dict):
-        raise ConfigError(f"size {size}: must be a mapping of config sections")
+    entry = copy.deepcopy(table[size]) or {}  # _table checked it is a mapping or empty
     per_arch = entry.pop("per_arch", {}) or {}
     _merge(tree, entry, f"size {size}")
     if not isinstance(per_arch, dict):
@@ -258,18 +271,20 @@ def load_config(path=DEFAULT_CONFIG, arch: Optional[str] = None, overrides: list
     overrides, then type-check everything. `imports` (train.py --import) are appended to
     model.imports, so they load before the pattern is parsed."""
     raw = read_yaml(path)
-    table = raw.pop("presets", {}) or {}
-    size_table = raw.pop("sizes", {}) or {}
+    table, size_table = _table(raw, "presets", path), _table(raw, "sizes", path)
+    for section in ("presets", "sizes"):  # not config sections: what --arch and --size pick from
+        raw.pop(section, None)
     tree: dict = {}
     _merge(tree, raw, str(path))
-    if arch and not table and arch != raw.get("arch"):  # else --arch would only rename the run
+    own = file_arch(raw, table)
+    if arch and not table and arch != own:  # else --arch would only rename the run
         raise ConfigError(f"--arch {arch}: {path} has no presets: section to pick it from (a run's saved "
                           f"config.yaml fixes its architecture{', ' + repr(raw['arch']) if raw.get('arch') else ''}); "
                           "drop --arch or set model.* keys")
-    arch = arch or raw.get("arch") or "hybrid"
+    arch = arch or own
     if table:
         if arch not in table:
-            raise ConfigError(f"unknown --arch {arch!r}; presets in {Path(path).name}: {', '.join(table)}")
+            raise ConfigError(f"unknown --arch {arch!r}; presets in {Path(path).name}: {', '.join(map(str, table))}")
         _merge(tree, copy.deepcopy(table[arch]), f"preset {arch}")
     if size is not None:
         _apply_size(tree, size_table, str(size), arch, path)
@@ -283,6 +298,21 @@ def load_config(path=DEFAULT_CONFIG, arch: Optional[str] = None, overrides: list
         have = model.get("imports") or []
         model["imports"] = ([have] if isinstance(have, str) else list(have)) + list(imports)
     return build(arch, tree)
+
+
+def file_arch(raw: dict, table: dict) -> str:
+    """The run's label when --arch is not given. A file with no presets: section replaces config.yaml
+    (it is not merged over it), so its model is its own model section over the dataclass defaults,
+    not the hybrid preset: without its own arch: it is CUSTOM, as load_run_config labels such a file."""
+    if raw.get("arch"):
+        return raw["arch"]
+    return "hybrid" if table else CUSTOM
+
+
+def defaults(imports: list[str] = ()) -> RunConfig:
+    """The dataclass defaults (= config.yaml's sections, no preset): what a file with no presets: is
+    merged over."""
+    return build(CUSTOM, {"model": {"imports": list(imports)}})
 
 
 def build(arch: str, tree: dict) -> RunConfig:
@@ -312,7 +342,7 @@ def load_run_config(path) -> RunConfig:
     if "model" not in tree:  # an empty or cut file would load as the defaults, and the weights be blamed
         raise ConfigError(f"{path} has no model section (empty or truncated?): a run's config.yaml holds its "
                           "whole resolved config")
-    arch = tree.pop("arch", "custom")
+    arch = tree.pop("arch", CUSTOM)
     for section in list(tree):
         if section not in SECTIONS:
             raise ConfigError(f"{path}: unknown section {section!r}")

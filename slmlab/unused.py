@@ -20,6 +20,7 @@ import yaml
 from arch.registry import CHANNEL_MIXERS, MIXERS, NO_MLP, is_builtin
 
 from .config import RunConfig
+from .phases import lr_mult
 
 
 def _builtin_blocks(cfg: RunConfig) -> bool:
@@ -105,6 +106,18 @@ def _no_mlp(cfg: RunConfig) -> Optional[str]:
     return None
 
 
+def _min_lr_frac(cfg: RunConfig) -> Optional[str]:
+    # The floor shapes the decay only past its first step (which runs at full lr), and the last step is
+    # the deepest into it: if the floor does not change the last step's lr, it changes none.
+    t = cfg.train
+    last = t.steps - 1
+    if lr_mult(last, dataclasses.replace(t, min_lr_frac=0.0)) != lr_mult(last, dataclasses.replace(t, min_lr_frac=1.0)):
+        return None
+    if t.schedule == "wsd" and t.decay_frac == 0:
+        return "train.decay_frac is 0: the wsd schedule never decays"
+    return f"no step of the {t.steps} decays below the full lr (train.schedule {t.schedule})"
+
+
 def _heads(key: str) -> Callable[[RunConfig], Optional[str]]:
     """model.n_heads / model.head_dim: attention reads them, and so does deltanet for the head count and
     size its own options leave null (the head size defaults to d_model // n_heads)."""
@@ -129,7 +142,8 @@ RULES: dict[str, Callable[[RunConfig], Optional[str]]] = {
     **{f"optim.{k}": MUON for k in ("muon_lr", "muon_momentum", "muon_nesterov", "muon_ns_steps",
                                     "muon_adjust_lr_fn", "muon_weight_decay", "muon_ns_dtype")},
     "train.seq_len": _seq_len, "train.batch_size": _batch_size, "train.quality_score": _quality_score,
-    "train.decay_frac": _unless("train.schedule", "wsd"),
+    "train.decay_frac": _unless("train.schedule", "wsd"), "train.min_lr_frac": _min_lr_frac,
+    "train.avg_last": lambda c: "averaging one checkpoint is that checkpoint (K > 1 averages)" if c.train.avg_last == 1 else None,
     "train.distill_alpha": lambda c: None if c.train.teacher else "train.teacher is not set",
     "train.distill_temperature": lambda c: None if c.train.teacher else "train.teacher is not set",
     **{f"train.lora.{k}": (lambda c: None if c.train.lora.r else "train.lora.r is 0 (no adapters)")

@@ -85,7 +85,7 @@ def test_layers_flag_forms(tmp_path, corpus, layers):
     (["model.vocab_size=100"], "vocab"),
     (["train.seq_len=100000"], "seq_len"),
     (["nonsense"], "not of the form section.key=value"),
-    (["model.kernels=flex", "train.device=cpu"], "model.kernels=flex runs on CUDA"),
+    (["model.kernels=flex"], "model.kernels=flex runs on CUDA"),  # run_train gives --device cpu
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, corpus, capsys, args, needle):
     rc, out = run_train(tmp_path, corpus, *args, steps=1)
@@ -452,3 +452,47 @@ def test_every_flag_is_documented(script, capsys):
     root = Path(__file__).resolve().parents[1]
     docs = "\n".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
     assert flags and sorted(f for f in flags if not re.search(re.escape(f) + r"(?![\w-])", docs)) == []
+
+
+def test_resume_with_force_is_refused(tmp_path, capsys):
+    assert run_cli(train.main, ["--resume", "--force", "--out", str(tmp_path / "run")]) == 2
+    _one_line_error(capsys, "--resume continues the run in --out and --force replaces it")
+
+
+# a value for each shortcut flag and another for its key's override
+SHORTCUT_VALUES = {"data": ("stdlib", "other.txt"), "steps": ("10", "20"), "device": ("cpu", "auto"),
+                   "seed": ("3", "4"), "layers": ("A", "CCA")}
+
+
+@pytest.mark.parametrize("flag", sorted(SHORTCUT_VALUES))
+def test_a_shortcut_flag_and_the_override_of_its_key_are_refused(flag, capsys):
+    assert set(SHORTCUT_VALUES) == set(train.SHORTCUTS)  # a new shortcut flag needs its values here
+    key, (by_flag, by_override) = train.SHORTCUTS[flag], SHORTCUT_VALUES[flag]
+    assert run_cli(train.main, ["--print-config", f"--{flag}", by_flag, f"{key}={by_override}"]) == 2
+    _one_line_error(capsys, f"--{flag} {by_flag} and {key}={by_override} both set {key}: give one of them")
+    # each alone sets the key
+    assert run_cli(train.main, ["--print-config", f"--{flag}", by_flag]) == 0
+    assert run_cli(train.main, ["--print-config", f"{key}={by_flag}"]) == 0
+    flag_out, override_out = capsys.readouterr().out.split("arch: ")[1:]
+    assert flag_out == override_out
+
+
+def test_the_readme_synopsis_lists_every_flag_of_help(capsys):
+    import re
+
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    synopsis = re.search(r"## `train.py`\n\n```\n(.*?)```", readme, re.S).group(1)
+    flags = set(re.findall(r"--[a-z-]+", usage))
+    assert flags and flags == set(re.findall(r"--[a-z-]+", synopsis))
+
+
+@pytest.mark.parametrize("avg_last,used", [(1, False), (2, True)])
+def test_avg_last_is_noted_exactly_when_it_does_nothing(tmp_path, corpus, capsys, avg_last, used):
+    rc, out = run_train(tmp_path, corpus, f"train.avg_last={avg_last}", "train.ckpt_every=2", steps=4)
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert (out / "model_avg.safetensors").exists() == used
+    assert ("note: train.avg_last=1 has no effect" in err) == (not used), err

@@ -258,7 +258,8 @@ def _train_cli(argv, capsys):
     from slmlab.cli import run_cli
 
     rc = run_cli(train.main, [str(a) for a in argv])
-    return rc, capsys.readouterr().err
+    # the error alone, without the notes a run may print first
+    return rc, "".join(line for line in capsys.readouterr().err.splitlines(True) if not line.startswith("note: "))
 
 
 def test_integer_betas_reach_the_optimizer_as_floats():
@@ -303,3 +304,36 @@ def test_resume_with_another_init_from_is_refused(tmp_path, capsys):
     assert rc == 2 and err.startswith("error: --resume: train.init_from '' -> ") and err.count("\n") == 1, err
     assert (run / "config.yaml").read_text() == before
     assert _train_cli(["--resume", "--out", run, "--steps", "3"], capsys)[0] == 0  # unchanged: resumes
+
+
+@pytest.mark.parametrize("text,size,needle", [
+    ("presets: 5\n", None, "presets must map names to partial configs, got 5"),
+    ("presets: [hybrid]\n", None, "presets must map names to partial configs"),
+    ("presets: {hybrid: 5}\n", None, "presets.hybrid must be a mapping of config sections, got 5"),
+    ("sizes: 5\n", "tiny", "sizes must map names to partial configs, got 5"),
+    ("sizes: 5\n", None, "sizes must map names to partial configs"),  # wrong even where --size is not given
+    ("sizes: {tiny: 0}\n", "tiny", "sizes.tiny must be a mapping of config sections, got 0"),
+])
+def test_a_wrongly_typed_presets_or_sizes_section_is_named(tmp_path, text, size, needle):
+    path = tmp_path / "e.yaml"
+    path.write_text("model: {d_model: 64}\n" + text)
+    with pytest.raises(ConfigError, match=re.escape(needle)) as e:
+        load_config(path, size=size)
+    assert "\n" not in str(e.value)
+
+
+def test_a_config_without_presets_is_labelled_by_the_model_it_builds(tmp_path):
+    """--config replaces config.yaml: a file with no presets: builds its own model section (over the
+    defaults), so it is labelled custom, not the hybrid whose CCA pattern it does not build."""
+    path = tmp_path / "m.yaml"
+    path.write_text("optim:\n  muon_lr: 0.01\n")
+    cfg = load_config(path)
+    assert (cfg.arch, cfg.model.layer_letters()) == ("custom", "AAAAAA")
+    assert load_config(path, arch="custom").arch == "custom"  # the file's own label, as a saved run's arch:
+    with pytest.raises(ConfigError, match="--arch hybrid: .* has no presets: section"):
+        load_config(path, arch="hybrid")
+    path.write_text("arch: mine\nmodel: {layers: CCA}\n")
+    assert load_config(path).arch == "mine"
+    path.write_text("presets:\n  hybrid: {model: {layers: CCA}}\n")  # presets without arch: the default preset
+    cfg = load_config(path)
+    assert (cfg.arch, cfg.model.layer_letters()) == ("hybrid", "CCACCA")

@@ -14,7 +14,7 @@ from arch.registry import _LOADED, LETTERS, MIXERS
 from slmlab.cli import run_cli
 from slmlab.config import load_config
 from slmlab.optim import build_optimizer
-from slmlab.phases import resolve_phases
+from slmlab.phases import lr_mult, resolve_phases
 from slmlab.unused import RULES, settings, unused_changes
 
 TINY = ["model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1", "model.vocab_size=64"]
@@ -61,6 +61,10 @@ UNUSED = [
     (["model.mixer_opts.moe.experts=4"], "model.mixer_opts.moe", "no layer uses the moe block"),
     (["model.mlp=moe", "model.mixer_opts.moe.expert_ffn=32", "model.ffn_dim=128"], "model.ffn_dim",
      "model.mixer_opts.moe.expert_ffn sets the experts' width"),
+    (["train.avg_last=1"], "train.avg_last", "averaging one checkpoint is that checkpoint"),
+    (["train.decay_frac=0", "train.min_lr_frac=0.1"], "train.min_lr_frac", "train.decay_frac is 0"),
+    (["train.steps=10", "train.warmup_steps=9", "train.decay_frac=0.1", "train.min_lr_frac=0.1"],
+     "train.min_lr_frac", "no step of the 10 decays below the full lr"),
 ]
 # each changes what it sets, and is read
 USED = [
@@ -128,6 +132,24 @@ def test_a_setting_named_unused_really_changes_nothing(overrides, key, why):
 def test_a_used_setting_is_not_named_and_changes_something(overrides):
     assert unused_changes(load_config(overrides=TINY + overrides), DEFAULT) == []
     assert not same(effect(overrides), effect(overrides[:-1]))
+
+
+# the schedule's floor: (overrides with train.min_lr_frac last, whether it is read)
+FLOOR = [(["train.decay_frac=0", "train.min_lr_frac=0.1"], False),
+         (["train.steps=10", "train.warmup_steps=9", "train.decay_frac=0.1", "train.min_lr_frac=0.1"], False),
+         (["train.steps=10", "train.decay_frac=0.1", "train.min_lr_frac=0.1"], False),  # one decay step, at full lr
+         (["train.steps=10", "train.decay_frac=0.2", "train.min_lr_frac=0.1"], True),
+         (["train.min_lr_frac=0.1"], True),
+         (["train.schedule=cosine", "train.steps=4", "train.min_lr_frac=0.1"], True)]
+
+
+@pytest.mark.parametrize("overrides,read", FLOOR, ids=[" ".join(f[0]) for f in FLOOR])
+def test_min_lr_frac_is_named_unused_exactly_when_no_step_lr_depends_on_it(overrides, read):
+    cfg, without = load_config(overrides=TINY + overrides), load_config(overrides=TINY + overrides[:-1])
+    lrs = [[lr_mult(s, c.train) for s in range(c.train.steps)] for c in (cfg, without)]
+    assert (lrs[0] != lrs[1]) == read
+    named = [line for line in unused_changes(cfg, DEFAULT) if line.startswith("train.min_lr_frac=")]
+    assert bool(named) != read, named
 
 
 def test_every_rule_names_a_setting():
