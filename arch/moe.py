@@ -54,8 +54,9 @@ class MoEOptions:
 
     experts: int = 8  # E
     top_k: int = 2  # experts per token
-    # Each expert's SwiGLU width; 0: model.ffn / top_k rounded up to a multiple of 8, so a token's expert
-    # FLOPs match the dense SwiGLU's (ablate.py --vary model.mlp=swiglu,moe compares at equal compute).
+    # Each expert's SwiGLU width; 0: the dense width (model.ffn_dim, or its default) / top_k rounded up to a
+    # multiple of 8, so a token's expert FLOPs match the dense SwiGLU's (ablate.py --vary model.mlp=swiglu,moe
+    # compares at equal compute).
     expert_ffn: int = 0
     shared_ffn: int = 0  # width of a shared expert every token passes through; 0: none
     norm_topk: bool = True  # renormalise the k weights to sum to 1
@@ -69,7 +70,7 @@ class MoEOptions:
     expert_bias: bool = False
     bias_update_rate: float = 0.001
     routed_scale: float = 1.0  # the routed experts' weights times this (LFM2-MoE's routed_scaling_factor)
-    dense_layers: int = 0  # the first N layers keep a dense SwiGLU of model.ffn (LFM2-MoE's num_dense_layers)
+    dense_layers: int = 0  # the first N layers keep a dense SwiGLU model.ffn_dim wide (LFM2-MoE's num_dense_layers)
 
     def check(self, where: str):
         for key in ("experts", "top_k"):
