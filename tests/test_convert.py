@@ -322,6 +322,7 @@ def test_mamba2_model_in_onnxruntime(mamba_run, tmp_path):
     _onnx_parity(mamba_run, tmp_path)
 
 
+@pytest.mark.slow  # ~50 s each on a 2-core CI machine: the suite's 15-minute budget
 def test_mamba2_model_in_executorch(mamba_run, tmp_path):
     """XNNPACK lowered the 6-dim chunked scan and then failed to load it ("Failed to define tensor"):
     the export core keeps to 3 dims, and executorch.check_loads refuses a program the runtime cannot load."""
@@ -627,6 +628,7 @@ def test_executorch_prefill_and_decode(runs, tmp_path):
     _executorch_parity(runs["hybrid"], tmp_path)
 
 
+@pytest.mark.slow  # ~50 s each on a 2-core CI machine: the suite's 15-minute budget
 def test_moe_model_in_executorch_and_coreml(runs, tmp_path):
     """An export graph runs every expert under a gate that is zero off the top k (arch/moe.py moe_dense):
     no data-dependent shapes for torch.export, and the same logits as the sorted core in eager."""
