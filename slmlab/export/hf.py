@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from arch.registry import LETTERS
-
 from ..errors import CheckpointError, ConfigError
 from ..hf import (
     FAMILIES,
@@ -178,4 +176,4 @@ def import_hf(path, out: Path, force: bool = False) -> dict:
             run.write_text(CHAT_TEMPLATE, template)
         run.write_weights(weights_for_save(model), metadata={"source": f"hf:{Path(path).name}"})
     return {"format": "run", "path": str(out), "bytes": path_size(out), "params": model.num_params(),
-            "layers": "".join({n: letter for letter, n in LETTERS.items()}[t] for t in mcfg.layer_types())}
+            "layers": mcfg.layer_letters()}
