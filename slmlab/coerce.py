@@ -94,7 +94,9 @@ def build_item(where: str, cls, value):
 
 def _shown(x) -> str:
     """A bound as a reader types it: 1048576, not :g's 1.04858e+06; fractions as :g."""
-    return str(int(x)) if x is not None and float(x).is_integer() else f"{x:g}" if x is not None else ""
+    if x is None:
+        return ""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 @dataclasses.dataclass(frozen=True)
