@@ -21,9 +21,10 @@ import sys
 from slmlab.cli import run_cli
 from slmlab.errors import ConfigError
 
-# --prompt and --batch-size default to None so that check_args can tell a given flag from an absent one
-# (--batch-size 8 is refused without --hf as much as --batch-size 2); these fill them in afterwards.
-DEFAULT_PROMPT, DEFAULT_BATCH_SIZE = "def ", 8
+# --prompt, --batch-size, --top-k and --seed default to None so that check_args can tell a given flag
+# from an absent one (--batch-size 8 is refused without --hf as much as --batch-size 2); these fill
+# them in afterwards.
+DEFAULT_PROMPT, DEFAULT_BATCH_SIZE, DEFAULT_TOP_K, DEFAULT_SEED = "def ", 8, 50, 0
 
 
 def parse_args(argv=None):
@@ -40,10 +41,13 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default=None,
                    help=f"the text to continue (default {DEFAULT_PROMPT!r}); not with --prompts")
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (deterministic)")
-    p.add_argument("--top-k", type=int, default=50, help="0 = no top-k filter")
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="0 = greedy (deterministic: --top-k, --seed and several --num-samples are refused, "
+                        "except --seed/--num-samples with a diffusion run's --sampler mdlm)")
+    p.add_argument("--top-k", type=int, default=None, help=f"sample from the k likeliest tokens; 0 = all "
+                                                            f"(default {DEFAULT_TOP_K})")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--seed", type=int, default=None, help=f"the sampling generator's seed (default {DEFAULT_SEED})")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the one-token decode step (costs seconds up front; pays off on long samples); "
@@ -73,6 +77,7 @@ def decode_kwargs(args, model) -> dict:
         lacking = sorted({layer.kind for layer in model.layers if not layer.mixer.static_state_names})
         print(f"note: --compile compiles the static-state decode step, which {', '.join(lacking)} lack(s) "
               "(docs/blocks.md): decoding eagerly", file=sys.stderr)
+    refuse_random_flags_when_greedy(args, "greedy decoding")
     return dict(compile=args.compile, on_token=None)
 
 
@@ -90,7 +95,23 @@ def diffusion_kwargs(args, model) -> dict:
         from arch.diffusion import default_block_length
 
         note_llada_passes(n, steps, block or default_block_length(n, model.block_length))
+    if sampler == "llada":  # mdlm reveals random positions at every temperature
+        refuse_random_flags_when_greedy(args, "llada's low-confidence remasking")
     return dict(steps=steps, block_length=block, sampler=sampler)
+
+
+def refuse_random_flags_when_greedy(args, decoder: str):
+    """At temperature 0 a decoder that draws nothing makes --seed moot and repeats one output."""
+    from arch.model import is_greedy
+
+    if not is_greedy(args.temperature):
+        return
+    if args.seed_given:
+        raise ConfigError(f"--seed has no effect at --temperature {args.temperature:g}: {decoder} draws nothing "
+                          "at random; drop it")
+    if args.num_samples > 1:
+        raise ConfigError(f"--num-samples {args.num_samples} at --temperature {args.temperature:g} repeats one "
+                          f"output ({decoder} is deterministic): drop it or give --temperature > 0")
 
 
 def note_llada_passes(n: int, steps: int, block: int):
@@ -180,6 +201,7 @@ def check_room(args, model, prompt_len: int):
 def check_args(args):
     """Ranges, and one line for each flag the chosen mode has no use for; then the defaults of the
     flags that are None until given."""
+    from arch.model import is_greedy
     from slmlab.coerce import Range
 
     if bool(args.prompts) != bool(args.out):
@@ -189,11 +211,16 @@ def check_args(args):
     check_mode_flags(args)
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise ConfigError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.top_k is not None and is_greedy(args.temperature):
+        raise ConfigError(f"--top-k has no effect at --temperature {args.temperature:g}: greedy decoding takes "
+                          "the likeliest token; drop it")
     # A static decode state holds the whole context; 100k new tokens keep it well under a GB at these sizes.
     Range(0, 100_000).check("--max-new-tokens", args.max_new_tokens)
-    Range(0, None).check("--top-k", args.top_k)
+    if args.top_k is not None:
+        Range(0, None).check("--top-k", args.top_k)
     Range(1, 10_000).check("--num-samples", args.num_samples)
-    Range(0, 2 ** 63 - 1).check("--seed", args.seed)
+    if args.seed is not None:
+        Range(0, 2 ** 63 - 1).check("--seed", args.seed)
     if args.batch_size is not None:
         Range(1, 4096).check("--batch-size", args.batch_size)
     for flag, v in (("--diffusion-steps", args.diffusion_steps), ("--block-length", args.block_length)):
@@ -201,6 +228,10 @@ def check_args(args):
             raise ConfigError(f"{flag} must be > 0, got {v}")
     args.prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
     args.batch_size = DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
+    args.top_k = DEFAULT_TOP_K if args.top_k is None else args.top_k
+    args.seed_given, args.seed = args.seed is not None, DEFAULT_SEED if args.seed is None else args.seed
+    if args.prompts:  # traces decode autoregressively (or with transformers generate): greedy at temperature 0
+        refuse_random_flags_when_greedy(args, "greedy decoding")
 
 
 def check_mode_flags(args):

@@ -229,7 +229,7 @@ class LM(nn.Module):
         if use_static:
             graphed = compile and cuda_graph and idx.device.type == "cuda"
             # Greedy chunks amortise the compiled call's Python overhead, which a CUDA graph removes.
-            chunk = GREEDY_CHUNK if compile and temperature < 1e-5 and not graphed else 1
+            chunk = GREEDY_CHUNK if compile and is_greedy(temperature) and not graphed else 1
             if self.cfg.pos == "learned" and idx.shape[1] + max_new_tokens + chunk > self.cfg.max_positions:
                 chunk = 1  # the tokens a last chunk decodes past the end need positions too
             dec = StaticDecoder(self, idx, max_new_tokens, compile, chunk, graphed)
@@ -439,10 +439,15 @@ class DynamicDecoder:
         return sample_next(self.step(nxt)[:, -1, :], temperature, top_k, generator)
 
 
+def is_greedy(temperature: float) -> bool:
+    """Temperature 0 is greedy, and so is one so small that logits / temperature would overflow:
+    below 1e-5 the softmax is a one-hot anyway."""
+    return temperature < 1e-5
+
+
 def sample_next(logits, temperature: float, top_k: Optional[int], generator=None):
-    """logits [B, V] -> next token [B, 1]; temperature 0 is greedy (and so is one so small that
-    logits / temperature would overflow: below 1e-5 the softmax is a one-hot anyway)."""
-    if temperature < 1e-5:
+    """logits [B, V] -> next token [B, 1]; greedy (argmax) at is_greedy temperatures."""
+    if is_greedy(temperature):
         return logits.argmax(-1, keepdim=True)
     logits = logits.float() / temperature
     if top_k:

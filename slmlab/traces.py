@@ -103,6 +103,8 @@ def load_hf_folder(path, device, **tokenizer_kwargs):
 def hf_completions(args, convs, device):
     """(conversation, reply) per prompt and sample, from a transformers folder: its tokenizer's
     chat template, left-padded batches, transformers generate."""
+    from arch.model import is_greedy
+
     tok, model = load_hf_folder(args.hf, device, padding_side="left")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -111,7 +113,7 @@ def hf_completions(args, convs, device):
              else m[-1]["content"] for m in convs]
     for i in range(0, len(texts), args.batch_size):
         enc = tok(texts[i:i + args.batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        sample = args.temperature > 0
+        sample = not is_greedy(args.temperature)
         out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=sample,
                              num_return_sequences=args.num_samples, pad_token_id=tok.pad_token_id,
                              **({"temperature": args.temperature, "top_k": args.top_k or None} if sample else {}))

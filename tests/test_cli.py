@@ -147,6 +147,10 @@ def tiny_run(tmp_path_factory, corpus):
     (["--seed", "99999999999999999999999"], "--seed must be in [0, 9223372036854775807]"),
     (["--max-new-tokens", "1000000000"], "--max-new-tokens must be in [0, 100000]"),
     (["--block-length", "0"], "--block-length must be > 0"),
+    # temperature 0 decodes greedily: what only sampling uses would be ignored or repeat one output
+    (["--temperature", "0", "--top-k", "5"], "--top-k has no effect at --temperature 0: greedy decoding takes"),
+    (["--temperature", "0", "--seed", "3"], "--seed has no effect at --temperature 0: greedy decoding draws"),
+    (["--temperature", "1e-9", "--num-samples", "2"], "--num-samples 2 at --temperature 1e-09 repeats one output"),
 ])
 def test_sample_bad_flags_are_one_line_errors(tiny_run, capsys, argv, needle):
     assert run_cli(sample.main, ["--run", str(tiny_run), "--device", "cpu", *argv]) == 2

@@ -289,6 +289,12 @@ def test_sample_cli_on_a_diffusion_run(runs, capsys):
     assert capsys.readouterr().out == first  # temperature 0: deterministic
     assert run_cli(sample.main, ["--run", run, "--max-new-tokens", "8", "--sampler", "mdlm"]) == 0
     capsys.readouterr()
+    # mdlm reveals random positions even at temperature 0, so --seed and --num-samples still mean something
+    assert run_cli(sample.main, ["--run", run, "--max-new-tokens", "4", "--sampler", "mdlm", "--temperature", "0",
+                                 "--seed", "1", "--num-samples", "2"]) == 0
+    capsys.readouterr()
+    assert run_cli(sample.main, ["--run", run, "--max-new-tokens", "4", "--temperature", "0", "--seed", "1"]) == 2
+    assert "--seed has no effect at --temperature 0: llada's low-confidence remasking" in capsys.readouterr().err
     rc = run_cli(sample.main, ["--run", run, "--max-new-tokens", "10", "--block-length", "4"])
     err = capsys.readouterr().err
     assert rc == 2 and "--block-length 4 must divide --max-new-tokens 10" in err and err.count("\n") == 1

@@ -124,7 +124,7 @@ def test_traces_are_valid_sft_input(sft_run, tmp_path):
     prompts.write_text("".join(json.dumps({"prompt": f"say {w}"}) + "\n" for w in ("the", "of", "and")))
     out = tmp_path / "traces.jsonl"
     rc, _, err = run_here("sample", "--run", sft_run, "--prompts", prompts, "--out", out, "--num-samples", "2",
-                     "--temperature", "0", "--max-new-tokens", "12")
+                     "--temperature", "1", "--max-new-tokens", "12")
     assert rc == 0, err
     assert detect_format(str(out)) == "prompt_completion"
     convs = read_examples(out, "prompt_completion")
