@@ -2,10 +2,10 @@
 (model.mlp=moe), the MLP of Qwen3-MoE, LFM2-MoE, OLMoE and Granite-4.0's MoE models.
 
     p = softmax(x W_router) (fp32, over the E experts), or sigmoid(x W_router) (router: sigmoid)
-    y = sum over the k largest p_e (+ bias_e) of  w_e * SwiGLU_e(x)   [+ shared(x)]
+    y = sum over the k largest p_e (+ bias_e) of  w_e * SwiGLU_e(x)   [+ [sigmoid(x w_g) *] shared(x)]
 with w the top-k scores p (not the bias), renormalised to sum to 1 when norm_topk (Qwen3-MoE's
 norm_topk_prob), times routed_scale, and an optional shared SwiGLU expert every token passes through
-(shared_ffn > 0). LFM2-MoE is router sigmoid + expert_bias (+ dense_layers: leading layers with a
+(shared_ffn > 0), scaled per token by a sigmoid gate under shared_gate (Qwen2-MoE's shared_expert_gate). LFM2-MoE is router sigmoid + expert_bias (+ dense_layers: leading layers with a
 dense SwiGLU, ModelConfig.mlp_at).
 
 Load balance: the load-balancing loss of Switch / transformers' MoE models, aux = E * sum_e f_e P_e
@@ -59,6 +59,7 @@ class MoEOptions:
     # compares at equal compute).
     expert_ffn: int = 0
     shared_ffn: int = 0  # width of a shared expert every token passes through; 0: none
+    shared_gate: bool = False  # the shared expert's output times sigmoid(x w_g), w_g [1, d] (Qwen2-MoE)
     norm_topk: bool = True  # renormalise the k weights to sum to 1
     aux_loss_coef: float = 0.01  # weight of the load-balancing loss (Switch's 0.01; 0 turns it off)
     core: str = "sorted"  # sorted | dense (the reference: every expert on every token)
@@ -93,6 +94,8 @@ class MoEOptions:
                 raise ConfigError(f"{where}.{key} must be >= 0, got {getattr(self, key)}")
         if not self.routed_scale > 0:
             raise ConfigError(f"{where}.routed_scale must be > 0, got {self.routed_scale}")
+        if self.shared_gate and not self.shared_ffn:
+            raise ConfigError(f"{where}.shared_gate gates the shared expert: give {where}.shared_ffn > 0 too")
 
 
 def expert_width(o: MoEOptions, ffn: int) -> int:
@@ -196,6 +199,7 @@ class MoE(ChannelMixer):
         self.w13 = nn.Parameter(torch.randn(o.experts, 2 * f, d) * cfg.init_std)
         self.w2 = nn.Parameter(torch.randn(o.experts, d, f) * (cfg.init_std / math.sqrt(2 * cfg.n_layers)))
         self.shared = SwiGLU(d, o.shared_ffn) if o.shared_ffn else None
+        self.shared_gate = nn.Linear(d, 1, bias=False) if o.shared_gate else None
         self.residual_out = ("shared.w2",) if o.shared_ffn else ()
         if o.expert_bias:  # a buffer: steps move it, not gradients; checkpoints and exports carry it
             self.register_buffer("expert_bias", torch.zeros(o.experts))
@@ -215,7 +219,8 @@ class MoE(ChannelMixer):
             self._record(probs, experts)
         y = self._core(xf, weights, experts)
         if self.shared is not None:
-            y = y + self.shared(xf)
+            shared = self.shared(xf)
+            y = y + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(xf)) * shared)
         return y.reshape(B, T, d)
 
     def _core(self, x, weights, experts):

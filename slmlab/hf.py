@@ -4,8 +4,8 @@ hybrid/conv+attn patterns <-> Lfm2ForCausalLM; all-attention patterns <-> Qwen3F
 Qwen2ForCausalLM (q/k/v biases), LlamaForCausalLM (neither) or GPT2LMHeadModel (LayerNorm, GELU, learned
 positions); all-mamba2 patterns without MLP (model.mlp=none) <-> Mamba2ForCausalLM; mamba2 with attention
 and SwiGLU MLPs (no QK-norm) <-> GraniteMoeHybridForCausalLM without experts, and with experts beside a
-shared MLP under model.mlp=moe; attention and model.mlp=moe <-> Qwen3MoeForCausalLM (QK-norm) or
-MixtralForCausalLM (none), or Lfm2MoeForCausalLM (router sigmoid, any conv/attention pattern). The block
+shared MLP under model.mlp=moe; attention and model.mlp=moe <-> Qwen3MoeForCausalLM (QK-norm),
+Qwen2MoeForCausalLM (no QK-norm, a gated shared expert) or MixtralForCausalLM (neither), or Lfm2MoeForCausalLM (router sigmoid, any conv/attention pattern). The block
 options (model.norm, pos, mlp, qk_norm, *_bias, rope_scaling, the Granite scales) pick the family.
 Our modules were named so that this is mostly a renaming exercise (GPT-2's fused, transposed Conv1D
 weights are split and transposed); the parity tests pin both directions.
@@ -77,6 +77,14 @@ _QWEN3_MOE = {
     "common": _QWEN3["common"][:2] + [("mlp.router.weight", "mlp.gate.weight")],
     "attn": _QWEN3["attn"], "experts": "mlp.experts", "final_norm": "model.norm.weight",
 }
+# Qwen2MoeForCausalLM: Qwen2's attention (q/k/v biases or none), Qwen3-MoE's router and experts, and a
+# shared expert whose output a per-token sigmoid gate scales (our shared and shared_gate).
+_QWEN2_MOE = {
+    **_QWEN3_MOE,
+    "common": _QWEN3_MOE["common"] + [(f"mlp.shared.{ours}.weight", f"mlp.shared_expert.{theirs}.weight")
+                                      for ours, theirs in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))]
+    + [("mlp.shared_gate.weight", "mlp.shared_expert_gate.weight")],
+}
 # Lfm2MoeForCausalLM: LFM2's layers; sigmoid routing with an expert bias, per-expert w1 (gate), w3 (up),
 # w2 (down); its first num_dense_layers layers keep LFM2's dense feed_forward (the "common" w1/w2/w3).
 _LFM2_MOE = {
@@ -109,12 +117,12 @@ _GRANITE_MOE = {
 }
 # Llama and Qwen2 name their layers as Qwen3 does; the biases and QK-norm present decide what maps.
 TABLES = {"lfm2": _LFM2, "qwen3": _QWEN3, "llama": _QWEN3, "qwen2": _QWEN3, "mamba2": _MAMBA2,
-          "granitemoehybrid": _GRANITE, "qwen3_moe": _QWEN3_MOE, "lfm2_moe": _LFM2_MOE, "mixtral": _MIXTRAL}
+          "granitemoehybrid": _GRANITE, "qwen3_moe": _QWEN3_MOE, "qwen2_moe": _QWEN2_MOE, "lfm2_moe": _LFM2_MOE, "mixtral": _MIXTRAL}
 _EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")  # per-expert tensors, unless a table names its own
 HF_CLASSES = {"lfm2": "Lfm2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
               "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel", "mamba2": "Mamba2ForCausalLM",
               "granitemoehybrid": "GraniteMoeHybridForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-              "lfm2_moe": "Lfm2MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
+              "qwen2_moe": "Qwen2MoeForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
 FAMILIES = tuple(HF_CLASSES)
 # What each family fixes about the block options (the rest, e.g. Llama's biases, the mapping reads).
 _ROPE_RMS = dict(norm="rmsnorm", pos="rope", mlp="swiglu")
@@ -129,6 +137,7 @@ FAMILY_OPTIONS = {
     # pos rope or none (NoPE, IBM's own): checked in hf_family
     "granitemoehybrid": dict(norm="rmsnorm", qk_norm=False, mlp_bias=False, rope_scaling={}),  # swiglu or moe
     "qwen3_moe": dict(_ROPE_RMS, mlp="moe", qk_norm=True, attn_bias=False, attn_out_bias=False, rope_scaling={}),
+    "qwen2_moe": dict(_ROPE_RMS, mlp="moe", qk_norm=False, attn_out_bias=False, rope_scaling={}),  # qkv bias or not
     "lfm2_moe": dict(_ROPE_RMS, mlp="moe", qk_norm=True, attn_bias=False, attn_out_bias=False, mlp_bias=False,
                      rope_scaling={}),
     "mixtral": dict(_ROPE_RMS, mlp="moe", qk_norm=False, attn_bias=False, attn_out_bias=False, rope_scaling={}),
@@ -146,7 +155,9 @@ def _pick_family(cfg: ModelConfig) -> str:
     if cfg.mlp == "moe":
         if cfg.block_options("moe").router == "sigmoid":
             return "lfm2_moe"
-        return "qwen3_moe" if cfg.qk_norm else "mixtral"
+        if cfg.qk_norm:
+            return "qwen3_moe"
+        return "qwen2_moe" if cfg.block_options("moe").shared_ffn else "mixtral"
     if "conv" in cfg.layer_types():
         return "lfm2"
     if cfg.norm == "layernorm" or cfg.pos == "learned" or cfg.mlp == "gelu":
@@ -208,7 +219,7 @@ def hf_family(cfg: ModelConfig) -> str:
 def _check_moe(cfg: ModelConfig, family: str) -> None:
     """What each family's MoE fixes: only LFM2-MoE has the sigmoid router, expert bias, routed scale and
     dense leading layers; Granite renormalises the top k and always has a shared expert, Mixtral
-    renormalises and has none, Qwen3-MoE has none."""
+    renormalises and has none, Qwen3-MoE has none, and only Qwen2-MoE's shared expert is gated (always)."""
     o = cfg.block_options("moe")
     if family == "lfm2_moe":
         if o.shared_ffn:
@@ -227,6 +238,10 @@ def _check_moe(cfg: ModelConfig, family: str) -> None:
                           "shared expert (model.mixer_opts.moe.shared_ffn > 0)")
     if family == "qwen3_moe" and o.shared_ffn:
         raise ConfigError("Qwen3MoeForCausalLM has no shared expert: model.mixer_opts.moe.shared_ffn must be 0")
+    if o.shared_gate != (family == "qwen2_moe"):
+        raise ConfigError("Qwen2MoeForCausalLM gates its shared expert and no other family does: "
+                          f"model.mixer_opts.moe.shared_gate must be {str(family == 'qwen2_moe').lower()} for "
+                          f"{HF_CLASSES[family]}")
 
 
 def _gpt2_pairs(cfg: ModelConfig):
@@ -462,6 +477,15 @@ def to_hf_config(cfg: ModelConfig, max_position_embeddings: int = 4096, **specia
                               num_experts_per_tok=m.top_k, norm_topk_prob=m.norm_topk,
                               router_aux_loss_coef=m.aux_loss_coef, decoder_sparse_step=1, mlp_only_layers=[],
                               use_sliding_window=False)
+    if family == "qwen2_moe":
+        from transformers import Qwen2MoeConfig
+
+        m = cfg.block_options("moe")
+        return Qwen2MoeConfig(**common, head_dim=cfg.hd, rms_norm_eps=cfg.norm_eps, qkv_bias=cfg.attn_bias,
+                              moe_intermediate_size=expert_width(m, cfg.ffn), shared_expert_intermediate_size=m.shared_ffn,
+                              num_experts=m.experts, num_experts_per_tok=m.top_k, norm_topk_prob=m.norm_topk,
+                              router_aux_loss_coef=m.aux_loss_coef, decoder_sparse_step=1, mlp_only_layers=[],
+                              use_sliding_window=False)
     if family == "qwen2":
         from transformers import Qwen2Config
 
@@ -539,8 +563,8 @@ def _from_granite_config(c, common: dict) -> ModelConfig:
                        logit_scale=float(c.logits_scaling), attn_scale=float(c.attention_multiplier))
 
 
-def _from_qwen3_moe_config(c, common: dict) -> ModelConfig:
-    mt = "qwen3_moe"
+def _from_qwen_moe_config(mt: str, c, common: dict) -> ModelConfig:
+    """Qwen3-MoE (QK-norm, no attention biases) and Qwen2-MoE (q/k/v biases or none, a gated shared expert)."""
     _check_values(mt, c, (("attention_bias", False), ("use_sliding_window", False), ("decoder_sparse_step", 1)))
     if list(c.mlp_only_layers or []):  # model.mlp is one channel mixer for every layer
         raise ConfigError(f"{mt}: mlp_only_layers={list(c.mlp_only_layers)} mixes dense and MoE layers, which "
@@ -548,7 +572,14 @@ def _from_qwen3_moe_config(c, common: dict) -> ModelConfig:
     common.pop("ffn_dim")  # the dense width no layer uses
     moe = dict(experts=c.num_experts, top_k=c.num_experts_per_tok, expert_ffn=c.moe_intermediate_size,
                norm_topk=bool(c.norm_topk_prob), aux_loss_coef=float(c.router_aux_loss_coef))
-    return ModelConfig(**common, mlp="moe", mixer_opts={"moe": moe})
+    if mt == "qwen3_moe":
+        return ModelConfig(**common, mlp="moe", mixer_opts={"moe": moe})
+    if not c.shared_expert_intermediate_size:
+        raise ConfigError(f"{mt}: shared_expert_intermediate_size=0 is not supported (a shared expert > 0 wide)")
+    moe.update(shared_ffn=c.shared_expert_intermediate_size, shared_gate=True)
+    bias = bool(getattr(c, "qkv_bias", True))
+    return ModelConfig(**common, mlp="moe", qk_norm=False, attn_bias=bias, attn_out_bias=False,
+                       mixer_opts={"moe": moe})
 
 
 def _from_lfm2_moe_config(c, common: dict) -> ModelConfig:
@@ -629,8 +660,8 @@ def from_hf_config(hf_cfg) -> ModelConfig:
         bias = bool(getattr(hf_cfg, "attention_bias", False))
         return ModelConfig(**common, qk_norm=False, attn_bias=bias, attn_out_bias=bias,
                            mlp_bias=bool(getattr(hf_cfg, "mlp_bias", False)))
-    if mt == "qwen3_moe":
-        return _from_qwen3_moe_config(hf_cfg, common)
+    if mt in ("qwen3_moe", "qwen2_moe"):
+        return _from_qwen_moe_config(mt, hf_cfg, common)
     if mt == "mixtral":
         _check_values(mt, hf_cfg, (("sliding_window", None),))
         moe = dict(experts=hf_cfg.num_local_experts, top_k=hf_cfg.num_experts_per_tok, norm_topk=True,

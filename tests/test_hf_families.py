@@ -56,6 +56,15 @@ def hf_config(family: str):
         c = hf_config("qwen3_moe")
         c.norm_topk_prob, c.num_experts_per_tok, c.tie_word_embeddings = False, 3, True
         return c
+    if family == "qwen2_moe":  # Qwen1.5-MoE's layout: q/k/v biases, raw top-k weights, a gated shared expert
+        return t.Qwen2MoeConfig(vocab_size=V, hidden_size=64, intermediate_size=96, moe_intermediate_size=24,
+                                shared_expert_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, num_experts=6, num_experts_per_tok=2, norm_topk_prob=False,
+                                tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    if family == "qwen2_moe-plain":  # no q/k/v biases, renormalised top k, tied
+        c = hf_config("qwen2_moe")
+        c.qkv_bias, c.norm_topk_prob, c.tie_word_embeddings = False, True, True
+        return c
     if family == "mixtral":  # Llama attention (no QK-norm), 5 experts, top 2, its own head_dim, untied
         return t.MixtralConfig(vocab_size=V, hidden_size=64, intermediate_size=40, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=5,
@@ -80,12 +89,14 @@ def hf_config(family: str):
 
 
 FAMILIES = ["llama", "llama-bias", "qwen2", "gpt2", "mamba2", "granitemoehybrid", "granitemoehybrid-ibm",
-            "granitemoehybrid-moe", "qwen3_moe", "qwen3_moe-raw", "lfm2_moe", "lfm2_moe-plain", "mixtral"]
+            "granitemoehybrid-moe", "qwen3_moe", "qwen3_moe-raw", "lfm2_moe", "lfm2_moe-plain", "mixtral",
+            "qwen2_moe", "qwen2_moe-plain"]
 CLASS = {"llama": "LlamaForCausalLM", "llama-bias": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
          "gpt2": "GPT2LMHeadModel", "mamba2": "Mamba2ForCausalLM", "granitemoehybrid": "GraniteMoeHybridForCausalLM",
          "granitemoehybrid-ibm": "GraniteMoeHybridForCausalLM", "granitemoehybrid-moe": "GraniteMoeHybridForCausalLM",
          "qwen3_moe": "Qwen3MoeForCausalLM", "qwen3_moe-raw": "Qwen3MoeForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM",
-         "lfm2_moe-plain": "Lfm2MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
+         "lfm2_moe-plain": "Lfm2MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+         "qwen2_moe": "Qwen2MoeForCausalLM", "qwen2_moe-plain": "Qwen2MoeForCausalLM"}
 
 
 def hf_model(family: str, seed: int = 0):
@@ -464,12 +475,14 @@ def test_gguf_metadata_and_tensors(family, tmp_path):
         assert "blk.1.attn_output.bias" not in tensors and "output.weight" in tensors
 
 
-def test_gguf_refuses_gpt2(tmp_path, capsys):
+@pytest.mark.parametrize("family", ["gpt2", "qwen2_moe"])
+def test_gguf_refuses_families_llama_cpp_was_not_checked_on(family, tmp_path, capsys):
     pytest.importorskip("gguf")
-    hf_folder(tmp_path / "hf", "gpt2")
+    hf_folder(tmp_path / "hf", family)
     assert convert("--from-hf", tmp_path / "hf", "--out", tmp_path / "run") == 0
     assert convert("--run", tmp_path / "run", "--to", "gguf", "--out", tmp_path / "m.gguf") == 2
-    assert "gguf export covers lfm2, qwen3, llama, qwen2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "gguf export covers lfm2, qwen3, llama, qwen2" in err and err.strip().endswith(f"this one is {family}")
 
 
 @pytest.mark.slow

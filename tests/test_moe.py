@@ -187,6 +187,8 @@ def test_muon_treats_an_expert_stack_as_its_matrices():
     ({"topk": 2}, "model.mixer_opts.moe: unknown key 'topk'"),
     ({"router": "relu"}, "model.mixer_opts.moe.router must be softmax or sigmoid"),
     ({"routed_scale": 0}, "model.mixer_opts.moe.routed_scale must be > 0"),
+    ({"shared_gate": True}, "model.mixer_opts.moe.shared_gate gates the shared expert: give "
+                            "model.mixer_opts.moe.shared_ffn > 0 too"),
     ({"bias_update_rate": -1}, "model.mixer_opts.moe.bias_update_rate must be >= 0"),
 ])
 def test_bad_moe_options_are_one_line_errors(opts, needle):
