@@ -42,9 +42,10 @@ class Attention(Mixer):
         self.v_proj = nn.Linear(d, self.n_kv_heads * self.hd, bias=cfg.attn_bias)
         self.out_proj = nn.Linear(self.n_heads * self.hd, d, bias=cfg.attn_out_bias)
         self.qk_norm = cfg.qk_norm
+        self.qk_norm_all = cfg.qk_norm and cfg.qk_norm_scope == "all"  # one norm over the heads' channels
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(self.hd, cfg.norm_eps)
-            self.k_norm = RMSNorm(self.hd, cfg.norm_eps)
+            self.q_norm = RMSNorm(self.n_heads * self.hd if self.qk_norm_all else self.hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.n_kv_heads * self.hd if self.qk_norm_all else self.hd, cfg.norm_eps)
         # pos=learned: positions enter with the embeddings (arch/model.py), so no rotation here; none: NoPE.
         self.rotary = Rotary(self.hd, cfg.rope_theta, cfg.rope_scale()) if cfg.pos == "rope" else None
         # model.attn_scale: the softmax scale as a factor on q, so every kernel keeps its 1/sqrt(hd)
@@ -68,12 +69,13 @@ class Attention(Mixer):
 
     def activation_bytes(self, batch: int, seq_len: int, act: int) -> int:
         """Per token: q_proj and k_proj outputs with their QK-norm internals (fp32: normalised,
-        rsqrt per head); the rotated q, k and v, the output and the per-head
+        rsqrt per head, or per token under qk_norm_scope all); the rotated q, k and v, the output and the per-head
         logsumexp kept by the fused attention (it never stores the T x T scores). Per sequence
         position: RoPE's cos/sin for q and k. A sliding window on the PyTorch path adds its
         additive [T, T] fp32 mask."""
         hq, hkv = self.n_heads * self.hd, self.n_kv_heads * self.hd
-        norms = (hq + self.n_heads + hkv + self.n_kv_heads) * 4 if self.qk_norm else 0
+        rsqrts = 2 if self.qk_norm_all else self.n_heads + self.n_kv_heads
+        norms = (hq + hkv + rsqrts) * 4 if self.qk_norm else 0
         per_token = norms + (2 * hq + 2 * hkv) * act + self.n_heads * 4
         mask = seq_len * seq_len * 4 if self.window is not None else 0
         return batch * seq_len * per_token + 4 * seq_len * self.hd * 4 + mask
@@ -85,9 +87,11 @@ class Attention(Mixer):
     def _qkv(self, x, positions):
         """Projections, QK-norm and RoPE at the absolute positions [T]: q [B, H, T, hd], k, v [B, Hkv, T, hd]."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.hd)
-        if self.qk_norm:
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.qk_norm_all:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(B, T, self.n_heads, self.hd), k.view(B, T, self.n_kv_heads, self.hd)
+        if self.qk_norm and not self.qk_norm_all:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.hd).transpose(1, 2)

@@ -53,6 +53,9 @@ class ModelConfig:
     # nothing (sampling, decode graphs) is bounded by it; learned positions state max_positions.
     context_length: Optional[int] = None
     qk_norm: bool = True  # RMSNorm on each head's q and k before RoPE (Qwen3/LFM2); false for Llama/Qwen2/GPT-2
+    # what one QK-norm normalises: head (each head's hd channels, Qwen3/LFM2) | all (all heads' q, and all
+    # of k, at once, one weight per channel: OLMoE/OLMo-2)
+    qk_norm_scope: str = "head"
     attn_bias: bool = False  # biases on the q/k/v projections (Qwen2, GPT-2)
     attn_out_bias: bool = False  # bias on the attention output projection (GPT-2)
     mlp_bias: bool = False  # biases in the channel mixer's projections (GPT-2)
@@ -244,7 +247,7 @@ class ModelConfig:
             bad(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
         if self.hd % 2 and self.pos == "rope":
             bad(f"head dim {self.hd} must be even for RoPE")
-        for key, allowed in (("norm", NORMS), ("pos", POSITIONS)):
+        for key, allowed in (("norm", NORMS), ("pos", POSITIONS), ("qk_norm_scope", QK_NORM_SCOPES)):
             if getattr(self, key) not in allowed:
                 bad(f"model.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
         if self.context_length is not None and self.pos == "learned":
@@ -298,6 +301,7 @@ class ModelConfig:
 
 
 NORMS = ("rmsnorm", "layernorm")
+QK_NORM_SCOPES = ("head", "all")
 POSITIONS = ("rope", "learned", "none")
 # Llama-3.1's published scaling, the defaults of any key model.rope_scaling leaves out.
 LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

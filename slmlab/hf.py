@@ -4,7 +4,8 @@ hybrid/conv+attn patterns <-> Lfm2ForCausalLM; all-attention patterns <-> Qwen3F
 Qwen2ForCausalLM (q/k/v biases), LlamaForCausalLM (neither) or GPT2LMHeadModel (LayerNorm, GELU, learned
 positions); all-mamba2 patterns without MLP (model.mlp=none) <-> Mamba2ForCausalLM; mamba2 with attention
 and SwiGLU MLPs (no QK-norm) <-> GraniteMoeHybridForCausalLM without experts, and with experts beside a
-shared MLP under model.mlp=moe; attention and model.mlp=moe <-> Qwen3MoeForCausalLM (QK-norm),
+shared MLP under model.mlp=moe; attention and model.mlp=moe <-> Qwen3MoeForCausalLM (QK-norm per head),
+OlmoeForCausalLM (QK-norm over all heads at once: model.qk_norm_scope=all),
 Qwen2MoeForCausalLM (no QK-norm, a gated shared expert) or MixtralForCausalLM (neither), or Lfm2MoeForCausalLM (router sigmoid, any conv/attention pattern). The block
 options (model.norm, pos, mlp, qk_norm, *_bias, rope_scaling, the Granite scales) pick the family.
 Our modules were named so that this is mostly a renaming exercise (GPT-2's fused, transposed Conv1D
@@ -117,18 +118,18 @@ _GRANITE_MOE = {
 }
 # Llama and Qwen2 name their layers as Qwen3 does; the biases and QK-norm present decide what maps.
 TABLES = {"lfm2": _LFM2, "qwen3": _QWEN3, "llama": _QWEN3, "qwen2": _QWEN3, "mamba2": _MAMBA2,
-          "granitemoehybrid": _GRANITE, "qwen3_moe": _QWEN3_MOE, "qwen2_moe": _QWEN2_MOE, "lfm2_moe": _LFM2_MOE, "mixtral": _MIXTRAL}
+          "granitemoehybrid": _GRANITE, "qwen3_moe": _QWEN3_MOE, "olmoe": _QWEN3_MOE, "qwen2_moe": _QWEN2_MOE, "lfm2_moe": _LFM2_MOE, "mixtral": _MIXTRAL}
 _EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")  # per-expert tensors, unless a table names its own
 HF_CLASSES = {"lfm2": "Lfm2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
               "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel", "mamba2": "Mamba2ForCausalLM",
               "granitemoehybrid": "GraniteMoeHybridForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-              "qwen2_moe": "Qwen2MoeForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
+              "olmoe": "OlmoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
 FAMILIES = tuple(HF_CLASSES)
 # What each family fixes about the block options (the rest, e.g. Llama's biases, the mapping reads).
 _ROPE_RMS = dict(norm="rmsnorm", pos="rope", mlp="swiglu")
 FAMILY_OPTIONS = {
-    "lfm2": dict(_ROPE_RMS, qk_norm=True, attn_bias=False, attn_out_bias=False, mlp_bias=False, rope_scaling={}),
-    "qwen3": dict(_ROPE_RMS, qk_norm=True, attn_bias=False, attn_out_bias=False, mlp_bias=False, rope_scaling={}),
+    "lfm2": dict(_ROPE_RMS, qk_norm=True, qk_norm_scope="head", attn_bias=False, attn_out_bias=False, mlp_bias=False, rope_scaling={}),
+    "qwen3": dict(_ROPE_RMS, qk_norm=True, qk_norm_scope="head", attn_bias=False, attn_out_bias=False, mlp_bias=False, rope_scaling={}),
     "qwen2": dict(_ROPE_RMS, qk_norm=False, attn_bias=True, attn_out_bias=False, mlp_bias=False, rope_scaling={}),
     "llama": dict(_ROPE_RMS, qk_norm=False),
     "gpt2": dict(norm="layernorm", pos="learned", mlp="gelu", qk_norm=False, attn_bias=True, attn_out_bias=True,
@@ -136,9 +137,10 @@ FAMILY_OPTIONS = {
     "mamba2": dict(norm="rmsnorm", mlp="none"),
     # pos rope or none (NoPE, IBM's own): checked in hf_family
     "granitemoehybrid": dict(norm="rmsnorm", qk_norm=False, mlp_bias=False, rope_scaling={}),  # swiglu or moe
-    "qwen3_moe": dict(_ROPE_RMS, mlp="moe", qk_norm=True, attn_bias=False, attn_out_bias=False, rope_scaling={}),
+    "qwen3_moe": dict(_ROPE_RMS, mlp="moe", qk_norm=True, qk_norm_scope="head", attn_bias=False, attn_out_bias=False, rope_scaling={}),
+    "olmoe": dict(_ROPE_RMS, mlp="moe", qk_norm=True, qk_norm_scope="all", rope_scaling={}),  # biases all or none
     "qwen2_moe": dict(_ROPE_RMS, mlp="moe", qk_norm=False, attn_out_bias=False, rope_scaling={}),  # qkv bias or not
-    "lfm2_moe": dict(_ROPE_RMS, mlp="moe", qk_norm=True, attn_bias=False, attn_out_bias=False, mlp_bias=False,
+    "lfm2_moe": dict(_ROPE_RMS, mlp="moe", qk_norm=True, qk_norm_scope="head", attn_bias=False, attn_out_bias=False, mlp_bias=False,
                      rope_scaling={}),
     "mixtral": dict(_ROPE_RMS, mlp="moe", qk_norm=False, attn_bias=False, attn_out_bias=False, rope_scaling={}),
 }
@@ -156,7 +158,7 @@ def _pick_family(cfg: ModelConfig) -> str:
         if cfg.block_options("moe").router == "sigmoid":
             return "lfm2_moe"
         if cfg.qk_norm:
-            return "qwen3_moe"
+            return "olmoe" if cfg.qk_norm_scope == "all" else "qwen3_moe"
         return "qwen2_moe" if cfg.block_options("moe").shared_ffn else "mixtral"
     if "conv" in cfg.layer_types():
         return "lfm2"
@@ -200,11 +202,11 @@ def hf_family(cfg: ModelConfig) -> str:
         if getattr(cfg, key) != want:
             raise ConfigError(f"the closest transformers family, {family}, needs model.{key}={want!r} "
                               f"(this model has {getattr(cfg, key)!r})")
-    if family in ("llama", "granitemoehybrid") and cfg.attn_bias != cfg.attn_out_bias:
+    if family in ("llama", "granitemoehybrid", "olmoe") and cfg.attn_bias != cfg.attn_out_bias:
         raise ConfigError(f"{HF_CLASSES[family]} has one attention_bias: model.attn_bias and model.attn_out_bias "
                           "must agree")
-    if family == "granitemoehybrid" and "attn" in cfg.layer_types() and cfg.hd * cfg.n_heads != cfg.d_model:
-        raise ConfigError("GraniteMoeHybrid fixes head_dim = d_model / n_heads")
+    if family in ("granitemoehybrid", "olmoe") and "attn" in cfg.layer_types() and cfg.hd * cfg.n_heads != cfg.d_model:
+        raise ConfigError(f"{HF_CLASSES[family]} fixes head_dim = d_model / n_heads")
     # (the other families' model.pos is in FAMILY_OPTIONS) NoPE is Granite's own; mamba2 has no attention
     if family in SSM_FAMILIES and cfg.pos not in ("rope", "none"):
         raise ConfigError(f"the closest transformers family, {family}, needs model.pos='rope' or 'none' "
@@ -236,8 +238,8 @@ def _check_moe(cfg: ModelConfig, family: str) -> None:
     if family == "granitemoehybrid" and not (o.norm_topk and o.shared_ffn):
         raise ConfigError("GraniteMoeHybridForCausalLM's experts need model.mixer_opts.moe.norm_topk=true and a "
                           "shared expert (model.mixer_opts.moe.shared_ffn > 0)")
-    if family == "qwen3_moe" and o.shared_ffn:
-        raise ConfigError("Qwen3MoeForCausalLM has no shared expert: model.mixer_opts.moe.shared_ffn must be 0")
+    if family in ("qwen3_moe", "olmoe") and o.shared_ffn:
+        raise ConfigError(f"{HF_CLASSES[family]} has no shared expert: model.mixer_opts.moe.shared_ffn must be 0")
     if o.shared_gate != (family == "qwen2_moe"):
         raise ConfigError("Qwen2MoeForCausalLM gates its shared expert and no other family does: "
                           f"model.mixer_opts.moe.shared_gate must be {str(family == 'qwen2_moe').lower()} for "
@@ -477,6 +479,14 @@ def to_hf_config(cfg: ModelConfig, max_position_embeddings: int = 4096, **specia
                               num_experts_per_tok=m.top_k, norm_topk_prob=m.norm_topk,
                               router_aux_loss_coef=m.aux_loss_coef, decoder_sparse_step=1, mlp_only_layers=[],
                               use_sliding_window=False)
+    if family == "olmoe":  # intermediate_size is the experts' width; no dense MLP
+        from transformers import OlmoeConfig
+
+        m = cfg.block_options("moe")
+        common.update(intermediate_size=expert_width(m, cfg.ffn))
+        return OlmoeConfig(**common, rms_norm_eps=cfg.norm_eps, attention_bias=cfg.attn_bias, clip_qkv=None,
+                           num_experts=m.experts, num_experts_per_tok=m.top_k, norm_topk_prob=m.norm_topk,
+                           router_aux_loss_coef=m.aux_loss_coef)
     if family == "qwen2_moe":
         from transformers import Qwen2MoeConfig
 
@@ -662,6 +672,13 @@ def from_hf_config(hf_cfg) -> ModelConfig:
                            mlp_bias=bool(getattr(hf_cfg, "mlp_bias", False)))
     if mt in ("qwen3_moe", "qwen2_moe"):
         return _from_qwen_moe_config(mt, hf_cfg, common)
+    if mt == "olmoe":
+        _check_values(mt, hf_cfg, (("clip_qkv", None),))
+        bias = bool(hf_cfg.attention_bias)
+        moe = dict(experts=hf_cfg.num_experts, top_k=hf_cfg.num_experts_per_tok, expert_ffn=common.pop("ffn_dim"),
+                   norm_topk=bool(hf_cfg.norm_topk_prob), aux_loss_coef=float(hf_cfg.router_aux_loss_coef))
+        return ModelConfig(**common, qk_norm=True, qk_norm_scope="all", attn_bias=bias, attn_out_bias=bias,
+                           mlp="moe", mixer_opts={"moe": moe})
     if mt == "mixtral":
         _check_values(mt, hf_cfg, (("sliding_window", None),))
         moe = dict(experts=hf_cfg.num_local_experts, top_k=hf_cfg.num_experts_per_tok, norm_topk=True,

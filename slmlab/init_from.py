@@ -14,7 +14,7 @@ from .rundir import RunDir
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "conv_kernel",
                 "conv_bias", "tie_embeddings")
 # Block options that change which weights exist (rope_theta/rope_scaling may change: context extension).
-FAMILY_FIELDS = ("norm", "pos", "mlp", "qk_norm", "attn_bias", "attn_out_bias", "mlp_bias")
+FAMILY_FIELDS = ("norm", "pos", "mlp", "qk_norm", "qk_norm_scope", "attn_bias", "attn_out_bias", "mlp_bias")
 
 
 def with_added_tokens(cfg, tok, say=print):

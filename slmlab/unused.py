@@ -157,6 +157,7 @@ RULES: dict[str, Callable[[RunConfig], Optional[str]]] = {
     "model.rope_theta": lambda c: _unless("model.pos", "rope")(c) or NO_ATTN(c),
     "model.rope_scaling": lambda c: _unless("model.pos", "rope")(c) or NO_ATTN(c),
     **{f"model.{k}": NO_ATTN for k in ("n_kv_heads", "qk_norm", "attn_bias", "attn_out_bias", "attn_scale")},
+    "model.qk_norm_scope": lambda c: NO_ATTN(c) or _unless("model.qk_norm", True)(c),
     "model.n_heads": _heads("n_heads"), "model.head_dim": _heads("head_dim"),
     "model.conv_kernel": _without("conv", "a short conv"), "model.conv_bias": _without("conv", "a short conv"),
     "model.mlp_bias": _mlp_bias, "model.ffn_dim": _ffn_dim,

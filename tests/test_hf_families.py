@@ -65,6 +65,15 @@ def hf_config(family: str):
         c = hf_config("qwen2_moe")
         c.qkv_bias, c.norm_topk_prob, c.tie_word_embeddings = False, True, True
         return c
+    if family == "olmoe":  # QK-norm over all heads' channels at once, raw top-k weights, untied
+        return t.OlmoeConfig(vocab_size=V, hidden_size=64, intermediate_size=24, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, num_experts=6, num_experts_per_tok=2,
+                             norm_topk_prob=False, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                             pad_token_id=0)
+    if family == "olmoe-bias":  # attention_bias (all four projections), renormalised top k, tied
+        c = hf_config("olmoe")
+        c.attention_bias, c.norm_topk_prob, c.tie_word_embeddings = True, True, True
+        return c
     if family == "mixtral":  # Llama attention (no QK-norm), 5 experts, top 2, its own head_dim, untied
         return t.MixtralConfig(vocab_size=V, hidden_size=64, intermediate_size=40, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=5,
@@ -90,13 +99,14 @@ def hf_config(family: str):
 
 FAMILIES = ["llama", "llama-bias", "qwen2", "gpt2", "mamba2", "granitemoehybrid", "granitemoehybrid-ibm",
             "granitemoehybrid-moe", "qwen3_moe", "qwen3_moe-raw", "lfm2_moe", "lfm2_moe-plain", "mixtral",
-            "qwen2_moe", "qwen2_moe-plain"]
+            "qwen2_moe", "qwen2_moe-plain", "olmoe", "olmoe-bias"]
 CLASS = {"llama": "LlamaForCausalLM", "llama-bias": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
          "gpt2": "GPT2LMHeadModel", "mamba2": "Mamba2ForCausalLM", "granitemoehybrid": "GraniteMoeHybridForCausalLM",
          "granitemoehybrid-ibm": "GraniteMoeHybridForCausalLM", "granitemoehybrid-moe": "GraniteMoeHybridForCausalLM",
          "qwen3_moe": "Qwen3MoeForCausalLM", "qwen3_moe-raw": "Qwen3MoeForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM",
          "lfm2_moe-plain": "Lfm2MoeForCausalLM", "mixtral": "MixtralForCausalLM",
-         "qwen2_moe": "Qwen2MoeForCausalLM", "qwen2_moe-plain": "Qwen2MoeForCausalLM"}
+         "qwen2_moe": "Qwen2MoeForCausalLM", "qwen2_moe-plain": "Qwen2MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+         "olmoe-bias": "OlmoeForCausalLM"}
 
 
 def hf_model(family: str, seed: int = 0):
@@ -226,6 +236,7 @@ def test_an_untied_head_missing_from_the_weights_is_refused():
     (dict(rope_scaling={"type": "llama3", "factr": 2}), "unknown keys ['factr']"),
     (dict(rope_scaling={"type": "llama3", "factor": -1}), "model.rope_scaling.factor must be a positive number"),
     (dict(max_positions=0), "model.max_positions"),
+    (dict(qk_norm_scope="heads"), "model.qk_norm_scope must be one of head, all, got 'heads'"),
 ])
 def test_bad_family_options_are_one_line_errors(bad, msg):
     from arch import ModelConfig
@@ -244,6 +255,10 @@ def test_options_without_a_transformers_family_name_the_mismatch():
         hf_family(ModelConfig(norm="layernorm", mlp="gelu"))
     with pytest.raises(ConfigError, match="qwen3, needs model.attn_bias=False"):
         hf_family(ModelConfig(attn_bias=True))
+    with pytest.raises(ConfigError, match="qwen3, needs model.qk_norm_scope='head'"):  # OLMo-2's has post-norms
+        hf_family(ModelConfig(layers="A", qk_norm_scope="all"))
+    with pytest.raises(ConfigError, match="OlmoeForCausalLM fixes head_dim = d_model / n_heads"):
+        hf_family(ModelConfig(layers="A", qk_norm_scope="all", head_dim=16, mlp="moe"))
 
 
 def test_learned_positions_past_the_table_are_an_error():
@@ -475,7 +490,7 @@ def test_gguf_metadata_and_tensors(family, tmp_path):
         assert "blk.1.attn_output.bias" not in tensors and "output.weight" in tensors
 
 
-@pytest.mark.parametrize("family", ["gpt2", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["gpt2", "qwen2_moe", "olmoe"])
 def test_gguf_refuses_families_llama_cpp_was_not_checked_on(family, tmp_path, capsys):
     pytest.importorskip("gguf")
     hf_folder(tmp_path / "hf", family)

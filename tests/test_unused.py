@@ -42,6 +42,7 @@ UNUSED = [
     (["model.layers=C", "model.rope_theta=5e5"], "model.rope_theta", "no layer is attention"),
     (["model.layers=C", "model.n_kv_heads=2"], "model.n_kv_heads", "no layer is attention"),
     (["model.layers=C", "model.qk_norm=false", "model.attn_bias=true"], "model.qk_norm", "no layer is attention"),
+    (["model.qk_norm=false", "model.qk_norm_scope=all"], "model.qk_norm_scope", "model.qk_norm is false"),
     (["model.layers=A", "model.conv_kernel=4"], "model.conv_kernel", "no layer is a short conv"),
     (["model.layers=D", "model.n_kv_heads=2"], "model.n_kv_heads", "no layer is attention"),
     (["model.layers=D", "model.mixer_opts.deltanet.head_dim=8", "model.head_dim=4"], "model.head_dim",
