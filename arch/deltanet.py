@@ -170,7 +170,8 @@ class GatedDeltaNet(Mixer):
     # ---- forward ----
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> DeltaState:
         return DeltaState(torch.zeros(batch_size, self.conv_dim, self.K - 1, device=device, dtype=dtype),
-                          torch.zeros(batch_size, self.v_heads, self.dk, self.dv, device=device))
+                          torch.zeros(batch_size, self.v_heads, self.dk, self.dv, device=device,
+                                      dtype=torch.promote_types(dtype, torch.float32)))  # the core's dtype
 
     def forward(self, x, state: Optional[DeltaState] = None):
         B, T, _ = x.shape
@@ -185,14 +186,16 @@ class GatedDeltaNet(Mixer):
         else:
             qkv, buf = conv1d_op(qkv, w, initial_state=state.conv.to(qkv.dtype), return_final_state=True,
                                  backend=self.backend)
+        cd = torch.promote_types(x.dtype, torch.float32)  # the recurrence runs in fp32 (fp64 for an fp64 model)
         with torch.autocast(x.device.type, enabled=False):
-            q, k, v, g, beta = self._inputs(F.silu(qkv).float(), ba.float())
-            S = torch.zeros(B, self.v_heads, self.dk, self.dv, device=x.device) if state is None else state.S.float()
+            q, k, v, g, beta = self._inputs(F.silu(qkv).to(cd), ba.to(cd))
+            S = torch.zeros(B, self.v_heads, self.dk, self.dv, device=x.device, dtype=cd) if state is None \
+                else state.S.to(cd)
             o, S = self._core(q, k, v, g, beta, S)
             if not self.causal:
                 o = o + self._core(*(t.flip(1) for t in (q, k, v, g, beta)), torch.zeros_like(S))[0].flip(1)
             o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight
-            o = (o.reshape(B, T, self.value_dim) * F.silu(z.float())).to(x.dtype)
+            o = (o.reshape(B, T, self.value_dim) * F.silu(z.to(cd))).to(x.dtype)
         return self.out_proj(o), (None if state is None else DeltaState(buf, S))
 
     def _inputs(self, qkv, ba):
@@ -203,7 +206,7 @@ class GatedDeltaNet(Mixer):
         if r > 1:  # each query/key head serves r consecutive value heads
             q, k = q.repeat_interleave(r, dim=2), k.repeat_interleave(r, dim=2)
         b, a = ba.chunk(2, dim=-1)
-        g = -self.A_log.float().exp() * F.softplus(a + self.dt_bias)
+        g = -self.A_log.to(a.dtype).exp() * F.softplus(a + self.dt_bias)
         return q * self.dk ** -0.5, k, v.reshape(B, T, self.v_heads, self.dv), g, b.sigmoid()
 
     def _core(self, q, k, v, g, beta, S):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 def rms_norm_ref(x, weight, eps: float):
     """x / rms(x) * weight, normalised in fp32 (as Llama/Qwen3/LFM2 do) and cast back: the reference."""
     dtype = x.dtype
-    x = x.float()
+    x = x.to(torch.promote_types(dtype, torch.float32))  # (an fp64 model stays fp64)
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x.to(dtype)
 

@@ -69,9 +69,9 @@ class LIFOptions:
             raise ConfigError(f"{where}.T_sim must be an integer > 0, got {self.T_sim}")
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"{where}.beta must be in [0, 1], got {self.beta}")
-        if self.threshold <= 0:
+        if not self.threshold > 0:  # (nan too: neurons that never spike)
             raise ConfigError(f"{where}.threshold must be > 0, got {self.threshold}")
-        if self.scale <= 0:
+        if not self.scale > 0:
             raise ConfigError(f"{where}.surrogate_scale must be > 0, got {self.scale}")
         if self.scan not in ("fused", "reference"):
             raise ConfigError(f"{where}.scan must be fused or reference, got {self.scan!r}")

@@ -81,10 +81,11 @@ def _chunk_logits(xc, w, exclude):
 
 
 def _chunk_loss(logits, tc, scale):
-    """(per-row logsumexp, sum of scale * CE) of one fp32 chunk."""
+    """(per-row logsumexp, sum of scale * CE) of one fp32 chunk. An ignored row (scale 0) reads column
+    0 as its target, which may be the excluded -inf column: its term is 0, not 0 * inf = nan."""
     lse = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(1, tc.clamp_min(0)[:, None]).squeeze(1)
-    return lse, ((lse - picked) * scale).sum()
+    return lse, torch.where(scale != 0, (lse - picked) * scale, 0.0).sum()
 
 
 class _Rows(NamedTuple):

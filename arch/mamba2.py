@@ -207,7 +207,8 @@ class Mamba2(Mixer):
     # ---- forward ----
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> Mamba2State:
         return Mamba2State(torch.zeros(batch_size, self.conv_dim, self.K - 1, device=device, dtype=dtype),
-                           torch.zeros(batch_size, self.nheads, self.P, self.N, device=device))
+                           torch.zeros(batch_size, self.nheads, self.P, self.N, device=device,
+                                       dtype=torch.promote_types(dtype, torch.float32)))  # the scan's dtype
 
     def forward(self, x, state: Optional[Mamba2State] = None):
         Bsz, T, _ = x.shape
@@ -222,17 +223,19 @@ class Mamba2(Mixer):
         else:
             xbc, buf = conv1d_op(xbc, w, bias, initial_state=state.conv.to(xbc.dtype), return_final_state=True,
                                  backend=self.backend)
+        cd = torch.promote_types(x.dtype, torch.float32)  # the scan runs in fp32 (fp64 for an fp64 model)
         with torch.autocast(x.device.type, enabled=False):
-            xs, Bm, Cm = F.silu(xbc.float()).split([self.d_inner, self.G * self.N, self.G * self.N], dim=-1)
+            xs, Bm, Cm = F.silu(xbc.to(cd)).split([self.d_inner, self.G * self.N, self.G * self.N], dim=-1)
             xs = xs.reshape(Bsz, T, self.nheads, self.P)
             Bm, Cm = Bm.reshape(Bsz, T, self.G, self.N), Cm.reshape(Bsz, T, self.G, self.N)
-            dt = F.softplus(dt.float() + self.dt_bias)
-            A = -self.A_log.float().exp()
-            h0 = torch.zeros(Bsz, self.nheads, self.P, self.N, device=x.device) if state is None else state.h.float()
+            dt = F.softplus(dt.to(cd) + self.dt_bias)
+            A = -self.A_log.to(cd).exp()
+            h0 = torch.zeros(Bsz, self.nheads, self.P, self.N, device=x.device, dtype=cd) if state is None \
+                else state.h.to(cd)
             y, h = self._core(xs, dt, A, Bm, Cm, h0, final_state=state is not None)
             if not self.causal:  # no state here: h0 is zeros
                 y = y + self._core(*(t.flip(1) for t in (xs, dt)), A, Bm.flip(1), Cm.flip(1), h0, False)[0].flip(1)
-            y = (y + self.D[:, None] * xs).reshape(Bsz, T, self.G, -1) * F.silu(z.float()).view(Bsz, T, self.G, -1)
+            y = (y + self.D[:, None] * xs).reshape(Bsz, T, self.G, -1) * F.silu(z.to(cd)).view(Bsz, T, self.G, -1)
             y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
             y = (y.reshape(Bsz, T, self.d_inner) * self.norm_weight).to(x.dtype)
         return self.out_proj(y), (None if state is None else Mamba2State(buf, h))

@@ -222,6 +222,8 @@ class LM(nn.Module):
         at batch 1 a token is a few hundred small kernels, and launching them from Python costs more
         than running them. on_token(id) is called with each new token of batch row 0
         (sample.py streams with it)."""
+        if idx.dim() != 2 or idx.shape[1] == 0:
+            raise ValueError(f"generate needs prompts [batch, >= 1 token], got shape {tuple(idx.shape)}")
         if max_new_tokens <= 0:
             return idx.clone()
         self.check_room(idx.shape[1], max_new_tokens)

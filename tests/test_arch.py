@@ -102,6 +102,31 @@ def test_static_state_decode_equals_full_forward(cfg, T, inplace, device):
         torch.testing.assert_close(dec, full, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("layers", ["CA", "D", "M", "L"])
+def test_a_float64_model_runs_and_decodes_in_float64(layers):
+    """model.double() (a float64 gradcheck's set-up): the DeltaNet / Mamba-2 recurrences upcast to
+    fp32 only (they mixed fp32 activations with fp64 parameters and failed); every path stays fp64 and
+    agrees with the fp32 model."""
+    torch.manual_seed(0)
+    m = LM(tiny(layers=layers, n_layers=2, mixer_opts={"mamba2": {"headdim": 16, "chunk": 4}})).eval()
+    idx = torch.randint(0, 61, (2, 9))
+    with torch.no_grad():
+        ref = m(idx)
+        m = m.double()
+        full = m(idx)
+        assert full.dtype == torch.float64
+        torch.testing.assert_close(full, ref.double(), atol=1e-4, rtol=0)
+        states, outs = m.init_state(2, dtype=torch.float64), []
+        for t in range(9):
+            logits, states = m(idx[:, t:t + 1], states=states)
+            outs.append(logits)
+        torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-10, rtol=0)
+        if m.supports_static():
+            st = m.static_state(2, 9, dtype=torch.float64)
+            dec = torch.cat([m.forward_static(idx[:, t:t + 1], torch.tensor([t]), st)[0] for t in range(9)], 1)
+            torch.testing.assert_close(dec, full, atol=1e-10, rtol=0)
+
+
 @pytest.mark.parametrize("layers", ["CCA", "A", "LLA"])
 def test_generate_static_and_dynamic_paths_agree(layers):
     m = LM(tiny(layers=layers, window_pattern="SL")).eval()
@@ -110,6 +135,13 @@ def test_generate_static_and_dynamic_paths_agree(layers):
     dynamic = m.generate(p, 12, temperature=0, static=False)
     assert torch.equal(static, dynamic) and static.shape == (2, 17)
     assert m.supports_static() == (layers != "LLA")
+
+
+def test_generate_refuses_an_empty_prompt_up_front():
+    m = LM(tiny(layers="CA")).eval()  # the conv's kernel failed on a zero-length input, deep inside
+    for idx in (torch.zeros(1, 0, dtype=torch.long), torch.zeros(3, dtype=torch.long)):
+        with pytest.raises(ValueError, match="generate needs prompts \\[batch, >= 1 token\\], got shape"):
+            m.generate(idx, 4)
 
 
 def test_generate_refuses_more_positions_than_a_learned_table_has():

@@ -155,6 +155,8 @@ def test_spiking_model_trains_and_logs_spike_metrics():
     ({"lif": {"surrogate": "sigmoid"}}, "surrogate must be one of"),
     ({"lif": {"beta": 1.5}}, "model.mixer_opts.lif.beta must be in [0, 1]"),
     ({"lif": {"threshold": 0}}, "threshold must be > 0"),
+    ({"lif": {"threshold": float("nan")}}, "threshold must be > 0, got nan"),
+    ({"lif": {"surrogate_scale": float("nan")}}, "surrogate_scale must be > 0, got nan"),
     ({"lif": {"scan": "triton"}}, "scan must be fused or reference"),
     ({"lif": {"bta": 0.5}}, "model.mixer_opts.lif: unknown key 'bta'"),
     ({"lfi": {"beta": 0.5}}, "no block 'lfi' takes options"),

@@ -139,6 +139,21 @@ def test_row_scale_and_excluded_column_match_the_reference(n, chunk):
         linear_cross_entropy(x, w, t, chunk, row_scale=torch.ones(n + 1))
 
 
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_ignored_rows_beside_an_excluded_column_zero_are_zero_not_nan(chunk):
+    """An ignored target (-1) reads column 0 for its (zero-weighted) term: with column 0 excluded
+    (-inf) that term was 0 * inf = nan in the chunked path."""
+    x, w, t = _inputs(6, ignored=0.0)
+    t[t == 0] = 1
+    t[[2, 5]] = -1
+    ref = linear_cross_entropy_ref(x, w, t, exclude=0)
+    got = linear_cross_entropy(x, w, t, chunk, exclude=0)
+    assert torch.isfinite(ref)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got, (x, w)), torch.autograd.grad(ref, (x, w))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_diffusion_elbo_chunked_equals_plain():
     """model.loss_chunk on the diffusion objective: the same masks (same RNG draws), loss, gradients
     and evaluation terms as the unchunked head."""
