@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from slmlab.coerce import AT_LEAST_1, POSITIVE, Range, check_ranges
+from slmlab.coerce import AT_LEAST_1, POSITIVE, Range, check_ranges, coerce
 from slmlab.errors import ConfigError
 
 from .registry import CHANNEL_MIXERS, LETTERS, MIXERS, NO_MLP, OPTIONS, load_imports, spelled_by
@@ -83,6 +84,12 @@ class ModelConfig:
     NOT_WEIGHTS = RUNTIME_KNOBS + ("imports", "context_length")
 
     def __post_init__(self):
+        # Fields as typed (n_heads=2.0 -> 2; window=2.5 or layers=None a one-line error), as config.yaml's
+        # are: a ModelConfig built in Python meets the same checks.
+        hints = typing.get_type_hints(ModelConfig)
+        for f in dataclasses.fields(self):
+            if f.name != "imports":  # load_imports takes a path or a list of them
+                setattr(self, f.name, coerce(f"model.{f.name}", getattr(self, f.name), hints[f.name]))
         self.imports = load_imports(self.imports)  # absolute paths, each once
         self.validate()
 
