@@ -164,6 +164,9 @@ class LM(nn.Module):
         return self.cfg.causal and all(getattr(layer.mixer, "static_state_names", None) for layer in self.layers)
 
     def static_state(self, batch_size: int, max_len: int, device=None, dtype=torch.float32) -> list:
+        """Zero-filled, as they must start: attention's unwritten cache slots are masked out of the
+        scores but still multiply into the output (0 x NaN is NaN); masking the values too would
+        cost a pass over the cache per token."""
         device = device or self.embed.weight.device
         return [layer.mixer.static_state(batch_size, max_len, device, dtype) for layer in self.layers]
 
