@@ -195,10 +195,21 @@ def _same_tokenizer(a: Run, b: Run) -> bool:
     return not (fa.is_file() and fb.is_file()) or fa.read_bytes() == fb.read_bytes()
 
 
+def _other_val_text(base: Run, r: Run) -> list[str]:
+    """Why `r` is validated on other text than `base` ([] when the same). Finished runs' summaries
+    hold their validation split's sha256, which settles it (a relative data.spec may name two files,
+    and two specs one text); else the specs and val_frac are compared as written."""
+    sha = [(x.summary or {}).get("val_sha256") for x in (base, r)]
+    a, b = settings(base.cfg), settings(r.cfg)
+    if all(sha):
+        return [] if sha[0] == sha[1] else [f"validation text sha256 {sha[0][:12]}… -> {sha[1][:12]}…"]
+    return [f"{k}: {show(a[k])} -> {show(b[k])}" for k in VAL_DATA if a[k] != b[k]]
+
+
 def _pair_notes(base: Run, wb: dict, r: Run, w: dict) -> list[str]:
     """Where run `r`'s numbers do not measure the same thing as the first run's."""
-    notes, a, b = [], settings(base.cfg), settings(r.cfg)
-    data = [f"{k}: {show(a[k])} -> {show(b[k])}" for k in VAL_DATA if a[k] != b[k]]
+    notes = []
+    data = _other_val_text(base, r)
     if data:
         notes.append(f"{r.name} is validated on other text than {base.name} ({'; '.join(data)}): their val bpb "
                      "are not comparable")

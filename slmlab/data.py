@@ -650,6 +650,24 @@ def _split_nonempty(source, spec: str, val_frac: float) -> tuple[list[str], list
     return train_docs, val_docs
 
 
+def _docs_sha256(docs) -> tuple[str, int]:
+    """(sha256 of the documents' UTF-8 bytes, each followed by a NUL, their byte count): what a split's
+    text is, whatever path or mtime it was read from (compare.py and ablate.py tell corpora apart by it)."""
+    h, n = hashlib.sha256(), 0
+    for d in docs:
+        b = d.encode("utf-8", "surrogatepass")
+        h.update(b)
+        h.update(b"\0")
+        n += len(b)
+    return h.hexdigest(), n
+
+
+def text_identity(bundle: DataBundle) -> dict:
+    """{train_sha256, val_sha256} of a prepared corpus (None each for caches written before they were
+    recorded): two runs with equal ones trained and were validated on the same text."""
+    return {k: bundle.manifest.get(k) for k in ("train_sha256", "val_sha256")}
+
+
 def _write_cache(path: Path, tokenizer, train_docs, val_docs, dtype, progress: bool, manifest: dict):
     """Token files, tokenizer.json and manifest.json (``manifest`` plus the split statistics) in a new ``path``."""
     path.mkdir()
@@ -657,6 +675,7 @@ def _write_cache(path: Path, tokenizer, train_docs, val_docs, dtype, progress: b
     n_val = _tokenize_to_file(tokenizer, val_docs, path / "val.bin", dtype, "tokenize val", progress)
     val_raw = b"".join(d.encode("utf-8", "surrogatepass") for d in val_docs)
     gz, xz = compression_bpb(val_raw)
+    train_sha, train_bytes = _docs_sha256(train_docs)
     # What evaluate's bpb will count for these tokens; equal to val_bytes for byte-level tokenizers.
     lengths = np.asarray(tokenizer.token_byte_lengths(), dtype=np.int64)
     val_ids = _open_tokens(path / "val.bin", dtype, n_val)
@@ -665,7 +684,7 @@ def _write_cache(path: Path, tokenizer, train_docs, val_docs, dtype, progress: b
     tokenizer.save(path / "tokenizer.json")
     manifest = {
         **manifest, "n_train_docs": len(train_docs), "n_val_docs": len(val_docs),
-        "train_bytes": sum(len(d.encode("utf-8", "surrogatepass")) for d in train_docs),
+        "train_bytes": train_bytes, "train_sha256": train_sha, "val_sha256": _docs_sha256(val_docs)[0],
         "n_train_tokens": n_train, "n_val_tokens": n_val, "val_bytes": len(val_raw), "val_token_bytes": val_token_bytes,
         "gzip_bpb": gz, "xz_bpb": xz, "eos_id": tokenizer.eos_id,
         "tokenizer_sha256": hashlib.sha256((path / "tokenizer.json").read_bytes()).hexdigest(),

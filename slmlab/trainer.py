@@ -737,7 +737,7 @@ class Trainer:
                    "tokens_per_s": self.state.tokens / max(train_time, 1e-9), "optimizer": self.cfg.optim.name,
                    "phases": [{"seq_len": p.seq_len, "steps": p.steps, "tokens_per_step": p.tokens_per_step}
                               for p in self.phases], "world_size": self.dist.world, **final, **avg,
-                   **self.baselines(), "device": str(self.device)}
+                   **self.baselines(), **data_mod.text_identity(self.bundle), "device": str(self.device)}
         if self.dist.main:
             self.run.write_weights(sd, metadata={"arch": self.cfg.arch})
             self.run.write_summary(summary)

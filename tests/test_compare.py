@@ -2,6 +2,7 @@
 settings, the notes say when numbers do not compare, an unfinished run is shown from its metrics,
 the plot is a PNG, and bad input is one line with exit 2. Run directories are written by hand
 (config, metrics.jsonl, summary.json); one test trains a real tiny run."""
+import hashlib
 import json
 import math
 
@@ -12,6 +13,7 @@ import compare
 import train
 from slmlab.cli import run_cli
 from slmlab.config import load_config
+from slmlab.data import DEFAULT_VAL_FRAC, read_documents, split_documents
 from slmlab.rundir import read_metrics
 
 
@@ -33,7 +35,8 @@ def fake_records(steps=30, evals=(10, 20), final=True, bpb=2.0, eval_seq_len=32,
     return recs
 
 
-def fake_run(path, overrides=(), records=None, summary=True, bpb=2.0, params=58176, device="cpu", tail=""):
+def fake_run(path, overrides=(), records=None, summary=True, bpb=2.0, params=58176, device="cpu", tail="",
+             **extra):
     """A run directory by hand: the resolved config of tiny_overrides + `overrides`, `records` (default
     a finished 30-step run's) as metrics.jsonl plus `tail` (a cut line, say), and its summary.json
     (its val bpb the final eval line's, as the trainer's)."""
@@ -47,7 +50,7 @@ def fake_run(path, overrides=(), records=None, summary=True, bpb=2.0, params=581
         (path / "summary.json").write_text(json.dumps(
             {"arch": "hybrid", "params": params, "flops_per_token": 1e6, "steps": 30, "tokens": 3840,
              "train_time_s": 3.0, "wall_time_s": 5.0, "tokens_per_s": 1280.0, "val_loss": 1.5, "val_bpb": bpb,
-             "val_tokens": 896, "device": device, **final}))
+             "val_tokens": 896, "device": device, **final, **extra}))
     return str(path)
 
 
@@ -127,6 +130,19 @@ def test_notes_for_other_data_context_device_and_tokenizer(tmp_path, capsys):
     assert notes[2].startswith(f"{b} ran on cuda:0, {a} on cpu")
     assert notes[3].startswith(f"{c} has another tokenizer than {a}: bpb is per byte of the same validation text")
     assert notes[4].startswith(f"{c}'s periodic evals cover the first 512 validation tokens, {a}'s the first 256")
+
+
+def test_finished_runs_are_told_apart_by_their_validation_text_not_the_spec(tmp_path, capsys):
+    """A relative data.spec names whatever file the working directory holds: two runs with the same
+    spec string may be validated on other text, and two spellings of one path on the same. Their
+    summaries' val_sha256 decide; a run without one falls back on the specs."""
+    a = fake_run(tmp_path / "a", ["data.spec=small.txt"], val_sha256="1" * 64)
+    same_spec = fake_run(tmp_path / "b", ["data.spec=small.txt"], val_sha256="2" * 64)
+    other_spec = fake_run(tmp_path / "c", [f"data.spec={tmp_path}/small.txt"], val_sha256="1" * 64)
+    unknown = fake_run(tmp_path / "d", ["data.spec=small.txt"])
+    notes = run_json(capsys, a, same_spec, other_spec, unknown)["notes"]
+    assert notes == [f"{same_spec} is validated on other text than {a} (validation text sha256 111111111111… -> "
+                     "222222222222…): their val bpb are not comparable"]
 
 
 def test_a_killed_run_is_compared_from_its_metrics(tmp_path, capsys):
@@ -220,6 +236,10 @@ def test_real_tiny_run_compares_as_its_summary_says(tmp_path, capsys):
            (s["params"], s["tokens"], s["val_bpb"], s["train_time_s"])
     assert row["layers"] == "CCA" and row["status"] == "done" and row["best_val_step"] in (3, 6)
     assert res["differences"] == {} and (tmp_path / "cmp.png").stat().st_size > 0
+    # the corpus's text, by content: what compare.py and ablate.py tell corpora apart by
+    val_docs = split_documents(read_documents(corpus), DEFAULT_VAL_FRAC)[1]
+    assert s["val_sha256"] == hashlib.sha256(b"".join(d.encode() + b"\0" for d in val_docs)).hexdigest()
+    assert len(s["train_sha256"]) == 64
 
 
 def test_downstream_task_scores_of_the_final_evals(tmp_path, capsys):
