@@ -78,6 +78,8 @@ def _check_flags(args):
     if args.report:
         extra = given("out", "arch", "vary", "seeds", "steps", "data", "budget", "config", "imports", "force",
                       "dry_run", "jobs", "gpus", "threads", "cluster", "slurm", "tasks", "task_limit") + args.items
+        if args.launcher != "local":  # (it has a default, so `given` cannot see it)
+            extra.append(f"--launcher {args.launcher}")
         if extra:
             raise AblationError(f"--report OUT takes no other arguments (got {' '.join(extra)})")
         return
@@ -98,6 +100,7 @@ def _check_flags(args):
             raise AblationError(f"{bad[0]} needs --launcher submitit")
         if _gpus(args) and args.jobs is not None and args.jobs != len(_gpus(args)):
             raise AblationError(f"--jobs {args.jobs} with {len(_gpus(args))} --gpus: runs go one per GPU; drop --jobs")
+        _check_gpus(_gpus(args))
     if args.task_limit is not None and not args.tasks:
         raise AblationError("--task-limit N limits --tasks; give --tasks too")
     for flag in ("jobs", "threads", "seeds", "steps", "task_limit"):
@@ -186,6 +189,22 @@ def launch(args, out: Path, runs, prog):
     runner.run_local(out, runs, prog, jobs, threads, gpus, group)
 
 
+def _check_gpus(gpus: list[str]):
+    """--gpus names distinct devices of a machine that has CUDA (runs went to the CPU, each "on GPU 0")."""
+    from slmlab.ablate.plan import AblationError
+
+    if not gpus:
+        return
+    twice = sorted({g for g in gpus if gpus.count(g) > 1})
+    if twice:
+        raise AblationError(f"--gpus names GPU {twice[0]} twice: one run per GPU at a time; list each once")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise AblationError(f"--gpus {','.join(gpus)}: this machine has no CUDA device torch can use; drop --gpus "
+                            "(runs train on the CPU, --jobs at a time)")
+
+
 def _gpus(args) -> list[str]:
     return [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else []
 
@@ -221,12 +240,12 @@ def main(argv=None):
     args = parse_args(argv)
     _require_extras()
     from slmlab.ablate import report, runner, scoring
-    from slmlab.ablate.plan import plan
+    from slmlab.ablate.plan import OUTPUTS, plan
 
     _check_flags(args)
     if args.report:
         report.write_report(Path(args.report))
-        print(f"outputs rebuilt in {args.report}: {', '.join(runner.OUTPUTS)}")
+        print(f"outputs rebuilt in {args.report}: {', '.join(OUTPUTS)}")
         return
     # before the plan builds anything: a mistyped task is an error at once
     tasks = scoring.task_entries(args.tasks, args.task_limit) if args.tasks is not None else None
@@ -238,9 +257,10 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
     t0 = time.time()
-    cells, runs = runner.prepare_out(out, ab, args.force, tasks)
+    cells, runs = plan(ab)
     print_plan(cells, runs)
-    runner.prepare_corpora([r for r in runs if r.seed == ab.seeds[0]])
+    texts = runner.prepare_corpora([r for r in runs if r.seed == ab.seeds[0]])  # a bad --data fails here
+    cells, runs = runner.prepare_out(out, ab, args.force, tasks, planned=(cells, runs), texts=texts)
     prog = runner.Progress(runs, cells, out)
     say_skipped(prog, out)
     launch(args, out, runs, prog)
@@ -249,7 +269,7 @@ def main(argv=None):
                                    "ran": prog.finished, "failed": len(prog.failed),
                                    "diverged": len(prog.diverged), "skipped": prog.skipped})
     report.write_report(out)
-    print(f"[ablate] outputs in {out}: {', '.join(runner.OUTPUTS)}")
+    print(f"[ablate] outputs in {out}: {', '.join(OUTPUTS)}")
     if lock:
         lock.close()
     say_outcome(prog)

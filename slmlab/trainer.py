@@ -677,7 +677,9 @@ class Trainer:
 
     # ---- logging, evaluation, checkpoints ----
     def position(self, step: int, ph) -> dict:
-        return {"step": step, "phase": ph.index + 1, "seq_len": ph.seq_len, "tokens": self.state.tokens}
+        """Where a record stands (an eval's off a log step): compare.py --x time plots by elapsed_s."""
+        return {"step": step, "phase": ph.index + 1, "seq_len": ph.seq_len, "tokens": self.state.tokens,
+                "elapsed_s": self.state.train_time()}
 
     def step_record(self, step: int, ph, res: StepResult) -> dict:
         tps = res.tokens / res.seconds
@@ -728,7 +730,8 @@ class Trainer:
                                else "") + moe_label(final) + task_label(final))
         last = self.phases[-1]
         self.metrics.log({"step": t.steps, "phase": last.index + 1, "seq_len": last.seq_len,
-                          "tokens": self.state.tokens, "final": True, "eval_seq_len": self.eval_T, **final})
+                          "tokens": self.state.tokens, "elapsed_s": train_time, "final": True,
+                          "eval_seq_len": self.eval_T, **final})
         avg = self.average_checkpoints(final) if t.avg_last > 1 and self.dist.main else {}
         sd = weights_for_save(self.model)  # collective under FSDP
         summary = {"arch": self.cfg.arch, "params": self.n_params, "params_active": self.n_active,

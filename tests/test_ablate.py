@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from scipy import stats as sps
 from trainer_helpers import ROOT, write_corpus
@@ -122,7 +123,8 @@ def test_holm_and_effect_size():
 def fake_out(out, bpb: dict, seeds=(1, 2, 3)):
     """OUT as a finished ablation of variants `base` and `v` leaves it, written by hand: bpb maps
     (variant, seed) to the final val bpb, or to "failed" (error.txt), "cut" (a truncated
-    summary.json) or "stale" (a finite summary beside another config.yaml); absent: not started."""
+    summary.json), "keyless" (one without tokens_per_s, and a resources.json that is a list) or
+    "stale" (a finite summary beside another config.yaml); absent: not started."""
     import json
 
     import yaml
@@ -146,9 +148,11 @@ def fake_out(out, bpb: dict, seeds=(1, 2, 3)):
             if x == "failed":
                 (d / "error.txt").write_text("exit 1: RuntimeError: CUDA out of memory\n")
                 continue
-            val = 3.0 if x in ("cut", "stale") else x
+            val = 3.0 if x in ("cut", "stale", "keyless") else x
             summary = json.dumps({"val_bpb": val, "val_loss": val * 0.7, "tokens": 512, "train_time_s": 1.0,
-                                  "wall_time_s": 2.0, "tokens_per_s": 256.0})
+                                  "wall_time_s": 2.0, **({} if x == "keyless" else {"tokens_per_s": 256.0})})
+            if x == "keyless":
+                (d / "resources.json").write_text("[1, 2]")
             (d / "summary.json").write_text(summary[:20] if x == "cut" else summary)
             (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in (
                 {"tokens": 256, "val_bpb": val + 0.5}, {"tokens": 384, "val_bpb": val + 0.3},
@@ -200,6 +204,16 @@ def test_failed_truncated_and_stale_runs_are_rerun(tmp_path):
     assert "(1/3, seed 1 failed, missing seed 3)" in md
     assert "its summary.json is unreadable" in md and "its config.yaml is not the one this ablation plans" in md
     assert run_state(tmp_path / "v/seed1", runs[1].config_sha).why == "exit 1: RuntimeError: CUDA out of memory"
+
+
+def test_a_summary_lacking_a_reported_number_is_no_result(tmp_path):
+    """--report on a hand-damaged OUT: a summary.json without tokens_per_s (a KeyError in the table) is
+    not a result, and a resources.json that is no mapping reads as none (an AttributeError)."""
+    fake_out(tmp_path, {("base", 1): 3.0, ("base", 2): "keyless", ("v", 1): 2.9, ("v", 2): 2.8}, seeds=(1, 2))
+    (tmp_path / "v/seed1/resources.json").write_text('["not", "a", "mapping"]')
+    status = {r.dir: r.status for r in report.write_report(tmp_path)}
+    assert status == {"base/seed1": "done", "base/seed2": "missing", "v/seed1": "done", "v/seed2": "done"}
+    assert "its summary.json is unreadable" in (tmp_path / "results.md").read_text()
 
 
 def test_holm_column_and_within_noise_follow_the_paired_ci(tmp_path):
@@ -461,6 +475,10 @@ def test_what_the_ablation_does_not_say_comes_from_the_config(corpus, tmp_path):
     (["--vary", "model.n_heads=2,3"], "variant n_heads=3"),
     (["--jobs", "0"], "--jobs must be >= 1"),
     (["--gpus", "0", "--launcher", "submitit"], "--gpus is for --launcher local"),
+    (["--gpus", "0,0"], "--gpus names GPU 0 twice"),
+    pytest.param(["--gpus", "0"], "--gpus 0: this machine has no CUDA device torch can use",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")),
+    (["--data", "{tmp}/nope.txt"], "nope.txt"),  # before OUT records an ablation a corrected rerun would meet
     (["--slurm", "timeout_min=5"], "--slurm needs --launcher submitit"),
     (["--dry-run", "--jobs", "2"], "--dry-run only prints the plan; drop --out"),
     (["--tasks", "hellaswg"], "--tasks: unknown task 'hellaswg': built-in tasks are hellaswag"),
@@ -543,11 +561,35 @@ def test_bad_file_and_report_arguments(tmp_path, capsys):
             ([str(f), "--vary", "model.layers=A,C", "--out", "x"], "--vary is for the inline form"), \
             (["--report", str(tmp_path), "--seeds", "2"], "--report OUT takes no other arguments"), \
             (["--report", str(tmp_path), "--tasks", "t.jsonl"], "--report OUT takes no other arguments (got --tasks)"), \
+            (["--report", str(tmp_path), "--launcher", "submitit"], "no other arguments (got --launcher submitit)"), \
             (["--task-limit", "4", "--out", "x"], "--task-limit N limits --tasks; give --tasks too"), \
             (["--report", str(tmp_path)], "holds no ablation"):
         assert ablate_cli.run_cli(ablate_cli.main, argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.parametrize("doc, message", [
+    ("arch: [hybrid]\nvariants: {a: {}}", "arch must be a preset name, got ['hybrid']"),
+    ("data: 5\nvariants: {a: {}}", "data must be a data spec or a non-empty list of them, got 5"),
+    ("data: {a: 1}\nvariants: {a: {}}", "data must be a data spec or a non-empty list of them, got {'a': 1}"),
+    ("data: []\nvariants: {a: {}}", "data must be a data spec or a non-empty list of them, got []"),
+    ("steps: many\nvariants: {a: {}}", "steps must be a positive integer, got 'many'"),
+    # a variant's directory: `..` put its runs outside OUT; results.md's run was replaced by the report
+    ("variants: {a: {}, '..': {}}", "variant name '..' cannot name a directory of OUT: it starts with a dot"),
+    ("variants: {a: {}, results.md: {}}", "variant name 'results.md' cannot name a directory of OUT: the ablation "
+                                          "writes that file"),
+])
+def test_bad_ablation_files_are_one_line(tmp_path, capsys, doc, message):
+    f = tmp_path / "a.yaml"
+    f.write_text(doc + "\n")
+    assert ablate_cli.run_cli(ablate_cli.main, [str(f), "--dry-run", "--steps", "4", "--seeds", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_corpus_directories_stay_inside_out():
+    assert corpus_dirs(["..", ".", "/data/.hidden"]) == {"..": "data", ".": "data-2", "/data/.hidden": "hidden"}
 
 
 # ---- real (tiny) runs ----
@@ -602,6 +644,24 @@ def test_outputs(reference):
     assert "| layers=A | `AAA` |" in md and "Δ bpb vs layers=CCA [95% CI]" in md and "Run-to-run noise" in md
     rows = (reference / "results.csv").read_text().splitlines()
     assert len(rows) == 5 and all(",done," in r for r in rows[1:])
+
+
+def test_a_resume_on_changed_text_is_refused(tmp_path, capsys):
+    """The corpus's text (its splits' sha256) is part of what OUT's runs were trained on: rewritten
+    since, the seeds left to run would train on other text than the finished ones, so the same
+    command is refused until the text is back (or --force starts over)."""
+    text = write_corpus(tmp_path / "c.txt", lines=600)
+    argv = ["--arch", "hybrid", "--vary", "model.layers=CCA", "--seeds", "1", "--steps", "2", "--data", str(text),
+            "--threads", "1", *tiny(tmp_path)]
+    rc, _, err = ablate_here(tmp_path / "o", argv, capsys)
+    assert rc == 0, err
+    original = text.read_text()
+    write_corpus(text, lines=600, seed=1)
+    rc, _, err = ablate_here(tmp_path / "o", argv, capsys)
+    assert rc == 2 and f"runs trained on other text than {text} holds now" in err and len(err.splitlines()) == 1, err
+    text.write_text(original)
+    rc, out, err = ablate_here(tmp_path / "o", argv, capsys)
+    assert rc == 0 and "1 of 1 runs already finished" in out, err
 
 
 def test_same_command_skips_finished_runs(reference, capsys):

@@ -227,7 +227,8 @@ def test_real_tiny_run_compares_as_its_summary_says(tmp_path, capsys):
     plot draws from its metrics.jsonl."""
     corpus = write_corpus(tmp_path / "corpus.txt", lines=600)
     out = tmp_path / "run"
-    argv = ["--data", str(corpus), "--out", str(out), *tiny_overrides(tmp_path, steps=6, **{"train.eval_every": 3})]
+    argv = ["--data", str(corpus), "--out", str(out),
+            *tiny_overrides(tmp_path, steps=6, **{"train.eval_every": 3, "train.log_every": 5})]
     assert run_cli(train.main, argv) == 0
     capsys.readouterr()
     res = run_json(capsys, str(out), "--plot", str(tmp_path / "cmp.png"))
@@ -236,6 +237,9 @@ def test_real_tiny_run_compares_as_its_summary_says(tmp_path, capsys):
            (s["params"], s["tokens"], s["val_bpb"], s["train_time_s"])
     assert row["layers"] == "CCA" and row["status"] == "done" and row["best_val_step"] in (3, 6)
     assert res["differences"] == {} and (tmp_path / "cmp.png").stat().st_size > 0
+    # every eval has its time, the one at step 3 (no log step) and the final one too: --x time plots them all
+    evals = [r for r in read_metrics(out / "metrics.jsonl")[0] if "val_bpb" in r]
+    assert [r["step"] for r in evals] == [3, 6] and all(r["elapsed_s"] > 0 for r in evals)
     # the corpus's text, by content: what compare.py and ablate.py tell corpora apart by
     val_docs = split_documents(read_documents(corpus), DEFAULT_VAL_FRAC)[1]
     assert s["val_sha256"] == hashlib.sha256(b"".join(d.encode() + b"\0" for d in val_docs)).hexdigest()

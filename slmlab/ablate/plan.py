@@ -26,6 +26,10 @@ from .worker import config_sha
 BUDGETS = ("steps", "tokens", "flops")
 DEFAULT_BUDGET, DEFAULT_SEEDS = "flops", 3
 MANIFEST = "ablation.json"
+OUTPUTS = ("results.md", "results.csv", "timings.csv", "curves.png", "final.png")
+# What else an ablation writes at OUT's top level (--force deletes these with the runs); no variant may
+# take one of these names (or a dot name: `..` would put its runs outside OUT).
+OWN = OUTPUTS + ("invocations.jsonl", ".submitit", MANIFEST)
 FILE_KEYS = ("arch", "seeds", "steps", "budget", "data", "overrides", "variants")
 VARIANT_KEYS = ("arch", "overrides")
 # Keys `resolve` sets on every run from the ablation's own axes, so an override or --vary of one
@@ -74,6 +78,10 @@ class Ablation:
         if not self.variants:
             raise AblationError("an ablation needs at least one variant")
         names = [v.name for v in self.variants]
+        for n in names:
+            if n.startswith(".") or n in OWN:
+                raise AblationError(f"variant name {n!r} cannot name a directory of OUT: "
+                                    + ("it starts with a dot" if n.startswith(".") else "the ablation writes that file"))
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise AblationError(f"variant name {dup[0]!r} is used twice")
@@ -245,6 +253,20 @@ def _check_keys(where: str, got, allowed):
             raise AblationError(f"{where}: unknown key {k!r}{hint}")
 
 
+def _check_file_types(path, doc: dict):
+    """arch a preset name, data one spec or a non-empty list of them, steps a positive integer, as
+    their command-line flags (a list `arch:` was a TypeError; `data: {a: 1}` trained on "a")."""
+    if "arch" in doc and not isinstance(doc["arch"], str):
+        raise AblationError(f"{path}: arch must be a preset name, got {doc['arch']!r}")
+    data = doc.get("data")
+    if "data" in doc and not (isinstance(data, str) and data or isinstance(data, list) and data
+                              and all(isinstance(d, str) and d for d in data)):
+        raise AblationError(f"{path}: data must be a data spec or a non-empty list of them, got {data!r}")
+    steps = doc.get("steps")
+    if "steps" in doc and (not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0):
+        raise AblationError(f"{path}: steps must be a positive integer, got {steps!r}")
+
+
 def file_ablation(path, arch: Optional[str] = None, seeds=None, steps: Optional[int] = None,
                   corpora: Optional[list[str]] = None, budget: Optional[str] = None, overrides: list[str] = (),
                   config=DEFAULT_CONFIG) -> Ablation:
@@ -259,6 +281,7 @@ def file_ablation(path, arch: Optional[str] = None, seeds=None, steps: Optional[
                             "the first one is the baseline")
     common = _overrides_from(str(path), doc.get("overrides"))
     refuse_run_keys(f"{path}: overrides", common)
+    _check_file_types(path, doc)
     data = corpora or doc.get("data")
     default_arch, steps, data = config_defaults(
         config, arch or doc.get("arch"), doc.get("steps") if steps is None else steps,
@@ -287,7 +310,7 @@ def corpus_dirs(corpora: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for spec in corpora:
         p = Path(spec)
-        slug = safe_name(p.stem if p.suffix else (p.name or spec))
+        slug = safe_name(p.stem if p.suffix else (p.name or spec)).lstrip(".") or "data"  # ("..": inside OUT)
         name, k = slug, 2
         while name in out.values():
             name, k = f"{slug}-{k}", k + 1

@@ -72,6 +72,13 @@ def _curve(path: Path) -> tuple[list, Optional[tuple]]:
     return [p for p in map(_point, periodic) if p], _point(final)
 
 
+def _mapping(x) -> dict:
+    """A run's resources.json as its numbers by name ({} for a file that is not one: hand-edited, say)."""
+    if not isinstance(x, dict):
+        return {}
+    return {k: v for k, v in x.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def collect(out: Path) -> tuple[dict, list[RunResult]]:
     man = read_manifest(out)
     results = []
@@ -82,7 +89,7 @@ def collect(out: Path) -> tuple[dict, list[RunResult]]:
         curve, final = _curve(d / METRICS) if done else ([], None)
         # a done run's error line is its --tasks scoring's
         results.append(RunResult(r["corpus"], r["variant"], r["seed"], r["dir"], st.summary, st.status,
-                                 st.why or (error_line(d) if done else ""), read_json(d / RESOURCES) or {}, curve,
+                                 st.why or (error_line(d) if done else ""), _mapping(read_json(d / RESOURCES)), curve,
                                  final, run_results(d) if done else {}))
     return man, results
 

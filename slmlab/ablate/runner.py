@@ -19,14 +19,11 @@ from typing import Optional
 
 from ..checkpoint import remove_stale
 from ..fmt import duration
-from .plan import MANIFEST, Ablation, AblationError, Cell, Run, load_manifest, manifest, plan, same_ablation
+from .plan import MANIFEST, OWN, Ablation, AblationError, Cell, Run, load_manifest, manifest, plan, same_ablation
 from .scoring import brief, unscored
 from .worker import DIVERGED, DONE, ERROR, SPEC, run_one, run_state, write_text
 
-OUTPUTS = ("results.md", "results.csv", "timings.csv", "curves.png", "final.png")
 LOG = "train.log"  # each run's stdout/stderr, appended across resumes
-# What else an ablation writes at OUT's top level; --force deletes these with the runs.
-OWN = OUTPUTS + ("invocations.jsonl", ".submitit", MANIFEST)
 
 
 def state(out: Path, run: Run):
@@ -84,13 +81,15 @@ def _old_manifest(path: Path, force: bool) -> Optional[dict]:
         raise AblationError(f"{e}; pass --force to delete the ablation in {path.parent} and start this one") from None
 
 
-def prepare_out(out: Path, ab: Ablation, force: bool, tasks: Optional[list[dict]] = None
+def prepare_out(out: Path, ab: Ablation, force: bool, tasks: Optional[list[dict]] = None,
+                planned: Optional[tuple[list[Cell], list[Run]]] = None, texts: Optional[dict] = None
                 ) -> tuple[list[Cell], list[Run]]:
-    """Plan, then claim OUT: an OUT holding another ablation (or anything else) is refused unless
-    `force`, which deletes that ablation's runs and outputs first. Each run directory gets its
-    ablate.json. `tasks` (scoring.task_entries) replace the ablation's --tasks; None keeps the ones
-    OUT's ablation has, so a resume without --tasks still scores what finishes."""
-    cells, runs = plan(ab)
+    """Plan (or take `planned`), then claim OUT: an OUT holding another ablation (or anything else) is
+    refused unless `force`, which deletes that ablation's runs and outputs first; so is one whose runs
+    trained on other text than the corpora now hold (`texts`, from prepare_corpora). Each run
+    directory gets its ablate.json. `tasks` (scoring.task_entries) replace the ablation's --tasks;
+    None keeps the ones OUT's ablation has, so a resume without --tasks still scores what finishes."""
+    cells, runs = planned or plan(ab)
     new = manifest(ab, cells, runs)
     path = out / MANIFEST
     if out.is_dir():
@@ -98,8 +97,13 @@ def prepare_out(out: Path, ab: Ablation, force: bool, tasks: Optional[list[dict]
     kept = []
     if path.is_file():
         old = _old_manifest(path, force)
-        if old is None or not same_ablation(old, new):
+        changed = _changed_text(old or {}, texts or {})
+        if old is None or not same_ablation(old, new) or changed:
             if not force:
+                if changed:
+                    raise AblationError(f"{out}'s runs trained on other text than {changed} holds now (its sha256 "
+                                        "differs: the file changed, or a relative --data names another file from "
+                                        "here); restore it, or pass --force to delete the runs and start again")
                 raise AblationError(f"{out} holds a different ablation ({_first_difference(old, new)}); "
                                     "pass --force to delete it and start this one, or choose another --out")
             _clear(out, old)
@@ -111,6 +115,8 @@ def prepare_out(out: Path, ab: Ablation, force: bool, tasks: Optional[list[dict]
         _clear(out, None)
     # outside "ablation" and "runs": the tasks change no training, so same_ablation ignores them
     new["tasks"] = kept if tasks is None else tasks
+    if texts is not None:
+        new["texts"] = texts
     out.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(new, indent=1))
     for r in runs:
@@ -118,14 +124,27 @@ def prepare_out(out: Path, ab: Ablation, force: bool, tasks: Optional[list[dict]
     return cells, runs
 
 
-def prepare_corpora(runs: list[Run], say=print):
-    """Tokenize every corpus once, before any run starts: concurrent runs would otherwise each
-    train the same tokenizer, and a bad data spec fails here instead of in every run. Prepared as
-    the trainer prepares them (data.prepare_for), so the runs find them in the cache."""
-    from ..config import load_config
-    from ..data import prepare_for
+def _changed_text(old: dict, texts: dict) -> Optional[str]:
+    """The first corpus whose text (sha256 of its splits) differs from the one OUT's runs trained on;
+    None when all agree, or where either side has no record (an older ablation or data cache)."""
+    before = old.get("texts") or {}
+    for spec, now in texts.items():
+        was = before.get(spec)
+        if isinstance(was, dict) and all(was.values()) and all(now.values()) and was != now:
+            return spec
+    return None
 
-    seen = set()
+
+def prepare_corpora(runs: list[Run], say=print) -> dict:
+    """Tokenize every corpus once, before any run starts: concurrent runs would otherwise each
+    train the same tokenizer, and a bad data spec fails here instead of in every run (and before
+    OUT records an ablation). Prepared as the trainer prepares them (data.prepare_for), so the runs
+    find them in the cache. Returns each spec's text identity (data.text_identity), which OUT's
+    ablation.json keeps: a resume on changed text is refused."""
+    from ..config import load_config
+    from ..data import prepare_for, text_identity
+
+    seen, texts = set(), {}
     for r in runs:
         cfg = load_config(r.config, arch=r.arch, overrides=r.overrides)
         # all prepare_for reads: runs that agree on it share every cache entry, so once is enough
@@ -134,7 +153,10 @@ def prepare_corpora(runs: list[Run], say=print):
             continue
         seen.add(key)
         say(f"[ablate] data: {cfg.data.spec} (vocab {cfg.model.vocab_size})")
-        prepare_for(cfg, say=lambda msg: None, quiet=True)
+        prepared = prepare_for(cfg, say=lambda msg: None, quiet=True)
+        for bundle, spec in prepared.train_sets.values():
+            texts[spec] = text_identity(bundle)
+    return texts
 
 
 class Progress:

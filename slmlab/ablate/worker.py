@@ -98,17 +98,25 @@ def run_state(run_dir, sha: Optional[str]) -> RunState:
     why = ""
     if (d / SUMMARY).is_file():
         s = read_json(d / SUMMARY)
-        bpb = s.get("val_bpb") if isinstance(s, dict) else None
-        if not isinstance(bpb, (int, float)) or isinstance(bpb, bool):
+        if not isinstance(s, dict) or not all(_is_number(s.get(k)) for k in REPORTED):
             why = "its summary.json is unreadable"
         elif not _config_matches(d, sha):
             why = "its config.yaml is not the one this ablation plans"
         else:
-            return RunState(DONE if math.isfinite(bpb) else DIVERGED, s)
+            return RunState(DONE if math.isfinite(s["val_bpb"]) else DIVERGED, s)
     err = error_line(d)
     if err:
         return RunState(FAILED, None, err)
     return RunState(MISSING, None, why)
+
+
+# What the report reads of a done run's summary.json: a summary lacking one is not a result (a KeyError
+# in the report otherwise).
+REPORTED = ("val_bpb", "val_loss", "tokens", "tokens_per_s", "wall_time_s")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def error_line(run_dir: Path) -> str:
