@@ -310,7 +310,8 @@ def _rows(source: str) -> list[tuple[str, object]]:
 
         return [(f"{source} row {i}", row) for i, row in enumerate(load_hf(source))]
     if source.endswith(".txt"):  # one document: the whole file
-        return [(source, {"text": Path(source).read_text(encoding="utf-8", errors="replace")})]
+        # strict, as training reads its data: a byte that is not UTF-8 is named, not scored as U+FFFD
+        return [(source, {"text": "".join(_utf8_lines(source))})]
     rows = []
     for n, line in enumerate(_utf8_lines(source), 1):
         if not line.strip():

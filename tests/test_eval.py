@@ -309,6 +309,12 @@ def test_a_task_file_that_is_not_utf8_names_its_line(tmp_path):
     with pytest.raises(DataError) as e:
         tasks.read_items(tasks.resolve(str(path)))
     assert str(e.value) == f"{path}:3: not UTF-8 (byte 0xe9: invalid continuation byte); save the file as UTF-8"
+    text = tmp_path / "latin1.txt"  # a text task (one document), as strict as training data
+    text.write_bytes(b"line one\r\nline two\ncaf\xe9\n")
+    with pytest.raises(DataError, match="latin1.txt:3: not UTF-8 \\(byte 0xe9"):
+        tasks.read_items(tasks.resolve(str(text)))
+    text.write_bytes(b"line one\r\ncaf\xc3\xa9\n")
+    assert tasks.read_items(tasks.resolve(str(text))) == ([tasks.document("line one\ncaf\u00e9\n")], 1)
 
 
 def test_builtin_rows_get_the_generic_checks():
