@@ -223,8 +223,9 @@ class LM(nn.Module):
         seconds, about a minute the first time for greedy, which decodes GREEDY_CHUNK tokens a
         call); on CUDA the compiled step is also captured as a CUDA graph unless cuda_graph=False:
         at batch 1 a token is a few hundred small kernels, and launching them from Python costs more
-        than running them. on_token(id) is called with each new token of batch row 0
-        (sample.py streams with it)."""
+        than running them. With eos_id, generation ends once every row has emitted it; a row that
+        finished earlier is padded with eos_id. on_token(id) is called with each new token of batch
+        row 0 (sample.py streams with it)."""
         if idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError(f"generate needs prompts [batch, >= 1 token], got shape {tuple(idx.shape)}")
         if max_new_tokens <= 0:
@@ -241,13 +242,17 @@ class LM(nn.Module):
         else:
             dec = DynamicDecoder(self, idx)
         nxt, out = sample_next(dec.prefill(idx)[:, -1, :], temperature, top_k, generator), [idx]
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)  # rows that emitted eos_id
         while True:  # each pass adds at least one token, so max_new_tokens ends it
             for j in range(nxt.shape[1]):
                 tok = nxt[:, j:j + 1]
+                if eos_id is not None:  # a finished row is padded with eos_id until every row is
+                    tok = tok.masked_fill(done[:, None], eos_id)
+                    done |= tok[:, 0] == eos_id
                 out.append(tok)
                 if on_token is not None:
                     on_token(tok[0, 0].item())
-                if (eos_id is not None and bool((tok == eos_id).all())) or len(out) - 1 == max_new_tokens:
+                if bool(done.all()) or len(out) - 1 == max_new_tokens:
                     return torch.cat(out, dim=1)
             nxt = dec.next_tokens(nxt[:, -1:], temperature, top_k, generator)
 

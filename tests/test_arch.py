@@ -196,6 +196,21 @@ def test_compiled_greedy_chunks_stop_where_eager_stops():
     assert seen[True] == seen[False] == (want, want)
 
 
+@pytest.mark.parametrize("static", [True, False])
+def test_a_batch_row_that_emits_eos_is_padded_while_the_others_go_on(static):
+    """generate(eos_id=...) on a batch: it used to stop only when every row emitted eos at the same
+    step, while a row that had finished kept generating after its eos."""
+    torch.manual_seed(3)
+    m = LM(tiny(layers="CA", n_layers=2)).eval()
+    p = torch.randint(0, 61, (2, 5))
+    free = m.generate(p, 10, temperature=0, static=static)
+    j = next(j for j in range(1, 9) if int(free[0, 5 + j]) not in free[1, 5:].tolist())
+    eos = int(free[0, 5 + j])  # row 0 emits it as its (j+1)-th new token; row 1 never does
+    out = m.generate(p, 10, temperature=0, eos_id=eos, static=static)
+    assert torch.equal(out[1], free[1])
+    assert torch.equal(out[0, :5 + j + 1], free[0, :5 + j + 1]) and (out[0, 5 + j:] == eos).all()
+
+
 @pytest.mark.parametrize("T", [1, 7, 63])
 @pytest.mark.parametrize("frozen_weight", [False, True])
 def test_rmsnorm_training_path_equals_reference(T, frozen_weight):
