@@ -256,6 +256,14 @@ def _ema(ys: list[float]) -> list[float]:
     return out
 
 
+def _final_x(r: Run, final: dict, key: str) -> float:
+    """Where the final eval sits on the x axis: its own step and tokens; in time, the end of training
+    (the summary's train time; the last logged time of a run without one)."""
+    if key == "elapsed_s" and r.summary and _finite(r.summary.get("train_time_s")):
+        return r.summary["train_time_s"]
+    return final.get(key, _last(r.records, key))
+
+
 def plot(runs: list[Run], path, x: str = "tokens"):
     """Two panels against `x`: val bpb (periodic evals joined, the final eval a diamond apart) and
     the train loss (faint as logged, solid smoothed)."""
@@ -273,7 +281,7 @@ def plot(runs: list[Run], path, x: str = "tokens"):
         if pts:
             bpb_ax.plot(*zip(*pts), marker="o", ms=3, color=color, label=r.name)
         if final and _finite(final["val_bpb"]) and _last(r.records, key) is not None:
-            bpb_ax.plot([final.get(key, _last(r.records, key))], [final["val_bpb"]], marker="D", ms=6,
+            bpb_ax.plot([_final_x(r, final, key)], [final["val_bpb"]], marker="D", ms=6,
                         color=color, linestyle="none", label=None if pts else r.name)
         # A distilled run's loss mixes in the teacher's term; its "ce" is what the other runs' loss is.
         steps = _points([s for s in r.records if "loss" in s], key, lambda s: s.get("ce", s["loss"]))

@@ -662,10 +662,11 @@ def _docs_sha256(docs) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
-def text_identity(bundle: DataBundle) -> dict:
+def text_identity(bundle: DataBundle | None) -> dict:
     """{train_sha256, val_sha256} of a prepared corpus (None each for caches written before they were
-    recorded): two runs with equal ones trained and were validated on the same text."""
-    return {k: bundle.manifest.get(k) for k in ("train_sha256", "val_sha256")}
+    recorded): two runs with equal ones trained and were validated on the same text. {} without a
+    bundle (an SFT run's chat data is no prepared corpus)."""
+    return {k: bundle.manifest.get(k) for k in ("train_sha256", "val_sha256")} if bundle is not None else {}
 
 
 def _write_cache(path: Path, tokenizer, train_docs, val_docs, dtype, progress: bool, manifest: dict):

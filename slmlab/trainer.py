@@ -730,8 +730,7 @@ class Trainer:
                                else "") + moe_label(final) + task_label(final))
         last = self.phases[-1]
         self.metrics.log({"step": t.steps, "phase": last.index + 1, "seq_len": last.seq_len,
-                          "tokens": self.state.tokens, "elapsed_s": train_time, "final": True,
-                          "eval_seq_len": self.eval_T, **final})
+                          "tokens": self.state.tokens, "final": True, "eval_seq_len": self.eval_T, **final})
         avg = self.average_checkpoints(final) if t.avg_last > 1 and self.dist.main else {}
         sd = weights_for_save(self.model)  # collective under FSDP
         summary = {"arch": self.cfg.arch, "params": self.n_params, "params_active": self.n_active,

@@ -11,6 +11,7 @@ from trainer_helpers import tiny_overrides, write_corpus
 
 import compare
 import train
+from slmlab import compare as compare_mod
 from slmlab.cli import run_cli
 from slmlab.config import load_config
 from slmlab.data import DEFAULT_VAL_FRAC, read_documents, split_documents
@@ -237,9 +238,10 @@ def test_real_tiny_run_compares_as_its_summary_says(tmp_path, capsys):
            (s["params"], s["tokens"], s["val_bpb"], s["train_time_s"])
     assert row["layers"] == "CCA" and row["status"] == "done" and row["best_val_step"] in (3, 6)
     assert res["differences"] == {} and (tmp_path / "cmp.png").stat().st_size > 0
-    # every eval has its time, the one at step 3 (no log step) and the final one too: --x time plots them all
+    # the eval at step 3 (no log step) has its time: --x time plots it (the final one sits at train_time_s)
     evals = [r for r in read_metrics(out / "metrics.jsonl")[0] if "val_bpb" in r]
-    assert [r["step"] for r in evals] == [3, 6] and all(r["elapsed_s"] > 0 for r in evals)
+    assert [r["step"] for r in evals] == [3, 6] and evals[0]["elapsed_s"] > 0 and evals[1].get("final")
+    assert compare_mod._final_x(compare_mod.load(str(out)), evals[1], "elapsed_s") == s["train_time_s"]
     # the corpus's text, by content: what compare.py and ablate.py tell corpora apart by
     val_docs = split_documents(read_documents(corpus), DEFAULT_VAL_FRAC)[1]
     assert s["val_sha256"] == hashlib.sha256(b"".join(d.encode() + b"\0" for d in val_docs)).hexdigest()
