@@ -183,6 +183,19 @@ def load_model_weights(model: torch.nn.Module, path, strict: bool = True):
 # complete, so a kill mid-write leaves the previous one.
 
 CKPT_DIR = "checkpoints"
+# In a checkpoint written off the train.ckpt_every schedule (a stop signal's): resume may start from it,
+# but it neither counts toward train.keep_checkpoints nor enters train.avg_last's average, and the next
+# scheduled checkpoint drops it, so a stopped-and-resumed run keeps and averages what an uninterrupted one does.
+UNSCHEDULED = "unscheduled"
+
+
+def scheduled_checkpoints(dirs: list[Path]) -> list[Path]:
+    """Those of `dirs` the train.ckpt_every schedule wrote (not a stop signal's)."""
+    return [d for d in dirs if not (d / UNSCHEDULED).exists()]
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name[5:])  # step_XXXXXX
 
 
 def checkpoint_dirs(out) -> list[Path]:
@@ -193,13 +206,14 @@ def checkpoint_dirs(out) -> list[Path]:
     found = []
     for p in root.iterdir():
         if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit():
-            found.append((int(p.name[5:]), p))
+            found.append((checkpoint_step(p), p))
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(out, step: int, model_sd: dict, state: dict, keep: int) -> Path:
+def save_checkpoint(out, step: int, model_sd: dict, state: dict, keep: int, scheduled: bool = True) -> Path:
     """Write model weights (safetensors) + trainer state (torch.save of tensors and plain Python
-    values, loadable with weights_only=True), then drop all but the newest `keep` checkpoints."""
+    values, loadable with weights_only=True), then drop all but the newest `keep` scheduled
+    checkpoints, and the unscheduled ones (UNSCHEDULED) older than the newest scheduled one."""
     root = Path(out) / CKPT_DIR
     final = root / f"step_{step:06d}"
     # Re-saving a step after a resume replaces it only once the new one is complete.
@@ -207,8 +221,14 @@ def save_checkpoint(out, step: int, model_sd: dict, state: dict, keep: int) -> P
         tmp.mkdir()
         save_file(model_sd, str(tmp / "model.safetensors"))
         torch.save(state, tmp / "state.pt")
-    for p in checkpoint_dirs(out)[:-keep]:
-        discard(p)
+        if not scheduled:
+            (tmp / UNSCHEDULED).touch()
+    dirs = checkpoint_dirs(out)
+    sched = scheduled_checkpoints(dirs)
+    newest = checkpoint_step(sched[-1]) if sched else -1
+    for p in dirs:
+        if (p in sched and p not in sched[-keep:]) or (p not in sched and checkpoint_step(p) < newest):
+            discard(p)
     remove_stale(root, "step_*")  # leftovers of killed writes
     return final
 

@@ -239,8 +239,8 @@ class RunDir:
     def latest_checkpoint(self) -> Path:
         return ckpt.latest_checkpoint(self.path)
 
-    def save_checkpoint(self, step: int, model_sd: dict, state: dict, keep: int) -> Path:
-        return ckpt.save_checkpoint(self.path, step, model_sd, state, keep)
+    def save_checkpoint(self, step: int, model_sd: dict, state: dict, keep: int, scheduled: bool = True) -> Path:
+        return ckpt.save_checkpoint(self.path, step, model_sd, state, keep, scheduled)
 
     def load_checkpoint(self, path: Path, model) -> dict:
         """Load a checkpoint's weights into `model`; return its trainer state."""

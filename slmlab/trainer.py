@@ -26,7 +26,7 @@ from arch.loss import Distill
 from kernels import unavailable as kernels_unavailable
 
 from . import data as data_mod
-from .checkpoint import average_checkpoints, remove_stale, weights_for_save
+from .checkpoint import average_checkpoints, remove_stale, scheduled_checkpoints, weights_for_save
 from .config import RunConfig
 from .errors import CheckpointError, ConfigError, SlmlabError
 from .evaluate import bpb_label, evaluate, generate_sample, moe_label, token_byte_lengths
@@ -568,7 +568,7 @@ class Trainer:
         off: train.ckpt_every=0), then raise Stopped naming the checkpoint to resume from."""
         signum = self.stop_signal or signal.SIGTERM  # a rank the signal missed
         if self.t.ckpt_every and not self.checkpoint_due(step):
-            self.checkpoint(step, ph)
+            self.checkpoint(step, ph, scheduled=False)
         raise Stopped(self.stopped_message(signum), signum)
 
     def stopped_message(self, signum: int, at_once: bool = False) -> str:
@@ -706,7 +706,7 @@ class Trainer:
             return {}
         return task_metrics(model, self.tok, self.device, self.eval_T, self.task_items)
 
-    def checkpoint(self, step: int, ph):
+    def checkpoint(self, step: int, ph, scheduled: bool = True):
         sd = weights_for_save(self.model)  # collective under FSDP: every rank calls it
         if not self.dist.main:
             return
@@ -714,7 +714,7 @@ class Trainer:
         st = {"step": step, "phase": ph.index, "tokens": s.tokens, "optimizer": self.opt.state_dict(),
               **self.batches.state_dict(), "metrics_offset": self.metrics.offset(), "bad_steps": s.bad_steps,
               "train_time": s.train_time(), "world": self.dist.world, "wandb_id": self.metrics.wandb_id}
-        self.run.save_checkpoint(step, sd, st, self.t.keep_checkpoints)
+        self.run.save_checkpoint(step, sd, st, self.t.keep_checkpoints, scheduled)
 
     # ---- the end ----
     def finalize(self) -> dict:
@@ -754,7 +754,7 @@ class Trainer:
         return summary
 
     def average_checkpoints(self, final: dict) -> dict:
-        dirs = self.run.checkpoints()[-self.t.avg_last:]
+        dirs = scheduled_checkpoints(self.run.checkpoints())[-self.t.avg_last:]
         if len(dirs) < 2:
             return {}
         average_checkpoints(dirs, self.run.path / AVG_WEIGHTS)

@@ -230,6 +230,36 @@ def test_a_signal_checkpoints_the_step_it_stops_after_and_resume_continues_exact
     assert max(abs(full[k] - got[k]) for k in full) <= 1e-6
 
 
+def test_a_signal_checkpoint_leaves_retention_and_the_average_as_uninterrupted(tmp_path, monkeypatch, capsys):
+    """The stop's checkpoint (step 9, off the every-4 schedule) resumes the run but is no scheduled one:
+    it used to evict step 4 from train.keep_checkpoints=2 and enter train.avg_last's average."""
+    import train
+    from slmlab.cli import run_cli
+    from slmlab.trainer import Trainer
+
+    corpus = write_corpus(tmp_path / "c.txt")
+    ov = tiny_overrides(tmp_path, steps=10, **{"train.ckpt_every": 4, "train.avg_last": 2})
+    assert run_cli(train.main, ["--data", str(corpus), "--out", str(tmp_path / "full"), *ov]) == 0
+    step, fired = Trainer.train_step, []
+
+    def ctrl_c_at_step_9(self, n, ph):
+        if n == 9 and not fired:
+            fired.append(n)
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        return step(self, n, ph)
+
+    monkeypatch.setattr(Trainer, "train_step", ctrl_c_at_step_9)
+    run = tmp_path / "stopped"
+    assert run_cli(train.main, ["--data", str(corpus), "--out", str(run), *ov]) == 130
+    assert (run / "checkpoints/step_000009/unscheduled").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000004", "step_000008", "step_000009"]
+    assert run_cli(train.main, ["--resume", "--out", str(run)]) == 0
+    capsys.readouterr()
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "full", run))
+    assert a["avg_of"] == b["avg_of"] == ["step_000008", "step_000010"] and a["avg_val_loss"] == b["avg_val_loss"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000008", "step_000010"]
+
+
 def test_a_second_signal_stops_at_once_and_without_checkpoints_nothing_is_resumable(tmp_path, monkeypatch, capsys):
     import train
     from slmlab.cli import run_cli
