@@ -300,6 +300,26 @@ class MoE(ChannelMixer):
         return out
 
 
+def pending_stats(model) -> list:
+    """Each MoE layer's load statistics since the last eval (None where it has none): a checkpoint
+    keeps them, so a resumed run's next eval reports the loads an uninterrupted one would."""
+    return [None if m._stats is None else m._stats.detach().cpu().clone() for m in model.mixers() if isinstance(m, MoE)]
+
+
+def restore_pending_stats(model, saved: list) -> Optional[str]:
+    """pending_stats' list back into the model's MoE layers; what does not fit them, as a problem."""
+    layers = [m for m in model.mixers() if isinstance(m, MoE)]
+    if not isinstance(saved, list) or len(saved) != len(layers):
+        return f"'moe_stats' holds {len(saved) if isinstance(saved, list) else type(saved).__name__} entries for " \
+               f"{len(layers)} MoE layers"
+    for m, t in zip(layers, saved):
+        if t is not None and not (isinstance(t, torch.Tensor) and t.shape == (m.E + 2,)):
+            return f"'moe_stats' has an entry that is no [{m.E + 2}] tensor"
+    for m, t in zip(layers, saved):
+        m._stats = None if t is None else t.to(m.router.weight.device)
+    return None
+
+
 def moe_metrics(model) -> dict:
     """moe.max_load (the most loaded expert's share of token slots times E, worst layer; 1 when balanced),
     moe.dead_experts (experts no token picked, all layers) and moe.aux (the mean balance loss over the

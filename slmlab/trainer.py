@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from arch.loss import Distill
+from arch.moe import pending_stats, restore_pending_stats
 from kernels import unavailable as kernels_unavailable
 
 from . import data as data_mod
@@ -491,6 +492,9 @@ class Trainer:
         for group, hyper in zip(self.opt.param_groups, configured):
             group.update(hyper)
         self.batches.load_state_dict(saved, self.phases)  # data position and every RNG
+        problem = restore_pending_stats(self.model, saved["moe_stats"]) if "moe_stats" in saved else None
+        if problem:  # (a checkpoint from before they were saved has none: the loads restart)
+            raise CheckpointError(f"{ckpt / 'state.pt'}: {problem}")
         self.state = TrainState(step=saved["step"], tokens=saved["tokens"], bad_steps=saved["bad_steps"],
                                 train_time0=saved["train_time"])
         # The phase the next step is in: a new train.steps moves the phase boundaries.
@@ -713,6 +717,7 @@ class Trainer:
         s = self.state
         st = {"step": step, "phase": ph.index, "tokens": s.tokens, "optimizer": self.opt.state_dict(),
               **self.batches.state_dict(), "metrics_offset": self.metrics.offset(), "bad_steps": s.bad_steps,
+              "moe_stats": pending_stats(self.model),
               "train_time": s.train_time(), "world": self.dist.world, "wandb_id": self.metrics.wandb_id}
         self.run.save_checkpoint(step, sd, st, self.t.keep_checkpoints, scheduled)
 

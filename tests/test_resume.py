@@ -13,6 +13,7 @@ import pytest
 from trainer_helpers import ROOT, kill_after_checkpoint, losses, run_here, run_train, tiny_overrides, write_corpus
 
 from slmlab.checkpoint import checkpoint_dirs, latest_checkpoint, load_state
+from slmlab.rundir import read_metrics
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, uninterrupted):
@@ -230,26 +231,52 @@ def test_a_signal_checkpoints_the_step_it_stops_after_and_resume_continues_exact
     assert max(abs(full[k] - got[k]) for k in full) <= 1e-6
 
 
+def ctrl_c_once_at(monkeypatch, at: int):
+    """Ctrl-C (the trainer's handler, called as Python would) inside training step `at`, once."""
+    from slmlab.trainer import Trainer
+
+    step, fired = Trainer.train_step, []
+
+    def train_step(self, n, ph):
+        if n == at and not fired:
+            fired.append(n)
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        return step(self, n, ph)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def test_moe_load_statistics_since_the_last_eval_survive_a_resume(tmp_path, monkeypatch, capsys):
+    """The MoE layers' loads since the last eval go into the checkpoint: the eval after a resume
+    reported the loads of the steps since the checkpoint only (moe.max_load 1.283 vs 1.366)."""
+    import train
+    from slmlab.cli import run_cli
+
+    corpus = write_corpus(tmp_path / "c.txt")
+    ov = tiny_overrides(tmp_path, steps=8, **{"train.ckpt_every": 4, "train.eval_every": 6, "model.mlp": "moe",
+                                               "model.mixer_opts": "{moe: {experts: 4, top_k: 2}}"})
+    assert run_cli(train.main, ["--data", str(corpus), "--out", str(tmp_path / "full"), *ov]) == 0
+    ctrl_c_once_at(monkeypatch, 5)
+    run = tmp_path / "stopped"
+    assert run_cli(train.main, ["--data", str(corpus), "--out", str(run), *ov]) == 130
+    assert run_cli(train.main, ["--resume", "--out", str(run)]) == 0
+    capsys.readouterr()
+    evals = [[{k: v for k, v in r.items() if k.startswith("moe.")} for r in read_metrics(d / "metrics.jsonl")[0]
+              if "val_bpb" in r] for d in (tmp_path / "full", run)]
+    assert evals[0] == evals[1] and len(evals[0]) == 2 and "moe.max_load" in evals[0][0]
+
+
 def test_a_signal_checkpoint_leaves_retention_and_the_average_as_uninterrupted(tmp_path, monkeypatch, capsys):
     """The stop's checkpoint (step 9, off the every-4 schedule) resumes the run but is no scheduled one:
     it used to evict step 4 from train.keep_checkpoints=2 and enter train.avg_last's average."""
     import train
     from slmlab.cli import run_cli
-    from slmlab.trainer import Trainer
 
     corpus = write_corpus(tmp_path / "c.txt")
     ov = tiny_overrides(tmp_path, steps=10, **{"train.ckpt_every": 4, "train.avg_last": 2})
     assert run_cli(train.main, ["--data", str(corpus), "--out", str(tmp_path / "full"), *ov]) == 0
-    step, fired = Trainer.train_step, []
-
-    def ctrl_c_at_step_9(self, n, ph):
-        if n == 9 and not fired:
-            fired.append(n)
-            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
-        return step(self, n, ph)
-
-    monkeypatch.setattr(Trainer, "train_step", ctrl_c_at_step_9)
     run = tmp_path / "stopped"
+    ctrl_c_once_at(monkeypatch, 9)
     assert run_cli(train.main, ["--data", str(corpus), "--out", str(run), *ov]) == 130
     assert (run / "checkpoints/step_000009/unscheduled").is_file()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000004", "step_000008", "step_000009"]
