@@ -47,7 +47,7 @@ def use_triton(backend, t):
     tensor or a device."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "torch":
+    if backend in ("torch", "flex"):  # flex: flex_attention for bands (attention_uses_flex), references elsewhere
         return False
     if backend == "triton":
         return True
@@ -77,6 +77,11 @@ def attention_uses_flex(backend, window, Tq: int, Tk: int) -> bool:
 
 def attention_op(q, k, v, causal=True, window=None, scale=None, backend="auto"):
     if attention_uses_triton(backend, q, window, q.shape[2], k.shape[2]):
+        # Under autocast QK-norm and RoPE leave q and k in fp32 beside a bf16 v; SDPA and flex cast
+        # them to the autocast dtype themselves, our kernel takes one dtype: cast as they do.
+        if torch.is_autocast_enabled(q.device.type):
+            dt = torch.get_autocast_dtype(q.device.type)
+            q, k, v = q.to(dt), k.to(dt), v.to(dt)
         return attention(q, k, v, causal=causal, window=window, scale=scale)
     if attention_uses_flex(backend, window, q.shape[2], k.shape[2]):
         from .flex import flex_band_attention

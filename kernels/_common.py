@@ -27,6 +27,15 @@ def interpreting() -> bool:
     return _INTERPRET_AT_IMPORT
 
 
+def refuse_double_backward(name: str) -> None:
+    """Called first in each kernel's backward: with create_graph=True (grad mode on inside backward)
+    its gradients would carry no graph, so a second-order gradient came out as zeros, silently.
+    Eager only: a compiled graph's traced backward is left exactly as it was (unmeasured on a GPU)."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(f"{name}: the Triton backward is not differentiable (double backward, "
+                           "create_graph=True); use model.kernels=torch for higher-order gradients")
+
+
 def check_device(name: str, *tensors) -> None:
     """Triton kernels run on CUDA, or anywhere under the interpreter; fail clearly otherwise."""
     devices = {t.device for t in tensors if t is not None}

@@ -281,6 +281,7 @@ class _AttentionFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
+        _common.refuse_double_backward("attention")
         q, k, v, o, lse = ctx.saved_tensors
         B, H, T, hd = q.shape
         HKV = k.shape[1]

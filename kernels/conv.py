@@ -142,6 +142,7 @@ class _CausalConv1dFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        _common.refuse_double_backward("causal_conv1d")
         x, weight, bias, initial_state = ctx.saved_tensors
         B, T, D = x.shape
         K = weight.shape[1]

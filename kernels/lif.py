@@ -134,6 +134,7 @@ class _LIFScanFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_spikes, g_mem_T, g_spk_T):
+        _common.refuse_double_backward("lif_scan")
         mems, spikes, b, thr, mem0, spk0 = ctx.saved_tensors
         B, T, D = mems.shape
         g_spikes = torch.zeros_like(mems) if g_spikes is None else g_spikes.contiguous()

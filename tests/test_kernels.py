@@ -275,7 +275,7 @@ def test_auto_attention_takes_our_kernel_only_for_a_band(monkeypatch):
     """On CUDA "auto" runs our kernel where a window is narrower than the sequence and leaves full
     context (no window, or one covering every key) to SDPA; "triton" forces ours everywhere."""
     calls = []
-    monkeypatch.setattr(kernels, "use_triton", lambda backend, t: backend != "torch")  # as on CUDA
+    monkeypatch.setattr(kernels, "use_triton", lambda backend, t: backend not in ("torch", "flex"))  # as on CUDA
     monkeypatch.setattr(kernels, "attention", lambda q, k, v, **kw: calls.append(kw["window"]) or q)
     q, k, v, _ = (t.cpu() for t in _attn_case(1, 4, 2, 6, 16))
     for window in (None, 6, 9, 2):
@@ -323,6 +323,56 @@ def test_flex_backend_routes_only_bands_to_flex(monkeypatch):
                          "attention (window 256) flex_attention (unfused off CUDA)")
 
 
+@pytest.mark.skipif(not kernels.HAVE_TRITON_KERNELS, reason="needs triton")
+def test_flex_backend_on_cuda_runs_flex_for_bands_and_references_elsewhere():
+    """use_triton was True for flex on CUDA, so bands went to our kernel (checked first) and the conv
+    and LIF scan ran Triton: flex never ran where it is meant to."""
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    assert not kernels.use_triton("flex", cuda) and kernels.use_triton("auto", cuda)
+    assert not kernels.attention_uses_triton("flex", cuda, 2, 6, 6) and kernels.attention_uses_flex("flex", 2, 6, 6)
+    line = kernels.describe_routing("flex", "cuda", ["conv", "attn"], [None, 256], 2048, "swiglu")
+    assert line == "kernels (model.kernels=flex, cuda): conv PyTorch conv1d, attention (window 256) flex_attention"
+
+
+def test_triton_attention_under_autocast_takes_the_mixed_dtypes_qk_norm_leaves():
+    """bf16 autocast: QK-norm and RoPE give fp32 q, k beside a bf16 v; the kernel refused the mix, so
+    every bf16 training step through it failed. attention_op casts them as SDPA does."""
+    from arch import LM, ModelConfig
+
+    if not (DEV == "cuda" or _common.interpreting()):
+        pytest.skip("the Triton kernel runs on CUDA or under TRITON_INTERPRET=1")
+    idx = torch.randint(0, 29, (2, 9), device=DEV)
+    losses, grads = [], []
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        m = LM(ModelConfig(vocab_size=29, d_model=16, n_layers=1, layers="A", n_heads=2, n_kv_heads=1, window=3,
+                           window_pattern="S", kernels=backend)).to(DEV)
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            loss = m(idx, idx)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(m.layers[0].mixer.q_proj.weight.grad)
+    assert abs(losses[0] - losses[1]) <= 2e-2 and _max_err(grads[1], grads[0]) <= 5e-2 * grads[0].abs().max()
+
+
+def test_a_double_backward_through_a_kernel_is_an_error_not_zeros():
+    """create_graph=True: the kernels' backward builds no graph, so a second-order gradient through
+    them was silently 1 where the reference gives the real one."""
+    from kernels.lif import lif_scan
+
+    x, w = torch.randn(1, 5, 3, device=DEV, requires_grad=True), torch.randn(3, 2, device=DEV)
+    q = torch.randn(1, 2, 5, 16, device=DEV, requires_grad=True)
+    zeros = torch.zeros(1, 3, device=DEV)
+    cases = {"causal_conv1d": lambda: causal_conv1d(x, w), "attention": lambda: attention(q, q, q),
+             "lif_scan": lambda: lif_scan(x, torch.full((3,), 0.9, device=DEV), torch.ones(3, device=DEV), zeros,
+                                          zeros)[0]}
+    for name, run in cases.items():
+        leaf = q if name == "attention" else x
+        torch.autograd.grad(run().pow(2).sum(), leaf)  # first order: fine
+        with pytest.raises(RuntimeError, match=f"{name}: the Triton backward is not differentiable"):
+            torch.autograd.grad(run().pow(2).sum(), leaf, create_graph=True)
+
+
 def test_flex_backend_model_forward_equals_torch():
     from arch import LM, ModelConfig
 
@@ -343,7 +393,7 @@ def test_routing_line_names_what_each_block_runs(monkeypatch):
     cpu = kernels.describe_routing("auto", "cpu", kinds, windows, 2048, "swiglu")
     assert cpu == ("kernels (model.kernels=auto, cpu): conv PyTorch conv1d, attention (full context) SDPA, "
                    "attention (window 256) SDPA with a band mask, LIF scan fused eager loop")
-    monkeypatch.setattr(kernels, "use_triton", lambda backend, t: backend != "torch")  # as on CUDA
+    monkeypatch.setattr(kernels, "use_triton", lambda backend, t: backend not in ("torch", "flex"))  # as on CUDA
     gpu = kernels.describe_routing("auto", "cpu", kinds, windows, 2048, "swiglu")
     assert gpu.endswith("conv Triton, attention (full context) SDPA, attention (window 256) Triton, LIF scan Triton")
     assert "attention (full context) Triton" in kernels.describe_routing("triton", "cpu", kinds, windows, 2048, "swiglu")
