@@ -540,18 +540,19 @@ def _training_sample(docs: list[str], cap_bytes: int) -> list[str]:
     return out
 
 
-def _encode_batches(docs: list[str], own_regex) -> Iterator[tuple[list[str], list[bool], int]]:
+def _encode_batches(docs: list[str], own_regex, cut: bool = True) -> Iterator[tuple[list[str], list[bool], int]]:
     """``(pieces, ends, chars)`` batches of ``docs`` of at least ``_ENCODE_BATCH_CHARS`` characters (the last one
     less): each document cut into pieces by ``split_exact`` (which ``own_regex`` lets cut CRLF text and long lines
-    too), ``ends`` marking every document's last piece (an EOS follows it), ``chars`` the batch's characters."""
+    too; `cut` False: whole, Tokenizer.cuts_exactly), ``ends`` marking every document's last piece (an EOS
+    follows it), ``chars`` the batch's characters."""
     pieces: list[str] = []
     ends: list[bool] = []
     chars = 0
     for d in docs:
-        cut = list(split_exact(d, 1 << 16, own_regex))
-        for k, piece in enumerate(cut):
+        parts = list(split_exact(d, 1 << 16, own_regex)) if cut else [d]
+        for k, piece in enumerate(parts):
             pieces.append(piece)
-            ends.append(k == len(cut) - 1)
+            ends.append(k == len(parts) - 1)
             chars += len(piece)
             if chars >= _ENCODE_BATCH_CHARS:
                 yield pieces, ends, chars
@@ -570,7 +571,7 @@ def _tokenize_to_file(tok: Tokenizer, docs: list[str], path: Path, dtype: np.dty
     total_chars = sum(len(d) for d in docs)
     with open(path, "wb") as f, tqdm(total=total_chars, desc=desc, unit="char", unit_scale=True,
                                      disable=not progress, leave=False, dynamic_ncols=True) as bar:
-        for pieces, ends, chars in _encode_batches(docs, tok.own_regex):
+        for pieces, ends, chars in _encode_batches(docs, tok.own_regex, tok.cuts_exactly):
             arrays = []
             for ids, end in zip(tok.encode_batch(pieces), ends):
                 arrays.append(np.asarray(ids, dtype=dtype))

@@ -51,12 +51,23 @@ BYTE_LEVEL_CHARS = _byte_level_chars()
 
 
 def _decoder_steps(d) -> list[dict]:
-    """A tokenizer.json ``decoder`` as a flat list (Sequence decoders unrolled)."""
+    """A tokenizer.json ``decoder`` (or normalizer, pre_tokenizer) as a flat list (Sequences unrolled)."""
     if not isinstance(d, dict):
         return []
     if d.get("type") == "Sequence":
-        return [s for x in d.get("decoders") or [] for s in _decoder_steps(x)]
+        inner = d.get("decoders") or d.get("normalizers") or d.get("pretokenizers") or []
+        return [s for x in inner for s in _decoder_steps(x)]
     return [d]
+
+
+def _prepends(step: dict) -> bool:
+    """A normalizer or pre-tokenizer step that puts a ``▁`` before the text it is given."""
+    if step.get("type") == "Prepend":
+        return True
+    if step.get("type") != "Metaspace":
+        return False
+    scheme = step.get("prepend_scheme")  # always | first | never (tokenizers >= 0.19), else add_prefix_space
+    return scheme != "never" if scheme is not None else bool(step.get("add_prefix_space", True))
 
 
 def split_exact(text: str, target_chars: int = 1 << 16, own_regex: bool = True) -> Iterator[str]:
@@ -170,6 +181,16 @@ class Tokenizer:
     def byte_level(self) -> bool:
         """Whether the decoder is ByteLevel: every vocabulary character stands for one byte."""
         return any(d.get("type") == "ByteLevel" for d in _decoder_steps(json.loads(self.to_json()).get("decoder")))
+
+    @property
+    def cuts_exactly(self) -> bool:
+        """Whether a long document may be encoded in pieces cut at newlines (``split_exact``) with the tokens
+        of the whole: not when every encoded text starts with a ``▁`` (SentencePiece style: a Prepend
+        normalizer, or a Metaspace pre-tokenizer that prepends, as Llama-2's and Mistral's), which each cut
+        would add once more."""
+        spec = json.loads(self.to_json())
+        steps = _decoder_steps(spec.get("normalizer")) + _decoder_steps(spec.get("pre_tokenizer"))
+        return not any(_prepends(s) for s in steps)
 
     @property
     def own_regex(self) -> bool:

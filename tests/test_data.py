@@ -19,6 +19,8 @@ from slmlab.data import (
     list_stdlib_files,
     parse_hf_spec,
     prepare_data,
+    read_documents,
+    split_documents,
     stdlib_split,
 )
 from slmlab.errors import DataError
@@ -580,6 +582,18 @@ def test_byte_lengths_of_sentencepiece_tokenizers(tmp_path, corpus):
     lengths = token_byte_lengths(sp)
     text = "héllo wörld 日本語 the king\n"
     assert lengths[torch.tensor(sp.encode(text))].sum().item() == len(text.encode()) + 1
+
+
+def test_a_tokenizer_that_prepends_encodes_long_documents_whole(tmp_path, corpus):
+    """SentencePiece-style tokenizers put a ▁ before every text they encode: a document cut into
+    64K-character pieces got one more ▁ token at each cut (19 in tinyshakespeare's train split)."""
+    sp, llama = _sentencepiece_tokenizer(tmp_path, corpus), _llama_style_tokenizer()
+    assert not sp.cuts_exactly and not llama.cuts_exactly and train_tokenizer([corpus[:5000]], 300).cuts_exactly
+    f = tmp_path / "long.txt"
+    f.write_text(corpus[:200_000], encoding="utf-8")  # one document of several 64K pieces
+    b = _prep(f, tmp_path / "cache", tokenizer=sp, val_frac=0.05)
+    train_doc = split_documents(read_documents(f), 0.05)[0][0]
+    assert np.asarray(b.train).tolist() == sp.encode(train_doc) + [sp.eos_id]
 
 
 def test_prepare_warns_when_bpb_is_approximate(tmp_path, corpus, capsys):
