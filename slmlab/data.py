@@ -65,8 +65,8 @@ _ENCODE_BATCH_CHARS = 4 * 2**20
 
 
 def _read_text_file(path: Path) -> str:
-    try:
-        return path.read_bytes().decode("utf-8")
+    try:  # utf-8-sig: a leading byte-order mark (Windows editors) is no text, as .jsonl reading drops it
+        return path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not valid UTF-8 text (byte {e.start})") from None
     except OSError as e:
@@ -123,8 +123,22 @@ def _read_parquet(path: Path) -> list[str]:
         raise DataError(f"cannot read parquet file {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
     if "text" not in schema.names:
         raise DataError(f"{path} has no 'text' column (columns: {', '.join(schema.names)})")
-    col = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    kind = schema.field("text").type
+    if not _is_string_type(kind):
+        raise DataError(f"{path}: the 'text' column holds {kind}, not strings")
+    try:
+        col = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: the 'text' column is not valid UTF-8 ({e.reason} at byte {e.start} of a value)") from None
     return [t for t in col if t is not None]
+
+
+def _is_string_type(kind) -> bool:
+    import pyarrow.types as pt
+
+    if pt.is_dictionary(kind):
+        kind = kind.value_type
+    return pt.is_string(kind) or pt.is_large_string(kind) or getattr(pt, "is_string_view", lambda _: False)(kind)
 
 
 def read_documents(path: Path) -> list[str]:
@@ -183,8 +197,8 @@ def split_files(rel_paths_and_sizes: list[tuple[str, int]], val_frac: float) -> 
         if got + s <= 1.5 * target:
             val.add(p)
             got += s
-    if not val:
-        val.add(ranked[0][0])
+    if not val:  # every file is over 1.5x the target: the smallest (the first ranked of equals), not a huge one
+        val.add(min(ranked, key=lambda ps: ps[1])[0])
     return [p for p, _ in rel_paths_and_sizes if p not in val], [p for p, _ in rel_paths_and_sizes if p in val]
 
 
@@ -341,7 +355,8 @@ def _list_dir(root: Path) -> tuple[list[str], dict[str, int]]:
     """Sorted relative (posix) paths of the supported files under ``root``, and what was left out, by reason:
     hidden (a name starting with '.', and all under such a directory), symlinked directories (not followed:
     a link could loop or reach outside the corpus; symlinked files are read), other file types, and entries
-    that are not regular files (broken links, FIFOs, sockets)."""
+    that are not regular files (broken links, FIFOs, sockets), and a file seen before under another name (a
+    symlink or hard link to it: its text would be read twice, and may land in both splits)."""
     files, ignored = [], Counter()
     for dirpath, dirnames, filenames in os.walk(root):  # followlinks=False: symlinked dirs are listed, not entered
         here = Path(dirpath)
@@ -364,7 +379,15 @@ def _list_dir(root: Path) -> tuple[list[str], dict[str, int]]:
                 ignored["not a regular file"] += 1
             else:
                 files.append(path.relative_to(root).as_posix())
-    return sorted(files), dict(ignored)
+    unique, seen = [], set()
+    for rel in sorted(files):
+        st = (root / rel).stat()
+        if (st.st_dev, st.st_ino) in seen:
+            ignored["duplicate"] += 1
+        else:
+            seen.add((st.st_dev, st.st_ino))
+            unique.append(rel)
+    return unique, dict(ignored)
 
 
 class _DirSource(_LocalSource):
@@ -451,7 +474,10 @@ def resolve_spec(spec: str) -> _Source:
         return _StdlibSource(spec)
     if spec.startswith("hf:"):
         return _HFSource(spec)
-    path = Path(spec).expanduser()
+    try:
+        path = Path(spec).expanduser()
+    except RuntimeError:  # "~name..." and no user of that name: a file whose name starts with ~
+        path = Path(spec)
     if not path.exists():
         raise DataError(f"data path not found: {spec}")
     if path.is_dir():
@@ -809,6 +835,10 @@ def prepare_for(cfg, tokenizer_path: str | os.PathLike | None = None, say=print,
     tok = bundle.tokenizer
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
+    if given is None and tok.vocab_size < cfg.model.vocab_size:
+        say(f"note: the tokenizer trained on {cfg.data.spec} has {tok.vocab_size} tokens, fewer than model.vocab_size="
+            f"{cfg.model.vocab_size} (the text holds no more merges): the other {cfg.model.vocab_size - tok.vocab_size} "
+            f"embedding rows never see a token; model.vocab_size={tok.vocab_size} drops them")
     train_sets = {None: (bundle, cfg.data.spec)}
     for spec in (p.data for p in cfg.train.phases):
         if spec is not None and spec not in train_sets:

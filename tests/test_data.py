@@ -736,6 +736,73 @@ def test_directory_summary_says_what_was_read_and_ignored(tmp_path, small_dir, c
     assert again.cached and "[8 files read, 5 ignored" in capsys.readouterr().out
 
 
+def test_a_file_linked_twice_into_a_corpus_is_read_once(tmp_path, corpus):
+    """A symlink (or hard link) to a file of the corpus: read twice, one copy could land in validation
+    and the other in train (a third of validation was training text)."""
+    import os
+
+    from slmlab.data import resolve_spec
+
+    d = tmp_path / "d"
+    d.mkdir()
+    for i in range(3):
+        (d / f"a{i}.txt").write_text(corpus[i * 20_000:(i + 1) * 20_000])
+    os.symlink(d / "a0.txt", d / "link.txt")
+    os.link(d / "a1.txt", d / "hard.txt")
+    src = resolve_spec(str(d))
+    assert src.files == ["a0.txt", "a1.txt", "a2.txt"] and src.ignored == {"duplicate": 2}
+    train, val = src.split(0.3)
+    assert not set(train) & set(val) and len(train) + len(val) == 3
+
+
+def test_when_every_file_is_too_big_for_validation_the_smallest_is_taken():
+    from slmlab.data import split_files
+
+    sizes = [("big.txt", 100), ("b.txt", 100), ("c.txt", 500), ("d.txt", 100)]
+    for order in (sizes, sizes[::-1]):
+        train, val = split_files(order, 0.01)
+        assert len(val) == 1 and dict(sizes)[val[0]] == 100  # never the 500-byte file
+
+
+def test_text_odds_and_ends_of_real_files(tmp_path, monkeypatch):
+    """A UTF-8 byte-order mark is no text (as in .jsonl); a file named ~something is a file."""
+    from slmlab.data import resolve_spec
+
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfFirst line\nsecond\n")
+    assert read_documents(tmp_path / "bom.txt") == ["First line\nsecond\n"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "~notes.txt").write_text("x\n")
+    assert resolve_spec("~notes.txt").path == Path("~notes.txt")
+
+
+def test_a_trained_tokenizer_smaller_than_the_model_vocabulary_is_noted(tmp_path, corpus):
+    from slmlab.config import load_config
+    from slmlab.data import prepare_for
+
+    f = tmp_path / "small.txt"
+    f.write_text(corpus[:3000])
+    cfg = load_config(arch="hybrid", overrides=[f"data.spec={f}", "model.vocab_size=70000", f"data.cache_dir={tmp_path}"])
+    said = []
+    tok = prepare_for(cfg, say=said.append, quiet=True).tokenizer
+    assert tok.vocab_size < 70000 and said == [
+        f"note: the tokenizer trained on {f} has {tok.vocab_size} tokens, fewer than model.vocab_size=70000 (the text "
+        f"holds no more merges): the other {70000 - tok.vocab_size} embedding rows never see a token; "
+        f"model.vocab_size={tok.vocab_size} drops them"]
+
+
+def test_parquet_text_that_is_not_strings_is_one_line(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    for name, arr in (("ints", pa.array([1, 2])), ("bytes", pa.array([b"a", b"b"])),
+                      ("lists", pa.array([["a"], ["b"]]))):
+        pq.write_table(pa.table({"text": arr}), tmp_path / f"{name}.parquet")
+        with pytest.raises(DataError, match=f"{name}.parquet: the 'text' column holds .*, not strings"):
+            read_documents(tmp_path / f"{name}.parquet")
+    pq.write_table(pa.table({"text": pa.array(["a", "b"]).dictionary_encode()}), tmp_path / "dict.parquet")
+    assert read_documents(tmp_path / "dict.parquet") == ["a", "b"]
+
+
 def test_a_validation_share_far_from_val_frac_is_reported(tmp_path, corpus, capsys):
     f = tmp_path / "one_line.txt"
     f.write_text("Title\n" + corpus[:20_000].replace("\n", " "))  # one cut point: almost all of it is validation
