@@ -748,6 +748,9 @@ def prepare_data(spec: str, vocab_size: int, cache_dir: str | os.PathLike, val_f
         try:
             bundle = load_bundle(final)
             bundle.cached = True
+            # the entry may have been made under another spelling of this source (a relative path):
+            # summaries and errors name the spec this run gave
+            bundle.manifest["spec"] = spec
             bundle.note = source.note(bundle.manifest)
             _say_summary(bundle, say)
             return bundle

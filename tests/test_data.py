@@ -206,6 +206,9 @@ def test_prepare_txt_and_cache(tmp_path, corpus, monkeypatch):
     b2 = _prep(f, cache, val_frac=0.1)
     assert b2.cached and b2.path == b.path
     assert np.array_equal(b2.train, b.train) and np.array_equal(b2.val, b.val)
+    monkeypatch.chdir(tmp_path)  # another spelling of the same file: its entry, named as this run gave it
+    rel = prepare_data("shakes.txt", 512, cache, val_frac=0.1, progress=False, quiet=True)
+    assert rel.cached and rel.path == b.path and rel.manifest["spec"] == "shakes.txt"
     monkeypatch.undo()
 
     # a changed source invalidates the cache
