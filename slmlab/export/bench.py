@@ -79,6 +79,12 @@ def _hf(c: Case, f: str):
     return "HF transformers (fp32)", size, c.diff(pre, torch.cat(st, 1)), c.steps / dt
 
 
+def _rate(steps: int, dt: float):
+    """Decode tokens/s from a run's time less a setup-and-prefill run's; None (printed n/a) when
+    the noise of a busy machine leaves no time, rather than a negative rate. Give more --steps."""
+    return steps / dt if dt > 0 else None
+
+
 def _onnx(c: Case, f: str):
     from .onnx import run_onnx
 
@@ -90,7 +96,7 @@ def _onnx(c: Case, f: str):
     t1 = time.perf_counter()
     run_onnx(c.tmp / "onnx", c.idx, 0)
     dt -= time.perf_counter() - t1  # session creation + prefill
-    return "ONNX / onnxruntime (fp32)", size, c.diff(pre, st), c.steps / dt
+    return "ONNX / onnxruntime (fp32)", size, c.diff(pre, st), _rate(c.steps, dt)
 
 
 def _executorch(c: Case, f: str):
@@ -104,7 +110,7 @@ def _executorch(c: Case, f: str):
     t1 = time.perf_counter()
     run_pte(c.tmp / (f + ".pte"), c.idx, 0)
     dt -= time.perf_counter() - t1
-    return f"ExecuTorch XNNPACK ({q or 'fp32'})", size, c.diff(pre, st), c.steps / dt
+    return f"ExecuTorch XNNPACK ({q or 'fp32'})", size, c.diff(pre, st), _rate(c.steps, dt)
 
 
 def _coreml(c: Case, f: str):
