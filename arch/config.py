@@ -139,6 +139,8 @@ class ModelConfig:
         d = self.to_dict()
         if resolved:
             d.update(head_dim=self.hd, ffn_dim=self.ffn, rope_scaling=self.rope_scale() or {})
+            if not self.qk_norm:  # no QK-norm: its scope builds nothing
+                d["qk_norm_scope"] = "head"
         del d["mixer_opts"]
         for name in sorted(self.blocks_in_use()):
             opts = self.resolved_options(name) if resolved else dataclasses.asdict(self.block_options(name))

@@ -249,6 +249,9 @@ def test_weight_changes_compares_the_layer_pattern_as_the_blocks_it_builds():
     assert saved.weight_changes(ModelConfig(layers="CAA", n_layers=6)) == ["model.layers 'CCA' -> 'CAA'"]
     # The n_layers line names a change of depth; the pattern as written did not change.
     assert saved.weight_changes(ModelConfig(layers="CCA", n_layers=3)) == ["model.n_layers 6 -> 3"]
+    # a QK-norm's scope builds other weights only where there is a QK-norm
+    assert ModelConfig().weight_changes(ModelConfig(qk_norm_scope="all")) == ["model.qk_norm_scope 'head' -> 'all'"]
+    assert ModelConfig(qk_norm=False).weight_changes(ModelConfig(qk_norm=False, qk_norm_scope="all")) == []
 
 
 # ---- found by fuzzing train.py's config (each failed with a traceback or was silently ignored) ----
