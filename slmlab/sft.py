@@ -102,9 +102,15 @@ def as_messages(rec, fmt: str, where: str) -> list[dict]:
         return [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["completion"]}]
     msgs = rec.get("messages") if isinstance(rec, dict) else None
     if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                             and isinstance(m.get("content"), str) for m in msgs):
-        raise DataError(f"{where}: expected {{\"messages\": [{{\"role\": str, \"content\": str}}, ...]}}")
-    return [dict(m) for m in msgs]
+                                             and (isinstance(m.get("content"), str) or _tool_call(m)) for m in msgs):
+        raise DataError(f"{where}: expected {{\"messages\": [{{\"role\": str, \"content\": str}}, ...]}} (content "
+                        "may be null only beside tool_calls)")
+    return [{**m, "content": m.get("content") or ""} for m in msgs]
+
+
+def _tool_call(m: dict) -> bool:
+    """An assistant turn in OpenAI's tool-call shape: content null (or absent) beside a tool_calls list."""
+    return m.get("content") is None and isinstance(m.get("tool_calls"), list) and bool(m["tool_calls"])
 
 
 def prompt_turns(messages: list[dict]) -> list[dict]:
@@ -251,7 +257,10 @@ class ChatTemplate:
             last = next(text for text, reply in reversed(seq) if reply)
             if self.tok.eos_id is not None and not last.rstrip().endswith(self.names["eos_token"]):
                 ids.append(self.tok.eos_id)
-                labels.append(self.tok.eos_id)
+                # learned only right after the last reply: after a trailing user turn it would teach the
+                # model to stop once a user has spoken
+                after = seq[-1][0] if not seq[-1][1] else ""
+                labels.append(self.tok.eos_id if not after.strip() else IGNORE)
             out.append((ids, labels))
         return out
 
@@ -348,6 +357,10 @@ def prepare_sft(spec: str, fmt: str, template: ChatTemplate, val_frac: float, se
     notes = []
     if len(kept) < len(enc):
         notes.append(f"{len(enc) - len(kept)} train dropped: reply beyond seq_len {seq_len}")
+    cut = sum(len(ids) > seq_len + 1 for ids, _ in kept)  # pad_batch keeps seq_len + 1 tokens
+    if cut:
+        notes.append(f"{cut} train truncated to seq_len {seq_len}: the rest of their reply and its closing eos "
+                     "are not learned")
     if len(val_kept) < len(val_enc):
         notes.append(f"{len(val_enc) - len(val_kept)} val dropped: reply beyond eval length {eval_len}")
     if split:

@@ -44,6 +44,29 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(base):
                                      "<|im_start|>assistant\n<|im_start|>user\nbye<|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_a_trailing_user_turn_is_no_place_to_learn_to_stop(base):
+    """The closing eos is learned right after the last reply; after a trailing user turn it taught the
+    model to stop once a user had spoken."""
+    tok = Tokenizer.load(base)
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    [(ids, labels)] = ChatTemplate(CHATML, tok).encode(msgs)
+    assert ids[-1] == tok.eos_id and labels[-1] == IGNORE
+    assert tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE]) == "b<|im_end|>\n"
+
+
+def test_a_tool_call_turn_may_have_null_content():
+    """OpenAI's tool-call shape: an assistant turn with content null beside tool_calls (refused before)."""
+    from slmlab.errors import DataError
+    from slmlab.sft import as_messages
+
+    call = {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f"}}]}
+    msgs = as_messages({"messages": [{"role": "user", "content": "w"}, call, {"role": "tool", "content": "42"},
+                                     {"role": "assistant", "content": "42!"}]}, "messages", "f:1")
+    assert msgs[1]["content"] == "" and msgs[1]["tool_calls"] == call["tool_calls"]
+    with pytest.raises(DataError, match="content may be null only beside tool_calls"):
+        as_messages({"messages": [{"role": "user", "content": None}]}, "messages", "f:1")
+
+
 def test_padded_batch_shifts_labels_and_ignores_padding():
     x, y = pad_batch([([5, 6, 7, 8], [IGNORE, IGNORE, 7, 8]), ([5, 9], [IGNORE, 9])], seq_len=16, pad_id=2)
     assert x.tolist() == [[5, 6, 7], [5, 2, 2]]
@@ -207,6 +230,17 @@ def test_sft_refuses_phase_data_and_order(base, tmp_path, phase, needle):
                                                           "train.quality_score": "fn:length"}))
     assert rc == 2 and err.strip().splitlines()[-1].startswith("error: " + needle), err
     assert not (tmp_path / "r").exists()
+
+
+def test_examples_longer_than_seq_len_are_said_to_be_truncated(base, tmp_path, capsys):
+    """A reply that runs past train.seq_len loses its tail and closing eos: the data line says how many."""
+    from slmlab.sft import prepare_sft
+
+    chat = tmp_path / "long.jsonl"
+    chat.write_text("".join(json.dumps({"prompt": "q", "completion": "answer " * 60}) + "\n" for _ in range(4)))
+    prepare_sft(str(chat), "prompt_completion", ChatTemplate(CHATML, Tokenizer.load(base)), 0.25, 96)
+    assert "3 train truncated to seq_len 96: the rest of their reply and its closing eos are not learned" in \
+        capsys.readouterr().out
 
 
 def test_no_held_out_reply_within_the_eval_length_is_an_error(base, tmp_path):
