@@ -27,7 +27,8 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory (config.yaml, model.safetensors, tokenizer.json)")
     src.add_argument("--from-hf", dest="from_hf",
-                     help="import a transformers folder into a run directory: Lfm2, Lfm2Moe, Qwen3, Qwen3Moe, Qwen2Moe, Olmoe, Mixtral, "
+                     help="import a transformers folder into a run directory: Lfm2, Lfm2Moe, Qwen3, Qwen3Moe, "
+                          "Qwen2Moe, Olmoe, Mixtral, "
                           "Qwen2, Llama, GPT-2, Mamba2, GraniteMoeHybrid")
     src.add_argument("--merge-lora", dest="merge_lora", metavar="RUN",
                      help="fold a train.lora run's adapters into its base: a plain run every exporter accepts")

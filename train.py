@@ -174,8 +174,8 @@ def note_unused(cfg, source: dict, imports: list, config_file=None):
     """A note line for each setting this command line changed that the config never reads
     (slmlab/unused.py): `optim.muon_lr` under adamw, `train.seq_len` while phases set their own; and,
     with --config FILE, each setting FILE changes from the defaults (config.yaml, same preset and
-    size; the bare defaults for a FILE naming no preset) that is never read, named as FILE's. On stderr, so --json and --print-config keep stdout
-    machine-readable."""
+    size; the bare defaults for a FILE naming no preset) that is never read, named as FILE's. On
+    stderr, so --json and --print-config keep stdout machine-readable."""
     import os
 
     from slmlab.config import load_config

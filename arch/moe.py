@@ -5,8 +5,9 @@
     y = sum over the k largest p_e (+ bias_e) of  w_e * SwiGLU_e(x)   [+ [sigmoid(x w_g) *] shared(x)]
 with w the top-k scores p (not the bias), renormalised to sum to 1 when norm_topk (Qwen3-MoE's
 norm_topk_prob), times routed_scale, and an optional shared SwiGLU expert every token passes through
-(shared_ffn > 0), scaled per token by a sigmoid gate under shared_gate (Qwen2-MoE's shared_expert_gate). LFM2-MoE is router sigmoid + expert_bias (+ dense_layers: leading layers with a
-dense SwiGLU, ModelConfig.mlp_at).
+(shared_ffn > 0), scaled per token by a sigmoid gate under shared_gate (Qwen2-MoE's shared_expert_gate).
+LFM2-MoE is router sigmoid + expert_bias (+ dense_layers: leading layers with a dense SwiGLU,
+ModelConfig.mlp_at).
 
 Load balance: the load-balancing loss of Switch / transformers' MoE models, aux = E * sum_e f_e P_e
 (f_e: the share of tokens that picked expert e among their k; P_e: e's mean router probability): k when

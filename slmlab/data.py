@@ -129,7 +129,8 @@ def _read_parquet(path: Path) -> list[str]:
     try:
         col = pq.read_table(path, columns=["text"]).column("text").to_pylist()
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: the 'text' column is not valid UTF-8 ({e.reason} at byte {e.start} of a value)") from None
+        raise DataError(f"{path}: the 'text' column is not valid UTF-8 ({e.reason} at byte {e.start} of a "
+                        "value)") from None
     return [t for t in col if t is not None]
 
 
@@ -840,8 +841,9 @@ def prepare_for(cfg, tokenizer_path: str | os.PathLike | None = None, say=print,
         raise ConfigError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
     if given is None and tok.vocab_size < cfg.model.vocab_size:
         say(f"note: the tokenizer trained on {cfg.data.spec} has {tok.vocab_size} tokens, fewer than model.vocab_size="
-            f"{cfg.model.vocab_size} (the text holds no more merges): the other {cfg.model.vocab_size - tok.vocab_size} "
-            f"embedding rows never see a token; model.vocab_size={tok.vocab_size} drops them")
+            f"{cfg.model.vocab_size} (the text holds no more merges): the other "
+            f"{cfg.model.vocab_size - tok.vocab_size} embedding rows never see a token; model.vocab_size="
+            f"{tok.vocab_size} drops them")
     train_sets = {None: (bundle, cfg.data.spec)}
     for spec in (p.data for p in cfg.train.phases):
         if spec is not None and spec not in train_sets:

@@ -5,8 +5,9 @@ Qwen2ForCausalLM (q/k/v biases), LlamaForCausalLM (neither) or GPT2LMHeadModel (
 positions); all-mamba2 patterns without MLP (model.mlp=none) <-> Mamba2ForCausalLM; mamba2 with attention
 and SwiGLU MLPs (no QK-norm) <-> GraniteMoeHybridForCausalLM without experts, and with experts beside a
 shared MLP under model.mlp=moe; attention and model.mlp=moe <-> Qwen3MoeForCausalLM (QK-norm per head),
-OlmoeForCausalLM (QK-norm over all heads at once: model.qk_norm_scope=all),
-Qwen2MoeForCausalLM (no QK-norm, a gated shared expert) or MixtralForCausalLM (neither), or Lfm2MoeForCausalLM (router sigmoid, any conv/attention pattern). The block
+OlmoeForCausalLM (QK-norm over all heads at once: model.qk_norm_scope=all), Qwen2MoeForCausalLM (no
+QK-norm, a gated shared expert) or MixtralForCausalLM (neither), or Lfm2MoeForCausalLM (router sigmoid,
+any conv/attention pattern). The block
 options (model.norm, pos, mlp, qk_norm, *_bias, rope_scaling, the Granite scales) pick the family.
 Our modules were named so that this is mostly a renaming exercise (GPT-2's fused, transposed Conv1D
 weights are split and transposed); the parity tests pin both directions.
@@ -118,18 +119,22 @@ _GRANITE_MOE = {
 }
 # Llama and Qwen2 name their layers as Qwen3 does; the biases and QK-norm present decide what maps.
 TABLES = {"lfm2": _LFM2, "qwen3": _QWEN3, "llama": _QWEN3, "qwen2": _QWEN3, "mamba2": _MAMBA2,
-          "granitemoehybrid": _GRANITE, "qwen3_moe": _QWEN3_MOE, "olmoe": _QWEN3_MOE, "qwen2_moe": _QWEN2_MOE, "lfm2_moe": _LFM2_MOE, "mixtral": _MIXTRAL}
+          "granitemoehybrid": _GRANITE, "qwen3_moe": _QWEN3_MOE, "olmoe": _QWEN3_MOE, "qwen2_moe": _QWEN2_MOE,
+          "lfm2_moe": _LFM2_MOE, "mixtral": _MIXTRAL}
 _EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")  # per-expert tensors, unless a table names its own
 HF_CLASSES = {"lfm2": "Lfm2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
               "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel", "mamba2": "Mamba2ForCausalLM",
               "granitemoehybrid": "GraniteMoeHybridForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-              "olmoe": "OlmoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
+              "olmoe": "OlmoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM",
+              "mixtral": "MixtralForCausalLM"}
 FAMILIES = tuple(HF_CLASSES)
 # What each family fixes about the block options (the rest, e.g. Llama's biases, the mapping reads).
 _ROPE_RMS = dict(norm="rmsnorm", pos="rope", mlp="swiglu")
 FAMILY_OPTIONS = {
-    "lfm2": dict(_ROPE_RMS, qk_norm=True, qk_norm_scope="head", attn_bias=False, attn_out_bias=False, mlp_bias=False, rope_scaling={}),
-    "qwen3": dict(_ROPE_RMS, qk_norm=True, qk_norm_scope="head", attn_bias=False, attn_out_bias=False, mlp_bias=False, rope_scaling={}),
+    "lfm2": dict(_ROPE_RMS, qk_norm=True, qk_norm_scope="head", attn_bias=False, attn_out_bias=False, mlp_bias=False,
+                 rope_scaling={}),
+    "qwen3": dict(_ROPE_RMS, qk_norm=True, qk_norm_scope="head", attn_bias=False, attn_out_bias=False, mlp_bias=False,
+                  rope_scaling={}),
     "qwen2": dict(_ROPE_RMS, qk_norm=False, attn_bias=True, attn_out_bias=False, mlp_bias=False, rope_scaling={}),
     "llama": dict(_ROPE_RMS, qk_norm=False),
     "gpt2": dict(norm="layernorm", pos="learned", mlp="gelu", qk_norm=False, attn_bias=True, attn_out_bias=True,
@@ -137,11 +142,12 @@ FAMILY_OPTIONS = {
     "mamba2": dict(norm="rmsnorm", mlp="none"),
     # pos rope or none (NoPE, IBM's own): checked in hf_family
     "granitemoehybrid": dict(norm="rmsnorm", qk_norm=False, mlp_bias=False, rope_scaling={}),  # swiglu or moe
-    "qwen3_moe": dict(_ROPE_RMS, mlp="moe", qk_norm=True, qk_norm_scope="head", attn_bias=False, attn_out_bias=False, rope_scaling={}),
+    "qwen3_moe": dict(_ROPE_RMS, mlp="moe", qk_norm=True, qk_norm_scope="head", attn_bias=False, attn_out_bias=False,
+                      rope_scaling={}),
     "olmoe": dict(_ROPE_RMS, mlp="moe", qk_norm=True, qk_norm_scope="all", rope_scaling={}),  # biases all or none
     "qwen2_moe": dict(_ROPE_RMS, mlp="moe", qk_norm=False, attn_out_bias=False, rope_scaling={}),  # qkv bias or not
-    "lfm2_moe": dict(_ROPE_RMS, mlp="moe", qk_norm=True, qk_norm_scope="head", attn_bias=False, attn_out_bias=False, mlp_bias=False,
-                     rope_scaling={}),
+    "lfm2_moe": dict(_ROPE_RMS, mlp="moe", qk_norm=True, qk_norm_scope="head", attn_bias=False, attn_out_bias=False,
+                     mlp_bias=False, rope_scaling={}),
     "mixtral": dict(_ROPE_RMS, mlp="moe", qk_norm=False, attn_bias=False, attn_out_bias=False, rope_scaling={}),
 }
 # The families with mamba2 layers (their GGUF tensors and keys are llama.cpp's SSM ones)
@@ -492,7 +498,8 @@ def to_hf_config(cfg: ModelConfig, max_position_embeddings: int = 4096, **specia
 
         m = cfg.block_options("moe")
         return Qwen2MoeConfig(**common, head_dim=cfg.hd, rms_norm_eps=cfg.norm_eps, qkv_bias=cfg.attn_bias,
-                              moe_intermediate_size=expert_width(m, cfg.ffn), shared_expert_intermediate_size=m.shared_ffn,
+                              moe_intermediate_size=expert_width(m, cfg.ffn),
+                              shared_expert_intermediate_size=m.shared_ffn,
                               num_experts=m.experts, num_experts_per_tok=m.top_k, norm_topk_prob=m.norm_topk,
                               router_aux_loss_coef=m.aux_loss_coef, decoder_sparse_step=1, mlp_only_layers=[],
                               use_sliding_window=False)

@@ -143,7 +143,8 @@ RULES: dict[str, Callable[[RunConfig], Optional[str]]] = {
                                     "muon_adjust_lr_fn", "muon_weight_decay", "muon_ns_dtype")},
     "train.seq_len": _seq_len, "train.batch_size": _batch_size, "train.quality_score": _quality_score,
     "train.decay_frac": _unless("train.schedule", "wsd"), "train.min_lr_frac": _min_lr_frac,
-    "train.avg_last": lambda c: "averaging one checkpoint is that checkpoint (K > 1 averages)" if c.train.avg_last == 1 else None,
+    "train.avg_last": lambda c: ("averaging one checkpoint is that checkpoint (K > 1 averages)"
+                                 if c.train.avg_last == 1 else None),
     "train.distill_alpha": lambda c: None if c.train.teacher else "train.teacher is not set",
     "train.distill_temperature": lambda c: None if c.train.teacher else "train.teacher is not set",
     **{f"train.lora.{k}": (lambda c: None if c.train.lora.r else "train.lora.r is 0 (no adapters)")

@@ -784,7 +784,8 @@ def test_a_trained_tokenizer_smaller_than_the_model_vocabulary_is_noted(tmp_path
 
     f = tmp_path / "small.txt"
     f.write_text(corpus[:3000])
-    cfg = load_config(arch="hybrid", overrides=[f"data.spec={f}", "model.vocab_size=70000", f"data.cache_dir={tmp_path}"])
+    cfg = load_config(arch="hybrid",
+                      overrides=[f"data.spec={f}", "model.vocab_size=70000", f"data.cache_dir={tmp_path}"])
     said = []
     tok = prepare_for(cfg, say=said.append, quiet=True).tokenizer
     assert tok.vocab_size < 70000 and said == [

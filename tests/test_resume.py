@@ -426,7 +426,8 @@ def test_resume_compares_the_model_as_built_and_lets_runtime_options_change(tmp_
                                               "model.mixer_opts": "{moe: {experts: 4}}"})
     assert run_cli(train.main, ["--data", str(corpus), "--out", str(run), *ov]) == 0
     capsys.readouterr()
-    same = ["model.ffn_dim=128", "model.head_dim=16", "model.mixer_opts.lif.T_sim=8", "model.mixer_opts.moe.router=softmax"]
+    same = ["model.ffn_dim=128", "model.head_dim=16", "model.mixer_opts.lif.T_sim=8",
+            "model.mixer_opts.moe.router=softmax"]
     runtime = ["model.mixer_opts.moe.core=dense", "model.mixer_opts.moe.aux_loss_coef=0.001",
                "model.mixer_opts.moe.bias_update_rate=0.01", "model.loss_chunk=8"]
     assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "4", *same, *runtime]) == 0

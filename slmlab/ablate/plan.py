@@ -80,8 +80,8 @@ class Ablation:
         names = [v.name for v in self.variants]
         for n in names:
             if n.startswith(".") or n in OWN:
-                raise AblationError(f"variant name {n!r} cannot name a directory of OUT: "
-                                    + ("it starts with a dot" if n.startswith(".") else "the ablation writes that file"))
+                why = "it starts with a dot" if n.startswith(".") else "the ablation writes that file"
+                raise AblationError(f"variant name {n!r} cannot name a directory of OUT: {why}")
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise AblationError(f"variant name {dup[0]!r} is used twice")
