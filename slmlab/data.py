@@ -40,7 +40,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -678,12 +678,15 @@ def _split_nonempty(source, spec: str, val_frac: float) -> tuple[list[str], list
     return train_docs, val_docs
 
 
-def _docs_sha256(docs) -> tuple[str, int]:
+def _utf8(docs) -> Iterator[bytes]:
+    return (d.encode("utf-8", "surrogatepass") for d in docs)
+
+
+def _docs_sha256(encoded: Iterable[bytes]) -> tuple[str, int]:
     """(sha256 of the documents' UTF-8 bytes, each followed by a NUL, their byte count): what a split's
     text is, whatever path or mtime it was read from (compare.py and ablate.py tell corpora apart by it)."""
     h, n = hashlib.sha256(), 0
-    for d in docs:
-        b = d.encode("utf-8", "surrogatepass")
+    for b in encoded:
         h.update(b)
         h.update(b"\0")
         n += len(b)
@@ -702,9 +705,10 @@ def _write_cache(path: Path, tokenizer, train_docs, val_docs, dtype, progress: b
     path.mkdir()
     n_train = _tokenize_to_file(tokenizer, train_docs, path / "train.bin", dtype, "tokenize train", progress)
     n_val = _tokenize_to_file(tokenizer, val_docs, path / "val.bin", dtype, "tokenize val", progress)
-    val_raw = b"".join(d.encode("utf-8", "surrogatepass") for d in val_docs)
+    val_encoded = list(_utf8(val_docs))  # once, for the baselines and the sha256
+    val_raw = b"".join(val_encoded)
     gz, xz = compression_bpb(val_raw)
-    train_sha, train_bytes = _docs_sha256(train_docs)
+    train_sha, train_bytes = _docs_sha256(_utf8(train_docs))
     # What evaluate's bpb will count for these tokens; equal to val_bytes for byte-level tokenizers.
     lengths = np.asarray(tokenizer.token_byte_lengths(), dtype=np.int64)
     val_ids = _open_tokens(path / "val.bin", dtype, n_val)
@@ -713,7 +717,7 @@ def _write_cache(path: Path, tokenizer, train_docs, val_docs, dtype, progress: b
     tokenizer.save(path / "tokenizer.json")
     manifest = {
         **manifest, "n_train_docs": len(train_docs), "n_val_docs": len(val_docs),
-        "train_bytes": train_bytes, "train_sha256": train_sha, "val_sha256": _docs_sha256(val_docs)[0],
+        "train_bytes": train_bytes, "train_sha256": train_sha, "val_sha256": _docs_sha256(val_encoded)[0],
         "n_train_tokens": n_train, "n_val_tokens": n_val, "val_bytes": len(val_raw), "val_token_bytes": val_token_bytes,
         "gzip_bpb": gz, "xz_bpb": xz, "eos_id": tokenizer.eos_id,
         "tokenizer_sha256": hashlib.sha256((path / "tokenizer.json").read_bytes()).hexdigest(),
