@@ -301,15 +301,20 @@ class MoE(ChannelMixer):
         return out
 
 
+def moe_layers(model) -> list["MoE"]:
+    """The model's MoE channel mixers, in layer order (seen through LoRA's wrappers: LM.mixers)."""
+    return [m for m in model.mixers() if isinstance(m, MoE)]
+
+
 def pending_stats(model) -> list:
     """Each MoE layer's load statistics since the last eval (None where it has none): a checkpoint
     keeps them, so a resumed run's next eval reports the loads an uninterrupted one would."""
-    return [None if m._stats is None else m._stats.detach().cpu().clone() for m in model.mixers() if isinstance(m, MoE)]
+    return [None if m._stats is None else m._stats.detach().cpu().clone() for m in moe_layers(model)]
 
 
 def restore_pending_stats(model, saved: list) -> Optional[str]:
     """pending_stats' list back into the model's MoE layers; what does not fit them, as a problem."""
-    layers = [m for m in model.mixers() if isinstance(m, MoE)]
+    layers = moe_layers(model)
     if not isinstance(saved, list) or len(saved) != len(layers):
         return f"'moe_stats' holds {len(saved) if isinstance(saved, list) else type(saved).__name__} entries for " \
                f"{len(layers)} MoE layers"
@@ -326,8 +331,8 @@ def moe_metrics(model) -> dict:
     moe.dead_experts (experts no token picked, all layers) and moe.aux (the mean balance loss over the
     training steps, before aux_loss_coef), since the last call; {} without MoE layers."""
     loads, dead, auxes = [], 0, []
-    for m in model.mixers():
-        if not isinstance(m, MoE) or (got := m.take_stats()) is None:
+    for m in moe_layers(model):
+        if (got := m.take_stats()) is None:
             continue
         counts, a = got
         if counts.sum() > 0:
