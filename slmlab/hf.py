@@ -587,8 +587,7 @@ def _from_qwen_moe_config(mt: str, c, common: dict) -> ModelConfig:
         raise ConfigError(f"{mt}: mlp_only_layers={list(c.mlp_only_layers)} mixes dense and MoE layers, which "
                           "slmlab's one model.mlp cannot: only [] is supported")
     common.pop("ffn_dim")  # the dense width no layer uses
-    moe = dict(experts=c.num_experts, top_k=c.num_experts_per_tok, expert_ffn=c.moe_intermediate_size,
-               norm_topk=bool(c.norm_topk_prob), aux_loss_coef=float(c.router_aux_loss_coef))
+    moe = _routed_experts(c, c.moe_intermediate_size)
     if mt == "qwen3_moe":
         return ModelConfig(**common, mlp="moe", mixer_opts={"moe": moe})
     if not c.shared_expert_intermediate_size:
@@ -597,6 +596,12 @@ def _from_qwen_moe_config(mt: str, c, common: dict) -> ModelConfig:
     bias = bool(getattr(c, "qkv_bias", True))
     return ModelConfig(**common, mlp="moe", qk_norm=False, attn_bias=bias, attn_out_bias=False,
                        mixer_opts={"moe": moe})
+
+
+def _routed_experts(c, expert_ffn: int) -> dict:
+    """model.mixer_opts.moe from the routing keys Qwen3-MoE, Qwen2-MoE and OLMoE share."""
+    return dict(experts=c.num_experts, top_k=c.num_experts_per_tok, expert_ffn=expert_ffn,
+                norm_topk=bool(c.norm_topk_prob), aux_loss_coef=float(c.router_aux_loss_coef))
 
 
 def _from_lfm2_moe_config(c, common: dict) -> ModelConfig:
@@ -682,8 +687,7 @@ def from_hf_config(hf_cfg) -> ModelConfig:
     if mt == "olmoe":
         _check_values(mt, hf_cfg, (("clip_qkv", None),))
         bias = bool(hf_cfg.attention_bias)
-        moe = dict(experts=hf_cfg.num_experts, top_k=hf_cfg.num_experts_per_tok, expert_ffn=common.pop("ffn_dim"),
-                   norm_topk=bool(hf_cfg.norm_topk_prob), aux_loss_coef=float(hf_cfg.router_aux_loss_coef))
+        moe = _routed_experts(hf_cfg, common.pop("ffn_dim"))  # OLMoE's intermediate_size is the experts' width
         return ModelConfig(**common, qk_norm=True, qk_norm_scope="all", attn_bias=bias, attn_out_bias=bias,
                            mlp="moe", mixer_opts={"moe": moe})
     if mt == "mixtral":
