@@ -50,13 +50,13 @@ def _byte_level_chars() -> dict[str, int]:
 BYTE_LEVEL_CHARS = _byte_level_chars()
 
 
-def _decoder_steps(d) -> list[dict]:
+def _pipeline_steps(d) -> list[dict]:
     """A tokenizer.json ``decoder`` (or normalizer, pre_tokenizer) as a flat list (Sequences unrolled)."""
     if not isinstance(d, dict):
         return []
     if d.get("type") == "Sequence":
         inner = d.get("decoders") or d.get("normalizers") or d.get("pretokenizers") or []
-        return [s for x in inner for s in _decoder_steps(x)]
+        return [s for x in inner for s in _pipeline_steps(x)]
     return [d]
 
 
@@ -180,7 +180,7 @@ class Tokenizer:
     @property
     def byte_level(self) -> bool:
         """Whether the decoder is ByteLevel: every vocabulary character stands for one byte."""
-        return any(d.get("type") == "ByteLevel" for d in _decoder_steps(json.loads(self.to_json()).get("decoder")))
+        return any(d.get("type") == "ByteLevel" for d in _pipeline_steps(json.loads(self.to_json()).get("decoder")))
 
     @property
     def cuts_exactly(self) -> bool:
@@ -189,7 +189,7 @@ class Tokenizer:
         normalizer, or a Metaspace pre-tokenizer that prepends, as Llama-2's and Mistral's), which each cut
         would add once more."""
         spec = json.loads(self.to_json())
-        steps = _decoder_steps(spec.get("normalizer")) + _decoder_steps(spec.get("pre_tokenizer"))
+        steps = _pipeline_steps(spec.get("normalizer")) + _pipeline_steps(spec.get("pre_tokenizer"))
         return not any(_prepends(s) for s in steps)
 
     @property
@@ -211,7 +211,7 @@ class Tokenizer:
         the ``▁`` they prepend to each text, and normalizers (NFKC, lowercasing) change bytes, so there it is
         close, not exact (prepare_data compares the validation split's sum with its real byte count)."""
         spec = json.loads(self.to_json())
-        steps = _decoder_steps(spec.get("decoder"))
+        steps = _pipeline_steps(spec.get("decoder"))
         byte_level = any(d.get("type") == "ByteLevel" for d in steps)
         fallback = (any(d.get("type") == "ByteFallback" for d in steps)
                     or bool((spec.get("model") or {}).get("byte_fallback")))
