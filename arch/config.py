@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -86,7 +87,7 @@ class ModelConfig:
     def __post_init__(self):
         # Fields as typed (n_heads=2.0 -> 2; window=2.5 or layers=None a one-line error), as config.yaml's
         # are: a ModelConfig built in Python meets the same checks.
-        hints = typing.get_type_hints(ModelConfig)
+        hints = _field_types()
         for f in dataclasses.fields(self):
             if f.name != "imports":  # load_imports takes a path or a list of them
                 setattr(self, f.name, coerce(f"model.{f.name}", getattr(self, f.name), hints[f.name]))
@@ -307,6 +308,12 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@functools.cache
+def _field_types() -> dict:
+    """ModelConfig's resolved field annotations, resolved once (a ModelConfig is built on every replace)."""
+    return typing.get_type_hints(ModelConfig)
 
 
 NORMS = ("rmsnorm", "layernorm")
