@@ -6,7 +6,6 @@ finished. A run still training, or killed, is compared from its metrics.jsonl, a
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 from .config import RunConfig
 from .errors import ConfigError, RunDirError, SlmlabError
 from .fmt import count, duration
-from .harness import primary_scores
+from .harness import primary_scores, to_json
 from .rundir import CONFIG, METRICS, TOKENIZER, RunDir, read_metrics, split_evals
 from .unused import changed, settings, show, why_unused
 
@@ -315,17 +314,6 @@ def check_plot(path: str, force: bool):
 
 
 # ---- output ----
-def _jsonable(v):
-    """NaN and inf as null: JSON has neither."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
-
-
 def text(runs: list[Run], out: dict) -> str:
     lines = markdown([list(COLUMNS), *map(_cells, out["runs"])], NUMERIC)
     lines += ["", "val bpb: the final eval, over the whole validation split; best eval bpb: the lowest periodic "
@@ -352,5 +340,5 @@ def compare(paths: list[str], plot_path: str | None = None, x: str = "tokens", a
     if plot_path:
         plot(runs, plot_path, x)
         out["plot"] = str(plot_path)
-    print(json.dumps(_jsonable(out), indent=2, default=str) if as_json else text(runs, out))
+    print(to_json(out, indent=2, default=str) if as_json else text(runs, out))
     return out

@@ -496,12 +496,12 @@ def _percent(se) -> str:
     return "n/a" if se is None or not math.isfinite(se) else f"{100 * se:.1f}"
 
 
-def to_json(results: dict, indent: int | None = None) -> str:
+def to_json(results, indent: int | None = None, default=None) -> str:
     """Strict JSON: NaN and Infinity are no JSON, and many parsers refuse them, so a non-finite number
     (paired()'s nan for one item, an overflowed perplexity, a broken model's nan) is written null."""
     import json
 
-    return json.dumps(_finite_or_none(results), indent=indent, allow_nan=False)
+    return json.dumps(_finite_or_none(results), indent=indent, default=default, allow_nan=False)
 
 
 def _finite_or_none(x):
