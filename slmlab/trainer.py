@@ -538,21 +538,29 @@ class Trainer:
                 # Under torchrun the all-reduced flag only: a rank's own may have come after the collective.
                 if res.stop or (self.dist.world == 1 and self.stop_signal is not None):
                     self.stop(step, phase)
+        # Ctrl-C or SIGTERM (a scheduler's) in the final eval or writes stops at once: the last step's
+        # checkpoint finishes the run on --resume. SIGTERM killed the process silently here before.
         try:
-            return self.finalize()
-        except KeyboardInterrupt:  # Ctrl-C in the final eval or writes: the last step's checkpoint finishes it
+            with self.stop_on_signals(finishing=True):
+                return self.finalize()
+        except Stopped:
+            raise
+        except KeyboardInterrupt:  # off the main thread no handler is set: Python's own Ctrl-C
             raise Stopped(self.stopped_message(signal.SIGINT), signal.SIGINT) from None
 
     def checkpoint_due(self, step: int) -> bool:
         return bool(self.t.ckpt_every) and (step % self.t.ckpt_every == 0 or step == self.t.steps)
 
     @contextmanager
-    def stop_on_signals(self):
+    def stop_on_signals(self, finishing: bool = False):
         """Ctrl-C or SIGTERM during the loop stops it after the step under way (see stop); a second
-        one stops at once. Handlers need the main thread: elsewhere the signals stay as they were."""
+        one stops at once, as does the first once `finishing` (after the last step, which the loop
+        checkpointed). Handlers need the main thread: elsewhere the signals stay as they were."""
         self.stop_signal = None
 
         def handler(signum, frame):
+            if finishing:
+                raise Stopped(self.stopped_message(signum), signum)
             if self.stop_signal is not None:
                 raise Stopped(self.stopped_message(signum, at_once=True), signum)
             self.stop_signal = signum

@@ -394,23 +394,29 @@ def test_resume_after_the_quality_phases_changed_is_one_line(tmp_path, capsys):
     assert "train.phases[1] is mid-way through its quality-ordered documents" in err and err.count("\n") == 1, err
 
 
-def test_ctrl_c_in_the_final_evaluation_names_the_checkpoint_that_finishes_the_run(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_in_the_final_evaluation_names_the_checkpoint_that_finishes_the_run(tmp_path, monkeypatch, capsys,
+                                                                                      sig):
+    """The trainer's handler (called as Python would) stops at once there: SIGTERM, a scheduler's, killed
+    the process without a word before."""
     import train
     from slmlab.cli import run_cli
     from slmlab.trainer import Trainer
 
     corpus, run = write_corpus(tmp_path / "c.txt"), tmp_path / "run"
     ov = tiny_overrides(tmp_path, steps=4, **{"train.ckpt_every": 2})
-    evaluate = Trainer.evaluate
+    evaluate, before = Trainer.evaluate, signal.getsignal(sig)
 
-    def ctrl_c(self, *a, **k):
-        raise KeyboardInterrupt
+    def signalled(self, *a, **k):
+        signal.getsignal(sig)(sig, None)
+        raise AssertionError("the handler returned: the final evaluation would have gone on")
 
-    monkeypatch.setattr(Trainer, "evaluate", ctrl_c)
-    assert run_cli(train.main, ["--data", str(corpus), "--out", str(run), *ov]) == 130
+    monkeypatch.setattr(Trainer, "evaluate", signalled)
+    assert run_cli(train.main, ["--data", str(corpus), "--out", str(run), *ov]) == 128 + sig
     err = capsys.readouterr().err
-    assert err.startswith("SIGINT at step 4") and f"step_000004; continue with: python train.py --resume --out {run}" \
-        in err, err
+    assert err.startswith(f"{signal.Signals(sig).name} at step 4") \
+        and f"step_000004; continue with: python train.py --resume --out {run}" in err, err
+    assert signal.getsignal(sig) == before and not (run / "summary.json").exists()
     monkeypatch.setattr(Trainer, "evaluate", evaluate)
     assert run_cli(train.main, ["--resume", "--out", str(run)]) == 0 and (run / "summary.json").is_file()
 
