@@ -238,8 +238,8 @@ class LIFMixer(Mixer, _SpikeStats):
             s, mem, spk = self._scan(u, mem, spk)
             if state is not None:
                 state = LIFState(mem, spk)
-        with torch.no_grad():
-            self._record(s.sum(), (s != 0).sum(), s.numel(), B * x.shape[1])
+        with torch.no_grad():  # bidirectional: two neurons per channel (one per scan), s their spike sum
+            self._record(s.sum(), (s != 0).sum(), s.numel() * (1 if self.causal else 2), B * x.shape[1])
         return self.out_proj(s.to(x.dtype)) * F.silu(g), state
 
     def activation_bytes(self, batch: int, seq_len: int, act: int) -> int:

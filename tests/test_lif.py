@@ -140,6 +140,17 @@ def test_bidirectional_lif_sees_the_future_and_causal_does_not():
         assert same == causal
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_neuron_that_spikes_every_step_has_rate_one(causal):
+    """Rates are spikes per neuron per step: a bidirectional mixer has two neurons per channel (one per
+    scan); its rate was their spike sum over one neuron, 2 here."""
+    mixer = LIFMixer(tiny(causal=causal), 0).eval()
+    with torch.no_grad():
+        mixer.in_proj.weight.fill_(1.0)  # a current of d_model = 32 per step: far above the threshold
+        mixer(torch.ones(2, 9, 32))
+    assert float(mixer._stat["spikes"]) / float(mixer._stat["slots"]) == 1.0
+
+
 def test_spiking_model_trains_and_logs_spike_metrics():
     torch.manual_seed(0)
     m = build_model(tiny())
