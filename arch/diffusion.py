@@ -69,11 +69,13 @@ class DiffusionLM(LM):
         logits[..., self.mask_id] = float("-inf")
         return logits
 
-    def _masked_rows(self, x0, t, generator=None):
-        """Mask x0 at rate t [B]: (hidden states of the masked positions [N, d], their clean
-        tokens [N], their t [N], the mask [B, T]). The head (often the largest matmul in a small
-        model) then only runs where there is a loss."""
-        masked = torch.rand(x0.shape, device=x0.device, generator=generator) < t[:, None]
+    def _masked_rows(self, x0, t, generator=None, u=None):
+        """Mask x0 at rate t [B] (where the uniforms u [B, T], drawn here if None, fall below t): (hidden
+        states of the masked positions [N, d], their clean tokens [N], their t [N], the mask [B, T]).
+        The head (often the largest matmul in a small model) then only runs where there is a loss."""
+        if u is None:
+            u = torch.rand(x0.shape, device=x0.device, generator=generator)
+        masked = u < t[:, None]
         xt = torch.where(masked, torch.full_like(x0, self.mask_id), x0)
         h = self.hidden(xt)[0]
         return h[masked], x0[masked], t[:, None].expand_as(x0)[masked], masked
@@ -90,13 +92,17 @@ class DiffusionLM(LM):
     def forward(self, idx, targets=None, states=None):
         """model(idx) -> denoising logits; model(idx, targets) -> the training loss, the ELBO per
         token of the clean sequence idx (targets only signal training: the objective needs no
-        shifted targets). Masks are drawn from torch's global RNG, so runs repeat from the seed."""
+        shifted targets). Times and masks are drawn from torch's global RNG, so runs repeat from the
+        seed, for the whole global batch under torchrun (set_data_shard): every rank drew the same ones."""
         if states is not None:
             raise RuntimeError("a diffusion model has no incremental decode; use generate()")
         if targets is None:
             return self.denoise_logits(idx)
-        t = antithetic_t(idx.shape[0], idx.device)
-        h, target, tt, _ = self._masked_rows(idx, t)
+        (B, T), (rank, world) = idx.shape, self.data_shard
+        rows = slice(rank * B, (rank + 1) * B)
+        t = antithetic_t(B * world, idx.device)
+        u = torch.rand(B * world, T, device=idx.device)
+        h, target, tt, _ = self._masked_rows(idx, t[rows], u=u[rows])
         scale = 1.0 / (tt * idx.numel())  # sum over masked positions of CE / t, per clean token
         return self.loss(h, target, row_scale=scale, exclude=self.mask_id)
 

@@ -30,6 +30,8 @@ from .moe import moe_metrics
 
 
 class LM(nn.Module):
+    data_shard = (0, 1)  # (rank, world): see set_data_shard
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -275,6 +277,12 @@ class LM(nn.Module):
         if self.cfg.tie_embeddings:
             n += self.embed.weight.numel()  # the tied head still costs a matmul
         return float(6 * n + sum(layer.flops_per_token(seq_len) for layer in self.layers))
+
+    def set_data_shard(self, rank: int, world: int):
+        """Under torchrun: this process holds rows rank*B .. (rank+1)*B of each global batch. An objective
+        that draws randomness per row (masked diffusion) draws it for the global batch and keeps these
+        rows, so every rank's draws differ and the run repeats a 1-process run's (slmlab/trainer.py)."""
+        self.data_shard = (rank, world)
 
     def set_windows(self, windows: list[Optional[int]]):
         """Per layer: the attention window to use from now on (None = full context / no window)."""

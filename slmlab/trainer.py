@@ -461,6 +461,7 @@ class Trainer:
     def setup_parallel_and_optimizer(self, resuming: bool):
         if resuming and self.dist.world > 1 and self.t.parallel == "fsdp":
             raise ConfigError("--resume with train.parallel=fsdp is not supported yet; resume with ddp")
+        self.model.set_data_shard(self.dist.rank, self.dist.world)
         self.fwd, self.model = wrap_parallel(self.model, self.t.parallel, self.dist, self.device)
         self.loss_fn, self.nll_fn = self.fwd, None  # what compute_loss and evaluate call
         self.teacher_fn = None if self.teacher is None else self.teacher.hidden

@@ -73,6 +73,22 @@ def test_fast_elbo_and_loss_match_the_reference(seq_len, loss_chunk):
         torch.testing.assert_close(terms, _reference_elbo(m, x0, t, masked), **tol)
 
 
+def test_ranks_draw_their_rows_of_the_global_batch_times_and_masks():
+    """Under torchrun every rank drew the same times and masks for its rows (one seed per run): each rank
+    now keeps its rows of the global batch's draws, so the ranks' mean loss is the 1-process run's."""
+    torch.manual_seed(0)
+    m = DiffusionLM(tiny(), OBJ)
+    x0 = torch.randint(4, V, (4, 9))
+    torch.manual_seed(1)
+    whole = m(x0, x0)
+    shards = []
+    for rank in (0, 1):
+        m.set_data_shard(rank, 2)
+        torch.manual_seed(1)
+        shards.append(m(x0[2 * rank:2 * rank + 2], x0[2 * rank:2 * rank + 2]))
+    torch.testing.assert_close((shards[0] + shards[1]) / 2, whole, atol=1e-6, rtol=1e-6)
+
+
 def test_model_elbo_on_a_uniform_model_by_hand():
     """A model with zero weights predicts uniformly over the V-1 non-mask tokens: every masked
     position costs log(V-1)/t, so the ELBO's expectation over t and the masks is exactly log(V-1)."""
