@@ -123,19 +123,26 @@ class DiffusionLM(LM):
                  generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None,
                  steps: Optional[int] = None, block_length: Optional[int] = None, sampler: str = "llada"):
         """Fill max_new_tokens masks after the prompt. steps defaults to one token per step;
-        block_length (llada) defaults to objective.block_length, shrunk to a divisor if needed."""
+        block_length (llada) defaults to objective.block_length, shrunk to a divisor if needed. With
+        eos_id, a row's tokens after its first generated eos_id are eos_id (LM.generate pads a finished
+        row so): every position is sampled at once, so the text after an end is noise."""
         n = max_new_tokens
         self.check_room(idx.shape[1], n)
         if n == 0:
             return idx
         steps = steps or n
         if sampler == "mdlm":
-            return mdlm_sample(self, idx, n, steps, temperature, top_k, generator)
-        if sampler != "llada":
+            out = mdlm_sample(self, idx, n, steps, temperature, top_k, generator)
+        elif sampler == "llada":
+            if block_length is None:
+                block_length = default_block_length(n, self.block_length)
+            out = llada_sample(self, idx, n, steps, block_length, temperature, top_k, generator)
+        else:
             raise ConfigError(f"sampler must be llada or mdlm, got {sampler!r}")
-        if block_length is None:
-            block_length = default_block_length(n, self.block_length)
-        return llada_sample(self, idx, n, steps, block_length, temperature, top_k, generator)
+        if eos_id is not None:
+            new = out[:, idx.shape[1]:]
+            new.masked_fill_((new == eos_id).cummax(1).values, eos_id)
+        return out
 
 
 def _draw(logits, temperature, top_k, generator):

@@ -59,6 +59,13 @@ class CausalScorer:
         return score_causal(self, enc, batch_tokens, progress)
 
 
+def check_positions(cfg, max_len: int, name: str):
+    """Learned positions have no rows past model.max_positions: say so before scoring, not mid-way."""
+    if cfg.pos == "learned" and max_len > cfg.max_positions:
+        raise ConfigError(f"--max-len {max_len} exceeds {name}'s model.max_positions={cfg.max_positions} "
+                          "(model.pos=learned)")
+
+
 class RunScorer(CausalScorer):
     """One of our autoregressive models (open_scorer: a run directory's): scores under the trainer's
     autocast, at the run's evaluation context by default."""
@@ -67,9 +74,7 @@ class RunScorer(CausalScorer):
         cfg = model.cfg
         if not cfg.causal:  # scorer_for gives a masked-diffusion LM its DiffusionScorer
             raise ConfigError(f"{name}: a bidirectional model has no left-to-right log-likelihood to score")
-        if cfg.pos == "learned" and max_len > cfg.max_positions:
-            raise ConfigError(f"--max-len {max_len} exceeds {name}'s model.max_positions={cfg.max_positions} "
-                              "(model.pos=learned)")
+        check_positions(cfg, max_len, name)
         self.model, self.tok, self.device, self.max_len, self.name = model, tok, torch.device(device), max_len, name
         self.start_id, self.dtype = tok.start_id, dtype
 
@@ -110,6 +115,7 @@ class DiffusionScorer:
     def __init__(self, model, tok, device, max_len: int, name: str = "model", samples: int = 16, dtype: str = "auto"):
         if samples < 1:
             raise ConfigError(f"--mc-samples must be >= 1, got {samples}")
+        check_positions(model.cfg, max_len, name)
         self.model, self.tok, self.device, self.max_len, self.name = model, tok, torch.device(device), max_len, name
         self.samples, self.start_id, self.dtype = samples, tok.start_id, dtype
 

@@ -158,6 +158,20 @@ def test_sampler_fills_every_mask_and_keeps_the_prompt(model, sampler, temperatu
     assert not (out[:, 5:] == MASK).any()
 
 
+@pytest.mark.parametrize("sampler", ["llada", "mdlm"])
+def test_a_row_is_eos_after_its_first_generated_eos(model, sampler):
+    """eos_id was accepted and ignored: LM.generate pads a finished row with it, and so does this now."""
+    prompt = torch.randint(4, V, (2, 5))
+    kw = dict(temperature=1.0, steps=4, block_length=4, sampler=sampler)
+    free = model.generate(prompt, 12, generator=torch.Generator().manual_seed(0), **kw)
+    eos = int(free[0, 9])  # a token row 0 generated mid-way
+    out = model.generate(prompt, 12, generator=torch.Generator().manual_seed(0), eos_id=eos, **kw)
+    for row, got in zip(free, out):
+        hits = (row[5:] == eos).nonzero()
+        end = 5 + int(hits[0]) if len(hits) else 17
+        assert torch.equal(got[:end + 1], row[:end + 1]) and (got[end:] == eos).all()
+
+
 @pytest.mark.parametrize("steps,block", [(12, 12), (3, 4), (30, 6), (1, 12)])
 def test_llada_schedules(model, steps, block):
     out = llada_sample(model, torch.randint(4, V, (1, 3)), 12, steps, block)

@@ -13,7 +13,7 @@ from trainer_helpers import ROOT, run_here, tiny_overrides
 
 from slmlab import harness, tasks
 from slmlab.config import load_config
-from slmlab.errors import DataError
+from slmlab.errors import ConfigError, DataError
 from slmlab.rundir import model_from_config
 from slmlab.tokenizer import train_tokenizer
 
@@ -165,6 +165,17 @@ def test_a_diffusion_run_scores_the_monte_carlo_elbo_of_its_draws(tiny_diffusion
         lp = model.denoise_logits(torch.tensor([ids[:-1] + [model.mask_id]]))[0, -1].double().log_softmax(-1)
     assert n == 1 and together[3].logprob == pytest.approx(lp[ids[-1]].item(), abs=1e-5)
     assert together[3].greedy == (lp.argmax().item() == ids[-1])
+
+
+@pytest.mark.parametrize("arch,scorer", [("hybrid", harness.RunScorer), ("diffusion", harness.DiffusionScorer)])
+def test_a_context_past_learned_positions_is_refused_before_scoring(arch, scorer):
+    """The diffusion scorer accepted it and failed mid-scoring on the position table."""
+    cfg = load_config(arch=arch, overrides=["model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+                                            "model.n_kv_heads=1", "model.vocab_size=300", "model.layers=CA",
+                                            "model.pos=learned", "model.max_positions=8"])
+    model = model_from_config(cfg).eval()
+    with pytest.raises(ConfigError, match=r"^--max-len 32 exceeds m's model.max_positions=8 \(model.pos=learned\)$"):
+        scorer(model, None, "cpu", max_len=32, name="m")
 
 
 def test_metrics_of_hand_scored_items(monkeypatch):
