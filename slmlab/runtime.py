@@ -237,10 +237,13 @@ class GPUSpec(NamedTuple):
     peak_dtype: str = "bf16"
 
 
-# Keys are matched against torch.cuda.get_device_name. V100 and T4 have no bf16 tensor cores: their
-# figure is the fp16 one, and training's bf16 autocast cannot use those tensor cores, so MFU reads low.
-GPUS = {"H200": GPUSpec(989e12, 141), "H100": GPUSpec(989e12, 80), "A100": GPUSpec(312e12, 80),
-        "L40S": GPUSpec(362e12, 48), "A10G": GPUSpec(125e12, 24), "L4": GPUSpec(121e12, 24),
+# Keys are matched against torch.cuda.get_device_name, the longest contained one winning ("NVIDIA H100
+# PCIe" is the PCIe card, not the SXM one; "NVIDIA L40S" not an L4). V100 and T4 have no bf16 tensor
+# cores: their figure is the fp16 one, and training's bf16 autocast cannot use those tensor cores, so
+# MFU reads low.
+GPUS = {"H200": GPUSpec(989e12, 141), "H100": GPUSpec(989e12, 80), "H100 PCIe": GPUSpec(756e12, 80),
+        "H100 NVL": GPUSpec(835e12, 94), "A100": GPUSpec(312e12, 80), "L40S": GPUSpec(362e12, 48),
+        "L40": GPUSpec(181e12, 48), "A10G": GPUSpec(125e12, 24), "L4": GPUSpec(121e12, 24),
         "RTX 4090": GPUSpec(165e12, 24), "RTX 3090": GPUSpec(71e12, 24), "V100": GPUSpec(125e12, 32, "fp16"),
         "T4": GPUSpec(65e12, 16, "fp16")}
 
@@ -260,9 +263,9 @@ def peak_flops(device) -> tuple[float, str]:
     throughput (fp32 on CPU) with this process's threads."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, spec in GPUS.items():
-            if key in name:
-                return spec.peak, gpu_peak_source(key, name)
+        key = max((k for k in GPUS if k in name), key=len, default=None)
+        if key:
+            return GPUS[key].peak, gpu_peak_source(key, name)
     return measured_peak(device.type)
 
 

@@ -213,6 +213,18 @@ def test_dry_run_flags_are_checked(tmp_path):
         train.main(["--dry-run", "--gpu", "H100", "--mfu", "2"])
 
 
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                       ("NVIDIA H100 NVL", 835e12), ("NVIDIA L4", 121e12), ("NVIDIA L40", 181e12),
+                                       ("NVIDIA L40S", 362e12), ("NVIDIA A100-SXM4-80GB", 312e12)])
+def test_mfu_peak_is_the_most_specific_datasheet_entry_in_the_device_name(monkeypatch, name, peak):
+    """Names were matched by the first key they contained: an H100 PCIe got the SXM peak, an L40 the L4's."""
+    from slmlab.runtime import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    got, label = peak_flops(torch.device("cuda"))
+    assert got == peak and label.startswith(f"{name} dense bf16 datasheet peak"), label
+
+
 def test_a_run_that_does_not_fit_stops_before_training(tmp_path, capsys):
     argv = ["--arch", "hybrid", "--size", "124m", "--mem", "4GB", "--out", str(tmp_path / "run"), "train.device=cpu",
             "train.phases=[]"]
