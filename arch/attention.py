@@ -58,14 +58,13 @@ class Attention(Mixer):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Scores (q.k) and values (p.v): 2 * H * hd multiply-adds per visible key each, x3 for
-        fwd + bwd. A causal query sees ~T/2 keys on average (at most the window); a
-        bidirectional one sees T (at most 2 * window)."""
-        w = self.window
-        if self.causal:
-            ctx = seq_len / 2 if w is None else min(w, seq_len / 2)
-        else:
-            ctx = seq_len if w is None else min(2 * w, seq_len)
-        return 12 * self.n_heads * self.hd * ctx
+        fwd + bwd. Keys seen on average, as a continuous count (the T/2 of full causal attention, not
+        (T + 1) / 2): causal T/2, with a window W < T the band's W - W^2/(2T) (the first W queries
+        see fewer); bidirectional T, with W < T twice that band, 2W - W^2/T. (min(W, T/2) counted
+        the default window 128 at T = 256 as 128 keys: they are 96.)"""
+        T, w = seq_len, self.window
+        ctx = T / 2 if w is None or w >= T else w - w * w / (2 * T)
+        return 12 * self.n_heads * self.hd * ctx * (1 if self.causal else 2)
 
     def activation_bytes(self, batch: int, seq_len: int, act: int) -> int:
         """Per token: q_proj and k_proj outputs with their QK-norm internals (fp32: normalised,

@@ -82,8 +82,11 @@ def test_flops_per_token_by_hand():
     conv_taps = 6 * d * 3
     attn_scores = 12 * 2 * hd * (T / 2)  # causal: a query sees T/2 keys on average
     assert m.flops_per_token(T) == params + conv_taps + attn_scores
-    m.set_windows([None, 4])  # sliding window 4 < T/2: every query sees at most 4 keys
-    assert m.flops_per_token(T) == params + conv_taps + 12 * 2 * hd * 4
+    m.set_windows([None, 4])  # sliding window 4: queries 3.. see 4 keys, 0, 1, 2 see 1, 2, 3
+    seen = sum(min(i + 1, 4) for i in range(T)) / T  # 3.625, the continuous count 4 - 16 / 32 = 3.5
+    assert m.flops_per_token(T) == params + conv_taps + 12 * 2 * hd * 3.5 and abs(3.5 - seen) < 0.5
+    m.set_windows([None, T])  # a window of the whole sequence is full attention
+    assert m.flops_per_token(T) == params + conv_taps + attn_scores
 
 
 def test_every_registered_block_declares_the_contract():
