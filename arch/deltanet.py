@@ -252,8 +252,11 @@ class GatedDeltaNet(Mixer):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Work beyond the parameter matmuls, fwd + bwd (x3 the forward's multiply-adds x2): per value
-        head and token, the chunk's K K^T and Q K^T rows (C dk each), the scores times U (C dv), the
-        triangular solve (C/2 (dk + dv)) and three state products (dk dv); plus the conv's taps."""
-        C = min(self.opts.chunk, seq_len)
-        per_head = C * (2 * self.dk + self.dv) + C * (self.dk + self.dv) / 2 + 3 * self.dk * self.dv
-        return 6 * (self.v_heads * per_head + self.conv_dim * self.K)
+        head and token (chunked_delta_rule's products, per chunk of C divided by C): the chunk's K K^T
+        and Q K^T rows and the scores times W (C dk each) and times U0 (C dv), the triangular solve
+        (C/2 (dk + dv)), K_out W (dk^2), K_out U0 and the start state read out (dk dv each) and the
+        hand-over M S (dk^2 dv / C); a bidirectional model runs the core twice; plus the conv's taps.
+        FlopCounterMode agrees on the matmuls (tests/test_deltanet.py)."""
+        C, dk, dv = min(self.opts.chunk, seq_len), self.dk, self.dv
+        per_head = C * (3 * dk + dv) + C * (dk + dv) / 2 + dk * dk + 2 * dk * dv + dk * dk * dv / C
+        return 6 * (self.v_heads * per_head * (1 if self.causal else 2) + self.conv_dim * self.K)

@@ -305,8 +305,11 @@ class Mamba2(Mixer):
     def flops_per_token(self, seq_len: int) -> float:
         """Work beyond the parameter matmuls, fwd + bwd (x3 the forward's multiply-adds x2): per group
         and token the chunk's C B^T row (L d_state); per head and token the masked scores times
-        dt x (L headdim), its chunk-end state term and the start state read out by C (headdim d_state
-        each); plus the conv's taps."""
+        dt x (L headdim), the start state read out by C and, in all chunks but the last (training
+        hands no state on), the chunk-end state term (headdim d_state each); a bidirectional model runs
+        the core twice; plus the conv's taps. FlopCounterMode agrees (tests/test_mamba2.py)."""
         L = min(self.opts.chunk, seq_len)
-        per_head = L * self.P + 2 * self.P * self.N
-        return 6 * (self.G * L * self.N + self.nheads * per_head + self.conv_dim * self.K)
+        nc = -(-seq_len // L)
+        per_head = L * self.P + self.P * self.N * (1 + (nc - 1) / nc)
+        core = self.G * L * self.N + self.nheads * per_head
+        return 6 * (core * (1 if self.causal else 2) + self.conv_dim * self.K)

@@ -160,3 +160,22 @@ def test_activation_bytes_fit_what_autograd_saves(heads, v_heads, head_dim, chun
     x = torch.randn(3, T, 96, requires_grad=True)
     got = _saved_bytes(lambda: block(x)[0], list(block.parameters()) + [x])
     assert block.activation_bytes(3, T, 4) == pytest.approx(got, rel=rel)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dk,dv,chunk", [(8, 8, 8), (16, 8, 4)])
+def test_flops_per_token_counts_the_core_matmuls(causal, dk, dv, chunk):
+    """flops_per_token's core term (fwd + bwd = 3x the forward) equals FlopCounterMode's count of the
+    core's matmuls plus the triangular solve it does not count (C^2/2 (dk + dv) multiply-adds a chunk).
+    It missed the scores times W and the chunk hand-over, and counted a bidirectional model's one core."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    H, T = 2, 3 * chunk
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, layers="D", n_heads=H, n_kv_heads=1, causal=causal,
+                      mixer_opts={"deltanet": dict(head_dim=dk, v_head_dim=dv, chunk=chunk)})
+    mixer = GatedDeltaNet(cfg, 0)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        gated_delta_chunked(*core_inputs(1, T, H, dk, dv), chunk=chunk)
+    solve = 2 * (T // chunk) * H * chunk ** 2 / 2 * (dk + dv)
+    core = (mixer.flops_per_token(T) - 6 * mixer.conv_dim * mixer.K) / 3 * T / (1 if causal else 2)
+    assert core == counter.get_total_flops() + solve

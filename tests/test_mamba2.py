@@ -252,3 +252,20 @@ def test_activation_bytes_match_what_autograd_saves(d, headdim, ngroups, d_state
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         got = _saved_bytes_without_weight_casts(lambda: block(x)[0], block, x)
     assert block.activation_bytes(3, T, 2 if bf16 else 4) == pytest.approx(got, rel=0.01)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("ngroups,chunk,T", [(1, 8, 24), (2, 4, 8)])
+def test_flops_per_token_counts_the_block_forward(causal, ngroups, chunk, T):
+    """FlopCounterMode over the block's forward (its projections, conv and core) equals the parameter
+    matmuls plus flops_per_token / 3 (fwd + bwd is 3x the forward). It counted a bidirectional model's
+    one core and the last chunk's state hand-over, which training skips."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, layers="M", n_heads=2, n_kv_heads=1, causal=causal,
+                      mixer_opts={"mamba2": dict(headdim=8, ngroups=ngroups, d_state=16, chunk=chunk)})
+    block = Mamba2(cfg, 0)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        block(torch.randn(1, T, 32))
+    params = block.in_proj.weight.numel() + block.out_proj.weight.numel()
+    assert counter.get_total_flops() == T * (2 * params + block.flops_per_token(T) / 3)
