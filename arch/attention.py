@@ -70,13 +70,13 @@ class Attention(Mixer):
         """Per token: q_proj and k_proj outputs with their QK-norm internals (fp32: normalised,
         rsqrt per head, or per token under qk_norm_scope all); the rotated q, k and v, the output and the per-head
         logsumexp kept by the fused attention (it never stores the T x T scores). Per sequence
-        position: RoPE's cos/sin for q and k. A sliding window on the PyTorch path adds its
-        additive [T, T] fp32 mask."""
+        position: RoPE's cos/sin for q and k. A sliding window narrower than T on the PyTorch path
+        adds its [T, T] mask (a wider one covers every key: attention_ref builds none)."""
         hq, hkv = self.n_heads * self.hd, self.n_kv_heads * self.hd
         rsqrts = 2 if self.qk_norm_all else self.n_heads + self.n_kv_heads
         norms = (hq + hkv + rsqrts) * 4 if self.qk_norm else 0
         per_token = norms + (2 * hq + 2 * hkv) * act + self.n_heads * 4
-        mask = seq_len * seq_len * 4 if self.window is not None else 0
+        mask = seq_len * seq_len * 4 if self.window is not None and self.window < seq_len else 0
         return batch * seq_len * per_token + 4 * seq_len * self.hd * 4 + mask
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> KVCache:

@@ -103,6 +103,21 @@ def test_block_activation_bytes_equal_what_autograd_saves(layers, mlp, causal, w
     assert block.activation_bytes(B, T, 4) == pytest.approx(got, rel=rel)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_window_as_wide_as_the_sequence_adds_no_mask_bytes(causal):
+    """attention_ref builds no mask for a window covering every key; the estimate added a [T, T] one."""
+    from arch import ModelConfig, build_model
+    from arch.config import ObjectiveConfig
+
+    B, T = 3, 40
+    cfg = ModelConfig(d_model=64, n_layers=1, layers="A", n_heads=4, n_kv_heads=2, vocab_size=128, causal=causal,
+                      window=T, window_pattern="S")
+    model = build_model(cfg, None if causal else ObjectiveConfig(name="mdlm"))
+    x = torch.randn(B, T, cfg.d_model, requires_grad=True)
+    got = _saved_bytes(lambda: model.layers[0](x)[0], list(model.parameters()) + list(model.buffers()))
+    assert model.layers[0].activation_bytes(B, T, 4) == pytest.approx(got, rel=0.01)
+
+
 def test_a_block_without_a_declaration_gets_the_linear_bound():
     from arch.block import Mixer
 
