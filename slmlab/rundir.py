@@ -10,7 +10,7 @@
     tokenizer_config.json  a foreign tokenizer's special-token names (slmlab/tokenizer.py SIDECAR)
     metrics.jsonl          one JSON object per log/eval step
     summary.json, sample.txt
-    checkpoints/step_XXXXXX/{model.safetensors, state.pt}   the last train.keep_checkpoints
+    checkpoints/step_XXXXXX/{model.safetensors, state.pt, sha256.json}   the last train.keep_checkpoints
     wandb/                 wandb's files, with logging.wandb
 
 Every file is written through checkpoint.publish, so a kill leaves the old file or the new one.
@@ -243,9 +243,11 @@ class RunDir:
         return ckpt.save_checkpoint(self.path, step, model_sd, state, keep, scheduled)
 
     def load_checkpoint(self, path: Path, model) -> dict:
-        """Load a checkpoint's weights into `model`; return its trainer state."""
+        """Load a checkpoint's weights into `model`; return its trainer state. The checksums are checked
+        last: a torn file gets the error that says so, a whole one with a flipped bit this one."""
         state = ckpt.load_state(path / "state.pt")
         ckpt.load_model_weights(model, path / WEIGHTS)
+        ckpt.verify_checkpoint(path)
         return state
 
     # ---- writing ----

@@ -376,6 +376,27 @@ def test_cli_resume_errors_leave_run_untouched(corpus, tmp_path, capsys):
         load_tensors(weights)
 
 
+def test_a_flipped_bit_in_a_checkpoint_is_caught_by_its_checksums(corpus, tmp_path, capsys):
+    """safetensors and torch.load read a flipped bit inside a tensor as a value: resume went on with it."""
+    path, d = corpus
+    run = tmp_path / "run"
+    assert cli(["--data", str(path), "--out", str(run), *tiny_overrides(d, steps=4), "train.ckpt_every=2"],
+               capsys)[0] == 0
+    ckpt = latest_checkpoint(run)
+    for name in ("model.safetensors", "state.pt"):
+        f = ckpt / name
+        good = f.read_bytes()
+        bad = bytearray(good)
+        # the last tensor's data (safetensors ends with it); state.pt's middle (a zip: its directory is last)
+        bad[len(good) - 9 if name == "model.safetensors" else len(good) // 2] ^= 0x10
+        f.write_bytes(bytes(bad))
+        rc, cap = cli(["--resume", "--out", str(run)], capsys)
+        assert rc == 2 and cap.err.startswith(f"error: checkpoint {ckpt} is corrupt: {name} differs from the "
+                                              "sha256 recorded when it was written"), cap.err
+        f.write_bytes(good)
+    assert cli(["--resume", "--out", str(run)], capsys)[0] == 0
+
+
 def test_wandb_offline(corpus, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
