@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from .coerce import AT_LEAST_1, NON_NEGATIVE, UNIT, Range, check_ranges
 from .errors import ConfigError
 
 ORDERS = ("random", "quality")
@@ -31,16 +32,12 @@ class PhaseConfig:
     top_frac: float = 1.0  # with order=quality: train only on the top fraction (repeated as needed)
 
     def check(self, where: str):
-        if self.seq_len <= 0 or (self.tokens_per_step is not None and self.tokens_per_step <= 0):
-            raise ConfigError(f"{where}: seq_len and tokens_per_step must be > 0")
-        if (self.share is not None and self.share < 0) or self.lr_mul < 0:
-            raise ConfigError(f"{where}: share and lr_mul must be >= 0")
-        if self.window is not None and self.window <= 0:
-            raise ConfigError(f"{where}: window must be > 0, got {self.window}")
+        # Range refuses NaN and inf too: a NaN share crashed the step split, a NaN lr_mul trained NaN steps.
+        check_ranges(self, where, {"seq_len": AT_LEAST_1, "tokens_per_step": AT_LEAST_1, "share": UNIT,
+                                   "lr_mul": NON_NEGATIVE, "window": AT_LEAST_1,
+                                   "top_frac": Range(0, 1, lo_open=True)})
         if self.order not in ORDERS:
             raise ConfigError(f"{where}: order must be one of {', '.join(ORDERS)}, got {self.order!r}")
-        if not 0 < self.top_frac <= 1:
-            raise ConfigError(f"{where}: top_frac must be in (0, 1], got {self.top_frac}")
 
 
 
@@ -68,7 +65,8 @@ class Phase:
         extra = "".join(f" {k}={getattr(self, k)}" for k in ("data", "window") if getattr(self, k) is not None)
         if self.order != "random":
             extra += f" order={self.order} top_frac={self.top_frac}"
-        steps = f"steps {self.start + 1}-{self.start + self.steps}" if self.steps else "no steps (train.steps too few)"
+        steps = (f"steps {self.start + 1}-{self.start + self.steps}" if self.steps
+                 else "no steps (share 0)" if self.share == 0 else "no steps (train.steps too few)")
         return (f"phase {self.index + 1}: {steps} seq_len {self.seq_len} tokens/step {self.tokens_per_step} "
                 f"lr_mul {self.lr_mul}{extra}")
 

@@ -60,7 +60,8 @@ def _no_window_layer(cfg: RunConfig) -> Optional[str]:
 
 
 def _seq_len(cfg: RunConfig) -> Optional[str]:
-    if not cfg.train.phases:
+    # A phase without tokens_per_step gets batch_size x train.seq_len x grad_accum: seq_len is read there.
+    if not cfg.train.phases or any(p.tokens_per_step is None for p in cfg.train.phases):
         return None
     lens = ", ".join(str(p.seq_len) for p in cfg.train.phases)
     return f"train.phases gives each stage its seq_len ({lens}); train.phases=[] trains one stage at train.seq_len"

@@ -108,6 +108,11 @@ def test_every_numeric_key_has_a_range():
     ("train.grad_clip=.inf", "train.grad_clip must be >= 0, got inf"),
     ("train.seed=-1", "train.seed must be in [0,"),
     ("train.decay_frac=1.5", "train.decay_frac must be in [0, 1], got 1.5"),
+    ("train.phases=[{seq_len: 64, share: .nan}]", "train.phases[0].share must be in [0, 1], got nan"),
+    ("train.phases=[{seq_len: 64, share: 1, lr_mul: .inf}]", "train.phases[0].lr_mul must be >= 0, got inf"),
+    ("train.phases=[{seq_len: 64, share: 1, lr_mul: .nan}]", "train.phases[0].lr_mul must be >= 0, got nan"),
+    ("train.phases=[{seq_len: 0, share: 1}]", "train.phases[0].seq_len must be >= 1, got 0"),
+    ("train.phases=[{seq_len: 64, share: 1, window: 0}]", "train.phases[0].window must be >= 1, got 0"),
 ])
 def test_out_of_range_values_are_one_line_errors(override, needle):
     with pytest.raises(ConfigError) as e:

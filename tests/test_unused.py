@@ -73,6 +73,7 @@ USED = [
     ["train.phases=[]", "train.seq_len=512"],
     ["train.phases=[]", "train.batch_size=4"],
     ["train.phases=[{seq_len: 64, share: 1.0}]", "train.batch_size=4"],  # no tokens_per_step: the batch sets it
+    ["train.phases=[{seq_len: 64, share: 1.0}]", "train.seq_len=32"],  # and train.seq_len is in that batch
     ["model.window_pattern=SL", "model.window=4"],
     ["model.layers=CCA", "model.conv_kernel=4"],
     ["model.layers=CCA", "model.n_kv_heads=2"],
