@@ -1,7 +1,7 @@
 """Curriculum tools: per-document quality scores and an ordered (low -> high) document stream.
 
 Quality ordering: documents of a phase are concatenated in ascending score order and cut into
-consecutive windows, so the phase ends on its best text. Selective repetition: a phase with
+consecutive windows, placed so that the phase ends on its best text. Selective repetition: a phase with
 top_frac < 1 streams only the top fraction of documents (by score), wrapping around when it runs
 out, so late phases repeat the best data (e.g. top 50% / 30% / 10% in phases 3-5).
 
@@ -58,8 +58,10 @@ def jsonl_scores(spec: str, field: str, n_docs: int) -> list[float]:
             obj = json.loads(raw)
             if not obj.get("text"):  # the data layer drops empty documents too
                 continue
-            if field not in obj or isinstance(obj[field], bool) or not isinstance(obj[field], (int, float)):
-                raise ConfigError(f"{path}:{lineno}: quality score field {field!r} missing or not a number")
+            if field not in obj or isinstance(obj[field], bool) or not isinstance(obj[field], (int, float)) \
+                    or not math.isfinite(obj[field]):  # argsort puts NaN last: it would rank as the best text
+                raise ConfigError(f"{path}:{lineno}: quality score field {field!r} missing or not a finite number"
+                                  + (f" ({obj[field]})" if isinstance(obj.get(field), float) else ""))
             scores.append(float(obj[field]))
             if len(scores) == n_docs:
                 break
@@ -79,16 +81,19 @@ def score_documents(tokens: np.ndarray, spans, score: str, spec: str) -> np.ndar
 
 class OrderedStream:
     """Documents in ascending score order (optionally only the top fraction), as one token stream
-    cut into consecutive seq_len + 1 windows; the position is one integer (the cursor)."""
+    cut into consecutive seq_len + 1 windows; the position is one integer (the cursor). `reads`, the
+    tokens the phase will take, places the start so that the last window ends on the stream's last
+    token, the best text: a phase shorter than the stream reads its best part, a longer one wraps
+    and still ends there. (Started at 0, a short phase read only the worst-scored documents.)"""
 
-    def __init__(self, tokens: np.ndarray, spans, scores: np.ndarray, top_frac: float = 1.0):
+    def __init__(self, tokens: np.ndarray, spans, scores: np.ndarray, top_frac: float = 1.0, reads: int = 0):
         order = np.argsort(scores, kind="stable")
         keep = max(1, math.ceil(top_frac * len(order)))
         order = order[len(order) - keep:]
         self.tokens = tokens
         self.index = np.concatenate([np.arange(*spans[i]) for i in order])
         self.n_docs = keep
-        self.cursor = 0
+        self.cursor = (-reads - 1) % len(self.index) if reads else 0  # - 1: the last window's extra target
 
     def next(self, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(self.index)

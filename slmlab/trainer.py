@@ -240,10 +240,14 @@ class BatchSource:
             bundle, spec = self.train_sets[ph.data]
             spans = document_spans(bundle.train, self.tok.eos_id)
             scores = score_documents(bundle.train, spans, self.quality_score, spec)
-            self.streams[ph.index] = OrderedStream(bundle.train, spans, scores, ph.top_frac)
+            reads = ph.steps * ph.tokens_per_step
+            s = self.streams[ph.index] = OrderedStream(bundle.train, spans, scores, ph.top_frac, reads)
             self.stream_keys[ph.index] = self.stream_key(ph)
-            self.say(f"  phase {ph.index + 1}: {self.streams[ph.index].n_docs} of {len(spans)} documents, "
-                     f"low -> high {self.quality_score}")
+            n = len(s.index)
+            self.say(f"  phase {ph.index + 1}: {s.n_docs} of {len(spans)} documents ({n:,} tokens), low -> high "
+                     f"{self.quality_score}; its {reads:,} tokens "
+                     + (f"are the stream's best {reads / n:.0%}" if reads <= n else f"read it {reads / n:.1f} times")
+                     + ", ending on the best")
         return self.streams[ph.index]
 
     def next(self, ph, batch_size: int, device):
@@ -317,6 +321,10 @@ class Trainer:
         saved = self.run.load_checkpoint(ckpt, self.model) if ckpt else None  # before DDP/FSDP wrap it
         self.setup_parallel_and_optimizer(resuming=saved is not None)
         self.batches = self.make_batches()
+        done = saved["step"] if saved else 0
+        for ph in self.phases:  # score the quality-ordered phases to come now: a bad train.quality_score
+            if ph.order == "quality" and ph.start + ph.steps > done:  # fails before step 1, not mid-run
+                self.batches.stream(ph)
         self.state = TrainState()
         if saved is not None:
             self.resume(ckpt, saved)
@@ -694,6 +702,13 @@ class Trainer:
         return {"step": step, "phase": ph.index + 1, "seq_len": ph.seq_len, "tokens": self.state.tokens,
                 "elapsed_s": self.state.train_time()}
 
+    def end_position(self) -> dict:
+        """Where the final evals' records stand: the last step, in the phase that trained it (the last
+        phase gets no step when train.steps is too few for it), at the evaluation's seq_len."""
+        last = phase_at(self.phases, self.t.steps - 1)
+        return {"step": self.t.steps, "phase": last.index + 1, "seq_len": last.seq_len, "tokens": self.state.tokens,
+                "eval_seq_len": self.eval_T}
+
     def step_record(self, step: int, ph, res: StepResult) -> dict:
         tps = res.tokens / res.seconds
         rec = {"step": step, "phase": ph.index + 1, "seq_len": ph.seq_len, "loss": res.loss,
@@ -742,9 +757,7 @@ class Trainer:
                             + (f"  (gzip -9 {base['gzip_bpb']:.3f}, xz -9 {base['xz_bpb']:.3f})" if base else "")
                             + (f"  exact match {final['exact_match']:.3f} of {final['exact_n']}" if "exact_n" in final
                                else "") + moe_label(final) + task_label(final))
-        last = self.phases[-1]
-        self.metrics.log({"step": t.steps, "phase": last.index + 1, "seq_len": last.seq_len,
-                          "tokens": self.state.tokens, "final": True, "eval_seq_len": self.eval_T, **final})
+        self.metrics.log({**self.end_position(), "final": True, **final})
         avg = self.average_checkpoints(final) if t.avg_last > 1 and self.dist.main else {}
         sd = weights_for_save(self.model)  # collective under FSDP
         summary = {"arch": self.cfg.arch, "params": self.n_params, "params_active": self.n_active,
@@ -778,7 +791,7 @@ class Trainer:
                **{f"avg_{k}": v for k, v in ev.items() if k.startswith("task_")}}
         self.progress.write(f"average of {len(dirs)} checkpoints ({dirs[0].name} .. {dirs[-1].name}): val loss "
                             f"{ev['val_loss']:.4f}  val bpb {bpb_label(ev)}  (last: {final['val_loss']:.4f})")
-        self.metrics.log({"step": self.t.steps, "tokens": self.state.tokens, "final_avg": True, **avg})
+        self.metrics.log({**self.end_position(), "final_avg": True, **avg})
         return avg
 
     def write_sample(self, sample: str, summary: dict):

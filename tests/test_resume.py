@@ -287,6 +287,25 @@ def test_a_signal_checkpoint_leaves_retention_and_the_average_as_uninterrupted(t
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000008", "step_000010"]
 
 
+def test_a_run_stopped_inside_a_quality_ordered_phase_resumes_exactly(tmp_path, monkeypatch, capsys):
+    """The stream is built at set-up (placed to end on the best text) and its cursor restored."""
+    import train
+    from slmlab.cli import run_cli
+
+    corpus = write_corpus(tmp_path / "c.txt")
+    ov = tiny_overrides(tmp_path, steps=10, **{
+        "train.ckpt_every": 4, "train.quality_score": "fn:unique_ratio",
+        "train.phases": "[{seq_len: 16, share: 0.4, tokens_per_step: 128}, "
+                        "{seq_len: 16, share: 0.6, tokens_per_step: 128, order: quality, top_frac: 0.5}]"})
+    assert run_cli(train.main, ["--data", str(corpus), "--out", str(tmp_path / "full"), *ov]) == 0
+    run = tmp_path / "stopped"
+    ctrl_c_once_at(monkeypatch, 7)
+    assert run_cli(train.main, ["--data", str(corpus), "--out", str(run), *ov]) == 130
+    assert run_cli(train.main, ["--resume", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert losses(run) == losses(tmp_path / "full")
+
+
 def test_a_second_signal_stops_at_once_and_without_checkpoints_nothing_is_resumable(tmp_path, monkeypatch, capsys):
     import train
     from slmlab.cli import run_cli

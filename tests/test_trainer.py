@@ -320,6 +320,17 @@ def test_quality_stream_orders_low_to_high_and_repeats_top():
     assert x.tolist() == [[5, 5, 5, eos], [5, 5, 5, eos]]  # only the best document, repeated
 
 
+@pytest.mark.parametrize("reads", [4, 8, 20])
+def test_a_quality_stream_ends_on_its_best_token_however_much_the_phase_reads(reads):
+    """The cursor started at 0: a phase reading less than the stream saw only its worst documents."""
+    eos = 0
+    tokens = np.array([5, 5, 5, eos, 1, 2, eos, 7, 8, 9, 6, eos])
+    s = OrderedStream(tokens, document_spans(tokens, eos), np.array([3.0, 1.0, 2.0]), reads=reads)
+    for _ in range(reads // 4):
+        x, y = s.next(1, 4)
+    assert y[0].tolist() == [5, 5, 5, eos]  # the best document's last tokens are the phase's last targets
+
+
 def test_quality_ordered_phase_from_jsonl_field(tmp_path):
     rows = [{"text": f"doc {i} " + "abc " * (i + 1), "q": float(i % 5)} for i in range(200)]
     path = tmp_path / "d.jsonl"
@@ -331,6 +342,38 @@ def test_quality_ordered_phase_from_jsonl_field(tmp_path):
     assert math.isfinite(s["val_loss"])
     with pytest.raises(ConfigError, match="needs train.quality_score"):
         load_config(overrides=["train.phases=[{seq_len: 16, share: 1.0, order: quality}]"])
+
+
+@pytest.mark.parametrize("score,q,needle", [
+    ("fn:bogus", 1.0, "unknown quality scorer 'fn:bogus'"),
+    ("q", float("nan"), "d.jsonl:4: quality score field 'q' missing or not a finite number (nan)"),
+    ("quality", 1.0, "d.jsonl:1: quality score field 'quality' missing or not a finite number"),
+])
+def test_a_bad_quality_score_stops_the_run_before_its_first_step(tmp_path, score, q, needle):
+    """It failed when the quality phase began, after the earlier phases had trained; a NaN score
+    ranked as the best text."""
+    rows = [{"text": f"doc {i} " + "abc " * (i + 1), "q": q if i == 3 else float(i % 5)} for i in range(200)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(overrides=[f"data.spec={path}", *tiny_overrides(tmp_path, steps=4), f"train.quality_score={score}",
+                                 "train.phases=[{seq_len: 16, share: 0.5, tokens_per_step: 128}, "
+                                 "{seq_len: 16, share: 0.5, tokens_per_step: 128, order: quality}]"])
+    with pytest.raises(ConfigError) as e:
+        train(cfg, tmp_path / "run")
+    assert needle in str(e.value) and not (tmp_path / "run").exists(), str(e.value)
+
+
+def test_the_final_records_name_the_phase_that_trained_the_last_step(corpus, tmp_path):
+    """A last phase with no steps (share 0, or train.steps too few) was named by the final eval's record."""
+    path, d = corpus
+    cfg = load_config(overrides=[f"data.spec={path}", *tiny_overrides(d, steps=4, **{
+        "train.ckpt_every": 2, "train.avg_last": 2,
+        "train.phases": "[{seq_len: 16, share: 0.5, tokens_per_step: 128}, "
+                        "{seq_len: 32, share: 0.5, tokens_per_step: 128}, {seq_len: 64, share: 0.0}]"})])
+    train(cfg, tmp_path / "run")
+    recs = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    last = [r for r in recs if r.get("final") or r.get("final_avg")]
+    assert len(last) == 2 and all((r["step"], r["phase"], r["seq_len"]) == (4, 2, 32) for r in last), last
 
 
 # ---- CLI: one-line errors, exit 2, nothing overwritten ----
