@@ -410,6 +410,10 @@ class Trainer:
             if changes:
                 self.say(f"--resume: {', '.join(changes)}: applies from the resumed step on"
                          + (self.eval_change(saved) if changes is shape else ""))
+        if saved.train.steps != self.t.steps:  # the shares and the schedule are of train.steps
+            self.say(f"--resume: train.steps {saved.train.steps} -> {self.t.steps}: the phases' steps and the lr "
+                     f"schedule (warmup, decay) are laid out anew over {self.t.steps} steps, so the resumed step "
+                     "may fall in another phase, at another lr, than it would have")
 
     def eval_change(self, saved: RunConfig) -> str:
         """'; ...' when the resumed run evaluates other tokens than the run did so far, else ''."""
