@@ -57,6 +57,9 @@ def attention_ref(q, k, v, causal=True, window=None, scale=None):
     if window is not None and window >= Tk:  # the band covers every key: no mask, SDPA's fused kernels
         window = None
     if window is None and (not causal or Tq == Tk):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and Tq > 1, scale=scale, enable_gqa=gqa)
+        # is_causal=causal, not `causal and Tq > 1` (a 1 x 1 causal mask is no mask): under dynamic shapes
+        # (a recompile at a new seq_len) Tq > 1 is a SymBool, which SDPA refuses, and a fullgraph compile
+        # after another length's failed.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
     mask = band_mask(Tq, Tk, causal, window, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
