@@ -68,7 +68,10 @@ def test_chunked_core_holds_at_the_decay_extremes(case):
     strong = case == "strong decay"
     ins = core_inputs(2, 130, 4, 5, 2, 6, **(dict(dt_range=(5.0, 40.0)) if strong else
                                               dict(dt_range=(0.5, 1.0), A_scale=1e-4)))
-    assert_core_matches(ins, 64, 1e-5, 1e-4, scaled=not strong)
+    # Tolerances relative to the largest value in both cases: under strong decay outputs reach ~600, and
+    # a 1e-5 absolute bound was at 0.64 of its margin here and over it with other CPU kernels (1.2e-5,
+    # ATEN_CPU_CAPABILITY=default); the float64 check below still holds both cores to 1e-6 relative.
+    assert_core_matches(ins, 64, 1e-5, 1e-4, scaled=True)
     exact, _ = ssd_ref(*(t.detach().double() for t in ins))
     for fn in (ssd_ref, lambda *a: ssd_chunked(*a, chunk=64)):
         y, _ = fn(*(t.detach() for t in ins))
