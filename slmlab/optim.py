@@ -197,6 +197,26 @@ class BatchedMuon(torch.optim.Muon):
                 raise ValueError(f"BatchedMuon takes matrices and stacks of them (2-D, 3-D), got {tuple(p.shape)}")
         self.ns_dtype = ns_dtype
 
+    def state_dict(self) -> dict:
+        """torch's, plus the NS dtype in use and its device type: with optim.muon_ns_dtype auto, a resume
+        on the same kind of device keeps what the run's probe picked. A new probe (timed, once per
+        process) could pick the other dtype under other load, and the losses then parted by 1e-6
+        within 4 steps of the resumed run."""
+        sd = super().state_dict()
+        p = next((p for g in self.param_groups for p in g["params"]), None)
+        if p is not None:
+            sd["ns_dtype"] = {"device": p.device.type,
+                              "dtype": str(self.ns_dtype or fast_ns_dtype(p.device)).removeprefix("torch.")}
+        return sd
+
+    def load_state_dict(self, state_dict: dict):
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("ns_dtype", None)  # absent in checkpoints from before it was saved
+        p = next((p for g in self.param_groups for p in g["params"]), None)
+        if self.ns_dtype is None and isinstance(saved, dict) and p is not None and saved.get("device") == p.device.type:
+            self.ns_dtype = NS_DTYPES.get(saved.get("dtype"))
+        super().load_state_dict(state_dict)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

@@ -168,3 +168,26 @@ def test_state_dict_round_trip():
         torch.testing.assert_close(pa, pb, rtol=0, atol=0)
     with pytest.raises(ValueError):
         build_optimizer(tiny(), OptimConfig(name="adamw"), verbose=False).load_state_dict(sd)
+
+
+@pytest.mark.parametrize("picked", ["float32", "bfloat16"])
+def test_a_resumed_auto_muon_keeps_the_dtype_its_run_picked(monkeypatch, picked):
+    """auto's probe times bf16 against fp32 once per process: a resume under other load could pick the
+    other, and its losses then parted from the run's. The state dict carries the pick; an explicit
+    setting, or another kind of device, still decides for itself."""
+    from slmlab import optim
+
+    monkeypatch.setattr(optim, "_fast_cpu_dtype", lambda: optim.NS_DTYPES[picked])
+    sd = build_optimizer(tiny(), OptimConfig(name="muon"), verbose=False).state_dict()
+    assert sd["muon"]["ns_dtype"] == {"device": "cpu", "dtype": picked}
+    monkeypatch.setattr(optim, "_fast_cpu_dtype", lambda: pytest.fail("probed again on resume"))
+    resumed = build_optimizer(tiny(), OptimConfig(name="muon"), verbose=False)
+    resumed.load_state_dict(sd)
+    assert resumed.optimizers["muon"].ns_dtype == optim.NS_DTYPES[picked]
+    explicit = build_optimizer(tiny(), OptimConfig(name="muon", muon_ns_dtype="float32"), verbose=False)
+    explicit.load_state_dict(sd)
+    assert explicit.optimizers["muon"].ns_dtype == torch.float32
+    other = {**sd, "muon": {**sd["muon"], "ns_dtype": {"device": "cuda", "dtype": "bfloat16"}}}
+    fresh = build_optimizer(tiny(), OptimConfig(name="muon"), verbose=False)
+    fresh.load_state_dict(other)
+    assert fresh.optimizers["muon"].ns_dtype is None
