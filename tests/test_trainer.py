@@ -355,7 +355,8 @@ def test_a_bad_quality_score_stops_the_run_before_its_first_step(tmp_path, score
     rows = [{"text": f"doc {i} " + "abc " * (i + 1), "q": q if i == 3 else float(i % 5)} for i in range(200)]
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = load_config(overrides=[f"data.spec={path}", *tiny_overrides(tmp_path, steps=4), f"train.quality_score={score}",
+    cfg = load_config(overrides=[f"data.spec={path}", *tiny_overrides(tmp_path, steps=4),
+                                 f"train.quality_score={score}",
                                  "train.phases=[{seq_len: 16, share: 0.5, tokens_per_step: 128}, "
                                  "{seq_len: 16, share: 0.5, tokens_per_step: 128, order: quality}]"])
     with pytest.raises(ConfigError) as e:
