@@ -59,16 +59,21 @@ def _no_window_layer(cfg: RunConfig) -> Optional[str]:
     return "no layer takes a window (attention does)"
 
 
+def _phases_set_every_batch(cfg: RunConfig) -> bool:
+    """Phases are set and each gives tokens_per_step: otherwise a phase takes batch_size x train.seq_len x
+    grad_accum tokens a step, and both train.batch_size and train.seq_len are read."""
+    return bool(cfg.train.phases) and all(p.tokens_per_step is not None for p in cfg.train.phases)
+
+
 def _seq_len(cfg: RunConfig) -> Optional[str]:
-    # A phase without tokens_per_step gets batch_size x train.seq_len x grad_accum: seq_len is read there.
-    if not cfg.train.phases or any(p.tokens_per_step is None for p in cfg.train.phases):
+    if not _phases_set_every_batch(cfg):
         return None
     lens = ", ".join(str(p.seq_len) for p in cfg.train.phases)
     return f"train.phases gives each stage its seq_len ({lens}); train.phases=[] trains one stage at train.seq_len"
 
 
 def _batch_size(cfg: RunConfig) -> Optional[str]:
-    if not cfg.train.phases or any(p.tokens_per_step is None for p in cfg.train.phases):
+    if not _phases_set_every_batch(cfg):
         return None
     return "every train.phases entry gives its tokens_per_step, which sets the batch"
 
