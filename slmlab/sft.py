@@ -392,9 +392,6 @@ class SFTBatches:
         self.examples, self.pad_id, self.dist = examples, pad_id, dist
         self.gen = torch.Generator().manual_seed(seed)
 
-    def stream(self, ph):
-        return None
-
     def next(self, ph, batch_size: int, device):
         pick = torch.randint(len(self.examples), (batch_size * self.dist.world,), generator=self.gen)
         mine = pick[self.dist.rank * batch_size:(self.dist.rank + 1) * batch_size].tolist()

@@ -322,8 +322,10 @@ class Trainer:
         self.setup_parallel_and_optimizer(resuming=saved is not None)
         self.batches = self.make_batches()
         done = saved["step"] if saved else 0
-        for ph in self.phases:  # score the quality-ordered phases to come now: a bad train.quality_score
-            if ph.order == "quality" and ph.start + ph.steps > done:  # fails before step 1, not mid-run
+        # Score the quality-ordered phases to come now, not inside a timed step: a bad train.quality_score
+        # fails before step 1, not mid-run.
+        for ph in self.phases:
+            if ph.order == "quality" and ph.start + ph.steps > done:
                 self.batches.stream(ph)
         self.state = TrainState()
         if saved is not None:
@@ -622,7 +624,6 @@ class Trainer:
         self.progress.write(f"step {step}: entering {ph.describe()}")
         self.model.set_windows(phase_windows(self.base_windows, ph.window))
         self.fpt = self.model.flops_per_token(ph.seq_len)
-        self.batches.stream(ph)  # a quality-ordered phase scores its documents now, not inside a timed step
         return ph
 
     def train_step(self, step: int, ph) -> StepResult:
