@@ -202,20 +202,24 @@ class BatchedMuon(torch.optim.Muon):
         on the same kind of device keeps what the run's probe picked. A new probe (timed, once per
         process) could pick the other dtype under other load, and the losses then parted by 1e-6
         within 4 steps of the resumed run."""
-        sd = super().state_dict()
-        p = next((p for g in self.param_groups for p in g["params"]), None)
-        if p is not None:
-            sd["ns_dtype"] = {"device": p.device.type,
-                              "dtype": str(self.ns_dtype or fast_ns_dtype(p.device)).removeprefix("torch.")}
+        sd, device = super().state_dict(), self._device()
+        if device is not None:
+            sd["ns_dtype"] = {"device": device.type,
+                              "dtype": str(self.ns_dtype or fast_ns_dtype(device)).removeprefix("torch.")}
         return sd
 
     def load_state_dict(self, state_dict: dict):
         state_dict = dict(state_dict)
         saved = state_dict.pop("ns_dtype", None)  # absent in checkpoints from before it was saved
-        p = next((p for g in self.param_groups for p in g["params"]), None)
-        if self.ns_dtype is None and isinstance(saved, dict) and p is not None and saved.get("device") == p.device.type:
+        device = self._device()
+        if self.ns_dtype is None and isinstance(saved, dict) and device is not None \
+                and saved.get("device") == device.type:
             self.ns_dtype = NS_DTYPES.get(saved.get("dtype"))
         super().load_state_dict(state_dict)
+
+    def _device(self) -> torch.device | None:
+        """Where the parameters are (None without any): the NS dtype auto picks depends on it."""
+        return next((p.device for g in self.param_groups for p in g["params"]), None)
 
     @torch.no_grad()
     def step(self, closure=None):
