@@ -193,8 +193,13 @@ class HFScorer(CausalScorer):
 
         self.tok, self.model = load_hf_folder(folder, device)
         self.name, self.device, self.dtype = str(folder), torch.device(device), dtype
-        self.max_len = max_len or min(getattr(self.model.config, "max_position_embeddings", None) or 2048, 2048)
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        self.max_len = max_len or min(positions or 2048, 2048)
+        if positions and self.max_len > positions:  # a learned table (GPT-2's) has no rows past it: an IndexError
+            raise ConfigError(f"--max-len {self.max_len} exceeds {folder}'s max_position_embeddings={positions}")
         self.start_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
+        if self.start_id is None:  # a pair with an empty context, or a document's first token, has nothing to follow
+            raise ConfigError(f"{folder}'s tokenizer has neither a bos nor an eos token to start each pair with")
 
     def encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -203,14 +208,17 @@ class HFScorer(CausalScorer):
     def masked_logits(self, idx, mask):
         # The same autocast as our runs': a transformers model in fp32 beside a bf16 run of ours on
         # CUDA made every paired difference partly one of precision.
+        # Logits only at the columns some row scores: [B, T, V] for a 152k vocabulary is ~10 GB at the
+        # default --batch-tokens. (A 1-D logits_to_keep is what every transformers 5 CausalLM takes.)
+        keep = mask.any(0).nonzero()[:, 0]
         with precision(self.device, self.dtype):
-            return self.model(input_ids=idx).logits[mask].float()
+            return self.model(input_ids=idx, logits_to_keep=keep).logits[mask[:, keep]].float()
 
 
 def tokenize_pair(scorer, context: str, continuation: str) -> tuple[list[int], int]:
     """(start + context + continuation ids, continuation length in tokens), left-truncated to
     max_len + 1 ids (max_len predictions)."""
-    moved = len(context) - len(context.rstrip(" "))
+    moved = len(context) - len(context.rstrip())  # lm-evaluation-harness moves newlines too
     if moved:
         context, continuation = context[:-moved], context[-moved:] + continuation
     ctx = scorer.encode(context) if context else []
@@ -300,8 +308,8 @@ def evaluate_text(scorer, items, batch_tokens: int = 16384, progress=None) -> Ta
     whitespace-separated word), over all of them."""
     windows = [w for it in items for w in rolling_windows(scorer, it.continuations[0])]
     nll = -sum(s.logprob for s in scorer.score(windows, batch_tokens, progress))
-    n_bytes = sum(len(it.continuations[0].encode("utf-8")) for it in items)
-    words = sum(len(it.continuations[0].split()) for it in items)
+    units = [it.units or (len(it.continuations[0].encode("utf-8")), len(it.continuations[0].split())) for it in items]
+    n_bytes, words = sum(b for b, _ in units), sum(w for _, w in units)
     bound = {"bound": True} if getattr(scorer, "bound", False) else {}
     return TaskResult({"bpb": nll / math.log(2) / n_bytes, "word_ppl": _exp(nll / max(words, 1)),
                        "tokens": sum(n for _, n in windows), **bound}, n=len(items))
@@ -321,7 +329,10 @@ def evaluate_items(scorer, items, batch_tokens: int = 16384, progress=None) -> T
             s = scores[at:at + len(it.contexts)]
             at += len(s)
             ll = [x.logprob for x in s]
-            per_byte = [x.logprob / max(len(k.encode("utf-8")), 1) for x, k in zip(s, it.continuations)]
+            # A choice's length without the space the format puts before it, as lm-evaluation-harness
+            # (which adds that space as its target delimiter): the +1 favoured short choices.
+            per_byte = [x.logprob / max(len(k.removeprefix(" ").encode("utf-8")), 1)
+                        for x, k in zip(s, it.continuations)]
             acc.append(float(_argmax(ll) == it.label))
             acc_norm.append(float(_argmax(per_byte) == it.label))
             chance += 1 / len(it.contexts)
@@ -566,6 +577,7 @@ def task_metrics(model, tok, device, max_len: int, items: dict, batch_tokens: in
             out.update({f"task_{name}_{k}": m[k] for k in ("acc", "acc_norm", "ppl", "bpb") if k in m})
         return out
     finally:
+        model.extra_metrics()  # drop the MoE loads and spike rates these forwards recorded: the next eval's are its own
         model.train(was_training)
 
 

@@ -37,6 +37,8 @@ class Item:
     continuations: tuple[str, ...]
     label: Optional[int]  # None: a completion (one pair)
     text: bool = False  # a document scored whole (its one continuation), in windows of the context length
+    # A document's (bytes, words) its bpb and word_ppl are per, when not its own text's (wikitext's raw page).
+    units: Optional[tuple[int, int]] = None
 
     def __post_init__(self):
         # Here, not per format: a built-in row's label (an offline copy's) is as unchecked as a generic one's.
@@ -57,10 +59,10 @@ class Item:
         return "text" if self.text else "multiple choice" if self.is_choice else "completion"
 
 
-def document(text: str) -> Item:
+def document(text: str, units: Optional[tuple[int, int]] = None) -> Item:
     if not isinstance(text, str) or not text.strip():
         raise DataError("a text item needs a non-empty string 'text'")
-    return Item(("",), (text,), None, text=True)
+    return Item(("",), (text,), None, text=True, units=units)
 
 
 def choice(context: str, choices, label: int) -> Item:
@@ -135,8 +137,30 @@ def _lambada(row) -> Item:
     return Item((context,), (" " + last,), None)
 
 
+def wikitext_detokenize(page: str) -> str:
+    """WikiText's tokenized spacing (`1 @,@ 000`, `word , word`, `( a )`, `= = Title = =`) undone, the way
+    lm-evaluation-harness does before scoring, so its wikitext numbers and ours measure the same text.
+    (It also rewrites the literal text "/' N/", which WikiText does not contain.)"""
+    s = page.replace("s '", "s'")
+    for mark in "-,.":
+        s = s.replace(f" @{mark}@ ", mark)
+    for p in ":;.!?,":
+        s = s.replace(f" {p} ", f"{p} ")
+    for left, right in ("()", "[]", "{}", '""', "''"):
+        s = re.sub(rf"{re.escape(left)}\s*([^{re.escape(right)}]*?)\s*{re.escape(right)}", rf"{left}\1{right}", s)
+    for old, new in (("= = = =", "===="), ("= = =", "==="), ("= =", "=="), (" \u00b0 ", "\u00b0"), (" \n", "\n"),
+                     ("\n ", "\n"), (" N ", " 1 "), (" 's", "'s")):
+        s = s.replace(old, new)
+    return s
+
+
 def _wikitext(row) -> Item:
-    return document(row["page"])
+    page = row["page"]
+    if not isinstance(page, str):
+        raise DataError(f"a wikitext row's 'page' must be a string, got {type(page).__name__}")
+    # lm-evaluation-harness's units: the raw page's bytes, and its words as re.split counts them (an
+    # empty string at each end that starts or ends with whitespace, as a page does).
+    return document(wikitext_detokenize(page), units=(len(page.encode("utf-8")), len(re.split(r"\s+", page))))
 
 
 @dataclass(frozen=True)

@@ -114,9 +114,10 @@ def test_a_long_context_loses_tokens_on_the_left(tiny):
         harness.tokenize_pair(scorer, "", " ".join(SENTENCES))
 
 
-def test_trailing_spaces_of_a_context_go_to_the_continuation(tiny):
+def test_trailing_whitespace_of_a_context_goes_to_the_continuation(tiny):
     scorer = harness.RunScorer(*tiny, "cpu", max_len=64)
     assert harness.tokenize_pair(scorer, "the cat ", "sat") == harness.tokenize_pair(scorer, "the cat", " sat")
+    assert harness.tokenize_pair(scorer, "the cat:\n", "sat") == harness.tokenize_pair(scorer, "the cat:", "\nsat")
 
 
 def test_own_tokenizer_starts_after_eos_as_training_documents_do(tiny):
@@ -189,6 +190,12 @@ def test_metrics_of_hand_scored_items(monkeypatch):
     assert r.per_item == {"acc": [0.0, 1.0, 1.0], "acc_norm": [1.0, 0.0, 1.0]}
     assert r.metrics["acc"] == pytest.approx(2 / 3) and r.metrics["chance"] == pytest.approx((0.5 + 0.5 + 1 / 3) / 3)
     assert r.metrics["acc_stderr"] == pytest.approx(math.sqrt(2 / 9 / 2))
+    # per byte of the choice without the space the format puts before it (lm-eval's length): -10 / 10
+    # beats -1.05 / 1; counting the space (-10 / 11 against -1.05 / 2) picked the short choice
+    monkeypatch.setattr(harness, "score_pairs", lambda scorer, pairs, *a: [
+        harness.PairScore(x, False, 1, False) for x in (-10.0, -1.05)])
+    r = harness.evaluate_items(None, [tasks.choice("q", [" abcdefghij", " k"], 0)])
+    assert r.per_item == {"acc": [0.0], "acc_norm": [1.0]}
     completions = [tasks.Item(("x",), (" ab",), None), tasks.Item(("y",), (" c",), None)]
     monkeypatch.setattr(harness, "score_pairs", lambda scorer, pairs, *a: [
         harness.PairScore(-2.0, True, 2, False), harness.PairScore(-1.0, False, 1, False)])
@@ -231,6 +238,27 @@ def test_builtin_tasks_format_rows_as_lm_eval_does():
     mmlu = tasks.BUILTIN["mmlu"].to_item({"question": "2 + 2 = ?", "subject": "math", "choices": ["3", "4", "5", "6"],
                                           "answer": 1})
     assert mmlu == tasks.choice("2 + 2 = ?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:", [" A", " B", " C", " D"], 1)
+
+
+def test_wikitext_is_detokenized_and_scored_per_raw_byte_and_word_as_lm_eval_does():
+    page = ' = Game = \n The game @-@ play ( of 1 @,@ 000 " fans " ) was good , they said . \n'
+    item = tasks.BUILTIN["wikitext"].to_item({"page": page})
+    assert item.continuations[0] == ' = Game =\nThe game-play (of 1,000 "fans") was good, they said.\n'
+    assert item.units == (len(page.encode()), 24)  # re.split's count: an empty string at each end
+
+    class Scorer:  # one nat per token, a token per character: the nll is the text's length
+        start_id, max_len = 0, 10_000
+
+        def encode(self, text):
+            return [1] * len(text)
+
+        def score(self, windows, *a):
+            return [harness.PairScore(-float(n), False, n, False) for _, n in windows]
+
+    m = harness.evaluate_items(Scorer(), [item]).metrics
+    nll = len(item.continuations[0])
+    assert m["bpb"] == pytest.approx(nll / math.log(2) / len(page.encode()))
+    assert m["word_ppl"] == pytest.approx(math.exp(nll / 24))
 
 
 def test_fewshot_prefixes_other_solved_items_independently_of_limit(tmp_path):
@@ -500,10 +528,51 @@ def test_a_transformers_folder_scores_as_our_import_of_it(tmp_path):
     pairs = [("the cat", " sat on the mat"), ("", "a dog"), ("my bird sang", " at dawn")]
     for a, b in zip(harness.score_pairs(theirs, pairs), harness.score_pairs(ours, pairs)):
         assert abs(a.logprob - b.logprob) < 1e-4 and a.tokens == b.tokens
+    seen = []  # the head runs at the scored columns only, not at every position of the batch
+    theirs.model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    long, short = ("the cat sat on the mat and the dog", " ran"), ("a", " cat")
+    ids = [harness.tokenize_pair(theirs, *p) for p in (long, short)]
+    harness.score_pairs(theirs, [long, short])
+    assert seen == [ids[0][1] + ids[1][1]] and seen[0] < len(ids[0][0]) - 1
     doc = [tasks.document(" ".join(SENTENCES * 30))]  # several windows of 1024 tokens
     assert len(harness.rolling_windows(theirs, doc[0].continuations[0])) > 1
     assert harness.evaluate_items(theirs, doc).metrics["bpb"] == pytest.approx(
         harness.evaluate_items(ours, doc).metrics["bpb"], rel=1e-5)
+
+
+def test_a_transformers_folder_it_cannot_score_is_a_one_line_error(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(ROOT / "examples"))
+    import make_tiny_llama
+
+    make_tiny_llama.make(tmp_path / "hf", vocab=300, d_model=32, layers=1, texts=SENTENCES * 20)
+    with pytest.raises(ConfigError, match="--max-len 2048 exceeds .*max_position_embeddings=1024"):
+        harness.HFScorer(tmp_path / "hf", "cpu", max_len=2048)
+    from slmlab import traces
+
+    tok, model = traces.load_hf_folder(tmp_path / "hf", "cpu")
+    tok.bos_token, tok.eos_token = None, None
+    monkeypatch.setattr(traces, "load_hf_folder", lambda *a: (tok, model))
+    with pytest.raises(ConfigError, match="has neither a bos nor an eos token"):
+        harness.HFScorer(tmp_path / "hf", "cpu")
+
+
+def test_task_scoring_leaves_no_moe_loads_for_the_next_eval(tiny):
+    from arch.moe import moe_metrics
+
+    _, tok = tiny
+    cfg = load_config(overrides=["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1",
+                                 "model.layers=CA", "model.vocab_size=300", "model.mlp=moe",
+                                 "model.mixer_opts={moe: {experts: 4, top_k: 2}}"])
+    torch.manual_seed(0)
+    model = model_from_config(cfg)
+    items = {"t": [tasks.choice("the cat", [" sat", " ran"], 0)]}
+    assert "task_t_acc" in harness.task_metrics(model, tok, "cpu", 32, items)
+    assert moe_metrics(model) == {} and model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long))
+    assert moe_metrics(model)["moe.max_load"] > 0  # a forward outside task scoring is still counted
 
 
 def test_train_eval_tasks_are_logged_at_each_eval_and_equal_eval_py(runs, tmp_path):
