@@ -147,44 +147,64 @@ def main(argv=None):
     extra = decode_kwargs(args, model)
     # A prompt with bytes that are not UTF-8 (argv keeps them as surrogates) is read with U+FFFD for them.
     prompt = args.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    ids = tok.encode(prompt) or [tok.start_id]
+    prompt_ids = tok.encode(prompt)
+    ids = prompt_ids or [tok.start_id]  # an empty prompt starts where documents start, unprinted
     check_room(args, model, len(ids))
     g = torch.Generator(device=device).manual_seed(args.seed)
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
         idx = torch.tensor([ids], device=device)
-        printer = StreamPrinter(tok, ids)
+        printer = StreamPrinter(tok, prompt_ids, tok.eos_id)
         if "on_token" in extra:  # autoregressive: print each token as it comes (Ctrl-C stops cleanly)
             extra["on_token"] = printer.add
         try:
             out = model.generate(idx, args.max_new_tokens, temperature=args.temperature,
-                                 top_k=args.top_k or None, generator=g, **extra)
+                                 top_k=args.top_k or None, generator=g, eos_id=tok.eos_id, **extra)
         except KeyboardInterrupt:
             print(flush=True)
             return 130
-        printer.finish(out[0].tolist())
+        printer.finish(out[0, len(ids):].tolist())
 
 
 class StreamPrinter:
-    """Prints the decoded text as tokens arrive. Only the tokens since the last print are decoded
-    (decoding the whole sequence per token is quadratic in its length), and a piece is held back
-    while it ends inside a UTF-8 character (U+FFFD)."""
+    """Prints the prompt and then the text of each token as it arrives, up to (not including) the first
+    eos_id. A piece is the decode of the tokens since the last print after the few printed before them,
+    less those few's decode: SentencePiece-style decoders drop the leading space of a decode's first
+    token, so decoding the new tokens alone glued words together (and decoding the whole sequence per
+    token is quadratic in its length). A piece is held back while it ends inside a UTF-8 character."""
 
-    def __init__(self, tok, prompt_ids):
-        self.tok, self.pending, self.shown = tok, list(prompt_ids), ""
+    CONTEXT = 4  # tokens decoded before the new ones
+
+    def __init__(self, tok, prompt_ids, eos_id=None):
+        self.tok, self.eos_id, self.ids, self.printed, self.fed, self.ended = tok, eos_id, list(prompt_ids), 0, 0, False
+        self._flush()
 
     def add(self, token: int):
-        self.pending.append(int(token))
-        piece = self.tok.decode(self.pending)
-        if not piece.endswith("\ufffd"):
-            print(piece, end="", flush=True)
-            self.shown += piece
-            self.pending = []
+        self.fed += 1
+        if self.ended or token == self.eos_id:
+            self.ended = True
+            return
+        self.ids.append(int(token))
+        self._flush()
 
-    def finish(self, ids):
-        text = self.tok.decode(ids)
-        print(text[len(self.shown):] if text.startswith(self.shown) else text, flush=True)
+    def _flush(self, last: bool = False):
+        before = self.ids[max(0, self.printed - self.CONTEXT):self.printed]
+        head, text = self.tok.decode(before), self.tok.decode(before + self.ids[self.printed:])
+        if text.startswith(head) and (last or not text.endswith("\ufffd")):
+            print(text[len(head):], end="", flush=True)
+        elif last:  # a decoder that rewrote the printed tokens' text: the rest on its own
+            print(self.tok.decode(self.ids[self.printed:]), end="", flush=True)
+        else:
+            return
+        self.printed = len(self.ids)
+
+    def finish(self, new_ids: list[int]):
+        """new_ids: the generated tokens (a diffusion run's all arrive here; streamed ones are skipped)."""
+        for t in new_ids[self.fed:]:
+            self.add(t)
+        self._flush(last=True)
+        print(flush=True)
 
 
 def check_room(args, model, prompt_len: int):

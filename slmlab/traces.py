@@ -108,6 +108,7 @@ def hf_completions(args, convs, device):
     tok, model = load_hf_folder(args.hf, device, padding_side="left")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    only_ids(model, args.hf)
     torch.manual_seed(args.seed)
     texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) if tok.chat_template
              else m[-1]["content"] for m in convs]
@@ -116,7 +117,26 @@ def hf_completions(args, convs, device):
         sample = not is_greedy(args.temperature)
         out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=sample,
                              num_return_sequences=args.num_samples, pad_token_id=tok.pad_token_id,
-                             **({"temperature": args.temperature, "top_k": args.top_k or None} if sample else {}))
+                             **({"temperature": args.temperature, "top_k": args.top_k} if sample else {}))
         replies = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         for j, reply in enumerate(replies):
             yield convs[i + j // args.num_samples], reply.strip()
+
+
+def only_ids(model, folder):
+    """The folder's generation_config.json keeps its token ids (an instruct model's eos list) and drops
+    the rest: transformers fills every setting generate is not given from it, so an instruct model's
+    repetition_penalty / top_p applied even at --temperature 0, and its top_k where --top-k 0 means all."""
+    import sys
+
+    from transformers import GenerationConfig
+
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    gc = model.generation_config
+    quiet = ("transformers_version", "use_cache", "return_dict_in_generate", "_", "output_")  # no effect on the text
+    dropped = {k: v for k, v in gc.to_diff_dict().items() if k not in ids and not k.startswith(quiet)}
+    if dropped:
+        print(f"note: --hf {folder}: its generation_config.json's "
+              f"{', '.join(f'{k}={v}' for k, v in sorted(dropped.items()))} not used (sample.py's flags decide)",
+              file=sys.stderr)
+    model.generation_config = GenerationConfig(**{k: getattr(gc, k, None) for k in ids})

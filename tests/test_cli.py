@@ -169,8 +169,50 @@ def test_sample_odd_but_usable_inputs_work(tiny_run, capsys):
                                  "--max-new-tokens", "5", "--temperature", "1e-45"]) == 0
     out = capsys.readouterr().out
     _, model, tok = RunDir.open(tiny_run).load(torch.device("cpu"))
-    greedy = model.generate(torch.tensor([tok.encode("the \ufffd fox")]), 5, temperature=0)
-    assert out == tok.decode(greedy[0].tolist()) + "\n"
+    greedy = model.generate(torch.tensor([tok.encode("the \ufffd fox")]), 5, temperature=0, eos_id=tok.eos_id)[0]
+    if tok.eos_id in greedy.tolist():  # sample.py prints up to the end of text
+        greedy = greedy[:greedy.tolist().index(tok.eos_id)]
+    assert out == tok.decode(greedy.tolist()) + "\n"
+
+
+def test_the_stream_prints_the_decoded_text_and_stops_at_eos(capsys):
+    """A SentencePiece-style decoder drops the leading space of a decode's first token: the stream must
+    still read as the whole decode (it printed 'a a a\naéaa a a\naé a': glued, then all again)."""
+    from test_data import _llama_style_tokenizer
+
+    tok = _llama_style_tokenizer()
+    ids = tok.encode("a a a\naé a 日 a")  # 日 is three byte-fallback pieces: held back until whole
+    printer = sample.StreamPrinter(tok, ids[:2], eos_id=tok.eos_id)
+    for t in ids[2:] + [tok.eos_id]:
+        printer.add(t)
+    printer.finish(ids[2:] + [tok.eos_id, 261, 261])  # after eos: not printed
+    assert capsys.readouterr().out == tok.decode(ids) + "\n" == "a a a\naé a 日 a\n"
+    printer = sample.StreamPrinter(tok, [], eos_id=tok.eos_id)
+    printer.finish(ids)  # nothing streamed (a diffusion run's tokens): all printed at the end
+    assert capsys.readouterr().out == tok.decode(ids) + "\n"
+
+
+def test_sample_py_stops_at_eos_and_does_not_print_the_start_token(tiny_run, capsys, monkeypatch):
+    import torch
+
+    from arch.model import LM
+    from slmlab.rundir import RunDir
+
+    tok = RunDir.open(tiny_run).load(torch.device("cpu"))[2]
+    new = tok.encode(" cat") + [tok.eos_id] + tok.encode(" dog")
+    seen = {}
+
+    def generate(self, idx, n, *a, eos_id=None, on_token=None, **k):
+        seen.update(prompt=idx[0].tolist(), eos_id=eos_id)
+        for t in new:
+            on_token(t)
+        return torch.cat([idx, torch.tensor([new])], 1)
+
+    monkeypatch.setattr(LM, "generate", generate)
+    capsys.readouterr()
+    assert run_cli(sample.main, ["--run", str(tiny_run), "--device", "cpu", "--prompt", ""]) == 0
+    assert seen == {"prompt": [tok.start_id], "eos_id": tok.eos_id}
+    assert capsys.readouterr().out == " cat\n"
 
 
 def test_ctrl_c_mid_generation_exits_130_with_the_text_so_far(tiny_run, capsys, monkeypatch):

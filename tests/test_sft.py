@@ -285,6 +285,15 @@ def test_traces_from_a_transformers_folder(base, tmp_path):
     assert recs[0]["messages"][0] == {"role": "user", "content": "say the"}
     assert recs[2]["messages"][-1]["role"] == "assistant" and recs[2]["messages"][1]["content"] == "say of"
     assert detect_format(str(out)) == "chat" and len(read_examples(out, "chat")) == 4
+    # the folder's generation_config.json sampling settings do not apply (they did, even to greedy decoding)
+    greedy = ["--temperature", "0", "--max-new-tokens", "12", "--force"]
+    rc, _, err = run_here("sample", "--hf", hf, "--prompts", prompts, "--out", out, *greedy)
+    assert rc == 0 and "note:" not in err, err
+    plain = out.read_text()
+    transformers.GenerationConfig(repetition_penalty=50.0, no_repeat_ngram_size=1).save_pretrained(hf)
+    rc, _, err = run_here("sample", "--hf", hf, "--prompts", prompts, "--out", out, *greedy)
+    assert rc == 0 and out.read_text() == plain, err
+    assert "generation_config.json's no_repeat_ngram_size=1, repetition_penalty=50.0 not used" in err
 
 
 # ---------------------------------------------------------------- chat templates as transformers renders them
