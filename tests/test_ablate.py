@@ -425,6 +425,25 @@ def test_budgets(corpus, budget):
     assert list(corpus_dirs(["a/x.txt", "b/x.txt", "stdlib"]).values()) == ["x", "x-2", "stdlib"]
 
 
+def test_equal_flops_counts_a_phases_own_attention_window(corpus):
+    """A phase's `window` narrows the S layers the trainer runs: the budget counts those FLOPs (it
+    counted the model's own window, so a windowed variant got fewer steps than equal compute gives)."""
+    d, text = corpus
+    from arch import build_model
+    from slmlab.config import load_config
+
+    ov = tiny(d, **{"model.window": 256, "model.window_pattern": "S", "train.phases": "[{seq_len: 256, share: 0.5, tokens_per_step: 1024, "
+                                                        "window: 16}, {seq_len: 256, share: 0.5, tokens_per_step: 1024}]"})
+    cells, _ = plan(inline_ablation("transformer", ["model.layers=A,CCA"], 1, 40, [str(text)], budget="flops",
+                                    overrides=ov))
+    cfg = load_config(arch="transformer", overrides=ov + ["model.layers=A"])
+    model = build_model(cfg.model, cfg.objective)
+    wide = model.flops_per_token(256)
+    model.set_windows([16] * len(model.layers))
+    narrow = model.flops_per_token(256)
+    assert narrow < wide and cells[0].flops_per_token == pytest.approx((narrow + wide) / 2)
+
+
 def test_prepared_corpora_are_the_ones_the_trainer_reads(corpus, tmp_path, capsys):
     """With data.added_tokens (and a phase's own data) the coordinator tokenized under other cache
     keys than the trainer, so every run tokenized its corpora again, concurrently."""

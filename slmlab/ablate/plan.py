@@ -19,7 +19,7 @@ import yaml
 
 from ..config import DEFAULT_CONFIG, RunConfig, load_config, parse_override, read_yaml
 from ..errors import SlmlabError
-from ..phases import resolve_phases
+from ..phases import phase_windows, resolve_phases
 from ..unused import changed, setting_key, unused_changes, why_unused
 from .worker import config_sha
 
@@ -355,9 +355,12 @@ def measure(v: Variant, corpus: str, cfg: RunConfig) -> Cell:
     except Exception as e:  # any failure to build is the variant's, reported before training starts
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise AblationError(f"variant {v.name} does not build: {msg}") from None
-    phases = resolve_phases(cfg)
+    phases, windows, per_phase = resolve_phases(cfg), cfg.model.layer_windows(), []
+    for p in phases:  # at each phase's attention windows, as the trainer runs (and counts) it
+        model.set_windows(phase_windows(windows, p.window))
+        per_phase.append(model.flops_per_token(p.seq_len))
     tokens = [p.steps * p.tokens_per_step for p in phases]
-    fpt = sum(n * model.flops_per_token(p.seq_len) for n, p in zip(tokens, phases)) / sum(tokens)
+    fpt = sum(n * f for n, f in zip(tokens, per_phase)) / sum(tokens)
     return Cell(variant=v.name, corpus=corpus, layers=cfg.model.layer_summary(), params=model.num_params(),
                 nonembed_params=model.num_params(exclude_embedding=True), flops_per_token=fpt,
                 tokens_per_step=sum(tokens) / cfg.train.steps, steps=cfg.train.steps,
