@@ -53,13 +53,14 @@ def parse_args(argv=None):
                         "outputs, invocations.jsonl and .submitit/, and start this one")
     p.add_argument("--dry-run", action="store_true", help="print the plan (steps, tokens, FLOPs per variant); run nothing")
     p.add_argument("--jobs", type=int, help="local runs at once (default 1, or one per --gpus entry)")
-    p.add_argument("--gpus", help="comma-separated GPU ids; one run per GPU at a time (CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--gpus", help="comma-separated GPU ids as torch numbers them (within CUDA_VISIBLE_DEVICES when it is set); "
+                                   "one run per GPU at a time")
     p.add_argument("--threads", type=int, help="torch CPU threads per run (default: CPU cores / jobs; "
                                                "submitit: --slurm cpus_per_task, else torch's default)")
     p.add_argument("--launcher", choices=["local", "submitit"], default="local",
                    help="local processes (default) or one submitit job per run (Slurm)")
     p.add_argument("--cluster", choices=["auto", "slurm", "local", "debug"],
-                   help="submitit executor (default auto: Slurm when sbatch is present, else local processes)")
+                   help="submitit executor (default auto: Slurm when srun is on PATH, else local processes)")
     p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                    help="a submitit parameter, e.g. slurm_partition=gpu timeout_min=60 gpus_per_node=1 "
                         "cpus_per_task=8 (repeatable)")
@@ -170,17 +171,20 @@ def _require_extras():
                           "pip install -e '.[ablate]'") from None
 
 
-def launch(args, out: Path, runs, prog):
-    """Run every unfinished run with the chosen launcher; returns when all have ended."""
+def slurm_params(args) -> dict:
+    from slmlab.config import parse_override
+
+    return dict(parse_override(s) for s in args.slurm)
+
+
+def launch(args, out: Path, runs, prog, executor=None):
+    """Run every unfinished run with the chosen launcher (submitit's `executor`); returns when all have ended."""
     from slmlab.ablate import runner
 
     group = out.resolve().name
     if args.launcher == "submitit":
-        from slmlab.config import parse_override
-
-        params = dict(parse_override(s) for s in args.slurm)
-        threads = args.threads if args.threads is not None else int(params.get("cpus_per_task", 0))
-        runner.run_submitit(out, runs, prog, threads, group, args.cluster or "auto", params)
+        threads = args.threads if args.threads is not None else int(slurm_params(args).get("cpus_per_task", 0))
+        runner.run_submitit(executor, out, runs, prog, threads, group)
         return
     gpus = _gpus(args)
     jobs = len(gpus) or args.jobs or 1
@@ -203,6 +207,20 @@ def _check_gpus(gpus: list[str]):
     if not torch.cuda.is_available():
         raise AblationError(f"--gpus {','.join(gpus)}: this machine has no CUDA device torch can use; drop --gpus "
                             "(runs train on the CPU, --jobs at a time)")
+    n = torch.cuda.device_count()  # a run given a GPU that is not there finds no CUDA and trains on the CPU
+    past = [g for g in gpus if g.isdigit() and int(g) >= n]
+    if past:
+        raise AblationError(f"--gpus {past[0]}: torch sees {n} CUDA device{'s' if n > 1 else ''} here "
+                            f"(0..{n - 1}, counted within CUDA_VISIBLE_DEVICES when it is set)")
+
+
+def _check_device_is_not_cpu(ab):
+    from slmlab.ablate.plan import AblationError, first_configs
+
+    on_cpu = [name for name, cfg in first_configs(ab).items() if cfg.train.device == "cpu"]
+    if on_cpu:
+        raise AblationError(f"--gpus with train.device=cpu (variant {on_cpu[0]}): its runs would train on the CPU; "
+                            "drop one of them")
 
 
 def _gpus(args) -> list[str]:
@@ -250,12 +268,17 @@ def main(argv=None):
     # before the plan builds anything: a mistyped task is an error at once
     tasks = scoring.task_entries(args.tasks, args.task_limit) if args.tasks is not None else None
     ab = build_ablation(args)
+    if _gpus(args):
+        _check_device_is_not_cpu(ab)
     if args.dry_run:
         print_plan(*plan(ab))
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
+    executor = None
+    if args.launcher == "submitit":
+        executor = runner.submitit_executor(out, out.resolve().name, args.cluster or "auto", slurm_params(args))
     t0 = time.time()
     cells, runs = plan(ab)
     print_plan(cells, runs)
@@ -263,7 +286,7 @@ def main(argv=None):
     cells, runs = runner.prepare_out(out, ab, args.force, tasks, planned=(cells, runs), texts=texts)
     prog = runner.Progress(runs, cells, out)
     say_skipped(prog, out)
-    launch(args, out, runs, prog)
+    launch(args, out, runs, prog, executor)
     report.record_invocation(out, {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
                                    "elapsed_s": round(time.time() - t0, 1), "launcher": args.launcher,
                                    "ran": prog.finished, "failed": len(prog.failed),

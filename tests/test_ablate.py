@@ -497,6 +497,15 @@ def test_what_the_ablation_does_not_say_comes_from_the_config(corpus, tmp_path):
     (["--gpus", "0,0"], "--gpus names GPU 0 twice"),
     pytest.param(["--gpus", "0"], "--gpus 0: this machine has no CUDA device torch can use",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")),
+    # submitit's errors, before anything is written: a typo, Slurm settings without Slurm, no Slurm at all
+    (["--vary", "model.conv_kernel=3,4", "--launcher", "submitit", "--slurm", "slurm_partiton=gpu"],
+     "Unknown argument 'partiton' for executor 'slurm'"),
+    pytest.param(["--vary", "model.conv_kernel=3,4", "--launcher", "submitit", "--slurm", "slurm_partition=gpu"],
+                 "--slurm slurm_partition=gpu: submitit found no Slurm here (no srun)",
+                 marks=pytest.mark.skipif(bool(shutil.which("srun")), reason="a machine without Slurm")),
+    pytest.param(["--vary", "model.conv_kernel=3,4", "--launcher", "submitit", "--cluster", "slurm"],
+                 'Could not detect "srun"', marks=pytest.mark.skipif(bool(shutil.which("srun")),
+                                                                     reason="a machine without Slurm")),
     (["--data", "{tmp}/nope.txt"], "nope.txt"),  # before OUT records an ablation a corrected rerun would meet
     (["--slurm", "timeout_min=5"], "--slurm needs --launcher submitit"),
     (["--dry-run", "--jobs", "2"], "--dry-run only prints the plan; drop --out"),
@@ -518,6 +527,25 @@ def test_bad_input_is_one_line(corpus, tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "o" / "ablation.json").exists()
+
+
+def test_gpus_that_are_not_there_or_a_cpu_device_are_refused(corpus, tmp_path, capsys, monkeypatch):
+    """A run given a GPU id past the machine's, or train.device=cpu, trained on the CPU while the log said GPU."""
+    d, text = corpus
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    argv = ["--arch", "hybrid", "--steps", "4", "--data", str(text), "--out", str(tmp_path / "o"),
+            "--vary", "model.conv_kernel=3,4", *tiny(d)]
+    for extra, message in ((["--gpus", "0,7"], "--gpus 7: torch sees 2 CUDA devices here (0..1"),
+                           (["--gpus", "0,1", "train.device=cpu"], "--gpus with train.device=cpu (variant")):
+        assert ablate_cli.run_cli(ablate_cli.main, argv + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "o" / "ablation.json").exists()
+    from slmlab.ablate.runner import _worker_env
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert _worker_env(1, "1")["CUDA_VISIBLE_DEVICES"] == "3"  # torch's GPU 1 here is physical GPU 3
 
 
 def test_keys_the_ablation_sets_itself_are_refused(corpus, tmp_path, capsys):

@@ -109,7 +109,7 @@ def prepare_out(out: Path, ab: Ablation, force: bool, tasks: Optional[list[dict]
             _clear(out, old)
         else:
             kept = old.get("tasks", [])
-    elif out.is_dir() and any(p.name != ".lock" for p in out.iterdir()):
+    elif out.is_dir() and not all(_made_by_this_start(p) for p in out.iterdir()):
         if not force:
             raise AblationError(f"--out {out} exists and holds no ablation; choose another directory or pass --force")
         _clear(out, None)
@@ -256,8 +256,9 @@ def _worker_env(threads: int, gpu: Optional[str]) -> dict:
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = gpu
+    if gpu is not None:  # --gpus counts within this process's CUDA_VISIBLE_DEVICES, as torch does
+        visible = [v.strip() for v in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = visible[int(gpu)] if visible and gpu.isdigit() and int(gpu) < len(visible) else gpu
     return env
 
 
@@ -294,9 +295,15 @@ def run_local(out: Path, runs: list[Run], prog: Progress, jobs: int, threads: in
             proc.terminate()
 
 
-def run_submitit(out: Path, runs: list[Run], prog: Progress, threads: int, group: str, cluster: str,
-                 params: dict):
-    """Every unfinished run as one submitit job (Slurm on a cluster; `cluster` local/debug here)."""
+def _made_by_this_start(p: Path) -> bool:
+    """What ablate.py puts in --out before prepare_out: its lock, and submitit's (empty) job folder."""
+    return p.name == ".lock" or (p.name == ".submitit" and p.is_dir() and not any(p.iterdir()))
+
+
+def submitit_executor(out: Path, group: str, cluster: str, params: dict):
+    """The executor of --launcher submitit with its --slurm parameters, built before the ablation writes
+    anything: no Slurm under --cluster slurm, a parameter submitit does not know (a typo), or a Slurm one
+    where `auto` found no Slurm (submitit would drop it silently) is a one-line error."""
     try:
         import submitit
     except ImportError:
@@ -304,8 +311,18 @@ def run_submitit(out: Path, runs: list[Run], prog: Progress, threads: int, group
     try:
         ex = submitit.AutoExecutor(folder=out / ".submitit" / "%j", cluster=None if cluster == "auto" else cluster)
         ex.update_parameters(name=f"ablate-{group}", **params)
-    except (ValueError, TypeError) as e:
-        raise AblationError(f"--slurm: {str(e).splitlines()[0]}") from None
+    except (ValueError, TypeError, NameError, RuntimeError) as e:  # RuntimeError: no srun; NameError: unknown key
+        raise AblationError(f"--launcher submitit --cluster {cluster}: {str(e).splitlines()[0]}") from None
+    lost = sorted(k for k in params if k.startswith("slurm_")) if ex.cluster != "slurm" else []
+    if lost:
+        raise AblationError(f"--slurm {lost[0]}={params[lost[0]]}: submitit found no Slurm here (no srun) and runs "
+                            f"on its {ex.cluster} executor, which has no use for it; run on the cluster or drop it")
+    print(f"[ablate] submitit runs the jobs on its {ex.cluster} executor", flush=True)
+    return ex
+
+
+def run_submitit(ex, out: Path, runs: list[Run], prog: Progress, threads: int, group: str):
+    """Every unfinished run as one job of submitit executor `ex` (submitit_executor's)."""
     os.environ["PYTHONPATH"] = _worker_env(0, None)["PYTHONPATH"]  # local jobs inherit it
     pending = []
     for r in (r for r in runs if needs_worker(out, r)):
