@@ -89,6 +89,11 @@ def test_non_finite_values_are_dropped_pair_by_pair():
     assert (c.lo, c.hi) == (pytest.approx(ref.confidence_interval().low), pytest.approx(ref.confidence_interval().high))
     one = stats.compare(base, {1: VAR[1], 2: math.nan, 3: math.inf})  # one finite pair, one finite variant value
     assert one.n == 1 and math.isnan(one.p) and math.isnan(one.lo) and math.isnan(one.hi)
+    # Δ is that pair's difference (it was the variant's one value less the mean of every baseline seed)
+    assert one.paired and one.diff == pytest.approx(VAR[1] - BASE[1])
+    assert report._delta(one, pairs_short=True) == f"{VAR[1] - BASE[1]:+.4f} (1 pair)"
+    welch = stats.compare(BASE, {10 + k: x for k, x in VAR.items()})
+    assert not welch.paired and " (unpaired)" in report._delta(welch, pairs_short=True)
     assert stats.summarize([1.0, math.nan, 3.0, math.inf]) == stats.Summary(2.0, pytest.approx(math.sqrt(2)), 2)
 
 

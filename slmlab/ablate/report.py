@@ -142,14 +142,17 @@ def _by_status(runs: list[RunResult]) -> dict[str, list[RunResult]]:
 
 def _delta(cmp: stats.Comparison, pairs_short: bool, digits: int = 4) -> str:
     """The Δ cell: the difference, its CI, and the pair count when some seed of either side has no
-    pair (then Δ is not the difference of the two means shown beside it)."""
+    pair (then Δ is not the difference of the two means shown beside it), or "unpaired" when Δ is
+    that difference of means although the column is paired by seed."""
     if not math.isfinite(cmp.diff):
         return "–"
     text = f"{cmp.diff:+.{digits}f}"
     if math.isfinite(cmp.lo):
         text += f" [{cmp.lo:+.{digits}f}, {cmp.hi:+.{digits}f}]"
-    if cmp.test == "paired t" and pairs_short:
-        text += f" ({cmp.n} pairs)"
+    if not cmp.paired:
+        text += " (unpaired)"
+    elif pairs_short:
+        text += f" ({cmp.n} pair{'s' if cmp.n > 1 else ''})"
     return text + (" *within noise*" if cmp.within_noise else "")
 
 

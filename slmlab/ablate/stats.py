@@ -40,6 +40,7 @@ class Comparison:
     within_noise: bool = False  # the 95% CI of diff includes 0: not resolved from the seed-to-seed noise
     d_z: float = math.nan  # paired only: the standardized effect mean(d) / sd(d) over the pairs
     note: str = ""  # why p and the CI are missing although there are values
+    paired: bool = True  # diff is the mean of per-seed differences; else the difference of the two means
 
 
 IDENTICAL = "differences identical across seeds"
@@ -67,7 +68,8 @@ def _no_spread(x: np.ndarray) -> bool:
 
 def compare(baseline: dict[int, float], variant: dict[int, float]) -> Comparison:
     """`baseline` and `variant` map seed -> final metric. Paired over the seeds where both are
-    finite when there are at least two such pairs, else Welch over each side's finite values.
+    finite when there are at least two such pairs, else Welch over each side's finite values (diff:
+    the difference of the means, `paired` False), or with one pair and a side of one value, that pair.
     With fewer than two values on a side, or no spread at all, p and the CI are nan: a t-test
     cannot put a probability on a difference it has no variance for (a constant difference over
     seeds is said in `note`)."""
@@ -86,10 +88,14 @@ def compare(baseline: dict[int, float], variant: dict[int, float]) -> Comparison
         out.lo, out.hi = _t_interval(out.diff, sd / math.sqrt(d.size), d.size - 1)
         out.p = float(stats.ttest_rel([variant[s] for s in shared], [baseline[s] for s in shared]).pvalue)
         out.d_z = out.diff / sd
+    elif len(shared) == 1 and min(len(baseline), len(variant)) < 2:
+        # no test either way: the one pair's difference, not the means' (a side's other seed has no partner)
+        s = shared[0]
+        return Comparison(variant[s] - baseline[s], math.nan, math.nan, math.nan, "", 1)
     else:
         a, b = np.array(list(variant.values())), np.array(list(baseline.values()))
         diff = float(a.mean() - b.mean()) if a.size and b.size else math.nan
-        out = Comparison(diff, math.nan, math.nan, math.nan, "Welch t", int(min(a.size, b.size)))
+        out = Comparison(diff, math.nan, math.nan, math.nan, "Welch t", int(min(a.size, b.size)), paired=False)
         if a.size < 2 or b.size < 2:
             out.test = ""
             return out
