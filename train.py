@@ -97,12 +97,20 @@ def device_type(cfg, dry_run_gpu=None) -> str:
 def dry_run(cfg, args):
     import json
 
+    from slmlab.errors import ConfigError
     from slmlab.estimate import DEFAULT_MFU, estimate, parse_mem, report
 
     if cfg.data.added_tokens:  # they grow model.vocab_size, and so the estimate; else the tokenizer is not needed
         from slmlab.data import given_tokenizer
 
         given_tokenizer(cfg, say=lambda msg: None if args.json else print(msg))
+    from slmlab.data import resolve_spec
+    from slmlab.phases import resolve_phases
+
+    for spec in {cfg.data.spec, *(ph.data for ph in resolve_phases(cfg) if ph.data)}:
+        resolve_spec(spec)  # a mistyped --data path is an error here too, not at the real run's start
+    if args.gpu and cfg.train.device == "cpu":  # its memory would be the CPU run's, its time the GPU's
+        raise ConfigError(f"--gpu {args.gpu} estimates a GPU run, but train.device=cpu pins it to the CPU: drop one")
     device = device_type(cfg, dry_run_gpu=bool(args.mem or args.gpu))
     est = estimate(cfg, device=device, world=1 if args.world is None else args.world,
                    mem=parse_mem(args.mem) if args.mem else None,
@@ -131,8 +139,11 @@ def main(argv=None):
                                ("--json", args.json)) if v is not None and v is not False]
         if used:
             raise ConfigError(f"{', '.join(used)} only appl{'ies' if len(used) == 1 else 'y'} to --dry-run")
-    elif args.resume or args.force_memory:
-        raise ConfigError("--dry-run trains nothing: drop --resume / --force-memory")
+    else:
+        drop = [f for f, v in (("--out", args.out), ("--force", args.force), ("--resume", args.resume),
+                               ("--force-memory", args.force_memory)) if v]
+        if drop:
+            raise ConfigError(f"--dry-run trains and writes nothing: drop {', '.join(drop)}")
     if args.resume and args.force:  # --force would replace the very run --resume continues
         raise ConfigError("--resume continues the run in --out and --force replaces it: give one of them")
     if args.print_config:

@@ -16,7 +16,7 @@ import yaml
 import train
 from slmlab.cli import run_cli
 from slmlab.config import DEFAULT_CONFIG, load_config
-from slmlab.errors import ConfigError
+from slmlab.errors import ConfigError, DataError
 from slmlab.estimate import GB, estimate, meta_model, parse_mem
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -226,6 +226,14 @@ def test_dry_run_flags_are_checked(tmp_path):
         train.main(["--dry-run", "--world", "0"])
     with pytest.raises(ConfigError, match=r"--mfu must be in \(0, 1\], got 2.0"):
         train.main(["--dry-run", "--gpu", "H100", "--mfu", "2"])
+    # flags the dry run would ignore, and a GPU estimate of a run pinned to the CPU (it printed CPU memory
+    # beside H100 step times)
+    with pytest.raises(ConfigError, match="--dry-run trains and writes nothing: drop --out, --force"):
+        train.main(["--dry-run", "--out", str(tmp_path / "run"), "--force"])
+    with pytest.raises(ConfigError, match="--gpu H100 estimates a GPU run, but train.device=cpu pins it"):
+        train.main(["--dry-run", "--gpu", "H100", "--device", "cpu"])
+    with pytest.raises(DataError, match="data path not found: .*nope.txt"):
+        train.main(["--dry-run", "--data", str(tmp_path / "nope.txt")])
 
 
 @pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
