@@ -211,7 +211,8 @@ def hf_family(cfg: ModelConfig) -> str:
     if family in ("llama", "granitemoehybrid", "olmoe") and cfg.attn_bias != cfg.attn_out_bias:
         raise ConfigError(f"{HF_CLASSES[family]} has one attention_bias: model.attn_bias and model.attn_out_bias "
                           "must agree")
-    if family in ("granitemoehybrid", "olmoe") and "attn" in cfg.layer_types() and cfg.hd * cfg.n_heads != cfg.d_model:
+    if (family in ("granitemoehybrid", "olmoe", "lfm2", "lfm2_moe") and "attn" in cfg.layer_types()
+            and cfg.hd * cfg.n_heads != cfg.d_model):  # here, so --to gguf refuses it too (llama.cpp's lfm2 alike)
         raise ConfigError(f"{HF_CLASSES[family]} fixes head_dim = d_model / n_heads")
     # (the other families' model.pos is in FAMILY_OPTIONS) NoPE is Granite's own; mamba2 has no attention
     if family in SSM_FAMILIES and cfg.pos not in ("rope", "none"):
@@ -448,8 +449,6 @@ def to_hf_config(cfg: ModelConfig, max_position_embeddings: int = 4096, **specia
     if family == "lfm2_moe":
         from transformers import Lfm2MoeConfig
 
-        if cfg.hd != cfg.d_model // cfg.n_heads:
-            raise ConfigError("Lfm2Moe fixes head_dim = d_model / n_heads")
         m = cfg.block_options("moe")
         return Lfm2MoeConfig(**common, norm_eps=cfg.norm_eps, conv_L_cache=cfg.conv_kernel, conv_bias=cfg.conv_bias,
                              layer_types=["full_attention" if t == "attn" else "conv" for t in types],
@@ -459,8 +458,6 @@ def to_hf_config(cfg: ModelConfig, max_position_embeddings: int = 4096, **specia
     if family == "lfm2":
         from transformers import Lfm2Config
 
-        if cfg.hd != cfg.d_model // cfg.n_heads:
-            raise ConfigError("Lfm2 fixes head_dim = d_model / n_heads")
         return Lfm2Config(**common, norm_eps=cfg.norm_eps, conv_L_cache=cfg.conv_kernel, conv_bias=cfg.conv_bias,
                           block_auto_adjust_ff_dim=False,
                           layer_types=["full_attention" if t == "attn" else "conv" for t in types])

@@ -460,6 +460,57 @@ def test_gguf_refuses_what_llama_cpps_moe_graphs_would_drop(tmp_path):
         assert rc == 2 and needle in err and not (tmp_path / "x.gguf").exists(), err
 
 
+def test_gguf_names_the_pre_tokenizer_llama_cpp_must_use_and_types_added_tokens(tmp_path):
+    """Every tokenizer was written as gpt-2 (a Qwen2 one cuts '(self' whole, GPT-2's regex '(' 'self'), and
+    an added <think> as NORMAL, which llama.cpp never produces (no merges build it)."""
+    gguf = pytest.importorskip("gguf")
+    from tokenizers import Regex, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from slmlab.errors import ConfigError
+    from slmlab.export.gguf import _LLAMA3_SPLIT, _tokenizer_metadata, gguf_pre
+    from slmlab.tokenizer import Tokenizer
+
+    own = train_tokenizer(["def f(self): return 1234 + 5"] * 50, 300).with_added(["<think>"])
+    assert gguf_pre(own) == "gpt-2"
+
+    def with_pre(pre) -> Tokenizer:
+        hf = HFTokenizer.from_str(own.to_json())
+        hf.pre_tokenizer = pre
+        return Tokenizer(hf)
+
+    split = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    for regex, name in ((_LLAMA3_SPLIT, "llama-bpe"), (_LLAMA3_SPLIT.replace("{1,3}", ""), "qwen2")):
+        tok = with_pre(pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), "isolated"), *split]))
+        assert gguf_pre(tok) == name
+    for pre in (pre_tokenizers.Metaspace(), pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\d"), "isolated"),
+                                                                      *split])):
+        with pytest.raises(ConfigError, match="llama.cpp would cut text differently"):
+            gguf_pre(with_pre(pre))
+
+    class Writer:  # records what _tokenizer_metadata adds
+        def __init__(self):
+            self.got = {}
+
+        def __getattr__(self, name):
+            return lambda value: self.got.__setitem__(name, value)
+
+    w = Writer()
+    _tokenizer_metadata(w, own, own.vocab_size)
+    types = dict(zip(w.got["add_token_list"], w.got["add_token_types"]))
+    assert types["<think>"] == gguf.TokenType.USER_DEFINED and types["<|eos|>"] == gguf.TokenType.CONTROL
+    assert w.got["add_tokenizer_pre"] == "gpt-2"
+
+
+def test_lfm2_with_its_own_head_dim_is_refused_by_gguf_as_by_hf(tmp_path):
+    """llama.cpp's lfm2 reads no key_length: the file was written and could not load (attn_q 128 x 64)."""
+    pytest.importorskip("gguf")
+    run = make_run(tmp_path / "r", "hybrid", d_model=64, n_heads=4, n_kv_heads=2, head_dim=32)
+    for fmt, out in (("gguf", tmp_path / "x.gguf"), ("hf", tmp_path / "x")):
+        rc, err, _ = convert("--run", run, "--to", fmt, "--out", out)
+        assert rc == 2 and "Lfm2ForCausalLM fixes head_dim = d_model / n_heads" in err and not out.exists(), err
+
+
 def test_gguf_refuses_sliding_window(runs, tmp_path):
     pytest.importorskip("gguf")
     rc, err, _ = convert("--run", runs["transformer-sliding"], "--to", "gguf", "--out", tmp_path / "x.gguf")
