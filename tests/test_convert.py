@@ -16,6 +16,7 @@ import torch
 from arch import LM
 from slmlab.checkpoint import save_model
 from slmlab.config import build
+from slmlab.errors import ConfigError
 from slmlab.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,7 +307,21 @@ def _onnx_parity(run, tmp_path):
     # a different batch size and length than the export example: the axes are dynamic
     short = idx[:1, :5]
     torch.testing.assert_close(run_onnx(out, short, 0)[0], model(short).detach(), atol=1e-4, rtol=0)
+    # past max_len the states' writes fall off their end: wrong logits without an error, so it is refused
+    with pytest.raises(ConfigError, match=f"{idx.shape[1]} prompt tokens \\+ {65 - idx.shape[1]} steps exceed the "
+                                          "export's max_len 64"):
+        run_onnx(out, idx, 65 - idx.shape[1])
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["start_id"] == tok.start_id and "bos_id" not in meta  # bos never trained (as --to hf/gguf)
     return out, err
+
+
+def test_the_bench_parity_of_a_runtime_with_nan_logits_is_inf():
+    from slmlab.export.bench import _diff
+
+    z = torch.zeros(1, 3, 5)
+    assert _diff(z, torch.full((1, 4, 5), float("nan")), z, torch.zeros(1, 4, 5)) == float("inf")  # max() gave 0
+    assert _diff(z, torch.ones(1, 4, 5), z, torch.zeros(1, 4, 5)) == 1.0
 
 
 # ---------------------------------------------------------------- mamba2: its export graphs run the whole-input core
@@ -405,7 +420,6 @@ def test_deltanet_model_coreml_spec(deltanet_run, tmp_path):
 
 def test_executorch_refuses_to_publish_a_program_its_runtime_cannot_load(tmp_path):
     pytest.importorskip("executorch.runtime")
-    from slmlab.errors import ConfigError
     from slmlab.export.executorch import check_loads
 
     (tmp_path / "m.pte").write_bytes(b"not a program")
@@ -467,7 +481,6 @@ def test_gguf_names_the_pre_tokenizer_llama_cpp_must_use_and_types_added_tokens(
     from tokenizers import Regex, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
-    from slmlab.errors import ConfigError
     from slmlab.export.gguf import _LLAMA3_SPLIT, _tokenizer_metadata, gguf_pre
     from slmlab.tokenizer import Tokenizer
 
@@ -883,6 +896,9 @@ def test_merge_lora_never_deletes_its_source_and_publishes_whole(tmp_path, monke
     for out in (lora, base, tmp_path):
         rc, err, _ = convert("--merge-lora", lora, "--out", out, "--force")
         assert rc == 2 and "source" in err and err.count("\n") == 1, (out, err)
+    # so is an export of the LoRA run over its base (the run could no longer load)
+    rc, err, _ = convert("--run", lora, "--to", "hf", "--out", base, "--force")
+    assert rc == 2 and f"is inside the source {base.resolve()}" in err and err.count("\n") == 1, err
     assert {p.name: p.read_bytes() for p in [*lora.iterdir(), *base.iterdir()]} == before
     out = tmp_path / "merged"
     rc, err, _ = convert("--merge-lora", lora, "--out", out)
@@ -925,7 +941,6 @@ def test_run_directory_writers_refuse_export_flags(runs, tmp_path, flags):
 
 def test_onnx_refuses_to_publish_a_graph_onnxruntime_cannot_load(tmp_path):
     pytest.importorskip("onnxruntime")
-    from slmlab.errors import ConfigError
     from slmlab.export.onnx import check_loads
 
     (tmp_path / "model.onnx").write_bytes(b"not a graph")

@@ -101,6 +101,8 @@ def convert(run_dir, fmt: str, out, opts: ExportOptions | None = None, force: bo
     mod_name, _ = FORMATS[fmt]
     mod = importlib.import_module(f"{__name__}.{mod_name}")
     run = RunDir.open(run_dir)
+    if run.config().train.lora.r:  # a LoRA run reads its base's weights: replacing the base breaks the run
+        check_out(out, force, source=run.lora_base().path, is_dir=fmt not in FILE_FORMATS)
     cfg, model, tok = run.load("cpu")
     model = model.float()
     mod.check_supported(cfg.model)

@@ -35,10 +35,13 @@ def _ours(model, idx, steps):
 
 
 def _diff(pre, st, ref_pre, ref_st):
-    d = (pre.float() - ref_pre).abs().max().item()
+    """The largest |difference| over the prefill and step logits; inf where a runtime gave a non-finite
+    value (Python's max(d, nan) is d: all-NaN step logits read as a perfect match)."""
+    d = [(pre.float() - ref_pre).abs().flatten()]
     if st is not None and st.numel():
-        d = max(d, (st.float() - ref_st).abs().max().item())
-    return d
+        d.append((st.float() - ref_st).abs().flatten())
+    d = torch.cat(d)
+    return d.max().item() if bool(torch.isfinite(d).all()) else float("inf")
 
 
 @dataclass
@@ -89,12 +92,12 @@ def _onnx(c: Case, f: str):
     from .onnx import run_onnx
 
     size = c.export("onnx", "onnx")
-    run_onnx(c.tmp / "onnx", c.idx, 2, feed=c.toks)  # warm up
+    run_onnx(c.tmp / "onnx", c.idx, 2, feed=c.toks, threads=c.threads)  # warm up
     t0 = time.perf_counter()
-    pre, _, _, st = run_onnx(c.tmp / "onnx", c.idx, c.steps, feed=c.toks)
+    pre, _, _, st = run_onnx(c.tmp / "onnx", c.idx, c.steps, feed=c.toks, threads=c.threads)
     dt = time.perf_counter() - t0
     t1 = time.perf_counter()
-    run_onnx(c.tmp / "onnx", c.idx, 0)
+    run_onnx(c.tmp / "onnx", c.idx, 0, threads=c.threads)
     dt -= time.perf_counter() - t1  # session creation + prefill
     return "ONNX / onnxruntime (fp32)", size, c.diff(pre, st), _rate(c.steps, dt)
 
@@ -152,7 +155,8 @@ def _runner(f: str):
     return {"hf": _hf, "onnx": _onnx, "coreml": _coreml}[f]
 
 
-def bench(run, steps=64, threads=1, formats=None, max_len=256):
+def bench(run, steps=64, threads=1, formats=None, max_len=None):
+    """Rows of table(); the exports hold max_len positions (default: the prompt and steps, at least 256)."""
     from ..rundir import RunDir
 
     torch.set_num_threads(threads)
@@ -160,6 +164,7 @@ def bench(run, steps=64, threads=1, formats=None, max_len=256):
     model = model.float().eval()
     text = "def fibonacci(n):\n    if n < 2:\n        return n\n"
     idx = torch.tensor([tok.encode(text)])
+    max_len = max_len or max(256, idx.shape[1] + steps)
     ref_pre, toks, ref_st, tps = _ours(model, idx, steps)
     rows = [("PyTorch (ours, eager)", path_size(Path(run) / "model.safetensors"), 0.0, tps)]
     want = formats or ["hf", "onnx", "executorch", "executorch-int8", "coreml", "gguf-f32", "gguf-f16", "gguf-q8_0"]

@@ -55,7 +55,8 @@ def export(model, tok, cfg, out: Path, opts):
             "state_shapes": [list(s[1:]) for s in step.state_shapes(1)],
             # an fp16 export keeps a recurrent block's state (mamba2's h, deltanet's S) in fp32
             "state_dtypes": [str(t.dtype).removeprefix("torch.") for t in states], "layers": cfg.model.layer_types(),
-            "bos_id": tok.bos_id, "eos_id": tok.eos_id}
+            # start_id: what a text starts after (eos for slmlab's own tokenizer: bos never trained), as --to hf/gguf
+            "start_id": tok.start_id, "eos_id": tok.eos_id}
     (out / "export.json").write_text(json.dumps(meta, indent=1))
     tok.save(out / "tokenizer.json")
     check_loads(out, graphs)
@@ -96,10 +97,11 @@ def _dyn_for(module, dynamic):
     return (dynamic["idx"],)
 
 
-def run_onnx(folder, idx, n_steps: int, feed=None):
+def run_onnx(folder, idx, n_steps: int, feed=None, threads: int = 0):
     """onnxruntime: prefill logits from model.onnx, the prompt again through decode.onnx, then
     n_steps decode steps (feeding `feed` tokens, else greedy). Returns (prefill, decode-prefill,
-    tokens, step logits) as torch tensors. A one-token export (no model.onnx) feeds the prompt
+    tokens, step logits) as torch tensors; threads: onnxruntime's intra-op threads (0: its default).
+    A one-token export (no model.onnx) feeds the prompt
     token by token, and its prefill is that decode-prefill."""
     ort = require("onnxruntime", "onnx", "onnx")
     import numpy as np
@@ -108,9 +110,14 @@ def run_onnx(folder, idx, n_steps: int, feed=None):
     meta = json.loads((folder / "export.json").read_text())
     opt = ort.SessionOptions()
     opt.log_severity_level = 3
+    opt.intra_op_num_threads = threads
+    opt.intra_op_num_threads = threads
     dec = ort.InferenceSession(str(folder / "decode.onnx"), opt, providers=["CPUExecutionProvider"])
     x = idx.numpy().astype(np.int64)
     B = x.shape[0]
+    if x.shape[1] + n_steps > meta["max_len"]:  # past it the states' writes fall off their end: wrong logits, no error
+        raise ConfigError(f"{x.shape[1]} prompt tokens + {n_steps} steps exceed the export's max_len "
+                          f"{meta['max_len']} (convert.py --max-len)")
     states = [np.zeros([B, *s], dtype=np.dtype(d)) for s, d in zip(meta["state_shapes"], meta["state_dtypes"])]
 
     def step(tokens, p, states):
