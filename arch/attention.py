@@ -143,7 +143,15 @@ class Attention(Mixer):
             y = attention_op(q, kc[:, :, :end].to(q.dtype), vc[:, :, :end].to(q.dtype), causal=True,
                              window=self.window, backend=self.backend)
             return self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)), [kc, vc]
-        slots = torch.arange(kc.shape[2], device=x.device)
+        lo, ks, vs = 0, kc, vc  # the slots the step reads
+        if inplace and not torch.compiler.is_compiling():
+            # Eager one-token step: only the slots it can see (the written prefix, the last `window` of it),
+            # so a step costs O(position), O(window) for a sliding layer, not O(max_len). A compiled step
+            # keeps the static shapes its graph was built for.
+            end = int(positions[-1]) + 1
+            lo = 0 if self.window is None else max(0, end - self.window)
+            ks, vs = kc[:, :, lo:end], vc[:, :, lo:end]
+        slots = torch.arange(lo, lo + ks.shape[2], device=x.device)
         visible = slots[None, :] <= positions[:, None]  # [T, L]; unwritten slots lie in the future
         if self.window is not None:
             visible = torch.logical_and(visible, slots[None, :] > positions[:, None] - self.window)
@@ -151,9 +159,9 @@ class Attention(Mixer):
         if inplace:  # one token (chunks returned above): a kv head's rep query heads as rows against its cache.
             # A broadcast [B, Hkv, 1, L, hd] cache operand (below) made the compiled step copy the whole
             # cache per token: 3.4 vs 5.8 ms a token, transformer at 2,100 slots, interleaved, 1 thread.
-            att = (q.reshape(B, self.n_kv_heads, rep, self.hd) @ kc.to(q.dtype).transpose(-1, -2)) * scale
+            att = (q.reshape(B, self.n_kv_heads, rep, self.hd) @ ks.to(q.dtype).transpose(-1, -2)) * scale
             att = att.masked_fill(~visible, float("-inf")).softmax(-1)
-            y = (att @ vc.to(q.dtype)).reshape(B, self.n_heads, T, self.hd)
+            y = (att @ vs.to(q.dtype)).reshape(B, self.n_heads, T, self.hd)
         else:  # any T with a symbolic length (export): query heads grouped by kv head, [B, Hkv, rep, T, hd]
             qg = q.view(B, self.n_kv_heads, rep, T, self.hd)
             att = (qg @ kc.to(q.dtype).unsqueeze(2).transpose(-1, -2)) * scale
