@@ -293,6 +293,8 @@ def counter_problem(state: dict, path: Path) -> str | None:
     for key in ("step", "phase", "tokens", "metrics_offset", "bad_steps", "train_time"):
         if not (math.isfinite(state[key]) and state[key] >= 0):
             return f"{key!r} is {state[key]}, expected a number >= 0"
+    if "rng_phase" in state and not (type(state["rng_phase"]) is int and state["rng_phase"] >= 0):
+        return f"'rng_phase' is {state['rng_phase']!r}, expected a phase index >= 0"
     name = path.parent.name
     if name.startswith("step_") and name[5:].isdigit() and int(name[5:]) != state["step"]:
         return f"'step' is {state['step']}, but the checkpoint is {name}"

@@ -220,13 +220,23 @@ def open_metrics(path: Path, resume_offset: int | None):
     return f
 
 
+def phase_seed(seed: int, index: int) -> int:
+    """The data generator's seed in phase `index`: train.seed in the first, so a one-phase run draws what
+    it always drew; a fixed odd step apart after it (mod 2**64, what manual_seed takes)."""
+    return (seed + index * 0x9E3779B97F4A7C15) % 2 ** 64
+
+
 class BatchSource:
     """Training batches for a phase: random windows of the phase's corpus from a seeded generator,
     or a quality-ordered document stream. Every rank draws the same global batch and keeps its
-    rows: a world-N run sees exactly the batches of a 1-process run with the same global batch."""
+    rows: a world-N run sees exactly the batches of a 1-process run with the same global batch.
+    Each phase draws from a generator of its own (phase_seed), so runs of one seed whose step counts
+    differ (an equal-FLOPs ablation's variants: their phase boundaries move) still see the same
+    batches in each phase, up to the shorter run's end of it; one generator ran on across phases."""
 
     def __init__(self, train_sets: dict, tok, quality_score: str, dist: Dist, seed: int, say):
         self.train_sets, self.tok, self.quality_score, self.dist, self.say = train_sets, tok, quality_score, dist, say
+        self.seed, self.gen_phase = seed, 0  # the phase self.gen draws for
         self.gen = torch.Generator().manual_seed(seed)
         self.streams = {}  # phase index -> OrderedStream, built when the phase starts
         self.stream_keys = {}  # phase index -> stream_key of the phase its stream was built for
@@ -256,6 +266,8 @@ class BatchSource:
         if stream is not None:
             x, y = stream.next(n, ph.seq_len)
         else:
+            if ph.index != self.gen_phase:
+                self.gen, self.gen_phase = torch.Generator().manual_seed(phase_seed(self.seed, ph.index)), ph.index
             x, y = data_mod.get_batch(self.train_sets[ph.data][0].train, n, ph.seq_len, self.gen, "cpu")
         rows = slice(self.dist.rank * batch_size, (self.dist.rank + 1) * batch_size)
         return to_device(x[rows], device), to_device(y[rows], device)
@@ -265,11 +277,14 @@ class BatchSource:
         return [ph.data, ph.top_frac, self.quality_score]
 
     def state_dict(self) -> dict:
-        return {"rng": rng_state(self.gen), "streams": {str(k): s.cursor for k, s in self.streams.items()},
+        return {"rng": rng_state(self.gen), "rng_phase": self.gen_phase,
+                "streams": {str(k): s.cursor for k, s in self.streams.items()},
                 "stream_keys": {str(k): key for k, key in self.stream_keys.items()}}
 
     def load_state_dict(self, state: dict, phases):
         set_rng_state(state["rng"], self.gen)
+        # (a checkpoint from before per-phase generators: its one generator goes on in the saved phase)
+        self.gen_phase = state.get("rng_phase", state["phase"])
         keys = state.get("stream_keys", {})  # absent in checkpoints written before it was saved
         for k, cursor in state.get("streams", {}).items():
             i = int(k)

@@ -71,6 +71,30 @@ def test_bad_phases_are_config_errors(phases, msg):
         load_config(overrides=[f"train.phases={phases}"])
 
 
+def test_each_phase_draws_the_same_batches_whatever_the_step_count():
+    """Seed k of an equal-FLOPs ablation's variants trains different step counts, which moves the phase
+    boundaries: with one generator across phases, every batch after the first boundary differed."""
+    import types
+
+    from slmlab.trainer import BatchSource
+
+    sets = {None: (types.SimpleNamespace(train=np.arange(20_000, dtype=np.int64) % 300), "spec")}
+    phases = "train.phases=[{seq_len: 16, share: 0.5, tokens_per_step: 64}, {seq_len: 32, share: 0.5, tokens_per_step: 64}]"
+    seen = []
+    for steps in (10, 13):
+        phs = resolve_phases(load_config(overrides=[phases, f"train.steps={steps}"]))
+        src = BatchSource(sets, None, "", types.SimpleNamespace(world=1, rank=0), 3, print)
+        per_phase = [[], []]
+        for step in range(steps):
+            ph = phase_at(phs, step)
+            per_phase[ph.index].append(src.next(ph, ph.batch_size(1, 1), torch.device("cpu"))[0])
+        seen.append(per_phase)
+    (a1, a2), (b1, b2) = seen
+    assert (len(a1), len(b1)) == (5, 6)  # the boundary moved
+    assert all(torch.equal(x, y) for x, y in zip(a1, b1)) and all(torch.equal(x, y) for x, y in zip(a2, b2))
+    assert not torch.equal(b1[-1], b2[0][:, :16])  # phase 2 does not replay phase 1's draws
+
+
 def test_divisibility_accounts_for_ranks():
     cfg = load_config(overrides=["train.phases=[{seq_len: 256, share: 1.0, tokens_per_step: 256}]"])
     resolve_phases(cfg, world=1)
