@@ -142,6 +142,9 @@ def print_plan(cells, runs):
     for c in cells:
         print(f"  {c.variant:<24} {c.corpus:<40} {c.layers:<28} {c.params / 1e6:6.2f}M params  "
               f"{c.flops_per_token / 1e6:7.2f} MFLOP/token  {c.steps:>6} steps  {c.steps * c.tokens_per_step:>12,.0f} tokens")
+    if len({r.seed for r in runs}) == 1:
+        print("note: one seed per variant: the differences get no confidence interval or p-value (a paired test "
+              "needs 2 seeds, a useful one 3 or more: --seeds N)")
 
 
 def _lock(out: Path):

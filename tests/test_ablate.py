@@ -597,7 +597,8 @@ def test_import_brings_a_custom_block_into_every_run(corpus, tmp_path, capsys, m
     assert ablate_cli.run_cli(ablate_cli.main, argv) == 2  # without it, V is no block
     assert "unknown block" in capsys.readouterr().err
     assert ablate_cli.run_cli(ablate_cli.main, [*argv, "--import", "shift.py"]) == 0
-    assert "VVA" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "VVA" in out and "note: one seed per variant: the differences get no confidence interval" in out
     assert ablate_cli.imports_override(["shift.py"]) == [f'model.imports=["{tmp_path / "shift.py"}"]']
     from arch.registry import _LOADED, LETTERS, MIXERS
 
@@ -609,13 +610,17 @@ def test_import_brings_a_custom_block_into_every_run(corpus, tmp_path, capsys, m
 def test_bad_file_and_report_arguments(tmp_path, capsys):
     f = tmp_path / "a.yaml"
     f.write_text("steps: 4\nvariants: {a: {arch: hybrid, overides: {model.d_model: 64}}}\n")
+    g = tmp_path / "b.yaml"
+    g.write_text("steps: 4\nvariants: {a: {arch: hybrid}, b: {arch: transformer}}\n")
     for argv, message in ([str(f), "--out", str(tmp_path / "o")], "variant 'a': unknown key 'overides'; did you mean overrides?"), \
             ([str(f), "--vary", "model.layers=A,C", "--out", "x"], "--vary is for the inline form"), \
             (["--report", str(tmp_path), "--seeds", "2"], "--report OUT takes no other arguments"), \
             (["--report", str(tmp_path), "--tasks", "t.jsonl"], "--report OUT takes no other arguments (got --tasks)"), \
             (["--report", str(tmp_path), "--launcher", "submitit"], "no other arguments (got --launcher submitit)"), \
             (["--task-limit", "4", "--out", "x"], "--task-limit N limits --tasks; give --tasks too"), \
-            (["--report", str(tmp_path)], "holds no ablation"):
+            (["--report", str(tmp_path)], "holds no ablation"), \
+            ([str(g), "--arch", "diffusion", "--dry-run"], f"--arch diffusion has no effect: every variant of {g} "
+                                                           "names its own arch"):
         assert ablate_cli.run_cli(ablate_cli.main, argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err

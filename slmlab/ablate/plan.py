@@ -298,6 +298,9 @@ def file_ablation(path, arch: Optional[str] = None, seeds=None, steps: Optional[
         variants.append(Variant(str(name), str(spec.get("arch") or default_arch),
                                 _overrides_from(where, spec.get("overrides"))))
         refuse_run_keys(f"{where}: overrides", variants[-1].overrides)
+    if arch and all((spec or {}).get("arch") for spec in raw_variants.values()):
+        raise AblationError(f"--arch {arch} has no effect: every variant of {path} names its own arch; drop it "
+                            "(or the variants' arch keys)")
     seeds = seeds if seeds is not None else doc.get("seeds", DEFAULT_SEEDS)
     return Ablation(variants=variants, seeds=seed_list(seeds), corpora=[str(d) for d in data], steps=steps,
                     budget=budget or doc.get("budget", DEFAULT_BUDGET), overrides=common + list(overrides),
