@@ -91,7 +91,8 @@ class RunDir:
         run = cls(path, label)
         what = "is not a finished run" if WEIGHTS in need else "holds no run"
         if not run.path.is_dir():
-            raise RunDirError(f"{run.name} {what} (no such directory)")
+            why = "a file, not a run directory" if run.path.exists() else "no such directory"
+            raise RunDirError(f"{run.name} {what} ({why})")
         for f in need:
             if not (run.path / f).is_file():
                 raise RunDirError(f"{run.name} {what} (no {f})")

@@ -65,11 +65,14 @@ def test_tied_head_is_stored_once(run):
     assert "embed.weight" in sd and "lm_head.weight" not in sd
 
 
-@pytest.mark.parametrize("remove,needle", [(None, "no such directory"), (CONFIG, "no config.yaml"),
-                                           (WEIGHTS, "no model.safetensors"), (TOKENIZER, "no tokenizer.json")])
+@pytest.mark.parametrize("remove,needle", [(None, "no such directory"), ("file", "a file, not a run directory"),
+                                           (CONFIG, "no config.yaml"), (WEIGHTS, "no model.safetensors"),
+                                           (TOKENIZER, "no tokenizer.json")])
 def test_open_missing_dir_or_file_is_a_one_line_error(run, tmp_path, remove, needle):
-    path = tmp_path / "nope" if remove is None else run.dir.path
-    if remove:
+    path = tmp_path / "nope" if remove in (None, "file") else run.dir.path
+    if remove == "file":
+        path.write_text("a corpus, given as --run by mistake")
+    elif remove:
         (path / remove).unlink()
     with pytest.raises(RunDirError) as e:
         RunDir.open(path, label="train.teacher=")
