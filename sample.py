@@ -191,12 +191,12 @@ class StreamPrinter:
     def _flush(self, last: bool = False):
         before = self.ids[max(0, self.printed - self.CONTEXT):self.printed]
         head, text = self.tok.decode(before), self.tok.decode(before + self.ids[self.printed:])
-        if text.startswith(head) and (last or not text.endswith("\ufffd")):
-            print(text[len(head):], end="", flush=True)
-        elif last:  # a decoder that rewrote the printed tokens' text: the rest on its own
-            print(self.tok.decode(self.ids[self.printed:]), end="", flush=True)
-        else:
+        if not last and text.endswith("\ufffd"):  # inside a character: wait for its other bytes
             return
+        if text.startswith(head):
+            print(text[len(head):], end="", flush=True)
+        else:  # the decoder rewrote the printed tokens' text (a bad byte run turned to U+FFFD): the new ones alone
+            print(self.tok.decode(self.ids[self.printed:]), end="", flush=True)
         self.printed = len(self.ids)
 
     def finish(self, new_ids: list[int]):

@@ -144,10 +144,11 @@ class Attention(Mixer):
                              window=self.window, backend=self.backend)
             return self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)), [kc, vc]
         lo, ks, vs = 0, kc, vc  # the slots the step reads
-        if inplace and not torch.compiler.is_compiling():
-            # Eager one-token step: only the slots it can see (the written prefix, the last `window` of it),
-            # so a step costs O(position), O(window) for a sliding layer, not O(max_len). A compiled step
-            # keeps the static shapes its graph was built for.
+        if inplace and positions.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Eager one-token step on the CPU: only the slots it can see (the written prefix, the last
+            # `window` of it), so a step costs O(position), O(window) for a sliding layer, not O(max_len).
+            # A compiled step keeps the static shapes its graph was built for; on a GPU reading the
+            # position back would sync every layer of every token (and break a CUDA graph's capture).
             end = int(positions[-1]) + 1
             lo = 0 if self.window is None else max(0, end - self.window)
             ks, vs = kc[:, :, lo:end], vc[:, :, lo:end]

@@ -195,7 +195,8 @@ class HFScorer(CausalScorer):
         self.name, self.device, self.dtype = str(folder), torch.device(device), dtype
         positions = getattr(self.model.config, "max_position_embeddings", None)
         self.max_len = max_len or min(positions or 2048, 2048)
-        if positions and self.max_len > positions:  # a learned table (GPT-2's) has no rows past it: an IndexError
+        # Past it GPT-2's learned table has no rows (an IndexError mid-scoring); a RoPE model never trained there.
+        if positions and self.max_len > positions:
             raise ConfigError(f"--max-len {self.max_len} exceeds {folder}'s max_position_embeddings={positions}")
         self.start_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
         if self.start_id is None:  # a pair with an empty context, or a document's first token, has nothing to follow
@@ -212,7 +213,9 @@ class HFScorer(CausalScorer):
         # default --batch-tokens. (A 1-D logits_to_keep is what every transformers 5 CausalLM takes.)
         keep = mask.any(0).nonzero()[:, 0]
         with precision(self.device, self.dtype):
-            return self.model(input_ids=idx, logits_to_keep=keep).logits[mask[:, keep]].float()
+            logits = self.model(input_ids=idx, logits_to_keep=keep).logits
+        # (a model that ignores logits_to_keep, as xLSTM's passes it on unread, returns every column)
+        return logits[mask[:, keep] if logits.shape[1] == len(keep) else mask].float()
 
 
 def tokenize_pair(scorer, context: str, continuation: str) -> tuple[list[int], int]:

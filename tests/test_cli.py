@@ -190,6 +190,14 @@ def test_the_stream_prints_the_decoded_text_and_stops_at_eos(capsys):
     printer = sample.StreamPrinter(tok, [], eos_id=tok.eos_id)
     printer.finish(ids)  # nothing streamed (a diffusion run's tokens): all printed at the end
     assert capsys.readouterr().out == tok.decode(ids) + "\n"
+    # a stray byte after 日's three makes the decoder rewrite the printed 日 as U+FFFDs: the stream went
+    # silent for the rest of the sample (only finish() printed it); now the new tokens print on their own
+    bad = tok.encode("a 日") + [tok.hf.token_to_id("<0x80>")] + tok.encode(" a a a")
+    printer = sample.StreamPrinter(tok, [], eos_id=tok.eos_id)
+    for t in bad:
+        printer.add(t)
+    streamed = capsys.readouterr().out
+    assert streamed.endswith(" a a a") and streamed.replace("\ufffd", "").startswith("a 日")
 
 
 def test_sample_py_stops_at_eos_and_does_not_print_the_start_token(tiny_run, capsys, monkeypatch):

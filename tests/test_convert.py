@@ -484,7 +484,7 @@ def test_gguf_names_the_pre_tokenizer_llama_cpp_must_use_and_types_added_tokens(
     from slmlab.export.gguf import _LLAMA3_SPLIT, _tokenizer_metadata, gguf_pre
     from slmlab.tokenizer import Tokenizer
 
-    own = train_tokenizer(["def f(self): return 1234 + 5"] * 50, 300).with_added(["<think>"])
+    own = train_tokenizer(["def f(self): return 1234 + 5"] * 50, 300).with_added(["<think>", "<|fim_prefix|>"])
     assert gguf_pre(own) == "gpt-2"
 
     def with_pre(pre) -> Tokenizer:
@@ -493,9 +493,13 @@ def test_gguf_names_the_pre_tokenizer_llama_cpp_must_use_and_types_added_tokens(
         return Tokenizer(hf)
 
     split = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    for regex, name in ((_LLAMA3_SPLIT, "llama-bpe"), (_LLAMA3_SPLIT.replace("{1,3}", ""), "qwen2")):
+    qwen2 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    for regex, name in ((_LLAMA3_SPLIT, "llama-bpe"), (qwen2, "qwen2")):
         tok = with_pre(pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), "isolated"), *split]))
         assert gguf_pre(tok) == name
+    smollm = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                      pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    assert gguf_pre(with_pre(smollm)) == "smollm"  # SmolLM's and SmolLM2's (docs/export.md's import example)
     for pre in (pre_tokenizers.Metaspace(), pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\d"), "isolated"),
                                                                       *split])):
         with pytest.raises(ConfigError, match="llama.cpp would cut text differently"):
@@ -512,6 +516,7 @@ def test_gguf_names_the_pre_tokenizer_llama_cpp_must_use_and_types_added_tokens(
     _tokenizer_metadata(w, own, own.vocab_size)
     types = dict(zip(w.got["add_token_list"], w.got["add_token_types"]))
     assert types["<think>"] == gguf.TokenType.USER_DEFINED and types["<|eos|>"] == gguf.TokenType.CONTROL
+    assert types["<|fim_prefix|>"] == gguf.TokenType.CONTROL  # looks like a control token, as llama.cpp types it
     assert w.got["add_tokenizer_pre"] == "gpt-2"
 
 

@@ -93,6 +93,16 @@ def test_each_phase_draws_the_same_batches_whatever_the_step_count():
     assert (len(a1), len(b1)) == (5, 6)  # the boundary moved
     assert all(torch.equal(x, y) for x, y in zip(a1, b1)) and all(torch.equal(x, y) for x, y in zip(a2, b2))
     assert not torch.equal(b1[-1], b2[0][:, :16])  # phase 2 does not replay phase 1's draws
+    # a checkpoint at the boundary (after step 6 of 13) and one inside phase 2 resume the same draws
+    for at in (6, 8):
+        src = BatchSource(sets, None, "", types.SimpleNamespace(world=1, rank=0), 3, print)
+        for step in range(at):
+            ph = phase_at(phs, step)
+            src.next(ph, ph.batch_size(1, 1), torch.device("cpu"))
+        state = {**src.state_dict(), "phase": phase_at(phs, at - 1).index}
+        resumed = BatchSource(sets, None, "", types.SimpleNamespace(world=1, rank=0), 3, print)
+        resumed.load_state_dict(state, phs)
+        assert torch.equal(resumed.next(phase_at(phs, at), 2, torch.device("cpu"))[0], b2[at - 6])
 
 
 def test_divisibility_accounts_for_ranks():

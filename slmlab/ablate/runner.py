@@ -315,8 +315,9 @@ def submitit_executor(out: Path, group: str, cluster: str, params: dict):
         raise AblationError(f"--launcher submitit --cluster {cluster}: {str(e).splitlines()[0]}") from None
     lost = sorted(k for k in params if k.startswith("slurm_")) if ex.cluster != "slurm" else []
     if lost:
-        raise AblationError(f"--slurm {lost[0]}={params[lost[0]]}: submitit found no Slurm here (no srun) and runs "
-                            f"on its {ex.cluster} executor, which has no use for it; run on the cluster or drop it")
+        why = "found no Slurm here (no srun) and runs" if cluster == "auto" else f"was told to run (--cluster {cluster})"
+        raise AblationError(f"--slurm {lost[0]}={params[lost[0]]}: submitit {why} on its {ex.cluster} executor, "
+                            "which has no use for it; run on the cluster or drop it")
     print(f"[ablate] submitit runs the jobs on its {ex.cluster} executor", flush=True)
     return ex
 

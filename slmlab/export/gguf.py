@@ -58,7 +58,7 @@ def check_supported(mcfg):
 
 
 # The Split regexes of the byte-level BPE tokenizers llama.cpp pre-tokenizes by name (tokenizer.ggml.pre):
-# Llama 3's (digits in runs of up to three; SmolLM2's too) and Qwen2's (one digit at a time; Qwen 2.5/3).
+# Llama 3's (digits in runs of up to three) and Qwen2's (one digit at a time; Qwen 2.5/3).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
 _PRE_BY_SPLIT = {_LLAMA3_SPLIT: "llama-bpe", _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}", 1): "qwen2"}
@@ -66,22 +66,27 @@ _PRE_BY_SPLIT = {_LLAMA3_SPLIT: "llama-bpe", _LLAMA3_SPLIT.replace(r"\p{N}{1,3}"
 
 def gguf_pre(tok) -> str:
     """llama.cpp's name for how `tok` cuts text before BPE: ByteLevel's own regex (slmlab's tokenizer,
-    GPT-2's) is gpt-2; a Split by Llama 3's or Qwen2's regex then ByteLevel without one is llama-bpe or
-    qwen2. Any other is refused: llama.cpp would cut text differently and give other tokens."""
+    GPT-2's) is gpt-2, single digits first (SmolLM's and SmolLM2's) smollm; a Split by Llama 3's or
+    Qwen2's regex then ByteLevel without one is llama-bpe or qwen2. Any other is refused: llama.cpp
+    would cut text differently and give other tokens."""
     from ..tokenizer import _pipeline_steps
 
     spec = json.loads(tok.to_json())
     norm = [n.get("type") for n in _pipeline_steps(spec.get("normalizer"))]
     pre = _pipeline_steps(spec.get("pre_tokenizer"))
     kinds = [step.get("type") for step in pre]
-    if kinds == ["ByteLevel"] and pre[0].get("use_regex", True) and not pre[0].get("add_prefix_space") and not norm:
+    gpt2_regex = bool(pre) and pre[-1].get("use_regex", True) and not pre[-1].get("add_prefix_space") and not norm
+    if kinds == ["ByteLevel"] and gpt2_regex:
         return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and pre[0].get("individual_digits") and gpt2_regex:
+        return "smollm"
     if kinds == ["Split", "ByteLevel"] and not pre[1].get("use_regex", True) and norm in ([], ["NFC"]):
         name = _PRE_BY_SPLIT.get((pre[0].get("pattern") or {}).get("Regex"))
         if name:
             return name
     raise ConfigError(f"gguf export writes tokenizers llama.cpp pre-tokenizes alike (ByteLevel with GPT-2's regex, "
-                      f"or a Split by Llama 3's or Qwen2's); this one has normalizer {norm or None} and pre-tokenizer "
+                      f"after single digits or not, or a Split by Llama 3's or Qwen2's); this one has normalizer "
+                      f"{norm or None} and pre-tokenizer "
                       f"{kinds or None}: llama.cpp would cut text differently")
 
 
@@ -107,9 +112,11 @@ def _tokenizer_metadata(w, tok, rows: int):
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     special = tok.special_tokens
     # An added token that is not special (data.added_tokens' <think>) has no merges that build it: llama.cpp
-    # matches it whole, before BPE, only as USER_DEFINED (its own converter's type for such tokens).
+    # matches it whole, before BPE, only as USER_DEFINED, or as CONTROL when it looks like a control token
+    # (<|...|>: Qwen2.5's <|fim_prefix|>), the types llama.cpp's own converter gives them.
     added = {t.content for t in tok.hf.get_added_tokens_decoder().values() if not t.special}
-    types = [gguf.TokenType.CONTROL if t in special else gguf.TokenType.USER_DEFINED if t in added
+    control = special | {t for t in added if t.startswith("<|") and t.endswith("|>")}
+    types = [gguf.TokenType.CONTROL if t in control else gguf.TokenType.USER_DEFINED if t in added
              else gguf.TokenType.NORMAL for t in tokens[:n_real]]
     types += [gguf.TokenType.UNUSED] * (rows - n_real)
     w.add_tokenizer_model("gpt2")

@@ -111,7 +111,6 @@ def run_onnx(folder, idx, n_steps: int, feed=None, threads: int = 0):
     opt = ort.SessionOptions()
     opt.log_severity_level = 3
     opt.intra_op_num_threads = threads
-    opt.intra_op_num_threads = threads
     dec = ort.InferenceSession(str(folder / "decode.onnx"), opt, providers=["CPUExecutionProvider"])
     x = idx.numpy().astype(np.int64)
     B = x.shape[0]
