@@ -139,11 +139,8 @@ def main(argv=None):
                                ("--json", args.json)) if v is not None and v is not False]
         if used:
             raise ConfigError(f"{', '.join(used)} only appl{'ies' if len(used) == 1 else 'y'} to --dry-run")
-    else:
-        drop = [f for f, v in (("--out", args.out), ("--force", args.force), ("--resume", args.resume),
-                               ("--force-memory", args.force_memory)) if v]
-        if drop:
-            raise ConfigError(f"--dry-run trains and writes nothing: drop {', '.join(drop)}")
+    elif args.resume or args.force_memory:  # (--out and --force stay: a dry run of the command about to be run)
+        raise ConfigError("--dry-run trains nothing: drop --resume / --force-memory")
     if args.resume and args.force:  # --force would replace the very run --resume continues
         raise ConfigError("--resume continues the run in --out and --force replaces it: give one of them")
     if args.print_config:
