@@ -223,6 +223,11 @@ class RunDir:
             print(f"note: {self.path}: {why}; loading with model.kernels=auto (the same function)", file=sys.stderr)
             cfg.model.kernels = "auto"
         model = self.load_weights(model_from_config(cfg), weights)
+        bad = next((n for n, t in model.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())),
+                   None)
+        if bad is not None:  # it would score NaN, greedy-decode token 0 and fail to sample, with no word why
+            raise CheckpointError(f"{self.path / weights} holds non-finite weights (NaN or inf), first in {bad}: the "
+                                  "run diverged or the file was altered; use an earlier checkpoint's weights")
         return cfg, model.to(device).eval(), self.tokenizer()
 
     def check_same_tokenizer(self, tok, why: str = ""):

@@ -97,6 +97,19 @@ def test_corrupt_weights_name_the_file(run):
     assert str(w) in str(e.value) and "corrupt or truncated" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_non_finite_weights_are_a_one_line_error(run):
+    from safetensors.torch import load_file, save_file
+
+    w = run.dir.path / WEIGHTS
+    sd = load_file(w)
+    name = sorted(sd)[-1]
+    sd[name][0] = float("nan")
+    save_file(sd, w)
+    with pytest.raises(CheckpointError) as e:
+        RunDir.open(run.dir.path).load()
+    assert f"holds non-finite weights (NaN or inf), first in {name}" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_corrupt_config_is_a_one_line_error(run):
     (run.dir.path / CONFIG).write_text("model: {d_model: [unclosed\n")
     with pytest.raises(ConfigError) as e:
