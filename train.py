@@ -105,9 +105,8 @@ def dry_run(cfg, args):
 
         given_tokenizer(cfg, say=lambda msg: None if args.json else print(msg))
     from slmlab.data import resolve_spec
-    from slmlab.phases import resolve_phases
 
-    for spec in {cfg.data.spec, *(ph.data for ph in resolve_phases(cfg) if ph.data)}:
+    for spec in {cfg.data.spec, *(p.data for p in cfg.train.phases if p.data)}:  # the specs load_data prepares
         resolve_spec(spec)  # a mistyped --data path is an error here too, not at the real run's start
     if args.gpu and cfg.train.device == "cpu":  # its memory would be the CPU run's, its time the GPU's
         raise ConfigError(f"--gpu {args.gpu} estimates a GPU run, but train.device=cpu pins it to the CPU: drop one")
