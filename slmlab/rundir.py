@@ -12,6 +12,7 @@
     summary.json, sample.txt
     checkpoints/step_XXXXXX/{model.safetensors, state.pt, sha256.json}   the last train.keep_checkpoints
     wandb/                 wandb's files, with logging.wandb
+    .lock                  while a process trains into the directory (RunLock)
 
 Every file is written through checkpoint.publish, so a kill leaves the old file or the new one.
 Everything read from here is untrusted: weights are safetensors, trainer state is loaded with
@@ -19,8 +20,13 @@ torch.load(weights_only=True), and a missing or torn file is a one-line error na
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import socket
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -35,6 +41,7 @@ CHAT_TEMPLATE = "chat_template.jinja"
 LORA_BASE = "lora_base.json"  # a LoRA run's fingerprint of its base's weights, taken when the run began
 IMPORTS = "imports.json"  # the sha256 of each model.imports file, taken when the config was written
 WANDB_DIR = "wandb"
+LOCK = ".lock"  # RunLock's: not an output (--force keeps it), and no sign that a directory holds anything
 FINISHED = (CONFIG, TOKENIZER, WEIGHTS)
 # Every file slmlab writes into a run directory (besides checkpoints/ and WANDB_DIR): what --force removes.
 OUTPUTS = (CONFIG, TOKENIZER, SIDECAR, WEIGHTS, AVG_WEIGHTS, METRICS, SUMMARY, SAMPLE, CHAT_TEMPLATE, LORA_BASE, IMPORTS)
@@ -283,7 +290,7 @@ class RunDir:
         if any((run.path / f).exists() for f in (CONFIG, WEIGHTS)):
             raise ConfigError(f"--out {run.path} already holds a run; pass --force to overwrite it "
                               "or --resume to continue it")
-        if any(run.path.iterdir()):
+        if any(p.name != LOCK for p in run.path.iterdir()):
             raise ConfigError(f"--out {run.path} is not empty and holds no slmlab run; pick an empty or new "
                               "directory, or pass --force (which replaces only the files slmlab writes)")
         return run
@@ -315,3 +322,62 @@ class RunDir:
 
     def write_summary(self, summary: dict):
         self.write_text(SUMMARY, json.dumps(summary, indent=2))
+
+
+class RunLock:
+    """RUN/.lock, held (flock) while this process trains into RUN: a second trainer there (--resume given
+    twice, a requeued job beside the one still running, --force over a run still training) stops with one
+    line before it reads or writes anything, instead of both writing checkpoints and metrics.jsonl. The
+    kernel drops the lock however the holder ends (a kill leaves a stale, unlocked file); a clean end
+    removes the file, and the directory too when it was made only to hold the lock (a bad --data, say)."""
+
+    def __init__(self, path, enabled: bool = True):
+        self.path, self.enabled, self.file, self.made = Path(path), enabled, None, False
+
+    def __enter__(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return self
+        if not self.enabled or (self.path.exists() and not self.path.is_dir()):  # a file: check_new says so
+            return self
+        lock = self.path / LOCK
+        try:
+            self.made = not self.path.exists()
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError:  # unwritable: the trainer's own first write names the problem
+            return self
+        while True:
+            f = open(lock, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                f.seek(0)
+                holder = f.read().strip() or "its pid unknown"
+                f.close()
+                if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                    raise ConfigError(f"{self.path} is in use: another process is training into it ({holder}); "
+                                      "wait for it to end or stop it, then --resume") from None
+                print(f"note: {self.path} cannot be locked here ({e.strerror}): nothing stops a second trainer "
+                      "from writing into it at the same time", file=sys.stderr)
+                return self
+            try:  # the holder may have ended and removed the file between our open and our flock
+                if os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            f.close()
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        self.file = f
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is None:
+            return
+        (self.path / LOCK).unlink(missing_ok=True)  # before the unlock: a waiter then finds no file of ours
+        self.file.close()
+        self.file = None
+        if self.made and not any(self.path.iterdir()):
+            self.path.rmdir()

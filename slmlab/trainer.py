@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -37,7 +38,7 @@ from .init_from import base_vocab, init_model
 from .optim import build_optimizer
 from .phases import eval_shape, lr_mult, phase_at, phase_windows, resolve_phases, warmup_note
 from .progress import Progress
-from .rundir import AVG_WEIGHTS, CONFIG, METRICS, SAMPLE, RunDir, model_from_config, read_metrics
+from .rundir import AVG_WEIGHTS, CONFIG, METRICS, SAMPLE, RunDir, RunLock, model_from_config, read_metrics
 from .runtime import (
     CompiledOrEager,
     Dist,
@@ -60,7 +61,8 @@ def train(cfg: RunConfig, out: Path, force: bool = False, resume: bool = False) 
     from .sft import SFTTrainer, detect_format
 
     cls = SFTTrainer if detect_format(cfg.data.spec, cfg.data.format) else Trainer
-    return cls(cfg, Path(out), force=force, resume=resume).fit()
+    with RunLock(out, enabled=os.environ.get("RANK", "0") == "0"):  # torchrun's rank 0 writes the directory
+        return cls(cfg, Path(out), force=force, resume=resume).fit()
 
 
 def refuse_inputs_in_out(cfg: RunConfig, out: Path):

@@ -494,3 +494,53 @@ def test_resume_announces_a_new_batch_shape_and_that_evals_no_longer_compare(tmp
     capsys.readouterr()
     assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "6"]) == 0  # nothing changed: no line
     assert "--resume: " not in capsys.readouterr().out
+
+
+def _files(run):
+    return {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def test_a_run_another_process_trains_into_is_refused_before_anything_changes(base_run, tmp_path, capsys):
+    """--resume given twice, a requeued job beside the first, --force over a run still training: the
+    second trainer stops on RUN/.lock in one line; both writing checkpoints and metrics.jsonl would
+    interleave them. The lock is taken here through a second open file, which flock treats as
+    another holder."""
+    import train
+    from slmlab.cli import run_cli
+    from slmlab.rundir import RunLock
+
+    run = tmp_path / "run"
+    shutil.copytree(base_run / "base", run)
+    before = _files(run)
+    capsys.readouterr()
+    with RunLock(run):
+        for argv in (["--resume", "--out", run, "--steps", "4"],
+                     ["--data", base_run / "c.txt", "--out", run, "--force", *tiny_overrides(base_run, steps=2)]):
+            assert run_cli(train.main, [str(a) for a in argv]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: {run} is in use: another process is training into it (pid {os.getpid()} "
+                                  "on ") and err.count("\n") == 1, err
+        assert _files(run) == before
+    assert not (run / ".lock").exists()
+
+
+def test_a_lock_left_by_a_killed_trainer_stops_nothing_and_a_failed_start_leaves_no_directory(base_run, tmp_path,
+                                                                                               capsys):
+    import train
+    from slmlab.cli import run_cli
+
+    run = tmp_path / "run"
+    shutil.copytree(base_run / "base", run)
+    # a holder that dies without its clean exit (kill -9 alike): the file stays, its lock goes with the process
+    subprocess.run([sys.executable, "-c", "import os, sys; from slmlab.rundir import RunLock; "
+                    "RunLock(sys.argv[1]).__enter__(); os._exit(0)", str(run)], check=True, cwd=ROOT)
+    assert (run / ".lock").read_text().startswith("pid ")
+    ov = tiny_overrides(base_run, steps=2)
+    assert run_cli(train.main, ["--data", str(base_run / "c.txt"), "--out", str(run), "--force", *ov]) == 0
+    assert not (run / ".lock").exists() and (run / "summary.json").is_file()
+    short = tmp_path / "short.txt"
+    short.write_text("too short\n")
+    new = tmp_path / "a" / "new"
+    capsys.readouterr()
+    assert run_cli(train.main, ["--data", str(short), "--out", str(new), *ov]) == 2
+    assert "error:" in capsys.readouterr().err and not (tmp_path / "a" / "new").exists()
