@@ -1,8 +1,9 @@
 """Log-likelihood scoring of task Items (slmlab/tasks.py) and their metrics, for eval.py.
 
-Each (context, continuation) pair is tokenized as start token + context + continuation, the two
-encoded separately so the continuation's tokens are exactly its own (a context's trailing spaces
-move to the continuation first, as lm-evaluation-harness does). A pair longer than the scorer's
+Each (context, continuation) pair is tokenized as start token + context + continuation: the
+continuation's tokens are those the whole text's encoding adds to the context's, as in
+lm-evaluation-harness (a context's trailing whitespace moves to the continuation first), or its own
+encoding when a token of the whole spans the seam. A pair longer than the scorer's
 max_len loses tokens from the left of its context. The scorer returns, for every continuation token,
 log p(token | everything before it) and whether the token was the argmax; a pair's log-likelihood
 is their sum and it is "greedy" when every token was the argmax.
@@ -225,7 +226,11 @@ def tokenize_pair(scorer, context: str, continuation: str) -> tuple[list[int], i
     if moved:
         context, continuation = context[:-moved], context[-moved:] + continuation
     ctx = scorer.encode(context) if context else []
-    cont = scorer.encode(continuation)
+    # Encoded after its context, as lm-evaluation-harness does and as the model reads it: a tokenizer
+    # that marks where a text starts (SentencePiece's prepended ▁) gives " Paris" alone a stray first
+    # token. Alone when a token spans the seam (the context's ids are then no prefix of the whole's).
+    whole = scorer.encode(context + continuation)
+    cont = whole[len(ctx):] if whole[:len(ctx)] == ctx else scorer.encode(continuation)
     if not cont:
         raise DataError(f"continuation {continuation!r} encodes to no tokens")
     if len(cont) > scorer.max_len:

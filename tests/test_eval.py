@@ -120,6 +120,28 @@ def test_trailing_whitespace_of_a_context_goes_to_the_continuation(tiny):
     assert harness.tokenize_pair(scorer, "the cat:\n", "sat") == harness.tokenize_pair(scorer, "the cat:", "\nsat")
 
 
+class _PrependingPieces:
+    """A SentencePiece-like encoder: the text gets a leading ▁, spaces become ▁, a piece starts at each ▁
+    (an imported Llama-2 tokenizer's normalizer does this): " Paris" alone is ["▁", "▁Paris"]."""
+    max_len, start_id = 64, 0
+
+    def __init__(self):
+        self.vocab = {}
+
+    def encode(self, text):
+        import re
+
+        return [self.vocab.setdefault(p, len(self.vocab) + 1) for p in re.findall("▁[^▁]*", "▁" + text.replace(" ", "▁"))]
+
+
+def test_a_continuation_is_encoded_after_its_context_unless_a_token_spans_the_seam():
+    scorer = _PrependingPieces()
+    ids, n = harness.tokenize_pair(scorer, "The capital is", " Paris")
+    assert len(scorer.encode(" Paris")) == 2 and n == 1 and ids[-1] == scorer.vocab["▁Paris"]  # no stray ▁
+    ids, n = harness.tokenize_pair(scorer, "The cap", "ital")  # the whole text's "▁capital" spans the seam
+    assert n == 1 and ids == [0, scorer.vocab["▁The"], scorer.vocab["▁cap"], scorer.vocab["▁ital"]]
+
+
 def test_own_tokenizer_starts_after_eos_as_training_documents_do(tiny):
     _, tok = tiny
     assert tok.start_id == tok.eos_id != tok.bos_id  # data.py joins documents with eos; bos never trains
