@@ -304,11 +304,15 @@ def stderr(xs: list[float]) -> float | None:
 
 def rolling_windows(scorer, text: str) -> list[tuple[list[int], int]]:
     """A document as (ids, scored tokens) windows: start token + its tokens, cut into disjoint spans of
-    max_len predictions (each window's first id is the last of the one before: every token is
-    predicted once, with up to max_len tokens of its own window before it)."""
+    max_len predictions, each window's first id the last of the one before: every token is predicted
+    once. The last, shorter span reads a full max_len ids, the tokens before it for context, as
+    lm-evaluation-harness's rolling log-likelihood does."""
     ids = ([] if scorer.start_id is None else [scorer.start_id]) + scorer.encode(text)
-    L = scorer.max_len
-    return [(ids[k:k + L + 1], len(ids[k:k + L + 1]) - 1) for k in range(0, len(ids) - 1, L)]
+    L, out = scorer.max_len, []
+    for k in range(0, len(ids) - 1, L):  # ids k+1 .. end-1 are predicted
+        end = min(k + L + 1, len(ids))
+        out.append((ids[max(0, end - L - 1):end], end - 1 - k))
+    return out
 
 
 def evaluate_text(scorer, items, batch_tokens: int = 16384, progress=None) -> TaskResult:
