@@ -283,9 +283,13 @@ def _gpt2_to_hf(sd: dict, cfg: ModelConfig) -> dict:
     return out
 
 
-def _gpt2_from_hf(hf_sd: dict, cfg: ModelConfig) -> dict:
+def _gpt2_names(hf_sd: dict) -> dict:
     # The original GPT-2 checkpoints name the GPT2Model's tensors without the "transformer." prefix.
-    hf_sd = {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v for k, v in hf_sd.items()}
+    return {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v for k, v in hf_sd.items()}
+
+
+def _gpt2_from_hf(hf_sd: dict, cfg: ModelConfig) -> dict:
+    hf_sd = _gpt2_names(hf_sd)
     out = {}
     for ours, theirs, kind in _gpt2_pairs(cfg):
         t = hf_sd[theirs]
@@ -373,6 +377,22 @@ def _embed(tab: dict) -> str:
 
 def _layers(tab: dict) -> str:
     return tab.get("layers", "model.layers")
+
+
+# Tensors a checkpoint may hold that transformers itself does not load: RoPE tables of older Llama
+# checkpoints, GPT-2's causal-mask buffers.
+_IGNORED = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+
+
+def unused_hf_weights(hf_sd: dict, model) -> list[str]:
+    """A checkpoint's tensors (as its files name them) that `model`, built from its config.json, has no
+    place for: a layer past num_hidden_layers, a bias attention_bias=false does not build. Importing
+    without them would give another model than the folder's, without a word."""
+    cfg = model.cfg
+    expected = set(to_hf_state_dict(model))
+    names = _gpt2_names(hf_sd) if hf_family(cfg) == "gpt2" else hf_sd
+    return sorted(k for k in names if k not in expected and not k.endswith(_IGNORED)
+                  and not (k == "lm_head.weight" and cfg.tie_embeddings))  # tied: transformers reads the embedding
 
 
 def from_hf_state_dict(hf_sd: dict, cfg: ModelConfig) -> dict:

@@ -2,6 +2,8 @@
 
 Tiny random transformers models are built here (no downloads); every parameter is perturbed so
 that zero-initialised biases and unit norms cannot hide a wrong mapping."""
+import re
+
 import pytest
 import torch
 
@@ -361,6 +363,45 @@ def test_unsupported_family_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "'bert'" in err
     assert all(f in err for f in ("llama", "qwen2", "gpt2", "lfm2", "qwen3")), err
+    assert not (tmp_path / "run").exists()
+
+
+def _damaged(folder, damage: str):
+    """A llama folder whose config.json and weights no longer describe one model."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    hf_folder(folder, "llama", vocab_size=len(save_tokenizer(folder / "probe")) - 2 if damage == "vocab" else None)
+    cfg, sd = json.loads((folder / "config.json").read_text()), load_file(folder / "model.safetensors")
+    q = "model.layers.0.self_attn.q_proj"
+    if damage == "layers":  # the second layer's weights stay in the file
+        cfg["num_hidden_layers"] = 1
+    elif damage == "bias":  # attention_bias is false
+        sd[f"{q}.bias"] = torch.zeros(sd[f"{q}.weight"].shape[0])
+    elif damage == "fp8":  # FP8 weights without their scales (a hub *-FP8 folder holds weight_scale_inv)
+        sd[f"{q}.weight"] = sd[f"{q}.weight"].to(torch.float8_e4m3fn)
+    elif damage == "quantized":
+        cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("layers", r"9 weight\(s\) have no place in the model its config.json describes, e.g. model.layers.1.input_layernorm"),
+    ("bias", r"1 weight\(s\) have no place .* e.g. model.layers.0.self_attn.q_proj.bias"),
+    ("fp8", r"weight layers.0.mixer.q_proj.weight is stored as torch.float8_e4m3fn: slmlab imports float weights"),
+    ("quantized", r"a quantized checkpoint \(fp8\): slmlab imports float weights"),
+    ("vocab", r"the tokenizer has \d+ ids but the model \d+ embedding rows"),
+])
+def test_a_folder_whose_weights_are_not_its_configs_model_is_refused(damage, needle, tmp_path, capsys):
+    """Each of these imported before as another model without a word (a dropped layer, weights read
+    without their FP8 scales, token ids past the embedding) or as a KeyError traceback (the bias)."""
+    _damaged(tmp_path / "hf", damage)
+    capsys.readouterr()
+    assert convert("--from-hf", tmp_path / "hf", "--out", tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert re.search(needle, err) and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from ..errors import CheckpointError, ConfigError
 from ..hf import (
     FAMILIES,
@@ -17,6 +19,7 @@ from ..hf import (
     to_hf_config,
     to_hf_state_dict,
     unsupported,
+    unused_hf_weights,
 )
 from . import DTYPES, require
 
@@ -111,6 +114,11 @@ def load_hf(path):
         raise ConfigError(f"{path / 'config.json'} is not a config slmlab can load: {msg}") from None
     if getattr(hf_cfg, "model_type", None) not in FAMILIES:
         raise ConfigError(f"{path}: {unsupported(getattr(hf_cfg, 'model_type', None))}")
+    quant = getattr(hf_cfg, "quantization_config", None)
+    if quant:  # FP8 / GPTQ / AWQ weights need their scales: read as plain floats they are another model
+        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+        raise ConfigError(f"{path}: a quantized checkpoint ({method or 'quantization_config'}): slmlab imports "
+                          "float weights; use the unquantized model's folder")
     try:  # config.json is untrusted: any value may be of the wrong type or out of range
         mcfg = from_hf_config(hf_cfg)
     except (ConfigError, TypeError, ValueError, AttributeError) as e:
@@ -130,12 +138,24 @@ def load_hf(path):
     missing = [k for k in own if k not in sd]
     if missing:
         raise CheckpointError(f"{path}: no weight for {missing[0]} ({len(missing)} missing)")
+    unused = unused_hf_weights(hf_sd, model)
+    if unused:
+        raise CheckpointError(f"{path}: {len(unused)} weight(s) have no place in the model its config.json "
+                              f"describes, e.g. {unused[0]} (num_hidden_layers, a bias or tie_word_embeddings "
+                              "that does not match the weights?)")
     for k, v in sd.items():
         if tuple(v.shape) != tuple(own[k].shape):
             raise CheckpointError(f"{path}: shape mismatch for {k}: checkpoint {tuple(v.shape)}, "
                                   f"config implies {tuple(own[k].shape)}")
+        if v.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise CheckpointError(f"{path}: weight {k} is stored as {v.dtype}: slmlab imports float weights "
+                                  "(a quantized checkpoint needs its scales)")
     model.load_state_dict({k: v.float() for k, v in sd.items()})
-    return mcfg, model.eval(), _load_tokenizer(path, hf_cfg)
+    tok = _load_tokenizer(path, hf_cfg)
+    if tok.vocab_size > mcfg.vocab_size:  # its last ids would index past the embedding
+        raise CheckpointError(f"{path}: the tokenizer has {tok.vocab_size} ids but the model "
+                              f"{mcfg.vocab_size} embedding rows (vocab_size)")
+    return mcfg, model.eval(), tok
 
 
 def _load_tokenizer(path: Path, hf_cfg):
