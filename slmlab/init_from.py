@@ -7,14 +7,13 @@ import dataclasses
 
 import torch
 
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .rundir import RunDir
 
-# Fields that must match for weights to transfer; causal and the objective may differ.
-SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "conv_kernel",
-                "conv_bias", "tie_embeddings")
-# Block options that change which weights exist (rope_theta/rope_scaling may change: context extension).
-FAMILY_FIELDS = ("norm", "pos", "mlp", "qk_norm", "qk_norm_scope", "attn_bias", "attn_out_bias", "mlp_bias")
+# What may differ from the base run's model: what starting from it is for (causal: AR -> diffusion;
+# RoPE and the windows: context extension) and what loading its weights makes moot (init_std). Anything
+# else ModelConfig.weight_changes names builds other weights or gives them another meaning.
+MAY_DIFFER = ("causal", "rope_theta", "rope_scaling", "window", "window_pattern", "init_std")
 
 
 def with_added_tokens(cfg, tok, say=print):
@@ -55,20 +54,9 @@ def init_model(model, cfg, tok, load_weights: bool = True):
 
 def load_init(model, cfg, tok, run_dir):
     run = RunDir.open(run_dir, label="train.init_from=")
-    src = run.config().model
-    added = cfg.data.added_tokens
-    for f in SHAPE_FIELDS:
-        a, b = getattr(src, f), getattr(cfg.model, f)
-        if a != b and not (f == "vocab_size" and added and a < b):  # added tokens grow the vocabulary
-            raise ConfigError(f"train.init_from run has model.{f}={a!r} but this run has {b!r}")
-    for f in FAMILY_FIELDS:
-        if getattr(src, f) != getattr(cfg.model, f):
-            raise ConfigError(f"train.init_from run has model.{f}={getattr(src, f)!r} but this run has "
-                              f"{getattr(cfg.model, f)!r}")
-    if src.layer_types() != cfg.model.layer_types():
-        raise ConfigError(f"train.init_from run has layers {src.layers!r} but this run has {cfg.model.layers!r}")
+    src, added, base_tok = run.config().model, cfg.data.added_tokens, run.tokenizer()
+    check_same_model(src, cfg.model, base_tok.vocab_size, tok.vocab_size, bool(added), run_dir)
     if added:
-        base_tok = run.tokenizer()
         if base_tok.with_added(added).to_json() != tok.to_json():
             raise ConfigError(f"{run.name}'s tokenizer plus data.added_tokens is not this run's tokenizer "
                               "(set data.tokenizer to the same run)")
@@ -78,6 +66,26 @@ def load_init(model, cfg, tok, run_dir):
         run.check_same_tokenizer(tok, "the weights' token ids would mean other tokens (data or vocab_size differ)")
         run.load_weights(model)
     print(f"initialised from {run.path}")
+
+
+def check_same_model(src, new, base_ids: int, ids: int, added: bool, run_dir: str):
+    """`new` (this run's model config) builds the weights of `src` (train.init_from's), but for MAY_DIFFER,
+    compared as built (ModelConfig.weight_changes). The base's tokenizer (`base_ids` ids) fits its rows;
+    with data.added_tokens the vocabulary is the base's rows grown to fit the `ids` tokens, no more: rows
+    past every token would start at zero and draw probability mass from step 0."""
+    if base_ids > src.vocab_size:
+        raise ConfigError(f"train.init_from={run_dir}: its tokenizer has {base_ids} ids but its model "
+                          f"{src.vocab_size} embedding rows")
+    vocab = max(src.vocab_size, ids) if added else src.vocab_size
+    if new.vocab_size != vocab:
+        why = f" (its rows grown to the {ids} tokens of data.added_tokens)" if vocab > src.vocab_size else ""
+        raise ConfigError(f"train.init_from={run_dir} has model.vocab_size={src.vocab_size}: this run needs "
+                          f"{vocab}{why}, not {new.vocab_size}")
+    changes = [c for c in src.weight_changes(dataclasses.replace(new, vocab_size=src.vocab_size))
+               if c.split()[0].removeprefix("model.") not in MAY_DIFFER]
+    if changes:
+        raise ConfigError(f"train.init_from={run_dir} builds another model: " + ", ".join(changes[:4])
+                          + (f" (and {len(changes) - 4} more)" if len(changes) > 4 else ""))
 
 
 def grow_vocab(model, run, n_tok: int | None = None, n_new: int | None = None):
@@ -95,4 +103,8 @@ def grow_vocab(model, run, n_tok: int | None = None, n_new: int | None = None):
         rows = torch.cat([old, old.new_zeros(vocab - old.shape[0], old.shape[1])])
         rows[start:vocab if n_new is None else n_new] = old[:start].mean(0)
         sd[key] = rows
+    own = model.state_dict()
+    wrong = [k for k in own if k not in sd or sd[k].shape != own[k].shape] + [k for k in sd if k not in own]
+    if wrong:  # check_same_model passed: a block whose options build other tensors than its config says
+        raise CheckpointError(f"{run.path}'s weights do not fit the model: {wrong[0]} (and {len(wrong) - 1} more)")
     model.load_state_dict(sd)

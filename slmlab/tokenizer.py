@@ -162,6 +162,12 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         tok = HFTokenizer.from_str(self.to_json())
+        special = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        for t in tokens:
+            if t in special:  # data text never encodes to a special id (encode_special_tokens), so it would stay text
+                raise ConfigError(f"added token {t!r} is already special token {special[t]} of this tokenizer: text "
+                                  "holding it encodes as plain text (only a chat template places special tokens), "
+                                  "and adding it changes nothing; remove it from data.added_tokens")
         if self.byte_level:
             model_vocab = tok.get_vocab(with_added_tokens=False)
             added = {t.content for t in tok.get_added_tokens_decoder().values()}

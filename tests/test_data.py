@@ -679,6 +679,14 @@ def test_with_added_refuses_byte_level_symbol_spellings(tok):
     assert t.hf.token_to_id("the") == tok.hf.token_to_id("the") and t.vocab_size == tok.vocab_size + 1
 
 
+def test_with_added_refuses_a_special_token_which_text_never_encodes_to(tok):
+    from slmlab.errors import ConfigError
+
+    assert tok.encode("a<|eos|>b") != [tok.encode("a")[0], tok.eos_id, tok.encode("b")[0]]  # text stays text
+    with pytest.raises(ConfigError, match=rf"^added token '<\|eos\|>' is already special token {tok.eos_id} of this"):
+        tok.with_added(["<think>", "<|eos|>"])  # accepted before, and changed nothing
+
+
 @pytest.mark.parametrize("blank", ["", "\n", " \n\t "])
 def test_files_without_text_are_left_out_of_a_directory_split(tmp_path, corpus, blank):
     d = tmp_path / "d"

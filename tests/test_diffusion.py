@@ -299,7 +299,7 @@ def test_init_from_a_different_shape_is_a_one_line_error(runs):
                                                                  "model.d_model=64"])
     with pytest.raises(ConfigError) as e:
         train(cfg, runs.root / "bad")
-    assert "model.d_model=32 but this run has 64" in str(e.value) and "\n" not in str(e.value)
+    assert "builds another model: model.d_model 32 -> 64" in str(e.value) and "\n" not in str(e.value)
     assert not (runs.root / "bad" / "config.yaml").exists()
 
 
@@ -308,7 +308,8 @@ def test_init_from_a_different_tokenizer_is_a_one_line_error(runs):
 
     cfg = load_config(arch="diffusion", overrides=runs.common)
     with pytest.raises(ConfigError) as e:
-        load_init(build_model(cfg.model, cfg.objective), cfg, SimpleNamespace(to_json=lambda: "{}"), runs.root / "ar")
+        tok = SimpleNamespace(to_json=lambda: "{}", vocab_size=cfg.model.vocab_size)
+        load_init(build_model(cfg.model, cfg.objective), cfg, tok, runs.root / "ar")
     assert "different tokenizer" in str(e.value) and "\n" not in str(e.value)
 
 
