@@ -51,8 +51,10 @@ def coerce(key: str, value: Any, tp):
                 pass
         raise ConfigError(f"{key} expects a number, got {value!r}")
     if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # str() would write 0755 as 755
+            raise ConfigError(f"{key} expects a string, got the number {value!r}: quote it if it is text")
         raise ConfigError(f"{key} expects a string, got {value!r}")
     if tp is list or origin is list:
         if not isinstance(value, list):

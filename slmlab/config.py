@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,10 +144,58 @@ class RunConfig:
         return out
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False)
 
     def save(self, path):
         Path(path).write_text(self.to_yaml())
+
+
+# ---- YAML as configs read it: YAML 1.2's numbers, no duplicate keys ----
+# PyYAML reads YAML 1.1, where train.seed=0042 is octal (34), train.steps=1:00 base 60 (60), and 1e3
+# (no dot) is text. A config reads numbers as YAML 1.2 (and as people write them): 42, text, 1000.0.
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_INT_RE = re.compile(r"^[-+]?[0-9]+$")
+_FLOAT_RE = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$")
+
+
+def _yaml12_numbers(cls):
+    cls.yaml_implicit_resolvers = {c: [(t, rx) for t, rx in rs if t not in (_INT, _FLOAT)]
+                                   for c, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    cls.add_implicit_resolver(_INT, _INT_RE, list("-+0123456789"))
+    cls.add_implicit_resolver(_FLOAT, _FLOAT_RE, list("-+0123456789."))
+    return cls
+
+
+@_yaml12_numbers
+class _Loader(yaml.SafeLoader):
+    def construct_yaml_int(self, node):
+        return int(self.construct_scalar(node))  # decimal only: a leading 0 is no octal
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:  # PyYAML keeps the last of two equal keys without a word
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"the key {key!r} appears twice in one mapping (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_constructor(_INT, _Loader.construct_yaml_int)
+_Loader.add_constructor("tag:yaml.org,2002:map", _Loader.construct_yaml_map)
+
+
+@_yaml12_numbers
+class _Dumper(yaml.SafeDumper):
+    """Quotes a string _Loader would read as a number ("0042", "1e3"), as SafeDumper does for YAML 1.1's."""
+
+
+def load_yaml(text: str):
+    """`text` parsed as a config reads YAML (above); ConfigError for text that is not such YAML."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except (yaml.YAMLError, ValueError, TypeError) as e:  # ValueError: an explicit tag, !!int abc
+        raise ConfigError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
 
 def all_keys() -> list[str]:
@@ -160,15 +209,32 @@ def _unknown(key: str, pool: list[str]) -> ConfigError:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
+    """`section.key=value`: the value as YAML (numbers, lists, mappings), except a text key's
+    (data.spec, train.sample_prompt, ...), which is taken as typed: YAML would cut `notes #1.txt` at
+    its comment, strip the space of `def ` and read `0755` as a number. Quote it (`'...'`) to have it
+    read as YAML, and `null` stays null where the key may be null."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form section.key=value")
     key, raw = text.split("=", 1)
     key = key.strip()
+    kind = _text_key(key)
+    if kind and not raw.lstrip().startswith(("'", '"')):
+        return key, None if kind == "optional" and raw.strip() in ("null", "~") else raw
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
+        return key, load_yaml(raw) if raw.strip() else ""
+    except ConfigError:
+        return key, raw
+
+
+def _text_key(key: str) -> str | None:
+    """'text' for a `section.key` typed str, 'optional' for Optional[str], else None."""
+    section, _, name = key.partition(".")
+    if section not in SECTIONS or "." in name:
+        return None
+    tp = typing.get_type_hints(SECTIONS[section]).get(name)
+    if tp is str:
+        return "text"
+    return "optional" if tp == Optional[str] else None
 
 
 def _set(tree: dict, key: str, value):
@@ -218,14 +284,19 @@ def read_yaml(path) -> dict:
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise ConfigError(f"config file {path} is {path.stat().st_size:,} bytes; a config is at most "
                           f"{MAX_CONFIG_BYTES:,} bytes")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
     try:
         # Aliases are refused: a few hundred bytes of nested aliases expand to gigabytes.
         if any(isinstance(tok, yaml.AliasToken) for tok in yaml.scan(text)):
             raise ConfigError(f"config file {path} uses YAML aliases (*name); write the values out instead")
-        data = yaml.safe_load(text) or {}
+        data = load_yaml(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except ConfigError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping")
     return data

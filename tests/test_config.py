@@ -169,6 +169,39 @@ def test_random_values_give_a_valid_config_or_a_one_line_error():
     check()
 
 
+def test_a_text_key_is_taken_as_typed_and_numbers_read_as_yaml_1_2(tmp_path):
+    """YAML read `--data "notes #1.txt"` as `notes` (a comment), `0755` as 493 (octal, then text),
+    the default prompt `def ` as `def`, train.seed=0042 as 34 and train.steps=1:00 as 60 (base 60)."""
+    cfg = load_config(overrides=["data.spec=notes #1.txt", "data.cache_dir=0755", "train.sample_prompt=def ",
+                                 "data.tokenizer=null", "logging.wandb_project='quoted #x'", "train.seed=0042",
+                                 "model.window=0100", "train.steps=1e3", "optim.betas=[0.9, 1e-3]"])
+    assert (cfg.data.spec, cfg.data.cache_dir, cfg.train.sample_prompt, cfg.data.tokenizer) == \
+        ("notes #1.txt", "0755", "def ", None)
+    assert cfg.logging.wandb_project == "quoted #x"  # quoted: read as YAML
+    assert (cfg.train.seed, cfg.model.window, cfg.train.steps, cfg.optim.betas) == (42, 100, 1000, [0.9, 1e-3])
+    with pytest.raises(ConfigError, match="train.steps expects an integer, got '1:00'"):
+        load_config(overrides=["train.steps=1:00"])
+    (tmp_path / "config.yaml").write_text(load_config(overrides=["train.sample_prompt=1e3", "data.spec=0042"]).to_yaml())
+    back = load_run_config(tmp_path / "config.yaml")
+    assert (back.train.sample_prompt, back.data.spec) == ("1e3", "0042")  # config.yaml quotes them
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("model:\n  d_model: 64\n  d_model: 128\n", r"the key 'd_model' appears twice in one mapping \(line 3\)"),
+    ("train:\n  steps: !!int abc\n", "invalid literal for int"),
+    ("data:\n  spec: 0755\n", "data.spec expects a string, got the number 755: quote it if it is text"),
+])
+def test_a_config_file_yaml_would_misread_is_a_one_line_error(tmp_path, text, needle):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=needle) as e:
+        load_config(path=f)
+    assert "\n" not in str(e.value)
+    f.write_bytes(b"train:\n  steps: \xff\n")
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 16\)"):
+        load_config(path=f)
+
+
 def test_yaml_alias_bombs_and_huge_configs_are_refused(tmp_path):
     bomb = tmp_path / "bomb.yaml"
     lines = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]"

@@ -15,8 +15,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
 from ..config import DEFAULT_CONFIG, RunConfig, load_config, parse_override, read_yaml
 from ..errors import SlmlabError
 from ..phases import phase_windows, resolve_phases
@@ -229,7 +227,7 @@ def inline_ablation(arch: Optional[str], varies: list[str], seeds=None, steps: O
 
 def _override_text(key: str, value) -> str:
     """A YAML value as the `key=value` text that config.parse_override reads back to the same value."""
-    if isinstance(value, str) and yaml.safe_load(value) == value:
+    if isinstance(value, str) and parse_override(f"{key}={value}")[1] == value:
         return f"{key}={value}"
     return f"{key}={json.dumps(value)}"
 
