@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -300,8 +301,11 @@ class ModelConfig:
                               f"{', '.join(LLAMA3_SCALING)}")
         out = {**LLAMA3_SCALING, **{k: v for k, v in rs.items() if k != "type"}}
         for k, v in out.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
                 raise ConfigError(f"model.rope_scaling.{k} must be a positive number, got {v!r}")
+        if not float(out["original_max_position_embeddings"]).is_integer():
+            raise ConfigError("model.rope_scaling.original_max_position_embeddings must be an integer (a context "
+                              f"length), got {out['original_max_position_embeddings']!r}")
         if out["high_freq_factor"] <= out["low_freq_factor"]:
             raise ConfigError("model.rope_scaling.high_freq_factor must exceed low_freq_factor")
         return out

@@ -4,6 +4,7 @@ field's type, `build_item` builds a whole dataclass from a mapping. Used by the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, Union
 
@@ -91,6 +92,10 @@ def build_item(where: str, cls, value):
     obj = cls(**{k: coerce(f"{where}.{k}", v, hints[k]) for k, v in value.items()})
     if hasattr(obj, "check"):
         obj.check(where)
+    for k in value:  # after the item's own checks, whose `not x > 0` lets inf through (an inf aux loss: NaN steps)
+        x = getattr(obj, k)
+        if isinstance(x, float) and not math.isfinite(x):
+            raise ConfigError(f"{where}.{k} must be a finite number, got {x}")
     return obj
 
 

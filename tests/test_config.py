@@ -113,6 +113,12 @@ def test_every_numeric_key_has_a_range():
     ("train.phases=[{seq_len: 64, share: 1, lr_mul: .nan}]", "train.phases[0].lr_mul must be >= 0, got nan"),
     ("train.phases=[{seq_len: 0, share: 1}]", "train.phases[0].seq_len must be >= 1, got 0"),
     ("train.phases=[{seq_len: 64, share: 1, window: 0}]", "train.phases[0].window must be >= 1, got 0"),
+    # a block's own checks (`not x > 0`) let inf through: every step then NaN, or a degenerate RoPE
+    ("model.mixer_opts.moe.aux_loss_coef=.inf", "model.mixer_opts.moe.aux_loss_coef must be a finite number, got inf"),
+    ("model.mixer_opts.lif.threshold=.inf", "model.mixer_opts.lif.threshold must be a finite number, got inf"),
+    ("model.rope_scaling={type: llama3, factor: .inf}", "model.rope_scaling.factor must be a positive number, got inf"),
+    ("model.rope_scaling={type: llama3, original_max_position_embeddings: 1.5}",
+     "original_max_position_embeddings must be an integer (a context length), got 1.5"),
 ])
 def test_out_of_range_values_are_one_line_errors(override, needle):
     with pytest.raises(ConfigError) as e:
