@@ -422,17 +422,35 @@ class Trainer:
         optim = [f"optim.{f.name} {getattr(saved.optim, f.name)!r} -> {getattr(self.cfg.optim, f.name)!r}"
                  for f in dataclasses.fields(saved.optim)
                  if getattr(saved.optim, f.name) != getattr(self.cfg.optim, f.name)]
-        old, new = dataclasses.asdict(saved.train), dataclasses.asdict(self.t)  # phases as mappings, to show
-        shape = [f"train.{k} {show(old[k])} -> {show(new[k])}" for k in self.SHAPE_KEYS
-                 if old[k] != new[k] and why_unused(self.cfg, f"train.{k}") is None]
-        for changes in (optim, saved.model.runtime_changes(self.cfg.model), shape):
+        shape = self.changes(saved, lambda key: key.removeprefix("train.") in self.SHAPE_KEYS)
+        other = self.changes(saved, lambda key: key not in self.OWN_LINE)
+        for changes in (optim, saved.model.runtime_changes(self.cfg.model), shape, other):
             if changes:
                 self.say(f"--resume: {', '.join(changes)}: applies from the resumed step on"
                          + (self.eval_change(saved) if changes is shape else ""))
+        data = self.changes(saved, lambda key: key in ("data.spec", "data.val_frac"))
+        if data:
+            self.say(f"--resume: {', '.join(data)}: training reads the new data from the resumed step on, and the "
+                     "validation split is the new data's, so val losses before and after do not compare")
         if saved.train.steps != self.t.steps:  # the shares and the schedule are of train.steps
             self.say(f"--resume: train.steps {saved.train.steps} -> {self.t.steps}: the phases' steps and the lr "
                      f"schedule (warmup, decay) are laid out anew over {self.t.steps} steps, so the resumed step "
                      "may fall in another phase, at another lr, than it would have")
+
+    # Keys --resume checks or announces on their own (above, check_same_adapters, checkpoint_to_resume),
+    # and data.cache_dir, a location: any other train.* / data.* change gets a line of changes().
+    OWN_LINE = {*(f"train.{k}" for k in SHAPE_KEYS), "train.steps", "train.seed", "train.init_from", "train.lora",
+                "data.cache_dir", "data.spec", "data.val_frac"}
+
+    def changes(self, saved: RunConfig, wanted) -> list[str]:
+        """'KEY old -> new' for each train.* and data.* KEY that `wanted` takes, differs and is read: the lr
+        schedule, gradient clipping, the cadence of logs and evals, the data."""
+        out = []
+        for sec in ("train", "data"):
+            old, new = dataclasses.asdict(getattr(saved, sec)), dataclasses.asdict(getattr(self.cfg, sec))  # phases shown
+            out += [f"{sec}.{k} {show(old[k])} -> {show(new[k])}" for k in old
+                    if wanted(f"{sec}.{k}") and old[k] != new[k] and why_unused(self.cfg, f"{sec}.{k}") is None]
+        return out
 
     def eval_change(self, saved: RunConfig) -> str:
         """'; ...' when the resumed run evaluates other tokens than the run did so far, else ''."""

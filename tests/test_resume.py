@@ -496,6 +496,25 @@ def test_resume_announces_a_new_batch_shape_and_that_evals_no_longer_compare(tmp
     assert "--resume: " not in capsys.readouterr().out
 
 
+
+def test_resume_announces_every_other_setting_it_applies_and_new_data(tmp_path, capsys):
+    """The lr schedule, gradient clipping or the data changed on --resume applied without a word."""
+    import train
+    from slmlab.cli import run_cli
+
+    corpus, run = write_corpus(tmp_path / "c.txt"), tmp_path / "run"
+    ov = tiny_overrides(tmp_path, steps=4, **{"train.ckpt_every": 4, "data.tokenizer": "null"})
+    assert run_cli(train.main, ["--data", str(corpus), "--out", str(run), *ov]) == 0
+    other = write_corpus(tmp_path / "other.txt", seed=1)
+    capsys.readouterr()
+    assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "5", "train.schedule=cosine",
+                                "train.grad_clip=0.5", "--data", str(other), f"data.tokenizer={run}"]) == 0
+    out = capsys.readouterr().out
+    assert "--resume: train.schedule wsd -> cosine, train.grad_clip 1.0 -> 0.5, data.tokenizer None -> " in out, out
+    assert f"--resume: data.spec {corpus} -> {other}: training reads the new data from the resumed " \
+           "step on, and the validation split is the new data's, so val losses before and after do not compare" in out
+
+
 def _files(run):
     return {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
 
