@@ -99,6 +99,7 @@ def dry_run(cfg, args):
 
     from slmlab.errors import ConfigError
     from slmlab.estimate import DEFAULT_MFU, estimate, parse_mem, report
+    from slmlab.preflight import check_inputs
 
     if cfg.data.added_tokens:  # they grow model.vocab_size, and so the estimate; else the tokenizer is not needed
         from slmlab.data import given_tokenizer
@@ -111,6 +112,7 @@ def dry_run(cfg, args):
     if args.gpu and cfg.train.device == "cpu":  # its memory would be the CPU run's, its time the GPU's
         raise ConfigError(f"--gpu {args.gpu} estimates a GPU run, but train.device=cpu pins it to the CPU: drop one")
     device = device_type(cfg, dry_run_gpu=bool(args.mem or args.gpu))
+    check_inputs(cfg, device)
     est = estimate(cfg, device=device, world=1 if args.world is None else args.world,
                    mem=parse_mem(args.mem) if args.mem else None,
                    gpu=args.gpu, mfu=args.mfu if args.mfu is not None else DEFAULT_MFU)

@@ -25,7 +25,6 @@ import torch
 
 from arch.loss import Distill
 from arch.moe import pending_stats, restore_pending_stats
-from kernels import unavailable as kernels_unavailable
 
 from . import data as data_mod
 from .checkpoint import average_checkpoints, remove_stale, scheduled_checkpoints, weights_for_save
@@ -37,6 +36,7 @@ from .harness import load_task_items, task_label, task_metrics
 from .init_from import base_vocab, init_model
 from .optim import build_optimizer
 from .phases import eval_shape, lr_mult, phase_at, phase_windows, resolve_phases, warmup_note
+from .preflight import check_inputs
 from .progress import Progress
 from .rundir import AVG_WEIGHTS, CONFIG, METRICS, SAMPLE, RunDir, RunLock, model_from_config, read_metrics
 from .runtime import (
@@ -324,6 +324,7 @@ class Trainer:
         self.run = RunDir(out)
         torch.manual_seed(self.t.seed)
         self.device = self.dist.device(self.t.device)
+        check_inputs(cfg, self.device.type, resuming=resume)
         self.say = print if self.dist.main else (lambda *a, **k: None)
         if self.t.lora.r:  # the adapter run names its base by an absolute path, so it loads from anywhere
             self.t.init_from = str(Path(self.t.init_from).expanduser().resolve())
@@ -480,9 +481,6 @@ class Trainer:
 
     def setup_model(self, resuming: bool = False):
         self.say(self.describe_data())
-        why = kernels_unavailable(self.cfg.model.kernels, self.device.type)
-        if why:
-            raise ConfigError(f"{why}: use model.kernels=auto or torch on {self.device.type}")
         self.model = model = model_from_config(self.cfg).to(self.device)
         # A resumed checkpoint holds every weight, so the base need not exist any more; LoRA
         # checkpoints hold adapters only and still sit on the base.

@@ -16,7 +16,7 @@ import yaml
 import train
 from slmlab.cli import run_cli
 from slmlab.config import DEFAULT_CONFIG, load_config
-from slmlab.errors import ConfigError, DataError
+from slmlab.errors import ConfigError, DataError, SlmlabError
 from slmlab.estimate import GB, estimate, meta_model, parse_mem
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,6 +231,26 @@ def test_dry_run_flags_are_checked(tmp_path):
         train.main(["--dry-run", "--gpu", "H100", "--device", "cpu"])
     with pytest.raises(DataError, match="data path not found: .*nope.txt"):
         train.main(["--dry-run", "--data", str(tmp_path / "nope.txt")])
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.init_from={tmp}/nope", "train.init_from={tmp}/nope is not a finished run"),
+    ("train.teacher={tmp}/nope", "train.teacher={tmp}/nope is not a finished run"),
+    ("train.eval_tasks=nope_task", "train.eval_tasks: unknown task 'nope_task'"),
+    ("model.kernels=flex", "model.kernels=flex runs on CUDA"),
+])
+def test_inputs_besides_the_data_are_checked_by_the_dry_run_and_before_the_data_is_prepared(tmp_path, override,
+                                                                                               needle):
+    """The dry run passed these, and a run found them only after training its tokenizer and tokenizing
+    the corpus (minutes on a new corpus)."""
+    override, needle = override.format(tmp=tmp_path), needle.format(tmp=tmp_path)
+    with pytest.raises(SlmlabError, match=needle):
+        train.main(["--dry-run", override, "train.device=cpu"])
+    cache = tmp_path / "cache"
+    with pytest.raises(SlmlabError, match=needle):
+        train.main(["--out", str(tmp_path / "run"), override, "train.device=cpu", f"data.cache_dir={cache}",
+                    "--steps", "1"])
+    assert not cache.exists() or not any(cache.iterdir())  # nothing prepared
 
 
 @pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
