@@ -43,6 +43,7 @@ class Run:
     dir: RunDir
     cfg: RunConfig
     summary: dict | None  # None: not finished (still training, or killed)
+    stale_steps: int | None  # the steps of a summary.json left by an earlier finish (a resume with more steps)
     records: list[dict]  # metrics.jsonl
     bad_lines: list[int]  # metrics.jsonl lines that read as no record
     layers: str
@@ -58,14 +59,17 @@ def load(path: str) -> Run:
     records, bad = read_metrics(run.path / METRICS)
     if bad and not records:
         raise RunDirError(f"{run.path / METRICS} is torn: none of its {len(bad)} line(s) reads as a record")
-    summary = run.summary()
+    summary, stale = run.summary(), None
+    if summary is not None and summary.get("steps", cfg.train.steps) != cfg.train.steps:
+        # Directories written before the trainer removed it on --resume: that finish is not this run's.
+        summary, stale = None, summary.get("steps")
     # a run without a summary (or from before summaries had params_active) is sized by its model, built
     # with no storage
     known = summary or {}
     model = None if {"params", "params_active"} <= set(known) else meta_model(cfg)
     params = known["params"] if "params" in known else model.num_params()
     active = known["params_active"] if "params_active" in known else model.num_params(active=True)
-    return Run(path, run, cfg, summary, records, bad, cfg.model.layer_summary(), params, active)
+    return Run(path, run, cfg, summary, stale, records, bad, cfg.model.layer_summary(), params, active)
 
 
 def open_runs(paths: list[str]) -> list[Run]:
@@ -175,7 +179,9 @@ def _run_notes(r: Run, w: dict) -> list[str]:
     """What to know about one run on its own: unfinished, skipped metrics lines, diverged."""
     notes = []
     if w["status"] == RUNNING:
-        notes.append(f"{r.name}: {RUNNING} at step {w['steps']} of {w['steps_planned']} (no summary.json: its "
+        why = "no summary.json" if r.stale_steps is None else \
+            f"its summary.json is of a {r.stale_steps}-step finish, before a --resume with more steps"
+        notes.append(f"{r.name}: {RUNNING} at step {w['steps']} of {w['steps_planned']} ({why}: its "
                      "numbers are its metrics.jsonl's last)")
     if r.bad_lines:
         shown = ", ".join(map(str, r.bad_lines[:5])) + (", ..." if len(r.bad_lines) > 5 else "")

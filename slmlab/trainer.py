@@ -38,7 +38,7 @@ from .optim import build_optimizer
 from .phases import eval_shape, lr_mult, phase_at, phase_windows, resolve_phases, warmup_note
 from .preflight import check_inputs
 from .progress import Progress
-from .rundir import AVG_WEIGHTS, CONFIG, METRICS, SAMPLE, RunDir, RunLock, model_from_config, read_metrics
+from .rundir import AVG_WEIGHTS, CONFIG, METRICS, SAMPLE, SUMMARY, RunDir, RunLock, model_from_config, read_metrics
 from .runtime import (
     CompiledOrEager,
     Dist,
@@ -555,6 +555,8 @@ class Trainer:
             self.run.write_tokenizer(self.tok)
             if saved is None and self.t.lora.r:
                 self.run.write_lora_base(self.t.init_from)
+            if saved is not None:  # the finish it describes is being replaced (metrics.jsonl loses its final line)
+                (self.run.path / SUMMARY).unlink(missing_ok=True)
         self.metrics = MetricsLog(self.run, self.cfg, self.dist.main, saved["metrics_offset"] if saved else None,
                                   saved.get("wandb_id") if saved else None)
 

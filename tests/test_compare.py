@@ -262,3 +262,15 @@ def test_downstream_task_scores_of_the_final_evals(tmp_path, capsys):
     tasks = out.split("Downstream tasks")[1]
     assert "lam acc" in tasks.splitlines()[1] and "tails acc_norm" in tasks.splitlines()[1]
     assert cells(tasks, a)[1:] == ["25.0%", "62.5%"] and cells(tasks, b)[1:] == ["–", "–"]
+
+
+def test_a_summary_of_fewer_steps_than_planned_is_an_earlier_finish(tmp_path, capsys):
+    """A finished 30-step run resumed with train.steps=400 by a trainer that left its summary.json: that
+    summary is the old finish's, so the run is read as unfinished, from its metrics."""
+    recs = [r for r in fake_records(steps=400, evals=(20,), final=False) if r["step"] <= 35]
+    a = fake_run(tmp_path / "a", ["train.steps=400"], records=recs)
+    out = run_json(capsys, a)
+    row = out["runs"][0]
+    assert (row["status"], row["steps"], row["val_bpb"], row["tokens"]) == ("running or stopped", 35, None, 35 * 128)
+    assert f"{a}: running or stopped at step 35 of 400 (its summary.json is of a 30-step finish, before a --resume " \
+           "with more steps: its numbers are its metrics.jsonl's last)" in out["notes"]

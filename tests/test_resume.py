@@ -563,3 +563,24 @@ def test_a_lock_left_by_a_killed_trainer_stops_nothing_and_a_failed_start_leaves
     capsys.readouterr()
     assert run_cli(train.main, ["--data", str(short), "--out", str(new), *ov]) == 2
     assert "error:" in capsys.readouterr().err and not (tmp_path / "a" / "new").exists()
+
+
+def test_a_resume_removes_the_summary_of_the_finish_it_replaces(base_run, tmp_path, monkeypatch):
+    """Extending a finished run: its summary.json described the old finish, so compare.py would show
+    the run done with those numbers while it trains on; it goes when the resume begins."""
+    import train
+    from slmlab import trainer
+    from slmlab.cli import run_cli
+
+    run = tmp_path / "run"
+    ov = tiny_overrides(base_run, steps=4, **{"train.ckpt_every": 2})
+    assert run_cli(train.main, ["--data", str(base_run / "c.txt"), "--out", str(run), *ov]) == 0
+    assert (run / "summary.json").is_file()
+
+    def killed(self, step, ph):
+        raise SystemExit(137)
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", killed)
+    with pytest.raises(SystemExit):
+        run_cli(train.main, ["--resume", "--out", str(run), "--steps", "8"])
+    assert not (run / "summary.json").exists()

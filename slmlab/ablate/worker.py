@@ -174,11 +174,9 @@ def _train(out: Path, spec: dict, group: str) -> dict:
     os.environ["WANDB_JOB_TYPE"] = spec["variant"]
     cfg = load_config(spec["config"], arch=spec["arch"], overrides=spec["overrides"])
     # Resume only the planned config's own checkpoints; a run left from another plan starts afresh
-    # (force clears its outputs). A summary that does not count goes first: it must not survive a
-    # resume that dies before writing a new one.
+    # (force clears its outputs, as a resume its summary.json: the trainer removes it).
     resume = _config_matches(out, spec.get("config_sha")) and (out / CONFIG).is_file() \
         and bool(checkpoint_dirs(out))
-    (out / SUMMARY).unlink(missing_ok=True)
     (out / TASKS).unlink(missing_ok=True)  # scores of weights this training replaces
     summary = train(cfg, out, force=not resume, resume=resume)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
