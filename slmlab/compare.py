@@ -27,9 +27,10 @@ VAL_DATA = ("data.spec", "data.val_frac")  # the validation split is the last va
 # --x: (the metrics.jsonl key, the axis label)
 X_AXES = {"tokens": ("tokens", "training tokens"), "steps": ("step", "optimizer steps"),
           "time": ("elapsed_s", "training time (s)")}
-# The train-loss panel's smoothing (as TensorBoard's): each point is EMA x the previous average + (1 - EMA) x
-# its own loss. Light: a logged loss lags its smoothed one by EMA / (1 - EMA) points on a trend.
-EMA = 0.5
+# The train-loss panel's smoothing: an average whose weights halve every HALF_LIFE of the x axis's extent
+# behind each point. Per x, not per logged point: a run logged every 5 steps and the same run logged every
+# step get one curve (per point, the first was smoothed over 5x the steps, up to 0.4 nats apart).
+HALF_LIFE = 0.01
 RUNNING = "running or stopped"
 COLUMNS = ("run", "arch", "layers", "params", "steps", "tokens", "train time", "tokens/s", "val bpb",
            "best eval bpb")
@@ -254,11 +255,32 @@ def _points(records: list[dict], x: str, y) -> list[tuple]:
     return [(a, b) for a, b in pts if _finite(b)]
 
 
-def _ema(ys: list[float]) -> list[float]:
-    out = []
-    for y in ys:
-        out.append(y if not out else EMA * out[-1] + (1 - EMA) * y)
+def _smooth(xs: list[float], ys: list[float], half_life: float) -> list[float]:
+    """The exponential moving average in x of the line through (xs, ys): exact on each straight
+    segment, so sparser logging of the same curve changes it only by the curvature it misses."""
+    out, tau = [ys[0]], half_life / math.log(2)
+    for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:]):
+        if x1 <= x0:  # no x between them (a metrics.jsonl cut and appended to): nothing to average over
+            out.append(out[-1])
+            continue
+        # lead (slope x tau): how far a straight line's average trails it
+        decay, lead = math.exp(-(x1 - x0) / tau), (y1 - y0) / (x1 - x0) * tau
+        out.append(y1 + (out[-1] - y0 + lead) * decay - lead)
     return out
+
+
+def loss_curves(runs: list[Run], key: str) -> list[tuple[list, list, list]]:
+    """Each run's logged train losses against `key` and their smoothed curve: (xs, ys, smoothed). One
+    half-life for all runs, so their curves compare. A distilled run's loss mixes in the teacher's
+    term; its "ce" is what the other runs' loss is."""
+    pts = [_points([s for s in r.records if "loss" in s], key, lambda s: s.get("ce", s["loss"])) for r in runs]
+    every_x = [x for run in pts for x, _ in run]
+    half_life = HALF_LIFE * (max(every_x) - min(every_x)) if every_x else 0
+    curves = []
+    for run in pts:
+        xs, ys = [x for x, _ in run], [y for _, y in run]
+        curves.append((xs, ys, _smooth(xs, ys, half_life) if run else []))
+    return curves
 
 
 def _final_x(r: Run, final: dict, key: str) -> float:
@@ -278,7 +300,8 @@ def plot(runs: list[Run], path, x: str = "tokens"):
     plt, fig, (bpb_ax, loss_ax) = figure(2, "val bpb: lines are the periodic evals (the first train.eval_tokens "
                                             "of the validation split), diamonds the final eval over the whole split "
                                             "(another token set, so not joined). Train loss: faint as logged, solid "
-                                            "smoothed.")
+                                            f"smoothed (half-life {HALF_LIFE:.0%} of the x axis).")
+    losses = loss_curves(runs, key)
     for i, r in enumerate(runs):
         color = f"C{i % 10}"
         periodic, final = split_evals(r.records)
@@ -288,15 +311,13 @@ def plot(runs: list[Run], path, x: str = "tokens"):
         if final and _finite(final["val_bpb"]) and _last(r.records, key) is not None:
             bpb_ax.plot([_final_x(r, final, key)], [final["val_bpb"]], marker="D", ms=6,
                         color=color, linestyle="none", label=None if pts else r.name)
-        # A distilled run's loss mixes in the teacher's term; its "ce" is what the other runs' loss is.
-        steps = _points([s for s in r.records if "loss" in s], key, lambda s: s.get("ce", s["loss"]))
-        if steps:
-            xs, ys = zip(*steps)
+        xs, ys, smoothed = losses[i]
+        if xs:
             loss_ax.plot(xs, ys, color=color, alpha=0.2, lw=0.8)
-            loss_ax.plot(xs, _ema(ys), color=color, label=r.name)
+            loss_ax.plot(xs, smoothed, color=color, label=r.name)
     bound = any(e.get("val_bpb_is_bound") for r in runs for e in r.records)
     for ax, ylabel in ((bpb_ax, "val bpb" + (" (≤: an upper bound for diffusion runs)" if bound else "")),
-                       (loss_ax, f"train loss (nats/token), EMA smoothing {EMA}")):
+                       (loss_ax, "train loss (nats/token)")):
         ax.set_xlabel(label)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

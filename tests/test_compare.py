@@ -274,3 +274,19 @@ def test_a_summary_of_fewer_steps_than_planned_is_an_earlier_finish(tmp_path, ca
     assert (row["status"], row["steps"], row["val_bpb"], row["tokens"]) == ("running or stopped", 35, None, 35 * 128)
     assert f"{a}: running or stopped at step 35 of 400 (its summary.json is of a 30-step finish, before a --resume " \
            "with more steps: its numbers are its metrics.jsonl's last)" in out["notes"]
+
+
+def test_the_smoothed_train_loss_does_not_depend_on_how_often_it_was_logged(tmp_path):
+    """The same training logged every step and every 5 steps: their smoothed curves agree at the
+    steps both have (per logged point, the sparser one was smoothed over 5x the steps: 0.27 apart here)."""
+    def records(every):
+        return [{"step": s, "loss": 2 + 4 * math.exp(-s / 40), "tokens": 128 * s, "elapsed_s": s / 10}
+                for s in range(1, 301) if s == 1 or s % every == 0]
+
+    runs = [compare_mod.load(fake_run(tmp_path / name, ["train.steps=300"], records=records(every), summary=False))
+            for name, every in (("dense", 1), ("sparse", 5))]
+    for x in ("step", "tokens", "elapsed_s"):
+        (dense_x, _, dense), (sparse_x, _, sparse) = compare_mod.loss_curves(runs, x)
+        at = dict(zip(dense_x, dense))
+        assert max(abs(at[a] - b) for a, b in zip(sparse_x, sparse)) < 0.005
+    assert compare_mod.loss_curves(runs, "step")[0][2][-1] > 2 + 4 * math.exp(-300 / 40)  # it averages the past
