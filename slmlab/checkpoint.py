@@ -295,6 +295,9 @@ def counter_problem(state: dict, path: Path) -> str | None:
             return f"{key!r} is {state[key]}, expected a number >= 0"
     if "rng_phase" in state and not (type(state["rng_phase"]) is int and state["rng_phase"] >= 0):
         return f"'rng_phase' is {state['rng_phase']!r}, expected a phase index >= 0"
+    wall = state.get("wall_time", 0.0)  # absent in checkpoints written before it was saved
+    if not (type(wall) in (int, float) and math.isfinite(wall) and wall >= 0):
+        return f"'wall_time' is {wall!r}, expected a number >= 0"
     name = path.parent.name
     if name.startswith("step_") and name[5:].isdigit() and int(name[5:]) != state["step"]:
         return f"'step' is {state['step']}, but the checkpoint is {name}"

@@ -126,9 +126,14 @@ class TrainState:
     bad_steps: int = 0  # consecutive non-finite steps
     train_time0: float = 0.0  # training seconds spent before this process (resume)
     t_loop: float = 0.0  # when this process's loop started
+    wall_time0: float = 0.0  # wall seconds of the processes before this one, up to their last checkpoint
+    t_start: float = dataclasses.field(default_factory=time.time)  # when this process began (set-up included)
 
     def train_time(self) -> float:
         return self.train_time0 + time.time() - self.t_loop
+
+    def wall_time(self) -> float:
+        return self.wall_time0 + time.time() - self.t_start
 
 
 class Stopped(KeyboardInterrupt):
@@ -345,7 +350,7 @@ class Trainer:
         for ph in self.phases:
             if ph.order == "quality" and ph.start + ph.steps > done:
                 self.batches.stream(ph)
-        self.state = TrainState()
+        self.state = TrainState(t_start=self.t_start)
         if saved is not None:
             self.resume(ckpt, saved)
         elif self.dist.main:
@@ -543,8 +548,10 @@ class Trainer:
         problem = restore_pending_stats(self.model, saved["moe_stats"]) if "moe_stats" in saved else None
         if problem:  # (a checkpoint from before they were saved has none: the loads restart)
             raise CheckpointError(f"{ckpt / 'state.pt'}: {problem}")
+        # A checkpoint from before wall_time was saved: the wall time counts this process only, as it did.
         self.state = TrainState(step=saved["step"], tokens=saved["tokens"], bad_steps=saved["bad_steps"],
-                                train_time0=saved["train_time"])
+                                train_time0=saved["train_time"], wall_time0=saved.get("wall_time", 0.0),
+                                t_start=self.t_start)
         # The phase the next step is in: a new train.steps moves the phase boundaries.
         self.say(f"resumed from {ckpt} (step {step}, phase {phase_at(self.phases, step).index + 1})")
 
@@ -782,7 +789,7 @@ class Trainer:
         st = {"step": step, "phase": ph.index, "tokens": s.tokens, "optimizer": self.opt.state_dict(),
               **self.batches.state_dict(), "metrics_offset": self.metrics.offset(), "bad_steps": s.bad_steps,
               "moe_stats": pending_stats(self.model),
-              "train_time": s.train_time(), "world": self.dist.world, "wandb_id": self.metrics.wandb_id}
+              "train_time": s.train_time(), "wall_time": s.wall_time(), "world": self.dist.world, "wandb_id": self.metrics.wandb_id}
         self.run.save_checkpoint(step, sd, st, self.t.keep_checkpoints, scheduled)
 
     # ---- the end ----
@@ -802,7 +809,7 @@ class Trainer:
         sd = weights_for_save(self.model)  # collective under FSDP
         summary = {"arch": self.cfg.arch, "params": self.n_params, "params_active": self.n_active,
                    "flops_per_token": self.fpt, "steps": t.steps,
-                   "tokens": self.state.tokens, "train_time_s": train_time, "wall_time_s": time.time() - self.t_start,
+                   "tokens": self.state.tokens, "train_time_s": train_time, "wall_time_s": self.state.wall_time(),
                    "tokens_per_s": self.state.tokens / max(train_time, 1e-9), "optimizer": self.cfg.optim.name,
                    "phases": [{"seq_len": p.seq_len, "steps": p.steps, "tokens_per_step": p.tokens_per_step}
                               for p in self.phases], "world_size": self.dist.world, **final, **avg,

@@ -2,6 +2,7 @@
 losses exactly (CPU, fixed seed): model, optimizers, schedule, RNG, data position and phase all
 come back from the checkpoint."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -75,6 +76,7 @@ def test_kill_during_checkpoint_write_leaves_previous_loadable(tmp_path):
     (lambda st: st.update(step=-3), "'step' is -3, expected a number >= 0"),
     (lambda st: st.update(step=2), "'step' is 2, but the checkpoint is step_000006"),
     (lambda st: st.update(metrics_offset=-1), "'metrics_offset' is -1"),
+    (lambda st: st.update(wall_time=math.nan), "'wall_time' is nan, expected a number >= 0"),
     (lambda st: st.update(streams={"x": 1}), "'streams' entry 'x'"),
 ])
 def test_resume_from_a_malformed_state_is_refused_before_anything_changes(tmp_path, mutate, needle, capsys):
@@ -584,3 +586,32 @@ def test_a_resume_removes_the_summary_of_the_finish_it_replaces(base_run, tmp_pa
     with pytest.raises(SystemExit):
         run_cli(train.main, ["--resume", "--out", str(run), "--steps", "8"])
     assert not (run / "summary.json").exists()
+
+
+@pytest.mark.parametrize("saved_wall", [1000.0, None])
+def test_the_wall_time_adds_up_across_resumes(base_run, tmp_path, saved_wall):
+    """summary.json's wall_time_s counts the processes before a resume (up to the checkpoint), as
+    train_time_s does: ablate's wall / run and timings.csv counted the last process only. A checkpoint
+    from before wall_time was saved (None) still resumes, counting this process only."""
+    import torch
+
+    import train
+    from slmlab.checkpoint import CHECKSUMS, sha256
+    from slmlab.cli import run_cli
+
+    run = tmp_path / "run"
+    ov = tiny_overrides(base_run, steps=4, **{"train.ckpt_every": 2})
+    assert run_cli(train.main, ["--data", str(base_run / "c.txt"), "--out", str(run), *ov]) == 0
+    ckpt = latest_checkpoint(run)
+    st = load_state(ckpt / "state.pt")
+    assert st["wall_time"] >= st["train_time"] > 0
+    if saved_wall is None:
+        del st["wall_time"]
+    else:
+        st["wall_time"] = saved_wall  # as if the processes before took 1000 s
+    torch.save(st, ckpt / "state.pt")
+    (ckpt / CHECKSUMS).write_text(json.dumps({n: sha256(ckpt / n) for n in ("model.safetensors", "state.pt")}))
+    assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "6"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["wall_time_s"] > 1000) == (saved_wall is not None)
+    assert load_state(latest_checkpoint(run) / "state.pt")["wall_time"] > (saved_wall or 0)
