@@ -96,12 +96,50 @@ def _last(records: list[dict], key: str):
     return next((r[key] for r in reversed(records) if key in r), None)
 
 
+def eval_stretches(periodic: list[dict]) -> list[list[dict]]:
+    """The periodic evals split where their shape (context, tokens evaluated) changes, as a --resume
+    with another train.eval_seq_len or eval_tokens makes it: evals of two shapes do not compare."""
+    stretches = []
+    for e in periodic:
+        if not stretches or _eval_shape(e) != _eval_shape(stretches[-1][-1]):
+            stretches.append([])
+        stretches[-1].append(e)
+    return stretches
+
+
+def _eval_shape(e: dict) -> tuple:
+    return e.get("eval_seq_len"), e.get("val_tokens")
+
+
+def tokens_per_step_change(records: list[dict]) -> tuple | None:
+    """(last step at the old rate, first step at the new, old, new) where the tokens per optimizer step
+    change inside a phase (a --resume with another batch shape; a new phase changes them as planned),
+    from the logged steps' token counts; None if none, or if they vary from step to step (an SFT
+    run's batches are as long as their longest example)."""
+    pts = [(r["step"], r["tokens"], r.get("phase")) for r in records
+           if _finite(r.get("step")) and _finite(r.get("tokens")) and not (r.get("final") or r.get("final_avg"))]
+    for phase in dict.fromkeys(p for _, _, p in pts):
+        at = [(s, t) for s, t, p in pts if p == phase]
+        rates = [((t1 - t0) / (s1 - s0), s0, s1) for (s0, t0), (s1, t1) in zip(at, at[1:]) if s1 > s0]
+        if not rates or rates[0][0] == rates[-1][0]:
+            continue
+        old, new = rates[0][0], rates[-1][0]
+        if len({rate for rate, _, _ in rates} - {old, new}) > 1:  # more than the one interval across the change
+            return None
+        last_old = max(s1 for rate, _, s1 in rates if rate == old)
+        first_new = min(s0 for rate, s0, _ in rates if rate == new) + 1
+        return last_old, first_new, old, new
+    return None
+
+
 def row(r: Run) -> dict:
-    """One run's numbers: its summary's when it finished, else the last of its metrics.jsonl."""
+    """One run's numbers: its summary's when it finished, else the last of its metrics.jsonl. The best
+    periodic eval is of those at the run's last evaluation shape."""
     s = r.summary or {}
     periodic, final = split_evals(r.records)
     evals = [*periodic, final] if final else periodic
-    best = min((e for e in periodic if _finite(e["val_bpb"])), key=lambda e: e["val_bpb"], default={})
+    last_shape = eval_stretches(periodic)[-1] if periodic else []
+    best = min((e for e in last_shape if _finite(e["val_bpb"])), key=lambda e: e["val_bpb"], default={})
     bpb = s.get("val_bpb", final and final["val_bpb"])
     tokens = s.get("tokens", _last(r.records, "tokens"))
     time = s.get("train_time_s", _last(r.records, "elapsed_s"))
@@ -195,6 +233,26 @@ def _run_notes(r: Run, w: dict) -> list[str]:
     return notes
 
 
+def _resume_notes(r: Run) -> list[str]:
+    """Settings a --resume changed mid-run, from its metrics.jsonl (config.yaml holds the new values only)."""
+    notes = []
+    stretches = eval_stretches(split_evals(r.records)[0])
+    for before, after in zip(stretches, stretches[1:]):
+        (seq0, tok0), (seq1, tok1) = _eval_shape(before[-1]), _eval_shape(after[0])
+        what = [f"{name} {a} -> {b}" for name, a, b in (("eval_seq_len", seq0, seq1), ("val_tokens", tok0, tok1))
+                if a != b]
+        notes.append(f"{r.name}: its periodic evals change between steps {before[-1].get('step')} and "
+                     f"{after[0].get('step')} ({', '.join(what)}; a --resume): they do not compare across it, so "
+                     f"the val curve breaks there and best eval bpb is of the evals from step {stretches[-1][0].get('step')} on")
+    change = tokens_per_step_change(r.records)
+    if change:
+        last_old, first_new, old, new = change
+        when = f"from step {first_new}" if last_old + 1 == first_new else f"between steps {last_old} and {first_new}"
+        notes.append(f"{r.name}: tokens per step change {old:,.0f} -> {new:,.0f} {when}, inside a phase (a --resume "
+                     "with another batch shape): config.yaml, which what differs reads, holds the new value only")
+    return notes
+
+
 def _same_tokenizer(a: Run, b: Run) -> bool:
     """Unknown is the same: a run writes its tokenizer.json before its first step."""
     fa, fb = a.dir.path / TOKENIZER, b.dir.path / TOKENIZER
@@ -239,7 +297,7 @@ def _pair_notes(base: Run, wb: dict, r: Run, w: dict) -> list[str]:
 
 
 def notes(runs: list[Run], rows: list[dict]) -> list[str]:
-    out = [n for r, w in zip(runs, rows) for n in _run_notes(r, w)]
+    out = [n for r, w in zip(runs, rows) for n in (*_run_notes(r, w), *_resume_notes(r))]
     out += [n for r, w in zip(runs[1:], rows[1:]) for n in _pair_notes(runs[0], rows[0], r, w)]
     bound = [w["val_bpb_is_bound"] for w in rows]
     if any(bound):
@@ -305,9 +363,12 @@ def plot(runs: list[Run], path, x: str = "tokens"):
     for i, r in enumerate(runs):
         color = f"C{i % 10}"
         periodic, final = split_evals(r.records)
-        pts = _points(periodic, key, lambda e: e["val_bpb"])
-        if pts:
-            bpb_ax.plot(*zip(*pts), marker="o", ms=3, color=color, label=r.name)
+        pts = False
+        for evals in eval_stretches(periodic):  # evals of two shapes do not compare: not joined
+            stretch = _points(evals, key, lambda e: e["val_bpb"])
+            if stretch:
+                bpb_ax.plot(*zip(*stretch), marker="o", ms=3, color=color, label=None if pts else r.name)
+                pts = True
         if final and _finite(final["val_bpb"]) and _last(r.records, key) is not None:
             bpb_ax.plot([_final_x(r, final, key)], [final["val_bpb"]], marker="D", ms=6,
                         color=color, linestyle="none", label=None if pts else r.name)

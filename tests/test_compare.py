@@ -290,3 +290,45 @@ def test_the_smoothed_train_loss_does_not_depend_on_how_often_it_was_logged(tmp_
         at = dict(zip(dense_x, dense))
         assert max(abs(at[a] - b) for a, b in zip(sparse_x, sparse)) < 0.005
     assert compare_mod.loss_curves(runs, "step")[0][2][-1] > 2 + 4 * math.exp(-300 / 40)  # it averages the past
+
+
+def test_a_resume_that_changed_the_evaluation_breaks_the_curve_and_the_best_eval(tmp_path, capsys, monkeypatch):
+    """train.eval_seq_len 32 -> 16 on a --resume after step 15: the evals before it were at another
+    context (here lower bpb), so the best eval is of those after, the curve is not joined across, and a
+    note names where it changed."""
+    recs = fake_records(evals=(5, 10, 15, 20, 25))
+    for r in recs:
+        if "val_bpb" in r and not r.get("final"):
+            r |= {"eval_seq_len": 32, "val_bpb": 1.0} if r["step"] <= 15 else {"eval_seq_len": 16}
+    a = fake_run(tmp_path / "a", records=recs)
+    out = run_json(capsys, a)
+    assert (out["runs"][0]["best_val_bpb"], out["runs"][0]["best_val_step"]) == (pytest.approx(2.05), 25)
+    assert f"{a}: its periodic evals change between steps 15 and 20 (eval_seq_len 32 -> 16; a --resume): they do " \
+           "not compare across it, so the val curve breaks there and best eval bpb is of the evals from step 20 on" \
+           in out["notes"]
+    drawn = []
+    monkeypatch.setattr("slmlab.plot.save", lambda plt, fig, path: drawn.append(fig))
+    compare_mod.plot([compare_mod.load(a)], tmp_path / "x.png", "steps")
+    bpb_lines = drawn[0].axes[0].lines
+    assert [list(line.get_xdata()) for line in bpb_lines] == [[5, 10, 15], [20, 25], [30]]  # the last: the final eval
+    assert [t.get_text() for t in drawn[0].axes[0].get_legend().get_texts()] == [a]
+
+
+def _steps(tokens_per_step, phase=lambda s: 1):
+    return [{"step": s, "phase": phase(s), "seq_len": 16, "loss": 3.0, "tokens": sum(map(tokens_per_step, range(1, s + 1))),
+             "elapsed_s": s / 10} for s in range(5, 31, 5)]
+
+
+@pytest.mark.parametrize("tokens_per_step, phase, note", [
+    (lambda s: 128 if s <= 12 else 256, lambda s: 1, "tokens per step change 128 -> 256 between steps 10 and 16"),
+    (lambda s: 128 if s <= 15 else 256, lambda s: 1, "tokens per step change 128 -> 256 from step 16"),
+    (lambda s: 128 if s <= 15 else 256, lambda s: 1 if s <= 15 else 2, None),  # as its phases planned
+    (lambda s: 100 + (s * 37) % 50, lambda s: 1, None),  # an SFT run's: its batches' lengths vary
+])
+def test_a_resume_that_changed_the_tokens_per_step_is_noted(tmp_path, capsys, tokens_per_step, phase, note):
+    """config.yaml holds a resumed run's new batch shape only, so what differs shows it as the run's
+    whole setting: a note says where the logged tokens per step changed inside a phase."""
+    a = fake_run(tmp_path / "a", records=_steps(tokens_per_step, phase), summary=False)
+    notes = [n for n in run_json(capsys, a)["notes"] if "tokens per step" in n]
+    assert notes == ([] if note is None else [f"{a}: {note}, inside a phase (a --resume with another batch shape): "
+                                              "config.yaml, which what differs reads, holds the new value only"])
