@@ -144,8 +144,7 @@ def row(r: Run) -> dict:
     tokens = s.get("tokens", _last(r.records, "tokens"))
     time = s.get("train_time_s", _last(r.records, "elapsed_s"))
     tps = s.get("tokens_per_s", tokens / time if tokens and time else None)
-    status = RUNNING if r.summary is None else "diverged" if bpb is not None and not _finite(bpb) else "done"
-    return {"run": r.name, "status": status, "arch": r.cfg.arch, "layers": r.layers, "params": r.params,
+    return {"run": r.name, "status": _status(r, bpb), "arch": r.cfg.arch, "layers": r.layers, "params": r.params,
             "params_active": r.params_active,
             "steps": s.get("steps", _last(r.records, "step") or 0), "steps_planned": r.cfg.train.steps,
             "tokens": tokens, "train_time_s": time, "tokens_per_s": tps, "val_bpb": bpb,
@@ -153,6 +152,20 @@ def row(r: Run) -> dict:
             "val_bpb_is_bound": any(e.get("val_bpb_is_bound") for e in (*evals, s)),
             "eval_seq_len": _last(evals, "eval_seq_len"), "device": s.get("device"),
             "tasks": primary_scores(final or {})}
+
+
+def _status(r: Run, bpb) -> str:
+    """done, diverged or running: a run without a summary whose last logged train loss is non-finite
+    diverged (the trainer aborts after train.max_bad_steps non-finite steps in a row)."""
+    if r.summary is not None:
+        return "diverged" if bpb is not None and not _finite(bpb) else "done"
+    losses = _losses(r)
+    return "diverged" if losses and not _finite(losses[-1][1]) else RUNNING
+
+
+def _losses(r: Run) -> list[tuple]:
+    """(step, train loss) of the logged steps."""
+    return [(x.get("step"), x["loss"]) for x in r.records if "loss" in x]
 
 
 def task_lines(rows: list[dict]) -> list[str]:
@@ -169,7 +182,10 @@ def task_lines(rows: list[dict]) -> list[str]:
 def _cells(w: dict) -> list[str]:
     le = "≤ " if w["val_bpb_is_bound"] else ""
     bpb = w["val_bpb"]
-    final = "–" if bpb is None else f"{le}{bpb:.4f}" if _finite(bpb) else f"diverged ({bpb})"
+    if bpb is None:  # unfinished: diverged when its train losses went non-finite
+        final = "diverged" if w["status"] == "diverged" else "–"
+    else:
+        final = f"{le}{bpb:.4f}" if _finite(bpb) else f"diverged ({bpb})"
     best = f"{le}{w['best_val_bpb']:.4f} @{w['best_val_step']}" if w["best_val_bpb"] is not None else "–"
     params = count(w["params"]) + (f" ({count(w['params_active'])} active)" if w["params_active"] != w["params"] else "")
     return [w["run"], w["arch"], w["layers"], params, f"{w['steps']}/{w['steps_planned']}",
@@ -227,9 +243,22 @@ def _run_notes(r: Run, w: dict) -> list[str]:
         notes.append(f"{r.name}: {METRICS} line(s) {shown} read as no record (cut by a kill?): skipped")
     periodic, final = split_evals(r.records)
     bad = next((e for e in (*periodic, final) if e and not _finite(e["val_bpb"])), None)
-    if bad or w["status"] == "diverged":
+    if bad or (w["status"] == "diverged" and r.summary is not None):
         at = "in its final eval" if bad is None or bad.get("final") else f"at step {bad.get('step', '?')}"
         notes.append(f"{r.name} diverged: a non-finite val bpb ({(bad or w)['val_bpb']}) {at}")
+    return notes + _loss_notes(r, w)
+
+
+def _loss_notes(r: Run, w: dict) -> list[str]:
+    """Non-finite train losses: not plotted, so counted here; a run that ends on them aborted."""
+    bad = [(step, loss) for step, loss in _losses(r) if not _finite(loss)]
+    if not bad:
+        return []
+    notes = [f"{r.name}: {len(bad)} logged step(s) with a non-finite train loss (the last: {bad[-1][1]} at step "
+             f"{bad[-1][0]}); the trainer skipped their updates, and the plot has no point for them"]
+    if w["status"] == "diverged" and r.summary is None:
+        notes.append(f"{r.name} diverged: its last logged train loss is non-finite and it has no summary.json (the "
+                     "trainer aborts after train.max_bad_steps non-finite steps in a row)")
     return notes
 
 

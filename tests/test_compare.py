@@ -332,3 +332,27 @@ def test_a_resume_that_changed_the_tokens_per_step_is_noted(tmp_path, capsys, to
     notes = [n for n in run_json(capsys, a)["notes"] if "tokens per step" in n]
     assert notes == ([] if note is None else [f"{a}: {note}, inside a phase (a --resume with another batch shape): "
                                               "config.yaml, which what differs reads, holds the new value only"])
+
+
+def test_non_finite_train_losses_are_counted_and_a_run_that_ends_on_them_diverged(tmp_path, capsys):
+    """metrics.jsonl keeps a skipped step's NaN/Infinity loss, which the plot cannot draw: a note counts
+    them. A run without a summary whose last logged losses are non-finite aborted ("training
+    diverged"), not "running or stopped"."""
+    recs = fake_records()
+    recs[1]["loss"] = math.inf  # step 10: skipped, then the run recovered and finished
+    recovered = fake_run(tmp_path / "a", records=recs)
+    recs = [r for r in fake_records(steps=400, evals=(), final=False) if r["step"] <= 35]
+    for r in recs[-2:]:
+        r["loss"] = math.nan
+    aborted = fake_run(tmp_path / "b", ["train.steps=400"], records=recs, summary=False)
+    out = run_json(capsys, recovered, aborted)
+    assert [w["status"] for w in out["runs"]] == ["done", "diverged"]
+    assert out["notes"] == [
+        f"{recovered}: 1 logged step(s) with a non-finite train loss (the last: inf at step 10); the trainer skipped "
+        "their updates, and the plot has no point for them",
+        f"{aborted}: 2 logged step(s) with a non-finite train loss (the last: nan at step 35); the trainer skipped "
+        "their updates, and the plot has no point for them",
+        f"{aborted} diverged: its last logged train loss is non-finite and it has no summary.json (the trainer aborts "
+        "after train.max_bad_steps non-finite steps in a row)"]
+    assert run_cli(compare.main, [recovered, aborted]) == 0
+    assert cells(capsys.readouterr().out, aborted)[4:] == ["35/400", "4.48k", "3.50s", "1,280", "diverged", "–"]
