@@ -14,7 +14,7 @@ from .config import RunConfig
 from .errors import ConfigError, RunDirError, SlmlabError
 from .fmt import count, duration
 from .harness import primary_scores, to_json
-from .rundir import CONFIG, METRICS, TOKENIZER, RunDir, read_metrics, split_evals
+from .rundir import CONFIG, METRICS, SUMMARY, TOKENIZER, RunDir, read_metrics, split_evals
 from .unused import changed, settings, show, why_unused
 
 # Settings left out of "what differs": they say where files go and what is printed or mirrored,
@@ -36,6 +36,11 @@ COLUMNS = ("run", "arch", "layers", "params", "steps", "tokens", "train time", "
            "best eval bpb")
 NUMERIC = {3, 4, 5, 6, 7, 8, 9}  # right-aligned columns
 BOUND = "≤: masked-diffusion runs report the ELBO, an upper bound on bpb, not an exact bpb"
+# The metrics.jsonl and summary.json keys compare.py computes with, and their types: a value of another type
+# (a hand-edited "4000") is no reading, where it would be a TypeError mid-table.
+TYPES = {**dict.fromkeys(("step", "phase", "tokens", "elapsed_s", "loss", "ce", "val_bpb", "val_tokens",
+                          "eval_seq_len", "params", "params_active", "steps", "train_time_s", "tokens_per_s"),
+                         (int, float)), "val_sha256": (str,)}
 
 
 @dataclass
@@ -57,10 +62,15 @@ def load(path: str) -> Run:
 
     run = RunDir.open(path, need=(CONFIG, METRICS))
     cfg = run.config()
-    records, bad = read_metrics(run.path / METRICS)
+    records, bad = read_metrics(run.path / METRICS, valid=lambda rec: _wrong_type(rec) is None)
     if bad and not records:
         raise RunDirError(f"{run.path / METRICS} is torn: none of its {len(bad)} line(s) reads as a record")
     summary, stale = run.summary(), None
+    key = summary and _wrong_type(summary)
+    if key:
+        raise RunDirError(f"{run.path / SUMMARY}: {key!r} is {summary[key]!r}, expected "
+                          f"{' or '.join(t.__name__ for t in TYPES[key])} (edited since?): fix it, or move it aside "
+                          "to see the run as unfinished")
     if summary is not None and summary.get("steps", cfg.train.steps) != cfg.train.steps:
         # Directories written before the trainer removed it on --resume: that finish is not this run's.
         summary, stale = None, summary.get("steps")
@@ -71,6 +81,12 @@ def load(path: str) -> Run:
     params = known["params"] if "params" in known else model.num_params()
     active = known["params_active"] if "params_active" in known else model.num_params(active=True)
     return Run(path, run, cfg, summary, stale, records, bad, cfg.model.layer_summary(), params, active)
+
+
+def _wrong_type(rec: dict) -> str | None:
+    """The first key of TYPES whose value in `rec` is of another type (a bool is no number), or None."""
+    return next((k for k, types in TYPES.items() if k in rec
+                 and (not isinstance(rec[k], types) or isinstance(rec[k], bool))), None)
 
 
 def open_runs(paths: list[str]) -> list[Run]:
@@ -240,7 +256,8 @@ def _run_notes(r: Run, w: dict) -> list[str]:
                      "numbers are its metrics.jsonl's last)")
     if r.bad_lines:
         shown = ", ".join(map(str, r.bad_lines[:5])) + (", ..." if len(r.bad_lines) > 5 else "")
-        notes.append(f"{r.name}: {METRICS} line(s) {shown} read as no record (cut by a kill?): skipped")
+        notes.append(f"{r.name}: {METRICS} line(s) {shown} read as no record (cut by a kill?) or hold a value of "
+                     "the wrong type: skipped")
     periodic, final = split_evals(r.records)
     bad = next((e for e in (*periodic, final) if e and not _finite(e["val_bpb"])), None)
     if bad or (w["status"] == "diverged" and r.summary is not None):

@@ -47,18 +47,19 @@ FINISHED = (CONFIG, TOKENIZER, WEIGHTS)
 OUTPUTS = (CONFIG, TOKENIZER, SIDECAR, WEIGHTS, AVG_WEIGHTS, METRICS, SUMMARY, SAMPLE, CHAT_TEMPLATE, LORA_BASE, IMPORTS)
 
 
-def read_metrics(path) -> tuple[list[dict], list[int]]:
+def read_metrics(path, valid=None) -> tuple[list[dict], list[int]]:
     """A metrics.jsonl's records, and the numbers (from 1) of the lines that read as none. A kill
     cuts the line being written, and a resume from a file cut shorter than its checkpoint keeps that
     line mid-file (trainer.open_metrics), so such lines are skipped; each reader says whether the
-    ones it got matter. Records are not checked further: each reader takes the keys it needs."""
+    ones it got matter. Records are not checked further, but by `valid` (a reader's check of the keys
+    it needs): a record it refuses counts as a line that reads as none."""
     records, bad = [], []
     for i, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         try:
             rec = json.loads(line)
         except ValueError:
             rec = None
-        if isinstance(rec, dict):
+        if isinstance(rec, dict) and (valid is None or valid(rec)):
             records.append(rec)
         elif line.strip():
             bad.append(i)

@@ -161,7 +161,8 @@ def test_a_killed_run_is_compared_from_its_metrics(tmp_path, capsys):
     assert (row["best_val_bpb"], row["best_val_step"]) == (pytest.approx(5.8), 20)
     assert f"{b}: running or stopped at step 35 of 400 (no summary.json: its numbers are its metrics.jsonl's last)" \
            in out["notes"]
-    assert f"{b}: metrics.jsonl line(s) 8 read as no record (cut by a kill?): skipped" in out["notes"]
+    assert f"{b}: metrics.jsonl line(s) 8 read as no record (cut by a kill?) or hold a value of the wrong type: " \
+           "skipped" in out["notes"]
     assert [d["key"] for d in out["differences"][b]] == ["train.steps"]
     assert read_metrics(tmp_path / "b" / "metrics.jsonl")[1] == [8]
 
@@ -199,6 +200,7 @@ def test_plot_is_a_png_and_an_existing_one_needs_force(tmp_path, capsys):
     ("no_metrics", "holds no run (no metrics.jsonl)"),
     ("torn_metrics", "is torn: none of its 2 line(s) reads as a record"),
     ("torn_summary", "summary.json is damaged"),
+    ("typed_summary", "summary.json: 'tokens' is 'abc', expected int or float (edited since?): fix it, or move it"),
     ("twice", "is given twice"),
     ("x_without_plot", "--x applies to --plot PATH"),
     ("not_png", "give a path ending in .png"),
@@ -208,7 +210,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, case, needle):
     b = tmp_path / "b"
     argv = {"no_runs": [], "twice": [a, f"{tmp_path}/b/../a"], "x_without_plot": [a, "--x", "steps"],
             "not_png": [a, "--plot", str(tmp_path / "cmp.pdf")]}.get(case, [a, str(b)])
-    if case in ("not_a_run", "no_metrics", "torn_metrics", "torn_summary"):
+    if case in ("not_a_run", "no_metrics", "torn_metrics", "torn_summary", "typed_summary"):
         fake_run(b)
     if case == "not_a_run":
         (b / "config.yaml").unlink()
@@ -218,6 +220,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, case, needle):
         (b / "metrics.jsonl").write_bytes(b"\x00\xff garbage\n[1, 2]\n")
     elif case == "torn_summary":
         (b / "summary.json").write_text('{"arch": "hyb')
+    elif case == "typed_summary":
+        (b / "summary.json").write_text('{"arch": "hybrid", "tokens": "abc"}')
     elif case == "twice":
         b.mkdir()
     one_line_error(capsys, argv, needle)
@@ -356,3 +360,16 @@ def test_non_finite_train_losses_are_counted_and_a_run_that_ends_on_them_diverge
         "after train.max_bad_steps non-finite steps in a row)"]
     assert run_cli(compare.main, [recovered, aborted]) == 0
     assert cells(capsys.readouterr().out, aborted)[4:] == ["35/400", "4.48k", "3.50s", "1,280", "diverged", "–"]
+
+
+def test_a_metrics_line_with_a_wrongly_typed_value_is_skipped(tmp_path, capsys):
+    """A hand-edited "tokens": "4000" was a TypeError traceback; the line is skipped, and said."""
+    recs = [r for r in fake_records(steps=400, evals=(20,), final=False) if r["step"] <= 35]
+    recs[-1]["tokens"] = str(recs[-1]["tokens"])  # step 35
+    recs[3]["val_bpb"] = None  # step 20's eval
+    a = fake_run(tmp_path / "a", ["train.steps=400"], records=recs, summary=False)
+    out = run_json(capsys, a, "--plot", str(tmp_path / "a.png"))
+    row = out["runs"][0]
+    assert (row["steps"], row["tokens"], row["best_val_bpb"]) == (30, 30 * 128, None)
+    assert f"{a}: metrics.jsonl line(s) 4, 7 read as no record (cut by a kill?) or hold a value of the wrong type: " \
+           "skipped" in out["notes"]
