@@ -423,8 +423,10 @@ def plot(runs: list[Run], path, x: str = "tokens"):
             loss_ax.plot(xs, ys, color=color, alpha=0.2, lw=0.8)
             loss_ax.plot(xs, smoothed, color=color, label=r.name)
     bound = any(e.get("val_bpb_is_bound") for r in runs for e in r.records)
+    elbo = any(r.cfg.objective.name == "mdlm" for r in runs)  # its training loss is the ELBO, a bound too
     for ax, ylabel in ((bpb_ax, "val bpb" + (" (≤: an upper bound for diffusion runs)" if bound else "")),
-                       (loss_ax, "train loss (nats/token)")):
+                       (loss_ax, "train loss (nats/token)" + (" (≤: the ELBO, an upper bound, for diffusion runs)"
+                                                              if elbo else ""))):
         ax.set_xlabel(label)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

@@ -263,6 +263,21 @@ def test_curves_keep_the_final_eval_apart_and_the_title_fits(tmp_path):
     plt.close(fig)
 
 
+def test_the_bpb_plots_mark_a_diffusion_runs_bound(tmp_path, monkeypatch):
+    """results.md marked a masked-diffusion run's ELBO bound with ≤; the plots' val bpb axes now do too."""
+    import json
+
+    fake_out(tmp_path, {("base", 1): 3.0, ("v", 1): 2.9}, seeds=(1,))
+    labels = {}
+    monkeypatch.setattr(report, "save", lambda plt, fig, path: labels.update({path.name: fig.axes[0].get_ylabel()}))
+    report.write_report(tmp_path)
+    assert labels == {"curves.png": "val bpb", "final.png": "val bpb"}
+    summary = tmp_path / "v/seed1/summary.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "val_bpb_is_bound": True}))
+    report.write_report(tmp_path)
+    assert set(labels.values()) == {"val bpb (≤: an upper bound for diffusion runs)"}
+
+
 def _fake_plan(runs):
     cells = [plan_cell(v) for v in ("base", "v")]
     return lambda ab: (cells, runs)

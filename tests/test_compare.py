@@ -373,3 +373,18 @@ def test_a_metrics_line_with_a_wrongly_typed_value_is_skipped(tmp_path, capsys):
     assert (row["steps"], row["tokens"], row["best_val_bpb"]) == (30, 30 * 128, None)
     assert f"{a}: metrics.jsonl line(s) 4, 7 read as no record (cut by a kill?) or hold a value of the wrong type: " \
            "skipped" in out["notes"]
+
+
+def test_the_plot_marks_a_diffusion_runs_train_loss_as_a_bound(tmp_path, monkeypatch):
+    """A masked-diffusion run's training loss is the ELBO, an upper bound, as its val bpb is: both axes
+    say so (the loss axis did not)."""
+    ar = compare_mod.load(fake_run(tmp_path / "ar"))
+    mdlm = compare_mod.load(fake_run(tmp_path / "mdlm", ["objective.name=mdlm", "model.causal=false"],
+                                     records=fake_records(bound=True)))
+    labels = []
+    monkeypatch.setattr("slmlab.plot.save", lambda plt, fig, path: labels.append([a.get_ylabel() for a in fig.axes]))
+    compare_mod.plot([ar], tmp_path / "x.png")
+    compare_mod.plot([ar, mdlm], tmp_path / "x.png")
+    assert labels == [["val bpb", "train loss (nats/token)"],
+                      ["val bpb (≤: an upper bound for diffusion runs)",
+                       "train loss (nats/token) (≤: the ELBO, an upper bound, for diffusion runs)"]]

@@ -234,7 +234,7 @@ def corpus_table(man: dict, results: list[RunResult], corpus: str) -> tuple[list
         means[v] = b.mean
         lines.append(_row(v, cells[v], runs[v], b, vs.cells(v)))
         notes += vs.notes(v) + _run_notes(v, runs[v])
-    if any(r.done and r.summary.get("val_bpb_is_bound") for r in results if r.corpus == corpus):
+    if _bound(results, corpus):
         notes.append("- ≤: masked-diffusion runs report the ELBO, an upper bound on bpb, not an exact bpb.")
     return lines + [""] + vs.table_notes("bpb") + notes, means
 
@@ -394,6 +394,15 @@ def write_markdown(out: Path, man: dict, results: list[RunResult]):
     write_text(out / "results.md", "\n".join(lines))
 
 
+def _bound(results: list[RunResult], corpus: str) -> bool:
+    """Whether a finished run on `corpus` reports the ELBO, an upper bound on bpb (masked diffusion)."""
+    return any(r.done and r.summary.get("val_bpb_is_bound") for r in results if r.corpus == corpus)
+
+
+def _bpb_label(results: list[RunResult], corpus: str) -> str:
+    return "val bpb" + (" (≤: an upper bound for diffusion runs)" if _bound(results, corpus) else "")
+
+
 def plot_curves(out: Path, man: dict, results: list[RunResult]):
     import numpy as np
 
@@ -421,7 +430,7 @@ def plot_curves(out: Path, man: dict, results: list[RunResult]):
                             marker="D", ms=5, color=color, capsize=3, linestyle="none", label=label)
         ax.set_title(corpus)
         ax.set_xlabel("training tokens")
-        ax.set_ylabel("val bpb")
+        ax.set_ylabel(_bpb_label(results, corpus))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     save(plt, fig, out / "curves.png")
@@ -449,7 +458,7 @@ def plot_final(out: Path, man: dict, results: list[RunResult]):
         ax.set_xticks(range(len(names)), [f"{v} ({k} diverged)" if k else v for v, k in zip(names, div)],
                       rotation=30, ha="right")
         ax.set_title(corpus)
-        ax.set_ylabel("val bpb")
+        ax.set_ylabel(_bpb_label(results, corpus))
         ax.grid(axis="y", alpha=0.3)
     save(plt, fig, out / "final.png")
 
