@@ -62,7 +62,7 @@ def parse_mem(text: str) -> int:
         n = float(s[:-1]) * units[s[-1]] if s and s[-1] in units else float(s) * GB  # a bare number is GB
     except ValueError:
         n = -1
-    if not n > 0:
+    if not 0 < n < math.inf:  # (inf: int() would raise)
         raise ConfigError(f"--mem {text!r}: give a size like 16GB or 24GiB")
     return int(n)
 
