@@ -324,8 +324,9 @@ def _table(raw: dict, section: str, path) -> dict:
     return table
 
 
-def _apply_size(tree: dict, table: dict, size: str, arch: str, path):
-    """Merge size `size` (its sections, then its per_arch entry for `arch`) into `tree`."""
+def _apply_size(tree: dict, table: dict, size: str, arch: str, path, presets=()):
+    """Merge size `size` (its sections, then its per_arch entry for `arch`) into `tree`; a per_arch
+    entry that names no preset (a typo: `hybird`) is an error, not an entry no --arch reaches."""
     if size not in table:
         raise ConfigError(f"unknown --size {size!r}; sizes in {Path(path).name}: {', '.join(map(str, table))}")
     entry = copy.deepcopy(table[size]) or {}  # _table checked it is a mapping or empty
@@ -333,6 +334,10 @@ def _apply_size(tree: dict, table: dict, size: str, arch: str, path):
     _merge(tree, entry, f"size {size}")
     if not isinstance(per_arch, dict):
         raise ConfigError(f"size {size}: per_arch must map preset names to partial configs")
+    stray = [k for k in per_arch if presets and k not in presets]
+    if stray:
+        raise ConfigError(f"size {size}: per_arch names {stray[0]!r}, which is no preset of {Path(path).name} "
+                          f"({', '.join(map(str, presets))})")
     _merge(tree, per_arch.get(arch) or {}, f"size {size} for --arch {arch}")
 
 
@@ -358,7 +363,7 @@ def load_config(path=DEFAULT_CONFIG, arch: Optional[str] = None, overrides: list
             raise ConfigError(f"unknown --arch {arch!r}; presets in {Path(path).name}: {', '.join(map(str, table))}")
         _merge(tree, copy.deepcopy(table[arch]), f"preset {arch}")
     if size is not None:
-        _apply_size(tree, size_table, str(size), arch, path)
+        _apply_size(tree, size_table, str(size), arch, path, presets=table)
     if layers is not None:
         _set(tree, "model.layers", layers)
     for text in overrides:

@@ -360,6 +360,9 @@ def test_resume_with_another_init_from_is_refused(tmp_path, capsys):
     ("sizes: 5\n", "tiny", "sizes must map names to partial configs, got 5"),
     ("sizes: 5\n", None, "sizes must map names to partial configs"),  # wrong even where --size is not given
     ("sizes: {tiny: 0}\n", "tiny", "sizes.tiny must be a mapping of config sections, got 0"),
+    # a typo'd preset under per_arch was an entry no --arch reached, silently
+    ("presets: {hybrid: {}}\nsizes: {big: {per_arch: {hybird: {model: {n_layers: 2}}}}}\n", "big",
+     "size big: per_arch names 'hybird', which is no preset of e.yaml (hybrid)"),
 ])
 def test_a_wrongly_typed_presets_or_sizes_section_is_named(tmp_path, text, size, needle):
     path = tmp_path / "e.yaml"
