@@ -82,10 +82,32 @@ def _quality_score(cfg: RunConfig) -> Optional[str]:
     return None if any(p.order == "quality" for p in cfg.train.phases) else "no train.phases entry has order: quality"
 
 
-def _mixer_opts(cfg: RunConfig, name: str) -> Optional[str]:
-    if name in cfg.model.layer_types() or cfg.model.mlp == name:
+def _mixer_opts(cfg: RunConfig, name: str, option: Optional[str] = None) -> Optional[str]:
+    """Why block `name`'s options (or its one `option`) are not read: no layer uses the block, or
+    OPTION_RULES says the option is not read under the block's other options."""
+    if name not in cfg.model.layer_types() and cfg.model.mlp != name:
+        return f"no layer uses the {name} block (model.layers, model.mlp)"
+    rule = OPTION_RULES.get((name, option))
+    block = MIXERS.get(name) or CHANNEL_MIXERS.get(name)
+    return rule(cfg.model.block_options(name)) if rule and is_builtin(block) else None
+
+
+# (block, option) -> why the built-in block does not read the option under its other options.
+OPTION_RULES: dict[tuple[str, str], Callable[[Any], Optional[str]]] = {
+    ("moe", "bias_update_rate"): lambda o: None if o.expert_bias else "model.mixer_opts.moe.expert_bias is false "
+                                                                    "(no expert bias to update)",
+}
+
+
+def _sft_eval_examples(cfg: RunConfig) -> Optional[str]:
+    from .errors import SlmlabError
+    from .sft import detect_format
+
+    try:
+        sft = detect_format(cfg.data.spec, cfg.data.format)
+    except (SlmlabError, OSError):  # the data's own check says what is wrong with it
         return None
-    return f"no layer uses the {name} block (model.layers, model.mlp)"
+    return None if sft else "data.spec is no SFT data (a chat or prompt/completion .jsonl)"
 
 
 def _mlp_bias(cfg: RunConfig) -> Optional[str]:
@@ -158,6 +180,7 @@ RULES: dict[str, Callable[[RunConfig], Optional[str]]] = {
     "train.keep_checkpoints": lambda c: None if c.train.ckpt_every else "train.ckpt_every is 0 (no checkpoints)",
     "train.sample_prompt": lambda c: None if c.train.sample_tokens else "train.sample_tokens is 0",
     "train.eval_tasks_limit": lambda c: None if c.train.eval_tasks else "train.eval_tasks is empty (no tasks)",
+    "train.sft_eval_examples": _sft_eval_examples,
     "logging.wandb_project": _unless("logging.wandb", True), "logging.wandb_mode": _unless("logging.wandb", True),
     "model.window": _window, "model.window_pattern": _no_window_layer,
     "model.max_positions": _unless("model.pos", "learned"),
@@ -174,16 +197,20 @@ RULES: dict[str, Callable[[RunConfig], Optional[str]]] = {
 def why_unused(cfg: RunConfig, key: str) -> Optional[str]:
     """Why `cfg` never reads dotted key `key` (as `settings` names it), or None when it does."""
     if key.startswith("model.mixer_opts."):
-        return _mixer_opts(cfg, key.split(".")[2])
+        parts = key.split(".")
+        return _mixer_opts(cfg, parts[2], parts[3] if len(parts) > 3 else None)
     rule = RULES.get(key)
     return rule(cfg) if rule else None
 
 
 def setting_key(key: str) -> Optional[str]:
-    """An override's dotted key as `settings` names it ("model.mixer_opts.lif.beta" is the setting
-    "model.mixer_opts.lif"); None for a key that sets several at once (model.mixer_opts, train.lora)."""
+    """An override's dotted key as `settings` names it (one block option, "model.mixer_opts.lif.beta",
+    is a setting; "model.mixer_opts.lif" names the block's); None for a key that sets several blocks or
+    adapter options at once (model.mixer_opts, train.lora)."""
     parts = key.split(".")
-    if parts[:2] == ["model", "mixer_opts"] or parts[:2] == ["train", "lora"]:
+    if parts[:2] == ["model", "mixer_opts"]:
+        return ".".join(parts[:4]) if len(parts) >= 3 else None
+    if parts[:2] == ["train", "lora"]:
         return ".".join(parts[:3]) if len(parts) >= 3 else None
     return key
 
@@ -197,8 +224,10 @@ def settings(cfg: RunConfig) -> dict[str, Any]:
         if section == "arch":
             continue
         for k, v in values.items():
-            if (section, k) in (("model", "mixer_opts"), ("train", "lora")):
-                out.update({f"{section}.{k}.{name}": opt for name, opt in v.items()})
+            if (section, k) == ("model", "mixer_opts"):  # each block option a setting, as OPTION_RULES reads them
+                out.update({f"model.mixer_opts.{name}.{o}": x for name, opts in v.items() for o, x in (opts or {}).items()})
+            elif (section, k) == ("train", "lora"):
+                out.update({f"train.lora.{name}": opt for name, opt in v.items()})
             else:
                 out[f"{section}.{k}"] = v
     out["model.layers"] = cfg.model.layer_types()

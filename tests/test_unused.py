@@ -15,7 +15,7 @@ from slmlab.cli import run_cli
 from slmlab.config import load_config
 from slmlab.optim import build_optimizer
 from slmlab.phases import lr_mult, resolve_phases
-from slmlab.unused import RULES, settings, unused_changes
+from slmlab.unused import RULES, settings, unused_changes, why_unused
 
 TINY = ["model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1", "model.vocab_size=64"]
 DEFAULT = load_config(overrides=TINY)
@@ -51,15 +51,19 @@ UNUSED = [
      "model.mixer_opts.deltanet sets its own heads"),
     (["model.layers=M", "model.n_heads=4"], "model.n_heads", "no layer is attention"),  # mamba2 has its own heads
     (["model.layers=M", "model.conv_kernel=2"], "model.conv_kernel", "no layer is a short conv"),  # and its own taps
-    (["model.layers=C", "model.mixer_opts.mamba2.d_state=16"], "model.mixer_opts.mamba2",
+    (["model.layers=C", "model.mixer_opts.mamba2.d_state=16"], "model.mixer_opts.mamba2.d_state",
      "no layer uses the mamba2 block"),
     (["model.mlp=lif", "model.mlp_bias=true"], "model.mlp_bias", "model.mlp is lif"),
     (["model.mlp=none", "model.ffn_dim=128"], "model.ffn_dim", "model.mlp is none (no channel mixer)"),
     (["model.layers=C", "model.attn_scale=0.1"], "model.attn_scale", "no layer is attention"),
     (["model.pos=none", "model.rope_theta=5e5"], "model.rope_theta", "model.pos is none"),
     (["model.mlp=none", "model.mlp_bias=true"], "model.mlp_bias", "model.mlp is none (no channel mixer)"),
-    (["model.mixer_opts.lif.beta=0.5"], "model.mixer_opts.lif", "no layer uses the lif block"),
-    (["model.mixer_opts.moe.experts=4"], "model.mixer_opts.moe", "no layer uses the moe block"),
+    (["model.mixer_opts.lif.beta=0.5"], "model.mixer_opts.lif.beta", "no layer uses the lif block"),
+    (["model.mixer_opts.moe.experts=4"], "model.mixer_opts.moe.experts", "no layer uses the moe block"),
+    # one option the block does not read under its others (both values trained one model, without a note)
+    (["model.mlp=moe", "model.mixer_opts.moe.bias_update_rate=0.05"], "model.mixer_opts.moe.bias_update_rate",
+     "model.mixer_opts.moe.expert_bias is false"),
+    (["train.sft_eval_examples=64"], "train.sft_eval_examples", "data.spec is no SFT data"),
     (["model.mlp=moe", "model.mixer_opts.moe.expert_ffn=32", "model.ffn_dim=128"], "model.ffn_dim",
      "model.mixer_opts.moe.expert_ffn sets the experts' width"),
     (["train.avg_last=1"], "train.avg_last", "averaging one checkpoint is that checkpoint"),
@@ -126,7 +130,7 @@ ORACLE = [u for u in UNUSED if u[1].startswith(("model.", "optim.", "train.seq_l
 
 @pytest.mark.parametrize("overrides,key,why", ORACLE, ids=[u[1] for u in ORACLE])
 def test_a_setting_named_unused_really_changes_nothing(overrides, key, why):
-    without = [o for o in overrides if not o.startswith(key.rsplit(".", 1)[0] if "mixer_opts" in key else key)]
+    without = [o for o in overrides if not o.startswith(key)]
     assert same(effect(overrides), effect(without))
 
 
@@ -152,6 +156,13 @@ def test_min_lr_frac_is_named_unused_exactly_when_no_step_lr_depends_on_it(overr
     assert (lrs[0] != lrs[1]) == read
     named = [line for line in unused_changes(cfg, DEFAULT) if line.startswith("train.min_lr_frac=")]
     assert bool(named) != read, named
+
+
+def test_an_option_rule_names_the_option_only_where_its_block_does_not_read_it():
+    on = ["model.mlp=moe", "model.mixer_opts.moe.expert_bias=true", "model.mixer_opts.moe.bias_update_rate=0.05"]
+    assert unused_changes(load_config(overrides=TINY + on), DEFAULT) == []  # it moves the biases each step
+    off = load_config(overrides=TINY + ["model.mlp=moe", "model.mixer_opts.moe.bias_update_rate=0.05"])
+    assert why_unused(off, "model.mixer_opts.moe") is None  # the block's options as a whole are read
 
 
 def test_every_rule_names_a_setting():
