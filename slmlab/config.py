@@ -353,6 +353,11 @@ def load_config(path=DEFAULT_CONFIG, arch: Optional[str] = None, overrides: list
     tree: dict = {}
     _merge(tree, raw, str(path))
     own = file_arch(raw, table)
+    if not table and raw.get("arch") and "layers" not in (raw.get("model") or {}):  # a run's config.yaml has it
+        raise ConfigError(f"{path} labels its run arch: {raw['arch']}, but without a presets: section its model is "
+                          "its own model section over the bare defaults (model.layers A), not that preset's: give "
+                          "model.layers in it, or drop arch: (the run is labelled custom), or use --arch with "
+                          "config.yaml's presets and overrides")
     if arch and not table and arch != own:  # else --arch would only rename the run
         raise ConfigError(f"--arch {arch}: {path} has no presets: section to pick it from (a run's saved "
                           f"config.yaml fixes its architecture{', ' + repr(raw['arch']) if raw.get('arch') else ''}); "

@@ -384,6 +384,9 @@ def test_a_config_without_presets_is_labelled_by_the_model_it_builds(tmp_path):
         load_config(path, arch="hybrid")
     path.write_text("arch: mine\nmodel: {layers: CCA}\n")
     assert load_config(path).arch == "mine"
+    path.write_text("arch: hybrid\ntrain: {steps: 5}\n")  # was an all-attention model labelled hybrid
+    with pytest.raises(ConfigError, match="labels its run arch: hybrid, but without a presets: section its model"):
+        load_config(path)
     path.write_text("presets:\n  hybrid: {model: {layers: CCA}}\n")  # presets without arch: the default preset
     cfg = load_config(path)
     assert (cfg.arch, cfg.model.layer_letters()) == ("hybrid", "CCACCA")
