@@ -450,6 +450,8 @@ class SFTTrainer(Trainer):
     """The Trainer on SFT data: padded example batches with reply-only labels (compute_loss is
     unchanged: LM.loss ignores the -1 labels), evaluation on the held-out replies."""
 
+    token_weighted = True  # a step's loss is the mean over all its reply tokens, however grad_accum splits them
+
     def setup_data(self):
         cfg, t = self.cfg, self.t
         if cfg.objective.name != "ar":

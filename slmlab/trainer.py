@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from arch.loss import Distill
+from arch.loss import IGNORE_INDEX, Distill
 from arch.moe import pending_stats, restore_pending_stats
 
 from . import data as data_mod
@@ -692,7 +692,7 @@ class Trainer:
             sums = self.accumulate(micro)
         # The stop flag rides in the losses' all-reduce: every rank stops after the same step, even
         # when a signal reached only some, at no extra collective.
-        loss_sum, ce_sum, stop = dist.mean(*sums.tolist(), float(self.stop_signal is not None))
+        loss_sum, ce_sum, stop, tok = dist.mean(*sums.tolist(), float(self.stop_signal is not None), float(n_tok))
         # grad_clip 0 = no clipping: max_norm 0 would scale every gradient to zero. An infinite bound still
         # measures the norm for the log, through the same DTensor-aware call under FSDP.
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
@@ -707,7 +707,7 @@ class Trainer:
         # weights are, and its files hold adapters only (a moved bias would be lost on resume and merge).
         self.model.after_optimizer_step(stepped and not self.t.lora.r)
         self.opt.zero_grad(set_to_none=True)
-        step_tokens = n_tok * dist.world
+        step_tokens = round(tok * dist.world)  # every rank's: SFT ranks pad their batches to different lengths
         self.state.step, self.state.tokens = step, self.state.tokens + step_tokens
         return StepResult(loss_sum, ce_sum, gnorm, mult, step_tokens, time.time() - t0, stop > 0)
 
@@ -715,13 +715,36 @@ class Trainer:
         """Forward and backward of the step's micro-batches, gradients summed (synchronised across
         ranks on the last one); returns (loss, ce) averaged, on the device."""
         sums = torch.zeros(2, device=self.device)
+        scales = self.micro_scales(micro)
         for i, (x, y) in enumerate(micro):
             sync = i == len(micro) - 1 or not hasattr(self.fwd, "no_sync")
+            if scales is not None and scales[i] == 0:  # no scored token: its mean would be 0/0
+                y = y.clone()
+                y.view(-1)[0] = 0  # one, at weight 0: the forward and backward still run, as DDP expects of a rank
             with (torch.enable_grad() if sync else self.fwd.no_sync()), autocast(self.device):
                 loss, ce = self.compute_loss(x, y)
-            (loss / len(micro)).backward()
-            sums += torch.stack([loss.detach(), ce.detach()]).float() / len(micro)
+            both = torch.stack([loss.detach(), ce.detach()]).float()
+            if scales is None:
+                (loss / len(micro)).backward()
+                sums += both / len(micro)
+            else:
+                (loss * scales[i]).backward()
+                sums += both * scales[i]
         return sums
+
+    # SFTTrainer: micro-batches score different numbers of (reply) tokens
+    token_weighted = False
+
+    def micro_scales(self, micro: list) -> list[float] | None:
+        """What each micro-batch's loss (a mean over its scored tokens) is multiplied by, so that the step's
+        gradient is the mean over the scored tokens of every micro-batch of every rank, as one process with
+        the whole batch computes it: its tokens' share of the step's, times the world size (DDP averages the
+        ranks). None where every micro-batch scores alike (each loss / grad_accum, as pretraining's)."""
+        if not self.token_weighted:
+            return None
+        counts = [int((y != IGNORE_INDEX).sum()) for _, y in micro]
+        total = self.dist.mean(float(sum(counts)))[0] * self.dist.world
+        return [n * self.dist.world / max(total, 1.0) for n in counts]
 
     def compute_loss(self, x, y):
         """(loss to minimise, cross-entropy to report) for one micro-batch. The one place a new

@@ -2,6 +2,7 @@
 example), the tokenizer folder's chat template, training through train.py, traces as SFT input,
 and one-line errors for data without a reply."""
 import json
+import math
 import re
 
 import pytest
@@ -430,3 +431,42 @@ def test_hf_traces_from_a_folder_transformers_cannot_load_are_one_line(tmp_path)
     (folder / "model.safetensors").touch()
     with pytest.raises(ConfigError, match=f"^--hf {folder} has no tokenizer.json$"):
         list(hf_completions(args, [TURNS[:1]], "cpu"))
+
+
+def _uneven_chat(path):
+    """Replies of 1 and 12 words, alternating: micro-batches of one step score very different numbers of tokens."""
+    with open(path, "w") as f:
+        for i in range(60):
+            w = ["the", "cat", "sat", "on", "mat"][i % 5]
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"say {w}"},
+                                             {"role": "assistant", "content": " ".join([w] * (1 if i % 2 else 12))}]})
+                    + "\n")
+    return path
+
+
+def test_grad_accum_splits_a_step_without_reweighting_its_reply_tokens(sft_base, tmp_path):
+    """Each micro-batch's loss is a mean over its own reply tokens: averaged with equal weights, a step
+    split in 2 or 4 trained on another loss than the whole batch (5.902 and 5.871 against 5.904 at step 1)."""
+    data = _uneven_chat(tmp_path / "chat.jsonl")
+    runs = {}
+    for accum, batch in ((1, 4), (2, 2), (4, 1)):
+        out = tmp_path / f"ga{accum}"
+        rc, _, err = run_here("train", "--data", data, "--out", out, *sft_overrides(
+            tmp_path, steps=3, **{"train.init_from": str(sft_base), "train.grad_accum": accum,
+                                  "train.batch_size": batch, "train.warmup_steps": 1}))
+        assert rc == 0, err
+        runs[accum] = losses(out)
+    for accum in (2, 4):
+        assert max(abs(runs[accum][s] - runs[1][s]) for s in (1, 2, 3)) < 1e-5, runs
+
+
+def test_a_micro_batch_a_short_phase_left_without_reply_tokens_counts_for_nothing(sft_base, tmp_path):
+    """A 16-token phase cuts most replies off: a micro-batch with none scored its mean over no tokens,
+    NaN, and the whole step was skipped (10 such steps in a row abort the run)."""
+    data = _uneven_chat(tmp_path / "chat.jsonl")
+    rc, out, err = run_here("train", "--data", data, "--out", tmp_path / "run", *sft_overrides(
+        tmp_path, steps=6, **{"train.init_from": str(sft_base), "train.warmup_steps": 1, "train.phases":
+                              "[{seq_len: 16, share: 0.5, tokens_per_step: 64}, {seq_len: 96, share: 0.5, "
+                              "tokens_per_step: 384}]"}))
+    assert rc == 0 and "non-finite" not in out + err, out + err
+    assert all(math.isfinite(v) for v in losses(tmp_path / "run").values())
