@@ -48,6 +48,9 @@ def is_hidden_matrix(name: str, p: torch.Tensor, model, stacks: set[int] = froze
         return False
     if name.startswith(("embed.", "lm_head.")) or ".embed" in name:
         return False
+    # any lookup table, by type: the learned position table (pos_embed.weight) matched no name above
+    if any(p is m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)):
+        return False
     if ".lora_" in name:  # LoRA factors (r x d, d x r) stay on AdamW, as peft's recipes train them
         return False
     head = getattr(model, "lm_head", None)

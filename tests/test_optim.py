@@ -44,6 +44,16 @@ def test_muon_routing_is_explicit_and_complete(tie, capsys):
     assert set(opt.optimizers) == {"muon", "adamw"}
 
 
+def test_the_learned_position_table_stays_on_adamw():
+    """pos_embed.weight (model.pos=learned: GPT-2 and its imports) went to Muon, with Muon's weight
+    decay: a lookup table, as the token embedding, is no hidden matrix."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, layers="A",
+                                    pos="learned", max_positions=64))
+    routes = {r.group: set(r.names) for r in route_params(model, "muon")}
+    assert "pos_embed.weight" in routes["adamw_decay"] and "pos_embed.weight" not in routes["muon"]
+
+
 def test_unknown_optimizer_is_a_config_error():
     with pytest.raises(ConfigError, match="optim.name"):
         route_params(tiny(), "sgd")
