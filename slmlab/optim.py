@@ -160,6 +160,20 @@ def fast_ns_dtype(device: torch.device) -> torch.dtype:
 
 @functools.cache  # probed once per process
 def _fast_cpu_dtype() -> torch.dtype:
+    """The probe's pick; under torchrun, rank 0's for every rank: ranks that ran NS in different dtypes
+    (a noisy probe, nodes with other CPUs) would update their DDP replicas apart, which nothing
+    re-syncs. build_optimizer calls it on every rank (a collective); later calls read the cache."""
+    import torch.distributed as dist
+
+    dtype = _probe_cpu_dtype()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([dtype == torch.bfloat16], dtype=torch.int32)
+        dist.broadcast(flag, src=0)
+        dtype = torch.bfloat16 if flag.item() else torch.float32
+    return dtype
+
+
+def _probe_cpu_dtype() -> torch.dtype:
     import time
 
     # A private generator: the probe must not move the global RNG, or a resumed run (which probes
@@ -282,7 +296,11 @@ def build_optimizer(model, ocfg, verbose: bool = True) -> CombinedOptimizer:
                               f"got {ocfg.muon_adjust_lr_fn!r}")
         muon_lr = ocfg.muon_lr if ocfg.muon_lr is not None else ocfg.lr
         wd = ocfg.muon_weight_decay if ocfg.muon_weight_decay is not None else ocfg.weight_decay
-        opts["muon"] = BatchedMuon(by["muon"].params, ns_dtype=NS_DTYPES.get(ocfg.muon_ns_dtype),
+        params = by["muon"].params
+        if ocfg.muon_ns_dtype == "auto" and params[0].device.type == "cpu" and torch.distributed.is_available() \
+                and torch.distributed.is_initialized():
+            _fast_cpu_dtype()  # the ranks agree now, together: a step's first call on one rank alone could not
+        opts["muon"] = BatchedMuon(params, ns_dtype=NS_DTYPES.get(ocfg.muon_ns_dtype),
                                    lr=muon_lr, weight_decay=wd,
                                    momentum=ocfg.muon_momentum, nesterov=ocfg.muon_nesterov,
                                    ns_steps=ocfg.muon_ns_steps, adjust_lr_fn=ocfg.muon_adjust_lr_fn)

@@ -201,3 +201,21 @@ def test_a_resumed_auto_muon_keeps_the_dtype_its_run_picked(monkeypatch, picked)
     fresh = build_optimizer(tiny(), OptimConfig(name="muon"), verbose=False)
     fresh.load_state_dict(other)
     assert fresh.optimizers["muon"].ns_dtype is None
+
+
+def test_ranks_take_rank_0s_newton_schulz_dtype(monkeypatch):
+    """auto's probe is timed in each process: two ranks that picked differently would update their DDP
+    replicas apart (nothing re-syncs them). Rank 0's pick is broadcast; here rank 0 said bf16."""
+    import torch.distributed as dist
+
+    from slmlab import optim
+
+    def rank0_says_bf16(flag, src):
+        assert src == 0
+        flag.fill_(1)
+
+    monkeypatch.setattr(optim, "_probe_cpu_dtype", lambda: torch.float32)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "broadcast", rank0_says_bf16)
+    assert optim._fast_cpu_dtype.__wrapped__() == torch.bfloat16
