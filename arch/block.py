@@ -16,7 +16,8 @@ activation_bytes.
 Either kind may define take_aux_loss() -> a scalar tensor or None: a training-only loss of its last
 forward, handed over once (MoE's load balance, arch/moe.py); the LM adds its gradient to the objective.
 A module's `matrix_stacks` names its 3-D weights that are stacks of matrices (MoE experts): Muon and
-weight decay treat them as the matrices they hold (slmlab/optim.py), unlike 3-D depthwise conv kernels.
+weight decay treat them as the matrices they hold (slmlab/optim.py), unlike 3-D depthwise conv kernels;
+its `fused_rows` ({name: k}) names weights whose rows are k matrices, which Muon orthogonalises apart.
 after_step(stepped) is called after every optimizer step (LM.after_optimizer_step), for state that
 gradients do not train (MoE's expert bias).
 Register a mixer with `@register(name, letter, options=OptionsDataclass)` (arch/registry.py); its

@@ -41,6 +41,11 @@ def matrix_stacks(model) -> set[int]:
     return {id(getattr(m, name)) for m in model.modules() for name in getattr(m, "matrix_stacks", ())}
 
 
+def fused_rows(model) -> dict[int, int]:
+    """{id: k} of the weights whose rows are k matrices (a module's `fused_rows`: MoE's w13, gate then up)."""
+    return {id(getattr(m, name)): k for m in model.modules() for name, k in getattr(m, "fused_rows", {}).items()}
+
+
 def is_hidden_matrix(name: str, p: torch.Tensor, model, stacks: set[int] = frozenset()) -> bool:
     """A 2-D weight between hidden spaces, or a stack of them (`stacks`, from matrix_stacks): not the
     token embedding and not the output head."""
@@ -203,7 +208,7 @@ class BatchedMuon(torch.optim.Muon):
     dtype, as in modded-nanogpt). tests/test_optim.py checks the update equals torch.optim.Muon's
     when both run NS in bf16, and equals a plain fp32 loop."""
 
-    def __init__(self, params, ns_dtype=None, **kw):
+    def __init__(self, params, ns_dtype=None, row_splits: dict | None = None, **kw):
         # torch.optim.Muon's __init__ refuses 3-D weights, though its update is per matrix: a stack
         # [n, r, c] (MoE experts) is n matrices. Muon checks the hyperparameters and makes the defaults
         # (on a stand-in matrix); the base Optimizer takes the parameters.
@@ -213,6 +218,7 @@ class BatchedMuon(torch.optim.Muon):
             if p.dim() not in (2, 3):
                 raise ValueError(f"BatchedMuon takes matrices and stacks of them (2-D, 3-D), got {tuple(p.shape)}")
         self.ns_dtype = ns_dtype
+        self.row_splits = row_splits or {}  # id(param) -> k: its rows are k matrices (fused_rows)
 
     def state_dict(self) -> dict:
         """torch's, plus the NS dtype in use and its device type: with optim.muon_ns_dtype auto, a resume
@@ -253,9 +259,10 @@ class BatchedMuon(torch.optim.Muon):
             mom = group["momentum"]
             torch._foreach_lerp_(bufs, grads, 1 - mom)
             updates = [g.lerp(b, mom) for g, b in zip(grads, bufs)] if group["nesterov"] else bufs
-            by_shape = defaultdict(list)  # matrices of one shape, a 3-D stack being several
+            by_shape = defaultdict(list)  # matrices of one shape, a 3-D stack (or fused rows) being several
             for i, u in enumerate(updates):
-                by_shape[(tuple(u.shape[-2:]), u.device)].append(i)
+                rows, cols = u.shape[-2:]
+                by_shape[((rows // self.row_splits.get(id(params[i]), 1), cols), u.device)].append(i)
             for ((A, B), device), idx in by_shape.items():
                 tall = A > B  # NS works on the wide orientation: tall matrices transposed
                 mats = [updates[i].reshape(-1, A, B) for i in idx]
@@ -300,7 +307,7 @@ def build_optimizer(model, ocfg, verbose: bool = True) -> CombinedOptimizer:
         if ocfg.muon_ns_dtype == "auto" and params[0].device.type == "cpu" and torch.distributed.is_available() \
                 and torch.distributed.is_initialized():
             _fast_cpu_dtype()  # the ranks agree now, together: a step's first call on one rank alone could not
-        opts["muon"] = BatchedMuon(params, ns_dtype=NS_DTYPES.get(ocfg.muon_ns_dtype),
+        opts["muon"] = BatchedMuon(params, ns_dtype=NS_DTYPES.get(ocfg.muon_ns_dtype), row_splits=fused_rows(model),
                                    lr=muon_lr, weight_decay=wd,
                                    momentum=ocfg.muon_momentum, nesterov=ocfg.muon_nesterov,
                                    ns_steps=ocfg.muon_ns_steps, adjust_lr_fn=ocfg.muon_adjust_lr_fn)

@@ -6,8 +6,9 @@ import torch
 from arch import ModelConfig, build_model
 from arch.loss import linear_cross_entropy_ref
 from arch.moe import balance_loss, expert_counts, moe_dense, moe_few, moe_sorted, route
+from slmlab.config import OptimConfig
 from slmlab.errors import ConfigError
-from slmlab.optim import BatchedMuon, route_params
+from slmlab.optim import BatchedMuon, build_optimizer, route_params
 
 
 def tiny(**kw):
@@ -171,6 +172,19 @@ def test_muon_treats_an_expert_stack_as_its_matrices():
         BatchedMuon([stack], **kw).step()
         BatchedMuon(mats, **kw).step()
         torch.testing.assert_close(stack.detach(), torch.stack([p.detach() for p in mats]))
+    # w13 [E, 2f, d]: each expert's gate and up rows are two matrices, orthogonalised apart as dense w1 and w3
+    w13 = torch.nn.Parameter(torch.randn(3, 16, 8))
+    halves = [torch.nn.Parameter(h.clone()) for h in w13.detach().reshape(6, 8, 8)]
+    grad = torch.randn(3, 16, 8)
+    w13.grad = grad.clone()
+    for h, g in zip(halves, grad.reshape(6, 8, 8)):
+        h.grad = g.clone()
+    BatchedMuon([w13], row_splits={id(w13): 2}, **kw).step()
+    BatchedMuon(halves, **kw).step()
+    torch.testing.assert_close(w13.detach(), torch.stack([h.detach() for h in halves]).reshape(3, 16, 8))
+    model = build_model(tiny())
+    opt = build_optimizer(model, OptimConfig(name="muon"), verbose=False).optimizers["muon"]
+    assert opt.row_splits == {id(model.layers[0].mlp.w13): 2, id(model.layers[1].mlp.w13): 2}
     routes = {r.group: r.names for r in route_params(build_model(tiny()), "muon")}
     assert {"layers.0.mlp.w13", "layers.0.mlp.w2", "layers.0.mlp.router.weight"} <= set(routes["muon"])
     assert "layers.0.mixer.conv.weight" in routes["adamw_no_decay"]  # a 3-D depthwise kernel, not a stack
