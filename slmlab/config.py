@@ -182,7 +182,6 @@ class _Loader(yaml.SafeLoader):
 
 
 _Loader.add_constructor(_INT, _Loader.construct_yaml_int)
-_Loader.add_constructor("tag:yaml.org,2002:map", _Loader.construct_yaml_map)
 
 
 @_yaml12_numbers
