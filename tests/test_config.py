@@ -164,7 +164,8 @@ def test_random_values_give_a_valid_config_or_a_one_line_error():
                        st.text(max_size=8), st.lists(st.integers(-3, 3), max_size=3),
                        st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
 
-    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    # derandomized: the same 300 examples every run, so a rare input fails the change that adds it, not a later one
+    @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
     @given(key=st.sampled_from(all_keys()), value=values)
     def check(key, value):
         try:

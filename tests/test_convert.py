@@ -978,7 +978,7 @@ def test_int8_val_bpb_report_is_computed_before_publishing(tmp_path, monkeypatch
         raise RuntimeError("evaluation failed")
 
     monkeypatch.setattr(quant, "bpb_change", failing)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="evaluation failed"):
         convert("--run", run, "--to", "executorch", "--quant", "int8", "--out", tmp_path / "q.pte", "--max-len", 16)
     assert not (tmp_path / "q.pte").exists()
 

@@ -567,7 +567,7 @@ def _step_losses(run_dir):
     return [r["loss"] for r in recs if "loss" in r and not r.get("final")], recs[-1]
 
 
-def test_compiled_training_equals_eager(corpus, tmp_path):
+def test_compiled_training_equals_eager(corpus, tmp_path, capsys):
     """train.compile=true (torch.compile of the training and eval forward) against eager on CPU:
     the same per-step losses within 1e-4 (inductor fuses and reorders fp32 sums) and final val loss."""
     common = {"train.steps": 4, "train.log_every": 1}  # two phases: T=16 then T=32, each compiled
@@ -578,6 +578,8 @@ def test_compiled_training_equals_eager(corpus, tmp_path):
     assert len(a) == len(b) == 4
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
     assert abs(eager["val_loss"] - comp["val_loss"]) < 1e-4
+    captured = capsys.readouterr()  # a compile failure runs eager with a warning: eager against eager
+    assert "torch.compile failed" not in captured.out + captured.err
 
 
 def test_backward_compile_failure_redoes_the_step_eagerly(corpus, tmp_path, capsys, monkeypatch):
