@@ -344,7 +344,9 @@ def test_mamba2_model_in_executorch(mamba_run, tmp_path):
     _executorch_parity(mamba_run, tmp_path)
 
 
-@pytest.mark.parametrize("fmt", ["onnx", pytest.param("executorch", marks=pytest.mark.slow)])
+# slow (~30 s each on 2 cores): the default suite stays inside CI's 15 minutes
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "executorch"])
 def test_fp16_export_keeps_a_recurrent_state_fp32(mamba_run, tmp_path, fmt):
     """The block keeps its SSM state h in fp32 under any weight dtype, and so does an fp16 graph: the
     runners made every state fp16, and onnxruntime / ExecuTorch refused the input. export.json lists
@@ -1070,6 +1072,7 @@ def test_gguf_q8_0_reports_each_type_and_stores_fallback_rows_in_dtype(tmp_path)
     assert types == written and set(types) == {"Q8_0", "F16", "F32"} and types["F16"]["tensors"] == 3
 
 
+@pytest.mark.slow  # ~26 s on 2 cores; the int8 path itself stays in the default suite (dense models)
 def test_int8_onnx_export_of_a_moe_quantizes_its_experts(runs, tmp_path):
     """--quant int8 stores the expert stacks as int8 too (a dequantizing parametrization: the weights a
     MoE is mostly made of), and onnxruntime equals the fake-quantized model."""
