@@ -101,16 +101,17 @@ class ModelConfig:
     RUNTIME_OPTIONS = {"moe": ("core", "aux_loss_coef", "bias_update_rate"), "lif": ("scan",),
                        "deltanet": ("core", "chunk"), "mamba2": ("core", "chunk")}
 
-    def weight_changes(self, new: "ModelConfig") -> list[str]:
+    def weight_changes(self, new: "ModelConfig", allowed: tuple = ()) -> list[str]:
         """'model.KEY old -> new' for each setting that builds other weights or gives them another meaning.
         The configs are compared as built: derived sizes resolved (head_dim null = d_model / n_heads),
         options of the blocks both use with defaults filled (a block the model lacks reads none), the
         layer pattern as its block list and the windows as the layers get them. Lines name the
-        patterns as written."""
+        patterns as written. Keys in `allowed` may differ (train.init_from's: causal, RoPE, ...)."""
         a, b = self.built(), new.built()
         # A value both derive (ffn_dim null in both) follows the settings it derives from, which have lines.
         derived = self.derived_keys() & new.derived_keys()
         return [f"model.{k} {a[k]!r} -> {b.get(k)!r}" for k in a if k in b and a[k] != b[k] and k not in derived
+                and k not in allowed
                 and not (k == "layers" and self.layer_types() == new.layer_types())
                 and not (k in ("window", "window_pattern") and self.layer_windows() == new.layer_windows())]
 

@@ -163,20 +163,27 @@ def load_model_weights(model: torch.nn.Module, path, strict: bool = True):
     weights are already loaded)."""
     sd = tie_head(load_tensors(path), model.cfg.tie_embeddings, stored=False)
     own = saved_part(model.state_dict())
+    if strict:
+        check_fits(sd, own, f"checkpoint {path}")
+    model.load_state_dict(sd, strict=strict and len(own) == len(model.state_dict()))
+    return model
+
+
+def check_fits(sd: dict, own: dict, what: str):
+    """One CheckpointError line when state dict `sd` does not fit a model's `own`: the tensors it lacks,
+    those the model has no place for, the first shape that differs."""
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     wrong = [k for k in sd if k in own and sd[k].shape != own[k].shape]
-    if strict and (missing or unexpected or wrong):
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:3])}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:3])}")
-        if wrong:
-            parts.append(f"shape mismatch {wrong[0]} {tuple(sd[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}")
-        raise CheckpointError(f"checkpoint {path} does not fit the model: {'; '.join(parts)}")
-    model.load_state_dict(sd, strict=strict and len(own) == len(model.state_dict()))
-    return model
+    parts = []
+    if missing:
+        parts.append(f"missing {', '.join(missing[:3])}")
+    if unexpected:
+        parts.append(f"unexpected {', '.join(unexpected[:3])}")
+    if wrong:
+        parts.append(f"shape mismatch {wrong[0]} {tuple(sd[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}")
+    if parts:
+        raise CheckpointError(f"{what} does not fit the model: {'; '.join(parts)}")
 
 
 # ---- training checkpoints: out/checkpoints/step_XXXXXX/{model.safetensors, state.pt} ----

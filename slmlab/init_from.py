@@ -7,8 +7,9 @@ import dataclasses
 
 import torch
 
-from .errors import CheckpointError, ConfigError
-from .rundir import RunDir
+from .checkpoint import check_fits
+from .errors import ConfigError
+from .rundir import WEIGHTS, RunDir
 
 # What may differ from the base run's model: what starting from it is for (causal: AR -> diffusion;
 # RoPE and the windows: context extension) and what loading its weights makes moot (init_std). Anything
@@ -81,8 +82,7 @@ def check_same_model(src, new, base_ids: int, ids: int, added: bool, run_dir: st
         why = f" (its rows grown to the {ids} tokens of data.added_tokens)" if vocab > src.vocab_size else ""
         raise ConfigError(f"train.init_from={run_dir} has model.vocab_size={src.vocab_size}: this run needs "
                           f"{vocab}{why}, not {new.vocab_size}")
-    changes = [c for c in src.weight_changes(dataclasses.replace(new, vocab_size=src.vocab_size))
-               if c.split()[0].removeprefix("model.") not in MAY_DIFFER]
+    changes = src.weight_changes(dataclasses.replace(new, vocab_size=src.vocab_size), allowed=MAY_DIFFER)
     if changes:
         raise ConfigError(f"train.init_from={run_dir} builds another model: " + ", ".join(changes[:4])
                           + (f" (and {len(changes) - 4} more)" if len(changes) > 4 else ""))
@@ -103,8 +103,6 @@ def grow_vocab(model, run, n_tok: int | None = None, n_new: int | None = None):
         rows = torch.cat([old, old.new_zeros(vocab - old.shape[0], old.shape[1])])
         rows[start:vocab if n_new is None else n_new] = old[:start].mean(0)
         sd[key] = rows
-    own = model.state_dict()
-    wrong = [k for k in own if k not in sd or sd[k].shape != own[k].shape] + [k for k in sd if k not in own]
-    if wrong:  # check_same_model passed: a block whose options build other tensors than its config says
-        raise CheckpointError(f"{run.path}'s weights do not fit the model: {wrong[0]} (and {len(wrong) - 1} more)")
+    # (check_same_model passed: a block whose options build other tensors than its config says)
+    check_fits(sd, model.state_dict(), f"checkpoint {run.path / WEIGHTS}")
     model.load_state_dict(sd)

@@ -46,15 +46,20 @@ def fused_rows(model) -> dict[int, int]:
     return {id(getattr(m, name)): k for m in model.modules() for name, k in getattr(m, "fused_rows", {}).items()}
 
 
-def is_hidden_matrix(name: str, p: torch.Tensor, model, stacks: set[int] = frozenset()) -> bool:
+def lookup_tables(model) -> set[int]:
+    """ids of every nn.Embedding's weight: the token embedding and the learned position table."""
+    return {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+
+
+def is_hidden_matrix(name: str, p: torch.Tensor, model, stacks: set[int] = frozenset(),
+                     lookups: set[int] = frozenset()) -> bool:
     """A 2-D weight between hidden spaces, or a stack of them (`stacks`, from matrix_stacks): not the
     token embedding and not the output head."""
     if not (p.dim() == 2 or id(p) in stacks):
         return False
     if name.startswith(("embed.", "lm_head.")) or ".embed" in name:
         return False
-    # any lookup table, by type: the learned position table (pos_embed.weight) matched no name above
-    if any(p is m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)):
+    if id(p) in lookups:  # by type, from lookup_tables: pos_embed.weight matched no name above
         return False
     if ".lora_" in name:  # LoRA factors (r x d, d x r) stay on AdamW, as peft's recipes train them
         return False
@@ -72,11 +77,11 @@ def route_params(model, name: str) -> list[Route]:
     if name not in OPTIMIZERS:
         raise ConfigError(f"optim.name must be one of: {', '.join(OPTIMIZERS)}; got {name!r}")
     routes = {g: Route(g, [], []) for g in ("muon", "adamw_decay", "adamw_no_decay")}
-    stacks = matrix_stacks(model)
+    stacks, lookups = matrix_stacks(model), lookup_tables(model)
     for n, p in model.named_parameters():  # named_parameters() yields a tied weight once
         if not p.requires_grad:
             continue
-        if name == "muon" and is_hidden_matrix(n, p, model, stacks):
+        if name == "muon" and is_hidden_matrix(n, p, model, stacks, lookups):
             g = "muon"
         elif p.dim() == 2 or id(p) in stacks:
             g = "adamw_decay"
