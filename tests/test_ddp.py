@@ -11,19 +11,23 @@ from trainer_helpers import ROOT, kill_after_checkpoint, losses, run_train, tiny
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
-def torchrun(args, port, nproc=2, env_extra=None):
+def torchrun_cmd(args, nproc=2):
+    # --standalone: torchrun rendezvouses on a free localhost port (a fixed one can be taken on a shared machine).
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            str(ROOT / "train.py"), *args]
+
+
+def torchrun(args, nproc=2, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                           "--master_addr", "127.0.0.1", "--master_port", str(port), str(ROOT / "train.py"), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(torchrun_cmd(args, nproc), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def _compare(tmp_path, port, extra):
+def _compare(tmp_path, extra):
     corpus = write_corpus(tmp_path / "c.txt")
     ov = tiny_overrides(tmp_path, steps=5, **extra)
     one = run_train(["--data", str(corpus), "--out", str(tmp_path / "one"), *ov])
     assert one.returncode == 0, one.stderr
-    two = torchrun(["--data", str(corpus), "--out", str(tmp_path / "two"), *ov], port)
+    two = torchrun(["--data", str(corpus), "--out", str(tmp_path / "two"), *ov])
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
@@ -53,7 +57,7 @@ def reorder_bound(loss: float, step: int, n_terms: int) -> float:
 
 
 def test_ddp_two_processes_match_one(tmp_path):
-    run = _compare(tmp_path, 29531, {"optim.name": "muon"})
+    run = _compare(tmp_path, {"optim.name": "muon"})
     assert (run / "model.safetensors").is_file() and not list(run.glob("*rank*"))
 
 
@@ -61,7 +65,7 @@ def test_ddp_two_processes_match_one(tmp_path):
 def test_fsdp2_two_processes_match_one(tmp_path):
     from slmlab.rundir import RunDir
 
-    run = _compare(tmp_path, 29532, {"optim.name": "adamw", "train.parallel": "fsdp"})
+    run = _compare(tmp_path, {"optim.name": "adamw", "train.parallel": "fsdp"})
     RunDir.open(run).load()  # the gathered full weights load into a plain model
 
 
@@ -72,11 +76,10 @@ def test_ddp_resume(tmp_path):
     ov = tiny_overrides(tmp_path, steps=60, **{"optim.name": "muon", "train.ckpt_every": 4})
     one = run_train(["--data", str(corpus), "--out", str(tmp_path / "one"), *ov])
     assert one.returncode == 0, one.stderr
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", "29533", str(ROOT / "train.py"), "--data", str(corpus), "--out", str(tmp_path / "two"), *ov]
+    cmd = torchrun_cmd(["--data", str(corpus), "--out", str(tmp_path / "two"), *ov])
     assert kill_after_checkpoint(cmd, tmp_path / "two", min_step=20, log=tmp_path / "killed.log") != 0
     assert not (tmp_path / "two" / "summary.json").exists()
-    resumed = torchrun(["--resume", "--out", str(tmp_path / "two")], 29534)
+    resumed = torchrun(["--resume", "--out", str(tmp_path / "two")])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(a) == sorted(b) and max(abs(a[k] - b[k]) - reorder_bound(a[k], k, TOKENS_PER_STEP)
@@ -116,15 +119,15 @@ def test_evaluation_under_fsdp2_gathers_the_root_weights(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel,port", [("ddp", 29535), ("fsdp", 29536)])
-def test_moe_with_expert_bias_on_two_ranks_matches_one_process(tmp_path, parallel, port):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_moe_with_expert_bias_on_two_ranks_matches_one_process(tmp_path, parallel):
     """The expert bias moves by the loads of the whole global batch (all-reduced over ranks), so 2
     ranks keep one bias and train as 1 process does, under DDP and under FSDP2 (which shards the expert
     stacks). (The balance loss is left out: like Megatron's, it is computed per rank on that rank's
     tokens, which no longer equals the 1-process loss.)"""
     from slmlab.checkpoint import load_tensors
 
-    run = _compare(tmp_path, port, {"optim.name": "adamw", "train.parallel": parallel, "model.mlp": "moe",
+    run = _compare(tmp_path, {"optim.name": "adamw", "train.parallel": parallel, "model.mlp": "moe",
                                     "model.mixer_opts": "{moe: {experts: 4, router: sigmoid, expert_bias: true, "
                                                         "aux_loss_coef: 0.0, bias_update_rate: 0.01}}"})
     one, two = (load_tensors(p / "model.safetensors") for p in (tmp_path / "one", run))
@@ -136,4 +139,4 @@ def test_moe_with_expert_bias_on_two_ranks_matches_one_process(tmp_path, paralle
 def test_masked_diffusion_on_two_ranks_matches_one_process(tmp_path):
     """Each rank keeps its rows of the global batch's diffusion times and masks: every rank drew the same
     ones before (the 2-rank losses then differed from the 1-process ones by 0.6 to 2.9 nats)."""
-    _compare(tmp_path, 29537, {"optim.name": "adamw", "objective.name": "mdlm", "model.causal": "false"})
+    _compare(tmp_path, {"optim.name": "adamw", "objective.name": "mdlm", "model.causal": "false"})
