@@ -41,9 +41,10 @@ def parse_args(argv=None):
     p.add_argument("--mc-samples", type=int, default=None,
                    help="masked-diffusion runs: mask draws per pair for the Monte-Carlo ELBO estimate (default 16)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="autocast for every model, runs and --hf alike: auto = bf16 on CUDA, fp32 on CPU (the "
-                        "trainer's); fp32; bf16 (also on CPU, where it is slower)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast for every model, runs and --hf alike: auto = the trainer's default (bf16 on a "
+                        "CUDA GPU with bf16, fp16 on one without, fp32 on CPU); fp32; bf16; fp16 (bf16 and fp16 "
+                        "also on CPU, where they are slower)")
     p.add_argument("--out", help="write every number and the per-item results as JSON here")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--json", action="store_true", help="print the JSON instead of the table")

@@ -38,7 +38,8 @@ from arch import build_model
 from slmlab.config import load_config
 from slmlab.estimate import meta_model, static_memory, train_peak
 from slmlab.optim import build_optimizer
-from slmlab.runtime import autocast, peak_flops, resolve_device
+from slmlab.precision import autocast
+from slmlab.runtime import peak_flops, resolve_device
 
 DEV = torch.device("cuda")  # main() sets it; --device cpu runs the Python on tiny shapes (the smoke test)
 

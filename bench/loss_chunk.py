@@ -24,7 +24,8 @@ from speed import interleaved
 from arch import build_model
 from slmlab.config import load_config
 from slmlab.optim import build_optimizer
-from slmlab.runtime import autocast, resolve_device
+from slmlab.precision import autocast
+from slmlab.runtime import resolve_device
 
 
 def main(argv=None) -> int:

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from arch import build_model
 from slmlab.config import load_config
 from slmlab.optim import build_optimizer
-from slmlab.runtime import autocast, peak_flops, resolve_device
+from slmlab.precision import autocast
+from slmlab.runtime import peak_flops, resolve_device
 
 
 def bench(arch, seq_len, args, device, peak):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
 from .lora import ADDED_ROWS_MARK, saved_part
+from .precision import loss_scale_problem
 from .runtime import rng_state_problem
 
 # ---- atomic publish: the one way anything in a run, cache or export directory gets written ----
@@ -310,6 +311,8 @@ def counter_problem(state: dict, path: Path) -> str | None:
         return f"'step' is {state['step']}, but the checkpoint is {name}"
     if not isinstance(state.get("wandb_id"), (str, type(None))):
         return f"'wandb_id' is a {type(state['wandb_id']).__name__}, expected str or None"
+    if "loss_scale" in state:  # absent in checkpoints written before fp16 training
+        return loss_scale_problem(state["loss_scale"])
     return None
 
 

@@ -22,6 +22,7 @@ from arch.registry import load_imports
 from .coerce import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT, Range, check_ranges, coerce
 from .errors import ConfigError
 from .phases import PhaseConfig
+from .precision import PRECISIONS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
 CUSTOM = "custom"  # the arch label of a config that names no preset (no arch: and no presets:)
@@ -74,6 +75,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (CUDA: bf16, fp16 on GPUs without bf16; CPU: fp32) | fp32 | bf16 | fp16
     sample_tokens: int = 200
     sample_prompt: str = "def "
     # Context curriculum (docs/training.md): typed stages; [] = one stage from seq_len/batch_size.
@@ -112,7 +114,7 @@ class OptimConfig:
     muon_ns_steps: int = 5
     muon_adjust_lr_fn: str = "match_rms_adamw"  # original | match_rms_adamw
     muon_weight_decay: Optional[float] = None  # null = optim.weight_decay
-    muon_ns_dtype: str = "auto"  # auto (bf16 on CUDA; on CPU the faster of fp32/bf16, probed) | float32 | bfloat16
+    muon_ns_dtype: str = "auto"  # auto (bf16 on CUDA if it has bf16, else fp32; CPU: the faster, probed) | float32 | bfloat16
 
 
 @dataclass
@@ -463,6 +465,8 @@ def validate(cfg: RunConfig):
         raise ConfigError(f"train.schedule must be wsd or cosine, got {t.schedule!r}")
     if t.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     if cfg.optim.name not in ("adamw", "muon"):
         raise ConfigError(f"optim.name must be one of: muon, adamw; got {cfg.optim.name!r}")
     if cfg.optim.muon_adjust_lr_fn not in ("original", "match_rms_adamw"):

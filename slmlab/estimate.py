@@ -17,8 +17,9 @@ Training memory per device, in the order a step uses it (steady state: the optim
                student's forward, and its logits beside the student's in the distillation loss
 The peak is the largest of: end of forward, the head's backward, each block's backward (activations
 freed as gradients appear) and the optimizer step (AdamW's foreach update on CUDA allocates one
-more copy of its parameters). On CUDA the matmuls run under bf16 autocast: activations are 2 B
-(norm internals stay fp32) and autocast caches bf16 copies of the matmul weights for the step.
+more copy of its parameters). On CUDA the matmuls run under bf16 (or fp16) autocast: activations
+are 2 B (norm internals stay fp32) and autocast caches 2-byte copies of the matmul weights for the
+step; train.precision=fp32 (CPU's default) keeps both at 4 B / none (half_precision).
 tests/test_sizes.py compares this with measured CPU peaks.
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .errors import ConfigError
 from .fmt import count, duration
 from .optim import route_params
 from .phases import Phase, phase_windows, resolve_phases
+from .precision import FP32_ON_GPU
 from .runtime import GPUS, gpu_peak_source, measured_peak
 
 GB = 1024 ** 3
@@ -123,6 +125,21 @@ def teacher_meta(cfg):
     return meta_model(RunDir.open(cfg.train.teacher, label="train.teacher=").config(), lora=False)
 
 
+def half_precision(cfg, cuda: bool) -> bool:
+    """Whether the forward runs under 2-byte autocast (bf16 or fp16): train.precision, auto = on CUDA."""
+    p = cfg.train.precision
+    return cuda if p == "auto" else p != "fp32"
+
+
+def precision_label(cfg, cuda: bool, gpu: Optional[str] = None) -> str:
+    """The estimate's device and precision, as the trainer would resolve them (auto: fp16 on a --gpu
+    without bf16 tensor cores)."""
+    p = cfg.train.precision
+    if p == "auto":
+        p = "fp32" if not cuda else ("fp16" if gpu and GPUS[gpu].peak_dtype == "fp16" else "bf16")
+    return f"{'cuda' if cuda else 'cpu'} ({'fp32' if p == 'fp32' else p + ' autocast'})"
+
+
 def static_memory(model, cfg, cuda: bool, world: int, teacher=None) -> Static:
     """Per-rank bytes that do not depend on the batch; teacher: teacher_meta's model, if any."""
     params = model.num_params()
@@ -148,18 +165,18 @@ def static_memory(model, cfg, cuda: bool, world: int, teacher=None) -> Static:
                   weights=4 * params // shard, gradients=4 * trainable // shard,
                   optimizer=(8 * adam + 4 * muon) // shard,
                   ddp_buckets=4 * params if world > 1 and cfg.train.parallel == "ddp" else 0,
-                  autocast_weights=2 * matmul if cuda else 0, opt_transient=transient,
+                  autocast_weights=2 * matmul if half_precision(cfg, cuda) else 0, opt_transient=transient,
                   runtime=RUNTIME_CUDA if cuda else RUNTIME_CPU,
                   teacher=0 if teacher is None else 4 * teacher.num_params(), teacher_model=teacher)
 
 
-def logits_bytes(tokens: int, vocab: int, d_model: int, chunk: int = 0, cuda: bool = False,
+def logits_bytes(tokens: int, vocab: int, d_model: int, chunk: int = 0, half: bool = False,
                  distill: bool = False) -> tuple[int, int]:
-    """(peak during the loss forward, peak during its backward) for `tokens` positions, on either
-    device (the loss upcasts bf16 logits to fp32): forward holds the fp32 logits and their
+    """(peak during the loss forward, peak during its backward) for `tokens` positions, in either
+    precision (the loss upcasts bf16 / fp16 logits to fp32): forward holds the fp32 logits and their
     log-softmax; backward the saved log-softmax, the loss gradient and the logits gradient.
     Chunked (arch/loss.py): the forward holds one chunk's fp32 logits and logsumexp temporary (and
-    the bf16 copy of its gradient on CUDA) beside dx and the fp32 dW it sums; the backward holds the
+    the 2-byte copy of its gradient under half precision) beside dx and the fp32 dW it sums; the backward holds the
     saved dx and dW and the scaled dx (the scaled dW is the head's gradient, counted with those).
     Distilling, the teacher's logits and both tempered log-softmaxes come on top: 32 B per position
     and vocabulary entry through forward and backward unchunked, 24 B more per chunk entry chunked
@@ -168,7 +185,7 @@ def logits_bytes(tokens: int, vocab: int, d_model: int, chunk: int = 0, cuda: bo
         return (tokens * vocab * 32,) * 2 if distill else (tokens * vocab * 8, tokens * vocab * 12)
     c = min(chunk, tokens)
     dx, dw = tokens * d_model * 4, vocab * d_model * 4
-    return c * vocab * ((10 if cuda else 8) + (24 if distill else 0)) + dx + dw, 2 * dx + dw
+    return c * vocab * ((10 if half else 8) + (24 if distill else 0)) + dx + dw, 2 * dx + dw
 
 
 def head_tokens(cfg, batch: int, seq_len: int) -> int:
@@ -183,7 +200,8 @@ def head_tokens(cfg, batch: int, seq_len: int) -> int:
 
 def train_peak(model, st: Static, cfg, batch: int, seq_len: int, checkpoint: bool, cuda: bool) -> dict:
     """Peak bytes per rank of one optimizer step at micro-batch `batch` x `seq_len`, and its parts."""
-    act_elem = 2 if cuda else 4
+    half = half_precision(cfg, cuda)
+    act_elem = 2 if half else 4
     d, V, tokens = cfg.model.d_model, cfg.model.vocab_size, batch * seq_len
     per_layer = [layer.activation_bytes(batch, seq_len, act_elem) for layer in model.layers]
     grads_layer = [4 * sum(p.numel() for p in layer.parameters() if p.requires_grad) // st.shard
@@ -193,7 +211,7 @@ def train_peak(model, st: Static, cfg, batch: int, seq_len: int, checkpoint: boo
     head = tokens * ((2 * d + 1) * 4 + d * act_elem)  # the final RMSNorm, like a Block's norms
     act = sum(kept) + head
     teacher = st.teacher_model
-    logits_fwd, logits_bwd = logits_bytes(head_tokens(cfg, batch, seq_len), V, d, cfg.model.loss_chunk, cuda,
+    logits_fwd, logits_bwd = logits_bytes(head_tokens(cfg, batch, seq_len), V, d, cfg.model.loss_chunk, half,
                                           distill=teacher is not None)
     accum = cfg.train.grad_accum > 1
     base = st.weights + st.optimizer + st.autocast_weights + st.ddp_buckets + st.teacher
@@ -288,7 +306,7 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
                 "saved_bytes": full.gradients + full.optimizer - st.gradients - st.optimizer}
     out = {"arch": cfg.arch, "params": st.params, "params_non_embedding": st.params_non_embedding,
            "params_active": model.num_params(active=True),
-           "device": "cuda (bf16 autocast)" if cuda else "cpu (fp32)", "world": world,
+           "device": precision_label(cfg, cuda, gpu_name), "world": world,
            "parallel": cfg.train.parallel if world > 1 else None, "optimizer": cfg.optim.name,
            "static_bytes": st.bytes(), "lora": lora, "phases": [],
            "kernels": cfg.model.kernel_routing(device, sized[-1].phase.seq_len)}
@@ -312,7 +330,8 @@ def estimate(cfg, device: str = "cpu", world: int = 1, mem: Optional[int] = None
     total_flops = sum(p["flops_per_token"] * p["tokens_per_step"] * p["steps"] for p in out["phases"])
     tokens = sum(p["tokens_per_step"] * p["steps"] for p in out["phases"])
     if peak_flops is not None:
-        peak_desc = gpu_peak_source(gpu_name)
+        peak_desc = gpu_peak_source(gpu_name) + (f"; {FP32_ON_GPU}" if cuda and not half_precision(cfg, cuda)
+                                                 else "")
     elif not cuda:  # a CPU run: what this machine's matmuls reach, as the trainer's MFU uses
         peak_flops, peak_desc = measured_peak("cpu")
     out["throughput"] = None  # a GPU of unknown kind: --gpu NAME gives times
@@ -399,7 +418,7 @@ def report(est: dict) -> str:
              f"per device, every phase: weights {_b(s['weights'])}  gradients {_b(s['gradients'])}  "
              f"optimizer ({est['optimizer']}) {_b(s['optimizer'])}"
              + (f"  DDP buckets {_b(s['ddp_buckets'])}" if s["ddp_buckets"] else "")
-             + (f"  autocast bf16 weights {_b(s['autocast_weights'])}" if s["autocast_weights"] else "")
+             + (f"  autocast weight copies {_b(s['autocast_weights'])}" if s["autocast_weights"] else "")
              + f"  optimizer-step scratch {_b(s['opt_transient'])}"
              + (f"  teacher weights {_b(s['teacher'])}" if s["teacher"] else "")]
     if est.get("lora"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import data as data_mod
-from .runtime import autocast
+from .precision import autocast
 
 
 def token_byte_lengths(tok) -> torch.Tensor:
@@ -41,7 +41,7 @@ def evaluate(model, tokens, cfg, device, byte_lengths, max_tokens=None, seq_len=
     was_training = model.training
     model.eval()
     out = score(model, data_mod.iter_eval_batches(tokens, batch_size, seq_len, max_tokens), device, byte_lengths,
-                nll_fn)
+                nll_fn, precision=cfg.train.precision)
     model.train(was_training)
     if not out:
         return {}
@@ -51,9 +51,10 @@ def evaluate(model, tokens, cfg, device, byte_lengths, max_tokens=None, seq_len=
 
 
 @torch.no_grad()
-def score(model, batches, device, byte_lengths, nll_fn=None, ignore_index: int | None = None) -> dict:
+def score(model, batches, device, byte_lengths, nll_fn=None, ignore_index: int | None = None,
+          precision: str = "auto") -> dict:
     """val_loss (nats/token), val_bpb and val_tokens over the targets of `batches` ((x, y) pairs)
-    under autocast(device), leaving out targets equal to ignore_index (SFT's prompt and padding
+    under the run's autocast (train.precision), leaving out targets equal to ignore_index (SFT's prompt and padding
     positions); {} when nothing is scored."""
     device = torch.device(device)
     nll, n_tok, n_bytes = 0.0, 0, 0.0
@@ -61,7 +62,7 @@ def score(model, batches, device, byte_lengths, nll_fn=None, ignore_index: int |
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         keep = torch.ones_like(y, dtype=torch.bool) if ignore_index is None else y != ignore_index
-        with autocast(device):
+        with autocast(device, precision):
             losses = (nll_fn or model.token_nll)(x, y.where(keep, 0), generator=gen)
         nll += losses.double().where(keep, 0.0).sum().item()
         scored = y[keep].cpu()

@@ -27,20 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError, DataError, SlmlabError
-from .runtime import autocast
-
-PRECISIONS = ("auto", "fp32", "bf16")
+from .precision import autocast, resolve_precision
 
 
 def precision(device, dtype: str = "auto"):
     """The autocast context every scorer runs its forward in, ours and transformers' alike, so a paired
-    difference never mixes precisions: auto = the trainer's (bf16 on CUDA, fp32 on CPU), fp32 = no
-    autocast, bf16 = bf16 autocast on any device (slower than fp32 on most CPUs)."""
-    if dtype == "auto":
-        return autocast(device)
-    if dtype not in PRECISIONS:
-        raise ConfigError(f"--dtype must be one of {', '.join(PRECISIONS)}, got {dtype!r}")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    difference never mixes precisions: auto = the trainer's default (bf16 on a CUDA GPU with bf16, fp16
+    on one without, fp32 on CPU), or fp32 / bf16 / fp16 on any device (slmlab/precision.py)."""
+    return autocast(device, resolve_precision(dtype, torch.device(device), "--dtype"))
 
 
 @dataclass
@@ -576,13 +570,14 @@ def load_task_items(specs: str, limit: int, say=None) -> dict:
     return out
 
 
-def task_metrics(model, tok, device, max_len: int, items: dict, batch_tokens: int = 16384) -> dict:
+def task_metrics(model, tok, device, max_len: int, items: dict, batch_tokens: int = 16384,
+                 dtype: str = "auto") -> dict:
     """{"task_NAME_METRIC": value} of `model` (in eval mode for the scoring) on each task's items:
-    acc and acc_norm for multiple choice, acc and ppl for completions."""
+    acc and acc_norm for multiple choice, acc and ppl for completions; dtype: the run's train.precision."""
     was_training = model.training
     model.eval()
     try:
-        scorer = scorer_for(model, tok, device, max_len, name="the run")
+        scorer = scorer_for(model, tok, device, max_len, name="the run", dtype=dtype)
         out = {}
         for name, its in items.items():
             m = evaluate_items(scorer, its, batch_tokens).metrics

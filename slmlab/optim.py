@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConfigError
+from .precision import native_bf16
 
 OPTIMIZERS = ("muon", "adamw")
 MUON_ADJUST = ("original", "match_rms_adamw")
@@ -162,10 +163,13 @@ NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def fast_ns_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA; on CPU whichever of fp32 / bf16 multiplies faster here. CPUs differ: on
-    this project's AVX-512 machines without AMX bf16 matmul ran ~3.5x slower than fp32, on ones
-    with AMX (amx_bf16) a 256x704 NS step ran ~5x faster in bf16 (64 ms vs 14 ms for 18 matrices)."""
-    return torch.bfloat16 if device.type == "cuda" else _fast_cpu_dtype()
+    """bf16 on a CUDA GPU with bf16 tensor cores (fp32 on one without, T4 / V100: bf16 is emulated
+    there); on CPU whichever of fp32 / bf16 multiplies faster here. CPUs differ: on this project's
+    AVX-512 machines without AMX bf16 matmul ran ~3.5x slower than fp32, on ones with AMX (amx_bf16)
+    a 256x704 NS step ran ~5x faster in bf16 (64 ms vs 14 ms for 18 matrices)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    return _fast_cpu_dtype()
 
 
 @functools.cache  # probed once per process

@@ -1,4 +1,4 @@
-"""Where training runs: the device, autocast, distributed ranks and their parallel wrapper, the
+"""Where training runs: the device, distributed ranks and their parallel wrapper, the
 peak FLOP/s that MFU is measured against, and the RNG state an exact resume needs. Shared by the
 trainer, sample.py, the exporters and the benches."""
 from __future__ import annotations
@@ -152,16 +152,6 @@ def use_compile(setting, device: torch.device) -> bool:
     return bool(setting)
 
 
-def autocast(device):
-    """bf16 autocast on CUDA; fp32 on CPU, on every CPU. Measured on this project's 2-core AVX-512
-    machines without AMX: bf16 matmul ran ~3.5x slower than fp32. CPUs with AMX (amx_bf16) are faster
-    in bf16 (slmlab/optim.py fast_ns_dtype probes for that, for Muon's Newton-Schulz only), but
-    training stays fp32 there too: the dry run sizes a CPU run as fp32 and tests/golden's trace is fp32."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
 # ---- distributed ----
 class Dist:
     """Rank/world from torchrun's environment; world 1 means a plain single-process run."""
@@ -239,8 +229,8 @@ class GPUSpec(NamedTuple):
 
 # Keys are matched against torch.cuda.get_device_name, the longest contained one winning ("NVIDIA H100
 # PCIe" is the PCIe card, not the SXM one; "NVIDIA L40S" not an L4). V100 and T4 have no bf16 tensor
-# cores: their figure is the fp16 one, and training's bf16 autocast cannot use those tensor cores, so
-# MFU reads low.
+# cores: their figure is the fp16 one, which train.precision=auto trains in there (an explicit bf16
+# cannot use those tensor cores, and its MFU reads low).
 GPUS = {"H200": GPUSpec(989e12, 141), "H100": GPUSpec(989e12, 80), "H100 PCIe": GPUSpec(756e12, 80),
         "H100 NVL": GPUSpec(835e12, 94), "A100": GPUSpec(312e12, 80), "L40S": GPUSpec(362e12, 48),
         "L40": GPUSpec(181e12, 48), "A10G": GPUSpec(125e12, 24), "L4": GPUSpec(121e12, 24),
@@ -253,7 +243,7 @@ def gpu_peak_source(key: str, name: Optional[str] = None) -> str:
     spec = GPUS[key]
     label = f"{name or key} dense {spec.peak_dtype} datasheet peak"
     if spec.peak_dtype != "bf16":
-        label += " (it has no bf16 tensor cores: bf16 training runs below this, so MFU reads low)"
+        label += " (it has no bf16 tensor cores: train.precision auto trains in fp16 there; bf16 runs below this)"
     return label
 
 

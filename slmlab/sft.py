@@ -405,10 +405,11 @@ class SFTBatches:
         set_rng_state(state["rng"], self.gen)
 
 
-def masked_val_loss(model, examples: list, pad_id: int, seq_len: int, batch_size: int, device, byte_lengths) -> dict:
+def masked_val_loss(model, examples: list, pad_id: int, seq_len: int, batch_size: int, device, byte_lengths,
+                    precision: str = "auto") -> dict:
     """evaluate.score over the reply tokens of `examples`; DataError when none is within seq_len."""
     batches = (pad_batch(examples[i:i + batch_size], seq_len, pad_id) for i in range(0, len(examples), batch_size))
-    out = score(model, batches, device, byte_lengths, ignore_index=IGNORE)
+    out = score(model, batches, device, byte_lengths, ignore_index=IGNORE, precision=precision)
     if not out:  # a mean over nothing would read as a perfect 0.0
         raise DataError(f"no reply token within the first {seq_len} tokens of the {len(examples)} held-out "
                         f"example(s): no validation loss to report")
@@ -504,7 +505,7 @@ class SFTTrainer(Trainer):
         model.eval()
         with root_gathered(model):  # token_nll is not forward (see Trainer.evaluate)
             out = masked_val_loss(model, self.sft.val, self.pad_id, self.eval_T, self.eval_B, self.device,
-                                  self.byte_lengths)
+                                  self.byte_lengths, self.t.precision)
         out.update(exact_match(model, self.sft.template, self.sft.val_messages[:self.t.sft_eval_examples], self.device))
         out.update(model.extra_metrics())  # as the pretraining eval logs them: MoE loads, spike rates
         model.train(was_training)

@@ -36,13 +36,13 @@ from .harness import load_task_items, task_label, task_metrics
 from .init_from import base_vocab, init_model
 from .optim import build_optimizer
 from .phases import eval_shape, lr_mult, phase_at, phase_windows, resolve_phases, warmup_note
+from .precision import FP32_ON_GPU, LossScale, autocast, describe_precision, resolve_precision
 from .preflight import check_inputs
 from .progress import Progress
 from .rundir import AVG_WEIGHTS, CONFIG, METRICS, SAMPLE, SUMMARY, RunDir, RunLock, model_from_config, read_metrics
 from .runtime import (
     CompiledOrEager,
     Dist,
-    autocast,
     is_sharded,
     peak_flops,
     rng_state,
@@ -154,6 +154,7 @@ class StepResult:
     tokens: int
     seconds: float
     stop: bool = False  # a rank caught Ctrl-C / SIGTERM by the end of this step's collective
+    loss_scale: float = 1.0  # fp16: what this step's loss was multiplied by (LossScale)
 
 
 class MetricsLog:
@@ -329,6 +330,8 @@ class Trainer:
         self.run = RunDir(out)
         torch.manual_seed(self.t.seed)
         self.device = self.dist.device(self.t.device)
+        self.precision = resolve_precision(self.t.precision, self.device)
+        self.loss_scale = LossScale(self.precision == "fp16")
         check_inputs(cfg, self.device.type, resuming=resume)
         self.say = print if self.dist.main else (lambda *a, **k: None)
         if self.t.lora.r:  # the adapter run names its base by an absolute path, so it loads from anywhere
@@ -357,6 +360,8 @@ class Trainer:
             RunDir.create(out, force)
         self.open_run_dir(saved)
         self.peak, peak_desc = peak_flops(self.device)
+        if self.device.type == "cuda" and self.precision == "fp32":
+            peak_desc += f"; {FP32_ON_GPU}"
         self.say(f"MFU peak: {self.peak / 1e12:.3f} TFLOP/s ({peak_desc})")
 
     # ---- set-up ----
@@ -503,7 +508,7 @@ class Trainer:
         self.say(f"model: {self.cfg.arch}  layers {self.cfg.model.layer_letters()}  "
                  f"{self.n_params / 1e6:.2f}M params ({model.num_params(exclude_embedding=True) / 1e6:.2f}M "
                  f"non-embedding{active})  {self.fpt / 1e6:.1f} MFLOP/token at {self.phases[-1].seq_len}  device "
-                 f"{self.device}" + (f"  {world} ranks ({self.t.parallel})" if world > 1 else ""))
+                 f"{self.device} ({describe_precision(self.precision, self.device)})" + (f"  {world} ranks ({self.t.parallel})" if world > 1 else ""))
         for ph in self.phases:
             self.say("  " + ph.describe() + f"  batch {ph.batch_size(self.t.grad_accum, world) * world}")
         if (note := warmup_note(self.t)) is not None:
@@ -545,6 +550,8 @@ class Trainer:
         for group, hyper in zip(self.opt.param_groups, configured):
             group.update(hyper)
         self.batches.load_state_dict(saved, self.phases)  # data position and every RNG
+        if self.loss_scale.enabled and "loss_scale" in saved:  # (a run switched to fp16 starts a fresh scale)
+            self.loss_scale.load_state_dict(saved["loss_scale"])
         problem = restore_pending_stats(self.model, saved["moe_stats"]) if "moe_stats" in saved else None
         if problem:  # (a checkpoint from before they were saved has none: the loads restart)
             raise CheckpointError(f"{ckpt / 'state.pt'}: {problem}")
@@ -695,40 +702,48 @@ class Trainer:
         loss_sum, ce_sum, stop, tok = dist.mean(*sums.tolist(), float(self.stop_signal is not None), float(n_tok))
         # grad_clip 0 = no clipping: max_norm 0 would scale every gradient to zero. An infinite bound still
         # measures the norm for the log, through the same DTensor-aware call under FSDP.
+        self.loss_scale.unscale_(self.model.parameters())
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
         gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
         stepped = math.isfinite(loss_sum) and math.isfinite(gnorm)
+        overflow = not stepped and self.loss_scale.overflowed(loss_sum, gnorm)
         if stepped:
             self.opt.step()
             self.state.bad_steps = 0
+        elif overflow:
+            self.progress.write(f"step {step}: fp16 gradients overflowed at loss scale {self.loss_scale.scale:g}; "
+                                f"update skipped, scale halved")
         else:
             self.skip_bad_step(step, loss_sum, gnorm)
+        used_scale = self.loss_scale.scale
+        self.loss_scale.update(overflow)
         # e.g. MoE expert biases (arch/moe.py). A LoRA run moves none: they are the base's, as its frozen
         # weights are, and its files hold adapters only (a moved bias would be lost on resume and merge).
         self.model.after_optimizer_step(stepped and not self.t.lora.r)
         self.opt.zero_grad(set_to_none=True)
         step_tokens = round(tok * dist.world)  # every rank's: SFT ranks pad their batches to different lengths
         self.state.step, self.state.tokens = step, self.state.tokens + step_tokens
-        return StepResult(loss_sum, ce_sum, gnorm, mult, step_tokens, time.time() - t0, stop > 0)
+        return StepResult(loss_sum, ce_sum, gnorm, mult, step_tokens, time.time() - t0, stop > 0, used_scale)
 
     def accumulate(self, micro: list):
         """Forward and backward of the step's micro-batches, gradients summed (synchronised across
         ranks on the last one); returns (loss, ce) averaged, on the device."""
         sums = torch.zeros(2, device=self.device)
-        scales = self.micro_scales(micro)
+        scales, loss_scale = self.micro_scales(micro), self.loss_scale.scale
         for i, (x, y) in enumerate(micro):
             sync = i == len(micro) - 1 or not hasattr(self.fwd, "no_sync")
             if scales is not None and scales[i] == 0:  # no scored token: its mean would be 0/0
                 y = y.clone()
                 y.view(-1)[0] = 0  # one, at weight 0: the forward and backward still run, as DDP expects of a rank
-            with (torch.enable_grad() if sync else self.fwd.no_sync()), autocast(self.device):
+            with (torch.enable_grad() if sync else self.fwd.no_sync()), autocast(self.device, self.precision):
                 loss, ce = self.compute_loss(x, y)
             both = torch.stack([loss.detach(), ce.detach()]).float()
+            # (loss_scale is 1 but under fp16: the unscaled runs' arithmetic is unchanged, bit for bit)
             if scales is None:
-                (loss / len(micro)).backward()
+                (loss / len(micro) * loss_scale).backward()
                 sums += both / len(micro)
             else:
-                (loss * scales[i]).backward()
+                (loss * scales[i] * loss_scale).backward()
                 sums += both * scales[i]
         return sums
 
@@ -787,6 +802,8 @@ class Trainer:
                "elapsed_s": self.state.train_time()}
         if self.teacher is not None:
             rec["ce"] = res.ce
+        if self.loss_scale.enabled:
+            rec["loss_scale"] = res.loss_scale
         return rec
 
     def evaluate(self, max_tokens: int | None, model=None) -> dict:
@@ -802,7 +819,7 @@ class Trainer:
         Every rank scores (an FSDP forward is collective); under root_gathered, as token_nll."""
         if not self.task_items:
             return {}
-        return task_metrics(model, self.tok, self.device, self.eval_T, self.task_items)
+        return task_metrics(model, self.tok, self.device, self.eval_T, self.task_items, dtype=self.t.precision)
 
     def checkpoint(self, step: int, ph, scheduled: bool = True):
         sd = weights_for_save(self.model)  # collective under FSDP: every rank calls it
@@ -813,6 +830,8 @@ class Trainer:
               **self.batches.state_dict(), "metrics_offset": self.metrics.offset(), "bad_steps": s.bad_steps,
               "moe_stats": pending_stats(self.model),
               "train_time": s.train_time(), "wall_time": s.wall_time(), "world": self.dist.world, "wandb_id": self.metrics.wandb_id}
+        if self.loss_scale.enabled:
+            st["loss_scale"] = self.loss_scale.state_dict()
         self.run.save_checkpoint(step, sd, st, self.t.keep_checkpoints, scheduled)
 
     # ---- the end ----
@@ -836,7 +855,8 @@ class Trainer:
                    "tokens_per_s": self.state.tokens / max(train_time, 1e-9), "optimizer": self.cfg.optim.name,
                    "phases": [{"seq_len": p.seq_len, "steps": p.steps, "tokens_per_step": p.tokens_per_step}
                               for p in self.phases], "world_size": self.dist.world, **final, **avg,
-                   **self.baselines(), **data_mod.text_identity(self.bundle), "device": str(self.device)}
+                   **self.baselines(), **data_mod.text_identity(self.bundle), "device": str(self.device),
+                   "precision": self.precision}
         if self.dist.main:
             self.run.write_weights(sd, metadata={"arch": self.cfg.arch})
             self.run.write_summary(summary)

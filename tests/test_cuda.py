@@ -1,9 +1,10 @@
 """What only runs on a CUDA GPU: CUDA-graph decode, bf16 autocast training through the Triton
-kernels (eager and compiled; a MoE's too), Muon's bf16 Newton-Schulz, fused AdamW, and the memory estimate
-against the CUDA allocator.
+kernels (eager and compiled; a MoE's too), the trainer in each train.precision (fp16's loss scaling),
+Muon's bf16 Newton-Schulz, fused AdamW, and the memory estimate against the CUDA allocator.
 Skipped without CUDA (CI), except the CPU smoke run of bench/gpu.py; `bench/gpu_check.sh` runs them on
 a lent GPU. The Triton kernels'
 own tests (tests/test_kernels.py) also compile for the GPU when one is present."""
+import math
 import os
 
 import pytest
@@ -13,7 +14,7 @@ import arch.model as model_mod
 from arch import LM, ModelConfig, build_model
 from slmlab.config import load_config
 from slmlab.optim import build_optimizer
-from slmlab.runtime import autocast
+from slmlab.precision import autocast
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEV = torch.device("cuda")
@@ -68,6 +69,21 @@ def test_bf16_training_on_cuda_learns(arch_name, extra):
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.5 * losses[0], losses
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
+def test_the_trainer_learns_on_cuda_in_each_precision(tmp_path, precision, capsys):
+    from trainer_helpers import losses, tiny_overrides, write_corpus
+
+    import train
+    from slmlab.cli import run_cli
+
+    corpus = write_corpus(tmp_path / "c.txt")
+    ov = tiny_overrides(tmp_path, steps=30, **{"train.device": "cuda", "train.precision": precision})
+    assert run_cli(train.main, ["--data", str(corpus), "--out", str(tmp_path / "run"), *ov]) == 0
+    got = losses(tmp_path / "run")
+    assert all(map(math.isfinite, got.values())) and got[30] < got[1] - 1.0, got
 
 
 @needs_cuda

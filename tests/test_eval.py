@@ -526,12 +526,15 @@ def test_every_model_scores_in_the_same_precision(tiny, monkeypatch):
     pairs = [("the cat", " sat on the mat"), ("a dog", " ran in the park")]
     fp32 = harness.score_pairs(harness.scorer_for(model, tok, "cpu", 64, dtype="fp32"), pairs)
     bf16 = harness.score_pairs(harness.scorer_for(model, tok, "cpu", 64, dtype="bf16"), pairs)
+    fp16 = harness.score_pairs(harness.scorer_for(model, tok, "cpu", 64, dtype="fp16"), pairs)
     auto = harness.score_pairs(harness.scorer_for(model, tok, "cpu", 64), pairs)
     assert [a.logprob for a in auto] == [a.logprob for a in fp32]  # auto is fp32 on CPU
-    for a, b in zip(fp32, bf16):
+    for a, b, c in zip(fp32, bf16, fp16):
         assert a.logprob != b.logprob and abs(a.logprob - b.logprob) < 0.05 * abs(a.logprob)
+        assert a.logprob != c.logprob and abs(a.logprob - c.logprob) < 0.01 * abs(a.logprob)
     seen = []
-    monkeypatch.setattr(harness, "autocast", lambda device: seen.append(device) or torch.autocast("cpu", enabled=False))
+    monkeypatch.setattr(harness, "autocast", lambda device, precision: seen.append(device)
+                        or torch.autocast("cpu", enabled=False))
     harness.score_pairs(harness.scorer_for(model, tok, "cpu", 64), pairs[:1])
     assert seen, "--dtype auto takes the trainer's autocast"
 

@@ -78,6 +78,7 @@ def test_kill_during_checkpoint_write_leaves_previous_loadable(tmp_path):
     (lambda st: st.update(metrics_offset=-1), "'metrics_offset' is -1"),
     (lambda st: st.update(wall_time=math.nan), "'wall_time' is nan, expected a number >= 0"),
     (lambda st: st.update(streams={"x": 1}), "'streams' entry 'x'"),
+    (lambda st: st.update(loss_scale={"scale": math.inf, "good_steps": 0}), "'loss_scale' scale is inf"),
 ])
 def test_resume_from_a_malformed_state_is_refused_before_anything_changes(tmp_path, mutate, needle, capsys):
     import torch

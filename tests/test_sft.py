@@ -394,7 +394,8 @@ def test_a_prompt_is_completed_after_its_last_message(base, tmp_path):
 
 
 def test_sft_evaluation_runs_under_autocast_as_pretraining_does(base, monkeypatch):
-    """SFT's validation loss had its own loop, without autocast: fp32 on CUDA where pretraining's is bf16."""
+    """SFT's validation loss had its own loop, without autocast: fp32 on CUDA where pretraining's is bf16.
+    It takes the run's train.precision, as pretraining's evaluation does."""
     import contextlib
 
     from slmlab import evaluate
@@ -402,11 +403,12 @@ def test_sft_evaluation_runs_under_autocast_as_pretraining_does(base, monkeypatc
     from slmlab.sft import masked_val_loss
 
     seen = []
-    monkeypatch.setattr(evaluate, "autocast", lambda device: seen.append(device.type) or contextlib.nullcontext())
+    monkeypatch.setattr(evaluate, "autocast", lambda device, precision: seen.append((device.type, precision))
+                        or contextlib.nullcontext())
     _, model, tok = RunDir.open(base).load()
     ex = ChatTemplate(CHATML, tok).encode(TURNS[:2])
-    masked_val_loss(model, ex, tok.pad_id, 96, 4, "cpu", torch.ones(300, dtype=torch.float64))
-    assert seen == ["cpu"]
+    masked_val_loss(model, ex, tok.pad_id, 96, 4, "cpu", torch.ones(300, dtype=torch.float64), "fp16")
+    assert seen == [("cpu", "fp16")]
 
 
 def test_hf_traces_from_a_folder_transformers_cannot_load_are_one_line(tmp_path):
