@@ -22,13 +22,18 @@ def main():
     p.add_argument("--out", default="runs/family_compare")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--only", default=None, help="comma list of rows to run (others are read from --out); "
+    p.add_argument("--only", default=None, help="comma list of rows to run (others are read from --out): "
+                   "transformer, hybrid, spiking, diffusion, hybrid_to_diffusion (or hybrid→diffusion); "
                    "'none' just prints the table")
     p.add_argument("overrides", nargs="*", help="extra section.key=value overrides for every run")
     args = p.parse_args()
 
+    from arch.registry import LETTERS
     from slmlab.config import load_config
+    from slmlab.rundir import RunDir
     from slmlab.trainer import train
+
+    letter = {name: ch for ch, name in LETTERS.items()}
 
     # train.phases=[]: the table was measured at one stage of seq_len 128 (before phases existed); with the
     # default phases, train.seq_len and train.batch_size are not read (slmlab/unused.py says so).
@@ -44,27 +49,42 @@ def main():
         ("diffusion", "diffusion", [], "MDLM"),
         ("hybrid→diffusion", "diffusion", [f"train.init_from={out / 'hybrid'}"], "MDLM (init: hybrid AR)"),
     ]
-    only = set(args.only.split(",")) if args.only else None
+    dirs = {name: name.replace("→", "_to_") for name, *_ in rows}
+    only = None
+    if args.only:  # a row's name or its run directory's (hybrid_to_diffusion: no arrow to type)
+        only = {next((n for n, d in dirs.items() if w in (n, d)), w) for w in args.only.split(",") if w != "none"}
+        if only - set(dirs):
+            p.error(f"--only: unknown rows {', '.join(sorted(only - set(dirs)))}; rows: {', '.join(dirs.values())}")
     results = []
     for name, preset, extra, obj in rows:
-        run_dir = out / name.replace("→", "_to_")
+        run_dir = out / dirs[name]
         if only is None or name in only:
             cfg = load_config(arch=preset, overrides=common + extra)
             train(cfg, run_dir, force=True)
         if (run_dir / "summary.json").exists():  # rows neither run now nor before are left out
-            results.append((name, obj, json.loads((run_dir / "summary.json").read_text())))
+            results.append((name, obj, json.loads((run_dir / "summary.json").read_text()), RunDir(run_dir).config()))
+    if not results:
+        sys.exit(f"no finished runs in {out}: nothing to print")
 
-    print(f"\n{args.steps} steps x {args.batch_size * 128} tokens, d_model 128, 6 layers, vocab 1024, seq_len 128, data {args.data}\n")
+    def shape(s, c):  # what a row was trained with, read from its run (rows read from --out may differ from the flags)
+        return (f"{s['steps']} steps x {c.train.batch_size * c.train.seq_len} tokens, d_model {c.model.d_model}, "
+                f"{c.model.n_layers} layers, vocab {c.model.vocab_size}, seq_len {c.train.seq_len}, data {c.data.spec}")
+
+    shapes = {shape(s, c) for _, _, s, c in results}
+    print(f"\n{shapes.pop()}" if len(shapes) == 1 else "\nrows trained differently:\n"
+          + "\n".join(f"  {name}: {shape(s, c)}" for name, _, s, c in results), end="\n\n")
     print("| model | objective | layers | params | val bpb | tokens/s | spike rate (mean) | energy vs dense |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, obj, s in results:
+    for name, obj, s, c in results:
         bpb = f"≤ {s['val_bpb']:.3f} (bound)" if s.get("val_bpb_is_bound") else f"{s['val_bpb']:.3f}"
         rate = f"{s['spike_rate_mean']:.3f}" if "spike_rate_mean" in s else "–"
         energy = f"{s['energy_vs_dense']:.2f}" if "energy_vs_dense" in s else "–"
-        layers = {"transformer": "AAAAAA", "hybrid": "CCACCA", "spiking": "LLALLA (+LIF MLP)"}.get(name, "CCACCA (bidir.)")
+        layers = "".join(letter.get(t, "?") for t in c.model.layer_types())
+        layers += " (+LIF MLP)" if c.model.mlp == "lif" else ""
+        layers += "" if c.model.causal else " (bidir.)"
         print(f"| {name} | {obj} | {layers} | {s['params'] / 1e6:.2f}M | {bpb} | {s['tokens_per_s']:,.0f} | {rate} | {energy} |")
     print(f"\ngzip -9: {results[0][2]['gzip_bpb']:.3f} bpb, xz -9: {results[0][2]['xz_bpb']:.3f} bpb on the same validation split")
-    for name, _, s in results:
+    for name, _, s, _ in results:
         rates = {k.split(".", 1)[1]: round(v, 3) for k, v in s.items() if k.startswith("spike_rate.")}
         if rates:
             print(f"{name} spike rates per layer: {rates}")
