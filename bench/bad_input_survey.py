@@ -6,6 +6,7 @@ hangs (60 s) and lost files. The test suite covers each case; this prints them a
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # slmlab.tokenizer, imported below (`python bench/...` puts bench/ on the path, not ROOT)
 TINY = ["model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1", "model.n_layers=3", "model.vocab_size=300",
         "train.batch_size=4", "train.seq_len=32", "train.eval_every=100", "train.eval_tokens=512", "train.phases=[]",
         "train.warmup_steps=1", "train.sample_tokens=4", "logging.progress=false", "train.ckpt_every=2"]
@@ -32,7 +34,8 @@ def run(tool: str, *args, timeout: int = 60, env=None) -> tuple[str, str]:
     return f"{p.returncode}{' TRACEBACK' if tb else ''}", first[:200]
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="survey-"))
     corpus = tmp / "c.txt"
     corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 17}\n" for i in range(4000)))
