@@ -291,13 +291,14 @@ def read_yaml(path) -> dict:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
     try:
         # Aliases are refused: a few hundred bytes of nested aliases expand to gigabytes.
-        if any(isinstance(tok, yaml.AliasToken) for tok in yaml.scan(text)):
-            raise ConfigError(f"config file {path} uses YAML aliases (*name); write the values out instead")
-        data = load_yaml(text) or {}
+        aliased = any(isinstance(tok, yaml.AliasToken) for tok in yaml.scan(text))
+        data = {} if aliased else load_yaml(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    except ConfigError as e:
+    except ConfigError as e:  # load_yaml's own (a duplicate key), which does not name the file
         raise ConfigError(f"config file {path}: {e}") from None
+    if aliased:  # raised here, not in the try, whose ConfigError handler would prefix the path twice
+        raise ConfigError(f"config file {path} uses YAML aliases (*name); write the values out instead")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping")
     return data
