@@ -8,6 +8,7 @@ for the token mixer's and the spiking MLP's shapes, and the share of a full spik
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -43,7 +44,8 @@ def scan_time(fn, shape):
     return cpu_time(step)
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     torch.set_num_threads(1)
     B, T, d = 16, 256, 128
     cfg = dict(vocab_size=1024, d_model=d, n_layers=6, n_heads=4, n_kv_heads=2)
