@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from slmlab.config import load_config  # noqa: E402
+from slmlab.errors import SlmlabError  # noqa: E402
+from slmlab.rundir import RunDir  # noqa: E402
 from slmlab.trainer import train  # noqa: E402
 
 DATA = ROOT.parent / "shared/data/tinyshakespeare.txt"
@@ -41,13 +43,25 @@ def base(args, extra=()):
             f"data.cache_dir={args.out}/cache", *extra]
 
 
+def cached(out: Path, cfg, rerun: bool, name: str) -> bool:
+    """A finished run in `out` trained with exactly `cfg` (a run left by other flags, say an earlier --steps or
+    --layers, is retrained, not reported as this one)."""
+    if rerun or not (out / "summary.json").is_file():
+        return False
+    try:
+        same = RunDir(out).config() == cfg
+    except SlmlabError:
+        same = False
+    print(f"[{name}] cached" if same else f"[{name}] {out} was trained with other settings: retraining", flush=True)
+    return same
+
+
 def run(args, name, overrides):
     out = Path(args.out) / name
-    if (out / "summary.json").is_file() and not args.rerun:
-        print(f"[{name}] cached")
-    else:
+    cfg = load_config(arch="hybrid", overrides=overrides)
+    if not cached(out, cfg, args.rerun, name):
         print(f"[{name}] training ...", flush=True)
-        train(load_config(arch="hybrid", overrides=overrides), out, force=True)
+        train(cfg, out, force=True)
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     curve = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
     return {"name": name, "curve": curve, **json.loads((out / "summary.json").read_text())}
@@ -147,11 +161,12 @@ def default_experiment(args):
     procs, outs = {}, {}
     for opt in ("adamw", "muon"):
         outs[opt] = Path(args.out) / f"default_{args.default_arch}_{opt}"
-        if (outs[opt] / "summary.json").is_file() and not args.rerun:
+        overrides = [f"optim.name={opt}", f"train.eval_every={args.default_eval_every}", "train.sample_tokens=0",
+                     "logging.progress=false"]
+        if cached(outs[opt], load_config(arch=args.default_arch, overrides=overrides), args.rerun, f"default {opt}"):
             continue
         cmd = [sys.executable, str(ROOT / "train.py"), "--arch", args.default_arch, "--out", str(outs[opt]),
-               "--force", f"optim.name={opt}", f"train.eval_every={args.default_eval_every}",
-               "train.sample_tokens=0", "logging.progress=false"]
+               "--force", *overrides]
         print(f"[default {opt}] {' '.join(cmd[1:])}", flush=True)
         procs[opt] = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     for opt, proc in procs.items():
@@ -183,13 +198,13 @@ def default_experiment(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(DATA))
+    p.add_argument("--data", default=str(DATA), help="optim and phases (default: train.py's own data and steps)")
     p.add_argument("--out", default="runs/bench_optim")
     p.add_argument("--only", choices=["optim", "phases", "default"], default=None)
     p.add_argument("--default-arch", default="transformer", help="default experiment: the preset to train")
     p.add_argument("--default-eval-every", type=int, default=40, help="default experiment: steps between evals")
-    p.add_argument("--layers", default="CCA")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--layers", default="CCA", help="optim and phases: the layer pattern")
+    p.add_argument("--steps", type=int, default=200, help="optim experiment: steps per run")
     p.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     p.add_argument("--muon-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     p.add_argument("--phase-steps", type=int, default=150)
@@ -197,7 +212,7 @@ def main():
     p.add_argument("--phase-lr", type=float, default=3e-3)
     p.add_argument("--rerun", action="store_true", help="retrain runs already in --out")
     args = p.parse_args()
-    if not Path(args.data).is_file():
+    if args.only != "default" and not Path(args.data).is_file():
         sys.exit(f"data not found: {args.data}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     t0 = time.time()
