@@ -174,6 +174,20 @@ def test_gpu_bench_python_runs_on_cpu_at_a_tiny_size(monkeypatch, capsys):
     assert sum(ln.startswith("| transformer |") for ln in band.splitlines()) == 7, band  # 3 eager, flex x2, compiled, HF
 
 
+def test_decode_rate_is_nan_when_noise_inverts_the_timings():
+    """bench/speed.py's decode_rates (bench/gpu.py's too): t_n <= t_1 gives no rate, not (n - 1) / 1e-9."""
+    import importlib.util
+    import math
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("speed_bench", Path(__file__).resolve().parents[1] / "bench" / "speed.py")
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    rates = speed.decode_rates({"noisy": lambda k: 0.5 if k == 1 else 0.4, "fine": lambda k: 0.1 * k}, 5, 1,
+                               timed=lambda fn: fn())
+    assert math.isnan(rates["noisy"]) and rates["fine"] == pytest.approx(10.0)
+
+
 def test_gpu_check_script_keeps_its_budget_and_names_its_steps(tmp_path):
     """bench/gpu_check.sh's shell runs here: an unknown step is refused; a spent budget skips a step
     with a line instead of starting it, and the summary is still written."""
