@@ -307,8 +307,32 @@ def test_a_run_stopped_inside_a_quality_ordered_phase_resumes_exactly(tmp_path, 
     ctrl_c_once_at(monkeypatch, 7)
     assert run_cli(train.main, ["--data", str(corpus), "--out", str(run), *ov]) == 130
     assert run_cli(train.main, ["--resume", "--out", str(run)]) == 0
-    capsys.readouterr()
+    assert "placed again" not in capsys.readouterr().out  # the same phases: the saved cursor is where it was
     assert losses(run) == losses(tmp_path / "full")
+
+
+def test_a_quality_ordered_phase_resumed_with_more_steps_still_ends_on_its_best_text(tmp_path, monkeypatch, capsys):
+    """--resume with a new train.steps lays the phases out anew: the stream is placed again from the tokens
+    its phase has left (not left at the saved cursor), so the last batch still ends on the best text."""
+    import train
+    from slmlab.cli import run_cli
+    from slmlab.curriculum import OrderedStream
+
+    corpus = write_corpus(tmp_path / "c.txt")
+    run = tmp_path / "run"
+    ov = tiny_overrides(tmp_path, steps=4, **{
+        "train.ckpt_every": 2, "train.quality_score": "fn:unique_ratio",
+        "train.phases": "[{seq_len: 16, share: 0.5, tokens_per_step: 128}, "
+                        "{seq_len: 16, share: 0.5, tokens_per_step: 128, order: quality}]"})
+    assert run_cli(train.main, ["--data", str(corpus), "--out", str(run), *ov]) == 0
+    read = OrderedStream.next
+    last = []
+    monkeypatch.setattr(OrderedStream, "next", lambda s, *a: last.append(s) or read(s, *a))
+    capsys.readouterr()
+    assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "8"]) == 0  # phase 2: steps 5-8
+    assert "phase 2's quality-ordered stream is placed again for the 512 tokens" in capsys.readouterr().out
+    s = last[-1]
+    assert len(last) == 4 and s.cursor == len(s.index) - 1  # the last window's target was the stream's last token
 
 
 def test_a_second_signal_stops_at_once_and_without_checkpoints_nothing_is_resumable(tmp_path, monkeypatch, capsys):
