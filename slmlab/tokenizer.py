@@ -70,6 +70,13 @@ def _prepends(step: dict) -> bool:
     return scheme != "never" if scheme is not None else bool(step.get("add_prefix_space", True))
 
 
+def _cuttable(token: str) -> bool:
+    """Whether ``split_exact`` could cut inside an added token: it holds a newline that is not its last character
+    and has non-whitespace after it, and non-whitespace (or the text before the token) before it."""
+    return any(c == "\n" and j + 1 < len(token) and not token[j + 1].isspace()
+               and (j == 0 or not token[j - 1].isspace()) for j, c in enumerate(token))
+
+
 def split_exact(text: str, target_chars: int = 1 << 16, own_regex: bool = True) -> Iterator[str]:
     r"""Split ``text`` into pieces of roughly ``target_chars`` without changing its tokenization.
 
@@ -181,6 +188,12 @@ class Tokenizer:
                         f"it already encodes, as {len(self.encode(t))} tokens)")
         new = [t for t in dict.fromkeys(tokens) if tok.token_to_id(t) is None]
         tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in new])
+        for t in new:  # the decoder reads an added token's text as vocabulary symbols: ByteLevel's é is byte 0xE9
+            back = tok.decode([tok.token_to_id(t)], skip_special_tokens=False)
+            if back != t:
+                raise ConfigError(f"added token {t!r} would decode as {back!r}: this tokenizer's decoder reads its "
+                                  "characters as vocabulary symbols (byte-level ones such as é, ü, Ā stand for single "
+                                  "bytes); remove it from data.added_tokens or spell it without them")
         return Tokenizer(tok, self.specials)
 
     @property
@@ -196,6 +209,8 @@ class Tokenizer:
         would add once more."""
         spec = json.loads(self.to_json())
         steps = _pipeline_steps(spec.get("normalizer")) + _pipeline_steps(spec.get("pre_tokenizer"))
+        if any(_cuttable(t.content) for t in self._tok.get_added_tokens_decoder().values() if not t.special):
+            return False  # a cut after its newline would split the added token (data text never holds special ones)
         return not any(_prepends(s) for s in steps)
 
     @property

@@ -534,11 +534,11 @@ def test_added_tokens_count_their_utf8_bytes(tok, corpus):
     """bpb counts bytes: an added token that is not ASCII stands for more bytes than characters."""
     from slmlab.evaluate import token_byte_lengths
 
-    t = tok.with_added(["<think>", "日本語", "naïve"])
+    t = tok.with_added(["<think>", "日本語", "Ωμέγα"])  # (ï of naïve is a byte-level symbol: refused, below)
     lengths = token_byte_lengths(t)
-    for s in ("<think>", "日本語", "naïve"):
+    for s in ("<think>", "日本語", "Ωμέγα"):
         assert lengths[t.hf.token_to_id(s)] == len(s.encode())
-    text = corpus[:3000] + " 日本語 naïve <think> é\n"
+    text = corpus[:3000] + " 日本語 Ωμέγα naïve <think> é\n"
     assert lengths[torch.tensor(t.encode(text))].sum().item() == len(text.encode())
     assert lengths[[t.bos_id, t.eos_id, t.pad_id, t.mask_id]].sum().item() == 0
 
@@ -677,6 +677,30 @@ def test_with_added_refuses_byte_level_symbol_spellings(tok):
             tok.with_added(["<think>", s])
     t = tok.with_added(["<think>", "the"])  # an entry that is its own text keeps its id, as documented
     assert t.hf.token_to_id("the") == tok.hf.token_to_id("the") and t.vocab_size == tok.vocab_size + 1
+
+
+def test_with_added_refuses_tokens_that_would_not_decode_to_themselves(tok):
+    """The ByteLevel decoder reads an added token's characters as byte symbols: café decoded as 'caf\ufffd'."""
+    from slmlab.errors import ConfigError
+
+    for s in ("café", "<ü>", "<Ā>"):
+        with pytest.raises(ConfigError, match=f"^added token '{s}' would decode as '.*': this tokenizer's decoder"):
+            tok.with_added(["<think>", s])
+    t = tok.with_added(["<think>", "<中文>", "<ő>"])  # characters outside the byte-level alphabet are themselves
+    for s in ("<think>", "<中文>", "<ő>"):
+        assert t.encode(s) == [t.hf.token_to_id(s)] and t.decode(t.encode(s)) == s
+
+
+def test_an_added_token_holding_a_newline_is_never_cut_inside(tok, tmp_path):
+    """Long documents are encoded in pieces cut after a newline between two non-spaces: one cut inside an
+    added token x\ny lost the token; such a tokenizer encodes documents whole."""
+    from slmlab.data import _tokenize_to_file
+
+    t = tok.with_added(["x\ny"])
+    assert not t.cuts_exactly and tok.cuts_exactly and tok.with_added(["x\n", "\n\n"]).cuts_exactly
+    doc = "word x\ny " * 8000  # 80K characters: more than one 64K piece
+    n = _tokenize_to_file(t, [doc], tmp_path / "ids.bin", np.dtype(np.uint16), "x", False)
+    assert np.fromfile(tmp_path / "ids.bin", np.uint16).tolist() == t.encode(doc) + [t.eos_id] and n > 8000
 
 
 def test_with_added_refuses_a_special_token_which_text_never_encodes_to(tok):
