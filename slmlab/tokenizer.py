@@ -60,14 +60,20 @@ def _pipeline_steps(d) -> list[dict]:
     return [d]
 
 
-def _prepends(step: dict) -> bool:
-    """A normalizer or pre-tokenizer step that puts a ``▁`` before the text it is given."""
-    if step.get("type") == "Prepend":
+def _local_normalizer(step: dict) -> bool:
+    """A normalizer step that maps characters without looking at their neighbours or making whitespace."""
+    if step.get("type") in ("NFC", "NFD", "NFKC", "NFKD", "Lowercase"):
         return True
-    if step.get("type") != "Metaspace":
+    if step.get("type") != "Replace":
         return False
-    scheme = step.get("prepend_scheme")  # always | first | never (tokenizers >= 0.19), else add_prefix_space
-    return scheme != "never" if scheme is not None else bool(step.get("add_prefix_space", True))
+    pattern, content = step.get("pattern", {}).get("String"), step.get("content", "")
+    return isinstance(pattern, str) and "\n" not in pattern and not any(c.isspace() for c in content)
+
+
+# Text either side of a newline that split_exact cuts after (non-whitespace next to it): letters, digits,
+# punctuation, contractions, CJK, emoji, a combining mark, runs of each.
+_PROBES_BEFORE = ["a", "Ab", "7", "123", ".", "a.", "...", "'", "'s", "中", "🙂", "e\u0301", "▁", "_", " a", "a\n.b"]
+_PROBES_AFTER = ["a", "Ab", "7", "1234", ".", ".a", "'", "'s", "'ll", "中", "🙂", "\u0301", "▁", "_", "a b", "a\n", "a\nb"]
 
 
 def _cuttable(token: str) -> bool:
@@ -203,15 +209,28 @@ class Tokenizer:
 
     @property
     def cuts_exactly(self) -> bool:
-        """Whether a long document may be encoded in pieces cut at newlines (``split_exact``) with the tokens
-        of the whole: not when every encoded text starts with a ``▁`` (SentencePiece style: a Prepend
-        normalizer, or a Metaspace pre-tokenizer that prepends, as Llama-2's and Mistral's), which each cut
-        would add once more."""
-        spec = json.loads(self.to_json())
-        steps = _pipeline_steps(spec.get("normalizer")) + _pipeline_steps(spec.get("pre_tokenizer"))
+        """Whether a long document may be encoded in pieces cut after a newline between two non-spaces
+        (``split_exact``) with the tokens of the whole: only where the normalizer works character by character
+        (none, Unicode forms, lowercase, a replace that makes no whitespace) and the pre-tokenizer ends a
+        pre-token at such a newline, which the model (BPE, WordPiece, Unigram) never looks past: ByteLevel's
+        GPT-2 regex, Llama-3-style Split regexes. Checked on probes of every kind of character around the
+        newline. Not: without a pre-tokenizer (Gemma: BPE merges across the newline, ``.\nThe▁``), a Metaspace
+        one (it splits at spaces only), or one that puts a ``▁`` (Prepend, Metaspace) or a space before every text
+        it is given (Llama-2, Mistral), which each cut would add once more; nor an added token a cut could split."""
         if any(_cuttable(t.content) for t in self._tok.get_added_tokens_decoder().values() if not t.special):
             return False  # a cut after its newline would split the added token (data text never holds special ones)
-        return not any(_prepends(s) for s in steps)
+        spec = json.loads(self.to_json())
+        if not all(_local_normalizer(s) for s in _pipeline_steps(spec.get("normalizer"))):
+            return False
+        norm, pre = self._tok.normalizer, self._tok.pre_tokenizer
+        if pre is None:
+            return False
+
+        def pieces(text: str) -> list[str]:
+            text = norm.normalize_str(text) if norm is not None else text
+            return [p for p, _ in pre.pre_tokenize_str(text)]
+
+        return all(pieces(a + "\n" + b) == pieces(a + "\n") + pieces(b) for a in _PROBES_BEFORE for b in _PROBES_AFTER)
 
     @property
     def own_regex(self) -> bool:

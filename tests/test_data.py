@@ -568,6 +568,35 @@ def _llama_style_tokenizer() -> Tokenizer:
     return Tokenizer(hf)
 
 
+def test_a_tokenizer_without_a_pre_tokenizer_encodes_long_documents_whole(tmp_path):
+    """Gemma's layout (normalizer ' ' -> '▁', no pre-tokenizer): BPE merges across newlines (d.\nThe▁), so a
+    document cut after a newline into 64K-character pieces lost those merges; a Llama-3-style Split regex, which
+    ends a pre-token at such a newline, still cuts."""
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from slmlab.data import _tokenize_to_file
+
+    hf = HFTokenizer(models.BPE(byte_fallback=True, unk_token=None))
+    hf.normalizer = normalizers.Replace(" ", "▁")
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    hf.train_from_iterator(["end.\nThe next line\nThe cat.\nThe dog" * 200], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "</s>", "<s>"], initial_alphabet=list("abcdefghijklmnopqrstuvwxyzTh.\n▁"),
+        show_progress=False))
+    gemma = Tokenizer(hf)
+    assert not gemma.cuts_exactly
+    doc = ("word " * 20 + "end.\nThe cat.\n") * 1000  # 115K characters
+    _tokenize_to_file(gemma, [doc], tmp_path / "ids.bin", np.dtype(np.uint16), "x", False)
+    assert np.fromfile(tmp_path / "ids.bin", np.uint16).tolist() == gemma.encode(doc) + [gemma.eos_id]
+    llama3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    hf.normalizer = None
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(llama3), "isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    assert Tokenizer(hf).cuts_exactly
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")  # splits at spaces only
+    assert not Tokenizer(hf).cuts_exactly
+
+
 def test_byte_lengths_of_sentencepiece_tokenizers(tmp_path, corpus):
     """Metaspace pieces count ▁ as one space byte, byte-fallback pieces one byte; off only by the ▁ that the
     tokenizer prepends to each text."""
