@@ -277,20 +277,29 @@ class ChatTemplate:
         return self.reply(self.tok.decode(ids, skip_special_tokens=True)), len(ids)
 
     def _reply_frame(self) -> tuple[str, str]:
-        """(what the template writes before a reply's text, its end-of-turn marker), stripped, from a probe."""
-        probe = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "\x01"}]
-        try:
-            reply = self.render(probe)[len(self.render(probe[:1], True)):]
-        except DataError:
-            return "", ""
-        head, mark, tail = reply.partition("\x01")
-        return (head.strip(), tail.strip()) if mark else ("", "")
+        return reply_frame(self.render)
 
     def reply(self, generated: str) -> str:
-        """A reply's text as exact match compares it: up to the end-of-turn marker, without the prefix the
-        template writes before every reply (Qwen3's empty think block), stripped."""
-        text = (generated.split(self.end, 1)[0] if self.end else generated).strip()
-        return text[len(self.prefix):].strip() if self.prefix and text.startswith(self.prefix) else text
+        return cut_reply(generated, self.prefix, self.end)
+
+
+def reply_frame(render) -> tuple[str, str]:
+    """(what a template writes before a reply's text, its end-of-turn marker), stripped, from a probe;
+    `render(messages, add_generation_prompt)` renders the template (DataError where it cannot)."""
+    probe = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "\x01"}]
+    try:
+        reply = render(probe, False)[len(render(probe[:1], True)):]
+    except DataError:
+        return "", ""
+    head, mark, tail = reply.partition("\x01")
+    return (head.strip(), tail.strip()) if mark else ("", "")
+
+
+def cut_reply(generated: str, prefix: str, end: str) -> str:
+    """A reply's text as exact match compares it: up to the end-of-turn marker `end`, without the `prefix` the
+    template writes before every reply (Qwen3's empty think block), stripped."""
+    text = (generated.split(end, 1)[0] if end else generated).strip()
+    return text[len(prefix):].strip() if prefix and text.startswith(prefix) else text
 
 
 def template_file(folder: Path | None) -> tuple[str, str] | None:

@@ -105,22 +105,42 @@ def hf_completions(args, convs, device):
     chat template, left-padded batches, transformers generate."""
     from arch.model import is_greedy
 
+    from .sft import cut_reply, reply_frame
+
     tok, model = load_hf_folder(args.hf, device, padding_side="left")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     only_ids(model, args.hf)
     torch.manual_seed(args.seed)
-    texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) if tok.chat_template
-             else m[-1]["content"] for m in convs]
+    if tok.chat_template:
+        prefix, end = reply_frame(lambda m, gen: hf_render(tok, m, gen))
+        texts = [hf_render(tok, m, True) for m in convs]
+    else:  # the text itself, with the tokenizer's own BOS (a template writes the BOS it wants itself)
+        many = next((i for i, m in enumerate(convs) if len(m) > 1), None)
+        if many is not None:
+            raise ConfigError(f"--prompts example {many + 1} has {len(convs[many])} messages, but --hf {args.hf} has no "
+                              "chat template to render them: use one-turn prompts ({\"prompt\": ...}) or a folder "
+                              "with a chat template")
+        prefix, end, texts = "", "", [m[0]["content"] for m in convs]
     for i in range(0, len(texts), args.batch_size):
-        enc = tok(texts[i:i + args.batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        enc = tok(texts[i:i + args.batch_size], return_tensors="pt", padding=True,
+                  add_special_tokens=not tok.chat_template).to(device)
         sample = not is_greedy(args.temperature)
         out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=sample,
                              num_return_sequences=args.num_samples, pad_token_id=tok.pad_token_id,
                              **({"temperature": args.temperature, "top_k": args.top_k} if sample else {}))
         replies = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         for j, reply in enumerate(replies):
-            yield convs[i + j // args.num_samples], reply.strip()
+            yield convs[i + j // args.num_samples], cut_reply(reply, prefix, end)  # at the end-of-turn marker
+
+
+def hf_render(tok, messages, add_generation_prompt: bool) -> str:
+    """A transformers tokenizer's chat template rendered; DataError where it cannot render `messages`."""
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja2's TemplateError, a template's raise_exception, a KeyError...: all one line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"the chat template cannot render a {len(messages)}-message conversation: {msg}") from None
 
 
 def only_ids(model, folder):

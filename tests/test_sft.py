@@ -297,6 +297,50 @@ def test_traces_from_a_transformers_folder(base, tmp_path):
     assert "generation_config.json's no_repeat_ngram_size=1, repetition_penalty=50.0 not used" in err
 
 
+def test_hf_traces_end_at_the_templates_marker_and_without_a_template_take_one_turn_with_bos(base, tmp_path, monkeypatch):
+    """sample.py --hf --prompts: a reply running past the template's end-of-turn marker was kept whole (the --run
+    path cuts it there); a folder without a chat template completed only the last message of a conversation,
+    and without the tokenizer's BOS."""
+    from types import SimpleNamespace
+
+    from tokenizers import processors
+
+    from slmlab.traces import hf_completions
+
+    transformers = pytest.importorskip("transformers")
+    tok = Tokenizer.load(base)
+    hf_tok = tok.hf  # a BOS from the post-processor, as Llama's tokenizer.json adds it
+    hf_tok.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", tok.bos_id)])
+    hf_tok.save(str(tmp_path / "tokenizer.json"))
+    seen, scripted = [], tok.encode("Fine.<|im_end|>\n<|im_start|>user") + [tok.eos_id]
+
+    def generate(self, input_ids=None, attention_mask=None, **kw):
+        seen.append(input_ids[0].tolist())
+        return torch.cat([input_ids, torch.tensor([scripted] * input_ids.shape[0])], 1)
+
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "generate", generate)
+    args = SimpleNamespace(seed=0, batch_size=4, temperature=0.0, top_k=0, num_samples=1, max_new_tokens=8)
+    turns = [{"role": "system", "content": "s"}, {"role": "user", "content": "How are you?"}]
+    for template in (CHATML, None):
+        args.hf = hf = tmp_path / f"hf{template is None}"
+        t = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"),
+                                                 bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>")
+        t.chat_template = template
+        t.save_pretrained(hf)
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1)).save_pretrained(hf)
+        if template:
+            assert [r for _, r in hf_completions(args, [turns], "cpu")] == ["Fine."]
+            assert tok.decode(seen[-1]).startswith("<|im_start|>system\ns<|im_end|>")
+            continue
+        with pytest.raises(ConfigError, match=f"^--prompts example 2 has 2 messages, but --hf {hf} has no chat "
+                                              "template to render them"):
+            list(hf_completions(args, [turns[1:], turns], "cpu"))
+        assert [r for _, r in hf_completions(args, [turns[1:]], "cpu")] == ["Fine.<|im_end|>\n<|im_start|>user"]
+        assert seen[-1] == [tok.bos_id] + tok.encode("How are you?")
+
+
 # ---------------------------------------------------------------- chat templates as transformers renders them
 TURNS = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
          {"role": "user", "content": "again"}, {"role": "assistant", "content": "world", "reasoning_content": "hmm"}]
