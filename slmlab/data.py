@@ -77,9 +77,9 @@ def _read_text_file(path: Path) -> str:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _surrogate_error(where: str, text: str, what_to_do: str) -> DataError:
+def _surrogate_error(where: str, text: str, what_to_do: str, field: str = "text") -> DataError:
     i = _SURROGATE.search(text).start()
-    return DataError(f"{where}: 'text' holds a lone UTF-16 surrogate (\\u{ord(text[i]):04x} at character {i}), which "
+    return DataError(f"{where}: {field!r} holds a lone UTF-16 surrogate (\\u{ord(text[i]):04x} at character {i}), which "
                      f"is not valid Unicode and cannot be tokenized: {what_to_do}")
 
 

@@ -437,6 +437,25 @@ def test_a_prompt_is_completed_after_its_last_message(base, tmp_path):
     assert t.prompt_ids(three) == t.prompt_ids(TURNS) == t.encode_text(t.render(three, True))
 
 
+def test_prompts_with_a_lone_surrogate_or_bad_utf8_are_one_line_and_a_bom_is_no_text(tmp_path):
+    """sample.py --prompts: a "\\ud800" escape crashed the tokenizer with a traceback, as did invalid UTF-8;
+    a file starting with a byte-order mark was 'not JSON'. SFT data is read the same way."""
+    from slmlab.traces import read_prompts
+
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "ok"}\n{"prompt": "bad \\ud800 x"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"^\S+p\.jsonl:2: 'prompt' holds a lone UTF-16 surrogate \(\\ud800 at character 4\)"):
+        read_prompts(p)
+    p.write_text(json.dumps({"messages": [{"role": "user", "content": "a\udc00"}]}) + "\n")
+    with pytest.raises(DataError, match=r"p\.jsonl:1: 'content' holds a lone UTF-16 surrogate"):
+        read_prompts(p)
+    p.write_bytes(b'{"prompt": "ok"}\n{"prompt": "\xff"}\n')
+    with pytest.raises(DataError, match=r"p\.jsonl:2: not valid UTF-8"):
+        read_prompts(p)
+    p.write_text("\ufeff" + json.dumps({"prompt": "first"}) + "\n", encoding="utf-8")
+    assert read_prompts(p) == [[{"role": "user", "content": "first"}]]
+
+
 def test_sft_evaluation_runs_under_autocast_as_pretraining_does(base, monkeypatch):
     """SFT's validation loss had its own loop, without autocast: fp32 on CUDA where pretraining's is bf16.
     It takes the run's train.precision, as pretraining's evaluation does."""
