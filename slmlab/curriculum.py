@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -58,16 +59,28 @@ def jsonl_scores(spec: str, field: str, n_docs: int) -> list[float]:
             obj = json.loads(raw)
             if not obj.get("text"):  # the data layer drops empty documents too
                 continue
-            if field not in obj or isinstance(obj[field], bool) or not isinstance(obj[field], (int, float)) \
-                    or not math.isfinite(obj[field]):  # argsort puts NaN last: it would rank as the best text
+            value = _finite(obj.get(field))  # argsort puts NaN last: it would rank as the best text
+            if value is None:
                 raise ConfigError(f"{path}:{lineno}: quality score field {field!r} missing or not a finite number"
                                   + (f" ({obj[field]})" if isinstance(obj.get(field), float) else ""))
-            scores.append(float(obj[field]))
+            scores.append(value)
             if len(scores) == n_docs:
                 break
     if len(scores) < n_docs:
         raise ConfigError(f"{path}: {len(scores)} scores for {n_docs} training documents")
     return scores
+
+
+def _finite(v) -> float | None:
+    """A JSON number as a finite float; None for anything else (a bool, a string, NaN, inf, an integer
+    too large for a float: 1e400 written out in digits)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        v = float(v)
+    except OverflowError:
+        return None
+    return v if math.isfinite(v) else None
 
 
 def score_documents(tokens: np.ndarray, spans, score: str, spec: str) -> np.ndarray:
@@ -88,7 +101,8 @@ class OrderedStream:
 
     def __init__(self, tokens: np.ndarray, spans, scores: np.ndarray, top_frac: float = 1.0, reads: int = 0):
         order = np.argsort(scores, kind="stable")
-        keep = max(1, math.ceil(top_frac * len(order)))
+        # the fraction as written (0.14, not the float just above it): 0.14 * 50 is 7.000000000000001 in floats
+        keep = max(1, math.ceil(Fraction(repr(float(top_frac))) * len(order)))
         order = order[len(order) - keep:]
         self.tokens = tokens
         self.index = np.concatenate([np.arange(*spans[i]) for i in order])

@@ -354,6 +354,26 @@ def test_quality_stream_orders_low_to_high_and_repeats_top():
     assert x.tolist() == [[5, 5, 5, eos], [5, 5, 5, eos]]  # only the best document, repeated
 
 
+@pytest.mark.parametrize("frac,n,keep", [(0.14, 50, 7), (0.29, 100, 29), (0.3, 10, 3), (0.5, 3, 2), (1e-6, 5, 1)])
+def test_top_frac_keeps_the_fraction_as_written(frac, n, keep):
+    """ceil(0.14 * 50) was 8 in floats (7.000000000000001): one document below the top 14% streamed too."""
+    tokens = np.array(sum(([i + 1] * 2 + [0] for i in range(n)), []))
+    s = OrderedStream(tokens, document_spans(tokens, 0), np.arange(n, dtype=float), top_frac=frac)
+    assert s.n_docs == keep and sorted(set(s.tokens[s.index].tolist()) - {0}) == list(range(n - keep + 1, n + 1))
+
+
+def test_a_quality_score_too_large_for_a_float_is_the_one_line_error(tmp_path):
+    """An integer of 400 digits raised OverflowError in math.isfinite."""
+    from slmlab.curriculum import jsonl_scores
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": "a", "q": 1}) + "\n" + '{"text": "b", "q": 1' + "0" * 400 + "}\n")
+    with pytest.raises(ConfigError, match=r"d\.jsonl:2: quality score field 'q' missing or not a finite number$"):
+        jsonl_scores(str(path), "q", 2)
+    path.write_text(json.dumps({"text": "a", "q": 10 ** 300}) + "\n")
+    assert jsonl_scores(str(path), "q", 1) == [1e300]
+
+
 @pytest.mark.parametrize("reads", [4, 8, 20])
 def test_a_quality_stream_ends_on_its_best_token_however_much_the_phase_reads(reads):
     """The cursor started at 0: a phase reading less than the stream saw only its worst documents."""
