@@ -51,6 +51,11 @@ from .fmt import count
 from .tokenizer import Tokenizer, split_exact, train_tokenizer
 
 FORMAT_VERSION = 1
+# How a given tokenizer (data.tokenizer) encodes long documents, in the cache key of its token files.
+# 2: cut at newlines only where Tokenizer.cuts_exactly shows the cut changes no id (SentencePiece-style
+# prepends, Gemma-like tokenizers without a pre-tokenizer and added tokens holding a newline encode
+# whole); caches written before could hold the cut ids. A tokenizer trained here always cut exactly.
+GIVEN_TOKENIZER_ENCODING = 2
 DEFAULT_VAL_FRAC = 0.02
 DEFAULT_TOKENIZER_TRAIN_BYTES = 32 * 2**20
 TEXT_SUFFIXES = (".txt", ".md")
@@ -662,6 +667,7 @@ def cache_key(spec: str, source_fingerprint: str, vocab_size: int, val_frac: flo
         "format": FORMAT_VERSION, "spec": spec, "source": source_fingerprint, "vocab_size": vocab_size,
         "val_frac": val_frac, "tokenizer_train_bytes": tokenizer_train_bytes,
         "tokenizer": hashlib.sha256(tokenizer_json.encode()).hexdigest() if tokenizer_json else None,
+        **({"tokenizer_encoding": GIVEN_TOKENIZER_ENCODING} if tokenizer_json else {}),
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
