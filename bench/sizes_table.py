@@ -3,7 +3,7 @@
     python bench/sizes_table.py            # print the markdown table
     python bench/sizes_table.py --write    # replace the table between the markers in README.md
 
-Training memory is the estimated peak per GPU (bf16 autocast, AdamW, one device) over the default
+Training memory is the estimated peak per GPU (bf16 autocast, the default optimizer: Muon, one device) over the default
 phases (4096 tokens per step at seq_len 256, 1024, 2048), without and with model.grad_checkpoint;
 the largest micro-batch is for the first and last phase's sequence length, without checkpointing.
 Inference is batch 1 at 2048 tokens of context: weights plus the KV cache / conv state in fp16.

@@ -191,11 +191,12 @@ def test_dry_run_report_and_its_knobs(capsys):
                                 "--world", "2", "train.parallel=fsdp"]) == 0
     out = capsys.readouterr().out
     assert "123.6M params" in out and "RTX 4090 dense bf16 datasheet peak" in out and "per rank" in out
-    cfg = load_config(arch="hybrid", size="350m")
-    ddp1, fsdp2 = estimate(cfg, "cuda"), estimate(load_config(arch="hybrid", size="350m",
-                                                              overrides=["train.parallel=fsdp"]), "cuda", world=2)
+    cfg = load_config(arch="hybrid", size="350m", overrides=["optim.name=adamw"])
+    fsdp_cfg = load_config(arch="hybrid", size="350m", overrides=["train.parallel=fsdp"])
+    assert fsdp_cfg.optim.name == "adamw"  # optim.name auto: FSDP2 shards the matrices Muon needs whole
+    ddp1, fsdp2 = estimate(cfg, "cuda"), estimate(fsdp_cfg, "cuda", world=2)
     assert fsdp2["static_bytes"]["optimizer"] == ddp1["static_bytes"]["optimizer"] // 2
-    muon = estimate(load_config(arch="hybrid", size="350m", overrides=["optim.name=muon"]), "cuda")
+    muon = estimate(load_config(arch="hybrid", size="350m"), "cuda")  # auto: Muon
     assert muon["static_bytes"]["optimizer"] < ddp1["static_bytes"]["optimizer"]  # one buffer, not two
     ckpt = estimate(cfg, "cuda")["phases"][0]
     assert ckpt["grad_checkpoint"]["activations"] < ckpt["no_checkpoint"]["activations"] / 4
@@ -280,7 +281,7 @@ def test_a_run_that_does_not_fit_stops_before_training(tmp_path, capsys):
     # checkpointing is offered when it is what makes the longest phase fit.
     with pytest.raises(ConfigError, match="not even micro-batch 1 fits at seq_len 2048; or model.grad_checkpoint=true"):
         train.main(["--arch", "hybrid", "--size", "124m", "--mem", "4GB", "--out", str(tmp_path / "run"),
-                    "train.device=cpu"])
+                    "train.device=cpu", "optim.name=adamw"])
 
 
 def test_readme_sizes_table_is_what_the_estimate_prints_now():

@@ -22,8 +22,8 @@ DEFAULT = load_config(overrides=TINY)
 
 # (overrides, the setting they leave unused, a fragment of why)
 UNUSED = [
-    (["optim.muon_momentum=0.9"], "optim.muon_momentum", "optim.name is adamw"),
-    (["optim.muon_lr=0.02", "optim.muon_ns_dtype=float32"], "optim.muon_lr", "optim.name is adamw"),
+    (["optim.name=adamw", "optim.muon_momentum=0.9"], "optim.muon_momentum", "optim.name is adamw"),
+    (["optim.name=adamw", "optim.muon_lr=0.02", "optim.muon_ns_dtype=float32"], "optim.muon_lr", "optim.name is adamw"),
     (["objective.mask_id=7"], "objective.mask_id", "objective.name is ar"),
     (["train.seq_len=512"], "train.seq_len", "train.phases gives each stage its seq_len (256, 1024, 2048)"),
     (["train.batch_size=4"], "train.batch_size", "tokens_per_step"),
@@ -199,7 +199,7 @@ def test_a_researchers_block_may_read_any_model_key(tmp_path):
 
 def test_train_py_notes_what_the_command_line_leaves_unused(capsys):
     assert run_cli(train.main, ["--arch", "hybrid", "--dry-run", "train.seq_len=512", "optim.muon_lr=0.02",
-                                "optim.lr=0.01"]) == 0
+                                "optim.lr=0.01", "optim.name=adamw"]) == 0
     err = capsys.readouterr().err  # stderr: a --json estimate or --print-config on stdout stays parseable
     notes = [line for line in err.splitlines() if line.startswith("note:")]
     assert notes == ["note: optim.muon_lr=0.02 has no effect: optim.name is adamw",
