@@ -361,7 +361,7 @@ def tiny(tmp_path, **extra):
           "train.phases": "[]", "train.seq_len": 32, "train.batch_size": 4, "train.warmup_steps": 2,
           "train.eval_every": 3, "train.eval_tokens": 256, "train.log_every": 1, "train.ckpt_every": 2,
           "train.sample_tokens": 4, "data.cache_dir": str(tmp_path / "cache"), "logging.progress": False,
-          "train.device": "cpu", **extra}
+          "train.device": "cpu", "optim.name": "adamw", **extra}  # the optimizer these tests were written against
     return [f"{k}={v}" for k, v in ov.items()]
 
 

@@ -186,12 +186,14 @@ def test_dry_run_and_fit_check_suggest_loss_chunk_where_it_matters(capsys):
     from slmlab.errors import ConfigError
     from slmlab.estimate import check_fits
 
-    assert run_cli(train.main, ["--arch", "transformer", "--size", "124m", "--dry-run", "--mem", "16GB"]) == 0
+    assert run_cli(train.main, ["--arch", "transformer", "--size", "124m", "--dry-run", "--mem", "16GB",
+                                "optim.name=adamw"]) == 0
     out = capsys.readouterr().out
     # 124m at GPT-2's vocabulary: the logits are most of the step; chunked, micro-batch 53 -> 114 at T=256
     assert "with model.loss_chunk=1024: logits" in out and "max micro-batch 114" in out, out
     with pytest.raises(ConfigError, match=r"or model.loss_chunk=1024 with train.grad_accum=2 \(micro-batch up to"):
-        check_fits(load_config(arch="transformer", size="124m"), 4 * 2**30, "test budget", cuda=True)
+        check_fits(load_config(arch="transformer", size="124m", overrides=["optim.name=adamw"]), 4 * 2**30,
+                   "test budget", cuda=True)
     # the diffusion ELBO's head chunks too: suggested there as well
     assert run_cli(train.main, ["--arch", "diffusion", "--size", "124m", "--dry-run", "--mem", "16GB"]) == 0
     assert "with model.loss_chunk=1024: logits" in capsys.readouterr().out
