@@ -211,7 +211,8 @@ def main():
     p.add_argument("--only", action="append", choices=list(SECTIONS), help="run only these sections (repeatable)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2, the CI machine)")
     p.add_argument("--rounds", type=int, default=3, help="timed calls per variant, interleaved (median reported)")
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[256, 2048], help="train and plain sections: context lengths")
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[256, 2048],
+                   help="train and plain sections: context lengths")
     p.add_argument("--new-tokens", type=int, default=64, help="decode section: tokens generated per call")
     p.add_argument("--glibc-default", action="store_true",
                    help="leave glibc's malloc thresholds alone (default: as the trainer sets them on CPU)")

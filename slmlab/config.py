@@ -114,7 +114,8 @@ class OptimConfig:
     muon_ns_steps: int = 5
     muon_adjust_lr_fn: str = "match_rms_adamw"  # original | match_rms_adamw
     muon_weight_decay: Optional[float] = None  # null = optim.weight_decay
-    muon_ns_dtype: str = "auto"  # auto (bf16 on CUDA if it has bf16, else fp32; CPU: the faster, probed) | float32 | bfloat16
+    # auto (bf16 on CUDA if it has bf16, else fp32; CPU: the faster, probed) | float32 | bfloat16
+    muon_ns_dtype: str = "auto"
 
 
 @dataclass

@@ -524,7 +524,8 @@ class Trainer:
         self.say(f"model: {self.cfg.arch}  layers {self.cfg.model.layer_letters()}  "
                  f"{self.n_params / 1e6:.2f}M params ({model.num_params(exclude_embedding=True) / 1e6:.2f}M "
                  f"non-embedding{active})  {self.fpt / 1e6:.1f} MFLOP/token at {self.phases[-1].seq_len}  device "
-                 f"{self.device} ({describe_precision(self.precision, self.device)})" + (f"  {world} ranks ({self.t.parallel})" if world > 1 else ""))
+                 f"{self.device} ({describe_precision(self.precision, self.device)})"
+                 + (f"  {world} ranks ({self.t.parallel})" if world > 1 else ""))
         for ph in self.phases:
             self.say("  " + ph.describe() + f"  batch {ph.batch_size(self.t.grad_accum, world) * world}")
         if (note := warmup_note(self.t)) is not None:

@@ -180,7 +180,8 @@ def test_decode_rate_is_nan_when_noise_inverts_the_timings():
     import math
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("speed_bench", Path(__file__).resolve().parents[1] / "bench" / "speed.py")
+    path = Path(__file__).resolve().parents[1] / "bench" / "speed.py"
+    spec = importlib.util.spec_from_file_location("speed_bench", path)
     speed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(speed)
     rates = speed.decode_rates({"noisy": lambda k: 0.5 if k == 1 else 0.4, "fine": lambda k: 0.1 * k}, 5, 1,

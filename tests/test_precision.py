@@ -17,7 +17,8 @@ def test_auto_is_fp32_on_cpu_and_on_cuda_bf16_only_where_the_gpu_has_it(monkeypa
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16_hw)
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("auto", torch.device("cuda")) == want
-    assert resolve_precision("bf16", torch.device("cuda")) == "bf16"  # asked for: kept (the set-up line says it's emulated)
+    # asked for: kept (the set-up line says it is emulated)
+    assert resolve_precision("bf16", torch.device("cuda")) == "bf16"
     from slmlab.optim import fast_ns_dtype
 
     assert fast_ns_dtype(torch.device("cuda")) == (torch.bfloat16 if bf16_hw else torch.float32)

@@ -24,7 +24,8 @@ def tiny_overrides(tmp: Path, steps: int = 8, **extra) -> list[str]:
     # optim.name pinned to the optimizer these tests were written against (the default, auto, is Muon):
     # a test that compares two processes' runs would otherwise depend on each one's Newton-Schulz dtype probe.
     ov = {"model.d_model": 32, "model.n_layers": 3, "model.n_heads": 2, "model.n_kv_heads": 1,
-          "model.vocab_size": 300, "model.layers": "CCA", "optim.name": "adamw", "train.steps": steps, "train.eval_every": 1000,
+          "model.vocab_size": 300, "model.layers": "CCA", "optim.name": "adamw",
+          "train.steps": steps, "train.eval_every": 1000,
           "train.log_every": 1, "train.warmup_steps": 2, "train.ckpt_every": 0, "train.sample_tokens": 4, "train.eval_tokens": 256,
           "data.cache_dir": str(tmp / "cache"), "logging.progress": False, "train.device": "cpu",
           "train.phases": "[{seq_len: 16, share: 0.5, tokens_per_step: 128}, {seq_len: 32, share: 0.5, tokens_per_step: 128}]"}
