@@ -311,6 +311,21 @@ def test_a_run_stopped_inside_a_quality_ordered_phase_resumes_exactly(tmp_path, 
     assert losses(run) == losses(tmp_path / "full")
 
 
+def train_quality_phase_run(tmp_path, ckpt_every: int):
+    """A finished 4-step run whose second phase (steps 3-4) is quality-ordered."""
+    import train
+    from slmlab.cli import run_cli
+
+    corpus = write_corpus(tmp_path / "c.txt")
+    run = tmp_path / "run"
+    ov = tiny_overrides(tmp_path, steps=4, **{
+        "train.ckpt_every": ckpt_every, "train.quality_score": "fn:unique_ratio",
+        "train.phases": "[{seq_len: 16, share: 0.5, tokens_per_step: 128}, "
+                        "{seq_len: 16, share: 0.5, tokens_per_step: 128, order: quality}]"})
+    assert run_cli(train.main, ["--data", str(corpus), "--out", str(run), *ov]) == 0
+    return run
+
+
 def test_a_quality_ordered_phase_resumed_with_more_steps_still_ends_on_its_best_text(tmp_path, monkeypatch, capsys):
     """--resume with a new train.steps lays the phases out anew: the stream is placed again from the tokens
     its phase has left (not left at the saved cursor), so the last batch still ends on the best text."""
@@ -318,13 +333,7 @@ def test_a_quality_ordered_phase_resumed_with_more_steps_still_ends_on_its_best_
     from slmlab.cli import run_cli
     from slmlab.curriculum import OrderedStream
 
-    corpus = write_corpus(tmp_path / "c.txt")
-    run = tmp_path / "run"
-    ov = tiny_overrides(tmp_path, steps=4, **{
-        "train.ckpt_every": 2, "train.quality_score": "fn:unique_ratio",
-        "train.phases": "[{seq_len: 16, share: 0.5, tokens_per_step: 128}, "
-                        "{seq_len: 16, share: 0.5, tokens_per_step: 128, order: quality}]"})
-    assert run_cli(train.main, ["--data", str(corpus), "--out", str(run), *ov]) == 0
+    run = train_quality_phase_run(tmp_path, ckpt_every=2)
     read = OrderedStream.next
     last = []
     monkeypatch.setattr(OrderedStream, "next", lambda s, *a: last.append(s) or read(s, *a))
@@ -421,13 +430,7 @@ def test_resume_after_the_quality_phases_changed_is_one_line(tmp_path, capsys):
     import train
     from slmlab.cli import run_cli
 
-    corpus = write_corpus(tmp_path / "c.txt")
-    run = tmp_path / "run"
-    ov = tiny_overrides(tmp_path, steps=4, **{
-        "train.ckpt_every": 4, "train.quality_score": "fn:unique_ratio",
-        "train.phases": "[{seq_len: 16, share: 0.5, tokens_per_step: 128}, "
-                        "{seq_len: 16, share: 0.5, tokens_per_step: 128, order: quality}]"})
-    assert run_cli(train.main, ["--data", str(corpus), "--out", str(run), *ov]) == 0
+    run = train_quality_phase_run(tmp_path, ckpt_every=4)
     capsys.readouterr()
     assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "6",
                                 "train.phases=[{seq_len: 16, share: 1.0, tokens_per_step: 128}]"]) == 2
