@@ -22,7 +22,7 @@ from arch.registry import load_imports
 from .coerce import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT, Range, check_ranges, coerce
 from .errors import ConfigError
 from .phases import PhaseConfig
-from .precision import PRECISIONS
+from .precision import check_precision
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
 CUSTOM = "custom"  # the arch label of a config that names no preset (no arch: and no presets:)
@@ -467,8 +467,7 @@ def validate(cfg: RunConfig):
         raise ConfigError(f"train.schedule must be wsd or cosine, got {t.schedule!r}")
     if t.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
-    if t.precision not in PRECISIONS:
-        raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+    check_precision(t.precision)
     if cfg.optim.name == "auto":  # resolved here, so config.yaml and every reader see the optimizer that trains
         cfg.optim.name = "adamw" if t.parallel == "fsdp" else "muon"
     if cfg.optim.name not in ("adamw", "muon"):

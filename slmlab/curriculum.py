@@ -107,7 +107,12 @@ class OrderedStream:
         self.tokens = tokens
         self.index = np.concatenate([np.arange(*spans[i]) for i in order])
         self.n_docs = keep
-        self.cursor = (-reads - 1) % len(self.index) if reads else 0  # - 1: the last window's extra target
+        self.cursor = self.start_for(reads) if reads else 0
+
+    def start_for(self, reads: int) -> int:
+        """The cursor from which `reads` more tokens end on the stream's last token (- 1: the last
+        window's extra target)."""
+        return (-reads - 1) % len(self.index)
 
     def next(self, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(self.index)

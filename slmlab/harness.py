@@ -27,14 +27,15 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError, DataError, SlmlabError
-from .precision import autocast, resolve_precision
+from .precision import autocast, check_precision
 
 
 def precision(device, dtype: str = "auto"):
     """The autocast context every scorer runs its forward in, ours and transformers' alike, so a paired
     difference never mixes precisions: auto = the trainer's default (bf16 on a CUDA GPU with bf16, fp16
     on one without, fp32 on CPU), or fp32 / bf16 / fp16 on any device (slmlab/precision.py)."""
-    return autocast(device, resolve_precision(dtype, torch.device(device), "--dtype"))
+    check_precision(dtype, "--dtype")  # named as eval.py's flag
+    return autocast(device, dtype)
 
 
 @dataclass

@@ -25,10 +25,14 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-def resolve_precision(setting: str, device: torch.device, what: str = "train.precision") -> str:
-    """`setting` (one of PRECISIONS) as fp32 | bf16 | fp16 on `device`."""
+def check_precision(setting: str, what: str = "train.precision"):
     if setting not in PRECISIONS:
         raise ConfigError(f"{what} must be one of {', '.join(PRECISIONS)}, got {setting!r}")
+
+
+def resolve_precision(setting: str, device: torch.device, what: str = "train.precision") -> str:
+    """`setting` (one of PRECISIONS) as fp32 | bf16 | fp16 on `device`."""
+    check_precision(setting, what)
     if setting != "auto":
         return setting
     if device.type != "cuda":

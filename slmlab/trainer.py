@@ -306,9 +306,9 @@ class BatchSource:
                                   f"which (data, top_frac, train.quality_score) {data!r}, {top}, {score!r} -> "
                                   f"{data2!r}, {top2}, {score2!r} would reorder: resume with the run's values")
             self.stream(phases[i]).cursor = cursor
-        # A new train.steps (or tokens_per_step, or batch shape) re-lays the phases: a stream still to be read
-        # is placed again from the tokens its phase has left, so that it still ends on its best text. The
-        # same phases give the cursor saved (it moved by those tokens from the same placement).
+        # A stream still to be read is placed from the tokens its phase has left, so that it ends on its best
+        # text: the same phases give the saved cursor (it moved by those tokens from the same placement); a
+        # new train.steps (or tokens_per_step, or batch shape) re-lays the phases, and the cursor with them.
         saved = state.get("streams", {})
         for ph in phases:
             if ph.order != "quality":
@@ -317,7 +317,7 @@ class BatchSource:
             if left <= 0:
                 continue
             s = self.stream(ph)
-            cursor = (-left - 1) % len(s.index)  # as OrderedStream places it: - 1, the last window's extra target
+            cursor = s.start_for(left)
             if str(ph.index) in saved and cursor != s.cursor:
                 self.say(f"--resume: phase {ph.index + 1}'s quality-ordered stream is placed again for the "
                          f"{left:,} tokens the phase now has left, so that it still ends on its best text")
