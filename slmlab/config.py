@@ -103,7 +103,7 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "auto"  # muon | adamw | auto: muon, adamw under train.parallel=fsdp (resolved in validate)
+    name: str = "muon"  # muon | adamw (auto, which chose adamw under FSDP2 before it took Muon, is muon)
     lr: float = 3e-3
     betas: list = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.1
@@ -468,10 +468,10 @@ def validate(cfg: RunConfig):
     if t.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
     check_precision(t.precision)
-    if cfg.optim.name == "auto":  # resolved here, so config.yaml and every reader see the optimizer that trains
-        cfg.optim.name = "adamw" if t.parallel == "fsdp" else "muon"
+    if cfg.optim.name == "auto":  # configs written while auto was the default; config.yaml records muon
+        cfg.optim.name = "muon"
     if cfg.optim.name not in ("adamw", "muon"):
-        raise ConfigError(f"optim.name must be one of: auto, muon, adamw; got {cfg.optim.name!r}")
+        raise ConfigError(f"optim.name must be muon or adamw; got {cfg.optim.name!r}")
     if cfg.optim.muon_adjust_lr_fn not in ("original", "match_rms_adamw"):
         raise ConfigError(f"optim.muon_adjust_lr_fn must be original or match_rms_adamw, "
                           f"got {cfg.optim.muon_adjust_lr_fn!r}")

@@ -8,6 +8,12 @@ per-channel filters: those stay on AdamW (as in Keller Jordan's and Moonshot's s
 Routing is by parameter, printed at start, and asserted complete: every trainable parameter lands
 in exactly one group. Both optimizers are stepped together behind `CombinedOptimizer`, which the
 trainer and the checkpoint code treat as one optimizer.
+
+Under FSDP2 the parameters, gradients and optimizer state are DTensors (each rank holds its rows).
+AdamW's update is elementwise and runs on the shards; Muon's needs the whole matrix, so BatchedMuon
+gathers each update, orthogonalises it on every rank (as DDP ranks do) and applies its own rows.
+`CombinedOptimizer.state_dict` gathers the state whole and `load_state_dict` shards it again, so a
+checkpoint resumes under any parallelism and world size.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import torch
 
 from .errors import ConfigError
 from .precision import native_bf16
+from .runtime import is_dtensor
 
 OPTIMIZERS = ("muon", "adamw")
 MUON_ADJUST = ("original", "match_rms_adamw")
@@ -135,13 +142,39 @@ class CombinedOptimizer:
             opt.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
-        return {k: opt.state_dict() for k, opt in self.optimizers.items()}
+        """The whole (unsharded) state; under FSDP2 a collective every rank must call."""
+        return {k: whole_state(opt.state_dict()) for k, opt in self.optimizers.items()}
 
     def load_state_dict(self, sd: dict):
+        """A whole state, as state_dict gives it (from any world size); sharded again under FSDP2."""
         if set(sd) != set(self.optimizers):
             raise ValueError(f"optimizer state holds {sorted(sd)}, expected {sorted(self.optimizers)}")
         for k, opt in self.optimizers.items():
             opt.load_state_dict(sd[k])
+            shard_state(opt)
+
+
+def whole_state(sd: dict) -> dict:
+    """An optimizer state dict with each DTensor gathered whole, on CPU (a GPU holding every gathered
+    tensor at once would need the unsharded state's memory). Collective: the ranks walk the same
+    parameters in the same order, since they built the same optimizer."""
+    state = {i: {k: v.full_tensor().cpu() if is_dtensor(v) else v for k, v in s.items()}
+             for i, s in sd["state"].items()}
+    return {**sd, "state": state}
+
+
+def shard_state(opt: torch.optim.Optimizer):
+    """After load_state_dict of a whole state: each DTensor parameter's state tensors of its full shape
+    become this rank's shards of them, as the sharded parameters are (no communication: every rank
+    loaded the whole state). Scalars (AdamW's step) stay as they are."""
+    for p, s in opt.state.items():
+        if not is_dtensor(p):
+            continue
+        from torch.distributed.tensor import distribute_tensor
+
+        for k, v in s.items():
+            if torch.is_tensor(v) and not is_dtensor(v) and v.shape == p.shape:
+                s[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
 
 
 def newton_schulz(G: torch.Tensor, steps: int, coefficients=(3.4445, -4.7750, 2.0315), eps: float = 1e-7,
@@ -274,7 +307,10 @@ class BatchedMuon(torch.optim.Muon):
                 by_shape[((rows // self.row_splits.get(id(params[i]), 1), cols), u.device)].append(i)
             for ((A, B), device), idx in by_shape.items():
                 tall = A > B  # NS works on the wide orientation: tall matrices transposed
-                mats = [updates[i].reshape(-1, A, B) for i in idx]
+                # FSDP2: the momentum stays sharded, and NS takes whole matrices, gathered on every rank
+                # one shape at a time (one all-gather per matrix, as FSDP's forward gathers the weight).
+                mats = [(updates[i].full_tensor() if is_dtensor(updates[i]) else updates[i]).reshape(-1, A, B)
+                        for i in idx]
                 G = torch.cat([m.mT if tall else m for m in mats])
                 dtype = self.ns_dtype or fast_ns_dtype(device)
                 O = newton_schulz(G, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype)
@@ -285,8 +321,13 @@ class BatchedMuon(torch.optim.Muon):
                     ratio = math.sqrt(max(1, A / B))
                 for i, o in zip(idx, O.split([m.shape[0] for m in mats])):
                     p = params[i]
+                    o = o.reshape(p.shape).to(p.dtype)
+                    if is_dtensor(p):  # this rank's rows of the whole update
+                        from torch.distributed.tensor import distribute_tensor
+
+                        o = distribute_tensor(o, p.device_mesh, p.placements, src_data_rank=None)
                     p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(o.reshape(p.shape).to(p.dtype), alpha=-group["lr"] * ratio)
+                    p.add_(o, alpha=-group["lr"] * ratio)
         return loss
 
 

@@ -209,6 +209,11 @@ def wrap_parallel(model, parallel: str, dist: Dist, device):
         for layer in model.layers:
             fully_shard(layer)
         fully_shard(model)
+        # FSDP2 makes the first sharded module that runs its root. That must be the model: an evaluation
+        # before any training step (a resume of a run killed after its last checkpoint) reaches the blocks
+        # through token_nll, not forward, and made layers.0 a root ("FSDP state has already been lazily
+        # initialized for layers.0"). No public call does this; forward's pre-hook calls the same.
+        model._get_fsdp_state()._lazy_init()
         return model, model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -216,8 +221,13 @@ def wrap_parallel(model, parallel: str, dist: Dist, device):
     return DDP(model, device_ids=ids), model
 
 
+def is_dtensor(t) -> bool:
+    """An FSDP2-sharded tensor (torch.distributed.tensor.DTensor, which not every torch build has)."""
+    return hasattr(t, "full_tensor")
+
+
 def is_sharded(model) -> bool:
-    return any(hasattr(p, "full_tensor") for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 # ---- throughput accounting ----

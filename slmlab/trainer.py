@@ -43,6 +43,7 @@ from .rundir import AVG_WEIGHTS, CONFIG, METRICS, SAMPLE, SUMMARY, RunDir, RunLo
 from .runtime import (
     CompiledOrEager,
     Dist,
+    is_dtensor,
     is_sharded,
     peak_flops,
     rng_state,
@@ -361,7 +362,7 @@ class Trainer:
         ckpt = self.checkpoint_to_resume() if resume else None
         self.setup_model(resuming=ckpt is not None)
         saved = self.run.load_checkpoint(ckpt, self.model) if ckpt else None  # before DDP/FSDP wrap it
-        self.setup_parallel_and_optimizer(resuming=saved is not None)
+        self.setup_parallel_and_optimizer()
         self.batches = self.make_batches()
         done = saved["step"] if saved else 0
         # Score the quality-ordered phases to come now, not inside a timed step: a bad train.quality_score
@@ -532,9 +533,7 @@ class Trainer:
             self.say("  " + note)
         self.say(self.cfg.model.kernel_routing(self.device, self.phases[-1].seq_len))
 
-    def setup_parallel_and_optimizer(self, resuming: bool):
-        if resuming and self.dist.world > 1 and self.t.parallel == "fsdp":
-            raise ConfigError("--resume with train.parallel=fsdp is not supported yet; resume with ddp")
+    def setup_parallel_and_optimizer(self):
         self.model.set_data_shard(self.dist.rank, self.dist.world)
         self.fwd, self.model = wrap_parallel(self.model, self.t.parallel, self.dist, self.device)
         self.loss_fn, self.nll_fn = self.fwd, None  # what compute_loss and evaluate call
@@ -545,8 +544,6 @@ class Trainer:
             if self.teacher is not None:
                 self.teacher_fn = CompiledOrEager(self.teacher.hidden, "the teacher forward", self.say)
         self.opt = build_optimizer(self.model, self.cfg.optim, verbose=self.dist.main)
-        if self.cfg.optim.name == "muon" and is_sharded(self.model):
-            raise ConfigError("train.parallel=fsdp supports optim.name=adamw only (Muon needs whole matrices)")
         self.base_windows = self.cfg.model.layer_windows()
 
     def resume(self, ckpt: Path, saved: dict):
@@ -721,7 +718,7 @@ class Trainer:
         # measures the norm for the log, through the same DTensor-aware call under FSDP.
         self.loss_scale.unscale_(self.model.parameters())
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
-        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+        gnorm = float(gnorm.full_tensor() if is_dtensor(gnorm) else gnorm)
         stepped = math.isfinite(loss_sum) and math.isfinite(gnorm)
         overflow = not stepped and self.loss_scale.overflowed(loss_sum, gnorm)
         if stepped:
@@ -839,11 +836,13 @@ class Trainer:
         return task_metrics(model, self.tok, self.device, self.eval_T, self.task_items, dtype=self.t.precision)
 
     def checkpoint(self, step: int, ph, scheduled: bool = True):
-        sd = weights_for_save(self.model)  # collective under FSDP: every rank calls it
+        # Weights and optimizer state whole: collectives under FSDP (every rank calls them), and a
+        # checkpoint any world size or parallelism resumes.
+        sd, opt_sd = weights_for_save(self.model), self.opt.state_dict()
         if not self.dist.main:
             return
         s = self.state
-        st = {"step": step, "phase": ph.index, "tokens": s.tokens, "optimizer": self.opt.state_dict(),
+        st = {"step": step, "phase": ph.index, "tokens": s.tokens, "optimizer": opt_sd,
               **self.batches.state_dict(), "metrics_offset": self.metrics.offset(), "bad_steps": s.bad_steps,
               "moe_stats": pending_stats(self.model),
               "train_time": s.train_time(), "wall_time": s.wall_time(), "world": self.dist.world, "wandb_id": self.metrics.wandb_id}

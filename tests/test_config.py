@@ -393,12 +393,12 @@ def test_a_config_without_presets_is_labelled_by_the_model_it_builds(tmp_path):
     assert (cfg.arch, cfg.model.layer_letters()) == ("hybrid", "CCACCA")
 
 
-def test_optim_name_auto_is_muon_but_adamw_under_fsdp_and_the_run_records_which(tmp_path):
+def test_optim_name_is_muon_under_fsdp_too_and_auto_from_older_configs_is_recorded_as_muon(tmp_path):
     assert load_config().optim.name == "muon"
-    assert load_config(overrides=["train.parallel=fsdp"]).optim.name == "adamw"  # Muon needs whole matrices
+    assert load_config(overrides=["train.parallel=fsdp"]).optim.name == "muon"  # BatchedMuon gathers the shards
     assert load_config(overrides=["optim.name=adamw"]).optim.name == "adamw"
     cfg = load_config(overrides=["optim.name=auto"])
     cfg.save(tmp_path / "config.yaml")
     assert "name: muon" in (tmp_path / "config.yaml").read_text()
-    with pytest.raises(ConfigError, match="optim.name must be one of: auto, muon, adamw; got 'sgd'"):
+    with pytest.raises(ConfigError, match="optim.name must be muon or adamw; got 'sgd'"):
         load_config(overrides=["optim.name=sgd"])

@@ -1,8 +1,11 @@
 """torchrun with 2 CPU processes (gloo): each rank trains on its half of the global batch, and
 the losses match a 1-process run with the same global batch."""
+import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 import torch.distributed as dist
@@ -61,61 +64,126 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert (run / "model.safetensors").is_file() and not list(run.glob("*rank*"))
 
 
+# Muon's Newton-Schulz in fp32 in both runs: the 1-process run probes its dtype on its own, and a
+# machine where bf16 won the probe in one of them would compare two optimizers.
+MUON = {"optim.name": "muon", "optim.muon_ns_dtype": "float32"}
+
+
 @pytest.mark.slow
-def test_fsdp2_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("optim", ["adamw", "muon"])
+def test_fsdp2_two_processes_match_one(tmp_path, optim):
+    """Muon under FSDP2 gathers each sharded update whole for Newton-Schulz and applies each rank's rows."""
     from slmlab.rundir import RunDir
 
-    run = _compare(tmp_path, {"optim.name": "adamw", "train.parallel": "fsdp"})
+    run = _compare(tmp_path, {**(MUON if optim == "muon" else {"optim.name": optim}), "train.parallel": "fsdp"})
     RunDir.open(run).load()  # the gathered full weights load into a plain model
 
 
 @pytest.mark.slow
-def test_ddp_resume(tmp_path):
+@pytest.mark.parametrize("first, then", [("ddp", "ddp"), ("fsdp", "fsdp"), ("fsdp", "ddp")])
+def test_a_killed_two_rank_run_resumes_as_the_uninterrupted_one(tmp_path, first, then):
+    """Checkpoints hold the whole optimizer state (gathered from FSDP2's shards), so a run resumes under
+    either parallelism. A finished run resumed again (at its last step: no training step before the final
+    evaluation) rewrites the same outputs."""
     corpus = write_corpus(tmp_path / "c.txt")
     # Killed from outside once the step-20 checkpoint exists, with 40 steps left to run.
-    ov = tiny_overrides(tmp_path, steps=60, **{"optim.name": "muon", "train.ckpt_every": 4})
+    ov = tiny_overrides(tmp_path, steps=60, **MUON, **{"train.ckpt_every": 4})
     one = run_train(["--data", str(corpus), "--out", str(tmp_path / "one"), *ov])
     assert one.returncode == 0, one.stderr
-    cmd = torchrun_cmd(["--data", str(corpus), "--out", str(tmp_path / "two"), *ov])
+    cmd = torchrun_cmd(["--data", str(corpus), "--out", str(tmp_path / "two"), *ov, f"train.parallel={first}"])
     assert kill_after_checkpoint(cmd, tmp_path / "two", min_step=20, log=tmp_path / "killed.log") != 0
     assert not (tmp_path / "two" / "summary.json").exists()
-    resumed = torchrun(["--resume", "--out", str(tmp_path / "two")])
+    resumed = torchrun(["--resume", "--out", str(tmp_path / "two"), f"train.parallel={then}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(a) == sorted(b) and max(abs(a[k] - b[k]) - reorder_bound(a[k], k, TOKENS_PER_STEP)
                                           for k in a) <= 0, (a, b)
+    final = json.loads((tmp_path / "two" / "summary.json").read_text())["val_loss"]
+    again = torchrun(["--resume", "--out", str(tmp_path / "two"), f"train.parallel={then}"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["val_loss"] == final
 
 
-def test_evaluation_under_fsdp2_gathers_the_root_weights(tmp_path):
-    """In one process (gloo, world 1: the parameters are still DTensors): token_nll is not forward,
-    so FSDP2's pre-forward hook never gathers the root's embedding and head; inside root_gathered
-    it gives the unsharded model's numbers. (The slow torchrun test runs the whole trainer.)"""
+@contextmanager
+def plain_and_sharded(tmp_path):
+    """In one process (gloo, world 1): a tiny LM and its twin sharded by the trainer's FSDP2 wrap, whose
+    parameters are DTensors (each rank's rows being all of them)."""
     import torch
-    from torch.distributed.fsdp import fully_shard
 
     from arch import LM, ModelConfig
-    from slmlab.runtime import is_sharded, root_gathered
+    from slmlab.runtime import is_sharded, wrap_parallel
 
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
         torch.manual_seed(0)
-        plain = LM(ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, layers="CA")).eval()
-        sharded = LM(plain.cfg).eval()
+        plain = LM(ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, layers="CA"))
+        sharded = LM(plain.cfg)
         sharded.load_state_dict(plain.state_dict())
-        for layer in sharded.layers:
-            fully_shard(layer)
-        fully_shard(sharded)
+        # wrap_parallel reads the world size only, and shards for any above 1: the group itself has one rank.
+        _, sharded = wrap_parallel(sharded, "fsdp", SimpleNamespace(world=2), torch.device("cpu"))
         assert is_sharded(sharded)
-        x = torch.randint(0, 61, (2, 9))
-        with torch.no_grad():
-            want = plain.token_nll(x, x)
-            with pytest.raises(RuntimeError, match="DTensor"):
-                sharded.token_nll(x, x)
-            with root_gathered(sharded):
-                got = sharded.token_nll(x, x)
-        torch.testing.assert_close(got, want)
+        yield plain, sharded
     finally:
         dist.destroy_process_group()
+
+
+def test_evaluation_under_fsdp2_gathers_the_root_weights(tmp_path):
+    """token_nll is not forward, so FSDP2's pre-forward hook never gathers the root's embedding and head;
+    inside root_gathered it gives the unsharded model's numbers. Evaluated before any forward (a resume at
+    the last step), the blocks did not become FSDP roots of their own: the forward after it runs. (The
+    slow torchrun tests run the whole trainer.)"""
+    import torch
+
+    from slmlab.runtime import root_gathered
+
+    with plain_and_sharded(tmp_path) as (plain, sharded), torch.no_grad():
+        x = torch.randint(0, 61, (2, 9))
+        want = plain.eval().token_nll(x, x)
+        with pytest.raises(RuntimeError, match="DTensor"):
+            sharded.eval().token_nll(x, x)
+        with root_gathered(sharded):
+            got = sharded.token_nll(x, x)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(sharded(x, x), plain(x, x))
+
+
+def test_muon_and_adamw_step_fsdp2_shards_as_the_plain_model_and_checkpoint_whole_state(tmp_path):
+    """Muon gathers each sharded update whole for Newton-Schulz and applies the rank's rows; AdamW steps
+    the shards. Three steps equal the plain model's; state_dict gives whole plain tensors (what a
+    checkpoint saves, loadable with weights_only), and load_state_dict shards them again."""
+    import torch
+
+    from slmlab.config import load_config
+    from slmlab.optim import build_optimizer
+    from slmlab.runtime import is_dtensor
+
+    ocfg = load_config(overrides=["optim.name=muon", "optim.muon_ns_dtype=float32"]).optim
+    with plain_and_sharded(tmp_path) as (plain, sharded):
+        opts = [build_optimizer(m, ocfg, verbose=False) for m in (plain, sharded)]
+        assert {"muon", "adamw"} <= set(opts[1].optimizers)
+
+        def steps(n):
+            for _ in range(n):
+                x = torch.randint(0, 61, (2, 9))
+                for m, opt in zip((plain, sharded), opts):
+                    m(x, x).backward()
+                    opt.step()
+                    opt.zero_grad()
+            for (name, a), b in zip(plain.named_parameters(), sharded.parameters()):
+                torch.testing.assert_close(b.full_tensor(), a, rtol=1e-5, atol=1e-6, msg=name)
+
+        steps(3)
+        whole = opts[1].state_dict()
+        for k, sd in whole.items():
+            for i, state in sd["state"].items():
+                for name, v in state.items():
+                    assert not is_dtensor(v)
+                    torch.testing.assert_close(v, opts[0].state_dict()[k]["state"][i][name], rtol=1e-5, atol=1e-6)
+        torch.save(whole, tmp_path / "state.pt")
+        opts[1].load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+        shards = [v for opt in opts[1].optimizers.values() for s in opt.state.values() for v in s.values()]
+        assert sum(map(is_dtensor, shards)) == sum(1 for v in shards if v.dim())  # all but AdamW's step counts
+        steps(2)
 
 
 @pytest.mark.slow

@@ -192,11 +192,10 @@ def test_dry_run_report_and_its_knobs(capsys):
     out = capsys.readouterr().out
     assert "123.6M params" in out and "RTX 4090 dense bf16 datasheet peak" in out and "per rank" in out
     cfg = load_config(arch="hybrid", size="350m", overrides=["optim.name=adamw"])
-    fsdp_cfg = load_config(arch="hybrid", size="350m", overrides=["train.parallel=fsdp"])
-    assert fsdp_cfg.optim.name == "adamw"  # optim.name auto: FSDP2 shards the matrices Muon needs whole
+    fsdp_cfg = load_config(arch="hybrid", size="350m", overrides=["train.parallel=fsdp", "optim.name=adamw"])
     ddp1, fsdp2 = estimate(cfg, "cuda"), estimate(fsdp_cfg, "cuda", world=2)
     assert fsdp2["static_bytes"]["optimizer"] == ddp1["static_bytes"]["optimizer"] // 2
-    muon = estimate(load_config(arch="hybrid", size="350m"), "cuda")  # auto: Muon
+    muon = estimate(load_config(arch="hybrid", size="350m"), "cuda")  # the default
     assert muon["static_bytes"]["optimizer"] < ddp1["static_bytes"]["optimizer"]  # one buffer, not two
     ckpt = estimate(cfg, "cuda")["phases"][0]
     assert ckpt["grad_checkpoint"]["activations"] < ckpt["no_checkpoint"]["activations"] / 4

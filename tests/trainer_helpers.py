@@ -21,7 +21,7 @@ def write_corpus(path: Path, lines: int = 3000, seed: int = 0) -> Path:
 
 
 def tiny_overrides(tmp: Path, steps: int = 8, **extra) -> list[str]:
-    # optim.name pinned to the optimizer these tests were written against (the default, auto, is Muon):
+    # optim.name pinned to the optimizer these tests were written against (the default is Muon):
     # a test that compares two processes' runs would otherwise depend on each one's Newton-Schulz dtype probe.
     ov = {"model.d_model": 32, "model.n_layers": 3, "model.n_heads": 2, "model.n_kv_heads": 1,
           "model.vocab_size": 300, "model.layers": "CCA", "optim.name": "adamw",
@@ -66,11 +66,30 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, read from /proc (Linux), whichever session it runs in."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # after "pid (comm) state"
+        except (OSError, IndexError, ValueError):
+            continue  # exited while being read
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
 def kill_after_checkpoint(cmd: list[str], run_dir: Path, min_step: int, log: Path, timeout: float = 180,
                           sig: int = signal.SIGKILL) -> int:
     """Run `cmd` in its own process group; once `run_dir` holds a complete checkpoint at a step
-    >= min_step, send `sig` to the whole group (torchrun and its workers too): SIGKILL as a crash
-    would, SIGINT as Ctrl-C, SIGTERM as a scheduler. Returns the exit status (-SIGKILL when it was
+    >= min_step, send `sig` to the whole group: SIGINT as Ctrl-C, SIGTERM as a scheduler (torchrun
+    forwards both to its workers), SIGKILL as a crash would, to every descendant as well (torchrun starts
+    each worker in a session of its own, which outlived a SIGKILL of torchrun's group and trained on
+    beside the resumed run). Returns the exit status (-SIGKILL when it was
     still running; a run still going 60 s after another signal is SIGKILLed). The caller picks
     min_step with enough steps after it that the run cannot finish before the poll (10 ms)
     notices the checkpoint."""
@@ -89,10 +108,11 @@ def kill_after_checkpoint(cmd: list[str], run_dir: Path, min_step: int, log: Pat
                     raise AssertionError(f"no checkpoint at step >= {min_step} within {timeout} s")
                 time.sleep(0.01)
         finally:
-            try:
-                os.killpg(p.pid, sig)
-            except ProcessLookupError:
-                pass
+            for pid in [p.pid, *(descendants(p.pid) if sig == signal.SIGKILL else [])]:
+                try:
+                    os.killpg(pid, sig) if pid == p.pid else os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
             try:
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:
