@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections import Counter
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -34,7 +34,7 @@ import torch
 
 from .errors import ConfigError
 from .fmt import count, duration
-from .optim import route_params
+from .optim import ns_batches, route_params
 from .phases import Phase, phase_windows, resolve_phases
 from .precision import FP32_ON_GPU
 from .runtime import GPUS, gpu_peak_source, measured_peak
@@ -151,16 +151,16 @@ def static_memory(model, cfg, cuda: bool, world: int, teacher=None) -> Static:
     largest = max(p.numel() for p in model.parameters())
     # AdamW's step: foreach (CUDA) builds sqrt(exp_avg_sq) for the whole group at once; the
     # single-tensor loop (CPU) one tensor at a time. BatchedMuon (slmlab/optim.py) makes every
-    # Nesterov update at once, then runs Newton-Schulz on one stack of same-shape matrices at a
-    # time: the stack, its normalised copy and the next iterate are alive together (under FSDP2 with
-    # the whole matrices gathered from their shards as well).
+    # Newton-Schulz on one batch of same-shape matrices at a time (optim.ns_batches): the batch's
+    # Nesterov updates, their stack, its normalised copy and the next iterate are alive together
+    # (under FSDP2 with the whole matrices gathered from their shards as well).
     transient = (4 * adam // shard if cuda else 2 * 4 * largest)
     if muon:
-        shapes = Counter()  # matrices per shape, a 3-D weight (MoE experts) being a stack of them
+        shapes = defaultdict(list)  # sizes per matrix shape, a 3-D weight (MoE experts) being a stack of them
         for p in routes["muon"].params:
-            shapes[tuple(p.shape[-2:])] += p.numel() // math.prod(p.shape[-2:])
-        stack = max(n * math.prod(shape) for shape, n in shapes.items())
-        transient += 4 * muon * cfg.optim.muon_nesterov // shard + (3 + (shard > 1)) * 4 * stack
+            shapes[tuple(p.shape[-2:])].append(p.numel())
+        stack = max(sum(sizes[i] for i in batch) for sizes in shapes.values() for batch in ns_batches(sizes))
+        transient += int((cfg.optim.muon_nesterov / shard + 3 + (shard > 1)) * 4 * stack)
     matmul = sum(p.numel() for p in model.parameters() if p.dim() == 2)
     return Static(shard=shard, params=params, params_non_embedding=model.num_params(exclude_embedding=True),
                   weights=4 * params // shard, gradients=4 * trainable // shard,

@@ -238,10 +238,30 @@ def _probe_cpu_dtype() -> torch.dtype:
     return torch.bfloat16 if best(torch.bfloat16) < 0.8 * best(torch.float32) else torch.float32
 
 
+# Elements per batched Newton-Schulz call. Unbounded, one call took every matrix of a shape at once: at
+# the 1b hybrid its 48 MLP up-projections, whose stack and two NS temporaries were 10 GB of step
+# scratch per rank (`--dry-run --size 1b --world 2 train.parallel=fsdp`). 2^24 (64 MB in fp32) keeps
+# the default shapes' batches whole (4.7M Muon parameters in all) and a 124M model's matmuls large.
+NS_BATCH_NUMEL = 2 ** 24
+
+
+def ns_batches(numels: list[int], limit: int = NS_BATCH_NUMEL) -> list[list[int]]:
+    """Positions of same-shape updates (sizes `numels`) in order, cut into batches of at most `limit`
+    elements (one parameter larger than that alone). The memory estimate sizes the step by these."""
+    out, n = [], 0
+    for i, k in enumerate(numels):
+        if not out or n + k > limit:
+            out.append([])
+            n = 0
+        out[-1].append(i)
+        n += k
+    return out
+
+
 class BatchedMuon(torch.optim.Muon):
     """torch.optim.Muon's update (same param groups, state and checkpoint format, same momentum,
     nesterov, decoupled weight decay and adjust_lr_fn) with Newton-Schulz batched over matrices
-    of one shape and run in `ns_dtype`.
+    of one shape (up to `batch_numel` elements a batch) and run in `ns_dtype`.
 
     Why not torch.optim.Muon itself: it runs NS in bfloat16, one matrix at a time. On this
     project's 2-core CPUs bf16 matmul is ~3.5x slower than fp32, and one 5-step NS on a 256x704
@@ -250,7 +270,8 @@ class BatchedMuon(torch.optim.Muon):
     dtype, as in modded-nanogpt). tests/test_optim.py checks the update equals torch.optim.Muon's
     when both run NS in bf16, and equals a plain fp32 loop."""
 
-    def __init__(self, params, ns_dtype=None, row_splits: dict | None = None, **kw):
+    def __init__(self, params, ns_dtype=None, row_splits: dict | None = None, batch_numel: int = NS_BATCH_NUMEL,
+                 **kw):
         # torch.optim.Muon's __init__ refuses 3-D weights, though its update is per matrix: a stack
         # [n, r, c] (MoE experts) is n matrices. Muon checks the hyperparameters and makes the defaults
         # (on a stand-in matrix); the base Optimizer takes the parameters.
@@ -261,6 +282,7 @@ class BatchedMuon(torch.optim.Muon):
                 raise ValueError(f"BatchedMuon takes matrices and stacks of them (2-D, 3-D), got {tuple(p.shape)}")
         self.ns_dtype = ns_dtype
         self.row_splits = row_splits or {}  # id(param) -> k: its rows are k matrices (fused_rows)
+        self.batch_numel = batch_numel  # elements per Newton-Schulz batch (ns_batches)
 
     def state_dict(self) -> dict:
         """torch's, plus the NS dtype in use and its device type: with optim.muon_ns_dtype auto, a resume
@@ -296,39 +318,43 @@ class BatchedMuon(torch.optim.Muon):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            grads = [p.grad for p in params]
             bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
-            mom = group["momentum"]
-            torch._foreach_lerp_(bufs, grads, 1 - mom)
-            updates = [g.lerp(b, mom) for g, b in zip(grads, bufs)] if group["nesterov"] else bufs
+            torch._foreach_lerp_(bufs, [p.grad for p in params], 1 - group["momentum"])
             by_shape = defaultdict(list)  # matrices of one shape, a 3-D stack (or fused rows) being several
-            for i, u in enumerate(updates):
-                rows, cols = u.shape[-2:]
-                by_shape[((rows // self.row_splits.get(id(params[i]), 1), cols), u.device)].append(i)
+            for i, p in enumerate(params):
+                rows, cols = p.shape[-2:]
+                by_shape[((rows // self.row_splits.get(id(p), 1), cols), p.device)].append(i)
             for ((A, B), device), idx in by_shape.items():
-                tall = A > B  # NS works on the wide orientation: tall matrices transposed
-                # FSDP2: the momentum stays sharded, and NS takes whole matrices, gathered on every rank
-                # one shape at a time (one all-gather per matrix, as FSDP's forward gathers the weight).
-                mats = [(updates[i].full_tensor() if is_dtensor(updates[i]) else updates[i]).reshape(-1, A, B)
-                        for i in idx]
-                G = torch.cat([m.mT if tall else m for m in mats])
-                dtype = self.ns_dtype or fast_ns_dtype(device)
-                O = newton_schulz(G, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype)
-                O = O.mT if tall else O
-                if group["adjust_lr_fn"] == "match_rms_adamw":
-                    ratio = 0.2 * math.sqrt(max(A, B))
-                else:  # "original" (and torch's None)
-                    ratio = math.sqrt(max(1, A / B))
-                for i, o in zip(idx, O.split([m.shape[0] for m in mats])):
-                    p = params[i]
-                    o = o.reshape(p.shape).to(p.dtype)
-                    if is_dtensor(p):  # this rank's rows of the whole update
-                        from torch.distributed.tensor import distribute_tensor
-
-                        o = distribute_tensor(o, p.device_mesh, p.placements, src_data_rank=None)
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(o, alpha=-group["lr"] * ratio)
+                for batch in ns_batches([params[i].numel() for i in idx], self.batch_numel):
+                    self._orthogonal_step(group, [params[idx[j]] for j in batch], [bufs[idx[j]] for j in batch],
+                                          A, B, device)
         return loss
+
+    def _orthogonal_step(self, group: dict, params: list, bufs: list, A: int, B: int, device):
+        """One batched Newton-Schulz over these parameters' A x B matrices, and their updates."""
+        mom = group["momentum"]
+        # FSDP2: the momentum stays sharded, and NS takes whole matrices, gathered on every rank (one
+        # all-gather per matrix, as FSDP's forward gathers the weight).
+        mats = [(p.grad.lerp(b, mom) if group["nesterov"] else b) for p, b in zip(params, bufs)]
+        mats = [(u.full_tensor() if is_dtensor(u) else u).reshape(-1, A, B) for u in mats]
+        tall = A > B  # NS works on the wide orientation: tall matrices transposed
+        G = torch.cat([m.mT if tall else m for m in mats])
+        dtype = self.ns_dtype or fast_ns_dtype(device)
+        O = newton_schulz(G, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype)
+        O = O.mT if tall else O
+        if group["adjust_lr_fn"] == "match_rms_adamw":
+            ratio = 0.2 * math.sqrt(max(A, B))
+        else:  # "original" (and torch's None)
+            ratio = math.sqrt(max(1, A / B))
+        for p, o in zip(params, O.split([m.shape[0] for m in mats])):
+            o = o.reshape(p.shape).to(p.dtype)
+            if is_dtensor(p):  # this rank's rows of the whole update
+                from torch.distributed.tensor import distribute_tensor
+
+                o = distribute_tensor(o, p.device_mesh, p.placements, src_data_rank=None)
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(o, alpha=-group["lr"] * ratio)
+
 
 
 def build_optimizer(model, ocfg, verbose: bool = True) -> CombinedOptimizer:

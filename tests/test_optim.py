@@ -102,9 +102,11 @@ def test_muon_matches_torch_muon_plus_adamw():
         torch.testing.assert_close(pa, pb, rtol=0, atol=0)
 
 
-def test_batched_newton_schulz_equals_a_plain_fp32_loop():
-    """BatchedMuon's NS (stacked by shape, tall matrices transposed) against the textbook iteration
-    on one fp32 matrix at a time; and its full update against that reference."""
+@pytest.mark.parametrize("batch_numel", [2 ** 24, 1, 64 * 32 * 2])  # one batch a shape; one matrix each; 2 + 1
+def test_batched_newton_schulz_equals_a_plain_fp32_loop(batch_numel):
+    """BatchedMuon's NS (stacked by shape, in batches of up to batch_numel elements, tall matrices
+    transposed) against the textbook iteration on one fp32 matrix at a time; and its full update
+    against that reference."""
     from slmlab.optim import BatchedMuon, newton_schulz
 
     def plain(G, steps=5, a=3.4445, b=-4.7750, c=2.0315):
@@ -119,10 +121,11 @@ def test_batched_newton_schulz_equals_a_plain_fp32_loop():
     G = torch.randn(3, 24, 40, generator=g)
     for i in range(3):
         torch.testing.assert_close(newton_schulz(G, 5)[i], plain(G[i]), atol=1e-5, rtol=1e-5)
-    shapes = [(64, 32), (32, 64), (64, 32), (48, 48)]
+    shapes = [(64, 32), (32, 64), (64, 32), (48, 48), (64, 32)]
     params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
     before = [p.detach().clone() for p in params]
-    opt = BatchedMuon(params, ns_dtype=torch.float32, lr=0.02, weight_decay=0.1, momentum=0.0, nesterov=False, adjust_lr_fn="original")
+    opt = BatchedMuon(params, ns_dtype=torch.float32, batch_numel=batch_numel, lr=0.02, weight_decay=0.1,
+                      momentum=0.0, nesterov=False, adjust_lr_fn="original")
     grads = [torch.randn(s, generator=g) for s in shapes]
     for p, gr in zip(params, grads):
         p.grad = gr
@@ -141,6 +144,14 @@ def _one_muon_update(adjust, seed=3, shape=(64, 32), lr=0.01):
     p.grad = torch.randn(shape)
     opt.step()
     return p.detach() - before
+
+
+def test_newton_schulz_batches_hold_at_most_the_limit_in_order():
+    from slmlab.optim import ns_batches
+
+    assert ns_batches([3, 3, 3, 10, 1], limit=6) == [[0, 1], [2], [3], [4]]  # 10 alone: one matrix is never split
+    assert ns_batches([2, 2, 2], limit=6) == [[0, 1, 2]]
+    assert ns_batches([]) == []
 
 
 def test_muon_update_is_orthogonalised_and_deterministic():
