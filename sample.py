@@ -46,6 +46,9 @@ def parse_args(argv=None):
                         "except --seed/--num-samples with a diffusion run's --sampler mdlm)")
     p.add_argument("--top-k", type=int, default=None, help=f"sample from the k likeliest tokens; 0 = all "
                                                             f"(default {DEFAULT_TOP_K})")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling: of the --top-k tokens, the fewest likeliest whose probabilities sum to "
+                        "at least p, in (0, 1] (default 1: all)")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--seed", type=int, default=None, help=f"the sampling generator's seed (default {DEFAULT_SEED})")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -160,7 +163,8 @@ def main(argv=None):
             extra["on_token"] = printer.add
         try:
             out = model.generate(idx, args.max_new_tokens, temperature=args.temperature,
-                                 top_k=args.top_k or None, generator=g, eos_id=tok.eos_id, **extra)
+                                 top_k=args.top_k or None, top_p=args.top_p, generator=g, eos_id=tok.eos_id,
+                                 **extra)
         except KeyboardInterrupt:
             print(flush=True)
             return 130
@@ -231,13 +235,15 @@ def check_args(args):
     check_mode_flags(args)
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise ConfigError(f"--temperature must be a finite number >= 0, got {args.temperature}")
-    if args.top_k is not None and is_greedy(args.temperature):
-        raise ConfigError(f"--top-k has no effect at --temperature {args.temperature:g}: greedy decoding takes "
-                          "the likeliest token; drop it")
+    for flag, v in (("--top-k", args.top_k), ("--top-p", args.top_p)):
+        if v is not None and is_greedy(args.temperature):
+            raise ConfigError(f"{flag} has no effect at --temperature {args.temperature:g}: greedy decoding takes "
+                              "the likeliest token; drop it")
     # A static decode state holds the whole context; 100k new tokens keep it well under a GB at these sizes.
     Range(0, 100_000).check("--max-new-tokens", args.max_new_tokens)
     if args.top_k is not None:
         Range(0, None).check("--top-k", args.top_k)
+    Range(0, 1, lo_open=True).check("--top-p", args.top_p)
     Range(1, 10_000).check("--num-samples", args.num_samples)
     if args.seed is not None:
         Range(0, 2 ** 63 - 1).check("--seed", args.seed)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from slmlab.errors import ConfigError
 
 from .loss import linear_token_nll
-from .model import LM, sample_next
+from .model import LM, check_top_p, sample_next
 
 T_EPS = 1e-3  # smallest t: keeps the 1/t weight finite
 
@@ -128,22 +128,24 @@ class DiffusionLM(LM):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
                  generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None,
-                 steps: Optional[int] = None, block_length: Optional[int] = None, sampler: str = "llada"):
+                 steps: Optional[int] = None, block_length: Optional[int] = None, sampler: str = "llada",
+                 top_p: Optional[float] = None):
         """Fill max_new_tokens masks after the prompt. steps defaults to one token per step;
         block_length (llada) defaults to objective.block_length, shrunk to a divisor if needed. With
         eos_id, a row's tokens after its first generated eos_id are eos_id (LM.generate pads a finished
         row so): every position is sampled at once, so the text after an end is noise."""
         n = max_new_tokens
         self.check_room(idx.shape[1], n)
+        check_top_p(top_p)
         if n == 0:
             return idx
         steps = steps or n
         if sampler == "mdlm":
-            out = mdlm_sample(self, idx, n, steps, temperature, top_k, generator)
+            out = mdlm_sample(self, idx, n, steps, temperature, top_k, generator, top_p)
         elif sampler == "llada":
             if block_length is None:
                 block_length = default_block_length(n, self.block_length)
-            out = llada_sample(self, idx, n, steps, block_length, temperature, top_k, generator)
+            out = llada_sample(self, idx, n, steps, block_length, temperature, top_k, generator, top_p)
         else:
             raise ConfigError(f"sampler must be llada or mdlm, got {sampler!r}")
         if eos_id is not None:
@@ -152,10 +154,10 @@ class DiffusionLM(LM):
         return out
 
 
-def _draw(logits, temperature, top_k, generator):
+def _draw(logits, temperature, top_k, generator, top_p=None):
     """Sample x0 [B, L] from logits [B, L, V]; temperature 0 is argmax."""
     B, L, V = logits.shape
-    return sample_next(logits.reshape(B * L, V), temperature, top_k, generator).view(B, L)
+    return sample_next(logits.reshape(B * L, V), temperature, top_k, generator, top_p).view(B, L)
 
 
 def default_block_length(gen_length: int, block_length: int) -> int:
@@ -183,7 +185,7 @@ def check_sampler_args(gen_length: int, steps: int, block_length: Optional[int] 
 
 @torch.no_grad()
 def llada_sample(model, prompt, gen_length: int, steps: int, block_length: int, temperature: float = 0.0,
-                 top_k: Optional[int] = None, generator=None):
+                 top_k: Optional[int] = None, generator=None, top_p: Optional[float] = None):
     """LLaDA: generate block by block, left to right; within a block, each step predicts every
     masked token and keeps the most confident ones (the rest stay masked). Steps are split evenly
     over blocks (rounded up), and each block's tokens evenly over its steps, so every mask is filled
@@ -201,7 +203,7 @@ def llada_sample(model, prompt, gen_length: int, steps: int, block_length: int, 
         in_block = (pos >= lo) & (pos < hi)
         for k in schedule:
             logits = model.denoise_logits(x)
-            x0 = _draw(logits, temperature, top_k, generator)
+            x0 = _draw(logits, temperature, top_k, generator, top_p)
             conf = F.softmax(logits, -1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
             open_ = (x == model.mask_id) & in_block
             conf = torch.where(open_, conf, torch.full_like(conf, -1.0))
@@ -212,7 +214,7 @@ def llada_sample(model, prompt, gen_length: int, steps: int, block_length: int, 
 
 @torch.no_grad()
 def mdlm_sample(model, prompt, gen_length: int, steps: int, temperature: float = 1.0,
-                top_k: Optional[int] = None, generator=None):
+                top_k: Optional[int] = None, generator=None, top_p: Optional[float] = None):
     """MDLM ancestral sampling from t=1 to 0 in `steps` equal steps: a masked token is revealed
     with probability (t - s) / t (the posterior of the log-linear schedule), with a value drawn
     from p_theta(x0 | x_t); revealed tokens never change. The last step (s = 0) reveals all."""
@@ -225,7 +227,7 @@ def mdlm_sample(model, prompt, gen_length: int, steps: int, temperature: float =
         masked = (x == model.mask_id) & gen_region
         if not masked.any():
             break
-        x0 = _draw(model.denoise_logits(x), temperature, top_k, generator)
+        x0 = _draw(model.denoise_logits(x), temperature, top_k, generator, top_p)
         reveal = torch.rand(x.shape, device=x.device, generator=generator) < (t - s) / t
         x = torch.where(masked & reveal, x0, x)
     return x

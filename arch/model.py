@@ -217,7 +217,7 @@ class LM(nn.Module):
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
                  generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None,
                  compile: bool = False, on_token=None, static: Optional[bool] = None,
-                 cuda_graph: bool = True):
+                 cuda_graph: bool = True, top_p: Optional[float] = None):
         """Prefill the prompt once, then decode token by token. Models whose mixers all have a
         static state (attention, conv) decode through preallocated states updated in place
         (static=None picks it when available; False forces the dynamic forward(x, states) path).
@@ -227,9 +227,10 @@ class LM(nn.Module):
         at batch 1 a token is a few hundred small kernels, and launching them from Python costs more
         than running them. With eos_id, generation ends once every row has emitted it; a row that
         finished earlier is padded with eos_id. on_token(id) is called with each new token of batch
-        row 0 (sample.py streams with it)."""
+        row 0 (sample.py streams with it). Sampling: sample_next (temperature, top_k, top_p)."""
         if idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError(f"generate needs prompts [batch, >= 1 token], got shape {tuple(idx.shape)}")
+        check_top_p(top_p)
         if max_new_tokens <= 0:
             return idx.clone()
         self.check_room(idx.shape[1], max_new_tokens)
@@ -243,7 +244,7 @@ class LM(nn.Module):
             dec = StaticDecoder(self, idx, max_new_tokens, compile, chunk, graphed)
         else:
             dec = DynamicDecoder(self, idx)
-        nxt, out = sample_next(dec.prefill(idx)[:, -1, :], temperature, top_k, generator), [idx]
+        nxt, out = sample_next(dec.prefill(idx)[:, -1, :], temperature, top_k, generator, top_p), [idx]
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)  # rows that emitted eos_id
         while True:  # each pass adds at least one token, so max_new_tokens ends it
             for j in range(nxt.shape[1]):
@@ -256,7 +257,7 @@ class LM(nn.Module):
                     on_token(tok[0, 0].item())
                 if bool(done.all()) or len(out) - 1 == max_new_tokens:
                     return torch.cat(out, dim=1)
-            nxt = dec.next_tokens(nxt[:, -1:], temperature, top_k, generator)
+            nxt = dec.next_tokens(nxt[:, -1:], temperature, top_k, generator, top_p)
 
     # ---- accounting ----
     def num_params(self, exclude_embedding: bool = False, active: bool = False) -> int:
@@ -375,10 +376,10 @@ class StaticDecoder:
         self.pos += nxt.shape[1]
         return logits
 
-    def next_tokens(self, nxt, temperature: float, top_k, generator):
+    def next_tokens(self, nxt, temperature: float, top_k, generator, top_p=None):
         """The tokens after nxt [B, 1]: [B, chunk] greedy ones in one call, or one sampled."""
         if self.chunk == 1:
-            return sample_next(self.step(nxt)[:, -1, :], temperature, top_k, generator)
+            return sample_next(self.step(nxt)[:, -1, :], temperature, top_k, generator, top_p)
         # The last column of the previous chunk has that chunk's strides; the compiled step is
         # specialised on strides, so a fresh [B, 1] keeps it to one graph.
         toks = self.greedy(nxt.clone(memory_format=torch.contiguous_format), self.pos, self.states, self.chunk)
@@ -453,8 +454,8 @@ class DynamicDecoder:
         logits, self.states = self.model(nxt, states=self.states)
         return logits
 
-    def next_tokens(self, nxt, temperature: float, top_k, generator):
-        return sample_next(self.step(nxt)[:, -1, :], temperature, top_k, generator)
+    def next_tokens(self, nxt, temperature: float, top_k, generator, top_p=None):
+        return sample_next(self.step(nxt)[:, -1, :], temperature, top_k, generator, top_p)
 
 
 def is_greedy(temperature: float) -> bool:
@@ -463,13 +464,35 @@ def is_greedy(temperature: float) -> bool:
     return temperature < 1e-5
 
 
-def sample_next(logits, temperature: float, top_k: Optional[int], generator=None):
-    """logits [B, V] -> next token [B, 1]; greedy (argmax) at is_greedy temperatures."""
+def sample_next(logits, temperature: float, top_k: Optional[int], generator=None, top_p: Optional[float] = None):
+    """logits [B, V] -> next token [B, 1]; greedy (argmax) at is_greedy temperatures. Otherwise from
+    softmax(logits / temperature), in transformers' order: the top_k likeliest tokens kept (0/None:
+    all), then of those the fewest whose probabilities sum to top_p (nucleus sampling; None or 1: all)."""
     if is_greedy(temperature):
         return logits.argmax(-1, keepdim=True)
     logits = logits.float() / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        logits = nucleus(logits, top_p)
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)
+
+
+def nucleus(logits, top_p: float):
+    """logits [B, V] with -inf outside each row's nucleus: its likeliest tokens, most probable first,
+    up to and including the one whose cumulative probability reaches top_p (so never empty). Tied
+    logits at the edge go in sort order, as transformers' TopPLogitsWarper does."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # the mass of the likelier tokens
+    sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))
+    return logits.scatter(-1, order, sorted_logits)
+
+
+def check_top_p(top_p: Optional[float]):
+    if top_p is not None and not 0 < top_p <= 1:  # (NaN fails the comparison too)
+        from slmlab.errors import ConfigError
+
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")

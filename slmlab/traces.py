@@ -76,7 +76,7 @@ def run_completions(args, convs, device):
     for msgs, ids in zip(convs, prompts):
         for _ in range(args.num_samples):
             out = model.generate(torch.tensor([ids], device=device), args.max_new_tokens, temperature=args.temperature,
-                                 top_k=args.top_k or None, generator=g, eos_id=tok.eos_id)
+                                 top_k=args.top_k or None, top_p=args.top_p, generator=g, eos_id=tok.eos_id)
             yield msgs, template.reply(tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True))
 
 
@@ -128,7 +128,8 @@ def hf_completions(args, convs, device):
         sample = not is_greedy(args.temperature)
         out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=sample,
                              num_return_sequences=args.num_samples, pad_token_id=tok.pad_token_id,
-                             **({"temperature": args.temperature, "top_k": args.top_k} if sample else {}))
+                             **({"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p or 1.0}
+                                if sample else {}))
         replies = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         for j, reply in enumerate(replies):
             yield convs[i + j // args.num_samples], cut_reply(reply, prefix, end)  # at the end-of-turn marker

@@ -429,6 +429,39 @@ def test_generate_greedy_is_deterministic_and_extends():
     assert a.shape == (1, 15) and torch.equal(a, b) and torch.equal(a[:, :5], p)
 
 
+@pytest.mark.parametrize("top_p", [1e-6, 0.3, 0.9, 0.999, 1.0])
+def test_nucleus_keeps_what_a_per_row_loop_keeps(top_p):
+    """The vectorised nucleus against the definition, one row at a time: the likeliest tokens, in order,
+    until their probabilities sum to top_p (that token included)."""
+    from arch.model import nucleus
+
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
+    got = nucleus(logits, top_p)
+    for row, kept in zip(logits, got):
+        probs, want, total = row.softmax(-1), torch.zeros(50, dtype=torch.bool), 0.0
+        for i in probs.argsort(descending=True).tolist():
+            want[i], total = True, total + probs[i].item()
+            if total >= top_p:
+                break
+        assert torch.equal(kept.isfinite(), want) and torch.equal(kept[want], row[want])
+
+
+def test_top_p_samples_only_the_nucleus_and_generate_refuses_a_bad_one():
+    from arch.model import sample_next
+    from slmlab.errors import ConfigError
+
+    logits = torch.tensor([[0.6, 0.3, 0.1]]).log().expand(2000, 3)
+    g = torch.Generator().manual_seed(0)
+    drawn = sample_next(logits, 1.0, None, g, top_p=0.7).flatten().bincount(minlength=3)
+    assert drawn[2] == 0 and drawn[0] > 0 and drawn[1] > 0  # 0.6 < 0.7: the second token joins
+    assert sample_next(logits, 1.0, None, g, top_p=0.6).eq(0).all()  # 0.6 reaches 0.6 alone
+    assert sample_next(logits, 1.0, 2, g, top_p=1.0).lt(2).all()  # top-k first
+    m = LM(tiny(layers="CA")).eval()
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match="top_p must be in"):
+            m.generate(torch.zeros(1, 2, dtype=torch.long), 3, top_p=bad)
+
+
 def test_mlp_none_is_a_mixer_only_stack():
     """model.mlp=none: no channel mixer and no second norm, a layer is x + mixer(norm(x)) (Mamba's own
     layout). Its forward is exactly that, decode equals it, it learns, and the name cannot be registered."""

@@ -142,6 +142,9 @@ def tiny_run(tmp_path_factory, corpus):
 @pytest.mark.parametrize("argv,needle", [
     (["--num-samples", "-1"], "--num-samples must be in [1, 10000], got -1"),
     (["--top-k", "-1"], "--top-k must be >= 0, got -1"),
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    (["--top-p", "nan"], "--top-p must be in (0, 1], got nan"),
     (["--temperature", "nan"], "--temperature must be a finite number >= 0, got nan"),
     (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
     (["--seed", "99999999999999999999999"], "--seed must be in [0, 9223372036854775807]"),
@@ -149,12 +152,23 @@ def tiny_run(tmp_path_factory, corpus):
     (["--block-length", "0"], "--block-length must be > 0"),
     # temperature 0 decodes greedily: what only sampling uses would be ignored or repeat one output
     (["--temperature", "0", "--top-k", "5"], "--top-k has no effect at --temperature 0: greedy decoding takes"),
+    (["--temperature", "0", "--top-p", "0.9"], "--top-p has no effect at --temperature 0: greedy decoding takes"),
     (["--temperature", "0", "--seed", "3"], "--seed has no effect at --temperature 0: greedy decoding draws"),
     (["--temperature", "1e-9", "--num-samples", "2"], "--num-samples 2 at --temperature 1e-09 repeats one output"),
 ])
 def test_sample_bad_flags_are_one_line_errors(tiny_run, capsys, argv, needle):
     assert run_cli(sample.main, ["--run", str(tiny_run), "--device", "cpu", *argv]) == 2
     _one_line_error(capsys, needle)
+
+
+def test_sample_with_top_p_draws_from_the_nucleus_only(tiny_run, capsys):
+    """--top-p 1e-6 keeps the likeliest token alone: a sample at temperature 1 is then the greedy output."""
+    capsys.readouterr()
+    argv = ["--run", str(tiny_run), "--device", "cpu", "--max-new-tokens", "8", "--prompt", "the"]
+    assert run_cli(sample.main, [*argv, "--temperature", "1", "--top-p", "1e-6", "--seed", "5"]) == 0
+    nucleus = capsys.readouterr().out
+    assert run_cli(sample.main, [*argv, "--temperature", "0"]) == 0
+    assert nucleus == capsys.readouterr().out
 
 
 def test_sample_odd_but_usable_inputs_work(tiny_run, capsys):
