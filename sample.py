@@ -10,6 +10,7 @@ run's chat template (or a transformers model folder's, with --hf), writing SFT-r
 Diffusion runs (--arch diffusion) fill the new tokens by iterative unmasking instead:
     python sample.py --run runs/diffusion-... --max-new-tokens 128 --diffusion-steps 64 --block-length 32
 
+A long --prompts job writes OUT.partial as it goes; after Ctrl-C the same command with --resume continues it.
 A flag the chosen mode has no use for (--prompt with --prompts, --batch-size without --hf, ...) is an error.
 """
 from __future__ import annotations
@@ -35,7 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--prompts", help="jsonl of {\"prompt\": str} or {\"messages\": [...]}: complete each one "
                                      "(through the chat template) and write --out")
     p.add_argument("--out", help="with --prompts: the SFT-ready jsonl written ({prompt, completion} or messages)")
-    p.add_argument("--force", action="store_true", help="with --prompts: replace an existing --out")
+    p.add_argument("--force", action="store_true", help="with --prompts: replace an existing --out (and OUT.partial)")
+    p.add_argument("--resume", action="store_true",
+                   help="with --prompts: continue a stopped job from the completions OUT.partial holds (same flags)")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"--hf --prompts: prompts generated together (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--prompt", default=None,
@@ -265,6 +268,11 @@ def check_mode_flags(args):
     a run is a diffusion run is known only once it loads: decode_kwargs checks the diffusion flags there."""
     if args.force and not args.out:
         raise ConfigError("--force applies to --prompts with --out (it replaces an existing --out); drop it")
+    if args.resume and not args.out:
+        raise ConfigError("--resume applies to --prompts with --out (it continues a stopped traces job); "
+                          "train.py --resume continues training")
+    if args.resume and args.force:
+        raise ConfigError("--resume continues the job writing --out and --force starts it over: give one of them")
     if args.batch_size is not None and not args.hf:
         one = "--run --prompts completes" if args.prompts else "sampling a run decodes"
         raise ConfigError(f"--batch-size applies to --hf --prompts (transformers generate's batches); {one} "

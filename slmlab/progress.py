@@ -8,25 +8,29 @@ from .fmt import duration as fmt_duration
 
 
 class Progress:
-    """One status line: step, loss, tokens/s, ETA. Redraws in place on a terminal, prints
-    periodic plain lines elsewhere (CI logs)."""
+    """One status line: step (or other unit), loss, tokens/s, ETA. Redraws in place on a terminal,
+    prints periodic plain lines elsewhere (CI logs)."""
 
-    def __init__(self, total, enabled=True, quiet=False, start=0):
+    def __init__(self, total, enabled=True, quiet=False, start=0, unit="step"):
         # `start`: the steps done before this process (a resumed run); the ETA's rate counts only
         # the steps this process ran, in the time it ran them.
-        self.total, self.enabled, self.quiet, self.start = total, enabled, quiet, start
+        self.total, self.enabled, self.quiet, self.start, self.unit = total, enabled, quiet, start, unit
         self.tty = sys.stderr.isatty()
         self.t0 = time.time()
         self.last_print = 0.0
 
     def update(self, step, loss, tps, phase=""):
+        self.update_count(step, f"loss {loss:.4f} {tps:,.0f} tok/s", phase)
+
+    def update_count(self, step, detail="", prefix=""):
+        """`step` of total done; `detail` after the count, `prefix` before it."""
         if not self.enabled:
             return
         now = time.time()
-        done = step / self.total
+        done = step / max(self.total, 1)
         eta = (now - self.t0) / max(step - self.start, 1e-9) * (self.total - step)
         bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
-        line = f"[{bar}] {phase}step {step}/{self.total} loss {loss:.4f} {tps:,.0f} tok/s eta {fmt_duration(eta)}"
+        line = f"[{bar}] {prefix}{self.unit} {step}/{self.total} {detail + ' ' if detail else ''}eta {fmt_duration(eta)}"
         if self.tty:
             sys.stderr.write("\r" + line + " " * 4)
             sys.stderr.flush()

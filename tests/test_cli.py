@@ -465,6 +465,7 @@ def test_sample_traces_refuse_an_existing_out_without_force(tiny_run, traces_io,
     assert out.read_text() == "my traces\n"
     assert run_cli(sample.main, [*argv, "--force"]) == 0
     assert [set(json.loads(line)) for line in out.read_text().splitlines()] == [{"prompt", "completion"}]
+    assert "prompt 1/1" in capsys.readouterr().err  # the status line
     onto_prompts = [str(prompts) if a == str(out) else a for a in argv]
     assert run_cli(sample.main, [*onto_prompts, "--force"]) == 2
     _one_line_error(capsys, "is the --prompts file")

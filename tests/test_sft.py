@@ -157,6 +157,43 @@ def test_traces_are_valid_sft_input(sft_run, tmp_path):
     assert any(lab != IGNORE for lab in labels)
 
 
+def test_a_stopped_traces_job_resumes_to_the_uninterrupted_file(sft_run, tmp_path, monkeypatch):
+    """Ctrl-C after two prompts keeps their completions in OUT.partial; a write cut by a kill is dropped;
+    --resume with other settings is refused by name; with the same ones it writes what the uninterrupted
+    job wrote (every prompt samples from its own seeded generator)."""
+    from slmlab import traces
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say {w}"}) + "\n" for w in ("the", "of", "and", "to", "a")))
+    job = ["--run", sft_run, "--prompts", prompts, "--num-samples", "2", "--temperature", "1", "--max-new-tokens", "8"]
+    whole, cut = tmp_path / "whole.jsonl", tmp_path / "cut.jsonl"
+    partial = tmp_path / "cut.jsonl.partial"
+    assert run_here("sample", *job, "--out", whole)[0] == 0 and not (tmp_path / "whole.jsonl.partial").exists()
+    real = traces.run_completions
+
+    def stopped_after_two(*args, **kw):
+        for n, unit in enumerate(real(*args, **kw)):
+            if n == 2:
+                raise KeyboardInterrupt
+            yield unit
+
+    monkeypatch.setattr(traces, "run_completions", stopped_after_two)
+    rc, _, err = run_here("sample", *job, "--out", cut)
+    assert rc == 130 and f"stopped: 4 completions kept in {partial}; the same command with --resume" in err
+    assert not cut.exists() and len(partial.read_text().splitlines()) == 1 + 4
+    with open(partial, "a") as f:
+        f.write('{"prompt": "say')  # a write the kill cut short
+    monkeypatch.setattr(traces, "run_completions", real)
+    rc, _, err = run_here("sample", *job, "--out", cut)
+    assert rc == 2 and "holds the completions of an unfinished job: --resume continues it, --force starts over" in err
+    rc, _, err = run_here("sample", *job, "--out", cut, "--resume", "--seed", "1", "--top-p", "0.9")
+    assert rc == 2 and "made with other settings (--top-p None there, 0.9 now; --seed 0 there, 1 now)" in err
+    assert run_here("sample", *job, "--out", cut, "--resume")[0] == 0
+    assert cut.read_text() == whole.read_text() and not partial.exists()
+    rc, _, err = run_here("sample", *job, "--out", cut, "--resume")
+    assert rc == 2 and "is finished already" in err
+
+
 def test_chat_without_an_assistant_turn_is_one_line_exit_2(base, tmp_path):
     bad = write_chat(tmp_path / "bad.jsonl", n=4)
     lines = bad.read_text().splitlines()
@@ -331,13 +368,14 @@ def test_hf_traces_end_at_the_templates_marker_and_without_a_template_take_one_t
             vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
             num_key_value_heads=1)).save_pretrained(hf)
         if template:
-            assert [r for _, r in hf_completions(args, [turns], "cpu")] == ["Fine."]
+            assert [r for _, unit in hf_completions(args, [turns], "cpu") for _, r in unit] == ["Fine."]
             assert tok.decode(seen[-1]).startswith("<|im_start|>system\ns<|im_end|>")
             continue
         with pytest.raises(ConfigError, match=f"^--prompts example 2 has 2 messages, but --hf {hf} has no chat "
                                               "template to render them"):
             list(hf_completions(args, [turns[1:], turns], "cpu"))
-        assert [r for _, r in hf_completions(args, [turns[1:]], "cpu")] == ["Fine.<|im_end|>\n<|im_start|>user"]
+        assert [r for _, unit in hf_completions(args, [turns[1:]], "cpu") for _, r in unit] == \
+            ["Fine.<|im_end|>\n<|im_start|>user"]
         assert seen[-1] == [tok.bos_id] + tok.encode("How are you?")
 
 
