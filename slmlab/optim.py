@@ -9,9 +9,11 @@ Routing is by parameter, printed at start, and asserted complete: every trainabl
 in exactly one group. Both optimizers are stepped together behind `CombinedOptimizer`, which the
 trainer and the checkpoint code treat as one optimizer.
 
-Under FSDP2 the parameters, gradients and optimizer state are DTensors (each rank holds its rows).
-AdamW's update is elementwise and runs on the shards; Muon's needs the whole matrix, so BatchedMuon
-gathers each update, orthogonalises it on every rank (as DDP ranks do) and applies its own rows.
+Under torchrun the ranks split Muon's Newton-Schulz: the batches of matrices go round-robin to the
+ranks, and each result is broadcast from the rank that made it (DDP replicas would otherwise all
+orthogonalise every matrix, identical work on identical inputs). Under FSDP2 the parameters,
+gradients and optimizer state are DTensors (each rank holds its rows): AdamW's elementwise update
+runs on the shards; Muon gathers each update whole for Newton-Schulz and applies its own rows.
 `CombinedOptimizer.state_dict` gathers the state whole and `load_state_dict` shards it again, so a
 checkpoint resumes under any parallelism and world size.
 """
@@ -314,6 +316,7 @@ class BatchedMuon(torch.optim.Muon):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        jobs = []  # one batched Newton-Schulz each; every rank lists the same, in the same order
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -326,27 +329,45 @@ class BatchedMuon(torch.optim.Muon):
                 by_shape[((rows // self.row_splits.get(id(p), 1), cols), p.device)].append(i)
             for ((A, B), device), idx in by_shape.items():
                 for batch in ns_batches([params[i].numel() for i in idx], self.batch_numel):
-                    self._orthogonal_step(group, [params[idx[j]] for j in batch], [bufs[idx[j]] for j in batch],
-                                          A, B, device)
+                    jobs.append(NSJob(group, [params[idx[j]] for j in batch], [bufs[idx[j]] for j in batch],
+                                      A, B, device))
+        rank, world = replicas()
+        for first in range(0, len(jobs), world):  # a round: rank r orthogonalises job first + r for all
+            todo, mine = jobs[first:first + world], None
+            for k, job in enumerate(todo):
+                if k == rank or job.sharded:  # FSDP2's gathers are collectives: every rank joins each
+                    G = self._stack(job)
+                    mine = self._newton_schulz(todo[rank], G) if k == rank else mine
+            for k, job in enumerate(todo):
+                O = mine if k == rank else None
+                if world > 1:
+                    O = share(O, job, src=k, dtype=self.ns_dtype or fast_ns_dtype(job.device))
+                self._apply(job, O)
         return loss
 
-    def _orthogonal_step(self, group: dict, params: list, bufs: list, A: int, B: int, device):
-        """One batched Newton-Schulz over these parameters' A x B matrices, and their updates."""
-        mom = group["momentum"]
-        # FSDP2: the momentum stays sharded, and NS takes whole matrices, gathered on every rank (one
-        # all-gather per matrix, as FSDP's forward gathers the weight).
-        mats = [(p.grad.lerp(b, mom) if group["nesterov"] else b) for p, b in zip(params, bufs)]
-        mats = [(u.full_tensor() if is_dtensor(u) else u).reshape(-1, A, B) for u in mats]
-        tall = A > B  # NS works on the wide orientation: tall matrices transposed
-        G = torch.cat([m.mT if tall else m for m in mats])
-        dtype = self.ns_dtype or fast_ns_dtype(device)
-        O = newton_schulz(G, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype)
-        O = O.mT if tall else O
+    def _stack(self, job: "NSJob") -> torch.Tensor:
+        """The job's Nesterov updates as one stack [n, A, B] of whole matrices. FSDP2: the momentum stays
+        sharded and each update is gathered whole (one all-gather per matrix, as FSDP's forward gathers
+        the weight)."""
+        group = job.group
+        mats = [(p.grad.lerp(b, group["momentum"]) if group["nesterov"] else b) for p, b in zip(job.params, job.bufs)]
+        return torch.cat([(u.full_tensor() if is_dtensor(u) else u).reshape(-1, job.A, job.B) for u in mats])
+
+    def _newton_schulz(self, job: "NSJob", G: torch.Tensor) -> torch.Tensor:
+        tall = job.A > job.B  # NS works on the wide orientation: tall matrices transposed
+        g = job.group
+        O = newton_schulz(G.mT if tall else G, g["ns_steps"], g["ns_coefficients"], g["eps"],
+                          self.ns_dtype or fast_ns_dtype(job.device))
+        return O.mT if tall else O
+
+    def _apply(self, job: "NSJob", O: torch.Tensor):
+        """Decoupled weight decay, then the orthogonalised update O [n, A, B] scaled by adjust_lr_fn."""
+        group, A, B = job.group, job.A, job.B
         if group["adjust_lr_fn"] == "match_rms_adamw":
             ratio = 0.2 * math.sqrt(max(A, B))
         else:  # "original" (and torch's None)
             ratio = math.sqrt(max(1, A / B))
-        for p, o in zip(params, O.split([m.shape[0] for m in mats])):
+        for p, o in zip(job.params, O.split([p.numel() // (A * B) for p in job.params])):
             o = o.reshape(p.shape).to(p.dtype)
             if is_dtensor(p):  # this rank's rows of the whole update
                 from torch.distributed.tensor import distribute_tensor
@@ -355,6 +376,43 @@ class BatchedMuon(torch.optim.Muon):
             p.mul_(1 - group["lr"] * group["weight_decay"])
             p.add_(o, alpha=-group["lr"] * ratio)
 
+
+@dataclass
+class NSJob:
+    """One batched Newton-Schulz: these parameters' A x B matrices (and their momentum buffers)."""
+    group: dict
+    params: list
+    bufs: list
+    A: int
+    B: int
+    device: torch.device
+
+    @property
+    def sharded(self) -> bool:
+        return any(is_dtensor(p) for p in self.params)
+
+
+def replicas() -> tuple[int, int]:
+    """(rank, world) of the ranks that hold the same matrices and gradients (DDP replicas, FSDP2 shards
+    gathered whole), which then split the Newton-Schulz work; (0, 1) without a process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def share(O, job: NSJob, src: int, dtype) -> torch.Tensor:
+    """Rank `src`'s orthogonalised stack of `job`, broadcast to every rank (O: src's, None elsewhere).
+    Every rank ran Newton-Schulz on every matrix before, identical work on identical inputs: splitting it
+    divides it by the world size for one broadcast of the result (modded-nanogpt splits it likewise)."""
+    import torch.distributed as dist
+
+    if O is None:
+        n = sum(p.numel() for p in job.params) // (job.A * job.B)
+        O = torch.empty(n, job.A, job.B, dtype=dtype, device=job.device)
+    dist.broadcast(O.contiguous(), src=src)
+    return O
 
 
 def build_optimizer(model, ocfg, verbose: bool = True) -> CombinedOptimizer:
