@@ -332,12 +332,16 @@ class BatchedMuon(torch.optim.Muon):
                     jobs.append(NSJob(group, [params[idx[j]] for j in batch], [bufs[idx[j]] for j in batch],
                                       A, B, device))
         rank, world = replicas()
+        jobs.sort(key=NSJob.numel, reverse=True)  # (stable) a round's jobs of about one size: no rank idles long
         for first in range(0, len(jobs), world):  # a round: rank r orthogonalises job first + r for all
-            todo, mine = jobs[first:first + world], None
+            todo, G = jobs[first:first + world], None
             for k, job in enumerate(todo):
-                if k == rank or job.sharded:  # FSDP2's gathers are collectives: every rank joins each
+                if k == rank:
                     G = self._stack(job)
-                    mine = self._newton_schulz(todo[rank], G) if k == rank else mine
+                elif job.sharded:  # FSDP2's gathers are collectives: every rank sends its rows of each
+                    self._stack(job)
+            # After every gather of the round: NS inside the loop made the next rank's gather wait for it.
+            mine = None if G is None else self._newton_schulz(todo[rank], G)
             for k, job in enumerate(todo):
                 O = mine if k == rank else None
                 if world > 1:
@@ -390,6 +394,9 @@ class NSJob:
     @property
     def sharded(self) -> bool:
         return any(is_dtensor(p) for p in self.params)
+
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
 
 
 def replicas() -> tuple[int, int]:
