@@ -7,6 +7,9 @@ run's chat template (or a transformers model folder's, with --hf), writing SFT-r
     python sample.py --run runs/teacher --prompts prompts.jsonl --out traces.jsonl --temperature 0
     python sample.py --hf path/to/Qwen2.5-0.5B-Instruct --prompts prompts.jsonl --out traces.jsonl --num-samples 4
 
+Chat with a run through its chat template (replies streamed, the conversation kept):
+    python sample.py --run runs/sft-... --chat --system "You are terse."
+
 Diffusion runs (--arch diffusion) fill the new tokens by iterative unmasking instead:
     python sample.py --run runs/diffusion-... --max-new-tokens 128 --diffusion-steps 64 --block-length 32
 
@@ -33,6 +36,10 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory written by train.py")
     src.add_argument("--hf", help="with --prompts: a transformers model folder to generate with (transformers generate)")
+    p.add_argument("--chat", action="store_true",
+                   help="talk to the run through its chat template: a reply per line typed, streamed, the "
+                        "conversation kept (/reset starts over, /quit or Ctrl-D ends)")
+    p.add_argument("--system", default=None, help="with --chat: a system message to start every conversation with")
     p.add_argument("--prompts", help="jsonl of {\"prompt\": str} or {\"messages\": [...]}: complete each one "
                                      "(through the chat template) and write --out")
     p.add_argument("--out", help="with --prompts: the SFT-ready jsonl written ({prompt, completion} or messages)")
@@ -146,6 +153,10 @@ def main(argv=None):
         from slmlab.traces import write_traces
 
         return write_traces(args, device)
+    if args.chat:
+        from slmlab.chat import chat
+
+        return chat(args, device)
     cfg, model, tok = RunDir.open(args.run).load(device)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"{args.run}: the tokenizer has {tok.vocab_size} ids but the model only "
@@ -259,8 +270,20 @@ def check_args(args):
     args.batch_size = DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
     args.top_k = DEFAULT_TOP_K if args.top_k is None else args.top_k
     args.seed_given, args.seed = args.seed is not None, DEFAULT_SEED if args.seed is None else args.seed
-    if args.prompts:  # traces decode autoregressively (or with transformers generate): greedy at temperature 0
+    if args.prompts or args.chat:  # these decode autoregressively (or with transformers generate)
         refuse_random_flags_when_greedy(args, "greedy decoding")
+
+
+def check_chat_flags(args):
+    """--chat converses with one run, one reply at a time: what it has no use for is refused."""
+    given = [f for f, v in (("--prompts", args.prompts), ("--hf", args.hf), ("--prompt", args.prompt is not None),
+                            ("--diffusion-steps", args.diffusion_steps), ("--block-length", args.block_length),
+                            ("--sampler", args.sampler)) if v]
+    if args.num_samples != 1:
+        given.append("--num-samples")
+    if given:
+        raise ConfigError(f"--chat takes the prompts you type, one reply each, from an autoregressive run: "
+                          f"drop {'/'.join(given)}")
 
 
 def check_mode_flags(args):
@@ -268,6 +291,10 @@ def check_mode_flags(args):
     a run is a diffusion run is known only once it loads: decode_kwargs checks the diffusion flags there."""
     if args.force and not args.out:
         raise ConfigError("--force applies to --prompts with --out (it replaces an existing --out); drop it")
+    if args.system is not None and not args.chat:
+        raise ConfigError("--system applies to --chat (the conversation's system message); drop it")
+    if args.chat:
+        check_chat_flags(args)
     if args.resume and not args.out:
         raise ConfigError("--resume applies to --prompts with --out (it continues a stopped traces job); "
                           "train.py --resume continues training")

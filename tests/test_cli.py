@@ -438,6 +438,12 @@ def traces_io(tmp_path):
     ("sample", ["--force"], "--force applies to --prompts with --out"),
     ("sample", ["--diffusion-steps", "3"], "--diffusion-steps applies to diffusion runs"),
     ("sample", ["--hf", "x"], "--hf generates traces: give --prompts"),
+    ("sample", ["--system", "be brief"], "--system applies to --chat"),
+    ("sample", ["--chat", "--prompt", "X", "--num-samples", "2"], "--chat takes the prompts you type, one reply each, "
+                                                                   "from an autoregressive run: drop --prompt/--num-samples"),
+    ("sample", ["--chat", "--sampler", "mdlm"], "drop --sampler"),
+    ("sample", ["--chat", "--temperature", "0", "--seed", "1"], "--seed has no effect at --temperature 0"),
+    ("traces", ["--chat"], "drop --prompts"),
 ])
 def test_sample_flags_of_another_mode_are_one_line_errors(tiny_run, traces_io, capsys, mode, argv, needle):
     """`--prompts p --out t --prompt X --batch-size 2 --diffusion-steps 3` exited 0 with all three ignored."""

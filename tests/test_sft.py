@@ -194,6 +194,70 @@ def test_a_stopped_traces_job_resumes_to_the_uninterrupted_file(sft_run, tmp_pat
     assert rc == 2 and "is finished already" in err
 
 
+def test_chat_streams_each_reply_and_keeps_the_conversation(sft_run, monkeypatch, capsys):
+    """Typed turns get the replies generate gives at temperature 0 for the same conversation (each
+    reply cut at the end-of-turn marker, which is never printed); the second turn is prompted with the
+    first exchange, /reset forgets it, and Ctrl-D ends with exit 0."""
+    import io
+
+    import sample
+    from slmlab.cli import run_cli
+    from slmlab.rundir import RunDir
+
+    run = RunDir.open(sft_run)
+    _, model, tok = run.load(torch.device("cpu"))
+    template = ChatTemplate.for_tokenizer(run.path, tok)
+
+    def reply(msgs):
+        ids = template.prompt_ids(msgs)
+        out = model.generate(torch.tensor([ids]), 12, temperature=0, eos_id=tok.eos_id)
+        return template.reply(tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True))
+
+    user = [{"role": "user", "content": c} for c in ("say the", "say of")]
+    first = reply(user[:1])
+    convs = [user[:1], [user[0], {"role": "assistant", "content": first}, user[1]], user[1:]]
+    prompted, generate = [], type(model).generate
+
+    def recording(self, idx, *a, **kw):
+        prompted.append(idx[0].tolist())
+        return generate(self, idx, *a, **kw)
+
+    monkeypatch.setattr(type(model), "generate", recording)
+    monkeypatch.setattr("sys.stdin", io.StringIO("say the\nsay of\n/reset\n\nsay of\n"))
+    want = [reply(c) for c in convs]
+    capsys.readouterr()
+    del prompted[:]
+    assert run_cli(sample.main, ["--run", str(sft_run), "--chat", "--temperature", "0", "--max-new-tokens", "12"]) == 0
+    out, err = capsys.readouterr()
+    assert prompted == [template.prompt_ids(c) for c in convs]  # the history, and none after /reset
+    assert out == "".join(r + "\n" for r in want) and "<|im_end|>" not in out, out
+    assert "/reset starts the conversation over" in err and "(a new conversation)" in err
+
+
+def test_the_reply_printer_never_shows_the_marker_or_the_prefix():
+    """One character a token: what is printed at each step is a prefix of the reply, never a piece of the
+    end-of-turn marker or of the reply prefix (Qwen3's empty think block); the marker ends the turn."""
+    import io
+
+    from slmlab.chat import EndOfTurn, ReplyPrinter
+
+    class Chars:
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(map(chr, ids))
+
+    out = io.StringIO()
+    printer = ReplyPrinter(Chars(), prefix="<think></think>", end="<|im_end|>", out=out)
+    text = "<think></think> Hi <there>|<|im_end|>\nnext"
+    for i, ch in enumerate(text):
+        try:
+            printer.add(ord(ch))
+        except EndOfTurn:
+            assert text[:i + 1].endswith("<|im_end|>")
+            break
+        assert "Hi <there>|".startswith(out.getvalue()), out.getvalue()
+    assert printer.finish() == "Hi <there>|" and out.getvalue() == "Hi <there>|\n"
+
+
 def test_chat_without_an_assistant_turn_is_one_line_exit_2(base, tmp_path):
     bad = write_chat(tmp_path / "bad.jsonl", n=4)
     lines = bad.read_text().splitlines()
