@@ -78,7 +78,7 @@ def read_turn() -> str:
 
 def chat(args, device) -> int:
     from .rundir import RunDir
-    from .sft import ChatTemplate
+    from .sft import CHATML, ChatTemplate
 
     run = RunDir.open(args.run)
     cfg, model, tok = run.load(device)
@@ -88,7 +88,8 @@ def chat(args, device) -> int:
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    print(f"chatting with {args.run} ({template.where}); {HELP}", file=sys.stderr)
+    which = "ChatML: the run has no chat template of its own" if template.source == CHATML else template.where
+    print(f"chatting with {args.run} ({which}); {HELP}", file=sys.stderr)
     while True:
         try:
             line = read_turn()
