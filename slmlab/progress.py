@@ -30,7 +30,8 @@ class Progress:
         done = step / max(self.total, 1)
         eta = (now - self.t0) / max(step - self.start, 1e-9) * (self.total - step)
         bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
-        line = f"[{bar}] {prefix}{self.unit} {step}/{self.total} {detail + ' ' if detail else ''}eta {fmt_duration(eta)}"
+        detail = detail + " " if detail else ""
+        line = f"[{bar}] {prefix}{self.unit} {step}/{self.total} {detail}eta {fmt_duration(eta)}"
         if self.tty:
             sys.stderr.write("\r" + line + " " * 4)
             sys.stderr.flush()

@@ -439,8 +439,8 @@ def traces_io(tmp_path):
     ("sample", ["--diffusion-steps", "3"], "--diffusion-steps applies to diffusion runs"),
     ("sample", ["--hf", "x"], "--hf generates traces: give --prompts"),
     ("sample", ["--system", "be brief"], "--system applies to --chat"),
-    ("sample", ["--chat", "--prompt", "X", "--num-samples", "2"], "--chat takes the prompts you type, one reply each, "
-                                                                   "from an autoregressive run: drop --prompt/--num-samples"),
+    ("sample", ["--chat", "--prompt", "X", "--num-samples", "2"],
+     "--chat takes the prompts you type, one reply each, from an autoregressive run: drop --prompt/--num-samples"),
     ("sample", ["--chat", "--sampler", "mdlm"], "drop --sampler"),
     ("sample", ["--chat", "--temperature", "0", "--seed", "1"], "--seed has no effect at --temperature 0"),
     ("traces", ["--chat"], "drop --prompts"),
