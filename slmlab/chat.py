@@ -81,7 +81,7 @@ def chat(args, device) -> int:
     from .sft import CHATML, ChatTemplate
 
     run = RunDir.open(args.run)
-    cfg, model, tok = run.load(device)
+    cfg, model, tok = run.load_for_decoding(device)
     if getattr(model, "mask_id", None) is not None:
         raise ConfigError(f"--chat decodes autoregressively; {args.run} is a diffusion run")
     template = ChatTemplate.for_tokenizer(run.path, tok)
@@ -117,8 +117,6 @@ def chat(args, device) -> int:
             model.generate(torch.tensor([ids], device=device), n, temperature=args.temperature,
                            top_k=args.top_k or None, top_p=args.top_p, generator=g, eos_id=tok.eos_id,
                            compile=args.compile, on_token=printer.add)
-        except EndOfTurn:
-            pass
-        except KeyboardInterrupt:  # the reply so far stays in the conversation
+        except (EndOfTurn, KeyboardInterrupt):  # the marker, or Ctrl-C: the reply so far joins the conversation
             pass
         messages.append({"role": "assistant", "content": printer.finish()})

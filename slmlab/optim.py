@@ -215,7 +215,7 @@ def _fast_cpu_dtype() -> torch.dtype:
     import torch.distributed as dist
 
     dtype = _probe_cpu_dtype()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if replicas()[1] > 1:
         flag = torch.tensor([dtype == torch.bfloat16], dtype=torch.int32)
         dist.broadcast(flag, src=0)
         dtype = torch.bfloat16 if flag.item() else torch.float32
@@ -445,8 +445,7 @@ def build_optimizer(model, ocfg, verbose: bool = True) -> CombinedOptimizer:
         muon_lr = ocfg.muon_lr if ocfg.muon_lr is not None else ocfg.lr
         wd = ocfg.muon_weight_decay if ocfg.muon_weight_decay is not None else ocfg.weight_decay
         params = by["muon"].params
-        if ocfg.muon_ns_dtype == "auto" and params[0].device.type == "cpu" and torch.distributed.is_available() \
-                and torch.distributed.is_initialized():
+        if ocfg.muon_ns_dtype == "auto" and params[0].device.type == "cpu" and replicas()[1] > 1:
             _fast_cpu_dtype()  # the ranks agree now, together: a step's first call on one rank alone could not
         opts["muon"] = BatchedMuon(params, ns_dtype=NS_DTYPES.get(ocfg.muon_ns_dtype), row_splits=fused_rows(model),
                                    lr=muon_lr, weight_decay=wd,

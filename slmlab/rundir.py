@@ -238,6 +238,15 @@ class RunDir:
                                   "run diverged or the file was altered; use an earlier checkpoint's weights")
         return cfg, model.to(device).eval(), self.tokenizer()
 
+    def load_for_decoding(self, device="cpu"):
+        """load(), refusing a tokenizer with ids past the model's vocabulary: text it encodes would index
+        past the embedding, and a sampled id past its own table would not decode."""
+        cfg, model, tok = self.load(device)
+        if tok.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"{self.name}: the tokenizer has {tok.vocab_size} ids but the model only "
+                              f"{cfg.model.vocab_size} (tokenizer.json replaced?)")
+        return cfg, model, tok
+
     def check_same_tokenizer(self, tok, why: str = ""):
         """ConfigError unless `tok` is the tokenizer this run was trained with (token ids only mean
         the same thing under the same tokenizer: for weights, logits and data positions)."""

@@ -228,5 +228,6 @@ def test_ranks_take_rank_0s_newton_schulz_dtype(monkeypatch):
     monkeypatch.setattr(optim, "_probe_cpu_dtype", lambda: torch.float32)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
     monkeypatch.setattr(dist, "broadcast", rank0_says_bf16)
     assert optim._fast_cpu_dtype.__wrapped__() == torch.bfloat16
