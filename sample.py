@@ -157,7 +157,7 @@ def main(argv=None):
         from slmlab.chat import chat
 
         return chat(args, device)
-    cfg, model, tok = RunDir.open(args.run).load_for_decoding(device)
+    cfg, model, tok = RunDir.open(args.run).load(device)
     extra = decode_kwargs(args, model)
     # A prompt with bytes that are not UTF-8 (argv keeps them as surrogates) is read with U+FFFD for them.
     prompt = args.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

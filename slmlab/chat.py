@@ -81,7 +81,7 @@ def chat(args, device) -> int:
     from .sft import CHATML, ChatTemplate
 
     run = RunDir.open(args.run)
-    cfg, model, tok = run.load_for_decoding(device)
+    cfg, model, tok = run.load(device)
     if getattr(model, "mask_id", None) is not None:
         raise ConfigError(f"--chat decodes autoregressively; {args.run} is a diffusion run")
     template = ChatTemplate.for_tokenizer(run.path, tok)

@@ -218,7 +218,8 @@ class RunDir:
         return path.read_text(encoding="utf-8") if path.is_file() else None
 
     def load(self, device="cpu", weights: str = WEIGHTS):
-        """(RunConfig, model in eval mode on `device`, Tokenizer). A run trained with kernels this
+        """(RunConfig, model in eval mode on `device`, Tokenizer), refusing a tokenizer with ids past the
+        model's vocabulary (every user encodes text or decodes ids with it). A run trained with kernels this
         device cannot run (model.kernels=triton on a CPU, say) loads with model.kernels=auto, which
         computes the same function, and says so on stderr."""
         import sys
@@ -236,16 +237,11 @@ class RunDir:
         if bad is not None:  # it would score NaN, greedy-decode token 0 and fail to sample, with no word why
             raise CheckpointError(f"{self.path / weights} holds non-finite weights (NaN or inf), first in {bad}: the "
                                   "run diverged or the file was altered; use an earlier checkpoint's weights")
-        return cfg, model.to(device).eval(), self.tokenizer()
-
-    def load_for_decoding(self, device="cpu"):
-        """load(), refusing a tokenizer with ids past the model's vocabulary: text it encodes would index
-        past the embedding, and a sampled id past its own table would not decode."""
-        cfg, model, tok = self.load(device)
-        if tok.vocab_size > cfg.model.vocab_size:
+        tok = self.tokenizer()
+        if tok.vocab_size > cfg.model.vocab_size:  # text it encodes would index past the embedding
             raise ConfigError(f"{self.name}: the tokenizer has {tok.vocab_size} ids but the model only "
                               f"{cfg.model.vocab_size} (tokenizer.json replaced?)")
-        return cfg, model, tok
+        return cfg, model.to(device).eval(), tok
 
     def check_same_tokenizer(self, tok, why: str = ""):
         """ConfigError unless `tok` is the tokenizer this run was trained with (token ids only mean

@@ -298,17 +298,36 @@ def test_sample_compile_on_a_diffusion_run_is_an_error():
     assert sample.decode_kwargs(args, SimpleNamespace(supports_static=lambda: True))["compile"] is True
 
 
-def test_sample_refuses_a_tokenizer_larger_than_the_model(tiny_run, tmp_path, capsys):
+@pytest.mark.parametrize("tool", ["sample", "sample --chat", "sample --prompts", "eval", "convert"])
+def test_every_tool_refuses_a_tokenizer_larger_than_the_model(tool, tiny_run, tmp_path, capsys):
+    """RunDir.load refuses it for all: text it encodes would index past the embedding (eval and --prompts
+    loaded without the check once)."""
     import shutil
 
+    import convert
+    import eval as eval_cli
     from slmlab.tokenizer import train_tokenizer
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     texts = ["".join(chr(0x4E00 + (i * 7 + j) % 3000) for j in range(200)) for i in range(300)]
     (run / "tokenizer.json").write_text(train_tokenizer(texts, vocab_size=600).to_json())
-    assert run_cli(sample.main, ["--run", str(run), "--device", "cpu"]) == 2
-    _one_line_error(capsys, "ids but the model only 300")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    text = tmp_path / "t.txt"
+    text.write_text("some text to score\n")
+    main, argv = {"sample": (sample.main, ["--device", "cpu"]),
+                  "sample --chat": (sample.main, ["--device", "cpu", "--chat"]),
+                  "sample --prompts": (sample.main, ["--device", "cpu", "--prompts", str(prompts),
+                                                     "--out", str(tmp_path / "o.jsonl")]),
+                  "eval": (eval_cli.main, ["--device", "cpu", "--tasks", str(text)]),
+                  "convert": (convert.main, ["--to", "hf", "--out", str(tmp_path / "hf")])}[tool]
+    if tool == "eval":  # it scores every other model/task on and exits 1, naming each failure in one line
+        assert run_cli(main, ["--run", str(run), *argv]) == 1
+        assert "the tokenizer has 600 ids but the model only 300" in capsys.readouterr().err
+    else:
+        assert run_cli(main, ["--run", str(run), *argv]) == 2
+        _one_line_error(capsys, "ids but the model only 300")
 
 
 # ---- nothing is lost, and the filesystem's errors are one line (issue 13) -------------------------
