@@ -34,7 +34,7 @@ import torch
 
 from .errors import ConfigError
 from .fmt import count, duration
-from .optim import ns_batches, route_params
+from .optim import fused_rows, ns_batches, ns_shape, route_params
 from .phases import Phase, phase_windows, resolve_phases
 from .precision import FP32_ON_GPU
 from .runtime import GPUS, gpu_peak_source, measured_peak
@@ -156,9 +156,9 @@ def static_memory(model, cfg, cuda: bool, world: int, teacher=None) -> Static:
     # (under FSDP2 with the whole matrices gathered from their shards as well).
     transient = (4 * adam // shard if cuda else 2 * 4 * largest)
     if muon:
-        shapes = defaultdict(list)  # sizes per matrix shape, a 3-D weight (MoE experts) being a stack of them
+        shapes, splits = defaultdict(list), fused_rows(model)  # sizes per matrix shape, as BatchedMuon batches
         for p in routes["muon"].params:
-            shapes[tuple(p.shape[-2:])].append(p.numel())
+            shapes[ns_shape(p, splits)].append(p.numel())
         stack = max(sum(sizes[i] for i in batch) for sizes in shapes.values() for batch in ns_batches(sizes))
         transient += int((cfg.optim.muon_nesterov / shard + 3 + (shard > 1)) * 4 * stack)
     matmul = sum(p.numel() for p in model.parameters() if p.dim() == 2)

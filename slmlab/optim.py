@@ -13,7 +13,8 @@ Under torchrun the ranks split Muon's Newton-Schulz: the batches of matrices go 
 ranks, and each result is broadcast from the rank that made it (DDP replicas would otherwise all
 orthogonalise every matrix, identical work on identical inputs). Under FSDP2 the parameters,
 gradients and optimizer state are DTensors (each rank holds its rows): AdamW's elementwise update
-runs on the shards; Muon gathers each update whole for Newton-Schulz and applies its own rows.
+runs on the shards; for Muon the rank that orthogonalises a batch gathers its updates whole, and
+scatters each rank its rows of the result.
 `CombinedOptimizer.state_dict` gathers the state whole and `load_state_dict` shards it again, so a
 checkpoint resumes under any parallelism and world size.
 """
@@ -54,6 +55,13 @@ def matrix_stacks(model) -> set[int]:
 def fused_rows(model) -> dict[int, int]:
     """{id: k} of the weights whose rows are k matrices (a module's `fused_rows`: MoE's w13, gate then up)."""
     return {id(getattr(m, name)): k for m in model.modules() for name, k in getattr(m, "fused_rows", {}).items()}
+
+
+def ns_shape(p: torch.Tensor, row_splits: dict) -> tuple[int, int]:
+    """The A x B of the matrices Muon orthogonalises in `p`: its last two dims, the rows cut k ways where
+    row_splits (fused_rows) says they are k matrices. Newton-Schulz batches matrices of one such shape."""
+    rows, cols = p.shape[-2:]
+    return rows // row_splits.get(id(p), 1), cols
 
 
 def lookup_tables(model) -> set[int]:
@@ -316,7 +324,13 @@ class BatchedMuon(torch.optim.Muon):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        jobs = []  # one batched Newton-Schulz each; every rank lists the same, in the same order
+        self._run(self._jobs())
+        return loss
+
+    def _jobs(self) -> list["NSJob"]:
+        """Momentum updated; the batched Newton-Schulz calls to make, largest first (every rank lists the
+        same, in the same order)."""
+        jobs = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -325,37 +339,40 @@ class BatchedMuon(torch.optim.Muon):
             torch._foreach_lerp_(bufs, [p.grad for p in params], 1 - group["momentum"])
             by_shape = defaultdict(list)  # matrices of one shape, a 3-D stack (or fused rows) being several
             for i, p in enumerate(params):
-                rows, cols = p.shape[-2:]
-                by_shape[((rows // self.row_splits.get(id(p), 1), cols), p.device)].append(i)
+                by_shape[(ns_shape(p, self.row_splits), p.device)].append(i)
             for ((A, B), device), idx in by_shape.items():
                 for batch in ns_batches([params[i].numel() for i in idx], self.batch_numel):
                     jobs.append(NSJob(group, [params[idx[j]] for j in batch], [bufs[idx[j]] for j in batch],
                                       A, B, device))
+        # (stable) largest first: a round's jobs are of about one size, so no rank idles long
+        return sorted(jobs, key=NSJob.numel, reverse=True)
+
+    def _run(self, jobs: list["NSJob"]):
         rank, world = replicas()
-        jobs.sort(key=NSJob.numel, reverse=True)  # (stable) a round's jobs of about one size: no rank idles long
         for first in range(0, len(jobs), world):  # a round: rank r orthogonalises job first + r for all
             todo, G = jobs[first:first + world], None
             for k, job in enumerate(todo):
-                if k == rank:
-                    G = self._stack(job)
-                elif job.sharded:  # FSDP2's gathers are collectives: every rank sends its rows of each
-                    self._stack(job)
+                if job.sharded:  # FSDP2: a gather, which every rank joins (sending its rows) and k receives
+                    whole = gather_rows(self._updates(job), k, job.A, job.B)
+                    G = whole if k == rank else G
+                elif k == rank:
+                    G = torch.cat([u.reshape(-1, job.A, job.B) for u in self._updates(job)])
             # After every gather of the round: NS inside the loop made the next rank's gather wait for it.
             mine = None if G is None else self._newton_schulz(todo[rank], G)
             for k, job in enumerate(todo):
                 O = mine if k == rank else None
+                dtype = self.ns_dtype or fast_ns_dtype(job.device)
+                if job.sharded:  # each rank receives its rows of k's result, and only them
+                    self._apply(job, scatter_rows(O, job, k, dtype))
+                    continue
                 if world > 1:
-                    O = share(O, job, src=k, dtype=self.ns_dtype or fast_ns_dtype(job.device))
-                self._apply(job, O)
-        return loss
+                    O = share(O, job, src=k, dtype=dtype)
+                self._apply(job, [o.reshape(p.shape) for p, o in zip(job.params, O.split(job.counts()))])
 
-    def _stack(self, job: "NSJob") -> torch.Tensor:
-        """The job's Nesterov updates as one stack [n, A, B] of whole matrices. FSDP2: the momentum stays
-        sharded and each update is gathered whole (one all-gather per matrix, as FSDP's forward gathers
-        the weight)."""
+    def _updates(self, job: "NSJob") -> list:
+        """The job's Nesterov updates, one per parameter (FSDP2: DTensors of this rank's rows, as the momentum)."""
         group = job.group
-        mats = [(p.grad.lerp(b, group["momentum"]) if group["nesterov"] else b) for p, b in zip(job.params, job.bufs)]
-        return torch.cat([(u.full_tensor() if is_dtensor(u) else u).reshape(-1, job.A, job.B) for u in mats])
+        return [(p.grad.lerp(b, group["momentum"]) if group["nesterov"] else b) for p, b in zip(job.params, job.bufs)]
 
     def _newton_schulz(self, job: "NSJob", G: torch.Tensor) -> torch.Tensor:
         tall = job.A > job.B  # NS works on the wide orientation: tall matrices transposed
@@ -364,19 +381,21 @@ class BatchedMuon(torch.optim.Muon):
                           self.ns_dtype or fast_ns_dtype(job.device))
         return O.mT if tall else O
 
-    def _apply(self, job: "NSJob", O: torch.Tensor):
-        """Decoupled weight decay, then the orthogonalised update O [n, A, B] scaled by adjust_lr_fn."""
+    def _apply(self, job: "NSJob", outs: list):
+        """Decoupled weight decay, then each parameter's orthogonalised update (`outs`, in its shape; FSDP2:
+        this rank's rows of it) scaled by adjust_lr_fn."""
         group, A, B = job.group, job.A, job.B
         if group["adjust_lr_fn"] == "match_rms_adamw":
             ratio = 0.2 * math.sqrt(max(A, B))
         else:  # "original" (and torch's None)
             ratio = math.sqrt(max(1, A / B))
-        for p, o in zip(job.params, O.split([p.numel() // (A * B) for p in job.params])):
-            o = o.reshape(p.shape).to(p.dtype)
-            if is_dtensor(p):  # this rank's rows of the whole update
-                from torch.distributed.tensor import distribute_tensor
+        for p, o in zip(job.params, outs):
+            o = o.to(p.dtype)
+            if is_dtensor(p):
+                from torch.distributed.tensor import DTensor
 
-                o = distribute_tensor(o, p.device_mesh, p.placements, src_data_rank=None)
+                o = DTensor.from_local(o, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                       stride=p.stride())
             p.mul_(1 - group["lr"] * group["weight_decay"])
             p.add_(o, alpha=-group["lr"] * ratio)
 
@@ -397,6 +416,10 @@ class NSJob:
 
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
+
+    def counts(self) -> list[int]:
+        """A x B matrices in each parameter (a stack or fused rows being several)."""
+        return [p.numel() // (self.A * self.B) for p in self.params]
 
 
 def replicas() -> tuple[int, int]:
@@ -420,6 +443,74 @@ def share(O, job: NSJob, src: int, dtype) -> torch.Tensor:
         O = torch.empty(n, job.A, job.B, dtype=dtype, device=job.device)
     dist.broadcast(O.contiguous(), src=src)
     return O
+
+
+def shard_rows(n: int, world: int, rank: int) -> tuple[int, int]:
+    """[start, stop) of `rank`'s rows of `n` under FSDP2's Shard(0): torch.chunk's split, ceil(n / world)
+    rows a rank, the last ranks fewer or none."""
+    per = -(-n // world)
+    return min(rank * per, n), min((rank + 1) * per, n)
+
+
+def gather_rows(updates: list, owner: int, A: int, B: int) -> torch.Tensor | None:
+    """FSDP2: sharded updates (DTensors, rows split over a 1-D mesh; their A x B matrices) whole, as one
+    stack [n, A, B], on mesh rank `owner` only (None elsewhere).
+
+    One gather of every rank's rows, each padded to ceil(rows / world) as FSDP pads its shards. An
+    all-gather of each update (as FSDP's forward gathers weights) and a broadcast of the whole result
+    would have each of W ranks receive W times as much, though one rank orthogonalises each matrix: on
+    2-4 gloo CPU ranks that step took 1.03-1.17x this one's time (bench/muon_split.py --fsdp), the NS
+    compute dominating there."""
+    import torch.distributed as dist
+
+    mesh = updates[0].device_mesh
+    world, rank = mesh.size(), mesh.get_local_rank()
+    pers = [-(-u.shape[0] // world) for u in updates]
+    mine = []
+    for u, per in zip(updates, pers):
+        rows = u.to_local()
+        mine.append(torch.cat([rows, rows.new_zeros(per - rows.shape[0], *rows.shape[1:])]).reshape(-1))
+    flat = torch.cat(mine)
+    got = [torch.empty_like(flat) for _ in range(world)] if rank == owner else None
+    dist.gather(flat, got, group=mesh.get_group(), group_dst=owner)
+    if got is None:
+        return None
+    per_rank = [b.split([m.numel() for m in mine]) for b in got]
+    G, start = flat.new_empty(sum(u.numel() for u in updates)), 0  # each rank's rows copied into place
+    for i, u in enumerate(updates):
+        row = math.prod(u.shape[1:])
+        for r in range(world):
+            lo, hi = shard_rows(u.shape[0], world, r)
+            G[start + lo * row:start + hi * row] = per_rank[r][i][:(hi - lo) * row]
+        start += u.numel()
+    return G.view(-1, A, B)
+
+
+def scatter_rows(O: torch.Tensor | None, job: "NSJob", owner: int, dtype) -> list[torch.Tensor]:
+    """FSDP2: mesh rank `owner`'s orthogonalised stack O [n, A, B] of `job` (None on the other ranks) sent
+    out so that each rank receives its rows of every parameter's update and no more: one scatter, rows
+    padded as in gather_rows. Returns this rank's rows, one tensor per parameter."""
+    import torch.distributed as dist
+
+    mesh = job.params[0].device_mesh
+    world, rank = mesh.size(), mesh.get_local_rank()
+    shapes = [p.shape for p in job.params]
+    pers = [-(-s[0] // world) for s in shapes]
+    sizes = [per * math.prod(s[1:]) for per, s in zip(pers, shapes)]
+    pieces = None
+    if O is not None:
+        whole = [o.reshape(s) for o, s in zip(O.split(job.counts()), shapes)]
+        pieces = []
+        for r in range(world):
+            part = []
+            for w, per in zip(whole, pers):
+                lo, hi = shard_rows(w.shape[0], world, r)
+                part.append(torch.cat([w[lo:hi], w.new_zeros(per - (hi - lo), *w.shape[1:])]).reshape(-1))
+            pieces.append(torch.cat(part))
+    out = torch.empty(sum(sizes), dtype=dtype, device=job.device)
+    dist.scatter(out, pieces, group=mesh.get_group(), group_src=owner)
+    mine = [shard_rows(s[0], world, rank) for s in shapes]
+    return [o.view(per, *s[1:])[:hi - lo] for o, per, s, (lo, hi) in zip(out.split(sizes), pers, shapes, mine)]
 
 
 def build_optimizer(model, ocfg, verbose: bool = True) -> CombinedOptimizer:

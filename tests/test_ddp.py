@@ -186,6 +186,71 @@ def test_muon_and_adamw_step_fsdp2_shards_as_the_plain_model_and_checkpoint_whol
         steps(2)
 
 
+# Muon parameters of uneven rows over 3 ranks: 7 rows (3, 3, 1), 2 rows (1, 1 and none: an empty shard), a
+# stack of 3 matrices 4 x 6 (one a rank), and 8 rows that are 2 fused 4 x 6 matrices (the stack's job).
+MUON_SHAPES = {"a": (7, 5), "b": (7, 5), "c": (2, 3), "d": (3, 4, 6), "e": (8, 6)}
+
+
+def _muon_params(seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    m = torch.nn.Module()
+    for name, shape in MUON_SHAPES.items():
+        m.register_parameter(name, torch.nn.Parameter(torch.randn(shape, generator=g)))
+    grads = [{n: torch.randn(s, generator=g) for n, s in MUON_SHAPES.items()} for _ in range(3)]
+    return m, grads
+
+
+def _muon(m):
+    import torch
+
+    from slmlab.optim import BatchedMuon
+
+    return BatchedMuon(m.parameters(), ns_dtype=torch.float32, row_splits={id(m.e): 2}, lr=0.02, weight_decay=0.1,
+                       momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
+
+
+def _sharded_muon_worker(rank, world, store, out):
+    import torch
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
+    try:
+        m, grads = _muon_params()
+        fully_shard(m)
+        opt = _muon(m)
+        for step in grads:
+            for n, p in m.named_parameters():
+                p.grad = distribute_tensor(step[n], p.device_mesh, p.placements, src_data_rank=None)
+            opt.step()
+        whole = {n: p.full_tensor() for n, p in m.named_parameters()}
+        if rank == 0:
+            torch.save(whole, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_muon_under_fsdp2_gathers_and_scatters_uneven_rows_as_one_process_steps(tmp_path):
+    """Each Newton-Schulz job is gathered whole on the one rank that orthogonalises it, and each rank
+    receives its rows of the result: with rows that do not split evenly over 3 ranks, an empty shard, a
+    3-D stack and fused rows, three steps equal BatchedMuon's on the unsharded parameters."""
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sharded_muon_worker, args=(3, str(tmp_path / "store"), str(tmp_path / "w.pt")), nprocs=3)
+    m, grads = _muon_params()
+    opt = _muon(m)
+    for step in grads:
+        for n, p in m.named_parameters():
+            p.grad = step[n]
+        opt.step()
+    got = torch.load(tmp_path / "w.pt", weights_only=True)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(got[n], p.detach(), rtol=1e-5, atol=1e-6, msg=n)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_moe_with_expert_bias_on_two_ranks_matches_one_process(tmp_path, parallel):
