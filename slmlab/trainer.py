@@ -262,7 +262,7 @@ class BatchSource:
             reads = ph.steps * ph.tokens_per_step
             s = self.streams[ph.index] = OrderedStream(bundle.train, spans, scores, ph.top_frac, reads)
             self.stream_keys[ph.index] = self.stream_key(ph)
-            n = len(s.index)
+            n = len(s)
             self.say(f"  phase {ph.index + 1}: {s.n_docs} of {len(spans)} documents ({n:,} tokens), low -> high "
                      f"{self.quality_score}; its {reads:,} tokens "
                      + (f"are the stream's best {reads / n:.0%}" if reads <= n else f"read it {reads / n:.1f} times")

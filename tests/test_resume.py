@@ -341,7 +341,7 @@ def test_a_quality_ordered_phase_resumed_with_more_steps_still_ends_on_its_best_
     assert run_cli(train.main, ["--resume", "--out", str(run), "--steps", "8"]) == 0  # phase 2: steps 5-8
     assert "phase 2's quality-ordered stream is placed again for the 512 tokens" in capsys.readouterr().out
     s = last[-1]
-    assert len(last) == 4 and s.cursor == len(s.index) - 1  # the last window's target was the stream's last token
+    assert len(last) == 4 and s.cursor == len(s) - 1  # the last window's target was the stream's last token
 
 
 def test_a_second_signal_stops_at_once_and_without_checkpoints_nothing_is_resumable(tmp_path, monkeypatch, capsys):

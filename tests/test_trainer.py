@@ -359,7 +359,28 @@ def test_top_frac_keeps_the_fraction_as_written(frac, n, keep):
     """ceil(0.14 * 50) was 8 in floats (7.000000000000001): one document below the top 14% streamed too."""
     tokens = np.array(sum(([i + 1] * 2 + [0] for i in range(n)), []))
     s = OrderedStream(tokens, document_spans(tokens, 0), np.arange(n, dtype=float), top_frac=frac)
-    assert s.n_docs == keep and sorted(set(s.tokens[s.index].tolist()) - {0}) == list(range(n - keep + 1, n + 1))
+    assert s.n_docs == keep and sorted(set(s.take(np.arange(len(s))).tolist()) - {0}) == list(range(n - keep + 1, n + 1))
+
+
+@pytest.mark.parametrize("top_frac", [1.0, 0.4])
+def test_a_quality_stream_reads_what_a_token_index_of_its_documents_reads(top_frac):
+    """The stream keeps its documents' spans, not an int64 index of every token: the windows are those the
+    explicit index (the documents' token positions concatenated in score order) gives, wrapping included."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 50, 400).astype(np.uint16)
+    tokens[rng.choice(400, 30, replace=False)] = 0
+    spans = document_spans(tokens, 0)
+    scores = rng.random(len(spans))
+    s = OrderedStream(tokens, spans, scores, top_frac=top_frac, reads=1000)
+    order = np.argsort(scores, kind="stable")[len(spans) - s.n_docs:]
+    index = np.concatenate([np.arange(*spans[i]) for i in order])
+    cursor = s.cursor
+    for b, t in [(3, 7), (1, 1), (5, 63), (2, 300)]:  # 2 x 300 wraps the stream
+        x, y = s.next(b, t)
+        pos = (cursor + np.arange(b)[:, None] * t + np.arange(t + 1)[None, :]) % len(index)
+        want = torch.from_numpy(tokens[index[pos]].astype(np.int64))
+        assert len(s) == len(index) and torch.equal(x, want[:, :-1]) and torch.equal(y, want[:, 1:])
+        cursor = (cursor + b * t) % len(index)
 
 
 def test_a_quality_score_too_large_for_a_float_is_the_one_line_error(tmp_path):
