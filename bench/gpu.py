@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import decode_rates, hf_twin, interleaved
 
 from arch import build_model
-from slmlab.config import load_config
+from slmlab.config import load_config, presets
 from slmlab.estimate import meta_model, static_memory, train_peak
 from slmlab.optim import build_optimizer
 from slmlab.precision import autocast
@@ -237,7 +237,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", action="append", choices=list(SECTIONS), help="run only these sections (repeatable)")
     p.add_argument("--size", default="124m", help="a --size preset of train.py (default 124m; \"\" = the preset's own size)")
-    p.add_argument("--archs", nargs="+", default=["transformer", "hybrid"])
+    # choices: an override after the list (--archs hybrid model.d_model=512) is named as no preset, not run as one
+    p.add_argument("--archs", nargs="+", default=["transformer", "hybrid"], choices=sorted(presets()),
+                   help="presets to time (default: transformer hybrid); give overrides before --archs")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--tokens", type=int, default=16384, help="train: tokens per step")
     p.add_argument("--rounds", type=int, default=5, help="timed calls per variant, interleaved (median)")

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from arch import build_model
-from slmlab.config import load_config
+from slmlab.config import load_config, presets
 from slmlab.optim import build_optimizer
 from slmlab.precision import autocast
 from slmlab.runtime import peak_flops, resolve_device
@@ -60,7 +60,9 @@ def bench(arch, seq_len, args, device, peak):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--archs", nargs="+", default=["transformer", "hybrid"])
+    # choices: an override after the list (--archs hybrid model.d_model=512) is named as no preset, not run as one
+    p.add_argument("--archs", nargs="+", default=["transformer", "hybrid"], choices=sorted(presets()),
+                   help="presets to time (default: transformer hybrid); give overrides before --archs")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[256, 1024, 2048])
     p.add_argument("--tokens", type=int, default=4096, help="tokens per step")
     p.add_argument("--steps", type=int, default=3)
