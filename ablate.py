@@ -147,22 +147,6 @@ def print_plan(cells, runs):
               "needs 2 seeds, a useful one 3 or more: --seeds N)")
 
 
-def _lock(out: Path):
-    """Hold OUT/.lock while coordinating: two coordinators on one OUT would train the same runs."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        return None
-    from slmlab.ablate.plan import AblationError
-
-    f = open(out / ".lock", "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise AblationError(f"another ablate.py is running on {out}") from None
-    return f
-
-
 def _require_extras():
     try:
         import matplotlib  # noqa: F401
@@ -260,8 +244,9 @@ def say_outcome(prog):
 def main(argv=None):
     args = parse_args(argv)
     _require_extras()
-    from slmlab.ablate import report, runner, scoring
+    from slmlab.ablate import report, scoring
     from slmlab.ablate.plan import OUTPUTS, plan
+    from slmlab.rundir import RunLock
 
     _check_flags(args)
     if args.report:
@@ -278,7 +263,16 @@ def main(argv=None):
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out)
+    # two coordinators on one OUT would train the same runs
+    with RunLock(out, doing="coordinating an ablation in it", then="then run the same command again"):
+        coordinate(args, ab, tasks, out)
+
+
+def coordinate(args, ab, tasks, out: Path):
+    """Plan, prepare OUT, train every unfinished run, report (under OUT's lock)."""
+    from slmlab.ablate import report, runner
+    from slmlab.ablate.plan import OUTPUTS, plan
+
     executor = None
     if args.launcher == "submitit":
         executor = runner.submitit_executor(out, out.resolve().name, args.cluster or "auto", slurm_params(args))
@@ -296,8 +290,6 @@ def main(argv=None):
                                    "diverged": len(prog.diverged), "skipped": prog.skipped})
     report.write_report(out)
     print(f"[ablate] outputs in {out}: {', '.join(OUTPUTS)}")
-    if lock:
-        lock.close()
     say_outcome(prog)
 
 

@@ -335,10 +335,12 @@ class RunLock:
     twice, a requeued job beside the one still running, --force over a run still training) stops with one
     line before it reads or writes anything, instead of both writing checkpoints and metrics.jsonl. The
     kernel drops the lock however the holder ends (a kill leaves a stale, unlocked file); a clean end
-    removes the file, and the directory too when it was made only to hold the lock (a bad --data, say)."""
+    removes the file, and the directory too when it was made only to hold the lock (a bad --data, say).
+    ablate.py holds its OUT the same way (`doing`, `then`: what the holder does and what to do after)."""
 
-    def __init__(self, path, enabled: bool = True):
+    def __init__(self, path, enabled: bool = True, doing: str = "training into it", then: str = "then --resume"):
         self.path, self.enabled, self.file, self.made = Path(path), enabled, None, False
+        self.doing, self.then = doing, then
 
     def __enter__(self) -> RunLock:
         try:
@@ -362,8 +364,8 @@ class RunLock:
                 holder = f.read().strip() or "its pid unknown"
                 f.close()
                 if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-                    raise ConfigError(f"{self.path} is in use: another process is training into it ({holder}); "
-                                      "wait for it to end or stop it, then --resume") from None
+                    raise ConfigError(f"{self.path} is in use: another process is {self.doing} ({holder}); "
+                                      f"wait for it to end or stop it, {self.then}") from None
                 print(f"note: {self.path} cannot be locked here ({e.strerror}): nothing stops a second trainer "
                       "from writing into it at the same time", file=sys.stderr)
                 return self

@@ -779,6 +779,19 @@ def test_killed_coordinator_rerun_resumes_and_gives_identical_results(corpus, re
     assert (out / "results.csv").read_text() == (reference / "results.csv").read_text()
 
 
+def test_a_second_coordinator_on_one_out_is_refused_in_one_line(corpus, capsys):
+    """OUT is held as a trainer holds its run (RunLock): a second ablate.py would train the same runs."""
+    from slmlab.rundir import RunLock
+
+    out = corpus[0] / "held"
+    with RunLock(out):
+        rc, _, err = ablate_here(out, grid(corpus), capsys)
+        assert (out / ".lock").read_text().startswith(f"pid {os.getpid()} ")
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert f"{out} is in use: another process is coordinating an ablation in it (pid {os.getpid()} " in err, err
+    assert "then run the same command again" in err and not (out / "ablation.json").exists()
+
+
 def test_crashed_run_is_marked_and_the_others_go_on(corpus, capsys):
     d, text = corpus
     out = d / "crash"
