@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from .errors import CheckpointError
 from .lora import ADDED_ROWS_MARK, saved_part
 from .precision import loss_scale_problem
-from .runtime import is_dtensor, rng_state_problem
+from .runtime import on_main, rng_state_problem
 
 # ---- atomic publish: the one way anything in a run, cache or export directory gets written ----
 # What is published is built under a private temporary sibling (".tmp-<name>-<pid>-<rand>/<name>"),
@@ -123,9 +123,11 @@ def tie_head(sd: dict, tie: bool, stored: bool) -> dict:
 
 
 def weights_for_save(model: torch.nn.Module) -> dict:
-    """CPU state dict ready for safetensors; under FSDP2 every rank must call this (it all-gathers)."""
-    sd = {k: (v.full_tensor() if is_dtensor(v) else v).detach().contiguous().cpu()
-          for k, v in model.state_dict().items()}
+    """CPU state dict ready for safetensors, on rank 0 ({} on the other ranks, which write nothing); under
+    FSDP2 every rank must call this (it gathers the shards to rank 0: on_main)."""
+    sd = {k: on_main(v) for k, v in model.state_dict().items()}
+    if any(v is None for v in sd.values()):
+        return {}
     return tie_head(saved_part(sd), model.cfg.tie_embeddings, stored=True)
 
 

@@ -15,8 +15,8 @@ orthogonalise every matrix, identical work on identical inputs). Under FSDP2 the
 gradients and optimizer state are DTensors (each rank holds its rows): AdamW's elementwise update
 runs on the shards; for Muon the rank that orthogonalises a batch gathers its updates whole, and
 scatters each rank its rows of the result.
-`CombinedOptimizer.state_dict` gathers the state whole and `load_state_dict` shards it again, so a
-checkpoint resumes under any parallelism and world size.
+`CombinedOptimizer.state_dict` gathers the state whole to rank 0 and `load_state_dict` shards it again,
+so a checkpoint resumes under any parallelism and world size.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import torch
 
 from .errors import ConfigError
 from .precision import native_bf16
-from .runtime import is_dtensor
+from .runtime import gather_whole, is_dtensor, on_main, shard_rows
 
 OPTIMIZERS = ("muon", "adamw")
 MUON_ADJUST = ("original", "match_rms_adamw")
@@ -152,7 +152,8 @@ class CombinedOptimizer:
             opt.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
-        """The whole (unsharded) state; under FSDP2 a collective every rank must call."""
+        """The whole (unsharded) state on rank 0 (the other ranks' copy holds None for each sharded tensor);
+        under FSDP2 a collective every rank must call."""
         return {k: whole_state(opt.state_dict()) for k, opt in self.optimizers.items()}
 
     def load_state_dict(self, sd: dict):
@@ -165,11 +166,10 @@ class CombinedOptimizer:
 
 
 def whole_state(sd: dict) -> dict:
-    """An optimizer state dict with each DTensor gathered whole, on CPU (a GPU holding every gathered
-    tensor at once would need the unsharded state's memory). Collective: the ranks walk the same
-    parameters in the same order, since they built the same optimizer."""
-    state = {i: {k: v.full_tensor().cpu() if is_dtensor(v) else v for k, v in s.items()}
-             for i, s in sd["state"].items()}
+    """An optimizer state dict with each DTensor gathered whole to rank 0, on CPU (a GPU holding every
+    gathered tensor at once would need the unsharded state's memory), None on the other ranks (on_main).
+    Collective: the ranks walk the same parameters in the same order, since they built the same optimizer."""
+    state = {i: {k: on_main(v) if is_dtensor(v) else v for k, v in s.items()} for i, s in sd["state"].items()}
     return {**sd, "state": state}
 
 
@@ -353,8 +353,8 @@ class BatchedMuon(torch.optim.Muon):
             todo, G = jobs[first:first + world], None
             for k, job in enumerate(todo):
                 if job.sharded:  # FSDP2: a gather, which every rank joins (sending its rows) and k receives
-                    whole = gather_rows(self._updates(job), k, job.A, job.B)
-                    G = whole if k == rank else G
+                    whole = gather_whole(self._updates(job), dst=k)
+                    G = whole.view(-1, job.A, job.B) if k == rank else G
                 elif k == rank:
                     G = torch.cat([u.reshape(-1, job.A, job.B) for u in self._updates(job)])
             # After every gather of the round: NS inside the loop made the next rank's gather wait for it.
@@ -445,51 +445,15 @@ def share(O, job: NSJob, src: int, dtype) -> torch.Tensor:
     return O
 
 
-def shard_rows(n: int, world: int, rank: int) -> tuple[int, int]:
-    """[start, stop) of `rank`'s rows of `n` under FSDP2's Shard(0): torch.chunk's split, ceil(n / world)
-    rows a rank, the last ranks fewer or none."""
-    per = -(-n // world)
-    return min(rank * per, n), min((rank + 1) * per, n)
-
-
-def gather_rows(updates: list, owner: int, A: int, B: int) -> torch.Tensor | None:
-    """FSDP2: sharded updates (DTensors, rows split over a 1-D mesh; their A x B matrices) whole, as one
-    stack [n, A, B], on mesh rank `owner` only (None elsewhere).
-
-    One gather of every rank's rows, each padded to ceil(rows / world) as FSDP pads its shards. An
-    all-gather of each update (as FSDP's forward gathers weights) and a broadcast of the whole result
-    would have each of W ranks receive W times as much, though one rank orthogonalises each matrix: on
-    2-4 gloo CPU ranks that step took 1.03-1.17x this one's time (bench/muon_split.py --fsdp), the NS
-    compute dominating there."""
-    import torch.distributed as dist
-
-    mesh = updates[0].device_mesh
-    world, rank = mesh.size(), mesh.get_local_rank()
-    pers = [-(-u.shape[0] // world) for u in updates]
-    mine = []
-    for u, per in zip(updates, pers):
-        rows = u.to_local()
-        mine.append(torch.cat([rows, rows.new_zeros(per - rows.shape[0], *rows.shape[1:])]).reshape(-1))
-    flat = torch.cat(mine)
-    got = [torch.empty_like(flat) for _ in range(world)] if rank == owner else None
-    dist.gather(flat, got, group=mesh.get_group(), group_dst=owner)
-    if got is None:
-        return None
-    per_rank = [b.split([m.numel() for m in mine]) for b in got]
-    G, start = flat.new_empty(sum(u.numel() for u in updates)), 0  # each rank's rows copied into place
-    for i, u in enumerate(updates):
-        row = math.prod(u.shape[1:])
-        for r in range(world):
-            lo, hi = shard_rows(u.shape[0], world, r)
-            G[start + lo * row:start + hi * row] = per_rank[r][i][:(hi - lo) * row]
-        start += u.numel()
-    return G.view(-1, A, B)
-
-
 def scatter_rows(O: torch.Tensor | None, job: "NSJob", owner: int, dtype) -> list[torch.Tensor]:
     """FSDP2: mesh rank `owner`'s orthogonalised stack O [n, A, B] of `job` (None on the other ranks) sent
     out so that each rank receives its rows of every parameter's update and no more: one scatter, rows
-    padded as in gather_rows. Returns this rank's rows, one tensor per parameter."""
+    padded as gather_whole pads them. Returns this rank's rows, one tensor per parameter.
+
+    gather_whole and this replace an all-gather of each update (as FSDP's forward gathers weights) and a
+    broadcast of the whole result, which had each of W ranks receive W times as much: on 2-4 gloo CPU
+    ranks that step took 1.03-1.17x this one's time (bench/muon_split.py --fsdp), the Newton-Schulz
+    compute dominating there."""
     import torch.distributed as dist
 
     mesh = job.params[0].device_mesh

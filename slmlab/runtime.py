@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import random
 import time
@@ -228,6 +229,64 @@ def is_dtensor(t) -> bool:
 
 def is_sharded(model) -> bool:
     return any(is_dtensor(p) for p in model.parameters())
+
+
+def shard_rows(n: int, world: int, rank: int) -> tuple[int, int]:
+    """[start, stop) of `rank`'s rows of `n` under FSDP2's Shard(0): torch.chunk's split, ceil(n / world)
+    rows a rank, the last ranks fewer or none."""
+    per = -(-n // world)
+    return min(rank * per, n), min((rank + 1) * per, n)
+
+
+def gather_whole(tensors: list, dst: int) -> torch.Tensor | None:
+    """DTensors sharded by rows over a 1-D mesh (FSDP2's Shard(0)) whole on mesh rank `dst` only, one after
+    another in one flat buffer (None on the other ranks). One gather of every rank's rows, each padded to
+    ceil(rows / world) as FSDP pads its shards. A collective: every rank of the mesh calls it.
+
+    full_tensor() all-gathers: every rank receives everything, W times what one consumer needs (Muon's
+    Newton-Schulz runs on one rank; a checkpoint is written by rank 0)."""
+    import torch.distributed as dist
+
+    mesh = tensors[0].device_mesh
+    world, rank = mesh.size(), mesh.get_local_rank()
+    pers = [-(-t.shape[0] // world) for t in tensors]
+    mine = []
+    for t, per in zip(tensors, pers):
+        rows = t.to_local()
+        mine.append(torch.cat([rows, rows.new_zeros(per - rows.shape[0], *rows.shape[1:])]).reshape(-1))
+    flat = torch.cat(mine)
+    got = [torch.empty_like(flat) for _ in range(world)] if rank == dst else None
+    dist.gather(flat, got, group=mesh.get_group(), group_dst=dst)
+    if got is None:
+        return None
+    per_rank = [b.split([m.numel() for m in mine]) for b in got]
+    out, start = flat.new_empty(sum(t.numel() for t in tensors)), 0  # each rank's rows copied into place
+    for i, t in enumerate(tensors):
+        row = math.prod(t.shape[1:])
+        for r in range(world):
+            lo, hi = shard_rows(t.shape[0], world, r)
+            out[start + lo * row:start + hi * row] = per_rank[r][i][:(hi - lo) * row]
+        start += t.numel()
+    return out
+
+
+def on_main(t: torch.Tensor) -> torch.Tensor | None:
+    """`t` whole, detached and on CPU, on rank 0; None on the other ranks, which hold no copy. Under FSDP2
+    a collective (every rank calls it, in the same order): the shards are gathered to rank 0 alone, where
+    full_tensor() put a CPU copy of every weight and optimizer state on every rank at each checkpoint (a 1B
+    model's weights and Muon/AdamW state are 8-12 GB: 8 ranks made 8 such copies in one node's RAM)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if is_dtensor(t):
+        from torch.distributed.tensor import Shard
+
+        mesh = t.device_mesh  # (a 1-D mesh over every rank: its rank 0 is rank 0)
+        if mesh.ndim == 1 and mesh.size() == dist.get_world_size() and tuple(t.placements) == (Shard(0),):
+            whole = gather_whole([t.detach()], dst=0)
+            return None if whole is None else whole.view(t.shape).cpu()
+        t = t.full_tensor()  # another layout: gathered everywhere, kept on rank 0
+    return t.detach().contiguous().cpu() if rank == 0 else None
 
 
 # ---- throughput accounting ----

@@ -216,6 +216,9 @@ def _sharded_muon_worker(rank, world, store, out):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
 
+    from slmlab.optim import whole_state
+    from slmlab.runtime import on_main
+
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
     try:
         m, grads = _muon_params()
@@ -226,8 +229,14 @@ def _sharded_muon_worker(rank, world, store, out):
                 p.grad = distribute_tensor(step[n], p.device_mesh, p.placements, src_data_rank=None)
             opt.step()
         whole = {n: p.full_tensor() for n, p in m.named_parameters()}
-        if rank == 0:
-            torch.save(whole, out)
+        # what a checkpoint keeps: gathered to rank 0 alone, as full_tensor() gathers to all
+        mine = {n: on_main(p) for n, p in m.named_parameters()}
+        state = whole_state(opt.state_dict())["state"]
+        if rank:
+            assert all(v is None for v in mine.values()) and all(s["momentum_buffer"] is None for s in state.values())
+            return
+        assert all(torch.equal(mine[n], whole[n]) for n in whole)
+        torch.save({"weights": whole, "momentum": [s["momentum_buffer"] for s in state.values()]}, out)
     finally:
         dist.destroy_process_group()
 
@@ -235,7 +244,8 @@ def _sharded_muon_worker(rank, world, store, out):
 def test_muon_under_fsdp2_gathers_and_scatters_uneven_rows_as_one_process_steps(tmp_path):
     """Each Newton-Schulz job is gathered whole on the one rank that orthogonalises it, and each rank
     receives its rows of the result: with rows that do not split evenly over 3 ranks, an empty shard, a
-    3-D stack and fused rows, three steps equal BatchedMuon's on the unsharded parameters."""
+    3-D stack and fused rows, three steps equal BatchedMuon's on the unsharded parameters. What a checkpoint
+    saves (weights, momentum) is gathered whole to rank 0 and to no other rank."""
     import torch
     import torch.multiprocessing as mp
 
@@ -248,7 +258,9 @@ def test_muon_under_fsdp2_gathers_and_scatters_uneven_rows_as_one_process_steps(
         opt.step()
     got = torch.load(tmp_path / "w.pt", weights_only=True)
     for n, p in m.named_parameters():
-        torch.testing.assert_close(got[n], p.detach(), rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(got["weights"][n], p.detach(), rtol=1e-5, atol=1e-6, msg=n)
+    for a, b in zip(got["momentum"], (opt.state[p]["momentum_buffer"] for p in m.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
