@@ -10,7 +10,6 @@ file, whose train split is its first documents) or a built-in function (`fn:NAME
 """
 from __future__ import annotations
 
-import json
 import math
 from fractions import Fraction
 from pathlib import Path
@@ -51,21 +50,19 @@ def jsonl_scores(spec: str, field: str, n_docs: int) -> list[float]:
         raise ConfigError(f"train.quality_score={field!r} reads a jsonl field, so the data spec must be one "
                           f".jsonl file (got {spec!r}); or use a built-in scorer: "
                           + ", ".join(f"fn:{k}" for k in SCORERS))
+    from .data import jsonl_records
+
     scores = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            obj = json.loads(raw)
-            if not obj.get("text"):  # the data layer drops empty documents too
-                continue
-            value = _finite(obj.get(field))  # argsort puts NaN last: it would rank as the best text
-            if value is None:
-                raise ConfigError(f"{path}:{lineno}: quality score field {field!r} missing or not a finite number"
-                                  + (f" ({obj[field]})" if isinstance(obj.get(field), float) else ""))
-            scores.append(value)
-            if len(scores) == n_docs:
-                break
+    for where, obj in jsonl_records(path, fields=()):  # its text was read (and checked) as the data
+        if not obj.get("text"):  # the data layer drops empty documents too
+            continue
+        value = _finite(obj.get(field))  # argsort puts NaN last: it would rank as the best text
+        if value is None:
+            raise ConfigError(f"{where}: quality score field {field!r} missing or not a finite number"
+                              + (f" ({obj[field]})" if isinstance(obj.get(field), float) else ""))
+        scores.append(value)
+        if len(scores) == n_docs:
+            break
     if len(scores) < n_docs:
         raise ConfigError(f"{path}: {len(scores)} scores for {n_docs} training documents")
     return scores

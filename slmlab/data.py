@@ -88,32 +88,60 @@ def _surrogate_error(where: str, text: str, what_to_do: str, field: str = "text"
                      f"is not valid Unicode and cannot be tokenized: {what_to_do}")
 
 
-def _read_jsonl(path: Path) -> list[str]:
-    docs = []
+def jsonl_records(path, fields: tuple[str, ...] | None = None):
+    """("path:line", record) for each non-blank line of a .jsonl: the one reader of JSON lines (training
+    text, SFT examples, --prompts, task rows). A leading byte-order mark is dropped, as text files drop it.
+    DataError naming the line that is not UTF-8 (never silently replaced) or not JSON, or whose strings
+    hold a lone surrogate escape ("\\ud800"): every string of the record, or only those under `fields`."""
     try:
-        f = open(path, "rb")
+        f = open(Path(path).expanduser(), "rb")
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
     with f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not UTF-8 (byte {raw[e.start]:#04x}: {e.reason}); save the file "
+                                "as UTF-8") from None
+            if not line.strip():
                 continue
             try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e})") from None
-            if not isinstance(obj, dict) or "text" not in obj:
-                raise DataError(f"{path}:{lineno}: expected a JSON object with a 'text' field")
-            text = obj["text"]
-            if text is None:
-                continue
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{lineno}: 'text' must be a string, got {type(text).__name__}")
-            # only a \u escape can make one (raw bytes were decoded strictly), so most lines skip the scan;
-            # invalid UTF-8 in text files is an error too (_read_text_file), never silently replaced
-            if b"\\u" in raw and _SURROGATE.search(text):
-                raise _surrogate_error(f"{path}:{lineno}", text, "fix or drop that line")
-            docs.append(text)
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
+            if "\\u" in line:  # only a \u escape makes one (the line was decoded strictly): most skip the scan
+                scanned = rec if fields is None or not isinstance(rec, dict) else {k: rec.get(k) for k in fields}
+                bad = next(((k, v) for k, v in _strings(scanned) if _SURROGATE.search(v)), None)
+                if bad:
+                    raise _surrogate_error(f"{path}:{n}", bad[1], "fix or drop that line", field=bad[0])
+            yield f"{path}:{n}", rec
+
+
+def _strings(rec, key: str = "text"):
+    """(the key it is under, string) for every string in a JSON value, keys included."""
+    if isinstance(rec, str):
+        yield key, rec
+    elif isinstance(rec, list):
+        for v in rec:
+            yield from _strings(v, key)
+    elif isinstance(rec, dict):
+        for k, v in rec.items():
+            yield from _strings(k, k)
+            yield from _strings(v, k)
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    docs = []
+    for where, obj in jsonl_records(path, fields=("text",)):  # other fields (metadata) are never read
+        if not isinstance(obj, dict) or "text" not in obj:
+            raise DataError(f"{where}: expected a JSON object with a 'text' field")
+        text = obj["text"]
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise DataError(f"{where}: 'text' must be a string, got {type(text).__name__}")
+        docs.append(text)
     return docs
 
 

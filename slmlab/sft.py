@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .data import jsonl_records
 from .errors import ConfigError, DataError
 from .evaluate import score, token_byte_lengths
 from .init_from import with_added_tokens
@@ -65,43 +66,6 @@ def detect_format(spec: str, fmt: str = "auto") -> str | None:
     if isinstance(rec, dict) and "prompt" in rec and "completion" in rec:
         return "prompt_completion"
     return None
-
-
-def jsonl_records(path):
-    """("path:line", record) for each non-blank line of a .jsonl (a leading byte-order mark dropped, as data files
-    drop it); DataError naming the line that is not UTF-8 or JSON, or holds a lone surrogate escape ("\\ud800")."""
-    from .data import _SURROGATE, _surrogate_error
-
-    with open(Path(path).expanduser(), "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid UTF-8 (byte {e.start} of the line)") from None
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if "\\u" in line:  # only a \u escape makes one (the file was decoded strictly)
-                bad = next(((k, v) for k, v in _strings(rec) if _SURROGATE.search(v)), None)
-                if bad:
-                    raise _surrogate_error(f"{path}:{n}", bad[1], "fix or drop that line", field=bad[0])
-            yield f"{path}:{n}", rec
-
-
-def _strings(rec, key: str = "text"):
-    """(the key it is under, string) for every string in a JSON value, keys included."""
-    if isinstance(rec, str):
-        yield key, rec
-    elif isinstance(rec, list):
-        for v in rec:
-            yield from _strings(v, key)
-    elif isinstance(rec, dict):
-        for k, v in rec.items():
-            yield from _strings(k, k)
-            yield from _strings(v, k)
 
 
 def read_examples(path, fmt: str) -> list[tuple[str, list[dict]]]:

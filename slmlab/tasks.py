@@ -336,15 +336,9 @@ def _rows(source: str) -> list[tuple[str, object]]:
     if source.endswith(".txt"):  # one document: the whole file
         # strict, as training reads its data: a byte that is not UTF-8 is named, not scored as U+FFFD
         return [(source, {"text": "".join(_utf8_lines(source))})]
-    rows = []
-    for n, line in enumerate(_utf8_lines(source), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"{source}:{n}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{source}:{n}: not JSON ({e.msg})") from None
-    return rows
+    from .data import jsonl_records
+
+    return list(jsonl_records(source))
 
 
 def _utf8_lines(source: str) -> list[str]:

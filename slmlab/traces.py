@@ -30,7 +30,8 @@ SETTINGS = {"source": "--run/--hf", "prompts_sha256": "--prompts (its contents)"
 def read_prompts(path) -> list[list[dict]]:
     """Each line's conversation to complete: {"prompt": str} is one user turn; {"messages": [...]}
     is completed after its last message, less a final assistant turn (a reference reply) if it has one."""
-    from .sft import as_messages, jsonl_records, prompt_turns
+    from .data import jsonl_records
+    from .sft import as_messages, prompt_turns
 
     out = []
     for where, rec in jsonl_records(path):

@@ -697,6 +697,28 @@ def test_lone_surrogates_are_a_data_error_naming_the_line(tmp_path, monkeypatch)
         _prep("hf:x/y", tmp_path / "c")
 
 
+def test_one_jsonl_reader_for_text_examples_prompts_and_tasks(tmp_path):
+    """data.jsonl_records reads every .jsonl (training text, SFT, --prompts, eval tasks): a leading BOM
+    dropped, the line of a byte that is not UTF-8 named, and lone surrogates looked for only where they
+    would be read (training text reads 'text', not its metadata; task rows are read whole)."""
+    from slmlab.data import _read_jsonl, jsonl_records
+    from slmlab.tasks import _rows
+
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "one"}).encode() + b"\n\n"
+                  + b'{"text": "two", "source": "\\ud83d"}\n')
+    assert _read_jsonl(f) == ["one", "two"]  # the metadata's lone surrogate is never tokenized
+    assert next(jsonl_records(f)) == (f"{f}:1", {"text": "one"})
+    with pytest.raises(DataError, match=r"d\.jsonl:3: 'source' holds a lone UTF-16 surrogate"):
+        _rows(str(f))  # a task row is read whole (its choices, its label)
+    f.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not UTF-8 \(byte 0xe9: invalid continuation byte\)"):
+        _read_jsonl(f)
+    f.write_text('{"text": "fine"}\n{"text": \n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not JSON \("):
+        list(jsonl_records(f))
+
+
 def test_with_added_refuses_byte_level_symbol_spellings(tok):
     from slmlab.errors import ConfigError
 
