@@ -31,8 +31,10 @@ def shapes(d: int, layers: int) -> list[tuple[int, int]]:
 
 
 def all_gather_muon(optim):
-    """BatchedMuon as it ran under FSDP2 before gather_rows / scatter_rows: the baseline of --fsdp."""
+    """BatchedMuon as it ran under FSDP2 before runtime.gather_whole / optim.scatter_rows: the baseline of --fsdp."""
     import torch
+
+    from slmlab.runtime import shard_rows
 
     class AllGatherMuon(optim.BatchedMuon):
         def _run(self, jobs):
@@ -43,7 +45,7 @@ def all_gather_muon(optim):
                 mine = self._newton_schulz(todo[rank], stacks[rank]) if rank < len(todo) else None
                 for k, job in enumerate(todo):
                     O = optim.share(mine if k == rank else None, job, src=k, dtype=torch.float32)
-                    outs = [o.reshape(p.shape)[slice(*optim.shard_rows(p.shape[0], world, rank))]
+                    outs = [o.reshape(p.shape)[slice(*shard_rows(p.shape[0], world, rank))]
                             for p, o in zip(job.params, O.split(job.counts()))]
                     self._apply(job, outs)
 
