@@ -185,7 +185,7 @@ def _attention_cases():
     """Every (T, window, causal, hd), with the GQA group rotating through 1, 2, 4 so that every triple of
     the group with two of the others occurs too: 48 cases. The full product was 144 at ~0.5 s each under
     the interpreter, a tenth of the suite's 15-minute budget; the group only maps query heads to key heads,
-    independent of the masks the other four exercise."""
+    independent of the masks and ragged tiles the other four exercise."""
     for (i, T), (j, window), (k, causal), (m, hd) in itertools.product(
             *map(enumerate, ([1, 7, 63], [None, 1, 3, 64], [True, False], [16, 12]))):
         yield T, window, (1, 2, 4)[(i + j + k + m) % 3], causal, hd
