@@ -592,7 +592,9 @@ class Trainer:
     def fit(self) -> dict:
         t = self.t
         self.progress = Progress(t.steps, self.cfg.logging.progress and self.dist.main, quiet=not self.dist.main,
-                                 start=self.state.step)
+                                 start=self.state.step, costs=[(p.start, p.steps, p.tokens_per_step
+                                                                * self.model.flops_per_token(p.seq_len))
+                                                               for p in self.phases])
         self.model.train()
         self.state.t_loop, phase = time.time(), None
         with self.stop_on_signals():

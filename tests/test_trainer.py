@@ -201,6 +201,18 @@ def test_progress_eta_counts_the_steps_this_process_ran(monkeypatch, capsys):
     assert "step 95/100" in err and "eta 0m10s" in err, err
 
 
+def test_progress_eta_weighs_the_steps_left_by_their_phase_cost(monkeypatch, capsys):
+    """Phases of unequal cost per step (longer context): 10 steps of cost 1 took 10 s, so 10 left of cost 1
+    and 10 of cost 3 take 40 s; counted as equal steps the ETA said 20 s."""
+    from slmlab import progress
+
+    clock = iter([1000.0, 1010.0])
+    monkeypatch.setattr(progress.time, "time", lambda: next(clock))
+    bar = progress.Progress(30, costs=[(0, 20, 1.0), (20, 10, 3.0)])
+    bar.update(10, 1.0, 100.0)
+    assert "step 10/30" in (err := capsys.readouterr().err) and "eta 0m40s" in err, err
+
+
 def test_avg_last_without_checkpoints_is_refused():
     with pytest.raises(ConfigError, match=r"^train.avg_last=2 averages checkpoints, but train.ckpt_every=0 writes none"):
         load_config(overrides=["train.avg_last=2", "train.keep_checkpoints=2", "train.ckpt_every=0"])
