@@ -31,7 +31,7 @@ def shapes(d: int, layers: int) -> list[tuple[int, int]]:
 
 
 def all_gather_muon(optim):
-    """BatchedMuon as it ran under FSDP2 before runtime.gather_whole / optim.scatter_rows: the baseline of --fsdp."""
+    """BatchedMuon as it ran under FSDP2 before runtime.gather_whole / scatter_rows: the baseline of --fsdp."""
     import torch
 
     from slmlab.runtime import shard_rows
@@ -45,8 +45,7 @@ def all_gather_muon(optim):
                 mine = self._newton_schulz(todo[rank], stacks[rank]) if rank < len(todo) else None
                 for k, job in enumerate(todo):
                     O = optim.share(mine if k == rank else None, job, src=k, dtype=torch.float32)
-                    outs = [o.reshape(p.shape)[slice(*shard_rows(p.shape[0], world, rank))]
-                            for p, o in zip(job.params, O.split(job.counts()))]
+                    outs = [o[slice(*shard_rows(o.shape[0], world, rank))] for o in job.whole(O)]
                     self._apply(job, outs)
 
     return AllGatherMuon

@@ -29,7 +29,7 @@ import torch
 
 from .errors import ConfigError
 from .precision import native_bf16
-from .runtime import gather_whole, is_dtensor, on_main, shard_rows
+from .runtime import gather_whole, is_dtensor, on_main, scatter_rows
 
 OPTIMIZERS = ("muon", "adamw")
 MUON_ADJUST = ("original", "match_rms_adamw")
@@ -302,7 +302,7 @@ class BatchedMuon(torch.optim.Muon):
         sd, device = super().state_dict(), self._device()
         if device is not None:
             sd["ns_dtype"] = {"device": device.type,
-                              "dtype": str(self.ns_dtype or fast_ns_dtype(device)).removeprefix("torch.")}
+                              "dtype": str(self._ns_dtype(device)).removeprefix("torch.")}
         return sd
 
     def load_state_dict(self, state_dict: dict):
@@ -366,13 +366,13 @@ class BatchedMuon(torch.optim.Muon):
             mine = None if G is None else self._newton_schulz(todo[rank], G)
             for k, job in enumerate(todo):
                 O = mine if k == rank else None
-                dtype = self.ns_dtype or fast_ns_dtype(job.device)
                 if job.sharded:  # each rank receives its rows of k's result, and only them
-                    self._apply(job, scatter_rows(O, job, k, dtype))
+                    self._apply(job, scatter_rows(None if O is None else job.whole(O), job.params, k,
+                                                  self._ns_dtype(job.device)))
                     continue
                 if world > 1:
-                    O = share(O, job, src=k, dtype=dtype)
-                self._apply(job, [o.reshape(p.shape) for p, o in zip(job.params, O.split(job.counts()))])
+                    O = share(O, job, src=k, dtype=self._ns_dtype(job.device))
+                self._apply(job, job.whole(O))
 
     def _updates(self, job: "NSJob") -> list:
         """The job's Nesterov updates, one per parameter (FSDP2: DTensors of this rank's rows, as the momentum)."""
@@ -383,8 +383,11 @@ class BatchedMuon(torch.optim.Muon):
         tall = job.A > job.B  # NS works on the wide orientation: tall matrices transposed
         g = job.group
         O = newton_schulz(G.mT if tall else G, g["ns_steps"], g["ns_coefficients"], g["eps"],
-                          self.ns_dtype or fast_ns_dtype(job.device))
+                          self._ns_dtype(job.device))
         return O.mT if tall else O
+
+    def _ns_dtype(self, device: torch.device) -> torch.dtype:
+        return self.ns_dtype or fast_ns_dtype(device)
 
     def _apply(self, job: "NSJob", outs: list):
         """Decoupled weight decay, then each parameter's orthogonalised update (`outs`, in its shape; FSDP2:
@@ -426,6 +429,10 @@ class NSJob:
         """A x B matrices in each parameter (a stack or fused rows being several)."""
         return [p.numel() // (self.A * self.B) for p in self.params]
 
+    def whole(self, O: torch.Tensor) -> list[torch.Tensor]:
+        """The orthogonalised stack O [n, A, B] cut into each parameter's update, in its shape."""
+        return [o.reshape(p.shape) for p, o in zip(self.params, O.split(self.counts()))]
+
 
 def replicas() -> tuple[int, int]:
     """(rank, world) of the ranks that hold the same matrices and gradients (DDP replicas, FSDP2 shards
@@ -444,42 +451,9 @@ def share(O, job: NSJob, src: int, dtype) -> torch.Tensor:
     import torch.distributed as dist
 
     if O is None:
-        n = sum(p.numel() for p in job.params) // (job.A * job.B)
-        O = torch.empty(n, job.A, job.B, dtype=dtype, device=job.device)
+        O = torch.empty(sum(job.counts()), job.A, job.B, dtype=dtype, device=job.device)
     dist.broadcast(O.contiguous(), src=src)
     return O
-
-
-def scatter_rows(O: torch.Tensor | None, job: "NSJob", owner: int, dtype) -> list[torch.Tensor]:
-    """FSDP2: mesh rank `owner`'s orthogonalised stack O [n, A, B] of `job` (None on the other ranks) sent
-    out so that each rank receives its rows of every parameter's update and no more: one scatter, rows
-    padded as gather_whole pads them. Returns this rank's rows, one tensor per parameter.
-
-    gather_whole and this replace an all-gather of each update (as FSDP's forward gathers weights) and a
-    broadcast of the whole result, which had each of W ranks receive W times as much: on 2-4 gloo CPU
-    ranks that step took 1.03-1.17x this one's time (bench/muon_split.py --fsdp), the Newton-Schulz
-    compute dominating there."""
-    import torch.distributed as dist
-
-    mesh = job.params[0].device_mesh
-    world, rank = mesh.size(), mesh.get_local_rank()
-    shapes = [p.shape for p in job.params]
-    pers = [-(-s[0] // world) for s in shapes]
-    sizes = [per * math.prod(s[1:]) for per, s in zip(pers, shapes)]
-    pieces = None
-    if O is not None:
-        whole = [o.reshape(s) for o, s in zip(O.split(job.counts()), shapes)]
-        pieces = []
-        for r in range(world):
-            part = []
-            for w, per in zip(whole, pers):
-                lo, hi = shard_rows(w.shape[0], world, r)
-                part.append(torch.cat([w[lo:hi], w.new_zeros(per - (hi - lo), *w.shape[1:])]).reshape(-1))
-            pieces.append(torch.cat(part))
-    out = torch.empty(sum(sizes), dtype=dtype, device=job.device)
-    dist.scatter(out, pieces, group=mesh.get_group(), group_src=owner)
-    mine = [shard_rows(s[0], world, rank) for s in shapes]
-    return [o.view(per, *s[1:])[:hi - lo] for o, per, s, (lo, hi) in zip(out.split(sizes), pers, shapes, mine)]
 
 
 def build_optimizer(model, ocfg, verbose: bool = True) -> CombinedOptimizer:

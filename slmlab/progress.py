@@ -32,8 +32,8 @@ class Progress:
             return
         now = time.time()
         done = step / max(self.total, 1)
-        eta = (now - self.t0) / max(self.work(step) - self.work(self.start), 1e-9) * (self.work(self.total)
-                                                                                     - self.work(step))
+        done = self.work(step)
+        eta = (now - self.t0) / max(done - self.work(self.start), 1e-9) * (self.work(self.total) - done)
         bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
         detail = detail + " " if detail else ""
         line = f"[{bar}] {prefix}{self.unit} {step}/{self.total} {detail}eta {fmt_duration(eta)}"

@@ -231,11 +231,21 @@ def is_sharded(model) -> bool:
     return any(is_dtensor(p) for p in model.parameters())
 
 
+def rows_per_rank(n: int, world: int) -> int:
+    """ceil(n / world): the rows of each rank's shard under FSDP2's Shard(0), the last ranks' padded to it."""
+    return -(-n // world)
+
+
 def shard_rows(n: int, world: int, rank: int) -> tuple[int, int]:
     """[start, stop) of `rank`'s rows of `n` under FSDP2's Shard(0): torch.chunk's split, ceil(n / world)
     rows a rank, the last ranks fewer or none."""
-    per = -(-n // world)
+    per = rows_per_rank(n, world)
     return min(rank * per, n), min((rank + 1) * per, n)
+
+
+def _padded(rows: torch.Tensor, per: int) -> torch.Tensor:
+    """`rows` with zero rows appended up to `per`, flattened: one rank's piece of a gather or scatter."""
+    return torch.cat([rows, rows.new_zeros(per - rows.shape[0], *rows.shape[1:])]).reshape(-1)
 
 
 def gather_whole(tensors: list, dst: int) -> torch.Tensor | None:
@@ -249,11 +259,7 @@ def gather_whole(tensors: list, dst: int) -> torch.Tensor | None:
 
     mesh = tensors[0].device_mesh
     world, rank = mesh.size(), mesh.get_local_rank()
-    pers = [-(-t.shape[0] // world) for t in tensors]
-    mine = []
-    for t, per in zip(tensors, pers):
-        rows = t.to_local()
-        mine.append(torch.cat([rows, rows.new_zeros(per - rows.shape[0], *rows.shape[1:])]).reshape(-1))
+    mine = [_padded(t.to_local(), rows_per_rank(t.shape[0], world)) for t in tensors]
     flat = torch.cat(mine)
     got = [torch.empty_like(flat) for _ in range(world)] if rank == dst else None
     dist.gather(flat, got, group=mesh.get_group(), group_dst=dst)
@@ -268,6 +274,31 @@ def gather_whole(tensors: list, dst: int) -> torch.Tensor | None:
             out[start + lo * row:start + hi * row] = per_rank[r][i][:(hi - lo) * row]
         start += t.numel()
     return out
+
+
+def scatter_rows(wholes: list | None, like: list, src: int, dtype) -> list[torch.Tensor]:
+    """gather_whole's way back: mesh rank `src`'s whole tensors (`wholes`, None on the other ranks), shaped
+    as the DTensors `like`, sent out so that each rank receives its rows of each and no more (one scatter,
+    rows padded as gather_whole pads them). Returns this rank's rows, one tensor per tensor of `like`.
+
+    Muon's step under FSDP2 uses both: with an all-gather of each update and a broadcast of the whole
+    result instead, each of W ranks received W times as much, and on 2-4 gloo CPU ranks the step took
+    1.03-1.17x this time (bench/muon_split.py --fsdp), the Newton-Schulz compute dominating there."""
+    import torch.distributed as dist
+
+    mesh = like[0].device_mesh
+    world, rank = mesh.size(), mesh.get_local_rank()
+    shapes = [t.shape for t in like]
+    pers = [rows_per_rank(s[0], world) for s in shapes]
+    pieces = None
+    if wholes is not None:
+        pieces = [torch.cat([_padded(w[slice(*shard_rows(w.shape[0], world, r))], per)
+                             for w, per in zip(wholes, pers)]) for r in range(world)]
+    sizes = [per * math.prod(s[1:]) for per, s in zip(pers, shapes)]
+    out = torch.empty(sum(sizes), dtype=dtype, device=like[0].device)
+    dist.scatter(out, pieces, group=mesh.get_group(), group_src=src)
+    mine = [shard_rows(s[0], world, rank) for s in shapes]
+    return [o.view(per, *s[1:])[:hi - lo] for o, per, s, (lo, hi) in zip(out.split(sizes), pers, shapes, mine)]
 
 
 def on_main(t: torch.Tensor) -> torch.Tensor | None:
