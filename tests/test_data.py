@@ -837,8 +837,49 @@ def test_a_file_linked_twice_into_a_corpus_is_read_once(tmp_path, corpus):
     os.link(d / "a1.txt", d / "hard.txt")
     src = resolve_spec(str(d))
     assert src.files == ["a0.txt", "a1.txt", "a2.txt"] and src.ignored == {"duplicate": 2}
-    train, val = src.split(0.3)
+    train, val = map(list, src.split(0.3))
     assert not set(train) & set(val) and len(train) + len(val) == 3
+
+
+def test_a_directory_is_prepared_one_file_at_a_time(tmp_path, corpus, monkeypatch):
+    """A directory corpus larger than memory: no pass (counting, the tokenizer's sample, tokenizing and
+    hashing) holds more than one file's documents beside the next one's, and what is written is what
+    the same documents give read whole (the single-file source, held in memory)."""
+    import weakref
+
+    class Held(list):  # a list that weakref.finalize can watch
+        pass
+
+    live, most = [0], [0]
+
+    def gone():
+        live[0] -= 1
+
+    def tracked(path):
+        docs = Held(real(path))
+        live[0] += 1
+        most[0] = max(most[0], live[0])
+        weakref.finalize(docs, gone)
+        return docs
+
+    real = D.read_documents
+    d = tmp_path / "d"
+    d.mkdir()
+    lines = corpus.splitlines(keepends=True)
+    for i in range(8):
+        (d / f"f{i}.jsonl").write_text("".join(json.dumps({"text": "".join(lines[j:j + 9])}) + "\n"
+                                               for j in range(i * 300, (i + 1) * 300, 9)))
+    monkeypatch.setattr(D, "read_documents", tracked)
+    b = _prep(d, tmp_path / "c", val_frac=0.25)
+    assert most[0] <= 2, f"{most[0]} files' documents were held at once"
+    assert b.manifest["n_train_docs"] + b.manifest["n_val_docs"] == 8 * 34
+
+    # The same train documents in one file, read whole, with the same tokenizer: the same tokens.
+    train_names = D.split_files([(f.name, f.stat().st_size) for f in sorted(d.iterdir())], 0.25)[0]
+    one = tmp_path / "one.jsonl"
+    one.write_text("".join((d / n).read_text() for n in train_names) + json.dumps({"text": "v\n"}) + "\n")
+    whole = _prep(one, tmp_path / "c2", val_frac=1e-9, tokenizer=b.tokenizer)
+    assert np.array_equal(np.asarray(whole.train), np.asarray(b.train))
 
 
 def test_when_every_file_is_too_big_for_validation_the_smallest_is_taken():
