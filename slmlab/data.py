@@ -23,9 +23,9 @@ Token files hold the documents' ids back to back with ``eos_id`` after every doc
 on the train split only, on at most ``tokenizer_train_bytes`` (default 32 MiB) of it: when the train split is
 bigger, an evenly strided, deterministic sample of ~64K-character pieces is used.
 
-A split is a `Docs`: its documents are read as each pass iterates them (a directory one file at a time, an hf:
-dataset from its column), so a corpus need not fit in memory; what is held is the validation split, the
-tokenizer's sample, one file, and a single-file corpus whole.
+A split is a `Docs`: its documents are read as each pass iterates them (a .jsonl line by line, a .parquet by
+row batches, a directory file by file, an hf: dataset from its column), so a corpus need not fit in memory; what
+is held is the validation split, the tokenizer's sample and a document at a time (a .txt or .md is one).
 """
 
 from __future__ import annotations
@@ -137,8 +137,7 @@ def _strings(rec, key: str = "text"):
             yield from _strings(v, k)
 
 
-def _read_jsonl(path: Path) -> list[str]:
-    docs = []
+def _iter_jsonl(path: Path) -> Iterator[str]:
     for where, obj in jsonl_records(path, fields=("text",)):  # other fields (metadata) are never read
         if not isinstance(obj, dict) or "text" not in obj:
             raise DataError(f"{where}: expected a JSON object with a 'text' field")
@@ -147,11 +146,10 @@ def _read_jsonl(path: Path) -> list[str]:
             continue
         if not isinstance(text, str):
             raise DataError(f"{where}: 'text' must be a string, got {type(text).__name__}")
-        docs.append(text)
-    return docs
+        yield text
 
 
-def _read_parquet(path: Path) -> list[str]:
+def _iter_parquet(path: Path) -> Iterator[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -166,11 +164,11 @@ def _read_parquet(path: Path) -> list[str]:
     if not _is_string_type(kind):
         raise DataError(f"{path}: the 'text' column holds {kind}, not strings")
     try:
-        col = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096, columns=["text"]):
+            yield from (t for t in batch.column(0).to_pylist() if t is not None)
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: the 'text' column is not valid UTF-8 ({e.reason} at byte {e.start} of a "
                         "value)") from None
-    return [t for t in col if t is not None]
 
 
 def _is_string_type(kind) -> bool:
@@ -181,19 +179,20 @@ def _is_string_type(kind) -> bool:
     return pt.is_string(kind) or pt.is_large_string(kind) or getattr(pt, "is_string_view", lambda _: False)(kind)
 
 
-def read_documents(path: Path) -> list[str]:
-    """Documents of one supported file (empty documents dropped)."""
+def iter_documents(path: Path) -> Iterator[str]:
+    """Documents of one supported file (empty documents dropped), read as they are asked for: a .jsonl line
+    by line, a .parquet 4096 rows at a time, a .txt/.md whole (it is one document)."""
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES:
         docs = [_read_text_file(path)]
     elif suffix == ".jsonl":
-        docs = _read_jsonl(path)
+        docs = _iter_jsonl(path)
     elif suffix == ".parquet":
-        docs = _read_parquet(path)
+        docs = _iter_parquet(path)
     else:
         raise DataError(f"unsupported data file type {suffix or '(none)'!r}: {path} "
                         f"(supported: {', '.join(SUPPORTED_SUFFIXES)})")
-    return [d for d in docs if d]
+    return (d for d in docs if d)
 
 
 def _nonempty_text(path: Path) -> list[str]:
@@ -204,11 +203,11 @@ def _nonempty_text(path: Path) -> list[str]:
 
 class Docs:
     """One split's documents, read part by part on every pass over them, so that a corpus larger than memory is
-    never held whole: each part is a callable giving an iterable of documents (one file's; a range of a
-    dataset's rows; for a source read whole, the split's list). `stats()` is (documents, characters), from a
+    never held whole: each part is a callable giving an iterable of documents (one file's, or a range of a
+    file's or a dataset's; a list, for a lone document cut in two). `stats()` is (documents, characters), from a
     pass unless the source counted them already. Measured with bench/data_memory.py (10 MB .jsonl shards):
     when every split was a list of all its documents, the peak RSS grew by 1.25 bytes per byte of text (727 MB
-    at 50 MB, 977 MB at 250 MB); read this way, by 0.24 (687 MB, 735 MB), in the same time."""
+    at 50 MB, 977 MB at 250 MB); read this way, by 0.22 (684 MB, 728 MB), in the same time."""
 
     def __init__(self, parts: list[Callable[[], Iterable[str]]], stats: tuple[int, int] | None = None):
         self.parts = parts
@@ -229,6 +228,25 @@ class Docs:
                 n, chars = n + 1, chars + len(d)
             self._stats = n, chars
         return self._stats
+
+
+def _islice(documents: Callable[[], Iterator[str]], start: int, stop: int | None) -> Iterator[str]:
+    return itertools.islice(documents(), start, stop)
+
+
+def split_stream(documents: Callable[[], Iterator[str]], val_frac: float) -> tuple[Docs, Docs]:
+    """split_documents' split of the documents that each call of `documents` reads again, never holding them
+    all: a pass counts them (and one more the validation tail's characters), and each split reads its own range.
+    A lone document is held, to be cut in two."""
+    n = chars = 0
+    for d in documents():
+        n, chars = n + 1, chars + len(d)
+    if n <= 1:
+        return tuple(map(Docs.held, split_documents(list(documents()), val_frac)))
+    n_train = n - _n_val(n, val_frac)
+    val_chars = sum(map(len, _islice(documents, n_train, None)))
+    return (Docs([partial(_islice, documents, 0, n_train)], (n_train, chars - val_chars)),
+            Docs([partial(_islice, documents, n_train, None)], (n - n_train, val_chars)))
 
 
 def _cut_text(text: str, val_frac: float) -> tuple[str, str]:
@@ -367,7 +385,7 @@ def load_hf(spec: str):
 
 class _Source:
     """A resolved data spec: ``fingerprint()`` is cheap where possible, ``split(val_frac)`` gives (train, val)
-    `Docs`, which read the text as they are iterated (files one at a time; a single file is read whole)."""
+    `Docs`, which read the text as they are iterated."""
 
     def __init__(self, spec: str):
         self.spec = spec
@@ -427,7 +445,7 @@ class _FileSource(_LocalSource):
         return "file:" + hashlib.sha256(_stat_line(self.path, str(self.path.resolve())).encode()).hexdigest()
 
     def split(self, val_frac):
-        return tuple(map(Docs.held, split_documents(read_documents(self.path), val_frac)))
+        return split_stream(partial(iter_documents, self.path), val_frac)
 
 
 def _list_dir(root: Path) -> tuple[list[str], dict[str, int]]:
@@ -489,16 +507,19 @@ class _DirSource(_LocalSource):
         # that and its counts; the splits read them again as they are iterated.
         stats = {}
         for rel in self.files:
-            docs = read_documents(self.path / rel)
-            if any(d.strip() for d in docs):
-                stats[rel] = len(docs), sum(map(len, docs))
+            n = chars = 0
+            texty = False
+            for d in iter_documents(self.path / rel):
+                n, chars, texty = n + 1, chars + len(d), texty or not d.isspace()
+            if texty:
+                stats[rel] = n, chars
         texty = list(stats)
         self.n_empty = len(self.files) - len(texty)
         if len(texty) <= 1:
-            docs = read_documents(self.path / texty[0]) if texty else []
-            return tuple(map(Docs.held, split_documents(docs, val_frac)))
+            return split_stream(partial(iter_documents, self.path / texty[0]) if texty else partial(iter, ()),
+                                val_frac)
         sized = [(rel, (self.path / rel).stat().st_size) for rel in texty]
-        return tuple(Docs([partial(read_documents, self.path / rel) for rel in rels],
+        return tuple(Docs([partial(iter_documents, self.path / rel) for rel in rels],
                           (sum(stats[r][0] for r in rels), sum(stats[r][1] for r in rels)))
                      for rels in split_files(sized, val_frac))
 
@@ -539,27 +560,20 @@ class _HFSource(_Source):
             h.update((t or "").encode("utf-8", "surrogatepass") + b"\0")
         return f"hf:{self.spec}:{h.hexdigest()}"
 
-    def _documents(self, start: int = 0, stop: int | None = None) -> Iterator[str]:
-        """The non-empty texts numbered start..stop-1 among them, read from the column as they are
-        needed (datasets 4's ds["text"] is a lazy column; older versions return a list)."""
-        return itertools.islice((t for t in self._load()["text"] if t), start, stop)
-
-    def split(self, val_frac):
-        n = chars = 0
-        for i, t in enumerate(self._load()["text"]):  # a first pass checks the rows and counts
+    def _documents(self) -> Iterator[str]:
+        """The non-empty texts, checked, read from the column as they are asked for (datasets 4's
+        ds["text"] is a lazy column; older versions return a list)."""
+        for i, t in enumerate(self._load()["text"]):
             if not t:
                 continue
             if not isinstance(t, str):
                 raise DataError(f"{self.spec}: 'text' column must hold strings, got {type(t).__name__} (row {i})")
             if _SURROGATE.search(t):
                 raise _surrogate_error(f"{self.spec}: row {i}", t, "fix or filter that row")
-            n, chars = n + 1, chars + len(t)
-        if n <= 1:  # split_documents cuts a lone document in two
-            return tuple(map(Docs.held, split_documents(list(self._documents()), val_frac)))
-        n_val = _n_val(n, val_frac)
-        val_chars = sum(map(len, self._documents(n - n_val)))
-        return (Docs([partial(self._documents, 0, n - n_val)], (n - n_val, chars - val_chars)),
-                Docs([partial(self._documents, n - n_val)], (n_val, val_chars)))
+            yield t
+
+    def split(self, val_frac):
+        return split_stream(self._documents, val_frac)
 
 
 def resolve_spec(spec: str) -> _Source:
@@ -896,6 +910,7 @@ def prepare_data(spec: str, vocab_size: int, cache_dir: str | os.PathLike, val_f
         t1 = time.perf_counter()
         tokenizer = train_tokenizer(sample, vocab_size, show_progress=progress)
         t_tok = time.perf_counter() - t1
+        del sample  # up to tokenizer_train_bytes of text, not needed while the splits are tokenized
     if tokenizer.eos_id is None:
         raise DataError("tokenizer has no end-of-sequence token (<|eos|>, </s>, <|endoftext|>, ...; name yours as "
                         "eos_token in a tokenizer_config.json beside tokenizer.json)")

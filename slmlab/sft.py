@@ -60,7 +60,7 @@ def detect_format(spec: str, fmt: str = "auto") -> str | None:
     try:
         rec = json.loads(first) if first else {}
     except json.JSONDecodeError:
-        return None  # read_documents reports the bad line
+        return None  # iter_documents reports the bad line
     if isinstance(rec, dict) and "messages" in rec:
         return "chat"
     if isinstance(rec, dict) and "prompt" in rec and "completion" in rec:

@@ -14,7 +14,7 @@ import train
 from slmlab import compare as compare_mod
 from slmlab.cli import run_cli
 from slmlab.config import load_config
-from slmlab.data import DEFAULT_VAL_FRAC, read_documents, split_documents
+from slmlab.data import DEFAULT_VAL_FRAC, iter_documents, split_documents
 from slmlab.rundir import read_metrics
 
 
@@ -247,7 +247,7 @@ def test_real_tiny_run_compares_as_its_summary_says(tmp_path, capsys):
     assert [r["step"] for r in evals] == [3, 6] and evals[0]["elapsed_s"] > 0 and evals[1].get("final")
     assert compare_mod._final_x(compare_mod.load(str(out)), evals[1], "elapsed_s") == s["train_time_s"]
     # the corpus's text, by content: what compare.py and ablate.py tell corpora apart by
-    val_docs = split_documents(read_documents(corpus), DEFAULT_VAL_FRAC)[1]
+    val_docs = split_documents(list(iter_documents(corpus)), DEFAULT_VAL_FRAC)[1]
     assert s["val_sha256"] == hashlib.sha256(b"".join(d.encode() + b"\0" for d in val_docs)).hexdigest()
     assert len(s["train_sha256"]) == 64
 

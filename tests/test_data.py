@@ -15,11 +15,11 @@ from slmlab.data import (
     bits_per_byte,
     check_sizes,
     get_batch,
+    iter_documents,
     iter_eval_batches,
     list_stdlib_files,
     parse_hf_spec,
     prepare_data,
-    read_documents,
     split_documents,
     stdlib_split,
 )
@@ -624,7 +624,7 @@ def test_a_tokenizer_that_prepends_encodes_long_documents_whole(tmp_path, corpus
     f = tmp_path / "long.txt"
     f.write_text(corpus[:200_000], encoding="utf-8")  # one document of several 64K pieces
     b = _prep(f, tmp_path / "cache", tokenizer=sp, val_frac=0.05)
-    train_doc = split_documents(read_documents(f), 0.05)[0][0]
+    train_doc = split_documents(list(iter_documents(f)), 0.05)[0][0]
     assert np.asarray(b.train).tolist() == sp.encode(train_doc) + [sp.eos_id]
 
 
@@ -701,19 +701,19 @@ def test_one_jsonl_reader_for_text_examples_prompts_and_tasks(tmp_path):
     """data.jsonl_records reads every .jsonl (training text, SFT, --prompts, eval tasks): a leading BOM
     dropped, the line of a byte that is not UTF-8 named, and lone surrogates looked for only where they
     would be read (training text reads 'text', not its metadata; task rows are read whole)."""
-    from slmlab.data import _read_jsonl, jsonl_records
+    from slmlab.data import _iter_jsonl, jsonl_records
     from slmlab.tasks import _rows
 
     f = tmp_path / "d.jsonl"
     f.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "one"}).encode() + b"\n\n"
                   + b'{"text": "two", "source": "\\ud83d"}\n')
-    assert _read_jsonl(f) == ["one", "two"]  # the metadata's lone surrogate is never tokenized
+    assert list(_iter_jsonl(f)) == ["one", "two"]  # the metadata's lone surrogate is never tokenized
     assert next(jsonl_records(f)) == (f"{f}:1", {"text": "one"})
     with pytest.raises(DataError, match=r"d\.jsonl:3: 'source' holds a lone UTF-16 surrogate"):
         _rows(str(f))  # a task row is read whole (its choices, its label)
     f.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(DataError, match=r"d\.jsonl:2: not UTF-8 \(byte 0xe9: invalid continuation byte\)"):
-        _read_jsonl(f)
+        list(_iter_jsonl(f))
     f.write_text('{"text": "fine"}\n{"text": \n')
     with pytest.raises(DataError, match=r"d\.jsonl:2: not JSON \("):
         list(jsonl_records(f))
@@ -841,45 +841,48 @@ def test_a_file_linked_twice_into_a_corpus_is_read_once(tmp_path, corpus):
     assert not set(train) & set(val) and len(train) + len(val) == 3
 
 
-def test_a_directory_is_prepared_one_file_at_a_time(tmp_path, corpus, monkeypatch):
-    """A directory corpus larger than memory: no pass (counting, the tokenizer's sample, tokenizing and
-    hashing) holds more than one file's documents beside the next one's, and what is written is what
-    the same documents give read whole (the single-file source, held in memory)."""
-    import weakref
-
-    class Held(list):  # a list that weakref.finalize can watch
-        pass
-
+def test_a_corpus_is_prepared_a_batch_of_documents_at_a_time(tmp_path, corpus, tok, monkeypatch):
+    """A corpus larger than memory, as a directory of .jsonl shards or as one .jsonl: no pass (counting,
+    tokenizing with the sha256) holds more documents than the validation split and one encoding batch
+    (before, each split was a list of all its documents); and both give the same tokens."""
     live, most = [0], [0]
 
-    def gone():
-        live[0] -= 1
+    class Doc(str):  # a document that counts itself out when it is freed
+        def __del__(self):
+            live[0] -= 1
 
     def tracked(path):
-        docs = Held(real(path))
-        live[0] += 1
-        most[0] = max(most[0], live[0])
-        weakref.finalize(docs, gone)
-        return docs
+        for d in real(path):
+            doc = Doc(d)
+            live[0] += 1
+            most[0] = max(most[0], live[0])
+            yield doc
 
-    real = D.read_documents
+    real = D.iter_documents
+    monkeypatch.setattr(D, "iter_documents", tracked)
+    monkeypatch.setattr(D, "_ENCODE_BATCH_CHARS", 2000)  # a few documents a batch
+    lines = corpus.splitlines(keepends=True)
+    shards = ["".join(json.dumps({"text": "".join(lines[j:j + 9])}) + "\n" for j in range(i * 300, (i + 1) * 300, 9))
+              for i in range(8)]
     d = tmp_path / "d"
     d.mkdir()
-    lines = corpus.splitlines(keepends=True)
-    for i in range(8):
-        (d / f"f{i}.jsonl").write_text("".join(json.dumps({"text": "".join(lines[j:j + 9])}) + "\n"
-                                               for j in range(i * 300, (i + 1) * 300, 9)))
-    monkeypatch.setattr(D, "read_documents", tracked)
-    b = _prep(d, tmp_path / "c", val_frac=0.25)
-    assert most[0] <= 2, f"{most[0]} files' documents were held at once"
-    assert b.manifest["n_train_docs"] + b.manifest["n_val_docs"] == 8 * 34
-
-    # The same train documents in one file, read whole, with the same tokenizer: the same tokens.
-    train_names = D.split_files([(f.name, f.stat().st_size) for f in sorted(d.iterdir())], 0.25)[0]
+    for i, text in enumerate(shards):
+        (d / f"f{i}.jsonl").write_text(text)
+    # One file with the directory's validation shards last, and val_frac their share of the documents (34
+    # each): split by documents, its splits are the directory's.
+    val = [int(name[1]) for name in D.split_files([(f.name, f.stat().st_size) for f in sorted(d.iterdir())], 0.25)[1]]
     one = tmp_path / "one.jsonl"
-    one.write_text("".join((d / n).read_text() for n in train_names) + json.dumps({"text": "v\n"}) + "\n")
-    whole = _prep(one, tmp_path / "c2", val_frac=1e-9, tokenizer=b.tokenizer)
-    assert np.array_equal(np.asarray(whole.train), np.asarray(b.train))
+    one.write_text("".join([t for i, t in enumerate(shards) if i not in val] + [shards[i] for i in sorted(val)]))
+    bundles = []
+    for spec, val_frac in ((d, 0.25), (one, len(val) / 8)):
+        most[0] = live[0] = 0
+        b = _prep(spec, tmp_path / "c", val_frac=val_frac, tokenizer=tok)
+        assert b.manifest["n_train_docs"] + b.manifest["n_val_docs"] == 8 * 34
+        assert most[0] <= b.manifest["n_val_docs"] + 10, f"{spec.name}: {most[0]} documents held at once"
+        bundles.append(b)
+    assert bundles[0].manifest["n_val_docs"] == bundles[1].manifest["n_val_docs"] == 34 * len(val)
+    for split in ("train", "val"):
+        assert np.array_equal(getattr(bundles[0], split), getattr(bundles[1], split)), split
 
 
 def test_when_every_file_is_too_big_for_validation_the_smallest_is_taken():
@@ -896,7 +899,7 @@ def test_text_odds_and_ends_of_real_files(tmp_path, monkeypatch):
     from slmlab.data import resolve_spec
 
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfFirst line\nsecond\n")
-    assert read_documents(tmp_path / "bom.txt") == ["First line\nsecond\n"]
+    assert list(iter_documents(tmp_path / "bom.txt")) == ["First line\nsecond\n"]
     monkeypatch.chdir(tmp_path)
     (tmp_path / "~notes.txt").write_text("x\n")
     assert resolve_spec("~notes.txt").path == Path("~notes.txt")
@@ -926,9 +929,13 @@ def test_parquet_text_that_is_not_strings_is_one_line(tmp_path):
                       ("lists", pa.array([["a"], ["b"]]))):
         pq.write_table(pa.table({"text": arr}), tmp_path / f"{name}.parquet")
         with pytest.raises(DataError, match=f"{name}.parquet: the 'text' column holds .*, not strings"):
-            read_documents(tmp_path / f"{name}.parquet")
+            list(iter_documents(tmp_path / f"{name}.parquet"))
     pq.write_table(pa.table({"text": pa.array(["a", "b"]).dictionary_encode()}), tmp_path / "dict.parquet")
-    assert read_documents(tmp_path / "dict.parquet") == ["a", "b"]
+    assert list(iter_documents(tmp_path / "dict.parquet")) == ["a", "b"]
+    # read 4,096 rows at a time, across row groups: every row, in order, nulls and empty strings dropped
+    rows = [None if i % 7 == 0 else "" if i % 11 == 0 else f"doc {i}" for i in range(10_000)]
+    pq.write_table(pa.table({"text": rows}), tmp_path / "many.parquet", row_group_size=3_000)
+    assert list(iter_documents(tmp_path / "many.parquet")) == [r for r in rows if r]
 
 
 def test_a_validation_share_far_from_val_frac_is_reported(tmp_path, corpus, capsys):
