@@ -1,9 +1,9 @@
 """Peak memory and time of data preparation on a directory of .jsonl shards, at two corpus sizes.
 
-    python bench/data_memory.py ../shared/data/tinyshakespeare.txt --mb 100 200
+    python bench/data_memory.py ../shared/data/tinyshakespeare.txt --mb 100 200 [--single]
 
 Writes --mb megabytes of documents (random runs of 5-40 lines of SOURCE, each with a distinct last
-line) as 10 MB .jsonl shards, then prepares each corpus (a BPE tokenizer of --vocab trained on its
+line) as 10 MB .jsonl shards (--single: as one .jsonl file), then prepares each corpus (a BPE tokenizer of --vocab trained on its
 sample, both splits tokenized, a fresh cache) in a fresh process and prints its peak RSS (ru_maxrss)
 and wall time. Preparation that holds the corpus grows with it; one that streams it file by file
 does not. Each process also pays the imports (~300 MB) and the tokenizer trainer.
@@ -30,18 +30,20 @@ print(json.dumps({"s": time.perf_counter() - t, "rss_mb": resource.getrusage(res
 """
 
 
-def write_shards(source: Path, out: Path, mb: int, seed: int = 0) -> None:
+def write_shards(source: Path, out: Path, mb: int, single: bool = False, seed: int = 0) -> Path:
+    """The corpus: a directory of 10 MB shards, or (single) one .jsonl of the same documents."""
     lines = source.read_text(encoding="utf-8").splitlines()
     rng = random.Random(seed)
     out.mkdir(parents=True)
     for shard in range(-(-mb // 10)):
-        with open(out / f"shard{shard:03d}.jsonl", "w", encoding="utf-8") as f:
+        with open(out / ("all.jsonl" if single else f"shard{shard:03d}.jsonl"), "a", encoding="utf-8") as f:
             written = 0
             while written < min(10, mb - 10 * shard) * 2**20:
                 i = rng.randrange(len(lines) - 40)
                 doc = "\n".join(lines[i:i + rng.randrange(5, 40)]) + f"\n-- {rng.random()}\n"
                 f.write(json.dumps({"text": doc}) + "\n")
                 written += len(doc)
+    return out / "all.jsonl" if single else out
 
 
 def main(argv=None):
@@ -49,12 +51,12 @@ def main(argv=None):
     ap.add_argument("source", type=Path, help="a text file to draw lines from")
     ap.add_argument("--mb", type=int, nargs="+", default=[100, 200], help="corpus sizes in MB of text")
     ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--single", action="store_true", help="one .jsonl file instead of 10 MB shards")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         print("| corpus | peak RSS | time | train tokens |\n| --- | --- | --- | --- |")
         for mb in args.mb:
-            corpus = Path(tmp) / f"c{mb}"
-            write_shards(args.source, corpus, mb)
+            corpus = write_shards(args.source, Path(tmp) / f"c{mb}", mb, args.single)
             r = subprocess.run([sys.executable, "-c", PREPARE, str(corpus), str(Path(tmp) / f"cache{mb}"),
                                 str(args.vocab)], cwd=ROOT, capture_output=True, text=True, check=True)
             m = json.loads(r.stdout.strip().splitlines()[-1])
