@@ -506,10 +506,10 @@ class _DirSource(_LocalSource):
         stats = {}
         for rel in self.files:
             n = chars = 0
-            texty = False
+            has_text = False
             for d in iter_documents(self.path / rel):
-                n, chars, texty = n + 1, chars + len(d), texty or not d.isspace()
-            if texty:
+                n, chars, has_text = n + 1, chars + len(d), has_text or not d.isspace()
+            if has_text:
                 stats[rel] = n, chars
         texty = list(stats)
         self.n_empty = len(self.files) - len(texty)
