@@ -31,10 +31,10 @@ class Progress:
         if not self.enabled:
             return
         now = time.time()
-        done = step / max(self.total, 1)
-        done = self.work(step)
-        eta = (now - self.t0) / max(done - self.work(self.start), 1e-9) * (self.work(self.total) - done)
-        bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
+        worked = self.work(step)
+        eta = (now - self.t0) / max(worked - self.work(self.start), 1e-9) * (self.work(self.total) - worked)
+        filled = int(20 * step / max(self.total, 1))
+        bar = "#" * filled + "." * (20 - filled)
         detail = detail + " " if detail else ""
         line = f"[{bar}] {prefix}{self.unit} {step}/{self.total} {detail}eta {fmt_duration(eta)}"
         if self.tty:
